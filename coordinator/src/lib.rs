@@ -1,0 +1,2 @@
+//! The coordinator: tokenizer and (later) planner, membership and client API.
+pub mod tokenizer;

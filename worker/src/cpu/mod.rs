@@ -1,0 +1,2 @@
+//! The CPU backend: f16 weights, f32 activations and accumulation.
+pub mod matmul;
