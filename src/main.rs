@@ -1,1 +1,122 @@
-fn main(){}
+//! The `zeroshard` command line: parses arguments, sets up tracing, and calls
+//! into the library crates. No engine logic lives here.
+mod args;
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use zeroshard_coordinator::bench;
+use zeroshard_coordinator::local::{GenerateRequest, LocalModel, Prompt};
+use zeroshard_worker::engine::GenerationParams;
+use zeroshard_worker::sampling::SamplingParams;
+
+use args::{BenchArgs, Cli, Command, GenerateArgs};
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Bench(a) => run_bench(a),
+    };
+    if let Err(e) = result {
+        // One line: what failed and where (the error chain, outermost first).
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn sampling(a: &args::SamplingArgs) -> GenerationParams {
+    GenerationParams {
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+            repetition_penalty: a.repetition_penalty,
+        },
+        max_new_tokens: a.max_new_tokens,
+        ignore_eos: a.ignore_eos,
+    }
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let prompt = match (&a.prompt.prompt, &a.prompt.prompt_ids) {
+        (Some(text), None) => Prompt::Text(text.clone()),
+        (None, Some(ids)) => Prompt::Ids(args::parse_ids(ids)?),
+        _ => bail!("give exactly one of --prompt or --prompt-ids"),
+    };
+    let model = LocalModel::load(&a.model, a.device)?;
+    let req = GenerateRequest {
+        prompt,
+        params: sampling(&a.sampling),
+        stop: a.sampling.stop.clone(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let stream = !a.json;
+    let out = model.generate(&req, a.logits_out.is_some(), |text| {
+        if stream {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if let (Some(path), Some(logits)) = (&a.logits_out, &out.prompt_logits) {
+        std::fs::write(path, serde_json::to_string(logits)?)
+            .with_context(|| format!("writing --logits-out {}", path.display()))?;
+    }
+    if a.json {
+        writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
+    } else {
+        writeln!(stdout)?;
+    }
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    let engine = match (&a.model, &a.synthetic) {
+        (Some(dir), None) => {
+            let m = LocalModel::load(dir, a.device)?;
+            (m.into_engine(), dir.display().to_string())
+        }
+        (None, Some(spec)) => (bench::synthetic_engine(spec)?, spec.clone()),
+        _ => bail!("give exactly one of --model or --synthetic"),
+    };
+    let (engine, label) = engine;
+    let batches = args::parse_list(&a.batch).context("--batch")?;
+    let bw = bench::measure_bandwidth();
+    let weight_bytes = engine.weights().bytes();
+    println!("model: {label}");
+    println!(
+        "weights: {:.1} MB f16 · backend: {} · prompt {} tokens, {} decode steps",
+        weight_bytes as f64 / 1e6,
+        zeroshard_worker::Backend::name(engine.backend()),
+        a.prompt_len,
+        a.new_tokens
+    );
+    println!(
+        "memory bandwidth: memcpy {:.1} GB/s (1 thread) · read {:.1} GB/s (all threads; the bound below)",
+        bw.memcpy_gbs, bw.read_gbs
+    );
+    println!(
+        "{:>5} {:>14} {:>13} {:>14} {:>14} {:>14}",
+        "batch", "prefill tok/s", "decode tok/s", "step ms", "MB read/step", "of bw bound"
+    );
+    for r in bench::run(&engine, &batches, a.prompt_len, a.new_tokens, bw)? {
+        println!(
+            "{:>5} {:>14.0} {:>13.1} {:>14.3} {:>14.2} {:>14.2}",
+            r.batch,
+            r.prefill_tokens_per_s,
+            r.decode_tokens_per_s,
+            r.decode_step_ms,
+            r.bytes_per_step as f64 / 1e6,
+            r.bound_ratio
+        );
+    }
+    Ok(())
+}

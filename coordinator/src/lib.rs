@@ -1,2 +1,12 @@
-//! The coordinator: tokenizer and (later) planner, membership and client API.
+//! The coordinator: tokenizer, request handling around the engine, and (later)
+//! the partition planner, membership and the client API.
+//!
+//! - [`tokenizer`]: `tokenizer.json`, incremental detokenization, stop strings.
+//! - [`local`]: [`LocalModel`](local::LocalModel), a whole model on this node:
+//!   text in, streamed text and token ids out.
+mod error;
+pub mod bench;
+pub mod local;
 pub mod tokenizer;
+
+pub use error::{CoordinatorError, Result};

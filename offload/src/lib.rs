@@ -1,1 +1,29 @@
-//! x
+//! Checkpoints and host memory.
+//!
+//! This crate owns everything between a Hugging Face model folder and f16 bytes in
+//! host memory:
+//! - [`ModelConfig`]: `config.json` (+ `generation_config.json`) parsed into a raw
+//!   serde struct, then validated once into the runtime config; errors name the key.
+//! - [`Checkpoint`]: `model.safetensors` or sharded `model-0000x-of-0000N.safetensors`
+//!   with its index, memory-mapped; the primitive is
+//!   [`Checkpoint::read_f16_into`]: "elements `[a, b)` of tensor `T`, converted to
+//!   f16", so a worker can load just the slice of every tensor it owns.
+//!
+//! ```no_run
+//! # fn main() -> zeroshard_offload::Result<()> {
+//! use zeroshard_offload::{Checkpoint, ModelConfig};
+//! let dir = std::path::Path::new("models/stories260K");
+//! let config = ModelConfig::from_dir(dir)?;
+//! let ckpt = Checkpoint::open(dir)?;
+//! let first_row = ckpt.read_f16("model.embed_tokens.weight", 0..config.hidden_size)?;
+//! # Ok(()) }
+//! ```
+mod checkpoint;
+mod config;
+mod dtype;
+mod error;
+
+pub use checkpoint::{Checkpoint, TensorInfo};
+pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use dtype::DType;
+pub use error::{OffloadError, Result};

@@ -1,4 +1,19 @@
-//! The zeroshard engine: model definitions written once against the [`Backend`] op
-//! trait, the CPU backend, the KV cache, the batching step and sampling.
+//! The zeroshard engine: model definitions written once against the [`Backend`]
+//! op trait, the CPU backend, the KV cache, the batching step and sampling.
+//!
+//! - [`backend`]: the op trait and the batch layout.
+//! - [`cpu`]: the CPU backend (the reference).
+//! - [`model`]: the Llama family, computing a layer from borrowed weights.
+//! - [`weights`]: a host store of f16 tensors (whole model, or gathered layers).
+//! - [`engine`]: sequences, the batched step, sampling and stop conditions.
+//! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty.
+pub mod backend;
 pub mod cpu;
+pub mod engine;
+mod error;
+pub mod model;
 pub mod sampling;
+pub mod weights;
+
+pub use backend::Backend;
+pub use error::{Result, WorkerError};

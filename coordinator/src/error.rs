@@ -1,0 +1,20 @@
+//! The coordinator crate's one error type.
+use zeroshard_offload::OffloadError;
+use zeroshard_worker::WorkerError;
+
+use crate::tokenizer::TokenizerError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Offload(#[from] OffloadError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The request cannot be served as given.
+    #[error("{0}")]
+    InvalidRequest(String),
+}
+
+pub type Result<T> = std::result::Result<T, CoordinatorError>;

@@ -1,0 +1,294 @@
+//! A whole model on this node: tokenizer + engine, text in, streamed text out.
+//!
+//! ```ignore
+//! let model = LocalModel::load(Path::new("models/stories260K"), Device::Auto)?;
+//! let out = model.generate(&request, |delta| print!("{delta}"))?;
+//! ```
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use zeroshard_offload::{Checkpoint, ModelConfig};
+use zeroshard_worker::cpu::CpuBackend;
+use zeroshard_worker::engine::{Engine, FinishReason, GenerationParams, Sequence};
+use zeroshard_worker::weights::HostWeights;
+
+use crate::error::{CoordinatorError, Result};
+use crate::tokenizer::{StopMatcher, Tokenizer};
+
+/// Where the engine computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device \"{s}\" (expected auto, cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+/// What to generate from.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// Text, tokenized with the tokenizer's default special tokens.
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub params: GenerationParams,
+    /// Generation stops when the text contains one of these; it is not returned.
+    pub stop: Vec<String>,
+}
+
+/// Wall-clock figures of one generation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// The result of one generation (the `--json` output of `generate`).
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateOutput {
+    pub prompt_token_ids: Vec<u32>,
+    /// New tokens only.
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: &'static str,
+    pub timings: Timings,
+    /// Next-token logits after the prompt, when asked for.
+    #[serde(skip)]
+    pub prompt_logits: Option<Vec<f32>>,
+}
+
+/// A model loaded whole into this process.
+pub struct LocalModel {
+    dir: PathBuf,
+    engine: Engine<CpuBackend>,
+    tokenizer: Option<Tokenizer>,
+}
+
+impl LocalModel {
+    /// Loads `dir` (config, weights, and `tokenizer.json` when present).
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        match device {
+            Device::Auto | Device::Cpu => {}
+            Device::Cuda(n) => {
+                return Err(CoordinatorError::InvalidRequest(format!(
+                    "--device cuda:{n}: this build has no CUDA backend yet; use --device cpu or auto"
+                )))
+            }
+        }
+        let config = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = HostWeights::load(&ckpt, &config)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.is_file() {
+            Some(Tokenizer::from_file(&tok_path)?)
+        } else {
+            None
+        };
+        Ok(Self::from_parts(dir, Engine::new(CpuBackend, config, weights), tokenizer))
+    }
+
+    pub fn from_parts(dir: &Path, engine: Engine<CpuBackend>, tokenizer: Option<Tokenizer>) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            engine,
+            tokenizer,
+        }
+    }
+
+    pub fn engine(&self) -> &Engine<CpuBackend> {
+        &self.engine
+    }
+
+    pub fn into_engine(self) -> Engine<CpuBackend> {
+        self.engine
+    }
+
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    fn need_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            CoordinatorError::InvalidRequest(format!(
+                "{}: no tokenizer.json; pass --prompt-ids instead of --prompt",
+                self.dir.display()
+            ))
+        })
+    }
+
+    /// Token ids of a prompt.
+    pub fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Ids(ids) => Ok(ids.clone()),
+            Prompt::Text(text) => Ok(self.need_tokenizer()?.encode(text)?),
+        }
+    }
+
+    /// Generates one sequence, calling `on_text` with each piece of text as it
+    /// becomes final. With `keep_logits`, the output carries the logits after
+    /// the prompt.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        keep_logits: bool,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<GenerateOutput> {
+        let prompt = self.encode(&req.prompt)?;
+        let mut seq = self.engine.new_sequence(prompt.clone(), req.params.clone())?;
+        let mut stream = TextStream::new(self.tokenizer.as_ref(), &req.stop)?;
+        let mut timings = Timings {
+            prompt_tokens: prompt.len(),
+            ..Timings::default()
+        };
+        let mut prompt_logits = None;
+        let start = Instant::now();
+        let mut first = true;
+        while seq.finished().is_none() {
+            let (tokens, logits) = self.engine.step_with_logits(&mut [&mut seq], keep_logits && first)?;
+            if first {
+                timings.prefill_ms = start.elapsed().as_secs_f64() * 1e3;
+                prompt_logits = logits.into_iter().next();
+                first = false;
+            }
+            let delta = stream.push(tokens[0].token)?;
+            if !delta.text.is_empty() {
+                on_text(&delta.text);
+            }
+            if delta.stopped {
+                seq.finish(FinishReason::Stop);
+            }
+        }
+        let tail = stream.finish()?;
+        if !tail.is_empty() {
+            on_text(&tail);
+        }
+        let total_ms = start.elapsed().as_secs_f64() * 1e3;
+        timings.decode_ms = total_ms - timings.prefill_ms;
+        timings.generated_tokens = seq.generated().len();
+        timings.prefill_tokens_per_s = prompt.len() as f64 / (timings.prefill_ms / 1e3);
+        if timings.generated_tokens > 1 {
+            timings.decode_tokens_per_s = (timings.generated_tokens - 1) as f64 / (timings.decode_ms / 1e3);
+        }
+        Ok(GenerateOutput {
+            prompt_token_ids: prompt,
+            token_ids: seq.generated().to_vec(),
+            text: stream.text,
+            finish_reason: seq.finished().unwrap_or(FinishReason::Length).as_str(),
+            timings,
+            prompt_logits,
+        })
+    }
+
+    /// Generates several sequences decoded together in one batch (sequences
+    /// leave the batch as they finish). Returns the new token ids of each.
+    pub fn generate_batch(&self, prompts: &[Vec<u32>], params: &GenerationParams) -> Result<Vec<Vec<u32>>> {
+        let mut seqs: Vec<Sequence<CpuBackend>> = prompts
+            .iter()
+            .map(|p| self.engine.new_sequence(p.clone(), params.clone()))
+            .collect::<std::result::Result<_, _>>()?;
+        loop {
+            let mut active: Vec<&mut Sequence<CpuBackend>> =
+                seqs.iter_mut().filter(|s| s.finished().is_none()).collect();
+            if active.is_empty() {
+                break;
+            }
+            self.engine.step(&mut active)?;
+        }
+        Ok(seqs.iter().map(|s| s.generated().to_vec()).collect())
+    }
+}
+
+/// Token ids → streamed text, with stop strings held back and cut.
+pub struct TextStream<'t> {
+    decoder: Option<crate::tokenizer::IncrementalDecoder<'t>>,
+    stops: StopMatcher,
+    stopped: bool,
+    /// All text emitted so far.
+    pub text: String,
+}
+
+/// Text that became final after one token.
+pub struct TextDelta {
+    pub text: String,
+    /// A stop string matched: the sequence must end.
+    pub stopped: bool,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: Option<&'t Tokenizer>, stop: &[String]) -> Result<Self> {
+        if tokenizer.is_none() && !stop.is_empty() {
+            return Err(CoordinatorError::InvalidRequest(
+                "stop strings need a tokenizer.json in the model folder".into(),
+            ));
+        }
+        Ok(Self {
+            decoder: tokenizer.map(Tokenizer::decoder),
+            stops: StopMatcher::new(stop.to_vec()),
+            stopped: false,
+            text: String::new(),
+        })
+    }
+
+    pub fn push(&mut self, token: u32) -> Result<TextDelta> {
+        let Some(dec) = self.decoder.as_mut() else {
+            return Ok(TextDelta {
+                text: String::new(),
+                stopped: false,
+            });
+        };
+        if self.stopped {
+            return Ok(TextDelta {
+                text: String::new(),
+                stopped: true,
+            });
+        }
+        let raw = dec.push(token)?;
+        let (text, stopped) = self.stops.push(&raw);
+        self.stopped = stopped;
+        self.text.push_str(&text);
+        Ok(TextDelta { text, stopped })
+    }
+
+    /// The text still held back at the end of the sequence.
+    pub fn finish(&mut self) -> Result<String> {
+        let Some(dec) = self.decoder.as_mut() else {
+            return Ok(String::new());
+        };
+        if self.stopped {
+            return Ok(String::new());
+        }
+        let raw = dec.finish()?;
+        let (mut text, stopped) = self.stops.push(&raw);
+        self.stopped = stopped;
+        if !stopped {
+            text.push_str(&self.stops.flush());
+        }
+        self.text.push_str(&text);
+        Ok(text)
+    }
+}

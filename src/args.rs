@@ -1,0 +1,125 @@
+//! Command-line arguments (clap derive; the doc comments are the help text).
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use zeroshard_coordinator::local::Device;
+
+/// Serve large language models from workers that each hold a slice of every weight.
+#[derive(Parser, Debug)]
+#[command(name = "zeroshard", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a Hugging Face model folder on this machine.
+    Generate(GenerateArgs),
+    /// Measure prefill and decode throughput per batch size.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct PromptArgs {
+    /// Prompt text (tokenized with the tokenizer's default special tokens, e.g. BOS).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, fed as is.
+    #[arg(long)]
+    pub prompt_ids: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set of tokens with probability ≥ P (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed: the same seed gives the same output.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Penalise tokens already present (transformers' repetition_penalty; 1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Stop when the generated text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, env = "ZEROSHARD_MODEL")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Where to compute: auto (CUDA if present, else CPU), cpu, cuda[:N].
+    #[arg(long, default_value = "auto", env = "ZEROSHARD_DEVICE")]
+    pub device: Device,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the next-token logits after the prompt to FILE as a JSON array.
+    #[arg(long, value_name = "FILE")]
+    pub logits_out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Hugging Face model folder to measure.
+    #[arg(long, conflicts_with = "synthetic")]
+    pub model: Option<PathBuf>,
+    /// A random-weight model built in memory, e.g.
+    /// `llama:hidden=1024,layers=16,heads=16,kv_heads=4,ffn=2816,vocab=32000`.
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// Comma-separated batch sizes.
+    #[arg(long, default_value = "1,8,32")]
+    pub batch: String,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Decode steps measured after the prefill.
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Where to compute: auto, cpu, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+}
+
+/// `1,2,3` → ids, naming the bad entry.
+pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, t)| {
+            t.parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("--prompt-ids: entry {i} \"{t}\" is not a token id"))
+        })
+        .collect()
+}
+
+/// `1,8,32` → sizes (each > 0).
+pub fn parse_list(s: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = s.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
+    if v.is_empty() || v.contains(&0) {
+        bail!("expected comma-separated positive integers, got \"{s}\"");
+    }
+    Ok(v)
+}

@@ -1,0 +1,18 @@
+//! The worker crate's one error type.
+use zeroshard_offload::OffloadError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Offload(#[from] OffloadError),
+    /// A request the engine cannot run as given (prompt, ids, lengths).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A weight the model needs is absent from the provided set.
+    #[error("weight `{0}` is missing")]
+    MissingWeight(String),
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+pub type Result<T> = std::result::Result<T, WorkerError>;

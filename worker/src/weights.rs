@@ -1,0 +1,88 @@
+//! A host store of named f16 tensors: the whole model for a single node, or the
+//! gathered tensors of one layer in the cluster.
+use std::collections::HashMap;
+
+use half::f16;
+use zeroshard_offload::{Checkpoint, ModelConfig};
+
+use crate::error::Result;
+use crate::model::{tensor_specs, LayerWeights, OuterWeights, TensorSpec};
+
+/// Named f16 tensors in host memory.
+#[derive(Default)]
+pub struct HostWeights {
+    tensors: HashMap<String, HostTensor>,
+}
+
+/// One tensor: shape and row-major f16 data.
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f16>,
+}
+
+impl HostWeights {
+    /// Loads every tensor `config` needs from `ckpt`, checking each one's shape.
+    pub fn load(ckpt: &Checkpoint, config: &ModelConfig) -> Result<Self> {
+        let mut store = Self::default();
+        for spec in tensor_specs(config) {
+            let info = ckpt.expect_shape(&spec.name, &spec.shape)?;
+            let data = ckpt.read_f16(&spec.name, 0..info.numel())?;
+            store.insert(&spec, data);
+        }
+        Ok(store)
+    }
+
+    /// A model of `config`'s shape with random weights (normal-ish, std `0.02`,
+    /// norms near 1), from a fixed seed: for benchmarks without files.
+    pub fn random(config: &ModelConfig, seed: u64) -> Self {
+        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            // xorshift64*, mapped to a uniform in [-1, 1).
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            (r >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let mut store = Self::default();
+        for spec in tensor_specs(config) {
+            let is_norm = spec.shape.len() == 1 && spec.name.contains("norm");
+            let data = (0..spec.numel())
+                .map(|_| {
+                    let u = next();
+                    f16::from_f32(if is_norm { 1.0 + 0.1 * u } else { 0.035 * u })
+                })
+                .collect();
+            store.insert(&spec, data);
+        }
+        store
+    }
+
+    pub fn insert(&mut self, spec: &TensorSpec, data: Vec<f16>) {
+        assert_eq!(data.len(), spec.numel(), "tensor `{}` data length", spec.name);
+        self.tensors.insert(
+            spec.name.clone(),
+            HostTensor {
+                shape: spec.shape.clone(),
+                data,
+            },
+        );
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[f16]> {
+        self.tensors.get(name).map(|t| t.data.as_slice())
+    }
+
+    /// Total bytes held.
+    pub fn bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.data.len() * 2).sum()
+    }
+
+    pub fn layer(&self, config: &ModelConfig, l: usize) -> Result<LayerWeights<'_, [f16]>> {
+        LayerWeights::from_lookup(config, l, |n| self.get(n))
+    }
+
+    pub fn outer(&self, config: &ModelConfig) -> Result<OuterWeights<'_, [f16]>> {
+        OuterWeights::from_lookup(config, |n| self.get(n))
+    }
+}
