@@ -24,12 +24,13 @@ pub enum Command {
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
 pub struct PromptArgs {
-    /// Prompt text (tokenized with the tokenizer's default special tokens, e.g. BOS).
+    /// Prompt text (tokenized with the tokenizer's default special tokens, e.g.
+    /// BOS). Repeat to decode several prompts together in one batch.
     #[arg(long)]
-    pub prompt: Option<String>,
-    /// Prompt as comma-separated token ids, fed as is.
+    pub prompt: Vec<String>,
+    /// Prompt as comma-separated token ids, fed as is. Repeatable, like --prompt.
     #[arg(long)]
-    pub prompt_ids: Option<String>,
+    pub prompt_ids: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -72,10 +73,11 @@ pub struct GenerateArgs {
     /// Where to compute: auto (CUDA if present, else CPU), cpu, cuda[:N].
     #[arg(long, default_value = "auto", env = "ZEROSHARD_DEVICE")]
     pub device: Device,
-    /// Print one JSON object instead of streaming text.
+    /// Print one JSON object (one line per prompt) instead of streaming text.
     #[arg(long)]
     pub json: bool,
-    /// Write the next-token logits after the prompt to FILE as a JSON array.
+    /// Write the next-token logits after the prompt to FILE as a JSON array
+    /// (an array of arrays when several prompts are given).
     #[arg(long, value_name = "FILE")]
     pub logits_out: Option<PathBuf>,
 }

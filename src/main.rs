@@ -47,33 +47,49 @@ fn sampling(a: &args::SamplingArgs) -> GenerationParams {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let prompt = match (&a.prompt.prompt, &a.prompt.prompt_ids) {
-        (Some(text), None) => Prompt::Text(text.clone()),
-        (None, Some(ids)) => Prompt::Ids(args::parse_ids(ids)?),
-        _ => bail!("give exactly one of --prompt or --prompt-ids"),
+    let prompts: Vec<Prompt> = if a.prompt.prompt_ids.is_empty() {
+        a.prompt.prompt.iter().cloned().map(Prompt::Text).collect()
+    } else {
+        a.prompt
+            .prompt_ids
+            .iter()
+            .map(|ids| args::parse_ids(ids).map(Prompt::Ids))
+            .collect::<Result<_>>()?
     };
     let model = LocalModel::load(&a.model, a.device)?;
-    let req = GenerateRequest {
-        prompt,
-        params: sampling(&a.sampling),
-        stop: a.sampling.stop.clone(),
-    };
+    let reqs: Vec<GenerateRequest> = prompts
+        .into_iter()
+        .map(|prompt| GenerateRequest {
+            prompt,
+            params: sampling(&a.sampling),
+            stop: a.sampling.stop.clone(),
+        })
+        .collect();
     let mut stdout = std::io::stdout().lock();
-    let stream = !a.json;
-    let out = model.generate(&req, a.logits_out.is_some(), |text| {
+    // A single prompt streams its text; several are printed once done.
+    let stream = !a.json && reqs.len() == 1;
+    let outs = model.generate_batch(&reqs, a.logits_out.is_some(), |_, text| {
         if stream {
             let _ = stdout.write_all(text.as_bytes());
             let _ = stdout.flush();
         }
     })?;
-    if let (Some(path), Some(logits)) = (&a.logits_out, &out.prompt_logits) {
-        std::fs::write(path, serde_json::to_string(logits)?)
-            .with_context(|| format!("writing --logits-out {}", path.display()))?;
+    if let Some(path) = &a.logits_out {
+        let logits: Vec<&Vec<f32>> = outs.iter().filter_map(|o| o.prompt_logits.as_ref()).collect();
+        let json = match logits.as_slice() {
+            [one] => serde_json::to_string(one)?,
+            many => serde_json::to_string(many)?,
+        };
+        std::fs::write(path, json).with_context(|| format!("writing --logits-out {}", path.display()))?;
     }
-    if a.json {
-        writeln!(stdout, "{}", serde_json::to_string(&out)?)?;
-    } else {
-        writeln!(stdout)?;
+    for out in &outs {
+        if a.json {
+            writeln!(stdout, "{}", serde_json::to_string(out)?)?;
+        } else if stream {
+            writeln!(stdout)?;
+        } else {
+            writeln!(stdout, "{}", out.text)?;
+        }
     }
     Ok(())
 }

@@ -158,68 +158,96 @@ impl LocalModel {
         keep_logits: bool,
         mut on_text: impl FnMut(&str),
     ) -> Result<GenerateOutput> {
-        let prompt = self.encode(&req.prompt)?;
-        let mut seq = self.engine.new_sequence(prompt.clone(), req.params.clone())?;
-        let mut stream = TextStream::new(self.tokenizer.as_ref(), &req.stop)?;
-        let mut timings = Timings {
-            prompt_tokens: prompt.len(),
-            ..Timings::default()
-        };
-        let mut prompt_logits = None;
-        let start = Instant::now();
-        let mut first = true;
-        while seq.finished().is_none() {
-            let (tokens, logits) = self.engine.step_with_logits(&mut [&mut seq], keep_logits && first)?;
-            if first {
-                timings.prefill_ms = start.elapsed().as_secs_f64() * 1e3;
-                prompt_logits = logits.into_iter().next();
-                first = false;
-            }
-            let delta = stream.push(tokens[0].token)?;
-            if !delta.text.is_empty() {
-                on_text(&delta.text);
-            }
-            if delta.stopped {
-                seq.finish(FinishReason::Stop);
-            }
-        }
-        let tail = stream.finish()?;
-        if !tail.is_empty() {
-            on_text(&tail);
-        }
-        let total_ms = start.elapsed().as_secs_f64() * 1e3;
-        timings.decode_ms = total_ms - timings.prefill_ms;
-        timings.generated_tokens = seq.generated().len();
-        timings.prefill_tokens_per_s = prompt.len() as f64 / (timings.prefill_ms / 1e3);
-        if timings.generated_tokens > 1 {
-            timings.decode_tokens_per_s = (timings.generated_tokens - 1) as f64 / (timings.decode_ms / 1e3);
-        }
-        Ok(GenerateOutput {
-            prompt_token_ids: prompt,
-            token_ids: seq.generated().to_vec(),
-            text: stream.text,
-            finish_reason: seq.finished().unwrap_or(FinishReason::Length).as_str(),
-            timings,
-            prompt_logits,
-        })
+        let mut outs = self.generate_batch(std::slice::from_ref(req), keep_logits, |_, t| on_text(t))?;
+        Ok(outs.remove(0))
     }
 
-    /// Generates several sequences decoded together in one batch (sequences
-    /// leave the batch as they finish). Returns the new token ids of each.
-    pub fn generate_batch(&self, prompts: &[Vec<u32>], params: &GenerationParams) -> Result<Vec<Vec<u32>>> {
-        let mut seqs: Vec<Sequence<CpuBackend>> = prompts
-            .iter()
-            .map(|p| self.engine.new_sequence(p.clone(), params.clone()))
-            .collect::<std::result::Result<_, _>>()?;
+    /// Generates several sequences decoded together: one forward per step serves
+    /// every active sequence, and each leaves the batch when it finishes.
+    /// `on_text(i, delta)` streams request `i`'s text.
+    pub fn generate_batch(
+        &self,
+        reqs: &[GenerateRequest],
+        keep_logits: bool,
+        mut on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<GenerateOutput>> {
+        struct Active<'t> {
+            seq: Sequence<CpuBackend>,
+            stream: TextStream<'t>,
+            timings: Timings,
+            logits: Option<Vec<f32>>,
+            prefilled: bool,
+        }
+        let mut all = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let prompt = self.encode(&req.prompt)?;
+            all.push(Active {
+                timings: Timings {
+                    prompt_tokens: prompt.len(),
+                    ..Timings::default()
+                },
+                seq: self.engine.new_sequence(prompt, req.params.clone())?,
+                stream: TextStream::new(self.tokenizer.as_ref(), &req.stop)?,
+                logits: None,
+                prefilled: false,
+            });
+        }
+        let start = Instant::now();
         loop {
-            let mut active: Vec<&mut Sequence<CpuBackend>> =
-                seqs.iter_mut().filter(|s| s.finished().is_none()).collect();
+            let (idx, mut active): (Vec<usize>, Vec<&mut Sequence<CpuBackend>>) = all
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, a)| a.seq.finished().is_none())
+                .map(|(i, a)| (i, &mut a.seq))
+                .unzip();
             if active.is_empty() {
                 break;
             }
-            self.engine.step(&mut active)?;
+            let want_logits = keep_logits && active.iter().any(|s| s.generated().is_empty());
+            let (tokens, logits) = self.engine.step_with_logits(&mut active, want_logits)?;
+            let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+            for ((i, t), l) in idx.into_iter().zip(tokens).zip(logits.into_iter().map(Some).chain(std::iter::repeat(None))) {
+                let a = &mut all[i];
+                if !a.prefilled {
+                    a.prefilled = true;
+                    a.timings.prefill_ms = elapsed_ms;
+                    a.logits = l;
+                }
+                let delta = a.stream.push(t.token)?;
+                if !delta.text.is_empty() {
+                    on_text(i, &delta.text);
+                }
+                if delta.stopped {
+                    a.seq.finish(FinishReason::Stop);
+                }
+                if a.seq.finished().is_some() {
+                    let tail = a.stream.finish()?;
+                    if !tail.is_empty() {
+                        on_text(i, &tail);
+                    }
+                    a.timings.decode_ms = elapsed_ms - a.timings.prefill_ms;
+                }
+            }
         }
-        Ok(seqs.iter().map(|s| s.generated().to_vec()).collect())
+        Ok(all
+            .into_iter()
+            .map(|a| {
+                let mut t = a.timings;
+                t.generated_tokens = a.seq.generated().len();
+                t.prefill_tokens_per_s = t.prompt_tokens as f64 / (t.prefill_ms / 1e3);
+                if t.generated_tokens > 1 {
+                    t.decode_tokens_per_s = (t.generated_tokens - 1) as f64 / (t.decode_ms / 1e3);
+                }
+                GenerateOutput {
+                    prompt_token_ids: a.seq.prompt().to_vec(),
+                    token_ids: a.seq.generated().to_vec(),
+                    text: a.stream.text,
+                    finish_reason: a.seq.finished().unwrap_or(FinishReason::Length).as_str(),
+                    timings: t,
+                    prompt_logits: a.logits,
+                }
+            })
+            .collect())
     }
 }
 
