@@ -78,15 +78,18 @@ impl SamplingParams {
     /// True when the next token is the argmax: temperature 0 or top_k 1.
     /// (A temperature that is not a positive number is treated as 0.)
     pub fn is_greedy(&self) -> bool {
-        !(self.temperature > 0.0) || self.top_k == 1
+        self.temperature.is_nan() || self.temperature <= 0.0 || self.top_k == 1
     }
 }
 
-/// A token still in the running, with its temperature-scaled logit.
+/// A token still in the running.
 #[derive(Clone, Copy, Debug)]
 struct Candidate {
     id: u32,
+    /// Temperature-scaled logit.
     logit: f32,
+    /// `exp(logit - max logit)`, filled in by [`set_weights`] after top-k.
+    weight: f64,
 }
 
 /// Picks next tokens for one sequence. Holds its RNG state and scratch buffers,
@@ -141,6 +144,7 @@ impl Sampler {
             keep_top_k(&mut self.candidates, top_k);
             filtered = true;
         }
+        set_weights(&mut self.candidates);
         let top_p = f64::from(self.params.top_p);
         if top_p < 1.0 {
             keep_top_p(&mut self.candidates, top_p);
@@ -188,6 +192,7 @@ impl Sampler {
                 self.candidates.push(Candidate {
                     id: id as u32,
                     logit: scaled,
+                    weight: 0.0,
                 });
             }
         }
@@ -238,13 +243,12 @@ fn keep_top_k(candidates: &mut Vec<Candidate>, k: usize) {
 /// come first in ascending order and together they cannot reach `1 - top_p`,
 /// so this is exact and spares sorting most of a large vocabulary.
 fn keep_top_p(candidates: &mut Vec<Candidate>, top_p: f64) {
-    let max = max_logit(candidates);
-    let total: f64 = candidates.iter().map(|c| weight(c.logit, max)).sum();
+    let total: f64 = candidates.iter().map(|c| c.weight).sum();
     let remove_mass = 1.0 - top_p;
     let cutoff = remove_mass / candidates.len() as f64;
     let mut cumulative = 0.0;
     candidates.retain(|c| {
-        let p = weight(c.logit, max) / total;
+        let p = c.weight / total;
         if p < cutoff {
             cumulative += p;
             false
@@ -256,7 +260,7 @@ fn keep_top_p(candidates: &mut Vec<Candidate>, top_p: f64) {
     // Walk ascending (from the end), never removing index 0 (the best token).
     let mut kept = candidates.len();
     while kept > 1 {
-        cumulative += weight(candidates[kept - 1].logit, max) / total;
+        cumulative += candidates[kept - 1].weight / total;
         if cumulative <= remove_mass {
             kept -= 1;
         } else {
@@ -266,33 +270,32 @@ fn keep_top_p(candidates: &mut Vec<Candidate>, top_p: f64) {
     candidates.truncate(kept);
 }
 
-fn max_logit(candidates: &[Candidate]) -> f32 {
-    candidates
+/// Sets each candidate's unnormalised softmax weight `exp(logit - max)`, in
+/// f64. The max itself weighs 1, which also makes +inf logits share the mass
+/// evenly. Filters after this keep the best token, so the weights stay valid.
+fn set_weights(candidates: &mut [Candidate]) {
+    let max = candidates
         .iter()
         .map(|c| c.logit)
-        .fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// Unnormalised softmax weight `exp(logit - max)` in f64; the max itself
-/// weighs 1 (which also makes +inf logits share the mass evenly).
-fn weight(logit: f32, max: f32) -> f64 {
-    if logit == max {
-        1.0
-    } else {
-        (f64::from(logit) - f64::from(max)).exp()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in candidates {
+        c.weight = if c.logit == max {
+            1.0
+        } else {
+            (f64::from(c.logit) - f64::from(max)).exp()
+        };
     }
 }
 
-/// Draws one candidate with probability `softmax(logits)`, walking them in
-/// slice order; `u` is uniform in [0, 1). `candidates` is not empty.
+/// Draws one candidate with probability proportional to its weight, walking
+/// them in slice order; `u` is uniform in [0, 1). `candidates` is not empty.
 fn draw(candidates: &[Candidate], u: f64) -> u32 {
-    let max = max_logit(candidates);
-    let total: f64 = candidates.iter().map(|c| weight(c.logit, max)).sum();
+    let total: f64 = candidates.iter().map(|c| c.weight).sum();
     let target = u * total;
     let mut cumulative = 0.0;
     let mut last_positive = candidates[0].id;
     for c in candidates {
-        let w = weight(c.logit, max);
+        let w = c.weight;
         if w > 0.0 {
             cumulative += w;
             last_positive = c.id;
@@ -595,8 +598,10 @@ mod tests {
                 .map(|(id, &logit)| Candidate {
                     id: id as u32,
                     logit,
+                    weight: 0.0,
                 })
                 .collect();
+            set_weights(&mut candidates);
             keep_top_p(&mut candidates, f64::from(top_p));
             let mut kept: Vec<u32> = candidates.iter().map(|c| c.id).collect();
             kept.sort_unstable();
