@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine with only the Rust toolchain:
+# installs what is missing, checks formatting and lints, then runs every test
+# (release mode: the model math would crawl in debug).
+#
+#   scripts/test.sh            # everything
+#   scripts/test.sh --quick    # skip fmt and clippy
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export ZEROSHARD_SHARED="${ZEROSHARD_SHARED:-$(cd .. && pwd)/shared}"
+if [ ! -d "$ZEROSHARD_SHARED/models" ] || [ ! -d "$ZEROSHARD_SHARED/refs" ]; then
+  echo "test.sh: fixtures missing: $ZEROSHARD_SHARED/models and /refs (set ZEROSHARD_SHARED)" >&2
+  exit 1
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "test.sh: cargo not found; install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+if [ "$quick" = 0 ]; then
+  rustup component add rustfmt clippy >/dev/null 2>&1 || true
+  echo "== cargo fmt --check"
+  cargo fmt --all -- --check
+  echo "== cargo clippy"
+  cargo clippy --release --workspace --all-targets -- -D warnings
+fi
+
+echo "== cargo test (release)"
+cargo test --release --workspace 2>&1 | tee target/test.log
+# One closing line that counts every test binary together.
+passed=$(grep -Eo '[0-9]+ passed' target/test.log | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' target/test.log | awk '{s+=$1} END {print s+0}')
+ignored=$(grep -Eo '[0-9]+ ignored' target/test.log | awk '{s+=$1} END {print s+0}')
+echo "total: $passed passed, $failed failed, $ignored skipped"
