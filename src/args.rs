@@ -111,8 +111,7 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .map(str::trim)
         .enumerate()
         .map(|(i, t)| {
-            t.parse::<u32>()
-                .map_err(|_| anyhow::anyhow!("--prompt-ids: entry {i} \"{t}\" is not a token id"))
+            t.parse::<u32>().map_err(|_| anyhow::anyhow!("--prompt-ids: entry {i} \"{t}\" is not a token id"))
         })
         .collect()
 }

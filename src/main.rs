@@ -50,11 +50,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let prompts: Vec<Prompt> = if a.prompt.prompt_ids.is_empty() {
         a.prompt.prompt.iter().cloned().map(Prompt::Text).collect()
     } else {
-        a.prompt
-            .prompt_ids
-            .iter()
-            .map(|ids| args::parse_ids(ids).map(Prompt::Ids))
-            .collect::<Result<_>>()?
+        a.prompt.prompt_ids.iter().map(|ids| args::parse_ids(ids).map(Prompt::Ids)).collect::<Result<_>>()?
     };
     let model = LocalModel::load(&a.model, a.device)?;
     let reqs: Vec<GenerateRequest> = prompts

@@ -126,7 +126,16 @@ fn gpt2_and_bloom_are_refused_or_served_never_crash() {
     // once built they must generate. Either way: no crash, a clear outcome.
     for name in ["fixtures/gpt2", "fixtures/bloom"] {
         let dir = model(name);
-        let out = run(&["generate", "--model", dir.to_str().expect("path"), "--prompt-ids", "1,2,3", "--max-new-tokens", "2", "--json"]);
+        let out = run(&[
+            "generate",
+            "--model",
+            dir.to_str().expect("path"),
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ]);
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(err.contains("architectures") && err.contains("not supported"), "{name}: {err}");
@@ -145,9 +154,23 @@ fn prompt_longer_than_max_positions() {
     expect_error(dir.path(), &["--prompt-ids", &ids], &["9 tokens", "max_position_embeddings 8"]);
     // Exactly 8 fits, and generation stops at the last position.
     let ids = ids_arg(&(1..=7).collect::<Vec<u32>>());
-    let out = &run_json(&["generate", "--model", dir.path().to_str().expect("p"), "--prompt-ids", &ids, "--max-new-tokens", "10", "--ignore-eos", "--json"])[0];
+    let out = &run_json(&[
+        "generate",
+        "--model",
+        dir.path().to_str().expect("p"),
+        "--prompt-ids",
+        &ids,
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+        "--json",
+    ])[0];
     assert_eq!(out["finish_reason"], "length");
-    assert_eq!(ids_of(&out["token_ids"]).len(), 2, "positions 7 and 8 are the last two this model can produce");
+    assert_eq!(
+        ids_of(&out["token_ids"]).len(),
+        2,
+        "positions 7 and 8 are the last two this model can produce"
+    );
 }
 
 #[test]

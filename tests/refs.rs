@@ -4,14 +4,8 @@ mod common;
 
 use common::*;
 
-const FAMILY: &[&str] = &[
-    "llama-gqa-tied",
-    "llama-rope-scaled",
-    "llama-sharded-bf16",
-    "llama-f16",
-    "mistral",
-    "qwen2",
-];
+const FAMILY: &[&str] =
+    &["llama-gqa-tied", "llama-rope-scaled", "llama-sharded-bf16", "llama-f16", "mistral", "qwen2"];
 
 #[test]
 fn stories260k_greedy_matches_transformers() {
@@ -23,12 +17,29 @@ fn stories260k_greedy_matches_transformers() {
         for case in cases {
             let prompt = case["prompt"].as_str().expect("prompt");
             let out = &run_json(&[
-                "generate", "--model", dir.to_str().expect("path"), "--prompt", prompt,
-                "--temperature", "0", "--ignore-eos", "--max-new-tokens", "48", "--json",
+                "generate",
+                "--model",
+                dir.to_str().expect("path"),
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--max-new-tokens",
+                "48",
+                "--json",
             ])[0];
             let name = case["name"].as_str().unwrap_or("?");
-            assert_eq!(ids_of(&out["prompt_token_ids"]), ids_of(&case["input_ids"]), "{model_name}/{name}: prompt ids");
-            assert_eq!(ids_of(&out["token_ids"]), ids_of(&case["new_token_ids"]), "{model_name}/{name}: tokens");
+            assert_eq!(
+                ids_of(&out["prompt_token_ids"]),
+                ids_of(&case["input_ids"]),
+                "{model_name}/{name}: prompt ids"
+            );
+            assert_eq!(
+                ids_of(&out["token_ids"]),
+                ids_of(&case["new_token_ids"]),
+                "{model_name}/{name}: tokens"
+            );
             assert_eq!(out["text"], case["new_text"], "{model_name}/{name}: text");
             assert_eq!(out["finish_reason"], "length");
         }
@@ -42,10 +53,19 @@ fn check_prompt(model_name: &str, p: &serde_json::Value) -> f32 {
     let tmp = tempfile::NamedTempFile::new().expect("tmp");
     let want = ids_of(&p["new_token_ids"]);
     let out = &run_json(&[
-        "generate", "--model", dir.to_str().expect("path"),
-        "--prompt-ids", &ids_arg(&ids_of(&p["input_ids"])),
-        "--temperature", "0", "--ignore-eos", "--max-new-tokens", &want.len().to_string(),
-        "--json", "--logits-out", tmp.path().to_str().expect("path"),
+        "generate",
+        "--model",
+        dir.to_str().expect("path"),
+        "--prompt-ids",
+        &ids_arg(&ids_of(&p["input_ids"])),
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--max-new-tokens",
+        &want.len().to_string(),
+        "--json",
+        "--logits-out",
+        tmp.path().to_str().expect("path"),
     ])[0];
     let name = p["name"].as_str().unwrap_or("?");
     assert_eq!(ids_of(&out["token_ids"]), want, "{model_name}/{name}: greedy tokens");
@@ -73,8 +93,19 @@ fn llama_family_fixtures_match_transformers() {
 fn a_batch_of_different_lengths_equals_each_prompt_alone() {
     let dir = model("fixtures/llama-gqa-tied");
     let dir = dir.to_str().expect("path");
-    let prompts: Vec<Vec<u32>> = vec![vec![5, 9], vec![100, 200, 300, 400, 17], (3..20).collect(), (40..80).collect()];
-    let mut args = vec!["generate", "--model", dir, "--temperature", "0", "--ignore-eos", "--max-new-tokens", "16", "--json"];
+    let prompts: Vec<Vec<u32>> =
+        vec![vec![5, 9], vec![100, 200, 300, 400, 17], (3..20).collect(), (40..80).collect()];
+    let mut args = vec![
+        "generate",
+        "--model",
+        dir,
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--max-new-tokens",
+        "16",
+        "--json",
+    ];
     let id_args: Vec<String> = prompts.iter().map(|p| ids_arg(p)).collect();
     for a in &id_args {
         args.extend(["--prompt-ids", a.as_str()]);
@@ -83,8 +114,17 @@ fn a_batch_of_different_lengths_equals_each_prompt_alone() {
     assert_eq!(batched.len(), prompts.len());
     for (p, b) in id_args.iter().zip(&batched) {
         let alone = &run_json(&[
-            "generate", "--model", dir, "--prompt-ids", p, "--temperature", "0", "--ignore-eos",
-            "--max-new-tokens", "16", "--json",
+            "generate",
+            "--model",
+            dir,
+            "--prompt-ids",
+            p,
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "16",
+            "--json",
         ])[0];
         assert_eq!(alone["token_ids"], b["token_ids"], "prompt {p}");
         assert_eq!(ids_of(&b["token_ids"]).len(), 16);
@@ -97,11 +137,29 @@ fn eos_off_runs_to_length_and_stop_strings_cut_the_text() {
     let dir = dir.to_str().expect("path");
     // The reference run without --ignore-eos: the model never emits EOS (id 2) in
     // 48 tokens here, so the output is the same and ends by length.
-    let out = &run_json(&["generate", "--model", dir, "--prompt", "Once upon a time", "--max-new-tokens", "48", "--json"])[0];
+    let out = &run_json(&[
+        "generate",
+        "--model",
+        dir,
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "48",
+        "--json",
+    ])[0];
     assert_eq!(out["finish_reason"], "length");
     let full = out["text"].as_str().expect("text").to_string();
     let out = &run_json(&[
-        "generate", "--model", dir, "--prompt", "Once upon a time", "--max-new-tokens", "48", "--json", "--stop", "Lily",
+        "generate",
+        "--model",
+        dir,
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "48",
+        "--json",
+        "--stop",
+        "Lily",
     ])[0];
     assert_eq!(out["finish_reason"], "stop");
     let cut = out["text"].as_str().expect("text");

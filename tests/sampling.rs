@@ -5,7 +5,17 @@ use common::*;
 
 fn gen(extra: &[&str]) -> Vec<u32> {
     let dir = model("stories260K");
-    let mut args = vec!["generate", "--model", dir.to_str().expect("path"), "--prompt", "Once upon a time", "--max-new-tokens", "40", "--ignore-eos", "--json"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        dir.to_str().expect("path"),
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "40",
+        "--ignore-eos",
+        "--json",
+    ];
     args.extend_from_slice(extra);
     ids_of(&run_json(&args)[0]["token_ids"])
 }
@@ -42,7 +52,11 @@ fn repetition_penalty_changes_greedy_output() {
 fn bad_sampling_parameters_are_refused() {
     let dir = model("stories260K");
     let dir = dir.to_str().expect("path");
-    for (flag, value, needle) in [("--top-p", "0", "top_p"), ("--temperature", "-1", "temperature"), ("--repetition-penalty", "0", "repetition_penalty")] {
+    for (flag, value, needle) in [
+        ("--top-p", "0", "top_p"),
+        ("--temperature", "-1", "temperature"),
+        ("--repetition-penalty", "0", "repetition_penalty"),
+    ] {
         let arg = format!("{flag}={value}");
         let err = run_err(&["generate", "--model", dir, "--prompt", "Hi", &arg]);
         assert!(err.contains(needle), "{flag} {value}: {err}");

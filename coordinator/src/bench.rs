@@ -49,10 +49,7 @@ pub fn synthetic_config(spec: &str) -> Result<ModelConfig> {
         vocab_size: need("vocab")?,
         max_position_embeddings: get.get("max_pos").copied().unwrap_or(4096),
         rms_norm_eps: 1e-5,
-        rope: RopeConfig {
-            theta: 10000.0,
-            scaling: RopeScaling::None,
-        },
+        rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
         tie_word_embeddings: false,
         qkv_bias: false,
         o_bias: false,
@@ -196,7 +193,13 @@ mod tests {
         let per_layer = 2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2816 + 2 * 1024;
         let expect = 2 * (16 * per_layer + 1024 + 32000 * 1024 + 1024);
         assert_eq!(decode_bytes_per_step(&c, 1), expect);
-        for bad in ["gpt:hidden=1", "llama:hidden=64", "llama:hidden=x", "llama:hidden=64,layers=1,heads=8,kv_heads=3,ffn=1,vocab=1", "llama:foo=1"] {
+        for bad in [
+            "gpt:hidden=1",
+            "llama:hidden=64",
+            "llama:hidden=x",
+            "llama:hidden=64,layers=1,heads=8,kv_heads=3,ffn=1,vocab=1",
+            "llama:foo=1",
+        ] {
             assert!(synthetic_config(bad).is_err(), "{bad}");
         }
     }

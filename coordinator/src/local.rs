@@ -104,20 +104,12 @@ impl LocalModel {
         let ckpt = Checkpoint::open(dir)?;
         let weights = HostWeights::load(&ckpt, &config)?;
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.is_file() {
-            Some(Tokenizer::from_file(&tok_path)?)
-        } else {
-            None
-        };
+        let tokenizer = if tok_path.is_file() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
         Ok(Self::from_parts(dir, Engine::new(CpuBackend, config, weights), tokenizer))
     }
 
     pub fn from_parts(dir: &Path, engine: Engine<CpuBackend>, tokenizer: Option<Tokenizer>) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            engine,
-            tokenizer,
-        }
+        Self { dir: dir.to_path_buf(), engine, tokenizer }
     }
 
     pub fn engine(&self) -> &Engine<CpuBackend> {
@@ -182,10 +174,7 @@ impl LocalModel {
         for req in reqs {
             let prompt = self.encode(&req.prompt)?;
             all.push(Active {
-                timings: Timings {
-                    prompt_tokens: prompt.len(),
-                    ..Timings::default()
-                },
+                timings: Timings { prompt_tokens: prompt.len(), ..Timings::default() },
                 seq: self.engine.new_sequence(prompt, req.params.clone())?,
                 stream: TextStream::new(self.tokenizer.as_ref(), &req.stop)?,
                 logits: None,
@@ -206,7 +195,9 @@ impl LocalModel {
             let want_logits = keep_logits && active.iter().any(|s| s.generated().is_empty());
             let (tokens, logits) = self.engine.step_with_logits(&mut active, want_logits)?;
             let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
-            for ((i, t), l) in idx.into_iter().zip(tokens).zip(logits.into_iter().map(Some).chain(std::iter::repeat(None))) {
+            for ((i, t), l) in
+                idx.into_iter().zip(tokens).zip(logits.into_iter().map(Some).chain(std::iter::repeat(None)))
+            {
                 let a = &mut all[i];
                 if !a.prefilled {
                     a.prefilled = true;
@@ -284,16 +275,10 @@ impl<'t> TextStream<'t> {
 
     pub fn push(&mut self, token: u32) -> Result<TextDelta> {
         let Some(dec) = self.decoder.as_mut() else {
-            return Ok(TextDelta {
-                text: String::new(),
-                stopped: false,
-            });
+            return Ok(TextDelta { text: String::new(), stopped: false });
         };
         if self.stopped {
-            return Ok(TextDelta {
-                text: String::new(),
-                stopped: true,
-            });
+            return Ok(TextDelta { text: String::new(), stopped: true });
         }
         let raw = dec.push(token)?;
         let (text, stopped) = self.stops.push(&raw);

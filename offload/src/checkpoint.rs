@@ -59,10 +59,8 @@ impl Checkpoint {
             vec!["model.safetensors".to_string()]
         } else if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let raw: RawIndex = serde_json::from_str(&text).map_err(|e| OffloadError::Json {
-                path: index.clone(),
-                message: e.to_string(),
-            })?;
+            let raw: RawIndex = serde_json::from_str(&text)
+                .map_err(|e| OffloadError::Json { path: index.clone(), message: e.to_string() })?;
             let mut names: Vec<String> = raw.weight_map.into_values().collect();
             names.sort();
             names.dedup();
@@ -94,11 +92,7 @@ impl Checkpoint {
             }
             files.push((path, mmap));
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            files,
-            tensors,
-        })
+        Ok(Self { dir: dir.to_path_buf(), files, tensors })
     }
 
     pub fn dir(&self) -> &Path {
@@ -116,10 +110,9 @@ impl Checkpoint {
 
     /// The tensor's info, or an error naming it.
     pub fn info(&self, name: &str) -> Result<&TensorInfo> {
-        self.tensors.get(name).ok_or_else(|| OffloadError::MissingTensor {
-            path: self.dir.clone(),
-            tensor: name.to_string(),
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| OffloadError::MissingTensor { path: self.dir.clone(), tensor: name.to_string() })
     }
 
     /// Checks that `name` exists with exactly `expected` shape.
@@ -168,26 +161,14 @@ impl Checkpoint {
 /// Parses and validates one safetensors header: `u64` little-endian header length,
 /// the JSON header, then the data; every tensor must lie inside the data.
 fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<TensorInfo>> {
-    let fmt = |message: String| OffloadError::Format {
-        path: path.to_path_buf(),
-        message,
-    };
+    let fmt = |message: String| OffloadError::Format { path: path.to_path_buf(), message };
     if bytes.len() < 8 {
-        return Err(fmt(format!(
-            "file is {} bytes, too short for a safetensors header",
-            bytes.len()
-        )));
+        return Err(fmt(format!("file is {} bytes, too short for a safetensors header", bytes.len())));
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-    let data_start = 8usize
-        .checked_add(header_len)
-        .filter(|end| *end <= bytes.len())
-        .ok_or_else(|| {
-            fmt(format!(
-                "header length {header_len} exceeds the file size {} (truncated file?)",
-                bytes.len()
-            ))
-        })?;
+    let data_start = 8usize.checked_add(header_len).filter(|end| *end <= bytes.len()).ok_or_else(|| {
+        fmt(format!("header length {header_len} exceeds the file size {} (truncated file?)", bytes.len()))
+    })?;
     let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
         .map_err(|e| fmt(format!("invalid safetensors header JSON: {e}")))?;
     let data_len = bytes.len() - data_start;
@@ -223,13 +204,7 @@ fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<TensorInfo
                 "tensor `{name}`: data_offsets [{begin}, {end}] go beyond the file's {data_len} data bytes (truncated file?)"
             )));
         }
-        out.push(TensorInfo {
-            name,
-            dtype,
-            shape: raw.shape,
-            file,
-            offset: data_start + begin,
-        });
+        out.push(TensorInfo { name, dtype, shape: raw.shape, file, offset: data_start + begin });
     }
     Ok(out)
 }
@@ -311,7 +286,10 @@ mod tests {
     fn sharded_checkpoints_follow_the_index() {
         let dir = tempfile::tempdir().expect("tmp");
         write_st(&dir.path().join("a.safetensors"), &[("x", "BF16", vec![2], vec![0x80, 0x3f, 0x00, 0x40])]);
-        write_st(&dir.path().join("b.safetensors"), &[("y", "F16", vec![1], f16::from_f32(3.0).to_le_bytes().to_vec())]);
+        write_st(
+            &dir.path().join("b.safetensors"),
+            &[("y", "F16", vec![1], f16::from_f32(3.0).to_le_bytes().to_vec())],
+        );
         std::fs::write(
             dir.path().join("model.safetensors.index.json"),
             r#"{"metadata":{},"weight_map":{"x":"a.safetensors","y":"b.safetensors"}}"#,

@@ -15,36 +15,18 @@ pub enum OffloadError {
     Json { path: PathBuf, message: String },
     /// A config key is missing, malformed or has a value zeroshard does not support.
     #[error("{path}: key `{key}`: {message}")]
-    Config {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    Config { path: PathBuf, key: String, message: String },
     /// The safetensors file itself is malformed (header, offsets, truncation).
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
     #[error("{path}: tensor `{tensor}` has dtype {dtype}, supported: F32, F16, BF16")]
-    UnsupportedDType {
-        path: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
+    UnsupportedDType { path: PathBuf, tensor: String, dtype: String },
     #[error("tensor `{tensor}` not found in the checkpoint at {path}")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
-    Shape {
-        path: PathBuf,
-        tensor: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor `{tensor}`: element range {start}..{end} is outside its {len} elements")]
-    Range {
-        tensor: String,
-        start: usize,
-        end: usize,
-        len: usize,
-    },
+    Range { tensor: String, start: usize, end: usize, len: usize },
 }
 
 pub type Result<T> = std::result::Result<T, OffloadError>;

@@ -44,11 +44,7 @@ pub fn run(args: &[&str]) -> Output {
 /// Runs the binary, requires success, parses each stdout line as JSON.
 pub fn run_json(args: &[&str]) -> Vec<Value> {
     let out = run(args);
-    assert!(
-        out.status.success(),
-        "zeroshard {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "zeroshard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout)
         .expect("utf-8 stdout")
         .lines()
@@ -65,11 +61,7 @@ pub fn run_err(args: &[&str]) -> String {
 }
 
 pub fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array of ids")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 pub fn ids_arg(ids: &[u32]) -> String {
@@ -77,9 +69,5 @@ pub fn ids_arg(ids: &[u32]) -> String {
 }
 
 pub fn floats_of(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array of floats")
-        .iter()
-        .map(|x| x.as_f64().expect("float") as f32)
-        .collect()
+    v.as_array().expect("array of floats").iter().map(|x| x.as_f64().expect("float") as f32).collect()
 }
