@@ -4,8 +4,9 @@
 //! - [`tokenizer`]: `tokenizer.json`, incremental detokenization, stop strings.
 //! - [`local`]: [`LocalModel`](local::LocalModel), a whole model on this node:
 //!   text in, streamed text and token ids out.
-mod error;
 pub mod bench;
+pub mod launcher;
+mod error;
 pub mod local;
 pub mod tokenizer;
 

@@ -1,0 +1,230 @@
+//! Supervising local worker processes (`zeroshard up`): spawn, wait for each to
+//! announce its address, forward their logs, and stop them all — SIGTERM, a
+//! grace period, then SIGKILL — so no child outlives the launcher.
+//!
+//! ```ignore
+//! let mut fleet = Fleet::spawn(&exe, 3, |i| vec!["worker".into(), format!("--index={i}")])?;
+//! let addrs = fleet.wait_ready(Duration::from_secs(60)).await?;
+//! // ... serve ...
+//! fleet.shutdown(Duration::from_secs(5)).await;
+//! ```
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// The line a worker prints on stdout once it serves: `listening grpc://HOST:PORT`.
+pub const READY_PREFIX: &str = "listening ";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("spawning worker {index}: {source}")]
+    Spawn {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("worker {index} exited before it was ready ({status}); its last message: {last}")]
+    Exited { index: usize, status: String, last: String },
+    #[error("workers not ready after {0:?}")]
+    Timeout(Duration),
+}
+
+struct Worker {
+    child: Child,
+    last_line: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Child worker processes of this launcher.
+pub struct Fleet {
+    workers: Vec<Worker>,
+    ready_rx: mpsc::UnboundedReceiver<(usize, String)>,
+}
+
+impl Fleet {
+    /// Starts `n` copies of `program` with `args(i)`. Children die with the
+    /// launcher (`PR_SET_PDEATHSIG`) even if it is killed outright.
+    pub fn spawn(program: &Path, n: usize, args: impl Fn(usize) -> Vec<String>) -> Result<Self, LaunchError> {
+        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        let mut workers = Vec::with_capacity(n);
+        for index in 0..n {
+            let mut cmd = Command::new(program);
+            cmd.args(args(index))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            // SAFETY: the closure runs in the forked child before exec and only
+            // calls async-signal-safe functions (prctl, getppid, _exit).
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may already be gone between fork and prctl.
+                    if libc::getppid() == 1 {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn { index, source })?;
+            let last_line = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            if let Some(out) = child.stdout.take() {
+                let tx = ready_tx.clone();
+                tokio::spawn(async move {
+                    let mut lines = BufReader::new(out).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        match line.strip_prefix(READY_PREFIX) {
+                            Some(addr) => {
+                                let _ = tx.send((index, addr.trim().to_string()));
+                            }
+                            None => tracing::info!(target: "worker", worker = index, "{line}"),
+                        }
+                    }
+                });
+            }
+            if let Some(err) = child.stderr.take() {
+                let last = last_line.clone();
+                tokio::spawn(async move {
+                    let mut lines = BufReader::new(err).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        eprintln!("[worker {index}] {line}");
+                        if let Ok(mut l) = last.lock() {
+                            *l = line;
+                        }
+                    }
+                });
+            }
+            workers.push(Worker { child, last_line });
+        }
+        Ok(Self { workers, ready_rx })
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// Process ids, in worker order.
+    pub fn pids(&self) -> Vec<Option<u32>> {
+        self.workers.iter().map(|w| w.child.id()).collect()
+    }
+
+    /// Waits until every worker printed its address; fails as soon as one exits.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Vec<String>, LaunchError> {
+        let mut addrs: Vec<Option<String>> = vec![None; self.workers.len()];
+        let deadline = tokio::time::Instant::now() + timeout;
+        while addrs.iter().any(Option::is_none) {
+            tokio::select! {
+                got = self.ready_rx.recv() => {
+                    if let Some((i, addr)) = got {
+                        addrs[i] = Some(addr);
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if let Some(e) = self.check_exited() {
+                        return Err(e);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(LaunchError::Timeout(timeout)),
+            }
+        }
+        Ok(addrs.into_iter().flatten().collect())
+    }
+
+    /// The first worker that has exited, as an error carrying its last message.
+    pub fn check_exited(&mut self) -> Option<LaunchError> {
+        for (index, w) in self.workers.iter_mut().enumerate() {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                // Let the stderr forwarder catch up with the final lines.
+                std::thread::sleep(Duration::from_millis(50));
+                let last = w.last_line.lock().map(|l| l.clone()).unwrap_or_default();
+                return Some(LaunchError::Exited { index, status: status.to_string(), last });
+            }
+        }
+        None
+    }
+
+    /// Resolves when any worker exits, with that error.
+    pub async fn any_exit(&mut self) -> LaunchError {
+        loop {
+            if let Some(e) = self.check_exited() {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM to every child, wait up to `grace`, then SIGKILL the rest.
+    pub async fn shutdown(mut self, grace: Duration) {
+        for w in &self.workers {
+            if let Some(pid) = w.child.id() {
+                // SAFETY: plain kill(2) on a pid we spawned and have not reaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            }
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        for w in &mut self.workers {
+            if tokio::time::timeout_at(deadline, w.child.wait()).await.is_err() {
+                let _ = w.child.start_kill();
+                let _ = w.child.wait().await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &'static str) -> impl Fn(usize) -> Vec<String> {
+        move |i| vec!["-c".into(), script.replace("{i}", &i.to_string()), "sh".into()]
+    }
+
+    #[tokio::test]
+    async fn collects_addresses_and_stops_children() {
+        let mut fleet =
+            Fleet::spawn(Path::new("/bin/sh"), 3, sh("echo 'listening grpc://w{i}'; exec sleep 30")).expect("spawn");
+        let addrs = fleet.wait_ready(Duration::from_secs(10)).await.expect("ready");
+        assert_eq!(addrs, vec!["grpc://w0", "grpc://w1", "grpc://w2"]);
+        let pids: Vec<u32> = fleet.pids().into_iter().flatten().collect();
+        let start = std::time::Instant::now();
+        fleet.shutdown(Duration::from_secs(5)).await;
+        assert!(start.elapsed() < Duration::from_secs(4), "sleep dies on SIGTERM");
+        for pid in pids {
+            // SAFETY: signal 0 only checks existence.
+            assert_ne!(unsafe { libc::kill(pid as i32, 0) }, 0, "child {pid} still alive");
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_a_worker_that_dies_with_its_last_line() {
+        let mut fleet = Fleet::spawn(
+            Path::new("/bin/sh"),
+            2,
+            sh("if [ {i} = 1 ]; then echo 'cannot load ranges: disk on fire' >&2; exit 3; fi; echo 'listening x'; exec sleep 30"),
+        )
+        .expect("spawn");
+        let err = fleet.wait_ready(Duration::from_secs(10)).await.err().expect("must fail").to_string();
+        assert!(err.contains("worker 1") && err.contains("disk on fire"), "{err}");
+        fleet.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn sigkills_children_that_ignore_sigterm() {
+        let fleet = Fleet::spawn(Path::new("/bin/sh"), 1, sh("trap '' TERM; echo 'listening x'; while :; do sleep 0.1; done"))
+            .expect("spawn");
+        let mut fleet = fleet;
+        fleet.wait_ready(Duration::from_secs(10)).await.expect("ready");
+        let start = std::time::Instant::now();
+        fleet.shutdown(Duration::from_millis(300)).await;
+        assert!(start.elapsed() < Duration::from_secs(3));
+    }
+}
