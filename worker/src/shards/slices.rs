@@ -1,0 +1,263 @@
+//! The sending side: host slices this worker holds, cut into checksummed chunks.
+use std::collections::HashMap;
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use super::{checksum, Chunk, Result, ShardError, TensorRange, CHUNK_BYTES};
+
+/// One held slice: its element range and its bytes (`len × elem_bytes`).
+#[derive(Clone, Debug)]
+struct HostSlice {
+    elements: Range<u64>,
+    bytes: Bytes,
+}
+
+/// The host bytes of the tensor slices a worker holds (its own ranges and
+/// persistent tensors), shared zero-copy with the chunks cut from them.
+#[derive(Clone, Debug)]
+pub struct HostSlices {
+    elem_bytes: usize,
+    /// Per tensor, sorted by start, non-overlapping.
+    tensors: HashMap<String, Vec<HostSlice>>,
+}
+
+impl HostSlices {
+    /// An empty set of slices whose elements are `elem_bytes` wide (2 for f16).
+    pub fn new(elem_bytes: usize) -> Self {
+        assert!(elem_bytes > 0, "elements have a size");
+        Self { elem_bytes, tensors: HashMap::new() }
+    }
+
+    pub fn elem_bytes(&self) -> usize {
+        self.elem_bytes
+    }
+
+    /// Adds the bytes of `tensor[elements]`. Rejects a length that does not match
+    /// the range, and a range overlapping one already held.
+    pub fn insert(&mut self, tensor: impl Into<String>, elements: Range<u64>, bytes: Bytes) -> Result<()> {
+        let tensor = tensor.into();
+        let bad = |reason: String| ShardError::BadSlice {
+            tensor: tensor.clone(),
+            start: elements.start,
+            end: elements.end,
+            reason,
+        };
+        if elements.end < elements.start {
+            return Err(bad("end precedes start".into()));
+        }
+        let expected = (elements.end - elements.start) * self.elem_bytes as u64;
+        if bytes.len() as u64 != expected {
+            return Err(bad(format!("{} bytes given, {expected} expected", bytes.len())));
+        }
+        let slices = self.tensors.entry(tensor.clone()).or_default();
+        let at = slices.partition_point(|s| s.elements.start < elements.start);
+        let overlaps_prev = at > 0 && slices[at - 1].elements.end > elements.start;
+        let overlaps_next = at < slices.len() && slices[at].elements.start < elements.end;
+        if overlaps_prev || overlaps_next {
+            return Err(bad("overlaps a slice already held".into()));
+        }
+        slices.insert(at, HostSlice { elements, bytes });
+        Ok(())
+    }
+
+    /// Total bytes held.
+    pub fn held_bytes(&self) -> u64 {
+        self.tensors.values().flatten().map(|s| s.bytes.len() as u64).sum()
+    }
+
+    /// The bytes of `range` as zero-copy pieces (one per held slice it spans;
+    /// none for an empty range). Errors unless every element is held.
+    pub fn pieces(&self, range: &TensorRange) -> Result<Vec<Bytes>> {
+        let Range { start, end } = range.elements;
+        if end < start {
+            return Err(ShardError::InvalidRange { tensor: range.tensor.clone(), start, end });
+        }
+        if start == end {
+            return Ok(Vec::new());
+        }
+        let not_held = || ShardError::NotHeld { tensor: range.tensor.clone(), start, end };
+        let slices = self.tensors.get(&range.tensor).ok_or_else(not_held)?;
+        // The last slice starting at or before `start`, then its contiguous successors.
+        let first =
+            slices.partition_point(|s| s.elements.start <= start).checked_sub(1).ok_or_else(not_held)?;
+        let eb = self.elem_bytes as u64;
+        let mut pieces = Vec::new();
+        let mut at = start;
+        for s in &slices[first..] {
+            if s.elements.start > at || s.elements.end <= at {
+                break;
+            }
+            let to = s.elements.end.min(end);
+            let lo = ((at - s.elements.start) * eb) as usize;
+            let hi = ((to - s.elements.start) * eb) as usize;
+            pieces.push(s.bytes.slice(lo..hi));
+            at = to;
+            if at == end {
+                return Ok(pieces);
+            }
+        }
+        Err(not_held())
+    }
+
+    /// The chunks answering `requests`, in request order, each at most
+    /// `chunk_bytes` (0 = [`CHUNK_BYTES`]; rounded down to whole elements).
+    /// Every range is checked before the first chunk is cut, so a request for
+    /// anything not held fails up front; checksums are computed lazily.
+    pub fn chunks(&self, requests: &[TensorRange], chunk_bytes: usize) -> Result<ChunkStream> {
+        let chunk_bytes = if chunk_bytes == 0 { CHUNK_BYTES } else { chunk_bytes };
+        let chunk_bytes = (chunk_bytes / self.elem_bytes).max(1) * self.elem_bytes;
+        let mut pieces = Vec::new();
+        for (index, range) in requests.iter().enumerate() {
+            let index = u32::try_from(index).map_err(|_| ShardError::UnexpectedChunk {
+                range_index: u32::MAX,
+                reason: format!("{} ranges in one request", requests.len()),
+            })?;
+            let mut offset = 0u64;
+            for bytes in self.pieces(range)? {
+                let len = bytes.len() as u64;
+                pieces.push(Piece { range_index: index, offset, bytes });
+                offset += len;
+            }
+        }
+        pieces.reverse(); // popped from the back
+        Ok(ChunkStream { chunk_bytes, pieces })
+    }
+}
+
+/// Bytes of one range that come from one held slice.
+#[derive(Debug)]
+struct Piece {
+    range_index: u32,
+    /// Byte offset of `bytes` within its range.
+    offset: u64,
+    bytes: Bytes,
+}
+
+/// The chunks of one fetch, cut on demand. A chunk never spans two ranges (nor
+/// two held slices), and a range of zero elements yields none.
+#[derive(Debug)]
+pub struct ChunkStream {
+    chunk_bytes: usize,
+    /// Remaining pieces, the next one last.
+    pieces: Vec<Piece>,
+}
+
+impl ChunkStream {
+    /// Bytes still to be sent.
+    pub fn remaining_bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.bytes.len() as u64).sum()
+    }
+}
+
+impl Iterator for ChunkStream {
+    type Item = Chunk;
+
+    fn next(&mut self) -> Option<Chunk> {
+        let piece = self.pieces.last_mut()?;
+        let take = piece.bytes.len().min(self.chunk_bytes);
+        let data = piece.bytes.split_to(take);
+        let chunk =
+            Chunk { range_index: piece.range_index, offset: piece.offset, crc32c: checksum(&data), data };
+        piece.offset += take as u64;
+        if piece.bytes.is_empty() {
+            self.pieces.pop();
+        }
+        Some(chunk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(n: usize, seed: u8) -> Bytes {
+        Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn insert_validates_length_and_overlap() {
+        let mut s = HostSlices::new(2);
+        s.insert("t", 10..20, bytes_of(20, 0)).expect("fits");
+        assert!(matches!(s.insert("t", 20..30, bytes_of(19, 0)), Err(ShardError::BadSlice { .. })));
+        assert!(matches!(s.insert("t", 15..25, bytes_of(20, 0)), Err(ShardError::BadSlice { .. })));
+        assert!(matches!(s.insert("t", 5..11, bytes_of(12, 0)), Err(ShardError::BadSlice { .. })));
+        s.insert("t", 0..10, bytes_of(20, 1)).expect("adjacent before");
+        s.insert("t", 20..30, bytes_of(20, 2)).expect("adjacent after");
+        s.insert("u", 0..0, Bytes::new()).expect("empty slice");
+        assert_eq!(s.held_bytes(), 60);
+    }
+
+    #[test]
+    fn pieces_span_adjacent_slices_zero_copy() {
+        let mut s = HostSlices::new(2);
+        let a = bytes_of(20, 0);
+        let b = bytes_of(20, 9);
+        s.insert("t", 0..10, a.clone()).expect("a");
+        s.insert("t", 10..20, b.clone()).expect("b");
+        let p = s.pieces(&TensorRange::new("t", 5..15)).expect("held");
+        assert_eq!(p, vec![a.slice(10..20), b.slice(0..10)]);
+        assert_eq!(p[0].as_ptr(), a[10..].as_ptr(), "a slice of the held bytes, not a copy");
+        assert_eq!(s.pieces(&TensorRange::new("t", 3..3)).expect("empty"), Vec::<Bytes>::new());
+        assert_eq!(s.pieces(&TensorRange::new("absent", 3..3)).expect("empty"), Vec::<Bytes>::new());
+    }
+
+    #[test]
+    fn pieces_reject_what_is_not_held() {
+        let mut s = HostSlices::new(2);
+        s.insert("t", 10..20, bytes_of(20, 0)).expect("a");
+        s.insert("t", 30..40, bytes_of(20, 0)).expect("b");
+        for r in [0..5, 5..15, 15..21, 15..35, 25..26, 39..41, 40..41] {
+            let err = s.pieces(&TensorRange::new("t", r.clone())).expect_err("not held");
+            assert_eq!(err, ShardError::NotHeld { tensor: "t".into(), start: r.start, end: r.end });
+        }
+        assert!(matches!(s.pieces(&TensorRange::new("u", 0..1)), Err(ShardError::NotHeld { .. })));
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = TensorRange::new("t", 15..12);
+        assert!(matches!(s.pieces(&reversed), Err(ShardError::InvalidRange { .. })));
+    }
+
+    #[test]
+    fn chunks_are_bounded_ordered_and_checksummed() {
+        let mut s = HostSlices::new(2);
+        let t = bytes_of(2000, 3);
+        s.insert("t", 0..600, t.slice(0..1200)).expect("a");
+        s.insert("t", 600..1000, t.slice(1200..2000)).expect("b");
+        s.insert("u", 0..7, bytes_of(14, 5)).expect("u");
+        let req = [TensorRange::new("t", 100..900), TensorRange::new("u", 2..2), TensorRange::new("u", 1..7)];
+        // 301 bytes rounds down to 300 (whole f16 elements).
+        let chunks: Vec<Chunk> = s.chunks(&req, 301).expect("held").collect();
+        let mut expect_offset = [0u64; 3];
+        for c in &chunks {
+            assert!(c.data.len() <= 300 && c.data.len() % 2 == 0 && !c.data.is_empty());
+            assert_eq!(c.crc32c, checksum(&c.data));
+            assert_eq!(c.offset, expect_offset[c.range_index as usize]);
+            expect_offset[c.range_index as usize] += c.data.len() as u64;
+        }
+        assert_eq!(expect_offset, [1600, 0, 12]);
+        let t_bytes: Vec<u8> =
+            chunks.iter().filter(|c| c.range_index == 0).flat_map(|c| c.data.to_vec()).collect();
+        assert_eq!(t_bytes, t[200..1800]);
+        // Slice boundary at element 600 = byte 1000 of the range cuts a chunk short.
+        assert!(chunks.iter().any(|c| c.range_index == 0 && c.offset + c.data.len() as u64 == 1000));
+        assert_eq!(chunks.last().map(|c| c.range_index), Some(2));
+    }
+
+    #[test]
+    fn default_chunk_is_one_mebibyte() {
+        let mut s = HostSlices::new(2);
+        s.insert("big", 0..(3 << 19) + 1, Bytes::from(vec![7u8; (3 << 20) + 2])).expect("big");
+        let stream = s.chunks(&[TensorRange::new("big", 0..(3 << 19) + 1)], 0).expect("held");
+        assert_eq!(stream.remaining_bytes(), (3 << 20) + 2);
+        let sizes: Vec<usize> = stream.map(|c| c.data.len()).collect();
+        assert_eq!(sizes, vec![CHUNK_BYTES, CHUNK_BYTES, CHUNK_BYTES, 2]);
+    }
+
+    #[test]
+    fn a_request_for_anything_not_held_fails_before_any_chunk() {
+        let mut s = HostSlices::new(2);
+        s.insert("t", 0..10, bytes_of(20, 0)).expect("t");
+        let err = s.chunks(&[TensorRange::new("t", 0..10), TensorRange::new("t", 5..11)], 0).expect_err("11");
+        assert_eq!(err, ShardError::NotHeld { tensor: "t".into(), start: 5, end: 11 });
+    }
+}
