@@ -2,6 +2,7 @@
 use zeroshard_offload::OffloadError;
 use zeroshard_worker::WorkerError;
 
+use crate::plan::PlanError;
 use crate::tokenizer::TokenizerError;
 
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +13,8 @@ pub enum CoordinatorError {
     Worker(#[from] WorkerError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
     /// The request cannot be served as given.
     #[error("{0}")]
     InvalidRequest(String),

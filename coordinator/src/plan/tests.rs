@@ -1,0 +1,391 @@
+//! Unit and property tests of the planner.
+use std::path::Path;
+
+use super::*;
+
+fn ids(n: u64) -> Vec<WorkerId> {
+    (0..n).map(|i| WorkerId(100 + i)).collect()
+}
+
+fn t(name: &str, shape: &[u64]) -> TensorMeta {
+    TensorMeta::new(name, shape.to_vec(), None)
+}
+
+fn opts(threshold: u64, replicas: u32) -> PlanOptions {
+    PlanOptions { epoch: 3, persistence_threshold_bytes: threshold, replicas, elem_bytes: 2 }
+}
+
+/// SplitMix64: a small deterministic generator for the property loops.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-ish in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Sizes that stress the split: tiny (below N), around multiples of N, large.
+    fn numel(&mut self) -> u64 {
+        match self.below(4) {
+            0 => self.below(10),
+            1 => 8 * self.below(100) + self.below(3),
+            2 => self.below(5000),
+            _ => self.below(3_000_000),
+        }
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
+}
+
+fn random_tensors(rng: &mut Rng) -> Vec<TensorMeta> {
+    let count = 1 + rng.below(12);
+    (0..count)
+        .map(|i| {
+            let n = rng.numel();
+            // Some 2-D shapes, some 1-D.
+            let shape =
+                if n > 0 && n.is_multiple_of(4) && rng.below(2) == 0 { vec![4, n / 4] } else { vec![n] };
+            TensorMeta::new(format!("t{i:02}.{}", rng.below(1000)), shape, Some(i as u32))
+        })
+        .collect()
+}
+
+// ---- the split ----------------------------------------------------------------
+
+#[test]
+fn splits_into_contiguous_ranges_in_rank_order() {
+    let w = ids(4);
+    let p = plan(&[t("w", &[10])], &w, &opts(0, 1)).expect("plan");
+    let shards = &p.tensor("w").expect("w").shards;
+    let ranges: Vec<_> = shards.iter().map(|s| s.elements.clone()).collect();
+    assert_eq!(ranges, vec![0..3, 3..6, 6..8, 8..10]);
+    let holders: Vec<_> = shards.iter().map(|s| s.holders.clone()).collect();
+    assert_eq!(holders, vec![vec![w[0]], vec![w[1]], vec![w[2]], vec![w[3]]]);
+    assert_eq!(p.epoch(), 3);
+    assert_eq!(p.tensor("w").expect("w").placement, Placement::Partitioned);
+}
+
+#[test]
+fn fewer_elements_than_workers_leaves_empty_ranges() {
+    let w = ids(5);
+    let p = plan(&[t("w", &[3])], &w, &opts(0, 1)).expect("plan");
+    let ranges: Vec<_> = p.tensor("w").expect("w").shards.iter().map(|s| s.elements.clone()).collect();
+    assert_eq!(ranges, vec![0..1, 1..2, 2..3, 3..3, 3..3]);
+    assert_eq!(p.owned_ranges(w[4]).expect("known"), vec![], "empty ranges are not owned");
+    assert_eq!(p.owned_bytes(w[3]).expect("known"), OwnedBytes::default());
+}
+
+#[test]
+fn small_tensors_are_persistent_on_every_worker() {
+    let w = ids(3);
+    // 2-byte elements: 100 elements = 200 bytes.
+    let meta = [t("norm", &[99]), t("edge", &[100]), t("big", &[1000])];
+    let p = plan(&meta, &w, &opts(200, 1)).expect("plan");
+    let norm = p.tensor("norm").expect("norm");
+    assert_eq!(norm.placement, Placement::Persistent);
+    assert_eq!(norm.shards, vec![Shard { elements: 0..99, holders: w.clone() }]);
+    assert_eq!(p.tensor("edge").expect("edge").placement, Placement::Partitioned, "under, not at");
+    for &worker in &w {
+        let b = p.owned_bytes(worker).expect("known");
+        assert_eq!(b.persistent, 198);
+        assert!(p
+            .owned_ranges(worker)
+            .expect("known")
+            .iter()
+            .any(|r| r.tensor.meta.name == "norm" && r.primary));
+    }
+    assert_eq!(p.model_bytes(), OwnedBytes { partitioned: 2200, persistent: 198 });
+    // Threshold 0: nothing is persistent, not even an empty tensor.
+    let p0 = plan(&[t("e", &[0]), t("s", &[])], &w, &opts(0, 1)).expect("plan");
+    assert!(p0.tensors().iter().all(|t| t.placement == Placement::Partitioned));
+    assert_eq!(p0.tensor("s").expect("scalar").numel(), 1);
+}
+
+#[test]
+fn replicas_hold_each_range_on_the_next_ranks() {
+    let w = ids(3);
+    let p = plan(&[t("w", &[9]), t("n", &[1])], &w, &opts(4, 2)).expect("plan");
+    let holders: Vec<_> = p.tensor("w").expect("w").shards.iter().map(|s| s.holders.clone()).collect();
+    assert_eq!(holders, vec![vec![w[0], w[1]], vec![w[1], w[2]], vec![w[2], w[0]]]);
+    let owned = p.owned_ranges(w[0]).expect("known");
+    let partitioned: Vec<_> =
+        owned.iter().filter(|r| r.tensor.meta.name == "w").map(|r| (r.elements.clone(), r.primary)).collect();
+    assert_eq!(partitioned, vec![(0..3, true), (6..9, false)]);
+    assert_eq!(p.owned_bytes(w[0]).expect("known"), OwnedBytes { partitioned: 12, persistent: 2 });
+    assert_eq!(p.tensor("n").expect("n").shards[0].holders, w, "persistent: all, not R");
+    // R = N: everyone holds everything.
+    let full = plan(&[t("w", &[9])], &w, &opts(0, 3)).expect("plan");
+    for &worker in &w {
+        assert_eq!(full.owned_bytes(worker).expect("known").partitioned, 18);
+    }
+}
+
+// ---- queries ------------------------------------------------------------------
+
+#[test]
+fn owners_tile_the_requested_range() {
+    let w = ids(4);
+    let p = plan(&[t("w", &[10])], &w, &opts(0, 1)).expect("plan");
+    let pieces = p.owners("w", 2..9).expect("in range");
+    let got: Vec<_> = pieces.iter().map(|x| (x.elements.clone(), x.holders.to_vec())).collect();
+    assert_eq!(got, vec![(2..3, vec![w[0]]), (3..6, vec![w[1]]), (6..8, vec![w[2]]), (8..9, vec![w[3]])]);
+    assert_eq!(p.owners("w", 4..5).expect("inside one").len(), 1);
+    assert!(p.owners("w", 5..5).expect("empty").is_empty());
+    assert!(p.owners("w", 10..10).expect("empty at end").is_empty());
+    let whole = p.owners("w", 0..10).expect("all");
+    assert_eq!(whole.len(), 4);
+}
+
+#[test]
+fn owners_errors_name_the_problem() {
+    let p = plan(&[t("w", &[10])], &ids(2), &opts(0, 1)).expect("plan");
+    assert_eq!(p.owners("x", 0..1), Err(PlanError::UnknownTensor("x".into())));
+    let err = p.owners("w", 5..11).expect_err("past the end");
+    assert_eq!(err, PlanError::OutOfRange { name: "w".into(), numel: 10, start: 5, end: 11 });
+    assert!(err.to_string().contains("10 elements"), "{err}");
+    #[allow(clippy::reversed_empty_ranges)]
+    let reversed = p.owners("w", 6..5);
+    assert!(matches!(reversed, Err(PlanError::OutOfRange { .. })));
+    assert_eq!(p.owned_ranges(WorkerId(7)), Err(PlanError::UnknownWorker(WorkerId(7))));
+    assert_eq!(p.owned_bytes(WorkerId(7)), Err(PlanError::UnknownWorker(WorkerId(7))));
+    assert_eq!(p.rank(WorkerId(101)), Some(1));
+}
+
+// ---- bad input ----------------------------------------------------------------
+
+#[test]
+fn errors_for_bad_input() {
+    let meta = [t("a", &[10])];
+    assert_eq!(plan(&meta, &[], &opts(0, 1)), Err(PlanError::NoWorkers));
+    let dup = [WorkerId(1), WorkerId(2), WorkerId(1)];
+    assert_eq!(plan(&meta, &dup, &opts(0, 1)), Err(PlanError::DuplicateWorker(WorkerId(1))));
+    let twice = [t("a", &[10]), t("b", &[1]), t("a", &[3])];
+    let err = plan(&twice, &ids(2), &opts(0, 1)).expect_err("duplicate");
+    assert_eq!(err, PlanError::DuplicateTensor("a".into()));
+    assert_eq!(err.to_string(), "tensor `a` is listed twice");
+    for replicas in [0, 3] {
+        let err = plan(&meta, &ids(2), &opts(0, replicas)).expect_err("replicas");
+        assert_eq!(err, PlanError::InvalidReplicas { replicas, workers: 2 });
+    }
+    let zero = PlanOptions { elem_bytes: 0, ..opts(0, 1) };
+    assert_eq!(plan(&meta, &ids(2), &zero), Err(PlanError::InvalidElemBytes));
+    let huge = [t("h", &[u64::MAX, 2])];
+    assert!(matches!(plan(&huge, &ids(2), &opts(0, 1)), Err(PlanError::TooLarge { .. })));
+    let bytes_overflow = [t("h", &[u64::MAX / 2 + 1])];
+    assert!(matches!(plan(&bytes_overflow, &ids(2), &opts(0, 1)), Err(PlanError::TooLarge { .. })));
+}
+
+#[test]
+fn from_parts_rejects_broken_plans() {
+    let w = ids(2);
+    let good = plan(&[t("a", &[10]), t("n", &[2])], &w, &opts(8, 1)).expect("plan");
+    let rebuilt =
+        Plan::from_parts(&good.options(), w.clone(), good.tensors().iter().rev().cloned().collect());
+    assert_eq!(rebuilt.as_ref(), Ok(&good), "tensor order does not matter");
+
+    let mutate = |f: &dyn Fn(&mut Vec<TensorPlan>)| {
+        let mut tensors = good.tensors().to_vec();
+        f(&mut tensors);
+        Plan::from_parts(&good.options(), w.clone(), tensors)
+    };
+    let invalid = |r: Result<Plan>| matches!(r, Err(PlanError::Invalid(_)));
+    assert!(invalid(mutate(&|t| t[0].shards[1].elements.start = 6)), "gap");
+    assert!(invalid(mutate(&|t| t[0].shards[1].elements.end = 9)), "short");
+    assert!(invalid(mutate(&|t| t[0].shards[0].holders.clear())), "no holder");
+    assert!(invalid(mutate(&|t| t[0].shards[0].holders = vec![WorkerId(9)])), "unknown holder");
+    assert!(invalid(mutate(&|t| t[0].shards[0].holders = vec![w[0], w[0]])), "holder twice");
+    assert!(invalid(mutate(&|t| t[1].shards[0].holders.truncate(1))), "persistent on one");
+    assert!(invalid(mutate(&|t| t[0].shards[0].elements = 0..6)), "overlap");
+    assert_eq!(
+        mutate(&|t| t.push(t[0].clone())),
+        Err(PlanError::DuplicateTensor("a".into())),
+        "duplicate tensor"
+    );
+    assert_eq!(Plan::from_parts(&good.options(), vec![], vec![]), Err(PlanError::NoWorkers));
+}
+
+// ---- properties over random checkpoints ------------------------------------------
+
+/// Checks every invariant of a plan made with `replicas` = R.
+fn check_plan(meta: &[TensorMeta], workers: &[WorkerId], options: &PlanOptions, p: &Plan) {
+    let n = workers.len() as u64;
+    let r = u64::from(options.replicas);
+    assert_eq!(p.tensors().len(), meta.len());
+    assert!(p.tensors().windows(2).all(|w| w[0].meta.name < w[1].meta.name), "sorted by name");
+    let mut expect_owned = vec![OwnedBytes::default(); workers.len()];
+    for tp in p.tensors() {
+        let numel = tp.numel();
+        let bytes = numel * u64::from(options.elem_bytes);
+        // Every element held exactly R times (partitioned) or N times (persistent).
+        let mut holds = vec![0u64; workers.len()];
+        if bytes < options.persistence_threshold_bytes {
+            assert_eq!(tp.placement, Placement::Persistent, "{}", tp.meta.name);
+            assert_eq!(tp.shards, vec![Shard { elements: 0..numel, holders: workers.to_vec() }]);
+            for e in expect_owned.iter_mut() {
+                e.persistent += bytes;
+            }
+            continue;
+        }
+        assert_eq!(tp.placement, Placement::Partitioned);
+        assert_eq!(tp.shards.len() as u64, n, "one range per worker");
+        let (lo, hi) = (numel / n, numel.div_ceil(n));
+        let mut at = 0;
+        for (rank, s) in tp.shards.iter().enumerate() {
+            assert_eq!(s.elements.start, at, "contiguous");
+            at = s.elements.end;
+            let len = s.elements.end - s.elements.start;
+            assert!(len == lo || len == hi, "balance within one element: {len} not in {lo}..={hi}");
+            assert!(len <= hi);
+            assert_eq!(s.holders[0], workers[rank], "worker r owns range r");
+            assert_eq!(s.holders.len() as u64, r);
+            for (k, h) in s.holders.iter().enumerate() {
+                assert_eq!(*h, workers[(rank + k) % workers.len()]);
+                let hr = p.rank(*h).expect("a worker of the plan");
+                holds[hr] += len;
+                expect_owned[hr].partitioned += len * u64::from(options.elem_bytes);
+            }
+        }
+        assert_eq!(at, numel, "covers the tensor");
+        assert_eq!(holds.iter().sum::<u64>(), numel * r, "every element held R times");
+        // Ranges never shrink along ranks: the longer ones come first.
+        assert!(tp
+            .shards
+            .windows(2)
+            .all(|w| w[0].elements.end - w[0].elements.start >= w[1].elements.end - w[1].elements.start));
+    }
+    for (rank, &w) in workers.iter().enumerate() {
+        assert_eq!(p.owned_bytes(w).expect("known"), expect_owned[rank], "owned bytes of rank {rank}");
+        let ranges = p.owned_ranges(w).expect("known");
+        assert!(ranges.iter().all(|o| !o.elements.is_empty()));
+        let sum: u64 = ranges.iter().map(|o| (o.elements.end - o.elements.start) * 2).sum();
+        assert_eq!(sum, expect_owned[rank].total());
+    }
+    let model = p.model_bytes();
+    let total_owned: u64 = expect_owned.iter().map(|o| o.partitioned).sum();
+    assert_eq!(total_owned, model.partitioned * r);
+}
+
+/// Random sub-ranges: owners() tiles them, and each element's holders are its shard's.
+fn check_owners(p: &Plan, rng: &mut Rng) {
+    for tp in p.tensors() {
+        let numel = tp.numel();
+        for _ in 0..4 {
+            let a = rng.below(numel + 1);
+            let b = a + rng.below(numel - a + 1);
+            let pieces = p.owners(&tp.meta.name, a..b).expect("in range");
+            let mut at = a;
+            for piece in &pieces {
+                assert_eq!(piece.elements.start, at, "tiles the range");
+                assert!(!piece.elements.is_empty());
+                at = piece.elements.end;
+                let shard = tp
+                    .shards
+                    .iter()
+                    .find(|s| {
+                        s.elements.start <= piece.elements.start && piece.elements.end <= s.elements.end
+                    })
+                    .expect("a piece lies within one shard");
+                assert_eq!(piece.holders, &shard.holders[..]);
+            }
+            assert_eq!(at, b);
+        }
+    }
+}
+
+#[test]
+fn property_every_element_owned_exactly_once_and_balanced() {
+    let mut rng = Rng(0x5eed);
+    for case in 0..400 {
+        let n_workers = 1 + case % 8;
+        let workers: Vec<WorkerId> = (0..n_workers).map(|_| WorkerId(rng.next())).collect();
+        let meta = random_tensors(&mut rng);
+        let options = PlanOptions {
+            epoch: rng.next(),
+            persistence_threshold_bytes: [0, 64, 4096, 1 << 16][rng.below(4) as usize],
+            replicas: 1,
+            elem_bytes: 2,
+        };
+        let p = plan(&meta, &workers, &options).expect("plan");
+        check_plan(&meta, &workers, &options, &p);
+        check_owners(&p, &mut rng);
+    }
+}
+
+#[test]
+fn property_replicas_hold_every_element_r_times() {
+    let mut rng = Rng(0xab5e);
+    for case in 0..300 {
+        let n_workers = 1 + case % 8;
+        let workers = ids(n_workers);
+        let meta = random_tensors(&mut rng);
+        let replicas = 1 + rng.below(n_workers) as u32;
+        let options = PlanOptions { replicas, ..opts([0, 4096][rng.below(2) as usize], replicas) };
+        let p = plan(&meta, &workers, &options).expect("plan");
+        check_plan(&meta, &workers, &options, &p);
+        check_owners(&p, &mut rng);
+    }
+}
+
+#[test]
+fn property_deterministic_and_independent_of_tensor_order() {
+    let mut rng = Rng(0xde7e);
+    for case in 0..200 {
+        let workers = ids(1 + case % 8);
+        let mut meta = random_tensors(&mut rng);
+        let options = opts(4096, 1 + (case % 2) as u32).clone();
+        let options = PlanOptions { replicas: options.replicas.min(workers.len() as u32), ..options };
+        let first = plan(&meta, &workers, &options).expect("plan");
+        assert_eq!(plan(&meta, &workers, &options).expect("again"), first, "same input, same plan");
+        rng.shuffle(&mut meta);
+        assert_eq!(plan(&meta, &workers, &options).expect("shuffled"), first, "order of tensors");
+        // Round trip through its parts.
+        let again = Plan::from_parts(&first.options(), workers.clone(), first.tensors().to_vec());
+        assert_eq!(again, Ok(first));
+    }
+}
+
+// ---- a real model ----------------------------------------------------------------
+
+#[test]
+fn plans_a_real_model_from_its_tensor_specs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/stories260K");
+    let config = zeroshard_offload::ModelConfig::from_dir(&dir).expect("stories260K config");
+    let specs = zeroshard_worker::model::tensor_specs(&config);
+    let meta = TensorMeta::from_specs(&specs);
+    assert_eq!(meta.len(), specs.len());
+    for n in 1..=4u64 {
+        let workers = ids(n);
+        let options = PlanOptions { persistence_threshold_bytes: 1024, ..Default::default() };
+        let p = plan(&meta, &workers, &options).expect("plan");
+        check_plan(&meta, &workers, &options, &p);
+        let norm = p.tensor("model.norm.weight").expect("final norm");
+        assert_eq!(norm.placement, Placement::Persistent);
+        let embed = p.tensor("model.embed_tokens.weight").expect("embedding");
+        assert_eq!(embed.placement, Placement::Partitioned);
+        assert_eq!(embed.meta.layer, None);
+        let layer0: Vec<_> = p.tensors().iter().filter(|t| t.meta.layer == Some(0)).collect();
+        assert!(!layer0.is_empty());
+        // Each worker owns (partitioned bytes) / N ± 1 element per tensor.
+        let model = p.model_bytes();
+        let partitioned_tensors =
+            p.tensors().iter().filter(|t| t.placement == Placement::Partitioned).count();
+        for &w in &workers {
+            let b = p.owned_bytes(w).expect("known");
+            let ideal = model.partitioned as f64 / n as f64;
+            assert!((b.partitioned as f64 - ideal).abs() <= (2 * partitioned_tensors) as f64);
+            assert_eq!(b.persistent, model.persistent);
+        }
+    }
+}
