@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "zeroshard/v1/inference.proto",
     "zeroshard/v1/worker.proto",
     "zeroshard/v1/shards.proto",
+    "zeroshard/v1/control.proto",
 ];
 
 fn runs(protoc: &std::ffi::OsStr) -> bool {

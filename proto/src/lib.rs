@@ -3,6 +3,7 @@
 //!
 //! - `Inference` (client → coordinator): `Generate`, `GenerateStream`, `ClusterStatus`.
 //! - `Worker` (coordinator → worker): `InstallPlan`, `RunSequence`, `Cancel`, `Stats`.
+//! - `Control` (worker → coordinator): `RegisterWorker`.
 //! - `Shards` (worker ↔ worker, coordinator → worker): `FetchRanges`, 1 MiB chunks,
 //!   each with a CRC-32C of its payload.
 //!
