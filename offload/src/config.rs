@@ -2,7 +2,12 @@
 //!
 //! The raw serde structs accept whatever Hugging Face writes; [`ModelConfig::from_json`]
 //! validates them once and refuses, naming the key, anything the engine would
-//! compute differently from `transformers`.
+//! compute differently from `transformers`. GPT-2 and BLOOM name their keys
+//! differently (`n_embd`, `n_head`, `layer_norm_epsilon`, …): their raw structs
+//! live in [`gpt2`] and [`bloom`] and map onto the same [`ModelConfig`].
+mod bloom;
+mod gpt2;
+
 use std::path::Path;
 
 use serde::Deserialize;
@@ -16,6 +21,42 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    /// `GPT2LMHeadModel`: learned positions, LayerNorm, GELU (tanh) MLP, fused
+    /// Conv1D `c_attn`.
+    Gpt2,
+    /// `BloomForCausalLM`: ALiBi, LayerNorm (also after the embedding), GELU
+    /// (tanh) MLP, fused per-head `query_key_value`.
+    Bloom,
+}
+
+/// The normalisation a family uses (its epsilon is [`ModelConfig::rms_norm_eps`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    /// `x / rms(x) * w` (Llama RMSNorm).
+    Rms,
+    /// `(x - mean) / std * w + b` (`torch.nn.LayerNorm`).
+    Layer,
+}
+
+/// The MLP's nonlinearity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `down(silu(gate(x)) * up(x))`.
+    SwiGlu,
+    /// `proj(gelu(fc(x)))`, GELU's tanh approximation (`gelu_new`, BLOOM's
+    /// `bloom_gelu_forward`).
+    GeluTanh,
+}
+
+/// How a family tells the attention where each token is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PositionEncoding {
+    /// Rotary embeddings on q and k ([`ModelConfig::rope`]).
+    Rope,
+    /// A learned table `[max_position_embeddings, hidden]` added to the embeddings.
+    Learned,
+    /// A per-head linear bias on the attention scores (ALiBi).
+    Alibi,
 }
 
 impl Architecture {
@@ -24,16 +65,54 @@ impl Architecture {
             Self::Llama => "LlamaForCausalLM",
             Self::Mistral => "MistralForCausalLM",
             Self::Qwen2 => "Qwen2ForCausalLM",
+            Self::Gpt2 => "GPT2LMHeadModel",
+            Self::Bloom => "BloomForCausalLM",
+        }
+    }
+
+    pub fn norm(self) -> Norm {
+        match self {
+            Self::Llama | Self::Mistral | Self::Qwen2 => Norm::Rms,
+            Self::Gpt2 | Self::Bloom => Norm::Layer,
+        }
+    }
+
+    pub fn activation(self) -> Activation {
+        match self {
+            Self::Llama | Self::Mistral | Self::Qwen2 => Activation::SwiGlu,
+            Self::Gpt2 | Self::Bloom => Activation::GeluTanh,
+        }
+    }
+
+    pub fn position_encoding(self) -> PositionEncoding {
+        match self {
+            Self::Llama | Self::Mistral | Self::Qwen2 => PositionEncoding::Rope,
+            Self::Gpt2 => PositionEncoding::Learned,
+            Self::Bloom => PositionEncoding::Alibi,
+        }
+    }
+
+    /// The config key the engine's position limit comes from, for error messages.
+    pub fn max_positions_key(self) -> &'static str {
+        match self {
+            Self::Llama | Self::Mistral | Self::Qwen2 => "max_position_embeddings",
+            Self::Gpt2 => "n_positions",
+            Self::Bloom => "position bound", // BLOOM has none; see BLOOM_MAX_POSITIONS
         }
     }
 }
+
+const SUPPORTED_ARCHITECTURES: &str =
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel, BloomForCausalLM";
 
 /// How RoPE frequencies are scaled (transformers' `rope_type`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
     /// `linear`: positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// `llama3`: low frequencies divided by `factor`, a smooth band between.
     Llama3 {
         factor: f64,
@@ -50,6 +129,10 @@ pub struct RopeConfig {
 }
 
 /// The validated runtime configuration of a model.
+///
+/// The family's norm, activation and position encoding follow from
+/// `architecture` ([`Architecture::norm`], …). Fields that a family does not use
+/// hold neutral values (GPT-2 and BLOOM: `rope` default, no sliding window).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -60,11 +143,17 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
+    /// Positions the model computes (GPT-2: `n_positions`; BLOOM has no limit of its
+    /// own: [`BLOOM_MAX_POSITIONS`]). Longer prompts are refused; generation stops at
+    /// the last position.
     pub max_position_embeddings: usize,
+    /// Epsilon of every norm: `rms_norm_eps` (Llama family) or `layer_norm_epsilon`
+    /// (GPT-2, BLOOM). The field keeps its first family's name.
     pub rms_norm_eps: f32,
+    /// RoPE settings (Llama family only).
     pub rope: RopeConfig,
     pub tie_word_embeddings: bool,
-    /// Biases on q, k, v projections.
+    /// Biases on q, k, v projections (always on for GPT-2 and BLOOM).
     pub qkv_bias: bool,
     /// Bias on the output projection.
     pub o_bias: bool,
@@ -77,9 +166,22 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// BLOOM's position limit. ALiBi has no table to run off the end of and transformers
+/// imposes no limit, so this only bounds a sequence's length (its KV cache is what
+/// runs out first); positions stay exact in the f32 bias (< 2^24).
+pub const BLOOM_MAX_POSITIONS: usize = 1 << 20;
+
+/// The keys every family shares.
+#[derive(Deserialize, Default)]
+struct RawCommon {
+    architectures: Option<Vec<String>>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+}
+
+/// The Llama family's keys.
 #[derive(Deserialize, Default)]
 struct RawConfig {
-    architectures: Option<Vec<String>>,
     hidden_size: Option<usize>,
     num_hidden_layers: Option<usize>,
     num_attention_heads: Option<usize>,
@@ -99,8 +201,6 @@ struct RawConfig {
     mlp_bias: Option<bool>,
     sliding_window: Option<Value>,
     use_sliding_window: Option<bool>,
-    bos_token_id: Option<Value>,
-    eos_token_id: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -109,25 +209,58 @@ struct RawGenerationConfig {
     eos_token_id: Option<Value>,
 }
 
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     path: &'a Path,
 }
 
 impl Ctx<'_> {
-    fn err(&self, key: &str, message: impl Into<String>) -> OffloadError {
-        OffloadError::Config {
-            path: self.path.to_path_buf(),
-            key: key.to_string(),
-            message: message.into(),
-        }
+    /// `config` as the raw serde struct `T`.
+    pub(crate) fn raw<T: for<'de> Deserialize<'de>>(&self, config: &Value) -> Result<T> {
+        serde_json::from_value(config.clone())
+            .map_err(|e| OffloadError::Json { path: self.path.to_path_buf(), message: e.to_string() })
     }
 
-    fn req(&self, v: Option<usize>, key: &str) -> Result<usize> {
+    pub(crate) fn err(&self, key: &str, message: impl Into<String>) -> OffloadError {
+        OffloadError::Config { path: self.path.to_path_buf(), key: key.to_string(), message: message.into() }
+    }
+
+    pub(crate) fn req(&self, v: Option<usize>, key: &str) -> Result<usize> {
         match v {
             None => Err(self.err(key, "missing")),
             Some(0) => Err(self.err(key, "must be > 0")),
             Some(n) => Ok(n),
         }
+    }
+
+    /// The first of `keys` present (HF aliases such as `n_embd` / `hidden_size`);
+    /// refuses two that disagree.
+    pub(crate) fn alias<T: PartialEq + std::fmt::Display + Copy>(
+        &self,
+        values: &[(&str, Option<T>)],
+    ) -> Result<(String, Option<T>)> {
+        let mut found: Option<(&str, T)> = None;
+        for (key, v) in values {
+            match (found, v) {
+                (None, Some(v)) => found = Some((key, *v)),
+                (Some((first, a)), Some(b)) if a != *b => {
+                    return Err(self.err(key, format!("{b} disagrees with `{first}` {a}")))
+                }
+                _ => {}
+            }
+        }
+        Ok(match found {
+            Some((k, v)) => (k.to_string(), Some(v)),
+            None => (values[0].0.to_string(), None),
+        })
+    }
+
+    /// `hidden / heads`, refusing a `heads` that does not divide `hidden`.
+    pub(crate) fn head_dim(&self, hidden: usize, heads: usize, heads_key: &str) -> Result<usize> {
+        let head_dim = hidden / heads;
+        if head_dim * heads != hidden {
+            return Err(self.err(heads_key, format!("{heads} does not divide the hidden size {hidden}")));
+        }
+        Ok(head_dim)
     }
 
     fn f64_of(&self, obj: &serde_json::Map<String, Value>, prefix: &str, key: &str) -> Result<f64> {
@@ -153,10 +286,8 @@ impl Ctx<'_> {
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|e| OffloadError::Json {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    serde_json::from_str(&text)
+        .map_err(|e| OffloadError::Json { path: path.to_path_buf(), message: e.to_string() })
 }
 
 impl ModelConfig {
@@ -165,11 +296,7 @@ impl ModelConfig {
         let path = dir.join("config.json");
         let raw: Value = read_json(&path)?;
         let gen_path = dir.join("generation_config.json");
-        let gen = if gen_path.is_file() {
-            Some(read_json::<Value>(&gen_path)?)
-        } else {
-            None
-        };
+        let gen = if gen_path.is_file() { Some(read_json::<Value>(&gen_path)?) } else { None };
         Self::from_json(&path, &raw, gen.as_ref().map(|g| (gen_path.as_path(), g)))
     }
 
@@ -177,10 +304,7 @@ impl ModelConfig {
     /// used in error messages.
     pub fn from_json(path: &Path, config: &Value, generation: Option<(&Path, &Value)>) -> Result<Self> {
         let cx = Ctx { path };
-        let raw: RawConfig = serde_json::from_value(config.clone()).map_err(|e| OffloadError::Json {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let raw: RawCommon = cx.raw(config)?;
         let arch_name = raw
             .architectures
             .as_ref()
@@ -190,77 +314,27 @@ impl ModelConfig {
             "LlamaForCausalLM" => Architecture::Llama,
             "MistralForCausalLM" => Architecture::Mistral,
             "Qwen2ForCausalLM" => Architecture::Qwen2,
+            "GPT2LMHeadModel" => Architecture::Gpt2,
+            "BloomForCausalLM" => Architecture::Bloom,
             other => {
                 return Err(cx.err(
                     "architectures",
-                    format!(
-                        "\"{other}\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
-                    ),
+                    format!("\"{other}\" is not supported (supported: {SUPPORTED_ARCHITECTURES})"),
                 ))
             }
         };
-        let hidden_size = cx.req(raw.hidden_size, "hidden_size")?;
-        let num_layers = cx.req(raw.num_hidden_layers, "num_hidden_layers")?;
-        let num_heads = cx.req(raw.num_attention_heads, "num_attention_heads")?;
-        let num_kv_heads = cx.req(Some(raw.num_key_value_heads.unwrap_or(num_heads)), "num_key_value_heads")?;
-        if num_heads % num_kv_heads != 0 {
-            return Err(cx.err(
-                "num_key_value_heads",
-                format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
-            ));
-        }
-        let head_dim = match raw.head_dim {
-            Some(d) => cx.req(Some(d), "head_dim")?,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-            None => {
-                return Err(cx.err(
-                    "head_dim",
-                    format!("missing, and hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"),
-                ))
+        let mut cfg = match architecture {
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
+                llama_family(&cx, &cx.raw(config)?, architecture)?
             }
-        };
-        if head_dim % 2 != 0 {
-            return Err(cx.err("head_dim", format!("{head_dim} is odd; RoPE needs an even head_dim")));
-        }
-        let act = raw.hidden_act.as_deref().unwrap_or("silu");
-        if act != "silu" {
-            return Err(cx.err("hidden_act", format!("\"{act}\" is not supported (supported: silu)")));
-        }
-        if let Some(f) = raw.partial_rotary_factor {
-            if f != 1.0 {
-                return Err(cx.err("partial_rotary_factor", format!("{f} is not supported (only 1.0)")));
-            }
-        }
-        let rope = parse_rope(&cx, &raw)?;
-        let sliding_window = match architecture {
-            Architecture::Mistral => match &raw.sliding_window {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(
-                    v.as_u64()
-                        .filter(|w| *w > 0)
-                        .ok_or_else(|| cx.err("sliding_window", format!("{v} is not a positive integer")))?
-                        as usize,
-                ),
-            },
-            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => {
-                return Err(cx.err("use_sliding_window", "true is not supported"));
-            }
-            _ => None,
-        };
-        let attention_bias = raw.attention_bias.unwrap_or(false);
-        let (qkv_bias, o_bias, mlp_bias) = match architecture {
-            Architecture::Llama => (attention_bias, attention_bias, raw.mlp_bias.unwrap_or(false)),
-            Architecture::Mistral => (false, false, false),
-            Architecture::Qwen2 => (true, false, false),
+            Architecture::Gpt2 => gpt2::parse(&cx, config)?,
+            Architecture::Bloom => bloom::parse(&cx, config)?,
         };
         let mut bos = cx.ids(&raw.bos_token_id, "bos_token_id")?;
         let mut eos = cx.ids(&raw.eos_token_id, "eos_token_id")?;
         if let Some((gpath, gval)) = generation {
             let gcx = Ctx { path: gpath };
-            let graw: RawGenerationConfig = serde_json::from_value(gval.clone()).map_err(|e| OffloadError::Json {
-                path: gpath.to_path_buf(),
-                message: e.to_string(),
-            })?;
+            let graw: RawGenerationConfig = gcx.raw(gval)?;
             if graw.bos_token_id.is_some() {
                 bos = gcx.ids(&graw.bos_token_id, "bos_token_id")?;
             }
@@ -268,26 +342,8 @@ impl ModelConfig {
                 eos = gcx.ids(&graw.eos_token_id, "eos_token_id")?;
             }
         }
-        let cfg = Self {
-            architecture,
-            hidden_size,
-            num_layers,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            intermediate_size: cx.req(raw.intermediate_size, "intermediate_size")?,
-            vocab_size: cx.req(raw.vocab_size, "vocab_size")?,
-            max_position_embeddings: cx.req(raw.max_position_embeddings, "max_position_embeddings")?,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
-            rope,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            qkv_bias,
-            o_bias,
-            mlp_bias,
-            sliding_window,
-            bos_token_id: bos.first().copied(),
-            eos_token_ids: eos,
-        };
+        cfg.bos_token_id = bos.first().copied();
+        cfg.eos_token_ids = eos;
         Ok(cfg)
     }
 
@@ -300,6 +356,87 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
+}
+
+/// The Llama family's keys → [`ModelConfig`] (token ids are filled in by the caller).
+fn llama_family(cx: &Ctx, raw: &RawConfig, architecture: Architecture) -> Result<ModelConfig> {
+    let hidden_size = cx.req(raw.hidden_size, "hidden_size")?;
+    let num_layers = cx.req(raw.num_hidden_layers, "num_hidden_layers")?;
+    let num_heads = cx.req(raw.num_attention_heads, "num_attention_heads")?;
+    let num_kv_heads = cx.req(Some(raw.num_key_value_heads.unwrap_or(num_heads)), "num_key_value_heads")?;
+    if num_heads % num_kv_heads != 0 {
+        return Err(cx.err(
+            "num_key_value_heads",
+            format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
+        ));
+    }
+    let head_dim = match raw.head_dim {
+        Some(d) => cx.req(Some(d), "head_dim")?,
+        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        None => {
+            return Err(cx.err(
+                "head_dim",
+                format!(
+                "missing, and hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}"
+            ),
+            ))
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(cx.err("head_dim", format!("{head_dim} is odd; RoPE needs an even head_dim")));
+    }
+    let act = raw.hidden_act.as_deref().unwrap_or("silu");
+    if act != "silu" {
+        return Err(cx.err("hidden_act", format!("\"{act}\" is not supported (supported: silu)")));
+    }
+    if let Some(f) = raw.partial_rotary_factor {
+        if f != 1.0 {
+            return Err(cx.err("partial_rotary_factor", format!("{f} is not supported (only 1.0)")));
+        }
+    }
+    let rope = parse_rope(cx, raw)?;
+    let sliding_window = match architecture {
+        Architecture::Mistral => match &raw.sliding_window {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|w| *w > 0)
+                    .ok_or_else(|| cx.err("sliding_window", format!("{v} is not a positive integer")))?
+                    as usize,
+            ),
+        },
+        Architecture::Qwen2 if raw.use_sliding_window == Some(true) => {
+            return Err(cx.err("use_sliding_window", "true is not supported"));
+        }
+        _ => None,
+    };
+    let attention_bias = raw.attention_bias.unwrap_or(false);
+    let (qkv_bias, o_bias, mlp_bias) = match architecture {
+        Architecture::Llama => (attention_bias, attention_bias, raw.mlp_bias.unwrap_or(false)),
+        Architecture::Mistral => (false, false, false),
+        Architecture::Qwen2 => (true, false, false),
+        _ => (false, false, false), // Mistral; other families never come here
+    };
+    Ok(ModelConfig {
+        architecture,
+        hidden_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        intermediate_size: cx.req(raw.intermediate_size, "intermediate_size")?,
+        vocab_size: cx.req(raw.vocab_size, "vocab_size")?,
+        max_position_embeddings: cx.req(raw.max_position_embeddings, "max_position_embeddings")?,
+        rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
+        rope,
+        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+        qkv_bias,
+        o_bias,
+        mlp_bias,
+        sliding_window,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    })
 }
 
 /// Reads RoPE settings from `rope_parameters` (transformers ≥ 5) or the older
@@ -322,21 +459,12 @@ fn parse_rope(cx: &Ctx, raw: &RawConfig) -> Result<RopeConfig> {
         return Err(cx.err("rope_theta", format!("{theta} must be > 0")));
     }
     let Some(p) = params else {
-        return Ok(RopeConfig {
-            theta,
-            scaling: RopeScaling::None,
-        });
+        return Ok(RopeConfig { theta, scaling: RopeScaling::None });
     };
-    let rope_type = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let rope_type = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let scaling = match rope_type {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear {
-            factor: cx.f64_of(&p, prefix, "factor")?,
-        },
+        "linear" => RopeScaling::Linear { factor: cx.f64_of(&p, prefix, "factor")? },
         "llama3" => RopeScaling::Llama3 {
             factor: cx.f64_of(&p, prefix, "factor")?,
             low_freq_factor: cx.f64_of(&p, prefix, "low_freq_factor")?,
@@ -400,7 +528,10 @@ mod tests {
         let cases: Vec<(Value, &str)> = vec![
             (json!({"architectures": ["FalconForCausalLM"]}), "architectures"),
             (json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), "rope_scaling.rope_type"),
-            (json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1.0}}), "rope_parameters.rope_type"),
+            (
+                json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1.0}}),
+                "rope_parameters.rope_type",
+            ),
             (json!({"hidden_act": "gelu"}), "hidden_act"),
             (json!({"num_key_value_heads": 3}), "num_key_value_heads"),
             (json!({"hidden_size": null}), "hidden_size"),
@@ -412,9 +543,112 @@ mod tests {
             for (k, val) in patch.as_object().expect("obj") {
                 v[k] = val.clone();
             }
-            let err = parse(&v).err().expect("must refuse").to_string();
+            let err = parse(&v).expect_err("must refuse").to_string();
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
         }
+    }
+
+    fn gpt2() -> Value {
+        // The gpt2 fixture's config, plus the Llama keys tiny-random-gpt2 carries and
+        // GPT-2 ignores.
+        json!({
+            "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new", "n_embd": 64,
+            "n_head": 4, "n_layer": 2, "n_positions": 128, "n_inner": null, "vocab_size": 1000,
+            "layer_norm_epsilon": 1e-5, "scale_attn_weights": true, "scale_attn_by_inverse_layer_idx": false,
+            "reorder_and_upcast_attn": false, "tie_word_embeddings": true, "bos_token_id": 0, "eos_token_id": 0,
+            "intermediate_size": 37, "hidden_act": "gelu"
+        })
+    }
+
+    fn bloom() -> Value {
+        json!({
+            "architectures": ["BloomForCausalLM"], "hidden_size": 64, "n_head": 4, "n_layer": 2,
+            "vocab_size": 512, "layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": false,
+            "pretraining_tp": 1, "slow_but_exact": false, "bos_token_id": 1, "eos_token_id": 2
+        })
+    }
+
+    fn patched(mut v: Value, patch: Value) -> Value {
+        for (k, val) in patch.as_object().expect("obj") {
+            v[k] = val.clone();
+        }
+        v
+    }
+
+    #[test]
+    fn gpt2_keys_map_onto_the_runtime_config() {
+        let c = parse(&gpt2()).expect("gpt2");
+        assert_eq!(c.architecture, Architecture::Gpt2);
+        assert_eq!((c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim), (64, 2, 4, 4, 16));
+        // n_inner null → 4 · n_embd (not the ignored intermediate_size 37).
+        assert_eq!((c.intermediate_size, c.max_position_embeddings, c.vocab_size), (256, 128, 1000));
+        assert_eq!((c.rms_norm_eps, c.tie_word_embeddings, c.eos_token_ids.clone()), (1e-5, true, vec![0]));
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
+        let a = c.architecture;
+        assert_eq!(
+            (a.norm(), a.activation(), a.position_encoding()),
+            (Norm::Layer, Activation::GeluTanh, PositionEncoding::Learned)
+        );
+        // Explicit n_inner; HF's attribute-map names for the same keys.
+        let c = parse(&patched(gpt2(), json!({"n_inner": 100}))).expect("n_inner");
+        assert_eq!(c.intermediate_size, 100);
+        let mut aliased = gpt2();
+        for (old, new) in [
+            ("n_embd", "hidden_size"),
+            ("n_head", "num_attention_heads"),
+            ("n_positions", "max_position_embeddings"),
+        ] {
+            let v = aliased.as_object_mut().expect("obj").remove(old).expect("key");
+            aliased[new] = v;
+        }
+        assert_eq!(parse(&aliased).expect("aliases"), parse(&gpt2()).expect("gpt2"));
+    }
+
+    #[test]
+    fn bloom_keys_map_onto_the_runtime_config() {
+        let c = parse(&bloom()).expect("bloom");
+        assert_eq!(c.architecture, Architecture::Bloom);
+        assert_eq!(
+            (c.hidden_size, c.num_layers, c.num_heads, c.head_dim, c.intermediate_size),
+            (64, 2, 4, 16, 256)
+        );
+        assert_eq!((c.max_position_embeddings, c.tie_word_embeddings), (BLOOM_MAX_POSITIONS, true));
+        assert_eq!(c.architecture.position_encoding(), PositionEncoding::Alibi);
+        // bloom-560m's spelling: n_embed, num_attention_heads.
+        let mut old = bloom();
+        let o = old.as_object_mut().expect("obj");
+        let (h, n) = (o.remove("hidden_size").expect("h"), o.remove("n_head").expect("n"));
+        o.insert("n_embed".into(), h);
+        o.insert("num_attention_heads".into(), n);
+        assert_eq!(parse(&old).expect("n_embed"), c);
+    }
+
+    #[test]
+    fn gpt2_and_bloom_refuse_what_they_do_not_compute_naming_the_key() {
+        let cases: Vec<(Value, Value, &str)> = vec![
+            (gpt2(), json!({"activation_function": "relu"}), "activation_function"),
+            (gpt2(), json!({"scale_attn_weights": false}), "scale_attn_weights"),
+            (gpt2(), json!({"scale_attn_by_inverse_layer_idx": true}), "scale_attn_by_inverse_layer_idx"),
+            (gpt2(), json!({"reorder_and_upcast_attn": true}), "reorder_and_upcast_attn"),
+            (gpt2(), json!({"n_head": 5}), "n_head"),
+            (gpt2(), json!({"n_positions": null}), "n_positions"),
+            (gpt2(), json!({"n_embd": null}), "n_embd"),
+            (gpt2(), json!({"hidden_size": 32}), "hidden_size"),
+            (gpt2(), json!({"layer_norm_epsilon": -1.0}), "layer_norm_epsilon"),
+            (
+                bloom(),
+                json!({"apply_residual_connection_post_layernorm": true}),
+                "apply_residual_connection_post_layernorm",
+            ),
+            (bloom(), json!({"n_head": 3}), "n_head"),
+            (bloom(), json!({"n_layer": 0}), "n_layer"),
+        ];
+        for (base, patch, key) in cases {
+            let err = parse(&patched(base, patch.clone())).expect_err("must refuse").to_string();
+            assert!(err.contains(&format!("`{key}`")), "{patch}: {err}");
+        }
+        // Llama keys a GPT-2 config may carry do not matter to it.
+        assert!(parse(&patched(gpt2(), json!({"hidden_act": "relu", "rope_theta": 1.0}))).is_ok());
     }
 
     #[test]

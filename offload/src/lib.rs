@@ -24,6 +24,9 @@ mod dtype;
 mod error;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
-pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use config::{
+    Activation, Architecture, ModelConfig, Norm, PositionEncoding, RopeConfig, RopeScaling,
+    BLOOM_MAX_POSITIONS,
+};
 pub use dtype::DType;
 pub use error::{OffloadError, Result};

@@ -1,7 +1,9 @@
 //! The small op trait the model is written against.
 //!
 //! One model definition serves every device: the CPU backend here and the CUDA
-//! backend implement the same dozen primitive ops. Activations are 2-D,
+//! backend implement the same dozen primitive ops. Each family uses a subset:
+//! Llama `rms_norm`, `rope`, `silu_mul`; GPT-2 `layer_norm`, `add_position_embeddings`,
+//! `gelu_tanh`; BLOOM `layer_norm`, `gelu_tanh` and ALiBi in `attention`. Activations are 2-D,
 //! `[rows, cols]`, where the rows of one step are the new tokens of every
 //! sequence in the batch, concatenated (see [`BatchLayout`]).
 
@@ -53,12 +55,15 @@ impl BatchLayout {
 
 /// Shape parameters of one attention call.
 #[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
+pub struct AttentionShape<'a> {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     /// Attend only to the last `window` positions, if set.
     pub sliding_window: Option<usize>,
+    /// ALiBi: one slope per head; head `h`'s score for key position `j` gains
+    /// `slopes[h] * j` (BLOOM, see `model::alibi_slopes`).
+    pub alibi_slopes: Option<&'a [f32]>,
 }
 
 /// Primitive ops over activations `Self::Tensor` and weights `Self::Weight`.
@@ -78,15 +83,29 @@ pub trait Backend: Send + Sync {
 
     /// Rows of `table` `[vocab, dim]` for each id → `[ids, dim]`.
     fn embed(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> Self::Tensor;
+    /// `x += table[positions[r]]` for each row `r` (learned absolute positions;
+    /// `table`: `[max_positions, cols]`; every position must be inside it).
+    fn add_position_embeddings(&self, x: &mut Self::Tensor, table: &Self::Weight, positions: &[usize]);
     /// `x / rms(x) * w` per row (Llama RMSNorm, computed in f32).
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// `(x - mean(x)) / sqrt(var(x) + eps) * w + b` per row (`torch.nn.LayerNorm`,
+    /// biased variance, computed in f32).
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Self::Tensor;
     /// `x [rows, in] · wᵀ [out, in] (+ b)` → `[rows, out]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>, out_dim: usize) -> Self::Tensor;
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        out_dim: usize,
+    ) -> Self::Tensor;
     /// Rotates each `head_dim` slice of each row by its row's angle table
     /// (`cos`/`sin`: `[rows, head_dim / 2]`, HF rotate-half layout).
     fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &[f32], sin: &[f32]);
     /// Appends `k`, `v` `[rows, kv_dim]` to each sequence's cache at `layer` and
-    /// returns causal attention of `q` `[rows, heads * head_dim]` over the cache.
+    /// returns causal attention of `q` `[rows, heads * head_dim]` over the cache:
+    /// `softmax(q·kᵀ / √head_dim + alibi) · v`.
+    #[allow(clippy::too_many_arguments)] // q, k, v, caches, layer, layout and shape are all distinct
     fn attention(
         &self,
         q: &Self::Tensor,
@@ -95,10 +114,16 @@ pub trait Backend: Send + Sync {
         caches: &mut [&mut Self::KvCache],
         layer: usize,
         layout: &BatchLayout,
-        shape: AttentionShape,
+        shape: AttentionShape<'_>,
     ) -> Self::Tensor;
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
+    /// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`, elementwise (GELU's tanh
+    /// approximation: GPT-2's `gelu_new`, BLOOM's `bloom_gelu_forward`).
+    fn gelu_tanh(&self, x: &Self::Tensor) -> Self::Tensor;
+    /// Splits the columns of `x` `[rows, sum(widths)]` into `[rows, widths[i]]` pieces
+    /// (a fused q|k|v projection into q, k and v).
+    fn split_cols(&self, x: &Self::Tensor, widths: &[usize]) -> Vec<Self::Tensor>;
     /// `x += y`, elementwise.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
     /// The given rows of `x`, in order.

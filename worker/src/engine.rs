@@ -94,11 +94,7 @@ pub struct Engine<B: Backend> {
 
 impl<B: Backend<Weight = [f16]>> Engine<B> {
     pub fn new(backend: B, config: ModelConfig, weights: HostWeights) -> Self {
-        Self {
-            backend,
-            model: Model::new(config),
-            weights,
-        }
+        Self { backend, model: Model::new(config), weights }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -127,25 +123,19 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
         }
         if prompt.len() > c.max_position_embeddings {
             return Err(WorkerError::InvalidRequest(format!(
-                "the prompt has {} tokens, more than the model's max_position_embeddings {}",
+                "the prompt has {} tokens, more than the model's {} {}",
                 prompt.len(),
+                c.architecture.max_positions_key(),
                 c.max_position_embeddings
             )));
         }
-        params
-            .sampling
-            .validate()
-            .map_err(WorkerError::InvalidRequest)?;
+        params.sampling.validate().map_err(WorkerError::InvalidRequest)?;
         Ok(Sequence {
             prompt_len: prompt.len(),
             tokens: prompt,
             cache: self.backend.new_kv_cache(c.num_layers, c.kv_dim()),
             sampler: Sampler::new(params.sampling.clone()),
-            finished: if params.max_new_tokens == 0 {
-                Some(FinishReason::Length)
-            } else {
-                None
-            },
+            finished: if params.max_new_tokens == 0 { Some(FinishReason::Length) } else { None },
             params,
         })
     }
@@ -165,7 +155,7 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
         let caches: Vec<&mut B::KvCache> = seqs.iter_mut().map(|s| &mut s.cache).collect();
         let mut step = self.model.step::<B>(&layout, caches);
         let outer = self.weights.outer(c)?;
-        let mut x = self.model.embed(b, &outer, &ids); // [rows, hidden]
+        let mut x = self.model.embed(b, &outer, &ids, &layout)?; // [rows, hidden]
         for l in 0..c.num_layers {
             let lw = self.weights.layer(c, l)?;
             x = self.model.layer(b, l, &lw, x, &mut step);
@@ -213,5 +203,102 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
 
     pub fn step(&self, seqs: &mut [&mut Sequence<B>]) -> Result<Vec<StepToken>> {
         Ok(self.step_with_logits(seqs, false)?.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuBackend;
+    use zeroshard_offload::{Architecture, RopeConfig, RopeScaling};
+
+    fn config(architecture: Architecture, num_heads: usize) -> ModelConfig {
+        let hidden = 4 * num_heads;
+        ModelConfig {
+            architecture,
+            hidden_size: hidden,
+            num_layers: 2,
+            num_heads,
+            num_kv_heads: num_heads,
+            head_dim: 4,
+            intermediate_size: 4 * hidden,
+            vocab_size: 50,
+            max_position_embeddings: 16,
+            rms_norm_eps: 1e-5,
+            rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
+            tie_word_embeddings: true,
+            qkv_bias: true,
+            o_bias: true,
+            mlp_bias: true,
+            sliding_window: None,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    fn engine(c: ModelConfig) -> Engine<CpuBackend> {
+        let weights = HostWeights::random(&c, 7);
+        Engine::new(CpuBackend, c, weights)
+    }
+
+    fn params(max_new_tokens: usize) -> GenerationParams {
+        GenerationParams { sampling: SamplingParams::default(), max_new_tokens, ignore_eos: true }
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + x.abs()))
+    }
+
+    /// Prefill in one pass, or token by token through the cache, or batched with
+    /// another sequence: the same logits (positions and ALiBi biases are absolute).
+    fn cache_and_batch_agree(c: ModelConfig) {
+        let e = engine(c);
+        let prompt = vec![3, 14, 15, 9, 26, 5];
+        let mut whole = e.new_sequence(prompt.clone(), params(4)).expect("seq");
+        let full = e.forward(&mut [&mut whole]).expect("forward").remove(0);
+
+        let mut stepwise = e.new_sequence(prompt[..1].to_vec(), params(4)).expect("seq");
+        let mut last = Vec::new();
+        for i in 1..=prompt.len() {
+            last = e.forward(&mut [&mut stepwise]).expect("forward").remove(0);
+            if i < prompt.len() {
+                stepwise.tokens.push(prompt[i]);
+            }
+        }
+        assert!(close(&full, &last), "{full:?}\n{last:?}");
+
+        let mut other = e.new_sequence(vec![1, 2], params(4)).expect("seq");
+        let mut again = e.new_sequence(prompt, params(4)).expect("seq");
+        let batched = e.forward(&mut [&mut other, &mut again]).expect("forward");
+        assert!(close(&full, &batched[1]));
+    }
+
+    #[test]
+    fn gpt2_cache_and_batch_agree() {
+        cache_and_batch_agree(config(Architecture::Gpt2, 4));
+    }
+
+    #[test]
+    fn bloom_cache_and_batch_agree() {
+        // 6 heads: ALiBi slopes beyond the power of two.
+        cache_and_batch_agree(config(Architecture::Bloom, 6));
+    }
+
+    #[test]
+    fn gpt2_stops_at_its_last_learned_position_and_refuses_past_it() {
+        let e = engine(config(Architecture::Gpt2, 4)); // 16 positions
+        let Err(too_long) = e.new_sequence(vec![1; 17], params(4)) else { panic!("17 tokens accepted") };
+        let too_long = too_long.to_string();
+        assert!(too_long.contains("17 tokens, more than the model's n_positions 16"), "{too_long}");
+        let mut s = e.new_sequence(vec![1; 14], params(10)).expect("seq");
+        while s.finished().is_none() {
+            e.step(&mut [&mut s]).expect("step");
+        }
+        // Positions 14 and 15 computed: the tokens they produced end the sequence.
+        assert_eq!((s.generated().len(), s.finished()), (3, Some(FinishReason::Length)));
+        // Forcing one more position is refused, not read past the table.
+        s.finished = None;
+        let err = e.forward(&mut [&mut s]).expect_err("position 16 refused").to_string();
+        assert!(err.contains("position 16 is past the model's 16 learned positions"), "{err}");
     }
 }

@@ -14,14 +14,15 @@ pub struct HostWeights {
     tensors: HashMap<String, HostTensor>,
 }
 
-/// One tensor: shape and row-major f16 data.
+/// One tensor in compute layout: shape and row-major f16 data.
 pub struct HostTensor {
     pub shape: Vec<usize>,
     pub data: Vec<f16>,
 }
 
 impl HostWeights {
-    /// Loads every tensor `config` needs from `ckpt`, checking each one's shape.
+    /// Loads every tensor `config` needs from `ckpt`, checking each one's stored
+    /// shape, and puts it in compute layout.
     pub fn load(ckpt: &Checkpoint, config: &ModelConfig) -> Result<Self> {
         let mut store = Self::default();
         for spec in tensor_specs(config) {
@@ -46,7 +47,9 @@ impl HostWeights {
         };
         let mut store = Self::default();
         for spec in tensor_specs(config) {
-            let is_norm = spec.shape.len() == 1 && spec.name.contains("norm");
+            let is_norm = spec.shape.len() == 1
+                && spec.name.ends_with(".weight")
+                && (spec.name.contains("norm") || spec.name.contains(".ln_"));
             let data = (0..spec.numel())
                 .map(|_| {
                     let u = next();
@@ -58,15 +61,12 @@ impl HostWeights {
         store
     }
 
-    pub fn insert(&mut self, spec: &TensorSpec, data: Vec<f16>) {
-        assert_eq!(data.len(), spec.numel(), "tensor `{}` data length", spec.name);
-        self.tensors.insert(
-            spec.name.clone(),
-            HostTensor {
-                shape: spec.shape.clone(),
-                data,
-            },
-        );
+    /// Stores a whole tensor given in its *stored* layout (as loaded or gathered),
+    /// rearranged into compute layout ([`TensorSpec::to_compute_layout`]).
+    pub fn insert(&mut self, spec: &TensorSpec, stored: Vec<f16>) {
+        assert_eq!(stored.len(), spec.numel(), "tensor `{}` data length", spec.name);
+        let data = spec.to_compute_layout(stored);
+        self.tensors.insert(spec.name.clone(), HostTensor { shape: spec.compute_shape(), data });
     }
 
     pub fn get(&self, name: &str) -> Option<&[f16]> {

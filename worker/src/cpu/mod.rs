@@ -61,11 +61,7 @@ impl Backend for CpuBackend {
     }
 
     fn new_kv_cache(&self, num_layers: usize, kv_dim: usize) -> CpuKvCache {
-        CpuKvCache {
-            kv_dim,
-            k: vec![Vec::new(); num_layers],
-            v: vec![Vec::new(); num_layers],
-        }
+        CpuKvCache { kv_dim, k: vec![Vec::new(); num_layers], v: vec![Vec::new(); num_layers] }
     }
 
     fn kv_len(&self, cache: &CpuKvCache) -> usize {
@@ -81,10 +77,28 @@ impl Backend for CpuBackend {
         CpuTensor::new(data, ids.len(), dim)
     }
 
+    fn add_position_embeddings(&self, x: &mut CpuTensor, table: &[f16], positions: &[usize]) {
+        assert_eq!(positions.len(), x.rows, "one position per row");
+        let max = table.len() / x.cols.max(1);
+        for (row, &p) in x.data.chunks_exact_mut(x.cols).zip(positions) {
+            assert!(p < max, "position {p} is outside the {max}-position table");
+            let t = &table[p * x.cols..(p + 1) * x.cols];
+            row.iter_mut().zip(t).for_each(|(v, e)| *v += e.to_f32());
+        }
+    }
+
     fn rms_norm(&self, x: &CpuTensor, w: &[f16], eps: f32) -> CpuTensor {
         let mut out = x.clone();
         for row in out.data.chunks_exact_mut(x.cols) {
             ops::rms_norm_row(row, w, eps);
+        }
+        out
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, w: &[f16], b: &[f16], eps: f32) -> CpuTensor {
+        let mut out = x.clone();
+        for row in out.data.chunks_exact_mut(x.cols) {
+            ops::layer_norm_row(row, w, b, eps);
         }
         out
     }
@@ -113,7 +127,7 @@ impl Backend for CpuBackend {
         caches: &mut [&mut CpuKvCache],
         layer: usize,
         layout: &BatchLayout,
-        shape: AttentionShape,
+        shape: AttentionShape<'_>,
     ) -> CpuTensor {
         attention::attention(q, k, v, caches, layer, layout, shape)
     }
@@ -121,6 +135,24 @@ impl Backend for CpuBackend {
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
         let data = gate.data.iter().zip(&up.data).map(|(g, u)| ops::silu(*g) * u).collect();
         CpuTensor::new(data, gate.rows, gate.cols)
+    }
+
+    fn gelu_tanh(&self, x: &CpuTensor) -> CpuTensor {
+        CpuTensor::new(x.data.iter().map(|v| ops::gelu_tanh(*v)).collect(), x.rows, x.cols)
+    }
+
+    fn split_cols(&self, x: &CpuTensor, widths: &[usize]) -> Vec<CpuTensor> {
+        assert_eq!(widths.iter().sum::<usize>(), x.cols, "split widths must add up to the columns");
+        let mut start = 0;
+        widths
+            .iter()
+            .map(|&w| {
+                let data =
+                    x.data.chunks_exact(x.cols).flat_map(|row| &row[start..start + w]).copied().collect();
+                start += w;
+                CpuTensor::new(data, x.rows, w)
+            })
+            .collect()
     }
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {
@@ -135,5 +167,57 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
         x.data.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: &[f32]) -> Vec<f16> {
+        v.iter().map(|x| f16::from_f32(*x)).collect()
+    }
+
+    #[test]
+    fn add_position_embeddings_adds_each_rows_table_row() {
+        let b = CpuBackend;
+        let table = h(&[0.0, 0.5, 10.0, 20.0, -1.0, -2.0]); // 3 positions, 2 cols
+        let mut x = CpuTensor::new(vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0], 3, 2);
+        b.add_position_embeddings(&mut x, &table, &[2, 0, 1]);
+        assert_eq!(x.data, vec![0.0, -1.0, 2.0, 2.5, 13.0, 23.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the 3-position table")]
+    fn add_position_embeddings_refuses_a_position_past_the_table() {
+        let mut x = CpuTensor::new(vec![0.0; 2], 1, 2);
+        CpuBackend.add_position_embeddings(&mut x, &h(&[0.0; 6]), &[3]);
+    }
+
+    #[test]
+    fn layer_norm_normalises_each_row() {
+        let b = CpuBackend;
+        let x = CpuTensor::new(vec![1.0, 3.0, -2.0, 2.0], 2, 2);
+        // Each row: mean m, deviations ±d, variance d²: output ±d/√(d²+eps) · w + b.
+        let out = b.layer_norm(&x, &h(&[2.0, 1.0]), &h(&[0.5, -0.5]), 0.0);
+        assert_eq!(out.data, vec![-2.0 + 0.5, 1.0 - 0.5, -2.0 + 0.5, 1.0 - 0.5]);
+    }
+
+    #[test]
+    fn gelu_tanh_is_elementwise() {
+        let out = CpuBackend.gelu_tanh(&CpuTensor::new(vec![0.0, 1.0, -2.0, 20.0], 2, 2));
+        let expect = [0.0, 0.841_192, -0.045_402_3, 20.0];
+        for (a, e) in out.data.iter().zip(expect) {
+            assert!((a - e).abs() < 1e-5, "{a} vs {e}");
+        }
+    }
+
+    #[test]
+    fn split_cols_splits_every_row() {
+        let x = CpuTensor::new((0..12).map(|v| v as f32).collect(), 2, 6);
+        let parts = CpuBackend.split_cols(&x, &[1, 2, 3]);
+        assert_eq!(parts[0], CpuTensor::new(vec![0.0, 6.0], 2, 1));
+        assert_eq!(parts[1], CpuTensor::new(vec![1.0, 2.0, 7.0, 8.0], 2, 2));
+        assert_eq!(parts[2], CpuTensor::new(vec![3.0, 4.0, 5.0, 9.0, 10.0, 11.0], 2, 3));
     }
 }

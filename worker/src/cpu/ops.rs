@@ -11,6 +11,24 @@ pub fn rms_norm_row(x: &mut [f32], w: &[f16], eps: f32) {
     }
 }
 
+/// `torch.nn.LayerNorm` of one row in place: `(x - mean) / sqrt(var + eps) * w + b`,
+/// with the biased variance, all in f32 (two passes: mean, then squared deviations).
+pub fn layer_norm_row(x: &mut [f32], w: &[f16], b: &[f16], eps: f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, wi), bi) in x.iter_mut().zip(w).zip(b) {
+        *v = (*v - mean) * inv * wi.to_f32() + bi.to_f32();
+    }
+}
+
+/// GELU, tanh approximation (transformers' `NewGELUActivation`, `gelu_new`).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6; // sqrt(2 / pi)
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
 /// HF rotate-half RoPE of one head vector: pairs `(i, i + d/2)`.
 pub fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = head.len() / 2;
@@ -53,6 +71,37 @@ mod tests {
         for (a, b) in x.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn layer_norm_matches_hand_computation() {
+        // x = [1, 2, 3, 6]: mean 3, deviations [-2, -1, 0, 3], biased var 14 / 4 = 3.5.
+        let mut x = vec![1.0, 2.0, 3.0, 6.0];
+        let f = |v: &[f32]| v.iter().map(|x| f16::from_f32(*x)).collect::<Vec<_>>();
+        let (w, b) = (f(&[1.0, 2.0, 0.5, -1.0]), f(&[0.0, 0.5, -1.0, 0.25]));
+        let inv = 1.0 / (3.5f32 + 1e-5).sqrt();
+        // (x - mean) · inv · w + b per element: (-2 · 1 + 0), (-1 · 2 + 0.5), (0 · 0.5 - 1), (3 · -1 + 0.25).
+        let expect = [-2.0 * inv, -2.0 * inv + 0.5, -1.0, -3.0 * inv + 0.25];
+        layer_norm_row(&mut x, &w, &b, 1e-5);
+        for (a, e) in x.iter().zip(expect) {
+            assert!((a - e).abs() < 1e-6, "{a} vs {e}");
+        }
+        // A constant row is all bias (variance 0, eps keeps it finite).
+        let mut c = vec![5.0; 4];
+        layer_norm_row(&mut c, &w, &b, 1e-5);
+        assert_eq!(c, vec![0.0, 0.5, -1.0, 0.25]);
+    }
+
+    #[test]
+    fn gelu_tanh_matches_hand_computation() {
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        // x = 1: 0.5 · (1 + tanh(0.7978846 · 1.044715)) = 0.5 · (1 + tanh(0.8335546)).
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5, "{}", gelu_tanh(1.0));
+        // x = -2: -1 · (1 + tanh(0.7978846 · (-2.35772))) = -(1 - 0.977_275) (torch: -0.04540231).
+        assert!((gelu_tanh(-2.0) + 0.045_402_3).abs() < 1e-5, "{}", gelu_tanh(-2.0));
+        // Saturates to x and to 0.
+        assert_eq!(gelu_tanh(20.0), 20.0);
+        assert_eq!(gelu_tanh(-20.0), 0.0);
     }
 
     #[test]

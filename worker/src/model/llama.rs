@@ -2,42 +2,38 @@
 //! grouped-query attention with RoPE, SwiGLU MLP.
 use zeroshard_offload::ModelConfig;
 
-use super::Step;
+use super::{need, Step, TensorSpec};
 use crate::backend::{AttentionShape, Backend};
-use crate::error::{Result, WorkerError};
+use crate::error::Result;
 
 /// Borrowed weights of one decoder layer. Shapes as stored (`[out, in]`).
-pub struct LayerWeights<'a, W: ?Sized> {
-    pub input_norm: &'a W,          // [hidden]
-    pub q: &'a W,                   // [heads * head_dim, hidden]
-    pub q_bias: Option<&'a W>,      // [heads * head_dim]
-    pub k: &'a W,                   // [kv_heads * head_dim, hidden]
-    pub k_bias: Option<&'a W>,      // [kv_heads * head_dim]
-    pub v: &'a W,                   // [kv_heads * head_dim, hidden]
-    pub v_bias: Option<&'a W>,      // [kv_heads * head_dim]
-    pub o: &'a W,                   // [hidden, heads * head_dim]
-    pub o_bias: Option<&'a W>,      // [hidden]
-    pub post_norm: &'a W,           // [hidden]
-    pub gate: &'a W,                // [ffn, hidden]
-    pub gate_bias: Option<&'a W>,   // [ffn]
-    pub up: &'a W,                  // [ffn, hidden]
-    pub up_bias: Option<&'a W>,     // [ffn]
-    pub down: &'a W,                // [hidden, ffn]
-    pub down_bias: Option<&'a W>,   // [hidden]
+pub struct LlamaLayerWeights<'a, W: ?Sized> {
+    pub input_norm: &'a W,        // [hidden]
+    pub q: &'a W,                 // [heads * head_dim, hidden]
+    pub q_bias: Option<&'a W>,    // [heads * head_dim]
+    pub k: &'a W,                 // [kv_heads * head_dim, hidden]
+    pub k_bias: Option<&'a W>,    // [kv_heads * head_dim]
+    pub v: &'a W,                 // [kv_heads * head_dim, hidden]
+    pub v_bias: Option<&'a W>,    // [kv_heads * head_dim]
+    pub o: &'a W,                 // [hidden, heads * head_dim]
+    pub o_bias: Option<&'a W>,    // [hidden]
+    pub post_norm: &'a W,         // [hidden]
+    pub gate: &'a W,              // [ffn, hidden]
+    pub gate_bias: Option<&'a W>, // [ffn]
+    pub up: &'a W,                // [ffn, hidden]
+    pub up_bias: Option<&'a W>,   // [ffn]
+    pub down: &'a W,              // [hidden, ffn]
+    pub down_bias: Option<&'a W>, // [hidden]
 }
 
 /// Borrowed weights outside the decoder layers.
-pub struct OuterWeights<'a, W: ?Sized> {
+pub struct LlamaOuterWeights<'a, W: ?Sized> {
     pub embed_tokens: &'a W, // [vocab, hidden]
     pub norm: &'a W,         // [hidden]
     pub lm_head: &'a W,      // [vocab, hidden] (the embedding when tied)
 }
 
-fn need<'a, W: ?Sized>(get: &impl Fn(&str) -> Option<&'a W>, name: String) -> Result<&'a W> {
-    get(&name).ok_or(WorkerError::MissingWeight(name))
-}
-
-impl<'a, W: ?Sized> LayerWeights<'a, W> {
+impl<'a, W: ?Sized> LlamaLayerWeights<'a, W> {
     /// Looks up layer `l`'s tensors by their checkpoint names.
     pub fn from_lookup(c: &ModelConfig, l: usize, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
         let p = format!("model.layers.{l}");
@@ -70,19 +66,11 @@ impl<'a, W: ?Sized> LayerWeights<'a, W> {
     }
 }
 
-impl<'a, W: ?Sized> OuterWeights<'a, W> {
+impl<'a, W: ?Sized> LlamaOuterWeights<'a, W> {
     pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
         let embed_tokens = need(&get, "model.embed_tokens.weight".into())?;
-        let lm_head = if c.tie_word_embeddings {
-            embed_tokens
-        } else {
-            need(&get, "lm_head.weight".into())?
-        };
-        Ok(Self {
-            embed_tokens,
-            norm: need(&get, "model.norm.weight".into())?,
-            lm_head,
-        })
+        let lm_head = if c.tie_word_embeddings { embed_tokens } else { need(&get, "lm_head.weight".into())? };
+        Ok(Self { embed_tokens, norm: need(&get, "model.norm.weight".into())?, lm_head })
     }
 }
 
@@ -91,7 +79,7 @@ pub(super) fn decoder_layer<B: Backend>(
     c: &ModelConfig,
     b: &B,
     layer: usize,
-    w: &LayerWeights<'_, B::Weight>,
+    w: &LlamaLayerWeights<'_, B::Weight>,
     x: B::Tensor,
     step: &mut Step<'_, B>,
 ) -> B::Tensor {
@@ -107,6 +95,7 @@ pub(super) fn decoder_layer<B: Backend>(
         num_kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
         sliding_window: c.sliding_window,
+        alibi_slopes: None,
     };
     let attn = b.attention(&q, &k, &v, &mut step.caches, layer, step.layout, shape); // [rows, heads * head_dim]
     let attn_out = b.linear(&attn, w.o, w.o_bias, c.hidden_size); // [rows, hidden]
@@ -119,4 +108,54 @@ pub(super) fn decoder_layer<B: Backend>(
     let mlp_out = b.linear(&act, w.down, w.down_bias, c.hidden_size); // [rows, hidden]
     b.add_assign(&mut residual, &mlp_out);
     residual
+}
+
+/// Final RMSNorm and LM head on the given rows → `[rows.len(), vocab]`.
+pub(super) fn head<B: Backend>(
+    c: &ModelConfig,
+    b: &B,
+    w: &LlamaOuterWeights<'_, B::Weight>,
+    x: &B::Tensor,
+    rows: &[usize],
+) -> B::Tensor {
+    let last = b.select_rows(x, rows); // [seqs, hidden]
+    let normed = b.rms_norm(&last, w.norm, c.rms_norm_eps);
+    b.linear(&normed, w.lm_head, None, c.vocab_size) // [seqs, vocab]
+}
+
+/// Every tensor of a Llama-family model, in forward order.
+pub(super) fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
+    let (h, q, kv, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let mut specs = vec![TensorSpec::new("model.embed_tokens.weight", vec![c.vocab_size, h], None)];
+    for l in 0..c.num_layers {
+        let mut add = |suffix: &str, shape: Vec<usize>| {
+            specs.push(TensorSpec::new(format!("model.layers.{l}.{suffix}"), shape, Some(l)))
+        };
+        add("input_layernorm.weight", vec![h]);
+        for (proj, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            add(&format!("self_attn.{proj}.weight"), vec![out, h]);
+            if c.qkv_bias {
+                add(&format!("self_attn.{proj}.bias"), vec![out]);
+            }
+        }
+        add("self_attn.o_proj.weight", vec![h, q]);
+        if c.o_bias {
+            add("self_attn.o_proj.bias", vec![h]);
+        }
+        add("post_attention_layernorm.weight", vec![h]);
+        for (proj, shape) in
+            [("gate_proj", vec![ffn, h]), ("up_proj", vec![ffn, h]), ("down_proj", vec![h, ffn])]
+        {
+            let out = shape[0];
+            add(&format!("mlp.{proj}.weight"), shape);
+            if c.mlp_bias {
+                add(&format!("mlp.{proj}.bias"), vec![out]);
+            }
+        }
+    }
+    specs.push(TensorSpec::new("model.norm.weight", vec![h], None));
+    if !c.tie_word_embeddings {
+        specs.push(TensorSpec::new("lm_head.weight", vec![c.vocab_size, h], None));
+    }
+    specs
 }

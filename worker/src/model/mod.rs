@@ -1,51 +1,178 @@
 //! Model definitions, written once against [`Backend`](crate::backend::Backend).
 //!
+//! One file per family: [`llama`] (Llama, Mistral, Qwen2), [`gpt2`], [`bloom`].
 //! A model never owns or locates its weights: every call borrows them
-//! ([`LayerWeights`] for one decoder layer, [`OuterWeights`] for embedding, final
-//! norm and head), so the same code runs on weights from local memory, gathered
-//! from peers, or kept resident in a cache.
+//! ([`LayerWeights`] for one decoder layer, [`OuterWeights`] for embeddings, final
+//! norm and head, each an enum over the families), so the same code runs on
+//! weights from local memory, gathered from peers, or kept resident in a cache.
+//! [`tensor_specs`] lists every tensor as stored; [`TensorSpec::to_compute_layout`]
+//! rearranges one (GPT-2's `[in, out]` Conv1D weights, BLOOM's per-head fused qkv)
+//! once it is loaded or gathered whole.
 //!
 //! ```ignore
 //! let model = Model::new(config);
-//! let mut x = model.embed(&backend, &outer, &ids);             // [rows, hidden]
+//! let mut step = model.step(&layout, caches);
+//! let mut x = model.embed(&backend, &outer, &ids, &layout)?;  // [rows, hidden]
 //! for l in 0..model.config().num_layers {
 //!     let lw = LayerWeights::from_lookup(model.config(), l, |n| store.get(n))?;
 //!     x = model.layer(&backend, l, &lw, x, &mut step);          // [rows, hidden]
 //! }
 //! let logits = model.head(&backend, &outer, &x, &layout.last_rows()); // [seqs, vocab]
 //! ```
+mod alibi;
+mod bloom;
+mod gpt2;
 mod llama;
 mod rope;
 mod spec;
 
-pub use llama::{LayerWeights, OuterWeights};
+pub use alibi::alibi_slopes;
+pub use bloom::{BloomLayerWeights, BloomOuterWeights};
+pub use gpt2::{Gpt2LayerWeights, Gpt2OuterWeights};
+pub use llama::{LlamaLayerWeights, LlamaOuterWeights};
 pub use rope::RopeTable;
-pub use spec::{tensor_specs, TensorSpec};
+pub use spec::{tensor_specs, Layout, TensorSpec};
 
-use zeroshard_offload::ModelConfig;
+use zeroshard_offload::{Architecture, ModelConfig, PositionEncoding};
 
 use crate::backend::{Backend, BatchLayout};
+use crate::error::{Result, WorkerError};
 
-/// A model: its validated config and the derived RoPE frequencies.
+/// Borrowed weights of one decoder layer, per family.
+pub enum LayerWeights<'a, W: ?Sized> {
+    Llama(LlamaLayerWeights<'a, W>),
+    Gpt2(Gpt2LayerWeights<'a, W>),
+    Bloom(BloomLayerWeights<'a, W>),
+}
+
+/// Borrowed weights outside the decoder layers, per family.
+pub enum OuterWeights<'a, W: ?Sized> {
+    Llama(LlamaOuterWeights<'a, W>),
+    Gpt2(Gpt2OuterWeights<'a, W>),
+    Bloom(BloomOuterWeights<'a, W>),
+}
+
+impl<'a, W: ?Sized> LayerWeights<'a, W> {
+    /// Looks up layer `l`'s tensors by their checkpoint names (in compute layout).
+    pub fn from_lookup(c: &ModelConfig, l: usize, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+        Ok(match c.architecture {
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
+                Self::Llama(LlamaLayerWeights::from_lookup(c, l, get)?)
+            }
+            Architecture::Gpt2 => Self::Gpt2(Gpt2LayerWeights::from_lookup(l, get)?),
+            Architecture::Bloom => Self::Bloom(BloomLayerWeights::from_lookup(l, get)?),
+        })
+    }
+}
+
+impl<'a, W: ?Sized> OuterWeights<'a, W> {
+    pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+        Ok(match c.architecture {
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
+                Self::Llama(LlamaOuterWeights::from_lookup(c, get)?)
+            }
+            Architecture::Gpt2 => Self::Gpt2(Gpt2OuterWeights::from_lookup(c, get)?),
+            Architecture::Bloom => Self::Bloom(BloomOuterWeights::from_lookup(c, get)?),
+        })
+    }
+}
+
+/// A LayerNorm's scale and shift, each `[dim]`.
+pub struct LayerNormWeights<'a, W: ?Sized> {
+    pub weight: &'a W,
+    pub bias: &'a W,
+}
+
+impl<'a, W: ?Sized> LayerNormWeights<'a, W> {
+    /// `{prefix}.weight` and `{prefix}.bias`.
+    fn from_lookup(get: &impl Fn(&str) -> Option<&'a W>, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            weight: need(get, format!("{prefix}.weight"))?,
+            bias: need(get, format!("{prefix}.bias"))?,
+        })
+    }
+
+    /// `[rows, dim]` → `[rows, dim]`.
+    pub fn forward<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, eps: f32) -> B::Tensor {
+        b.layer_norm(x, self.weight, self.bias, eps)
+    }
+}
+
+/// A linear layer with a bias: weight `[out, in]` (compute layout), bias `[out]`.
+pub struct LinearWeights<'a, W: ?Sized> {
+    pub weight: &'a W,
+    pub bias: &'a W,
+}
+
+impl<'a, W: ?Sized> LinearWeights<'a, W> {
+    /// `{prefix}.weight` and `{prefix}.bias`.
+    fn from_lookup(get: &impl Fn(&str) -> Option<&'a W>, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            weight: need(get, format!("{prefix}.weight"))?,
+            bias: need(get, format!("{prefix}.bias"))?,
+        })
+    }
+
+    /// `[rows, in]` → `[rows, out]`.
+    pub fn forward<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, out: usize) -> B::Tensor {
+        b.linear(x, self.weight, Some(self.bias), out)
+    }
+}
+
+fn need<'a, W: ?Sized>(get: &impl Fn(&str) -> Option<&'a W>, name: String) -> Result<&'a W> {
+    get(&name).ok_or(WorkerError::MissingWeight(name))
+}
+
+/// A fused projection `[rows, q_dim + 2 * kv_dim]` → q `[rows, q_dim]`, k and v
+/// `[rows, kv_dim]`.
+fn split_qkv<B: Backend>(
+    b: &B,
+    qkv: &B::Tensor,
+    q_dim: usize,
+    kv_dim: usize,
+) -> (B::Tensor, B::Tensor, B::Tensor) {
+    let mut parts = b.split_cols(qkv, &[q_dim, kv_dim, kv_dim]).into_iter();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(q), Some(k), Some(v)) => (q, k, v),
+        _ => panic!("split_cols returns one tensor per width"),
+    }
+}
+
+/// How the model places tokens, with what it precomputes for that.
+#[derive(Clone, Debug)]
+enum Positions {
+    Rope(RopeTable),
+    /// Learned table, read from the weights.
+    Learned,
+    /// One ALiBi slope per head.
+    Alibi(Vec<f32>),
+}
+
+/// A model: its validated config and what its position encoding precomputes.
 #[derive(Clone, Debug)]
 pub struct Model {
     config: ModelConfig,
-    rope: RopeTable,
+    positions: Positions,
 }
 
 /// Per-step state the layers share: layout, angle tables, the batch's caches.
 pub struct Step<'a, B: Backend> {
     pub layout: &'a BatchLayout,
     pub caches: Vec<&'a mut B::KvCache>,
-    /// `[rows, head_dim / 2]` cosines and sines of each row's position.
+    /// `[rows, head_dim / 2]` cosines and sines of each row's position (RoPE
+    /// families; empty otherwise).
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
 }
 
 impl Model {
     pub fn new(config: ModelConfig) -> Self {
-        let rope = RopeTable::new(&config);
-        Self { config, rope }
+        let positions = match config.architecture.position_encoding() {
+            PositionEncoding::Rope => Positions::Rope(RopeTable::new(&config)),
+            PositionEncoding::Learned => Positions::Learned,
+            PositionEncoding::Alibi => Positions::Alibi(alibi_slopes(config.num_heads)),
+        };
+        Self { config, positions }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -53,19 +180,33 @@ impl Model {
     }
 
     /// Prepares the shared per-step state (angle tables for each row's position).
-    pub fn step<'a, B: Backend>(&self, layout: &'a BatchLayout, caches: Vec<&'a mut B::KvCache>) -> Step<'a, B> {
-        let (cos, sin) = self.rope.angles(&layout.positions());
-        Step {
-            layout,
-            caches,
-            cos,
-            sin,
-        }
+    pub fn step<'a, B: Backend>(
+        &self,
+        layout: &'a BatchLayout,
+        caches: Vec<&'a mut B::KvCache>,
+    ) -> Step<'a, B> {
+        let (cos, sin) = match &self.positions {
+            Positions::Rope(rope) => rope.angles(&layout.positions()),
+            Positions::Learned | Positions::Alibi(_) => (Vec::new(), Vec::new()),
+        };
+        Step { layout, caches, cos, sin }
     }
 
-    /// Token embeddings → `[rows, hidden]`.
-    pub fn embed<B: Backend>(&self, b: &B, w: &OuterWeights<'_, B::Weight>, ids: &[u32]) -> B::Tensor {
-        b.embed(w.embed_tokens, ids, self.config.hidden_size)
+    /// Token embeddings (plus learned positions, or the embedding norm) →
+    /// `[rows, hidden]`. Refuses a position the model has no embedding for.
+    pub fn embed<B: Backend>(
+        &self,
+        b: &B,
+        w: &OuterWeights<'_, B::Weight>,
+        ids: &[u32],
+        layout: &BatchLayout,
+    ) -> Result<B::Tensor> {
+        let c = &self.config;
+        Ok(match w {
+            OuterWeights::Llama(w) => b.embed(w.embed_tokens, ids, c.hidden_size),
+            OuterWeights::Gpt2(w) => gpt2::embed(c, b, w, ids, layout)?,
+            OuterWeights::Bloom(w) => bloom::embed(c, b, w, ids),
+        })
     }
 
     /// One decoder layer: `[rows, hidden]` → `[rows, hidden]`.
@@ -77,13 +218,32 @@ impl Model {
         x: B::Tensor,
         step: &mut Step<'_, B>,
     ) -> B::Tensor {
-        llama::decoder_layer(&self.config, b, layer, w, x, step)
+        let c = &self.config;
+        match (w, &self.positions) {
+            (LayerWeights::Llama(w), _) => llama::decoder_layer(c, b, layer, w, x, step),
+            (LayerWeights::Gpt2(w), _) => gpt2::block(c, b, layer, w, x, step),
+            (LayerWeights::Bloom(w), Positions::Alibi(slopes)) => {
+                bloom::block(c, b, layer, w, slopes, x, step)
+            }
+            (LayerWeights::Bloom(_), _) => {
+                panic!("BLOOM layer weights given to a {:?} model", c.architecture)
+            }
+        }
     }
 
     /// Final norm and LM head on the given rows → `[rows.len(), vocab]`.
-    pub fn head<B: Backend>(&self, b: &B, w: &OuterWeights<'_, B::Weight>, x: &B::Tensor, rows: &[usize]) -> B::Tensor {
-        let last = b.select_rows(x, rows); // [seqs, hidden]
-        let normed = b.rms_norm(&last, w.norm, self.config.rms_norm_eps);
-        b.linear(&normed, w.lm_head, None, self.config.vocab_size) // [seqs, vocab]
+    pub fn head<B: Backend>(
+        &self,
+        b: &B,
+        w: &OuterWeights<'_, B::Weight>,
+        x: &B::Tensor,
+        rows: &[usize],
+    ) -> B::Tensor {
+        let c = &self.config;
+        match w {
+            OuterWeights::Llama(w) => llama::head(c, b, w, x, rows),
+            OuterWeights::Gpt2(w) => gpt2::head(c, b, w, x, rows),
+            OuterWeights::Bloom(w) => bloom::head(c, b, w, x, rows),
+        }
     }
 }

@@ -11,9 +11,8 @@ impl RopeTable {
     pub fn new(c: &ModelConfig) -> Self {
         let dim = c.head_dim;
         // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), in f32.
-        let base: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / (c.rope.theta as f32).powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let base: Vec<f32> =
+            (0..dim / 2).map(|i| 1.0 / (c.rope.theta as f32).powf((2 * i) as f32 / dim as f32)).collect();
         let inv_freq = match c.rope.scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
@@ -23,14 +22,16 @@ impl RopeTable {
                 high_freq_factor,
                 original_max_position_embeddings: old_ctx,
             } => {
-                let (factor, low, high, old_ctx) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old_ctx as f32);
+                let (factor, low, high, old_ctx) =
+                    (factor as f32, low_freq_factor as f32, high_freq_factor as f32, old_ctx as f32);
                 let low_freq_wavelen = old_ctx / low;
                 let high_freq_wavelen = old_ctx / high;
                 base.iter()
                     .map(|&f| {
                         let wavelen = 2.0 * std::f32::consts::PI / f;
                         let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
-                        let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                        // transformers: ~(wavelen < high) * ~(wavelen > low); wavelengths are finite.
+                        let is_medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
                         if is_medium {
                             let smooth = (old_ctx / wavelen - low) / (high - low);
                             (1.0 - smooth) * scaled / factor + smooth * scaled

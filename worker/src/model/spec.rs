@@ -1,61 +1,157 @@
-//! The tensors a model needs: names and shapes as stored in the checkpoint.
-use zeroshard_offload::ModelConfig;
+//! The tensors a model needs: names and shapes as stored in the checkpoint, and
+//! how each becomes the layout the model computes with.
+//!
+//! The partitioner splits *stored* elements, so a spec always describes the
+//! tensor as the checkpoint holds it. Layout changes ([`Layout`]) apply to the
+//! whole tensor once it is loaded or gathered ([`TensorSpec::to_compute_layout`]).
+use zeroshard_offload::{Architecture, ModelConfig};
+
+use super::{bloom, gpt2, llama};
 
 /// One tensor of the model as stored in the checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorSpec {
     pub name: String,
+    /// Row-major shape as stored.
     pub shape: Vec<usize>,
     /// The decoder layer it belongs to; `None` for embedding, final norm, head.
     pub layer: Option<usize>,
+    /// How the stored tensor becomes the compute layout.
+    pub layout: Layout,
+}
+
+/// How a stored tensor is rearranged before the model uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Used as stored (`[out, in]` for a linear weight).
+    AsStored,
+    /// A GPT-2 `Conv1D` weight stored `[in, out]`: transposed to `[out, in]`.
+    Transposed,
+    /// A BLOOM fused `query_key_value` weight `[heads * 3 * head_dim, in]` or bias
+    /// `[heads * 3 * head_dim]`, stored per head (`[heads, 3, head_dim, …]`):
+    /// regrouped to q rows, then k rows, then v rows (`[3, heads, head_dim, …]`).
+    QkvPerHead { heads: usize, head_dim: usize },
 }
 
 impl TensorSpec {
+    pub(super) fn new(name: impl Into<String>, shape: Vec<usize>, layer: Option<usize>) -> Self {
+        Self { name: name.into(), shape, layer, layout: Layout::AsStored }
+    }
+
+    pub(super) fn with_layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// The shape the model computes with.
+    pub fn compute_shape(&self) -> Vec<usize> {
+        match self.layout {
+            Layout::Transposed => vec![self.shape[1], self.shape[0]],
+            Layout::AsStored | Layout::QkvPerHead { .. } => self.shape.clone(),
+        }
+    }
+
+    /// Rearranges the whole stored tensor into the compute layout.
+    pub fn to_compute_layout<T: Copy>(&self, stored: Vec<T>) -> Vec<T> {
+        assert_eq!(stored.len(), self.numel(), "tensor `{}`: data length", self.name);
+        match self.layout {
+            Layout::AsStored => stored,
+            Layout::Transposed => {
+                let (rows, cols) = (self.shape[0], self.shape[1]); // stored [in, out]
+                let mut out = Vec::with_capacity(stored.len());
+                for c in 0..cols {
+                    out.extend((0..rows).map(|r| stored[r * cols + c]));
+                }
+                out
+            }
+            Layout::QkvPerHead { heads, head_dim } => {
+                let inner = stored.len() / (heads * 3 * head_dim); // `in` for a weight, 1 for a bias
+                let mut out = Vec::with_capacity(stored.len());
+                for part in 0..3 {
+                    for head in 0..heads {
+                        let row = (head * 3 + part) * head_dim;
+                        out.extend_from_slice(&stored[row * inner..(row + head_dim) * inner]);
+                    }
+                }
+                out
+            }
+        }
     }
 }
 
 /// Every tensor the model reads, in forward order.
 pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
-    let (h, q, kv, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-    let outer = |name: &str, shape: Vec<usize>| TensorSpec {
-        name: name.to_string(),
-        shape,
-        layer: None,
-    };
-    let mut specs = vec![outer("model.embed_tokens.weight", vec![c.vocab_size, h])];
-    for l in 0..c.num_layers {
-        let mut add = |suffix: &str, shape: Vec<usize>| {
-            specs.push(TensorSpec {
-                name: format!("model.layers.{l}.{suffix}"),
-                shape,
-                layer: Some(l),
-            })
-        };
-        add("input_layernorm.weight", vec![h]);
-        for (proj, out) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-            add(&format!("self_attn.{proj}.weight"), vec![out, h]);
-            if c.qkv_bias {
-                add(&format!("self_attn.{proj}.bias"), vec![out]);
+    match c.architecture {
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => llama::tensor_specs(c),
+        Architecture::Gpt2 => gpt2::tensor_specs(c),
+        Architecture::Bloom => bloom::tensor_specs(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use zeroshard_offload::Checkpoint;
+
+    /// The shared folder: `$ZEROSHARD_SHARED`, else `../../shared` from this crate.
+    fn shared_dir() -> PathBuf {
+        std::env::var_os("ZEROSHARD_SHARED")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"))
+    }
+
+    #[test]
+    fn specs_list_exactly_the_stored_tensors_of_the_fixtures() {
+        for model in [
+            "fixtures/gpt2",
+            "fixtures/bloom",
+            "tiny-random-gpt2",
+            "fixtures/llama-gqa-tied",
+            "fixtures/llama-rope-scaled",
+            "fixtures/qwen2",
+            "fixtures/mistral",
+        ] {
+            let dir = shared_dir().join("models").join(model);
+            assert!(dir.is_dir(), "test fixture {} is missing (set ZEROSHARD_SHARED)", dir.display());
+            let config = ModelConfig::from_dir(&dir).expect("config");
+            let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+            let specs = tensor_specs(&config);
+            for s in &specs {
+                ckpt.expect_shape(&s.name, &s.shape).unwrap_or_else(|e| panic!("{model}: {e}"));
             }
-        }
-        add("self_attn.o_proj.weight", vec![h, q]);
-        if c.o_bias {
-            add("self_attn.o_proj.bias", vec![h]);
-        }
-        add("post_attention_layernorm.weight", vec![h]);
-        for (proj, shape) in [("gate_proj", vec![ffn, h]), ("up_proj", vec![ffn, h]), ("down_proj", vec![h, ffn])] {
-            let out = shape[0];
-            add(&format!("mlp.{proj}.weight"), shape);
-            if c.mlp_bias {
-                add(&format!("mlp.{proj}.bias"), vec![out]);
-            }
+            let mut stored: Vec<&str> = ckpt.tensors().map(|t| t.name.as_str()).collect();
+            let mut listed: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            stored.sort_unstable();
+            listed.sort_unstable();
+            assert_eq!(stored, listed, "{model}");
         }
     }
-    specs.push(outer("model.norm.weight", vec![h]));
-    if !c.tie_word_embeddings {
-        specs.push(outer("lm_head.weight", vec![c.vocab_size, h]));
+
+    #[test]
+    fn transposed_turns_in_out_into_out_in() {
+        // Stored [in 2, out 3].
+        let s = TensorSpec::new("w", vec![2, 3], None).with_layout(Layout::Transposed);
+        assert_eq!(s.compute_shape(), vec![3, 2]);
+        assert_eq!(s.to_compute_layout(vec![1, 2, 3, 4, 5, 6]), vec![1, 4, 2, 5, 3, 6]);
     }
-    specs
+
+    #[test]
+    fn qkv_per_head_groups_q_then_k_then_v() {
+        // 2 heads, head_dim 1, in 2: stored rows q0 k0 v0 q1 k1 v1.
+        let layout = Layout::QkvPerHead { heads: 2, head_dim: 1 };
+        let w = TensorSpec::new("w", vec![6, 2], None).with_layout(layout);
+        let stored = vec![10, 11, 20, 21, 30, 31, 12, 13, 22, 23, 32, 33];
+        assert_eq!(w.to_compute_layout(stored), vec![10, 11, 12, 13, 20, 21, 22, 23, 30, 31, 32, 33]);
+        // 1 head of head_dim 2 is already q|k|v; a bias of 2 heads, head_dim 2.
+        let b =
+            TensorSpec::new("b", vec![12], None).with_layout(Layout::QkvPerHead { heads: 2, head_dim: 2 });
+        let stored: Vec<u32> = (0..12).collect(); // q0 q0 k0 k0 v0 v0 q1 q1 k1 k1 v1 v1
+        assert_eq!(b.to_compute_layout(stored), vec![0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]);
+        assert_eq!(b.compute_shape(), vec![12]);
+    }
 }

@@ -1,0 +1,157 @@
+//! GPT-2 (`GPT2LMHeadModel`): learned absolute positions, pre-LayerNorm blocks,
+//! fused q|k|v attention, GELU (tanh) MLP, a bias on every linear, tied LM head.
+//!
+//! The checkpoint's `Conv1D` weights are stored `[in, out]`; their specs carry
+//! [`Layout::Transposed`], so they reach the model as `[out, in]` and the math is a
+//! plain `linear`. `c_attn` stays fused: one `[rows, 3 * hidden]` projection (q, k,
+//! v side by side, as `Conv1D` lays them out), split into q, k and v in the forward.
+use zeroshard_offload::ModelConfig;
+
+use super::{need, split_qkv, LayerNormWeights, Layout, LinearWeights, Step, TensorSpec};
+use crate::backend::{AttentionShape, Backend, BatchLayout};
+use crate::error::{Result, WorkerError};
+
+/// Borrowed weights of one GPT-2 block, in compute layout (`[out, in]`).
+pub struct Gpt2LayerWeights<'a, W: ?Sized> {
+    pub ln_1: LayerNormWeights<'a, W>,   // [hidden]
+    pub c_attn: LinearWeights<'a, W>,    // [3 * hidden, hidden] (q | k | v rows), [3 * hidden]
+    pub attn_proj: LinearWeights<'a, W>, // [hidden, hidden], [hidden]
+    pub ln_2: LayerNormWeights<'a, W>,   // [hidden]
+    pub c_fc: LinearWeights<'a, W>,      // [ffn, hidden], [ffn]
+    pub mlp_proj: LinearWeights<'a, W>,  // [hidden, ffn], [hidden]
+}
+
+/// Borrowed weights outside the blocks.
+pub struct Gpt2OuterWeights<'a, W: ?Sized> {
+    pub wte: &'a W,                    // [vocab, hidden]
+    pub wpe: &'a W,                    // [n_positions, hidden]
+    pub ln_f: LayerNormWeights<'a, W>, // [hidden]
+    pub lm_head: &'a W,                // [vocab, hidden] (`wte` when tied)
+}
+
+impl<'a, W: ?Sized> Gpt2LayerWeights<'a, W> {
+    /// Looks up block `l`'s tensors by their checkpoint names.
+    pub fn from_lookup(l: usize, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+        let p = format!("transformer.h.{l}");
+        Ok(Self {
+            ln_1: LayerNormWeights::from_lookup(&get, &format!("{p}.ln_1"))?,
+            c_attn: LinearWeights::from_lookup(&get, &format!("{p}.attn.c_attn"))?,
+            attn_proj: LinearWeights::from_lookup(&get, &format!("{p}.attn.c_proj"))?,
+            ln_2: LayerNormWeights::from_lookup(&get, &format!("{p}.ln_2"))?,
+            c_fc: LinearWeights::from_lookup(&get, &format!("{p}.mlp.c_fc"))?,
+            mlp_proj: LinearWeights::from_lookup(&get, &format!("{p}.mlp.c_proj"))?,
+        })
+    }
+}
+
+impl<'a, W: ?Sized> Gpt2OuterWeights<'a, W> {
+    pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+        let wte = need(&get, "transformer.wte.weight".into())?;
+        Ok(Self {
+            wte,
+            wpe: need(&get, "transformer.wpe.weight".into())?,
+            ln_f: LayerNormWeights::from_lookup(&get, "transformer.ln_f")?,
+            lm_head: if c.tie_word_embeddings { wte } else { need(&get, "lm_head.weight".into())? },
+        })
+    }
+}
+
+/// Token plus position embeddings → `[rows, hidden]`. Refuses a position past the
+/// learned table (`n_positions`).
+pub(super) fn embed<B: Backend>(
+    c: &ModelConfig,
+    b: &B,
+    w: &Gpt2OuterWeights<'_, B::Weight>,
+    ids: &[u32],
+    layout: &BatchLayout,
+) -> Result<B::Tensor> {
+    let positions = layout.positions();
+    if let Some(p) = positions.iter().find(|p| **p >= c.max_position_embeddings) {
+        return Err(WorkerError::InvalidRequest(format!(
+            "position {p} is past the model's {} learned positions (n_positions)",
+            c.max_position_embeddings
+        )));
+    }
+    let mut x = b.embed(w.wte, ids, c.hidden_size); // [rows, hidden]
+    b.add_position_embeddings(&mut x, w.wpe, &positions);
+    Ok(x)
+}
+
+/// `x + attn(ln_1(x))`, then `+ mlp(ln_2(·))`. `x`: `[rows, hidden]`.
+pub(super) fn block<B: Backend>(
+    c: &ModelConfig,
+    b: &B,
+    layer: usize,
+    w: &Gpt2LayerWeights<'_, B::Weight>,
+    x: B::Tensor,
+    step: &mut Step<'_, B>,
+) -> B::Tensor {
+    let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
+    let mut residual = x;
+    let h = w.ln_1.forward(b, &residual, eps); // [rows, hidden]
+    let qkv = w.c_attn.forward(b, &h, 3 * hidden); // [rows, 3 * hidden]
+    let (q, k, v) = split_qkv(b, &qkv, hidden, hidden); // each [rows, heads * head_dim]
+    let shape = AttentionShape {
+        num_heads: c.num_heads,
+        num_kv_heads: c.num_heads,
+        head_dim: c.head_dim,
+        sliding_window: None,
+        alibi_slopes: None,
+    };
+    let attn = b.attention(&q, &k, &v, &mut step.caches, layer, step.layout, shape); // [rows, hidden]
+    let attn_out = w.attn_proj.forward(b, &attn, hidden); // [rows, hidden]
+    b.add_assign(&mut residual, &attn_out);
+
+    let h = w.ln_2.forward(b, &residual, eps); // [rows, hidden]
+    let act = b.gelu_tanh(&w.c_fc.forward(b, &h, c.intermediate_size)); // [rows, ffn]
+    let mlp_out = w.mlp_proj.forward(b, &act, hidden); // [rows, hidden]
+    b.add_assign(&mut residual, &mlp_out);
+    residual
+}
+
+/// Final LayerNorm and LM head on the given rows → `[rows.len(), vocab]`.
+pub(super) fn head<B: Backend>(
+    c: &ModelConfig,
+    b: &B,
+    w: &Gpt2OuterWeights<'_, B::Weight>,
+    x: &B::Tensor,
+    rows: &[usize],
+) -> B::Tensor {
+    let last = b.select_rows(x, rows); // [seqs, hidden]
+    let normed = w.ln_f.forward(b, &last, c.rms_norm_eps);
+    b.linear(&normed, w.lm_head, None, c.vocab_size) // [seqs, vocab]
+}
+
+/// Every tensor of a GPT-2 model as stored, in forward order.
+pub(super) fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
+    let (h, ffn) = (c.hidden_size, c.intermediate_size);
+    let mut specs = vec![
+        TensorSpec::new("transformer.wte.weight", vec![c.vocab_size, h], None),
+        TensorSpec::new("transformer.wpe.weight", vec![c.max_position_embeddings, h], None),
+    ];
+    for l in 0..c.num_layers {
+        let p = format!("transformer.h.{l}");
+        let one = |name: &str, shape: Vec<usize>| TensorSpec::new(format!("{p}.{name}"), shape, Some(l));
+        // Conv1D: weight stored [in, out], bias [out].
+        let conv = |name: &str, inp: usize, out: usize| {
+            [
+                one(&format!("{name}.weight"), vec![inp, out]).with_layout(Layout::Transposed),
+                one(&format!("{name}.bias"), vec![out]),
+            ]
+        };
+        let norm =
+            |name: &str| [one(&format!("{name}.weight"), vec![h]), one(&format!("{name}.bias"), vec![h])];
+        specs.extend(norm("ln_1"));
+        specs.extend(conv("attn.c_attn", h, 3 * h));
+        specs.extend(conv("attn.c_proj", h, h));
+        specs.extend(norm("ln_2"));
+        specs.extend(conv("mlp.c_fc", h, ffn));
+        specs.extend(conv("mlp.c_proj", ffn, h));
+    }
+    specs.push(TensorSpec::new("transformer.ln_f.weight", vec![h], None));
+    specs.push(TensorSpec::new("transformer.ln_f.bias", vec![h], None));
+    if !c.tie_word_embeddings {
+        specs.push(TensorSpec::new("lm_head.weight", vec![c.vocab_size, h], None));
+    }
+    specs
+}
