@@ -5,11 +5,11 @@
 //! - [`local`]: [`LocalModel`](local::LocalModel), a whole model on this node:
 //!   text in, streamed text and token ids out.
 pub mod bench;
-pub mod convert;
 pub mod launcher;
 mod error;
 pub mod local;
-pub mod plan;
 pub mod tokenizer;
 
 pub use error::{CoordinatorError, Result};
+/// The partition planner (a pure function; lives with the host-memory types).
+pub use zeroshard_offload::plan;

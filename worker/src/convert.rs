@@ -86,3 +86,20 @@ mod tests {
         assert_eq!(dest, data);
     }
 }
+
+/// Sampling parameters from the wire, with the CLI's defaults for unset fields
+/// (greedy, 128 new tokens). Validated later, with the prompt.
+pub fn generation_params(p: Option<pb::SamplingParams>) -> crate::engine::GenerationParams {
+    let p = p.unwrap_or_default();
+    crate::engine::GenerationParams {
+        sampling: crate::sampling::SamplingParams {
+            temperature: p.temperature.unwrap_or(0.0),
+            top_k: p.top_k.unwrap_or(0) as usize,
+            top_p: p.top_p.unwrap_or(1.0),
+            seed: p.seed.unwrap_or(0),
+            repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        },
+        max_new_tokens: p.max_new_tokens.unwrap_or(128) as usize,
+        ignore_eos: p.ignore_eos,
+    }
+}

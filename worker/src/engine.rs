@@ -8,6 +8,8 @@
 //!     engine.step(&mut [&mut seq])?;
 //! }
 //! ```
+use std::sync::Arc;
+
 use half::f16;
 use zeroshard_offload::ModelConfig;
 
@@ -15,6 +17,7 @@ use crate::backend::{Backend, BatchLayout};
 use crate::error::{Result, WorkerError};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::source::WeightSource;
 use crate::weights::HostWeights;
 
 /// Why a sequence stopped.
@@ -89,12 +92,17 @@ pub struct StepToken {
 pub struct Engine<B: Backend> {
     backend: B,
     model: Model,
-    weights: HostWeights,
+    weights: Arc<HostWeights>,
 }
 
 impl<B: Backend<Weight = [f16]>> Engine<B> {
     pub fn new(backend: B, config: ModelConfig, weights: HostWeights) -> Self {
-        Self { backend, model: Model::new(config), weights }
+        Self { backend, model: Model::new(config), weights: Arc::new(weights) }
+    }
+
+    /// An engine that holds no weights: every step names its [`WeightSource`].
+    pub fn without_weights(backend: B, config: ModelConfig) -> Self {
+        Self::new(backend, config, HostWeights::default())
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -140,9 +148,15 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
         })
     }
 
-    /// One forward over the tokens each sequence has not cached yet; returns the
-    /// next-token logits of each sequence, `[seqs][vocab]`.
+    /// One forward over the tokens each sequence has not cached yet, from the
+    /// engine's own weights; returns each sequence's next-token logits.
     pub fn forward(&self, seqs: &mut [&mut Sequence<B>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_from(seqs, &self.weights)
+    }
+
+    /// [`Self::forward`] with weights from `src`, piece by piece: the embedding,
+    /// each layer in order, the head (`[seqs][vocab]` logits).
+    pub fn forward_from(&self, seqs: &mut [&mut Sequence<B>], src: &dyn WeightSource) -> Result<Vec<Vec<f32>>> {
         let (b, c) = (&self.backend, self.model.config());
         let mut ids = Vec::new();
         let mut parts = Vec::with_capacity(seqs.len());
@@ -154,12 +168,18 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
         let layout = BatchLayout::new(parts);
         let caches: Vec<&mut B::KvCache> = seqs.iter_mut().map(|s| &mut s.cache).collect();
         let mut step = self.model.step::<B>(&layout, caches);
-        let outer = self.weights.outer(c)?;
-        let mut x = self.model.embed(b, &outer, &ids, &layout)?; // [rows, hidden]
+        let mut x = {
+            let (w, local_ids) = src.embedding(&ids)?;
+            let outer = w.outer(c)?;
+            self.model.embed(b, &outer, &local_ids, &layout)? // [rows, hidden]
+        };
         for l in 0..c.num_layers {
-            let lw = self.weights.layer(c, l)?;
+            let w = src.layer(l)?;
+            let lw = HostWeights::layer(&w, c, l)?;
             x = self.model.layer(b, l, &lw, x, &mut step);
         }
+        let w = src.head()?;
+        let outer = w.outer(c)?;
         let logits = b.to_host(&self.model.head(b, &outer, &x, &layout.last_rows())); // [seqs, vocab]
         Ok(logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect())
     }
@@ -171,13 +191,23 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
         seqs: &mut [&mut Sequence<B>],
         keep_logits: bool,
     ) -> Result<(Vec<StepToken>, Vec<Vec<f32>>)> {
+        self.step_from(seqs, &self.weights, keep_logits)
+    }
+
+    /// [`Self::step_with_logits`] with weights from `src`.
+    pub fn step_from(
+        &self,
+        seqs: &mut [&mut Sequence<B>],
+        src: &dyn WeightSource,
+        keep_logits: bool,
+    ) -> Result<(Vec<StepToken>, Vec<Vec<f32>>)> {
         if let Some(s) = seqs.iter().find(|s| s.finished.is_some()) {
             return Err(WorkerError::InvalidRequest(format!(
                 "step on a finished sequence ({:?})",
                 s.finished
             )));
         }
-        let logits = self.forward(seqs)?;
+        let logits = self.forward_from(seqs, src)?;
         let max_pos = self.config().max_position_embeddings;
         let eos = &self.config().eos_token_ids;
         let mut out = Vec::with_capacity(seqs.len());

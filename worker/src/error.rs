@@ -13,6 +13,12 @@ pub enum WorkerError {
     MissingWeight(String),
     #[error("backend: {0}")]
     Backend(String),
+    /// Gathering a layer's ranges from peers failed.
+    #[error("gather: {0}")]
+    Gather(String),
+    /// Loading this worker's owned ranges failed.
+    #[error("loading owned ranges: {0}")]
+    Load(String),
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;

@@ -8,11 +8,15 @@
 //! - [`engine`]: sequences, the batched step, sampling and stop conditions.
 //! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty.
 pub mod backend;
+pub mod convert;
 pub mod cpu;
 pub mod engine;
 mod error;
 pub mod model;
+pub mod node;
 pub mod sampling;
+pub mod shards;
+pub mod source;
 pub mod weights;
 
 pub use backend::Backend;

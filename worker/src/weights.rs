@@ -12,6 +12,8 @@ use crate::model::{tensor_specs, LayerWeights, OuterWeights, TensorSpec};
 #[derive(Default)]
 pub struct HostWeights {
     tensors: HashMap<String, HostTensor>,
+    /// Second names of held tensors (alias → name).
+    aliases: HashMap<String, String>,
 }
 
 /// One tensor in compute layout: shape and row-major f16 data.
@@ -70,7 +72,14 @@ impl HostWeights {
     }
 
     pub fn get(&self, name: &str) -> Option<&[f16]> {
+        let name = self.aliases.get(name).map_or(name, String::as_str);
         self.tensors.get(name).map(|t| t.data.as_slice())
+    }
+
+    /// Makes `alias` name the tensor `target` too (a lookup that names a tensor
+    /// the computation at hand never reads, without holding a copy).
+    pub fn alias(&mut self, alias: &str, target: &str) {
+        self.aliases.insert(alias.to_string(), target.to_string());
     }
 
     /// Total bytes held.

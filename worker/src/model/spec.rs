@@ -4,6 +4,7 @@
 //! The partitioner splits *stored* elements, so a spec always describes the
 //! tensor as the checkpoint holds it. Layout changes ([`Layout`]) apply to the
 //! whole tensor once it is loaded or gathered ([`TensorSpec::to_compute_layout`]).
+use zeroshard_offload::plan::TensorMeta;
 use zeroshard_offload::{Architecture, ModelConfig};
 
 use super::{bloom, gpt2, llama};
@@ -92,10 +93,18 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
     }
 }
 
+/// What the planner needs of a tensor: its stored name and shape, its layer.
+impl From<&TensorSpec> for TensorMeta {
+    fn from(s: &TensorSpec) -> Self {
+        TensorMeta::new(s.name.clone(), s.shape.iter().map(|&d| d as u64).collect(), s.layer.map(|l| l as u32))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
+    use zeroshard_offload::plan::{plan, Placement, PlanOptions, WorkerId};
     use zeroshard_offload::Checkpoint;
 
     /// The shared folder: `$ZEROSHARD_SHARED`, else `../../shared` from this crate.
@@ -153,5 +162,36 @@ mod tests {
         let stored: Vec<u32> = (0..12).collect(); // q0 q0 k0 k0 v0 v0 q1 q1 k1 k1 v1 v1
         assert_eq!(b.to_compute_layout(stored), vec![0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]);
         assert_eq!(b.compute_shape(), vec![12]);
+    }
+
+    #[test]
+    fn plans_a_real_model_from_its_tensor_specs() {
+        let dir = shared_dir().join("models/stories260K");
+        let config = zeroshard_offload::ModelConfig::from_dir(&dir).expect("stories260K config");
+        let specs = zeroshard_worker::model::tensor_specs(&config);
+        let meta: Vec<TensorMeta> = specs.iter().map(TensorMeta::from).collect();
+        assert_eq!(meta.len(), specs.len());
+        for n in 1..=4u64 {
+            let workers: Vec<WorkerId> = (1..=n).map(WorkerId).collect();
+            let options = PlanOptions { persistence_threshold_bytes: 1024, ..Default::default() };
+            let p = plan(&meta, &workers, &options).expect("plan");
+                    let norm = p.tensor("model.norm.weight").expect("final norm");
+            assert_eq!(norm.placement, Placement::Persistent);
+            let embed = p.tensor("model.embed_tokens.weight").expect("embedding");
+            assert_eq!(embed.placement, Placement::Partitioned);
+            assert_eq!(embed.meta.layer, None);
+            let layer0: Vec<_> = p.tensors().iter().filter(|t| t.meta.layer == Some(0)).collect();
+            assert!(!layer0.is_empty());
+            // Each worker owns (partitioned bytes) / N ± 1 element per tensor.
+            let model = p.model_bytes();
+            let partitioned_tensors =
+                p.tensors().iter().filter(|t| t.placement == Placement::Partitioned).count();
+            for &w in &workers {
+                let b = p.owned_bytes(w).expect("known");
+                let ideal = model.partitioned as f64 / n as f64;
+                assert!((b.partitioned as f64 - ideal).abs() <= (2 * partitioned_tensors) as f64);
+                assert_eq!(b.persistent, model.persistent);
+            }
+        }
     }
 }

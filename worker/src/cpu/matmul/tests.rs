@@ -56,14 +56,6 @@ fn reference(
     (out, scale)
 }
 
-fn isas() -> Vec<Isa> {
-    let mut isas = vec![Isa::Scalar];
-    if Isa::detect() != Isa::Scalar {
-        isas.push(Isa::detect());
-    }
-    isas
-}
-
 fn check(isa: Isa, n: usize, k: usize, m: usize, with_bias: bool, rng: &mut Rng) {
     let x = rng.f32s(n * k);
     let w = rng.f16s(m * k);
@@ -86,8 +78,8 @@ fn check(isa: Isa, n: usize, k: usize, m: usize, with_bias: bool, rng: &mut Rng)
 #[test]
 fn matches_f64_reference_across_shapes() {
     let mut rng = Rng(1);
-    for isa in isas() {
-        for n in [1, 2, 3, 4, 5, 8, 17, 32] {
+    for isa in Isa::available() {
+        for n in [1, 2, 3, 4, 5, 6, 7, 8, 17, 32] {
             for k in [1, 7, 8, 63, 64, 172, 1024] {
                 for m in [1, 3, 16, 172, 513] {
                     for with_bias in [false, true] {
@@ -101,30 +93,45 @@ fn matches_f64_reference_across_shapes() {
 
 #[test]
 fn large_matrices_split_over_threads() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a rayon pool");
     let mut rng = Rng(2);
-    // m * k above PARALLEL_MIN_ELEMS, with ragged windows.
+    // Work above PARALLEL_MIN_WORK, with ragged windows.
     for (n, k, m) in [(1, 1024, 1031), (3, 517, 1500), (4, 1024, 700), (9, 700, 1201)] {
-        check(Isa::detect(), n, k, m, true, &mut rng);
+        for isa in Isa::available() {
+            pool.install(|| check(isa, n, k, m, true, &mut rng));
+        }
+    }
+}
+
+#[test]
+fn many_activation_rows_are_blocked() {
+    let mut rng = Rng(4);
+    // More activation rows than one L2-sized block holds (96 rows at k = 1024, 8 at 12000).
+    for (n, k, m) in [(130, 1024, 37), (21, 12_000, 7)] {
+        for isa in Isa::available() {
+            check(isa, n, k, m, false, &mut rng);
+        }
     }
 }
 
 #[test]
 fn simd_and_scalar_agree() {
-    let simd = Isa::detect();
-    if simd == Isa::Scalar {
-        return;
-    }
     let mut rng = Rng(3);
     for (n, k, m) in [(1, 1024, 64), (2, 63, 172), (3, 64, 172), (4, 1000, 33), (12, 300, 70)] {
         let x = rng.f32s(n * k);
         let w = rng.f16s(m * k);
         let bias = rng.f16s(m);
-        let mut a = vec![0f32; n * m];
-        let mut b = vec![0f32; n * m];
-        matmul_with(Isa::Scalar, &x, &w, Some(&bias), &mut a, n, k, m);
-        matmul_with(simd, &x, &w, Some(&bias), &mut b, n, k, m);
-        for (p, q) in a.iter().zip(&b) {
-            assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "n={n} k={k} m={m}: {p} vs {q}");
+        let mut want = vec![0f32; n * m];
+        matmul_with(Isa::Scalar, &x, &w, Some(&bias), &mut want, n, k, m);
+        for isa in Isa::available() {
+            let mut got = vec![0f32; n * m];
+            matmul_with(isa, &x, &w, Some(&bias), &mut got, n, k, m);
+            for (p, q) in want.iter().zip(&got) {
+                assert!(
+                    (p - q).abs() <= 1e-5 * (1.0 + p.abs()),
+                    "{isa:?} n={n} k={k} m={m}: {q}, scalar {p}"
+                );
+            }
         }
     }
 }
@@ -136,7 +143,7 @@ fn exact_on_small_integers() {
     let x: Vec<f32> = (0..n * k).map(|v| (v % 7) as f32 - 3.0).collect();
     let w: Vec<f16> = (0..m * k).map(|v| f16::from_f32((v % 5) as f32 - 2.0)).collect();
     let bias: Vec<f16> = (0..m).map(|v| f16::from_f32(v as f32)).collect();
-    for isa in isas() {
+    for isa in Isa::available() {
         let mut out = vec![0f32; n * m];
         matmul_with(isa, &x, &w, Some(&bias), &mut out, n, k, m);
         let (want, _) = reference(&x, &w, Some(&bias), n, k, m);

@@ -18,13 +18,12 @@
 //! for r in plan.owned_ranges(WorkerId(2)) { load(r.tensor, r.elements) }
 //! for piece in plan.owners("model.layers.0.mlp.up_proj.weight", 0..4096)? { fetch(piece.holders[0], piece.elements) }
 //! ```
+mod convert;
 mod partition;
 #[cfg(test)]
 mod tests;
 
 use std::collections::HashSet;
-
-use zeroshard_worker::model::TensorSpec;
 
 pub use partition::{OwnedBytes, OwnedRange, Piece, Placement, Plan, Shard, TensorPlan};
 
@@ -58,21 +57,6 @@ impl TensorMeta {
     /// Elements (1 for a scalar, whose shape is empty).
     pub fn numel(&self) -> u64 {
         self.shape.iter().product()
-    }
-
-    /// The metadata of every tensor a model reads.
-    pub fn from_specs(specs: &[TensorSpec]) -> Vec<Self> {
-        specs.iter().map(Self::from).collect()
-    }
-}
-
-impl From<&TensorSpec> for TensorMeta {
-    fn from(s: &TensorSpec) -> Self {
-        Self {
-            name: s.name.clone(),
-            shape: s.shape.iter().map(|&d| d as u64).collect(),
-            layer: s.layer.map(|l| l as u32),
-        }
     }
 }
 

@@ -1,5 +1,4 @@
 //! Unit and property tests of the planner.
-use std::path::Path;
 
 use super::*;
 
@@ -353,39 +352,5 @@ fn property_deterministic_and_independent_of_tensor_order() {
         // Round trip through its parts.
         let again = Plan::from_parts(&first.options(), workers.clone(), first.tensors().to_vec());
         assert_eq!(again, Ok(first));
-    }
-}
-
-// ---- a real model ----------------------------------------------------------------
-
-#[test]
-fn plans_a_real_model_from_its_tensor_specs() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/stories260K");
-    let config = zeroshard_offload::ModelConfig::from_dir(&dir).expect("stories260K config");
-    let specs = zeroshard_worker::model::tensor_specs(&config);
-    let meta = TensorMeta::from_specs(&specs);
-    assert_eq!(meta.len(), specs.len());
-    for n in 1..=4u64 {
-        let workers = ids(n);
-        let options = PlanOptions { persistence_threshold_bytes: 1024, ..Default::default() };
-        let p = plan(&meta, &workers, &options).expect("plan");
-        check_plan(&meta, &workers, &options, &p);
-        let norm = p.tensor("model.norm.weight").expect("final norm");
-        assert_eq!(norm.placement, Placement::Persistent);
-        let embed = p.tensor("model.embed_tokens.weight").expect("embedding");
-        assert_eq!(embed.placement, Placement::Partitioned);
-        assert_eq!(embed.meta.layer, None);
-        let layer0: Vec<_> = p.tensors().iter().filter(|t| t.meta.layer == Some(0)).collect();
-        assert!(!layer0.is_empty());
-        // Each worker owns (partitioned bytes) / N ± 1 element per tensor.
-        let model = p.model_bytes();
-        let partitioned_tensors =
-            p.tensors().iter().filter(|t| t.placement == Placement::Partitioned).count();
-        for &w in &workers {
-            let b = p.owned_bytes(w).expect("known");
-            let ideal = model.partitioned as f64 / n as f64;
-            assert!((b.partitioned as f64 - ideal).abs() <= (2 * partitioned_tensors) as f64);
-            assert_eq!(b.persistent, model.persistent);
-        }
     }
 }

@@ -3,7 +3,7 @@
 //! message fields, unknown enum values and broken plan invariants are errors.
 use zeroshard_proto::v1 as pb;
 
-use crate::plan::{
+use super::{
     Assignment, Placement, Plan, PlanError, PlanOptions, Shard, TensorMeta, TensorPlan, WorkerId,
 };
 

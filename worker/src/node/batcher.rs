@@ -1,0 +1,119 @@
+//! The continuous-batching loop: one thread that owns every active sequence.
+//! Sequences join and leave at step boundaries; each step is one forward over
+//! all of them, so one gather per layer serves the whole batch.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+use tonic::Status;
+use zeroshard_proto::v1 as pb;
+
+use crate::cpu::CpuBackend;
+use crate::engine::{Engine, FinishReason, GenerationParams, Sequence};
+use crate::source::WeightSource;
+
+/// What the loop is asked to do.
+pub enum Command {
+    /// Start a sequence; its steps go to `tx` (closed `tx` = client left).
+    Run { id: u64, prompt: Vec<u32>, params: GenerationParams, tx: UnboundedSender<Result<pb::SequenceStep, Status>> },
+    Cancel(u64),
+    /// Compute from these weights from the next step on.
+    Source(Arc<dyn WeightSource>),
+}
+
+/// Counters the loop keeps for `Stats`.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    pub active: AtomicU32,
+    pub steps: AtomicU64,
+}
+
+struct Active {
+    seq: Sequence<CpuBackend>,
+    tx: UnboundedSender<Result<pb::SequenceStep, Status>>,
+}
+
+pub fn finish_to_pb(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::Stop,
+    }
+}
+
+/// Runs until every command sender is gone.
+pub fn run(engine: Engine<CpuBackend>, rx: Receiver<Command>, stats: Arc<BatchStats>) {
+    let mut active: HashMap<u64, Active> = HashMap::new();
+    let mut source: Option<Arc<dyn WeightSource>> = None;
+    loop {
+        // Wait for work when idle; otherwise take what arrived and step.
+        let first = if active.is_empty() || source.is_none() {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            None
+        };
+        for cmd in first.into_iter().chain(rx.try_iter()) {
+            match cmd {
+                Command::Run { id, prompt, params, tx } => match engine.new_sequence(prompt, params) {
+                    Ok(seq) => {
+                        active.insert(id, Active { seq, tx });
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::invalid_argument(e.to_string())));
+                    }
+                },
+                Command::Cancel(id) => {
+                    active.remove(&id);
+                }
+                Command::Source(s) => source = Some(s),
+            }
+        }
+        // A closed stream means the client left: free its sequence.
+        active.retain(|_, a| !a.tx.is_closed());
+        stats.active.store(active.len() as u32, Ordering::Relaxed);
+        let Some(src) = source.as_ref() else { continue };
+        if active.is_empty() {
+            continue;
+        }
+        let mut ids: Vec<u64> = active.keys().copied().collect();
+        ids.sort_unstable();
+        let mut seqs: Vec<&mut Sequence<CpuBackend>> = Vec::with_capacity(ids.len());
+        // Borrow every active sequence mutably, in id order.
+        let mut by_id: HashMap<u64, &mut Active> = active.iter_mut().map(|(k, v)| (*k, v)).collect();
+        let mut txs = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let a = by_id.remove(id).expect("id from keys");
+            txs.push(a.tx.clone());
+            seqs.push(&mut a.seq);
+        }
+        let result = engine.step_from(&mut seqs, src.as_ref(), false);
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok((tokens, _)) => {
+                for ((id, t), tx) in ids.iter().zip(tokens).zip(txs) {
+                    let step = pb::SequenceStep {
+                        token_ids: vec![t.token],
+                        finish_reason: t.finished.map_or(pb::FinishReason::Unspecified, finish_to_pb) as i32,
+                    };
+                    if tx.send(Ok(step)).is_err() || t.finished.is_some() {
+                        active.remove(id);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("step failed: {e}");
+                for (_, a) in active.drain() {
+                    let _ = a.tx.send(Err(Status::unavailable(format!("worker step failed: {e}"))));
+                }
+            }
+        }
+        stats.active.store(active.len() as u32, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,110 @@
+//! Loading the ranges a worker owns into host memory: from the checkpoint on
+//! disk (only those byte ranges of the mapping are read), or pulled from a
+//! `Shards` endpoint (`--pull`, no shared filesystem).
+use std::time::Instant;
+
+use bytes::Bytes;
+use half::f16;
+use tonic::transport::Channel;
+use zeroshard_offload::plan::{Plan, WorkerId};
+use zeroshard_offload::Checkpoint;
+use zeroshard_proto::v1 as pb;
+use zeroshard_proto::v1::shards_client::ShardsClient;
+
+use crate::error::{Result, WorkerError};
+use crate::shards::{Assembler, Chunk, HostSlices, TensorRange};
+
+/// Bytes per element of the host store (f16).
+pub const ELEM_BYTES: usize = 2;
+
+/// Reads `me`'s ranges of `plan` from `ckpt`.
+pub fn load_from_checkpoint(ckpt: &Checkpoint, plan: &Plan, me: WorkerId) -> Result<HostSlices> {
+    let start = Instant::now();
+    let mut slices = HostSlices::new(ELEM_BYTES);
+    for r in plan.owned_ranges(me).map_err(|e| WorkerError::Load(format!("plan: {e}")))? {
+        let range = r.elements.start as usize..r.elements.end as usize;
+        let data = ckpt.read_f16(&r.tensor.meta.name, range)?;
+        slices
+            .insert(r.tensor.meta.name.clone(), r.elements.clone(), f16_bytes(data))
+            .map_err(|e| WorkerError::Load(e.to_string()))?;
+    }
+    log_loaded(&slices, start);
+    Ok(slices)
+}
+
+/// Receives `me`'s ranges of `plan` from the `Shards` service at `endpoint`.
+pub async fn load_from_pull(endpoint: &str, plan: &Plan, me: WorkerId) -> Result<HostSlices> {
+    let start = Instant::now();
+    let channel = super::connect(endpoint).await?;
+    let mut client = ShardsClient::new(channel);
+    let owned = plan.owned_ranges(me).map_err(|e| WorkerError::Load(format!("plan: {e}")))?;
+    let mut slices = HostSlices::new(ELEM_BYTES);
+    // A few tensors per request keeps memory bounded and the stream busy.
+    for batch in owned.chunks(16) {
+        let ranges: Vec<TensorRange> =
+            batch.iter().map(|r| TensorRange::new(r.tensor.meta.name.clone(), r.elements.clone())).collect();
+        let mut bufs: Vec<Vec<u8>> = ranges.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
+        pull(&mut client, plan.epoch(), &ranges, &mut bufs).await?;
+        for (r, b) in ranges.into_iter().zip(bufs) {
+            slices.insert(r.tensor, r.elements, Bytes::from(b)).map_err(|e| WorkerError::Load(e.to_string()))?;
+        }
+    }
+    log_loaded(&slices, start);
+    Ok(slices)
+}
+
+async fn pull(
+    client: &mut ShardsClient<Channel>,
+    epoch: u64,
+    ranges: &[TensorRange],
+    bufs: &mut [Vec<u8>],
+) -> Result<()> {
+    let dests = ranges.iter().cloned().zip(bufs.iter_mut().map(|b| b.as_mut_slice())).collect();
+    let mut asm = Assembler::new(dests, ELEM_BYTES).map_err(|e| WorkerError::Load(e.to_string()))?;
+    for _ in 0..4 {
+        let req = pb::FetchRangesRequest {
+            epoch,
+            ranges: asm
+                .request()
+                .into_iter()
+                .map(|r| pb::TensorRange { tensor: r.tensor, start: r.elements.start, end: r.elements.end })
+                .collect(),
+            chunk_bytes: 0,
+        };
+        let mut stream = client
+            .fetch_ranges(req)
+            .await
+            .map_err(|s| WorkerError::Load(format!("pull: {}", s.message())))?
+            .into_inner();
+        let mut ok = true;
+        while let Some(c) = stream.message().await.map_err(|s| WorkerError::Load(format!("pull: {}", s.message())))? {
+            let chunk = Chunk { range_index: c.range_index, offset: c.offset, data: c.data, crc32c: c.crc32c };
+            if let Err(e) = asm.accept(&chunk) {
+                tracing::warn!("pull: chunk rejected, refetching: {e}");
+                ok = false;
+                break;
+            }
+        }
+        if ok && asm.is_complete() {
+            return asm.finish().map_err(|e| WorkerError::Load(e.to_string()));
+        }
+        asm.restart();
+    }
+    Err(WorkerError::Load("pull: gave up after 4 attempts".into()))
+}
+
+/// An f16 vector as little-endian bytes.
+pub fn f16_bytes(data: Vec<f16>) -> Bytes {
+    Bytes::from(bytemuck::cast_slice::<f16, u8>(&data).to_vec())
+}
+
+fn log_loaded(slices: &HostSlices, start: Instant) {
+    let bytes = slices.held_bytes();
+    let s = start.elapsed().as_secs_f64();
+    tracing::info!(
+        "loaded {:.1} MB of owned ranges in {:.2} s ({:.2} GB/s)",
+        bytes as f64 / 1e6,
+        s,
+        bytes as f64 / s.max(1e-9) / 1e9
+    );
+}

@@ -1,0 +1,36 @@
+//! Where a forward pass gets its weights, one piece at a time.
+//!
+//! A step asks for the embedding (for the ids it feeds), then each decoder
+//! layer in order, then the head. The local source hands out the whole model
+//! it holds; the cluster's source gathers each piece from peers, prefetching
+//! the next ones and keeping some resident (see `node::weights`).
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::weights::HostWeights;
+
+/// Weights for one forward step, piece by piece, in forward order.
+pub trait WeightSource: Send + Sync {
+    /// Weights for the embedding pass over `ids`, and the ids to look up in them:
+    /// a source may hold only the table rows `ids` need, renumbered.
+    fn embedding(&self, ids: &[u32]) -> Result<(Arc<HostWeights>, Vec<u32>)>;
+    /// Decoder layer `l`'s weights.
+    fn layer(&self, l: usize) -> Result<Arc<HostWeights>>;
+    /// Final norm and LM head.
+    fn head(&self) -> Result<Arc<HostWeights>>;
+}
+
+/// A whole model held in host memory.
+impl WeightSource for Arc<HostWeights> {
+    fn embedding(&self, ids: &[u32]) -> Result<(Arc<HostWeights>, Vec<u32>)> {
+        Ok((self.clone(), ids.to_vec()))
+    }
+
+    fn layer(&self, _l: usize) -> Result<Arc<HostWeights>> {
+        Ok(self.clone())
+    }
+
+    fn head(&self) -> Result<Arc<HostWeights>> {
+        Ok(self.clone())
+    }
+}
