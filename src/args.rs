@@ -19,6 +19,118 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Measure prefill and decode throughput per batch size.
     Bench(BenchArgs),
+    /// Start a coordinator and N worker processes on this machine.
+    Up(UpArgs),
+    /// Run a coordinator alone (workers join with `zeroshard worker`).
+    Coordinator(CoordinatorArgs),
+    /// Run a worker that joins a coordinator.
+    Worker(WorkerArgs),
+    /// Send one request to a cluster (same flags and --json output as generate).
+    Query(QueryArgs),
+    /// Print a cluster's epoch and workers.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Hugging Face model folder (read by the coordinator; workers map it too unless --pull).
+    #[arg(long, env = "ZEROSHARD_MODEL")]
+    pub model: PathBuf,
+    /// Tensors smaller than this many bytes (f16) are replicated on every worker.
+    #[arg(long, default_value_t = 65536)]
+    pub persistence_threshold_bytes: u64,
+    /// Workers receive their ranges from the coordinator instead of reading the checkpoint.
+    #[arg(long)]
+    pub pull: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkerTuning {
+    /// Gathered layers kept resident per worker, in bytes (0 = re-gather every step).
+    #[arg(long, default_value_t = 0)]
+    pub max_live_bytes: u64,
+    /// Layers gathered ahead of the one computing.
+    #[arg(long, default_value_t = 2)]
+    pub prefetch_layers: usize,
+    /// Where workers compute: auto, cpu, cuda[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Address of the client API (port 0: the OS picks; the ready line shows it).
+    #[arg(long, default_value = "127.0.0.1:50051", env = "ZEROSHARD_LISTEN")]
+    pub listen: String,
+    #[command(flatten)]
+    pub tuning: WorkerTuning,
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Workers to wait for before planning the partition.
+    #[arg(long)]
+    pub workers: usize,
+    /// Address to serve on.
+    #[arg(long, default_value = "0.0.0.0:50051", env = "ZEROSHARD_LISTEN")]
+    pub listen: String,
+    /// Address workers and clients reach this coordinator at (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The coordinator, e.g. http://10.0.0.1:50051.
+    #[arg(long, env = "ZEROSHARD_COORDINATOR")]
+    pub coordinator: String,
+    /// Address to serve peers and the coordinator on (port 0: the OS picks).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// The checkpoint folder, when its path here differs from the coordinator's.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Receive owned ranges from the coordinator instead of reading the checkpoint.
+    #[arg(long)]
+    pub pull: bool,
+    #[command(flatten)]
+    pub tuning: WorkerTuning,
+    /// Test hook: corrupt every Nth shard chunk this worker serves.
+    #[arg(long, default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_CORRUPT_EVERY")]
+    pub fault_corrupt_every: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct QueryArgs {
+    /// The cluster, as `up` prints it: grpc://HOST:PORT.
+    #[arg(long, env = "ZEROSHARD_ENDPOINT")]
+    pub endpoint: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Stream text as it is generated.
+    #[arg(long)]
+    pub stream: bool,
+    /// Print one JSON object, as `generate --json` does.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, env = "ZEROSHARD_ENDPOINT")]
+    pub endpoint: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,7 @@
 //! The `zeroshard` command line: parses arguments, sets up tracing, and calls
 //! into the library crates. No engine logic lives here.
 mod args;
+mod cluster;
 
 use std::io::Write;
 
@@ -15,15 +16,25 @@ use args::{BenchArgs, Cli, Command, GenerateArgs};
 
 fn main() {
     let cli = Cli::parse();
+    // Long-running roles log their progress; one-shot commands only warnings.
+    let default_level = match cli.command {
+        Command::Up(_) | Command::Coordinator(_) | Command::Worker(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => run_bench(a),
+        Command::Up(a) => cluster::up(a),
+        Command::Coordinator(a) => cluster::coordinator(a),
+        Command::Worker(a) => cluster::worker(a),
+        Command::Query(a) => cluster::query(a),
+        Command::Status(a) => cluster::status(a),
     };
     if let Err(e) = result {
         // One line: what failed and where (the error chain, outermost first).
@@ -32,7 +43,7 @@ fn main() {
     }
 }
 
-fn sampling(a: &args::SamplingArgs) -> GenerationParams {
+pub(crate) fn sampling(a: &args::SamplingArgs) -> GenerationParams {
     GenerationParams {
         sampling: SamplingParams {
             temperature: a.temperature,

@@ -18,6 +18,21 @@ pub enum CoordinatorError {
     /// The request cannot be served as given.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The cluster cannot serve now (not ready, no worker, worker failed).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> Self {
+        use CoordinatorError as E;
+        match &e {
+            E::InvalidRequest(_) | E::Tokenizer(_) => tonic::Status::invalid_argument(e.to_string()),
+            E::Worker(WorkerError::InvalidRequest(_)) => tonic::Status::invalid_argument(e.to_string()),
+            E::Unavailable(_) | E::Worker(WorkerError::Gather(_)) => tonic::Status::unavailable(e.to_string()),
+            E::Offload(_) | E::Worker(_) | E::Plan(_) => tonic::Status::internal(e.to_string()),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, CoordinatorError>;

@@ -5,10 +5,14 @@
 //! - [`local`]: [`LocalModel`](local::LocalModel), a whole model on this node:
 //!   text in, streamed text and token ids out.
 pub mod bench;
+pub mod client;
+mod convert;
 pub mod launcher;
 mod error;
 pub mod local;
+pub mod server;
 pub mod tokenizer;
+pub mod up;
 
 pub use error::{CoordinatorError, Result};
 /// The partition planner (a pure function; lives with the host-memory types).

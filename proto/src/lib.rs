@@ -47,6 +47,12 @@ pub mod transport {
             .tcp_nodelay(true)
     }
 
+    /// Accepted connections of `listener`, with `TCP_NODELAY` (a server fed its
+    /// own listener does not apply `Server::tcp_nodelay`).
+    pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+    }
+
     /// An endpoint for `uri` (`http://host:port`), tuned the same way.
     pub fn endpoint(uri: &str) -> Result<Endpoint, tonic::transport::Error> {
         Ok(Endpoint::from_shared(uri.to_string())?

@@ -103,3 +103,17 @@ pub fn generation_params(p: Option<pb::SamplingParams>) -> crate::engine::Genera
         ignore_eos: p.ignore_eos,
     }
 }
+
+impl From<&crate::engine::GenerationParams> for pb::SamplingParams {
+    fn from(p: &crate::engine::GenerationParams) -> Self {
+        Self {
+            max_new_tokens: Some(p.max_new_tokens as u32),
+            temperature: Some(p.sampling.temperature),
+            top_k: Some(p.sampling.top_k as u32),
+            top_p: Some(p.sampling.top_p),
+            seed: Some(p.sampling.seed),
+            repetition_penalty: Some(p.sampling.repetition_penalty),
+            ignore_eos: p.ignore_eos,
+        }
+    }
+}

@@ -13,7 +13,8 @@
 //!   arithmetic.
 //!
 //! The instruction set is detected once: AVX-512 (F/BW/VL), else AVX2 + FMA + F16C, else a
-//! portable scalar loop. Products of more than [`PARALLEL_MIN_WORK`] are split by weight
+//! portable scalar loop. `ZEROSHARD_CPU_ISA=avx2` (or `scalar`) caps the choice, to compare
+//! kernels or rule one out. Products of more than [`PARALLEL_MIN_WORK`] are split by weight
 //! rows over rayon's global pool; smaller ones run on the calling thread and allocate
 //! nothing.
 //!
@@ -73,10 +74,31 @@ enum Isa {
 }
 
 impl Isa {
-    /// The best instruction set of this CPU, detected on first use.
+    /// The best instruction set of this CPU, at most `ZEROSHARD_CPU_ISA` if set; detected on
+    /// first use.
     fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| *Isa::available().last().expect("the portable loop is always there"))
+        *ISA.get_or_init(|| {
+            let cap = std::env::var("ZEROSHARD_CPU_ISA").ok();
+            let mut isas = Isa::available();
+            if let Some(at) = cap.as_deref().and_then(|cap| isas.iter().position(|i| i.name() == cap)) {
+                isas.truncate(at + 1);
+            }
+            let isa = *isas.last().expect("the portable loop is always there");
+            tracing::debug!(isa = isa.name(), cap, "cpu matmul kernels");
+            isa
+        })
+    }
+
+    /// The value of `ZEROSHARD_CPU_ISA` that selects this instruction set.
+    fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+        }
     }
 
     /// Every instruction set this CPU supports, from the portable one to the best.

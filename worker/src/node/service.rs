@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 use zeroshard_offload::plan::{Assignment, OwnedBytes, Plan, WorkerId};
 use zeroshard_offload::{Checkpoint, ModelConfig};
@@ -96,6 +96,11 @@ impl Node {
     }
 
     async fn install(&self, a: Assignment) -> Result<(u64, f64)> {
+        // The plan can arrive before the answer to our registration is processed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (self.id.get().is_none() || self.model.get().is_none()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let me = *self.id.get().ok_or_else(|| WorkerError::InvalidRequest("not registered yet".into()))?;
         if a.worker != WorkerId(me) {
             return Err(WorkerError::InvalidRequest(format!("plan is for {}, this is worker {me}", a.worker)));
@@ -281,7 +286,7 @@ pub async fn run(
     let server = zeroshard_proto::transport::server()
         .add_service(WorkerServer::new(svc.clone()))
         .add_service(ShardsServer::new(svc).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(zeroshard_proto::transport::incoming(listener), shutdown);
     let server = tokio::spawn(server);
     println!("listening {advertise}");
 

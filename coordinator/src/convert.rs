@@ -1,0 +1,55 @@
+//! Conversions between the coordinator's domain types and `zeroshard.v1`
+//! messages, in one place.
+use zeroshard_proto::v1 as pb;
+
+use crate::local::{GenerateOutput, GenerateRequest, Prompt, Timings};
+
+impl From<&GenerateRequest> for pb::GenerateRequest {
+    fn from(r: &GenerateRequest) -> Self {
+        Self {
+            prompt: Some(match &r.prompt {
+                Prompt::Text(t) => pb::generate_request::Prompt::Text(t.clone()),
+                Prompt::Ids(ids) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: ids.clone() }),
+            }),
+            sampling: Some(pb::SamplingParams::from(&r.params)),
+            stop: r.stop.clone(),
+        }
+    }
+}
+
+impl From<pb::Timings> for Timings {
+    fn from(t: pb::Timings) -> Self {
+        Self {
+            prefill_ms: t.prefill_ms,
+            decode_ms: t.decode_ms,
+            prompt_tokens: t.prompt_tokens as usize,
+            generated_tokens: t.generated_tokens as usize,
+            prefill_tokens_per_s: t.prefill_tokens_per_s,
+            decode_tokens_per_s: t.decode_tokens_per_s,
+        }
+    }
+}
+
+/// The `--json` name of a finish reason.
+pub fn finish_reason_str(r: i32) -> &'static str {
+    match pb::FinishReason::try_from(r).unwrap_or(pb::FinishReason::Unspecified) {
+        pb::FinishReason::Length => "length",
+        pb::FinishReason::Eos => "eos",
+        pb::FinishReason::Stop => "stop",
+        pb::FinishReason::Cancelled => "cancelled",
+        pb::FinishReason::Unspecified => "unspecified",
+    }
+}
+
+impl From<pb::GenerateResponse> for GenerateOutput {
+    fn from(r: pb::GenerateResponse) -> Self {
+        Self {
+            prompt_token_ids: r.prompt_token_ids,
+            token_ids: r.token_ids,
+            text: r.text,
+            finish_reason: finish_reason_str(r.finish_reason),
+            timings: r.timings.map(Timings::from).unwrap_or_default(),
+            prompt_logits: None,
+        }
+    }
+}

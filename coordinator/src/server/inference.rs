@@ -1,0 +1,75 @@
+//! `Inference`: the client API.
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use zeroshard_proto::v1 as pb;
+
+use super::{generate, Coordinator};
+
+#[derive(Clone)]
+pub struct InferenceSvc(pub Coordinator);
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(generate::run(self.0.clone(), req.into_inner(), tx));
+        let mut resp = pb::GenerateResponse::default();
+        while let Some(chunk) = rx.recv().await {
+            let c = chunk?;
+            if !c.prompt_token_ids.is_empty() {
+                resp.prompt_token_ids = c.prompt_token_ids;
+            }
+            resp.token_ids.extend(c.token_ids);
+            resp.text.push_str(&c.text);
+            if c.finish_reason != 0 {
+                resp.finish_reason = c.finish_reason;
+                resp.timings = c.timings;
+            }
+        }
+        if resp.finish_reason == 0 {
+            return Err(Status::unavailable("the sequence ended without a finish reason"));
+        }
+        Ok(Response::new(resp))
+    }
+
+    type GenerateStreamStream = ChunkStream;
+
+    async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(generate::run(self.0.clone(), req.into_inner(), tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let coord = &self.0;
+        let ready = coord.plan().is_ok();
+        let epoch = coord.plan().map(|p| p.epoch()).unwrap_or(0);
+        let stats = coord.workers().into_iter().map(|w| async move {
+            let mut client = w.client.clone();
+            let s = client.stats(pb::StatsRequest {}).await.map(Response::into_inner);
+            (w, s)
+        });
+        let mut workers = Vec::new();
+        for (w, s) in futures::future::join_all(stats).await {
+            let s = s.unwrap_or_default();
+            workers.push(pb::WorkerStatus {
+                id: w.id.0,
+                address: w.address,
+                owned_partitioned_bytes: s.owned_partitioned_bytes,
+                owned_persistent_bytes: s.owned_persistent_bytes,
+                resident_bytes: s.resident_bytes,
+                active_sequences: s.active_sequences,
+                gather_bytes_per_s: s.gather_bytes_per_s,
+                ready: ready && s.epoch == epoch,
+            });
+        }
+        Ok(Response::new(pb::ClusterStatusResponse { epoch, ready, model: coord.model_name(), workers }))
+    }
+}

@@ -1,0 +1,72 @@
+//! `Shards` on the coordinator: serves element ranges straight from the
+//! memory-mapped checkpoint, for workers started with `--pull`.
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use zeroshard_proto::v1 as pb;
+use zeroshard_worker::shards::{checksum, CHUNK_BYTES};
+
+use super::Coordinator;
+
+pub struct CheckpointShards(pub Coordinator);
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ShardChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl zeroshard_proto::v1::shards_server::Shards for CheckpointShards {
+    type FetchRangesStream = ChunkStream;
+
+    async fn fetch_ranges(&self, req: Request<pb::FetchRangesRequest>) -> Result<Response<ChunkStream>, Status> {
+        let r = req.into_inner();
+        // Pulling happens while an epoch is being installed: accept the epoch
+        // being installed (the only one this coordinator makes so far).
+        if r.epoch != 1 {
+            return Err(Status::failed_precondition(format!("epoch {} is not the coordinator's epoch 1", r.epoch)));
+        }
+        let ckpt = &self.0 .0.ckpt;
+        for t in &r.ranges {
+            let info = ckpt.info(&t.tensor).map_err(|e| Status::not_found(e.to_string()))?;
+            if t.start > t.end || t.end > info.numel() as u64 {
+                return Err(Status::invalid_argument(format!(
+                    "tensor `{}`: range {}..{} outside its {} elements",
+                    t.tensor,
+                    t.start,
+                    t.end,
+                    info.numel()
+                )));
+            }
+        }
+        let chunk_bytes = if r.chunk_bytes == 0 { CHUNK_BYTES } else { r.chunk_bytes as usize };
+        let per_chunk = (chunk_bytes / 2).max(1) as u64;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let coord = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let ckpt = &coord.0.ckpt;
+            for (i, t) in r.ranges.iter().enumerate() {
+                let mut at = t.start;
+                while at < t.end {
+                    let end = (at + per_chunk).min(t.end);
+                    let msg = match ckpt.read_f16(&t.tensor, at as usize..end as usize) {
+                        Ok(v) => {
+                            let data = bytes::Bytes::from(bytemuck::cast_slice::<half::f16, u8>(&v).to_vec());
+                            Ok(pb::ShardChunk {
+                                range_index: i as u32,
+                                offset: (at - t.start) * 2,
+                                crc32c: checksum(&data),
+                                data,
+                            })
+                        }
+                        Err(e) => Err(Status::internal(e.to_string())),
+                    };
+                    let failed = msg.is_err();
+                    if tx.blocking_send(msg).is_err() || failed {
+                        return;
+                    }
+                    at = end;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,63 @@
+//! `zeroshard up`: a coordinator in this process and N worker processes on
+//! this machine (embedded membership). Prints `ready grpc://HOST:PORT` once the
+//! cluster serves; stops every worker when asked to stop or when one fails.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::error::{CoordinatorError, Result};
+use crate::launcher::Fleet;
+use crate::server::{self, ClusterConfig, Coordinator, Readiness};
+
+/// What `up` starts.
+#[derive(Clone, Debug)]
+pub struct UpConfig {
+    pub cluster: ClusterConfig,
+    /// The `zeroshard` binary the workers run.
+    pub exe: PathBuf,
+    /// Extra arguments for every worker (`--prefetch-layers`, `--max-live-bytes`…).
+    pub worker_args: Vec<String>,
+}
+
+/// Runs the cluster until `stop` turns true. Errors when a worker cannot start
+/// or load, after stopping the others.
+pub async fn run(cfg: UpConfig, listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let addr = listener.local_addr().map_err(|e| CoordinatorError::Unavailable(format!("listener: {e}")))?;
+    let url = format!("http://{addr}");
+    let coord = Coordinator::new(cfg.cluster.clone(), url.clone())?;
+    let mut server_stop = stop.clone();
+    let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
+        let _ = server_stop.wait_for(|s| *s).await;
+    }));
+    let n = cfg.cluster.workers;
+    let mut fleet = Fleet::spawn(&cfg.exe, n, |_| {
+        let mut a = vec!["worker".to_string(), "--coordinator".into(), url.clone(), "--listen".into(), "127.0.0.1:0".into()];
+        a.extend(cfg.worker_args.iter().cloned());
+        a
+    })
+    .map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
+    eprintln!("starting {n} workers for {}", cfg.cluster.model_dir.display());
+    let outcome = tokio::select! {
+        r = coord.wait_ready() => match r {
+            Readiness::Ready => Ok(()),
+            Readiness::Failed(e) => Err(CoordinatorError::Unavailable(e)),
+            other => Err(CoordinatorError::Unavailable(format!("cluster not ready: {other:?}"))),
+        },
+        e = fleet.any_exit() => Err(CoordinatorError::Unavailable(e.to_string())),
+        _ = stop.wait_for(|s| *s) => Err(CoordinatorError::Unavailable("stopped before ready".into())),
+    };
+    if let Err(e) = outcome {
+        fleet.shutdown(Duration::from_secs(5)).await;
+        return Err(e);
+    }
+    println!("ready grpc://{addr}");
+    let result = tokio::select! {
+        _ = stop.wait_for(|s| *s) => Ok(()),
+        e = fleet.any_exit() => Err(CoordinatorError::Unavailable(format!("{e}; stopping the cluster"))),
+    };
+    fleet.shutdown(Duration::from_secs(5)).await;
+    server.abort();
+    result
+}

@@ -1,0 +1,195 @@
+//! The cluster subcommands: `up`, `coordinator`, `worker`, `query`, `status`.
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use zeroshard_coordinator::local::{Device, GenerateRequest, Prompt};
+use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness};
+use zeroshard_coordinator::{client, up as up_mod};
+use zeroshard_worker::node::{self, NodeConfig};
+
+use crate::args::{self, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs, WorkerTuning};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("tokio runtime")
+}
+
+/// Turns true on SIGINT or SIGTERM.
+fn stop_signal() -> Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+fn cluster_config(c: &ClusterArgs, workers: usize) -> ClusterConfig {
+    ClusterConfig {
+        model_dir: c.model.clone(),
+        workers,
+        persistence_threshold_bytes: c.persistence_threshold_bytes,
+        pull: c.pull,
+    }
+}
+
+fn check_device(d: Device) -> Result<()> {
+    match d {
+        Device::Auto | Device::Cpu => Ok(()),
+        Device::Cuda(n) => bail!("--device cuda:{n}: this build has no CUDA backend yet; use --device cpu or auto"),
+    }
+}
+
+fn tuning_args(t: &WorkerTuning) -> Vec<String> {
+    vec![
+        "--max-live-bytes".into(),
+        t.max_live_bytes.to_string(),
+        "--prefetch-layers".into(),
+        t.prefetch_layers.to_string(),
+    ]
+}
+
+async fn bind(addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))
+}
+
+pub fn up(a: UpArgs) -> Result<()> {
+    check_device(a.tuning.device)?;
+    if a.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let mut worker_args = tuning_args(&a.tuning);
+    if a.cluster.pull {
+        worker_args.push("--pull".into());
+    }
+    let cfg = up_mod::UpConfig {
+        cluster: cluster_config(&a.cluster, a.workers),
+        exe: std::env::current_exe().context("locating the zeroshard binary")?,
+        worker_args,
+    };
+    runtime()?.block_on(async {
+        let listener = bind(&a.listen).await?;
+        up_mod::run(cfg, listener, stop_signal()?).await?;
+        Ok(())
+    })
+}
+
+pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let listener = bind(&a.listen).await?;
+        let local = listener.local_addr()?;
+        let advertise = a.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+        let coord = Coordinator::new(cluster_config(&a.cluster, a.workers), advertise)?;
+        let mut stop = stop_signal()?;
+        let mut server_stop = stop.clone();
+        let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
+            let _ = server_stop.wait_for(|s| *s).await;
+        }));
+        eprintln!("coordinator on {local}, waiting for {} workers", a.workers);
+        tokio::select! {
+            r = coord.wait_ready() => match r {
+                Readiness::Ready => println!("ready grpc://{local}"),
+                Readiness::Failed(e) => bail!("{e}"),
+                other => bail!("not ready: {other:?}"),
+            },
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        let _ = stop.wait_for(|s| *s).await;
+        server.await??;
+        Ok(())
+    })
+}
+
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    check_device(a.tuning.device)?;
+    let cfg = NodeConfig {
+        coordinator: a.coordinator.clone(),
+        model_dir: a.model.clone(),
+        pull: a.pull,
+        prefetch_layers: a.tuning.prefetch_layers,
+        max_live_bytes: a.tuning.max_live_bytes,
+        corrupt_every: a.fault_corrupt_every,
+    };
+    runtime()?.block_on(async {
+        let listener = bind(&a.listen).await?;
+        let mut stop = stop_signal()?;
+        node::run(cfg, listener, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+        Ok(())
+    })
+}
+
+pub fn query(a: QueryArgs) -> Result<()> {
+    let prompt = match (a.prompt.prompt.as_slice(), a.prompt.prompt_ids.as_slice()) {
+        ([text], []) => Prompt::Text(text.clone()),
+        ([], [ids]) => Prompt::Ids(args::parse_ids(ids)?),
+        _ => bail!("query takes exactly one --prompt or --prompt-ids"),
+    };
+    let req = GenerateRequest { prompt, params: crate::sampling(&a.sampling), stop: a.sampling.stop.clone() };
+    let stream_text = a.stream && !a.json;
+    let out = runtime()?.block_on(client::query(&a.endpoint, &req, a.stream, |t| {
+        if stream_text {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(t.as_bytes());
+            let _ = o.flush();
+        }
+    }))?;
+    let mut o = std::io::stdout().lock();
+    if a.json {
+        writeln!(o, "{}", serde_json::to_string(&out)?)?;
+    } else if stream_text {
+        writeln!(o)?;
+    } else {
+        writeln!(o, "{}", out.text)?;
+    }
+    Ok(())
+}
+
+pub fn status(a: StatusArgs) -> Result<()> {
+    let s = runtime()?.block_on(client::status(&a.endpoint))?;
+    if a.json {
+        let workers: Vec<serde_json::Value> = s
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "id": w.id, "address": w.address, "ready": w.ready,
+                    "owned_partitioned_bytes": w.owned_partitioned_bytes,
+                    "owned_persistent_bytes": w.owned_persistent_bytes,
+                    "resident_bytes": w.resident_bytes, "active_sequences": w.active_sequences,
+                    "gather_bytes_per_s": w.gather_bytes_per_s,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({"epoch": s.epoch, "ready": s.ready, "model": s.model, "workers": workers});
+        println!("{v}");
+        return Ok(());
+    }
+    println!("model {} · epoch {} · {}", s.model, s.epoch, if s.ready { "ready" } else { "not ready" });
+    println!(
+        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>7} {:>10}",
+        "id", "address", "owned MB", "persist MB", "resident MB", "active", "gather GB/s"
+    );
+    for w in &s.workers {
+        println!(
+            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>7} {:>10.2}",
+            w.id,
+            w.address,
+            w.owned_partitioned_bytes as f64 / 1e6,
+            w.owned_persistent_bytes as f64 / 1e6,
+            w.resident_bytes as f64 / 1e6,
+            w.active_sequences,
+            w.gather_bytes_per_s / 1e9
+        );
+    }
+    Ok(())
+}
