@@ -102,9 +102,12 @@ pub struct WorkerArgs {
     pub pull: bool,
     #[command(flatten)]
     pub tuning: WorkerTuning,
-    /// Test hook: corrupt every Nth shard chunk this worker serves.
+    /// Test hook: corrupt one chunk of every Nth shard fetch this worker serves.
     #[arg(long, default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_CORRUPT_EVERY")]
     pub fault_corrupt_every: u64,
+    /// Test hook: refuse to load any plan.
+    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_FAIL_LOAD")]
+    pub fault_fail_load: bool,
 }
 
 #[derive(Args, Debug)]

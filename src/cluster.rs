@@ -116,6 +116,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         prefetch_layers: a.tuning.prefetch_layers,
         max_live_bytes: a.tuning.max_live_bytes,
         corrupt_every: a.fault_corrupt_every,
+        fail_load: a.fault_fail_load,
     };
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
@@ -167,6 +168,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
                     "owned_persistent_bytes": w.owned_persistent_bytes,
                     "resident_bytes": w.resident_bytes, "active_sequences": w.active_sequences,
                     "gather_bytes_per_s": w.gather_bytes_per_s,
+                    "rejected_chunks_total": w.rejected_chunks_total, "steps_total": w.steps_total,
                 })
             })
             .collect();

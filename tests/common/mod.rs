@@ -2,6 +2,8 @@
 //! run the real `zeroshard` binary.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

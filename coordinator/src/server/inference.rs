@@ -68,6 +68,8 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
                 active_sequences: s.active_sequences,
                 gather_bytes_per_s: s.gather_bytes_per_s,
                 ready: ready && s.epoch == epoch,
+                rejected_chunks_total: s.rejected_chunks_total,
+                steps_total: s.steps_total,
             });
         }
         Ok(Response::new(pb::ClusterStatusResponse { epoch, ready, model: coord.model_name(), workers }))

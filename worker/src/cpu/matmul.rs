@@ -5,7 +5,7 @@
 //! exactly, activations stay f32 and sums are f32.
 //!
 //! Every product is a grid of dot products along `k` (both operands are contiguous along
-//! it). [`kernel`] walks the grid in two regimes:
+//! it). `kernel` walks the grid in two regimes:
 //! - decode (`n ≤ 4`): a GEMV that streams each weight row once, two long runs of rows side
 //!   by side, against all `n` activation rows at once; bound by memory bandwidth.
 //! - prefill and batches (`n > 4`): tiles of 4×6 (AVX-512) or 2×4 (AVX2) activation × weight
@@ -14,7 +14,7 @@
 //!
 //! The instruction set is detected once: AVX-512 (F/BW/VL), else AVX2 + FMA + F16C, else a
 //! portable scalar loop. `ZEROSHARD_CPU_ISA=avx2` (or `scalar`) caps the choice, to compare
-//! kernels or rule one out. Products of more than [`PARALLEL_MIN_WORK`] are split by weight
+//! kernels or rule one out. Products of more than `PARALLEL_MIN_WORK` are split by weight
 //! rows over rayon's global pool; smaller ones run on the calling thread and allocate
 //! nothing.
 //!
@@ -162,7 +162,7 @@ fn matmul_with(
             add_bias(&bias[cols.start()..cols.end()], &mut cols);
         }
     };
-    let work = m * k * n.div_ceil(4);
+    let work = (m * k).saturating_mul(n.div_ceil(4));
     if work < PARALLEL_MIN_WORK || rayon::current_num_threads() == 1 {
         task(OutCols::whole(out, n, m));
         return;

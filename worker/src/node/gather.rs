@@ -14,8 +14,8 @@ use zeroshard_proto::v1::shards_client::ShardsClient;
 use crate::error::{Result, WorkerError};
 use crate::shards::{Assembler, Chunk, HostSlices, TensorRange};
 
-/// Attempts per peer fetch before the gather fails (a bad chunk or a broken
-/// stream costs one; what was already verified is kept).
+/// Attempts in a row without progress before a peer fetch fails (a bad chunk or
+/// a broken stream costs one; what was already verified is kept).
 const FETCH_ATTEMPTS: usize = 4;
 
 /// Running totals of what gathers moved from peers.
@@ -112,7 +112,9 @@ impl Gatherer {
             .ok_or_else(|| WorkerError::Gather(format!("no connection to worker {peer}")))?;
         let mut asm = Assembler::new(ranges, 2).map_err(|e| WorkerError::Gather(e.to_string()))?;
         let mut last_error = String::new();
-        for _ in 0..FETCH_ATTEMPTS {
+        let mut failures = 0;
+        while failures < FETCH_ATTEMPTS {
+            let before = asm.received_bytes();
             let request = pb::FetchRangesRequest {
                 epoch: self.plan.epoch(),
                 ranges: asm
@@ -129,6 +131,7 @@ impl Gatherer {
                 }
                 Err(status) => {
                     last_error = format!("worker {peer}: {}", status.message());
+                    failures += 1;
                     continue;
                 }
             };
@@ -154,9 +157,10 @@ impl Gatherer {
                 None => last_error = format!("worker {peer}: stream ended early"),
                 Some(e) => last_error = e,
             }
+            failures = if asm.received_bytes() > before { 1 } else { failures + 1 };
             asm.restart();
         }
-        Err(WorkerError::Gather(format!("gave up after {FETCH_ATTEMPTS} attempts: {last_error}")))
+        Err(WorkerError::Gather(format!("gave up after {FETCH_ATTEMPTS} attempts without progress: {last_error}")))
     }
 }
 

@@ -35,8 +35,10 @@ pub struct NodeConfig {
     pub prefetch_layers: usize,
     /// Gathered layers kept resident within this many bytes (0 = re-gather every step).
     pub max_live_bytes: u64,
-    /// Test hook: corrupt every Nth chunk this worker serves (0 = never).
+    /// Test hook: corrupt one chunk of every Nth fetch this worker serves (0 = never).
     pub corrupt_every: u64,
+    /// Test hook: fail every plan installation.
+    pub fail_load: bool,
 }
 
 /// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings.

@@ -72,7 +72,7 @@ struct Node {
     batch: Arc<BatchStats>,
     resident: Arc<AtomicU64>,
     gather: Arc<GatherStats>,
-    served_chunks: AtomicU64,
+    served_fetches: AtomicU64,
 }
 
 impl Node {
@@ -106,6 +106,9 @@ impl Node {
             return Err(WorkerError::InvalidRequest(format!("plan is for {}, this is worker {me}", a.worker)));
         }
         let info = self.model.get().ok_or_else(|| WorkerError::InvalidRequest("no model yet".into()))?;
+        if self.cfg.fail_load {
+            return Err(WorkerError::Load("injected fault: this worker refuses to load (--fault-fail-load)".into()));
+        }
         let start = Instant::now();
         let plan = Arc::new(a.plan);
         let slices = match &a.pull_from {
@@ -214,6 +217,7 @@ impl Worker for Svc {
             gathered_bytes_total: n.gather.bytes.load(Ordering::Relaxed),
             gather_bytes_per_s: n.gather.bytes_per_s(),
             steps_total: n.batch.steps.load(Ordering::Relaxed),
+            rejected_chunks_total: n.gather.rejected_chunks.load(Ordering::Relaxed),
         }))
     }
 }
@@ -240,16 +244,18 @@ impl Shards for Svc {
         let chunk_bytes = if r.chunk_bytes == 0 { CHUNK_BYTES } else { r.chunk_bytes as usize };
         let chunks = slices.chunks(&ranges, chunk_bytes).map_err(shard_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let node = self.0.clone();
+        // Fault injection: the first chunk of every Nth fetch gets a flipped
+        // byte under its original checksum (the retry is another fetch).
+        let n = self.0.served_fetches.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut corrupt = self.0.cfg.corrupt_every > 0 && n % self.0.cfg.corrupt_every == 0;
         tokio::spawn(async move {
             for chunk in chunks {
                 let mut msg = pb::ShardChunk::from(chunk);
-                let n = node.served_chunks.fetch_add(1, Ordering::Relaxed) + 1;
-                if node.cfg.corrupt_every > 0 && n % node.cfg.corrupt_every == 0 && !msg.data.is_empty() {
-                    // Fault injection: flip a byte, keep the checksum.
+                if corrupt && !msg.data.is_empty() {
                     let mut bad = msg.data.to_vec();
                     bad[0] ^= 0xff;
                     msg.data = bad.into();
+                    corrupt = false;
                 }
                 if tx.send(Ok(msg)).await.is_err() {
                     break; // the requester left
@@ -280,7 +286,7 @@ pub async fn run(
         batch: Arc::new(BatchStats::default()),
         resident: Arc::new(AtomicU64::new(0)),
         gather: Arc::new(GatherStats::default()),
-        served_chunks: AtomicU64::new(0),
+        served_fetches: AtomicU64::new(0),
     });
     let svc = Svc(node.clone());
     let server = zeroshard_proto::transport::server()

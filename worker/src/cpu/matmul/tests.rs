@@ -153,6 +153,21 @@ fn exact_on_small_integers() {
 }
 
 #[test]
+fn activations_are_not_rounded_to_f16() {
+    // 1 + 2^-20 rounds to 1 in f16: the sum would be exactly k.
+    let k = 33;
+    let x = vec![1.0 + 2f32.powi(-20); k];
+    let w = vec![f16::ONE; 2 * k];
+    for isa in Isa::available() {
+        let mut out = [0f32; 2];
+        matmul_with(isa, &x, &w, None, &mut out, 1, k, 2);
+        for v in out {
+            assert!((v - k as f32 - k as f32 * 2f32.powi(-20)).abs() < 1e-5, "{isa:?}: {v}");
+        }
+    }
+}
+
+#[test]
 fn empty_dimensions() {
     let mut out = vec![1f32; 6];
     let bias = [f16::from_f32(0.5); 3];

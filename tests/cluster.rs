@@ -1,0 +1,307 @@
+//! The ZeRO-3 cluster through the real binary: `up` with N workers on loopback,
+//! `query` and `status` against it.
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::*;
+use serde_json::Value;
+
+const FAMILY: &[&str] =
+    &["llama-gqa-tied", "llama-rope-scaled", "llama-sharded-bf16", "llama-f16", "mistral", "qwen2"];
+
+fn path(p: &std::path::Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+fn query(ep: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["query", "--endpoint", ep, "--json"];
+    args.extend_from_slice(extra);
+    run_json(&args).remove(0)
+}
+
+fn status(ep: &str) -> Value {
+    run_json(&["status", "--endpoint", ep, "--json"]).remove(0)
+}
+
+/// Every ref through `up --workers n`: stories260K text prompts and each
+/// Llama-family fixture's id prompts, greedy tokens exact (and, for stories,
+/// the text).
+fn refs_through_cluster(n: usize) {
+    let n_arg = n.to_string();
+    let stories = read_json(&shared().join("refs/stories260K_greedy_sample.json"));
+    let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", &n_arg]);
+    for case in stories["cases"].as_array().expect("cases") {
+        let out = query(
+            &c.endpoint,
+            &["--prompt", case["prompt"].as_str().expect("prompt"), "--temperature", "0", "--ignore-eos", "--max-new-tokens", "48"],
+        );
+        assert_eq!(ids_of(&out["prompt_token_ids"]), ids_of(&case["input_ids"]), "N={n} {}", case["name"]);
+        assert_eq!(ids_of(&out["token_ids"]), ids_of(&case["new_token_ids"]), "N={n} {}", case["name"]);
+        assert_eq!(out["text"], case["new_text"], "N={n} {}", case["name"]);
+    }
+    drop(c);
+    for name in FAMILY {
+        let refs = read_json(&shared().join(format!("refs/arch/{name}.json")));
+        let c = Cluster::up(&["--model", &path(&model(&format!("fixtures/{name}"))), "--workers", &n_arg]);
+        for p in refs["prompts"].as_array().expect("prompts") {
+            let want = ids_of(&p["new_token_ids"]);
+            let out = query(
+                &c.endpoint,
+                &["--prompt-ids", &ids_arg(&ids_of(&p["input_ids"])), "--temperature", "0", "--ignore-eos",
+                  "--max-new-tokens", &want.len().to_string()],
+            );
+            assert_eq!(ids_of(&out["token_ids"]), want, "N={n} {name}/{}", p["name"]);
+        }
+    }
+}
+
+#[test]
+fn refs_through_one_worker() {
+    refs_through_cluster(1);
+}
+
+#[test]
+fn refs_through_two_workers() {
+    refs_through_cluster(2);
+}
+
+#[test]
+fn refs_through_three_workers() {
+    refs_through_cluster(3);
+}
+
+#[test]
+fn refs_through_four_workers() {
+    refs_through_cluster(4);
+}
+
+#[test]
+fn query_equals_generate_with_sampling() {
+    let dir = path(&model("stories260K"));
+    let c = Cluster::up(&["--model", &dir, "--workers", "3"]);
+    let flags = ["--prompt", "Tom and his mom", "--temperature", "0.9", "--top-p", "0.9", "--seed", "11", "--max-new-tokens", "40"];
+    let q = query(&c.endpoint, &flags);
+    let mut g_args = vec!["generate", "--model", dir.as_str(), "--json"];
+    g_args.extend_from_slice(&flags);
+    let g = run_json(&g_args).remove(0);
+    assert_eq!(q["token_ids"], g["token_ids"]);
+    assert_eq!(q["text"], g["text"]);
+    assert_eq!(q["finish_reason"], g["finish_reason"]);
+}
+
+#[test]
+fn status_shows_each_worker_owning_its_share() {
+    let dir = model("stories260K");
+    let threshold = 4096u64;
+    let c = Cluster::up(&["--model", &path(&dir), "--workers", "3", "--persistence-threshold-bytes", &threshold.to_string()]);
+    // Expected from the checkpoint: tensors ≥ threshold bytes (as f16) are split.
+    let (mut partitioned, mut persistent, mut tensors) = (0u64, 0u64, 0u64);
+    for (_, numel) in tensor_sizes(&dir.join("model.safetensors")) {
+        if numel * 2 < threshold {
+            persistent += numel * 2;
+        } else {
+            partitioned += numel * 2;
+            tensors += 1;
+        }
+    }
+    let s = status(&c.endpoint);
+    assert_eq!(s["epoch"], 1);
+    assert_eq!(s["ready"], true);
+    let workers = s["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 3);
+    let mut total = 0;
+    for w in workers {
+        let owned = w["owned_partitioned_bytes"].as_u64().expect("owned");
+        let ideal = partitioned as f64 / 3.0;
+        assert!((owned as f64 - ideal).abs() <= (tensors * 2) as f64, "{owned} vs {ideal} ± 1 element per tensor");
+        assert_eq!(w["owned_persistent_bytes"].as_u64(), Some(persistent));
+        total += owned;
+    }
+    assert_eq!(total, partitioned, "every partitioned element owned exactly once");
+}
+
+/// (name, numel) of every tensor in a safetensors file (f32 or f16).
+fn tensor_sizes(file: &std::path::Path) -> Vec<(String, u64)> {
+    let bytes = std::fs::read(file).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let numel = v["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim")).product();
+            (k, numel)
+        })
+        .collect()
+}
+
+#[test]
+fn thirty_two_concurrent_streaming_clients_and_a_client_that_leaves() {
+    let stories = read_json(&shared().join("refs/stories260K_greedy_sample.json"));
+    let cases: Vec<Value> = stories["cases"].as_array().expect("cases").clone();
+    let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    let children: Vec<(usize, std::process::Child)> = (0..32)
+        .map(|i| {
+            let case = &cases[i % cases.len()];
+            let child = bin()
+                .args(["query", "--endpoint", &c.endpoint, "--stream", "--json", "--temperature", "0", "--ignore-eos",
+                       "--max-new-tokens", "48", "--prompt", case["prompt"].as_str().expect("prompt")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn query");
+            (i, child)
+        })
+        .collect();
+    for (i, child) in children {
+        let out = child.wait_with_output().expect("query output");
+        assert!(out.status.success(), "client {i}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let case = &cases[i % cases.len()];
+        assert_eq!(ids_of(&v["token_ids"]), ids_of(&case["new_token_ids"]), "client {i}");
+        assert_eq!(v["text"], case["new_text"], "client {i}");
+    }
+    // A client that leaves mid-stream frees its sequence.
+    let mut leaver = bin()
+        .args(["query", "--endpoint", &c.endpoint, "--stream", "--prompt", "Once", "--ignore-eos", "--max-new-tokens", "2000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn query");
+    let active = |s: &Value| -> u64 {
+        s["workers"].as_array().expect("workers").iter().map(|w| w["active_sequences"].as_u64().unwrap_or(0)).sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while active(&status(&c.endpoint)) == 0 {
+        assert!(Instant::now() < deadline, "the long sequence never showed up in status");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    leaver.kill().expect("kill client");
+    let _ = leaver.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while active(&status(&c.endpoint)) != 0 {
+        assert!(Instant::now() < deadline, "the departed client's sequence is still active");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pull_workers_match_mapping_workers() {
+    let dir = path(&model("fixtures/llama-sharded-bf16"));
+    let refs = read_json(&shared().join("refs/arch/llama-sharded-bf16.json"));
+    let mapped = Cluster::up(&["--model", &dir, "--workers", "3", "--persistence-threshold-bytes", "256"]);
+    let pulled = Cluster::up(&["--model", &dir, "--workers", "3", "--persistence-threshold-bytes", "256", "--pull"]);
+    for p in refs["prompts"].as_array().expect("prompts") {
+        let args = ["--prompt-ids", &ids_arg(&ids_of(&p["input_ids"])), "--temperature", "0", "--ignore-eos", "--max-new-tokens", "24"];
+        let a = query(&mapped.endpoint, &args);
+        let b = query(&pulled.endpoint, &args);
+        assert_eq!(a["token_ids"], b["token_ids"]);
+        assert_eq!(ids_of(&b["token_ids"]), ids_of(&p["new_token_ids"]));
+    }
+    assert_eq!(status(&pulled.endpoint)["workers"][0]["owned_partitioned_bytes"], status(&mapped.endpoint)["workers"][0]["owned_partitioned_bytes"]);
+}
+
+#[test]
+fn bad_requests_get_invalid_argument() {
+    let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    for (args, needle) in [
+        (vec!["--prompt", "Hi", "--top-p=0"], "top_p"),
+        (vec!["--prompt", "Hi", "--temperature=-1"], "temperature"),
+        (vec!["--prompt", ""], "empty"),
+        (vec!["--prompt-ids", "1,2,600"], "vocabulary"),
+    ] {
+        let mut a = vec!["query", "--endpoint", c.endpoint.as_str()];
+        a.extend_from_slice(&args);
+        let err = run_err(&a);
+        assert!(err.contains("invalid") || err.contains(needle), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_request_before_ready_is_unavailable() {
+    // A coordinator waiting for 2 workers that never come.
+    let mut coord = bin()
+        .args(["coordinator", "--model", &path(&model("stories260K")), "--workers", "2", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn coordinator");
+    let stderr = coord.stderr.take().expect("stderr");
+    let line = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("coordinator on "))
+        .expect("coordinator announces its address");
+    let addr = line.trim_start_matches("coordinator on ").split(',').next().expect("addr").to_string();
+    let err = run_err(&["query", "--endpoint", &format!("grpc://{addr}"), "--prompt", "Hi"]);
+    assert!(err.contains("Unavailable") && err.contains("0 of 2 workers registered"), "{err}");
+    let _ = coord.kill();
+    let _ = coord.wait();
+}
+
+#[test]
+fn corrupted_chunks_are_refetched_never_used() {
+    let dir = path(&model("fixtures/llama-gqa-tied"));
+    let refs = read_json(&shared().join("refs/arch/llama-gqa-tied.json"));
+    // One chunk of every 3rd fetch each worker serves has a flipped byte under
+    // its original checksum.
+    let mut cmd = bin();
+    cmd.env("ZEROSHARD_FAULT_CORRUPT_EVERY", "3");
+    let c = Cluster::up_with(cmd, &["--model", &dir, "--workers", "3", "--persistence-threshold-bytes", "256"]);
+    for p in refs["prompts"].as_array().expect("prompts") {
+        let out = query(
+            &c.endpoint,
+            &["--prompt-ids", &ids_arg(&ids_of(&p["input_ids"])), "--temperature", "0", "--ignore-eos", "--max-new-tokens", "24"],
+        );
+        assert_eq!(ids_of(&out["token_ids"]), ids_of(&p["new_token_ids"]), "{}", p["name"]);
+    }
+    let rejected: u64 = status(&c.endpoint)["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["rejected_chunks_total"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(rejected > 0, "the fault injection must have hit some chunks");
+}
+
+#[test]
+fn a_worker_that_cannot_load_fails_up_and_leaves_no_orphans() {
+    let tag = format!("zeroshard-test-{}", std::process::id());
+    let mut cmd = bin();
+    cmd.env("ZEROSHARD_FAULT_FAIL_LOAD", "true").env("ZEROSHARD_TEST_TAG", &tag);
+    let (code, stderr) = Cluster::up_fails_with(cmd, &["--model", &path(&model("stories260K")), "--workers", "2"]);
+    assert_ne!(code, Some(0), "{stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("error: ") && last.contains("injected fault") && last.contains("could not load"), "{stderr}");
+    // No process carrying our tag survives `up`.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive = tagged_processes(&tag);
+        if alive.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "orphan workers: {alive:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tagged_processes(tag: &str) -> Vec<u32> {
+    let needle = format!("ZEROSHARD_TEST_TAG={tag}");
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+                .filter(|pid| {
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let zombie = stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+                    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+                    !zombie && String::from_utf8_lossy(&env).split('\0').any(|kv| kv == needle)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+

@@ -1,0 +1,104 @@
+//! A local cluster under test: `zeroshard up` as a child process, its endpoint
+//! read from the `ready grpc://HOST:PORT` line, stopped (and checked to leave no
+//! worker behind) on drop.
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::bin;
+
+pub struct Cluster {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Cluster {
+    /// Starts `zeroshard up --listen 127.0.0.1:0 <args>` and waits (≤ 120 s) for
+    /// its ready line.
+    pub fn up(args: &[&str]) -> Self {
+        Self::up_with(bin(), args)
+    }
+
+    /// [`Self::up`] from a prepared command (environment, e.g. fault injection).
+    pub fn up_with(mut cmd: std::process::Command, args: &[&str]) -> Self {
+        let mut child = cmd
+            .arg("up")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn zeroshard up");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(ep) = line.strip_prefix("ready ") {
+                    let _ = tx.send(ep.trim().to_string());
+                }
+            }
+        });
+        let endpoint = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(ep) => ep,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("zeroshard up {args:?}: no ready line within 120 s");
+            }
+        };
+        Self { child, endpoint }
+    }
+
+    /// `up` that is expected to fail: returns (exit code, stderr).
+    pub fn up_fails_with(mut cmd: std::process::Command, args: &[&str]) -> (Option<i32>, String) {
+        let out = cmd
+            .arg("up")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .output()
+            .expect("spawn zeroshard up");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().expect("wait up");
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Pids of live processes whose parent is `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                // pid (comm) state ppid ...
+                if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                    let fields: Vec<&str> = rest.split_whitespace().collect();
+                    if fields.len() > 1 && fields[1].parse::<u32>().ok() == Some(parent) && fields[0] != "Z" {
+                        out.push(pid);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
