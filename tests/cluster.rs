@@ -305,3 +305,38 @@ fn tagged_processes(tag: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+
+#[test]
+fn a_fetch_with_a_stale_epoch_is_failed_precondition() {
+    use zeroshard_proto::v1 as pb;
+    let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    let addr = status(&c.endpoint)["workers"][0]["address"].as_str().expect("address").to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut client = pb::shards_client::ShardsClient::connect(addr).await.expect("connect");
+        let ranges = vec![pb::TensorRange { tensor: "model.norm.weight".into(), start: 0, end: 8 }];
+        let err = client
+            .fetch_ranges(pb::FetchRangesRequest { epoch: 99, ranges: ranges.clone(), chunk_bytes: 0 })
+            .await
+            .err()
+            .expect("stale epoch refused");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("epoch 99"), "{}", err.message());
+        // The current epoch serves, and an unknown tensor is NOT_FOUND.
+        let mut s = client
+            .fetch_ranges(pb::FetchRangesRequest { epoch: 1, ranges, chunk_bytes: 0 })
+            .await
+            .expect("current epoch")
+            .into_inner();
+        let chunk = s.message().await.expect("chunk").expect("one chunk");
+        assert_eq!(chunk.data.len(), 16);
+        assert_eq!(chunk.crc32c, crc32c_of(&chunk.data));
+        let bad = vec![pb::TensorRange { tensor: "nope".into(), start: 0, end: 1 }];
+        let err = client.fetch_ranges(pb::FetchRangesRequest { epoch: 1, ranges: bad, chunk_bytes: 0 }).await.err().expect("unknown");
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    });
+}
+
+fn crc32c_of(data: &[u8]) -> u32 {
+    zeroshard_worker::shards::checksum(data)
+}
