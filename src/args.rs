@@ -218,6 +218,18 @@ pub struct BenchArgs {
     /// Where to compute: auto, cpu, cuda[:N].
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// Run a local cluster of N worker processes and measure it (0 = this process alone).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Cluster: gathered layers kept resident per worker (0 = re-gather every step).
+    #[arg(long, default_value_t = 0)]
+    pub max_live_bytes: u64,
+    /// Cluster: layers gathered ahead of the one computing.
+    #[arg(long, default_value_t = 2)]
+    pub prefetch_layers: usize,
+    /// Cluster: tensors below this many bytes are replicated on every worker.
+    #[arg(long, default_value_t = 65536)]
+    pub persistence_threshold_bytes: u64,
 }
 
 /// `1,2,3` → ids, naming the bad entry.

@@ -9,10 +9,16 @@ use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness}
 use zeroshard_coordinator::{client, up as up_mod};
 use zeroshard_worker::node::{self, NodeConfig};
 
-use crate::args::{self, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs, WorkerTuning};
+use crate::args::{
+    self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs, WorkerTuning,
+};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")
 }
 
 /// Turns true on SIGINT or SIGTERM.
@@ -43,7 +49,9 @@ fn cluster_config(c: &ClusterArgs, workers: usize) -> ClusterConfig {
 fn check_device(d: Device) -> Result<()> {
     match d {
         Device::Auto | Device::Cpu => Ok(()),
-        Device::Cuda(n) => bail!("--device cuda:{n}: this build has no CUDA backend yet; use --device cpu or auto"),
+        Device::Cuda(n) => {
+            bail!("--device cuda:{n}: this build has no CUDA backend yet; use --device cpu or auto")
+        }
     }
 }
 
@@ -191,6 +199,99 @@ pub fn status(a: StatusArgs) -> Result<()> {
             w.resident_bytes as f64 / 1e6,
             w.active_sequences,
             w.gather_bytes_per_s / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// `bench --workers N`: a local cluster under load (see `cluster_bench`).
+pub fn bench(a: BenchArgs) -> Result<()> {
+    use zeroshard_coordinator::{bench as single, cluster_bench};
+    let batches = args::parse_list(&a.batch).context("--batch")?;
+    // A synthetic model is written to a temporary folder the workers map.
+    let tmp = std::env::temp_dir().join(format!("zeroshard-bench-{}", std::process::id()));
+    let (dir, config) = match (&a.model, &a.synthetic) {
+        (Some(dir), None) => (dir.clone(), zeroshard_offload::ModelConfig::from_dir(dir)?),
+        (None, Some(spec)) => {
+            let config = single::synthetic_config(spec)?;
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let bytes = cluster_bench::write_synthetic_checkpoint(&config, &tmp)?;
+            eprintln!("wrote a {:.1} MB synthetic checkpoint to {}", bytes as f64 / 1e6, tmp.display());
+            (tmp.clone(), config)
+        }
+        _ => bail!("give exactly one of --model or --synthetic"),
+    };
+    let up = up_mod::UpConfig {
+        cluster: ClusterConfig {
+            model_dir: dir.clone(),
+            workers: a.workers,
+            persistence_threshold_bytes: a.persistence_threshold_bytes,
+            pull: false,
+        },
+        exe: std::env::current_exe().context("locating the zeroshard binary")?,
+        worker_args: tuning_args(&WorkerTuning {
+            max_live_bytes: a.max_live_bytes,
+            prefetch_layers: a.prefetch_layers,
+            device: a.device,
+        }),
+    };
+    let report =
+        runtime()?.block_on(cluster_bench::run(&up, config.vocab_size, &batches, a.prompt_len, a.new_tokens));
+    if a.synthetic.is_some() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    let report = report?;
+    println!(
+        "model: {} · {} workers · max-live {} B · prefetch {} layers · prompt {} tokens, {} new tokens",
+        a.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
+        a.workers,
+        a.max_live_bytes,
+        a.prefetch_layers,
+        a.prompt_len,
+        a.new_tokens
+    );
+    println!(
+        "{:>5} {:>6} {:>6} {:>9} {:>11} {:>10} {:>12} {:>9} {:>8} {:>9}",
+        "batch",
+        "worker",
+        "steps",
+        "step ms",
+        "compute ms",
+        "gather ms",
+        "gathered MB",
+        "gather GB/s",
+        "overlap",
+        "tok/s"
+    );
+    for b in &report.batches {
+        for (i, w) in b.workers.iter().enumerate() {
+            let tps = if i == 0 { format!("{:.1}", b.tokens_per_s) } else { String::new() };
+            println!(
+                "{:>5} {:>6} {:>6} {:>9.2} {:>11.2} {:>10.2} {:>12.1} {:>11.2} {:>8.2} {:>9}",
+                b.batch,
+                w.worker,
+                w.steps,
+                w.step_ms,
+                w.compute_ms,
+                w.gather_ms,
+                w.gathered_mb_per_step,
+                w.gather_gbs,
+                w.overlap,
+                tps
+            );
+        }
+    }
+    let model_bytes: u64 = report.owned.iter().map(|o| o.0).sum();
+    for (i, (rss, (part, pers))) in report.peak_rss.iter().zip(&report.owned).enumerate() {
+        let bound = model_bytes / a.workers as u64 + pers + a.max_live_bytes + (128 << 20);
+        println!(
+            "worker {}: peak RSS {:.1} MB · owns {:.1} MB partitioned + {:.1} MB persistent · bound model/N + persistent + max-live + 128 MiB = {:.1} MB ({})",
+            i + 1,
+            *rss as f64 / 1e6,
+            *part as f64 / 1e6,
+            *pers as f64 / 1e6,
+            bound as f64 / 1e6,
+            if *rss < bound { "below" } else { "ABOVE" }
         );
     }
     Ok(())

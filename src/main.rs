@@ -102,6 +102,9 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
+    if a.workers > 0 {
+        return cluster::bench(a);
+    }
     let engine = match (&a.model, &a.synthetic) {
         (Some(dir), None) => {
             let m = LocalModel::load(dir, a.device)?;

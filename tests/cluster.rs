@@ -36,7 +36,15 @@ fn refs_through_cluster(n: usize) {
     for case in stories["cases"].as_array().expect("cases") {
         let out = query(
             &c.endpoint,
-            &["--prompt", case["prompt"].as_str().expect("prompt"), "--temperature", "0", "--ignore-eos", "--max-new-tokens", "48"],
+            &[
+                "--prompt",
+                case["prompt"].as_str().expect("prompt"),
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--max-new-tokens",
+                "48",
+            ],
         );
         assert_eq!(ids_of(&out["prompt_token_ids"]), ids_of(&case["input_ids"]), "N={n} {}", case["name"]);
         assert_eq!(ids_of(&out["token_ids"]), ids_of(&case["new_token_ids"]), "N={n} {}", case["name"]);
@@ -50,8 +58,15 @@ fn refs_through_cluster(n: usize) {
             let want = ids_of(&p["new_token_ids"]);
             let out = query(
                 &c.endpoint,
-                &["--prompt-ids", &ids_arg(&ids_of(&p["input_ids"])), "--temperature", "0", "--ignore-eos",
-                  "--max-new-tokens", &want.len().to_string()],
+                &[
+                    "--prompt-ids",
+                    &ids_arg(&ids_of(&p["input_ids"])),
+                    "--temperature",
+                    "0",
+                    "--ignore-eos",
+                    "--max-new-tokens",
+                    &want.len().to_string(),
+                ],
             );
             assert_eq!(ids_of(&out["token_ids"]), want, "N={n} {name}/{}", p["name"]);
         }
@@ -82,7 +97,18 @@ fn refs_through_four_workers() {
 fn query_equals_generate_with_sampling() {
     let dir = path(&model("stories260K"));
     let c = Cluster::up(&["--model", &dir, "--workers", "3"]);
-    let flags = ["--prompt", "Tom and his mom", "--temperature", "0.9", "--top-p", "0.9", "--seed", "11", "--max-new-tokens", "40"];
+    let flags = [
+        "--prompt",
+        "Tom and his mom",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "11",
+        "--max-new-tokens",
+        "40",
+    ];
     let q = query(&c.endpoint, &flags);
     let mut g_args = vec!["generate", "--model", dir.as_str(), "--json"];
     g_args.extend_from_slice(&flags);
@@ -96,7 +122,14 @@ fn query_equals_generate_with_sampling() {
 fn status_shows_each_worker_owning_its_share() {
     let dir = model("stories260K");
     let threshold = 4096u64;
-    let c = Cluster::up(&["--model", &path(&dir), "--workers", "3", "--persistence-threshold-bytes", &threshold.to_string()]);
+    let c = Cluster::up(&[
+        "--model",
+        &path(&dir),
+        "--workers",
+        "3",
+        "--persistence-threshold-bytes",
+        &threshold.to_string(),
+    ]);
     // Expected from the checkpoint: tensors ≥ threshold bytes (as f16) are split.
     let (mut partitioned, mut persistent, mut tensors) = (0u64, 0u64, 0u64);
     for (_, numel) in tensor_sizes(&dir.join("model.safetensors")) {
@@ -116,7 +149,10 @@ fn status_shows_each_worker_owning_its_share() {
     for w in workers {
         let owned = w["owned_partitioned_bytes"].as_u64().expect("owned");
         let ideal = partitioned as f64 / 3.0;
-        assert!((owned as f64 - ideal).abs() <= (tensors * 2) as f64, "{owned} vs {ideal} ± 1 element per tensor");
+        assert!(
+            (owned as f64 - ideal).abs() <= (tensors * 2) as f64,
+            "{owned} vs {ideal} ± 1 element per tensor"
+        );
         assert_eq!(w["owned_persistent_bytes"].as_u64(), Some(persistent));
         total += owned;
     }
@@ -132,7 +168,8 @@ fn tensor_sizes(file: &std::path::Path) -> Vec<(String, u64)> {
         .into_iter()
         .filter(|(k, _)| k != "__metadata__")
         .map(|(k, v)| {
-            let numel = v["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim")).product();
+            let numel =
+                v["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim")).product();
             (k, numel)
         })
         .collect()
@@ -147,8 +184,20 @@ fn thirty_two_concurrent_streaming_clients_and_a_client_that_leaves() {
         .map(|i| {
             let case = &cases[i % cases.len()];
             let child = bin()
-                .args(["query", "--endpoint", &c.endpoint, "--stream", "--json", "--temperature", "0", "--ignore-eos",
-                       "--max-new-tokens", "48", "--prompt", case["prompt"].as_str().expect("prompt")])
+                .args([
+                    "query",
+                    "--endpoint",
+                    &c.endpoint,
+                    "--stream",
+                    "--json",
+                    "--temperature",
+                    "0",
+                    "--ignore-eos",
+                    "--max-new-tokens",
+                    "48",
+                    "--prompt",
+                    case["prompt"].as_str().expect("prompt"),
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -166,13 +215,28 @@ fn thirty_two_concurrent_streaming_clients_and_a_client_that_leaves() {
     }
     // A client that leaves mid-stream frees its sequence.
     let mut leaver = bin()
-        .args(["query", "--endpoint", &c.endpoint, "--stream", "--prompt", "Once", "--ignore-eos", "--max-new-tokens", "2000"])
+        .args([
+            "query",
+            "--endpoint",
+            &c.endpoint,
+            "--stream",
+            "--prompt",
+            "Once",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "2000",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn query");
     let active = |s: &Value| -> u64 {
-        s["workers"].as_array().expect("workers").iter().map(|w| w["active_sequences"].as_u64().unwrap_or(0)).sum()
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| w["active_sequences"].as_u64().unwrap_or(0))
+            .sum()
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while active(&status(&c.endpoint)) == 0 {
@@ -193,15 +257,27 @@ fn pull_workers_match_mapping_workers() {
     let dir = path(&model("fixtures/llama-sharded-bf16"));
     let refs = read_json(&shared().join("refs/arch/llama-sharded-bf16.json"));
     let mapped = Cluster::up(&["--model", &dir, "--workers", "3", "--persistence-threshold-bytes", "256"]);
-    let pulled = Cluster::up(&["--model", &dir, "--workers", "3", "--persistence-threshold-bytes", "256", "--pull"]);
+    let pulled =
+        Cluster::up(&["--model", &dir, "--workers", "3", "--persistence-threshold-bytes", "256", "--pull"]);
     for p in refs["prompts"].as_array().expect("prompts") {
-        let args = ["--prompt-ids", &ids_arg(&ids_of(&p["input_ids"])), "--temperature", "0", "--ignore-eos", "--max-new-tokens", "24"];
+        let args = [
+            "--prompt-ids",
+            &ids_arg(&ids_of(&p["input_ids"])),
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "24",
+        ];
         let a = query(&mapped.endpoint, &args);
         let b = query(&pulled.endpoint, &args);
         assert_eq!(a["token_ids"], b["token_ids"]);
         assert_eq!(ids_of(&b["token_ids"]), ids_of(&p["new_token_ids"]));
     }
-    assert_eq!(status(&pulled.endpoint)["workers"][0]["owned_partitioned_bytes"], status(&mapped.endpoint)["workers"][0]["owned_partitioned_bytes"]);
+    assert_eq!(
+        status(&pulled.endpoint)["workers"][0]["owned_partitioned_bytes"],
+        status(&mapped.endpoint)["workers"][0]["owned_partitioned_bytes"]
+    );
 }
 
 #[test]
@@ -225,7 +301,15 @@ fn bad_requests_get_invalid_argument() {
 fn a_request_before_ready_is_unavailable() {
     // A coordinator waiting for 2 workers that never come.
     let mut coord = bin()
-        .args(["coordinator", "--model", &path(&model("stories260K")), "--workers", "2", "--listen", "127.0.0.1:0"])
+        .args([
+            "coordinator",
+            "--model",
+            &path(&model("stories260K")),
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -250,11 +334,20 @@ fn corrupted_chunks_are_refetched_never_used() {
     // its original checksum.
     let mut cmd = bin();
     cmd.env("ZEROSHARD_FAULT_CORRUPT_EVERY", "3");
-    let c = Cluster::up_with(cmd, &["--model", &dir, "--workers", "3", "--persistence-threshold-bytes", "256"]);
+    let c =
+        Cluster::up_with(cmd, &["--model", &dir, "--workers", "3", "--persistence-threshold-bytes", "256"]);
     for p in refs["prompts"].as_array().expect("prompts") {
         let out = query(
             &c.endpoint,
-            &["--prompt-ids", &ids_arg(&ids_of(&p["input_ids"])), "--temperature", "0", "--ignore-eos", "--max-new-tokens", "24"],
+            &[
+                "--prompt-ids",
+                &ids_arg(&ids_of(&p["input_ids"])),
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--max-new-tokens",
+                "24",
+            ],
         );
         assert_eq!(ids_of(&out["token_ids"]), ids_of(&p["new_token_ids"]), "{}", p["name"]);
     }
@@ -272,10 +365,14 @@ fn a_worker_that_cannot_load_fails_up_and_leaves_no_orphans() {
     let tag = format!("zeroshard-test-{}", std::process::id());
     let mut cmd = bin();
     cmd.env("ZEROSHARD_FAULT_FAIL_LOAD", "true").env("ZEROSHARD_TEST_TAG", &tag);
-    let (code, stderr) = Cluster::up_fails_with(cmd, &["--model", &path(&model("stories260K")), "--workers", "2"]);
+    let (code, stderr) =
+        Cluster::up_fails_with(cmd, &["--model", &path(&model("stories260K")), "--workers", "2"]);
     assert_ne!(code, Some(0), "{stderr}");
     let last = stderr.trim_end().lines().last().unwrap_or_default().to_string();
-    assert!(last.starts_with("error: ") && last.contains("injected fault") && last.contains("could not load"), "{stderr}");
+    assert!(
+        last.starts_with("error: ") && last.contains("injected fault") && last.contains("could not load"),
+        "{stderr}"
+    );
     // No process carrying our tag survives `up`.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -305,7 +402,6 @@ fn tagged_processes(tag: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-
 #[test]
 fn a_fetch_with_a_stale_epoch_is_failed_precondition() {
     use zeroshard_proto::v1 as pb;
@@ -318,8 +414,7 @@ fn a_fetch_with_a_stale_epoch_is_failed_precondition() {
         let err = client
             .fetch_ranges(pb::FetchRangesRequest { epoch: 99, ranges: ranges.clone(), chunk_bytes: 0 })
             .await
-            .err()
-            .expect("stale epoch refused");
+            .expect_err("stale epoch refused");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains("epoch 99"), "{}", err.message());
         // The current epoch serves, and an unknown tensor is NOT_FOUND.
@@ -332,7 +427,10 @@ fn a_fetch_with_a_stale_epoch_is_failed_precondition() {
         assert_eq!(chunk.data.len(), 16);
         assert_eq!(chunk.crc32c, crc32c_of(&chunk.data));
         let bad = vec![pb::TensorRange { tensor: "nope".into(), start: 0, end: 1 }];
-        let err = client.fetch_ranges(pb::FetchRangesRequest { epoch: 1, ranges: bad, chunk_bytes: 0 }).await.err().expect("unknown");
+        let err = client
+            .fetch_ranges(pb::FetchRangesRequest { epoch: 1, ranges: bad, chunk_bytes: 0 })
+            .await
+            .expect_err("unknown");
         assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     });
 }

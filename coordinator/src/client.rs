@@ -10,7 +10,8 @@ use crate::local::{GenerateOutput, GenerateRequest};
 
 /// `grpc://host:port` (as `up` prints it) or `http://host:port` → a channel.
 pub async fn connect(endpoint: &str) -> Result<InferenceClient<Channel>> {
-    let uri = endpoint.strip_prefix("grpc://").map_or_else(|| endpoint.to_string(), |r| format!("http://{r}"));
+    let uri =
+        endpoint.strip_prefix("grpc://").map_or_else(|| endpoint.to_string(), |r| format!("http://{r}"));
     let ch = zeroshard_proto::transport::endpoint(&uri)
         .map_err(|e| CoordinatorError::InvalidRequest(format!("--endpoint {endpoint}: {e}")))?
         .connect()

@@ -29,7 +29,9 @@ impl From<CoordinatorError> for tonic::Status {
         match &e {
             E::InvalidRequest(_) | E::Tokenizer(_) => tonic::Status::invalid_argument(e.to_string()),
             E::Worker(WorkerError::InvalidRequest(_)) => tonic::Status::invalid_argument(e.to_string()),
-            E::Unavailable(_) | E::Worker(WorkerError::Gather(_)) => tonic::Status::unavailable(e.to_string()),
+            E::Unavailable(_) | E::Worker(WorkerError::Gather(_)) => {
+                tonic::Status::unavailable(e.to_string())
+            }
             E::Offload(_) | E::Worker(_) | E::Plan(_) => tonic::Status::internal(e.to_string()),
         }
     }

@@ -6,9 +6,10 @@
 //!   text in, streamed text and token ids out.
 pub mod bench;
 pub mod client;
+pub mod cluster_bench;
 mod convert;
-pub mod launcher;
 mod error;
+pub mod launcher;
 pub mod local;
 pub mod server;
 pub mod tokenizer;

@@ -1,11 +1,13 @@
 //! `zeroshard up`: a coordinator in this process and N worker processes on
 //! this machine (embedded membership). Prints `ready grpc://HOST:PORT` once the
 //! cluster serves; stops every worker when asked to stop or when one fails.
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::error::{CoordinatorError, Result};
 use crate::launcher::Fleet;
@@ -21,43 +23,82 @@ pub struct UpConfig {
     pub worker_args: Vec<String>,
 }
 
-/// Runs the cluster until `stop` turns true. Errors when a worker cannot start
-/// or load, after stopping the others.
-pub async fn run(cfg: UpConfig, listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result<()> {
-    let addr = listener.local_addr().map_err(|e| CoordinatorError::Unavailable(format!("listener: {e}")))?;
-    let url = format!("http://{addr}");
-    let coord = Coordinator::new(cfg.cluster.clone(), url.clone())?;
-    let mut server_stop = stop.clone();
-    let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
-        let _ = server_stop.wait_for(|s| *s).await;
-    }));
-    let n = cfg.cluster.workers;
-    let mut fleet = Fleet::spawn(&cfg.exe, n, |_| {
-        let mut a = vec!["worker".to_string(), "--coordinator".into(), url.clone(), "--listen".into(), "127.0.0.1:0".into()];
-        a.extend(cfg.worker_args.iter().cloned());
-        a
-    })
-    .map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
-    eprintln!("starting {n} workers for {}", cfg.cluster.model_dir.display());
-    let outcome = tokio::select! {
-        r = coord.wait_ready() => match r {
-            Readiness::Ready => Ok(()),
-            Readiness::Failed(e) => Err(CoordinatorError::Unavailable(e)),
-            other => Err(CoordinatorError::Unavailable(format!("cluster not ready: {other:?}"))),
-        },
-        e = fleet.any_exit() => Err(CoordinatorError::Unavailable(e.to_string())),
-        _ = stop.wait_for(|s| *s) => Err(CoordinatorError::Unavailable("stopped before ready".into())),
-    };
-    if let Err(e) = outcome {
-        fleet.shutdown(Duration::from_secs(5)).await;
-        return Err(e);
+/// A running local cluster: the coordinator served from this process and its
+/// worker processes.
+pub struct LocalCluster {
+    pub addr: SocketAddr,
+    pub coord: Coordinator,
+    pub fleet: Fleet,
+    server: JoinHandle<Result<()>>,
+    stop_server: watch::Sender<bool>,
+}
+
+impl LocalCluster {
+    /// Starts the coordinator on `listener` and the workers, and waits until the
+    /// cluster serves. On failure every worker is stopped before returning.
+    pub async fn start(
+        cfg: &UpConfig,
+        listener: TcpListener,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Self> {
+        let addr =
+            listener.local_addr().map_err(|e| CoordinatorError::Unavailable(format!("listener: {e}")))?;
+        let url = format!("http://{addr}");
+        let coord = Coordinator::new(cfg.cluster.clone(), url.clone())?;
+        let (stop_server, mut server_rx) = watch::channel(false);
+        let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
+            let _ = server_rx.wait_for(|s| *s).await;
+        }));
+        let n = cfg.cluster.workers;
+        let mut fleet = Fleet::spawn(&cfg.exe, n, |_| {
+            let mut a = vec![
+                "worker".to_string(),
+                "--coordinator".into(),
+                url.clone(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+            ];
+            a.extend(cfg.worker_args.iter().cloned());
+            a
+        })
+        .map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
+        eprintln!("starting {n} workers for {}", cfg.cluster.model_dir.display());
+        let outcome = tokio::select! {
+            r = coord.wait_ready() => match r {
+                Readiness::Ready => Ok(()),
+                Readiness::Failed(e) => Err(CoordinatorError::Unavailable(e)),
+                other => Err(CoordinatorError::Unavailable(format!("cluster not ready: {other:?}"))),
+            },
+            e = fleet.any_exit() => Err(CoordinatorError::Unavailable(e.to_string())),
+            _ = stop.wait_for(|s| *s) => Err(CoordinatorError::Unavailable("stopped before ready".into())),
+        };
+        let cluster = Self { addr, coord, fleet, server, stop_server };
+        match outcome {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                cluster.stop().await;
+                Err(e)
+            }
+        }
     }
-    println!("ready grpc://{addr}");
+
+    /// Stops the workers (SIGTERM, grace, SIGKILL) and the coordinator.
+    pub async fn stop(self) {
+        self.fleet.shutdown(Duration::from_secs(5)).await;
+        let _ = self.stop_server.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+    }
+}
+
+/// Runs the cluster until `stop` turns true. Errors when a worker cannot start
+/// or load, or dies, after stopping the others.
+pub async fn run(cfg: UpConfig, listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let mut cluster = LocalCluster::start(&cfg, listener, stop.clone()).await?;
+    println!("ready grpc://{}", cluster.addr);
     let result = tokio::select! {
         _ = stop.wait_for(|s| *s) => Ok(()),
-        e = fleet.any_exit() => Err(CoordinatorError::Unavailable(format!("{e}; stopping the cluster"))),
+        e = cluster.fleet.any_exit() => Err(CoordinatorError::Unavailable(format!("{e}; stopping the cluster"))),
     };
-    fleet.shutdown(Duration::from_secs(5)).await;
-    server.abort();
+    cluster.stop().await;
     result
 }

@@ -37,6 +37,16 @@ pub struct Checkpoint {
     tensors: BTreeMap<String, TensorInfo>,
 }
 
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("files", &self.files.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
 #[derive(Deserialize)]
 struct RawEntry {
     dtype: String,
@@ -145,8 +155,17 @@ impl Checkpoint {
         assert_eq!(out.len(), range.len(), "output buffer must hold the requested range");
         let size = info.dtype.size_bytes();
         let start = info.offset + range.start * size;
-        let bytes = &self.files[info.file].1[start..start + range.len() * size];
-        info.dtype.convert_to_f16(bytes, out);
+        let map = &self.files[info.file].1;
+        info.dtype.convert_to_f16(&map[start..start + range.len() * size], out);
+        // The bytes now live, converted, in `out`: let the kernel drop the file
+        // pages from this process, so loading 1/N of a model does not leave the
+        // mapped 1/N resident on top of the copy (a worker's RSS stays ≈ its share).
+        // SAFETY: the mapping is private and read-only and no reference into it
+        // outlives this call; a later read of these pages faults them back in
+        // from the unchanged file.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, range.len() * size)
+        };
         Ok(())
     }
 
@@ -246,9 +265,9 @@ mod tests {
         assert_eq!(part, (5..11).map(|i| f16::from_f32(i as f32)).collect::<Vec<_>>());
         assert!(matches!(ck.read_f16("w", 20..25), Err(OffloadError::Range { .. })));
         assert!(ck.expect_shape("w", &[4, 6]).is_ok());
-        let err = ck.expect_shape("w", &[6, 4]).err().expect("shape error").to_string();
+        let err = ck.expect_shape("w", &[6, 4]).expect_err("shape error").to_string();
         assert!(err.contains("`w`") && err.contains("[6, 4]"), "{err}");
-        let err = ck.read_f16("nope", 0..1).err().expect("missing").to_string();
+        let err = ck.read_f16("nope", 0..1).expect_err("missing").to_string();
         assert!(err.contains("`nope`"), "{err}");
     }
 
@@ -259,26 +278,26 @@ mod tests {
         write_st(&p, &[("w", "F32", vec![8], f32_bytes(&[1.0; 8]))]);
         let full = std::fs::read(&p).expect("read");
         std::fs::write(&p, &full[..full.len() - 4]).expect("truncate");
-        let err = Checkpoint::open(dir.path()).err().expect("error").to_string();
+        let err = Checkpoint::open(dir.path()).expect_err("error").to_string();
         assert!(err.contains("beyond") && err.contains("`w`"), "{err}");
 
         std::fs::write(&p, &full[..20]).expect("truncate header");
-        let err = Checkpoint::open(dir.path()).err().expect("error").to_string();
+        let err = Checkpoint::open(dir.path()).expect_err("error").to_string();
         assert!(err.contains("header length"), "{err}");
 
         write_st(&p, &[("q", "I8", vec![4], vec![0; 4])]);
-        let err = Checkpoint::open(dir.path()).err().expect("error").to_string();
+        let err = Checkpoint::open(dir.path()).expect_err("error").to_string();
         assert!(err.contains("`q`") && err.contains("I8"), "{err}");
 
         write_st(&p, &[("w", "F32", vec![3], f32_bytes(&[1.0; 4]))]);
-        let err = Checkpoint::open(dir.path()).err().expect("error").to_string();
+        let err = Checkpoint::open(dir.path()).expect_err("error").to_string();
         assert!(err.contains("needs 12"), "{err}");
     }
 
     #[test]
     fn missing_files_name_the_path() {
         let dir = tempfile::tempdir().expect("tmp");
-        let err = Checkpoint::open(dir.path()).err().expect("error").to_string();
+        let err = Checkpoint::open(dir.path()).expect_err("error").to_string();
         assert!(err.contains("model.safetensors"), "{err}");
     }
 

@@ -42,6 +42,37 @@ pub fn fetch_ranges(ranges: Vec<pb::TensorRange>) -> Result<Vec<TensorRange>, Sh
     ranges.into_iter().map(TensorRange::try_from).collect()
 }
 
+/// Sampling parameters from the wire, with the CLI's defaults for unset fields
+/// (greedy, 128 new tokens). Validated later, with the prompt.
+pub fn generation_params(p: Option<pb::SamplingParams>) -> crate::engine::GenerationParams {
+    let p = p.unwrap_or_default();
+    crate::engine::GenerationParams {
+        sampling: crate::sampling::SamplingParams {
+            temperature: p.temperature.unwrap_or(0.0),
+            top_k: p.top_k.unwrap_or(0) as usize,
+            top_p: p.top_p.unwrap_or(1.0),
+            seed: p.seed.unwrap_or(0),
+            repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+        },
+        max_new_tokens: p.max_new_tokens.unwrap_or(128) as usize,
+        ignore_eos: p.ignore_eos,
+    }
+}
+
+impl From<&crate::engine::GenerationParams> for pb::SamplingParams {
+    fn from(p: &crate::engine::GenerationParams) -> Self {
+        Self {
+            max_new_tokens: Some(p.max_new_tokens as u32),
+            temperature: Some(p.sampling.temperature),
+            top_k: Some(p.sampling.top_k as u32),
+            top_p: Some(p.sampling.top_p),
+            seed: Some(p.sampling.seed),
+            repetition_penalty: Some(p.sampling.repetition_penalty),
+            ignore_eos: p.ignore_eos,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -84,36 +115,5 @@ mod tests {
         }
         asm.finish().expect("complete");
         assert_eq!(dest, data);
-    }
-}
-
-/// Sampling parameters from the wire, with the CLI's defaults for unset fields
-/// (greedy, 128 new tokens). Validated later, with the prompt.
-pub fn generation_params(p: Option<pb::SamplingParams>) -> crate::engine::GenerationParams {
-    let p = p.unwrap_or_default();
-    crate::engine::GenerationParams {
-        sampling: crate::sampling::SamplingParams {
-            temperature: p.temperature.unwrap_or(0.0),
-            top_k: p.top_k.unwrap_or(0) as usize,
-            top_p: p.top_p.unwrap_or(1.0),
-            seed: p.seed.unwrap_or(0),
-            repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
-        },
-        max_new_tokens: p.max_new_tokens.unwrap_or(128) as usize,
-        ignore_eos: p.ignore_eos,
-    }
-}
-
-impl From<&crate::engine::GenerationParams> for pb::SamplingParams {
-    fn from(p: &crate::engine::GenerationParams) -> Self {
-        Self {
-            max_new_tokens: Some(p.max_new_tokens as u32),
-            temperature: Some(p.sampling.temperature),
-            top_k: Some(p.sampling.top_k as u32),
-            top_p: Some(p.sampling.top_p),
-            seed: Some(p.sampling.seed),
-            repetition_penalty: Some(p.sampling.repetition_penalty),
-            ignore_eos: p.ignore_eos,
-        }
     }
 }

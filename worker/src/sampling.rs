@@ -44,13 +44,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            repetition_penalty: 1.0,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, repetition_penalty: 1.0 }
     }
 }
 
@@ -58,10 +52,7 @@ impl SamplingParams {
     /// Checks the ranges; the message names the offending field and value.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!(
-                "temperature must be finite and >= 0, got {}",
-                self.temperature
-            ));
+            return Err(format!("temperature must be finite and >= 0, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -108,12 +99,7 @@ impl Sampler {
     /// values are handled without panicking but their output is unspecified.
     pub fn new(params: SamplingParams) -> Self {
         let rng = Xoshiro256StarStar::seed_from_u64(params.seed);
-        Self {
-            params,
-            rng,
-            candidates: Vec::new(),
-            seen: Vec::new(),
-        }
+        Self { params, rng, candidates: Vec::new(), seen: Vec::new() }
     }
 
     /// The parameters this sampler was created with.
@@ -171,11 +157,7 @@ impl Sampler {
         self.seen.dedup();
         for &id in &self.seen {
             if let Some(logit) = logits.get_mut(id as usize) {
-                *logit = if *logit < 0.0 {
-                    *logit * penalty
-                } else {
-                    *logit / penalty
-                };
+                *logit = if *logit < 0.0 { *logit * penalty } else { *logit / penalty };
             }
         }
     }
@@ -189,11 +171,7 @@ impl Sampler {
         for (id, &logit) in logits.iter().enumerate() {
             let scaled = logit / temperature;
             if !scaled.is_nan() && scaled != f32::NEG_INFINITY {
-                self.candidates.push(Candidate {
-                    id: id as u32,
-                    logit: scaled,
-                    weight: 0.0,
-                });
+                self.candidates.push(Candidate { id: id as u32, logit: scaled, weight: 0.0 });
             }
         }
     }
@@ -274,16 +252,9 @@ fn keep_top_p(candidates: &mut Vec<Candidate>, top_p: f64) {
 /// f64. The max itself weighs 1, which also makes +inf logits share the mass
 /// evenly. Filters after this keep the best token, so the weights stay valid.
 fn set_weights(candidates: &mut [Candidate]) {
-    let max = candidates
-        .iter()
-        .map(|c| c.logit)
-        .fold(f32::NEG_INFINITY, f32::max);
+    let max = candidates.iter().map(|c| c.logit).fold(f32::NEG_INFINITY, f32::max);
     for c in candidates {
-        c.weight = if c.logit == max {
-            1.0
-        } else {
-            (f64::from(c.logit) - f64::from(max)).exp()
-        };
+        c.weight = if c.logit == max { 1.0 } else { (f64::from(c.logit) - f64::from(max)).exp() };
     }
 }
 
@@ -357,19 +328,11 @@ mod tests {
     use super::*;
 
     fn sampling(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            repetition_penalty: 1.0,
-        }
+        SamplingParams { temperature, top_k, top_p, seed, repetition_penalty: 1.0 }
     }
 
     fn random_logits(rng: &mut Xoshiro256StarStar, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| (rng.next_f64() * 20.0 - 10.0) as f32)
-            .collect()
+        (0..n).map(|_| (rng.next_f64() * 20.0 - 10.0) as f32).collect()
     }
 
     fn softmax(logits: &[f64]) -> Vec<f64> {
@@ -438,10 +401,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_matches_hand_computed_values() {
-        let params = SamplingParams {
-            repetition_penalty: 2.0,
-            ..Default::default()
-        };
+        let params = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
         let mut sampler = Sampler::new(params);
         let mut logits = vec![4.0, -3.0, 1.5, 2.0, -0.5, 0.0];
         // Token 0 three times and token 1 twice: each is penalised once.
@@ -450,10 +410,7 @@ mod tests {
         assert_eq!(logits, vec![2.0, -6.0, 1.5, 2.0, -1.0, 0.0]);
         assert_eq!(next, 0, "tie between 0 and 3 goes to the lower index");
 
-        let params = SamplingParams {
-            repetition_penalty: 1.3,
-            ..Default::default()
-        };
+        let params = SamplingParams { repetition_penalty: 1.3, ..Default::default() };
         let mut logits = vec![2.6, -2.0, 3.0];
         let next = Sampler::new(params).sample(&mut logits, &[2, 1, 0, 2]);
         assert_eq!(logits, vec![2.6 / 1.3, -2.0 * 1.3, 3.0 / 1.3]);
@@ -462,10 +419,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_below_one_boosts() {
-        let params = SamplingParams {
-            repetition_penalty: 0.5,
-            ..Default::default()
-        };
+        let params = SamplingParams { repetition_penalty: 0.5, ..Default::default() };
         let mut logits = vec![3.0, 2.0, -4.0];
         let next = Sampler::new(params).sample(&mut logits, &[1, 2]);
         assert_eq!(logits, vec![3.0, 4.0, -2.0]);
@@ -507,9 +461,7 @@ mod tests {
         // the draw order changes these ids.
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 50) as f32 / 10.0).collect();
         let mut sampler = Sampler::new(sampling(0.9, 20, 0.9, 1234));
-        let ids: Vec<u32> = (0..12)
-            .map(|_| sampler.sample(&mut logits.clone(), &[]))
-            .collect();
+        let ids: Vec<u32> = (0..12).map(|_| sampler.sample(&mut logits.clone(), &[])).collect();
         assert_eq!(ids, PINNED_IDS);
     }
     /// Cross-checked against an independent Python transcription of the pipeline.
@@ -533,10 +485,7 @@ mod tests {
         let counts = histogram(sampling(temperature, 0, 1.0, 11), &logits, 20_000);
         let scaled: Vec<f64> = logits.iter().map(|&l| f64::from(l / temperature)).collect();
         let stat = chi_square(&counts, &softmax(&scaled));
-        assert!(
-            stat < chi_square_critical_999(5),
-            "chi-square {stat} with counts {counts:?}"
-        );
+        assert!(stat < chi_square_critical_999(5), "chi-square {stat} with counts {counts:?}");
     }
 
     #[test]
@@ -553,16 +502,10 @@ mod tests {
             }
         }
         let kept_mass: f64 = 0.4 + 0.12 + 0.3;
-        let expected: Vec<f64> = probs
-            .iter()
-            .zip(&nucleus)
-            .map(|(&p, &kept)| if kept { p / kept_mass } else { 0.0 })
-            .collect();
+        let expected: Vec<f64> =
+            probs.iter().zip(&nucleus).map(|(&p, &kept)| if kept { p / kept_mass } else { 0.0 }).collect();
         let stat = chi_square(&counts, &expected);
-        assert!(
-            stat < chi_square_critical_999(2),
-            "chi-square {stat} with counts {counts:?}"
-        );
+        assert!(stat < chi_square_critical_999(2), "chi-square {stat} with counts {counts:?}");
     }
 
     #[test]
@@ -595,11 +538,7 @@ mod tests {
             let mut candidates: Vec<Candidate> = logits
                 .iter()
                 .enumerate()
-                .map(|(id, &logit)| Candidate {
-                    id: id as u32,
-                    logit,
-                    weight: 0.0,
-                })
+                .map(|(id, &logit)| Candidate { id: id as u32, logit, weight: 0.0 })
                 .collect();
             set_weights(&mut candidates);
             keep_top_p(&mut candidates, f64::from(top_p));
@@ -626,10 +565,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("token {id} is not among the two best {best:?}"));
             seen[slot] += 1;
         }
-        assert!(
-            seen[0] > 0 && seen[1] > 0,
-            "both kept tokens drawn: {seen:?}"
-        );
+        assert!(seen[0] > 0 && seen[1] > 0, "both kept tokens drawn: {seen:?}");
     }
 
     #[test]
@@ -653,59 +589,14 @@ mod tests {
     #[test]
     fn validate_rejects_bad_values_naming_the_field() {
         let cases = [
+            (SamplingParams { temperature: -0.5, ..Default::default() }, "temperature", "-0.5"),
+            (SamplingParams { temperature: f32::INFINITY, ..Default::default() }, "temperature", "inf"),
+            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature", "NaN"),
+            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p", "0"),
+            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p", "1.5"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty", "0"),
             (
-                SamplingParams {
-                    temperature: -0.5,
-                    ..Default::default()
-                },
-                "temperature",
-                "-0.5",
-            ),
-            (
-                SamplingParams {
-                    temperature: f32::INFINITY,
-                    ..Default::default()
-                },
-                "temperature",
-                "inf",
-            ),
-            (
-                SamplingParams {
-                    temperature: f32::NAN,
-                    ..Default::default()
-                },
-                "temperature",
-                "NaN",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-                "top_p",
-                "0",
-            ),
-            (
-                SamplingParams {
-                    top_p: 1.5,
-                    ..Default::default()
-                },
-                "top_p",
-                "1.5",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..Default::default()
-                },
-                "repetition_penalty",
-                "0",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: f32::NAN,
-                    ..Default::default()
-                },
+                SamplingParams { repetition_penalty: f32::NAN, ..Default::default() },
                 "repetition_penalty",
                 "NaN",
             ),

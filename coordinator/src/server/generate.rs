@@ -28,7 +28,9 @@ fn validate(coord: &Coordinator, req: pb::GenerateRequest) -> Result<Validated> 
     let inner = &coord.0;
     let prompt = match req.prompt {
         None => return Err(invalid("the request has no prompt (text or token_ids)")),
-        Some(pb::generate_request::Prompt::Text(t)) if t.is_empty() => return Err(invalid("the prompt is empty")),
+        Some(pb::generate_request::Prompt::Text(t)) if t.is_empty() => {
+            return Err(invalid("the prompt is empty"))
+        }
         Some(pb::generate_request::Prompt::Text(t)) => inner
             .tokenizer
             .as_ref()
@@ -68,7 +70,11 @@ fn validate(coord: &Coordinator, req: pb::GenerateRequest) -> Result<Validated> 
 /// Runs `req`, sending its chunks to `out`: the first carries the prompt ids,
 /// the last the finish reason and timings. Returns when the sequence ends or
 /// the client leaves (a closed `out`), which cancels it on the worker.
-pub async fn run(coord: Coordinator, req: pb::GenerateRequest, out: mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>) {
+pub async fn run(
+    coord: Coordinator,
+    req: pb::GenerateRequest,
+    out: mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
+) {
     if let Err(e) = run_inner(&coord, req, &out).await {
         let _ = out.send(Err(Status::from(e))).await;
     }
@@ -104,7 +110,9 @@ async fn run_inner(
             sampling: v.sampling,
         })
         .await
-        .map_err(|s| CoordinatorError::Unavailable(format!("{} at {}: {}", worker.id, worker.address, s.message())))?
+        .map_err(|s| {
+            CoordinatorError::Unavailable(format!("{} at {}: {}", worker.id, worker.address, s.message()))
+        })?
         .into_inner();
     let mut text = TextStream::new(coord.0.tokenizer.as_deref(), &v.stop)?;
     let mut timings = pb::Timings { prompt_tokens: v.prompt.len() as u32, ..Default::default() };

@@ -14,7 +14,10 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> 
 
 #[tonic::async_trait]
 impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(generate::run(self.0.clone(), req.into_inner(), tx));
         let mut resp = pb::GenerateResponse::default();
@@ -38,7 +41,10 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
 
     type GenerateStreamStream = ChunkStream;
 
-    async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(generate::run(self.0.clone(), req.into_inner(), tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

@@ -17,12 +17,18 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ShardChunk, Status>> + S
 impl zeroshard_proto::v1::shards_server::Shards for CheckpointShards {
     type FetchRangesStream = ChunkStream;
 
-    async fn fetch_ranges(&self, req: Request<pb::FetchRangesRequest>) -> Result<Response<ChunkStream>, Status> {
+    async fn fetch_ranges(
+        &self,
+        req: Request<pb::FetchRangesRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
         let r = req.into_inner();
         // Pulling happens while an epoch is being installed: accept the epoch
         // being installed (the only one this coordinator makes so far).
         if r.epoch != 1 {
-            return Err(Status::failed_precondition(format!("epoch {} is not the coordinator's epoch 1", r.epoch)));
+            return Err(Status::failed_precondition(format!(
+                "epoch {} is not the coordinator's epoch 1",
+                r.epoch
+            )));
         }
         let ckpt = &self.0 .0.ckpt;
         for t in &r.ranges {

@@ -89,7 +89,8 @@ impl Coordinator {
             ckpt.expect_shape(&s.name, &s.shape)?;
         }
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.is_file() { Some(Arc::new(Tokenizer::from_file(&tok_path)?)) } else { None };
+        let tokenizer =
+            if tok_path.is_file() { Some(Arc::new(Tokenizer::from_file(&tok_path)?)) } else { None };
         let (ready, _) = watch::channel(Readiness::Waiting { registered: 0, expected: cfg.workers });
         Ok(Self(Arc::new(Inner {
             meta: specs.iter().map(TensorMeta::from).collect(),
@@ -212,7 +213,11 @@ impl Coordinator {
             }
         });
         futures::future::try_join_all(installs).await?;
-        tracing::info!("epoch 1 installed on {} workers in {:.2} s", workers.len(), start.elapsed().as_secs_f64());
+        tracing::info!(
+            "epoch 1 installed on {} workers in {:.2} s",
+            workers.len(),
+            start.elapsed().as_secs_f64()
+        );
         self.lock().plan = Some(plan);
         Ok(())
     }

@@ -3,9 +3,7 @@
 //! message fields, unknown enum values and broken plan invariants are errors.
 use zeroshard_proto::v1 as pb;
 
-use super::{
-    Assignment, Placement, Plan, PlanError, PlanOptions, Shard, TensorMeta, TensorPlan, WorkerId,
-};
+use super::{Assignment, Placement, Plan, PlanError, PlanOptions, Shard, TensorMeta, TensorPlan, WorkerId};
 
 impl From<Placement> for pb::Placement {
     fn from(p: Placement) -> Self {

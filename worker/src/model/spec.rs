@@ -96,7 +96,11 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
 /// What the planner needs of a tensor: its stored name and shape, its layer.
 impl From<&TensorSpec> for TensorMeta {
     fn from(s: &TensorSpec) -> Self {
-        TensorMeta::new(s.name.clone(), s.shape.iter().map(|&d| d as u64).collect(), s.layer.map(|l| l as u32))
+        TensorMeta::new(
+            s.name.clone(),
+            s.shape.iter().map(|&d| d as u64).collect(),
+            s.layer.map(|l| l as u32),
+        )
     }
 }
 
@@ -168,14 +172,14 @@ mod tests {
     fn plans_a_real_model_from_its_tensor_specs() {
         let dir = shared_dir().join("models/stories260K");
         let config = zeroshard_offload::ModelConfig::from_dir(&dir).expect("stories260K config");
-        let specs = zeroshard_worker::model::tensor_specs(&config);
+        let specs = tensor_specs(&config);
         let meta: Vec<TensorMeta> = specs.iter().map(TensorMeta::from).collect();
         assert_eq!(meta.len(), specs.len());
         for n in 1..=4u64 {
             let workers: Vec<WorkerId> = (1..=n).map(WorkerId).collect();
             let options = PlanOptions { persistence_threshold_bytes: 1024, ..Default::default() };
             let p = plan(&meta, &workers, &options).expect("plan");
-                    let norm = p.tensor("model.norm.weight").expect("final norm");
+            let norm = p.tensor("model.norm.weight").expect("final norm");
             assert_eq!(norm.placement, Placement::Persistent);
             let embed = p.tensor("model.embed_tokens.weight").expect("embedding");
             assert_eq!(embed.placement, Placement::Partitioned);

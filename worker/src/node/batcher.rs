@@ -18,7 +18,12 @@ use crate::source::WeightSource;
 /// What the loop is asked to do.
 pub enum Command {
     /// Start a sequence; its steps go to `tx` (closed `tx` = client left).
-    Run { id: u64, prompt: Vec<u32>, params: GenerationParams, tx: UnboundedSender<Result<pb::SequenceStep, Status>> },
+    Run {
+        id: u64,
+        prompt: Vec<u32>,
+        params: GenerationParams,
+        tx: UnboundedSender<Result<pb::SequenceStep, Status>>,
+    },
     Cancel(u64),
     /// Compute from these weights from the next step on.
     Source(Arc<dyn WeightSource>),
@@ -29,6 +34,8 @@ pub enum Command {
 pub struct BatchStats {
     pub active: AtomicU32,
     pub steps: AtomicU64,
+    /// Wall-clock time of all steps.
+    pub step_nanos: AtomicU64,
 }
 
 struct Active {
@@ -93,7 +100,9 @@ pub fn run(engine: Engine<CpuBackend>, rx: Receiver<Command>, stats: Arc<BatchSt
             txs.push(a.tx.clone());
             seqs.push(&mut a.seq);
         }
+        let started = std::time::Instant::now();
         let result = engine.step_from(&mut seqs, src.as_ref(), false);
+        stats.step_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok((tokens, _)) => {

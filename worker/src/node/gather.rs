@@ -27,6 +27,47 @@ pub struct GatherStats {
     pub nanos: AtomicU64,
     /// Chunks rejected (checksum or order) and refetched.
     pub rejected_chunks: AtomicU64,
+    /// Time with at least one gather in flight.
+    pub busy_nanos: AtomicU64,
+    /// Time steps spent blocked on gathers.
+    pub wait_nanos: AtomicU64,
+    in_flight: std::sync::Mutex<(u32, Option<Instant>)>,
+}
+
+impl GatherStats {
+    fn begin(&self) {
+        let mut g = self.in_flight.lock().expect("gather stats lock");
+        if g.0 == 0 {
+            g.1 = Some(Instant::now());
+        }
+        g.0 += 1;
+    }
+
+    fn end(&self) {
+        let mut g = self.in_flight.lock().expect("gather stats lock");
+        g.0 -= 1;
+        if g.0 == 0 {
+            if let Some(t) = g.1.take() {
+                self.busy_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Marks a gather in flight for as long as it lives.
+struct InFlight<'a>(&'a GatherStats);
+
+impl<'a> InFlight<'a> {
+    fn new(s: &'a GatherStats) -> Self {
+        s.begin();
+        Self(s)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 impl GatherStats {
@@ -62,9 +103,9 @@ impl Gatherer {
 
     /// Fetches each requested range into a new f16 vector (in request order).
     pub async fn gather(&self, requests: &[TensorRange]) -> Result<Vec<Vec<f16>>> {
+        let _in_flight = InFlight::new(&self.stats);
         let start = Instant::now();
-        let mut outputs: Vec<Vec<f16>> =
-            requests.iter().map(|r| vec![f16::ZERO; r.len() as usize]).collect();
+        let mut outputs: Vec<Vec<f16>> = requests.iter().map(|r| vec![f16::ZERO; r.len() as usize]).collect();
         // Carve every output into the pieces its holders serve.
         let mut remote: HashMap<WorkerId, Vec<(TensorRange, &mut [u8])>> = HashMap::new();
         let mut fetched_bytes = 0u64;
@@ -120,7 +161,11 @@ impl Gatherer {
                 ranges: asm
                     .request()
                     .into_iter()
-                    .map(|r| pb::TensorRange { tensor: r.tensor, start: r.elements.start, end: r.elements.end })
+                    .map(|r| pb::TensorRange {
+                        tensor: r.tensor,
+                        start: r.elements.start,
+                        end: r.elements.end,
+                    })
                     .collect(),
                 chunk_bytes: 0,
             };
@@ -138,8 +183,12 @@ impl Gatherer {
             let broke = loop {
                 match stream.message().await {
                     Ok(Some(c)) => {
-                        let chunk =
-                            Chunk { range_index: c.range_index, offset: c.offset, data: c.data, crc32c: c.crc32c };
+                        let chunk = Chunk {
+                            range_index: c.range_index,
+                            offset: c.offset,
+                            data: c.data,
+                            crc32c: c.crc32c,
+                        };
                         if let Err(e) = asm.accept(&chunk) {
                             self.stats.rejected_chunks.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!("chunk from worker {peer} rejected, refetching: {e}");
@@ -160,7 +209,9 @@ impl Gatherer {
             failures = if asm.received_bytes() > before { 1 } else { failures + 1 };
             asm.restart();
         }
-        Err(WorkerError::Gather(format!("gave up after {FETCH_ATTEMPTS} attempts without progress: {last_error}")))
+        Err(WorkerError::Gather(format!(
+            "gave up after {FETCH_ATTEMPTS} attempts without progress: {last_error}"
+        )))
     }
 }
 

@@ -34,9 +34,10 @@ impl From<WorkerError> for Status {
         match &e {
             WorkerError::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
             WorkerError::Gather(_) => Status::unavailable(e.to_string()),
-            WorkerError::Offload(_) | WorkerError::Load(_) | WorkerError::MissingWeight(_) | WorkerError::Backend(_) => {
-                Status::internal(e.to_string())
-            }
+            WorkerError::Offload(_)
+            | WorkerError::Load(_)
+            | WorkerError::MissingWeight(_)
+            | WorkerError::Backend(_) => Status::internal(e.to_string()),
         }
     }
 }
@@ -103,18 +104,24 @@ impl Node {
         }
         let me = *self.id.get().ok_or_else(|| WorkerError::InvalidRequest("not registered yet".into()))?;
         if a.worker != WorkerId(me) {
-            return Err(WorkerError::InvalidRequest(format!("plan is for {}, this is worker {me}", a.worker)));
+            return Err(WorkerError::InvalidRequest(format!(
+                "plan is for {}, this is worker {me}",
+                a.worker
+            )));
         }
         let info = self.model.get().ok_or_else(|| WorkerError::InvalidRequest("no model yet".into()))?;
         if self.cfg.fail_load {
-            return Err(WorkerError::Load("injected fault: this worker refuses to load (--fault-fail-load)".into()));
+            return Err(WorkerError::Load(
+                "injected fault: this worker refuses to load (--fault-fail-load)".into(),
+            ));
         }
         let start = Instant::now();
         let plan = Arc::new(a.plan);
         let slices = match &a.pull_from {
             Some(endpoint) => store::load_from_pull(endpoint, &plan, a.worker).await?,
             None => {
-                let (dir, plan2) = (self.cfg.model_dir.clone().unwrap_or_else(|| info.dir.clone()), plan.clone());
+                let (dir, plan2) =
+                    (self.cfg.model_dir.clone().unwrap_or_else(|| info.dir.clone()), plan.clone());
                 tokio::task::spawn_blocking(move || load_checkpoint(&dir, &plan2, a.worker))
                     .await
                     .map_err(|e| WorkerError::Load(format!("loader task: {e}")))??
@@ -128,12 +135,14 @@ impl Node {
                 let ch = super::connect_lazy(addr)?;
                 peers.insert(
                     *id,
-                    ShardsClient::new(ch).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
+                    ShardsClient::new(ch)
+                        .max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
                 );
             }
         }
         let owned = plan.owned_bytes(a.worker).map_err(|e| WorkerError::Load(e.to_string()))?;
-        let gatherer = Arc::new(Gatherer::new(plan.clone(), a.worker, slices.clone(), peers, self.gather.clone()));
+        let gatherer =
+            Arc::new(Gatherer::new(plan.clone(), a.worker, slices.clone(), peers, self.gather.clone()));
         if let Some(old) = self.installed.read().ok().and_then(|g| g.as_ref().map(|i| i.weights.clone())) {
             old.clear();
         }
@@ -149,7 +158,10 @@ impl Node {
         *self.installed.write().map_err(|_| WorkerError::Load("state lock poisoned".into()))? =
             Some(Installed { epoch, slices, owned, weights: weights.clone() });
         self.send(Command::Source(weights));
-        tracing::info!("worker {me}: epoch {epoch} installed, {} bytes owned, loaded in {load_ms:.0} ms", owned.total());
+        tracing::info!(
+            "worker {me}: epoch {epoch} installed, {} bytes owned, loaded in {load_ms:.0} ms",
+            owned.total()
+        );
         Ok((owned.total(), load_ms))
     }
 }
@@ -171,7 +183,8 @@ impl Worker for Svc {
         &self,
         req: Request<pb::InstallPlanRequest>,
     ) -> std::result::Result<Response<pb::InstallPlanResponse>, Status> {
-        let a = Assignment::try_from(req.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let a =
+            Assignment::try_from(req.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let epoch = a.plan.epoch();
         let (owned_bytes, load_ms) = self.0.install(a).await.map_err(Status::from)?;
         Ok(Response::new(pb::InstallPlanResponse { epoch, owned_bytes, load_ms }))
@@ -203,7 +216,10 @@ impl Worker for Svc {
         Ok(Response::new(pb::CancelResponse { cancelled: true }))
     }
 
-    async fn stats(&self, _: Request<pb::StatsRequest>) -> std::result::Result<Response<pb::WorkerStats>, Status> {
+    async fn stats(
+        &self,
+        _: Request<pb::StatsRequest>,
+    ) -> std::result::Result<Response<pb::WorkerStats>, Status> {
         let n = &self.0;
         let guard = n.installed.read().map_err(|_| Status::internal("state lock poisoned"))?;
         let (epoch, owned) = guard.as_ref().map_or((0, OwnedBytes::default()), |i| (i.epoch, i.owned));
@@ -218,6 +234,9 @@ impl Worker for Svc {
             gather_bytes_per_s: n.gather.bytes_per_s(),
             steps_total: n.batch.steps.load(Ordering::Relaxed),
             rejected_chunks_total: n.gather.rejected_chunks.load(Ordering::Relaxed),
+            step_nanos_total: n.batch.step_nanos.load(Ordering::Relaxed),
+            gather_wait_nanos_total: n.gather.wait_nanos.load(Ordering::Relaxed),
+            gather_busy_nanos_total: n.gather.busy_nanos.load(Ordering::Relaxed),
         }))
     }
 }
@@ -247,7 +266,7 @@ impl Shards for Svc {
         // Fault injection: the first chunk of every Nth fetch gets a flipped
         // byte under its original checksum (the retry is another fetch).
         let n = self.0.served_fetches.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut corrupt = self.0.cfg.corrupt_every > 0 && n % self.0.cfg.corrupt_every == 0;
+        let mut corrupt = self.0.cfg.corrupt_every > 0 && n.is_multiple_of(self.0.cfg.corrupt_every);
         tokio::spawn(async move {
             for chunk in chunks {
                 let mut msg = pb::ShardChunk::from(chunk);
@@ -291,7 +310,9 @@ pub async fn run(
     let svc = Svc(node.clone());
     let server = zeroshard_proto::transport::server()
         .add_service(WorkerServer::new(svc.clone()))
-        .add_service(ShardsServer::new(svc).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES))
+        .add_service(
+            ShardsServer::new(svc).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(zeroshard_proto::transport::incoming(listener), shutdown);
     let server = tokio::spawn(server);
     println!("listening {advertise}");
@@ -352,5 +373,9 @@ fn model_config(reg: &pb::RegisterWorkerResponse) -> Result<ModelConfig> {
     } else {
         Some(parse(&reg.generation_config_json, "generation_config.json")?)
     };
-    Ok(ModelConfig::from_json(&dir.join("config.json"), &config, gen.as_ref().map(|g| (gen_path.as_path(), g)))?)
+    Ok(ModelConfig::from_json(
+        &dir.join("config.json"),
+        &config,
+        gen.as_ref().map(|g| (gen_path.as_path(), g)),
+    )?)
 }

@@ -43,10 +43,13 @@ pub async fn load_from_pull(endpoint: &str, plan: &Plan, me: WorkerId) -> Result
     for batch in owned.chunks(16) {
         let ranges: Vec<TensorRange> =
             batch.iter().map(|r| TensorRange::new(r.tensor.meta.name.clone(), r.elements.clone())).collect();
-        let mut bufs: Vec<Vec<u8>> = ranges.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
+        let mut bufs: Vec<Vec<u8>> =
+            ranges.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
         pull(&mut client, plan.epoch(), &ranges, &mut bufs).await?;
         for (r, b) in ranges.into_iter().zip(bufs) {
-            slices.insert(r.tensor, r.elements, Bytes::from(b)).map_err(|e| WorkerError::Load(e.to_string()))?;
+            slices
+                .insert(r.tensor, r.elements, Bytes::from(b))
+                .map_err(|e| WorkerError::Load(e.to_string()))?;
         }
     }
     log_loaded(&slices, start);
@@ -77,8 +80,11 @@ async fn pull(
             .map_err(|s| WorkerError::Load(format!("pull: {}", s.message())))?
             .into_inner();
         let mut ok = true;
-        while let Some(c) = stream.message().await.map_err(|s| WorkerError::Load(format!("pull: {}", s.message())))? {
-            let chunk = Chunk { range_index: c.range_index, offset: c.offset, data: c.data, crc32c: c.crc32c };
+        while let Some(c) =
+            stream.message().await.map_err(|s| WorkerError::Load(format!("pull: {}", s.message())))?
+        {
+            let chunk =
+                Chunk { range_index: c.range_index, offset: c.offset, data: c.data, crc32c: c.crc32c };
             if let Err(e) = asm.accept(&chunk) {
                 tracing::warn!("pull: chunk rejected, refetching: {e}");
                 ok = false;

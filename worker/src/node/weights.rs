@@ -27,6 +27,9 @@ enum Unit {
 
 type Pending = JoinHandle<Result<Arc<HostWeights>>>;
 
+/// Bytes of weights gathered ahead of the unit computing, beyond the first.
+const PREFETCH_BYTES: usize = 64 << 20;
+
 /// Gathers layers on demand, with prefetch and a resident budget.
 pub struct ClusterWeights {
     handle: Handle,
@@ -127,11 +130,22 @@ impl ClusterWeights {
         })
     }
 
-    /// Gets `unit`, first starting the gathers of the units after it.
+    fn unit_bytes(&self, unit: Unit) -> usize {
+        self.unit_specs(unit).iter().map(|s| s.numel() * 2).sum()
+    }
+
+    /// Gets `unit`, first starting the gathers of the units after it: up to
+    /// `prefetch` units, and no further than [`PREFETCH_BYTES`] ahead (always at
+    /// least one), so that a large head does not stack on two layers.
     fn get(&self, unit: Unit) -> Result<Arc<HostWeights>> {
         let pending = {
             let mut st = self.state.lock().expect("weights state lock");
-            for next in self.next_units(unit) {
+            let mut ahead = 0;
+            for (k, next) in self.next_units(unit).into_iter().enumerate() {
+                ahead += self.unit_bytes(next);
+                if k > 0 && ahead > PREFETCH_BYTES {
+                    break;
+                }
                 if !st.resident.contains_key(&next) && !st.pending.contains_key(&next) {
                     let p = self.spawn_gather(next);
                     st.pending.insert(next, p);
@@ -143,10 +157,10 @@ impl ClusterWeights {
             st.pending.remove(&unit)
         };
         let pending = pending.unwrap_or_else(|| self.spawn_gather(unit));
-        let weights = self
-            .handle
-            .block_on(pending)
-            .map_err(|e| WorkerError::Gather(format!("gather task failed: {e}")))??;
+        let waited = std::time::Instant::now();
+        let weights = self.handle.block_on(pending);
+        self.gatherer.stats.wait_nanos.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let weights = weights.map_err(|e| WorkerError::Gather(format!("gather task failed: {e}")))??;
         let bytes = weights.bytes() as u64;
         let resident = self.resident_bytes.load(Ordering::Relaxed);
         if resident + bytes <= self.max_live_bytes {
@@ -179,13 +193,22 @@ impl WeightSource for ClusterWeights {
         let hidden = self.embed.shape[1] as u64;
         let rows: Vec<TensorRange> = distinct
             .iter()
-            .map(|&id| TensorRange::new(self.embed.name.clone(), u64::from(id) * hidden..(u64::from(id) + 1) * hidden))
+            .map(|&id| {
+                TensorRange::new(
+                    self.embed.name.clone(),
+                    u64::from(id) * hidden..(u64::from(id) + 1) * hidden,
+                )
+            })
             .collect();
-        let others: Vec<&TensorSpec> = self.outer.iter().skip(1).filter(|s| s.name != "lm_head.weight").collect();
+        let others: Vec<&TensorSpec> =
+            self.outer.iter().skip(1).filter(|s| s.name != "lm_head.weight").collect();
         let mut requests = rows.clone();
         requests.extend(others.iter().map(|s| TensorRange::new(s.name.clone(), 0..s.numel() as u64)));
         let gatherer = self.gatherer.clone();
-        let mut data = self.handle.block_on(async move { gatherer.gather(&requests).await })?;
+        let waited = std::time::Instant::now();
+        let data = self.handle.block_on(async move { gatherer.gather(&requests).await });
+        self.gatherer.stats.wait_nanos.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let mut data = data?;
         let tail = data.split_off(rows.len());
         let table: Vec<f16> = data.concat();
         let mut store = HostWeights::default();

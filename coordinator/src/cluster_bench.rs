@@ -1,0 +1,204 @@
+//! `zeroshard bench --workers N`: a local cluster under batched load, with
+//! per-worker step, compute and gather times, gather throughput, the overlap
+//! ratio `step / max(compute, gather)`, and each worker's peak RSS.
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use half::f16;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use zeroshard_offload::ModelConfig;
+use zeroshard_proto::v1 as pb;
+use zeroshard_worker::model::tensor_specs;
+
+use crate::error::{CoordinatorError, Result};
+use crate::up::{LocalCluster, UpConfig};
+
+/// Writes `config` as a Hugging Face folder (config.json + one f16
+/// model.safetensors) with random weights, tensor by tensor.
+pub fn write_synthetic_checkpoint(config: &ModelConfig, dir: &Path) -> Result<u64> {
+    let io = |e: std::io::Error| CoordinatorError::Unavailable(format!("writing {}: {e}", dir.display()));
+    let cfg = json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope.theta, "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).map_err(io)?;
+    let specs = tensor_specs(config);
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for s in &specs {
+        let bytes = s.numel() as u64 * 2;
+        header.insert(
+            s.name.clone(),
+            json!({"dtype": "F16", "shape": s.shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let h = serde_json::to_vec(&header).map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors")).map_err(io)?);
+    f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    f.write_all(&h).map_err(io)?;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for s in &specs {
+        let is_norm = s.shape.len() == 1;
+        let data: Vec<f16> = (0..s.numel())
+            .map(|_| {
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let u = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                f16::from_f32(if is_norm { 1.0 + 0.1 * u } else { 0.035 * u })
+            })
+            .collect();
+        f.write_all(bytemuck::cast_slice(&data)).map_err(io)?;
+    }
+    f.flush().map_err(io)?;
+    Ok(offset)
+}
+
+/// One worker's figures over one batch size.
+#[derive(Clone, Debug)]
+pub struct WorkerRow {
+    pub worker: u64,
+    pub steps: u64,
+    pub step_ms: f64,
+    pub compute_ms: f64,
+    pub gather_ms: f64,
+    pub gathered_mb_per_step: f64,
+    pub gather_gbs: f64,
+    /// `step / max(compute, gather)`; 1.0 is perfect overlap.
+    pub overlap: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct BatchReport {
+    pub batch: usize,
+    pub tokens_per_s: f64,
+    pub workers: Vec<WorkerRow>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterReport {
+    pub batches: Vec<BatchReport>,
+    /// Peak resident set (VmHWM) of each worker process, bytes.
+    pub peak_rss: Vec<u64>,
+    pub owned: Vec<(u64, u64)>,
+}
+
+async fn stats(cluster: &LocalCluster) -> Vec<pb::WorkerStats> {
+    let mut out = Vec::new();
+    for w in cluster.coord.workers() {
+        let mut c = w.client.clone();
+        out.push(c.stats(pb::StatsRequest {}).await.map(|r| r.into_inner()).unwrap_or_default());
+    }
+    out
+}
+
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Starts the cluster, runs `batches` (each: `batch` concurrent greedy requests
+/// of `prompt_len` random ids and `new_tokens` new tokens), stops it.
+pub async fn run(
+    up: &UpConfig,
+    vocab: usize,
+    batches: &[usize],
+    prompt_len: usize,
+    new_tokens: usize,
+) -> Result<ClusterReport> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CoordinatorError::Unavailable(format!("bind: {e}")))?;
+    let (_stop_tx, stop) = watch::channel(false);
+    let cluster = LocalCluster::start(up, listener, stop).await?;
+    let result = drive(&cluster, vocab, batches, prompt_len, new_tokens).await;
+    let peak = cluster.fleet.pids().into_iter().map(|p| p.map_or(0, peak_rss)).collect();
+    let owned =
+        stats(&cluster).await.iter().map(|s| (s.owned_partitioned_bytes, s.owned_persistent_bytes)).collect();
+    cluster.stop().await;
+    Ok(ClusterReport { batches: result?, peak_rss: peak, owned })
+}
+
+async fn drive(
+    cluster: &LocalCluster,
+    vocab: usize,
+    batches: &[usize],
+    prompt_len: usize,
+    new_tokens: usize,
+) -> Result<Vec<BatchReport>> {
+    let endpoint = format!("http://{}", cluster.addr);
+    let mut reports = Vec::new();
+    for &batch in batches {
+        let before = stats(cluster).await;
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..batch)
+            .map(|b| {
+                let prompt: Vec<u32> = (0..prompt_len)
+                    .map(|i| ((b * 7919 + i * 104_729 + 3) % (vocab - 3) + 3) as u32)
+                    .collect();
+                let endpoint = endpoint.clone();
+                tokio::spawn(async move {
+                    let mut client = crate::client::connect(&endpoint).await?;
+                    let req = pb::GenerateRequest {
+                        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
+                        sampling: Some(pb::SamplingParams {
+                            max_new_tokens: Some(new_tokens as u32),
+                            ignore_eos: true,
+                            ..Default::default()
+                        }),
+                        stop: vec![],
+                    };
+                    client
+                        .generate(req)
+                        .await
+                        .map(|r| r.into_inner().token_ids.len())
+                        .map_err(|s| CoordinatorError::Unavailable(s.message().to_string()))
+                })
+            })
+            .collect();
+        let mut tokens = 0;
+        for t in tasks {
+            tokens += t.await.map_err(|e| CoordinatorError::Unavailable(e.to_string()))??;
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let after = stats(cluster).await;
+        let workers = before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| {
+                let steps = (b.steps_total - a.steps_total).max(1);
+                let per = |x: u64| x as f64 / steps as f64 / 1e6;
+                let step_ns = b.step_nanos_total - a.step_nanos_total;
+                let wait_ns = b.gather_wait_nanos_total - a.gather_wait_nanos_total;
+                let busy_ns = b.gather_busy_nanos_total - a.gather_busy_nanos_total;
+                let bytes = b.gathered_bytes_total - a.gathered_bytes_total;
+                let (step_ms, compute_ms, gather_ms) =
+                    (per(step_ns), per(step_ns.saturating_sub(wait_ns)), per(busy_ns));
+                WorkerRow {
+                    worker: b.id,
+                    steps,
+                    step_ms,
+                    compute_ms,
+                    gather_ms,
+                    gathered_mb_per_step: bytes as f64 / steps as f64 / 1e6,
+                    gather_gbs: if busy_ns > 0 { bytes as f64 / busy_ns as f64 } else { 0.0 },
+                    overlap: step_ms / compute_ms.max(gather_ms).max(1e-9),
+                }
+            })
+            .collect();
+        reports.push(BatchReport { batch, tokens_per_s: tokens as f64 / wall, workers });
+    }
+    Ok(reports)
+}
