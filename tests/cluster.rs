@@ -9,8 +9,16 @@ use common::cluster::Cluster;
 use common::*;
 use serde_json::Value;
 
-const FAMILY: &[&str] =
-    &["llama-gqa-tied", "llama-rope-scaled", "llama-sharded-bf16", "llama-f16", "mistral", "qwen2"];
+const FAMILY: &[&str] = &[
+    "llama-gqa-tied",
+    "llama-rope-scaled",
+    "llama-sharded-bf16",
+    "llama-f16",
+    "mistral",
+    "qwen2",
+    "gpt2",
+    "bloom",
+];
 
 fn path(p: &std::path::Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
@@ -53,7 +61,16 @@ fn refs_through_cluster(n: usize) {
     drop(c);
     for name in FAMILY {
         let refs = read_json(&shared().join(format!("refs/arch/{name}.json")));
-        let c = Cluster::up(&["--model", &path(&model(&format!("fixtures/{name}"))), "--workers", &n_arg]);
+        // A low threshold partitions even the small fixtures' fused and
+        // transposed tensors (GPT-2 c_attn, BLOOM query_key_value).
+        let c = Cluster::up(&[
+            "--model",
+            &path(&model(&format!("fixtures/{name}"))),
+            "--workers",
+            &n_arg,
+            "--persistence-threshold-bytes",
+            "256",
+        ]);
         for p in refs["prompts"].as_array().expect("prompts") {
             let want = ids_of(&p["new_token_ids"]);
             let out = query(

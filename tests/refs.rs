@@ -79,7 +79,7 @@ fn check_prompt(model_name: &str, p: &serde_json::Value) -> f32 {
 }
 
 #[test]
-fn llama_family_fixtures_match_transformers() {
+fn every_architecture_fixture_matches_transformers() {
     for name in FAMILY {
         let refs = read_json(&shared().join(format!("refs/arch/{name}.json")));
         for p in refs["prompts"].as_array().expect("prompts") {
@@ -164,4 +164,37 @@ fn eos_off_runs_to_length_and_stop_strings_cut_the_text() {
     assert_eq!(out["finish_reason"], "stop");
     let cut = out["text"].as_str().expect("text");
     assert_eq!(cut, &full[..full.find("Lily").expect("Lily in the story")]);
+}
+
+#[test]
+fn tiny_random_gpt2_generates_with_its_own_tokenizer() {
+    let dir = model("tiny-random-gpt2");
+    let out = &run_json(&[
+        "generate",
+        "--model",
+        dir.to_str().expect("path"),
+        "--prompt",
+        "Once upon a time",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+    ])[0];
+    // Byte-level BPE, no BOS: the prompt's ids come from its tokenizer.json.
+    assert_eq!(ids_of(&out["prompt_token_ids"]), vec![47, 78, 298, 578, 200, 196, 582]);
+    assert_eq!(ids_of(&out["token_ids"]).len(), 8);
+    assert!(!out["text"].as_str().expect("text").is_empty());
+}
+
+#[test]
+fn a_position_beyond_gpt2_n_positions_is_refused() {
+    let dir = model("fixtures/gpt2");
+    let n_positions = read_json(&dir.join("config.json"))["n_positions"].as_u64().expect("n_positions");
+    let ids = ids_arg(&vec![5u32; n_positions as usize + 1]);
+    let out = run(&["generate", "--model", dir.to_str().expect("path"), "--prompt-ids", &ids]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("n_positions") && err.contains(&n_positions.to_string()), "{err}");
 }
