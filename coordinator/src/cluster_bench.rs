@@ -5,13 +5,13 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use half::f16;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use zeroshard_offload::ModelConfig;
 use zeroshard_proto::v1 as pb;
 use zeroshard_worker::model::tensor_specs;
+use zeroshard_worker::weights::SyntheticWeights;
 
 use crate::error::{CoordinatorError, Result};
 use crate::up::{LocalCluster, UpConfig};
@@ -45,19 +45,9 @@ pub fn write_synthetic_checkpoint(config: &ModelConfig, dir: &Path) -> Result<u6
     let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors")).map_err(io)?);
     f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
     f.write_all(&h).map_err(io)?;
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = SyntheticWeights::new(1);
     for s in &specs {
-        let is_norm = s.shape.len() == 1;
-        let data: Vec<f16> = (0..s.numel())
-            .map(|_| {
-                state ^= state >> 12;
-                state ^= state << 25;
-                state ^= state >> 27;
-                let u = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-                f16::from_f32(if is_norm { 1.0 + 0.1 * u } else { 0.035 * u })
-            })
-            .collect();
-        f.write_all(bytemuck::cast_slice(&data)).map_err(io)?;
+        f.write_all(bytemuck::cast_slice(&rng.tensor(s))).map_err(io)?;
     }
     f.flush().map_err(io)?;
     Ok(offset)

@@ -88,6 +88,29 @@ pub struct StepToken {
     pub finished: Option<FinishReason>,
 }
 
+/// Checks a prompt against the model: non-empty, every id in the vocabulary,
+/// no longer than the model's positions. The messages name the value at fault.
+pub fn validate_prompt(c: &ModelConfig, prompt: &[u32]) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(WorkerError::InvalidRequest("the prompt is empty".into()));
+    }
+    if let Some((i, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= c.vocab_size) {
+        return Err(WorkerError::InvalidRequest(format!(
+            "prompt token {id} at index {i} is outside the vocabulary (vocab_size {})",
+            c.vocab_size
+        )));
+    }
+    if prompt.len() > c.max_position_embeddings {
+        return Err(WorkerError::InvalidRequest(format!(
+            "the prompt has {} tokens, more than the model's {} {}",
+            prompt.len(),
+            c.architecture.max_positions_key(),
+            c.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
 /// A model, its weights in host memory and a backend to run them.
 pub struct Engine<B: Backend> {
     backend: B,
@@ -128,23 +151,7 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
     /// Validates `prompt` and starts a sequence.
     pub fn new_sequence(&self, prompt: Vec<u32>, params: GenerationParams) -> Result<Sequence<B>> {
         let c = self.config();
-        if prompt.is_empty() {
-            return Err(WorkerError::InvalidRequest("the prompt is empty".into()));
-        }
-        if let Some((i, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= c.vocab_size) {
-            return Err(WorkerError::InvalidRequest(format!(
-                "prompt token {id} at index {i} is outside the vocabulary (vocab_size {})",
-                c.vocab_size
-            )));
-        }
-        if prompt.len() > c.max_position_embeddings {
-            return Err(WorkerError::InvalidRequest(format!(
-                "the prompt has {} tokens, more than the model's {} {}",
-                prompt.len(),
-                c.architecture.max_positions_key(),
-                c.max_position_embeddings
-            )));
-        }
+        validate_prompt(c, &prompt)?;
         params.sampling.validate().map_err(WorkerError::InvalidRequest)?;
         Ok(Sequence {
             prompt_len: prompt.len(),

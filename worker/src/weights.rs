@@ -38,26 +38,10 @@ impl HostWeights {
     /// A model of `config`'s shape with random weights (normal-ish, std `0.02`,
     /// norms near 1), from a fixed seed: for benchmarks without files.
     pub fn random(config: &ModelConfig, seed: u64) -> Self {
-        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            // xorshift64*, mapped to a uniform in [-1, 1).
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            (r >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut rng = SyntheticWeights::new(seed);
         let mut store = Self::default();
         for spec in tensor_specs(config) {
-            let is_norm = spec.shape.len() == 1
-                && spec.name.ends_with(".weight")
-                && (spec.name.contains("norm") || spec.name.contains(".ln_"));
-            let data = (0..spec.numel())
-                .map(|_| {
-                    let u = next();
-                    f16::from_f32(if is_norm { 1.0 + 0.1 * u } else { 0.035 * u })
-                })
-                .collect();
+            let data = rng.tensor(&spec);
             store.insert(&spec, data);
         }
         store
@@ -93,5 +77,34 @@ impl HostWeights {
 
     pub fn outer(&self, config: &ModelConfig) -> Result<OuterWeights<'_, [f16]>> {
         OuterWeights::from_lookup(config, |n| self.get(n))
+    }
+}
+
+/// Deterministic random weights for benchmarks: uniform, ±0.035 for matrices,
+/// 1 ± 0.1 for norm scales, drawn tensor after tensor from one xorshift64* stream.
+pub struct SyntheticWeights {
+    state: u64,
+}
+
+impl SyntheticWeights {
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed ^ 0x9E37_79B9_7F4A_7C15 }
+    }
+
+    /// The next tensor of `spec`'s stored shape.
+    pub fn tensor(&mut self, spec: &TensorSpec) -> Vec<f16> {
+        let is_norm = spec.shape.len() == 1
+            && spec.name.ends_with(".weight")
+            && (spec.name.contains("norm") || spec.name.contains(".ln_"));
+        (0..spec.numel())
+            .map(|_| {
+                self.state ^= self.state >> 12;
+                self.state ^= self.state << 25;
+                self.state ^= self.state >> 27;
+                let r = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                let u = (r >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                f16::from_f32(if is_norm { 1.0 + 0.1 * u } else { 0.035 * u })
+            })
+            .collect()
     }
 }

@@ -38,24 +38,7 @@ fn validate(coord: &Coordinator, req: pb::GenerateRequest) -> Result<Validated> 
             .encode(&t)?,
         Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids,
     };
-    if prompt.is_empty() {
-        return Err(invalid("the prompt is empty"));
-    }
-    let c = &inner.config;
-    if let Some((i, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= c.vocab_size) {
-        return Err(invalid(format!(
-            "prompt token {id} at index {i} is outside the vocabulary (vocab_size {})",
-            c.vocab_size
-        )));
-    }
-    if prompt.len() > c.max_position_embeddings {
-        return Err(invalid(format!(
-            "the prompt has {} tokens, more than the model's {} {}",
-            prompt.len(),
-            c.architecture.max_positions_key(),
-            c.max_position_embeddings
-        )));
-    }
+    zeroshard_worker::engine::validate_prompt(&inner.config, &prompt)?;
     let params = zeroshard_worker::convert::generation_params(req.sampling);
     params.sampling.validate().map_err(invalid)?;
     if !req.stop.is_empty() && inner.tokenizer.is_none() {
