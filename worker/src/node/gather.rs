@@ -152,70 +152,66 @@ impl Gatherer {
             .cloned()
             .ok_or_else(|| WorkerError::Gather(format!("no connection to worker {peer}")))?;
         let mut asm = Assembler::new(ranges, 2).map_err(|e| WorkerError::Gather(e.to_string()))?;
-        let mut last_error = String::new();
-        let mut failures = 0;
-        while failures < FETCH_ATTEMPTS {
-            let before = asm.received_bytes();
-            let request = pb::FetchRangesRequest {
-                epoch: self.plan.epoch(),
-                ranges: asm
-                    .request()
-                    .into_iter()
-                    .map(|r| pb::TensorRange {
-                        tensor: r.tensor,
-                        start: r.elements.start,
-                        end: r.elements.end,
-                    })
-                    .collect(),
-                chunk_bytes: 0,
-            };
-            let mut stream = match client.fetch_ranges(request).await {
-                Ok(s) => s.into_inner(),
-                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                    return Err(WorkerError::Gather(format!("worker {peer}: {}", status.message())));
-                }
-                Err(status) => {
-                    last_error = format!("worker {peer}: {}", status.message());
-                    failures += 1;
-                    continue;
-                }
-            };
-            let broke = loop {
-                match stream.message().await {
-                    Ok(Some(c)) => {
-                        let chunk = Chunk {
-                            range_index: c.range_index,
-                            offset: c.offset,
-                            data: c.data,
-                            crc32c: c.crc32c,
-                        };
-                        if let Err(e) = asm.accept(&chunk) {
-                            self.stats.rejected_chunks.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!("chunk from worker {peer} rejected, refetching: {e}");
-                            break Some(e.to_string());
-                        }
-                    }
-                    Ok(None) => break None,
-                    Err(status) => break Some(format!("worker {peer}: stream broke: {}", status.message())),
-                }
-            };
-            match broke {
-                None if asm.is_complete() => {
-                    return asm.finish().map_err(|e| WorkerError::Gather(e.to_string()));
-                }
-                None => last_error = format!("worker {peer}: stream ended early"),
-                Some(e) => last_error = e,
-            }
-            failures = if asm.received_bytes() > before { 1 } else { failures + 1 };
-            asm.restart();
-        }
-        Err(WorkerError::Gather(format!(
-            "gave up after {FETCH_ATTEMPTS} attempts without progress: {last_error}"
-        )))
+        let source = format!("worker {peer}");
+        fetch_into(&mut client, &source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks)
+            .await
+            .map_err(WorkerError::Gather)
     }
 }
 
 /// The little-endian bytes of an f16 buffer.
 fn bytemuck_bytes(v: &mut [f16]) -> &mut [u8] {
     bytemuck::cast_slice_mut(v)
+}
+
+/// Fills `asm` from `client`'s `FetchRanges` stream under `epoch`. A rejected
+/// chunk (counted in `rejected`) or a broken stream restarts the fetch from what
+/// is still missing; it gives up after [`FETCH_ATTEMPTS`] tries in a row without
+/// progress, or at once on a stale epoch. Errors name `source`.
+pub(super) async fn fetch_into(
+    client: &mut ShardsClient<Channel>,
+    source: &str,
+    epoch: u64,
+    asm: &mut Assembler<'_>,
+    rejected: &AtomicU64,
+) -> std::result::Result<(), String> {
+    let mut last_error = String::new();
+    let mut failures = 0;
+    while failures < FETCH_ATTEMPTS {
+        let before = asm.received_bytes();
+        let ranges = asm.request().iter().map(pb::TensorRange::from).collect();
+        let mut stream =
+            match client.fetch_ranges(pb::FetchRangesRequest { epoch, ranges, chunk_bytes: 0 }).await {
+                Ok(s) => s.into_inner(),
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                    return Err(format!("{source}: {}", status.message()));
+                }
+                Err(status) => {
+                    last_error = format!("{source}: {}", status.message());
+                    failures += 1;
+                    continue;
+                }
+            };
+        let broke = loop {
+            match stream.message().await {
+                Ok(Some(c)) => {
+                    if let Err(e) = asm.accept(&Chunk::from(c)) {
+                        rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("chunk from {source} rejected, refetching: {e}");
+                        break Some(e.to_string());
+                    }
+                }
+                Ok(None) => break None,
+                Err(status) => break Some(format!("{source}: stream broke: {}", status.message())),
+            }
+        };
+        match broke {
+            None if asm.is_complete() => return Ok(()),
+            None => last_error = format!("{source}: stream ended early"),
+            Some(e) => last_error = e,
+        }
+        failures = if asm.received_bytes() > before { 1 } else { failures + 1 };
+        asm.restart();
+    }
+    Err(format!("gave up after {FETCH_ATTEMPTS} attempts without progress: {last_error}"))
 }

@@ -8,11 +8,10 @@ use half::f16;
 use tonic::transport::Channel;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_offload::Checkpoint;
-use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_client::ShardsClient;
 
 use crate::error::{Result, WorkerError};
-use crate::shards::{Assembler, Chunk, HostSlices, TensorRange};
+use crate::shards::{Assembler, HostSlices, TensorRange};
 
 /// Bytes per element of the host store (f16).
 pub const ELEM_BYTES: usize = 2;
@@ -64,39 +63,9 @@ async fn pull(
 ) -> Result<()> {
     let dests = ranges.iter().cloned().zip(bufs.iter_mut().map(|b| b.as_mut_slice())).collect();
     let mut asm = Assembler::new(dests, ELEM_BYTES).map_err(|e| WorkerError::Load(e.to_string()))?;
-    for _ in 0..4 {
-        let req = pb::FetchRangesRequest {
-            epoch,
-            ranges: asm
-                .request()
-                .into_iter()
-                .map(|r| pb::TensorRange { tensor: r.tensor, start: r.elements.start, end: r.elements.end })
-                .collect(),
-            chunk_bytes: 0,
-        };
-        let mut stream = client
-            .fetch_ranges(req)
-            .await
-            .map_err(|s| WorkerError::Load(format!("pull: {}", s.message())))?
-            .into_inner();
-        let mut ok = true;
-        while let Some(c) =
-            stream.message().await.map_err(|s| WorkerError::Load(format!("pull: {}", s.message())))?
-        {
-            let chunk =
-                Chunk { range_index: c.range_index, offset: c.offset, data: c.data, crc32c: c.crc32c };
-            if let Err(e) = asm.accept(&chunk) {
-                tracing::warn!("pull: chunk rejected, refetching: {e}");
-                ok = false;
-                break;
-            }
-        }
-        if ok && asm.is_complete() {
-            return asm.finish().map_err(|e| WorkerError::Load(e.to_string()));
-        }
-        asm.restart();
-    }
-    Err(WorkerError::Load("pull: gave up after 4 attempts".into()))
+    let rejected = std::sync::atomic::AtomicU64::new(0);
+    super::gather::fetch_into(client, "pull", epoch, &mut asm, &rejected).await.map_err(WorkerError::Load)?;
+    asm.finish().map_err(|e| WorkerError::Load(e.to_string()))
 }
 
 /// An f16 vector as little-endian bytes.
