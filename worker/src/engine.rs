@@ -17,7 +17,7 @@ use crate::backend::{Backend, BatchLayout};
 use crate::error::{Result, WorkerError};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::source::WeightSource;
+use crate::source::{WeightSource, HEAD_SLICE};
 use crate::weights::HostWeights;
 
 /// Why a sequence stopped.
@@ -199,7 +199,26 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
         }
         let w = src.head()?;
         let outer = w.outer(c)?;
-        let logits = b.to_host(&self.model.head(b, &outer, &x, &layout.last_rows())); // [seqs, vocab]
+        let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows()); // [seqs, hidden]
+        let seqs_n = layout.seqs.len();
+        let logits = match src.head_slices() {
+            0 => b.to_host(&b.linear(&normed, outer.lm_head(), None, c.vocab_size)), // [seqs, vocab]
+            n => {
+                // The head in vocabulary slices: each `[seqs, rows]` lands in its columns.
+                let mut logits = vec![0f32; seqs_n * c.vocab_size];
+                for i in 0..n {
+                    let (w, rows) = src.head_slice(i)?;
+                    let slice =
+                        w.get(HEAD_SLICE).ok_or_else(|| WorkerError::MissingWeight(HEAD_SLICE.into()))?;
+                    let part = b.to_host(&b.linear(&normed, slice, None, rows.len())); // [seqs, rows]
+                    for (s, chunk) in part.chunks_exact(rows.len()).enumerate() {
+                        logits[s * c.vocab_size + rows.start..s * c.vocab_size + rows.end]
+                            .copy_from_slice(chunk);
+                    }
+                }
+                logits
+            }
+        };
         Ok(logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
@@ -349,5 +368,64 @@ mod tests {
         s.finished = None;
         let err = e.forward(&mut [&mut s]).expect_err("position 16 refused").to_string();
         assert!(err.contains("position 16 is past the model's 16 learned positions"), "{err}");
+    }
+
+    /// A source that hands out the whole model but the LM head in slices of
+    /// `rows` vocabulary rows (the last one shorter), as the cluster does.
+    struct Sliced {
+        whole: Arc<HostWeights>,
+        head_name: String,
+        vocab: usize,
+        hidden: usize,
+        rows: usize,
+    }
+
+    impl WeightSource for Sliced {
+        fn embedding(&self, ids: &[u32]) -> Result<(Arc<HostWeights>, Vec<u32>)> {
+            self.whole.embedding(ids)
+        }
+        fn layer(&self, l: usize) -> Result<Arc<HostWeights>> {
+            WeightSource::layer(&self.whole, l)
+        }
+        fn head(&self) -> Result<Arc<HostWeights>> {
+            self.whole.head()
+        }
+        fn head_slices(&self) -> usize {
+            self.vocab.div_ceil(self.rows)
+        }
+        fn head_slice(&self, i: usize) -> Result<(Arc<HostWeights>, std::ops::Range<usize>)> {
+            let rows = i * self.rows..((i + 1) * self.rows).min(self.vocab);
+            let table = self.whole.get(&self.head_name).expect("head");
+            let mut w = HostWeights::default();
+            let spec = crate::model::tensor_specs(&config(Architecture::Llama, 2))
+                .into_iter()
+                .next()
+                .map(|mut s| {
+                    s.name = HEAD_SLICE.into();
+                    s.shape = vec![rows.len(), self.hidden];
+                    s
+                })
+                .expect("a spec");
+            w.insert(&spec, table[rows.start * self.hidden..rows.end * self.hidden].to_vec());
+            Ok((Arc::new(w), rows))
+        }
+    }
+
+    #[test]
+    fn a_head_applied_in_vocabulary_slices_gives_the_same_logits() {
+        let c = config(Architecture::Llama, 2);
+        let (vocab, hidden) = (c.vocab_size, c.hidden_size);
+        let e = engine(c);
+        let head_name = "model.embed_tokens.weight".to_string(); // tied
+        for rows in [1, 7, 16, 50, 64] {
+            let src = Sliced { whole: e.weights.clone(), head_name: head_name.clone(), vocab, hidden, rows };
+            let mut a = e.new_sequence(vec![3, 1, 4, 1, 5], params(2)).expect("seq");
+            let mut b = e.new_sequence(vec![3, 1, 4, 1, 5], params(2)).expect("seq");
+            let mut c2 = e.new_sequence(vec![9, 2], params(2)).expect("seq");
+            let whole = e.forward(&mut [&mut a]).expect("whole");
+            let sliced = e.forward_from(&mut [&mut b, &mut c2], &src).expect("sliced");
+            assert_eq!(whole[0], sliced[0], "{rows} rows per slice");
+            assert_eq!(sliced[1].len(), vocab);
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! layer in order, then the head. The local source hands out the whole model
 //! it holds; the cluster's source gathers each piece from peers, prefetching
 //! the next ones and keeping some resident (see `node::weights`).
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::error::Result;
@@ -18,7 +19,20 @@ pub trait WeightSource: Send + Sync {
     fn layer(&self, l: usize) -> Result<Arc<HostWeights>>;
     /// Final norm and LM head.
     fn head(&self) -> Result<Arc<HostWeights>>;
+    /// In how many vocabulary slices the LM head comes ([`Self::head_slice`]);
+    /// 0: whole, with [`Self::head`].
+    fn head_slices(&self) -> usize {
+        0
+    }
+    /// Slice `i` of the LM head: weights holding [`HEAD_SLICE`] `[rows, hidden]`,
+    /// and which vocabulary rows those are.
+    fn head_slice(&self, i: usize) -> Result<(Arc<HostWeights>, Range<usize>)> {
+        Err(crate::error::WorkerError::MissingWeight(format!("head slice {i}: this source has none")))
+    }
 }
+
+/// The name under which a head slice's rows are held.
+pub const HEAD_SLICE: &str = "lm_head.slice";
 
 /// A whole model held in host memory.
 impl WeightSource for Arc<HostWeights> {

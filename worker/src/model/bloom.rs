@@ -117,7 +117,7 @@ pub(super) fn block<B: Backend>(
 }
 
 /// Final LayerNorm and LM head on the given rows → `[rows.len(), vocab]`.
-pub(super) fn head<B: Backend>(
+pub(super) fn head_norm<B: Backend>(
     c: &ModelConfig,
     b: &B,
     w: &BloomOuterWeights<'_, B::Weight>,
@@ -126,7 +126,7 @@ pub(super) fn head<B: Backend>(
 ) -> B::Tensor {
     let last = b.select_rows(x, rows); // [seqs, hidden]
     let normed = w.ln_f.forward(b, &last, c.rms_norm_eps);
-    b.linear(&normed, w.lm_head, None, c.vocab_size) // [seqs, vocab]
+    normed // [seqs, hidden]
 }
 
 /// Every tensor of a BLOOM model as stored, in forward order.

@@ -111,7 +111,7 @@ pub(super) fn decoder_layer<B: Backend>(
 }
 
 /// Final RMSNorm and LM head on the given rows → `[rows.len(), vocab]`.
-pub(super) fn head<B: Backend>(
+pub(super) fn head_norm<B: Backend>(
     c: &ModelConfig,
     b: &B,
     w: &LlamaOuterWeights<'_, B::Weight>,
@@ -120,7 +120,7 @@ pub(super) fn head<B: Backend>(
 ) -> B::Tensor {
     let last = b.select_rows(x, rows); // [seqs, hidden]
     let normed = b.rms_norm(&last, w.norm, c.rms_norm_eps);
-    b.linear(&normed, w.lm_head, None, c.vocab_size) // [seqs, vocab]
+    normed // [seqs, hidden]
 }
 
 /// Every tensor of a Llama-family model, in forward order.

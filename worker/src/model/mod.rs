@@ -66,6 +66,15 @@ impl<'a, W: ?Sized> LayerWeights<'a, W> {
 }
 
 impl<'a, W: ?Sized> OuterWeights<'a, W> {
+    /// The LM head `[vocab, hidden]` (the token embedding when tied).
+    pub fn lm_head(&self) -> &'a W {
+        match self {
+            Self::Llama(w) => w.lm_head,
+            Self::Gpt2(w) => w.lm_head,
+            Self::Bloom(w) => w.lm_head,
+        }
+    }
+
     pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
         Ok(match c.architecture {
             Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
@@ -232,7 +241,21 @@ impl Model {
     }
 
     /// Final norm and LM head on the given rows → `[rows.len(), vocab]`.
+    /// Final norm and LM head on the given rows → `[rows.len(), vocab]`.
     pub fn head<B: Backend>(
+        &self,
+        b: &B,
+        w: &OuterWeights<'_, B::Weight>,
+        x: &B::Tensor,
+        rows: &[usize],
+    ) -> B::Tensor {
+        let normed = self.head_norm(b, w, x, rows); // [rows, hidden]
+        b.linear(&normed, w.lm_head(), None, self.config.vocab_size) // [rows, vocab]
+    }
+
+    /// The final norm of the given rows → `[rows.len(), hidden]`, the input of
+    /// the LM head (which a caller may apply in vocabulary slices).
+    pub fn head_norm<B: Backend>(
         &self,
         b: &B,
         w: &OuterWeights<'_, B::Weight>,
@@ -241,9 +264,9 @@ impl Model {
     ) -> B::Tensor {
         let c = &self.config;
         match w {
-            OuterWeights::Llama(w) => llama::head(c, b, w, x, rows),
-            OuterWeights::Gpt2(w) => gpt2::head(c, b, w, x, rows),
-            OuterWeights::Bloom(w) => bloom::head(c, b, w, x, rows),
+            OuterWeights::Llama(w) => llama::head_norm(c, b, w, x, rows),
+            OuterWeights::Gpt2(w) => gpt2::head_norm(c, b, w, x, rows),
+            OuterWeights::Bloom(w) => bloom::head_norm(c, b, w, x, rows),
         }
     }
 }

@@ -15,20 +15,27 @@ use super::gather::Gatherer;
 use crate::error::{Result, WorkerError};
 use crate::model::{tensor_specs, TensorSpec};
 use crate::shards::TensorRange;
-use crate::source::WeightSource;
+use crate::source::{WeightSource, HEAD_SLICE};
 use crate::weights::HostWeights;
 
 /// A piece of the model gathered as a unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Unit {
     Layer(usize),
+    /// The final norm (the tensors after the last layer, but the LM head).
     Head,
+    /// Vocabulary rows `i·rows..` of the LM head.
+    HeadSlice(usize),
 }
 
 type Pending = JoinHandle<Result<Arc<HostWeights>>>;
 
 /// Bytes of weights gathered ahead of the unit computing, beyond the first.
-const PREFETCH_BYTES: usize = 64 << 20;
+const PREFETCH_BYTES: usize = 24 << 20;
+
+/// Largest LM head slice: the head is gathered and applied in slices of at
+/// most this many bytes, so it never stands whole in memory.
+const HEAD_SLICE_BYTES: usize = 16 << 20;
 
 /// Gathers layers on demand, with prefetch and a resident budget.
 pub struct ClusterWeights {
@@ -37,11 +44,18 @@ pub struct ClusterWeights {
     num_layers: usize,
     /// Per decoder layer, its tensors.
     layers: Vec<Vec<TensorSpec>>,
-    /// Embedding, final norm, head, learned positions… (layer `None`).
-    outer: Vec<TensorSpec>,
-    /// The token embedding table (`[vocab, hidden]`, first in forward order).
-    embed: TensorSpec,
-    tied: bool,
+    /// Tensors before the first layer (token embedding first, learned
+    /// positions, embedding norm).
+    pre: Vec<TensorSpec>,
+    /// Tensors after the last layer but the LM head (the final norm).
+    post: Vec<TensorSpec>,
+    /// Every tensor outside the layers, by name (what the outer-weights lookup names).
+    outer_names: Vec<String>,
+    /// The LM head as stored (`lm_head.weight`, or the embedding when tied).
+    lm_head: TensorSpec,
+    /// Rows per head slice, and how many slices.
+    slice_rows: usize,
+    slices: usize,
     prefetch: usize,
     max_live_bytes: u64,
     state: Mutex<State>,
@@ -52,6 +66,17 @@ pub struct ClusterWeights {
 struct State {
     pending: HashMap<Unit, Pending>,
     resident: HashMap<Unit, Arc<HostWeights>>,
+}
+
+/// Makes every name in `names` that `store` lacks an alias of `target`: the
+/// lookup that assembles the outer weights names tensors the pass at hand
+/// (embedding, or final norm) never reads.
+fn alias_missing(store: &mut HostWeights, names: &[String], target: &str) {
+    for n in names {
+        if store.get(n).is_none() {
+            store.alias(n, target);
+        }
+    }
 }
 
 impl ClusterWeights {
@@ -65,22 +90,36 @@ impl ClusterWeights {
     ) -> Self {
         let specs = tensor_specs(config);
         let mut layers = vec![Vec::new(); config.num_layers];
-        let mut outer = Vec::new();
+        let (mut pre, mut post) = (Vec::new(), Vec::new());
         for s in specs {
             match s.layer {
                 Some(l) => layers[l].push(s),
-                None => outer.push(s),
+                // Specs come in forward order: outer tensors before any layer
+                // feed the embedding, the ones after feed the head.
+                None if layers.iter().all(Vec::is_empty) => pre.push(s),
+                None => post.push(s),
             }
         }
-        let embed = outer.first().cloned().expect("every model has a token embedding");
+        let embed = pre.first().cloned().expect("every model has a token embedding");
+        let outer_names = pre.iter().chain(&post).map(|s| s.name.clone()).collect();
+        let lm_head = match post.iter().position(|s| s.name == "lm_head.weight") {
+            Some(i) => post.remove(i),
+            None => embed,
+        };
+        let hidden = lm_head.shape[1];
+        let slice_rows = (HEAD_SLICE_BYTES / (hidden * 2)).max(1);
+        let slices = lm_head.shape[0].div_ceil(slice_rows);
         Self {
             handle,
             gatherer,
             num_layers: config.num_layers,
             layers,
-            outer,
-            embed,
-            tied: config.tie_word_embeddings,
+            pre,
+            post,
+            outer_names,
+            lm_head,
+            slice_rows,
+            slices,
             prefetch,
             max_live_bytes,
             state: Mutex::new(State::default()),
@@ -88,50 +127,76 @@ impl ClusterWeights {
         }
     }
 
-    /// Tensors of a unit. The head needs every outer tensor but the embedding
-    /// table, unless the head is the embedding (tied).
-    fn unit_specs(&self, unit: Unit) -> Vec<TensorSpec> {
+    /// Units in forward order: layers, final norm, head slices.
+    fn order(&self, i: usize) -> Unit {
+        match i {
+            i if i < self.num_layers => Unit::Layer(i),
+            i if i == self.num_layers => Unit::Head,
+            i => Unit::HeadSlice(i - self.num_layers - 1),
+        }
+    }
+
+    fn position(&self, u: Unit) -> usize {
+        match u {
+            Unit::Layer(l) => l,
+            Unit::Head => self.num_layers,
+            Unit::HeadSlice(i) => self.num_layers + 1 + i,
+        }
+    }
+
+    /// Vocabulary rows of head slice `i`.
+    fn slice_range(&self, i: usize) -> std::ops::Range<usize> {
+        let vocab = self.lm_head.shape[0];
+        (i * self.slice_rows).min(vocab)..((i + 1) * self.slice_rows).min(vocab)
+    }
+
+    /// What a unit gathers: (stored spec, element range, spec to hold it as).
+    fn unit_parts(&self, unit: Unit) -> Vec<(TensorSpec, std::ops::Range<u64>, TensorSpec)> {
+        let whole = |s: &TensorSpec| (s.clone(), 0..s.numel() as u64, s.clone());
         match unit {
-            Unit::Layer(l) => self.layers[l].clone(),
-            Unit::Head => {
-                self.outer.iter().filter(|s| self.tied || s.name != self.embed.name).cloned().collect()
+            Unit::Layer(l) => self.layers[l].iter().map(whole).collect(),
+            Unit::Head => self.post.iter().map(whole).collect(),
+            Unit::HeadSlice(i) => {
+                let rows = self.slice_range(i);
+                let hidden = self.lm_head.shape[1];
+                let mut held = self.lm_head.clone();
+                held.name = HEAD_SLICE.to_string();
+                held.shape = vec![rows.len(), hidden];
+                let elems = (rows.start * hidden) as u64..(rows.end * hidden) as u64;
+                vec![(self.lm_head.clone(), elems, held)]
             }
         }
     }
 
     /// The `prefetch` units after `unit`, wrapping to the next step's layers.
     fn next_units(&self, unit: Unit) -> Vec<Unit> {
-        let order = |u: Unit| match u {
-            Unit::Layer(l) => l,
-            Unit::Head => self.num_layers,
-        };
-        let at = |i: usize| if i == self.num_layers { Unit::Head } else { Unit::Layer(i) };
-        (1..=self.prefetch).map(|k| at((order(unit) + k) % (self.num_layers + 1))).collect()
+        let total = self.num_layers + 1 + self.slices;
+        (1..=self.prefetch).map(|k| self.order((self.position(unit) + k) % total)).collect()
     }
 
     fn spawn_gather(&self, unit: Unit) -> Pending {
-        let specs = self.unit_specs(unit);
+        let parts = self.unit_parts(unit);
         let gatherer = self.gatherer.clone();
-        let (tied, embed_name) = (self.tied, self.embed.name.clone());
+        let names = self.outer_names.clone();
         self.handle.spawn(async move {
             let requests: Vec<TensorRange> =
-                specs.iter().map(|s| TensorRange::new(s.name.clone(), 0..s.numel() as u64)).collect();
+                parts.iter().map(|(s, range, _)| TensorRange::new(s.name.clone(), range.clone())).collect();
             let data = gatherer.gather(&requests).await?;
             let mut store = HostWeights::default();
-            for (spec, d) in specs.iter().zip(data) {
-                store.insert(spec, d);
+            for ((_, _, held), d) in parts.iter().zip(data) {
+                store.insert(held, d);
             }
-            if unit == Unit::Head && !tied {
-                // The untied head never reads the embedding table; the lookup
-                // that assembles the outer weights still names it.
-                store.alias(&embed_name, "lm_head.weight");
+            if unit == Unit::Head {
+                if let Some((_, _, first)) = parts.first() {
+                    alias_missing(&mut store, &names, &first.name);
+                }
             }
             Ok(Arc::new(store))
         })
     }
 
     fn unit_bytes(&self, unit: Unit) -> usize {
-        self.unit_specs(unit).iter().map(|s| s.numel() * 2).sum()
+        self.unit_parts(unit).iter().map(|(_, r, _)| (r.end - r.start) as usize * 2).sum()
     }
 
     /// Gets `unit`, first starting the gathers of the units after it: up to
@@ -185,23 +250,20 @@ impl ClusterWeights {
 
 impl WeightSource for ClusterWeights {
     /// Only the rows `ids` use are fetched, renumbered `0..distinct`; the other
-    /// outer tensors (learned positions, embedding norms) come whole.
+    /// tensors before the first layer (learned positions, embedding norms) come whole.
     fn embedding(&self, ids: &[u32]) -> Result<(Arc<HostWeights>, Vec<u32>)> {
         let mut distinct: Vec<u32> = ids.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
-        let hidden = self.embed.shape[1] as u64;
+        let embed = &self.pre[0];
+        let hidden = embed.shape[1] as u64;
         let rows: Vec<TensorRange> = distinct
             .iter()
             .map(|&id| {
-                TensorRange::new(
-                    self.embed.name.clone(),
-                    u64::from(id) * hidden..(u64::from(id) + 1) * hidden,
-                )
+                TensorRange::new(embed.name.clone(), u64::from(id) * hidden..(u64::from(id) + 1) * hidden)
             })
             .collect();
-        let others: Vec<&TensorSpec> =
-            self.outer.iter().skip(1).filter(|s| s.name != "lm_head.weight").collect();
+        let others = &self.pre[1..];
         let mut requests = rows.clone();
         requests.extend(others.iter().map(|s| TensorRange::new(s.name.clone(), 0..s.numel() as u64)));
         let gatherer = self.gatherer.clone();
@@ -212,16 +274,13 @@ impl WeightSource for ClusterWeights {
         let tail = data.split_off(rows.len());
         let table: Vec<f16> = data.concat();
         let mut store = HostWeights::default();
-        let mut table_spec = self.embed.clone();
+        let mut table_spec = embed.clone();
         table_spec.shape = vec![distinct.len(), hidden as usize];
         store.insert(&table_spec, table);
-        for (spec, d) in others.into_iter().zip(tail) {
+        for (spec, d) in others.iter().zip(tail) {
             store.insert(spec, d);
         }
-        if !self.tied {
-            // Never read by the embedding pass; named by the outer-weights lookup.
-            store.alias("lm_head.weight", &self.embed.name);
-        }
+        alias_missing(&mut store, &self.outer_names, &embed.name);
         let renumbered = ids
             .iter()
             .map(|id| distinct.binary_search(id).expect("every id is in distinct") as u32)
@@ -235,5 +294,13 @@ impl WeightSource for ClusterWeights {
 
     fn head(&self) -> Result<Arc<HostWeights>> {
         self.get(Unit::Head)
+    }
+
+    fn head_slices(&self) -> usize {
+        self.slices
+    }
+
+    fn head_slice(&self, i: usize) -> Result<(Arc<HostWeights>, std::ops::Range<usize>)> {
+        Ok((self.get(Unit::HeadSlice(i))?, self.slice_range(i)))
     }
 }
