@@ -118,8 +118,7 @@ pub(super) fn head_norm<B: Backend>(
     rows: &[usize],
 ) -> B::Tensor {
     let last = b.select_rows(x, rows); // [seqs, hidden]
-    let normed = w.ln_f.forward(b, &last, c.rms_norm_eps);
-    normed // [seqs, hidden]
+    w.ln_f.forward(b, &last, c.rms_norm_eps) // [seqs, hidden]
 }
 
 /// Every tensor of a GPT-2 model as stored, in forward order.

@@ -119,8 +119,7 @@ pub(super) fn head_norm<B: Backend>(
     rows: &[usize],
 ) -> B::Tensor {
     let last = b.select_rows(x, rows); // [seqs, hidden]
-    let normed = b.rms_norm(&last, w.norm, c.rms_norm_eps);
-    normed // [seqs, hidden]
+    b.rms_norm(&last, w.norm, c.rms_norm_eps) // [seqs, hidden]
 }
 
 /// Every tensor of a Llama-family model, in forward order.
