@@ -116,18 +116,6 @@ pub(super) fn block<B: Backend>(
     residual
 }
 
-/// Final LayerNorm and LM head on the given rows → `[rows.len(), vocab]`.
-pub(super) fn head_norm<B: Backend>(
-    c: &ModelConfig,
-    b: &B,
-    w: &BloomOuterWeights<'_, B::Weight>,
-    x: &B::Tensor,
-    rows: &[usize],
-) -> B::Tensor {
-    let last = b.select_rows(x, rows); // [seqs, hidden]
-    w.ln_f.forward(b, &last, c.rms_norm_eps) // [seqs, hidden]
-}
-
 /// Every tensor of a BLOOM model as stored, in forward order.
 pub(super) fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
     let (h, ffn) = (c.hidden_size, c.intermediate_size);

@@ -110,7 +110,7 @@ pub(super) fn decoder_layer<B: Backend>(
     residual
 }
 
-/// Final RMSNorm and LM head on the given rows → `[rows.len(), vocab]`.
+/// Final RMSNorm of the given rows → `[rows.len(), hidden]`.
 pub(super) fn head_norm<B: Backend>(
     c: &ModelConfig,
     b: &B,

@@ -265,8 +265,9 @@ impl Model {
         let c = &self.config;
         match w {
             OuterWeights::Llama(w) => llama::head_norm(c, b, w, x, rows),
-            OuterWeights::Gpt2(w) => gpt2::head_norm(c, b, w, x, rows),
-            OuterWeights::Bloom(w) => bloom::head_norm(c, b, w, x, rows),
+            // GPT-2 and BLOOM: the final LayerNorm `ln_f`.
+            OuterWeights::Gpt2(w) => w.ln_f.forward(b, &b.select_rows(x, rows), c.rms_norm_eps),
+            OuterWeights::Bloom(w) => w.ln_f.forward(b, &b.select_rows(x, rows), c.rms_norm_eps),
         }
     }
 }
