@@ -27,6 +27,12 @@ pub enum OffloadError {
     Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("tensor `{tensor}`: element range {start}..{end} is outside its {len} elements")]
     Range { tensor: String, start: usize, end: usize, len: usize },
+    /// The device staging ring was used beyond its depth or slot size.
+    #[error("staging: {0}")]
+    Staging(String),
+    /// `--gpu-memory` cannot hold what the model needs.
+    #[error("{0}")]
+    GpuMemory(String),
 }
 
 pub type Result<T> = std::result::Result<T, OffloadError>;

@@ -8,6 +8,9 @@
 //!   with its index, memory-mapped; the primitive is
 //!   [`Checkpoint::read_f16_into`]: "elements `[a, b)` of tensor `T`, converted to
 //!   f16", so a worker can load just the slice of every tensor it owns.
+//! - [`pinned`]: [`HostBuffer`]s, page-locked (`cuMemHostAlloc`) when a GPU is used.
+//! - [`staging`]: the bookkeeping of the device staging ring (`--prefetch-layers` deep).
+//! - [`gpu_budget`]: splitting `--gpu-memory` into resident layers, KV cache and staging.
 //!
 //! ```no_run
 //! # fn main() -> zeroshard_offload::Result<()> {
@@ -22,7 +25,10 @@ mod checkpoint;
 mod config;
 mod dtype;
 mod error;
+pub mod gpu_budget;
+pub mod pinned;
 pub mod plan;
+pub mod staging;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{
@@ -31,3 +37,4 @@ pub use config::{
 };
 pub use dtype::DType;
 pub use error::{OffloadError, Result};
+pub use pinned::{HostAlloc, HostBuffer};

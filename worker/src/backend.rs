@@ -6,6 +6,29 @@
 //! `gelu_tanh`; BLOOM `layer_norm`, `gelu_tanh` and ALiBi in `attention`. Activations are 2-D,
 //! `[rows, cols]`, where the rows of one step are the new tokens of every
 //! sequence in the batch, concatenated (see [`BatchLayout`]).
+//!
+//! Weights reach a backend one *piece* at a time ([`Piece`]: the embedding, a
+//! decoder layer, the head): the engine hands each piece's host tensors to
+//! [`Backend::stage`] and reads them back with [`Backend::weight`]. The CPU reads
+//! host memory as is; the CUDA backend copies the piece to the device (into a
+//! resident cache, or a staging ring slot while the previous layer computes).
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::weights::HostWeights;
+
+/// Which part of the model a set of weights is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Piece {
+    /// Token (and position) embeddings.
+    Embedding,
+    /// Decoder layer `l`.
+    Layer(usize),
+    /// Final norm and LM head.
+    Head,
+    /// Slice `i` of the LM head (a source that sends the head in vocabulary slices).
+    HeadSlice(usize),
+}
 
 /// Which rows of a step's activations belong to which sequence.
 #[derive(Clone, Debug, Default)]
@@ -74,8 +97,23 @@ pub trait Backend: Send + Sync {
     type Weight: ?Sized;
     /// One sequence's keys and values for every layer.
     type KvCache: Send;
+    /// One piece's weights made readable by this backend (CPU: the host store).
+    type Staged;
 
     fn name(&self) -> String;
+
+    /// Makes the tensors `names` of `host` (those present; a name may resolve to
+    /// a tensor shared with another) readable as [`Self::Weight`]s for `piece`.
+    /// May start copies that finish later: [`Self::weight`] orders the compute
+    /// that reads them after the copies.
+    fn stage(&self, host: &Arc<HostWeights>, piece: Piece, names: &[String]) -> Result<Self::Staged>;
+    /// A tensor of a staged piece, by name.
+    fn weight<'a>(&self, staged: &'a Self::Staged, name: &str) -> Option<&'a Self::Weight>;
+    /// How many layers the engine should stage ahead of the one computing
+    /// (0: stage each layer just before it runs).
+    fn prefetch_depth(&self) -> usize {
+        0
+    }
 
     fn new_kv_cache(&self, num_layers: usize, kv_dim: usize) -> Self::KvCache;
     /// Tokens held by a cache.

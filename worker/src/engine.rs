@@ -8,14 +8,14 @@
 //!     engine.step(&mut [&mut seq])?;
 //! }
 //! ```
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use half::f16;
 use zeroshard_offload::ModelConfig;
 
-use crate::backend::{Backend, BatchLayout};
+use crate::backend::{Backend, BatchLayout, Piece};
 use crate::error::{Result, WorkerError};
-use crate::model::Model;
+use crate::model::{tensor_specs, LayerWeights, Model, OuterWeights};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::source::{WeightSource, HEAD_SLICE};
 use crate::weights::HostWeights;
@@ -116,19 +116,57 @@ pub struct Engine<B: Backend> {
     backend: B,
     model: Model,
     weights: Arc<HostWeights>,
+    /// Tensor names of each piece the forward stages (see [`Backend::stage`]).
+    names: PieceNames,
     /// The forward runs inside this pool, so the matmul's fork/join stays on
     /// pool threads (calling in from outside a pool costs ~30% on decode).
     pool: Arc<rayon::ThreadPool>,
 }
 
-impl<B: Backend<Weight = [f16]>> Engine<B> {
+/// The tensors of each piece, by checkpoint name.
+struct PieceNames {
+    /// Embedding, final norm and head (the embedding and head pieces).
+    outer: Vec<String>,
+    /// Each decoder layer's.
+    layers: Vec<Vec<String>>,
+    head_slice: Vec<String>,
+}
+
+impl PieceNames {
+    fn new(c: &ModelConfig) -> Self {
+        let mut outer = Vec::new();
+        let mut layers = vec![Vec::new(); c.num_layers];
+        for s in tensor_specs(c) {
+            match s.layer {
+                Some(l) => layers[l].push(s.name),
+                None => outer.push(s.name),
+            }
+        }
+        Self { outer, layers, head_slice: vec![HEAD_SLICE.to_string()] }
+    }
+
+    fn of(&self, piece: Piece) -> &[String] {
+        match piece {
+            Piece::Embedding | Piece::Head => &self.outer,
+            Piece::Layer(l) => &self.layers[l],
+            Piece::HeadSlice(_) => &self.head_slice,
+        }
+    }
+}
+
+impl<B: Backend> Engine<B> {
     pub fn new(backend: B, config: ModelConfig, weights: HostWeights) -> Self {
+        Self::with_shared_weights(backend, config, Arc::new(weights))
+    }
+
+    /// [`Self::new`] with weights already behind an `Arc`.
+    pub fn with_shared_weights(backend: B, config: ModelConfig, weights: Arc<HostWeights>) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("compute-{i}"))
             .build()
             .map(Arc::new)
             .expect("a compute thread pool");
-        Self { backend, model: Model::new(config), weights: Arc::new(weights), pool }
+        Self { backend, names: PieceNames::new(&config), model: Model::new(config), weights, pool }
     }
 
     /// An engine that holds no weights: every step names its [`WeightSource`].
@@ -169,8 +207,13 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
         self.forward_from(seqs, &self.weights)
     }
 
+    fn stage(&self, host: &Arc<HostWeights>, piece: Piece) -> Result<B::Staged> {
+        self.backend.stage(host, piece, self.names.of(piece))
+    }
+
     /// [`Self::forward`] with weights from `src`, piece by piece: the embedding,
-    /// each layer in order, the head (`[seqs][vocab]` logits).
+    /// each layer in order (staged up to [`Backend::prefetch_depth`] layers ahead
+    /// of the one computing), the head (`[seqs][vocab]` logits).
     pub fn forward_from(
         &self,
         seqs: &mut [&mut Sequence<B>],
@@ -189,16 +232,30 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
         let mut step = self.model.step::<B>(&layout, caches);
         let mut x = {
             let (w, local_ids) = src.embedding(&ids)?;
-            let outer = w.outer(c)?;
+            let staged = self.stage(&w, Piece::Embedding)?;
+            let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
             self.model.embed(b, &outer, &local_ids, &layout)? // [rows, hidden]
         };
+        let depth = b.prefetch_depth();
+        let mut ahead: VecDeque<B::Staged> = VecDeque::with_capacity(depth + 1);
+        let mut next = 0; // the next layer to stage
         for l in 0..c.num_layers {
-            let w = src.layer(l)?;
-            let lw = HostWeights::layer(&w, c, l)?;
+            if ahead.is_empty() {
+                ahead.push_back(self.stage(&src.layer(l)?, Piece::Layer(l))?);
+                next = l + 1;
+            }
+            let staged = ahead.pop_front().expect("layer l is staged");
+            let lw = LayerWeights::from_lookup(c, l, |n| b.weight(&staged, n))?;
             x = self.model.layer(b, l, &lw, x, &mut step);
+            // Layer l's compute is enqueued: copy the next ones meanwhile.
+            while next < c.num_layers && next <= l + depth {
+                ahead.push_back(self.stage(&src.layer(next)?, Piece::Layer(next))?);
+                next += 1;
+            }
         }
         let w = src.head()?;
-        let outer = w.outer(c)?;
+        let staged = self.stage(&w, Piece::Head)?;
+        let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
         let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows()); // [seqs, hidden]
         let seqs_n = layout.seqs.len();
         let logits = match src.head_slices() {
@@ -208,8 +265,10 @@ impl<B: Backend<Weight = [f16]>> Engine<B> {
                 let mut logits = vec![0f32; seqs_n * c.vocab_size];
                 for i in 0..n {
                     let (w, rows) = src.head_slice(i)?;
-                    let slice =
-                        w.get(HEAD_SLICE).ok_or_else(|| WorkerError::MissingWeight(HEAD_SLICE.into()))?;
+                    let staged = self.stage(&w, Piece::HeadSlice(i))?;
+                    let slice = b
+                        .weight(&staged, HEAD_SLICE)
+                        .ok_or_else(|| WorkerError::MissingWeight(HEAD_SLICE.into()))?;
                     let part = b.to_host(&b.linear(&normed, slice, None, rows.len())); // [seqs, rows]
                     for (s, chunk) in part.chunks_exact(rows.len()).enumerate() {
                         logits[s * c.vocab_size + rows.start..s * c.vocab_size + rows.end]

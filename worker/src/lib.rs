@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod convert;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 mod error;
 pub mod model;

@@ -1,9 +1,11 @@
 //! A host store of named f16 tensors: the whole model for a single node, or the
-//! gathered tensors of one layer in the cluster.
+//! gathered tensors of one layer in the cluster. Tensors live in
+//! [`HostBuffer`]s: heap memory, or pinned memory once [`HostWeights::move_to`]
+//! a pinned allocator (when a GPU streams them).
 use std::collections::HashMap;
 
 use half::f16;
-use zeroshard_offload::{Checkpoint, ModelConfig};
+use zeroshard_offload::{Checkpoint, HostAlloc, HostBuffer, ModelConfig};
 
 use crate::error::Result;
 use crate::model::{tensor_specs, LayerWeights, OuterWeights, TensorSpec};
@@ -19,7 +21,7 @@ pub struct HostWeights {
 /// One tensor in compute layout: shape and row-major f16 data.
 pub struct HostTensor {
     pub shape: Vec<usize>,
-    pub data: Vec<f16>,
+    pub data: HostBuffer,
 }
 
 impl HostWeights {
@@ -52,12 +54,25 @@ impl HostWeights {
     pub fn insert(&mut self, spec: &TensorSpec, stored: Vec<f16>) {
         assert_eq!(stored.len(), spec.numel(), "tensor `{}` data length", spec.name);
         let data = spec.to_compute_layout(stored);
-        self.tensors.insert(spec.name.clone(), HostTensor { shape: spec.compute_shape(), data });
+        self.tensors.insert(spec.name.clone(), HostTensor { shape: spec.compute_shape(), data: data.into() });
+    }
+
+    /// Moves every tensor into memory from `alloc` (pinned host memory for a GPU
+    /// that streams the weights), one tensor at a time.
+    pub fn move_to(&mut self, alloc: &HostAlloc) {
+        for t in self.tensors.values_mut() {
+            t.data = alloc.copy_f16(&t.data);
+        }
+    }
+
+    /// Whether every tensor is in pinned memory.
+    pub fn is_pinned(&self) -> bool {
+        self.tensors.values().all(|t| t.data.is_pinned() || t.data.is_empty())
     }
 
     pub fn get(&self, name: &str) -> Option<&[f16]> {
         let name = self.aliases.get(name).map_or(name, String::as_str);
-        self.tensors.get(name).map(|t| t.data.as_slice())
+        self.tensors.get(name).map(|t| &t.data[..])
     }
 
     /// Makes `alias` name the tensor `target` too (a lookup that names a tensor

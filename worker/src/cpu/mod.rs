@@ -7,9 +7,13 @@ mod attention;
 pub mod matmul;
 mod ops;
 
+use std::sync::Arc;
+
 use half::f16;
 
-use crate::backend::{AttentionShape, Backend, BatchLayout};
+use crate::backend::{AttentionShape, Backend, BatchLayout, Piece};
+use crate::error::Result;
+use crate::weights::HostWeights;
 
 /// Row-major f32 activations `[rows, cols]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,9 +59,19 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = [f16];
     type KvCache = CpuKvCache;
+    type Staged = Arc<HostWeights>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    /// Host memory is read where it is.
+    fn stage(&self, host: &Arc<HostWeights>, _piece: Piece, _names: &[String]) -> Result<Arc<HostWeights>> {
+        Ok(host.clone())
+    }
+
+    fn weight<'a>(&self, staged: &'a Arc<HostWeights>, name: &str) -> Option<&'a [f16]> {
+        staged.get(name)
     }
 
     fn new_kv_cache(&self, num_layers: usize, kv_dim: usize) -> CpuKvCache {
