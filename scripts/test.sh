@@ -22,6 +22,24 @@ fi
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
+# etcd for the membership tests (each test starts its own members on free
+# loopback ports; the package's own service is not used).
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi
+}
+if ! command -v etcd >/dev/null && [ ! -x /usr/bin/etcd ]; then
+  echo "== installing etcd-server"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { as_root apt-get install -y etcd-server >/dev/null 2>&1 \
+      || { as_root apt-get update >/dev/null && as_root apt-get install -y etcd-server >/dev/null; }; }; then
+    echo "test.sh: etcd not found and installing etcd-server failed (needs root or passwordless sudo," \
+      "and apt); install etcd-server, or an etcd binary on PATH, and run again" >&2
+    exit 1
+  fi
+  # Where an init system started the packaged service, stop it: nothing here needs it.
+  as_root service etcd stop >/dev/null 2>&1 || true
+fi
+
 if [ "$quick" = 0 ]; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
   echo "== cargo fmt --check"

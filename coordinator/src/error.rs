@@ -21,6 +21,9 @@ pub enum CoordinatorError {
     /// The cluster cannot serve now (not ready, no worker, worker failed).
     #[error("{0}")]
     Unavailable(String),
+    /// The membership store (etcd) cannot be reached or holds bad data.
+    #[error("membership: {0}")]
+    Membership(String),
 }
 
 impl From<CoordinatorError> for tonic::Status {
@@ -29,7 +32,7 @@ impl From<CoordinatorError> for tonic::Status {
         match &e {
             E::InvalidRequest(_) | E::Tokenizer(_) => tonic::Status::invalid_argument(e.to_string()),
             E::Worker(WorkerError::InvalidRequest(_)) => tonic::Status::invalid_argument(e.to_string()),
-            E::Unavailable(_) | E::Worker(WorkerError::Gather(_)) => {
+            E::Unavailable(_) | E::Membership(_) | E::Worker(WorkerError::Gather(_)) => {
                 tonic::Status::unavailable(e.to_string())
             }
             E::Offload(_) | E::Worker(_) | E::Plan(_) => tonic::Status::internal(e.to_string()),

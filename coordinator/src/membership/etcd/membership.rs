@@ -1,0 +1,115 @@
+//! The coordinator's half of etcd membership: [`EtcdMembership`].
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use zeroshard_offload::plan::{Plan, WorkerId};
+use zeroshard_proto::v1 as pb;
+
+use super::watcher::{snapshot, Watcher};
+use super::{ttl_secs, Store};
+use crate::error::{CoordinatorError, Result};
+use crate::membership::{MemberWatch, Membership, StoredPlan};
+
+/// Workers from `/zeroshard/<cluster>/workers/`, the plan at
+/// `/zeroshard/<cluster>/plan`.
+pub struct EtcdMembership {
+    store: Store,
+    /// The workers' lease TTL: how long a member that vanished while etcd was
+    /// unreachable may take to register again before it counts as left.
+    ttl: Duration,
+    /// Dropped with the membership, which ends every watch task.
+    alive: watch::Sender<()>,
+}
+
+impl EtcdMembership {
+    /// Connects to etcd (a clear error naming `endpoints` when it cannot be
+    /// reached within a few seconds). `lease_ttl` is the workers' lease TTL.
+    pub async fn connect(endpoints: &[String], cluster: &str, lease_ttl: Duration) -> Result<Self> {
+        let store = Store::connect(endpoints, cluster).await?;
+        let ttl = Duration::from_secs(ttl_secs(lease_ttl) as u64);
+        Ok(Self { store, ttl, alive: watch::Sender::new(()) })
+    }
+}
+
+#[tonic::async_trait]
+impl Membership for EtcdMembership {
+    fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    async fn watch(&self) -> Result<MemberWatch> {
+        let (members, revision) = snapshot(&self.store).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watcher = Watcher::new(self.store.clone(), self.ttl, &members, tx);
+        tokio::spawn(watcher.run(revision + 1, self.alive.subscribe()));
+        Ok(MemberWatch { members, events: rx })
+    }
+
+    async fn load_plan(&self) -> Result<Option<StoredPlan>> {
+        let key = self.store.keys.plan();
+        let got = self
+            .store
+            .request("reading the plan", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        let Some(kv) = got.kvs().first() else { return Ok(None) };
+        let bad = |e: String| CoordinatorError::Membership(format!("{key} in {}: {e}", self.store.endpoints));
+        let stored = pb::StoredPlan::decode(kv.value()).map_err(|e| bad(e.to_string()))?;
+        let plan = stored.plan.ok_or_else(|| bad("no plan in StoredPlan".into()))?;
+        Ok(Some(StoredPlan {
+            plan: Plan::try_from(plan)?,
+            peers: stored.peers.into_iter().map(|p| (WorkerId(p.id), p.address)).collect(),
+            pull: stored.pull,
+        }))
+    }
+
+    async fn store_plan(&self, plan: &StoredPlan) -> Result<()> {
+        let stored = pb::StoredPlan {
+            plan: Some(pb::PartitionPlan::from(&plan.plan)),
+            peers: plan
+                .peers
+                .iter()
+                .map(|(id, address)| pb::Peer { id: id.0, address: address.clone() })
+                .collect(),
+            pull: plan.pull,
+        };
+        let (key, value) = (self.store.keys.plan(), stored.encode_to_vec());
+        self.store
+            .request("storing the plan", |mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn evict(&self, id: WorkerId) -> Result<()> {
+        let key = self.store.keys.worker(id);
+        let got = self
+            .store
+            .request("reading a worker", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        let Some(lease) = got.kvs().first().map(|kv| kv.lease()) else { return Ok(()) };
+        tracing::info!("evicting {id} from {}", self.store.describe());
+        if lease != 0 {
+            let revoked = self.store.call(|mut c| async move { c.lease_revoke(lease).await }).await;
+            if revoked.is_ok() {
+                return Ok(());
+            }
+        }
+        // No lease, or it expired meanwhile: delete the key itself.
+        self.store
+            .request("deleting a worker", |mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await?;
+        Ok(())
+    }
+}

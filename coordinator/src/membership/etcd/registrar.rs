@@ -1,0 +1,189 @@
+//! The worker's half of etcd membership: [`EtcdRegistrar`].
+//!
+//! `register` grants a lease, allocates the worker's id from the cluster's
+//! counter and puts `/zeroshard/<cluster>/workers/<id>` under the lease. A
+//! spawned task then renews the lease every third of its TTL. When renewing
+//! fails (etcd down, the member it talked to stopped, the lease expired or was
+//! revoked) it keeps trying: the same lease if etcd still knows it, else a new
+//! lease and the same key again. The worker's id never changes.
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
+use zeroshard_offload::plan::WorkerId;
+use zeroshard_worker::node::{Announce, Registrar};
+use zeroshard_worker::WorkerError;
+
+use super::{ttl_secs, Failure, MemberRecord, Store};
+use crate::error::{CoordinatorError, Result};
+
+/// Registers a worker in etcd and keeps its lease alive.
+pub struct EtcdRegistrar {
+    store: Store,
+    ttl: Duration,
+}
+
+impl EtcdRegistrar {
+    /// Connects to etcd (a clear error naming `endpoints` when it cannot be
+    /// reached within a few seconds). Workers of cluster `cluster` hold leases
+    /// of `lease_ttl` (whole seconds, rounded up).
+    pub async fn connect(endpoints: &[String], cluster: &str, lease_ttl: Duration) -> Result<Self> {
+        let ttl = Duration::from_secs(ttl_secs(lease_ttl) as u64);
+        Ok(Self { store: Store::connect(endpoints, cluster).await?, ttl })
+    }
+
+    /// A new id: the counter's value (1 when absent), advanced by a
+    /// compare-and-swap so that concurrent workers never share one.
+    async fn allocate_id(&self) -> Result<WorkerId> {
+        let key = self.store.keys.next_worker_id();
+        loop {
+            let current = self
+                .store
+                .request("reading the id counter", |mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, None).await }
+                })
+                .await?;
+            let (id, unchanged) = match current.kvs().first() {
+                None => (1, Compare::version(key.clone(), CompareOp::Equal, 0)),
+                Some(kv) => {
+                    let id = std::str::from_utf8(kv.value()).ok().and_then(|v| v.parse::<u64>().ok());
+                    let id = id.ok_or_else(|| {
+                        CoordinatorError::Membership(format!(
+                            "{key} holds {:?}, not a number",
+                            String::from_utf8_lossy(kv.value())
+                        ))
+                    })?;
+                    (id, Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()))
+                }
+            };
+            let txn =
+                Txn::new().when([unchanged]).and_then([TxnOp::put(key.clone(), (id + 1).to_string(), None)]);
+            let swapped = self
+                .store
+                .request("advancing the id counter", |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if swapped.succeeded() {
+                return Ok(WorkerId(id));
+            }
+        }
+    }
+
+    /// Grants a lease and puts this worker's key under it; returns the lease.
+    async fn put_member(&self, id: WorkerId, record: &[u8]) -> Result<i64> {
+        let ttl = ttl_secs(self.ttl);
+        let granted =
+            self.store.request("granting a lease", |mut c| async move { c.lease_grant(ttl, None).await });
+        let lease = granted.await?.id();
+        let key = self.store.keys.worker(id);
+        self.store
+            .request("registering", |mut c| {
+                let (key, record) = (key.clone(), record.to_vec());
+                async move { c.put(key, record, Some(PutOptions::new().with_lease(lease))).await }
+            })
+            .await?;
+        Ok(lease)
+    }
+
+    /// Opens the keep-alive stream of `lease`; `Ok(None)` when etcd no longer
+    /// knows the lease.
+    async fn open_keeper(&self, lease: i64) -> std::result::Result<Option<Keeper>, String> {
+        match self.store.call(|mut c| async move { c.lease_keep_alive(lease).await }).await {
+            Ok((keeper, responses)) => Ok(Some(Keeper { keeper, responses })),
+            // What etcd-client answers when the first renewal reports TTL 0.
+            Err(Failure::Etcd(etcd_client::Error::LeaseKeepAliveError(_))) => Ok(None),
+            Err(e) => Err(format!("renewing the lease: {e}")),
+        }
+    }
+
+    /// Renews the lease until that fails; returns why.
+    async fn keep_alive(&self, id: WorkerId, keeper: &mut Keeper) -> String {
+        let period = self.ttl / 3;
+        loop {
+            tokio::time::sleep(period).await;
+            if let Err(e) = keeper.keeper.keep_alive().await {
+                return format!("sending a keep-alive: {e}");
+            }
+            let answer =
+                tokio::time::timeout(period.max(Duration::from_millis(500)), keeper.responses.message());
+            match answer.await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => tracing::trace!("{id}: lease renewed for {} s", r.ttl()),
+                Ok(Ok(Some(_))) => return "the lease expired or was revoked".into(),
+                Ok(Ok(None)) => return "etcd closed the keep-alive stream".into(),
+                Ok(Err(e)) => return format!("keep-alive: {e}"),
+                Err(_) => return format!("no keep-alive answer within {period:?}"),
+            }
+        }
+    }
+
+    /// Keeps `id` registered with `lease` for as long as the process runs.
+    async fn stay_registered(self: Arc<Self>, id: WorkerId, record: Vec<u8>, mut lease: i64) {
+        let mut keeper = self.open_keeper(lease).await.ok().flatten();
+        loop {
+            if let Some(k) = keeper.as_mut() {
+                let why = self.keep_alive(id, k).await;
+                tracing::warn!(
+                    "{id}: keeping the etcd lease alive failed ({why}); renewing it again with {}",
+                    self.store.describe()
+                );
+            }
+            // Until etcd answers: resume the old lease if it still lives, else
+            // a new lease and the same key.
+            let mut backoff = Duration::from_millis(100);
+            keeper = loop {
+                let attempt = match self.open_keeper(lease).await {
+                    Ok(Some(k)) => Ok((k, "resumed its lease")),
+                    Ok(None) => match self.put_member(id, &record).await {
+                        Ok(new) => {
+                            lease = new;
+                            self.open_keeper(lease)
+                                .await
+                                .and_then(|k| k.ok_or_else(|| "the new lease vanished".to_string()))
+                                .map(|k| (k, "registered again"))
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e),
+                };
+                match attempt {
+                    Ok((k, what)) => {
+                        tracing::warn!("{id}: {what} with {}", self.store.describe());
+                        break Some(k);
+                    }
+                    Err(e) => {
+                        tracing::debug!("{id}: registering again: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(self.ttl / 3);
+                    }
+                }
+            };
+        }
+    }
+}
+
+/// An open keep-alive stream.
+struct Keeper {
+    keeper: LeaseKeeper,
+    responses: LeaseKeepAliveStream,
+}
+
+#[tonic::async_trait]
+impl Registrar for EtcdRegistrar {
+    fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    async fn register(self: Arc<Self>, me: Announce) -> zeroshard_worker::Result<u64> {
+        let failed = |e: CoordinatorError| WorkerError::Membership(e.to_string());
+        let record = MemberRecord { address: me.address, device: me.device, memory_bytes: me.memory_bytes };
+        let record = serde_json::to_vec(&record).map_err(|e| WorkerError::Membership(e.to_string()))?;
+        let id = self.allocate_id().await.map_err(failed)?;
+        let lease = self.put_member(id, &record).await.map_err(failed)?;
+        tracing::info!("{id}: registered with {} (lease TTL {:?})", self.store.describe(), self.ttl);
+        tokio::spawn(self.stay_registered(id, record, lease));
+        Ok(id.0)
+    }
+}

@@ -1,0 +1,253 @@
+//! etcd membership against real etcd processes: `EtcdRegistrar` registering
+//! workers, `EtcdMembership` watching them, the stored plan, and what happens
+//! when a worker stops renewing, is evicted, or etcd itself goes away.
+//! `RUST_LOG=zeroshard_coordinator=debug` shows the membership's side.
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::etcd::{free_port, Etcd};
+use tokio::sync::mpsc::UnboundedReceiver;
+use zeroshard_coordinator::membership::etcd::{EtcdMembership, EtcdRegistrar};
+use zeroshard_coordinator::membership::{Member, MemberEvent, MemberWatch, Membership, StoredPlan};
+use zeroshard_offload::plan::{plan, PlanOptions, TensorMeta, WorkerId};
+use zeroshard_worker::node::{Announce, Registrar};
+
+const TTL: Duration = Duration::from_secs(2);
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+fn announce(port: u16) -> Announce {
+    Announce { address: format!("http://10.0.0.1:{port}"), device: "cpu".into(), memory_bytes: 1 << 30 }
+}
+
+fn member(id: u64, port: u16) -> Member {
+    let a = announce(port);
+    Member { id: WorkerId(id), address: a.address, device: a.device, memory_bytes: a.memory_bytes }
+}
+
+async fn registrar(endpoints: &[String]) -> Arc<EtcdRegistrar> {
+    Arc::new(EtcdRegistrar::connect(endpoints, "test", TTL).await.expect("registrar connects"))
+}
+
+async fn membership(endpoints: &[String]) -> EtcdMembership {
+    EtcdMembership::connect(endpoints, "test", TTL).await.expect("membership connects")
+}
+
+/// The next event within `within`; panics when none comes.
+async fn next_event(events: &mut UnboundedReceiver<MemberEvent>, within: Duration) -> MemberEvent {
+    match tokio::time::timeout(within, events.recv()).await {
+        Ok(Some(event)) => event,
+        Ok(None) => panic!("the event stream ended"),
+        Err(_) => panic!("no member event within {within:?}"),
+    }
+}
+
+/// Applies every event that arrives within `quiet` of the previous one.
+async fn drain(
+    state: &mut BTreeMap<WorkerId, Member>,
+    events: &mut UnboundedReceiver<MemberEvent>,
+    quiet: Duration,
+) {
+    while let Ok(Some(event)) = tokio::time::timeout(quiet, events.recv()).await {
+        match event {
+            MemberEvent::Joined(m) => state.insert(m.id, m),
+            MemberEvent::Left(id) => state.remove(&id),
+        };
+    }
+}
+
+/// A worker whose registrar runs on its own runtime, so that it can die.
+struct Worker {
+    id: u64,
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    async fn start(endpoints: Vec<String>, port: u16) -> Self {
+        let (id_tx, id_rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("worker runtime");
+            let id = rt.block_on(async { registrar(&endpoints).await.register(announce(port)).await });
+            let _ = id_tx.send(id);
+            let _ = stop_rx.recv();
+            // Dropping the runtime ends the keep-alive task: the worker is dead.
+        });
+        let id = id_rx.await.expect("worker thread").expect("worker registers");
+        Self { id, stop, thread }
+    }
+
+    fn kill(self) {
+        let _ = self.stop.send(());
+        self.thread.join().expect("worker thread");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registered_workers_are_seen_by_the_watch() {
+    init_tracing();
+    let etcd = Etcd::start();
+    let urls = etcd.client_urls();
+    let m = membership(&urls).await;
+    assert!(m.describe().contains(&urls[0]) && m.describe().contains("test"), "{}", m.describe());
+    let MemberWatch { members, mut events } = m.watch().await.expect("watch");
+    assert!(members.is_empty());
+
+    let id = registrar(&urls).await.register(announce(5001)).await.expect("register");
+    assert_eq!(id, 1, "ids start at 1");
+    assert_eq!(next_event(&mut events, Duration::from_secs(5)).await, MemberEvent::Joined(member(1, 5001)));
+    let id = registrar(&urls).await.register(announce(5002)).await.expect("register");
+    assert_eq!(id, 2);
+    assert_eq!(next_event(&mut events, Duration::from_secs(5)).await, MemberEvent::Joined(member(2, 5002)));
+
+    let fresh = m.watch().await.expect("watch").members;
+    assert_eq!(fresh, vec![member(1, 5001), member(2, 5002)]);
+    // Another cluster name on the same etcd sees none of them.
+    let other = EtcdMembership::connect(&urls, "other", TTL).await.expect("connect");
+    assert!(other.watch().await.expect("watch").members.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_stops_renewing_leaves_after_the_ttl() {
+    init_tracing();
+    let etcd = Etcd::start();
+    let urls = etcd.client_urls();
+    let m = membership(&urls).await;
+    let MemberWatch { mut events, .. } = m.watch().await.expect("watch");
+    let worker = Worker::start(urls.clone(), 5001).await;
+    assert_eq!(
+        next_event(&mut events, Duration::from_secs(5)).await,
+        MemberEvent::Joined(member(worker.id, 5001))
+    );
+
+    // Alive for several TTLs: the keep-alive renews the lease.
+    assert!(tokio::time::timeout(2 * TTL, events.recv()).await.is_err(), "no event while the worker lives");
+    let id = worker.id;
+    let killed = Instant::now();
+    worker.kill();
+    let event = next_event(&mut events, TTL + Duration::from_secs(3)).await;
+    assert_eq!(event, MemberEvent::Left(WorkerId(id)));
+    let after = killed.elapsed();
+    assert!(after >= TTL / 3, "left after {after:?}, before its lease could expire");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evicted_worker_leaves_and_registers_again_while_alive() {
+    init_tracing();
+    let etcd = Etcd::start();
+    let urls = etcd.client_urls();
+    let m = membership(&urls).await;
+    let MemberWatch { mut events, .. } = m.watch().await.expect("watch");
+    let id = registrar(&urls).await.register(announce(5001)).await.expect("register");
+    assert_eq!(next_event(&mut events, Duration::from_secs(5)).await, MemberEvent::Joined(member(id, 5001)));
+
+    m.evict(WorkerId(id)).await.expect("evict");
+    assert_eq!(next_event(&mut events, Duration::from_secs(2)).await, MemberEvent::Left(WorkerId(id)));
+    // Its keep-alive finds the lease revoked and registers the same id again.
+    assert_eq!(
+        next_event(&mut events, TTL + Duration::from_secs(3)).await,
+        MemberEvent::Joined(member(id, 5001))
+    );
+    // Evicting an id nobody holds is not an error.
+    m.evict(WorkerId(99)).await.expect("evict unknown");
+}
+
+fn sample_plan(epoch: u64) -> StoredPlan {
+    let meta = vec![
+        TensorMeta::new("model.layers.0.mlp.up_proj.weight", vec![64, 48], Some(0)),
+        TensorMeta::new("model.norm.weight", vec![48], None),
+    ];
+    let options = PlanOptions { epoch, persistence_threshold_bytes: 200, replicas: 1, elem_bytes: 2 };
+    let workers = [WorkerId(3), WorkerId(5)];
+    StoredPlan {
+        plan: plan(&meta, &workers, &options).expect("plan"),
+        peers: vec![(WorkerId(3), "http://10.0.0.3:1".into()), (WorkerId(5), "http://10.0.0.5:1".into())],
+        pull: epoch % 2 == 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_plan_round_trips_and_survives_the_coordinator() {
+    init_tracing();
+    let etcd = Etcd::start();
+    let urls = etcd.client_urls();
+    let m = membership(&urls).await;
+    assert_eq!(m.load_plan().await.expect("load"), None);
+    m.store_plan(&sample_plan(1)).await.expect("store");
+    assert_eq!(m.load_plan().await.expect("load"), Some(sample_plan(1)));
+    m.store_plan(&sample_plan(2)).await.expect("store");
+    drop(m);
+    // A restarted coordinator reads the latest plan.
+    let again = membership(&urls).await;
+    assert_eq!(again.load_plan().await.expect("load"), Some(sample_plan(2)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_etcd_fails_fast_naming_the_endpoint() {
+    init_tracing();
+    for url in [format!("http://127.0.0.1:{}", free_port()), "http://10.255.255.1:2379".to_string()] {
+        let started = Instant::now();
+        let err =
+            EtcdMembership::connect(std::slice::from_ref(&url), "test", TTL).await.err().expect("fails");
+        assert!(err.to_string().contains(&url), "{err}");
+        let err = EtcdRegistrar::connect(std::slice::from_ref(&url), "test", TTL).await.err().expect("fails");
+        assert!(err.to_string().contains(&url), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_register_again_after_etcd_restarts() {
+    init_tracing();
+    let mut etcd = Etcd::start();
+    let urls = etcd.client_urls();
+    let m = membership(&urls).await;
+    let MemberWatch { mut events, .. } = m.watch().await.expect("watch");
+    let id = registrar(&urls).await.register(announce(5001)).await.expect("register");
+    assert_eq!(next_event(&mut events, Duration::from_secs(5)).await, MemberEvent::Joined(member(id, 5001)));
+
+    // Down long enough for the keep-alive and the watch to notice.
+    etcd.stop(0);
+    tokio::time::sleep(2 * TTL).await;
+    etcd.restart(0);
+
+    // Several TTLs later the worker is still (or again) a member: its
+    // keep-alive resumed or it registered again.
+    let mut state = BTreeMap::from([(WorkerId(id), member(id, 5001))]);
+    drain(&mut state, &mut events, 3 * TTL).await;
+    assert_eq!(state.get(&WorkerId(id)), Some(&member(id, 5001)), "the watch's view: {state:?}");
+    assert_eq!(m.watch().await.expect("watch").members, vec![member(id, 5001)]);
+
+    // The old watch still follows: a new worker shows up on it.
+    let id2 = registrar(&urls).await.register(announce(5002)).await.expect("register");
+    assert_eq!(id2, id + 1, "the id counter survived the restart");
+    assert_eq!(next_event(&mut events, Duration::from_secs(5)).await, MemberEvent::Joined(member(id2, 5002)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_member_cluster_keeps_working_with_one_member_stopped() {
+    init_tracing();
+    let mut etcd = Etcd::start_cluster(3);
+    let urls = etcd.client_urls();
+    let m = membership(&urls).await;
+    let MemberWatch { mut events, .. } = m.watch().await.expect("watch");
+    let id1 = registrar(&urls).await.register(announce(5001)).await.expect("register");
+    assert_eq!(next_event(&mut events, Duration::from_secs(5)).await, MemberEvent::Joined(member(id1, 5001)));
+
+    etcd.stop(0);
+    let id2 = registrar(&urls).await.register(announce(5002)).await.expect("register with a member down");
+    let mut state = BTreeMap::from([(WorkerId(id1), member(id1, 5001))]);
+    drain(&mut state, &mut events, 3 * TTL).await;
+    let both = BTreeMap::from([(WorkerId(id1), member(id1, 5001)), (WorkerId(id2), member(id2, 5002))]);
+    assert_eq!(state, both, "the watch's view");
+    assert_eq!(m.watch().await.expect("watch").members, vec![member(id1, 5001), member(id2, 5002)]);
+    m.store_plan(&sample_plan(1)).await.expect("store with a member down");
+    etcd.restart(0);
+}
