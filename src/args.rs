@@ -42,6 +42,26 @@ pub struct ClusterArgs {
     /// Workers receive their ranges from the coordinator instead of reading the checkpoint.
     #[arg(long)]
     pub pull: bool,
+    /// Every range is held by this many workers: with 2, losing a worker causes
+    /// no reload (gathers fail over to the other holder).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// A worker that misses its keep-alives for this long is lost (lease TTL;
+    /// keep-alives go every third of it).
+    #[arg(long, default_value_t = 5, env = "ZEROSHARD_LEASE_TTL_SECS")]
+    pub lease_ttl_secs: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (http://10.0.0.5:2379,...): workers
+    /// register there and the coordinator keeps the plan there. Without it,
+    /// membership is embedded in the coordinator.
+    #[arg(long, value_delimiter = ',', env = "ZEROSHARD_ETCD")]
+    pub etcd: Vec<String>,
+    /// Name of this cluster: its keys live under /zeroshard/NAME/ in etcd.
+    #[arg(long, default_value = "default", env = "ZEROSHARD_CLUSTER")]
+    pub cluster: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -55,6 +75,10 @@ pub struct WorkerTuning {
     /// Where workers compute: auto, cpu, cuda[:N].
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// A peer that sends nothing for this long during a fetch has failed: the
+    /// fetch moves to another holder of the range, or is retried.
+    #[arg(long, default_value_t = 2000)]
+    pub fetch_timeout_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -84,13 +108,21 @@ pub struct CoordinatorArgs {
     /// Address workers and clients reach this coordinator at (default: the bound address).
     #[arg(long)]
     pub advertise: Option<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
-    /// The coordinator, e.g. http://10.0.0.1:50051.
-    #[arg(long, env = "ZEROSHARD_COORDINATOR")]
-    pub coordinator: String,
+    /// The coordinator to register with (embedded membership), e.g.
+    /// http://10.0.0.1:50051. Not needed with --etcd.
+    #[arg(long, env = "ZEROSHARD_COORDINATOR", required_unless_present = "etcd")]
+    pub coordinator: Option<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// etcd lease TTL: the worker is lost when it misses keep-alives this long.
+    #[arg(long, default_value_t = 5, env = "ZEROSHARD_LEASE_TTL_SECS")]
+    pub lease_ttl_secs: u64,
     /// Address to serve peers and the coordinator on (port 0: the OS picks).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
@@ -108,6 +140,9 @@ pub struct WorkerArgs {
     /// Test hook: refuse to load any plan.
     #[arg(long, hide = true, env = "ZEROSHARD_FAULT_FAIL_LOAD")]
     pub fault_fail_load: bool,
+    /// Test hook: sleep this many milliseconds after every batching step.
+    #[arg(long, default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_STEP_DELAY_MS")]
+    pub fault_step_delay_ms: u64,
 }
 
 #[derive(Args, Debug)]

@@ -1,13 +1,18 @@
 //! The cluster subcommands: `up`, `coordinator`, `worker`, `query`, `status`.
 use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use zeroshard_coordinator::local::{Device, GenerateRequest, Prompt};
+use zeroshard_coordinator::membership::embedded::EmbeddedMembership;
+use zeroshard_coordinator::membership::etcd::{EtcdMembership, EtcdRegistrar};
+use zeroshard_coordinator::membership::Membership;
 use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness};
 use zeroshard_coordinator::{client, up as up_mod};
-use zeroshard_worker::node::{self, NodeConfig};
+use zeroshard_worker::node::{self, ControlRegistrar, NodeConfig, Registrar};
 
 use crate::args::{
     self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs, WorkerTuning,
@@ -37,13 +42,18 @@ fn stop_signal() -> Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-fn cluster_config(c: &ClusterArgs, workers: usize) -> ClusterConfig {
-    ClusterConfig {
+fn cluster_config(c: &ClusterArgs, workers: usize) -> Result<ClusterConfig> {
+    if c.lease_ttl_secs == 0 {
+        bail!("--lease-ttl-secs must be at least 1");
+    }
+    Ok(ClusterConfig {
         model_dir: c.model.clone(),
         workers,
         persistence_threshold_bytes: c.persistence_threshold_bytes,
         pull: c.pull,
-    }
+        replicas: c.replicas,
+        lease_ttl: Duration::from_secs(c.lease_ttl_secs),
+    })
 }
 
 fn check_device(d: Device) -> Result<()> {
@@ -61,6 +71,8 @@ fn tuning_args(t: &WorkerTuning) -> Vec<String> {
         t.max_live_bytes.to_string(),
         "--prefetch-layers".into(),
         t.prefetch_layers.to_string(),
+        "--fetch-timeout-ms".into(),
+        t.fetch_timeout_ms.to_string(),
     ]
 }
 
@@ -78,7 +90,7 @@ pub fn up(a: UpArgs) -> Result<()> {
         worker_args.push("--pull".into());
     }
     let cfg = up_mod::UpConfig {
-        cluster: cluster_config(&a.cluster, a.workers),
+        cluster: cluster_config(&a.cluster, a.workers)?,
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args,
     };
@@ -94,7 +106,18 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
         let listener = bind(&a.listen).await?;
         let local = listener.local_addr()?;
         let advertise = a.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
-        let coord = Coordinator::new(cluster_config(&a.cluster, a.workers), advertise)?;
+        let cfg = cluster_config(&a.cluster, a.workers)?;
+        let (membership, embedded): (Arc<dyn Membership>, _) = if a.etcd.etcd.is_empty() {
+            let m = EmbeddedMembership::new(cfg.lease_ttl);
+            (Arc::new(m.clone()), Some(m))
+        } else {
+            let m = EtcdMembership::connect(&a.etcd.etcd, &a.etcd.cluster, cfg.lease_ttl)
+                .await
+                .with_context(|| format!("--etcd {}", a.etcd.etcd.join(",")))?;
+            (Arc::new(m), None)
+        };
+        eprintln!("membership: {}", membership.describe());
+        let coord = Coordinator::start(cfg, advertise, membership, embedded)?;
         let mut stop = stop_signal()?;
         let mut server_stop = stop.clone();
         let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
@@ -117,19 +140,33 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
     check_device(a.tuning.device)?;
+    if a.lease_ttl_secs == 0 {
+        bail!("--lease-ttl-secs must be at least 1");
+    }
     let cfg = NodeConfig {
-        coordinator: a.coordinator.clone(),
+        device: "cpu".into(),
         model_dir: a.model.clone(),
         pull: a.pull,
         prefetch_layers: a.tuning.prefetch_layers,
         max_live_bytes: a.tuning.max_live_bytes,
         corrupt_every: a.fault_corrupt_every,
         fail_load: a.fault_fail_load,
+        step_delay: Duration::from_millis(a.fault_step_delay_ms),
+        fetch_timeout: Duration::from_millis(a.tuning.fetch_timeout_ms.max(1)),
     };
     runtime()?.block_on(async {
+        let registrar: Arc<dyn Registrar> = match (&a.coordinator, a.etcd.etcd.is_empty()) {
+            (_, false) => Arc::new(
+                EtcdRegistrar::connect(&a.etcd.etcd, &a.etcd.cluster, Duration::from_secs(a.lease_ttl_secs))
+                    .await
+                    .with_context(|| format!("--etcd {}", a.etcd.etcd.join(",")))?,
+            ),
+            (Some(c), true) => Arc::new(ControlRegistrar::new(c.clone())),
+            (None, true) => bail!("give --coordinator or --etcd"),
+        };
         let listener = bind(&a.listen).await?;
         let mut stop = stop_signal()?;
-        node::run(cfg, listener, async move {
+        node::run(cfg, registrar, listener, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await?;
@@ -177,28 +214,42 @@ pub fn status(a: StatusArgs) -> Result<()> {
                     "resident_bytes": w.resident_bytes, "active_sequences": w.active_sequences,
                     "gather_bytes_per_s": w.gather_bytes_per_s,
                     "rejected_chunks_total": w.rejected_chunks_total, "steps_total": w.steps_total,
+                    "loads_total": w.loads_total, "failovers_total": w.failovers_total,
                 })
             })
             .collect();
-        let v = serde_json::json!({"epoch": s.epoch, "ready": s.ready, "model": s.model, "workers": workers});
+        let v = serde_json::json!({
+            "epoch": s.epoch, "ready": s.ready, "model": s.model, "replicas": s.replicas,
+            "workers_lost_total": s.workers_lost_total, "sequences_resumed_total": s.sequences_resumed_total,
+            "workers": workers,
+        });
         println!("{v}");
         return Ok(());
     }
-    println!("model {} · epoch {} · {}", s.model, s.epoch, if s.ready { "ready" } else { "not ready" });
     println!(
-        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>7} {:>10}",
-        "id", "address", "owned MB", "persist MB", "resident MB", "active", "gather GB/s"
+        "model {} · epoch {} · replicas {} · {} · workers lost {} · sequences resumed {}",
+        s.model,
+        s.epoch,
+        s.replicas,
+        if s.ready { "ready" } else { "not ready" },
+        s.workers_lost_total,
+        s.sequences_resumed_total
+    );
+    println!(
+        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>7} {:>10} {:>6}",
+        "id", "address", "owned MB", "persist MB", "resident MB", "active", "gather GB/s", "loads"
     );
     for w in &s.workers {
         println!(
-            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>7} {:>10.2}",
+            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>7} {:>10.2} {:>6}",
             w.id,
             w.address,
             w.owned_partitioned_bytes as f64 / 1e6,
             w.owned_persistent_bytes as f64 / 1e6,
             w.resident_bytes as f64 / 1e6,
             w.active_sequences,
-            w.gather_bytes_per_s / 1e9
+            w.gather_bytes_per_s / 1e9,
+            w.loads_total
         );
     }
     Ok(())
@@ -227,12 +278,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             workers: a.workers,
             persistence_threshold_bytes: a.persistence_threshold_bytes,
             pull: false,
+            replicas: 1,
+            lease_ttl: Duration::from_secs(5),
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args: tuning_args(&WorkerTuning {
             max_live_bytes: a.max_live_bytes,
             prefetch_layers: a.prefetch_layers,
             device: a.device,
+            fetch_timeout_ms: 2000,
         }),
     };
     let report =

@@ -51,6 +51,7 @@ pub(crate) fn sampling(a: &args::SamplingArgs) -> GenerationParams {
             top_p: a.top_p,
             seed: a.seed,
             repetition_penalty: a.repetition_penalty,
+            resume_draws: 0,
         },
         max_new_tokens: a.max_new_tokens,
         ignore_eos: a.ignore_eos,

@@ -36,6 +36,8 @@ pub enum LaunchError {
 struct Worker {
     child: Child,
     last_line: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Its exit was returned by [`Fleet::next_exit`] already.
+    reported: bool,
 }
 
 /// Child worker processes of this launcher.
@@ -104,7 +106,7 @@ impl Fleet {
                     }
                 });
             }
-            workers.push(Worker { child, last_line });
+            workers.push(Worker { child, last_line, reported: false });
         }
         Ok(Self { workers, ready_rx })
     }
@@ -155,6 +157,25 @@ impl Fleet {
             }
         }
         None
+    }
+
+    /// Resolves when a worker exits that no earlier call reported, with its
+    /// error; pending forever once every worker's exit was reported.
+    pub async fn next_exit(&mut self) -> LaunchError {
+        loop {
+            for (index, w) in self.workers.iter_mut().enumerate() {
+                if w.reported {
+                    continue;
+                }
+                if let Ok(Some(status)) = w.child.try_wait() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    w.reported = true;
+                    let last = w.last_line.lock().map(|l| l.clone()).unwrap_or_default();
+                    return LaunchError::Exited { index, status: status.to_string(), last };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Resolves when any worker exits, with that error.

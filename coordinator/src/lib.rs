@@ -11,6 +11,7 @@ mod convert;
 mod error;
 pub mod launcher;
 pub mod local;
+pub mod membership;
 pub mod server;
 pub mod tokenizer;
 pub mod up;

@@ -1,8 +1,11 @@
 //! `zeroshard up`: a coordinator in this process and N worker processes on
 //! this machine (embedded membership). Prints `ready grpc://HOST:PORT` once the
-//! cluster serves; stops every worker when asked to stop or when one fails.
+//! cluster serves, and stops every worker when asked to stop. A worker that
+//! fails to start or load fails `up`; one that dies later is re-planned
+//! around, and the cluster keeps serving.
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -11,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{CoordinatorError, Result};
 use crate::launcher::Fleet;
+use crate::membership::embedded::EmbeddedMembership;
 use crate::server::{self, ClusterConfig, Coordinator, Readiness};
 
 /// What `up` starts.
@@ -44,7 +48,13 @@ impl LocalCluster {
         let addr =
             listener.local_addr().map_err(|e| CoordinatorError::Unavailable(format!("listener: {e}")))?;
         let url = format!("http://{addr}");
-        let coord = Coordinator::new(cfg.cluster.clone(), url.clone())?;
+        let membership = EmbeddedMembership::new(cfg.cluster.lease_ttl);
+        let coord = Coordinator::start(
+            cfg.cluster.clone(),
+            url.clone(),
+            Arc::new(membership.clone()),
+            Some(membership),
+        )?;
         let (stop_server, mut server_rx) = watch::channel(false);
         let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
             let _ = server_rx.wait_for(|s| *s).await;
@@ -91,14 +101,17 @@ impl LocalCluster {
 }
 
 /// Runs the cluster until `stop` turns true. Errors when a worker cannot start
-/// or load, or dies, after stopping the others.
+/// or load, after stopping the others; a worker that dies later is logged and
+/// the cluster continues without it.
 pub async fn run(cfg: UpConfig, listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result<()> {
     let mut cluster = LocalCluster::start(&cfg, listener, stop.clone()).await?;
     println!("ready grpc://{}", cluster.addr);
-    let result = tokio::select! {
-        _ = stop.wait_for(|s| *s) => Ok(()),
-        e = cluster.fleet.any_exit() => Err(CoordinatorError::Unavailable(format!("{e}; stopping the cluster"))),
-    };
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            e = cluster.fleet.next_exit() => eprintln!("{e}; the cluster continues without it"),
+        }
+    }
     cluster.stop().await;
-    result
+    Ok(())
 }

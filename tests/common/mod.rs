@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod fleet;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -53,6 +53,7 @@ pub fn generation_params(p: Option<pb::SamplingParams>) -> crate::engine::Genera
             top_p: p.top_p.unwrap_or(1.0),
             seed: p.seed.unwrap_or(0),
             repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+            resume_draws: 0,
         },
         max_new_tokens: p.max_new_tokens.unwrap_or(128) as usize,
         ignore_eos: p.ignore_eos,

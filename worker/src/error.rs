@@ -19,6 +19,9 @@ pub enum WorkerError {
     /// Loading this worker's owned ranges failed.
     #[error("loading owned ranges: {0}")]
     Load(String),
+    /// Registering with the cluster (coordinator or etcd) failed.
+    #[error("membership: {0}")]
+    Membership(String),
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;

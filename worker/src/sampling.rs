@@ -40,11 +40,15 @@ pub struct SamplingParams {
     /// Divides positive (multiplies negative) logits of tokens already in the
     /// history; 1.0 turns it off.
     pub repetition_penalty: f32,
+    /// Tokens an earlier run of this sequence already sampled: a sequence
+    /// resumed on another worker skips that many draws and so continues the
+    /// same random stream (each sampled token takes one draw).
+    pub resume_draws: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, repetition_penalty: 1.0 }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, repetition_penalty: 1.0, resume_draws: 0 }
     }
 }
 
@@ -98,7 +102,12 @@ impl Sampler {
     /// Creates a sampler. Call [`SamplingParams::validate`] first; out-of-range
     /// values are handled without panicking but their output is unspecified.
     pub fn new(params: SamplingParams) -> Self {
-        let rng = Xoshiro256StarStar::seed_from_u64(params.seed);
+        let mut rng = Xoshiro256StarStar::seed_from_u64(params.seed);
+        if !params.is_greedy() {
+            for _ in 0..params.resume_draws {
+                rng.next_u64();
+            }
+        }
         Self { params, rng, candidates: Vec::new(), seen: Vec::new() }
     }
 
@@ -328,7 +337,7 @@ mod tests {
     use super::*;
 
     fn sampling(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed, repetition_penalty: 1.0 }
+        SamplingParams { temperature, top_k, top_p, seed, repetition_penalty: 1.0, resume_draws: 0 }
     }
 
     fn random_logits(rng: &mut Xoshiro256StarStar, n: usize) -> Vec<f32> {
@@ -424,6 +433,18 @@ mod tests {
         let next = Sampler::new(params).sample(&mut logits, &[1, 2]);
         assert_eq!(logits, vec![3.0, 4.0, -2.0]);
         assert_eq!(next, 1);
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_the_same_draws() {
+        let params = sampling(0.9, 0, 0.95, 11);
+        let mut rng = Xoshiro256StarStar::seed_from_u64(5);
+        let rows: Vec<Vec<f32>> = (0..12).map(|_| random_logits(&mut rng, 50)).collect();
+        let mut whole = Sampler::new(params.clone());
+        let all: Vec<u32> = rows.iter().map(|r| whole.sample(&mut r.clone(), &[])).collect();
+        let mut resumed = Sampler::new(SamplingParams { resume_draws: 5, ..params });
+        let tail: Vec<u32> = rows[5..].iter().map(|r| resumed.sample(&mut r.clone(), &[])).collect();
+        assert_eq!(tail, all[5..]);
     }
 
     #[test]

@@ -1,10 +1,24 @@
-//! `Control`: workers joining.
+//! `Control`: workers joining an embedded-membership coordinator, and their
+//! lease renewals. Under etcd workers register there instead.
 use tonic::{Request, Response, Status};
+use zeroshard_offload::plan::WorkerId;
 use zeroshard_proto::v1 as pb;
 
 use super::Coordinator;
+use crate::membership::embedded::EmbeddedMembership;
 
 pub struct ControlSvc(pub Coordinator);
+
+impl ControlSvc {
+    fn embedded(&self) -> Result<&EmbeddedMembership, Status> {
+        self.0.embedded().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "this coordinator's membership is {}: start workers with the same --etcd and --cluster",
+                self.0 .0.membership.describe()
+            ))
+        })
+    }
+}
 
 #[tonic::async_trait]
 impl zeroshard_proto::v1::control_server::Control for ControlSvc {
@@ -16,13 +30,24 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
         if r.address.is_empty() {
             return Err(Status::invalid_argument("RegisterWorker: address is empty"));
         }
-        let id = self.0.register(r.address).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let m = self.embedded()?;
+        let prior = (r.worker_id != 0).then_some(WorkerId(r.worker_id));
+        let id = m.register(r.address, r.device, r.memory_bytes, prior);
         let inner = &self.0 .0;
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: id.0,
             model_dir: inner.cfg.model_dir.display().to_string(),
             config_json: inner.config_json.clone(),
             generation_config_json: inner.generation_config_json.clone(),
+            lease_ttl_ms: m.lease_ttl().as_millis() as u64,
         }))
+    }
+
+    async fn keep_alive(
+        &self,
+        req: Request<pb::KeepAliveRequest>,
+    ) -> Result<Response<pb::KeepAliveResponse>, Status> {
+        let known = self.embedded()?.keep_alive(WorkerId(req.into_inner().worker_id));
+        Ok(Response::new(pb::KeepAliveResponse { known }))
     }
 }

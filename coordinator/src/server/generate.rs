@@ -1,13 +1,18 @@
 //! One client request through the cluster: validate, tokenize, route to the
 //! least-loaded worker, detokenize its token stream and cut at stop strings.
+//! When the worker fails or leaves, the sequence resumes on another one from
+//! its prompt plus the tokens already produced: the client sees a pause, and
+//! no token twice or never.
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::Status;
+use zeroshard_offload::plan::Plan;
 use zeroshard_proto::v1 as pb;
 use zeroshard_worker::engine::GenerationParams;
 
+use super::state::WorkerEntry;
 use super::Coordinator;
 use crate::error::{CoordinatorError, Result};
 use crate::local::TextStream;
@@ -63,6 +68,113 @@ pub async fn run(
     }
 }
 
+/// Waits until members or the plan change (at most a second), or fails with
+/// UNAVAILABLE once the sequence has waited past `deadline`.
+async fn wait_for_change(changes: &mut watch::Receiver<u64>, deadline: Instant, why: &str) -> Result<()> {
+    if Instant::now() > deadline {
+        return Err(CoordinatorError::Unavailable(format!(
+            "no worker could continue the sequence within {RESUME_PATIENCE:?}: {why}"
+        )));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+    Ok(())
+}
+
+/// A sequence across its runs on workers: what the client has been sent.
+struct Run<'t> {
+    text: TextStream<'t>,
+    timings: pb::Timings,
+    /// No chunk sent yet.
+    first: bool,
+    /// Every token produced so far (a resume sends them with the prompt).
+    produced: Vec<u32>,
+    finish: Option<pb::FinishReason>,
+    start: Instant,
+}
+
+impl Run<'_> {
+    /// Runs the sequence on `worker` from where it is, forwarding each step.
+    async fn attempt(
+        &mut self,
+        coord: &Coordinator,
+        v: &Validated,
+        plan: &Plan,
+        worker: &WorkerEntry,
+        out: &mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
+        changes: &mut watch::Receiver<u64>,
+    ) -> Result<Attempt> {
+        worker.active.fetch_add(1, Ordering::Relaxed);
+        let _guard = ActiveGuard(worker.active.clone());
+        let mut client = worker.client.clone();
+        let call = client.run_sequence(pb::RunSequenceRequest {
+            sequence_id: coord.0.next_seq.fetch_add(1, Ordering::Relaxed),
+            epoch: plan.epoch(),
+            prompt_token_ids: v.prompt.clone(),
+            generated_token_ids: self.produced.clone(),
+            sampling: v.sampling,
+        });
+        let mut steps = match call.await {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                return Err(CoordinatorError::InvalidRequest(s.message().to_string()))
+            }
+            Err(s) => {
+                return Ok(Attempt::Failed(format!("{} at {}: {}", worker.id, worker.address, s.message())))
+            }
+        };
+        while self.finish.is_none() {
+            let step = tokio::select! {
+                m = steps.message() => m,
+                _ = changes.changed() => {
+                    if coord.is_member(worker.id) {
+                        continue;
+                    }
+                    return Ok(Attempt::Failed(format!("{} left the cluster", worker.id)));
+                }
+            };
+            let step = match step {
+                Ok(Some(s)) => s,
+                Ok(None) => return Ok(Attempt::Failed(format!("{} ended the sequence early", worker.id))),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    return Err(CoordinatorError::InvalidRequest(s.message().to_string()))
+                }
+                Err(s) => return Ok(Attempt::Failed(format!("{}: {}", worker.id, s.message()))),
+            };
+            if self.first {
+                self.timings.prefill_ms = self.start.elapsed().as_secs_f64() * 1e3;
+            }
+            let mut delta = String::new();
+            for &t in &step.token_ids {
+                self.produced.push(t);
+                let d = self.text.push(t)?;
+                delta.push_str(&d.text);
+                if d.stopped {
+                    self.finish = Some(pb::FinishReason::Stop);
+                }
+            }
+            if self.finish.is_none() {
+                let r =
+                    pb::FinishReason::try_from(step.finish_reason).unwrap_or(pb::FinishReason::Unspecified);
+                if r != pb::FinishReason::Unspecified {
+                    self.finish = Some(r);
+                }
+            }
+            let chunk = pb::GenerateChunk {
+                token_ids: step.token_ids,
+                text: delta,
+                prompt_token_ids: if self.first { v.prompt.clone() } else { vec![] },
+                finish_reason: 0,
+                timings: None,
+            };
+            self.first = false;
+            if out.send(Ok(chunk)).await.is_err() {
+                return Ok(Attempt::Done); // the client left: dropping `steps` cancels the sequence
+            }
+        }
+        Ok(Attempt::Done)
+    }
+}
+
 /// Decrements a worker's active count when a sequence ends, however it ends.
 struct ActiveGuard(std::sync::Arc<std::sync::atomic::AtomicU32>);
 
@@ -72,78 +184,69 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// How long a sequence keeps trying to resume after its worker failed.
+const RESUME_PATIENCE: Duration = Duration::from_secs(120);
+
+/// How one run of a sequence on one worker ended.
+enum Attempt {
+    /// Finished (or the client left).
+    Done,
+    /// The worker failed or was lost; resume elsewhere.
+    Failed(String),
+}
+
 async fn run_inner(
     coord: &Coordinator,
     req: pb::GenerateRequest,
     out: &mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
 ) -> Result<()> {
-    let plan = coord.plan()?;
+    coord.plan()?;
     let v = validate(coord, req)?;
-    let worker = coord.least_loaded()?;
-    worker.active.fetch_add(1, Ordering::Relaxed);
-    let _guard = ActiveGuard(worker.active.clone());
     let start = Instant::now();
-    let mut client = worker.client.clone();
-    let mut steps = client
-        .run_sequence(pb::RunSequenceRequest {
-            sequence_id: coord.0.next_seq.fetch_add(1, Ordering::Relaxed),
-            epoch: plan.epoch(),
-            prompt_token_ids: v.prompt.clone(),
-            generated_token_ids: vec![],
-            sampling: v.sampling,
-        })
-        .await
-        .map_err(|s| {
-            CoordinatorError::Unavailable(format!("{} at {}: {}", worker.id, worker.address, s.message()))
-        })?
-        .into_inner();
-    let mut text = TextStream::new(coord.0.tokenizer.as_deref(), &v.stop)?;
-    let mut timings = pb::Timings { prompt_tokens: v.prompt.len() as u32, ..Default::default() };
-    let mut first = true;
-    let mut generated = 0u32;
-    let mut finish = if v.params.max_new_tokens == 0 { Some(pb::FinishReason::Length) } else { None };
-    while finish.is_none() {
-        let step = match steps.message().await {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return Err(CoordinatorError::Unavailable(format!("{} ended the sequence early", worker.id)))
+    let mut run = Run {
+        text: TextStream::new(coord.0.tokenizer.as_deref(), &v.stop)?,
+        timings: pb::Timings { prompt_tokens: v.prompt.len() as u32, ..Default::default() },
+        first: true,
+        produced: Vec::new(),
+        finish: if v.params.max_new_tokens == 0 { Some(pb::FinishReason::Length) } else { None },
+        start,
+    };
+    let deadline = start + RESUME_PATIENCE;
+    while run.finish.is_none() {
+        let mut changes = coord.0.changes.subscribe();
+        let (plan, worker) = match coord.least_loaded() {
+            Ok(x) => x,
+            Err(e)
+                if run.first
+                    && run.produced.is_empty()
+                    && Instant::now() > start + Duration::from_secs(1) =>
+            {
+                return Err(e)
             }
-            Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                return Err(CoordinatorError::InvalidRequest(s.message().to_string()))
+            Err(e) => {
+                wait_for_change(&mut changes, deadline, &e.to_string()).await?;
+                continue;
             }
-            Err(s) => return Err(CoordinatorError::Unavailable(format!("{}: {}", worker.id, s.message()))),
         };
-        if first {
-            timings.prefill_ms = start.elapsed().as_secs_f64() * 1e3;
-        }
-        let mut delta = String::new();
-        for &t in &step.token_ids {
-            generated += 1;
-            let d = text.push(t)?;
-            delta.push_str(&d.text);
-            if d.stopped {
-                finish = Some(pb::FinishReason::Stop);
+        match run.attempt(coord, &v, &plan, &worker, out, &mut changes).await? {
+            Attempt::Done => break,
+            Attempt::Failed(why) => {
+                tracing::warn!(
+                    "sequence on {} failed ({why}); resuming after {} tokens",
+                    worker.id,
+                    run.produced.len()
+                );
+                coord.report_failure(worker.id);
+                coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
+                wait_for_change(&mut changes, deadline, &why).await?;
             }
         }
-        if finish.is_none() {
-            let r = pb::FinishReason::try_from(step.finish_reason).unwrap_or(pb::FinishReason::Unspecified);
-            if r != pb::FinishReason::Unspecified {
-                finish = Some(r);
-            }
-        }
-        let chunk = pb::GenerateChunk {
-            token_ids: step.token_ids,
-            text: delta,
-            prompt_token_ids: if first { v.prompt.clone() } else { vec![] },
-            finish_reason: 0,
-            timings: None,
-        };
-        first = false;
-        if out.send(Ok(chunk)).await.is_err() {
-            return Ok(()); // the client left: dropping `steps` cancels the sequence
+        if out.is_closed() {
+            return Ok(());
         }
     }
-    drop(steps);
+    let Run { mut text, mut timings, first, produced, finish, .. } = run;
+    let generated = produced.len() as u32;
     let tail = text.finish()?;
     let total_ms = start.elapsed().as_secs_f64() * 1e3;
     timings.decode_ms = total_ms - timings.prefill_ms;

@@ -55,11 +55,17 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
         _: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let coord = &self.0;
-        let ready = coord.plan().is_ok();
-        let epoch = coord.plan().map(|p| p.epoch()).unwrap_or(0);
+        let plan = coord.plan().ok();
+        let ready = plan.is_some();
+        let epoch = plan.as_ref().map_or(0, |p| p.epoch());
+        let replicas = plan.as_ref().map_or(0, |p| p.replicas());
         let stats = coord.workers().into_iter().map(|w| async move {
             let mut client = w.client.clone();
-            let s = client.stats(pb::StatsRequest {}).await.map(Response::into_inner);
+            let call = client.stats(pb::StatsRequest {});
+            let s = tokio::time::timeout(std::time::Duration::from_secs(1), call)
+                .await
+                .map_err(|_| Status::deadline_exceeded("stats"))
+                .and_then(|r| r.map(Response::into_inner));
             (w, s)
         });
         let mut workers = Vec::new();
@@ -76,8 +82,19 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
                 ready: ready && s.epoch == epoch,
                 rejected_chunks_total: s.rejected_chunks_total,
                 steps_total: s.steps_total,
+                loads_total: s.loads_total,
+                failovers_total: s.failovers_total,
             });
         }
-        Ok(Response::new(pb::ClusterStatusResponse { epoch, ready, model: coord.model_name(), workers }))
+        let (workers_lost_total, sequences_resumed_total) = coord.failure_counts();
+        Ok(Response::new(pb::ClusterStatusResponse {
+            epoch,
+            ready,
+            model: coord.model_name(),
+            workers,
+            replicas,
+            workers_lost_total,
+            sequences_resumed_total,
+        }))
     }
 }

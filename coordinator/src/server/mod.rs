@@ -1,18 +1,21 @@
-//! The coordinator service: workers register (`Control`), the coordinator
-//! plans the partition and installs it on every worker, then serves clients
+//! The coordinator service: workers join through membership (embedded:
+//! `Control`; or etcd), the supervisor plans the partition and installs it on
+//! every worker, re-planning when workers leave or join, and it serves clients
 //! (`Inference`, health) by routing each sequence to the least-loaded worker,
 //! and serves checkpoint ranges to `--pull` workers (`Shards`).
 //!
 //! ```ignore
-//! let (coord, ready) = Coordinator::new(config)?;
-//! tokio::spawn(server::serve(coord, listener, shutdown));
-//! match ready.wait().await { Readiness::Ready => println!("ready"), Readiness::Failed(e) => bail!(e), .. }
+//! let membership = EmbeddedMembership::new(config.lease_ttl);
+//! let coord = Coordinator::start(config, advertise, Arc::new(membership.clone()), Some(membership))?;
+//! tokio::spawn(server::serve(coord.clone(), listener, shutdown));
+//! match coord.wait_ready().await { Readiness::Ready => println!("ready"), Readiness::Failed(e) => bail!(e), .. }
 //! ```
 mod control;
 mod generate;
 mod inference;
 mod shards;
 mod state;
+mod supervisor;
 
 use std::future::Future;
 
@@ -21,7 +24,7 @@ use zeroshard_proto::v1::control_server::ControlServer;
 use zeroshard_proto::v1::inference_server::InferenceServer;
 use zeroshard_proto::v1::shards_server::ShardsServer;
 
-pub use state::{ClusterConfig, Coordinator, Readiness};
+pub use state::{ClusterConfig, Coordinator, Readiness, WorkerEntry};
 
 use crate::error::{CoordinatorError, Result};
 

@@ -22,11 +22,15 @@ impl zeroshard_proto::v1::shards_server::Shards for CheckpointShards {
         req: Request<pb::FetchRangesRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
         let r = req.into_inner();
-        // Pulling happens while an epoch is being installed: accept the epoch
-        // being installed (the only one this coordinator makes so far).
-        if r.epoch != 1 {
+        // Pulling happens while an epoch is being installed: accept that one
+        // (the latest planned) and the active one.
+        let (planned, active) = {
+            let st = self.0.lock();
+            (st.planned_epoch, st.plan.as_ref().map_or(0, |p| p.epoch()))
+        };
+        if r.epoch == 0 || (r.epoch != planned && r.epoch != active) {
             return Err(Status::failed_precondition(format!(
-                "epoch {} is not the coordinator's epoch 1",
+                "epoch {} is neither the coordinator's planned epoch {planned} nor its active epoch {active}",
                 r.epoch
             )));
         }

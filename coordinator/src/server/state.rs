@@ -1,30 +1,39 @@
 //! [`Coordinator`]: the cluster's shared state behind a cloneable handle —
-//! registered workers, the plan of the current epoch, readiness.
+//! the live workers, the plan of the current epoch, readiness. The
+//! [`supervisor`](super::supervisor) task is the only writer of members and
+//! plans; request handlers read them and report failures to it.
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
-use zeroshard_offload::plan::{plan, Assignment, Plan, PlanOptions, TensorMeta, WorkerId};
+use zeroshard_offload::plan::{Plan, TensorMeta, WorkerId};
 use zeroshard_offload::{Checkpoint, ModelConfig};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::worker_client::WorkerClient;
 use zeroshard_worker::model::tensor_specs;
 
 use crate::error::{CoordinatorError, Result};
+use crate::membership::embedded::EmbeddedMembership;
+use crate::membership::{Member, Membership};
 use crate::tokenizer::Tokenizer;
 
 /// How the coordinator runs a cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
     pub model_dir: PathBuf,
-    /// Workers to wait for before planning.
+    /// Workers to wait for before the first plan.
     pub workers: usize,
     pub persistence_threshold_bytes: u64,
     /// Tell workers to pull their ranges from this coordinator.
     pub pull: bool,
+    /// Every range is held by this many workers (at most the number of workers).
+    pub replicas: u32,
+    /// A worker silent for this long is lost (embedded membership's lease).
+    pub lease_ttl: Duration,
 }
 
 /// Where the cluster is on its way to serving.
@@ -36,7 +45,7 @@ pub enum Readiness {
     Failed(String),
 }
 
-/// A registered worker.
+/// A live worker.
 #[derive(Clone)]
 pub struct WorkerEntry {
     pub id: WorkerId,
@@ -46,12 +55,27 @@ pub struct WorkerEntry {
     pub active: Arc<AtomicU32>,
 }
 
-struct State {
-    workers: Vec<WorkerEntry>,
-    plan: Option<Arc<Plan>>,
-    next_id: u64,
-    /// The coordinator's own address, for `--pull` workers.
-    advertise: String,
+impl WorkerEntry {
+    pub(super) fn new(m: &Member) -> Result<Self> {
+        let ch = zeroshard_proto::transport::endpoint(&m.address)
+            .map_err(|e| CoordinatorError::InvalidRequest(format!("worker address {}: {e}", m.address)))?
+            .connect_lazy();
+        Ok(Self {
+            id: m.id,
+            address: m.address.clone(),
+            client: WorkerClient::new(ch),
+            active: Arc::new(AtomicU32::new(0)),
+        })
+    }
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub members: BTreeMap<WorkerId, WorkerEntry>,
+    /// The active plan: every worker of it has activated its epoch.
+    pub plan: Option<Arc<Plan>>,
+    /// The highest epoch planned so far (being installed, or active).
+    pub planned_epoch: u64,
 }
 
 pub(super) struct Inner {
@@ -61,10 +85,21 @@ pub(super) struct Inner {
     pub generation_config_json: String,
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub ckpt: Checkpoint,
-    meta: Vec<TensorMeta>,
-    state: Mutex<State>,
-    ready: watch::Sender<Readiness>,
+    pub meta: Vec<TensorMeta>,
+    /// The coordinator's own address, for `--pull` workers.
+    pub advertise: String,
+    pub membership: Arc<dyn Membership>,
+    /// Set when membership is embedded: `Control` registrations go here.
+    pub embedded: Option<EmbeddedMembership>,
+    pub state: Mutex<State>,
+    pub ready: watch::Sender<Readiness>,
+    /// Bumped on every change of members or plan; sequences waiting to resume watch it.
+    pub changes: watch::Sender<u64>,
+    /// Failures seen by request handlers: the supervisor probes the workers.
+    pub reports: mpsc::UnboundedSender<WorkerId>,
     pub next_seq: AtomicU64,
+    pub workers_lost: AtomicU64,
+    pub sequences_resumed: AtomicU64,
 }
 
 /// A cloneable handle on the cluster state.
@@ -73,10 +108,23 @@ pub struct Coordinator(pub(super) Arc<Inner>);
 
 impl Coordinator {
     /// Reads the model folder (config, tokenizer, every checkpoint header, each
-    /// tensor's shape) so that a bad checkpoint fails here, before any worker.
-    pub fn new(cfg: ClusterConfig, advertise: String) -> Result<Self> {
+    /// tensor's shape) so that a bad checkpoint fails here, before any worker,
+    /// and starts the supervisor that follows `membership`. `embedded` is the
+    /// same registry when membership is embedded (workers register over `Control`).
+    pub fn start(
+        cfg: ClusterConfig,
+        advertise: String,
+        membership: Arc<dyn Membership>,
+        embedded: Option<EmbeddedMembership>,
+    ) -> Result<Self> {
         if cfg.workers == 0 {
             return Err(CoordinatorError::InvalidRequest("--workers must be at least 1".into()));
+        }
+        if cfg.replicas == 0 || cfg.replicas as usize > cfg.workers {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "--replicas must be between 1 and --workers ({}), got {}",
+                cfg.workers, cfg.replicas
+            )));
         }
         let dir = &cfg.model_dir;
         let config = ModelConfig::from_dir(dir)?;
@@ -92,7 +140,13 @@ impl Coordinator {
         let tokenizer =
             if tok_path.is_file() { Some(Arc::new(Tokenizer::from_file(&tok_path)?)) } else { None };
         let (ready, _) = watch::channel(Readiness::Waiting { registered: 0, expected: cfg.workers });
-        Ok(Self(Arc::new(Inner {
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        // Sequence ids unique across coordinator restarts: workers may still
+        // hold sequences of a previous coordinator for a moment.
+        let first_seq = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let coord = Self(Arc::new(Inner {
             meta: specs.iter().map(TensorMeta::from).collect(),
             cfg,
             config,
@@ -100,10 +154,19 @@ impl Coordinator {
             generation_config_json,
             tokenizer,
             ckpt,
-            state: Mutex::new(State { workers: Vec::new(), plan: None, next_id: 1, advertise }),
+            advertise,
+            membership,
+            embedded,
+            state: Mutex::new(State::default()),
             ready,
-            next_seq: AtomicU64::new(1),
-        })))
+            changes: watch::channel(0).0,
+            reports,
+            next_seq: AtomicU64::new(first_seq),
+            workers_lost: AtomicU64::new(0),
+            sequences_resumed: AtomicU64::new(0),
+        }));
+        tokio::spawn(super::supervisor::run(coord.clone(), reports_rx));
+        Ok(coord)
     }
 
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
@@ -128,98 +191,13 @@ impl Coordinator {
         self.0.cfg.model_dir.display().to_string()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.state.lock().expect("cluster state lock")
     }
 
-    /// Adds a worker; the last expected one triggers planning and loading.
-    pub(super) fn register(&self, address: String) -> Result<WorkerId> {
-        let ch = zeroshard_proto::transport::endpoint(&address)
-            .map_err(|e| CoordinatorError::InvalidRequest(format!("worker address {address}: {e}")))?
-            .connect_lazy();
-        let (id, complete) = {
-            let mut st = self.lock();
-            if st.workers.len() >= self.0.cfg.workers {
-                return Err(CoordinatorError::Unavailable(format!(
-                    "the cluster already has its {} workers",
-                    self.0.cfg.workers
-                )));
-            }
-            let id = WorkerId(st.next_id);
-            st.next_id += 1;
-            st.workers.push(WorkerEntry {
-                id,
-                address: address.clone(),
-                client: WorkerClient::new(ch),
-                active: Arc::new(AtomicU32::new(0)),
-            });
-            (id, st.workers.len() == self.0.cfg.workers)
-        };
-        let registered = self.lock().workers.len();
-        tracing::info!("{id} registered at {address} ({registered}/{})", self.0.cfg.workers);
-        if complete {
-            self.0.ready.send_replace(Readiness::Loading);
-            let me = self.clone();
-            tokio::spawn(async move {
-                let r = match me.install_all().await {
-                    Ok(()) => Readiness::Ready,
-                    Err(e) => Readiness::Failed(e),
-                };
-                me.0.ready.send_replace(r);
-            });
-        } else {
-            self.0.ready.send_replace(Readiness::Waiting { registered, expected: self.0.cfg.workers });
-        }
-        Ok(id)
-    }
-
-    /// Plans epoch 1 over the registered workers and installs it on each.
-    async fn install_all(&self) -> std::result::Result<(), String> {
-        let (workers, advertise) = {
-            let st = self.lock();
-            (st.workers.clone(), st.advertise.clone())
-        };
-        let ids: Vec<WorkerId> = workers.iter().map(|w| w.id).collect();
-        let options = PlanOptions {
-            epoch: 1,
-            persistence_threshold_bytes: self.0.cfg.persistence_threshold_bytes,
-            ..PlanOptions::default()
-        };
-        let plan = Arc::new(plan(&self.0.meta, &ids, &options).map_err(|e| format!("planning: {e}"))?);
-        let peers: Vec<(WorkerId, String)> = workers.iter().map(|w| (w.id, w.address.clone())).collect();
-        let start = Instant::now();
-        let installs = workers.iter().map(|w| {
-            let a = Assignment {
-                plan: (*plan).clone(),
-                worker: w.id,
-                peers: peers.clone(),
-                pull_from: self.0.cfg.pull.then(|| advertise.clone()),
-            };
-            let mut client = w.client.clone();
-            let (id, addr) = (w.id, w.address.clone());
-            async move {
-                let r = client
-                    .install_plan(pb::InstallPlanRequest::from(&a))
-                    .await
-                    .map_err(|s| format!("{id} at {addr} could not load its ranges: {}", s.message()))?
-                    .into_inner();
-                eprintln!(
-                    "{id}: loaded {:.1} MB in {:.2} s ({:.2} GB/s)",
-                    r.owned_bytes as f64 / 1e6,
-                    r.load_ms / 1e3,
-                    r.owned_bytes as f64 / (r.load_ms / 1e3).max(1e-9) / 1e9
-                );
-                Ok::<(), String>(())
-            }
-        });
-        futures::future::try_join_all(installs).await?;
-        tracing::info!(
-            "epoch 1 installed on {} workers in {:.2} s",
-            workers.len(),
-            start.elapsed().as_secs_f64()
-        );
-        self.lock().plan = Some(plan);
-        Ok(())
+    /// Tells sequences waiting to resume that something changed.
+    pub(super) fn bump(&self) {
+        self.0.changes.send_modify(|n| *n += 1);
     }
 
     /// The current plan, or UNAVAILABLE saying why there is none.
@@ -237,17 +215,51 @@ impl Coordinator {
         }))
     }
 
+    /// Live workers, in id order.
     pub fn workers(&self) -> Vec<WorkerEntry> {
-        self.lock().workers.clone()
+        self.lock().members.values().cloned().collect()
     }
 
-    /// The worker with the fewest sequences running.
-    pub fn least_loaded(&self) -> Result<WorkerEntry> {
-        self.lock()
-            .workers
+    /// The live worker of the active plan with the fewest sequences running.
+    pub fn least_loaded(&self) -> Result<(Arc<Plan>, WorkerEntry)> {
+        let plan = self.plan()?;
+        let st = self.lock();
+        let w = plan
+            .workers()
             .iter()
+            .filter_map(|id| st.members.get(id))
             .min_by_key(|w| w.active.load(Ordering::Relaxed))
             .cloned()
-            .ok_or_else(|| CoordinatorError::Unavailable("no workers".into()))
+            .ok_or_else(|| CoordinatorError::Unavailable("no live worker in the current plan".into()))?;
+        Ok((plan, w))
+    }
+
+    /// Whether `id` is still a live worker.
+    pub fn is_member(&self, id: WorkerId) -> bool {
+        self.lock().members.contains_key(&id)
+    }
+
+    /// A request handler saw `id` fail: the supervisor checks every worker.
+    pub fn report_failure(&self, id: WorkerId) {
+        let _ = self.0.reports.send(id);
+    }
+
+    /// What `RegisterWorker` and `KeepAlive` act on; None under etcd.
+    pub fn embedded(&self) -> Option<&EmbeddedMembership> {
+        self.0.embedded.as_ref()
+    }
+
+    /// The model as plans carry it to workers.
+    pub(super) fn model_info(&self) -> pb::ModelInfo {
+        pb::ModelInfo {
+            model_dir: self.0.cfg.model_dir.display().to_string(),
+            config_json: self.0.config_json.clone(),
+            generation_config_json: self.0.generation_config_json.clone(),
+        }
+    }
+
+    /// Counters for `ClusterStatus`: workers lost, sequences resumed.
+    pub fn failure_counts(&self) -> (u64, u64) {
+        (self.0.workers_lost.load(Ordering::Relaxed), self.0.sequences_resumed.load(Ordering::Relaxed))
     }
 }

@@ -110,6 +110,7 @@ impl From<&Assignment> for pb::InstallPlanRequest {
                 .map(|(id, address)| pb::Peer { id: id.0, address: address.clone() })
                 .collect(),
             pull_from: a.pull_from.clone(),
+            model: None,
         }
     }
 }

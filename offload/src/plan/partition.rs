@@ -230,6 +230,14 @@ impl Plan {
     }
 
     /// Bytes of all partitioned tensors and of all persistent tensors (each once).
+    /// Whether every element is still held by one of `live` (a plan with
+    /// replicas survives the loss of fewer workers than it has replicas).
+    pub fn covered_by(&self, live: &[WorkerId]) -> bool {
+        self.tensors.iter().all(|t| {
+            t.shards.iter().all(|s| s.elements.is_empty() || s.holders.iter().any(|h| live.contains(h)))
+        })
+    }
+
     pub fn model_bytes(&self) -> OwnedBytes {
         let mut bytes = OwnedBytes::default();
         for t in &self.tensors {

@@ -354,3 +354,20 @@ fn property_deterministic_and_independent_of_tensor_order() {
         assert_eq!(again, Ok(first));
     }
 }
+
+#[test]
+fn coverage_survives_fewer_losses_than_replicas() {
+    let meta = vec![TensorMeta::new("w", vec![1000, 64], Some(0)), TensorMeta::new("n", vec![64], None)];
+    let ws: Vec<WorkerId> = (1..=4).map(WorkerId).collect();
+    let one = plan(&meta, &ws, &opts(256, 1)).expect("plan");
+    let two = plan(&meta, &ws, &opts(256, 2)).expect("plan");
+    assert!(one.covered_by(&ws) && two.covered_by(&ws));
+    for lost in &ws {
+        let live: Vec<WorkerId> = ws.iter().copied().filter(|w| w != lost).collect();
+        assert!(!one.covered_by(&live), "R=1 loses {lost}'s range");
+        assert!(two.covered_by(&live), "R=2 survives losing {lost}");
+    }
+    // Neighbours 1 and 2 both hold rank 0's range under R=2: losing both loses it.
+    assert!(!two.covered_by(&[WorkerId(3), WorkerId(4)]));
+    assert!(two.covered_by(&[WorkerId(1), WorkerId(3)]));
+}

@@ -51,8 +51,9 @@ pub fn finish_to_pb(r: FinishReason) -> pb::FinishReason {
     }
 }
 
-/// Runs until every command sender is gone.
-pub fn run(engine: Engine<CpuBackend>, rx: Receiver<Command>, stats: Arc<BatchStats>) {
+/// Runs until every command sender is gone. `step_delay` (a test hook) is
+/// slept after every step, to make a short generation long enough to disturb.
+pub fn run(engine: Engine<CpuBackend>, rx: Receiver<Command>, stats: Arc<BatchStats>, step_delay: Duration) {
     let mut active: HashMap<u64, Active> = HashMap::new();
     let mut source: Option<Arc<dyn WeightSource>> = None;
     loop {
@@ -124,5 +125,8 @@ pub fn run(engine: Engine<CpuBackend>, rx: Receiver<Command>, stats: Arc<BatchSt
             }
         }
         stats.active.store(active.len() as u32, Ordering::Relaxed);
+        if !step_delay.is_zero() {
+            std::thread::sleep(step_delay);
+        }
     }
 }

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use half::f16;
 use tonic::transport::Channel;
@@ -14,9 +15,21 @@ use zeroshard_proto::v1::shards_client::ShardsClient;
 use crate::error::{Result, WorkerError};
 use crate::shards::{Assembler, Chunk, HostSlices, TensorRange};
 
-/// Attempts in a row without progress before a peer fetch fails (a bad chunk or
-/// a broken stream costs one; what was already verified is kept).
-const FETCH_ATTEMPTS: usize = 4;
+/// Attempts in a row without progress before a fetch from the last holder of a
+/// range fails (a bad chunk or a broken stream costs one; what was already
+/// verified is kept). Holders with a replica behind them get one attempt.
+pub(super) const FETCH_ATTEMPTS: usize = 4;
+
+/// A holder that failed is tried last for this long.
+const DOWN_FOR: Duration = Duration::from_secs(10);
+
+/// How hard one fetch tries before it gives up on a source.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FetchPolicy {
+    pub attempts: usize,
+    /// Longest wait for the stream to start or for its next chunk.
+    pub timeout: Duration,
+}
 
 /// Running totals of what gathers moved from peers.
 #[derive(Debug, Default)]
@@ -31,6 +44,8 @@ pub struct GatherStats {
     pub busy_nanos: AtomicU64,
     /// Time steps spent blocked on gathers.
     pub wait_nanos: AtomicU64,
+    /// Fetches completed by a replica after the first holder failed.
+    pub failovers: AtomicU64,
     in_flight: std::sync::Mutex<(u32, Option<Instant>)>,
 }
 
@@ -88,6 +103,9 @@ pub struct Gatherer {
     own: Arc<HostSlices>,
     peers: HashMap<WorkerId, ShardsClient<Channel>>,
     pub stats: Arc<GatherStats>,
+    fetch_timeout: Duration,
+    /// Holders that failed recently, and when.
+    down: Mutex<HashMap<WorkerId, Instant>>,
 }
 
 impl Gatherer {
@@ -97,8 +115,18 @@ impl Gatherer {
         own: Arc<HostSlices>,
         peers: HashMap<WorkerId, ShardsClient<Channel>>,
         stats: Arc<GatherStats>,
+        fetch_timeout: Duration,
     ) -> Self {
-        Self { plan, me, own, peers, stats }
+        Self { plan, me, own, peers, stats, fetch_timeout, down: Mutex::new(HashMap::new()) }
+    }
+
+    /// `holders` in the order to try them: healthy ones first, in plan order.
+    fn try_order(&self, holders: &[WorkerId]) -> Vec<WorkerId> {
+        let down = self.down.lock().expect("down lock");
+        let recent = |w: &WorkerId| down.get(w).is_some_and(|t| t.elapsed() < DOWN_FOR);
+        let (mut up, later): (Vec<WorkerId>, Vec<WorkerId>) = holders.iter().partition(|w| !recent(w));
+        up.extend(later);
+        up
     }
 
     /// Fetches each requested range into a new f16 vector (in request order).
@@ -107,7 +135,8 @@ impl Gatherer {
         let start = Instant::now();
         let mut outputs: Vec<Vec<f16>> = requests.iter().map(|r| vec![f16::ZERO; r.len() as usize]).collect();
         // Carve every output into the pieces its holders serve.
-        let mut remote: HashMap<WorkerId, Vec<(TensorRange, &mut [u8])>> = HashMap::new();
+        // Keyed by the holders to try, in order.
+        let mut remote: HashMap<Vec<WorkerId>, Vec<(TensorRange, &mut [u8])>> = HashMap::new();
         let mut fetched_bytes = 0u64;
         for (req, out) in requests.iter().zip(outputs.iter_mut()) {
             let pieces = self
@@ -127,16 +156,19 @@ impl Gatherer {
                         at += bytes.len();
                     }
                 } else {
-                    let holder = piece.holders.first().copied().ok_or_else(|| {
-                        WorkerError::Gather(format!("no holder for {} {:?}", req.tensor, piece.elements))
-                    })?;
+                    if piece.holders.is_empty() {
+                        return Err(WorkerError::Gather(format!(
+                            "no holder for {} {:?}",
+                            req.tensor, piece.elements
+                        )));
+                    }
                     fetched_bytes += len as u64;
-                    remote.entry(holder).or_default().push((range, dest));
+                    remote.entry(self.try_order(&piece.holders)).or_default().push((range, dest));
                 }
             }
         }
         if !remote.is_empty() {
-            let fetches = remote.into_iter().map(|(peer, ranges)| self.fetch(peer, ranges));
+            let fetches = remote.into_iter().map(|(holders, ranges)| self.fetch(holders, ranges));
             futures::future::try_join_all(fetches).await?;
             self.stats.bytes.fetch_add(fetched_bytes, Ordering::Relaxed);
             self.stats.nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -144,18 +176,47 @@ impl Gatherer {
         Ok(outputs)
     }
 
-    /// One peer's part of a gather, retried from where it broke.
-    async fn fetch(&self, peer: WorkerId, ranges: Vec<(TensorRange, &mut [u8])>) -> Result<()> {
-        let mut client = self
-            .peers
-            .get(&peer)
-            .cloned()
-            .ok_or_else(|| WorkerError::Gather(format!("no connection to worker {peer}")))?;
+    /// The part of a gather that `holders` serve: from the first, then, if it
+    /// fails, the rest of it from the next, within the same step.
+    async fn fetch(&self, holders: Vec<WorkerId>, ranges: Vec<(TensorRange, &mut [u8])>) -> Result<()> {
         let mut asm = Assembler::new(ranges, 2).map_err(|e| WorkerError::Gather(e.to_string()))?;
-        let source = format!("worker {peer}");
-        fetch_into(&mut client, &source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks)
+        let mut errors = Vec::new();
+        for (i, peer) in holders.iter().enumerate() {
+            let Some(mut client) = self.peers.get(peer).cloned() else {
+                errors.push(format!("no connection to worker {peer}"));
+                continue;
+            };
+            let last = i + 1 == holders.len();
+            let policy =
+                FetchPolicy { attempts: if last { FETCH_ATTEMPTS } else { 1 }, timeout: self.fetch_timeout };
+            let source = format!("worker {peer}");
+            match fetch_into(
+                &mut client,
+                &source,
+                self.plan.epoch(),
+                &mut asm,
+                &self.stats.rejected_chunks,
+                policy,
+            )
             .await
-            .map_err(WorkerError::Gather)
+            {
+                Ok(()) => {
+                    if i > 0 {
+                        self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    if !last {
+                        tracing::warn!("{e}; fetching the rest from worker {}", holders[i + 1]);
+                    }
+                    self.down.lock().expect("down lock").insert(*peer, Instant::now());
+                    errors.push(e);
+                    asm.restart();
+                }
+            }
+        }
+        Err(WorkerError::Gather(errors.join("; ")))
     }
 }
 
@@ -167,33 +228,44 @@ fn bytemuck_bytes(v: &mut [f16]) -> &mut [u8] {
 /// Fills `asm` from `client`'s `FetchRanges` stream under `epoch`. A rejected
 /// chunk (counted in `rejected`) or a broken stream restarts the fetch from what
 /// is still missing; it gives up after [`FETCH_ATTEMPTS`] tries in a row without
-/// progress, or at once on a stale epoch. Errors name `source`.
+/// progress (`policy.attempts`), or at once on a stale epoch. A source silent
+/// for `policy.timeout` counts as a broken stream. Errors name `source`.
 pub(super) async fn fetch_into(
     client: &mut ShardsClient<Channel>,
     source: &str,
     epoch: u64,
     asm: &mut Assembler<'_>,
     rejected: &AtomicU64,
+    policy: FetchPolicy,
 ) -> std::result::Result<(), String> {
     let mut last_error = String::new();
     let mut failures = 0;
-    while failures < FETCH_ATTEMPTS {
+    let silent = || format!("{source}: nothing received for {:?}", policy.timeout);
+    while failures < policy.attempts {
         let before = asm.received_bytes();
         let ranges = asm.request().iter().map(pb::TensorRange::from).collect();
-        let mut stream =
-            match client.fetch_ranges(pb::FetchRangesRequest { epoch, ranges, chunk_bytes: 0 }).await {
-                Ok(s) => s.into_inner(),
-                Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                    return Err(format!("{source}: {}", status.message()));
-                }
-                Err(status) => {
-                    last_error = format!("{source}: {}", status.message());
-                    failures += 1;
-                    continue;
-                }
-            };
+        let call = client.fetch_ranges(pb::FetchRangesRequest { epoch, ranges, chunk_bytes: 0 });
+        let mut stream = match tokio::time::timeout(policy.timeout, call).await {
+            Ok(Ok(s)) => s.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                return Err(format!("{source}: {}", status.message()));
+            }
+            Ok(Err(status)) => {
+                last_error = format!("{source}: {}", status.message());
+                failures += 1;
+                continue;
+            }
+            Err(_) => {
+                last_error = silent();
+                failures += 1;
+                continue;
+            }
+        };
         let broke = loop {
-            match stream.message().await {
+            let Ok(next) = tokio::time::timeout(policy.timeout, stream.message()).await else {
+                break Some(silent());
+            };
+            match next {
                 Ok(Some(c)) => {
                     if let Err(e) = asm.accept(&Chunk::from(c)) {
                         rejected.fetch_add(1, Ordering::Relaxed);
@@ -213,5 +285,5 @@ pub(super) async fn fetch_into(
         failures = if asm.received_bytes() > before { 1 } else { failures + 1 };
         asm.restart();
     }
-    Err(format!("gave up after {FETCH_ATTEMPTS} attempts without progress: {last_error}"))
+    Err(format!("gave up after {} attempt(s) without progress: {last_error}", policy.attempts))
 }

@@ -4,29 +4,34 @@
 //!
 //! ```ignore
 //! let listener = TcpListener::bind("127.0.0.1:0").await?;
-//! node::run(NodeConfig { coordinator: "http://127.0.0.1:7000".into(), ..Default::default() }, listener, shutdown).await?;
+//! let registrar = Arc::new(ControlRegistrar::new("http://127.0.0.1:7000"));
+//! node::run(NodeConfig::default(), registrar, listener, shutdown).await?;
 //! ```
 mod batcher;
 mod gather;
+mod registrar;
 mod service;
+mod state;
 mod store;
 mod weights;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use tonic::transport::Channel;
 
 pub use batcher::finish_to_pb;
 pub use gather::GatherStats;
+pub use registrar::{Announce, ControlRegistrar, Registrar};
 pub use service::run;
 
 use crate::error::{Result, WorkerError};
 
 /// How a worker runs.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// The coordinator's gRPC address, `http://host:port`.
-    pub coordinator: String,
+    /// `cpu` or `cuda:N`, as announced to the cluster.
+    pub device: String,
     /// The checkpoint folder, if it differs from the coordinator's path.
     pub model_dir: Option<PathBuf>,
     /// Receive owned ranges from the coordinator instead of reading the checkpoint.
@@ -39,6 +44,27 @@ pub struct NodeConfig {
     pub corrupt_every: u64,
     /// Test hook: fail every plan installation.
     pub fail_load: bool,
+    /// Test hook: sleep this long after every batching step.
+    pub step_delay: Duration,
+    /// A peer that sends nothing for this long during a fetch has failed (the
+    /// fetch goes to another holder, or is retried).
+    pub fetch_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            device: "cpu".into(),
+            model_dir: None,
+            pull: false,
+            prefetch_layers: 2,
+            max_live_bytes: 0,
+            corrupt_every: 0,
+            fail_load: false,
+            step_delay: Duration::ZERO,
+            fetch_timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 /// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings.

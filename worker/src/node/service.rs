@@ -1,33 +1,25 @@
 //! The worker's gRPC services (`Worker`, `Shards`), its registration with the
 //! coordinator, and [`run`]. Errors become `tonic::Status` in one place.
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use futures::Stream;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
-use zeroshard_offload::plan::{Assignment, OwnedBytes, Plan, WorkerId};
-use zeroshard_offload::{Checkpoint, ModelConfig};
+use zeroshard_offload::plan::{Assignment, OwnedBytes};
 use zeroshard_proto::v1 as pb;
-use zeroshard_proto::v1::control_client::ControlClient;
-use zeroshard_proto::v1::shards_client::ShardsClient;
 use zeroshard_proto::v1::shards_server::{Shards, ShardsServer};
 use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
 
-use super::batcher::{self, BatchStats, Command};
-use super::gather::{GatherStats, Gatherer};
-use super::weights::ClusterWeights;
-use super::{store, NodeConfig};
+use super::batcher::Command;
+use super::registrar::{Announce, Registrar};
+use super::state::Node;
+use super::NodeConfig;
 use crate::convert;
-use crate::cpu::CpuBackend;
-use crate::engine::Engine;
 use crate::error::{Result, WorkerError};
-use crate::shards::{HostSlices, ShardError, CHUNK_BYTES};
+use crate::shards::{ShardError, CHUNK_BYTES};
 
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Self {
@@ -38,6 +30,7 @@ impl From<WorkerError> for Status {
             | WorkerError::Load(_)
             | WorkerError::MissingWeight(_)
             | WorkerError::Backend(_) => Status::internal(e.to_string()),
+            WorkerError::Membership(_) => Status::unavailable(e.to_string()),
         }
     }
 }
@@ -48,127 +41,6 @@ fn shard_status(e: ShardError) -> Status {
         ShardError::InvalidRange { .. } => Status::invalid_argument(e.to_string()),
         other => Status::internal(other.to_string()),
     }
-}
-
-/// What the current plan gave this worker.
-struct Installed {
-    epoch: u64,
-    slices: Arc<HostSlices>,
-    owned: OwnedBytes,
-    weights: Arc<ClusterWeights>,
-}
-
-/// The model, known once the coordinator answered the registration.
-struct ModelInfo {
-    config: ModelConfig,
-    dir: PathBuf,
-}
-
-struct Node {
-    cfg: NodeConfig,
-    id: OnceLock<u64>,
-    model: OnceLock<ModelInfo>,
-    installed: RwLock<Option<Installed>>,
-    commands: Mutex<Sender<Command>>,
-    batch: Arc<BatchStats>,
-    resident: Arc<AtomicU64>,
-    gather: Arc<GatherStats>,
-    served_fetches: AtomicU64,
-}
-
-impl Node {
-    fn send(&self, c: Command) {
-        if let Ok(tx) = self.commands.lock() {
-            let _ = tx.send(c);
-        }
-    }
-
-    /// The installed epoch, or FAILED_PRECONDITION naming both epochs.
-    fn check_epoch(&self, epoch: u64) -> std::result::Result<(), Status> {
-        let guard = self.installed.read().map_err(|_| Status::internal("state lock poisoned"))?;
-        match guard.as_ref() {
-            None => Err(Status::failed_precondition("no plan installed on this worker yet")),
-            Some(i) if i.epoch != epoch => Err(Status::failed_precondition(format!(
-                "epoch {epoch} is not this worker's epoch {}",
-                i.epoch
-            ))),
-            Some(_) => Ok(()),
-        }
-    }
-
-    async fn install(&self, a: Assignment) -> Result<(u64, f64)> {
-        // The plan can arrive before the answer to our registration is processed.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while (self.id.get().is_none() || self.model.get().is_none()) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let me = *self.id.get().ok_or_else(|| WorkerError::InvalidRequest("not registered yet".into()))?;
-        if a.worker != WorkerId(me) {
-            return Err(WorkerError::InvalidRequest(format!(
-                "plan is for {}, this is worker {me}",
-                a.worker
-            )));
-        }
-        let info = self.model.get().ok_or_else(|| WorkerError::InvalidRequest("no model yet".into()))?;
-        if self.cfg.fail_load {
-            return Err(WorkerError::Load(
-                "injected fault: this worker refuses to load (--fault-fail-load)".into(),
-            ));
-        }
-        let start = Instant::now();
-        let plan = Arc::new(a.plan);
-        let slices = match &a.pull_from {
-            Some(endpoint) => store::load_from_pull(endpoint, &plan, a.worker).await?,
-            None => {
-                let (dir, plan2) =
-                    (self.cfg.model_dir.clone().unwrap_or_else(|| info.dir.clone()), plan.clone());
-                tokio::task::spawn_blocking(move || load_checkpoint(&dir, &plan2, a.worker))
-                    .await
-                    .map_err(|e| WorkerError::Load(format!("loader task: {e}")))??
-            }
-        };
-        let load_ms = start.elapsed().as_secs_f64() * 1e3;
-        let slices = Arc::new(slices);
-        let mut peers = std::collections::HashMap::new();
-        for (id, addr) in &a.peers {
-            if *id != a.worker {
-                let ch = super::connect_lazy(addr)?;
-                peers.insert(
-                    *id,
-                    ShardsClient::new(ch)
-                        .max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
-                );
-            }
-        }
-        let owned = plan.owned_bytes(a.worker).map_err(|e| WorkerError::Load(e.to_string()))?;
-        let gatherer =
-            Arc::new(Gatherer::new(plan.clone(), a.worker, slices.clone(), peers, self.gather.clone()));
-        if let Some(old) = self.installed.read().ok().and_then(|g| g.as_ref().map(|i| i.weights.clone())) {
-            old.clear();
-        }
-        let weights = Arc::new(ClusterWeights::new(
-            tokio::runtime::Handle::current(),
-            gatherer,
-            &info.config,
-            self.cfg.prefetch_layers,
-            self.cfg.max_live_bytes,
-            self.resident.clone(),
-        ));
-        let epoch = plan.epoch();
-        *self.installed.write().map_err(|_| WorkerError::Load("state lock poisoned".into()))? =
-            Some(Installed { epoch, slices, owned, weights: weights.clone() });
-        self.send(Command::Source(weights));
-        tracing::info!(
-            "worker {me}: epoch {epoch} installed, {} bytes owned, loaded in {load_ms:.0} ms",
-            owned.total()
-        );
-        Ok((owned.total(), load_ms))
-    }
-}
-
-fn load_checkpoint(dir: &Path, plan: &Plan, me: WorkerId) -> Result<HostSlices> {
-    let ckpt = Checkpoint::open(dir)?;
-    store::load_from_checkpoint(&ckpt, plan, me)
 }
 
 #[derive(Clone)]
@@ -183,11 +55,21 @@ impl Worker for Svc {
         &self,
         req: Request<pb::InstallPlanRequest>,
     ) -> std::result::Result<Response<pb::InstallPlanResponse>, Status> {
-        let a =
-            Assignment::try_from(req.into_inner()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut r = req.into_inner();
+        let model = r.model.take();
+        let a = Assignment::try_from(r).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let epoch = a.plan.epoch();
-        let (owned_bytes, load_ms) = self.0.install(a).await.map_err(Status::from)?;
+        let (owned_bytes, load_ms) = self.0.prepare(a, model).await.map_err(Status::from)?;
         Ok(Response::new(pb::InstallPlanResponse { epoch, owned_bytes, load_ms }))
+    }
+
+    async fn activate_plan(
+        &self,
+        req: Request<pb::ActivatePlanRequest>,
+    ) -> std::result::Result<Response<pb::ActivatePlanResponse>, Status> {
+        let epoch = req.into_inner().epoch;
+        self.0.activate(epoch).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(pb::ActivatePlanResponse { epoch }))
     }
 
     type RunSequenceStream = StepStream;
@@ -197,11 +79,21 @@ impl Worker for Svc {
         req: Request<pb::RunSequenceRequest>,
     ) -> std::result::Result<Response<StepStream>, Status> {
         let r = req.into_inner();
-        self.0.check_epoch(r.epoch)?;
+        {
+            let e = self.0.epochs.read().map_err(|_| Status::internal("state lock poisoned"))?;
+            if e.active.is_none() || !e.knows(r.epoch) {
+                return Err(Status::failed_precondition(format!(
+                    "sequence routed under epoch {}, this worker holds {}",
+                    r.epoch,
+                    e.describe()
+                )));
+            }
+        }
         let mut params = convert::generation_params(r.sampling);
         let mut prompt = r.prompt_token_ids;
         // A resumed sequence: what was produced is prefilled with the prompt.
         params.max_new_tokens = params.max_new_tokens.saturating_sub(r.generated_token_ids.len());
+        params.sampling.resume_draws = r.generated_token_ids.len() as u64;
         prompt.extend(r.generated_token_ids);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.0.send(Command::Run { id: r.sequence_id, prompt, params, tx });
@@ -221,8 +113,8 @@ impl Worker for Svc {
         _: Request<pb::StatsRequest>,
     ) -> std::result::Result<Response<pb::WorkerStats>, Status> {
         let n = &self.0;
-        let guard = n.installed.read().map_err(|_| Status::internal("state lock poisoned"))?;
-        let (epoch, owned) = guard.as_ref().map_or((0, OwnedBytes::default()), |i| (i.epoch, i.owned));
+        let guard = n.epochs.read().map_err(|_| Status::internal("state lock poisoned"))?;
+        let (epoch, owned) = guard.active.as_ref().map_or((0, OwnedBytes::default()), |i| (i.epoch, i.owned));
         Ok(Response::new(pb::WorkerStats {
             id: n.id.get().copied().unwrap_or(0),
             epoch,
@@ -237,6 +129,9 @@ impl Worker for Svc {
             step_nanos_total: n.batch.step_nanos.load(Ordering::Relaxed),
             gather_wait_nanos_total: n.gather.wait_nanos.load(Ordering::Relaxed),
             gather_busy_nanos_total: n.gather.busy_nanos.load(Ordering::Relaxed),
+            loads_total: n.loads.load(Ordering::Relaxed),
+            loaded_bytes_total: n.loaded_bytes.load(Ordering::Relaxed),
+            failovers_total: n.gather.failovers.load(Ordering::Relaxed),
         }))
     }
 }
@@ -250,15 +145,16 @@ impl Shards for Svc {
         req: Request<pb::FetchRangesRequest>,
     ) -> std::result::Result<Response<ChunkStream>, Status> {
         let r = req.into_inner();
-        self.0.check_epoch(r.epoch)?;
-        let slices = self
-            .0
-            .installed
-            .read()
-            .map_err(|_| Status::internal("state lock poisoned"))?
-            .as_ref()
-            .map(|i| i.slices.clone())
-            .ok_or_else(|| Status::failed_precondition("no plan installed"))?;
+        let slices = {
+            let e = self.0.epochs.read().map_err(|_| Status::internal("state lock poisoned"))?;
+            e.slices(r.epoch).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "epoch {} is not held by this worker ({})",
+                    r.epoch,
+                    e.describe()
+                ))
+            })?
+        };
         let ranges = convert::fetch_ranges(r.ranges).map_err(shard_status)?;
         let chunk_bytes = if r.chunk_bytes == 0 { CHUNK_BYTES } else { r.chunk_bytes as usize };
         let chunks = slices.chunks(&ranges, chunk_bytes).map_err(shard_status)?;
@@ -286,27 +182,17 @@ impl Shards for Svc {
 }
 
 /// Serves on `listener` until `shutdown` resolves: prints `listening
-/// http://ADDR` on stdout, registers with the coordinator, and runs the batching
-/// loop on its own thread.
+/// http://ADDR` on stdout, then registers through `registrar`. The batching
+/// loop starts on its own thread with the first plan.
 pub async fn run(
     cfg: NodeConfig,
+    registrar: Arc<dyn Registrar>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let addr = listener.local_addr().map_err(|e| WorkerError::Load(format!("listener: {e}")))?;
     let advertise = format!("http://{addr}");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let node = Arc::new(Node {
-        cfg: cfg.clone(),
-        id: OnceLock::new(),
-        model: OnceLock::new(),
-        installed: RwLock::new(None),
-        commands: Mutex::new(tx),
-        batch: Arc::new(BatchStats::default()),
-        resident: Arc::new(AtomicU64::new(0)),
-        gather: Arc::new(GatherStats::default()),
-        served_fetches: AtomicU64::new(0),
-    });
+    let node = Arc::new(Node::new(cfg.clone()));
     let svc = Svc(node.clone());
     let server = zeroshard_proto::transport::server()
         .add_service(WorkerServer::new(svc.clone()))
@@ -317,65 +203,14 @@ pub async fn run(
     let server = tokio::spawn(server);
     println!("listening {advertise}");
 
-    let reg = register(&cfg.coordinator, &advertise).await?;
-    let config = model_config(&reg)?;
-    node.id.set(reg.worker_id).ok();
-    let engine = Engine::without_weights(CpuBackend, config.clone());
-    node.model.set(ModelInfo { config, dir: PathBuf::from(&reg.model_dir) }).ok();
-    let stats = node.batch.clone();
-    std::thread::Builder::new()
-        .name("batcher".into())
-        .spawn(move || batcher::run(engine, rx, stats))
-        .map_err(|e| WorkerError::Load(format!("batcher thread: {e}")))?;
-    tracing::info!("worker {} registered with {}", reg.worker_id, cfg.coordinator);
+    let described = registrar.describe();
+    let announce = Announce { address: advertise, device: cfg.device.clone(), memory_bytes: 0 };
+    let id = registrar.register(announce).await?;
+    node.id.set(id).ok();
+    tracing::info!("worker {id} registered with {described}");
 
     server
         .await
         .map_err(|e| WorkerError::Load(format!("server task: {e}")))?
         .map_err(|e| WorkerError::Load(format!("server: {e}")))
-}
-
-/// Registers `advertise` with the coordinator, retrying while it starts.
-async fn register(coordinator: &str, advertise: &str) -> Result<pb::RegisterWorkerResponse> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let attempt = async {
-            let ch = super::connect(coordinator).await?;
-            ControlClient::new(ch)
-                .register_worker(pb::RegisterWorkerRequest {
-                    address: advertise.to_string(),
-                    device: "cpu".into(),
-                    memory_bytes: 0,
-                })
-                .await
-                .map(Response::into_inner)
-                .map_err(|s| WorkerError::Load(format!("registering with {coordinator}: {}", s.message())))
-        };
-        match attempt.await {
-            Ok(r) => return Ok(r),
-            Err(WorkerError::Load(m)) => return Err(WorkerError::Load(m)),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
-fn model_config(reg: &pb::RegisterWorkerResponse) -> Result<ModelConfig> {
-    let dir = Path::new(&reg.model_dir);
-    let parse = |s: &str, name: &str| {
-        serde_json::from_str::<serde_json::Value>(s)
-            .map_err(|e| WorkerError::Load(format!("{name} from the coordinator: {e}")))
-    };
-    let config = parse(&reg.config_json, "config.json")?;
-    let gen_path = dir.join("generation_config.json");
-    let gen = if reg.generation_config_json.is_empty() {
-        None
-    } else {
-        Some(parse(&reg.generation_config_json, "generation_config.json")?)
-    };
-    Ok(ModelConfig::from_json(
-        &dir.join("config.json"),
-        &config,
-        gen.as_ref().map(|g| (gen_path.as_path(), g)),
-    )?)
 }

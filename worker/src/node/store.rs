@@ -13,6 +13,9 @@ use zeroshard_proto::v1::shards_client::ShardsClient;
 use crate::error::{Result, WorkerError};
 use crate::shards::{Assembler, HostSlices, TensorRange};
 
+/// The coordinator reads what it serves from disk: allow it a slow disk.
+const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Bytes per element of the host store (f16).
 pub const ELEM_BYTES: usize = 2;
 
@@ -64,7 +67,11 @@ async fn pull(
     let dests = ranges.iter().cloned().zip(bufs.iter_mut().map(|b| b.as_mut_slice())).collect();
     let mut asm = Assembler::new(dests, ELEM_BYTES).map_err(|e| WorkerError::Load(e.to_string()))?;
     let rejected = std::sync::atomic::AtomicU64::new(0);
-    super::gather::fetch_into(client, "pull", epoch, &mut asm, &rejected).await.map_err(WorkerError::Load)?;
+    let policy =
+        super::gather::FetchPolicy { attempts: super::gather::FETCH_ATTEMPTS, timeout: PULL_TIMEOUT };
+    super::gather::fetch_into(client, "pull", epoch, &mut asm, &rejected, policy)
+        .await
+        .map_err(WorkerError::Load)?;
     asm.finish().map_err(|e| WorkerError::Load(e.to_string()))
 }
 

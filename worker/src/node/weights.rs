@@ -225,7 +225,16 @@ impl ClusterWeights {
         let waited = std::time::Instant::now();
         let weights = self.handle.block_on(pending);
         self.gatherer.stats.wait_nanos.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let weights = weights.map_err(|e| WorkerError::Gather(format!("gather task failed: {e}")))??;
+        let weights = match weights.map_err(|e| WorkerError::Gather(format!("gather task failed: {e}"))) {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) | Err(e) => {
+                // Prefetches started alongside likely failed the same way: start afresh next step.
+                for (_, p) in self.state.lock().expect("weights state lock").pending.drain() {
+                    p.abort();
+                }
+                return Err(e);
+            }
+        };
         let bytes = weights.bytes() as u64;
         let resident = self.resident_bytes.load(Ordering::Relaxed);
         if resident + bytes <= self.max_live_bytes {

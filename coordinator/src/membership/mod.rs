@@ -1,0 +1,86 @@
+//! Who is in the cluster, and the plan they hold.
+//!
+//! The coordinator learns of workers through a [`Membership`]: a snapshot of
+//! the live members plus a stream of joins and departures, and a place to keep
+//! the current plan so that a restarted coordinator resumes the same cluster.
+//! Two implementations:
+//! - [`embedded::EmbeddedMembership`]: in this process (what `zeroshard up`
+//!   uses); workers register over the coordinator's `Control` service and renew
+//!   an in-memory lease with `KeepAlive`.
+//! - [`etcd::EtcdMembership`]: workers register `/zeroshard/<cluster>/workers/<id>`
+//!   under an etcd lease; the coordinator watches the prefix and keeps the plan
+//!   at `/zeroshard/<cluster>/plan`.
+//!
+//! On the worker side the matching half is a [`Registrar`]
+//! (`zeroshard_worker::node::Registrar`): [`etcd::EtcdRegistrar`] here, the
+//! `Control` one in the worker crate.
+//!
+//! ```ignore
+//! let m: Arc<dyn Membership> = Arc::new(EtcdMembership::connect(&endpoints, "prod", ttl).await?);
+//! let MemberWatch { members, mut events } = m.watch().await?;
+//! while let Some(ev) = events.recv().await { /* Joined(member) | Left(id) */ }
+//! ```
+pub mod embedded;
+pub mod etcd;
+
+use tokio::sync::mpsc;
+use zeroshard_offload::plan::{Plan, WorkerId};
+
+pub use zeroshard_worker::node::{Announce, Registrar};
+
+use crate::error::Result;
+
+/// A live worker as membership knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: WorkerId,
+    /// gRPC address of its `Worker` and `Shards` services, `http://host:port`.
+    pub address: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Memory it offers for shards, 0 = unknown.
+    pub memory_bytes: u64,
+}
+
+/// A change after a [`MemberWatch`] snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberEvent {
+    /// A worker registered (or registered again with a new address).
+    Joined(Member),
+    /// A worker's lease expired, it left, or it was evicted.
+    Left(WorkerId),
+}
+
+/// The members at one moment, and every change after it, in order.
+pub struct MemberWatch {
+    pub members: Vec<Member>,
+    pub events: mpsc::UnboundedReceiver<MemberEvent>,
+}
+
+/// The plan a cluster runs, as membership keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredPlan {
+    pub plan: Plan,
+    /// Every worker of the plan and its address.
+    pub peers: Vec<(WorkerId, String)>,
+    /// Workers pull their ranges from the coordinator.
+    pub pull: bool,
+}
+
+/// Where the coordinator learns of workers and keeps the plan.
+#[tonic::async_trait]
+pub trait Membership: Send + Sync + 'static {
+    /// What to call it in logs: `embedded`, `etcd http://… cluster NAME`.
+    fn describe(&self) -> String;
+    /// The members now and a stream of later changes. The stream survives
+    /// connection losses to the store: after reconnecting it emits what changed
+    /// meanwhile. It ends only when the membership is dropped.
+    async fn watch(&self) -> Result<MemberWatch>;
+    /// The plan stored last, if any.
+    async fn load_plan(&self) -> Result<Option<StoredPlan>>;
+    /// Replaces the stored plan.
+    async fn store_plan(&self, plan: &StoredPlan) -> Result<()>;
+    /// Removes a worker the coordinator found dead (its lease is revoked, so a
+    /// `Left` follows); a worker that is still alive registers again.
+    async fn evict(&self, id: WorkerId) -> Result<()>;
+}

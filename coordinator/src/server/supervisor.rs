@@ -1,0 +1,367 @@
+//! The supervisor: the one task that changes the cluster's members and plan.
+//!
+//! It follows the membership's events and the failures request handlers
+//! report, and after each change *reconciles*:
+//! - no plan yet: resume the stored plan when every worker of it is back and
+//!   still holds its epoch (a restarted coordinator; nothing reloads), else plan
+//!   once `--workers` workers are there;
+//! - a worker of the plan lost: when replicas still cover every range, keep the
+//!   epoch (gathers fail over, nothing reloads); else plan the next epoch over
+//!   the survivors;
+//! - a worker joined: plan the next epoch over everyone.
+//!
+//! A new epoch is installed in two phases — every worker loads its new ranges
+//! (`InstallPlan`) while still computing under the old epoch, then every
+//! worker switches (`ActivatePlan`) — so running sequences continue.
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use zeroshard_offload::plan::{plan, Plan, PlanOptions, WorkerId};
+use zeroshard_proto::v1 as pb;
+
+use super::state::{Coordinator, Readiness, WorkerEntry};
+use crate::membership::{MemberEvent, MemberWatch, StoredPlan};
+
+/// A worker that does not answer `Stats` this fast is left to its lease.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+struct Supervisor {
+    coord: Coordinator,
+    /// The plan membership had stored when this coordinator started.
+    stored: Option<StoredPlan>,
+    /// Until then, wait for the stored plan's workers to re-register.
+    resume_until: Instant,
+    /// A plan was active at some point (later failures do not end the cluster).
+    served: bool,
+    /// Starting failed for good (the error is in `Readiness::Failed`).
+    failed: bool,
+    /// Lost workers already reported as covered by replicas.
+    degraded: BTreeSet<WorkerId>,
+}
+
+pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver<WorkerId>) {
+    let membership = coord.0.membership.clone();
+    let MemberWatch { members, mut events } = match membership.watch().await {
+        Ok(w) => w,
+        Err(e) => {
+            coord
+                .0
+                .ready
+                .send_replace(Readiness::Failed(format!("membership {}: {e}", membership.describe())));
+            return;
+        }
+    };
+    let stored = match membership.load_plan().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("reading the stored plan: {e}; planning anew");
+            None
+        }
+    };
+    let ttl = coord.0.cfg.lease_ttl;
+    let mut sup = Supervisor {
+        coord,
+        stored,
+        resume_until: Instant::now() + ttl * 2,
+        served: false,
+        failed: false,
+        degraded: BTreeSet::new(),
+    };
+    for m in members {
+        sup.apply(MemberEvent::Joined(m));
+    }
+    loop {
+        sup.reconcile().await;
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(ev) => sup.apply(ev),
+                None => {
+                    tracing::error!("membership {} stopped reporting", membership.describe());
+                    return;
+                }
+            },
+            Some(_) = reports.recv() => {
+                while reports.try_recv().is_ok() {}
+                sup.probe_all().await;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        while let Ok(ev) = events.try_recv() {
+            sup.apply(ev);
+        }
+    }
+}
+
+impl Supervisor {
+    fn apply(&mut self, ev: MemberEvent) {
+        let coord = &self.coord;
+        match ev {
+            MemberEvent::Joined(m) => {
+                let mut st = coord.lock();
+                if st.members.get(&m.id).is_some_and(|w| w.address == m.address) {
+                    return;
+                }
+                match WorkerEntry::new(&m) {
+                    Ok(w) => {
+                        tracing::info!("{} joined at {}", m.id, m.address);
+                        st.members.insert(m.id, w);
+                    }
+                    Err(e) => tracing::warn!("{} registered a bad address: {e}", m.id),
+                }
+            }
+            MemberEvent::Left(id) => {
+                let mut st = coord.lock();
+                if st.members.remove(&id).is_none() {
+                    return;
+                }
+                let in_plan = st.plan.as_ref().is_some_and(|p| p.rank(id).is_some());
+                drop(st);
+                if in_plan {
+                    coord.0.workers_lost.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(
+                    "{id} left the cluster{}",
+                    if in_plan { " (it held ranges of the plan)" } else { "" }
+                );
+            }
+        }
+        coord.bump();
+        if !self.served {
+            let registered = coord.lock().members.len();
+            coord.0.ready.send_if_modified(|r| match r {
+                Readiness::Waiting { .. } => {
+                    *r = Readiness::Waiting { registered, expected: coord.0.cfg.workers };
+                    true
+                }
+                _ => false,
+            });
+        }
+    }
+
+    /// Brings the plan in line with the members (see the module docs).
+    async fn reconcile(&mut self) {
+        if self.failed {
+            return;
+        }
+        let (live, plan) = {
+            let st = self.coord.lock();
+            (st.members.keys().copied().collect::<Vec<_>>(), st.plan.clone())
+        };
+        let Some(plan) = plan else {
+            if let Some(stored) = self.stored.clone() {
+                let all_back = stored.plan.workers().iter().all(|w| live.contains(w));
+                if all_back && self.adopt(&stored).await {
+                    return;
+                }
+                if !all_back && Instant::now() < self.resume_until {
+                    return; // its workers may still be re-registering
+                }
+                if !live.is_empty() {
+                    self.replan(&live).await;
+                }
+                return;
+            }
+            if live.len() >= self.coord.0.cfg.workers {
+                self.replan(&live).await;
+            }
+            return;
+        };
+        let joined = live.iter().any(|w| plan.rank(*w).is_none());
+        let lost: Vec<WorkerId> = plan.workers().iter().copied().filter(|w| !live.contains(w)).collect();
+        if joined {
+            self.replan(&live).await;
+        } else if !lost.is_empty() && !live.is_empty() {
+            if plan.covered_by(&live) {
+                for w in lost {
+                    if self.degraded.insert(w) {
+                        tracing::warn!(
+                            "{w} lost; its ranges are still held by replicas: epoch {} continues without it",
+                            plan.epoch()
+                        );
+                    }
+                }
+            } else {
+                self.replan(&live).await;
+            }
+        }
+    }
+
+    /// Takes over the stored plan when every worker of it still holds its epoch.
+    async fn adopt(&mut self, stored: &StoredPlan) -> bool {
+        let epoch = stored.plan.epoch();
+        let workers: Vec<WorkerEntry> = {
+            let st = self.coord.lock();
+            stored.plan.workers().iter().filter_map(|w| st.members.get(w).cloned()).collect()
+        };
+        let checks = workers.iter().map(|w| {
+            let mut c = w.client.clone();
+            async move {
+                let s = tokio::time::timeout(PROBE_TIMEOUT * 3, c.stats(pb::StatsRequest {})).await;
+                matches!(s, Ok(Ok(r)) if r.get_ref().epoch == epoch)
+            }
+        });
+        if !futures::future::join_all(checks).await.into_iter().all(|ok| ok) {
+            tracing::info!("the stored epoch {epoch} is not active on every worker: planning anew");
+            self.stored = None;
+            self.coord.lock().planned_epoch = epoch;
+            return false;
+        }
+        self.activate(Arc::new(stored.plan.clone()));
+        tracing::info!(
+            "resumed epoch {epoch} on {} workers from the stored plan; nothing reloaded",
+            workers.len()
+        );
+        true
+    }
+
+    /// Plans the next epoch over `live` and installs it (two phases).
+    async fn replan(&mut self, live: &[WorkerId]) {
+        let coord = self.coord.clone();
+        let inner = &coord.0;
+        let epoch = {
+            let mut st = coord.lock();
+            let last = st.planned_epoch.max(self.stored.as_ref().map_or(0, |s| s.plan.epoch()));
+            st.planned_epoch = last + 1;
+            last + 1
+        };
+        if !self.served {
+            inner.ready.send_replace(Readiness::Loading);
+        }
+        let options = PlanOptions {
+            epoch,
+            persistence_threshold_bytes: inner.cfg.persistence_threshold_bytes,
+            replicas: inner.cfg.replicas.min(live.len() as u32),
+            ..PlanOptions::default()
+        };
+        let plan = match plan(&inner.meta, live, &options) {
+            Ok(p) => Arc::new(p),
+            Err(e) => return self.fail(format!("planning epoch {epoch}: {e}"), &[]).await,
+        };
+        let workers: Vec<WorkerEntry> = {
+            let st = coord.lock();
+            live.iter().filter_map(|w| st.members.get(w).cloned()).collect()
+        };
+        let peers: Vec<pb::Peer> =
+            workers.iter().map(|w| pb::Peer { id: w.id.0, address: w.address.clone() }).collect();
+        let start = Instant::now();
+        tracing::info!("epoch {epoch}: installing on {} workers", workers.len());
+        let wire = pb::PartitionPlan::from(plan.as_ref());
+        let installs = workers.iter().map(|w| {
+            let req = pb::InstallPlanRequest {
+                plan: Some(wire.clone()),
+                worker_id: w.id.0,
+                peers: peers.clone(),
+                pull_from: inner.cfg.pull.then(|| inner.advertise.clone()),
+                model: Some(coord.model_info()),
+            };
+            let mut client = w.client.clone();
+            async move {
+                let r = client.install_plan(req).await.map(tonic::Response::into_inner);
+                (w, r)
+            }
+        });
+        let mut failed = Vec::new();
+        for (w, r) in futures::future::join_all(installs).await {
+            match r {
+                Ok(r) if r.load_ms > 0.0 => eprintln!(
+                    "{}: loaded {:.1} MB in {:.2} s ({:.2} GB/s) for epoch {epoch}",
+                    w.id,
+                    r.owned_bytes as f64 / 1e6,
+                    r.load_ms / 1e3,
+                    r.owned_bytes as f64 / (r.load_ms / 1e3).max(1e-9) / 1e9
+                ),
+                Ok(_) => {}
+                Err(s) => failed.push((
+                    w.id,
+                    format!("{} at {} could not load its ranges: {}", w.id, w.address, s.message()),
+                )),
+            }
+        }
+        if !failed.is_empty() {
+            let msg = failed.iter().map(|(_, m)| m.clone()).collect::<Vec<_>>().join("; ");
+            let ids: Vec<WorkerId> = failed.into_iter().map(|(id, _)| id).collect();
+            return self.fail(msg, &ids).await;
+        }
+        let activations = workers.iter().map(|w| {
+            let mut client = w.client.clone();
+            async move { (w.id, client.activate_plan(pb::ActivatePlanRequest { epoch }).await) }
+        });
+        let failed: Vec<WorkerId> = futures::future::join_all(activations)
+            .await
+            .into_iter()
+            .filter_map(|(id, r)| {
+                r.err().map(|s| {
+                    tracing::warn!("{id}: activating epoch {epoch}: {}", s.message());
+                    id
+                })
+            })
+            .collect();
+        if !failed.is_empty() {
+            return self.fail(format!("activating epoch {epoch} failed on {failed:?}"), &failed).await;
+        }
+        let stored = StoredPlan {
+            plan: (*plan).clone(),
+            peers: workers.iter().map(|w| (w.id, w.address.clone())).collect(),
+            pull: inner.cfg.pull,
+        };
+        if let Err(e) = inner.membership.store_plan(&stored).await {
+            tracing::warn!("storing epoch {epoch} in {}: {e}", inner.membership.describe());
+        }
+        self.stored = None;
+        self.activate(plan);
+        tracing::info!(
+            "epoch {epoch} active on {} workers in {:.2} s",
+            workers.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+
+    fn activate(&mut self, plan: Arc<Plan>) {
+        {
+            let mut st = self.coord.lock();
+            st.planned_epoch = st.planned_epoch.max(plan.epoch());
+            st.plan = Some(plan);
+        }
+        self.degraded.clear();
+        self.served = true;
+        self.coord.0.ready.send_replace(Readiness::Ready);
+        self.coord.bump();
+    }
+
+    /// An installation failed: before the cluster ever served this ends it (the
+    /// error reaches `up`); afterwards the failed workers are evicted and the
+    /// next reconcile plans around them.
+    async fn fail(&mut self, msg: String, workers: &[WorkerId]) {
+        if !self.served {
+            self.failed = true;
+            self.coord.0.ready.send_replace(Readiness::Failed(msg));
+            return;
+        }
+        tracing::warn!("{msg}; evicting {workers:?}");
+        for w in workers {
+            let _ = self.coord.0.membership.evict(*w).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    /// A request saw a worker fail: evict every worker that no longer answers
+    /// at all (a hung one answers nothing either; its lease decides).
+    async fn probe_all(&mut self) {
+        let workers = self.coord.workers();
+        let probes = workers.iter().map(|w| {
+            let mut c = w.client.clone();
+            async move { (w.id, tokio::time::timeout(PROBE_TIMEOUT, c.stats(pb::StatsRequest {})).await) }
+        });
+        for (id, r) in futures::future::join_all(probes).await {
+            if let Ok(Err(s)) = r {
+                tracing::warn!("{id} does not answer ({}): evicting it", s.message());
+                if let Err(e) = self.coord.0.membership.evict(id).await {
+                    tracing::warn!("evicting {id}: {e}");
+                }
+            }
+        }
+    }
+}

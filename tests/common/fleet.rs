@@ -1,0 +1,217 @@
+//! A fleet under test the way one runs on many nodes: etcd, a `zeroshard
+//! coordinator` and `zeroshard worker` processes started separately, each of
+//! which can be killed, stopped (SIGSTOP) or restarted. Everything is killed on
+//! drop.
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::etcd::Etcd;
+use super::{bin, run_json};
+
+/// Lease TTL the fleets under test use, seconds.
+pub const LEASE_TTL_SECS: u64 = 2;
+/// Fetch timeout of their workers, milliseconds.
+pub const FETCH_TIMEOUT_MS: u64 = 1000;
+
+pub struct Fleet {
+    pub etcd: Etcd,
+    model: PathBuf,
+    cluster: String,
+    coordinator_args: Vec<String>,
+    worker_args: Vec<String>,
+    coordinator: Option<Child>,
+    pub endpoint: String,
+    /// Worker processes by index; None once killed.
+    workers: Vec<Option<Child>>,
+}
+
+fn kill(child: &mut Child) {
+    // SIGCONT first: a stopped process would not die of SIGKILL until resumed on some kernels.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Fleet {
+    /// etcd (`etcd`), `workers` workers, and a coordinator waiting for them,
+    /// returned once the coordinator prints its ready line.
+    pub fn start(
+        etcd: Etcd,
+        model: PathBuf,
+        workers: usize,
+        coordinator_args: &[&str],
+        worker_args: &[&str],
+    ) -> Self {
+        let cluster = format!("test-{}-{}", std::process::id(), super::etcd::free_port());
+        let mut f = Self {
+            etcd,
+            model,
+            cluster,
+            coordinator_args: coordinator_args.iter().map(|s| s.to_string()).collect(),
+            worker_args: worker_args.iter().map(|s| s.to_string()).collect(),
+            coordinator: None,
+            endpoint: String::new(),
+            workers: Vec::new(),
+        };
+        f.coordinator_args.extend(["--workers".into(), workers.to_string()]);
+        for _ in 0..workers {
+            f.add_worker();
+        }
+        f.start_coordinator();
+        f
+    }
+
+    fn etcd_args(&self) -> Vec<String> {
+        vec![
+            "--etcd".into(),
+            self.etcd.client_urls().join(","),
+            "--cluster".into(),
+            self.cluster.clone(),
+            "--lease-ttl-secs".into(),
+            LEASE_TTL_SECS.to_string(),
+        ]
+    }
+
+    /// Starts the coordinator and waits (≤ 120 s) for `ready grpc://…`.
+    pub fn start_coordinator(&mut self) {
+        let mut child = bin()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--model", self.model.to_str().expect("utf-8")])
+            .args(self.etcd_args())
+            .args(&self.coordinator_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn coordinator");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(ep) = line.strip_prefix("ready ") {
+                    let _ = tx.send(ep.trim().to_string());
+                }
+            }
+        });
+        self.coordinator = Some(child);
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(ep) => self.endpoint = ep,
+            Err(_) => panic!("coordinator: no ready line within 120 s"),
+        }
+    }
+
+    /// Starts one more worker; returns its index.
+    pub fn add_worker(&mut self) -> usize {
+        let child = bin()
+            .args(["worker", "--listen", "127.0.0.1:0"])
+            .args(["--fetch-timeout-ms", &FETCH_TIMEOUT_MS.to_string()])
+            .args(self.etcd_args())
+            .args(&self.worker_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn worker");
+        self.workers.push(Some(child));
+        self.workers.len() - 1
+    }
+
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers[i].as_ref().map(Child::id)
+    }
+
+    /// Live worker indices.
+    pub fn live_workers(&self) -> Vec<usize> {
+        (0..self.workers.len()).filter(|i| self.workers[*i].is_some()).collect()
+    }
+
+    /// SIGKILL to worker `i`.
+    pub fn kill_worker(&mut self, i: usize) {
+        if let Some(mut c) = self.workers[i].take() {
+            kill(&mut c);
+        }
+    }
+
+    /// SIGSTOP to worker `i` (a hung worker); it is killed on drop.
+    pub fn stop_worker(&mut self, i: usize) {
+        let pid = self.worker_pid(i).expect("live worker");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    }
+
+    /// SIGKILL to the coordinator.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            kill(&mut c);
+        }
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> Value {
+        run_json(&["status", "--endpoint", &self.endpoint, "--json"]).remove(0)
+    }
+
+    /// Polls `status` until `cond` holds (≤ `within`); returns that status.
+    pub fn wait_status(&self, within: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let s = self.status();
+            if cond(&s) {
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "status never showed {what}: {s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The index of a worker process whose address status lists with `active_sequences > 0`.
+    pub fn worker_index_by_port(&self, address: &str) -> Option<usize> {
+        let port = address.rsplit(':').next()?.to_string();
+        (0..self.workers.len()).find(|&i| {
+            let Some(pid) = self.worker_pid(i) else { return false };
+            listening_ports(pid).iter().any(|p| p.to_string() == port)
+        })
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.kill_coordinator();
+        for w in self.workers.iter_mut().flatten() {
+            kill(w);
+        }
+    }
+}
+
+/// TCP ports process `pid` listens on (from /proc: its socket inodes matched
+/// against /proc/net/tcp listening entries).
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy().to_string();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address rem_address st ... inode(9)
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                if let Some(port) = f[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports
+}

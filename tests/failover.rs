@@ -1,0 +1,345 @@
+//! Fleets that survive, through the real binary and real etcd: a worker
+//! killed (SIGKILL) or hung (SIGSTOP) mid-stream, replicated shards, a
+//! coordinator restart, etcd down and back, and a soak of random kills.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::fleet::{Fleet, FETCH_TIMEOUT_MS};
+use common::*;
+use serde_json::Value;
+use zeroshard_proto::v1 as pb;
+use zeroshard_proto::v1::inference_client::InferenceClient;
+
+/// Tokens of the long greedy stream the tests disturb.
+const LONG: u32 = 200;
+/// Worker step delay (test hook) that makes LONG tokens take ~LONG × 15 ms.
+const STEP_DELAY: &str = "15";
+const PROMPT: &str = "Once upon a time";
+
+fn stories() -> String {
+    model("stories260K").to_str().expect("utf-8").to_string()
+}
+
+/// What `generate` (one process, no cluster) produces for `prompt`.
+fn expected(prompt: &str, max_new: u32) -> Vec<u64> {
+    let out = run_json(&[
+        "generate",
+        "--model",
+        &stories(),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &max_new.to_string(),
+        "--ignore-eos",
+        "--json",
+    ]);
+    out[0]["token_ids"].as_array().expect("token_ids").iter().map(|v| v.as_u64().expect("id")).collect()
+}
+
+/// One streamed request: its tokens and the gaps between chunks.
+struct Streamed {
+    tokens: Vec<u64>,
+    gaps: Vec<Duration>,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+async fn client(endpoint: &str) -> InferenceClient<tonic::transport::Channel> {
+    let url = endpoint.replace("grpc://", "http://");
+    InferenceClient::connect(url).await.expect("connect to the coordinator")
+}
+
+fn request(prompt: &str, max_new: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text(prompt.into())),
+        sampling: Some(pb::SamplingParams {
+            max_new_tokens: Some(max_new),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        stop: vec![],
+    }
+}
+
+/// Streams `prompt`; calls `during` once the first tokens arrived.
+async fn stream(endpoint: &str, prompt: &str, max_new: u32, during: impl FnOnce()) -> Streamed {
+    let mut c = client(endpoint).await;
+    let mut s = c.generate_stream(request(prompt, max_new)).await.expect("stream starts").into_inner();
+    let mut out = Streamed { tokens: Vec::new(), gaps: Vec::new() };
+    let mut during = Some(during);
+    let mut last = Instant::now();
+    let mut finished = false;
+    while let Some(chunk) = s.message().await.expect("the stream never fails") {
+        out.gaps.push(last.elapsed());
+        last = Instant::now();
+        out.tokens.extend(chunk.token_ids.iter().map(|&t| u64::from(t)));
+        if out.tokens.len() >= 20 {
+            if let Some(f) = during.take() {
+                f();
+            }
+        }
+        finished |= chunk.finish_reason != 0;
+    }
+    assert!(finished, "the stream ended without a finish reason");
+    out
+}
+
+fn ids(workers: &Value) -> Vec<u64> {
+    workers.as_array().expect("workers").iter().map(|w| w["id"].as_u64().expect("id")).collect()
+}
+
+/// The worker process running the stream (the one status shows busy).
+fn busy_worker(fleet: &Fleet) -> usize {
+    let s = fleet.wait_status(Duration::from_secs(10), "a busy worker", |s| {
+        s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["active_sequences"].as_u64() > Some(0)))
+    });
+    let w = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["active_sequences"].as_u64() > Some(0))
+        .expect("busy")
+        .clone();
+    fleet.worker_index_by_port(w["address"].as_str().expect("address")).expect("its process")
+}
+
+/// Kills (or hangs) the worker running a long greedy stream: the stream
+/// completes with exactly the undisturbed tokens, and the survivors own
+/// everything under the next epoch.
+fn lose_a_worker_mid_stream(hang: bool) {
+    let want = expected(PROMPT, LONG);
+    let fleet =
+        Fleet::start(Etcd::start(), model("stories260K"), 3, &[], &["--fault-step-delay-ms", STEP_DELAY]);
+    let fleet = std::sync::Mutex::new(fleet);
+    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
+    let victim = std::sync::Mutex::new(None);
+    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
+        let mut f = fleet.lock().expect("fleet");
+        let i = busy_worker(&f);
+        if hang {
+            f.stop_worker(i);
+        } else {
+            f.kill_worker(i);
+        }
+        *victim.lock().expect("victim") = Some(i);
+    }));
+    assert_eq!(got.tokens, want, "the disturbed stream differs from an undisturbed run");
+    let fleet = fleet.into_inner().expect("fleet");
+    let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on 2 workers", |s| {
+        s["epoch"] == 2 && s["ready"] == true && s["workers"].as_array().map(Vec::len) == Some(2)
+    });
+    let total: u64 = {
+        let ws = s["workers"].as_array().expect("workers");
+        assert!(ws.iter().all(|w| w["ready"] == true), "{s}");
+        ws.iter().map(|w| w["owned_partitioned_bytes"].as_u64().expect("owned")).sum()
+    };
+    // Each survivor owns half of the partitioned bytes (± one element per tensor).
+    for w in s["workers"].as_array().expect("workers") {
+        let owned = w["owned_partitioned_bytes"].as_u64().expect("owned") as i64;
+        assert!((owned - total as i64 / 2).abs() < 64, "uneven split after re-plan: {s}");
+    }
+    assert!(s["workers_lost_total"].as_u64() >= Some(1), "{s}");
+    // And the cluster still answers exactly.
+    let again = runtime().block_on(stream(&fleet.endpoint, PROMPT, 40, || {}));
+    assert_eq!(again.tokens, want[..40]);
+}
+
+#[test]
+fn a_worker_killed_mid_stream_changes_nothing_the_client_sees() {
+    lose_a_worker_mid_stream(false);
+}
+
+#[test]
+fn a_hung_worker_is_dropped_at_lease_expiry() {
+    lose_a_worker_mid_stream(true);
+}
+
+#[test]
+fn with_two_replicas_a_lost_worker_causes_no_reload() {
+    let want = expected(PROMPT, LONG);
+    let fleet = Fleet::start(
+        Etcd::start(),
+        model("stories260K"),
+        3,
+        &["--replicas", "2", "--persistence-threshold-bytes", "256"],
+        &["--fault-step-delay-ms", STEP_DELAY],
+    );
+    let before = fleet.status();
+    assert_eq!(before["replicas"], 2, "{before}");
+    let fleet = std::sync::Mutex::new(fleet);
+    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
+    // Kill the first holder of a range the stream's worker needs: with R = 2
+    // over ranks 0..3, rank r holds ranges r and r - 1, and range r + 1 is held
+    // first by rank r + 1. The stream's worker fails over to its replica.
+    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
+        let mut f = fleet.lock().expect("fleet");
+        let busy = busy_worker(&f);
+        let s = f.status();
+        let ws = s["workers"].as_array().expect("workers");
+        let rank = ws
+            .iter()
+            .position(|w| f.worker_index_by_port(w["address"].as_str().expect("address")) == Some(busy))
+            .expect("busy worker in status");
+        let next = &ws[(rank + 1) % ws.len()];
+        let victim = f.worker_index_by_port(next["address"].as_str().expect("address")).expect("its process");
+        f.kill_worker(victim);
+    }));
+    assert_eq!(got.tokens, want);
+    let fleet = fleet.into_inner().expect("fleet");
+    let s = fleet.wait_status(Duration::from_secs(20), "2 live workers", |s| {
+        s["workers"].as_array().map(Vec::len) == Some(2)
+    });
+    assert_eq!(s["epoch"], before["epoch"], "no new epoch: {s}");
+    for w in s["workers"].as_array().expect("workers") {
+        assert_eq!(w["loads_total"], 1, "a survivor reloaded: {s}");
+    }
+    assert!(
+        s["workers"].as_array().expect("workers").iter().any(|w| w["failovers_total"].as_u64() > Some(0)),
+        "no gather failed over: {s}"
+    );
+    let mut gaps = got.gaps[1..].to_vec();
+    gaps.sort();
+    let (median, worst) = (gaps[gaps.len() / 2], *gaps.last().expect("gaps"));
+    let bound = median + Duration::from_millis(FETCH_TIMEOUT_MS);
+    eprintln!("replicas 2: median chunk gap {median:?}, longest {worst:?}, bound {bound:?}");
+    assert!(worst < bound, "stall {worst:?} above one step ({median:?}) + the fetch timeout");
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_the_cluster_without_reloading() {
+    let want = expected(PROMPT, 40);
+    let mut fleet = Fleet::start(Etcd::start(), model("stories260K"), 3, &[], &[]);
+    let before = fleet.status();
+    fleet.kill_coordinator();
+    fleet.start_coordinator();
+    let after = fleet.status();
+    assert_eq!(after["epoch"], before["epoch"], "{after}");
+    assert_eq!(ids(&after["workers"]), ids(&before["workers"]), "{after}");
+    for w in after["workers"].as_array().expect("workers") {
+        assert_eq!(w["loads_total"], 1, "a worker reloaded: {after}");
+    }
+    let got = runtime().block_on(stream(&fleet.endpoint, PROMPT, 40, || {}));
+    assert_eq!(got.tokens, want);
+}
+
+#[test]
+fn etcd_unreachable_at_start_is_a_clear_error() {
+    let dead = format!("http://127.0.0.1:{}", common::etcd::free_port());
+    for role in [&["coordinator", "--model", &stories(), "--workers", "1"][..], &["worker"][..]] {
+        let mut args: Vec<&str> = role.to_vec();
+        args.extend(["--etcd", &dead, "--listen", "127.0.0.1:0"]);
+        let start = Instant::now();
+        let err = run_err(&args);
+        assert!(err.contains("--etcd") && err.contains(&dead), "{role:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(start.elapsed() < Duration::from_secs(30));
+    }
+}
+
+#[test]
+fn etcd_restarted_while_serving() {
+    let want = expected(PROMPT, 40);
+    let mut fleet = Fleet::start(Etcd::start(), model("stories260K"), 2, &[], &[]);
+    let before = fleet.status();
+    fleet.etcd.stop(0);
+    // Serving does not need etcd.
+    let during = runtime().block_on(stream(&fleet.endpoint, PROMPT, 40, || {}));
+    assert_eq!(during.tokens, want);
+    std::thread::sleep(Duration::from_secs(3));
+    fleet.etcd.restart(0);
+    // Workers re-register; the cluster keeps its epoch and answers.
+    let after = fleet.wait_status(Duration::from_secs(30), "both workers ready", |s| {
+        s["ready"] == true
+            && s["workers"].as_array().is_some_and(|w| w.len() == 2 && w.iter().all(|w| w["ready"] == true))
+    });
+    assert_eq!(ids(&after["workers"]), ids(&before["workers"]), "{after}");
+    let got = runtime().block_on(stream(&fleet.endpoint, PROMPT, 40, || {}));
+    assert_eq!(got.tokens, want);
+}
+
+/// 16 clients for about a minute while workers are killed and started again at
+/// random, over a three-member etcd with one member stopped half-way: every
+/// request completes with the right tokens, and as many complete as were sent.
+#[test]
+fn soak_random_kills_and_restarts() {
+    const CLIENTS: usize = 16;
+    const SOAK: Duration = Duration::from_secs(60);
+    let prompts = ["Once upon a time", "The cat", "Lily and Tom", "One day"];
+    let wants: Vec<Vec<u64>> = prompts.iter().map(|p| expected(p, 24)).collect();
+    let fleet =
+        Fleet::start(Etcd::start_cluster(3), model("stories260K"), 3, &[], &["--fault-step-delay-ms", "2"]);
+    let endpoint = fleet.endpoint.clone();
+    let fleet = std::sync::Arc::new(std::sync::Mutex::new(fleet));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let chaos = {
+        let (fleet, stop) = (fleet.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            let start = Instant::now();
+            let mut etcd_stopped = false;
+            let mut kills = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(2500));
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let mut f = fleet.lock().expect("fleet");
+                let live = f.live_workers();
+                if live.len() > 1 {
+                    f.kill_worker(live[(rng % live.len() as u64) as usize]);
+                    kills += 1;
+                }
+                if live.len() < 4 {
+                    f.add_worker();
+                }
+                if !etcd_stopped && start.elapsed() > SOAK / 2 {
+                    f.etcd.stop(1);
+                    etcd_stopped = true;
+                }
+            }
+            kills
+        })
+    };
+    let rt = runtime();
+    let (sent, done) = rt.block_on(async {
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (endpoint, sent, wants) = (endpoint.clone(), sent.clone(), wants.clone());
+                tokio::spawn(async move {
+                    let mut done = 0usize;
+                    let start = Instant::now();
+                    let mut client = client(&endpoint).await;
+                    let mut i = c;
+                    while start.elapsed() < SOAK {
+                        let k = i % prompts.len();
+                        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let r =
+                            client.generate(request(prompts[k], 24)).await.expect("every request completes");
+                        let got: Vec<u64> = r.into_inner().token_ids.iter().map(|&t| u64::from(t)).collect();
+                        assert_eq!(got, wants[k], "client {c}, prompt {k}");
+                        done += 1;
+                        i += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut done = 0;
+        for t in tasks {
+            done += t.await.expect("client task");
+        }
+        (sent.load(std::sync::atomic::Ordering::Relaxed), done)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = chaos.join().expect("chaos thread");
+    let s = fleet.lock().expect("fleet").status();
+    eprintln!("soak: {sent} requests sent, {done} completed, {kills} workers killed; status {s}");
+    assert_eq!(sent, done);
+    assert!(kills >= 5, "the soak killed only {kills} workers");
+    assert!(done > CLIENTS, "too few requests to mean anything: {done}");
+}
