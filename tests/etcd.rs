@@ -169,7 +169,7 @@ fn sample_plan(epoch: u64) -> StoredPlan {
     StoredPlan {
         plan: plan(&meta, &workers, &options).expect("plan"),
         peers: vec![(WorkerId(3), "http://10.0.0.3:1".into()), (WorkerId(5), "http://10.0.0.5:1".into())],
-        pull: epoch % 2 == 0,
+        pull: epoch.is_multiple_of(2),
     }
 }
 
@@ -241,13 +241,19 @@ async fn a_three_member_cluster_keeps_working_with_one_member_stopped() {
     let id1 = registrar(&urls).await.register(announce(5001)).await.expect("register");
     assert_eq!(next_event(&mut events, Duration::from_secs(5)).await, MemberEvent::Joined(member(id1, 5001)));
 
-    etcd.stop(0);
-    let id2 = registrar(&urls).await.register(announce(5002)).await.expect("register with a member down");
-    let mut state = BTreeMap::from([(WorkerId(id1), member(id1, 5001))]);
-    drain(&mut state, &mut events, 3 * TTL).await;
-    let both = BTreeMap::from([(WorkerId(id1), member(id1, 5001)), (WorkerId(id2), member(id2, 5002))]);
-    assert_eq!(state, both, "the watch's view");
-    assert_eq!(m.watch().await.expect("watch").members, vec![member(id1, 5001), member(id2, 5002)]);
-    m.store_plan(&sample_plan(1)).await.expect("store with a member down");
-    etcd.restart(0);
+    // Each member in turn, so that one of them held the watch and keep-alive streams.
+    let mut expected = BTreeMap::from([(WorkerId(id1), member(id1, 5001))]);
+    let mut state = expected.clone();
+    for stopped in 0..3 {
+        etcd.stop(stopped);
+        let port = 5002 + stopped as u16;
+        let id = registrar(&urls).await.register(announce(port)).await.expect("register with a member down");
+        expected.insert(WorkerId(id), member(id, port));
+        drain(&mut state, &mut events, TTL + Duration::from_secs(1)).await;
+        assert_eq!(state, expected, "member {stopped} stopped: the watch's view");
+        m.store_plan(&sample_plan(stopped as u64 + 1)).await.expect("store with a member down");
+        etcd.restart(stopped);
+    }
+    assert_eq!(m.watch().await.expect("watch").members, expected.into_values().collect::<Vec<_>>());
+    assert_eq!(m.load_plan().await.expect("load"), Some(sample_plan(3)));
 }

@@ -121,45 +121,50 @@ impl EtcdRegistrar {
 
     /// Keeps `id` registered with `lease` for as long as the process runs.
     async fn stay_registered(self: Arc<Self>, id: WorkerId, record: Vec<u8>, mut lease: i64) {
-        let mut keeper = self.open_keeper(lease).await.ok().flatten();
+        let mut keeper = match self.open_keeper(lease).await {
+            Ok(Some(k)) => k,
+            Ok(None) => self.recover(id, &record, &mut lease, "the lease expired at once").await,
+            Err(e) => self.recover(id, &record, &mut lease, &e).await,
+        };
         loop {
-            if let Some(k) = keeper.as_mut() {
-                let why = self.keep_alive(id, k).await;
-                tracing::warn!(
-                    "{id}: keeping the etcd lease alive failed ({why}); renewing it again with {}",
-                    self.store.describe()
-                );
-            }
-            // Until etcd answers: resume the old lease if it still lives, else
-            // a new lease and the same key.
-            let mut backoff = Duration::from_millis(100);
-            keeper = loop {
-                let attempt = match self.open_keeper(lease).await {
-                    Ok(Some(k)) => Ok((k, "resumed its lease")),
-                    Ok(None) => match self.put_member(id, &record).await {
-                        Ok(new) => {
-                            lease = new;
-                            self.open_keeper(lease)
-                                .await
-                                .and_then(|k| k.ok_or_else(|| "the new lease vanished".to_string()))
-                                .map(|k| (k, "registered again"))
-                        }
-                        Err(e) => Err(e.to_string()),
-                    },
-                    Err(e) => Err(e),
-                };
-                match attempt {
-                    Ok((k, what)) => {
-                        tracing::warn!("{id}: {what} with {}", self.store.describe());
-                        break Some(k);
+            let why = self.keep_alive(id, &mut keeper).await;
+            keeper = self.recover(id, &record, &mut lease, &why).await;
+        }
+    }
+
+    /// After renewing failed for `why`, tries until etcd answers: the old
+    /// `lease` if etcd still knows it, else a new one (stored in `lease`) and
+    /// the same key again.
+    async fn recover(&self, id: WorkerId, record: &[u8], lease: &mut i64, why: &str) -> Keeper {
+        let store = self.store.describe();
+        tracing::warn!("{id}: keeping the etcd lease alive failed ({why}); renewing it with {store}");
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = match self.open_keeper(*lease).await {
+                Ok(Some(k)) => Ok((k, "resumed its lease")),
+                Ok(None) => match self.put_member(id, record).await {
+                    Ok(new) => {
+                        *lease = new;
+                        self.open_keeper(new)
+                            .await
+                            .and_then(|k| k.ok_or_else(|| "the new lease vanished".to_string()))
+                            .map(|k| (k, "registered again"))
                     }
-                    Err(e) => {
-                        tracing::debug!("{id}: registering again: {e}");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(self.ttl / 3);
-                    }
-                }
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e),
             };
+            match attempt {
+                Ok((keeper, what)) => {
+                    tracing::warn!("{id}: {what} with {store}");
+                    return keeper;
+                }
+                Err(e) => {
+                    tracing::debug!("{id}: renewing: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.ttl / 3);
+                }
+            }
         }
     }
 }
