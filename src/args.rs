@@ -230,6 +230,25 @@ pub struct GenerateArgs {
     /// (an array of arrays when several prompts are given).
     #[arg(long, value_name = "FILE")]
     pub logits_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+}
+
+/// Placement on a GPU (`--device cuda`), like Accelerate's `max_memory`.
+#[derive(Args, Debug, Clone)]
+pub struct GpuArgs {
+    /// Device memory to use in all, in bytes: resident layers, KV cache and
+    /// staging are sized from it; refused, with the numbers, when not even one
+    /// layer fits (default: 90% of the free device memory).
+    #[arg(long, env = "ZEROSHARD_GPU_MEMORY")]
+    pub gpu_memory: Option<u64>,
+    /// Device bytes of layers kept resident (default: all that --gpu-memory
+    /// holds; 0: stream every layer from pinned host memory each step).
+    #[arg(long)]
+    pub max_live_bytes: Option<u64>,
+    /// Layers copied to the device ahead of the one computing.
+    #[arg(long, default_value_t = 2)]
+    pub prefetch_layers: usize,
 }
 
 #[derive(Args, Debug)]
@@ -265,6 +284,13 @@ pub struct BenchArgs {
     /// Cluster: tensors below this many bytes are replicated on every worker.
     #[arg(long, default_value_t = 65536)]
     pub persistence_threshold_bytes: u64,
+    /// GPU: device memory to use in all, in bytes (see `generate --gpu-memory`).
+    /// On a GPU, --max-live-bytes bounds resident layers (default there: all that fit).
+    #[arg(long, env = "ZEROSHARD_GPU_MEMORY")]
+    pub gpu_memory: Option<u64>,
+    /// Also print the figures as one JSON object (last line).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `1,2,3` → ids, naming the bad entry.

@@ -56,11 +56,17 @@ fn cluster_config(c: &ClusterArgs, workers: usize) -> Result<ClusterConfig> {
     })
 }
 
+/// Cluster workers compute on the CPU: `auto` means the CPU here, and `cuda`
+/// is refused in one line (saying why CUDA is missing, when it is).
 fn check_device(d: Device) -> Result<()> {
     match d {
         Device::Auto | Device::Cpu => Ok(()),
         Device::Cuda(n) => {
-            bail!("--device cuda:{n}: this build has no CUDA backend yet; use --device cpu or auto")
+            d.resolve()?;
+            bail!(
+                "--device cuda:{n}: cluster workers compute on the CPU for now (generate and bench run on \
+                 CUDA); use --device cpu or auto"
+            )
         }
     }
 }

@@ -6,16 +6,26 @@ mod cluster;
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use zeroshard_coordinator::bench;
-use zeroshard_coordinator::local::{GenerateRequest, LocalModel, Prompt};
+use zeroshard_coordinator::local::{
+    self, AnyEngine, GenerateRequest, GpuOptions, LocalModel, Prompt, Workload,
+};
+use zeroshard_worker::engine::Engine;
 use zeroshard_worker::engine::GenerationParams;
 use zeroshard_worker::sampling::SamplingParams;
+use zeroshard_worker::Backend;
 
 use args::{BenchArgs, Cli, Command, GenerateArgs};
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `bench --max-live-bytes` given: it bounds resident layers on a GPU too.
+    let bench_max_live = matches
+        .subcommand_matches("bench")
+        .is_some_and(|m| m.value_source("max_live_bytes") == Some(ValueSource::CommandLine));
     // Long-running roles log their progress; one-shot commands only warnings.
     let default_level = match cli.command {
         Command::Up(_) | Command::Coordinator(_) | Command::Worker(_) => "info",
@@ -29,7 +39,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Generate(a) => generate(a),
-        Command::Bench(a) => run_bench(a),
+        Command::Bench(a) => run_bench(a, bench_max_live),
         Command::Up(a) => cluster::up(a),
         Command::Coordinator(a) => cluster::coordinator(a),
         Command::Worker(a) => cluster::worker(a),
@@ -64,7 +74,23 @@ fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         a.prompt.prompt_ids.iter().map(|ids| args::parse_ids(ids).map(Prompt::Ids)).collect::<Result<_>>()?
     };
-    let model = LocalModel::load(&a.model, a.device)?;
+    // Size the KV cache for every prompt at its longest (text: bytes bound tokens, + BOS).
+    let max_new = a.sampling.max_new_tokens;
+    let prompt_len = |p: &Prompt| match p {
+        Prompt::Text(t) => t.len() + 2,
+        Prompt::Ids(ids) => ids.len(),
+    };
+    let work = Workload {
+        seqs: prompts.len(),
+        tokens_per_seq: prompts.iter().map(prompt_len).max().unwrap_or(1) + max_new,
+        max_rows: prompts.iter().map(prompt_len).sum::<usize>().max(1),
+    };
+    let gpu = GpuOptions {
+        gpu_memory: a.gpu.gpu_memory,
+        max_live_bytes: a.gpu.max_live_bytes,
+        prefetch_layers: a.gpu.prefetch_layers,
+    };
+    let model = LocalModel::load(&a.model, a.device, &gpu, work)?;
     let reqs: Vec<GenerateRequest> = prompts
         .into_iter()
         .map(|prompt| GenerateRequest {
@@ -102,39 +128,69 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_bench(a: BenchArgs) -> Result<()> {
+fn run_bench(a: BenchArgs, max_live_given: bool) -> Result<()> {
     if a.workers > 0 {
         return cluster::bench(a);
     }
-    let engine = match (&a.model, &a.synthetic) {
-        (Some(dir), None) => {
-            let m = LocalModel::load(dir, a.device)?;
-            (m.into_engine(), dir.display().to_string())
-        }
-        (None, Some(spec)) => (bench::synthetic_engine(spec)?, spec.clone()),
+    let batches = args::parse_list(&a.batch).context("--batch")?;
+    let max_batch = batches.iter().copied().max().unwrap_or(1);
+    let work = Workload {
+        seqs: max_batch,
+        tokens_per_seq: a.prompt_len + a.new_tokens + 1,
+        max_rows: max_batch * a.prompt_len.max(1),
+    };
+    let gpu = GpuOptions {
+        gpu_memory: a.gpu_memory,
+        max_live_bytes: max_live_given.then_some(a.max_live_bytes),
+        prefetch_layers: a.prefetch_layers,
+    };
+    let ((config, weights), label) = match (&a.model, &a.synthetic) {
+        (Some(dir), None) => (local::load_weights(dir)?, dir.display().to_string()),
+        (None, Some(spec)) => (bench::synthetic_model(spec)?, spec.clone()),
         _ => bail!("give exactly one of --model or --synthetic"),
     };
-    let (engine, label) = engine;
-    let batches = args::parse_list(&a.batch).context("--batch")?;
-    let bw = bench::measure_bandwidth();
-    let weight_bytes = engine.weights().bytes();
+    let placed = local::place(config, weights, a.device, &gpu, work)?;
+    let engine = &placed.engine;
+    let weight_bytes = engine.weight_bytes();
     println!("model: {label}");
     println!(
         "weights: {:.1} MB f16 · backend: {} · prompt {} tokens, {} decode steps",
         weight_bytes as f64 / 1e6,
-        zeroshard_worker::Backend::name(engine.backend()),
+        engine.backend_name(),
         a.prompt_len,
         a.new_tokens
     );
-    println!(
-        "memory bandwidth: memcpy {:.1} GB/s (1 thread) · read {:.1} GB/s (all threads; the bound below)",
-        bw.memcpy_gbs, bw.read_gbs
-    );
+    let (bw, streamed) = match engine {
+        AnyEngine::Cpu(_) => {
+            let bw = bench::measure_bandwidth();
+            println!(
+                "memory bandwidth: memcpy {:.1} GB/s (1 thread) · read {:.1} GB/s (all threads; the bound below)",
+                bw.memcpy_gbs, bw.read_gbs
+            );
+            (bw, bench::Streamed::default())
+        }
+        AnyEngine::Cuda(e) => {
+            let (dtod, htod) = e.backend().copy_bandwidth()?;
+            let (dtod, htod) = (dtod / 1e9, htod / 1e9);
+            if let Some(s) = &placed.gpu_summary {
+                println!("placement: {s}");
+            }
+            println!(
+                "device copy bandwidth {dtod:.0} GB/s (read + write; the bound below) · pinned host→device {htod:.1} GB/s"
+            );
+            let bw = bench::Bandwidth { memcpy_gbs: dtod, read_gbs: dtod };
+            (bw, bench::Streamed { bytes_per_step: placed.streamed_bytes_per_step, h2d_gbs: htod })
+        }
+    };
+    let rows = match engine {
+        AnyEngine::Cpu(e) => bench_rows(e, &batches, &a, bw, streamed)?,
+        AnyEngine::Cuda(e) => bench_rows(e, &batches, &a, bw, streamed)?,
+    };
     println!(
         "{:>5} {:>14} {:>13} {:>14} {:>14} {:>14}",
         "batch", "prefill tok/s", "decode tok/s", "step ms", "MB read/step", "of bw bound"
     );
-    for r in bench::run(&engine, &batches, a.prompt_len, a.new_tokens, bw)? {
+    for r in &rows {
         println!(
             "{:>5} {:>14.0} {:>13.1} {:>14.3} {:>14.2} {:>14.2}",
             r.batch,
@@ -145,5 +201,40 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             r.bound_ratio
         );
     }
+    if streamed.bytes_per_step > 0 {
+        let bound = rows.first().map_or(0.0, |r| r.streamed_bound_ms);
+        println!(
+            "streamed: {:.1} MB host→device per step; pinned-copy bound {bound:.3} ms per step; \
+             step time over it: {}",
+            streamed.bytes_per_step as f64 / 1e6,
+            rows.iter()
+                .map(|r| format!("batch {} {:.2}", r.batch, r.decode_step_ms / bound))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if a.json {
+        let summary = serde_json::json!({
+            "model": label,
+            "backend": engine.backend_name(),
+            "weight_bytes": weight_bytes,
+            "bound_gbs": bw.read_gbs,
+            "pinned_h2d_gbs": streamed.h2d_gbs,
+            "streamed_bytes_per_step": streamed.bytes_per_step,
+            "placement": placed.gpu_summary,
+            "rows": rows,
+        });
+        println!("{summary}");
+    }
     Ok(())
+}
+
+fn bench_rows<B: Backend>(
+    e: &Engine<B>,
+    batches: &[usize],
+    a: &BenchArgs,
+    bw: bench::Bandwidth,
+    streamed: bench::Streamed,
+) -> Result<Vec<bench::BenchRow>> {
+    Ok(bench::run(e, batches, a.prompt_len, a.new_tokens, bw, streamed)?)
 }

@@ -1,13 +1,16 @@
 //! `zeroshard bench`: prefill and decode throughput of the engine per batch size,
-//! against this machine's memory-bandwidth bound.
+//! against this machine's memory-bandwidth bound (on a GPU: the device copy
+//! bandwidth when weights are resident, the pinned host → device bandwidth for
+//! the layers streamed each step).
 use std::time::Instant;
 
+use serde::Serialize;
 use zeroshard_offload::{Architecture, ModelConfig, RopeConfig, RopeScaling};
-use zeroshard_worker::cpu::CpuBackend;
 use zeroshard_worker::engine::{Engine, GenerationParams, Sequence};
 use zeroshard_worker::model::tensor_specs;
 use zeroshard_worker::sampling::SamplingParams;
 use zeroshard_worker::weights::HostWeights;
+use zeroshard_worker::Backend;
 
 use crate::error::{CoordinatorError, Result};
 
@@ -113,7 +116,7 @@ pub fn measure_bandwidth() -> Bandwidth {
 }
 
 /// One row of the bench table.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct BenchRow {
     pub batch: usize,
     pub prefill_tokens_per_s: f64,
@@ -122,16 +125,21 @@ pub struct BenchRow {
     pub bytes_per_step: usize,
     /// Decode tokens/s over the bandwidth bound (`batch · read_gbs / bytes_per_step`).
     pub bound_ratio: f64,
+    /// Host → device bytes per decode step (layers streamed to a GPU), and the
+    /// step time they bound: `streamed_bytes_per_step / pinned host → device bandwidth`.
+    pub streamed_bytes_per_step: u64,
+    pub streamed_bound_ms: f64,
 }
 
 /// Runs prefill (`prompt_len` tokens per sequence, batched) and `new_tokens`
 /// decode steps for each batch size.
-pub fn run(
-    engine: &Engine<CpuBackend>,
+pub fn run<B: Backend>(
+    engine: &Engine<B>,
     batches: &[usize],
     prompt_len: usize,
     new_tokens: usize,
     bw: Bandwidth,
+    streamed: Streamed,
 ) -> Result<Vec<BenchRow>> {
     let c = engine.config();
     let params = GenerationParams {
@@ -141,7 +149,7 @@ pub fn run(
     };
     let mut rows = Vec::new();
     for &batch in batches {
-        let mut seqs: Vec<Sequence<CpuBackend>> = (0..batch)
+        let mut seqs: Vec<Sequence<B>> = (0..batch)
             .map(|b| {
                 let prompt = (0..prompt_len)
                     .map(|i| ((b * 7919 + i * 104_729 + 3) % (c.vocab_size - 3) + 3) as u32)
@@ -149,7 +157,7 @@ pub fn run(
                 engine.new_sequence(prompt, params.clone())
             })
             .collect::<std::result::Result<_, _>>()?;
-        let mut all: Vec<&mut Sequence<CpuBackend>> = seqs.iter_mut().collect();
+        let mut all: Vec<&mut Sequence<B>> = seqs.iter_mut().collect();
         let t = Instant::now();
         engine.step(&mut all)?;
         let prefill_s = t.elapsed().as_secs_f64();
@@ -168,16 +176,30 @@ pub fn run(
             decode_step_ms: decode_s * 1e3 / new_tokens as f64,
             bytes_per_step: bytes,
             bound_ratio: decode_tps / bound,
+            streamed_bytes_per_step: streamed.bytes_per_step,
+            streamed_bound_ms: if streamed.h2d_gbs > 0.0 {
+                streamed.bytes_per_step as f64 / (streamed.h2d_gbs * 1e9) * 1e3
+            } else {
+                0.0
+            },
         });
     }
     Ok(rows)
 }
 
-/// A random-weight engine for a synthetic spec.
-pub fn synthetic_engine(spec: &str) -> Result<Engine<CpuBackend>> {
+/// Weights copied host → device each decode step, and the bandwidth they move at.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Streamed {
+    pub bytes_per_step: u64,
+    /// Pinned host → device, GB/s (0: nothing measured).
+    pub h2d_gbs: f64,
+}
+
+/// A random-weight model for a synthetic spec.
+pub fn synthetic_model(spec: &str) -> Result<(ModelConfig, HostWeights)> {
     let config = synthetic_config(spec)?;
     let weights = HostWeights::random(&config, 1);
-    Ok(Engine::new(CpuBackend, config, weights))
+    Ok((config, weights))
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //!
 //! - [`backend`]: the op trait and the batch layout.
 //! - [`cpu`]: the CPU backend (the reference).
+//! - [`cuda`]: the CUDA backend (cudarc, loaded at run time; [`cuda::probe`] first).
+//! - [`placement`]: sizing device memory and placing a model on a GPU.
 //! - [`model`]: the Llama family, computing a layer from borrowed weights.
 //! - [`weights`]: a host store of f16 tensors (whole model, or gathered layers).
 //! - [`engine`]: sequences, the batched step, sampling and stop conditions.
@@ -15,6 +17,7 @@ pub mod engine;
 mod error;
 pub mod model;
 pub mod node;
+pub mod placement;
 pub mod sampling;
 pub mod shards;
 pub mod source;

@@ -66,6 +66,13 @@ pub fn probe() -> CudaProbe {
     }
 }
 
+/// `(free, total)` bytes of device `ordinal` (the caller has probed).
+pub fn device_memory(ordinal: usize) -> Result<(usize, usize)> {
+    let ctx = cudarc::driver::CudaContext::new(ordinal)
+        .map_err(|e| WorkerError::Backend(format!("opening cuda:{ordinal}: {e:?}")))?;
+    ctx.mem_get_info().map_err(|e| WorkerError::Backend(format!("cuMemGetInfo on cuda:{ordinal}: {e:?}")))
+}
+
 /// How the backend places weights.
 #[derive(Clone, Debug)]
 pub struct CudaOptions {

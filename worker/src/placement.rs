@@ -1,0 +1,194 @@
+//! Putting a single-node model on a GPU: what it needs on the device
+//! ([`gpu_demand`], pure), how `--gpu-memory` / `--max-live-bytes` split that
+//! ([`zeroshard_offload::gpu_budget`]), and the backend that follows
+//! ([`place_on_gpu`]): resident layers, the staging ring for the rest, and the
+//! host weights moved to pinned memory when some layers are streamed.
+//!
+//! ```ignore
+//! let opts = GpuPlacement { gpu_memory: None, max_live_bytes: None, prefetch_layers: 2, kv_tokens: 4096, max_rows: 512, max_seqs: 8 };
+//! let placed = place_on_gpu(0, &config, &mut weights, &opts)?;
+//! println!("{}", placed.summary);  // "22/22 layers resident (2101.9 MiB), ..."
+//! let engine = Engine::new(placed.backend, config, weights);
+//! ```
+use zeroshard_offload::gpu_budget::{size_gpu_memory, GpuBudget, GpuDemand};
+use zeroshard_offload::{HostAlloc, ModelConfig};
+
+use crate::cuda::{self, CudaBackend, CudaOptions};
+use crate::error::{Result, WorkerError};
+use crate::model::tensor_specs;
+use crate::weights::HostWeights;
+
+/// The device memory a run may use, and what it will hold.
+#[derive(Clone, Debug)]
+pub struct GpuPlacement {
+    /// Device bytes to use in all (default: 90% of what is free).
+    pub gpu_memory: Option<u64>,
+    /// Device bytes of resident layers at most (default: what `gpu_memory` leaves).
+    pub max_live_bytes: Option<u64>,
+    /// Layers copied ahead of the one computing.
+    pub prefetch_layers: usize,
+    /// Tokens the KV cache must hold, over all sequences.
+    pub kv_tokens: usize,
+    /// Rows of the largest step (a batch's prefill).
+    pub max_rows: usize,
+    /// Sequences decoded together.
+    pub max_seqs: usize,
+}
+
+/// A backend placed for a model, and how.
+pub struct Placed {
+    pub backend: CudaBackend,
+    pub budget: GpuBudget,
+    /// Layers resident on the device (the first ones).
+    pub resident_layers: usize,
+    /// Bytes copied host → device per step (the streamed layers).
+    pub streamed_bytes_per_step: u64,
+    /// One line: layers resident and streamed, ring, memory.
+    pub summary: String,
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// What `config` needs on the device for `p` (activation workspace estimated
+/// from the largest step: ~12 f16 values per hidden unit and row, the logits,
+/// and 64 MiB for cuBLAS and the pool's rounding).
+pub fn gpu_demand(config: &ModelConfig, p: &GpuPlacement) -> GpuDemand {
+    let outer: usize = tensor_specs(config).iter().filter(|s| s.layer.is_none()).map(|s| s.numel()).sum();
+    let kv = p.kv_tokens as u64 * config.num_layers as u64 * 2 * config.kv_dim() as u64 * 2;
+    let per_row =
+        4 * config.hidden_size + 3 * config.intermediate_size + config.q_dim() + 2 * config.kv_dim();
+    let workspace = (p.max_rows * per_row * 2 * 2 + p.max_seqs * config.vocab_size * 2) as u64 + (64 << 20);
+    GpuDemand {
+        layer_bytes: cuda::layer_bytes(config),
+        outer_bytes: (outer * 2) as u64 + 256 * 8,
+        kv_bytes: kv,
+        workspace_bytes: workspace,
+        prefetch_layers: p.prefetch_layers,
+    }
+}
+
+/// Sizes device memory for `config` on device `ordinal`, opens the backend, and
+/// moves `weights` to pinned host memory when some layers will be streamed.
+/// Refuses with the numbers when not even one layer fits.
+pub fn place_on_gpu(
+    ordinal: usize,
+    config: &ModelConfig,
+    weights: &mut HostWeights,
+    p: &GpuPlacement,
+) -> Result<Placed> {
+    let demand = gpu_demand(config, p);
+    let gpu_memory = match p.gpu_memory {
+        Some(b) => b,
+        None => (cuda::device_memory(ordinal)?.0 as f64 * 0.9) as u64,
+    };
+    let mut budget = size_gpu_memory(&demand, gpu_memory)?;
+    if let Some(cap) = p.max_live_bytes {
+        // Fewer resident layers than memory allows: the leading ones within the cap.
+        let mut bytes = 0;
+        let keep = demand.layer_bytes.iter().take_while(|b| {
+            bytes += **b;
+            bytes <= cap
+        });
+        let n = keep.count().min(budget.resident_layers);
+        if n < demand.layer_bytes.len() {
+            budget.resident_layers = n;
+            budget.resident_bytes = demand.layer_bytes[..n].iter().sum();
+            budget.staging_slots = p.prefetch_layers + 1;
+            if budget.total_bytes() > gpu_memory {
+                return Err(WorkerError::Backend(format!(
+                    "--max-live-bytes {cap} with --prefetch-layers {} needs {:.1} MiB, more than --gpu-memory {:.1} MiB",
+                    p.prefetch_layers,
+                    budget.total_bytes() as f64 / MIB,
+                    gpu_memory as f64 / MIB
+                )));
+            }
+        }
+    }
+    let opts = CudaOptions {
+        ordinal,
+        max_live_layer_bytes: budget.resident_bytes,
+        prefetch_layers: p.prefetch_layers,
+        slot_bytes: budget.slot_bytes,
+    };
+    let backend = CudaBackend::new(&opts)?;
+    let streamed: u64 = demand.layer_bytes[budget.resident_layers..].iter().sum();
+    if streamed > 0 {
+        weights.move_to(&HostAlloc::pinned(backend.context()));
+    }
+    let summary = format!(
+        "{}/{} layers resident ({:.1} MiB), {} streamed through {} staging slots of {:.1} MiB from {} host memory; \
+         KV cache {:.1} MiB, device budget {:.1} MiB",
+        budget.resident_layers,
+        demand.layer_bytes.len(),
+        budget.resident_bytes as f64 / MIB,
+        demand.layer_bytes.len() - budget.resident_layers,
+        budget.staging_slots,
+        budget.slot_bytes as f64 / MIB,
+        if weights.is_pinned() { "pinned" } else { "pageable" },
+        demand.kv_bytes as f64 / MIB,
+        gpu_memory as f64 / MIB,
+    );
+    Ok(Placed {
+        backend,
+        resident_layers: budget.resident_layers,
+        streamed_bytes_per_step: streamed,
+        budget,
+        summary,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeroshard_offload::{Architecture, RopeConfig, RopeScaling};
+
+    fn tinyllama() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            hidden_size: 2048,
+            num_layers: 22,
+            num_heads: 32,
+            num_kv_heads: 4,
+            head_dim: 64,
+            intermediate_size: 5632,
+            vocab_size: 32000,
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-5,
+            rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
+    #[test]
+    fn tinyllama_demand_and_a_budget_that_streams() {
+        let c = tinyllama();
+        let p = GpuPlacement {
+            gpu_memory: None,
+            max_live_bytes: None,
+            prefetch_layers: 2,
+            kv_tokens: 32 * 128,
+            max_rows: 32 * 32,
+            max_seqs: 32,
+        };
+        let d = gpu_demand(&c, &p);
+        // A layer: 2 norms + q, o [2048²] + k, v [256, 2048] + 3 × [5632, 2048], f16.
+        let layer = 2 * 4096 + 2 * 2048 * 2048 * 2 + 2 * 256 * 2048 * 2 + 3 * 5632 * 2048 * 2;
+        assert_eq!(d.layer_bytes, vec![layer as u64; 22]);
+        // Embedding and untied head [32000, 2048] + final norm.
+        assert_eq!(d.outer_bytes, (2 * 32000 * 2048 + 2048) * 2 + 2048);
+        // KV: 4096 tokens × 22 layers × K and V × 256 × f16.
+        assert_eq!(d.kv_bytes, 4096 * 22 * 2 * 256 * 2);
+        let all = d.outer_bytes + d.kv_bytes + d.workspace_bytes + 22 * layer as u64;
+        assert_eq!(size_gpu_memory(&d, all).expect("fits").resident_layers, 22);
+        let b = size_gpu_memory(&d, all / 2).expect("streams");
+        assert!(b.resident_layers > 0 && b.resident_layers < 22 && b.staging_slots == 3);
+        let err = size_gpu_memory(&d, d.outer_bytes).expect_err("too small").to_string();
+        assert!(err.contains("too small to run even one layer"), "{err}");
+    }
+}
