@@ -102,19 +102,18 @@ impl EtcdRegistrar {
     /// Renews the lease until that fails; returns why.
     async fn keep_alive(&self, id: WorkerId, keeper: &mut Keeper) -> String {
         let period = self.ttl / 3;
+        let patience = period.max(Duration::from_millis(500));
         loop {
             tokio::time::sleep(period).await;
             if let Err(e) = keeper.keeper.keep_alive().await {
                 return format!("sending a keep-alive: {e}");
             }
-            let answer =
-                tokio::time::timeout(period.max(Duration::from_millis(500)), keeper.responses.message());
-            match answer.await {
+            match tokio::time::timeout(patience, keeper.responses.message()).await {
                 Ok(Ok(Some(r))) if r.ttl() > 0 => tracing::trace!("{id}: lease renewed for {} s", r.ttl()),
                 Ok(Ok(Some(_))) => return "the lease expired or was revoked".into(),
                 Ok(Ok(None)) => return "etcd closed the keep-alive stream".into(),
                 Ok(Err(e)) => return format!("keep-alive: {e}"),
-                Err(_) => return format!("no keep-alive answer within {period:?}"),
+                Err(_) => return format!("no keep-alive answer within {patience:?}"),
             }
         }
     }
