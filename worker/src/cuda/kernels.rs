@@ -1,9 +1,12 @@
-//! The `.cu` kernel sources, compiled once per device at start-up with NVRTC
-//! for the device's own architecture, and the launch shapes used with them.
+//! The `.cu` kernel sources, compiled at start-up with NVRTC for the device's
+//! own architecture, and the launch shapes used with them. The PTX is cached on
+//! disk per source and architecture (`$ZEROSHARD_KERNEL_CACHE`, else
+//! `~/.cache/zeroshard/kernels`), so later processes skip NVRTC.
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use crate::error::{Result, WorkerError};
 
@@ -58,18 +61,7 @@ impl Kernels {
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let mut found = std::collections::HashMap::new();
         for (file, src, names) in SOURCES {
-            let opts = CompileOptions {
-                arch: Some(arch),
-                options: vec!["--std=c++17".into()],
-                name: Some((*file).into()),
-                ..Default::default()
-            };
-            let ptx = compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts).map_err(|e| {
-                WorkerError::Backend(format!("NVRTC compiling {file} for {arch}: {}", compile_log(&e)))
-            })?;
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| WorkerError::Backend(format!("loading {file} ({arch}): {e:?}")))?;
+            let module = load(ctx, file, src, arch)?;
             for name in *names {
                 let f = module
                     .load_function(name)
@@ -94,6 +86,51 @@ impl Kernels {
             attention: take("attention"),
         })
     }
+}
+
+/// The module of one source: from the PTX cache when it loads, else compiled
+/// (and cached; a cache that cannot be written is only skipped).
+fn load(ctx: &Arc<CudaContext>, file: &str, src: &str, arch: &'static str) -> Result<Arc<CudaModule>> {
+    let full = format!("{COMMON}\n{src}");
+    let cached = cache_path(file, arch, &full);
+    if let Some(ptx) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        match ctx.load_module(Ptx::from_src(ptx)) {
+            Ok(m) => return Ok(m),
+            Err(e) => tracing::warn!("cached PTX of {file} did not load ({e:?}); recompiling"),
+        }
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        name: Some(file.into()),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(&full, opts).map_err(|e| {
+        WorkerError::Backend(format!("NVRTC compiling {file} for {arch}: {}", compile_log(&e)))
+    })?;
+    if let Some(p) = &cached {
+        let written =
+            p.parent().map(std::fs::create_dir_all).transpose().and_then(|_| std::fs::write(p, ptx.to_src()));
+        if let Err(e) = written {
+            tracing::debug!("not caching {file}'s PTX at {}: {e}", p.display());
+        }
+    }
+    ctx.load_module(ptx).map_err(|e| WorkerError::Backend(format!("loading {file} ({arch}): {e:?}")))
+}
+
+/// `<cache>/<file>-<arch>-<hash of the source>.ptx`, or `None` with no cache folder.
+fn cache_path(file: &str, arch: &str, source: &str) -> Option<PathBuf> {
+    let dir = match std::env::var_os("ZEROSHARD_KERNEL_CACHE") {
+        Some(d) if d.is_empty() => return None,
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/zeroshard/kernels"),
+    };
+    Some(dir.join(format!("{file}-{arch}-{:016x}.ptx", fnv1a(source.as_bytes()))))
+}
+
+/// FNV-1a, 64-bit: stable across builds, unlike `DefaultHasher`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
@@ -150,6 +187,20 @@ mod tests {
         for b in [BLOCK, ATTENTION_BLOCK] {
             assert!(b % 32 == 0 && b <= 1024);
         }
+    }
+
+    #[test]
+    fn the_kernel_cache_is_keyed_by_source_and_arch() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        std::env::set_var("ZEROSHARD_KERNEL_CACHE", "/tmp/zs-cache");
+        let a = cache_path("norm.cu", "compute_90", "x").expect("a path");
+        assert!(a.starts_with("/tmp/zs-cache") && a.to_string_lossy().contains("norm.cu-compute_90-"));
+        assert_ne!(a, cache_path("norm.cu", "compute_90", "y").expect("a path"));
+        assert_ne!(a, cache_path("norm.cu", "compute_80", "x").expect("a path"));
+        std::env::set_var("ZEROSHARD_KERNEL_CACHE", "");
+        assert_eq!(cache_path("norm.cu", "compute_90", "x"), None);
+        std::env::remove_var("ZEROSHARD_KERNEL_CACHE");
     }
 
     #[test]
