@@ -1,10 +1,11 @@
 //! The KV cache on the device and causal attention over it.
 //!
 //! A sequence's cache is one buffer `[layers, 2, capacity, kv_dim]` f16 (K then
-//! V per layer), grown by doubling when a step would pass its capacity. Each
-//! attention call uploads one small table, three i64 per query row: the row's
-//! K and V block addresses for the layer and its absolute position.
-use super::device::{ck, DeviceBuf};
+//! V per layer), grown by doubling when a step would pass its capacity. The
+//! kernels read one small table, three i64 per query row: its sequence's cache
+//! address and capacity and its absolute position; the table is the same for
+//! every layer of a step, so it is uploaded once per step.
+use super::device::{ck, Cached, DeviceBuf};
 use super::ops::launch;
 use super::{kernels, CudaTensor, Device};
 use crate::backend::{AttentionShape, BatchLayout};
@@ -33,11 +34,6 @@ impl CudaKvCache {
 
     pub(crate) fn len(&self) -> usize {
         self.lens.first().copied().unwrap_or(0)
-    }
-
-    /// Byte offset of layer `l`'s K (`v = 0`) or V (`v = 1`) block.
-    fn block_offset(&self, layer: usize, v: usize) -> usize {
-        ((layer * 2 + v) * self.capacity * self.kv_dim) * 2
     }
 
     /// Makes room for `needed` tokens, copying what every layer holds.
@@ -98,10 +94,8 @@ pub(crate) fn attention(
         assert_eq!(cache.lens[layer], slot.past, "cache holds the sequence's past tokens");
         cache.reserve(dev, slot.past + slot.len);
         let base = cache.buf.as_ref().expect("reserved").ptr;
-        let (kb, vb) =
-            (base + cache.block_offset(layer, 0) as u64, base + cache.block_offset(layer, 1) as u64);
         for i in 0..slot.len {
-            table.extend([kb as i64, vb as i64, (slot.past + i) as i64]);
+            table.extend([base as i64, cache.capacity as i64, (slot.past + i) as i64]);
         }
         cache.lens[layer] += slot.len;
     }
@@ -109,14 +103,23 @@ pub(crate) fn attention(
     if q.rows == 0 {
         return out;
     }
-    let table_d = dev.upload(&table);
-    let slopes_d = shape.alibi_slopes.map(|s| {
+    let table_d = dev.upload_cached(Cached::AttentionRows, &table);
+    let slopes_ptr = shape.alibi_slopes.map_or(0u64, |s| {
         assert_eq!(s.len(), shape.num_heads, "one ALiBi slope per head");
-        dev.upload(s)
+        dev.upload_cached(Cached::Slopes, s)
     });
-    let slopes_ptr = slopes_d.as_ref().map_or(0u64, |s| s.ptr);
     let kv = i32::try_from(kv_dim).expect("kv_dim fits i32");
-    launch!(dev, dev.kernels.kv_append, kernels::per_row(q.rows), &k.ptr(), &v.ptr(), &table_d.ptr, &kv);
+    let layer_i = i32::try_from(layer).expect("layer fits i32");
+    launch!(
+        dev,
+        dev.kernels.kv_append,
+        kernels::per_row(q.rows),
+        &k.ptr(),
+        &v.ptr(),
+        &table_d,
+        &layer_i,
+        &kv
+    );
     let window = shape.sliding_window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
     let scale = 1.0 / (hd as f32).sqrt();
     let (heads, kv_heads, hd32) = (shape.num_heads as i32, shape.num_kv_heads as i32, hd as i32);
@@ -126,8 +129,9 @@ pub(crate) fn attention(
         kernels::attention(q.rows, shape.num_heads),
         &q.ptr(),
         &out.ptr(),
-        &table_d.ptr,
+        &table_d,
         &slopes_ptr,
+        &layer_i,
         &heads,
         &kv_heads,
         &hd32,

@@ -33,6 +33,24 @@ pub(crate) struct Device {
     pub kernels: Kernels,
     pub pool: Arc<Pool>,
     pub uploads: Mutex<Uploads>,
+    /// The last upload of each [`Cached`] kind, reused while its content repeats.
+    cached: Mutex<[Option<CachedUpload>; Cached::KINDS]>,
+}
+
+/// The bytes last uploaded for a [`Cached`] kind, and where they are.
+type CachedUpload = (Vec<u8>, DeviceBuf);
+
+/// Small per-step tables that repeat across the layers of a step.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Cached {
+    Cos,
+    Sin,
+    Slopes,
+    AttentionRows,
+}
+
+impl Cached {
+    const KINDS: usize = 4;
 }
 
 impl Device {
@@ -48,7 +66,8 @@ impl Device {
         let kernels = Kernels::compile(&ctx)?;
         let pool = Arc::new(Pool { ctx: ctx.clone(), free: Mutex::new(HashMap::new()) });
         let uploads = Mutex::new(Uploads::new(&ctx)?);
-        Ok(Arc::new(Self { ctx, compute, copy, blas: Mutex::new(blas), kernels, pool, uploads }))
+        let cached = Mutex::new(Default::default());
+        Ok(Arc::new(Self { ctx, compute, copy, blas: Mutex::new(blas), kernels, pool, uploads, cached }))
     }
 
     pub fn bind(&self) {
@@ -62,6 +81,24 @@ impl Device {
         let mut up = self.uploads.lock().expect("upload arena lock");
         up.copy(self, buf.ptr, data);
         buf
+    }
+
+    /// The device address of `data`, uploaded unless the last upload of this
+    /// kind held the same bytes (a buffer is only ever read after its upload, in
+    /// compute-stream order, so reusing or replacing it is ordered too).
+    pub fn upload_cached<T: bytemuck::Pod>(&self, kind: Cached, data: &[T]) -> u64 {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut cached = self.cached.lock().expect("upload cache lock");
+        let slot = &mut cached[kind as usize];
+        match slot {
+            Some((held, buf)) if held.as_slice() == bytes => buf.ptr,
+            _ => {
+                let buf = self.upload(data);
+                let ptr = buf.ptr;
+                *slot = Some((bytes.to_vec(), buf));
+                ptr
+            }
+        }
     }
 
     /// Waits for all compute; the upload arena may be reused from the start.

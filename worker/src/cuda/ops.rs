@@ -6,7 +6,7 @@ use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{CudaFunction, PushKernelArg};
 use half::f16;
 
-use super::device::{ck, Device};
+use super::device::{ck, Cached, Device};
 use super::kernels;
 use super::{CudaTensor, CudaWeight};
 
@@ -45,6 +45,9 @@ impl Device {
 
     pub fn embed(&self, table: &CudaWeight, ids: &[u32], dim: usize) -> CudaTensor {
         let out = self.new_tensor(ids.len(), dim);
+        if ids.is_empty() {
+            return out;
+        }
         let ids_d = self.upload(ids);
         launch!(
             self,
@@ -63,6 +66,9 @@ impl Device {
         let max = table.len / x.cols.max(1);
         if let Some(p) = positions.iter().find(|p| **p >= max) {
             panic!("position {p} is outside the {max}-position table");
+        }
+        if x.rows == 0 {
+            return;
         }
         let pos: Vec<i32> = positions.iter().map(|&p| i32_of(p)).collect();
         let pos_d = self.upload(&pos);
@@ -154,9 +160,13 @@ impl Device {
     pub fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &[f32], sin: &[f32]) {
         let half = head_dim / 2;
         assert!(cos.len() == x.rows * half && sin.len() == cos.len(), "angles are [rows, head_dim / 2]");
-        let (c, s) = (self.upload(cos), self.upload(sin));
+        if x.rows == 0 {
+            return;
+        }
+        // The same angles serve q and k of every layer of a step: uploaded once.
+        let (c, s) = (self.upload_cached(Cached::Cos, cos), self.upload_cached(Cached::Sin, sin));
         let cfg = kernels::per_row(x.rows);
-        launch!(self, self.kernels.rope, cfg, &x.ptr(), &c.ptr, &s.ptr, &i32_of(x.cols), &i32_of(head_dim));
+        launch!(self, self.kernels.rope, cfg, &x.ptr(), &c, &s, &i32_of(x.cols), &i32_of(head_dim));
     }
 
     pub fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> CudaTensor {
@@ -204,6 +214,9 @@ impl Device {
     pub fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> CudaTensor {
         assert!(rows.iter().all(|&r| r < x.rows), "selected rows inside the tensor");
         let out = self.new_tensor(rows.len(), x.cols);
+        if rows.is_empty() {
+            return out;
+        }
         let idx: Vec<i32> = rows.iter().map(|&r| i32_of(r)).collect();
         let idx_d = self.upload(&idx);
         let cfg = kernels::per_row(rows.len());

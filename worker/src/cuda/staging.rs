@@ -138,21 +138,25 @@ pub(crate) fn stage(
             }
         }
     }
-    let mut staged = CudaStaged {
+    // The staged piece is built only once the residency lock is released: its
+    // Drop takes the lock (and an early return must not drop it under the lock).
+    let staged = |tensors, ready: Option<CudaEvent>, slot| CudaStaged {
         tensors,
-        ready: None,
-        waited: AtomicBool::new(true),
-        slot: None,
+        waited: AtomicBool::new(ready.is_none()),
+        ready,
+        slot,
         host: host.clone(),
         dev: dev.clone(),
         state: state.clone(),
     };
     if copies.is_empty() {
-        return Ok(staged);
+        drop(st);
+        return Ok(staged(tensors, None, None));
     }
     let bytes = packed_bytes(copies.iter().map(|d| d.len()));
     let is_layer = matches!(piece, Piece::Layer(_));
     let resident = !is_layer || st.layer_bytes + bytes as u64 <= st.max_live_layer_bytes;
+    let mut slot = None;
     let (base, shared) = if resident {
         let buf = Arc::new(dev.pool.alloc(bytes));
         // Pool memory may still be read by compute just enqueued: copy after it.
@@ -170,9 +174,13 @@ pub(crate) fn stage(
         };
         let lease = ring.plan.acquire(bytes as u64)?;
         if lease.wait_for_release {
-            dev.copy.wait(&ring.released[lease.slot]).map_err(backend_err("waiting for a staging slot"))?;
+            let waited = dev.copy.wait(&ring.released[lease.slot]);
+            if let Err(e) = waited {
+                ring.plan.release(lease.slot);
+                return Err(backend_err("waiting for a staging slot")(e));
+            }
         }
-        staged.slot = Some(lease.slot);
+        slot = Some(lease.slot);
         (ring.bufs[lease.slot].ptr, None)
     };
     let mut placed: HashMap<(usize, usize), u64> = HashMap::with_capacity(copies.len());
@@ -198,16 +206,23 @@ pub(crate) fn stage(
         offset += size;
     }
     for (name, key) in waiting {
-        staged.tensors.insert(name.to_string(), CudaWeight { ptr: base + placed[&key], len: key.1 });
+        tensors.insert(name.to_string(), CudaWeight { ptr: base + placed[&key], len: key.1 });
     }
-    staged.ready = Some(dev.copy.record_event(None).map_err(backend_err("recording a copy event"))?);
-    staged.waited = AtomicBool::new(false);
-    Ok(staged)
+    let ready = dev.copy.record_event(None);
+    drop(st);
+    // On an error the slot (if any) is released by the piece's Drop.
+    let mut piece = staged(tensors, None, slot);
+    piece.ready = Some(ready.map_err(backend_err("recording a copy event"))?);
+    piece.waited = AtomicBool::new(false);
+    Ok(piece)
 }
 
 impl Ring {
     fn new(dev: &Device, slots: usize, slot_bytes: usize) -> Result<Self> {
         let bufs = (0..slots).map(|_| dev.pool.alloc(slot_bytes.max(1))).collect();
+        // Pool memory may still be used by compute just enqueued: the first copies wait.
+        let ev = dev.compute.record_event(None).map_err(backend_err("recording a compute event"))?;
+        dev.copy.wait(&ev).map_err(backend_err("ordering the copy stream"))?;
         let released = (0..slots)
             .map(|_| dev.ctx.new_event(None).map_err(backend_err("creating a staging event")))
             .collect::<Result<_>>()?;

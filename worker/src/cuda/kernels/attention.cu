@@ -1,17 +1,23 @@
 // Causal attention of each new row over its sequence's KV cache.
 //
 // `rows` describes each query row r, 3 values per row: the device address of
-// its sequence's K block for this layer, of its V block, and its absolute
-// position. K and V blocks are [capacity, kv_dim] f16.
+// its sequence's cache, the cache's capacity in tokens, and the row's absolute
+// position. A cache is [layers, 2, capacity, kv_dim] f16: layer l's K block,
+// then its V block. The table is the same for every layer of a step.
+
+__device__ __forceinline__ h16* kv_block(const long long* rows, long long r, int layer, int v, int kv_dim) {
+    const long long cap = rows[3 * r + 1];
+    return (h16*)rows[3 * r] + ((long long)(2 * layer + v) * cap) * kv_dim;
+}
 
 #define ATT_CHUNK 256
 #define ATT_MAX_HEAD_DIM 256
 
 // Writes this step's k, v rows ([rows, kv_dim]) into the caches at their positions.
-extern "C" __global__ void kv_append(const h16* k, const h16* v, const long long* rows, int kv_dim) {
+extern "C" __global__ void kv_append(const h16* k, const h16* v, const long long* rows, int layer, int kv_dim) {
     const long long r = blockIdx.x;
-    h16* kc = (h16*)rows[3 * r];
-    h16* vc = (h16*)rows[3 * r + 1];
+    h16* kc = kv_block(rows, r, layer, 0, kv_dim);
+    h16* vc = kv_block(rows, r, layer, 1, kv_dim);
     const long long pos = rows[3 * r + 2];
     for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) {
         kc[pos * kv_dim + c] = k[r * kv_dim + c];
@@ -23,17 +29,17 @@ extern "C" __global__ void kv_append(const h16* k, const h16* v, const long long
 // ATT_CHUNK keys with an online softmax, so any context length fits:
 //   out[r, h] = softmax_j(q[r, h] . k[j, kvh] * scale + slope[h] * j) . v[j, kvh]
 // over j in [lo, pos], lo = pos + 1 - window when window > 0. `slopes` may be 0.
-extern "C" __global__ void attention(const h16* q, h16* out, const long long* rows, const float* slopes,
+extern "C" __global__ void attention(const h16* q, h16* out, const long long* rows, const float* slopes, int layer,
                                      int num_heads, int num_kv_heads, int head_dim, int window, float scale) {
     __shared__ float qs[ATT_MAX_HEAD_DIM];
     __shared__ float sc[ATT_CHUNK];
     __shared__ float scratch[32];
     const long long r = blockIdx.x;
     const int h = blockIdx.y;
-    const h16* kc = (const h16*)rows[3 * r];
-    const h16* vc = (const h16*)rows[3 * r + 1];
-    const int pos = (int)rows[3 * r + 2];
     const int kv_dim = num_kv_heads * head_dim;
+    const h16* kc = kv_block(rows, r, layer, 0, kv_dim);
+    const h16* vc = kv_block(rows, r, layer, 1, kv_dim);
+    const int pos = (int)rows[3 * r + 2];
     const int kvh = h / (num_heads / num_kv_heads);
     const int lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
     const int n = pos + 1 - lo;
