@@ -157,6 +157,10 @@ pub struct QueryArgs {
     /// Stream text as it is generated.
     #[arg(long)]
     pub stream: bool,
+    /// Keep retrying an unavailable cluster (restarting coordinator,
+    /// re-planning workers) this long, with backoff, before failing.
+    #[arg(long, default_value_t = 30)]
+    pub retry_for_secs: u64,
     /// Print one JSON object, as `generate --json` does.
     #[arg(long)]
     pub json: bool,

@@ -188,13 +188,19 @@ pub fn query(a: QueryArgs) -> Result<()> {
     };
     let req = GenerateRequest { prompt, params: crate::sampling(&a.sampling), stop: a.sampling.stop.clone() };
     let stream_text = a.stream && !a.json;
-    let out = runtime()?.block_on(client::query(&a.endpoint, &req, a.stream, |t| {
-        if stream_text {
-            let mut o = std::io::stdout().lock();
-            let _ = o.write_all(t.as_bytes());
-            let _ = o.flush();
-        }
-    }))?;
+    let out = runtime()?.block_on(client::query(
+        &a.endpoint,
+        &req,
+        a.stream,
+        Duration::from_secs(a.retry_for_secs),
+        |t| {
+            if stream_text {
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(t.as_bytes());
+                let _ = o.flush();
+            }
+        },
+    ))?;
     let mut o = std::io::stdout().lock();
     if a.json {
         writeln!(o, "{}", serde_json::to_string(&out)?)?;

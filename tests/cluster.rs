@@ -337,7 +337,15 @@ fn a_request_before_ready_is_unavailable() {
         .find(|l| l.starts_with("coordinator on "))
         .expect("coordinator announces its address");
     let addr = line.trim_start_matches("coordinator on ").split(',').next().expect("addr").to_string();
-    let err = run_err(&["query", "--endpoint", &format!("grpc://{addr}"), "--prompt", "Hi"]);
+    let err = run_err(&[
+        "query",
+        "--endpoint",
+        &format!("grpc://{addr}"),
+        "--prompt",
+        "Hi",
+        "--retry-for-secs",
+        "1",
+    ]);
     assert!(err.contains("Unavailable") && err.contains("0 of 2 workers registered"), "{err}");
     let _ = coord.kill();
     let _ = coord.wait();
@@ -454,4 +462,27 @@ fn a_fetch_with_a_stale_epoch_is_failed_precondition() {
 
 fn crc32c_of(data: &[u8]) -> u32 {
     zeroshard_worker::shards::checksum(data)
+}
+
+#[test]
+fn up_keeps_serving_after_a_worker_dies() {
+    let c =
+        Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "3", "--lease-ttl-secs", "2"]);
+    let want = query(&c.endpoint, &["--prompt", "Once upon a time", "--max-new-tokens", "30"]);
+    let workers = common::cluster::children_of(c.pid());
+    assert_eq!(workers.len(), 3, "three worker processes");
+    // SAFETY: kill(2) on a worker process of our child.
+    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    let got = query(&c.endpoint, &["--prompt", "Once upon a time", "--max-new-tokens", "30"]);
+    assert_eq!(got["token_ids"], want["token_ids"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&c.endpoint);
+        if s["epoch"] == 2 && s["workers"].as_array().map(Vec::len) == Some(2) && s["ready"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no re-plan over the 2 survivors: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.stop().success());
 }

@@ -343,3 +343,59 @@ fn soak_random_kills_and_restarts() {
     assert!(kills >= 5, "the soak killed only {kills} workers");
     assert!(done > CLIENTS, "too few requests to mean anything: {done}");
 }
+
+#[test]
+fn a_joining_worker_does_not_disturb_running_streams() {
+    let want = expected(PROMPT, LONG);
+    let fleet =
+        Fleet::start(Etcd::start(), model("stories260K"), 2, &[], &["--fault-step-delay-ms", STEP_DELAY]);
+    let fleet = std::sync::Mutex::new(fleet);
+    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
+    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
+        fleet.lock().expect("fleet").add_worker();
+    }));
+    assert_eq!(got.tokens, want);
+    let fleet = fleet.into_inner().expect("fleet");
+    let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on 3 workers", |s| {
+        s["epoch"] == 2
+            && s["workers"].as_array().is_some_and(|w| w.len() == 3 && w.iter().all(|w| w["ready"] == true))
+    });
+    assert_eq!(s["sequences_resumed_total"], 0, "a running sequence was interrupted: {s}");
+}
+
+#[test]
+fn query_rides_out_a_coordinator_restart_without_repeating_text() {
+    let text = run_json(&[
+        "generate",
+        "--model",
+        &stories(),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        &LONG.to_string(),
+        "--ignore-eos",
+        "--json",
+    ])[0]["text"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    let mut fleet =
+        Fleet::start(Etcd::start(), model("stories260K"), 2, &[], &["--fault-step-delay-ms", STEP_DELAY]);
+    let mut q = bin()
+        .args(["query", "--endpoint", &fleet.endpoint, "--prompt", PROMPT, "--stream", "--ignore-eos"])
+        .args(["--max-new-tokens", &LONG.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn query");
+    // Let it print part of the text, then restart the coordinator under it.
+    let mut stdout = q.stdout.take().expect("stdout");
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut stdout, &mut head).expect("the first bytes of the stream");
+    fleet.kill_coordinator();
+    fleet.start_coordinator();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut rest).expect("the rest");
+    assert!(q.wait().expect("query exits").success());
+    let printed = String::from_utf8([head.to_vec(), rest].concat()).expect("utf-8");
+    assert_eq!(printed.trim_end_matches('\n'), text, "query printed text twice or lost some");
+}

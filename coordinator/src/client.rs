@@ -28,18 +28,24 @@ fn status_err(s: tonic::Status) -> CoordinatorError {
 }
 
 /// Runs one request; with `stream`, calls `on_text` with each piece of text as
-/// it arrives. UNAVAILABLE before any token is retried with backoff (≤ 5 tries).
+/// it arrives. UNAVAILABLE is retried with backoff for up to `retry_for` (a
+/// coordinator restarting, workers re-planning). A
+/// stream that broke after some text is sent again and its first bytes, which
+/// were printed already, are skipped (generation is deterministic for a given
+/// seed, so the retry produces the same text).
 pub async fn query(
     endpoint: &str,
     req: &GenerateRequest,
     stream: bool,
+    retry_for: Duration,
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerateOutput> {
     let msg = pb::GenerateRequest::from(req);
     let mut delay = Duration::from_millis(200);
-    let mut attempt = 0;
+    let started = std::time::Instant::now();
+    // Bytes of text already handed to `on_text` by earlier attempts.
+    let mut printed = 0usize;
     loop {
-        attempt += 1;
         let result = async {
             let mut client = connect(endpoint).await?;
             if !stream {
@@ -51,8 +57,15 @@ pub async fn query(
                 if !c.prompt_token_ids.is_empty() {
                     out.prompt_token_ids = c.prompt_token_ids;
                 }
-                on_text(&c.text);
+                let before = out.text.len();
                 out.text.push_str(&c.text);
+                if out.text.len() > printed {
+                    let from = printed.max(before);
+                    if let Some(new) = out.text.get(from..) {
+                        on_text(new);
+                    }
+                    printed = out.text.len();
+                }
                 out.token_ids.extend(c.token_ids);
                 if c.finish_reason != 0 {
                     out.finish_reason = c.finish_reason;
@@ -63,10 +76,10 @@ pub async fn query(
         }
         .await;
         match result {
-            Err(CoordinatorError::Unavailable(m)) if attempt < 5 => {
+            Err(CoordinatorError::Unavailable(m)) if started.elapsed() < retry_for => {
                 tracing::warn!("{m}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
             other => return other,
         }

@@ -78,10 +78,16 @@ impl Fleet {
         ]
     }
 
-    /// Starts the coordinator and waits (≤ 120 s) for `ready grpc://…`.
+    /// Starts the coordinator and waits (≤ 120 s) for `ready grpc://…`. A
+    /// restarted coordinator listens on the same address as before, as a
+    /// coordinator behind a fixed address or DNS name would.
     pub fn start_coordinator(&mut self) {
+        let listen = match self.endpoint.strip_prefix("grpc://") {
+            Some(addr) => addr.to_string(),
+            None => "127.0.0.1:0".to_string(),
+        };
         let mut child = bin()
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--model", self.model.to_str().expect("utf-8")])
+            .args(["coordinator", "--listen", &listen, "--model", self.model.to_str().expect("utf-8")])
             .args(self.etcd_args())
             .args(&self.coordinator_args)
             .stdout(Stdio::piped())

@@ -163,7 +163,7 @@ impl Gatherer {
                         )));
                     }
                     fetched_bytes += len as u64;
-                    remote.entry(self.try_order(&piece.holders)).or_default().push((range, dest));
+                    remote.entry(self.try_order(piece.holders)).or_default().push((range, dest));
                 }
             }
         }
@@ -189,7 +189,7 @@ impl Gatherer {
             let last = i + 1 == holders.len();
             let policy =
                 FetchPolicy { attempts: if last { FETCH_ATTEMPTS } else { 1 }, timeout: self.fetch_timeout };
-            let source = format!("worker {peer}");
+            let source = peer.to_string();
             match fetch_into(
                 &mut client,
                 &source,
