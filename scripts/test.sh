@@ -51,7 +51,9 @@ fi
 echo "== cargo test (release)"
 cargo test --release --workspace 2>&1 | tee target/test.log
 # One closing line that counts every test binary together.
-passed=$(grep -Eo '[0-9]+ passed' target/test.log | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' target/test.log | awk '{s+=$1} END {print s+0}')
-ignored=$(grep -Eo '[0-9]+ ignored' target/test.log | awk '{s+=$1} END {print s+0}')
+# Only cargo's own "test result:" lines count (log lines such as "worker 1 failed" must not).
+results=$(grep -E '^test result:' target/test.log || true)
+passed=$(echo "$results" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(echo "$results" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+ignored=$(echo "$results" | grep -Eo '[0-9]+ ignored' | awk '{s+=$1} END {print s+0}')
 echo "total: $passed passed, $failed failed, $ignored skipped"
