@@ -13,6 +13,7 @@
 mod control;
 mod generate;
 mod inference;
+mod progress;
 mod shards;
 mod state;
 mod supervisor;

@@ -263,8 +263,14 @@ impl Supervisor {
                 (w, r)
             }
         });
+        let total: u64 = live.iter().filter_map(|w| plan.owned_bytes(*w).ok()).map(|o| o.total()).sum();
+        let (stop_bar, bar_stopped) = tokio::sync::oneshot::channel();
+        let bar = tokio::spawn(super::progress::follow(workers.clone(), total, epoch, bar_stopped));
+        let results = futures::future::join_all(installs).await;
+        let _ = stop_bar.send(());
+        let _ = bar.await;
         let mut failed = Vec::new();
-        for (w, r) in futures::future::join_all(installs).await {
+        for (w, r) in results {
             match r {
                 Ok(r) if r.load_ms > 0.0 => eprintln!(
                     "{}: loaded {:.1} MB in {:.2} s ({:.2} GB/s) for epoch {epoch}",

@@ -132,6 +132,7 @@ impl Worker for Svc {
             loads_total: n.loads.load(Ordering::Relaxed),
             loaded_bytes_total: n.loaded_bytes.load(Ordering::Relaxed),
             failovers_total: n.gather.failovers.load(Ordering::Relaxed),
+            loading_bytes: n.loading.load(Ordering::Relaxed),
         }))
     }
 }

@@ -100,6 +100,8 @@ pub(super) struct Node {
     pub served_fetches: AtomicU64,
     pub loads: AtomicU64,
     pub loaded_bytes: AtomicU64,
+    /// Bytes loaded so far for the plan being prepared (for progress bars).
+    pub loading: Arc<AtomicU64>,
 }
 
 fn poisoned<T>(_: T) -> WorkerError {
@@ -123,6 +125,7 @@ impl Node {
             served_fetches: AtomicU64::new(0),
             loads: AtomicU64::new(0),
             loaded_bytes: AtomicU64::new(0),
+            loading: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -160,12 +163,14 @@ impl Node {
         }
         let start = Instant::now();
         let plan = Arc::new(a.plan);
+        self.loading.store(0, Ordering::Relaxed);
         let slices = match &a.pull_from {
-            Some(endpoint) => store::load_from_pull(endpoint, &plan, a.worker).await?,
+            Some(endpoint) => store::load_from_pull(endpoint, &plan, a.worker, &self.loading).await?,
             None => {
                 let (dir, plan2) =
                     (self.cfg.model_dir.clone().unwrap_or_else(|| info.dir.clone()), plan.clone());
-                tokio::task::spawn_blocking(move || load_checkpoint(&dir, &plan2, a.worker))
+                let progress = self.loading.clone();
+                tokio::task::spawn_blocking(move || load_checkpoint(&dir, &plan2, a.worker, &progress))
                     .await
                     .map_err(|e| WorkerError::Load(format!("loader task: {e}")))??
             }
@@ -262,9 +267,9 @@ impl Node {
     }
 }
 
-fn load_checkpoint(dir: &Path, plan: &Plan, me: WorkerId) -> Result<HostSlices> {
+fn load_checkpoint(dir: &Path, plan: &Plan, me: WorkerId, progress: &AtomicU64) -> Result<HostSlices> {
     let ckpt = Checkpoint::open(dir)?;
-    store::load_from_checkpoint(&ckpt, plan, me)
+    store::load_from_checkpoint(&ckpt, plan, me, progress)
 }
 
 /// The model config from the texts of its files that a plan carries.

@@ -1,6 +1,7 @@
 //! Loading the ranges a worker owns into host memory: from the checkpoint on
 //! disk (only those byte ranges of the mapping are read), or pulled from a
 //! `Shards` endpoint (`--pull`, no shared filesystem).
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -20,12 +21,19 @@ const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub const ELEM_BYTES: usize = 2;
 
 /// Reads `me`'s ranges of `plan` from `ckpt`.
-pub fn load_from_checkpoint(ckpt: &Checkpoint, plan: &Plan, me: WorkerId) -> Result<HostSlices> {
+/// `progress` counts the bytes loaded so far.
+pub fn load_from_checkpoint(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    me: WorkerId,
+    progress: &AtomicU64,
+) -> Result<HostSlices> {
     let start = Instant::now();
     let mut slices = HostSlices::new(ELEM_BYTES);
     for r in plan.owned_ranges(me).map_err(|e| WorkerError::Load(format!("plan: {e}")))? {
         let range = r.elements.start as usize..r.elements.end as usize;
         let data = ckpt.read_f16(&r.tensor.meta.name, range)?;
+        progress.fetch_add((data.len() * ELEM_BYTES) as u64, Ordering::Relaxed);
         slices
             .insert(r.tensor.meta.name.clone(), r.elements.clone(), f16_bytes(data))
             .map_err(|e| WorkerError::Load(e.to_string()))?;
@@ -35,7 +43,13 @@ pub fn load_from_checkpoint(ckpt: &Checkpoint, plan: &Plan, me: WorkerId) -> Res
 }
 
 /// Receives `me`'s ranges of `plan` from the `Shards` service at `endpoint`.
-pub async fn load_from_pull(endpoint: &str, plan: &Plan, me: WorkerId) -> Result<HostSlices> {
+/// `progress` counts the bytes received so far.
+pub async fn load_from_pull(
+    endpoint: &str,
+    plan: &Plan,
+    me: WorkerId,
+    progress: &AtomicU64,
+) -> Result<HostSlices> {
     let start = Instant::now();
     let channel = super::connect(endpoint).await?;
     let mut client = ShardsClient::new(channel);
@@ -49,6 +63,7 @@ pub async fn load_from_pull(endpoint: &str, plan: &Plan, me: WorkerId) -> Result
             ranges.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
         pull(&mut client, plan.epoch(), &ranges, &mut bufs).await?;
         for (r, b) in ranges.into_iter().zip(bufs) {
+            progress.fetch_add(b.len() as u64, Ordering::Relaxed);
             slices
                 .insert(r.tensor, r.elements, Bytes::from(b))
                 .map_err(|e| WorkerError::Load(e.to_string()))?;

@@ -1,0 +1,39 @@
+//! A progress bar over the bytes workers load while an epoch is installed:
+//! polls each worker's `Stats.loading_bytes` and draws on stderr (only when
+//! stderr is a terminal; the per-worker log lines are printed either way).
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::oneshot;
+use zeroshard_proto::v1 as pb;
+
+use super::state::WorkerEntry;
+
+/// Draws until `stop` fires (or is dropped), then clears the bar.
+pub(super) async fn follow(workers: Vec<WorkerEntry>, total: u64, epoch: u64, mut stop: oneshot::Receiver<()>) {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:32}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("epoch {epoch}: loading on {} workers", workers.len()));
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        let polls = workers.iter().map(|w| {
+            let mut c = w.client.clone();
+            async move {
+                let r = tokio::time::timeout(Duration::from_millis(500), c.stats(pb::StatsRequest {})).await;
+                r.ok().and_then(Result::ok).map_or(0, |s| s.into_inner().loading_bytes)
+            }
+        });
+        let loaded: u64 = futures::future::join_all(polls).await.into_iter().sum();
+        bar.set_position(loaded.min(total));
+    }
+    bar.finish_and_clear();
+}
