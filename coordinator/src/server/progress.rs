@@ -10,7 +10,12 @@ use zeroshard_proto::v1 as pb;
 use super::state::WorkerEntry;
 
 /// Draws until `stop` fires (or is dropped), then clears the bar.
-pub(super) async fn follow(workers: Vec<WorkerEntry>, total: u64, epoch: u64, mut stop: oneshot::Receiver<()>) {
+pub(super) async fn follow(
+    workers: Vec<WorkerEntry>,
+    total: u64,
+    epoch: u64,
+    mut stop: oneshot::Receiver<()>,
+) {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     let style = ProgressStyle::with_template(
         "{msg} [{bar:32}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
