@@ -128,6 +128,8 @@ fn lose_a_worker_mid_stream(hang: bool) {
         *victim.lock().expect("victim") = Some(i);
     }));
     assert_eq!(got.tokens, want, "the disturbed stream differs from an undisturbed run");
+    let worst = got.gaps[1..].iter().max().copied().unwrap_or_default();
+    eprintln!("{}: longest pause in the stream {worst:?}", if hang { "SIGSTOP" } else { "SIGKILL" });
     let fleet = fleet.into_inner().expect("fleet");
     let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on 2 workers", |s| {
         s["epoch"] == 2 && s["ready"] == true && s["workers"].as_array().map(Vec::len) == Some(2)
@@ -215,7 +217,9 @@ fn a_restarted_coordinator_resumes_the_cluster_without_reloading() {
     let mut fleet = Fleet::start(Etcd::start(), model("stories260K"), 3, &[], &[]);
     let before = fleet.status();
     fleet.kill_coordinator();
+    let restart = Instant::now();
     fleet.start_coordinator();
+    eprintln!("coordinator restart: ready again {:?} after start", restart.elapsed());
     let after = fleet.status();
     assert_eq!(after["epoch"], before["epoch"], "{after}");
     assert_eq!(ids(&after["workers"]), ids(&before["workers"]), "{after}");
