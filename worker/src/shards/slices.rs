@@ -1,16 +1,30 @@
 //! The sending side: host slices this worker holds, cut into checksummed chunks.
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::{checksum, Chunk, Result, ShardError, TensorRange, CHUNK_BYTES};
 
-/// One held slice: its element range and its bytes (`len × elem_bytes`).
+/// One held slice: its element range, its bytes (`len × elem_bytes`), and the
+/// checksum of each [`CHUNK_BYTES`] block from its start, computed once at
+/// insert: a peer fetching the whole slice (every layer gather does) is served
+/// those chunks without checksumming them again.
 #[derive(Clone, Debug)]
 struct HostSlice {
     elements: Range<u64>,
     bytes: Bytes,
+    block_crcs: Arc<[u32]>,
+}
+
+/// Where a piece of a request lies in a held slice.
+struct Origin {
+    bytes: Bytes,
+    /// Byte offset of `bytes` in the slice.
+    at: usize,
+    slice_len: usize,
+    block_crcs: Arc<[u32]>,
 }
 
 /// The host bytes of the tensor slices a worker holds (its own ranges and
@@ -57,7 +71,8 @@ impl HostSlices {
         if overlaps_prev || overlaps_next {
             return Err(bad("overlaps a slice already held".into()));
         }
-        slices.insert(at, HostSlice { elements, bytes });
+        let block_crcs = bytes.chunks(CHUNK_BYTES).map(checksum).collect();
+        slices.insert(at, HostSlice { elements, bytes, block_crcs });
         Ok(())
     }
 
@@ -69,6 +84,11 @@ impl HostSlices {
     /// The bytes of `range` as zero-copy pieces (one per held slice it spans;
     /// none for an empty range). Errors unless every element is held.
     pub fn pieces(&self, range: &TensorRange) -> Result<Vec<Bytes>> {
+        Ok(self.origins(range)?.into_iter().map(|o| o.bytes).collect())
+    }
+
+    /// [`Self::pieces`], each with where it lies in its held slice.
+    fn origins(&self, range: &TensorRange) -> Result<Vec<Origin>> {
         let Range { start, end } = range.elements;
         if end < start {
             return Err(ShardError::InvalidRange { tensor: range.tensor.clone(), start, end });
@@ -91,7 +111,12 @@ impl HostSlices {
             let to = s.elements.end.min(end);
             let lo = ((at - s.elements.start) * eb) as usize;
             let hi = ((to - s.elements.start) * eb) as usize;
-            pieces.push(s.bytes.slice(lo..hi));
+            pieces.push(Origin {
+                bytes: s.bytes.slice(lo..hi),
+                at: lo,
+                slice_len: s.bytes.len(),
+                block_crcs: s.block_crcs.clone(),
+            });
             at = to;
             if at == end {
                 return Ok(pieces);
@@ -114,9 +139,9 @@ impl HostSlices {
                 reason: format!("{} ranges in one request", requests.len()),
             })?;
             let mut offset = 0u64;
-            for bytes in self.pieces(range)? {
-                let len = bytes.len() as u64;
-                pieces.push(Piece { range_index: index, offset, bytes });
+            for o in self.origins(range)? {
+                let len = o.bytes.len() as u64;
+                pieces.push(Piece { range_index: index, offset, origin: o });
                 offset += len;
             }
         }
@@ -129,9 +154,16 @@ impl HostSlices {
 #[derive(Debug)]
 struct Piece {
     range_index: u32,
-    /// Byte offset of `bytes` within its range.
+    /// Byte offset of the rest of the piece within its range.
     offset: u64,
-    bytes: Bytes,
+    /// The rest of the piece (`origin.bytes`, advanced as chunks are cut).
+    origin: Origin,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes at {} of {}", self.bytes.len(), self.at, self.slice_len)
+    }
 }
 
 /// The chunks of one fetch, cut on demand. A chunk never spans two ranges (nor
@@ -146,7 +178,7 @@ pub struct ChunkStream {
 impl ChunkStream {
     /// Bytes still to be sent.
     pub fn remaining_bytes(&self) -> u64 {
-        self.pieces.iter().map(|p| p.bytes.len() as u64).sum()
+        self.pieces.iter().map(|p| p.origin.bytes.len() as u64).sum()
     }
 }
 
@@ -155,12 +187,18 @@ impl Iterator for ChunkStream {
 
     fn next(&mut self) -> Option<Chunk> {
         let piece = self.pieces.last_mut()?;
-        let take = piece.bytes.len().min(self.chunk_bytes);
-        let data = piece.bytes.split_to(take);
-        let chunk =
-            Chunk { range_index: piece.range_index, offset: piece.offset, crc32c: checksum(&data), data };
+        let o = &mut piece.origin;
+        let take = o.bytes.len().min(self.chunk_bytes);
+        let data = o.bytes.split_to(take);
+        // A chunk that is exactly one of the slice's blocks has its checksum already.
+        let block = (o.at % CHUNK_BYTES == 0 && o.at + take == (o.at + CHUNK_BYTES).min(o.slice_len))
+            .then(|| o.block_crcs.get(o.at / CHUNK_BYTES).copied())
+            .flatten();
+        let crc32c = block.unwrap_or_else(|| checksum(&data));
+        o.at += take;
+        let chunk = Chunk { range_index: piece.range_index, offset: piece.offset, crc32c, data };
         piece.offset += take as u64;
-        if piece.bytes.is_empty() {
+        if o.bytes.is_empty() {
             self.pieces.pop();
         }
         Some(chunk)
@@ -173,6 +211,23 @@ mod tests {
 
     fn bytes_of(n: usize, seed: u8) -> Bytes {
         Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn stored_block_checksums_match_the_chunks_they_serve() {
+        let mut s = HostSlices::new(2);
+        let n = CHUNK_BYTES * 5 / 2; // two whole blocks and a half one
+        s.insert("t", 0..(n / 2) as u64, bytes_of(n, 7)).expect("held");
+        let half = (n / 4) as u64;
+        // The whole slice (cached checksums), and ranges not on block boundaries.
+        for range in [0..(n / 2) as u64, 1..half, half..(n / 2) as u64] {
+            let chunks: Vec<Chunk> =
+                s.chunks(&[TensorRange::new("t", range.clone())], 0).expect("held").collect();
+            assert!(!chunks.is_empty());
+            for c in &chunks {
+                assert_eq!(c.crc32c, checksum(&c.data), "{range:?} at {}", c.offset);
+            }
+        }
     }
 
     #[test]
