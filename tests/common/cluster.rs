@@ -30,18 +30,9 @@ impl Cluster {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn zeroshard up");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(ep) = line.strip_prefix("ready ") {
-                    let _ = tx.send(ep.trim().to_string());
-                }
-            }
-        });
-        let endpoint = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(ep) => ep,
-            Err(_) => {
+        let endpoint = match ready_line(&mut child) {
+            Some(ep) => ep,
+            None => {
                 let _ = child.kill();
                 panic!("zeroshard up {args:?}: no ready line within 120 s");
             }
@@ -81,6 +72,21 @@ impl Drop for Cluster {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+/// The endpoint of the `ready grpc://HOST:PORT` line `child` prints on its piped
+/// stdout, within 120 s.
+pub fn ready_line(child: &mut Child) -> Option<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(ep) = line.strip_prefix("ready ") {
+                let _ = tx.send(ep.trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(120)).ok()
 }
 
 /// Pids of live processes whose parent is `parent`.

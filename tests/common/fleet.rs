@@ -2,10 +2,8 @@
 //! coordinator` and `zeroshard worker` processes started separately, each of
 //! which can be killed, stopped (SIGSTOP) or restarted. Everything is killed on
 //! drop.
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -94,20 +92,9 @@ impl Fleet {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn coordinator");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(ep) = line.strip_prefix("ready ") {
-                    let _ = tx.send(ep.trim().to_string());
-                }
-            }
-        });
+        let endpoint = super::cluster::ready_line(&mut child);
         self.coordinator = Some(child);
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(ep) => self.endpoint = ep,
-            Err(_) => panic!("coordinator: no ready line within 120 s"),
-        }
+        self.endpoint = endpoint.expect("coordinator: no ready line within 120 s");
     }
 
     /// Starts one more worker; returns its index.
