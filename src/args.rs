@@ -66,15 +66,23 @@ pub struct EtcdArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkerTuning {
-    /// Gathered layers kept resident per worker, in bytes (0 = re-gather every step).
+    /// Gathered layers kept resident per worker, in bytes (0 = re-gather every
+    /// step). On a GPU: device bytes of layers kept resident there; the others
+    /// are copied to the device each step.
     #[arg(long, default_value_t = 0)]
     pub max_live_bytes: u64,
     /// Layers gathered ahead of the one computing.
     #[arg(long, default_value_t = 2)]
     pub prefetch_layers: usize,
-    /// Where workers compute: auto, cpu, cuda[:N].
+    /// Where workers compute: auto, cpu, cuda[:N] (`auto`: CUDA device 0 when
+    /// CUDA is present, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: Device,
+    /// GPU: device memory each worker may use in all, in bytes (default: 90% of
+    /// what is free); a worker refuses its plan, with the numbers, when the
+    /// model's embedding, head, KV cache and one layer's staging do not fit.
+    #[arg(long, env = "ZEROSHARD_GPU_MEMORY")]
+    pub gpu_memory: Option<u64>,
     /// A peer that sends nothing for this long during a fetch has failed: the
     /// fetch moves to another holder of the range, or is retried.
     #[arg(long, default_value_t = 2000)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use zeroshard_coordinator::local::{Device, GenerateRequest, Prompt};
+use zeroshard_coordinator::local::{GenerateRequest, Prompt};
 use zeroshard_coordinator::membership::embedded::EmbeddedMembership;
 use zeroshard_coordinator::membership::etcd::{EtcdMembership, EtcdRegistrar};
 use zeroshard_coordinator::membership::Membership;
@@ -56,30 +56,25 @@ fn cluster_config(c: &ClusterArgs, workers: usize) -> Result<ClusterConfig> {
     })
 }
 
-/// Cluster workers compute on the CPU: `auto` means the CPU here, and `cuda`
-/// is refused in one line (saying why CUDA is missing, when it is).
-fn check_device(d: Device) -> Result<()> {
-    match d {
-        Device::Auto | Device::Cpu => Ok(()),
-        Device::Cuda(n) => {
-            d.resolve()?;
-            bail!(
-                "--device cuda:{n}: cluster workers compute on the CPU for now (generate and bench run on \
-                 CUDA); use --device cpu or auto"
-            )
-        }
-    }
-}
-
-fn tuning_args(t: &WorkerTuning) -> Vec<String> {
-    vec![
+/// The arguments `up` and `bench` pass to the workers they start, with the
+/// device already resolved (`cpu` or `cuda:N`): `auto` is CUDA device 0 when
+/// CUDA is present, else the CPU, and `cuda[:N]` without it was refused in one
+/// line before anything started.
+fn tuning_args(t: &WorkerTuning, cuda: Option<usize>) -> Vec<String> {
+    let mut args = vec![
         "--max-live-bytes".into(),
         t.max_live_bytes.to_string(),
         "--prefetch-layers".into(),
         t.prefetch_layers.to_string(),
         "--fetch-timeout-ms".into(),
         t.fetch_timeout_ms.to_string(),
-    ]
+        "--device".into(),
+        cuda.map_or_else(|| "cpu".into(), |n| format!("cuda:{n}")),
+    ];
+    if let Some(b) = t.gpu_memory {
+        args.extend(["--gpu-memory".into(), b.to_string()]);
+    }
+    args
 }
 
 async fn bind(addr: &str) -> Result<TcpListener> {
@@ -87,11 +82,11 @@ async fn bind(addr: &str) -> Result<TcpListener> {
 }
 
 pub fn up(a: UpArgs) -> Result<()> {
-    check_device(a.tuning.device)?;
+    let cuda = a.tuning.device.resolve()?;
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let mut worker_args = tuning_args(&a.tuning);
+    let mut worker_args = tuning_args(&a.tuning, cuda);
     if a.cluster.pull {
         worker_args.push("--pull".into());
     }
@@ -145,12 +140,12 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
-    check_device(a.tuning.device)?;
+    let cuda = a.tuning.device.resolve()?;
     if a.lease_ttl_secs == 0 {
         bail!("--lease-ttl-secs must be at least 1");
     }
     let cfg = NodeConfig {
-        device: "cpu".into(),
+        gpu_memory: a.tuning.gpu_memory,
         model_dir: a.model.clone(),
         pull: a.pull,
         prefetch_layers: a.tuning.prefetch_layers,
@@ -159,7 +154,9 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         fail_load: a.fault_fail_load,
         step_delay: Duration::from_millis(a.fault_step_delay_ms),
         fetch_timeout: Duration::from_millis(a.tuning.fetch_timeout_ms.max(1)),
-    };
+        ..NodeConfig::default()
+    }
+    .on_device(cuda);
     runtime()?.block_on(async {
         let registrar: Arc<dyn Registrar> = match (&a.coordinator, a.etcd.etcd.is_empty()) {
             (_, false) => Arc::new(
@@ -270,6 +267,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
 /// `bench --workers N`: a local cluster under load (see `cluster_bench`).
 pub fn bench(a: BenchArgs) -> Result<()> {
     use zeroshard_coordinator::{bench as single, cluster_bench};
+    let cuda = a.device.resolve()?;
     let batches = args::parse_list(&a.batch).context("--batch")?;
     // A synthetic model is written to a temporary folder the workers map.
     let tmp = std::env::temp_dir().join(format!("zeroshard-bench-{}", std::process::id()));
@@ -294,12 +292,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             lease_ttl: Duration::from_secs(5),
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
-        worker_args: tuning_args(&WorkerTuning {
-            max_live_bytes: a.max_live_bytes,
-            prefetch_layers: a.prefetch_layers,
-            device: a.device,
-            fetch_timeout_ms: 2000,
-        }),
+        worker_args: tuning_args(
+            &WorkerTuning {
+                max_live_bytes: a.max_live_bytes,
+                prefetch_layers: a.prefetch_layers,
+                device: a.device,
+                gpu_memory: a.gpu_memory,
+                fetch_timeout_ms: 2000,
+            },
+            cuda,
+        ),
     };
     let report =
         runtime()?.block_on(cluster_bench::run(&up, config.vocab_size, &batches, a.prompt_len, a.new_tokens));

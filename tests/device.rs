@@ -1,8 +1,10 @@
 //! `--device` through the real binary: `auto` runs where there is no GPU,
-//! `cuda` without CUDA fails in one line with exit code 1, and where a CUDA
-//! device is present the same commands run on it and agree with the CPU.
+//! `cuda` without CUDA fails in one line with exit code 1 (`generate`, `bench`,
+//! `up`, `worker`), and where a CUDA device is present the same commands run on
+//! it and agree with the CPU (a cluster of CUDA workers included).
 mod common;
 
+use common::cluster::Cluster;
 use common::*;
 use zeroshard_worker::cuda::{probe, CudaProbe};
 
@@ -79,6 +81,10 @@ fn cuda_without_cuda_fails_in_one_line() {
         (generate_args(dir, "cuda:1"), "cuda:1"),
         (vec!["bench", "--synthetic", synthetic, "--device", "cuda"], "cuda:0"),
         (vec!["up", "--model", dir, "--device", "cuda:0", "--listen", "127.0.0.1:0"], "cuda:0"),
+        (vec!["up", "--model", dir, "--device", "cuda:2", "--listen", "127.0.0.1:0"], "cuda:2"),
+        // Refused before it registers: nothing listens at this coordinator.
+        (vec!["worker", "--coordinator", "http://127.0.0.1:9", "--device", "cuda"], "cuda:0"),
+        (vec!["bench", "--synthetic", synthetic, "--workers", "2", "--device", "cuda"], "cuda:0"),
     ] {
         let out = run(&args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -108,6 +114,42 @@ fn stories260k_on_cuda_gives_the_cpu_tokens() {
 }
 
 #[test]
+fn a_cluster_of_cuda_workers_gives_the_cpu_tokens() {
+    if cuda_devices().is_none() {
+        eprintln!("no CUDA device: skipping the CUDA cluster run");
+        return;
+    }
+    let dir = model("stories260K");
+    let dir = dir.to_str().expect("path");
+    let cpu = &run_json(&generate_args(dir, "cpu"))[0];
+    // Every layer streamed each step, then every layer resident on the device.
+    for live in ["0", "1000000000"] {
+        let c =
+            Cluster::up(&["--model", dir, "--workers", "2", "--device", "cuda", "--max-live-bytes", live]);
+        let out = &run_json(&[
+            "query",
+            "--endpoint",
+            &c.endpoint,
+            "--json",
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "16",
+        ])[0];
+        assert_eq!(out["token_ids"], cpu["token_ids"], "--max-live-bytes {live}");
+        let status = &run_json(&["status", "--endpoint", &c.endpoint, "--json"])[0];
+        for w in status["workers"].as_array().expect("workers") {
+            let resident = w["resident_bytes"].as_u64().expect("resident_bytes");
+            assert!(live != "0" || resident == 0, "--max-live-bytes 0 kept {resident} bytes resident");
+        }
+        assert!(c.stop().success());
+    }
+}
+
+#[test]
 fn too_little_gpu_memory_is_refused_with_the_numbers() {
     if cuda_devices().is_none() {
         eprintln!("no CUDA device: skipping the --gpu-memory refusal");
@@ -119,4 +161,11 @@ fn too_little_gpu_memory_is_refused_with_the_numbers() {
     let err = run_err(&args);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("--gpu-memory 1000") && err.contains("too small to run even one layer"), "{err}");
+    // A cluster worker refuses its plan the same way, and `up` ends with that line.
+    let dir = dir.to_str().expect("path");
+    let (code, err) =
+        Cluster::up_fails_with(bin(), &["--model", dir, "--device", "cuda", "--gpu-memory", "1000"]);
+    assert_ne!(code, Some(0), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: ") && last.contains("too small to run even one layer"), "{err}");
 }

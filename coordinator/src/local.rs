@@ -146,13 +146,6 @@ pub fn place(
         let engine = AnyEngine::Cpu(Engine::new(CpuBackend, config, weights));
         return Ok(Placed { engine, gpu_summary: None, streamed_bytes_per_step: 0 });
     };
-    let head_dim_max = 256;
-    if config.head_dim > head_dim_max {
-        return Err(CoordinatorError::InvalidRequest(format!(
-            "head_dim {} is above the CUDA backend's {head_dim_max}; use --device cpu",
-            config.head_dim
-        )));
-    }
     let p = GpuPlacement {
         gpu_memory: gpu.gpu_memory,
         max_live_bytes: gpu.max_live_bytes,

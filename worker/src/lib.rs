@@ -4,7 +4,8 @@
 //! - [`backend`]: the op trait and the batch layout.
 //! - [`cpu`]: the CPU backend (the reference).
 //! - [`cuda`]: the CUDA backend (cudarc, loaded at run time; [`cuda::probe`] first).
-//! - [`placement`]: sizing device memory and placing a model on a GPU.
+//! - [`placement`]: sizing device memory and placing a model, or a cluster
+//!   worker, on a GPU.
 //! - [`model`]: the Llama family, computing a layer from borrowed weights.
 //! - [`weights`]: a host store of f16 tensors (whole model, or gathered layers).
 //! - [`engine`]: sequences, the batched step, sampling and stop conditions.

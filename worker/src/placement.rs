@@ -3,6 +3,9 @@
 //! ([`zeroshard_offload::gpu_budget`]), and the backend that follows
 //! ([`place_on_gpu`]): resident layers, the staging ring for the rest, and the
 //! host weights moved to pinned memory when some layers are streamed.
+//! A cluster worker opens its device with [`open_for_cluster`]: the same sizing,
+//! with [`GpuPlacement::cluster_worker`] and no host store to pin (its layers are
+//! gathered from peers each step).
 //!
 //! ```ignore
 //! let opts = GpuPlacement { gpu_memory: None, max_live_bytes: None, prefetch_layers: 2, kv_tokens: 4096, max_rows: 512, max_seqs: 8 };
@@ -35,6 +38,35 @@ pub struct GpuPlacement {
     pub max_seqs: usize,
 }
 
+/// Sequences a cluster worker's device memory is sized for: its batches are
+/// not known ahead (the KV cache grows past this on demand, if memory allows).
+pub const CLUSTER_SEQS: usize = 16;
+/// Tokens per sequence a cluster worker's KV cache is sized for (at most the
+/// model's context).
+pub const CLUSTER_TOKENS_PER_SEQ: usize = 1024;
+
+impl GpuPlacement {
+    /// A cluster worker's placement: `max_live_bytes` of resident layers at
+    /// most (0: every layer streams through the staging ring), the KV cache and
+    /// activations for [`CLUSTER_SEQS`] sequences of [`CLUSTER_TOKENS_PER_SEQ`].
+    pub fn cluster_worker(
+        config: &ModelConfig,
+        gpu_memory: Option<u64>,
+        max_live_bytes: u64,
+        prefetch_layers: usize,
+    ) -> Self {
+        let tokens = CLUSTER_TOKENS_PER_SEQ.min(config.max_position_embeddings);
+        Self {
+            gpu_memory,
+            max_live_bytes: Some(max_live_bytes),
+            prefetch_layers,
+            kv_tokens: CLUSTER_SEQS * tokens,
+            max_rows: CLUSTER_SEQS * 32,
+            max_seqs: CLUSTER_SEQS,
+        }
+    }
+}
+
 /// A backend placed for a model, and how.
 pub struct Placed {
     pub backend: CudaBackend,
@@ -48,6 +80,9 @@ pub struct Placed {
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
+
+/// The largest head the CUDA attention kernel takes (its `MAX_HEAD_DIM`).
+pub const HEAD_DIM_MAX: usize = 256;
 
 /// What `config` needs on the device for `p` (activation workspace estimated
 /// from the largest step: ~12 f16 values per hidden unit and row, the logits,
@@ -76,14 +111,57 @@ pub fn place_on_gpu(
     weights: &mut HostWeights,
     p: &GpuPlacement,
 ) -> Result<Placed> {
+    let (backend, budget, demand, gpu_memory) = open_sized(ordinal, config, p)?;
+    let streamed: u64 = demand.layer_bytes[budget.resident_layers..].iter().sum();
+    if streamed > 0 {
+        weights.move_to(&HostAlloc::pinned(backend.context()));
+    }
+    let host = if weights.is_pinned() { "pinned" } else { "pageable" };
+    Ok(placed(backend, budget, &demand, gpu_memory, host))
+}
+
+/// Sizes device memory for a cluster worker computing `config` on device
+/// `ordinal` and opens the backend. Its layers arrive gathered from peers each
+/// step: the resident ones (`p.max_live_bytes`) are copied once, the others go
+/// through the staging ring from pageable memory. Refuses with the numbers when
+/// not even one layer fits.
+pub fn open_for_cluster(ordinal: usize, config: &ModelConfig, p: &GpuPlacement) -> Result<Placed> {
+    let (backend, budget, demand, gpu_memory) = open_sized(ordinal, config, p)?;
+    Ok(placed(backend, budget, &demand, gpu_memory, "gathered"))
+}
+
+/// The budget for `p` on device `ordinal`, and the backend opened with it.
+fn open_sized(
+    ordinal: usize,
+    config: &ModelConfig,
+    p: &GpuPlacement,
+) -> Result<(CudaBackend, GpuBudget, GpuDemand, u64)> {
+    if config.head_dim > HEAD_DIM_MAX {
+        return Err(WorkerError::InvalidRequest(format!(
+            "head_dim {} is above the CUDA backend's {HEAD_DIM_MAX}; use --device cpu",
+            config.head_dim
+        )));
+    }
     let demand = gpu_demand(config, p);
     let gpu_memory = match p.gpu_memory {
         Some(b) => b,
         None => (cuda::device_memory(ordinal)?.0 as f64 * 0.9) as u64,
     };
-    let mut budget = size_gpu_memory(&demand, gpu_memory)?;
+    let budget = budget_within(&demand, gpu_memory, p)?;
+    let opts = CudaOptions {
+        ordinal,
+        max_live_layer_bytes: budget.resident_bytes,
+        prefetch_layers: p.prefetch_layers,
+        slot_bytes: budget.slot_bytes,
+    };
+    Ok((CudaBackend::new(&opts)?, budget, demand, gpu_memory))
+}
+
+/// Splits `gpu_memory` for `demand`, with fewer resident layers than memory
+/// allows when `p.max_live_bytes` caps them (the leading ones within the cap).
+fn budget_within(demand: &GpuDemand, gpu_memory: u64, p: &GpuPlacement) -> Result<GpuBudget> {
+    let mut budget = size_gpu_memory(demand, gpu_memory)?;
     if let Some(cap) = p.max_live_bytes {
-        // Fewer resident layers than memory allows: the leading ones within the cap.
         let mut bytes = 0;
         let keep = demand.layer_bytes.iter().take_while(|b| {
             bytes += **b;
@@ -104,19 +182,20 @@ pub fn place_on_gpu(
             }
         }
     }
-    let opts = CudaOptions {
-        ordinal,
-        max_live_layer_bytes: budget.resident_bytes,
-        prefetch_layers: p.prefetch_layers,
-        slot_bytes: budget.slot_bytes,
-    };
-    let backend = CudaBackend::new(&opts)?;
+    Ok(budget)
+}
+
+/// The placement's one-line summary; `host` says where streamed layers come from.
+fn placed(
+    backend: CudaBackend,
+    budget: GpuBudget,
+    demand: &GpuDemand,
+    gpu_memory: u64,
+    host: &str,
+) -> Placed {
     let streamed: u64 = demand.layer_bytes[budget.resident_layers..].iter().sum();
-    if streamed > 0 {
-        weights.move_to(&HostAlloc::pinned(backend.context()));
-    }
     let summary = format!(
-        "{}/{} layers resident ({:.1} MiB), {} streamed through {} staging slots of {:.1} MiB from {} host memory; \
+        "{}/{} layers resident ({:.1} MiB), {} streamed through {} staging slots of {:.1} MiB from {host} host memory; \
          KV cache {:.1} MiB, device budget {:.1} MiB",
         budget.resident_layers,
         demand.layer_bytes.len(),
@@ -124,17 +203,16 @@ pub fn place_on_gpu(
         demand.layer_bytes.len() - budget.resident_layers,
         budget.staging_slots,
         budget.slot_bytes as f64 / MIB,
-        if weights.is_pinned() { "pinned" } else { "pageable" },
         demand.kv_bytes as f64 / MIB,
         gpu_memory as f64 / MIB,
     );
-    Ok(Placed {
+    Placed {
         backend,
         resident_layers: budget.resident_layers,
         streamed_bytes_per_step: streamed,
         budget,
         summary,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -190,5 +268,29 @@ mod tests {
         assert!(b.resident_layers > 0 && b.resident_layers < 22 && b.staging_slots == 3);
         let err = size_gpu_memory(&d, d.outer_bytes).expect_err("too small").to_string();
         assert!(err.contains("too small to run even one layer"), "{err}");
+    }
+
+    #[test]
+    fn max_live_bytes_caps_the_resident_layers() {
+        let c = tinyllama();
+        let p = |cap| GpuPlacement::cluster_worker(&c, None, cap, 2);
+        let d = gpu_demand(&c, &p(0));
+        let layer = d.layer_bytes[0];
+        let plenty = 1 << 40;
+        let all = budget_within(&d, plenty, &GpuPlacement { max_live_bytes: None, ..p(0) }).expect("fits");
+        assert_eq!((all.resident_layers, all.staging_slots), (22, 0));
+        let none = budget_within(&d, plenty, &p(0)).expect("streams");
+        assert_eq!((none.resident_layers, none.resident_bytes, none.staging_slots), (0, 0, 3));
+        let one = budget_within(&d, plenty, &p(layer + layer / 2)).expect("one resident");
+        assert_eq!((one.resident_layers, one.resident_bytes), (1, layer));
+        assert_eq!(budget_within(&d, plenty, &p(u64::MAX)).expect("all").resident_layers, 22);
+        // Memory for the ring and one layer: the cap cannot add a second.
+        let fixed = d.outer_bytes + d.kv_bytes + d.workspace_bytes;
+        assert_eq!(budget_within(&d, fixed + 4 * layer, &p(2 * layer)).expect("fits").resident_layers, 1);
+        // Memory for every layer but no ring: capping at 21 needs 21 + 3 slots.
+        let exact = fixed + 22 * layer;
+        assert_eq!(budget_within(&d, exact, &p(19 * layer)).expect("fits").resident_layers, 19);
+        let err = budget_within(&d, exact, &p(21 * layer)).expect_err("too much").to_string();
+        assert!(err.contains("--max-live-bytes") && err.contains("more than --gpu-memory"), "{err}");
     }
 }

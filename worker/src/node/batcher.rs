@@ -1,6 +1,7 @@
 //! The continuous-batching loop: one thread that owns every active sequence.
 //! Sequences join and leave at step boundaries; each step is one forward over
-//! all of them, so one gather per layer serves the whole batch.
+//! all of them, so one gather per layer serves the whole batch. The loop is the
+//! same for every backend: `state` starts it with a CPU or a CUDA engine.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -11,7 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tonic::Status;
 use zeroshard_proto::v1 as pb;
 
-use crate::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::engine::{Engine, FinishReason, GenerationParams, Sequence};
 use crate::source::WeightSource;
 
@@ -38,8 +39,8 @@ pub struct BatchStats {
     pub step_nanos: AtomicU64,
 }
 
-struct Active {
-    seq: Sequence<CpuBackend>,
+struct Active<B: Backend> {
+    seq: Sequence<B>,
     tx: UnboundedSender<Result<pb::SequenceStep, Status>>,
 }
 
@@ -53,8 +54,13 @@ pub fn finish_to_pb(r: FinishReason) -> pb::FinishReason {
 
 /// Runs until every command sender is gone. `step_delay` (a test hook) is
 /// slept after every step, to make a short generation long enough to disturb.
-pub fn run(engine: Engine<CpuBackend>, rx: Receiver<Command>, stats: Arc<BatchStats>, step_delay: Duration) {
-    let mut active: HashMap<u64, Active> = HashMap::new();
+pub fn run<B: Backend>(
+    engine: Engine<B>,
+    rx: Receiver<Command>,
+    stats: Arc<BatchStats>,
+    step_delay: Duration,
+) {
+    let mut active: HashMap<u64, Active<B>> = HashMap::new();
     let mut source: Option<Arc<dyn WeightSource>> = None;
     loop {
         // Wait for work when idle; otherwise take what arrived and step.
@@ -92,9 +98,9 @@ pub fn run(engine: Engine<CpuBackend>, rx: Receiver<Command>, stats: Arc<BatchSt
         }
         let mut ids: Vec<u64> = active.keys().copied().collect();
         ids.sort_unstable();
-        let mut seqs: Vec<&mut Sequence<CpuBackend>> = Vec::with_capacity(ids.len());
+        let mut seqs: Vec<&mut Sequence<B>> = Vec::with_capacity(ids.len());
         // Borrow every active sequence mutably, in id order.
-        let mut by_id: HashMap<u64, &mut Active> = active.iter_mut().map(|(k, v)| (*k, v)).collect();
+        let mut by_id: HashMap<u64, &mut Active<B>> = active.iter_mut().map(|(k, v)| (*k, v)).collect();
         let mut txs = Vec::with_capacity(ids.len());
         for id in &ids {
             let a = by_id.remove(id).expect("id from keys");

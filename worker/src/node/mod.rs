@@ -1,6 +1,7 @@
 //! The worker process of a cluster: serves its owned ranges to peers
 //! (`Shards`), takes its plan and sequences from the coordinator (`Worker`),
-//! and runs the continuous-batching loop over layers it gathers.
+//! and runs the continuous-batching loop over layers it gathers, on the CPU or
+//! a CUDA device ([`NodeConfig::on_device`]; the caller has resolved `--device`).
 //!
 //! ```ignore
 //! let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -30,15 +31,21 @@ use crate::error::{Result, WorkerError};
 /// How a worker runs.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
-    /// `cpu` or `cuda:N`, as announced to the cluster.
+    /// `cpu` or `cuda:N`, as announced to the cluster (see [`NodeConfig::on_device`]).
     pub device: String,
+    /// The CUDA device the batching loop computes on (`None`: the CPU).
+    pub cuda: Option<usize>,
+    /// On a GPU: device bytes to use in all (default: 90% of what is free);
+    /// starting refuses, with the numbers, when one layer does not fit.
+    pub gpu_memory: Option<u64>,
     /// The checkpoint folder, if it differs from the coordinator's path.
     pub model_dir: Option<PathBuf>,
     /// Receive owned ranges from the coordinator instead of reading the checkpoint.
     pub pull: bool,
     /// Layers gathered ahead of the one computing.
     pub prefetch_layers: usize,
-    /// Gathered layers kept resident within this many bytes (0 = re-gather every step).
+    /// Gathered layers kept resident within this many bytes (0 = re-gather every
+    /// step); on a GPU, the device bytes of resident layers.
     pub max_live_bytes: u64,
     /// Test hook: corrupt one chunk of every Nth fetch this worker serves (0 = never).
     pub corrupt_every: u64,
@@ -55,6 +62,8 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             device: "cpu".into(),
+            cuda: None,
+            gpu_memory: None,
             model_dir: None,
             pull: false,
             prefetch_layers: 2,
@@ -64,6 +73,15 @@ impl Default for NodeConfig {
             step_delay: Duration::ZERO,
             fetch_timeout: Duration::from_secs(2),
         }
+    }
+}
+
+impl NodeConfig {
+    /// Computes on CUDA device `ordinal`, or the CPU for `None`, and announces it.
+    pub fn on_device(mut self, cuda: Option<usize>) -> Self {
+        self.device = cuda.map_or_else(|| "cpu".into(), |n| format!("cuda:{n}"));
+        self.cuda = cuda;
+        self
     }
 }
 

@@ -6,6 +6,12 @@
 //! switches to it between two steps); the epoch it replaced stays as
 //! *previous*, still served to peers whose steps started under it, until the
 //! next activation.
+//!
+//! On a GPU (`NodeConfig::cuda`) the device is opened and sized at the first
+//! plan, so a device too small for one layer refuses that plan with the
+//! numbers; gathered layers that stay resident (within the device budget for
+//! resident layers) are copied to the device once, the others are staged
+//! through the backend's ring every step.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -21,9 +27,12 @@ use super::batcher::{self, BatchStats, Command};
 use super::gather::{GatherStats, Gatherer};
 use super::weights::ClusterWeights;
 use super::{store, NodeConfig};
+use crate::backend::Backend;
 use crate::cpu::CpuBackend;
+use crate::cuda::CudaBackend;
 use crate::engine::Engine;
 use crate::error::{Result, WorkerError};
+use crate::placement::{open_for_cluster, GpuPlacement};
 use crate::shards::HostSlices;
 
 /// What one plan gave this worker.
@@ -92,6 +101,10 @@ pub(super) struct Node {
     commands: Mutex<Sender<Command>>,
     /// The batching loop's end of `commands`, until the first activation starts it.
     batcher_rx: Mutex<Option<Receiver<Command>>>,
+    /// The CUDA backend opened at the first plan, until the batching loop takes it.
+    gpu: Mutex<Option<CudaBackend>>,
+    /// On a GPU: device bytes for resident layers, as sized at the first plan.
+    gpu_live_bytes: OnceLock<u64>,
     /// One installation at a time.
     installing: tokio::sync::Mutex<()>,
     pub batch: Arc<BatchStats>,
@@ -118,6 +131,8 @@ impl Node {
             epochs: RwLock::new(Epochs::default()),
             commands: Mutex::new(tx),
             batcher_rx: Mutex::new(Some(rx)),
+            gpu: Mutex::new(None),
+            gpu_live_bytes: OnceLock::new(),
             installing: tokio::sync::Mutex::new(()),
             batch: Arc::new(BatchStats::default()),
             resident: Arc::new(AtomicU64::new(0)),
@@ -161,6 +176,7 @@ impl Node {
                 "injected fault: this worker refuses to load (--fault-fail-load)".into(),
             ));
         }
+        let max_live_bytes = self.open_device(&info.config).await?;
         let start = Instant::now();
         let plan = Arc::new(a.plan);
         self.loading.store(0, Ordering::Relaxed);
@@ -202,7 +218,7 @@ impl Node {
             gatherer,
             &info.config,
             self.cfg.prefetch_layers,
-            self.cfg.max_live_bytes,
+            max_live_bytes,
             self.resident.clone(),
         ));
         self.loads.fetch_add(1, Ordering::Relaxed);
@@ -253,18 +269,66 @@ impl Node {
         Ok(self.model.get_or_init(|| info))
     }
 
-    /// Starts the batching loop once, with the model's engine.
-    fn start_batcher(&self) -> Result<()> {
-        let Some(rx) = self.batcher_rx.lock().map_err(poisoned)?.take() else { return Ok(()) };
-        let info = self.model.get().ok_or_else(|| WorkerError::Load("no model before activation".into()))?;
-        let engine = Engine::without_weights(CpuBackend, info.config.clone());
-        let (stats, delay) = (self.batch.clone(), self.cfg.step_delay);
-        std::thread::Builder::new()
-            .name("batcher".into())
-            .spawn(move || batcher::run(engine, rx, stats, delay))
-            .map_err(|e| WorkerError::Load(format!("batcher thread: {e}")))?;
-        Ok(())
+    /// The budget for gathered layers kept resident: `--max-live-bytes` on the
+    /// CPU; on a GPU, the device bytes of resident layers, once the device is
+    /// opened and sized for `config` (the first time only).
+    async fn open_device(&self, config: &ModelConfig) -> Result<u64> {
+        let Some(ordinal) = self.cfg.cuda else { return Ok(self.cfg.max_live_bytes) };
+        if let Some(bytes) = self.gpu_live_bytes.get() {
+            return Ok(*bytes);
+        }
+        let p = GpuPlacement::cluster_worker(
+            config,
+            self.cfg.gpu_memory,
+            self.cfg.max_live_bytes,
+            self.cfg.prefetch_layers,
+        );
+        let config = config.clone();
+        // Opening compiles the kernels: off the async runtime.
+        let placed = tokio::task::spawn_blocking(move || open_for_cluster(ordinal, &config, &p))
+            .await
+            .map_err(|e| WorkerError::Backend(format!("opening cuda:{ordinal}: {e}")))??;
+        tracing::info!("cuda:{ordinal}: {}", placed.summary);
+        *self.gpu.lock().map_err(poisoned)? = Some(placed.backend);
+        Ok(*self.gpu_live_bytes.get_or_init(|| placed.budget.resident_bytes))
     }
+
+    /// Starts the batching loop once, with the model's engine on this worker's device.
+    fn start_batcher(&self) -> Result<()> {
+        let mut rx = self.batcher_rx.lock().map_err(poisoned)?;
+        if rx.is_none() {
+            return Ok(());
+        }
+        let info = self.model.get().ok_or_else(|| WorkerError::Load("no model before activation".into()))?;
+        let (stats, delay) = (self.batch.clone(), self.cfg.step_delay);
+        match self.cfg.cuda {
+            None => {
+                let engine = Engine::without_weights(CpuBackend, info.config.clone());
+                spawn_batcher(engine, rx.take().expect("checked above"), stats, delay)
+            }
+            Some(n) => {
+                let backend = self.gpu.lock().map_err(poisoned)?.take().ok_or_else(|| {
+                    WorkerError::Backend(format!("cuda:{n} was not opened before activation"))
+                })?;
+                let engine = Engine::without_weights(backend, info.config.clone());
+                spawn_batcher(engine, rx.take().expect("checked above"), stats, delay)
+            }
+        }
+    }
+}
+
+/// Runs the batching loop over `engine` on a thread of its own.
+fn spawn_batcher<B: Backend + 'static>(
+    engine: Engine<B>,
+    rx: Receiver<Command>,
+    stats: Arc<BatchStats>,
+    delay: Duration,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("batcher".into())
+        .spawn(move || batcher::run(engine, rx, stats, delay))
+        .map_err(|e| WorkerError::Load(format!("batcher thread: {e}")))?;
+    Ok(())
 }
 
 fn load_checkpoint(dir: &Path, plan: &Plan, me: WorkerId, progress: &AtomicU64) -> Result<HostSlices> {
