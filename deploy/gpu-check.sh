@@ -6,8 +6,9 @@
 #
 #   bash deploy/gpu-check.sh [BUNDLE_DIR]        # default: ./gpu-bundle
 #
-# Prints one table (parity, speed resident and offloaded, PyTorch ratios) and
-# leaves every log under $OUT/gpu-check (or ./gpu-check-logs without $OUT).
+# Prints one table (parity of generate and of a 2-worker CUDA cluster, speed
+# resident and offloaded, PyTorch ratios) and leaves every log under
+# $OUT/gpu-check (or ./gpu-check-logs without $OUT).
 # Budget: at most 9.5 minutes (smoke 90 s, PyTorch 200 s, zeroshard 280 s);
 # about 3 expected on an H100.
 set -uo pipefail

@@ -7,6 +7,8 @@
    stories260K-f16) and refs/arch/*.json through `generate --device cuda`:
    greedy tokens equal to transformers', last-prompt-position logits within 1%
    of the reference's largest magnitude; and CUDA vs CPU logits per fixture.
+   Then a cluster of CUDA workers (`up --workers 2 --device cuda`, every layer
+   streamed, then every layer resident) and `query` over the stories260K cases.
 2. Speed: `bench --device cuda --synthetic <TinyLlama-1.1B shape>` fully
    resident (batch 1 and 32, ratio to the device-copy bound) and with
    `--max-live-bytes 0` (step time over the pinned host->device bound).
@@ -18,6 +20,8 @@ LOGDIR/table.txt. Exit status 0 when every row passes.
 import argparse
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +117,52 @@ def parity(r, bundle, device):
     return rows
 
 
+def cluster_parity(r, bundle, device):
+    """`up --workers 2 --device DEVICE` over stories260K, `query` of every case: greedy tokens equal to the refs."""
+    rows = []
+    cases = json.load(open(os.path.join(bundle, "refs", "stories260K_greedy_sample.json")))["cases"]
+    model = os.path.join(bundle, "models", "stories260K")
+    for live in ["0", "1000000000"]:
+        label = f"cluster, 2 workers, max-live {'0 (streamed)' if live == '0' else 'all (resident)'}"
+        r.n += 1
+        log = open(os.path.join(r.logs, f"{r.n:03d}-cluster-up-{live}.log"), "w")
+        up = subprocess.Popen([r.bin, "up", "--model", model, "--workers", "2", "--device", device,
+                               "--max-live-bytes", live, "--listen", "127.0.0.1:0"],
+                              stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        endpoint, deadline = None, time.time() + 90
+        while endpoint is None and time.time() < deadline and up.poll() is None:
+            if select.select([up.stdout], [], [], 1.0)[0]:
+                line = up.stdout.readline()
+                if line.startswith("ready "):
+                    endpoint = line.split()[1]
+        try:
+            if endpoint is None:
+                rows.append((label, "FAIL", f"up not ready (exit {up.poll()}; see {log.name})"))
+                continue
+            exact, errors = 0, []
+            for c in cases:
+                rc, out, err = r.run("cluster-query", ["query", "--endpoint", endpoint, "--json", "--prompt-ids",
+                                                       ",".join(map(str, c["input_ids"])), "--temperature", "0",
+                                                       "--ignore-eos", "--max-new-tokens",
+                                                       str(len(c["new_token_ids"]))], timeout=60)
+                if rc != 0:
+                    errors.append((err.strip().splitlines() or [f"exit {rc}"])[-1])
+                    continue
+                exact += json.loads(out.splitlines()[0])["token_ids"] == c["new_token_ids"]
+            ok = exact == len(cases) and not errors
+            rows.append((label, "pass" if ok else "FAIL",
+                         f"greedy tokens exact {exact}/{len(cases)} through query" + (f"; {errors[0]}" if errors else "")))
+        finally:
+            if up.poll() is None:
+                os.killpg(up.pid, signal.SIGTERM)
+                try:
+                    up.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(up.pid, signal.SIGKILL)
+            log.close()
+    return rows
+
+
 def bench(r, a, name, extra, new_tokens, timeout=150):
     args = ["bench", "--device", a.device, "--synthetic", a.synthetic, "--batch", "1,32", "--prompt-len", "32",
             "--new-tokens", str(new_tokens), "--json", *extra]
@@ -134,7 +184,7 @@ def main():
     a = p.parse_args()
     os.makedirs(a.logs, exist_ok=True)
     r = Runner(a.bundle, a.logs)
-    rows = [] if a.skip_parity else parity(r, a.bundle, a.device)
+    rows = [] if a.skip_parity else parity(r, a.bundle, a.device) + cluster_parity(r, a.bundle, a.device)
 
     resident, err = bench(r, a, "bench-resident", [], 64)
     zs = {}
