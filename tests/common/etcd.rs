@@ -41,7 +41,23 @@ impl Etcd {
     }
 
     /// `n` members forming one cluster; returns once every member is healthy.
+    /// A port taken between choosing it and etcd binding it (other tests open
+    /// connections from ephemeral ports) means new ports and another try.
     pub fn start_cluster(n: usize) -> Self {
+        for attempt in 1..=5 {
+            let mut etcd = Self::spawn_cluster(n);
+            match (0..n).try_for_each(|i| etcd.healthy_within(i)) {
+                Ok(()) => return etcd,
+                Err(log) if log.contains("address already in use") && attempt < 5 => {
+                    eprintln!("etcd: a chosen port was taken meanwhile; trying other ports");
+                }
+                Err(log) => panic!("etcd did not start:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn spawn_cluster(n: usize) -> Self {
         let binary = etcd_binary();
         let dir = tempfile::Builder::new().prefix("zeroshard-etcd-").tempdir().expect("temp dir for etcd");
         let members: Vec<EtcdMember> = (0..n)
@@ -60,9 +76,6 @@ impl Etcd {
         let mut etcd = Self { dir, binary, initial_cluster, members };
         for i in 0..n {
             etcd.spawn(i);
-        }
-        for i in 0..n {
-            etcd.wait_healthy(i);
         }
         etcd
     }
@@ -127,18 +140,25 @@ impl Etcd {
 
     /// Polls `GET /health` until it reports true; panics with the log's tail.
     fn wait_healthy(&mut self, i: usize) {
+        if let Err(log) = self.healthy_within(i) {
+            panic!("{log}");
+        }
+    }
+
+    /// Polls `GET /health` until it reports true; else what went wrong and the log's tail.
+    fn healthy_within(&mut self, i: usize) -> Result<(), String> {
         let port = self.members[i].client_port;
         let deadline = Instant::now() + HEALTHY_WITHIN;
         while Instant::now() < deadline {
             if let Some(status) = self.members[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("etcd member {i} exited ({status}):\n{}", tail(&self.log_path(i)));
+                return Err(format!("etcd member {i} exited ({status}):\n{}", tail(&self.log_path(i))));
             }
             if healthy(port) {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd member {i} not healthy within {HEALTHY_WITHIN:?}:\n{}", tail(&self.log_path(i)));
+        Err(format!("etcd member {i} not healthy within {HEALTHY_WITHIN:?}:\n{}", tail(&self.log_path(i))))
     }
 }
 
