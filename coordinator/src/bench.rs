@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use zeroshard_offload::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use zeroshard_offload::{Architecture, ModelConfig};
 use zeroshard_worker::engine::{Engine, GenerationParams, Sequence};
 use zeroshard_worker::model::tensor_specs;
 use zeroshard_worker::sampling::SamplingParams;
@@ -41,25 +41,19 @@ pub fn synthetic_config(spec: &str) -> Result<ModelConfig> {
     if heads % kv_heads != 0 {
         return Err(bad(format!("kv_heads {kv_heads} does not divide heads {heads}")));
     }
+    let c = ModelConfig::synthetic(
+        Architecture::Llama,
+        hidden,
+        need("layers")?,
+        heads,
+        kv_heads,
+        need("ffn")?,
+        need("vocab")?,
+    );
     Ok(ModelConfig {
-        architecture: Architecture::Llama,
-        hidden_size: hidden,
-        num_layers: need("layers")?,
-        num_heads: heads,
-        num_kv_heads: kv_heads,
         head_dim: get.get("head_dim").copied().unwrap_or(hidden / heads),
-        intermediate_size: need("ffn")?,
-        vocab_size: need("vocab")?,
         max_position_embeddings: get.get("max_pos").copied().unwrap_or(4096),
-        rms_norm_eps: 1e-5,
-        rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
-        tie_word_embeddings: false,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        sliding_window: None,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
+        ..c
     })
 }
 

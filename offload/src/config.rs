@@ -291,6 +291,41 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 }
 
 impl ModelConfig {
+    /// A model of the given shape with plain settings — `head_dim = hidden /
+    /// heads`, 2048 positions, ε 1e-5, RoPE θ 10000 unscaled, untied head, no
+    /// biases, BOS 1, EOS 2 — for synthetic models and tests; change the rest
+    /// with struct update syntax.
+    pub fn synthetic(
+        architecture: Architecture,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        ffn: usize,
+        vocab: usize,
+    ) -> Self {
+        Self {
+            architecture,
+            hidden_size: hidden,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hidden / heads.max(1),
+            intermediate_size: ffn,
+            vocab_size: vocab,
+            max_position_embeddings: 2048,
+            rms_norm_eps: 1e-5,
+            rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
     /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");

@@ -337,29 +337,19 @@ impl<B: Backend> Engine<B> {
 mod tests {
     use super::*;
     use crate::cpu::CpuBackend;
-    use zeroshard_offload::{Architecture, RopeConfig, RopeScaling};
+    use zeroshard_offload::Architecture;
 
     fn config(architecture: Architecture, num_heads: usize) -> ModelConfig {
         let hidden = 4 * num_heads;
         ModelConfig {
-            architecture,
-            hidden_size: hidden,
-            num_layers: 2,
-            num_heads,
-            num_kv_heads: num_heads,
-            head_dim: 4,
-            intermediate_size: 4 * hidden,
-            vocab_size: 50,
             max_position_embeddings: 16,
-            rms_norm_eps: 1e-5,
-            rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
             tie_word_embeddings: true,
             qkv_bias: true,
             o_bias: true,
             mlp_bias: true,
-            sliding_window: None,
             bos_token_id: None,
             eos_token_ids: vec![],
+            ..ModelConfig::synthetic(architecture, hidden, 2, num_heads, num_heads, 4 * hidden, 50)
         }
     }
 

@@ -218,29 +218,10 @@ fn placed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zeroshard_offload::{Architecture, RopeConfig, RopeScaling};
+    use zeroshard_offload::Architecture;
 
     fn tinyllama() -> ModelConfig {
-        ModelConfig {
-            architecture: Architecture::Llama,
-            hidden_size: 2048,
-            num_layers: 22,
-            num_heads: 32,
-            num_kv_heads: 4,
-            head_dim: 64,
-            intermediate_size: 5632,
-            vocab_size: 32000,
-            max_position_embeddings: 2048,
-            rms_norm_eps: 1e-5,
-            rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
-            tie_word_embeddings: false,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            sliding_window: None,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
-        }
+        ModelConfig::synthetic(Architecture::Llama, 2048, 22, 32, 4, 5632, 32000)
     }
 
     #[test]

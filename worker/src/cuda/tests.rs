@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use half::f16;
-use zeroshard_offload::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use zeroshard_offload::{Architecture, ModelConfig};
 
 use super::*;
 use crate::backend::Backend;
@@ -199,24 +199,14 @@ fn attention_over_the_cache_matches_the_cpu() {
 fn config(architecture: Architecture, heads: usize, kv_heads: usize) -> ModelConfig {
     let hidden = 16 * heads;
     ModelConfig {
-        architecture,
-        hidden_size: hidden,
-        num_layers: 3,
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim: 16,
-        intermediate_size: 3 * hidden,
-        vocab_size: 97,
         max_position_embeddings: 64,
-        rms_norm_eps: 1e-5,
-        rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
         tie_word_embeddings: architecture != Architecture::Llama,
         qkv_bias: architecture != Architecture::Llama,
         o_bias: architecture != Architecture::Llama,
         mlp_bias: architecture != Architecture::Llama,
-        sliding_window: None,
         bos_token_id: None,
         eos_token_ids: vec![],
+        ..ModelConfig::synthetic(architecture, hidden, 3, heads, kv_heads, 3 * hidden, 97)
     }
 }
 

@@ -73,24 +73,11 @@ mod tests {
 
     fn cfg(scaling: RopeScaling) -> ModelConfig {
         ModelConfig {
-            architecture: Architecture::Llama,
-            hidden_size: 64,
-            num_layers: 1,
-            num_heads: 8,
-            num_kv_heads: 2,
-            head_dim: 8,
-            intermediate_size: 16,
-            vocab_size: 16,
             max_position_embeddings: 512,
             rms_norm_eps: 1e-6,
             rope: RopeConfig { theta: 500000.0, scaling },
             tie_word_embeddings: true,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
-            sliding_window: None,
-            bos_token_id: Some(1),
-            eos_token_ids: vec![2],
+            ..ModelConfig::synthetic(Architecture::Llama, 64, 1, 8, 2, 16, 16)
         }
     }
 
