@@ -22,19 +22,27 @@ fn stories() -> String {
     model("stories260K").to_str().expect("utf-8").to_string()
 }
 
-/// What `generate` (one process, no cluster) produces for `prompt`.
+/// What `generate` (one process, no cluster) produces for `prompt`, greedy.
 fn expected(prompt: &str, max_new: u32) -> Vec<u64> {
-    let out = run_json(&[
+    expected_with(prompt, max_new, &[])
+}
+
+/// The same with extra sampling flags.
+fn expected_with(prompt: &str, max_new: u32, sampling: &[&str]) -> Vec<u64> {
+    let (max_new, dir) = (max_new.to_string(), stories());
+    let mut args = vec![
         "generate",
         "--model",
-        &stories(),
+        &dir,
         "--prompt",
         prompt,
         "--max-new-tokens",
-        &max_new.to_string(),
+        &max_new,
         "--ignore-eos",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(sampling);
+    let out = run_json(&args);
     out[0]["token_ids"].as_array().expect("token_ids").iter().map(|v| v.as_u64().expect("id")).collect()
 }
 
@@ -67,8 +75,13 @@ fn request(prompt: &str, max_new: u32) -> pb::GenerateRequest {
 
 /// Streams `prompt`; calls `during` once the first tokens arrived.
 async fn stream(endpoint: &str, prompt: &str, max_new: u32, during: impl FnOnce()) -> Streamed {
+    stream_request(endpoint, request(prompt, max_new), during).await
+}
+
+/// Streams `req`; calls `during` once the first tokens arrived.
+async fn stream_request(endpoint: &str, req: pb::GenerateRequest, during: impl FnOnce()) -> Streamed {
     let mut c = client(endpoint).await;
-    let mut s = c.generate_stream(request(prompt, max_new)).await.expect("stream starts").into_inner();
+    let mut s = c.generate_stream(req).await.expect("stream starts").into_inner();
     let mut out = Streamed { tokens: Vec::new(), gaps: Vec::new() };
     let mut during = Some(during);
     let mut last = Instant::now();
@@ -153,6 +166,27 @@ fn lose_a_worker_mid_stream(hang: bool) {
 #[test]
 fn a_worker_killed_mid_stream_changes_nothing_the_client_sees() {
     lose_a_worker_mid_stream(false);
+}
+
+#[test]
+fn a_sampled_stream_resumed_elsewhere_continues_its_random_draws() {
+    let sampling = ["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"];
+    let want = expected_with(PROMPT, LONG, &sampling);
+    let fleet =
+        Fleet::start(Etcd::start(), model("stories260K"), 2, &[], &["--fault-step-delay-ms", STEP_DELAY]);
+    let fleet = std::sync::Mutex::new(fleet);
+    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
+    let mut req = request(PROMPT, LONG);
+    let p = req.sampling.as_mut().expect("sampling");
+    (p.temperature, p.top_p, p.seed) = (Some(0.9), Some(0.95), Some(7));
+    let got = runtime().block_on(stream_request(&endpoint, req, || {
+        let mut f = fleet.lock().expect("fleet");
+        let i = busy_worker(&f);
+        f.kill_worker(i);
+    }));
+    assert_eq!(got.tokens, want, "a resumed sampled sequence drew differently");
+    let s = fleet.lock().expect("fleet").status();
+    assert!(s["sequences_resumed_total"].as_u64() >= Some(1), "the sequence was not resumed: {s}");
 }
 
 #[test]
