@@ -205,7 +205,8 @@ pub async fn run(
     println!("listening {advertise}");
 
     let described = registrar.describe();
-    let announce = Announce { address: advertise, device: cfg.device.clone(), memory_bytes: 0 };
+    let announce =
+        Announce { address: advertise, device: cfg.device.clone(), memory_bytes: available_memory() };
     let id = registrar.register(announce).await?;
     node.id.set(id).ok();
     tracing::info!("worker {id} registered with {described}");
@@ -214,4 +215,15 @@ pub async fn run(
         .await
         .map_err(|e| WorkerError::Load(format!("server task: {e}")))?
         .map_err(|e| WorkerError::Load(format!("server: {e}")))
+}
+
+/// Host memory available now (`MemAvailable` of /proc/meminfo), 0 when unknown.
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }

@@ -18,7 +18,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use zeroshard_offload::plan::{Assignment, OwnedBytes, Plan, WorkerId};
+use zeroshard_offload::plan::{Assignment, OwnedBytes, WorkerId};
 use zeroshard_offload::{Checkpoint, ModelConfig};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_client::ShardsClient;
@@ -180,17 +180,32 @@ impl Node {
         let start = Instant::now();
         let plan = Arc::new(a.plan);
         self.loading.store(0, Ordering::Relaxed);
+        // What the active epoch holds already is copied, not loaded again.
+        let held = self.epochs.read().map_err(poisoned)?.active.as_ref().map(|i| i.slices.clone());
+        let (mut slices, missing, reused) = store::reuse(&plan, a.worker, held.as_deref())?;
         let slices = match &a.pull_from {
-            Some(endpoint) => store::load_from_pull(endpoint, &plan, a.worker, &self.loading).await?,
+            Some(endpoint) => {
+                store::pull_ranges(endpoint, plan.epoch(), &missing, &mut slices, &self.loading).await?;
+                slices
+            }
             None => {
-                let (dir, plan2) =
-                    (self.cfg.model_dir.clone().unwrap_or_else(|| info.dir.clone()), plan.clone());
+                let dir = self.cfg.model_dir.clone().unwrap_or_else(|| info.dir.clone());
                 let progress = self.loading.clone();
-                tokio::task::spawn_blocking(move || load_checkpoint(&dir, &plan2, a.worker, &progress))
-                    .await
-                    .map_err(|e| WorkerError::Load(format!("loader task: {e}")))??
+                tokio::task::spawn_blocking(move || {
+                    let ckpt = Checkpoint::open(&dir)?;
+                    store::read_ranges(&ckpt, &missing, &mut slices, &progress)?;
+                    Ok::<_, WorkerError>(slices)
+                })
+                .await
+                .map_err(|e| WorkerError::Load(format!("loader task: {e}")))??
             }
         };
+        if reused > 0 {
+            tracing::info!(
+                "epoch {epoch}: {:.1} MB of the new ranges were already held",
+                reused as f64 / 1e6
+            );
+        }
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
         let slices = Arc::new(slices);
         let mut peers = std::collections::HashMap::new();
@@ -329,11 +344,6 @@ fn spawn_batcher<B: Backend + 'static>(
         .spawn(move || batcher::run(engine, rx, stats, delay))
         .map_err(|e| WorkerError::Load(format!("batcher thread: {e}")))?;
     Ok(())
-}
-
-fn load_checkpoint(dir: &Path, plan: &Plan, me: WorkerId, progress: &AtomicU64) -> Result<HostSlices> {
-    let ckpt = Checkpoint::open(dir)?;
-    store::load_from_checkpoint(&ckpt, plan, me, progress)
 }
 
 /// The model config from the texts of its files that a plan carries.

@@ -20,57 +20,81 @@ const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Bytes per element of the host store (f16).
 pub const ELEM_BYTES: usize = 2;
 
-/// Reads `me`'s ranges of `plan` from `ckpt`.
-/// `progress` counts the bytes loaded so far.
-pub fn load_from_checkpoint(
-    ckpt: &Checkpoint,
+/// `me`'s ranges of `plan`, split into what `held` (the ranges of the epoch
+/// before) already has — copied into the returned slices, so the old epoch's
+/// buffers can be freed — and the ranges still to load. Returns the reused bytes.
+pub fn reuse(
     plan: &Plan,
     me: WorkerId,
-    progress: &AtomicU64,
-) -> Result<HostSlices> {
-    let start = Instant::now();
+    held: Option<&HostSlices>,
+) -> Result<(HostSlices, Vec<TensorRange>, u64)> {
     let mut slices = HostSlices::new(ELEM_BYTES);
+    let mut missing = Vec::new();
+    let mut reused = 0u64;
     for r in plan.owned_ranges(me).map_err(|e| WorkerError::Load(format!("plan: {e}")))? {
-        let range = r.elements.start as usize..r.elements.end as usize;
-        let data = ckpt.read_f16(&r.tensor.meta.name, range)?;
-        progress.fetch_add((data.len() * ELEM_BYTES) as u64, Ordering::Relaxed);
-        slices
-            .insert(r.tensor.meta.name.clone(), r.elements.clone(), f16_bytes(data))
-            .map_err(|e| WorkerError::Load(e.to_string()))?;
+        let name = &r.tensor.meta.name;
+        let mut at = r.elements.start;
+        for (part, bytes) in held.map(|h| h.held_parts(name, r.elements.clone())).unwrap_or_default() {
+            if part.start > at {
+                missing.push(TensorRange::new(name.clone(), at..part.start));
+            }
+            reused += bytes.len() as u64;
+            slices
+                .insert(name.clone(), part.clone(), Bytes::copy_from_slice(&bytes))
+                .map_err(|e| WorkerError::Load(e.to_string()))?;
+            at = part.end;
+        }
+        if at < r.elements.end || r.elements.is_empty() {
+            missing.push(TensorRange::new(name.clone(), at..r.elements.end));
+        }
     }
-    log_loaded(&slices, start);
-    Ok(slices)
+    Ok((slices, missing, reused))
 }
 
-/// Receives `me`'s ranges of `plan` from the `Shards` service at `endpoint`.
-/// `progress` counts the bytes received so far.
-pub async fn load_from_pull(
-    endpoint: &str,
-    plan: &Plan,
-    me: WorkerId,
+/// Reads `ranges` from `ckpt` into `slices`; `progress` counts the bytes read.
+pub fn read_ranges(
+    ckpt: &Checkpoint,
+    ranges: &[TensorRange],
+    slices: &mut HostSlices,
     progress: &AtomicU64,
-) -> Result<HostSlices> {
+) -> Result<()> {
+    let start = Instant::now();
+    for r in ranges {
+        let data = ckpt.read_f16(&r.tensor, r.elements.start as usize..r.elements.end as usize)?;
+        progress.fetch_add((data.len() * ELEM_BYTES) as u64, Ordering::Relaxed);
+        slices
+            .insert(r.tensor.clone(), r.elements.clone(), f16_bytes(data))
+            .map_err(|e| WorkerError::Load(e.to_string()))?;
+    }
+    log_loaded(ranges, start);
+    Ok(())
+}
+
+/// Receives `ranges` under `epoch` from the `Shards` service at `endpoint` into
+/// `slices`; `progress` counts the bytes received.
+pub async fn pull_ranges(
+    endpoint: &str,
+    epoch: u64,
+    ranges: &[TensorRange],
+    slices: &mut HostSlices,
+    progress: &AtomicU64,
+) -> Result<()> {
     let start = Instant::now();
     let channel = super::connect(endpoint).await?;
     let mut client = ShardsClient::new(channel);
-    let owned = plan.owned_ranges(me).map_err(|e| WorkerError::Load(format!("plan: {e}")))?;
-    let mut slices = HostSlices::new(ELEM_BYTES);
     // A few tensors per request keeps memory bounded and the stream busy.
-    for batch in owned.chunks(16) {
-        let ranges: Vec<TensorRange> =
-            batch.iter().map(|r| TensorRange::new(r.tensor.meta.name.clone(), r.elements.clone())).collect();
-        let mut bufs: Vec<Vec<u8>> =
-            ranges.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
-        pull(&mut client, plan.epoch(), &ranges, &mut bufs).await?;
-        for (r, b) in ranges.into_iter().zip(bufs) {
+    for batch in ranges.chunks(16) {
+        let mut bufs: Vec<Vec<u8>> = batch.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
+        pull(&mut client, epoch, batch, &mut bufs).await?;
+        for (r, b) in batch.iter().zip(bufs) {
             progress.fetch_add(b.len() as u64, Ordering::Relaxed);
             slices
-                .insert(r.tensor, r.elements, Bytes::from(b))
+                .insert(r.tensor.clone(), r.elements.clone(), Bytes::from(b))
                 .map_err(|e| WorkerError::Load(e.to_string()))?;
         }
     }
-    log_loaded(&slices, start);
-    Ok(slices)
+    log_loaded(ranges, start);
+    Ok(())
 }
 
 async fn pull(
@@ -95,8 +119,8 @@ pub fn f16_bytes(data: Vec<f16>) -> Bytes {
     Bytes::from(bytemuck::cast_slice::<f16, u8>(&data).to_vec())
 }
 
-fn log_loaded(slices: &HostSlices, start: Instant) {
-    let bytes = slices.held_bytes();
+fn log_loaded(ranges: &[TensorRange], start: Instant) {
+    let bytes: u64 = ranges.iter().map(|r| r.len() * ELEM_BYTES as u64).sum();
     let s = start.elapsed().as_secs_f64();
     tracing::info!(
         "loaded {:.1} MB of owned ranges in {:.2} s ({:.2} GB/s)",
@@ -104,4 +128,57 @@ fn log_loaded(slices: &HostSlices, start: Instant) {
         s,
         bytes as f64 / s.max(1e-9) / 1e9
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use zeroshard_offload::plan::{plan, PlanOptions, TensorMeta};
+
+    use super::*;
+
+    /// The bytes of `tensor[elements]` in a made-up checkpoint.
+    fn content(tensor: &str, elements: std::ops::Range<u64>) -> Bytes {
+        let seed = tensor.len() as u64;
+        elements.flat_map(|e| ((e * 7 + seed) as u16).to_le_bytes()).collect::<Vec<u8>>().into()
+    }
+
+    #[test]
+    fn a_new_epoch_copies_what_was_held_and_loads_only_the_rest() {
+        let meta =
+            vec![TensorMeta::new("w", vec![1000, 8], Some(0)), TensorMeta::new("head", vec![333, 8], None)];
+        let opts = |epoch| PlanOptions { epoch, persistence_threshold_bytes: 64, ..PlanOptions::default() };
+        let three: Vec<WorkerId> = (1..=3).map(WorkerId).collect();
+        let old = plan(&meta, &three, &opts(1)).expect("plan");
+        let me = WorkerId(2);
+        let mut held = HostSlices::new(ELEM_BYTES);
+        for r in old.owned_ranges(me).expect("owned") {
+            held.insert(
+                r.tensor.meta.name.clone(),
+                r.elements.clone(),
+                content(&r.tensor.meta.name, r.elements.clone()),
+            )
+            .expect("insert");
+        }
+        // Worker 3 is lost: worker 2 now owns half of everything.
+        let new = plan(&meta, &[WorkerId(1), me], &opts(2)).expect("plan");
+        let (mut slices, missing, reused) = reuse(&new, me, Some(&held)).expect("reuse");
+        assert!(reused > 0 && !missing.is_empty());
+        let loaded: u64 = missing.iter().map(|r| r.len() * ELEM_BYTES as u64).sum();
+        let owned = new.owned_bytes(me).expect("owned").total();
+        assert_eq!(reused + loaded, owned, "every owned byte is reused or loaded, once");
+        for r in &missing {
+            slices
+                .insert(r.tensor.clone(), r.elements.clone(), content(&r.tensor, r.elements.clone()))
+                .expect("insert");
+        }
+        for r in new.owned_ranges(me).expect("owned") {
+            let range = TensorRange::new(r.tensor.meta.name.clone(), r.elements.clone());
+            let got: Vec<u8> = slices.pieces(&range).expect("held").concat();
+            assert_eq!(got, content(&r.tensor.meta.name, r.elements.clone()), "{}", r.tensor.meta.name);
+        }
+        // Nothing held: everything is loaded.
+        let (_, all, none) = reuse(&new, me, None).expect("reuse");
+        assert_eq!(none, 0);
+        assert_eq!(all.iter().map(|r| r.len() * ELEM_BYTES as u64).sum::<u64>(), owned);
+    }
 }

@@ -81,6 +81,25 @@ impl HostSlices {
         self.tensors.values().flatten().map(|s| s.bytes.len() as u64).sum()
     }
 
+    /// The parts of `tensor[elements]` held here, in order: each element range
+    /// with its bytes (zero-copy). Gaps are simply absent.
+    pub fn held_parts(&self, tensor: &str, elements: Range<u64>) -> Vec<(Range<u64>, Bytes)> {
+        let eb = self.elem_bytes as u64;
+        let Some(slices) = self.tensors.get(tensor) else { return Vec::new() };
+        slices
+            .iter()
+            .filter_map(|s| {
+                let (lo, hi) = (s.elements.start.max(elements.start), s.elements.end.min(elements.end));
+                (lo < hi).then(|| {
+                    let bytes = s.bytes.slice(
+                        ((lo - s.elements.start) * eb) as usize..((hi - s.elements.start) * eb) as usize,
+                    );
+                    (lo..hi, bytes)
+                })
+            })
+            .collect()
+    }
+
     /// The bytes of `range` as zero-copy pieces (one per held slice it spans;
     /// none for an empty range). Errors unless every element is held.
     pub fn pieces(&self, range: &TensorRange) -> Result<Vec<Bytes>> {
@@ -228,6 +247,20 @@ mod tests {
                 assert_eq!(c.crc32c, checksum(&c.data), "{range:?} at {}", c.offset);
             }
         }
+    }
+
+    #[test]
+    fn held_parts_clip_to_the_range_and_skip_gaps() {
+        let mut s = HostSlices::new(2);
+        let a = bytes_of(20, 1);
+        s.insert("t", 0..10, a.clone()).expect("a");
+        s.insert("t", 20..30, bytes_of(20, 2)).expect("b");
+        let parts = s.held_parts("t", 5..25);
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0], (5..10, a.slice(10..20)));
+        assert_eq!(parts[1].0, 20..25);
+        assert!(s.held_parts("t", 10..20).is_empty());
+        assert!(s.held_parts("u", 0..5).is_empty());
     }
 
     #[test]
