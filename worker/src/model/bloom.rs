@@ -8,19 +8,10 @@
 //! one `[rows, 3 * hidden]` projection is split into q, k and v in the forward.
 use zeroshard_offload::ModelConfig;
 
-use super::{need, split_qkv, LayerNormWeights, Layout, LinearWeights, Step, TensorSpec};
-use crate::backend::{AttentionShape, Backend};
+use super::fused::BlockNames;
+use super::{need, LayerNormWeights, Layout, TensorSpec};
+use crate::backend::Backend;
 use crate::error::Result;
-
-/// Borrowed weights of one BLOOM block, in compute layout.
-pub struct BloomLayerWeights<'a, W: ?Sized> {
-    pub input_layernorm: LayerNormWeights<'a, W>,          // [hidden]
-    pub query_key_value: LinearWeights<'a, W>, // [3 * hidden, hidden] (q | k | v rows), [3 * hidden]
-    pub dense: LinearWeights<'a, W>,           // [hidden, hidden], [hidden]
-    pub post_attention_layernorm: LayerNormWeights<'a, W>, // [hidden]
-    pub dense_h_to_4h: LinearWeights<'a, W>,   // [4 * hidden, hidden], [4 * hidden]
-    pub dense_4h_to_h: LinearWeights<'a, W>,   // [hidden, 4 * hidden], [hidden]
-}
 
 /// Borrowed weights outside the blocks.
 pub struct BloomOuterWeights<'a, W: ?Sized> {
@@ -30,25 +21,17 @@ pub struct BloomOuterWeights<'a, W: ?Sized> {
     pub lm_head: &'a W,                                     // [vocab, hidden] (`word_embeddings` when tied)
 }
 
-impl<'a, W: ?Sized> BloomLayerWeights<'a, W> {
-    /// Looks up block `l`'s tensors by their checkpoint names.
-    pub fn from_lookup(l: usize, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
-        let p = format!("transformer.h.{l}");
-        Ok(Self {
-            input_layernorm: LayerNormWeights::from_lookup(&get, &format!("{p}.input_layernorm"))?,
-            query_key_value: LinearWeights::from_lookup(
-                &get,
-                &format!("{p}.self_attention.query_key_value"),
-            )?,
-            dense: LinearWeights::from_lookup(&get, &format!("{p}.self_attention.dense"))?,
-            post_attention_layernorm: LayerNormWeights::from_lookup(
-                &get,
-                &format!("{p}.post_attention_layernorm"),
-            )?,
-            dense_h_to_4h: LinearWeights::from_lookup(&get, &format!("{p}.mlp.dense_h_to_4h"))?,
-            dense_4h_to_h: LinearWeights::from_lookup(&get, &format!("{p}.mlp.dense_4h_to_h"))?,
-        })
-    }
+/// Block `l`'s tensor names, in the order of [`FusedBlockWeights`](super::fused::FusedBlockWeights).
+pub(super) fn block_names(l: usize) -> BlockNames {
+    [
+        "input_layernorm",
+        "self_attention.query_key_value",
+        "self_attention.dense",
+        "post_attention_layernorm",
+        "mlp.dense_h_to_4h",
+        "mlp.dense_4h_to_h",
+    ]
+    .map(|n| format!("transformer.h.{l}.{n}"))
 }
 
 impl<'a, W: ?Sized> BloomOuterWeights<'a, W> {
@@ -79,41 +62,6 @@ pub(super) fn embed<B: Backend>(
 ) -> B::Tensor {
     let x = b.embed(w.word_embeddings, ids, c.hidden_size); // [rows, hidden]
     w.word_embeddings_layernorm.forward(b, &x, c.rms_norm_eps)
-}
-
-/// `x + attn(ln(x))` with ALiBi, then `+ mlp(ln(·))`. `x`: `[rows, hidden]`.
-/// (`apply_residual_connection_post_layernorm` is refused by the config: the
-/// residual is always the block's input.)
-pub(super) fn block<B: Backend>(
-    c: &ModelConfig,
-    b: &B,
-    layer: usize,
-    w: &BloomLayerWeights<'_, B::Weight>,
-    alibi_slopes: &[f32],
-    x: B::Tensor,
-    step: &mut Step<'_, B>,
-) -> B::Tensor {
-    let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
-    let mut residual = x;
-    let h = w.input_layernorm.forward(b, &residual, eps); // [rows, hidden]
-    let qkv = w.query_key_value.forward(b, &h, 3 * hidden); // [rows, 3 * hidden]
-    let (q, k, v) = split_qkv(b, &qkv, hidden, hidden); // each [rows, heads * head_dim]
-    let shape = AttentionShape {
-        num_heads: c.num_heads,
-        num_kv_heads: c.num_heads,
-        head_dim: c.head_dim,
-        sliding_window: None,
-        alibi_slopes: Some(alibi_slopes),
-    };
-    let attn = b.attention(&q, &k, &v, &mut step.caches, layer, step.layout, shape); // [rows, hidden]
-    let attn_out = w.dense.forward(b, &attn, hidden); // [rows, hidden]
-    b.add_assign(&mut residual, &attn_out);
-
-    let h = w.post_attention_layernorm.forward(b, &residual, eps); // [rows, hidden]
-    let act = b.gelu_tanh(&w.dense_h_to_4h.forward(b, &h, c.intermediate_size)); // [rows, 4 * hidden]
-    let mlp_out = w.dense_4h_to_h.forward(b, &act, hidden); // [rows, hidden]
-    b.add_assign(&mut residual, &mlp_out);
-    residual
 }
 
 /// Every tensor of a BLOOM model as stored, in forward order.

@@ -7,19 +7,10 @@
 //! v side by side, as `Conv1D` lays them out), split into q, k and v in the forward.
 use zeroshard_offload::ModelConfig;
 
-use super::{need, split_qkv, LayerNormWeights, Layout, LinearWeights, Step, TensorSpec};
-use crate::backend::{AttentionShape, Backend, BatchLayout};
+use super::fused::BlockNames;
+use super::{need, LayerNormWeights, Layout, TensorSpec};
+use crate::backend::{Backend, BatchLayout};
 use crate::error::{Result, WorkerError};
-
-/// Borrowed weights of one GPT-2 block, in compute layout (`[out, in]`).
-pub struct Gpt2LayerWeights<'a, W: ?Sized> {
-    pub ln_1: LayerNormWeights<'a, W>,   // [hidden]
-    pub c_attn: LinearWeights<'a, W>,    // [3 * hidden, hidden] (q | k | v rows), [3 * hidden]
-    pub attn_proj: LinearWeights<'a, W>, // [hidden, hidden], [hidden]
-    pub ln_2: LayerNormWeights<'a, W>,   // [hidden]
-    pub c_fc: LinearWeights<'a, W>,      // [ffn, hidden], [ffn]
-    pub mlp_proj: LinearWeights<'a, W>,  // [hidden, ffn], [hidden]
-}
 
 /// Borrowed weights outside the blocks.
 pub struct Gpt2OuterWeights<'a, W: ?Sized> {
@@ -29,19 +20,10 @@ pub struct Gpt2OuterWeights<'a, W: ?Sized> {
     pub lm_head: &'a W,                // [vocab, hidden] (`wte` when tied)
 }
 
-impl<'a, W: ?Sized> Gpt2LayerWeights<'a, W> {
-    /// Looks up block `l`'s tensors by their checkpoint names.
-    pub fn from_lookup(l: usize, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
-        let p = format!("transformer.h.{l}");
-        Ok(Self {
-            ln_1: LayerNormWeights::from_lookup(&get, &format!("{p}.ln_1"))?,
-            c_attn: LinearWeights::from_lookup(&get, &format!("{p}.attn.c_attn"))?,
-            attn_proj: LinearWeights::from_lookup(&get, &format!("{p}.attn.c_proj"))?,
-            ln_2: LayerNormWeights::from_lookup(&get, &format!("{p}.ln_2"))?,
-            c_fc: LinearWeights::from_lookup(&get, &format!("{p}.mlp.c_fc"))?,
-            mlp_proj: LinearWeights::from_lookup(&get, &format!("{p}.mlp.c_proj"))?,
-        })
-    }
+/// Block `l`'s tensor names, in the order of [`FusedBlockWeights`](super::fused::FusedBlockWeights).
+pub(super) fn block_names(l: usize) -> BlockNames {
+    ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"]
+        .map(|n| format!("transformer.h.{l}.{n}"))
 }
 
 impl<'a, W: ?Sized> Gpt2OuterWeights<'a, W> {
@@ -75,38 +57,6 @@ pub(super) fn embed<B: Backend>(
     let mut x = b.embed(w.wte, ids, c.hidden_size); // [rows, hidden]
     b.add_position_embeddings(&mut x, w.wpe, &positions);
     Ok(x)
-}
-
-/// `x + attn(ln_1(x))`, then `+ mlp(ln_2(·))`. `x`: `[rows, hidden]`.
-pub(super) fn block<B: Backend>(
-    c: &ModelConfig,
-    b: &B,
-    layer: usize,
-    w: &Gpt2LayerWeights<'_, B::Weight>,
-    x: B::Tensor,
-    step: &mut Step<'_, B>,
-) -> B::Tensor {
-    let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
-    let mut residual = x;
-    let h = w.ln_1.forward(b, &residual, eps); // [rows, hidden]
-    let qkv = w.c_attn.forward(b, &h, 3 * hidden); // [rows, 3 * hidden]
-    let (q, k, v) = split_qkv(b, &qkv, hidden, hidden); // each [rows, heads * head_dim]
-    let shape = AttentionShape {
-        num_heads: c.num_heads,
-        num_kv_heads: c.num_heads,
-        head_dim: c.head_dim,
-        sliding_window: None,
-        alibi_slopes: None,
-    };
-    let attn = b.attention(&q, &k, &v, &mut step.caches, layer, step.layout, shape); // [rows, hidden]
-    let attn_out = w.attn_proj.forward(b, &attn, hidden); // [rows, hidden]
-    b.add_assign(&mut residual, &attn_out);
-
-    let h = w.ln_2.forward(b, &residual, eps); // [rows, hidden]
-    let act = b.gelu_tanh(&w.c_fc.forward(b, &h, c.intermediate_size)); // [rows, ffn]
-    let mlp_out = w.mlp_proj.forward(b, &act, hidden); // [rows, hidden]
-    b.add_assign(&mut residual, &mlp_out);
-    residual
 }
 
 /// Every tensor of a GPT-2 model as stored, in forward order.

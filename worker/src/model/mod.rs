@@ -1,6 +1,7 @@
 //! Model definitions, written once against [`Backend`](crate::backend::Backend).
 //!
-//! One file per family: [`llama`] (Llama, Mistral, Qwen2), [`gpt2`], [`bloom`].
+//! One file per family: [`llama`] (Llama, Mistral, Qwen2), [`gpt2`], [`bloom`]; the
+//! latter two share their block ([`fused`]).
 //! A model never owns or locates its weights: every call borrows them
 //! ([`LayerWeights`] for one decoder layer, [`OuterWeights`] for embeddings, final
 //! norm and head, each an enum over the families), so the same code runs on
@@ -21,14 +22,16 @@
 //! ```
 mod alibi;
 mod bloom;
+mod fused;
 mod gpt2;
 mod llama;
 mod rope;
 mod spec;
 
 pub use alibi::alibi_slopes;
-pub use bloom::{BloomLayerWeights, BloomOuterWeights};
-pub use gpt2::{Gpt2LayerWeights, Gpt2OuterWeights};
+pub use bloom::BloomOuterWeights;
+pub use fused::FusedBlockWeights;
+pub use gpt2::Gpt2OuterWeights;
 pub use llama::{LlamaLayerWeights, LlamaOuterWeights};
 pub use rope::RopeTable;
 pub use spec::{tensor_specs, Layout, TensorSpec};
@@ -41,8 +44,8 @@ use crate::error::{Result, WorkerError};
 /// Borrowed weights of one decoder layer, per family.
 pub enum LayerWeights<'a, W: ?Sized> {
     Llama(LlamaLayerWeights<'a, W>),
-    Gpt2(Gpt2LayerWeights<'a, W>),
-    Bloom(BloomLayerWeights<'a, W>),
+    /// GPT-2 and BLOOM: the same block under different names.
+    Fused(FusedBlockWeights<'a, W>),
 }
 
 /// Borrowed weights outside the decoder layers, per family.
@@ -59,8 +62,8 @@ impl<'a, W: ?Sized> LayerWeights<'a, W> {
             Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
                 Self::Llama(LlamaLayerWeights::from_lookup(c, l, get)?)
             }
-            Architecture::Gpt2 => Self::Gpt2(Gpt2LayerWeights::from_lookup(l, get)?),
-            Architecture::Bloom => Self::Bloom(BloomLayerWeights::from_lookup(l, get)?),
+            Architecture::Gpt2 => Self::Fused(FusedBlockWeights::from_lookup(&gpt2::block_names(l), get)?),
+            Architecture::Bloom => Self::Fused(FusedBlockWeights::from_lookup(&bloom::block_names(l), get)?),
         })
     }
 }
@@ -230,13 +233,10 @@ impl Model {
         let c = &self.config;
         match (w, &self.positions) {
             (LayerWeights::Llama(w), _) => llama::decoder_layer(c, b, layer, w, x, step),
-            (LayerWeights::Gpt2(w), _) => gpt2::block(c, b, layer, w, x, step),
-            (LayerWeights::Bloom(w), Positions::Alibi(slopes)) => {
-                bloom::block(c, b, layer, w, slopes, x, step)
+            (LayerWeights::Fused(w), Positions::Alibi(slopes)) => {
+                fused::block(c, b, layer, w, Some(slopes), x, step)
             }
-            (LayerWeights::Bloom(_), _) => {
-                panic!("BLOOM layer weights given to a {:?} model", c.architecture)
-            }
+            (LayerWeights::Fused(w), _) => fused::block(c, b, layer, w, None, x, step),
         }
     }
 
