@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use zeroshard_coordinator::local::Device;
+use zeroshard_worker::local::Device;
 
 /// Serve large language models from workers that each hold a slice of every weight.
 #[derive(Parser, Debug)]
@@ -64,29 +64,73 @@ pub struct EtcdArgs {
     pub cluster: String,
 }
 
-#[derive(Args, Debug, Clone)]
-pub struct WorkerTuning {
-    /// Gathered layers kept resident per worker, in bytes (0 = re-gather every
-    /// step). On a GPU: device bytes of layers kept resident there; the others
-    /// are copied to the device each step.
-    #[arg(long, default_value_t = 0)]
-    pub max_live_bytes: u64,
-    /// Layers gathered ahead of the one computing.
-    #[arg(long, default_value_t = 2)]
-    pub prefetch_layers: usize,
-    /// Where workers compute: auto, cpu, cuda[:N] (`auto`: CUDA device 0 when
-    /// CUDA is present, else the CPU).
-    #[arg(long, default_value = "auto")]
+/// Where the engine computes and how it places weights: one group for
+/// `generate`, `bench`, `up` and `worker`.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct PlacementArgs {
+    /// Where to compute: auto (CUDA device 0 when CUDA is present, else the
+    /// CPU), cpu, cuda[:N].
+    #[arg(long, default_value = "auto", env = "ZEROSHARD_DEVICE")]
     pub device: Device,
-    /// GPU: device memory each worker may use in all, in bytes (default: 90% of
-    /// what is free); a worker refuses its plan, with the numbers, when the
-    /// model's embedding, head, KV cache and one layer's staging do not fit.
+    /// GPU: device memory to use in all, in bytes: resident layers, KV cache
+    /// and staging are sized from it; refused, with the numbers, when not even
+    /// one layer fits (default: 90% of the free device memory).
     #[arg(long, env = "ZEROSHARD_GPU_MEMORY")]
     pub gpu_memory: Option<u64>,
+    /// Bytes of layers kept resident. One process (`generate`, `bench`): on a
+    /// GPU, device bytes of resident layers (default: all that fit; 0: stream
+    /// every layer from pinned host memory each step). Cluster workers:
+    /// gathered layers kept resident per worker (default 0: re-gather every
+    /// step; on a GPU, the device bytes of them).
+    #[arg(long, env = "ZEROSHARD_MAX_LIVE_BYTES")]
+    pub max_live_bytes: Option<u64>,
+    /// Layers copied to the device, or gathered from peers, ahead of the one computing.
+    #[arg(long, default_value_t = 2, env = "ZEROSHARD_PREFETCH_LAYERS")]
+    pub prefetch_layers: usize,
+}
+
+/// How a cluster worker gathers from its peers.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct GatherArgs {
+    /// Bytes gathered ahead beyond the first prefetched layer (keeps a large
+    /// head or layer from stacking with the next ones in memory).
+    #[arg(long, default_value_t = 24 << 20, env = "ZEROSHARD_PREFETCH_BYTES")]
+    pub prefetch_bytes: u64,
     /// A peer that sends nothing for this long during a fetch has failed: the
     /// fetch moves to another holder of the range, or is retried.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, env = "ZEROSHARD_FETCH_TIMEOUT_MS")]
     pub fetch_timeout_ms: u64,
+}
+
+/// What every worker of a cluster is started with (`up`, `worker`, `bench --workers`).
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct WorkerTuning {
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+    #[command(flatten)]
+    pub gather: GatherArgs,
+}
+
+impl WorkerTuning {
+    /// The arguments that give a `worker` process these options, with the
+    /// device already resolved (`cpu` or `cuda:N`). Every field is written;
+    /// a test parses them back into an equal value, so a field added here and
+    /// not carried fails it.
+    pub fn to_args(&self, cuda: Option<usize>) -> Vec<String> {
+        let WorkerTuning {
+            placement: PlacementArgs { device: _, gpu_memory, max_live_bytes, prefetch_layers },
+            gather: GatherArgs { prefetch_bytes, fetch_timeout_ms },
+        } = self;
+        let mut args = vec![
+            format!("--device={}", cuda.map_or_else(|| "cpu".into(), |n| format!("cuda:{n}"))),
+            format!("--prefetch-layers={prefetch_layers}"),
+            format!("--prefetch-bytes={prefetch_bytes}"),
+            format!("--fetch-timeout-ms={fetch_timeout_ms}"),
+        ];
+        args.extend(gpu_memory.map(|b| format!("--gpu-memory={b}")));
+        args.extend(max_live_bytes.map(|b| format!("--max-live-bytes={b}")));
+        args
+    }
 }
 
 #[derive(Args, Debug)]
@@ -187,7 +231,8 @@ pub struct StatusArgs {
 #[group(required = true, multiple = false)]
 pub struct PromptArgs {
     /// Prompt text (tokenized with the tokenizer's default special tokens, e.g.
-    /// BOS). Repeat to decode several prompts together in one batch.
+    /// BOS). `generate` takes it several times to decode the prompts together
+    /// in one batch; `query` takes one.
     #[arg(long)]
     pub prompt: Vec<String>,
     /// Prompt as comma-separated token ids, fed as is. Repeatable, like --prompt.
@@ -232,9 +277,6 @@ pub struct GenerateArgs {
     pub prompt: PromptArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Where to compute: auto (CUDA if present, else CPU), cpu, cuda[:N].
-    #[arg(long, default_value = "auto", env = "ZEROSHARD_DEVICE")]
-    pub device: Device,
     /// Print one JSON object (one line per prompt) instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -243,24 +285,7 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE")]
     pub logits_out: Option<PathBuf>,
     #[command(flatten)]
-    pub gpu: GpuArgs,
-}
-
-/// Placement on a GPU (`--device cuda`), like Accelerate's `max_memory`.
-#[derive(Args, Debug, Clone)]
-pub struct GpuArgs {
-    /// Device memory to use in all, in bytes: resident layers, KV cache and
-    /// staging are sized from it; refused, with the numbers, when not even one
-    /// layer fits (default: 90% of the free device memory).
-    #[arg(long, env = "ZEROSHARD_GPU_MEMORY")]
-    pub gpu_memory: Option<u64>,
-    /// Device bytes of layers kept resident (default: all that --gpu-memory
-    /// holds; 0: stream every layer from pinned host memory each step).
-    #[arg(long)]
-    pub max_live_bytes: Option<u64>,
-    /// Layers copied to the device ahead of the one computing.
-    #[arg(long, default_value_t = 2)]
-    pub prefetch_layers: usize,
+    pub placement: PlacementArgs,
 }
 
 #[derive(Args, Debug)]
@@ -281,25 +306,14 @@ pub struct BenchArgs {
     /// Decode steps measured after the prefill.
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
-    /// Where to compute: auto, cpu, cuda[:N].
-    #[arg(long, default_value = "auto")]
-    pub device: Device,
     /// Run a local cluster of N worker processes and measure it (0 = this process alone).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
-    /// Cluster: gathered layers kept resident per worker (0 = re-gather every step).
-    #[arg(long, default_value_t = 0)]
-    pub max_live_bytes: u64,
-    /// Cluster: layers gathered ahead of the one computing.
-    #[arg(long, default_value_t = 2)]
-    pub prefetch_layers: usize,
     /// Cluster: tensors below this many bytes are replicated on every worker.
     #[arg(long, default_value_t = 65536)]
     pub persistence_threshold_bytes: u64,
-    /// GPU: device memory to use in all, in bytes (see `generate --gpu-memory`).
-    /// On a GPU, --max-live-bytes bounds resident layers (default there: all that fit).
-    #[arg(long, env = "ZEROSHARD_GPU_MEMORY")]
-    pub gpu_memory: Option<u64>,
+    #[command(flatten)]
+    pub tuning: WorkerTuning,
     /// Also print the figures as one JSON object (last line).
     #[arg(long)]
     pub json: bool,
@@ -323,4 +337,44 @@ pub fn parse_list(s: &str) -> Result<Vec<usize>> {
         bail!("expected comma-separated positive integers, got \"{s}\"");
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn worker_tuning_reaches_the_worker_intact() {
+        let tuning = WorkerTuning {
+            placement: PlacementArgs {
+                device: Device::Cuda(3),
+                gpu_memory: Some(7 << 30),
+                max_live_bytes: Some(123_456),
+                prefetch_layers: 5,
+            },
+            gather: GatherArgs { prefetch_bytes: 9 << 20, fetch_timeout_ms: 777 },
+        };
+        let mut argv = vec!["zeroshard".to_string(), "worker".into(), "--coordinator=http://c:1".into()];
+        argv.extend(tuning.to_args(Some(3)));
+        let Command::Worker(w) = Cli::try_parse_from(argv).expect("parses").command else {
+            panic!("not the worker command")
+        };
+        assert_eq!(w.tuning, tuning);
+        // Unset options stay unset, and the resolved device is what is passed.
+        let plain = WorkerTuning {
+            placement: PlacementArgs { gpu_memory: None, max_live_bytes: None, ..tuning.placement.clone() },
+            ..tuning
+        };
+        let mut argv = vec!["zeroshard".to_string(), "worker".into(), "--coordinator=http://c:1".into()];
+        argv.extend(plain.to_args(None));
+        let Command::Worker(w) = Cli::try_parse_from(argv).expect("parses").command else {
+            panic!("not the worker command")
+        };
+        assert_eq!(
+            w.tuning,
+            WorkerTuning { placement: PlacementArgs { device: Device::Cpu, ..plain.placement }, ..plain }
+        );
+    }
 }

@@ -6,17 +6,15 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use zeroshard_coordinator::local::{GenerateRequest, Prompt};
 use zeroshard_coordinator::membership::embedded::EmbeddedMembership;
-use zeroshard_coordinator::membership::etcd::{EtcdMembership, EtcdRegistrar};
-use zeroshard_coordinator::membership::Membership;
+use zeroshard_coordinator::request::{GenerateRequest, Prompt};
 use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness};
 use zeroshard_coordinator::{client, up as up_mod};
+use zeroshard_membership::etcd::{EtcdMembership, EtcdRegistrar};
+use zeroshard_membership::Membership;
 use zeroshard_worker::node::{self, ControlRegistrar, NodeConfig, Registrar};
 
-use crate::args::{
-    self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs, WorkerTuning,
-};
+use crate::args::{self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -56,37 +54,16 @@ fn cluster_config(c: &ClusterArgs, workers: usize) -> Result<ClusterConfig> {
     })
 }
 
-/// The arguments `up` and `bench` pass to the workers they start, with the
-/// device already resolved (`cpu` or `cuda:N`): `auto` is CUDA device 0 when
-/// CUDA is present, else the CPU, and `cuda[:N]` without it was refused in one
-/// line before anything started.
-fn tuning_args(t: &WorkerTuning, cuda: Option<usize>) -> Vec<String> {
-    let mut args = vec![
-        "--max-live-bytes".into(),
-        t.max_live_bytes.to_string(),
-        "--prefetch-layers".into(),
-        t.prefetch_layers.to_string(),
-        "--fetch-timeout-ms".into(),
-        t.fetch_timeout_ms.to_string(),
-        "--device".into(),
-        cuda.map_or_else(|| "cpu".into(), |n| format!("cuda:{n}")),
-    ];
-    if let Some(b) = t.gpu_memory {
-        args.extend(["--gpu-memory".into(), b.to_string()]);
-    }
-    args
-}
-
 async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))
 }
 
 pub fn up(a: UpArgs) -> Result<()> {
-    let cuda = a.tuning.device.resolve()?;
+    let cuda = a.tuning.placement.device.resolve()?;
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let mut worker_args = tuning_args(&a.tuning, cuda);
+    let mut worker_args = a.tuning.to_args(cuda);
     if a.cluster.pull {
         worker_args.push("--pull".into());
     }
@@ -140,20 +117,22 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
 }
 
 pub fn worker(a: WorkerArgs) -> Result<()> {
-    let cuda = a.tuning.device.resolve()?;
+    let (p, g) = (&a.tuning.placement, &a.tuning.gather);
+    let cuda = p.device.resolve()?;
     if a.lease_ttl_secs == 0 {
         bail!("--lease-ttl-secs must be at least 1");
     }
     let cfg = NodeConfig {
-        gpu_memory: a.tuning.gpu_memory,
+        gpu_memory: p.gpu_memory,
         model_dir: a.model.clone(),
         pull: a.pull,
-        prefetch_layers: a.tuning.prefetch_layers,
-        max_live_bytes: a.tuning.max_live_bytes,
+        prefetch_layers: p.prefetch_layers,
+        prefetch_bytes: g.prefetch_bytes,
+        max_live_bytes: p.max_live_bytes.unwrap_or(0),
         corrupt_every: a.fault_corrupt_every,
         fail_load: a.fault_fail_load,
         step_delay: Duration::from_millis(a.fault_step_delay_ms),
-        fetch_timeout: Duration::from_millis(a.tuning.fetch_timeout_ms.max(1)),
+        fetch_timeout: Duration::from_millis(g.fetch_timeout_ms.max(1)),
         ..NodeConfig::default()
     }
     .on_device(cuda);
@@ -266,17 +245,19 @@ pub fn status(a: StatusArgs) -> Result<()> {
 
 /// `bench --workers N`: a local cluster under load (see `cluster_bench`).
 pub fn bench(a: BenchArgs) -> Result<()> {
-    use zeroshard_coordinator::{bench as single, cluster_bench};
-    let cuda = a.device.resolve()?;
+    use zeroshard_coordinator::cluster_bench;
+    use zeroshard_offload::synthetic;
+    let cuda = a.tuning.placement.device.resolve()?;
+    let max_live_bytes = a.tuning.placement.max_live_bytes.unwrap_or(0);
     let batches = args::parse_list(&a.batch).context("--batch")?;
     // A synthetic model is written to a temporary folder the workers map.
     let tmp = std::env::temp_dir().join(format!("zeroshard-bench-{}", std::process::id()));
     let (dir, config) = match (&a.model, &a.synthetic) {
         (Some(dir), None) => (dir.clone(), zeroshard_offload::ModelConfig::from_dir(dir)?),
         (None, Some(spec)) => {
-            let config = single::synthetic_config(spec)?;
+            let config = synthetic::synthetic_config(spec)?;
             std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            let bytes = cluster_bench::write_synthetic_checkpoint(&config, &tmp)?;
+            let bytes = synthetic::write_synthetic_checkpoint(&config, &tmp)?;
             eprintln!("wrote a {:.1} MB synthetic checkpoint to {}", bytes as f64 / 1e6, tmp.display());
             (tmp.clone(), config)
         }
@@ -292,16 +273,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             lease_ttl: Duration::from_secs(5),
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
-        worker_args: tuning_args(
-            &WorkerTuning {
-                max_live_bytes: a.max_live_bytes,
-                prefetch_layers: a.prefetch_layers,
-                device: a.device,
-                gpu_memory: a.gpu_memory,
-                fetch_timeout_ms: 2000,
-            },
-            cuda,
-        ),
+        worker_args: a.tuning.to_args(cuda),
     };
     let report =
         runtime()?.block_on(cluster_bench::run(&up, config.vocab_size, &batches, a.prompt_len, a.new_tokens));
@@ -313,8 +285,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         "model: {} · {} workers · max-live {} B · prefetch {} layers · prompt {} tokens, {} new tokens",
         a.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
         a.workers,
-        a.max_live_bytes,
-        a.prefetch_layers,
+        max_live_bytes,
+        a.tuning.placement.prefetch_layers,
         a.prompt_len,
         a.new_tokens
     );
@@ -351,7 +323,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let model_bytes: u64 = report.owned.iter().map(|o| o.0).sum();
     for (i, (rss, (part, pers))) in report.peak_rss.iter().zip(&report.owned).enumerate() {
-        let bound = model_bytes / a.workers as u64 + pers + a.max_live_bytes + (128 << 20);
+        let bound = model_bytes / a.workers as u64 + pers + max_live_bytes + (128 << 20);
         println!(
             "worker {}: peak RSS {:.1} MB · owns {:.1} MB partitioned + {:.1} MB persistent · bound model/N + persistent + max-live + 128 MiB = {:.1} MB ({})",
             i + 1,

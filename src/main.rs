@@ -2,19 +2,17 @@
 //! into the library crates. No engine logic lives here.
 mod args;
 mod cluster;
+mod generate;
 
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches};
-use zeroshard_coordinator::bench;
-use zeroshard_coordinator::local::{
-    self, AnyEngine, GenerateRequest, GpuOptions, LocalModel, Prompt, Workload,
-};
+use generate::LocalModel;
+use zeroshard_coordinator::request::{GenerateRequest, GenerationParams, Prompt, SamplingParams};
+use zeroshard_worker::bench;
 use zeroshard_worker::engine::Engine;
-use zeroshard_worker::engine::GenerationParams;
-use zeroshard_worker::sampling::SamplingParams;
+use zeroshard_worker::local::{self, AnyEngine, GpuOptions, Workload};
 use zeroshard_worker::Backend;
 
 use args::{BenchArgs, Cli, Command, GenerateArgs};
@@ -22,10 +20,6 @@ use args::{BenchArgs, Cli, Command, GenerateArgs};
 fn main() {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    // `bench --max-live-bytes` given: it bounds resident layers on a GPU too.
-    let bench_max_live = matches
-        .subcommand_matches("bench")
-        .is_some_and(|m| m.value_source("max_live_bytes") == Some(ValueSource::CommandLine));
     // Long-running roles log their progress; one-shot commands only warnings.
     let default_level = match cli.command {
         Command::Up(_) | Command::Coordinator(_) | Command::Worker(_) => "info",
@@ -39,7 +33,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Generate(a) => generate(a),
-        Command::Bench(a) => run_bench(a, bench_max_live),
+        Command::Bench(a) => run_bench(a),
         Command::Up(a) => cluster::up(a),
         Command::Coordinator(a) => cluster::coordinator(a),
         Command::Worker(a) => cluster::worker(a),
@@ -85,12 +79,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         tokens_per_seq: prompts.iter().map(prompt_len).max().unwrap_or(1) + max_new,
         max_rows: prompts.iter().map(prompt_len).sum::<usize>().max(1),
     };
-    let gpu = GpuOptions {
-        gpu_memory: a.gpu.gpu_memory,
-        max_live_bytes: a.gpu.max_live_bytes,
-        prefetch_layers: a.gpu.prefetch_layers,
-    };
-    let model = LocalModel::load(&a.model, a.device, &gpu, work)?;
+    let model = LocalModel::load(&a.model, a.placement.device, &gpu_options(&a.placement), work)?;
     let reqs: Vec<GenerateRequest> = prompts
         .into_iter()
         .map(|prompt| GenerateRequest {
@@ -128,7 +117,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_bench(a: BenchArgs, max_live_given: bool) -> Result<()> {
+/// The placement flags as the one-process engine takes them.
+fn gpu_options(p: &args::PlacementArgs) -> GpuOptions {
+    GpuOptions {
+        gpu_memory: p.gpu_memory,
+        max_live_bytes: p.max_live_bytes,
+        prefetch_layers: p.prefetch_layers,
+    }
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
     if a.workers > 0 {
         return cluster::bench(a);
     }
@@ -139,17 +137,13 @@ fn run_bench(a: BenchArgs, max_live_given: bool) -> Result<()> {
         tokens_per_seq: a.prompt_len + a.new_tokens + 1,
         max_rows: max_batch * a.prompt_len.max(1),
     };
-    let gpu = GpuOptions {
-        gpu_memory: a.gpu_memory,
-        max_live_bytes: max_live_given.then_some(a.max_live_bytes),
-        prefetch_layers: a.prefetch_layers,
-    };
+    let gpu = gpu_options(&a.tuning.placement);
     let ((config, weights), label) = match (&a.model, &a.synthetic) {
         (Some(dir), None) => (local::load_weights(dir)?, dir.display().to_string()),
         (None, Some(spec)) => (bench::synthetic_model(spec)?, spec.clone()),
         _ => bail!("give exactly one of --model or --synthetic"),
     };
-    let placed = local::place(config, weights, a.device, &gpu, work)?;
+    let placed = local::place(config, weights, a.tuning.placement.device, &gpu, work)?;
     let engine = &placed.engine;
     let weight_bytes = engine.weight_bytes();
     println!("model: {label}");

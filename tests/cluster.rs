@@ -461,7 +461,7 @@ fn a_fetch_with_a_stale_epoch_is_failed_precondition() {
 }
 
 fn crc32c_of(data: &[u8]) -> u32 {
-    zeroshard_worker::shards::checksum(data)
+    zeroshard_offload::shards::checksum(data)
 }
 
 #[test]

@@ -6,7 +6,7 @@ use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::inference_client::InferenceClient;
 
 use crate::error::{CoordinatorError, Result};
-use crate::local::{GenerateOutput, GenerateRequest};
+use crate::request::{GenerateOutput, GenerateRequest};
 
 /// `grpc://host:port` (as `up` prints it) or `http://host:port` → a channel.
 pub async fn connect(endpoint: &str) -> Result<InferenceClient<Channel>> {

@@ -1,57 +1,14 @@
 //! `zeroshard bench --workers N`: a local cluster under batched load, with
 //! per-worker step, compute and gather times, gather throughput, the overlap
 //! ratio `step / max(compute, gather)`, and each worker's peak RSS.
-use std::io::Write;
-use std::path::Path;
 use std::time::Instant;
 
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use zeroshard_offload::ModelConfig;
 use zeroshard_proto::v1 as pb;
-use zeroshard_worker::model::tensor_specs;
-use zeroshard_worker::weights::SyntheticWeights;
 
 use crate::error::{CoordinatorError, Result};
 use crate::up::{LocalCluster, UpConfig};
-
-/// Writes `config` as a Hugging Face folder (config.json + one f16
-/// model.safetensors) with random weights, tensor by tensor.
-pub fn write_synthetic_checkpoint(config: &ModelConfig, dir: &Path) -> Result<u64> {
-    let io = |e: std::io::Error| CoordinatorError::Unavailable(format!("writing {}: {e}", dir.display()));
-    let cfg = json!({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-        "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
-        "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope.theta, "tie_word_embeddings": config.tie_word_embeddings,
-        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-    });
-    std::fs::write(dir.join("config.json"), cfg.to_string()).map_err(io)?;
-    let specs = tensor_specs(config);
-    let mut header = serde_json::Map::new();
-    let mut offset = 0u64;
-    for s in &specs {
-        let bytes = s.numel() as u64 * 2;
-        header.insert(
-            s.name.clone(),
-            json!({"dtype": "F16", "shape": s.shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
-    }
-    let h = serde_json::to_vec(&header).map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors")).map_err(io)?);
-    f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-    f.write_all(&h).map_err(io)?;
-    let mut rng = SyntheticWeights::new(1);
-    for s in &specs {
-        f.write_all(bytemuck::cast_slice(&rng.tensor(s))).map_err(io)?;
-    }
-    f.flush().map_err(io)?;
-    Ok(offset)
-}
 
 /// One worker's figures over one batch size.
 #[derive(Clone, Debug)]

@@ -2,7 +2,7 @@
 //! messages, in one place.
 use zeroshard_proto::v1 as pb;
 
-use crate::local::{GenerateOutput, GenerateRequest, Prompt, Timings};
+use crate::request::{GenerateOutput, GenerateRequest, Prompt, Timings};
 
 impl From<&GenerateRequest> for pb::GenerateRequest {
     fn from(r: &GenerateRequest) -> Self {

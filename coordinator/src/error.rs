@@ -1,6 +1,5 @@
 //! The coordinator crate's one error type.
 use zeroshard_offload::OffloadError;
-use zeroshard_worker::WorkerError;
 
 use crate::plan::PlanError;
 use crate::tokenizer::TokenizerError;
@@ -10,7 +9,7 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Offload(#[from] OffloadError),
     #[error(transparent)]
-    Worker(#[from] WorkerError),
+    Membership(#[from] zeroshard_membership::MembershipError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
@@ -21,21 +20,17 @@ pub enum CoordinatorError {
     /// The cluster cannot serve now (not ready, no worker, worker failed).
     #[error("{0}")]
     Unavailable(String),
-    /// The membership store (etcd) cannot be reached or holds bad data.
-    #[error("membership: {0}")]
-    Membership(String),
 }
 
 impl From<CoordinatorError> for tonic::Status {
     fn from(e: CoordinatorError) -> Self {
         use CoordinatorError as E;
         match &e {
-            E::InvalidRequest(_) | E::Tokenizer(_) => tonic::Status::invalid_argument(e.to_string()),
-            E::Worker(WorkerError::InvalidRequest(_)) => tonic::Status::invalid_argument(e.to_string()),
-            E::Unavailable(_) | E::Membership(_) | E::Worker(WorkerError::Gather(_)) => {
-                tonic::Status::unavailable(e.to_string())
+            E::InvalidRequest(_) | E::Tokenizer(_) | E::Offload(OffloadError::InvalidRequest(_)) => {
+                tonic::Status::invalid_argument(e.to_string())
             }
-            E::Offload(_) | E::Worker(_) | E::Plan(_) => tonic::Status::internal(e.to_string()),
+            E::Unavailable(_) | E::Membership(_) => tonic::Status::unavailable(e.to_string()),
+            E::Offload(_) | E::Plan(_) => tonic::Status::internal(e.to_string()),
         }
     }
 }

@@ -1,18 +1,28 @@
-//! The coordinator: tokenizer, request handling around the engine, and (later)
-//! the partition planner, membership and the client API.
+//! The coordinator: plans the partition, keeps membership, serves clients.
+//! It never links the engine (`zeroshard-worker`) or CUDA: a coordinator host
+//! needs no GPU libraries.
 //!
-//! - [`tokenizer`]: `tokenizer.json`, incremental detokenization, stop strings.
-//! - [`local`]: [`LocalModel`](local::LocalModel), a whole model on this node:
-//!   text in, streamed text and token ids out.
-pub mod bench;
+//! - [`server`]: the gRPC services (`Inference` for clients, `Control` for
+//!   workers of embedded membership, `Shards` for `--pull`), request
+//!   validation, routing to the least loaded worker, resumption, and the
+//!   supervisor that re-plans on joins and losses.
+//! - [`membership`]: who is in the cluster ([`zeroshard_membership`], plus the
+//!   embedded in-process implementation `zeroshard up` uses).
+//! - [`tokenizer`] and [`text_stream`]: `tokenizer.json`, incremental
+//!   detokenization, stop strings.
+//! - [`request`]: a client's request and the answer, as `generate` and `query` share them.
+//! - [`client`]: `query` and `status` against a running cluster.
+//! - [`up`] and [`launcher`]: a coordinator plus N local worker processes.
+//! - [`cluster_bench`]: `bench --workers N`.
 pub mod client;
 pub mod cluster_bench;
 mod convert;
 mod error;
 pub mod launcher;
-pub mod local;
 pub mod membership;
+pub mod request;
 pub mod server;
+pub mod text_stream;
 pub mod tokenizer;
 pub mod up;
 

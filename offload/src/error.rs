@@ -30,6 +30,9 @@ pub enum OffloadError {
     /// The device staging ring was used beyond its depth or slot size.
     #[error("staging: {0}")]
     Staging(String),
+    /// A request (prompt, sampling values, synthetic spec) that cannot run as given.
+    #[error("{0}")]
+    InvalidRequest(String),
     /// `--gpu-memory` cannot hold what the model needs.
     #[error("{0}")]
     GpuMemory(String),

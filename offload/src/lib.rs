@@ -8,7 +8,15 @@
 //!   with its index, memory-mapped; the primitive is
 //!   [`Checkpoint::read_f16_into`]: "elements `[a, b)` of tensor `T`, converted to
 //!   f16", so a worker can load just the slice of every tensor it owns.
-//! - [`pinned`]: [`HostBuffer`]s, page-locked (`cuMemHostAlloc`) when a GPU is used.
+//! - [`spec`]: the tensors each architecture stores (names, shapes, layers) and how
+//!   each becomes the layout the model computes with.
+//! - [`plan`]: the partition planner (a pure function of the checkpoint's tensors,
+//!   the workers and the options).
+//! - [`shards`]: owned slices in host memory, cut into checksummed chunks and
+//!   assembled again on the receiving side (no I/O).
+//! - [`request`]: generation parameters, their validation, and finish reasons:
+//!   what the coordinator checks and the worker runs.
+//! - [`synthetic`]: random-weight models for benchmarks.
 //! - [`staging`]: the bookkeeping of the device staging ring (`--prefetch-layers` deep).
 //! - [`gpu_budget`]: splitting `--gpu-memory` into resident layers, KV cache and staging.
 //!
@@ -23,12 +31,16 @@
 //! ```
 mod checkpoint;
 mod config;
+pub mod convert;
 mod dtype;
 mod error;
 pub mod gpu_budget;
-pub mod pinned;
 pub mod plan;
+pub mod request;
+pub mod shards;
+pub mod spec;
 pub mod staging;
+pub mod synthetic;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use config::{
@@ -37,4 +49,3 @@ pub use config::{
 };
 pub use dtype::DType;
 pub use error::{OffloadError, Result};
-pub use pinned::{HostAlloc, HostBuffer};

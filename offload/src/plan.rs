@@ -18,7 +18,6 @@
 //! for r in plan.owned_ranges(WorkerId(2)) { load(r.tensor, r.elements) }
 //! for piece in plan.owners("model.layers.0.mlp.up_proj.weight", 0..4096)? { fetch(piece.holders[0], piece.elements) }
 //! ```
-mod convert;
 mod partition;
 #[cfg(test)]
 mod tests;

@@ -16,39 +16,10 @@ use zeroshard_offload::ModelConfig;
 use crate::backend::{Backend, BatchLayout, Piece};
 use crate::error::{Result, WorkerError};
 use crate::model::{tensor_specs, LayerWeights, Model, OuterWeights};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::Sampler;
 use crate::source::{WeightSource, HEAD_SLICE};
 use crate::weights::HostWeights;
-
-/// Why a sequence stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// `max_new_tokens` reached, or the model's last position.
-    Length,
-    /// An end-of-sequence token was produced.
-    Eos,
-    /// A stop string matched (decided by the caller, which sees the text).
-    Stop,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Length => "length",
-            Self::Eos => "eos",
-            Self::Stop => "stop",
-        }
-    }
-}
-
-/// Per-request generation settings.
-#[derive(Clone, Debug)]
-pub struct GenerationParams {
-    pub sampling: SamplingParams,
-    pub max_new_tokens: usize,
-    /// Keep going past EOS tokens.
-    pub ignore_eos: bool,
-}
+pub use zeroshard_offload::request::{validate_prompt, FinishReason, GenerationParams};
 
 /// One sequence: its tokens, cache, sampler and state.
 pub struct Sequence<B: Backend> {
@@ -86,29 +57,6 @@ pub struct StepToken {
     pub token: u32,
     /// Set when this token ended the sequence.
     pub finished: Option<FinishReason>,
-}
-
-/// Checks a prompt against the model: non-empty, every id in the vocabulary,
-/// no longer than the model's positions. The messages name the value at fault.
-pub fn validate_prompt(c: &ModelConfig, prompt: &[u32]) -> Result<()> {
-    if prompt.is_empty() {
-        return Err(WorkerError::InvalidRequest("the prompt is empty".into()));
-    }
-    if let Some((i, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= c.vocab_size) {
-        return Err(WorkerError::InvalidRequest(format!(
-            "prompt token {id} at index {i} is outside the vocabulary (vocab_size {})",
-            c.vocab_size
-        )));
-    }
-    if prompt.len() > c.max_position_embeddings {
-        return Err(WorkerError::InvalidRequest(format!(
-            "the prompt has {} tokens, more than the model's {} {}",
-            prompt.len(),
-            c.architecture.max_positions_key(),
-            c.max_position_embeddings
-        )));
-    }
-    Ok(())
 }
 
 /// A model, its weights in host memory and a backend to run them.
@@ -359,7 +307,7 @@ mod tests {
     }
 
     fn params(max_new_tokens: usize) -> GenerationParams {
-        GenerationParams { sampling: SamplingParams::default(), max_new_tokens, ignore_eos: true }
+        GenerationParams { sampling: Default::default(), max_new_tokens, ignore_eos: true }
     }
 
     fn close(a: &[f32], b: &[f32]) -> bool {

@@ -1,27 +1,93 @@
-//! The worker crate's one error type.
+//! The worker crate's one error type. Variants wrap their source; the `Worker`
+//! and `Shards` services map them to status codes in one `match`
+//! (`rpc::convert::status`).
+use std::path::PathBuf;
+
+use zeroshard_offload::plan::PlanError;
+use zeroshard_offload::shards::ShardError;
 use zeroshard_offload::OffloadError;
+
+/// A boxed error from a dependency whose type should not leak into this crate's
+/// API (a gRPC transport, etcd).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
     Offload(#[from] OffloadError),
-    /// A request the engine cannot run as given (prompt, ids, lengths).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Serving or receiving shard ranges failed (a range not held, a chunk that
+    /// failed its checksum, a transfer cut short).
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// A request the engine cannot run as given (prompt, ids, lengths, a plan
+    /// for another worker or an epoch not prepared).
     #[error("{0}")]
     InvalidRequest(String),
+    /// A plan epoch this worker does not hold, or has not prepared.
+    #[error("{0}")]
+    Epoch(String),
     /// A weight the model needs is absent from the provided set.
     #[error("weight `{0}` is missing")]
     MissingWeight(String),
+    /// A backend operation failed. `fatal`: the device cannot be trusted again
+    /// (any CUDA error: a sticky context error, lost device, out of memory
+    /// mid-step); otherwise only this step failed.
+    #[error("{op}: {source}")]
+    Device {
+        op: String,
+        fatal: bool,
+        #[source]
+        source: BoxError,
+    },
+    /// Opening or sizing a backend failed (TEMPORARY until the CUDA paths return `Device`).
     #[error("backend: {0}")]
     Backend(String),
-    /// Gathering a layer's ranges from peers failed.
+    /// Gathering a layer's ranges from its holders failed, after fail-over and
+    /// retries: each holder's last error, in the order tried.
     #[error("gather: {0}")]
     Gather(String),
-    /// Loading this worker's owned ranges failed.
-    #[error("loading owned ranges: {0}")]
-    Load(String),
-    /// Registering with the cluster (coordinator or etcd) failed.
-    #[error("membership: {0}")]
-    Membership(String),
+    /// A call to another member (a peer's `Shards`, the coordinator's `Control`).
+    #[error("{peer}: {source}")]
+    Rpc {
+        peer: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The membership store (etcd) failed or holds bad data.
+    #[error("membership at {endpoint}: {source}")]
+    Membership {
+        endpoint: String,
+        #[source]
+        source: BoxError,
+    },
+    /// A file or socket of this process.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A task or thread of this worker ended unexpectedly.
+    #[error("{what}: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl WorkerError {
+    /// True when the device cannot be trusted again: the worker must leave the
+    /// cluster rather than step again.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Device { fatal: true, .. })
+    }
+
+    pub(crate) fn rpc(peer: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Rpc { peer: peer.into(), source: source.into() }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;

@@ -9,19 +9,27 @@
 //! - [`model`]: the Llama family, computing a layer from borrowed weights.
 //! - [`weights`]: a host store of f16 tensors (whole model, or gathered layers).
 //! - [`engine`]: sequences, the batched step, sampling and stop conditions.
+//! - [`local`]: a whole model in this process on a chosen [`Device`](local::Device)
+//!   (`generate`); [`bench`]: its throughput per batch size.
+//! - [`node`]: a cluster worker: plans, gathers, the batching loop; its gRPC
+//!   edge is the private `rpc` module, the only one naming protobuf types.
 //! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty.
 pub mod backend;
-pub mod convert;
+
+pub mod bench;
 pub mod cpu;
 pub mod cuda;
 pub mod engine;
 mod error;
+pub mod local;
 pub mod model;
 pub mod node;
+pub mod pinned;
 pub mod placement;
+mod rpc;
 pub mod sampling;
-pub mod shards;
 pub mod source;
+mod sync;
 pub mod weights;
 
 pub use backend::Backend;

@@ -13,8 +13,9 @@
 //! println!("{}", placed.summary);  // "22/22 layers resident (2101.9 MiB), ..."
 //! let engine = Engine::new(placed.backend, config, weights);
 //! ```
+use crate::pinned::HostAlloc;
 use zeroshard_offload::gpu_budget::{size_gpu_memory, GpuBudget, GpuDemand};
-use zeroshard_offload::{HostAlloc, ModelConfig};
+use zeroshard_offload::ModelConfig;
 
 use crate::cuda::{self, CudaBackend, CudaOptions};
 use crate::error::{Result, WorkerError};

@@ -25,57 +25,7 @@
 //! tokens on every platform and version (up to the last bit of the platform's
 //! `exp`, which only matters for a draw landing exactly on a boundary).
 
-/// Sampling parameters for one sequence. The default is greedy decoding.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SamplingParams {
-    /// Softmax temperature; 0 means greedy (argmax).
-    pub temperature: f32,
-    /// Keep only the `top_k` most likely tokens; 0 turns the filter off, 1 is greedy.
-    pub top_k: usize,
-    /// Nucleus sampling: keep the smallest set of tokens whose probability mass
-    /// reaches `top_p`; 1.0 turns the filter off.
-    pub top_p: f32,
-    /// Seed of the sequence's random number generator.
-    pub seed: u64,
-    /// Divides positive (multiplies negative) logits of tokens already in the
-    /// history; 1.0 turns it off.
-    pub repetition_penalty: f32,
-    /// Tokens an earlier run of this sequence already sampled: a sequence
-    /// resumed on another worker skips that many draws and so continues the
-    /// same random stream (each sampled token takes one draw).
-    pub resume_draws: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, repetition_penalty: 1.0, resume_draws: 0 }
-    }
-}
-
-impl SamplingParams {
-    /// Checks the ranges; the message names the offending field and value.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!("temperature must be finite and >= 0, got {}", self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return Err(format!(
-                "repetition_penalty must be finite and > 0, got {}",
-                self.repetition_penalty
-            ));
-        }
-        Ok(())
-    }
-
-    /// True when the next token is the argmax: temperature 0 or top_k 1.
-    /// (A temperature that is not a positive number is treated as 0.)
-    pub fn is_greedy(&self) -> bool {
-        self.temperature.is_nan() || self.temperature <= 0.0 || self.top_k == 1
-    }
-}
+pub use zeroshard_offload::request::SamplingParams;
 
 /// A token still in the running.
 #[derive(Clone, Copy, Debug)]
@@ -605,30 +555,5 @@ mod tests {
         assert_eq!((counts[0], counts[2]), (0, 0), "{counts:?}");
         let all_masked = [f32::NEG_INFINITY; 4];
         assert_eq!(histogram(sampling(1.0, 3, 0.9, 1), &all_masked, 10)[0], 10);
-    }
-
-    #[test]
-    fn validate_rejects_bad_values_naming_the_field() {
-        let cases = [
-            (SamplingParams { temperature: -0.5, ..Default::default() }, "temperature", "-0.5"),
-            (SamplingParams { temperature: f32::INFINITY, ..Default::default() }, "temperature", "inf"),
-            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature", "NaN"),
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p", "0"),
-            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p", "1.5"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty", "0"),
-            (
-                SamplingParams { repetition_penalty: f32::NAN, ..Default::default() },
-                "repetition_penalty",
-                "NaN",
-            ),
-        ];
-        for (params, field, value) in cases {
-            let message = params.validate().expect_err("invalid parameters");
-            assert!(
-                message.contains(field) && message.contains(value),
-                "{message:?} should name {field} and {value}"
-            );
-        }
-        assert_eq!(sampling(1.2, 40, 0.95, 3).validate(), Ok(()));
     }
 }

@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 
 use half::f16;
-use zeroshard_offload::{Checkpoint, HostAlloc, HostBuffer, ModelConfig};
+use zeroshard_offload::synthetic::SyntheticWeights;
+use zeroshard_offload::{Checkpoint, ModelConfig};
+
+use crate::pinned::{HostAlloc, HostBuffer};
 
 use crate::error::Result;
 use crate::model::{tensor_specs, LayerWeights, OuterWeights, TensorSpec};
@@ -92,34 +95,5 @@ impl HostWeights {
 
     pub fn outer(&self, config: &ModelConfig) -> Result<OuterWeights<'_, [f16]>> {
         OuterWeights::from_lookup(config, |n| self.get(n))
-    }
-}
-
-/// Deterministic random weights for benchmarks: uniform, ±0.035 for matrices,
-/// 1 ± 0.1 for norm scales, drawn tensor after tensor from one xorshift64* stream.
-pub struct SyntheticWeights {
-    state: u64,
-}
-
-impl SyntheticWeights {
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed ^ 0x9E37_79B9_7F4A_7C15 }
-    }
-
-    /// The next tensor of `spec`'s stored shape.
-    pub fn tensor(&mut self, spec: &TensorSpec) -> Vec<f16> {
-        let is_norm = spec.shape.len() == 1
-            && spec.name.ends_with(".weight")
-            && (spec.name.contains("norm") || spec.name.contains(".ln_"));
-        (0..spec.numel())
-            .map(|_| {
-                self.state ^= self.state >> 12;
-                self.state ^= self.state << 25;
-                self.state ^= self.state >> 27;
-                let r = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D);
-                let u = (r >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-                f16::from_f32(if is_norm { 1.0 + 0.1 * u } else { 0.035 * u })
-            })
-            .collect()
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use zeroshard_offload::plan::WorkerId;
 
 use super::{Member, MemberEvent, MemberWatch, Membership, StoredPlan};
-use crate::error::Result;
+use zeroshard_membership::Result;
 
 struct State {
     /// Live members and when their lease runs out.
@@ -112,7 +112,7 @@ impl EmbeddedMembership {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl Membership for EmbeddedMembership {
     fn describe(&self) -> String {
         format!("embedded (lease {:?})", self.ttl)

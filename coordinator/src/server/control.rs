@@ -5,7 +5,9 @@ use zeroshard_offload::plan::WorkerId;
 use zeroshard_proto::v1 as pb;
 
 use super::Coordinator;
+use crate::error::CoordinatorError;
 use crate::membership::embedded::EmbeddedMembership;
+use crate::membership::Membership;
 
 pub struct ControlSvc(pub Coordinator);
 
@@ -33,12 +35,9 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
         let m = self.embedded()?;
         let prior = (r.worker_id != 0).then_some(WorkerId(r.worker_id));
         let id = m.register(r.address, r.device, r.memory_bytes, prior);
-        let inner = &self.0 .0;
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: id.0,
-            model_dir: inner.cfg.model_dir.display().to_string(),
-            config_json: inner.config_json.clone(),
-            generation_config_json: inner.generation_config_json.clone(),
+            model: Some(self.0.model_info()),
             lease_ttl_ms: m.lease_ttl().as_millis() as u64,
         }))
     }
@@ -49,5 +48,13 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
     ) -> Result<Response<pb::KeepAliveResponse>, Status> {
         let known = self.embedded()?.keep_alive(WorkerId(req.into_inner().worker_id));
         Ok(Response::new(pb::KeepAliveResponse { known }))
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        let r = req.into_inner();
+        let m = self.embedded()?;
+        tracing::warn!("worker {} leaves: {}", r.worker_id, r.reason);
+        m.evict(WorkerId(r.worker_id)).await.map_err(CoordinatorError::from)?;
+        Ok(Response::new(pb::LeaveResponse {}))
     }
 }

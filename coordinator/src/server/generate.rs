@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use zeroshard_offload::plan::Plan;
+use zeroshard_offload::request::GenerationParams;
 use zeroshard_proto::v1 as pb;
-use zeroshard_worker::engine::GenerationParams;
 
 use super::state::WorkerEntry;
 use super::Coordinator;
 use crate::error::{CoordinatorError, Result};
-use crate::local::TextStream;
+use crate::text_stream::TextStream;
 
 /// A validated request.
 struct Validated {
@@ -43,8 +43,8 @@ fn validate(coord: &Coordinator, req: pb::GenerateRequest) -> Result<Validated> 
             .encode(&t)?,
         Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids,
     };
-    zeroshard_worker::engine::validate_prompt(&inner.config, &prompt)?;
-    let params = zeroshard_worker::convert::generation_params(req.sampling);
+    zeroshard_offload::request::validate_prompt(&inner.config, &prompt)?;
+    let params = zeroshard_offload::convert::generation_params(req.sampling);
     params.sampling.validate().map_err(invalid)?;
     if !req.stop.is_empty() && inner.tokenizer.is_none() {
         return Err(invalid("stop strings need a tokenizer.json in the model folder"));

@@ -4,8 +4,8 @@ use std::pin::Pin;
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
+use zeroshard_offload::shards::{checksum, CHUNK_BYTES};
 use zeroshard_proto::v1 as pb;
-use zeroshard_worker::shards::{checksum, CHUNK_BYTES};
 
 use super::Coordinator;
 

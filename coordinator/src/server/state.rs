@@ -11,10 +11,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use zeroshard_offload::plan::{Plan, TensorMeta, WorkerId};
+use zeroshard_offload::spec::tensor_specs;
 use zeroshard_offload::{Checkpoint, ModelConfig};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::worker_client::WorkerClient;
-use zeroshard_worker::model::tensor_specs;
 
 use crate::error::{CoordinatorError, Result};
 use crate::membership::embedded::EmbeddedMembership;
@@ -250,7 +250,7 @@ impl Coordinator {
     }
 
     /// The model as plans carry it to workers.
-    pub(super) fn model_info(&self) -> pb::ModelInfo {
+    pub(crate) fn model_info(&self) -> pb::ModelInfo {
         pb::ModelInfo {
             model_dir: self.0.cfg.model_dir.display().to_string(),
             config_json: self.0.config_json.clone(),

@@ -26,7 +26,6 @@ mod fused;
 mod gpt2;
 mod llama;
 mod rope;
-mod spec;
 
 pub use alibi::alibi_slopes;
 pub use bloom::BloomOuterWeights;
@@ -34,7 +33,7 @@ pub use fused::FusedBlockWeights;
 pub use gpt2::Gpt2OuterWeights;
 pub use llama::{LlamaLayerWeights, LlamaOuterWeights};
 pub use rope::RopeTable;
-pub use spec::{tensor_specs, Layout, TensorSpec};
+pub use zeroshard_offload::spec::{tensor_specs, Layout, TensorSpec};
 
 use zeroshard_offload::{Architecture, ModelConfig, PositionEncoding};
 

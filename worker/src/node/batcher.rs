@@ -2,6 +2,14 @@
 //! Sequences join and leave at step boundaries; each step is one forward over
 //! all of them, so one gather per layer serves the whole batch. The loop is the
 //! same for every backend: `state` starts it with a CPU or a CUDA engine.
+//!
+//! The loop speaks domain types only: each sequence gets [`SeqEvent`]s, a
+//! token or the error that ended it; the `Worker` service turns them into
+//! messages and statuses. A step that fails ends the sequences of that step
+//! with its error (the coordinator resumes them elsewhere); a fatal error (the
+//! device cannot be trusted again) also ends the loop and is reported on
+//! `fatal`, so the worker leaves the cluster instead of staying registered
+//! without stepping.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -9,12 +17,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
-use tonic::Status;
-use zeroshard_proto::v1 as pb;
+use tokio::sync::watch;
 
 use crate::backend::Backend;
-use crate::engine::{Engine, FinishReason, GenerationParams, Sequence};
+use crate::engine::{Engine, GenerationParams, Sequence, StepToken};
+use crate::error::WorkerError;
 use crate::source::WeightSource;
+
+/// What a running sequence hears from the loop: its next token, or the error
+/// that ended it (shared by every sequence of a failed step).
+pub type SeqEvent = Result<StepToken, Arc<WorkerError>>;
 
 /// What the loop is asked to do.
 pub enum Command {
@@ -23,7 +35,7 @@ pub enum Command {
         id: u64,
         prompt: Vec<u32>,
         params: GenerationParams,
-        tx: UnboundedSender<Result<pb::SequenceStep, Status>>,
+        tx: UnboundedSender<SeqEvent>,
     },
     Cancel(u64),
     /// Compute from these weights from the next step on.
@@ -41,24 +53,18 @@ pub struct BatchStats {
 
 struct Active<B: Backend> {
     seq: Sequence<B>,
-    tx: UnboundedSender<Result<pb::SequenceStep, Status>>,
+    tx: UnboundedSender<SeqEvent>,
 }
 
-pub fn finish_to_pb(r: FinishReason) -> pb::FinishReason {
-    match r {
-        FinishReason::Length => pb::FinishReason::Length,
-        FinishReason::Eos => pb::FinishReason::Eos,
-        FinishReason::Stop => pb::FinishReason::Stop,
-    }
-}
-
-/// Runs until every command sender is gone. `step_delay` (a test hook) is
-/// slept after every step, to make a short generation long enough to disturb.
+/// Runs until every command sender is gone, or until a fatal step error,
+/// which it publishes on `fatal`. `step_delay` (a test hook) is slept after
+/// every step, to make a short generation long enough to disturb.
 pub fn run<B: Backend>(
     engine: Engine<B>,
     rx: Receiver<Command>,
     stats: Arc<BatchStats>,
     step_delay: Duration,
+    fatal: watch::Sender<Option<Arc<WorkerError>>>,
 ) {
     let mut active: HashMap<u64, Active<B>> = HashMap::new();
     let mut source: Option<Arc<dyn WeightSource>> = None;
@@ -80,7 +86,7 @@ pub fn run<B: Backend>(
                         active.insert(id, Active { seq, tx });
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(Status::invalid_argument(e.to_string())));
+                        let _ = tx.send(Err(Arc::new(e)));
                     }
                 },
                 Command::Cancel(id) => {
@@ -114,19 +120,33 @@ pub fn run<B: Backend>(
         match result {
             Ok((tokens, _)) => {
                 for ((id, t), tx) in ids.iter().zip(tokens).zip(txs) {
-                    let step = pb::SequenceStep {
-                        token_ids: vec![t.token],
-                        finish_reason: t.finished.map_or(pb::FinishReason::Unspecified, finish_to_pb) as i32,
-                    };
-                    if tx.send(Ok(step)).is_err() || t.finished.is_some() {
+                    let finished = t.finished.is_some();
+                    if tx.send(Ok(t)).is_err() || finished {
                         active.remove(id);
                     }
                 }
             }
             Err(e) => {
-                tracing::error!("step failed: {e}");
-                for (_, a) in active.drain() {
-                    let _ = a.tx.send(Err(Status::unavailable(format!("worker step failed: {e}"))));
+                let fatal_error = e.is_fatal();
+                tracing::error!(
+                    "step over {} sequences failed{}: {e}",
+                    ids.len(),
+                    if fatal_error { " (fatal)" } else { "" }
+                );
+                let e = Arc::new(e);
+                for id in &ids {
+                    if let Some(a) = active.remove(id) {
+                        let _ = a.tx.send(Err(e.clone()));
+                    }
+                }
+                if fatal_error {
+                    // Sequences that joined after the step began end too: nothing steps here again.
+                    for (_, a) in active.drain() {
+                        let _ = a.tx.send(Err(e.clone()));
+                    }
+                    stats.active.store(0, Ordering::Relaxed);
+                    let _ = fatal.send(Some(e));
+                    return;
                 }
             }
         }

@@ -7,13 +7,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use half::f16;
-use tonic::transport::Channel;
 use zeroshard_offload::plan::{Plan, WorkerId};
-use zeroshard_proto::v1 as pb;
-use zeroshard_proto::v1::shards_client::ShardsClient;
+
+use zeroshard_offload::shards::{Assembler, HostSlices, TensorRange};
 
 use crate::error::{Result, WorkerError};
-use crate::shards::{Assembler, Chunk, HostSlices, TensorRange};
+use crate::rpc::peer::{FetchPolicy, PeerClient};
+use crate::sync;
 
 /// Attempts in a row without progress before a fetch from the last holder of a
 /// range fails (a bad chunk or a broken stream costs one; what was already
@@ -22,14 +22,6 @@ pub(super) const FETCH_ATTEMPTS: usize = 4;
 
 /// A holder that failed is tried last for this long.
 const DOWN_FOR: Duration = Duration::from_secs(10);
-
-/// How hard one fetch tries before it gives up on a source.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct FetchPolicy {
-    pub attempts: usize,
-    /// Longest wait for the stream to start or for its next chunk.
-    pub timeout: Duration,
-}
 
 /// Running totals of what gathers moved from peers.
 #[derive(Debug, Default)]
@@ -51,7 +43,7 @@ pub struct GatherStats {
 
 impl GatherStats {
     fn begin(&self) {
-        let mut g = self.in_flight.lock().expect("gather stats lock");
+        let mut g = sync::lock(&self.in_flight);
         if g.0 == 0 {
             g.1 = Some(Instant::now());
         }
@@ -59,7 +51,7 @@ impl GatherStats {
     }
 
     fn end(&self) {
-        let mut g = self.in_flight.lock().expect("gather stats lock");
+        let mut g = sync::lock(&self.in_flight);
         g.0 -= 1;
         if g.0 == 0 {
             if let Some(t) = g.1.take() {
@@ -101,7 +93,7 @@ pub struct Gatherer {
     plan: Arc<Plan>,
     me: WorkerId,
     own: Arc<HostSlices>,
-    peers: HashMap<WorkerId, ShardsClient<Channel>>,
+    peers: HashMap<WorkerId, PeerClient>,
     pub stats: Arc<GatherStats>,
     fetch_timeout: Duration,
     /// Holders that failed recently, and when.
@@ -113,7 +105,7 @@ impl Gatherer {
         plan: Arc<Plan>,
         me: WorkerId,
         own: Arc<HostSlices>,
-        peers: HashMap<WorkerId, ShardsClient<Channel>>,
+        peers: HashMap<WorkerId, PeerClient>,
         stats: Arc<GatherStats>,
         fetch_timeout: Duration,
     ) -> Self {
@@ -122,7 +114,7 @@ impl Gatherer {
 
     /// `holders` in the order to try them: healthy ones first, in plan order.
     fn try_order(&self, holders: &[WorkerId]) -> Vec<WorkerId> {
-        let down = self.down.lock().expect("down lock");
+        let down = sync::lock(&self.down);
         let recent = |w: &WorkerId| down.get(w).is_some_and(|t| t.elapsed() < DOWN_FOR);
         let (mut up, later): (Vec<WorkerId>, Vec<WorkerId>) = holders.iter().partition(|w| !recent(w));
         up.extend(later);
@@ -139,10 +131,7 @@ impl Gatherer {
         let mut remote: HashMap<Vec<WorkerId>, Vec<(TensorRange, &mut [u8])>> = HashMap::new();
         let mut fetched_bytes = 0u64;
         for (req, out) in requests.iter().zip(outputs.iter_mut()) {
-            let pieces = self
-                .plan
-                .owners(&req.tensor, req.elements.clone())
-                .map_err(|e| WorkerError::Gather(format!("plan: {e}")))?;
+            let pieces = self.plan.owners(&req.tensor, req.elements.clone())?;
             let mut rest: &mut [u8] = bytemuck_bytes(out);
             for piece in pieces {
                 let len = ((piece.elements.end - piece.elements.start) * 2) as usize;
@@ -151,7 +140,7 @@ impl Gatherer {
                 let range = TensorRange::new(req.tensor.clone(), piece.elements.clone());
                 if piece.holders.contains(&self.me) {
                     let mut at = 0;
-                    for bytes in self.own.pieces(&range).map_err(|e| WorkerError::Gather(e.to_string()))? {
+                    for bytes in self.own.pieces(&range)? {
                         dest[at..at + bytes.len()].copy_from_slice(&bytes);
                         at += bytes.len();
                     }
@@ -179,7 +168,7 @@ impl Gatherer {
     /// The part of a gather that `holders` serve: from the first, then, if it
     /// fails, the rest of it from the next, within the same step.
     async fn fetch(&self, holders: Vec<WorkerId>, ranges: Vec<(TensorRange, &mut [u8])>) -> Result<()> {
-        let mut asm = Assembler::new(ranges, 2).map_err(|e| WorkerError::Gather(e.to_string()))?;
+        let mut asm = Assembler::new(ranges, 2)?;
         let mut errors = Vec::new();
         for (i, peer) in holders.iter().enumerate() {
             let Some(mut client) = self.peers.get(peer).cloned() else {
@@ -190,15 +179,9 @@ impl Gatherer {
             let policy =
                 FetchPolicy { attempts: if last { FETCH_ATTEMPTS } else { 1 }, timeout: self.fetch_timeout };
             let source = peer.to_string();
-            match fetch_into(
-                &mut client,
-                &source,
-                self.plan.epoch(),
-                &mut asm,
-                &self.stats.rejected_chunks,
-                policy,
-            )
-            .await
+            match client
+                .fetch_into(&source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks, policy)
+                .await
             {
                 Ok(()) => {
                     if i > 0 {
@@ -210,7 +193,7 @@ impl Gatherer {
                     if !last {
                         tracing::warn!("{e}; fetching the rest from worker {}", holders[i + 1]);
                     }
-                    self.down.lock().expect("down lock").insert(*peer, Instant::now());
+                    sync::lock(&self.down).insert(*peer, Instant::now());
                     errors.push(e);
                     asm.restart();
                 }
@@ -223,67 +206,4 @@ impl Gatherer {
 /// The little-endian bytes of an f16 buffer.
 fn bytemuck_bytes(v: &mut [f16]) -> &mut [u8] {
     bytemuck::cast_slice_mut(v)
-}
-
-/// Fills `asm` from `client`'s `FetchRanges` stream under `epoch`. A rejected
-/// chunk (counted in `rejected`) or a broken stream restarts the fetch from what
-/// is still missing; it gives up after [`FETCH_ATTEMPTS`] tries in a row without
-/// progress (`policy.attempts`), or at once on a stale epoch. A source silent
-/// for `policy.timeout` counts as a broken stream. Errors name `source`.
-pub(super) async fn fetch_into(
-    client: &mut ShardsClient<Channel>,
-    source: &str,
-    epoch: u64,
-    asm: &mut Assembler<'_>,
-    rejected: &AtomicU64,
-    policy: FetchPolicy,
-) -> std::result::Result<(), String> {
-    let mut last_error = String::new();
-    let mut failures = 0;
-    let silent = || format!("{source}: nothing received for {:?}", policy.timeout);
-    while failures < policy.attempts {
-        let before = asm.received_bytes();
-        let ranges = asm.request().iter().map(pb::TensorRange::from).collect();
-        let call = client.fetch_ranges(pb::FetchRangesRequest { epoch, ranges, chunk_bytes: 0 });
-        let mut stream = match tokio::time::timeout(policy.timeout, call).await {
-            Ok(Ok(s)) => s.into_inner(),
-            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                return Err(format!("{source}: {}", status.message()));
-            }
-            Ok(Err(status)) => {
-                last_error = format!("{source}: {}", status.message());
-                failures += 1;
-                continue;
-            }
-            Err(_) => {
-                last_error = silent();
-                failures += 1;
-                continue;
-            }
-        };
-        let broke = loop {
-            let Ok(next) = tokio::time::timeout(policy.timeout, stream.message()).await else {
-                break Some(silent());
-            };
-            match next {
-                Ok(Some(c)) => {
-                    if let Err(e) = asm.accept(&Chunk::from(c)) {
-                        rejected.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("chunk from {source} rejected, refetching: {e}");
-                        break Some(e.to_string());
-                    }
-                }
-                Ok(None) => break None,
-                Err(status) => break Some(format!("{source}: stream broke: {}", status.message())),
-            }
-        };
-        match broke {
-            None if asm.is_complete() => return Ok(()),
-            None => last_error = format!("{source}: stream ended early"),
-            Some(e) => last_error = e,
-        }
-        failures = if asm.received_bytes() > before { 1 } else { failures + 1 };
-        asm.restart();
-    }
-    Err(format!("gave up after {} attempt(s) without progress: {last_error}", policy.attempts))
 }

@@ -10,8 +10,6 @@
 //! ```
 mod batcher;
 mod gather;
-mod registrar;
-mod service;
 mod state;
 mod store;
 mod weights;
@@ -19,14 +17,21 @@ mod weights;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::transport::Channel;
+use zeroshard_offload::ModelConfig;
 
-pub use batcher::finish_to_pb;
-pub use gather::GatherStats;
-pub use registrar::{Announce, ControlRegistrar, Registrar};
-pub use service::run;
+pub(crate) use batcher::{Command, SeqEvent};
+pub(crate) use state::Node;
+pub use zeroshard_membership::{Announce, Registrar};
 
-use crate::error::{Result, WorkerError};
+use crate::cpu::CpuBackend;
+pub use crate::rpc::control::ControlRegistrar;
+pub use crate::rpc::service::run;
+
+/// The model a plan names: its folder as the coordinator sees it, and its config.
+pub struct PlannedModel {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+}
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -44,6 +49,9 @@ pub struct NodeConfig {
     pub pull: bool,
     /// Layers gathered ahead of the one computing.
     pub prefetch_layers: usize,
+    /// Bytes gathered ahead beyond the first prefetched layer (keeps a large
+    /// head from stacking on two layers in memory).
+    pub prefetch_bytes: u64,
     /// Gathered layers kept resident within this many bytes (0 = re-gather every
     /// step); on a GPU, the device bytes of resident layers.
     pub max_live_bytes: u64,
@@ -67,6 +75,7 @@ impl Default for NodeConfig {
             model_dir: None,
             pull: false,
             prefetch_layers: 2,
+            prefetch_bytes: 24 << 20,
             max_live_bytes: 0,
             corrupt_every: 0,
             fail_load: false,
@@ -83,20 +92,9 @@ impl NodeConfig {
         self.cuda = cuda;
         self
     }
-}
 
-/// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings.
-pub async fn connect(uri: &str) -> Result<Channel> {
-    zeroshard_proto::transport::endpoint(uri)
-        .map_err(|e| WorkerError::Gather(format!("{uri}: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| WorkerError::Gather(format!("connecting to {uri}: {e}")))
-}
-
-/// A channel to `uri` that connects on first use.
-pub fn connect_lazy(uri: &str) -> Result<Channel> {
-    Ok(zeroshard_proto::transport::endpoint(uri)
-        .map_err(|e| WorkerError::Gather(format!("{uri}: {e}")))?
-        .connect_lazy())
+    /// The CPU backend the batching loop computes with.
+    pub(crate) fn cpu_backend(&self) -> CpuBackend {
+        CpuBackend
+    }
 }

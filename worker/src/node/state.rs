@@ -7,33 +7,36 @@
 //! *previous*, still served to peers whose steps started under it, until the
 //! next activation.
 //!
+//! State has one owner per kind: the plans behind one `RwLock` ([`Epochs`]),
+//! what the first plan sets up (model, device, the batching loop) behind the
+//! async lock that also serialises installations ([`Setup`]), counters in
+//! [`NodeStats`], and the id in a `watch` that the first plan awaits.
+//!
 //! On a GPU (`NodeConfig::cuda`) the device is opened and sized at the first
 //! plan, so a device too small for one layer refuses that plan with the
 //! numbers; gathered layers that stay resident (within the device budget for
 //! resident layers) are copied to the device once, the others are staged
 //! through the backend's ring every step.
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use zeroshard_offload::plan::{Assignment, OwnedBytes, WorkerId};
-use zeroshard_offload::{Checkpoint, ModelConfig};
-use zeroshard_proto::v1 as pb;
-use zeroshard_proto::v1::shards_client::ShardsClient;
+use tokio::sync::watch;
+use zeroshard_offload::plan::{Assignment, OwnedBytes};
+use zeroshard_offload::shards::HostSlices;
+use zeroshard_offload::Checkpoint;
 
 use super::batcher::{self, BatchStats, Command};
 use super::gather::{GatherStats, Gatherer};
-use super::weights::ClusterWeights;
-use super::{store, NodeConfig};
+use super::weights::{ClusterWeights, Prefetch};
+use super::{store, NodeConfig, PlannedModel};
 use crate::backend::Backend;
-use crate::cpu::CpuBackend;
-use crate::cuda::CudaBackend;
 use crate::engine::Engine;
 use crate::error::{Result, WorkerError};
 use crate::placement::{open_for_cluster, GpuPlacement};
-use crate::shards::HostSlices;
+use crate::rpc::peer::PeerClient;
+use crate::sync;
 
 /// What one plan gave this worker.
 pub(super) struct Installed {
@@ -87,26 +90,19 @@ impl Epochs {
     }
 }
 
-/// The model, known from the first plan.
-struct ModelInfo {
-    config: ModelConfig,
-    dir: PathBuf,
+/// What the first plan sets up, once; guarded by the installation lock.
+#[derive(Default)]
+struct Setup {
+    model: Option<PlannedModel>,
+    /// Budget for gathered layers kept resident (device bytes on a GPU).
+    live_bytes: Option<u64>,
+    /// The batching loop's ends, until the loop is started.
+    batcher: Option<(Receiver<Command>, watch::Sender<Option<Arc<WorkerError>>>)>,
 }
 
-pub(super) struct Node {
-    pub cfg: NodeConfig,
-    pub id: OnceLock<u64>,
-    model: OnceLock<ModelInfo>,
-    pub epochs: RwLock<Epochs>,
-    commands: Mutex<Sender<Command>>,
-    /// The batching loop's end of `commands`, until the first activation starts it.
-    batcher_rx: Mutex<Option<Receiver<Command>>>,
-    /// The CUDA backend opened at the first plan, until the batching loop takes it.
-    gpu: Mutex<Option<CudaBackend>>,
-    /// On a GPU: device bytes for resident layers, as sized at the first plan.
-    gpu_live_bytes: OnceLock<u64>,
-    /// One installation at a time.
-    installing: tokio::sync::Mutex<()>,
+/// Counters for `Stats`.
+#[derive(Default)]
+pub(crate) struct NodeStats {
     pub batch: Arc<BatchStats>,
     pub resident: Arc<AtomicU64>,
     pub gather: Arc<GatherStats>,
@@ -117,87 +113,143 @@ pub(super) struct Node {
     pub loading: Arc<AtomicU64>,
 }
 
-fn poisoned<T>(_: T) -> WorkerError {
-    WorkerError::Load("worker state lock poisoned".into())
+pub(crate) struct Node {
+    pub cfg: NodeConfig,
+    /// This worker's id, once registered.
+    id: watch::Sender<Option<u64>>,
+    epochs: RwLock<Epochs>,
+    commands: Sender<Command>,
+    /// One installation at a time, and what the first one set up.
+    setup: tokio::sync::Mutex<Setup>,
+    /// A fatal step error, once the batching loop hit one.
+    fatal: watch::Receiver<Option<Arc<WorkerError>>>,
+    pub stats: NodeStats,
 }
 
 impl Node {
     pub fn new(cfg: NodeConfig) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (fatal_tx, fatal) = watch::channel(None);
         Self {
             cfg,
-            id: OnceLock::new(),
-            model: OnceLock::new(),
+            id: watch::channel(None).0,
             epochs: RwLock::new(Epochs::default()),
-            commands: Mutex::new(tx),
-            batcher_rx: Mutex::new(Some(rx)),
-            gpu: Mutex::new(None),
-            gpu_live_bytes: OnceLock::new(),
-            installing: tokio::sync::Mutex::new(()),
-            batch: Arc::new(BatchStats::default()),
-            resident: Arc::new(AtomicU64::new(0)),
-            gather: Arc::new(GatherStats::default()),
-            served_fetches: AtomicU64::new(0),
-            loads: AtomicU64::new(0),
-            loaded_bytes: AtomicU64::new(0),
-            loading: Arc::new(AtomicU64::new(0)),
+            commands: tx,
+            setup: tokio::sync::Mutex::new(Setup { batcher: Some((rx, fatal_tx)), ..Setup::default() }),
+            fatal,
+            stats: NodeStats::default(),
         }
     }
 
     pub fn send(&self, c: Command) {
-        if let Ok(tx) = self.commands.lock() {
-            let _ = tx.send(c);
+        let _ = self.commands.send(c);
+    }
+
+    /// This worker's id (0 before it registered).
+    pub fn id(&self) -> u64 {
+        self.id.borrow().unwrap_or(0)
+    }
+
+    pub fn set_id(&self, id: u64) {
+        self.id.send_replace(Some(id));
+    }
+
+    /// Resolves with the error once the batching loop failed fatally.
+    pub async fn fatal_error(&self) -> Arc<WorkerError> {
+        let mut rx = self.fatal.clone();
+        loop {
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                // The loop never started or ended without an error: wait forever.
+                std::future::pending::<()>().await;
+            }
         }
+    }
+
+    /// Ok when a sequence routed under `epoch` can run here: a plan is active
+    /// and `epoch` is one this worker holds.
+    pub fn check_routable(&self, epoch: u64) -> Result<()> {
+        let e = sync::read(&self.epochs);
+        if e.active.is_none() || !e.knows(epoch) {
+            return Err(WorkerError::Epoch(format!(
+                "sequence routed under epoch {epoch}, this worker holds {}",
+                e.describe()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The active epoch (0: none yet) and the bytes it owns.
+    pub fn active(&self) -> (u64, OwnedBytes) {
+        let e = sync::read(&self.epochs);
+        e.active.as_ref().map_or((0, OwnedBytes::default()), |i| (i.epoch, i.owned))
+    }
+
+    /// The ranges this worker holds under `epoch`, to serve to peers.
+    pub fn slices(&self, epoch: u64) -> Result<Arc<HostSlices>> {
+        let e = sync::read(&self.epochs);
+        e.slices(epoch).ok_or_else(|| {
+            WorkerError::Epoch(format!("epoch {epoch} is not held by this worker ({})", e.describe()))
+        })
     }
 
     /// Prepares the plan `a` (loads its ranges) without switching to it.
     /// Returns (owned bytes, load milliseconds); a plan already held answers at once.
-    pub async fn prepare(&self, a: Assignment, model: Option<pb::ModelInfo>) -> Result<(u64, f64)> {
-        let _one = self.installing.lock().await;
+    pub async fn prepare(&self, a: Assignment, model: Option<PlannedModel>) -> Result<(u64, f64)> {
+        let mut setup = self.setup.lock().await;
         // The plan can arrive before the answer to our registration is processed.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.id.get().is_none() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let me = *self.id.get().ok_or_else(|| WorkerError::InvalidRequest("not registered yet".into()))?;
-        if a.worker != WorkerId(me) {
+        let mut id = self.id.subscribe();
+        let me = match tokio::time::timeout(Duration::from_secs(10), id.wait_for(Option::is_some)).await {
+            Ok(Ok(id)) => id.unwrap_or(0),
+            _ => return Err(WorkerError::InvalidRequest("not registered yet".into())),
+        };
+        if a.worker.0 != me {
             return Err(WorkerError::InvalidRequest(format!(
                 "plan is for {}, this is worker {me}",
                 a.worker
             )));
         }
         let epoch = a.plan.epoch();
-        if let Some(i) = self.epochs.read().map_err(poisoned)?.all().find(|i| i.epoch == epoch) {
+        if let Some(i) = sync::read(&self.epochs).all().find(|i| i.epoch == epoch) {
             return Ok((i.owned.total(), 0.0));
         }
-        let info = self.model_info(model)?;
+        if setup.model.is_none() {
+            setup.model =
+                Some(model.ok_or_else(|| {
+                    WorkerError::InvalidRequest("the first plan must name the model".into())
+                })?);
+        }
         if self.cfg.fail_load {
-            return Err(WorkerError::Load(
+            return Err(WorkerError::InvalidRequest(
                 "injected fault: this worker refuses to load (--fault-fail-load)".into(),
             ));
         }
-        let max_live_bytes = self.open_device(&info.config).await?;
+        let max_live_bytes = self.open_device(&mut setup).await?;
+        let info = setup.model.as_ref().expect("set above");
         let start = Instant::now();
         let plan = Arc::new(a.plan);
-        self.loading.store(0, Ordering::Relaxed);
+        let stats = &self.stats;
+        stats.loading.store(0, Ordering::Relaxed);
         // What the active epoch holds already is copied, not loaded again.
-        let held = self.epochs.read().map_err(poisoned)?.active.as_ref().map(|i| i.slices.clone());
+        let held = sync::read(&self.epochs).active.as_ref().map(|i| i.slices.clone());
         let (mut slices, missing, reused) = store::reuse(&plan, a.worker, held.as_deref())?;
         let slices = match &a.pull_from {
             Some(endpoint) => {
-                store::pull_ranges(endpoint, plan.epoch(), &missing, &mut slices, &self.loading).await?;
+                store::pull_ranges(endpoint, plan.epoch(), &missing, &mut slices, &stats.loading).await?;
                 slices
             }
             None => {
                 let dir = self.cfg.model_dir.clone().unwrap_or_else(|| info.dir.clone());
-                let progress = self.loading.clone();
+                let progress = stats.loading.clone();
                 tokio::task::spawn_blocking(move || {
                     let ckpt = Checkpoint::open(&dir)?;
                     store::read_ranges(&ckpt, &missing, &mut slices, &progress)?;
                     Ok::<_, WorkerError>(slices)
                 })
                 .await
-                .map_err(|e| WorkerError::Load(format!("loader task: {e}")))??
+                .map_err(|e| WorkerError::Task { what: "loader task", source: e.into() })??
             }
         };
         if reused > 0 {
@@ -211,34 +263,29 @@ impl Node {
         let mut peers = std::collections::HashMap::new();
         for (id, addr) in &a.peers {
             if *id != a.worker {
-                let ch = super::connect_lazy(addr)?;
-                peers.insert(
-                    *id,
-                    ShardsClient::new(ch)
-                        .max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
-                );
+                peers.insert(*id, PeerClient::lazy(addr)?);
             }
         }
-        let owned = plan.owned_bytes(a.worker).map_err(|e| WorkerError::Load(e.to_string()))?;
+        let owned = plan.owned_bytes(a.worker)?;
         let gatherer = Arc::new(Gatherer::new(
             plan.clone(),
             a.worker,
             slices.clone(),
             peers,
-            self.gather.clone(),
+            stats.gather.clone(),
             self.cfg.fetch_timeout,
         ));
         let weights = Arc::new(ClusterWeights::new(
             tokio::runtime::Handle::current(),
             gatherer,
             &info.config,
-            self.cfg.prefetch_layers,
+            Prefetch { layers: self.cfg.prefetch_layers, bytes: self.cfg.prefetch_bytes },
             max_live_bytes,
-            self.resident.clone(),
+            stats.resident.clone(),
         ));
-        self.loads.fetch_add(1, Ordering::Relaxed);
-        self.loaded_bytes.fetch_add(owned.total(), Ordering::Relaxed);
-        self.epochs.write().map_err(poisoned)?.prepared = Some(Installed { epoch, slices, owned, weights });
+        stats.loads.fetch_add(1, Ordering::Relaxed);
+        stats.loaded_bytes.fetch_add(owned.total(), Ordering::Relaxed);
+        sync::write(&self.epochs).prepared = Some(Installed { epoch, slices, owned, weights });
         tracing::info!(
             "worker {me}: epoch {epoch} prepared, {} bytes owned, loaded in {load_ms:.0} ms",
             owned.total()
@@ -249,12 +296,12 @@ impl Node {
     /// Switches to the prepared `epoch` (idempotent when it is already active).
     pub fn activate(&self, epoch: u64) -> Result<()> {
         let weights = {
-            let mut e = self.epochs.write().map_err(poisoned)?;
+            let mut e = sync::write(&self.epochs);
             if e.active_epoch() == Some(epoch) {
                 return Ok(());
             }
             if e.prepared.as_ref().map(|i| i.epoch) != Some(epoch) {
-                return Err(WorkerError::InvalidRequest(format!(
+                return Err(WorkerError::Epoch(format!(
                     "epoch {epoch} was not prepared on this worker ({})",
                     e.describe()
                 )));
@@ -267,68 +314,51 @@ impl Node {
             }
             weights
         };
-        self.start_batcher()?;
         self.send(Command::Source(weights));
-        tracing::info!("worker {}: epoch {epoch} active", self.id.get().copied().unwrap_or(0));
+        tracing::info!("worker {}: epoch {epoch} active", self.id());
         Ok(())
     }
 
-    /// The model from the first plan that named it.
-    fn model_info(&self, model: Option<pb::ModelInfo>) -> Result<&ModelInfo> {
-        if let Some(info) = self.model.get() {
-            return Ok(info);
+    /// Opens this worker's device and starts the batching loop on it, the
+    /// first time; returns the budget for gathered layers kept resident:
+    /// `--max-live-bytes` on the CPU; on a GPU, the device bytes of resident
+    /// layers once the device is sized for the model.
+    async fn open_device(&self, setup: &mut Setup) -> Result<u64> {
+        if let Some(bytes) = setup.live_bytes {
+            return Ok(bytes);
         }
-        let m =
-            model.ok_or_else(|| WorkerError::InvalidRequest("the first plan must name the model".into()))?;
-        let info = ModelInfo { config: model_config(&m)?, dir: PathBuf::from(&m.model_dir) };
-        Ok(self.model.get_or_init(|| info))
-    }
-
-    /// The budget for gathered layers kept resident: `--max-live-bytes` on the
-    /// CPU; on a GPU, the device bytes of resident layers, once the device is
-    /// opened and sized for `config` (the first time only).
-    async fn open_device(&self, config: &ModelConfig) -> Result<u64> {
-        let Some(ordinal) = self.cfg.cuda else { return Ok(self.cfg.max_live_bytes) };
-        if let Some(bytes) = self.gpu_live_bytes.get() {
-            return Ok(*bytes);
-        }
-        let p = GpuPlacement::cluster_worker(
-            config,
-            self.cfg.gpu_memory,
-            self.cfg.max_live_bytes,
-            self.cfg.prefetch_layers,
-        );
-        let config = config.clone();
-        // Opening compiles the kernels: off the async runtime.
-        let placed = tokio::task::spawn_blocking(move || open_for_cluster(ordinal, &config, &p))
-            .await
-            .map_err(|e| WorkerError::Backend(format!("opening cuda:{ordinal}: {e}")))??;
-        tracing::info!("cuda:{ordinal}: {}", placed.summary);
-        *self.gpu.lock().map_err(poisoned)? = Some(placed.backend);
-        Ok(*self.gpu_live_bytes.get_or_init(|| placed.budget.resident_bytes))
-    }
-
-    /// Starts the batching loop once, with the model's engine on this worker's device.
-    fn start_batcher(&self) -> Result<()> {
-        let mut rx = self.batcher_rx.lock().map_err(poisoned)?;
-        if rx.is_none() {
-            return Ok(());
-        }
-        let info = self.model.get().ok_or_else(|| WorkerError::Load("no model before activation".into()))?;
-        let (stats, delay) = (self.batch.clone(), self.cfg.step_delay);
-        match self.cfg.cuda {
+        let config = setup.model.as_ref().expect("the model is known before the device opens").config.clone();
+        let Some((rx, fatal)) = setup.batcher.take() else {
+            return Err(WorkerError::InvalidRequest("the batching loop already ended".into()));
+        };
+        let (stats, delay) = (self.stats.batch.clone(), self.cfg.step_delay);
+        let live_bytes = match self.cfg.cuda {
             None => {
-                let engine = Engine::without_weights(CpuBackend, info.config.clone());
-                spawn_batcher(engine, rx.take().expect("checked above"), stats, delay)
+                let engine = Engine::without_weights(self.cfg.cpu_backend(), config);
+                spawn_batcher(engine, rx, stats, delay, fatal)?;
+                self.cfg.max_live_bytes
             }
-            Some(n) => {
-                let backend = self.gpu.lock().map_err(poisoned)?.take().ok_or_else(|| {
-                    WorkerError::Backend(format!("cuda:{n} was not opened before activation"))
-                })?;
-                let engine = Engine::without_weights(backend, info.config.clone());
-                spawn_batcher(engine, rx.take().expect("checked above"), stats, delay)
+            Some(ordinal) => {
+                let p = GpuPlacement::cluster_worker(
+                    &config,
+                    self.cfg.gpu_memory,
+                    self.cfg.max_live_bytes,
+                    self.cfg.prefetch_layers,
+                );
+                let c = config.clone();
+                // Opening compiles the kernels: off the async runtime.
+                let placed =
+                    tokio::task::spawn_blocking(move || open_for_cluster(ordinal, &c, &p)).await.map_err(
+                        |e| WorkerError::Task { what: "opening the CUDA device", source: e.into() },
+                    )??;
+                tracing::info!("cuda:{ordinal}: {}", placed.summary);
+                let engine = Engine::without_weights(placed.backend, config);
+                spawn_batcher(engine, rx, stats, delay, fatal)?;
+                placed.budget.resident_bytes
             }
-        }
+        };
+        setup.live_bytes = Some(live_bytes);
+        Ok(live_bytes)
     }
 }
 
@@ -338,31 +368,11 @@ fn spawn_batcher<B: Backend + 'static>(
     rx: Receiver<Command>,
     stats: Arc<BatchStats>,
     delay: Duration,
+    fatal: watch::Sender<Option<Arc<WorkerError>>>,
 ) -> Result<()> {
     std::thread::Builder::new()
         .name("batcher".into())
-        .spawn(move || batcher::run(engine, rx, stats, delay))
-        .map_err(|e| WorkerError::Load(format!("batcher thread: {e}")))?;
+        .spawn(move || batcher::run(engine, rx, stats, delay, fatal))
+        .map_err(|e| WorkerError::Task { what: "batcher thread", source: e.into() })?;
     Ok(())
-}
-
-/// The model config from the texts of its files that a plan carries.
-fn model_config(m: &pb::ModelInfo) -> Result<ModelConfig> {
-    let dir = Path::new(&m.model_dir);
-    let parse = |s: &str, name: &str| {
-        serde_json::from_str::<serde_json::Value>(s)
-            .map_err(|e| WorkerError::Load(format!("{name} from the coordinator: {e}")))
-    };
-    let config = parse(&m.config_json, "config.json")?;
-    let gen_path = dir.join("generation_config.json");
-    let gen = if m.generation_config_json.is_empty() {
-        None
-    } else {
-        Some(parse(&m.generation_config_json, "generation_config.json")?)
-    };
-    Ok(ModelConfig::from_json(
-        &dir.join("config.json"),
-        &config,
-        gen.as_ref().map(|g| (gen_path.as_path(), g)),
-    )?)
 }

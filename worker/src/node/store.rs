@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use half::f16;
-use tonic::transport::Channel;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_offload::Checkpoint;
-use zeroshard_proto::v1::shards_client::ShardsClient;
+
+use zeroshard_offload::shards::{Assembler, HostSlices, TensorRange};
 
 use crate::error::{Result, WorkerError};
-use crate::shards::{Assembler, HostSlices, TensorRange};
+use crate::rpc::peer::{FetchPolicy, PeerClient};
 
 /// The coordinator reads what it serves from disk: allow it a slow disk.
 const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -31,7 +31,7 @@ pub fn reuse(
     let mut slices = HostSlices::new(ELEM_BYTES);
     let mut missing = Vec::new();
     let mut reused = 0u64;
-    for r in plan.owned_ranges(me).map_err(|e| WorkerError::Load(format!("plan: {e}")))? {
+    for r in plan.owned_ranges(me)? {
         let name = &r.tensor.meta.name;
         let mut at = r.elements.start;
         for (part, bytes) in held.map(|h| h.held_parts(name, r.elements.clone())).unwrap_or_default() {
@@ -39,9 +39,7 @@ pub fn reuse(
                 missing.push(TensorRange::new(name.clone(), at..part.start));
             }
             reused += bytes.len() as u64;
-            slices
-                .insert(name.clone(), part.clone(), Bytes::copy_from_slice(&bytes))
-                .map_err(|e| WorkerError::Load(e.to_string()))?;
+            slices.insert(name.clone(), part.clone(), Bytes::copy_from_slice(&bytes))?;
             at = part.end;
         }
         if at < r.elements.end || r.elements.is_empty() {
@@ -62,9 +60,7 @@ pub fn read_ranges(
     for r in ranges {
         let data = ckpt.read_f16(&r.tensor, r.elements.start as usize..r.elements.end as usize)?;
         progress.fetch_add((data.len() * ELEM_BYTES) as u64, Ordering::Relaxed);
-        slices
-            .insert(r.tensor.clone(), r.elements.clone(), f16_bytes(data))
-            .map_err(|e| WorkerError::Load(e.to_string()))?;
+        slices.insert(r.tensor.clone(), r.elements.clone(), f16_bytes(data))?;
     }
     log_loaded(ranges, start);
     Ok(())
@@ -80,17 +76,14 @@ pub async fn pull_ranges(
     progress: &AtomicU64,
 ) -> Result<()> {
     let start = Instant::now();
-    let channel = super::connect(endpoint).await?;
-    let mut client = ShardsClient::new(channel);
+    let mut client = PeerClient::connect(endpoint).await?;
     // A few tensors per request keeps memory bounded and the stream busy.
     for batch in ranges.chunks(16) {
         let mut bufs: Vec<Vec<u8>> = batch.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
         pull(&mut client, epoch, batch, &mut bufs).await?;
         for (r, b) in batch.iter().zip(bufs) {
             progress.fetch_add(b.len() as u64, Ordering::Relaxed);
-            slices
-                .insert(r.tensor.clone(), r.elements.clone(), Bytes::from(b))
-                .map_err(|e| WorkerError::Load(e.to_string()))?;
+            slices.insert(r.tensor.clone(), r.elements.clone(), Bytes::from(b))?;
         }
     }
     log_loaded(ranges, start);
@@ -98,20 +91,17 @@ pub async fn pull_ranges(
 }
 
 async fn pull(
-    client: &mut ShardsClient<Channel>,
+    client: &mut PeerClient,
     epoch: u64,
     ranges: &[TensorRange],
     bufs: &mut [Vec<u8>],
 ) -> Result<()> {
     let dests = ranges.iter().cloned().zip(bufs.iter_mut().map(|b| b.as_mut_slice())).collect();
-    let mut asm = Assembler::new(dests, ELEM_BYTES).map_err(|e| WorkerError::Load(e.to_string()))?;
+    let mut asm = Assembler::new(dests, ELEM_BYTES)?;
     let rejected = std::sync::atomic::AtomicU64::new(0);
-    let policy =
-        super::gather::FetchPolicy { attempts: super::gather::FETCH_ATTEMPTS, timeout: PULL_TIMEOUT };
-    super::gather::fetch_into(client, "pull", epoch, &mut asm, &rejected, policy)
-        .await
-        .map_err(WorkerError::Load)?;
-    asm.finish().map_err(|e| WorkerError::Load(e.to_string()))
+    let policy = FetchPolicy { attempts: super::gather::FETCH_ATTEMPTS, timeout: PULL_TIMEOUT };
+    client.fetch_into("pull", epoch, &mut asm, &rejected, policy).await.map_err(WorkerError::Gather)?;
+    Ok(asm.finish()?)
 }
 
 /// An f16 vector as little-endian bytes.

@@ -14,9 +14,10 @@ use zeroshard_offload::ModelConfig;
 use super::gather::Gatherer;
 use crate::error::{Result, WorkerError};
 use crate::model::{tensor_specs, TensorSpec};
-use crate::shards::TensorRange;
 use crate::source::{WeightSource, HEAD_SLICE};
+use crate::sync;
 use crate::weights::HostWeights;
+use zeroshard_offload::shards::TensorRange;
 
 /// A piece of the model gathered as a unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,12 +31,17 @@ enum Unit {
 
 type Pending = JoinHandle<Result<Arc<HostWeights>>>;
 
-/// Bytes of weights gathered ahead of the unit computing, beyond the first.
-const PREFETCH_BYTES: usize = 24 << 20;
-
 /// Largest LM head slice: the head is gathered and applied in slices of at
 /// most this many bytes, so it never stands whole in memory.
 const HEAD_SLICE_BYTES: usize = 16 << 20;
+
+/// How far gathers run ahead of the unit computing: `layers` units, and at
+/// most `bytes` beyond the first of them (`--prefetch-layers`, `--prefetch-bytes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefetch {
+    pub layers: usize,
+    pub bytes: u64,
+}
 
 /// Gathers layers on demand, with prefetch and a resident budget.
 pub struct ClusterWeights {
@@ -56,7 +62,7 @@ pub struct ClusterWeights {
     /// Rows per head slice, and how many slices.
     slice_rows: usize,
     slices: usize,
-    prefetch: usize,
+    prefetch: Prefetch,
     max_live_bytes: u64,
     state: Mutex<State>,
     resident_bytes: Arc<AtomicU64>,
@@ -84,7 +90,7 @@ impl ClusterWeights {
         handle: Handle,
         gatherer: Arc<Gatherer>,
         config: &ModelConfig,
-        prefetch: usize,
+        prefetch: Prefetch,
         max_live_bytes: u64,
         resident_bytes: Arc<AtomicU64>,
     ) -> Self {
@@ -171,7 +177,7 @@ impl ClusterWeights {
     /// The `prefetch` units after `unit`, wrapping to the next step's layers.
     fn next_units(&self, unit: Unit) -> Vec<Unit> {
         let total = self.num_layers + 1 + self.slices;
-        (1..=self.prefetch).map(|k| self.order((self.position(unit) + k) % total)).collect()
+        (1..=self.prefetch.layers).map(|k| self.order((self.position(unit) + k) % total)).collect()
     }
 
     fn spawn_gather(&self, unit: Unit) -> Pending {
@@ -200,15 +206,15 @@ impl ClusterWeights {
     }
 
     /// Gets `unit`, first starting the gathers of the units after it: up to
-    /// `prefetch` units, and no further than [`PREFETCH_BYTES`] ahead (always at
+    /// `prefetch.layers` units, and no further than `prefetch.bytes` ahead (always at
     /// least one), so that a large head does not stack on two layers.
     fn get(&self, unit: Unit) -> Result<Arc<HostWeights>> {
         let pending = {
-            let mut st = self.state.lock().expect("weights state lock");
+            let mut st = sync::lock(&self.state);
             let mut ahead = 0;
             for (k, next) in self.next_units(unit).into_iter().enumerate() {
                 ahead += self.unit_bytes(next);
-                if k > 0 && ahead > PREFETCH_BYTES {
+                if k > 0 && ahead as u64 > self.prefetch.bytes {
                     break;
                 }
                 if !st.resident.contains_key(&next) && !st.pending.contains_key(&next) {
@@ -225,11 +231,11 @@ impl ClusterWeights {
         let waited = std::time::Instant::now();
         let weights = self.handle.block_on(pending);
         self.gatherer.stats.wait_nanos.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let weights = match weights.map_err(|e| WorkerError::Gather(format!("gather task failed: {e}"))) {
+        let weights = match weights.map_err(|e| WorkerError::Task { what: "gather task", source: e.into() }) {
             Ok(Ok(w)) => w,
             Ok(Err(e)) | Err(e) => {
                 // Prefetches started alongside likely failed the same way: start afresh next step.
-                for (_, p) in self.state.lock().expect("weights state lock").pending.drain() {
+                for (_, p) in sync::lock(&self.state).pending.drain() {
                     p.abort();
                 }
                 return Err(e);
@@ -238,7 +244,7 @@ impl ClusterWeights {
         let bytes = weights.bytes() as u64;
         let resident = self.resident_bytes.load(Ordering::Relaxed);
         if resident + bytes <= self.max_live_bytes {
-            let mut st = self.state.lock().expect("weights state lock");
+            let mut st = sync::lock(&self.state);
             if st.resident.insert(unit, weights.clone()).is_none() {
                 self.resident_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
@@ -248,7 +254,7 @@ impl ClusterWeights {
 
     /// Drops in-flight gathers and resident layers (the plan changed).
     pub fn clear(&self) {
-        let mut st = self.state.lock().expect("weights state lock");
+        let mut st = sync::lock(&self.state);
         for (_, p) in st.pending.drain() {
             p.abort();
         }

@@ -1,15 +1,13 @@
 //! The coordinator's half of etcd membership: [`EtcdMembership`].
 use std::time::Duration;
 
-use prost::Message;
 use tokio::sync::{mpsc, watch};
-use zeroshard_offload::plan::{Plan, WorkerId};
-use zeroshard_proto::v1 as pb;
+use zeroshard_offload::plan::WorkerId;
 
 use super::watcher::{snapshot, Watcher};
 use super::{ttl_secs, Store};
-use crate::error::{CoordinatorError, Result};
-use crate::membership::{MemberWatch, Membership, StoredPlan};
+use crate::error::{MembershipError, Result};
+use crate::{MemberWatch, Membership, StoredPlan};
 
 /// Workers from `/zeroshard/<cluster>/workers/`, the plan at
 /// `/zeroshard/<cluster>/plan`.
@@ -56,27 +54,19 @@ impl Membership for EtcdMembership {
             })
             .await?;
         let Some(kv) = got.kvs().first() else { return Ok(None) };
-        let bad = |e: String| CoordinatorError::Membership(format!("{key} in {}: {e}", self.store.endpoints));
-        let stored = pb::StoredPlan::decode(kv.value()).map_err(|e| bad(e.to_string()))?;
-        let plan = stored.plan.ok_or_else(|| bad("no plan in StoredPlan".into()))?;
-        Ok(Some(StoredPlan {
-            plan: Plan::try_from(plan)?,
-            peers: stored.peers.into_iter().map(|p| (WorkerId(p.id), p.address)).collect(),
-            pull: stored.pull,
-        }))
+        let bad = |reason: String| MembershipError::BadValue {
+            key: key.clone(),
+            endpoints: self.store.endpoints.clone(),
+            reason,
+        };
+        Ok(Some(crate::convert::decode_plan(kv.value()).map_err(|e| match e {
+            MembershipError::Invalid(reason) => bad(reason),
+            other => other,
+        })?))
     }
 
     async fn store_plan(&self, plan: &StoredPlan) -> Result<()> {
-        let stored = pb::StoredPlan {
-            plan: Some(pb::PartitionPlan::from(&plan.plan)),
-            peers: plan
-                .peers
-                .iter()
-                .map(|(id, address)| pb::Peer { id: id.0, address: address.clone() })
-                .collect(),
-            pull: plan.pull,
-        };
-        let (key, value) = (self.store.keys.plan(), stored.encode_to_vec());
+        let (key, value) = (self.store.keys.plan(), crate::convert::encode_plan(plan));
         self.store
             .request("storing the plan", |mut c| {
                 let (key, value) = (key.clone(), value.clone());

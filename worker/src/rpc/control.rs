@@ -1,9 +1,6 @@
-//! How a worker announces itself and stays a member: a [`Registrar`].
-//!
-//! [`ControlRegistrar`] registers with the coordinator's `Control` service and
-//! renews its lease there (embedded membership, `zeroshard up`). The etcd
-//! registrar lives with the coordinator's membership code and is injected by
-//! the binary; the worker only sees this trait.
+//! The `Control` registrar: a worker of an embedded-membership cluster
+//! (`zeroshard up`, or `worker --coordinator URL`) registers with the
+//! coordinator's `Control` service and renews its lease there.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,30 +8,10 @@ use tonic::Response;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::control_client::ControlClient;
 
-use crate::error::{Result, WorkerError};
+use super::peer::connect;
+use zeroshard_membership::{MembershipError, Result};
 
-/// What a worker tells the cluster about itself.
-#[derive(Clone, Debug, Default)]
-pub struct Announce {
-    /// gRPC address of its `Worker` and `Shards` services, `http://host:port`.
-    pub address: String,
-    /// `cpu` or `cuda:N`.
-    pub device: String,
-    /// Memory it offers for shards, 0 = unknown.
-    pub memory_bytes: u64,
-}
-
-/// Registers this worker and keeps it registered.
-#[tonic::async_trait]
-pub trait Registrar: Send + Sync + 'static {
-    /// What to call it in logs.
-    fn describe(&self) -> String;
-    /// Registers `me` and returns this worker's id once it is a member. Spawns
-    /// whatever keeps the registration alive (lease keep-alive at a third of the
-    /// TTL, registering again with the same id after the lease was lost) for as
-    /// long as the process runs. Errors when the store cannot be reached at all.
-    async fn register(self: Arc<Self>, me: Announce) -> Result<u64>;
-}
+use crate::node::{Announce, Registrar};
 
 /// Embedded membership: the coordinator's `Control` service holds the lease.
 pub struct ControlRegistrar {
@@ -46,12 +23,16 @@ impl ControlRegistrar {
         Self { coordinator: coordinator.into() }
     }
 
+    fn refused(&self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> MembershipError {
+        MembershipError::Coordinator { endpoint: self.coordinator.clone(), source: source.into() }
+    }
+
     /// One `RegisterWorker` call, retried for `patience` while the coordinator starts.
     async fn register_once(&self, me: &Announce, id: u64, patience: Duration) -> Result<(u64, Duration)> {
         let deadline = Instant::now() + patience;
         loop {
             let attempt = async {
-                let ch = super::connect(&self.coordinator).await?;
+                let ch = connect(&self.coordinator).await.map_err(|e| self.refused(e))?;
                 ControlClient::new(ch)
                     .register_worker(pb::RegisterWorkerRequest {
                         address: me.address.clone(),
@@ -61,17 +42,11 @@ impl ControlRegistrar {
                     })
                     .await
                     .map(Response::into_inner)
-                    .map_err(|s| {
-                        WorkerError::Membership(format!(
-                            "registering with {}: {}",
-                            self.coordinator,
-                            s.message()
-                        ))
-                    })
+                    .map_err(|s| self.refused(s))
             };
             match attempt.await {
                 Ok(r) => return Ok((r.worker_id, Duration::from_millis(r.lease_ttl_ms.max(300)))),
-                Err(e @ WorkerError::Membership(_)) => return Err(e),
+                Err(e @ MembershipError::Coordinator { .. }) if !is_unreachable(&e) => return Err(e),
                 Err(e) if Instant::now() > deadline => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -79,7 +54,7 @@ impl ControlRegistrar {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl Registrar for ControlRegistrar {
     fn describe(&self) -> String {
         format!("coordinator {}", self.coordinator)
@@ -92,12 +67,12 @@ impl Registrar for ControlRegistrar {
             loop {
                 tokio::time::sleep(ttl / 3).await;
                 let known = async {
-                    let ch = super::connect(&self.coordinator).await?;
+                    let ch = connect(&self.coordinator).await.map_err(|e| self.refused(e))?;
                     ControlClient::new(ch)
                         .keep_alive(pb::KeepAliveRequest { worker_id: id })
                         .await
                         .map(|r| r.into_inner().known)
-                        .map_err(|s| WorkerError::Membership(s.message().to_string()))
+                        .map_err(|s| self.refused(s))
                 };
                 match known.await {
                     Ok(true) => {}
@@ -116,4 +91,20 @@ impl Registrar for ControlRegistrar {
         });
         Ok(id)
     }
+
+    async fn leave(&self, id: u64, reason: &str) -> Result<()> {
+        let ch = connect(&self.coordinator).await.map_err(|e| self.refused(e))?;
+        ControlClient::new(ch)
+            .leave(pb::LeaveRequest { worker_id: id, reason: reason.to_string() })
+            .await
+            .map_err(|s| self.refused(s))?;
+        Ok(())
+    }
+}
+
+/// A connection that could not be made (the coordinator may still be starting),
+/// as opposed to an answer refusing the registration.
+fn is_unreachable(e: &MembershipError) -> bool {
+    let MembershipError::Coordinator { source, .. } = e else { return false };
+    !source.is::<tonic::Status>()
 }

@@ -18,7 +18,7 @@ use zeroshard_offload::plan::WorkerId;
 
 use super::{parse_member, Store, CALL_TIMEOUT};
 use crate::error::Result;
-use crate::membership::{Member, MemberEvent};
+use crate::{Member, MemberEvent};
 
 /// The members now, by id, and the store revision they were read at.
 pub(super) async fn snapshot(store: &Store) -> Result<(Vec<Member>, i64)> {

@@ -4,10 +4,12 @@
 //! The partitioner splits *stored* elements, so a spec always describes the
 //! tensor as the checkpoint holds it. Layout changes ([`Layout`]) apply to the
 //! whole tensor once it is loaded or gathered ([`TensorSpec::to_compute_layout`]).
-use zeroshard_offload::plan::TensorMeta;
-use zeroshard_offload::{Architecture, ModelConfig};
+mod bloom;
+mod gpt2;
+mod llama;
 
-use super::{bloom, gpt2, llama};
+use crate::plan::TensorMeta;
+use crate::{Architecture, ModelConfig};
 
 /// One tensor of the model as stored in the checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,11 +37,11 @@ pub enum Layout {
 }
 
 impl TensorSpec {
-    pub(super) fn new(name: impl Into<String>, shape: Vec<usize>, layer: Option<usize>) -> Self {
+    pub(crate) fn new(name: impl Into<String>, shape: Vec<usize>, layer: Option<usize>) -> Self {
         Self { name: name.into(), shape, layer, layout: Layout::AsStored }
     }
 
-    pub(super) fn with_layout(mut self, layout: Layout) -> Self {
+    pub(crate) fn with_layout(mut self, layout: Layout) -> Self {
         self.layout = layout;
         self
     }
@@ -107,9 +109,9 @@ impl From<&TensorSpec> for TensorMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{plan, Placement, PlanOptions, WorkerId};
+    use crate::Checkpoint;
     use std::path::{Path, PathBuf};
-    use zeroshard_offload::plan::{plan, Placement, PlanOptions, WorkerId};
-    use zeroshard_offload::Checkpoint;
 
     /// The shared folder: `$ZEROSHARD_SHARED`, else `../../shared` from this crate.
     fn shared_dir() -> PathBuf {
@@ -171,7 +173,7 @@ mod tests {
     #[test]
     fn plans_a_real_model_from_its_tensor_specs() {
         let dir = shared_dir().join("models/stories260K");
-        let config = zeroshard_offload::ModelConfig::from_dir(&dir).expect("stories260K config");
+        let config = crate::ModelConfig::from_dir(&dir).expect("stories260K config");
         let specs = tensor_specs(&config);
         let meta: Vec<TensorMeta> = specs.iter().map(TensorMeta::from).collect();
         assert_eq!(meta.len(), specs.len());

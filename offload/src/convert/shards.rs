@@ -1,5 +1,6 @@
-//! Conversions between the worker's domain types and their protobuf form
-//! (`zeroshard.v1`), in one place. Incoming messages are validated.
+//! Shard ranges and chunks on the wire. Incoming ranges are validated; chunks
+//! are carried over as they are (the [`Assembler`](crate::shards::Assembler)
+//! verifies index, offset and checksum).
 use zeroshard_proto::v1 as pb;
 
 use crate::shards::{Chunk, ShardError, TensorRange};
@@ -29,7 +30,7 @@ impl From<Chunk> for pb::ShardChunk {
     }
 }
 
-/// Carries the fields over unchecked: the [`Assembler`](crate::shards::Assembler)
+/// Carries the fields over unchecked: the [`Assembler`](zeroshard_offload::shards::Assembler)
 /// verifies the index, the offset and the checksum.
 impl From<pb::ShardChunk> for Chunk {
     fn from(c: pb::ShardChunk) -> Self {
@@ -40,38 +41,6 @@ impl From<pb::ShardChunk> for Chunk {
 /// The ranges of a `FetchRangesRequest`, validated.
 pub fn fetch_ranges(ranges: Vec<pb::TensorRange>) -> Result<Vec<TensorRange>, ShardError> {
     ranges.into_iter().map(TensorRange::try_from).collect()
-}
-
-/// Sampling parameters from the wire, with the CLI's defaults for unset fields
-/// (greedy, 128 new tokens). Validated later, with the prompt.
-pub fn generation_params(p: Option<pb::SamplingParams>) -> crate::engine::GenerationParams {
-    let p = p.unwrap_or_default();
-    crate::engine::GenerationParams {
-        sampling: crate::sampling::SamplingParams {
-            temperature: p.temperature.unwrap_or(0.0),
-            top_k: p.top_k.unwrap_or(0) as usize,
-            top_p: p.top_p.unwrap_or(1.0),
-            seed: p.seed.unwrap_or(0),
-            repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
-            resume_draws: 0,
-        },
-        max_new_tokens: p.max_new_tokens.unwrap_or(128) as usize,
-        ignore_eos: p.ignore_eos,
-    }
-}
-
-impl From<&crate::engine::GenerationParams> for pb::SamplingParams {
-    fn from(p: &crate::engine::GenerationParams) -> Self {
-        Self {
-            max_new_tokens: Some(p.max_new_tokens as u32),
-            temperature: Some(p.sampling.temperature),
-            top_k: Some(p.sampling.top_k as u32),
-            top_p: Some(p.sampling.top_p),
-            seed: Some(p.sampling.seed),
-            repetition_penalty: Some(p.sampling.repetition_penalty),
-            ignore_eos: p.ignore_eos,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -35,8 +35,8 @@ use zeroshard_offload::plan::WorkerId;
 pub use membership::EtcdMembership;
 pub use registrar::EtcdRegistrar;
 
-use super::Member;
-use crate::error::{CoordinatorError, Result};
+use crate::error::{MembershipError, Result};
+use crate::Member;
 
 /// How long one etcd request (or connecting) may take before it counts as failed.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -119,10 +119,10 @@ impl Store {
     async fn connect(endpoints: &[String], cluster: &str) -> Result<Self> {
         let joined = endpoints.join(",");
         if endpoints.is_empty() {
-            return Err(CoordinatorError::Membership("no etcd endpoint given".into()));
+            return Err(MembershipError::Invalid("no etcd endpoint given".into()));
         }
         if cluster.is_empty() || cluster.contains('/') {
-            return Err(CoordinatorError::Membership(format!(
+            return Err(MembershipError::Invalid(format!(
                 "cluster name {cluster:?} must be non-empty and without '/'"
             )));
         }
@@ -132,8 +132,7 @@ impl Store {
             // often than every 5 s).
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_require_leader(true);
-        let unreachable =
-            |e: String| CoordinatorError::Membership(format!("etcd unreachable at {joined}: {e}"));
+        let unreachable = |reason: String| MembershipError::Unreachable { endpoints: joined.clone(), reason };
         let client = tokio::time::timeout(CALL_TIMEOUT, Client::connect(endpoints, Some(options)))
             .await
             .map_err(|_| unreachable(format!("no connection within {CALL_TIMEOUT:?}")))?
@@ -173,15 +172,17 @@ impl Store {
         }
     }
 
-    /// [`Self::call`] with the error as a [`CoordinatorError`] naming the
+    /// [`Self::call`] with the error as a [`MembershipError`] naming the
     /// endpoints and `what` was being done.
     async fn request<T, F>(&self, what: &str, request: impl FnMut(Client) -> F) -> Result<T>
     where
         F: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
-        self.call(request)
-            .await
-            .map_err(|e| CoordinatorError::Membership(format!("etcd {}: {what}: {e}", self.endpoints)))
+        self.call(request).await.map_err(|source| MembershipError::Request {
+            endpoints: self.endpoints.clone(),
+            what: what.to_string(),
+            source,
+        })
     }
 
     fn describe(&self) -> String {
@@ -191,7 +192,7 @@ impl Store {
 
 /// Why an etcd request failed.
 #[derive(Debug)]
-enum Failure {
+pub enum Failure {
     Etcd(etcd_client::Error),
     NoAnswer,
 }
@@ -201,6 +202,15 @@ impl std::fmt::Display for Failure {
         match self {
             Self::Etcd(e) => write!(f, "{e}"),
             Self::NoAnswer => write!(f, "no answer within {CALL_TIMEOUT:?}"),
+        }
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Etcd(e) => Some(e),
+            Self::NoAnswer => None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The worker's gRPC services (`Worker`, `Shards`), its registration with the
-//! coordinator, and [`run`]. Errors become `tonic::Status` in one place.
+//! cluster, and [`run`]. Errors become a `tonic::Status` in one place
+//! ([`convert::status`]).
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,41 +8,19 @@ use std::sync::Arc;
 use futures::Stream;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
-use zeroshard_offload::plan::{Assignment, OwnedBytes};
+use zeroshard_offload::plan::Assignment;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_server::{Shards, ShardsServer};
 use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
 
-use super::batcher::Command;
-use super::registrar::{Announce, Registrar};
-use super::state::Node;
-use super::NodeConfig;
-use crate::convert;
+use zeroshard_offload::convert::{fetch_ranges, generation_params};
+use zeroshard_offload::shards::CHUNK_BYTES;
+
+use super::convert;
 use crate::error::{Result, WorkerError};
-use crate::shards::{ShardError, CHUNK_BYTES};
-
-impl From<WorkerError> for Status {
-    fn from(e: WorkerError) -> Self {
-        match &e {
-            WorkerError::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
-            WorkerError::Gather(_) => Status::unavailable(e.to_string()),
-            WorkerError::Offload(_)
-            | WorkerError::Load(_)
-            | WorkerError::MissingWeight(_)
-            | WorkerError::Backend(_) => Status::internal(e.to_string()),
-            WorkerError::Membership(_) => Status::unavailable(e.to_string()),
-        }
-    }
-}
-
-fn shard_status(e: ShardError) -> Status {
-    match e {
-        ShardError::NotHeld { .. } => Status::not_found(e.to_string()),
-        ShardError::InvalidRange { .. } => Status::invalid_argument(e.to_string()),
-        other => Status::internal(other.to_string()),
-    }
-}
+use crate::node::{Announce, Command, Node, NodeConfig, Registrar};
 
 #[derive(Clone)]
 struct Svc(Arc<Node>);
@@ -56,10 +35,10 @@ impl Worker for Svc {
         req: Request<pb::InstallPlanRequest>,
     ) -> std::result::Result<Response<pb::InstallPlanResponse>, Status> {
         let mut r = req.into_inner();
-        let model = r.model.take();
-        let a = Assignment::try_from(r).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let model = r.model.take().map(|m| convert::planned_model(&m)).transpose()?;
+        let a = Assignment::try_from(r).map_err(WorkerError::from)?;
         let epoch = a.plan.epoch();
-        let (owned_bytes, load_ms) = self.0.prepare(a, model).await.map_err(Status::from)?;
+        let (owned_bytes, load_ms) = self.0.prepare(a, model).await?;
         Ok(Response::new(pb::InstallPlanResponse { epoch, owned_bytes, load_ms }))
     }
 
@@ -68,7 +47,7 @@ impl Worker for Svc {
         req: Request<pb::ActivatePlanRequest>,
     ) -> std::result::Result<Response<pb::ActivatePlanResponse>, Status> {
         let epoch = req.into_inner().epoch;
-        self.0.activate(epoch).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.0.activate(epoch)?;
         Ok(Response::new(pb::ActivatePlanResponse { epoch }))
     }
 
@@ -79,17 +58,8 @@ impl Worker for Svc {
         req: Request<pb::RunSequenceRequest>,
     ) -> std::result::Result<Response<StepStream>, Status> {
         let r = req.into_inner();
-        {
-            let e = self.0.epochs.read().map_err(|_| Status::internal("state lock poisoned"))?;
-            if e.active.is_none() || !e.knows(r.epoch) {
-                return Err(Status::failed_precondition(format!(
-                    "sequence routed under epoch {}, this worker holds {}",
-                    r.epoch,
-                    e.describe()
-                )));
-            }
-        }
-        let mut params = convert::generation_params(r.sampling);
+        self.0.check_routable(r.epoch)?;
+        let mut params = generation_params(r.sampling);
         let mut prompt = r.prompt_token_ids;
         // A resumed sequence: what was produced is prefilled with the prompt.
         params.max_new_tokens = params.max_new_tokens.saturating_sub(r.generated_token_ids.len());
@@ -97,7 +67,7 @@ impl Worker for Svc {
         prompt.extend(r.generated_token_ids);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.0.send(Command::Run { id: r.sequence_id, prompt, params, tx });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx).map(convert::sequence_step))))
     }
 
     async fn cancel(
@@ -112,11 +82,10 @@ impl Worker for Svc {
         &self,
         _: Request<pb::StatsRequest>,
     ) -> std::result::Result<Response<pb::WorkerStats>, Status> {
-        let n = &self.0;
-        let guard = n.epochs.read().map_err(|_| Status::internal("state lock poisoned"))?;
-        let (epoch, owned) = guard.active.as_ref().map_or((0, OwnedBytes::default()), |i| (i.epoch, i.owned));
+        let (epoch, owned) = self.0.active();
+        let n = &self.0.stats;
         Ok(Response::new(pb::WorkerStats {
-            id: n.id.get().copied().unwrap_or(0),
+            id: self.0.id(),
             epoch,
             owned_partitioned_bytes: owned.partitioned,
             owned_persistent_bytes: owned.persistent,
@@ -146,23 +115,14 @@ impl Shards for Svc {
         req: Request<pb::FetchRangesRequest>,
     ) -> std::result::Result<Response<ChunkStream>, Status> {
         let r = req.into_inner();
-        let slices = {
-            let e = self.0.epochs.read().map_err(|_| Status::internal("state lock poisoned"))?;
-            e.slices(r.epoch).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "epoch {} is not held by this worker ({})",
-                    r.epoch,
-                    e.describe()
-                ))
-            })?
-        };
-        let ranges = convert::fetch_ranges(r.ranges).map_err(shard_status)?;
+        let slices = self.0.slices(r.epoch)?;
+        let ranges = fetch_ranges(r.ranges).map_err(WorkerError::from)?;
         let chunk_bytes = if r.chunk_bytes == 0 { CHUNK_BYTES } else { r.chunk_bytes as usize };
-        let chunks = slices.chunks(&ranges, chunk_bytes).map_err(shard_status)?;
+        let chunks = slices.chunks(&ranges, chunk_bytes).map_err(WorkerError::from)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         // Fault injection: the first chunk of every Nth fetch gets a flipped
         // byte under its original checksum (the retry is another fetch).
-        let n = self.0.served_fetches.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.0.stats.served_fetches.fetch_add(1, Ordering::Relaxed) + 1;
         let mut corrupt = self.0.cfg.corrupt_every > 0 && n.is_multiple_of(self.0.cfg.corrupt_every);
         tokio::spawn(async move {
             for chunk in chunks {
@@ -184,37 +144,78 @@ impl Shards for Svc {
 
 /// Serves on `listener` until `shutdown` resolves: prints `listening
 /// http://ADDR` on stdout, then registers through `registrar`. The batching
-/// loop starts on its own thread with the first plan.
+/// loop starts on its own thread with the first plan. A fatal step error (the
+/// device cannot be trusted again) makes the worker leave the cluster at once
+/// and return that error, so the process exits non-zero instead of staying
+/// registered without stepping.
 pub async fn run(
     cfg: NodeConfig,
     registrar: Arc<dyn Registrar>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let addr = listener.local_addr().map_err(|e| WorkerError::Load(format!("listener: {e}")))?;
+    let addr = listener.local_addr().map_err(|source| WorkerError::Io { path: "listener".into(), source })?;
     let advertise = format!("http://{addr}");
     let node = Arc::new(Node::new(cfg.clone()));
     let svc = Svc(node.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop_rx => {}
+        }
+    };
     let server = zeroshard_proto::transport::server()
         .add_service(WorkerServer::new(svc.clone()))
         .add_service(
             ShardsServer::new(svc).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(zeroshard_proto::transport::incoming(listener), shutdown);
-    let server = tokio::spawn(server);
+        .serve_with_incoming_shutdown(zeroshard_proto::transport::incoming(listener), stop);
+    let mut server = tokio::spawn(server);
     println!("listening {advertise}");
 
     let described = registrar.describe();
     let announce =
         Announce { address: advertise, device: cfg.device.clone(), memory_bytes: available_memory() };
-    let id = registrar.register(announce).await?;
-    node.id.set(id).ok();
+    let id = registrar
+        .clone()
+        .register(announce)
+        .await
+        .map_err(|e| WorkerError::Membership { endpoint: described.clone(), source: e.into() })?;
+    node.set_id(id);
     tracing::info!("worker {id} registered with {described}");
 
-    server
-        .await
-        .map_err(|e| WorkerError::Load(format!("server task: {e}")))?
-        .map_err(|e| WorkerError::Load(format!("server: {e}")))
+    tokio::select! {
+        served = &mut server => served
+            .map_err(|e| WorkerError::Task { what: "server task", source: e.into() })?
+            .map_err(|e| WorkerError::rpc(&described, e)),
+        fatal = node.fatal_error() => {
+            let reason = format!("fatal step error: {fatal}");
+            tracing::error!("worker {id}: {reason}; leaving the cluster");
+            if let Err(e) = registrar.leave(id, &reason).await {
+                tracing::warn!("worker {id}: leaving {described}: {e} (the lease will lapse)");
+            }
+            let _ = stop_tx.send(());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
+            Err(WorkerError::Task { what: "batching loop", source: Box::new(ArcError(fatal)) })
+        }
+    }
+}
+
+/// A shared error as a source.
+#[derive(Debug)]
+struct ArcError(Arc<WorkerError>);
+
+impl std::fmt::Display for ArcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ArcError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// Host memory available now (`MemAvailable` of /proc/meminfo), 0 when unknown.

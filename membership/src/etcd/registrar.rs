@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use zeroshard_offload::plan::WorkerId;
-use zeroshard_worker::node::{Announce, Registrar};
-use zeroshard_worker::WorkerError;
 
 use super::{ttl_secs, Failure, MemberRecord, Store};
-use crate::error::{CoordinatorError, Result};
+use crate::error::{MembershipError, Result};
+use crate::{Announce, Registrar};
 
 /// Registers a worker in etcd and keeps its lease alive.
 pub struct EtcdRegistrar {
@@ -48,11 +47,10 @@ impl EtcdRegistrar {
                 None => (1, Compare::version(key.clone(), CompareOp::Equal, 0)),
                 Some(kv) => {
                     let id = std::str::from_utf8(kv.value()).ok().and_then(|v| v.parse::<u64>().ok());
-                    let id = id.ok_or_else(|| {
-                        CoordinatorError::Membership(format!(
-                            "{key} holds {:?}, not a number",
-                            String::from_utf8_lossy(kv.value())
-                        ))
+                    let id = id.ok_or_else(|| MembershipError::BadValue {
+                        key: key.clone(),
+                        endpoints: self.store.endpoints.clone(),
+                        reason: format!("{:?} is not a number", String::from_utf8_lossy(kv.value())),
                     })?;
                     (id, Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()))
                 }
@@ -174,20 +172,32 @@ struct Keeper {
     responses: LeaseKeepAliveStream,
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl Registrar for EtcdRegistrar {
     fn describe(&self) -> String {
         self.store.describe()
     }
 
-    async fn register(self: Arc<Self>, me: Announce) -> zeroshard_worker::Result<u64> {
-        let failed = |e: CoordinatorError| WorkerError::Membership(e.to_string());
+    async fn register(self: Arc<Self>, me: Announce) -> Result<u64> {
         let record = MemberRecord { address: me.address, device: me.device, memory_bytes: me.memory_bytes };
-        let record = serde_json::to_vec(&record).map_err(|e| WorkerError::Membership(e.to_string()))?;
-        let id = self.allocate_id().await.map_err(failed)?;
-        let lease = self.put_member(id, &record).await.map_err(failed)?;
+        let record = serde_json::to_vec(&record).expect("a record of strings and numbers serialises");
+        let id = self.allocate_id().await?;
+        let lease = self.put_member(id, &record).await?;
         tracing::info!("{id}: registered with {} (lease TTL {:?})", self.store.describe(), self.ttl);
         tokio::spawn(self.stay_registered(id, record, lease));
         Ok(id.0)
+    }
+
+    /// Deletes this worker's key: the coordinator's watch sees it leave at once.
+    async fn leave(&self, id: u64, reason: &str) -> Result<()> {
+        tracing::warn!("worker {id}: leaving {}: {reason}", self.store.describe());
+        let key = self.store.keys.worker(WorkerId(id));
+        self.store
+            .request("leaving", |mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await?;
+        Ok(())
     }
 }

@@ -1,9 +1,10 @@
-//! Conversions between the coordinator's domain types and their protobuf form
-//! (`zeroshard.v1`), in one place. Messages coming in are validated: absent
-//! message fields, unknown enum values and broken plan invariants are errors.
+//! The plan and its assignments on the wire. Messages coming in are validated:
+//! absent message fields, unknown enum values and broken plan invariants are errors.
 use zeroshard_proto::v1 as pb;
 
-use super::{Assignment, Placement, Plan, PlanError, PlanOptions, Shard, TensorMeta, TensorPlan, WorkerId};
+use crate::plan::{
+    Assignment, Placement, Plan, PlanError, PlanOptions, Shard, TensorMeta, TensorPlan, WorkerId,
+};
 
 impl From<Placement> for pb::Placement {
     fn from(p: Placement) -> Self {

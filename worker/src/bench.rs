@@ -5,57 +5,15 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use zeroshard_offload::{Architecture, ModelConfig};
-use zeroshard_worker::engine::{Engine, GenerationParams, Sequence};
-use zeroshard_worker::model::tensor_specs;
-use zeroshard_worker::sampling::SamplingParams;
-use zeroshard_worker::weights::HostWeights;
-use zeroshard_worker::Backend;
+use zeroshard_offload::synthetic::synthetic_config;
+use zeroshard_offload::ModelConfig;
 
-use crate::error::{CoordinatorError, Result};
-
-/// Parses a synthetic model spec such as
-/// `llama:hidden=1024,layers=16,heads=16,kv_heads=4,ffn=2816,vocab=32000`
-/// (optional: `head_dim`, `max_pos`).
-pub fn synthetic_config(spec: &str) -> Result<ModelConfig> {
-    let bad = |m: String| CoordinatorError::InvalidRequest(format!("--synthetic {spec:?}: {m}"));
-    let (family, rest) = spec.split_once(':').ok_or_else(|| bad("expected FAMILY:key=value,...".into()))?;
-    if family != "llama" {
-        return Err(bad(format!("family \"{family}\" is not supported (supported: llama)")));
-    }
-    let mut get = std::collections::HashMap::new();
-    for kv in rest.split(',').filter(|s| !s.is_empty()) {
-        let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("\"{kv}\" is not key=value")))?;
-        let n: usize = v.parse().map_err(|_| bad(format!("{k}={v} is not a positive integer")))?;
-        if n == 0 {
-            return Err(bad(format!("{k} must be > 0")));
-        }
-        if !["hidden", "layers", "heads", "kv_heads", "ffn", "vocab", "head_dim", "max_pos"].contains(&k) {
-            return Err(bad(format!("unknown key \"{k}\"")));
-        }
-        get.insert(k.to_string(), n);
-    }
-    let need = |k: &str| get.get(k).copied().ok_or_else(|| bad(format!("missing key \"{k}\"")));
-    let (hidden, heads) = (need("hidden")?, need("heads")?);
-    let kv_heads = get.get("kv_heads").copied().unwrap_or(heads);
-    if heads % kv_heads != 0 {
-        return Err(bad(format!("kv_heads {kv_heads} does not divide heads {heads}")));
-    }
-    let c = ModelConfig::synthetic(
-        Architecture::Llama,
-        hidden,
-        need("layers")?,
-        heads,
-        kv_heads,
-        need("ffn")?,
-        need("vocab")?,
-    );
-    Ok(ModelConfig {
-        head_dim: get.get("head_dim").copied().unwrap_or(hidden / heads),
-        max_position_embeddings: get.get("max_pos").copied().unwrap_or(4096),
-        ..c
-    })
-}
+use crate::engine::{Engine, GenerationParams, Sequence};
+use crate::error::Result;
+use crate::model::tensor_specs;
+use crate::sampling::SamplingParams;
+use crate::weights::HostWeights;
+use crate::Backend;
 
 /// Bytes of weights one decode step reads: every tensor except the embedding
 /// table, of which only one row per sequence is read (the head still reads the
@@ -201,22 +159,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_synthetic_specs() {
+    fn decode_reads_every_weight_but_the_unused_embedding_rows() {
         let c = synthetic_config("llama:hidden=1024,layers=16,heads=16,kv_heads=4,ffn=2816,vocab=32000")
             .expect("valid");
-        assert_eq!((c.head_dim, c.kv_dim(), c.num_layers), (64, 256, 16));
         // 16 layers of (2·1024² + 2·1024·256 + 3·1024·2816) + norms, head, 1 embedding row.
         let per_layer = 2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2816 + 2 * 1024;
         let expect = 2 * (16 * per_layer + 1024 + 32000 * 1024 + 1024);
         assert_eq!(decode_bytes_per_step(&c, 1), expect);
-        for bad in [
-            "gpt:hidden=1",
-            "llama:hidden=64",
-            "llama:hidden=x",
-            "llama:hidden=64,layers=1,heads=8,kv_heads=3,ffn=1,vocab=1",
-            "llama:foo=1",
-        ] {
-            assert!(synthetic_config(bad).is_err(), "{bad}");
-        }
     }
 }

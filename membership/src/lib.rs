@@ -1,4 +1,5 @@
-//! Who is in the cluster, and the plan they hold.
+//! Who is in the cluster, and the plan they hold: both halves of membership,
+//! shared by the coordinator and the worker (neither links the other).
 //!
 //! The coordinator learns of workers through a [`Membership`]: a snapshot of
 //! the live members plus a stream of joins and departures, and a place to keep
@@ -11,24 +12,28 @@
 //!   under an etcd lease; the coordinator watches the prefix and keeps the plan
 //!   at `/zeroshard/<cluster>/plan`.
 //!
-//! On the worker side the matching half is a [`Registrar`]
-//! (`zeroshard_worker::node::Registrar`): [`etcd::EtcdRegistrar`] here, the
-//! `Control` one in the worker crate.
+//! On the worker side the matching half is a [`Registrar`]:
+//! [`etcd::EtcdRegistrar`] here; the `Control` one (a gRPC client of the
+//! coordinator) lives in the worker crate, and the coordinator's embedded
+//! membership in the coordinator crate.
+//!
+//! The etcd key layout (see [`etcd`]) is defined once, here, for both sides.
 //!
 //! ```ignore
 //! let m: Arc<dyn Membership> = Arc::new(EtcdMembership::connect(&endpoints, "prod", ttl).await?);
 //! let MemberWatch { members, mut events } = m.watch().await?;
 //! while let Some(ev) = events.recv().await { /* Joined(member) | Left(id) */ }
 //! ```
-pub mod embedded;
+mod convert;
+mod error;
 pub mod etcd;
+mod registrar;
 
 use tokio::sync::mpsc;
 use zeroshard_offload::plan::{Plan, WorkerId};
 
-pub use zeroshard_worker::node::{Announce, Registrar};
-
-use crate::error::Result;
+pub use error::{MembershipError, Result};
+pub use registrar::{Announce, Registrar};
 
 /// A live worker as membership knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,7 +73,7 @@ pub struct StoredPlan {
 }
 
 /// Where the coordinator learns of workers and keeps the plan.
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait Membership: Send + Sync + 'static {
     /// What to call it in logs: `embedded`, `etcd http://… cluster NAME`.
     fn describe(&self) -> String;

@@ -1,0 +1,47 @@
+//! A client's request as the coordinator handles it, and what it answers:
+//! [`GenerateRequest`] (a prompt as text or ids, generation parameters, stop
+//! strings) and [`GenerateOutput`] (tokens, text, finish reason, timings).
+//! `generate` on one node and `query` against a cluster share them.
+use serde::Serialize;
+pub use zeroshard_offload::request::{FinishReason, GenerationParams, SamplingParams};
+
+/// What to generate from.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// Text, tokenized with the tokenizer's default special tokens.
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub params: GenerationParams,
+    /// Generation stops when the text contains one of these; it is not returned.
+    pub stop: Vec<String>,
+}
+
+/// Wall-clock figures of one generation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+/// The result of one generation (the `--json` output of `generate`).
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateOutput {
+    pub prompt_token_ids: Vec<u32>,
+    /// New tokens only.
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: &'static str,
+    pub timings: Timings,
+    /// Next-token logits after the prompt, when asked for.
+    #[serde(skip)]
+    pub prompt_logits: Option<Vec<f32>>,
+}

@@ -1,0 +1,146 @@
+//! What a client asks of the model, as both sides of the cluster understand it:
+//! [`GenerationParams`] (sampling settings and length) with their validation,
+//! [`validate_prompt`] against the model's config, and the [`FinishReason`] a
+//! sequence ends with. The coordinator validates requests with these before
+//! routing them; the worker's engine runs them.
+use crate::error::{OffloadError, Result};
+use crate::ModelConfig;
+
+/// Sampling parameters for one sequence. The default is greedy decoding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 turns the filter off, 1 is greedy.
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability mass
+    /// reaches `top_p`; 1.0 turns the filter off.
+    pub top_p: f32,
+    /// Seed of the sequence's random number generator.
+    pub seed: u64,
+    /// Divides positive (multiplies negative) logits of tokens already in the
+    /// history; 1.0 turns it off.
+    pub repetition_penalty: f32,
+    /// Tokens an earlier run of this sequence already sampled: a sequence
+    /// resumed on another worker skips that many draws and so continues the
+    /// same random stream (each sampled token takes one draw).
+    pub resume_draws: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, repetition_penalty: 1.0, resume_draws: 0 }
+    }
+}
+
+impl SamplingParams {
+    /// Checks the ranges; the message names the offending field and value.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!("temperature must be finite and >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be finite and > 0, got {}",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when the next token is the argmax: temperature 0 or top_k 1.
+    /// (A temperature that is not a positive number is treated as 0.)
+    pub fn is_greedy(&self) -> bool {
+        self.temperature.is_nan() || self.temperature <= 0.0 || self.top_k == 1
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_new_tokens` reached, or the model's last position.
+    Length,
+    /// An end-of-sequence token was produced.
+    Eos,
+    /// A stop string matched (decided by the caller, which sees the text).
+    Stop,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::Eos => "eos",
+            Self::Stop => "stop",
+        }
+    }
+}
+
+/// Per-request generation settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationParams {
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    /// Keep going past EOS tokens.
+    pub ignore_eos: bool,
+}
+
+/// Checks a prompt against the model: non-empty, every id in the vocabulary,
+/// no longer than the model's positions. The messages name the value at fault.
+pub fn validate_prompt(c: &ModelConfig, prompt: &[u32]) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(OffloadError::InvalidRequest("the prompt is empty".into()));
+    }
+    if let Some((i, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= c.vocab_size) {
+        return Err(OffloadError::InvalidRequest(format!(
+            "prompt token {id} at index {i} is outside the vocabulary (vocab_size {})",
+            c.vocab_size
+        )));
+    }
+    if prompt.len() > c.max_position_embeddings {
+        return Err(OffloadError::InvalidRequest(format!(
+            "the prompt has {} tokens, more than the model's {} {}",
+            prompt.len(),
+            c.architecture.max_positions_key(),
+            c.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, seed, repetition_penalty: 1.0, resume_draws: 0 }
+    }
+
+    #[test]
+    fn validate_rejects_bad_values_naming_the_field() {
+        let cases = [
+            (SamplingParams { temperature: -0.5, ..Default::default() }, "temperature", "-0.5"),
+            (SamplingParams { temperature: f32::INFINITY, ..Default::default() }, "temperature", "inf"),
+            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature", "NaN"),
+            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p", "0"),
+            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p", "1.5"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty", "0"),
+            (
+                SamplingParams { repetition_penalty: f32::NAN, ..Default::default() },
+                "repetition_penalty",
+                "NaN",
+            ),
+        ];
+        for (params, field, value) in cases {
+            let message = params.validate().expect_err("invalid parameters");
+            assert!(
+                message.contains(field) && message.contains(value),
+                "{message:?} should name {field} and {value}"
+            );
+        }
+        assert_eq!(sampling(1.2, 40, 0.95, 3).validate(), Ok(()));
+    }
+}

@@ -1,0 +1,76 @@
+//! Domain types ↔ `zeroshard.v1` messages for the worker's services, and the
+//! one `match` that turns a [`WorkerError`] into a status code.
+use std::path::{Path, PathBuf};
+
+use tonic::Status;
+use zeroshard_offload::shards::ShardError;
+use zeroshard_offload::{ModelConfig, OffloadError};
+use zeroshard_proto::v1 as pb;
+
+use crate::engine::StepToken;
+use crate::error::{Result, WorkerError};
+use crate::node::{PlannedModel, SeqEvent};
+
+/// The status a caller gets for `e`: its fault (INVALID_ARGUMENT, NOT_FOUND,
+/// FAILED_PRECONDITION), a member that cannot serve now (UNAVAILABLE: the
+/// coordinator resumes the sequence elsewhere), or this worker's (INTERNAL).
+pub(crate) fn status(e: &WorkerError) -> Status {
+    use WorkerError as E;
+    let msg = e.to_string();
+    match e {
+        E::InvalidRequest(_) | E::Offload(OffloadError::InvalidRequest(_)) => Status::invalid_argument(msg),
+        E::Shard(ShardError::NotHeld { .. }) => Status::not_found(msg),
+        E::Shard(ShardError::InvalidRange { .. }) => Status::invalid_argument(msg),
+        E::Plan(_) => Status::invalid_argument(msg),
+        E::Epoch(_) => Status::failed_precondition(msg),
+        E::Gather(_) | E::Rpc { .. } | E::Membership { .. } | E::Device { .. } => Status::unavailable(msg),
+        E::Offload(_) | E::Shard(_) | E::MissingWeight(_) | E::Backend(_) | E::Io { .. } | E::Task { .. } => {
+            Status::internal(msg)
+        }
+    }
+}
+
+impl From<WorkerError> for Status {
+    fn from(e: WorkerError) -> Self {
+        status(&e)
+    }
+}
+
+/// One event of a running sequence as the stream sends it.
+pub(crate) fn sequence_step(ev: SeqEvent) -> std::result::Result<pb::SequenceStep, Status> {
+    match ev {
+        Ok(StepToken { token, finished }) => Ok(pb::SequenceStep {
+            token_ids: vec![token],
+            finish_reason: finished.map_or(pb::FinishReason::Unspecified, pb::FinishReason::from) as i32,
+        }),
+        Err(e) => Err(status(&e)),
+    }
+}
+
+/// The model config from the texts of its files that a plan carries.
+fn model_config(m: &pb::ModelInfo) -> Result<ModelConfig> {
+    let dir = Path::new(&m.model_dir);
+    let parse = |s: &str, name: &str| {
+        serde_json::from_str::<serde_json::Value>(s).map_err(|e| OffloadError::Json {
+            path: dir.join(name),
+            message: format!("as sent by the coordinator: {e}"),
+        })
+    };
+    let config = parse(&m.config_json, "config.json")?;
+    let gen_path = dir.join("generation_config.json");
+    let gen = if m.generation_config_json.is_empty() {
+        None
+    } else {
+        Some(parse(&m.generation_config_json, "generation_config.json")?)
+    };
+    Ok(ModelConfig::from_json(
+        &dir.join("config.json"),
+        &config,
+        gen.as_ref().map(|g| (gen_path.as_path(), g)),
+    )?)
+}
+
+/// The model a plan names, with its config parsed from the texts it carries.
+pub(crate) fn planned_model(m: &pb::ModelInfo) -> Result<PlannedModel> {
+    Ok(PlannedModel { config: model_config(m)?, dir: PathBuf::from(&m.model_dir) })
+}
