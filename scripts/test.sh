@@ -48,6 +48,9 @@ if [ "$quick" = 0 ]; then
   cargo clippy --release --workspace --all-targets -- -D warnings
 fi
 
+echo "== crate graph and gRPC edges"
+scripts/check-edges.sh
+
 echo "== cargo test (release)"
 cargo test --release --workspace 2>&1 | tee target/test.log
 # One closing line that counts every test binary together.

@@ -132,6 +132,9 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         corrupt_every: a.fault_corrupt_every,
         fail_load: a.fault_fail_load,
         step_delay: Duration::from_millis(a.fault_step_delay_ms),
+        step_fault: a
+            .fault_step_error_after
+            .map(|after_steps| node::InjectedStepFault { after_steps, fatal: a.fault_step_error_fatal }),
         fetch_timeout: Duration::from_millis(g.fetch_timeout_ms.max(1)),
         ..NodeConfig::default()
     }

@@ -437,3 +437,77 @@ fn query_rides_out_a_coordinator_restart_without_repeating_text() {
     let printed = String::from_utf8([head.to_vec(), rest].concat()).expect("utf-8");
     assert_eq!(printed.trim_end_matches('\n'), text, "query printed text twice or lost some");
 }
+
+/// A step that fails on a worker (an injected, transient backend error in the
+/// middle of the forward) fails only that step's sequences: the coordinator
+/// resumes them elsewhere with exactly the undisturbed tokens, and the worker
+/// stays a member and keeps serving.
+#[test]
+fn a_failed_step_fails_its_sequences_and_the_worker_keeps_serving() {
+    let want = expected(PROMPT, LONG);
+    // Each worker's 8th step fails once.
+    let fault: &[&str] = &["--fault-step-error-after", "8"];
+    let mut fleet = Fleet::start_each(
+        Etcd::start(),
+        model("stories260K"),
+        &["--fault-step-delay-ms", STEP_DELAY],
+        &[fault, fault],
+    );
+    let got = runtime().block_on(stream(&fleet.endpoint, PROMPT, LONG, || {}));
+    assert_eq!(got.tokens, want, "a stream through failed steps differs from an undisturbed run");
+    let s = fleet.status();
+    eprintln!(
+        "transient step errors: {} sequence(s) resumed, longest pause {:?}",
+        s["sequences_resumed_total"],
+        got.gaps[1..].iter().max().copied().unwrap_or_default()
+    );
+    assert!(s["sequences_resumed_total"].as_u64() >= Some(1), "no step failed: {s}");
+    assert_eq!(s["epoch"], 1, "a transient step error must not re-plan: {s}");
+    assert_eq!(s["workers"].as_array().map(Vec::len), Some(2), "{s}");
+    assert_eq!(s["workers_lost_total"], 0, "{s}");
+    for i in 0..2 {
+        assert!(fleet.wait_worker_exit(i, Duration::from_millis(100)).is_none(), "worker {i} exited");
+    }
+    // And both keep answering exactly.
+    let again = runtime().block_on(stream(&fleet.endpoint, PROMPT, 40, || {}));
+    assert_eq!(again.tokens, want[..40]);
+}
+
+/// A fatal step error (what any CUDA error is: the device cannot be trusted
+/// again) makes the worker leave the cluster and exit non-zero, instead of
+/// staying registered without stepping; its sequences finish exactly on the
+/// survivor, which owns everything under the next epoch.
+#[test]
+fn a_fatal_step_error_makes_the_worker_leave_and_exit() {
+    let want = expected(PROMPT, LONG);
+    let mut fleet = Fleet::start_each(
+        Etcd::start(),
+        model("stories260K"),
+        &["--fault-step-delay-ms", STEP_DELAY],
+        &[&["--fault-step-error-after", "8", "--fault-step-error-fatal"], &[]],
+    );
+    let endpoint = fleet.endpoint.clone();
+    // Several streams at once: least-loaded routing gives the faulty worker some.
+    let started = Instant::now();
+    let all = runtime().block_on(async {
+        let streams = (0..4).map(|_| stream(&endpoint, PROMPT, LONG, || {}));
+        futures::future::join_all(streams).await
+    });
+    for got in &all {
+        assert_eq!(got.tokens, want, "a stream resumed after a fatal step error differs");
+    }
+    let status = fleet.wait_worker_exit(0, Duration::from_secs(30)).expect("the faulty worker exits");
+    eprintln!(
+        "fatal step error: worker exited with {status} within {:?} of the first request",
+        started.elapsed()
+    );
+    assert!(!status.success(), "a worker that left after a fatal error must exit non-zero: {status}");
+    let s = fleet.wait_status(Duration::from_secs(30), "one worker left, epoch 2", |s| {
+        s["ready"] == true
+            && s["workers"].as_array().map(Vec::len) == Some(1)
+            && s["epoch"].as_u64() >= Some(2)
+    });
+    assert!(s["sequences_resumed_total"].as_u64() >= Some(1), "{s}");
+    let again = runtime().block_on(stream(&fleet.endpoint, PROMPT, 40, || {}));
+    assert_eq!(again.tokens, want[..40]);
+}

@@ -1,7 +1,11 @@
 //! Conversions between the coordinator's domain types and `zeroshard.v1`
-//! messages, in one place.
+//! messages, in one place, and the one `match` from [`CoordinatorError`] to a
+//! status code.
 use zeroshard_proto::v1 as pb;
 
+use zeroshard_offload::OffloadError;
+
+use crate::error::CoordinatorError;
 use crate::request::{GenerateOutput, GenerateRequest, Prompt, Timings};
 
 impl From<&GenerateRequest> for pb::GenerateRequest {
@@ -50,6 +54,21 @@ impl From<pb::GenerateResponse> for GenerateOutput {
             finish_reason: finish_reason_str(r.finish_reason),
             timings: r.timings.map(Timings::from).unwrap_or_default(),
             prompt_logits: None,
+        }
+    }
+}
+
+/// The status a client (or worker) gets for `e`: its fault, a cluster that
+/// cannot serve now, or the coordinator's.
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> Self {
+        use CoordinatorError as E;
+        match &e {
+            E::InvalidRequest(_) | E::Tokenizer(_) | E::Offload(OffloadError::InvalidRequest(_)) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            E::Unavailable(_) | E::Membership(_) => tonic::Status::unavailable(e.to_string()),
+            E::Offload(_) | E::Plan(_) => tonic::Status::internal(e.to_string()),
         }
     }
 }

@@ -22,17 +22,4 @@ pub enum CoordinatorError {
     Unavailable(String),
 }
 
-impl From<CoordinatorError> for tonic::Status {
-    fn from(e: CoordinatorError) -> Self {
-        use CoordinatorError as E;
-        match &e {
-            E::InvalidRequest(_) | E::Tokenizer(_) | E::Offload(OffloadError::InvalidRequest(_)) => {
-                tonic::Status::invalid_argument(e.to_string())
-            }
-            E::Unavailable(_) | E::Membership(_) => tonic::Status::unavailable(e.to_string()),
-            E::Offload(_) | E::Plan(_) => tonic::Status::internal(e.to_string()),
-        }
-    }
-}
-
 pub type Result<T> = std::result::Result<T, CoordinatorError>;

@@ -98,13 +98,53 @@ impl Fleet {
         self.endpoint = endpoint.expect("coordinator: no ready line within 120 s");
     }
 
+    /// Like [`Fleet::start`], with `extra[i]` added to worker `i`'s arguments.
+    pub fn start_each(etcd: Etcd, model: PathBuf, worker_args: &[&str], extra: &[&[&str]]) -> Self {
+        let cluster = format!("test-{}-{}", std::process::id(), super::etcd::free_port());
+        let mut f = Self {
+            etcd,
+            model,
+            cluster,
+            coordinator_args: vec!["--workers".into(), extra.len().to_string()],
+            worker_args: worker_args.iter().map(|s| s.to_string()).collect(),
+            coordinator: None,
+            endpoint: String::new(),
+            workers: Vec::new(),
+        };
+        for e in extra {
+            f.add_worker_with(e);
+        }
+        f.start_coordinator();
+        f
+    }
+
     /// Starts one more worker; returns its index.
     pub fn add_worker(&mut self) -> usize {
+        self.add_worker_with(&[])
+    }
+
+    /// Waits (≤ `within`) for worker `i` to exit by itself; its status.
+    pub fn wait_worker_exit(&mut self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let child = self.workers[i].as_mut()?;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.workers[i] = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Starts one more worker with `extra` arguments; returns its index.
+    pub fn add_worker_with(&mut self, extra: &[&str]) -> usize {
         let child = bin()
             .args(["worker", "--listen", "127.0.0.1:0"])
             .args(["--fetch-timeout-ms", &FETCH_TIMEOUT_MS.to_string()])
             .args(self.etcd_args())
             .args(&self.worker_args)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use zeroshard_offload::ModelConfig;
 
+pub use batcher::InjectedStepFault;
 pub(crate) use batcher::{Command, SeqEvent};
 pub(crate) use state::Node;
 pub use zeroshard_membership::{Announce, Registrar};
@@ -59,6 +60,8 @@ pub struct NodeConfig {
     pub corrupt_every: u64,
     /// Test hook: fail every plan installation.
     pub fail_load: bool,
+    /// Test hook: a step that fails as a backend error would.
+    pub step_fault: Option<InjectedStepFault>,
     /// Test hook: sleep this long after every batching step.
     pub step_delay: Duration,
     /// A peer that sends nothing for this long during a fetch has failed (the
@@ -79,6 +82,7 @@ impl Default for NodeConfig {
             max_live_bytes: 0,
             corrupt_every: 0,
             fail_load: false,
+            step_fault: None,
             step_delay: Duration::ZERO,
             fetch_timeout: Duration::from_secs(2),
         }

@@ -45,18 +45,6 @@ impl PeerClient {
                 .max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
         }
     }
-
-    /// See [`fetch_into`].
-    pub async fn fetch_into(
-        &mut self,
-        source: &str,
-        epoch: u64,
-        asm: &mut Assembler<'_>,
-        rejected: &AtomicU64,
-        policy: FetchPolicy,
-    ) -> std::result::Result<(), String> {
-        fetch_into(&mut self.client, source, epoch, asm, rejected, policy).await
-    }
 }
 
 /// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings.
@@ -73,65 +61,67 @@ fn connect_lazy(uri: &str) -> Result<Channel> {
     Ok(zeroshard_proto::transport::endpoint(uri).map_err(|e| WorkerError::rpc(uri, e))?.connect_lazy())
 }
 
-/// Fills `asm` from `client`'s `FetchRanges` stream under `epoch`. A rejected
-/// chunk (counted in `rejected`) or a broken stream restarts the fetch from what
-/// is still missing; it gives up after [`FETCH_ATTEMPTS`] tries in a row without
-/// progress (`policy.attempts`), or at once on a stale epoch. A source silent
-/// for `policy.timeout` counts as a broken stream. Errors name `source`.
-async fn fetch_into(
-    client: &mut ShardsClient<Channel>,
-    source: &str,
-    epoch: u64,
-    asm: &mut Assembler<'_>,
-    rejected: &AtomicU64,
-    policy: FetchPolicy,
-) -> std::result::Result<(), String> {
-    let mut last_error = String::new();
-    let mut failures = 0;
-    let silent = || format!("{source}: nothing received for {:?}", policy.timeout);
-    while failures < policy.attempts {
-        let before = asm.received_bytes();
-        let ranges = asm.request().iter().map(pb::TensorRange::from).collect();
-        let call = client.fetch_ranges(pb::FetchRangesRequest { epoch, ranges, chunk_bytes: 0 });
-        let mut stream = match tokio::time::timeout(policy.timeout, call).await {
-            Ok(Ok(s)) => s.into_inner(),
-            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                return Err(format!("{source}: {}", status.message()));
-            }
-            Ok(Err(status)) => {
-                last_error = format!("{source}: {}", status.message());
-                failures += 1;
-                continue;
-            }
-            Err(_) => {
-                last_error = silent();
-                failures += 1;
-                continue;
-            }
-        };
-        let broke = loop {
-            let Ok(next) = tokio::time::timeout(policy.timeout, stream.message()).await else {
-                break Some(silent());
-            };
-            match next {
-                Ok(Some(c)) => {
-                    if let Err(e) = asm.accept(&Chunk::from(c)) {
-                        rejected.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("chunk from {source} rejected, refetching: {e}");
-                        break Some(e.to_string());
-                    }
+impl PeerClient {
+    /// Fills `asm` from this member's `FetchRanges` stream under `epoch`. A rejected
+    /// chunk (counted in `rejected`) or a broken stream restarts the fetch from what
+    /// is still missing; it gives up after [`FETCH_ATTEMPTS`] tries in a row without
+    /// progress (`policy.attempts`), or at once on a stale epoch. A source silent
+    /// for `policy.timeout` counts as a broken stream. Errors name `source`.
+    pub async fn fetch_into(
+        &mut self,
+        source: &str,
+        epoch: u64,
+        asm: &mut Assembler<'_>,
+        rejected: &AtomicU64,
+        policy: FetchPolicy,
+    ) -> std::result::Result<(), String> {
+        let mut last_error = String::new();
+        let mut failures = 0;
+        let silent = || format!("{source}: nothing received for {:?}", policy.timeout);
+        while failures < policy.attempts {
+            let before = asm.received_bytes();
+            let ranges = asm.request().iter().map(pb::TensorRange::from).collect();
+            let call = self.client.fetch_ranges(pb::FetchRangesRequest { epoch, ranges, chunk_bytes: 0 });
+            let mut stream = match tokio::time::timeout(policy.timeout, call).await {
+                Ok(Ok(s)) => s.into_inner(),
+                Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                    return Err(format!("{source}: {}", status.message()));
                 }
-                Ok(None) => break None,
-                Err(status) => break Some(format!("{source}: stream broke: {}", status.message())),
+                Ok(Err(status)) => {
+                    last_error = format!("{source}: {}", status.message());
+                    failures += 1;
+                    continue;
+                }
+                Err(_) => {
+                    last_error = silent();
+                    failures += 1;
+                    continue;
+                }
+            };
+            let broke = loop {
+                let Ok(next) = tokio::time::timeout(policy.timeout, stream.message()).await else {
+                    break Some(silent());
+                };
+                match next {
+                    Ok(Some(c)) => {
+                        if let Err(e) = asm.accept(&Chunk::from(c)) {
+                            rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("chunk from {source} rejected, refetching: {e}");
+                            break Some(e.to_string());
+                        }
+                    }
+                    Ok(None) => break None,
+                    Err(status) => break Some(format!("{source}: stream broke: {}", status.message())),
+                }
+            };
+            match broke {
+                None if asm.is_complete() => return Ok(()),
+                None => last_error = format!("{source}: stream ended early"),
+                Some(e) => last_error = e,
             }
-        };
-        match broke {
-            None if asm.is_complete() => return Ok(()),
-            None => last_error = format!("{source}: stream ended early"),
-            Some(e) => last_error = e,
+            failures = if asm.received_bytes() > before { 1 } else { failures + 1 };
+            asm.restart();
         }
-        failures = if asm.received_bytes() > before { 1 } else { failures + 1 };
-        asm.restart();
+        Err(format!("gave up after {} attempt(s) without progress: {last_error}", policy.attempts))
     }
-    Err(format!("gave up after {} attempt(s) without progress: {last_error}", policy.attempts))
 }

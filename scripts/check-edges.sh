@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The crate graph and the gRPC edges, enforced (run by scripts/test.sh):
+# 1. the coordinator links neither the engine (zeroshard-worker) nor CUDA (cudarc);
+# 2. generated protobuf types (`zeroshard_proto`, `pb::`) and `tonic::Status`
+#    appear only in each crate's edge modules:
+#      offload/src/convert/, membership/src/convert.rs, worker/src/rpc/,
+#      coordinator/src/{server/,client.rs,convert.rs,cluster_bench.rs}
+#    (the proto crate itself, the binary's tests and examples are clients).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fail=0
+
+deps=$(cargo tree -p zeroshard-coordinator -e normal,build --prefix none 2>/dev/null | awk '{print $1}' | sort -u)
+if [ -z "$deps" ]; then
+  echo "check-edges: cargo tree printed nothing for zeroshard-coordinator" >&2
+  exit 1
+fi
+for banned in zeroshard-worker cudarc; do
+  if grep -qx "$banned" <<<"$deps"; then
+    echo "check-edges: zeroshard-coordinator depends on $banned:" >&2
+    cargo tree -p zeroshard-coordinator -e normal,build -i "$banned" >&2 || true
+    fail=1
+  fi
+done
+for banned in zeroshard-worker zeroshard-coordinator cudarc; do
+  if cargo tree -p zeroshard-membership -e normal,build --prefix none 2>/dev/null | awk '{print $1}' | grep -qx "$banned"; then
+    echo "check-edges: zeroshard-membership depends on $banned" >&2
+    fail=1
+  fi
+done
+if cargo tree -p zeroshard-offload -e normal,build --prefix none 2>/dev/null | awk '{print $1}' | grep -qx cudarc; then
+  echo "check-edges: zeroshard-offload depends on cudarc (pinned memory belongs to the worker)" >&2
+  fail=1
+fi
+
+allowed='^(offload/src/convert/|membership/src/convert\.rs$|worker/src/rpc/|coordinator/src/server/|coordinator/src/client\.rs$|coordinator/src/convert\.rs$|coordinator/src/cluster_bench\.rs$)'
+leaks=$(grep -rlE 'zeroshard_proto|tonic::Status|\bpb::' --include='*.rs' offload/src membership/src worker/src coordinator/src src \
+  | grep -Ev "$allowed" || true)
+if [ -n "$leaks" ]; then
+  echo "check-edges: protobuf types or tonic::Status outside the edge modules:" >&2
+  for f in $leaks; do grep -nE 'zeroshard_proto|tonic::Status|\bpb::' "$f" | sed "s|^|  $f:|" >&2; done
+  fail=1
+fi
+
+[ "$fail" = 0 ] && echo "check-edges: crate graph and gRPC edges as stated in the README"
+exit "$fail"
