@@ -90,6 +90,9 @@ impl Epochs {
     }
 }
 
+/// Where the batching loop reports a fatal step error.
+type FatalSender = watch::Sender<Option<Arc<WorkerError>>>;
+
 /// What the first plan sets up, once; guarded by the installation lock.
 #[derive(Default)]
 struct Setup {
@@ -97,7 +100,7 @@ struct Setup {
     /// Budget for gathered layers kept resident (device bytes on a GPU).
     live_bytes: Option<u64>,
     /// The batching loop's ends, until the loop is started.
-    batcher: Option<(Receiver<Command>, watch::Sender<Option<Arc<WorkerError>>>)>,
+    batcher: Option<(Receiver<Command>, FatalSender)>,
 }
 
 /// Counters for `Stats`.
@@ -369,7 +372,7 @@ fn spawn_batcher<B: Backend + 'static>(
     stats: Arc<BatchStats>,
     delay: Duration,
     fault: Option<InjectedStepFault>,
-    fatal: watch::Sender<Option<Arc<WorkerError>>>,
+    fatal: FatalSender,
 ) -> Result<()> {
     std::thread::Builder::new()
         .name("batcher".into())
