@@ -13,6 +13,14 @@ pub enum WorkerError {
     MissingWeight(String),
     #[error("backend: {0}")]
     Backend(String),
+    /// A backend operation failed. `fatal`: the device cannot be trusted again (any CUDA error: a sticky context error, lost device, out of memory mid-step); otherwise only this step failed.
+    #[error("{op}: {source}")]
+    Device {
+        op: String,
+        fatal: bool,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Gathering a layer's ranges from peers failed.
     #[error("gather: {0}")]
     Gather(String),
@@ -22,6 +30,14 @@ pub enum WorkerError {
     /// Registering with the cluster (coordinator or etcd) failed.
     #[error("membership: {0}")]
     Membership(String),
+}
+
+impl WorkerError {
+    /// Whether the device that produced this error must not be used again (only
+    /// [`WorkerError::Device`] with `fatal`); any other error failed one request or step.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Device { fatal: true, .. })
+    }
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;

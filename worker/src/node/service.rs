@@ -29,7 +29,8 @@ impl From<WorkerError> for Status {
             WorkerError::Offload(_)
             | WorkerError::Load(_)
             | WorkerError::MissingWeight(_)
-            | WorkerError::Backend(_) => Status::internal(e.to_string()),
+            | WorkerError::Backend(_)
+            | WorkerError::Device { .. } => Status::internal(e.to_string()),
             WorkerError::Membership(_) => Status::unavailable(e.to_string()),
         }
     }
