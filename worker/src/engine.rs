@@ -2,7 +2,7 @@
 //! active sequence (prompts and single decode tokens mixed), then sampling.
 //!
 //! ```ignore
-//! let engine = Engine::new(CpuBackend, config, weights);
+//! let engine = Engine::new(CpuBackend::new(), config, weights);
 //! let mut seq = engine.new_sequence(prompt_ids, params)?;
 //! while seq.finished().is_none() {
 //!     engine.step(&mut [&mut seq])?;
@@ -246,7 +246,7 @@ impl<B: Backend> Engine<B> {
             }
             let staged = ahead.pop_front().expect("layer l is staged");
             let lw = LayerWeights::from_lookup(c, l, |n| b.weight(&staged, n))?;
-            x = self.model.layer(b, l, &lw, x, &mut step);
+            x = self.model.layer(b, l, &lw, x, &mut step)?;
             // Layer l's compute is enqueued: copy the next ones meanwhile.
             while next < c.num_layers && next <= l + depth {
                 ahead.push_back(self.stage(&src.layer(next)?, Piece::Layer(next))?);
@@ -256,10 +256,10 @@ impl<B: Backend> Engine<B> {
         let w = src.head()?;
         let staged = self.stage(&w, Piece::Head)?;
         let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
-        let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows()); // [seqs, hidden]
+        let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows())?; // [seqs, hidden]
         let seqs_n = layout.seqs.len();
         let logits = match src.head_slices() {
-            0 => b.to_host(&b.linear(&normed, outer.lm_head(), None, c.vocab_size)), // [seqs, vocab]
+            0 => b.to_host(&b.linear(&normed, outer.lm_head(), None, c.vocab_size)?)?, // [seqs, vocab]
             n => {
                 // The head in vocabulary slices: each `[seqs, rows]` lands in its columns.
                 let mut logits = vec![0f32; seqs_n * c.vocab_size];
@@ -267,9 +267,9 @@ impl<B: Backend> Engine<B> {
                     let (w, rows) = src.head_slice(i)?;
                     let staged = self.stage(&w, Piece::HeadSlice(i))?;
                     let slice = b
-                        .weight(&staged, HEAD_SLICE)
+                        .weight(&staged, HEAD_SLICE)?
                         .ok_or_else(|| WorkerError::MissingWeight(HEAD_SLICE.into()))?;
-                    let part = b.to_host(&b.linear(&normed, slice, None, rows.len())); // [seqs, rows]
+                    let part = b.to_host(&b.linear(&normed, slice, None, rows.len())?)?; // [seqs, rows]
                     for (s, chunk) in part.chunks_exact(rows.len()).enumerate() {
                         logits[s * c.vocab_size + rows.start..s * c.vocab_size + rows.end]
                             .copy_from_slice(chunk);
@@ -355,7 +355,7 @@ mod tests {
 
     fn engine(c: ModelConfig) -> Engine<CpuBackend> {
         let weights = HostWeights::random(&c, 7);
-        Engine::new(CpuBackend, c, weights)
+        Engine::new(CpuBackend::new(), c, weights)
     }
 
     fn params(max_new_tokens: usize) -> GenerationParams {

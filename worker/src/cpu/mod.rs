@@ -12,7 +12,7 @@ use std::sync::Arc;
 use half::f16;
 
 use crate::backend::{AttentionShape, Backend, BatchLayout, Piece};
-use crate::error::Result;
+use crate::error::{Result, WorkerError};
 use crate::weights::HostWeights;
 
 /// Row-major f32 activations `[rows, cols]`.
@@ -52,6 +52,12 @@ impl CpuKvCache {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
 /// Work (multiply-adds) below which an op stays on the calling thread.
 pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 16;
 
@@ -70,8 +76,8 @@ impl Backend for CpuBackend {
         Ok(host.clone())
     }
 
-    fn weight<'a>(&self, staged: &'a Arc<HostWeights>, name: &str) -> Option<&'a [f16]> {
-        staged.get(name)
+    fn weight<'a>(&self, staged: &'a Arc<HostWeights>, name: &str) -> Result<Option<&'a [f16]>> {
+        Ok(staged.get(name))
     }
 
     fn new_kv_cache(&self, num_layers: usize, kv_dim: usize) -> CpuKvCache {
@@ -82,48 +88,53 @@ impl Backend for CpuBackend {
         cache.len()
     }
 
-    fn embed(&self, table: &[f16], ids: &[u32], dim: usize) -> CpuTensor {
+    fn embed(&self, table: &[f16], ids: &[u32], dim: usize) -> Result<CpuTensor> {
         let mut data = Vec::with_capacity(ids.len() * dim);
         for &id in ids {
             let row = &table[id as usize * dim..(id as usize + 1) * dim];
             data.extend(row.iter().map(|x| x.to_f32()));
         }
-        CpuTensor::new(data, ids.len(), dim)
+        Ok(CpuTensor::new(data, ids.len(), dim))
     }
 
-    fn add_position_embeddings(&self, x: &mut CpuTensor, table: &[f16], positions: &[usize]) {
+    fn add_position_embeddings(&self, x: &mut CpuTensor, table: &[f16], positions: &[usize]) -> Result<()> {
         assert_eq!(positions.len(), x.rows, "one position per row");
         let max = table.len() / x.cols.max(1);
+        if let Some(p) = positions.iter().find(|p| **p >= max) {
+            return Err(WorkerError::InvalidRequest(format!(
+                "position {p} is outside the {max}-position table"
+            )));
+        }
         for (row, &p) in x.data.chunks_exact_mut(x.cols).zip(positions) {
-            assert!(p < max, "position {p} is outside the {max}-position table");
             let t = &table[p * x.cols..(p + 1) * x.cols];
             row.iter_mut().zip(t).for_each(|(v, e)| *v += e.to_f32());
         }
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &CpuTensor, w: &[f16], eps: f32) -> CpuTensor {
+    fn rms_norm(&self, x: &CpuTensor, w: &[f16], eps: f32) -> Result<CpuTensor> {
         let mut out = x.clone();
         for row in out.data.chunks_exact_mut(x.cols) {
             ops::rms_norm_row(row, w, eps);
         }
-        out
+        Ok(out)
     }
 
-    fn layer_norm(&self, x: &CpuTensor, w: &[f16], b: &[f16], eps: f32) -> CpuTensor {
+    fn layer_norm(&self, x: &CpuTensor, w: &[f16], b: &[f16], eps: f32) -> Result<CpuTensor> {
         let mut out = x.clone();
         for row in out.data.chunks_exact_mut(x.cols) {
             ops::layer_norm_row(row, w, b, eps);
         }
-        out
+        Ok(out)
     }
 
-    fn linear(&self, x: &CpuTensor, w: &[f16], bias: Option<&[f16]>, out_dim: usize) -> CpuTensor {
+    fn linear(&self, x: &CpuTensor, w: &[f16], bias: Option<&[f16]>, out_dim: usize) -> Result<CpuTensor> {
         let mut out = vec![0f32; x.rows * out_dim];
         matmul::matmul_f16(&x.data, w, bias, &mut out, x.rows, x.cols, out_dim);
-        CpuTensor::new(out, x.rows, out_dim)
+        Ok(CpuTensor::new(out, x.rows, out_dim))
     }
 
-    fn rope(&self, x: &mut CpuTensor, head_dim: usize, cos: &[f32], sin: &[f32]) {
+    fn rope(&self, x: &mut CpuTensor, head_dim: usize, cos: &[f32], sin: &[f32]) -> Result<()> {
         let half = head_dim / 2;
         for (r, row) in x.data.chunks_exact_mut(x.cols).enumerate() {
             let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
@@ -131,6 +142,7 @@ impl Backend for CpuBackend {
                 ops::rotate_half(head, c, s);
             }
         }
+        Ok(())
     }
 
     fn attention(
@@ -142,23 +154,23 @@ impl Backend for CpuBackend {
         layer: usize,
         layout: &BatchLayout,
         shape: AttentionShape<'_>,
-    ) -> CpuTensor {
-        attention::attention(q, k, v, caches, layer, layout, shape)
+    ) -> Result<CpuTensor> {
+        Ok(attention::attention(q, k, v, caches, layer, layout, shape))
     }
 
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> CpuTensor {
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
         let data = gate.data.iter().zip(&up.data).map(|(g, u)| ops::silu(*g) * u).collect();
-        CpuTensor::new(data, gate.rows, gate.cols)
+        Ok(CpuTensor::new(data, gate.rows, gate.cols))
     }
 
-    fn gelu_tanh(&self, x: &CpuTensor) -> CpuTensor {
-        CpuTensor::new(x.data.iter().map(|v| ops::gelu_tanh(*v)).collect(), x.rows, x.cols)
+    fn gelu_tanh(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        Ok(CpuTensor::new(x.data.iter().map(|v| ops::gelu_tanh(*v)).collect(), x.rows, x.cols))
     }
 
-    fn split_cols(&self, x: &CpuTensor, widths: &[usize]) -> Vec<CpuTensor> {
+    fn split_cols(&self, x: &CpuTensor, widths: &[usize]) -> Result<Vec<CpuTensor>> {
         assert_eq!(widths.iter().sum::<usize>(), x.cols, "split widths must add up to the columns");
         let mut start = 0;
-        widths
+        Ok(widths
             .iter()
             .map(|&w| {
                 let data =
@@ -166,21 +178,22 @@ impl Backend for CpuBackend {
                 start += w;
                 CpuTensor::new(data, x.rows, w)
             })
-            .collect()
+            .collect())
     }
 
-    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add of mismatched shapes");
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        Ok(())
     }
 
-    fn select_rows(&self, x: &CpuTensor, rows: &[usize]) -> CpuTensor {
+    fn select_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
         let data = rows.iter().flat_map(|&r| x.row(r).iter().copied()).collect();
-        CpuTensor::new(data, rows.len(), x.cols)
+        Ok(CpuTensor::new(data, rows.len(), x.cols))
     }
 
-    fn to_host(&self, x: &CpuTensor) -> Vec<f32> {
-        x.data.clone()
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
     }
 }
 
@@ -193,45 +206,52 @@ mod tests {
     }
 
     #[test]
-    fn add_position_embeddings_adds_each_rows_table_row() {
-        let b = CpuBackend;
+    fn add_position_embeddings_adds_each_rows_table_row() -> Result<()> {
+        let b = CpuBackend::new();
         let table = h(&[0.0, 0.5, 10.0, 20.0, -1.0, -2.0]); // 3 positions, 2 cols
         let mut x = CpuTensor::new(vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0], 3, 2);
-        b.add_position_embeddings(&mut x, &table, &[2, 0, 1]);
+        b.add_position_embeddings(&mut x, &table, &[2, 0, 1])?;
         assert_eq!(x.data, vec![0.0, -1.0, 2.0, 2.5, 13.0, 23.0]);
+        Ok(())
     }
 
     #[test]
-    #[should_panic(expected = "outside the 3-position table")]
     fn add_position_embeddings_refuses_a_position_past_the_table() {
         let mut x = CpuTensor::new(vec![0.0; 2], 1, 2);
-        CpuBackend.add_position_embeddings(&mut x, &h(&[0.0; 6]), &[3]);
+        let err =
+            CpuBackend::new().add_position_embeddings(&mut x, &h(&[0.0; 6]), &[3]).expect_err("refused");
+        assert!(matches!(err, WorkerError::InvalidRequest(_)), "{err:?}");
+        assert!(err.to_string().contains("outside the 3-position table"), "{err}");
+        assert_eq!(x.data, vec![0.0; 2], "nothing added");
     }
 
     #[test]
-    fn layer_norm_normalises_each_row() {
-        let b = CpuBackend;
+    fn layer_norm_normalises_each_row() -> Result<()> {
+        let b = CpuBackend::new();
         let x = CpuTensor::new(vec![1.0, 3.0, -2.0, 2.0], 2, 2);
         // Each row: mean m, deviations ±d, variance d²: output ±d/√(d²+eps) · w + b.
-        let out = b.layer_norm(&x, &h(&[2.0, 1.0]), &h(&[0.5, -0.5]), 0.0);
+        let out = b.layer_norm(&x, &h(&[2.0, 1.0]), &h(&[0.5, -0.5]), 0.0)?;
         assert_eq!(out.data, vec![-2.0 + 0.5, 1.0 - 0.5, -2.0 + 0.5, 1.0 - 0.5]);
+        Ok(())
     }
 
     #[test]
-    fn gelu_tanh_is_elementwise() {
-        let out = CpuBackend.gelu_tanh(&CpuTensor::new(vec![0.0, 1.0, -2.0, 20.0], 2, 2));
+    fn gelu_tanh_is_elementwise() -> Result<()> {
+        let out = CpuBackend::new().gelu_tanh(&CpuTensor::new(vec![0.0, 1.0, -2.0, 20.0], 2, 2))?;
         let expect = [0.0, 0.841_192, -0.045_402_3, 20.0];
         for (a, e) in out.data.iter().zip(expect) {
             assert!((a - e).abs() < 1e-5, "{a} vs {e}");
         }
+        Ok(())
     }
 
     #[test]
-    fn split_cols_splits_every_row() {
+    fn split_cols_splits_every_row() -> Result<()> {
         let x = CpuTensor::new((0..12).map(|v| v as f32).collect(), 2, 6);
-        let parts = CpuBackend.split_cols(&x, &[1, 2, 3]);
+        let parts = CpuBackend::new().split_cols(&x, &[1, 2, 3])?;
         assert_eq!(parts[0], CpuTensor::new(vec![0.0, 6.0], 2, 1));
         assert_eq!(parts[1], CpuTensor::new(vec![1.0, 2.0, 7.0, 8.0], 2, 2));
         assert_eq!(parts[2], CpuTensor::new(vec![3.0, 4.0, 5.0, 9.0, 10.0, 11.0], 2, 3));
+        Ok(())
     }
 }

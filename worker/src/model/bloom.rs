@@ -9,7 +9,7 @@
 use zeroshard_offload::ModelConfig;
 
 use super::fused::BlockNames;
-use super::{need, LayerNormWeights, Layout, TensorSpec};
+use super::{need, LayerNormWeights, Layout, Lookup, TensorSpec};
 use crate::backend::Backend;
 use crate::error::Result;
 
@@ -35,7 +35,7 @@ pub(super) fn block_names(l: usize) -> BlockNames {
 }
 
 impl<'a, W: ?Sized> BloomOuterWeights<'a, W> {
-    pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+    pub fn from_lookup(c: &ModelConfig, get: impl Lookup<'a, W>) -> Result<Self> {
         let word_embeddings = need(&get, "transformer.word_embeddings.weight".into())?;
         Ok(Self {
             word_embeddings,
@@ -59,8 +59,8 @@ pub(super) fn embed<B: Backend>(
     b: &B,
     w: &BloomOuterWeights<'_, B::Weight>,
     ids: &[u32],
-) -> B::Tensor {
-    let x = b.embed(w.word_embeddings, ids, c.hidden_size); // [rows, hidden]
+) -> Result<B::Tensor> {
+    let x = b.embed(w.word_embeddings, ids, c.hidden_size)?; // [rows, hidden]
     w.word_embeddings_layernorm.forward(b, &x, c.rms_norm_eps)
 }
 

@@ -8,7 +8,7 @@
 use zeroshard_offload::ModelConfig;
 
 use super::fused::BlockNames;
-use super::{need, LayerNormWeights, Layout, TensorSpec};
+use super::{need, LayerNormWeights, Layout, Lookup, TensorSpec};
 use crate::backend::{Backend, BatchLayout};
 use crate::error::{Result, WorkerError};
 
@@ -27,7 +27,7 @@ pub(super) fn block_names(l: usize) -> BlockNames {
 }
 
 impl<'a, W: ?Sized> Gpt2OuterWeights<'a, W> {
-    pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+    pub fn from_lookup(c: &ModelConfig, get: impl Lookup<'a, W>) -> Result<Self> {
         let wte = need(&get, "transformer.wte.weight".into())?;
         Ok(Self {
             wte,
@@ -54,8 +54,8 @@ pub(super) fn embed<B: Backend>(
             c.max_position_embeddings
         )));
     }
-    let mut x = b.embed(w.wte, ids, c.hidden_size); // [rows, hidden]
-    b.add_position_embeddings(&mut x, w.wpe, &positions);
+    let mut x = b.embed(w.wte, ids, c.hidden_size)?; // [rows, hidden]
+    b.add_position_embeddings(&mut x, w.wpe, &positions)?;
     Ok(x)
 }
 

@@ -318,7 +318,7 @@ impl Node {
         let (stats, delay) = (self.batch.clone(), self.cfg.step_delay);
         match self.cfg.cuda {
             None => {
-                let engine = Engine::without_weights(CpuBackend, info.config.clone());
+                let engine = Engine::without_weights(CpuBackend::new(), info.config.clone());
                 spawn_batcher(engine, rx.take().expect("checked above"), stats, delay)
             }
             Some(n) => {
