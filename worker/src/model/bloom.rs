@@ -9,16 +9,16 @@
 use zeroshard_offload::ModelConfig;
 
 use super::fused::BlockNames;
-use super::{need, LayerNormWeights, Layout, Lookup, TensorSpec};
+use super::{need, Layout, LinearWeights, Lookup, TensorSpec};
 use crate::backend::Backend;
 use crate::error::Result;
 
 /// Borrowed weights outside the blocks.
 pub struct BloomOuterWeights<'a, W: ?Sized> {
-    pub word_embeddings: &'a W,                             // [vocab, hidden]
-    pub word_embeddings_layernorm: LayerNormWeights<'a, W>, // [hidden]
-    pub ln_f: LayerNormWeights<'a, W>,                      // [hidden]
-    pub lm_head: &'a W,                                     // [vocab, hidden] (`word_embeddings` when tied)
+    pub word_embeddings: &'a W,                          // [vocab, hidden]
+    pub word_embeddings_layernorm: LinearWeights<'a, W>, // LayerNorm [hidden], [hidden]
+    pub ln_f: LinearWeights<'a, W>,                      // LayerNorm [hidden], [hidden]
+    pub lm_head: &'a W,                                  // [vocab, hidden] (`word_embeddings` when tied)
 }
 
 /// Block `l`'s tensor names, in the order of [`FusedBlockWeights`](super::fused::FusedBlockWeights).
@@ -39,11 +39,11 @@ impl<'a, W: ?Sized> BloomOuterWeights<'a, W> {
         let word_embeddings = need(&get, "transformer.word_embeddings.weight".into())?;
         Ok(Self {
             word_embeddings,
-            word_embeddings_layernorm: LayerNormWeights::from_lookup(
+            word_embeddings_layernorm: LinearWeights::from_lookup(
                 &get,
                 "transformer.word_embeddings_layernorm",
             )?,
-            ln_f: LayerNormWeights::from_lookup(&get, "transformer.ln_f")?,
+            ln_f: LinearWeights::from_lookup(&get, "transformer.ln_f")?,
             lm_head: if c.tie_word_embeddings {
                 word_embeddings
             } else {
@@ -61,7 +61,7 @@ pub(super) fn embed<B: Backend>(
     ids: &[u32],
 ) -> Result<B::Tensor> {
     let x = b.embed(w.word_embeddings, ids, c.hidden_size)?; // [rows, hidden]
-    w.word_embeddings_layernorm.forward(b, &x, c.rms_norm_eps)
+    w.word_embeddings_layernorm.layer_norm(b, &x, c.rms_norm_eps) // [rows, hidden]
 }
 
 /// Every tensor of a BLOOM model as stored, in forward order.

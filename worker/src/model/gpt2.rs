@@ -8,16 +8,16 @@
 use zeroshard_offload::ModelConfig;
 
 use super::fused::BlockNames;
-use super::{need, LayerNormWeights, Layout, Lookup, TensorSpec};
+use super::{need, Layout, LinearWeights, Lookup, TensorSpec};
 use crate::backend::{Backend, BatchLayout};
 use crate::error::{Result, WorkerError};
 
 /// Borrowed weights outside the blocks.
 pub struct Gpt2OuterWeights<'a, W: ?Sized> {
-    pub wte: &'a W,                    // [vocab, hidden]
-    pub wpe: &'a W,                    // [n_positions, hidden]
-    pub ln_f: LayerNormWeights<'a, W>, // [hidden]
-    pub lm_head: &'a W,                // [vocab, hidden] (`wte` when tied)
+    pub wte: &'a W,                 // [vocab, hidden]
+    pub wpe: &'a W,                 // [n_positions, hidden]
+    pub ln_f: LinearWeights<'a, W>, // LayerNorm [hidden], [hidden]
+    pub lm_head: &'a W,             // [vocab, hidden] (`wte` when tied)
 }
 
 /// Block `l`'s tensor names, in the order of [`FusedBlockWeights`](super::fused::FusedBlockWeights).
@@ -32,7 +32,7 @@ impl<'a, W: ?Sized> Gpt2OuterWeights<'a, W> {
         Ok(Self {
             wte,
             wpe: need(&get, "transformer.wpe.weight".into())?,
-            ln_f: LayerNormWeights::from_lookup(&get, "transformer.ln_f")?,
+            ln_f: LinearWeights::from_lookup(&get, "transformer.ln_f")?,
             lm_head: if c.tie_word_embeddings { wte } else { need(&get, "lm_head.weight".into())? },
         })
     }

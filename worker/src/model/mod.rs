@@ -97,28 +97,9 @@ impl<'a, W: ?Sized> OuterWeights<'a, W> {
     }
 }
 
-/// A LayerNorm's scale and shift, each `[dim]`.
-pub struct LayerNormWeights<'a, W: ?Sized> {
-    pub weight: &'a W,
-    pub bias: &'a W,
-}
-
-impl<'a, W: ?Sized> LayerNormWeights<'a, W> {
-    /// `{prefix}.weight` and `{prefix}.bias`.
-    fn from_lookup(get: &impl Lookup<'a, W>, prefix: &str) -> Result<Self> {
-        Ok(Self {
-            weight: need(get, format!("{prefix}.weight"))?,
-            bias: need(get, format!("{prefix}.bias"))?,
-        })
-    }
-
-    /// `[rows, dim]` → `[rows, dim]`.
-    pub fn forward<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, eps: f32) -> Result<B::Tensor> {
-        b.layer_norm(x, self.weight, self.bias, eps)
-    }
-}
-
-/// A linear layer with a bias: weight `[out, in]` (compute layout), bias `[out]`.
+/// A weight and its bias, `{prefix}.weight` and `{prefix}.bias`: a linear layer's
+/// (`[out, in]` in compute layout, `[out]`), or a LayerNorm's scale and shift
+/// (`[dim]` each: the same pair, applied elementwise after normalising).
 pub struct LinearWeights<'a, W: ?Sized> {
     pub weight: &'a W,
     pub bias: &'a W,
@@ -133,9 +114,14 @@ impl<'a, W: ?Sized> LinearWeights<'a, W> {
         })
     }
 
-    /// `[rows, in]` → `[rows, out]`.
-    pub fn forward<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, out: usize) -> Result<B::Tensor> {
+    /// As a linear layer: `[rows, in]` → `[rows, out]`.
+    pub fn linear<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, out: usize) -> Result<B::Tensor> {
         b.linear(x, self.weight, Some(self.bias), out)
+    }
+
+    /// As a LayerNorm: `[rows, dim]` → `[rows, dim]`.
+    pub fn layer_norm<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, eps: f32) -> Result<B::Tensor> {
+        b.layer_norm(x, self.weight, self.bias, eps)
     }
 }
 
@@ -273,8 +259,8 @@ impl Model {
         match w {
             OuterWeights::Llama(w) => llama::head_norm(c, b, w, x, rows),
             // GPT-2 and BLOOM: the final LayerNorm `ln_f`.
-            OuterWeights::Gpt2(w) => w.ln_f.forward(b, &b.select_rows(x, rows)?, c.rms_norm_eps),
-            OuterWeights::Bloom(w) => w.ln_f.forward(b, &b.select_rows(x, rows)?, c.rms_norm_eps),
+            OuterWeights::Gpt2(w) => w.ln_f.layer_norm(b, &b.select_rows(x, rows)?, c.rms_norm_eps),
+            OuterWeights::Bloom(w) => w.ln_f.layer_norm(b, &b.select_rows(x, rows)?, c.rms_norm_eps),
         }
     }
 }
