@@ -3,7 +3,11 @@
 //!
 //! Large ops split across the rayon pool; the small ones of tiny models run on the
 //! calling thread, since a fork/join costs more than they do.
+//!
+//! Its ops cannot fail on a device, so tests inject failures instead
+//! ([`CpuBackend::with_fault`], [`StepFault`]).
 mod attention;
+mod fault;
 pub mod matmul;
 mod ops;
 
@@ -11,9 +15,12 @@ use std::sync::Arc;
 
 use half::f16;
 
+pub use fault::{InjectedFault, StepFault};
+
 use crate::backend::{AttentionShape, Backend, BatchLayout, Piece};
 use crate::error::{Result, WorkerError};
 use crate::weights::HostWeights;
+use fault::FaultInjector;
 
 /// Row-major f32 activations `[rows, cols]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,13 +55,27 @@ impl CpuKvCache {
     }
 }
 
-/// The CPU backend. Stateless: weights are host f16 slices.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+/// The CPU backend: weights are host f16 slices. It holds nothing but an
+/// optional injected fault, whose call count its clones share.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend {
+    fault: Option<FaultInjector>,
+}
 
 impl CpuBackend {
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// A backend whose `linear` fails as `fault` says, with a
+    /// [`WorkerError::Device`] (tests of the step error path).
+    pub fn with_fault(fault: StepFault) -> Self {
+        Self { fault: Some(FaultInjector::new(fault)) }
+    }
+
+    /// Calls to `linear` so far, failed ones included; counted only with a fault.
+    pub fn linear_calls(&self) -> Option<u64> {
+        self.fault.as_ref().map(FaultInjector::calls)
     }
 }
 
@@ -129,6 +150,9 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &[f16], bias: Option<&[f16]>, out_dim: usize) -> Result<CpuTensor> {
+        if let Some(fault) = &self.fault {
+            fault.linear_call()?;
+        }
         let mut out = vec![0f32; x.rows * out_dim];
         matmul::matmul_f16(&x.data, w, bias, &mut out, x.rows, x.cols, out_dim);
         Ok(CpuTensor::new(out, x.rows, out_dim))
@@ -253,5 +277,71 @@ mod tests {
         assert_eq!(parts[1], CpuTensor::new(vec![1.0, 2.0, 7.0, 8.0], 2, 2));
         assert_eq!(parts[2], CpuTensor::new(vec![3.0, 4.0, 5.0, 9.0, 10.0, 11.0], 2, 3));
         Ok(())
+    }
+
+    /// `linear` of `[1, 2]` by `[2, 2]` on `b`: the result, or the injected error.
+    fn one_linear(b: &CpuBackend) -> Result<CpuTensor> {
+        b.linear(&CpuTensor::new(vec![1.0, 2.0], 1, 2), &h(&[1.0, 0.0, 0.0, 1.0]), None, 2)
+    }
+
+    /// Which of `n` consecutive `linear` calls fail, and whether each failure is fatal.
+    fn failures(b: &CpuBackend, n: usize) -> Vec<Option<bool>> {
+        (0..n)
+            .map(|_| match one_linear(b) {
+                Ok(y) => {
+                    assert_eq!(y.data, vec![1.0, 2.0], "a call that succeeds computes");
+                    None
+                }
+                Err(e) => Some(e.is_fatal()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn no_fault_means_no_failure_and_no_count() {
+        let b = CpuBackend::new();
+        assert_eq!(failures(&b, 4), vec![None; 4]);
+        assert_eq!(b.linear_calls(), None);
+    }
+
+    #[test]
+    fn a_fault_fires_at_the_given_call() {
+        for after_calls in [0, 1, 5] {
+            let b = CpuBackend::with_fault(StepFault { after_calls, fatal: false });
+            let got = failures(&b, 7);
+            let want: Vec<_> = (0..7).map(|i| (i == after_calls as usize).then_some(false)).collect();
+            assert_eq!(got, want, "after {after_calls} calls");
+            assert_eq!(b.linear_calls(), Some(7));
+        }
+    }
+
+    #[test]
+    fn a_transient_fault_fires_once_then_ops_succeed_again() {
+        let b = CpuBackend::with_fault(StepFault { after_calls: 2, fatal: false });
+        assert_eq!(failures(&b, 6), vec![None, None, Some(false), None, None, None]);
+        let err = CpuBackend::with_fault(StepFault { after_calls: 0, fatal: false })
+            .linear(&CpuTensor::new(vec![1.0], 1, 1), &h(&[1.0]), None, 1)
+            .expect_err("the fault fires");
+        let WorkerError::Device { op, fatal: false, source } = &err else { panic!("{err:?}") };
+        assert_eq!(op, "linear (injected fault)");
+        let injected = source.downcast_ref::<InjectedFault>().expect("the injected fault is the source");
+        assert_eq!((injected.call, injected.fatal), (0, false));
+        assert_eq!(err.to_string(), "linear (injected fault): injected transient fault at call 0");
+    }
+
+    #[test]
+    fn a_fatal_fault_persists() {
+        let b = CpuBackend::with_fault(StepFault { after_calls: 1, fatal: true });
+        assert_eq!(failures(&b, 5), vec![None, Some(true), Some(true), Some(true), Some(true)]);
+    }
+
+    #[test]
+    fn clones_share_the_call_count() {
+        let a = CpuBackend::with_fault(StepFault { after_calls: 2, fatal: false });
+        let b = a.clone();
+        assert_eq!(failures(&a, 1), vec![None]);
+        assert_eq!(failures(&b, 1), vec![None]);
+        assert_eq!(failures(&a, 1), vec![Some(false)], "the third call across both clones fails");
+        assert_eq!((a.linear_calls(), b.linear_calls()), (Some(3), Some(3)));
     }
 }
