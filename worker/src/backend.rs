@@ -16,7 +16,8 @@
 //! Every op that touches a device returns [`Result`]: the CPU backend's are `Ok`
 //! (or refuse an input outside the op's contract), the CUDA backend's carry the
 //! driver, cuBLAS or NVRTC error as [`WorkerError::Device`]. When a step's op
-//! fails, the caches of that step's sequences may hold part of it;
+//! fails, the caches of that step's sequences may hold part of it (see
+//! [`Engine`](crate::engine::Engine), which refuses to step them again);
 //! [`WorkerError::is_fatal`] says whether the backend may run later steps at all.
 //!
 //! [`WorkerError::Device`]: crate::error::WorkerError::Device

@@ -8,6 +8,11 @@
 //!     engine.step(&mut [&mut seq])?;
 //! }
 //! ```
+//!
+//! A step that fails leaves its sequences unusable (their caches may hold part of
+//! the step): later steps refuse them, and the caller starts new ones. Whether the
+//! engine can run those depends on the error: [`WorkerError::is_fatal`] means the
+//! device is broken and no later step will succeed.
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -58,6 +63,8 @@ pub struct Sequence<B: Backend> {
     sampler: Sampler,
     params: GenerationParams,
     finished: Option<FinishReason>,
+    /// A forward over this sequence failed: its cache may hold part of that step.
+    failed: bool,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -198,6 +205,7 @@ impl<B: Backend> Engine<B> {
             sampler: Sampler::new(params.sampling.clone()),
             finished: if params.max_new_tokens == 0 { Some(FinishReason::Length) } else { None },
             params,
+            failed: false,
         })
     }
 
@@ -214,11 +222,28 @@ impl<B: Backend> Engine<B> {
     /// [`Self::forward`] with weights from `src`, piece by piece: the embedding,
     /// each layer in order (staged up to [`Backend::prefetch_depth`] layers ahead
     /// of the one computing), the head (`[seqs][vocab]` logits).
+    ///
+    /// Refuses a sequence whose earlier forward failed; when this one fails, every
+    /// sequence in it is refused from then on (its cache may hold part of the step).
     pub fn forward_from(
         &self,
         seqs: &mut [&mut Sequence<B>],
         src: &dyn WeightSource,
     ) -> Result<Vec<Vec<f32>>> {
+        if seqs.iter().any(|s| s.failed) {
+            return Err(WorkerError::InvalidRequest(
+                "a step on this sequence failed before (its cache may hold part of that step)".into(),
+            ));
+        }
+        let logits = self.forward_pieces(seqs, src);
+        if logits.is_err() {
+            seqs.iter_mut().for_each(|s| s.failed = true);
+        }
+        logits
+    }
+
+    /// The forward of [`Self::forward_from`], over sequences that have not failed.
+    fn forward_pieces(&self, seqs: &mut [&mut Sequence<B>], src: &dyn WeightSource) -> Result<Vec<Vec<f32>>> {
         let (b, c) = (&self.backend, self.model.config());
         let mut ids = Vec::new();
         let mut parts = Vec::with_capacity(seqs.len());
@@ -332,6 +357,9 @@ impl<B: Backend> Engine<B> {
         Ok(self.step_with_logits(seqs, false)?.0)
     }
 }
+
+#[cfg(test)]
+mod fault_tests;
 
 #[cfg(test)]
 mod tests {
