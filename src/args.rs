@@ -192,13 +192,13 @@ pub struct WorkerArgs {
     /// Test hook: refuse to load any plan.
     #[arg(long, hide = true, env = "ZEROSHARD_FAULT_FAIL_LOAD")]
     pub fault_fail_load: bool,
-    /// Test hook: batching step number N (counted from 0) fails, as a backend
-    /// error in the middle of the forward would.
-    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_STEP_ERROR_AFTER")]
-    pub fault_step_error_after: Option<u64>,
+    /// Test hook (CPU backend): `linear` call number N (counted from 0 over
+    /// the worker's life) fails, as a device error in the middle of a step would.
+    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_BACKEND_ERROR_AFTER")]
+    pub fault_backend_error_after: Option<u64>,
     /// Test hook: the injected step error is fatal (and every later call fails).
-    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_STEP_ERROR_FATAL")]
-    pub fault_step_error_fatal: bool,
+    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_BACKEND_ERROR_FATAL")]
+    pub fault_backend_error_fatal: bool,
     /// Test hook: sleep this many milliseconds after every batching step.
     #[arg(long, default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_STEP_DELAY_MS")]
     pub fault_step_delay_ms: u64,

@@ -12,6 +12,7 @@ use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness}
 use zeroshard_coordinator::{client, up as up_mod};
 use zeroshard_membership::etcd::{EtcdMembership, EtcdRegistrar};
 use zeroshard_membership::Membership;
+use zeroshard_worker::cpu::StepFault;
 use zeroshard_worker::node::{self, ControlRegistrar, NodeConfig, Registrar};
 
 use crate::args::{self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs};
@@ -133,8 +134,8 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
         fail_load: a.fault_fail_load,
         step_delay: Duration::from_millis(a.fault_step_delay_ms),
         step_fault: a
-            .fault_step_error_after
-            .map(|after_steps| node::InjectedStepFault { after_steps, fatal: a.fault_step_error_fatal }),
+            .fault_backend_error_after
+            .map(|after_calls| StepFault { after_calls, fatal: a.fault_backend_error_fatal }),
         fetch_timeout: Duration::from_millis(g.fetch_timeout_ms.max(1)),
         ..NodeConfig::default()
     }

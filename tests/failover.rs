@@ -445,8 +445,9 @@ fn query_rides_out_a_coordinator_restart_without_repeating_text() {
 #[test]
 fn a_failed_step_fails_its_sequences_and_the_worker_keeps_serving() {
     let want = expected(PROMPT, LONG);
-    // Each worker's 8th step fails once.
-    let fault: &[&str] = &["--fault-step-error-after", "8"];
+    // Each worker's 300th `linear` call fails once (stories260K: ~36 per step),
+    // in the middle of a forward.
+    let fault: &[&str] = &["--fault-backend-error-after", "300"];
     let mut fleet = Fleet::start_each(
         Etcd::start(),
         model("stories260K"),
@@ -484,7 +485,7 @@ fn a_fatal_step_error_makes_the_worker_leave_and_exit() {
         Etcd::start(),
         model("stories260K"),
         &["--fault-step-delay-ms", STEP_DELAY],
-        &[&["--fault-step-error-after", "8", "--fault-step-error-fatal"], &[]],
+        &[&["--fault-backend-error-after", "300", "--fault-backend-error-fatal"], &[]],
     );
     let endpoint = fleet.endpoint.clone();
     // Several streams at once: least-loaded routing gives the faulty worker some.

@@ -12,6 +12,16 @@
 //! [`Backend::stage`] and reads them back with [`Backend::weight`]. The CPU reads
 //! host memory as is; the CUDA backend copies the piece to the device (into a
 //! resident cache, or a staging ring slot while the previous layer computes).
+//!
+//! Every op that touches a device returns [`Result`]: the CPU backend's are `Ok`
+//! (or refuse an input outside the op's contract), the CUDA backend's carry the
+//! driver, cuBLAS or NVRTC error as [`WorkerError::Device`]. When a step's op
+//! fails, the caches of that step's sequences may hold part of it (see
+//! [`Engine`](crate::engine::Engine), which refuses to step them again);
+//! [`WorkerError::is_fatal`] says whether the backend may run later steps at all.
+//!
+//! [`WorkerError::Device`]: crate::error::WorkerError::Device
+//! [`WorkerError::is_fatal`]: crate::error::WorkerError::is_fatal
 use std::sync::Arc;
 
 use crate::error::Result;
@@ -107,28 +117,41 @@ pub trait Backend: Send + Sync {
     /// May start copies that finish later: [`Self::weight`] orders the compute
     /// that reads them after the copies.
     fn stage(&self, host: &Arc<HostWeights>, piece: Piece, names: &[String]) -> Result<Self::Staged>;
-    /// A tensor of a staged piece, by name.
-    fn weight<'a>(&self, staged: &'a Self::Staged, name: &str) -> Option<&'a Self::Weight>;
+    /// A tensor of a staged piece, by name (`None`: not in the piece). The first
+    /// lookup orders later compute after the piece's copies, which can fail.
+    fn weight<'a>(&self, staged: &'a Self::Staged, name: &str) -> Result<Option<&'a Self::Weight>>;
     /// How many layers the engine should stage ahead of the one computing
     /// (0: stage each layer just before it runs).
     fn prefetch_depth(&self) -> usize {
         0
     }
 
+    /// An empty cache (no device memory yet: it grows in [`Self::attention`]).
     fn new_kv_cache(&self, num_layers: usize, kv_dim: usize) -> Self::KvCache;
     /// Tokens held by a cache.
     fn kv_len(&self, cache: &Self::KvCache) -> usize;
 
     /// Rows of `table` `[vocab, dim]` for each id → `[ids, dim]`.
-    fn embed(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> Self::Tensor;
+    fn embed(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> Result<Self::Tensor>;
     /// `x += table[positions[r]]` for each row `r` (learned absolute positions;
-    /// `table`: `[max_positions, cols]`; every position must be inside it).
-    fn add_position_embeddings(&self, x: &mut Self::Tensor, table: &Self::Weight, positions: &[usize]);
+    /// `table`: `[max_positions, cols]`; a position outside it is refused).
+    fn add_position_embeddings(
+        &self,
+        x: &mut Self::Tensor,
+        table: &Self::Weight,
+        positions: &[usize],
+    ) -> Result<()>;
     /// `x / rms(x) * w` per row (Llama RMSNorm, computed in f32).
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Self::Tensor;
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
     /// `(x - mean(x)) / sqrt(var(x) + eps) * w + b` per row (`torch.nn.LayerNorm`,
     /// biased variance, computed in f32).
-    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Weight, b: &Self::Weight, eps: f32) -> Self::Tensor;
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        b: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
     /// `x [rows, in] · wᵀ [out, in] (+ b)` → `[rows, out]`.
     fn linear(
         &self,
@@ -136,10 +159,10 @@ pub trait Backend: Send + Sync {
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
         out_dim: usize,
-    ) -> Self::Tensor;
+    ) -> Result<Self::Tensor>;
     /// Rotates each `head_dim` slice of each row by its row's angle table
     /// (`cos`/`sin`: `[rows, head_dim / 2]`, HF rotate-half layout).
-    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &[f32], sin: &[f32]);
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, cos: &[f32], sin: &[f32]) -> Result<()>;
     /// Appends `k`, `v` `[rows, kv_dim]` to each sequence's cache at `layer` and
     /// returns causal attention of `q` `[rows, heads * head_dim]` over the cache:
     /// `softmax(q·kᵀ / √head_dim + alibi) · v`.
@@ -153,19 +176,19 @@ pub trait Backend: Send + Sync {
         layer: usize,
         layout: &BatchLayout,
         shape: AttentionShape<'_>,
-    ) -> Self::Tensor;
+    ) -> Result<Self::Tensor>;
     /// `silu(gate) * up`, elementwise.
-    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`, elementwise (GELU's tanh
     /// approximation: GPT-2's `gelu_new`, BLOOM's `bloom_gelu_forward`).
-    fn gelu_tanh(&self, x: &Self::Tensor) -> Self::Tensor;
+    fn gelu_tanh(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// Splits the columns of `x` `[rows, sum(widths)]` into `[rows, widths[i]]` pieces
     /// (a fused q|k|v projection into q, k and v).
-    fn split_cols(&self, x: &Self::Tensor, widths: &[usize]) -> Vec<Self::Tensor>;
+    fn split_cols(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>>;
     /// `x += y`, elementwise.
-    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
     /// The given rows of `x`, in order.
-    fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// Copies activations to host memory, row-major.
-    fn to_host(&self, x: &Self::Tensor) -> Vec<f32>;
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
 }

@@ -2,12 +2,17 @@
 //! active sequence (prompts and single decode tokens mixed), then sampling.
 //!
 //! ```ignore
-//! let engine = Engine::new(CpuBackend, config, weights);
+//! let engine = Engine::new(CpuBackend::new(), config, weights);
 //! let mut seq = engine.new_sequence(prompt_ids, params)?;
 //! while seq.finished().is_none() {
 //!     engine.step(&mut [&mut seq])?;
 //! }
 //! ```
+//!
+//! A step that fails leaves its sequences unusable (their caches may hold part of
+//! the step): later steps refuse them, and the caller starts new ones. Whether the
+//! engine can run those depends on the error: [`WorkerError::is_fatal`] means the
+//! device is broken and no later step will succeed.
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -29,6 +34,8 @@ pub struct Sequence<B: Backend> {
     sampler: Sampler,
     params: GenerationParams,
     finished: Option<FinishReason>,
+    /// A forward over this sequence failed: its cache may hold part of that step.
+    failed: bool,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -146,6 +153,7 @@ impl<B: Backend> Engine<B> {
             sampler: Sampler::new(params.sampling.clone()),
             finished: if params.max_new_tokens == 0 { Some(FinishReason::Length) } else { None },
             params,
+            failed: false,
         })
     }
 
@@ -162,11 +170,28 @@ impl<B: Backend> Engine<B> {
     /// [`Self::forward`] with weights from `src`, piece by piece: the embedding,
     /// each layer in order (staged up to [`Backend::prefetch_depth`] layers ahead
     /// of the one computing), the head (`[seqs][vocab]` logits).
+    ///
+    /// Refuses a sequence whose earlier forward failed; when this one fails, every
+    /// sequence in it is refused from then on (its cache may hold part of the step).
     pub fn forward_from(
         &self,
         seqs: &mut [&mut Sequence<B>],
         src: &dyn WeightSource,
     ) -> Result<Vec<Vec<f32>>> {
+        if seqs.iter().any(|s| s.failed) {
+            return Err(WorkerError::InvalidRequest(
+                "a step on this sequence failed before (its cache may hold part of that step)".into(),
+            ));
+        }
+        let logits = self.forward_pieces(seqs, src);
+        if logits.is_err() {
+            seqs.iter_mut().for_each(|s| s.failed = true);
+        }
+        logits
+    }
+
+    /// The forward of [`Self::forward_from`], over sequences that have not failed.
+    fn forward_pieces(&self, seqs: &mut [&mut Sequence<B>], src: &dyn WeightSource) -> Result<Vec<Vec<f32>>> {
         let (b, c) = (&self.backend, self.model.config());
         let mut ids = Vec::new();
         let mut parts = Vec::with_capacity(seqs.len());
@@ -194,7 +219,7 @@ impl<B: Backend> Engine<B> {
             }
             let staged = ahead.pop_front().expect("layer l is staged");
             let lw = LayerWeights::from_lookup(c, l, |n| b.weight(&staged, n))?;
-            x = self.model.layer(b, l, &lw, x, &mut step);
+            x = self.model.layer(b, l, &lw, x, &mut step)?;
             // Layer l's compute is enqueued: copy the next ones meanwhile.
             while next < c.num_layers && next <= l + depth {
                 ahead.push_back(self.stage(&src.layer(next)?, Piece::Layer(next))?);
@@ -204,10 +229,10 @@ impl<B: Backend> Engine<B> {
         let w = src.head()?;
         let staged = self.stage(&w, Piece::Head)?;
         let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
-        let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows()); // [seqs, hidden]
+        let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows())?; // [seqs, hidden]
         let seqs_n = layout.seqs.len();
         let logits = match src.head_slices() {
-            0 => b.to_host(&b.linear(&normed, outer.lm_head(), None, c.vocab_size)), // [seqs, vocab]
+            0 => b.to_host(&b.linear(&normed, outer.lm_head(), None, c.vocab_size)?)?, // [seqs, vocab]
             n => {
                 // The head in vocabulary slices: each `[seqs, rows]` lands in its columns.
                 let mut logits = vec![0f32; seqs_n * c.vocab_size];
@@ -215,9 +240,9 @@ impl<B: Backend> Engine<B> {
                     let (w, rows) = src.head_slice(i)?;
                     let staged = self.stage(&w, Piece::HeadSlice(i))?;
                     let slice = b
-                        .weight(&staged, HEAD_SLICE)
+                        .weight(&staged, HEAD_SLICE)?
                         .ok_or_else(|| WorkerError::MissingWeight(HEAD_SLICE.into()))?;
-                    let part = b.to_host(&b.linear(&normed, slice, None, rows.len())); // [seqs, rows]
+                    let part = b.to_host(&b.linear(&normed, slice, None, rows.len())?)?; // [seqs, rows]
                     for (s, chunk) in part.chunks_exact(rows.len()).enumerate() {
                         logits[s * c.vocab_size + rows.start..s * c.vocab_size + rows.end]
                             .copy_from_slice(chunk);
@@ -282,6 +307,9 @@ impl<B: Backend> Engine<B> {
 }
 
 #[cfg(test)]
+mod fault_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu::CpuBackend;
@@ -303,7 +331,7 @@ mod tests {
 
     fn engine(c: ModelConfig) -> Engine<CpuBackend> {
         let weights = HostWeights::random(&c, 7);
-        Engine::new(CpuBackend, c, weights)
+        Engine::new(CpuBackend::new(), c, weights)
     }
 
     fn params(max_new_tokens: usize) -> GenerationParams {

@@ -41,9 +41,10 @@ pub enum WorkerError {
         #[source]
         source: BoxError,
     },
-    /// Opening or sizing a backend failed (TEMPORARY until the CUDA paths return `Device`).
-    #[error("backend: {0}")]
-    Backend(String),
+    /// The device cannot be set up as asked (a CUDA library not on the path,
+    /// a memory budget that does not fit); the message names what and the numbers.
+    #[error("device setup: {0}")]
+    Setup(String),
     /// Gathering a layer's ranges from its holders failed, after fail-over and
     /// retries: each holder's last error, in the order tried.
     #[error("gather: {0}")]

@@ -143,7 +143,7 @@ pub fn place(
     work: Workload,
 ) -> Result<Placed> {
     let Some(ordinal) = device.resolve()? else {
-        let engine = AnyEngine::Cpu(Engine::new(CpuBackend, config, weights));
+        let engine = AnyEngine::Cpu(Engine::new(CpuBackend::new(), config, weights));
         return Ok(Placed { engine, gpu_summary: None, streamed_bytes_per_step: 0 });
     };
     let p = GpuPlacement {

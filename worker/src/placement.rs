@@ -174,7 +174,7 @@ fn budget_within(demand: &GpuDemand, gpu_memory: u64, p: &GpuPlacement) -> Resul
             budget.resident_bytes = demand.layer_bytes[..n].iter().sum();
             budget.staging_slots = p.prefetch_layers + 1;
             if budget.total_bytes() > gpu_memory {
-                return Err(WorkerError::Backend(format!(
+                return Err(WorkerError::Setup(format!(
                     "--max-live-bytes {cap} with --prefetch-layers {} needs {:.1} MiB, more than --gpu-memory {:.1} MiB",
                     p.prefetch_layers,
                     budget.total_bytes() as f64 / MIB,

@@ -90,10 +90,10 @@ impl HostWeights {
     }
 
     pub fn layer(&self, config: &ModelConfig, l: usize) -> Result<LayerWeights<'_, [f16]>> {
-        LayerWeights::from_lookup(config, l, |n| self.get(n))
+        LayerWeights::from_lookup(config, l, |n| Ok(self.get(n)))
     }
 
     pub fn outer(&self, config: &ModelConfig) -> Result<OuterWeights<'_, [f16]>> {
-        OuterWeights::from_lookup(config, |n| self.get(n))
+        OuterWeights::from_lookup(config, |n| Ok(self.get(n)))
     }
 }

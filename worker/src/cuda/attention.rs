@@ -5,10 +5,11 @@
 //! kernels read one small table, three i64 per query row: its sequence's cache
 //! address and capacity and its absolute position; the table is the same for
 //! every layer of a step, so it is uploaded once per step.
-use super::device::{ck, Cached, DeviceBuf};
+use super::device::{Cached, CudaResultExt, DeviceBuf};
 use super::ops::launch;
 use super::{kernels, CudaTensor, Device};
 use crate::backend::{AttentionShape, BatchLayout};
+use crate::error::Result;
 use cudarc::driver::PushKernelArg;
 
 /// One sequence's keys and values for every layer, on the device.
@@ -37,14 +38,15 @@ impl CudaKvCache {
     }
 
     /// Makes room for `needed` tokens, copying what every layer holds.
-    fn reserve(&mut self, dev: &Device, needed: usize) {
+    /// On an error the cache keeps its old buffer and capacity.
+    fn reserve(&mut self, dev: &Device, needed: usize) -> Result<()> {
         if needed <= self.capacity {
-            return;
+            return Ok(());
         }
         let capacity = grown_capacity(self.capacity, needed);
         let bytes = self.layers * 2 * capacity * self.kv_dim * 2;
-        let new = dev.pool.alloc(bytes);
-        if let Some(old) = self.buf.take() {
+        let new = dev.pool.alloc(bytes)?;
+        if let Some(old) = &self.buf {
             let block = self.capacity * self.kv_dim * 2;
             for i in 0..self.layers * 2 {
                 // SAFETY: both buffers hold layers·2 blocks of their capacity; the copy
@@ -58,11 +60,12 @@ impl CudaKvCache {
                         dev.compute.cu_stream(),
                     )
                 };
-                ck(r, "growing the KV cache");
+                r.cuda_op("growing the KV cache")?;
             }
         }
         self.buf = Some(new);
         self.capacity = capacity;
+        Ok(())
     }
 }
 
@@ -77,7 +80,7 @@ pub(crate) fn attention(
     layer: usize,
     layout: &BatchLayout,
     shape: AttentionShape<'_>,
-) -> CudaTensor {
+) -> Result<CudaTensor> {
     let hd = shape.head_dim;
     let kv_dim = shape.num_kv_heads * hd;
     assert_eq!(caches.len(), layout.seqs.len(), "one cache per sequence");
@@ -92,40 +95,34 @@ pub(crate) fn attention(
     for (cache, slot) in caches.iter_mut().zip(&layout.seqs) {
         assert_eq!(cache.kv_dim, kv_dim, "cache kv_dim");
         assert_eq!(cache.lens[layer], slot.past, "cache holds the sequence's past tokens");
-        cache.reserve(dev, slot.past + slot.len);
+        cache.reserve(dev, slot.past + slot.len)?;
         let base = cache.buf.as_ref().expect("reserved").ptr;
         for i in 0..slot.len {
             table.extend([base as i64, cache.capacity as i64, (slot.past + i) as i64]);
         }
         cache.lens[layer] += slot.len;
     }
-    let out = dev.new_tensor(q.rows, q.cols);
+    let out = dev.new_tensor(q.rows, q.cols)?;
     if q.rows == 0 {
-        return out;
+        return Ok(out);
     }
-    let table_d = dev.upload_cached(Cached::AttentionRows, &table);
-    let slopes_ptr = shape.alibi_slopes.map_or(0u64, |s| {
-        assert_eq!(s.len(), shape.num_heads, "one ALiBi slope per head");
-        dev.upload_cached(Cached::Slopes, s)
-    });
+    let table_d = dev.upload_cached(Cached::AttentionRows, &table)?;
+    let slopes_ptr = match shape.alibi_slopes {
+        Some(s) => {
+            assert_eq!(s.len(), shape.num_heads, "one ALiBi slope per head");
+            dev.upload_cached(Cached::Slopes, s)?
+        }
+        None => 0u64,
+    };
     let kv = i32::try_from(kv_dim).expect("kv_dim fits i32");
     let layer_i = i32::try_from(layer).expect("layer fits i32");
-    launch!(
-        dev,
-        dev.kernels.kv_append,
-        kernels::per_row(q.rows),
-        &k.ptr(),
-        &v.ptr(),
-        &table_d,
-        &layer_i,
-        &kv
-    );
+    launch!(dev, kv_append, kernels::per_row(q.rows), &k.ptr(), &v.ptr(), &table_d, &layer_i, &kv)?;
     let window = shape.sliding_window.map_or(0, |w| i32::try_from(w).unwrap_or(i32::MAX));
     let scale = 1.0 / (hd as f32).sqrt();
     let (heads, kv_heads, hd32) = (shape.num_heads as i32, shape.num_kv_heads as i32, hd as i32);
     launch!(
         dev,
-        dev.kernels.attention,
+        attention,
         kernels::attention(q.rows, shape.num_heads),
         &q.ptr(),
         &out.ptr(),
@@ -137,8 +134,8 @@ pub(crate) fn attention(
         &hd32,
         &window,
         &scale,
-    );
-    out
+    )?;
+    Ok(out)
 }
 
 #[cfg(test)]

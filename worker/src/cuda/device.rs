@@ -2,8 +2,11 @@
 //! backend orders its two streams itself), a compute stream and a copy stream,
 //! cuBLAS, the compiled kernels, a caching pool of device memory, and a pinned
 //! arena for the small per-op uploads (ids, positions, row tables).
+//!
+//! Every CUDA call's error is returned as a fatal [`WorkerError::Device`]
+//! ([`CudaResultExt::cuda_op`]); every lock is taken with [`lock`].
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
@@ -11,17 +14,29 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use super::kernels::Kernels;
 use crate::error::{Result, WorkerError};
 
-/// Panics with what failed: a CUDA error inside an op leaves the device in an
-/// unknown state (the op trait has no error path; see the module docs).
-pub(crate) fn ck<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!("CUDA {what} failed: {e:?}"),
+/// A failed CUDA call (driver, cuBLAS, NVRTC) as the error of the backend op `op`.
+pub(crate) trait CudaResultExt<T> {
+    /// Every CUDA error is fatal: after one, the context may hold a sticky error,
+    /// the device may be gone, or the failed op may have left work half enqueued,
+    /// so nothing computed on this device can be trusted again.
+    fn cuda_op(self, op: &str) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> CudaResultExt<T> for std::result::Result<T, E> {
+    fn cuda_op(self, op: &str) -> Result<T> {
+        self.map_err(|e| WorkerError::Device { op: op.to_string(), fatal: true, source: Box::new(e) })
     }
 }
 
-pub(crate) fn backend_err(what: &str) -> impl FnOnce(result::DriverError) -> WorkerError + '_ {
-    move |e| WorkerError::Backend(format!("{what}: {e:?}"))
+/// Locks `m`. The one way every lock of the CUDA backend is taken: a lock
+/// poisoned by a panicking thread is used as is (`PoisonError::into_inner`),
+/// because no critical section here can leave its data inconsistent (each is
+/// bookkeeping that fails by returning an error before it changes anything, or
+/// after it has changed everything), and the `Drop` impls that take these locks
+/// must not panic. A device the panicking thread left broken reports that with
+/// the error of its next CUDA call.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Everything the backend's ops share.
@@ -55,14 +70,13 @@ impl Cached {
 
 impl Device {
     pub fn open(ordinal: usize) -> Result<Arc<Self>> {
-        let ctx = CudaContext::new(ordinal).map_err(backend_err("creating the CUDA context"))?;
+        let ctx = CudaContext::new(ordinal).cuda_op("creating the CUDA context")?;
         // SAFETY: no CudaSlice exists yet; from here on this backend orders every
         // use of device memory across its two streams itself (events and stream order).
         unsafe { ctx.disable_event_tracking() };
-        let compute = ctx.new_stream().map_err(backend_err("creating the compute stream"))?;
-        let copy = ctx.new_stream().map_err(backend_err("creating the copy stream"))?;
-        let blas = CudaBlas::new(compute.clone())
-            .map_err(|e| WorkerError::Backend(format!("creating the cuBLAS handle: {e:?}")))?;
+        let compute = ctx.new_stream().cuda_op("creating the compute stream")?;
+        let copy = ctx.new_stream().cuda_op("creating the copy stream")?;
+        let blas = CudaBlas::new(compute.clone()).cuda_op("creating the cuBLAS handle")?;
         let kernels = Kernels::compile(&ctx)?;
         let pool = Arc::new(Pool { ctx: ctx.clone(), free: Mutex::new(HashMap::new()) });
         let uploads = Mutex::new(Uploads::new(&ctx)?);
@@ -70,41 +84,42 @@ impl Device {
         Ok(Arc::new(Self { ctx, compute, copy, blas: Mutex::new(blas), kernels, pool, uploads, cached }))
     }
 
-    pub fn bind(&self) {
-        ck(self.ctx.bind_to_thread(), "binding the context to this thread");
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().cuda_op("binding the context to this thread")
     }
 
     /// A device copy of `data` (`T`: plain numbers), ordered on the compute stream.
-    pub fn upload<T: Copy>(&self, data: &[T]) -> DeviceBuf {
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DeviceBuf> {
         let bytes = std::mem::size_of_val(data);
-        let buf = self.pool.alloc(bytes.max(1));
-        let mut up = self.uploads.lock().expect("upload arena lock");
-        up.copy(self, buf.ptr, data);
-        buf
+        let buf = self.pool.alloc(bytes.max(1))?;
+        lock(&self.uploads).copy(self, buf.ptr, data)?;
+        Ok(buf)
     }
 
     /// The device address of `data`, uploaded unless the last upload of this
     /// kind held the same bytes (a buffer is only ever read after its upload, in
     /// compute-stream order, so reusing or replacing it is ordered too).
-    pub fn upload_cached<T: bytemuck::Pod>(&self, kind: Cached, data: &[T]) -> u64 {
+    pub fn upload_cached<T: bytemuck::Pod>(&self, kind: Cached, data: &[T]) -> Result<u64> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let mut cached = self.cached.lock().expect("upload cache lock");
+        let mut cached = lock(&self.cached);
         let slot = &mut cached[kind as usize];
         match slot {
-            Some((held, buf)) if held.as_slice() == bytes => buf.ptr,
+            Some((held, buf)) if held.as_slice() == bytes => Ok(buf.ptr),
             _ => {
-                let buf = self.upload(data);
+                // On an error the slot keeps its old (or no) upload: it is never stale.
+                let buf = self.upload(data)?;
                 let ptr = buf.ptr;
                 *slot = Some((bytes.to_vec(), buf));
-                ptr
+                Ok(ptr)
             }
         }
     }
 
     /// Waits for all compute; the upload arena may be reused from the start.
-    pub fn sync_compute(&self) {
-        ck(self.compute.synchronize(), "synchronising the compute stream");
-        self.uploads.lock().expect("upload arena lock").used = 0;
+    pub fn sync_compute(&self) -> Result<()> {
+        self.compute.synchronize().cuda_op("synchronising the compute stream")?;
+        lock(&self.uploads).used = 0;
+        Ok(())
     }
 }
 
@@ -123,23 +138,23 @@ impl Uploads {
     const BYTES: usize = 8 << 20;
 
     fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
-        ctx.bind_to_thread().map_err(backend_err("binding the context"))?;
+        ctx.bind_to_thread().cuda_op("binding the context")?;
         // SAFETY: the context is current; the arena is freed in Drop.
-        let ptr = unsafe { result::malloc_host(Self::BYTES, 0) }
-            .map_err(backend_err("allocating the pinned upload arena"))?;
+        let ptr =
+            unsafe { result::malloc_host(Self::BYTES, 0) }.cuda_op("allocating the pinned upload arena")?;
         Ok(Self { ptr: ptr.cast(), cap: Self::BYTES, used: 0 })
     }
 
-    fn copy<T: Copy>(&mut self, dev: &Device, dst: sys::CUdeviceptr, data: &[T]) {
+    fn copy<T: Copy>(&mut self, dev: &Device, dst: sys::CUdeviceptr, data: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(data);
         if bytes > self.cap {
             // Too large for the arena: a pageable copy (the driver may synchronise).
             // SAFETY: `dst` holds at least `bytes` (allocated by the caller for `data`).
-            ck(unsafe { result::memcpy_htod_async(dst, data, dev.compute.cu_stream()) }, "upload");
-            return;
+            return unsafe { result::memcpy_htod_async(dst, data, dev.compute.cu_stream()) }
+                .cuda_op("upload");
         }
         if self.used + bytes > self.cap {
-            ck(dev.compute.synchronize(), "synchronising before reusing the upload arena");
+            dev.compute.synchronize().cuda_op("synchronising before reusing the upload arena")?;
             self.used = 0;
         }
         // SAFETY: `used + bytes <= cap`; the region was last read by a copy that the
@@ -151,8 +166,9 @@ impl Uploads {
         };
         // SAFETY: `dst` holds at least `bytes`; the pinned region stays untouched until
         // the next synchronisation of the compute stream, on which the copy is ordered.
-        ck(unsafe { result::memcpy_htod_async(dst, region, dev.compute.cu_stream()) }, "upload");
+        unsafe { result::memcpy_htod_async(dst, region, dev.compute.cu_stream()) }.cuda_op("upload")?;
         self.used += bytes.next_multiple_of(256);
+        Ok(())
     }
 }
 
@@ -185,13 +201,13 @@ pub(crate) fn size_class(bytes: usize) -> usize {
 }
 
 impl Pool {
-    pub fn alloc(self: &Arc<Self>, bytes: usize) -> DeviceBuf {
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuf> {
         let class = size_class(bytes);
-        let reused = self.free.lock().expect("pool lock").get_mut(&class).and_then(Vec::pop);
+        let reused = lock(&self.free).get_mut(&class).and_then(Vec::pop);
         let ptr = match reused {
             Some(p) => p,
             None => {
-                ck(self.ctx.bind_to_thread(), "binding the context");
+                self.ctx.bind_to_thread().cuda_op("binding the context")?;
                 // SAFETY: the context is current; the memory is returned to the pool on drop.
                 match unsafe { result::malloc_sync(class) } {
                     Ok(p) => p,
@@ -199,18 +215,19 @@ impl Pool {
                         // Out of memory: give back what the pool holds idle, then retry.
                         self.release_idle();
                         // SAFETY: as above.
-                        ck(unsafe { result::malloc_sync(class) }, &format!("allocating {class} device bytes"))
+                        unsafe { result::malloc_sync(class) }
+                            .cuda_op(&format!("allocating {class} device bytes"))?
                     }
                 }
             }
         };
-        DeviceBuf { ptr, bytes: class, pool: self.clone() }
+        Ok(DeviceBuf { ptr, bytes: class, pool: self.clone() })
     }
 
     /// Frees every idle buffer (after the device is idle: they may be in flight).
     fn release_idle(&self) {
         let _ = self.ctx.synchronize();
-        for ptr in self.free.lock().expect("pool lock").drain().flat_map(|(_, v)| v) {
+        for ptr in lock(&self.free).drain().flat_map(|(_, v)| v) {
             // SAFETY: idle pool memory, and the device has finished all work.
             let _ = unsafe { result::free_sync(ptr) };
         }
@@ -220,7 +237,8 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        for ptr in self.free.get_mut().expect("pool lock").drain().flat_map(|(_, v)| v) {
+        let free = self.free.get_mut().unwrap_or_else(PoisonError::into_inner); // as `lock`
+        for ptr in free.drain().flat_map(|(_, v)| v) {
             // SAFETY: every pointer here came from malloc_sync and is no longer used
             // (the backend synchronises before the pool goes).
             let _ = unsafe { result::free_sync(ptr) };
@@ -237,19 +255,20 @@ pub(crate) struct DeviceBuf {
 
 impl Drop for DeviceBuf {
     fn drop(&mut self) {
-        self.pool.free.lock().expect("pool lock").entry(self.bytes).or_default().push(self.ptr);
+        lock(&self.pool.free).entry(self.bytes).or_default().push(self.ptr);
     }
 }
 
 /// See [`super::CudaBackend::copy_bandwidth`].
 pub(crate) fn copy_bandwidth(dev: &Device) -> Result<(f64, f64)> {
     const BYTES: usize = 256 << 20;
-    dev.bind();
+    dev.bind()?;
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let ev = || dev.ctx.new_event(timing).map_err(backend_err("creating a timing event"));
-    let (a, b) = (dev.pool.alloc(BYTES), dev.pool.alloc(BYTES));
-    // SAFETY: the context is current; the arena is freed below after the stream syncs.
-    let host = unsafe { result::malloc_host(BYTES, 0) }.map_err(backend_err("pinning 256 MiB"))?;
+    let ev = || dev.ctx.new_event(timing).cuda_op("creating a timing event");
+    let (a, b) = (dev.pool.alloc(BYTES)?, dev.pool.alloc(BYTES)?);
+    // SAFETY: the context is current; the arena is freed below after the streams sync
+    // (an error before then leaves it allocated: a copy may still read it).
+    let host = unsafe { result::malloc_host(BYTES, 0) }.cuda_op("pinning 256 MiB")?;
     // SAFETY: `host` holds BYTES bytes, initialised here before any copy reads them.
     let host_slice = unsafe {
         std::ptr::write_bytes(host.cast::<u8>(), 1, BYTES);
@@ -258,26 +277,25 @@ pub(crate) fn copy_bandwidth(dev: &Device) -> Result<(f64, f64)> {
     let (mut dtod, mut htod) = (0f64, 0f64);
     for _ in 0..4 {
         let (s, e) = (ev()?, ev()?);
-        s.record(&dev.compute).map_err(backend_err("recording"))?;
+        s.record(&dev.compute).cuda_op("recording")?;
         // SAFETY: both buffers hold BYTES bytes and are used only on this stream.
         unsafe { result::memcpy_dtod_async(b.ptr, a.ptr, BYTES, dev.compute.cu_stream()) }
-            .map_err(backend_err("device copy"))?;
-        e.record(&dev.compute).map_err(backend_err("recording"))?;
-        let ms = s.elapsed_ms(&e).map_err(backend_err("timing"))? as f64;
+            .cuda_op("device copy")?;
+        e.record(&dev.compute).cuda_op("recording")?;
+        let ms = s.elapsed_ms(&e).cuda_op("timing")? as f64;
         dtod = dtod.max(2.0 * BYTES as f64 / (ms / 1e3));
         let (s, e) = (ev()?, ev()?);
-        s.record(&dev.copy).map_err(backend_err("recording"))?;
+        s.record(&dev.copy).cuda_op("recording")?;
         // SAFETY: `host_slice` is pinned and outlives the copy (synchronised below).
-        unsafe { result::memcpy_htod_async(a.ptr, host_slice, dev.copy.cu_stream()) }
-            .map_err(backend_err("host copy"))?;
-        e.record(&dev.copy).map_err(backend_err("recording"))?;
-        let ms = s.elapsed_ms(&e).map_err(backend_err("timing"))? as f64;
+        unsafe { result::memcpy_htod_async(a.ptr, host_slice, dev.copy.cu_stream()) }.cuda_op("host copy")?;
+        e.record(&dev.copy).cuda_op("recording")?;
+        let ms = s.elapsed_ms(&e).cuda_op("timing")? as f64;
         htod = htod.max(BYTES as f64 / (ms / 1e3));
     }
-    dev.copy.synchronize().map_err(backend_err("sync"))?;
-    dev.compute.synchronize().map_err(backend_err("sync"))?;
+    dev.copy.synchronize().cuda_op("sync")?;
+    dev.compute.synchronize().cuda_op("sync")?;
     // SAFETY: no copy uses the arena any more (both streams synchronised).
-    unsafe { result::free_host(host) }.map_err(backend_err("freeing pinned memory"))?;
+    unsafe { result::free_host(host) }.cuda_op("freeing pinned memory")?;
     Ok((dtod, htod))
 }
 

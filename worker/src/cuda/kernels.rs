@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 
-use crate::error::{Result, WorkerError};
+use super::device::CudaResultExt;
+use crate::error::Result;
 
 /// Shared prelude (f16 conversions, reductions), prepended to every file.
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
@@ -54,18 +55,14 @@ impl Kernels {
     /// Compiles every source for this device (`compute_XY` of its capability) and
     /// loads its kernels.
     pub fn compile(ctx: &Arc<CudaContext>) -> Result<Self> {
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(|e| WorkerError::Backend(format!("reading the compute capability: {e:?}")))?;
+        let (major, minor) = ctx.compute_capability().cuda_op("reading the compute capability")?;
         // NVRTC takes a 'static name; one leaked string per process and device kind.
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let mut found = std::collections::HashMap::new();
         for (file, src, names) in SOURCES {
             let module = load(ctx, file, src, arch)?;
             for name in *names {
-                let f = module
-                    .load_function(name)
-                    .map_err(|e| WorkerError::Backend(format!("kernel {name} in {file}: {e:?}")))?;
+                let f = module.load_function(name).cuda_op(&format!("loading kernel {name} of {file}"))?;
                 found.insert(*name, f);
             }
         }
@@ -105,9 +102,9 @@ fn load(ctx: &Arc<CudaContext>, file: &str, src: &str, arch: &'static str) -> Re
         name: Some(file.into()),
         ..Default::default()
     };
-    let ptx = compile_ptx_with_opts(&full, opts).map_err(|e| {
-        WorkerError::Backend(format!("NVRTC compiling {file} for {arch}: {}", compile_log(&e)))
-    })?;
+    let ptx = compile_ptx_with_opts(&full, opts)
+        .map_err(NvrtcFailure)
+        .cuda_op(&format!("NVRTC compiling {file} for {arch}"))?;
     if let Some(p) = &cached {
         let written =
             p.parent().map(std::fs::create_dir_all).transpose().and_then(|_| std::fs::write(p, ptx.to_src()));
@@ -115,7 +112,7 @@ fn load(ctx: &Arc<CudaContext>, file: &str, src: &str, arch: &'static str) -> Re
             tracing::debug!("not caching {file}'s PTX at {}: {e}", p.display());
         }
     }
-    ctx.load_module(ptx).map_err(|e| WorkerError::Backend(format!("loading {file} ({arch}): {e:?}")))
+    ctx.load_module(ptx).cuda_op(&format!("loading {file} ({arch})"))
 }
 
 /// `<cache>/<file>-<arch>-<hash of the source>.ptx`, or `None` with no cache folder.
@@ -133,12 +130,26 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
-fn compile_log(e: &cudarc::nvrtc::CompileError) -> String {
-    match e {
-        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-            log.to_string_lossy().lines().take(8).collect::<Vec<_>>().join(" | ")
+/// An NVRTC failure that reads as the head of its compile log (cudarc's
+/// `CompileError` prints as its `Debug`, the whole log escaped on one line).
+#[derive(Debug)]
+struct NvrtcFailure(CompileError);
+
+impl std::fmt::Display for NvrtcFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            CompileError::CompileError { log, .. } => {
+                let head = log.to_string_lossy().lines().take(8).collect::<Vec<_>>().join(" | ");
+                write!(f, "{head}")
+            }
+            other => write!(f, "{other:?}"),
         }
-        other => format!("{other:?}"),
+    }
+}
+
+impl std::error::Error for NvrtcFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }
 

@@ -22,9 +22,10 @@
 //! - [`attention`]: the device KV cache and attention.
 //! - [`staging`]: resident weights and the staging ring.
 //!
-//! The op trait has no error path, so a CUDA failure inside an op (a launch, a
-//! copy) panics with what failed; device set-up, staging and sizing errors are
-//! returned as [`WorkerError::Backend`].
+//! Every CUDA failure, in an op (a launch, a copy, an allocation) or in set-up
+//! and staging, is returned as a fatal [`WorkerError::Device`] naming what
+//! failed, with the driver, cuBLAS or NVRTC error as its source: after one, the
+//! device cannot be trusted again. Nothing here panics on a device error.
 mod attention;
 mod device;
 mod kernels;
@@ -34,6 +35,8 @@ mod staging;
 mod tests;
 
 use std::sync::{Arc, Mutex};
+
+use device::{lock, CudaResultExt};
 
 pub use attention::CudaKvCache;
 pub use staging::CudaStaged;
@@ -68,9 +71,8 @@ pub fn probe() -> CudaProbe {
 
 /// `(free, total)` bytes of device `ordinal` (the caller has probed).
 pub fn device_memory(ordinal: usize) -> Result<(usize, usize)> {
-    let ctx = cudarc::driver::CudaContext::new(ordinal)
-        .map_err(|e| WorkerError::Backend(format!("opening cuda:{ordinal}: {e:?}")))?;
-    ctx.mem_get_info().map_err(|e| WorkerError::Backend(format!("cuMemGetInfo on cuda:{ordinal}: {e:?}")))
+    let ctx = cudarc::driver::CudaContext::new(ordinal).cuda_op(&format!("opening cuda:{ordinal}"))?;
+    ctx.mem_get_info().cuda_op(&format!("cuMemGetInfo on cuda:{ordinal}"))
 }
 
 /// How the backend places weights.
@@ -141,7 +143,7 @@ impl CudaBackend {
             (unsafe { cudarc::nvrtc::sys::is_culib_present() }, "NVRTC (libnvrtc.so)"),
         ] {
             if !present {
-                return Err(WorkerError::Backend(format!(
+                return Err(WorkerError::Setup(format!(
                     "{lib} is not on the library path: add its folder to LD_LIBRARY_PATH"
                 )));
             }
@@ -164,17 +166,17 @@ impl CudaBackend {
 
     /// `(free, total)` device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
-        self.dev.ctx.mem_get_info().map_err(|e| WorkerError::Backend(format!("cuMemGetInfo: {e:?}")))
+        self.dev.ctx.mem_get_info().cuda_op("cuMemGetInfo")
     }
 
     /// Device bytes of layers kept resident so far.
     pub fn resident_layer_bytes(&self) -> u64 {
-        self.residency.lock().expect("residency lock").resident_layer_bytes()
+        lock(&self.residency).resident_layer_bytes()
     }
 
     /// Activations from host values (tests, benchmarks).
-    pub fn tensor_from_host(&self, data: &[f32], rows: usize, cols: usize) -> CudaTensor {
-        self.dev.bind();
+    pub fn tensor_from_host(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.dev.bind()?;
         self.dev.upload_tensor(data, rows, cols)
     }
 
@@ -209,7 +211,7 @@ impl Backend for CudaBackend {
         staging::stage(&self.dev, &self.residency, host, piece, names)
     }
 
-    fn weight<'a>(&self, staged: &'a CudaStaged, name: &str) -> Option<&'a CudaWeight> {
+    fn weight<'a>(&self, staged: &'a CudaStaged, name: &str) -> Result<Option<&'a CudaWeight>> {
         staged.get(name)
     }
 
@@ -225,23 +227,28 @@ impl Backend for CudaBackend {
         cache.len()
     }
 
-    fn embed(&self, table: &CudaWeight, ids: &[u32], dim: usize) -> CudaTensor {
-        self.dev.bind();
+    fn embed(&self, table: &CudaWeight, ids: &[u32], dim: usize) -> Result<CudaTensor> {
+        self.dev.bind()?;
         self.dev.embed(table, ids, dim)
     }
 
-    fn add_position_embeddings(&self, x: &mut CudaTensor, table: &CudaWeight, positions: &[usize]) {
-        self.dev.bind();
+    fn add_position_embeddings(
+        &self,
+        x: &mut CudaTensor,
+        table: &CudaWeight,
+        positions: &[usize],
+    ) -> Result<()> {
+        self.dev.bind()?;
         self.dev.add_positions(x, table, positions)
     }
 
-    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> CudaTensor {
-        self.dev.bind();
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        self.dev.bind()?;
         self.dev.rms_norm(x, w, eps)
     }
 
-    fn layer_norm(&self, x: &CudaTensor, w: &CudaWeight, b: &CudaWeight, eps: f32) -> CudaTensor {
-        self.dev.bind();
+    fn layer_norm(&self, x: &CudaTensor, w: &CudaWeight, b: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        self.dev.bind()?;
         self.dev.layer_norm(x, w, b, eps)
     }
 
@@ -251,13 +258,13 @@ impl Backend for CudaBackend {
         w: &CudaWeight,
         bias: Option<&CudaWeight>,
         out_dim: usize,
-    ) -> CudaTensor {
-        self.dev.bind();
+    ) -> Result<CudaTensor> {
+        self.dev.bind()?;
         self.dev.linear(x, w, bias, out_dim)
     }
 
-    fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &[f32], sin: &[f32]) {
-        self.dev.bind();
+    fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &[f32], sin: &[f32]) -> Result<()> {
+        self.dev.bind()?;
         self.dev.rope(x, head_dim, cos, sin)
     }
 
@@ -270,37 +277,37 @@ impl Backend for CudaBackend {
         layer: usize,
         layout: &BatchLayout,
         shape: AttentionShape<'_>,
-    ) -> CudaTensor {
-        self.dev.bind();
+    ) -> Result<CudaTensor> {
+        self.dev.bind()?;
         attention::attention(&self.dev, q, k, v, caches, layer, layout, shape)
     }
 
-    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> CudaTensor {
-        self.dev.bind();
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        self.dev.bind()?;
         self.dev.silu_mul(gate, up)
     }
 
-    fn gelu_tanh(&self, x: &CudaTensor) -> CudaTensor {
-        self.dev.bind();
+    fn gelu_tanh(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.dev.bind()?;
         self.dev.gelu_tanh(x)
     }
 
-    fn split_cols(&self, x: &CudaTensor, widths: &[usize]) -> Vec<CudaTensor> {
-        self.dev.bind();
+    fn split_cols(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>> {
+        self.dev.bind()?;
         self.dev.split_cols(x, widths)
     }
 
-    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) {
-        self.dev.bind();
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        self.dev.bind()?;
         self.dev.add_assign(x, y)
     }
 
-    fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> CudaTensor {
-        self.dev.bind();
+    fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        self.dev.bind()?;
         self.dev.select_rows(x, rows)
     }
 
-    fn to_host(&self, x: &CudaTensor) -> Vec<f32> {
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
         self.dev.to_host(x)
     }
 }

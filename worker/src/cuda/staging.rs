@@ -19,7 +19,7 @@ use cudarc::driver::{result, CudaEvent};
 use half::f16;
 use zeroshard_offload::staging::StagingRing;
 
-use super::device::{backend_err, ck, Device, DeviceBuf};
+use super::device::{lock, CudaResultExt, Device, DeviceBuf};
 use super::CudaWeight;
 use crate::backend::Piece;
 use crate::error::Result;
@@ -71,7 +71,7 @@ struct Ring {
 
 /// Bytes of a piece laid out with [`ALIGN`]ed tensors.
 pub(crate) fn packed_bytes(lens: impl IntoIterator<Item = usize>) -> usize {
-    lens.into_iter().map(|n| (n * 2).next_multiple_of(ALIGN)).sum()
+    lens.into_iter().map(|n| aligned_bytes(n) as usize).sum()
 }
 
 impl Residency {
@@ -113,8 +113,8 @@ pub(crate) fn stage(
     piece: Piece,
     names: &[String],
 ) -> Result<CudaStaged> {
-    dev.bind();
-    let mut st = state.lock().expect("residency lock");
+    dev.bind()?;
+    let mut st = lock(state);
     if piece == Piece::Embedding {
         st.sweep();
     }
@@ -158,13 +158,10 @@ pub(crate) fn stage(
     let resident = !is_layer || st.layer_bytes + bytes as u64 <= st.max_live_layer_bytes;
     let mut slot = None;
     let (base, shared) = if resident {
-        let buf = Arc::new(dev.pool.alloc(bytes));
+        let buf = Arc::new(dev.pool.alloc(bytes)?);
         // Pool memory may still be read by compute just enqueued: copy after it.
-        let ev = dev.compute.record_event(None).map_err(backend_err("recording a compute event"))?;
-        dev.copy.wait(&ev).map_err(backend_err("ordering the copy stream"))?;
-        if is_layer {
-            st.layer_bytes += bytes as u64;
-        }
+        let ev = dev.compute.record_event(None).cuda_op("recording a compute event")?;
+        dev.copy.wait(&ev).cuda_op("ordering the copy stream")?;
         (buf.ptr, Some(buf))
     } else {
         let (slots, slot_bytes) = (st.ring_slots, st.slot_bytes);
@@ -174,78 +171,106 @@ pub(crate) fn stage(
         };
         let lease = ring.plan.acquire(bytes as u64)?;
         if lease.wait_for_release {
-            let waited = dev.copy.wait(&ring.released[lease.slot]);
+            let waited = dev.copy.wait(&ring.released[lease.slot]).cuda_op("waiting for a staging slot");
             if let Err(e) = waited {
                 ring.plan.release(lease.slot);
-                return Err(backend_err("waiting for a staging slot")(e));
+                return Err(e);
             }
         }
         slot = Some(lease.slot);
         (ring.bufs[lease.slot].ptr, None)
     };
+    // Where each host tensor goes in the piece's memory.
     let mut placed: HashMap<(usize, usize), u64> = HashMap::with_capacity(copies.len());
     let mut offset = 0u64;
+    let mut enqueued = Ok(());
     for data in &copies {
         // SAFETY: `base + offset` addresses `data.len()` f16 inside an allocation of
         // `packed_bytes` bytes; the copy is ordered on the copy stream after the
         // slot's release (ring) or the compute enqueued so far (new resident memory);
-        // the host data outlives the copy (the staged piece, then `retired`, hold it).
+        // the host data outlives the copy (the staged piece, then `retired`, hold it;
+        // on an error, the synchronisation below waits for it).
         let r = unsafe { result::memcpy_htod_async(base + offset, data, dev.copy.cu_stream()) };
-        ck(r, "copying weights to the device");
-        let key = (data.as_ptr() as usize, data.len());
-        let size = (data.len() * 2).next_multiple_of(ALIGN) as u64;
-        placed.insert(key, offset);
-        if let Some(buf) = &shared {
-            let r = Resident { owner: owner.clone(), buf: buf.clone(), offset, bytes: size, layer: is_layer };
+        if let Err(e) = r.cuda_op("copying weights to the device") {
+            enqueued = Err(e);
+            break;
+        }
+        placed.insert((data.as_ptr() as usize, data.len()), offset);
+        offset += aligned_bytes(data.len());
+    }
+    let ready = enqueued.and_then(|()| dev.copy.record_event(None).cuda_op("recording a copy event"));
+    let ready = match ready {
+        Ok(ev) => ev,
+        Err(e) => {
+            // The copies enqueued so far read `host` and write the new memory or the
+            // slot: neither may be freed or reused before they end (the device is
+            // broken, so this returns once they are done or abandoned).
+            let _ = dev.copy.synchronize();
+            if let (Some(s), Some(ring)) = (slot, st.ring.as_mut()) {
+                ring.plan.release(s);
+            }
+            return Err(e);
+        }
+    };
+    // Every copy is enqueued: record the new residents (only now, so an error
+    // above leaves the residency as it was).
+    if let Some(buf) = &shared {
+        for (&key, &offset) in &placed {
+            let bytes = aligned_bytes(key.1);
+            let r = Resident { owner: owner.clone(), buf: buf.clone(), offset, bytes, layer: is_layer };
             if let Some(old) = st.resident.insert(key, r) {
                 if old.layer {
                     st.layer_bytes -= old.bytes; // a copy of a store that is gone
                 }
             }
         }
-        offset += size;
+        if is_layer {
+            st.layer_bytes += bytes as u64;
+        }
     }
     for (name, key) in waiting {
         tensors.insert(name.to_string(), CudaWeight { ptr: base + placed[&key], len: key.1 });
     }
-    let ready = dev.copy.record_event(None);
     drop(st);
-    // On an error the slot (if any) is released by the piece's Drop.
-    let mut piece = staged(tensors, None, slot);
-    piece.ready = Some(ready.map_err(backend_err("recording a copy event"))?);
-    piece.waited = AtomicBool::new(false);
-    Ok(piece)
+    Ok(staged(tensors, Some(ready), slot))
+}
+
+/// Device bytes of a tensor of `len` f16 inside a piece: rounded up to [`ALIGN`].
+fn aligned_bytes(len: usize) -> u64 {
+    (len * 2).next_multiple_of(ALIGN) as u64
 }
 
 impl Ring {
     fn new(dev: &Device, slots: usize, slot_bytes: usize) -> Result<Self> {
-        let bufs = (0..slots).map(|_| dev.pool.alloc(slot_bytes.max(1))).collect();
+        let bufs = (0..slots).map(|_| dev.pool.alloc(slot_bytes.max(1))).collect::<Result<_>>()?;
         // Pool memory may still be used by compute just enqueued: the first copies wait.
-        let ev = dev.compute.record_event(None).map_err(backend_err("recording a compute event"))?;
-        dev.copy.wait(&ev).map_err(backend_err("ordering the copy stream"))?;
+        let ev = dev.compute.record_event(None).cuda_op("recording a compute event")?;
+        dev.copy.wait(&ev).cuda_op("ordering the copy stream")?;
         let released = (0..slots)
-            .map(|_| dev.ctx.new_event(None).map_err(backend_err("creating a staging event")))
+            .map(|_| dev.ctx.new_event(None).cuda_op("creating a staging event"))
             .collect::<Result<_>>()?;
         Ok(Self { plan: StagingRing::new(slots, slot_bytes as u64), bufs, released })
     }
 }
 
 impl CudaStaged {
-    /// A tensor by name; the first lookup makes the compute stream wait for the copies.
-    pub(crate) fn get(&self, name: &str) -> Option<&CudaWeight> {
-        let w = self.tensors.get(name)?;
-        if !self.waited.swap(true, Ordering::AcqRel) {
+    /// A tensor by name; the first lookup makes the compute stream wait for the
+    /// copies (until that wait is enqueued, every lookup tries it).
+    pub(crate) fn get(&self, name: &str) -> Result<Option<&CudaWeight>> {
+        let Some(w) = self.tensors.get(name) else { return Ok(None) };
+        if !self.waited.load(Ordering::Acquire) {
             if let Some(ev) = &self.ready {
-                ck(self.dev.compute.wait(ev), "ordering compute after the weight copies");
+                self.dev.compute.wait(ev).cuda_op("ordering compute after the weight copies")?;
             }
+            self.waited.store(true, Ordering::Release);
         }
-        Some(w)
+        Ok(Some(w))
     }
 }
 
 impl Drop for CudaStaged {
     fn drop(&mut self) {
-        let mut st = self.state.lock().expect("residency lock");
+        let mut st = lock(&self.state);
         if let Some(ev) = self.ready.take() {
             if !self.waited.load(Ordering::Acquire) {
                 // Never read: nothing on the compute stream orders the slot's reuse.

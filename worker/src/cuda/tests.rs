@@ -10,6 +10,7 @@ use super::*;
 use crate::backend::Backend;
 use crate::cpu::{CpuBackend, CpuKvCache, CpuTensor};
 use crate::engine::{Engine, GenerationParams};
+use crate::error::{Result, WorkerError};
 use crate::model::{Layout, TensorSpec};
 use crate::sampling::SamplingParams;
 
@@ -62,6 +63,11 @@ fn staged(b: &CudaBackend, tensors: &[(&str, &[f32])]) -> (Arc<HostWeights>, Cud
     (w, s)
 }
 
+/// Tensor `name` of a staged piece.
+fn weight<'a>(b: &CudaBackend, s: &'a CudaStaged, name: &str) -> Result<&'a CudaWeight> {
+    Ok(b.weight(s, name)?.expect("staged"))
+}
+
 /// `cuda` within f16 rounding of `cpu`: 4e-3 of the larger of 1 and the value.
 fn close(what: &str, cuda: &[f32], cpu: &[f32]) {
     assert_eq!(cuda.len(), cpu.len(), "{what}: length");
@@ -70,87 +76,97 @@ fn close(what: &str, cuda: &[f32], cpu: &[f32]) {
     }
 }
 
-fn pair(b: &CudaBackend, data: &[f32], rows: usize, cols: usize) -> (CudaTensor, CpuTensor) {
-    (b.tensor_from_host(data, rows, cols), CpuTensor::new(data.to_vec(), rows, cols))
+fn pair(b: &CudaBackend, data: &[f32], rows: usize, cols: usize) -> Result<(CudaTensor, CpuTensor)> {
+    Ok((b.tensor_from_host(data, rows, cols)?, CpuTensor::new(data.to_vec(), rows, cols)))
 }
 
 #[test]
-fn elementwise_ops_match_the_cpu() {
-    let Some(b) = gpu(CudaOptions::resident(0)) else { return };
+fn elementwise_ops_match_the_cpu() -> Result<()> {
+    let Some(b) = gpu(CudaOptions::resident(0)) else { return Ok(()) };
+    let cpu = CpuBackend::new();
     let (rows, cols) = (3, 1000);
-    let (x, xc) = pair(&b, &vals(rows * cols, 1, 4.0), rows, cols);
-    let (y, yc) = pair(&b, &vals(rows * cols, 2, 4.0), rows, cols);
-    close("silu_mul", &b.to_host(&b.silu_mul(&x, &y)), &CpuBackend.silu_mul(&xc, &yc).data);
-    close("gelu_tanh", &b.to_host(&b.gelu_tanh(&x)), &CpuBackend.gelu_tanh(&xc).data);
-    let (mut x2, mut xc2) = pair(&b, &vals(rows * cols, 1, 4.0), rows, cols);
-    b.add_assign(&mut x2, &y);
-    CpuBackend.add_assign(&mut xc2, &yc);
-    close("add_assign", &b.to_host(&x2), &xc2.data);
+    let (x, xc) = pair(&b, &vals(rows * cols, 1, 4.0), rows, cols)?;
+    let (y, yc) = pair(&b, &vals(rows * cols, 2, 4.0), rows, cols)?;
+    close("silu_mul", &b.to_host(&b.silu_mul(&x, &y)?)?, &cpu.silu_mul(&xc, &yc)?.data);
+    close("gelu_tanh", &b.to_host(&b.gelu_tanh(&x)?)?, &cpu.gelu_tanh(&xc)?.data);
+    let (mut x2, mut xc2) = pair(&b, &vals(rows * cols, 1, 4.0), rows, cols)?;
+    b.add_assign(&mut x2, &y)?;
+    cpu.add_assign(&mut xc2, &yc)?;
+    close("add_assign", &b.to_host(&x2)?, &xc2.data);
+    Ok(())
 }
 
 #[test]
-fn row_ops_match_the_cpu() {
-    let Some(b) = gpu(CudaOptions::resident(0)) else { return };
+fn row_ops_match_the_cpu() -> Result<()> {
+    let Some(b) = gpu(CudaOptions::resident(0)) else { return Ok(()) };
+    let cpu = CpuBackend::new();
     let (vocab, dim) = (50, 72);
     let table = vals(vocab * dim, 3, 1.0);
     let pos_table = vals(16 * dim, 4, 1.0);
     let (_w, s) = staged(&b, &[("table", &table), ("pos", &pos_table)]);
     let ids = [7u32, 0, 49, 7];
-    let mut e = b.embed(b.weight(&s, "table").expect("table"), &ids, dim);
-    let mut ec = CpuBackend.embed(&h(&table), &ids, dim);
-    close("embed", &b.to_host(&e), &ec.data);
-    b.add_position_embeddings(&mut e, b.weight(&s, "pos").expect("pos"), &[3, 15, 0, 4]);
-    CpuBackend.add_position_embeddings(&mut ec, &h(&pos_table), &[3, 15, 0, 4]);
-    close("add_position_embeddings", &b.to_host(&e), &ec.data);
+    let mut e = b.embed(weight(&b, &s, "table")?, &ids, dim)?;
+    let mut ec = cpu.embed(&h(&table), &ids, dim)?;
+    close("embed", &b.to_host(&e)?, &ec.data);
+    b.add_position_embeddings(&mut e, weight(&b, &s, "pos")?, &[3, 15, 0, 4])?;
+    cpu.add_position_embeddings(&mut ec, &h(&pos_table), &[3, 15, 0, 4])?;
+    close("add_position_embeddings", &b.to_host(&e)?, &ec.data);
+    let refused = b.add_position_embeddings(&mut e, weight(&b, &s, "pos")?, &[3, 16, 0, 4]);
+    assert!(matches!(refused, Err(WorkerError::InvalidRequest(_))), "{refused:?}");
     let picked = [3, 0, 3];
-    close("select_rows", &b.to_host(&b.select_rows(&e, &picked)), &CpuBackend.select_rows(&ec, &picked).data);
+    close("select_rows", &b.to_host(&b.select_rows(&e, &picked)?)?, &cpu.select_rows(&ec, &picked)?.data);
     let widths = [8, 40, 24];
-    for (i, (p, pc)) in b.split_cols(&e, &widths).iter().zip(CpuBackend.split_cols(&ec, &widths)).enumerate()
-    {
-        close(&format!("split_cols[{i}]"), &b.to_host(p), &pc.data);
+    for (i, (p, pc)) in b.split_cols(&e, &widths)?.iter().zip(cpu.split_cols(&ec, &widths)?).enumerate() {
+        close(&format!("split_cols[{i}]"), &b.to_host(p)?, &pc.data);
     }
+    Ok(())
 }
 
 #[test]
-fn norms_and_rope_match_the_cpu() {
-    let Some(b) = gpu(CudaOptions::resident(0)) else { return };
+fn norms_and_rope_match_the_cpu() -> Result<()> {
+    let Some(b) = gpu(CudaOptions::resident(0)) else { return Ok(()) };
+    let cpu = CpuBackend::new();
     let (rows, cols, hd) = (5, 96, 32);
     let (w, bias) = (vals(cols, 5, 1.5), vals(cols, 6, 0.5));
     let (_host, s) = staged(&b, &[("w", &w), ("b", &bias)]);
-    let (x, xc) = pair(&b, &vals(rows * cols, 7, 3.0), rows, cols);
-    let (ww, bb) = (b.weight(&s, "w").expect("w"), b.weight(&s, "b").expect("b"));
-    close("rms_norm", &b.to_host(&b.rms_norm(&x, ww, 1e-5)), &CpuBackend.rms_norm(&xc, &h(&w), 1e-5).data);
-    let ln = b.to_host(&b.layer_norm(&x, ww, bb, 1e-5));
-    close("layer_norm", &ln, &CpuBackend.layer_norm(&xc, &h(&w), &h(&bias), 1e-5).data);
+    let (x, xc) = pair(&b, &vals(rows * cols, 7, 3.0), rows, cols)?;
+    let (ww, bb) = (weight(&b, &s, "w")?, weight(&b, &s, "b")?);
+    close("rms_norm", &b.to_host(&b.rms_norm(&x, ww, 1e-5)?)?, &cpu.rms_norm(&xc, &h(&w), 1e-5)?.data);
+    let ln = b.to_host(&b.layer_norm(&x, ww, bb, 1e-5)?)?;
+    close("layer_norm", &ln, &cpu.layer_norm(&xc, &h(&w), &h(&bias), 1e-5)?.data);
     let half = hd / 2;
     let angles: Vec<f32> = (0..rows * half).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
     let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
-    let (mut r, mut rc) = pair(&b, &vals(rows * cols, 8, 2.0), rows, cols);
-    b.rope(&mut r, hd, &cos, &sin);
-    CpuBackend.rope(&mut rc, hd, &cos, &sin);
-    close("rope", &b.to_host(&r), &rc.data);
+    let (mut r, mut rc) = pair(&b, &vals(rows * cols, 8, 2.0), rows, cols)?;
+    b.rope(&mut r, hd, &cos, &sin)?;
+    cpu.rope(&mut rc, hd, &cos, &sin)?;
+    close("rope", &b.to_host(&r)?, &rc.data);
+    Ok(())
 }
 
 #[test]
-fn linear_matches_the_cpu_with_and_without_bias() {
-    let Some(b) = gpu(CudaOptions::resident(0)) else { return };
+fn linear_matches_the_cpu_with_and_without_bias() -> Result<()> {
+    let Some(b) = gpu(CudaOptions::resident(0)) else { return Ok(()) };
+    let cpu = CpuBackend::new();
     for (rows, inp, out) in [(1, 64, 48), (5, 100, 37), (33, 256, 512)] {
         let (w, bias) = (vals(out * inp, 9, 0.1), vals(out, 10, 0.5));
         let (_host, s) = staged(&b, &[("w", &w), ("b", &bias)]);
-        let (x, xc) = pair(&b, &vals(rows * inp, 11, 1.0), rows, inp);
-        let (ww, bb) = (b.weight(&s, "w").expect("w"), b.weight(&s, "b").expect("b"));
-        let got = b.to_host(&b.linear(&x, ww, None, out));
-        close("linear", &got, &CpuBackend.linear(&xc, &h(&w), None, out).data);
-        let got = b.to_host(&b.linear(&x, ww, Some(bb), out));
-        close("linear+bias", &got, &CpuBackend.linear(&xc, &h(&w), Some(&h(&bias)), out).data);
+        let (x, xc) = pair(&b, &vals(rows * inp, 11, 1.0), rows, inp)?;
+        let (ww, bb) = (weight(&b, &s, "w")?, weight(&b, &s, "b")?);
+        let got = b.to_host(&b.linear(&x, ww, None, out)?)?;
+        close("linear", &got, &cpu.linear(&xc, &h(&w), None, out)?.data);
+        let got = b.to_host(&b.linear(&x, ww, Some(bb), out)?)?;
+        close("linear+bias", &got, &cpu.linear(&xc, &h(&w), Some(&h(&bias)), out)?.data);
     }
+    Ok(())
 }
 
 /// Two sequences (one with a cached past), prefill then a decode step, for each
 /// kind of attention: plain GQA, sliding window, ALiBi.
 #[test]
-fn attention_over_the_cache_matches_the_cpu() {
-    let Some(b) = gpu(CudaOptions::resident(0)) else { return };
+fn attention_over_the_cache_matches_the_cpu() -> Result<()> {
+    let Some(b) = gpu(CudaOptions::resident(0)) else { return Ok(()) };
+    let cpu = CpuBackend::new();
     let slopes = crate::model::alibi_slopes(6);
     // (heads, kv heads, head_dim, sliding window, ALiBi slopes)
     type Case<'a> = (usize, usize, usize, Option<usize>, Option<&'a [f32]>);
@@ -170,30 +186,31 @@ fn attention_over_the_cache_matches_the_cpu() {
         };
         let (qd, kvd) = (heads * hd, kv_heads * hd);
         let mut caches = [b.new_kv_cache(2, kvd), b.new_kv_cache(2, kvd)];
-        let mut cpu_caches = [CpuBackend.new_kv_cache(2, kvd), CpuBackend.new_kv_cache(2, kvd)];
+        let mut cpu_caches = [cpu.new_kv_cache(2, kvd), cpu.new_kv_cache(2, kvd)];
         // Step 1: 5 and 300 new tokens (past the 256-key chunk); step 2: one token each.
         for (step, lens) in [[5usize, 300], [1, 1]].iter().enumerate() {
             let past: Vec<usize> = caches.iter().map(|c| b.kv_len(c)).collect();
             let layout = BatchLayout::new(lens.iter().copied().zip(past));
             let rows = layout.rows();
             let seed = 20 + step as u64;
-            let (q, qc) = pair(&b, &vals(rows * qd, seed, 1.0), rows, qd);
-            let (k, kc) = pair(&b, &vals(rows * kvd, seed + 1, 1.0), rows, kvd);
-            let (v, vc) = pair(&b, &vals(rows * kvd, seed + 2, 1.0), rows, kvd);
+            let (q, qc) = pair(&b, &vals(rows * qd, seed, 1.0), rows, qd)?;
+            let (k, kc) = pair(&b, &vals(rows * kvd, seed + 1, 1.0), rows, kvd)?;
+            let (v, vc) = pair(&b, &vals(rows * kvd, seed + 2, 1.0), rows, kvd)?;
             for layer in 0..2 {
                 let [c0, c1] = &mut caches;
-                let got = b.attention(&q, &k, &v, &mut [c0, c1], layer, &layout, shape);
+                let got = b.attention(&q, &k, &v, &mut [c0, c1], layer, &layout, shape)?;
                 let [p0, p1]: &mut [CpuKvCache; 2] = &mut cpu_caches;
-                let want = CpuBackend.attention(&qc, &kc, &vc, &mut [p0, p1], layer, &layout, shape);
+                let want = cpu.attention(&qc, &kc, &vc, &mut [p0, p1], layer, &layout, shape)?;
                 close(
                     &format!("attention {heads}/{kv_heads}×{hd} w{window:?} step {step} layer {layer}"),
-                    &b.to_host(&got),
+                    &b.to_host(&got)?,
                     &want.data,
                 );
             }
         }
         assert_eq!(b.kv_len(&caches[1]), 301);
     }
+    Ok(())
 }
 
 fn config(architecture: Architecture, heads: usize, kv_heads: usize) -> ModelConfig {
@@ -215,7 +232,7 @@ fn config(architecture: Architecture, heads: usize, kv_heads: usize) -> ModelCon
 fn model_matches_the_cpu(c: ModelConfig, opts: CudaOptions) {
     let Some(b) = gpu(opts) else { return };
     let weights = Arc::new(HostWeights::random(&c, 3));
-    let cpu = Engine::with_shared_weights(CpuBackend, c.clone(), weights.clone());
+    let cpu = Engine::with_shared_weights(CpuBackend::new(), c.clone(), weights.clone());
     let cuda = Engine::with_shared_weights(b, c, weights);
     let params =
         GenerationParams { sampling: SamplingParams::default(), max_new_tokens: 6, ignore_eos: true };

@@ -9,16 +9,16 @@
 use zeroshard_offload::ModelConfig;
 
 use super::fused::BlockNames;
-use super::{need, LayerNormWeights};
+use super::{need, LinearWeights, Lookup};
 use crate::backend::Backend;
 use crate::error::Result;
 
 /// Borrowed weights outside the blocks.
 pub struct BloomOuterWeights<'a, W: ?Sized> {
-    pub word_embeddings: &'a W,                             // [vocab, hidden]
-    pub word_embeddings_layernorm: LayerNormWeights<'a, W>, // [hidden]
-    pub ln_f: LayerNormWeights<'a, W>,                      // [hidden]
-    pub lm_head: &'a W,                                     // [vocab, hidden] (`word_embeddings` when tied)
+    pub word_embeddings: &'a W,                          // [vocab, hidden]
+    pub word_embeddings_layernorm: LinearWeights<'a, W>, // LayerNorm [hidden], [hidden]
+    pub ln_f: LinearWeights<'a, W>,                      // LayerNorm [hidden], [hidden]
+    pub lm_head: &'a W,                                  // [vocab, hidden] (`word_embeddings` when tied)
 }
 
 /// Block `l`'s tensor names, in the order of [`FusedBlockWeights`](super::fused::FusedBlockWeights).
@@ -35,15 +35,15 @@ pub(super) fn block_names(l: usize) -> BlockNames {
 }
 
 impl<'a, W: ?Sized> BloomOuterWeights<'a, W> {
-    pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+    pub fn from_lookup(c: &ModelConfig, get: impl Lookup<'a, W>) -> Result<Self> {
         let word_embeddings = need(&get, "transformer.word_embeddings.weight".into())?;
         Ok(Self {
             word_embeddings,
-            word_embeddings_layernorm: LayerNormWeights::from_lookup(
+            word_embeddings_layernorm: LinearWeights::from_lookup(
                 &get,
                 "transformer.word_embeddings_layernorm",
             )?,
-            ln_f: LayerNormWeights::from_lookup(&get, "transformer.ln_f")?,
+            ln_f: LinearWeights::from_lookup(&get, "transformer.ln_f")?,
             lm_head: if c.tie_word_embeddings {
                 word_embeddings
             } else {
@@ -59,7 +59,7 @@ pub(super) fn embed<B: Backend>(
     b: &B,
     w: &BloomOuterWeights<'_, B::Weight>,
     ids: &[u32],
-) -> B::Tensor {
-    let x = b.embed(w.word_embeddings, ids, c.hidden_size); // [rows, hidden]
-    w.word_embeddings_layernorm.forward(b, &x, c.rms_norm_eps)
+) -> Result<B::Tensor> {
+    let x = b.embed(w.word_embeddings, ids, c.hidden_size)?; // [rows, hidden]
+    w.word_embeddings_layernorm.layer_norm(b, &x, c.rms_norm_eps) // [rows, hidden]
 }

@@ -8,16 +8,16 @@
 use zeroshard_offload::ModelConfig;
 
 use super::fused::BlockNames;
-use super::{need, LayerNormWeights};
+use super::{need, LinearWeights, Lookup};
 use crate::backend::{Backend, BatchLayout};
 use crate::error::{Result, WorkerError};
 
 /// Borrowed weights outside the blocks.
 pub struct Gpt2OuterWeights<'a, W: ?Sized> {
-    pub wte: &'a W,                    // [vocab, hidden]
-    pub wpe: &'a W,                    // [n_positions, hidden]
-    pub ln_f: LayerNormWeights<'a, W>, // [hidden]
-    pub lm_head: &'a W,                // [vocab, hidden] (`wte` when tied)
+    pub wte: &'a W,                 // [vocab, hidden]
+    pub wpe: &'a W,                 // [n_positions, hidden]
+    pub ln_f: LinearWeights<'a, W>, // LayerNorm [hidden], [hidden]
+    pub lm_head: &'a W,             // [vocab, hidden] (`wte` when tied)
 }
 
 /// Block `l`'s tensor names, in the order of [`FusedBlockWeights`](super::fused::FusedBlockWeights).
@@ -27,12 +27,12 @@ pub(super) fn block_names(l: usize) -> BlockNames {
 }
 
 impl<'a, W: ?Sized> Gpt2OuterWeights<'a, W> {
-    pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+    pub fn from_lookup(c: &ModelConfig, get: impl Lookup<'a, W>) -> Result<Self> {
         let wte = need(&get, "transformer.wte.weight".into())?;
         Ok(Self {
             wte,
             wpe: need(&get, "transformer.wpe.weight".into())?,
-            ln_f: LayerNormWeights::from_lookup(&get, "transformer.ln_f")?,
+            ln_f: LinearWeights::from_lookup(&get, "transformer.ln_f")?,
             lm_head: if c.tie_word_embeddings { wte } else { need(&get, "lm_head.weight".into())? },
         })
     }
@@ -54,7 +54,7 @@ pub(super) fn embed<B: Backend>(
             c.max_position_embeddings
         )));
     }
-    let mut x = b.embed(w.wte, ids, c.hidden_size); // [rows, hidden]
-    b.add_position_embeddings(&mut x, w.wpe, &positions);
+    let mut x = b.embed(w.wte, ids, c.hidden_size)?; // [rows, hidden]
+    b.add_position_embeddings(&mut x, w.wpe, &positions)?;
     Ok(x)
 }

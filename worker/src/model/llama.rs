@@ -2,7 +2,7 @@
 //! grouped-query attention with RoPE, SwiGLU MLP.
 use zeroshard_offload::ModelConfig;
 
-use super::{need, Step};
+use super::{need, Lookup, Step};
 use crate::backend::{AttentionShape, Backend};
 use crate::error::Result;
 
@@ -35,7 +35,7 @@ pub struct LlamaOuterWeights<'a, W: ?Sized> {
 
 impl<'a, W: ?Sized> LlamaLayerWeights<'a, W> {
     /// Looks up layer `l`'s tensors by their checkpoint names.
-    pub fn from_lookup(c: &ModelConfig, l: usize, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+    pub fn from_lookup(c: &ModelConfig, l: usize, get: impl Lookup<'a, W>) -> Result<Self> {
         let p = format!("model.layers.{l}");
         let w = |s: &str| need(&get, format!("{p}.{s}.weight"));
         let b = |s: &str, on: bool| -> Result<Option<&'a W>> {
@@ -67,7 +67,7 @@ impl<'a, W: ?Sized> LlamaLayerWeights<'a, W> {
 }
 
 impl<'a, W: ?Sized> LlamaOuterWeights<'a, W> {
-    pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+    pub fn from_lookup(c: &ModelConfig, get: impl Lookup<'a, W>) -> Result<Self> {
         let embed_tokens = need(&get, "model.embed_tokens.weight".into())?;
         let lm_head = if c.tie_word_embeddings { embed_tokens } else { need(&get, "lm_head.weight".into())? };
         Ok(Self { embed_tokens, norm: need(&get, "model.norm.weight".into())?, lm_head })
@@ -82,14 +82,14 @@ pub(super) fn decoder_layer<B: Backend>(
     w: &LlamaLayerWeights<'_, B::Weight>,
     x: B::Tensor,
     step: &mut Step<'_, B>,
-) -> B::Tensor {
+) -> Result<B::Tensor> {
     let mut residual = x;
-    let h = b.rms_norm(&residual, w.input_norm, c.rms_norm_eps); // [rows, hidden]
-    let mut q = b.linear(&h, w.q, w.q_bias, c.q_dim()); // [rows, heads * head_dim]
-    let mut k = b.linear(&h, w.k, w.k_bias, c.kv_dim()); // [rows, kv_heads * head_dim]
-    let v = b.linear(&h, w.v, w.v_bias, c.kv_dim()); // [rows, kv_heads * head_dim]
-    b.rope(&mut q, c.head_dim, &step.cos, &step.sin);
-    b.rope(&mut k, c.head_dim, &step.cos, &step.sin);
+    let h = b.rms_norm(&residual, w.input_norm, c.rms_norm_eps)?; // [rows, hidden]
+    let mut q = b.linear(&h, w.q, w.q_bias, c.q_dim())?; // [rows, heads * head_dim]
+    let mut k = b.linear(&h, w.k, w.k_bias, c.kv_dim())?; // [rows, kv_heads * head_dim]
+    let v = b.linear(&h, w.v, w.v_bias, c.kv_dim())?; // [rows, kv_heads * head_dim]
+    b.rope(&mut q, c.head_dim, &step.cos, &step.sin)?;
+    b.rope(&mut k, c.head_dim, &step.cos, &step.sin)?;
     let shape = AttentionShape {
         num_heads: c.num_heads,
         num_kv_heads: c.num_kv_heads,
@@ -97,17 +97,17 @@ pub(super) fn decoder_layer<B: Backend>(
         sliding_window: c.sliding_window,
         alibi_slopes: None,
     };
-    let attn = b.attention(&q, &k, &v, &mut step.caches, layer, step.layout, shape); // [rows, heads * head_dim]
-    let attn_out = b.linear(&attn, w.o, w.o_bias, c.hidden_size); // [rows, hidden]
-    b.add_assign(&mut residual, &attn_out);
+    let attn = b.attention(&q, &k, &v, &mut step.caches, layer, step.layout, shape)?; // [rows, heads * head_dim]
+    let attn_out = b.linear(&attn, w.o, w.o_bias, c.hidden_size)?; // [rows, hidden]
+    b.add_assign(&mut residual, &attn_out)?;
 
-    let h = b.rms_norm(&residual, w.post_norm, c.rms_norm_eps); // [rows, hidden]
-    let gate = b.linear(&h, w.gate, w.gate_bias, c.intermediate_size); // [rows, ffn]
-    let up = b.linear(&h, w.up, w.up_bias, c.intermediate_size); // [rows, ffn]
-    let act = b.silu_mul(&gate, &up); // [rows, ffn]
-    let mlp_out = b.linear(&act, w.down, w.down_bias, c.hidden_size); // [rows, hidden]
-    b.add_assign(&mut residual, &mlp_out);
-    residual
+    let h = b.rms_norm(&residual, w.post_norm, c.rms_norm_eps)?; // [rows, hidden]
+    let gate = b.linear(&h, w.gate, w.gate_bias, c.intermediate_size)?; // [rows, ffn]
+    let up = b.linear(&h, w.up, w.up_bias, c.intermediate_size)?; // [rows, ffn]
+    let act = b.silu_mul(&gate, &up)?; // [rows, ffn]
+    let mlp_out = b.linear(&act, w.down, w.down_bias, c.hidden_size)?; // [rows, hidden]
+    b.add_assign(&mut residual, &mlp_out)?;
+    Ok(residual)
 }
 
 /// Final RMSNorm of the given rows → `[rows.len(), hidden]`.
@@ -117,7 +117,7 @@ pub(super) fn head_norm<B: Backend>(
     w: &LlamaOuterWeights<'_, B::Weight>,
     x: &B::Tensor,
     rows: &[usize],
-) -> B::Tensor {
-    let last = b.select_rows(x, rows); // [seqs, hidden]
+) -> Result<B::Tensor> {
+    let last = b.select_rows(x, rows)?; // [seqs, hidden]
     b.rms_norm(&last, w.norm, c.rms_norm_eps) // [seqs, hidden]
 }

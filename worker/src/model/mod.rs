@@ -15,11 +15,13 @@
 //! let mut step = model.step(&layout, caches);
 //! let mut x = model.embed(&backend, &outer, &ids, &layout)?;  // [rows, hidden]
 //! for l in 0..model.config().num_layers {
-//!     let lw = LayerWeights::from_lookup(model.config(), l, |n| store.get(n))?;
-//!     x = model.layer(&backend, l, &lw, x, &mut step);          // [rows, hidden]
+//!     let lw = LayerWeights::from_lookup(model.config(), l, |n| Ok(store.get(n)))?;
+//!     x = model.layer(&backend, l, &lw, x, &mut step)?;         // [rows, hidden]
 //! }
-//! let logits = model.head(&backend, &outer, &x, &layout.last_rows()); // [seqs, vocab]
+//! let logits = model.head(&backend, &outer, &x, &layout.last_rows())?; // [seqs, vocab]
 //! ```
+//!
+//! Every op can fail (a device error), so every forward returns [`Result`].
 mod alibi;
 mod bloom;
 mod fused;
@@ -54,9 +56,15 @@ pub enum OuterWeights<'a, W: ?Sized> {
     Bloom(BloomOuterWeights<'a, W>),
 }
 
+/// Finds a tensor by checkpoint name (`Ok(None)`: there is none); a backend's
+/// lookup can fail (see [`Backend::weight`]).
+pub trait Lookup<'a, W: ?Sized + 'a>: Fn(&str) -> Result<Option<&'a W>> {}
+
+impl<'a, W: ?Sized + 'a, F: Fn(&str) -> Result<Option<&'a W>>> Lookup<'a, W> for F {}
+
 impl<'a, W: ?Sized> LayerWeights<'a, W> {
     /// Looks up layer `l`'s tensors by their checkpoint names (in compute layout).
-    pub fn from_lookup(c: &ModelConfig, l: usize, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+    pub fn from_lookup(c: &ModelConfig, l: usize, get: impl Lookup<'a, W>) -> Result<Self> {
         Ok(match c.architecture {
             Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
                 Self::Llama(LlamaLayerWeights::from_lookup(c, l, get)?)
@@ -77,7 +85,7 @@ impl<'a, W: ?Sized> OuterWeights<'a, W> {
         }
     }
 
-    pub fn from_lookup(c: &ModelConfig, get: impl Fn(&str) -> Option<&'a W>) -> Result<Self> {
+    pub fn from_lookup(c: &ModelConfig, get: impl Lookup<'a, W>) -> Result<Self> {
         Ok(match c.architecture {
             Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 => {
                 Self::Llama(LlamaOuterWeights::from_lookup(c, get)?)
@@ -88,28 +96,9 @@ impl<'a, W: ?Sized> OuterWeights<'a, W> {
     }
 }
 
-/// A LayerNorm's scale and shift, each `[dim]`.
-pub struct LayerNormWeights<'a, W: ?Sized> {
-    pub weight: &'a W,
-    pub bias: &'a W,
-}
-
-impl<'a, W: ?Sized> LayerNormWeights<'a, W> {
-    /// `{prefix}.weight` and `{prefix}.bias`.
-    fn from_lookup(get: &impl Fn(&str) -> Option<&'a W>, prefix: &str) -> Result<Self> {
-        Ok(Self {
-            weight: need(get, format!("{prefix}.weight"))?,
-            bias: need(get, format!("{prefix}.bias"))?,
-        })
-    }
-
-    /// `[rows, dim]` → `[rows, dim]`.
-    pub fn forward<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, eps: f32) -> B::Tensor {
-        b.layer_norm(x, self.weight, self.bias, eps)
-    }
-}
-
-/// A linear layer with a bias: weight `[out, in]` (compute layout), bias `[out]`.
+/// A weight and its bias, `{prefix}.weight` and `{prefix}.bias`: a linear layer's
+/// (`[out, in]` in compute layout, `[out]`), or a LayerNorm's scale and shift
+/// (`[dim]` each: the same pair, applied elementwise after normalising).
 pub struct LinearWeights<'a, W: ?Sized> {
     pub weight: &'a W,
     pub bias: &'a W,
@@ -117,21 +106,26 @@ pub struct LinearWeights<'a, W: ?Sized> {
 
 impl<'a, W: ?Sized> LinearWeights<'a, W> {
     /// `{prefix}.weight` and `{prefix}.bias`.
-    fn from_lookup(get: &impl Fn(&str) -> Option<&'a W>, prefix: &str) -> Result<Self> {
+    fn from_lookup(get: &impl Lookup<'a, W>, prefix: &str) -> Result<Self> {
         Ok(Self {
             weight: need(get, format!("{prefix}.weight"))?,
             bias: need(get, format!("{prefix}.bias"))?,
         })
     }
 
-    /// `[rows, in]` → `[rows, out]`.
-    pub fn forward<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, out: usize) -> B::Tensor {
+    /// As a linear layer: `[rows, in]` → `[rows, out]`.
+    pub fn linear<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, out: usize) -> Result<B::Tensor> {
         b.linear(x, self.weight, Some(self.bias), out)
+    }
+
+    /// As a LayerNorm: `[rows, dim]` → `[rows, dim]`.
+    pub fn layer_norm<B: Backend<Weight = W>>(&self, b: &B, x: &B::Tensor, eps: f32) -> Result<B::Tensor> {
+        b.layer_norm(x, self.weight, self.bias, eps)
     }
 }
 
-fn need<'a, W: ?Sized>(get: &impl Fn(&str) -> Option<&'a W>, name: String) -> Result<&'a W> {
-    get(&name).ok_or(WorkerError::MissingWeight(name))
+fn need<'a, W: ?Sized>(get: &impl Lookup<'a, W>, name: String) -> Result<&'a W> {
+    get(&name)?.ok_or(WorkerError::MissingWeight(name))
 }
 
 /// A fused projection `[rows, q_dim + 2 * kv_dim]` → q `[rows, q_dim]`, k and v
@@ -141,10 +135,10 @@ fn split_qkv<B: Backend>(
     qkv: &B::Tensor,
     q_dim: usize,
     kv_dim: usize,
-) -> (B::Tensor, B::Tensor, B::Tensor) {
-    let mut parts = b.split_cols(qkv, &[q_dim, kv_dim, kv_dim]).into_iter();
+) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+    let mut parts = b.split_cols(qkv, &[q_dim, kv_dim, kv_dim])?.into_iter();
     match (parts.next(), parts.next(), parts.next()) {
-        (Some(q), Some(k), Some(v)) => (q, k, v),
+        (Some(q), Some(k), Some(v)) => Ok((q, k, v)),
         _ => panic!("split_cols returns one tensor per width"),
     }
 }
@@ -213,11 +207,11 @@ impl Model {
         layout: &BatchLayout,
     ) -> Result<B::Tensor> {
         let c = &self.config;
-        Ok(match w {
+        match w {
             OuterWeights::Llama(w) => b.embed(w.embed_tokens, ids, c.hidden_size),
-            OuterWeights::Gpt2(w) => gpt2::embed(c, b, w, ids, layout)?,
+            OuterWeights::Gpt2(w) => gpt2::embed(c, b, w, ids, layout),
             OuterWeights::Bloom(w) => bloom::embed(c, b, w, ids),
-        })
+        }
     }
 
     /// One decoder layer: `[rows, hidden]` → `[rows, hidden]`.
@@ -228,7 +222,7 @@ impl Model {
         w: &LayerWeights<'_, B::Weight>,
         x: B::Tensor,
         step: &mut Step<'_, B>,
-    ) -> B::Tensor {
+    ) -> Result<B::Tensor> {
         let c = &self.config;
         match (w, &self.positions) {
             (LayerWeights::Llama(w), _) => llama::decoder_layer(c, b, layer, w, x, step),
@@ -240,15 +234,14 @@ impl Model {
     }
 
     /// Final norm and LM head on the given rows → `[rows.len(), vocab]`.
-    /// Final norm and LM head on the given rows → `[rows.len(), vocab]`.
     pub fn head<B: Backend>(
         &self,
         b: &B,
         w: &OuterWeights<'_, B::Weight>,
         x: &B::Tensor,
         rows: &[usize],
-    ) -> B::Tensor {
-        let normed = self.head_norm(b, w, x, rows); // [rows, hidden]
+    ) -> Result<B::Tensor> {
+        let normed = self.head_norm(b, w, x, rows)?; // [rows, hidden]
         b.linear(&normed, w.lm_head(), None, self.config.vocab_size) // [rows, vocab]
     }
 
@@ -260,13 +253,13 @@ impl Model {
         w: &OuterWeights<'_, B::Weight>,
         x: &B::Tensor,
         rows: &[usize],
-    ) -> B::Tensor {
+    ) -> Result<B::Tensor> {
         let c = &self.config;
         match w {
             OuterWeights::Llama(w) => llama::head_norm(c, b, w, x, rows),
             // GPT-2 and BLOOM: the final LayerNorm `ln_f`.
-            OuterWeights::Gpt2(w) => w.ln_f.forward(b, &b.select_rows(x, rows), c.rms_norm_eps),
-            OuterWeights::Bloom(w) => w.ln_f.forward(b, &b.select_rows(x, rows), c.rms_norm_eps),
+            OuterWeights::Gpt2(w) => w.ln_f.layer_norm(b, &b.select_rows(x, rows)?, c.rms_norm_eps),
+            OuterWeights::Bloom(w) => w.ln_f.layer_norm(b, &b.select_rows(x, rows)?, c.rms_norm_eps),
         }
     }
 }

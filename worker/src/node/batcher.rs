@@ -42,28 +42,6 @@ pub enum Command {
     Source(Arc<dyn WeightSource>),
 }
 
-/// Test hook: step number `after_steps` (counted from 0 over the loop's life)
-/// fails as a backend error in the middle of the forward would; a `fatal` one
-/// fails every later step too (a broken device stays broken).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InjectedStepFault {
-    pub after_steps: u64,
-    pub fatal: bool,
-}
-
-impl InjectedStepFault {
-    /// The error step `step` fails with, if it does.
-    fn at(self, step: u64) -> Option<WorkerError> {
-        let fires = step == self.after_steps || (self.fatal && step > self.after_steps);
-        fires.then(|| WorkerError::Device {
-            op: format!("step {step} (injected fault)"),
-            fatal: self.fatal,
-            source: format!("injected {} backend error", if self.fatal { "fatal" } else { "transient" })
-                .into(),
-        })
-    }
-}
-
 /// Counters the loop keeps for `Stats`.
 #[derive(Debug, Default)]
 pub struct BatchStats {
@@ -86,10 +64,8 @@ pub fn run<B: Backend>(
     rx: Receiver<Command>,
     stats: Arc<BatchStats>,
     step_delay: Duration,
-    fault: Option<InjectedStepFault>,
     fatal: watch::Sender<Option<Arc<WorkerError>>>,
 ) {
-    let mut step_number = 0u64;
     let mut active: HashMap<u64, Active<B>> = HashMap::new();
     let mut source: Option<Arc<dyn WeightSource>> = None;
     loop {
@@ -138,11 +114,7 @@ pub fn run<B: Backend>(
             seqs.push(&mut a.seq);
         }
         let started = std::time::Instant::now();
-        let result = match fault.and_then(|f| f.at(step_number)) {
-            Some(e) => Err(e),
-            None => engine.step_from(&mut seqs, src.as_ref(), false),
-        };
-        step_number += 1;
+        let result = engine.step_from(&mut seqs, src.as_ref(), false);
         stats.step_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         stats.steps.fetch_add(1, Ordering::Relaxed);
         match result {

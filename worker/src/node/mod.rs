@@ -19,12 +19,11 @@ use std::time::Duration;
 
 use zeroshard_offload::ModelConfig;
 
-pub use batcher::InjectedStepFault;
 pub(crate) use batcher::{Command, SeqEvent};
 pub(crate) use state::Node;
 pub use zeroshard_membership::{Announce, Registrar};
 
-use crate::cpu::CpuBackend;
+use crate::cpu::{CpuBackend, StepFault};
 pub use crate::rpc::control::ControlRegistrar;
 pub use crate::rpc::service::run;
 
@@ -60,8 +59,9 @@ pub struct NodeConfig {
     pub corrupt_every: u64,
     /// Test hook: fail every plan installation.
     pub fail_load: bool,
-    /// Test hook: a step that fails as a backend error would.
-    pub step_fault: Option<InjectedStepFault>,
+    /// Test hook: a backend error injected into the CPU backend's `linear`
+    /// (see [`StepFault`]).
+    pub step_fault: Option<StepFault>,
     /// Test hook: sleep this long after every batching step.
     pub step_delay: Duration,
     /// A peer that sends nothing for this long during a fetch has failed (the
@@ -99,6 +99,6 @@ impl NodeConfig {
 
     /// The CPU backend the batching loop computes with.
     pub(crate) fn cpu_backend(&self) -> CpuBackend {
-        CpuBackend
+        self.step_fault.map_or_else(CpuBackend::new, CpuBackend::with_fault)
     }
 }

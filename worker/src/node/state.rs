@@ -27,7 +27,7 @@ use zeroshard_offload::plan::{Assignment, OwnedBytes};
 use zeroshard_offload::shards::HostSlices;
 use zeroshard_offload::Checkpoint;
 
-use super::batcher::{self, BatchStats, Command, InjectedStepFault};
+use super::batcher::{self, BatchStats, Command};
 use super::gather::{GatherStats, Gatherer};
 use super::weights::{ClusterWeights, Prefetch};
 use super::{store, NodeConfig, PlannedModel};
@@ -334,11 +334,11 @@ impl Node {
         let Some((rx, fatal)) = setup.batcher.take() else {
             return Err(WorkerError::InvalidRequest("the batching loop already ended".into()));
         };
-        let (stats, delay, fault) = (self.stats.batch.clone(), self.cfg.step_delay, self.cfg.step_fault);
+        let (stats, delay) = (self.stats.batch.clone(), self.cfg.step_delay);
         let live_bytes = match self.cfg.cuda {
             None => {
                 let engine = Engine::without_weights(self.cfg.cpu_backend(), config);
-                spawn_batcher(engine, rx, stats, delay, fault, fatal)?;
+                spawn_batcher(engine, rx, stats, delay, fatal)?;
                 self.cfg.max_live_bytes
             }
             Some(ordinal) => {
@@ -356,7 +356,7 @@ impl Node {
                     )??;
                 tracing::info!("cuda:{ordinal}: {}", placed.summary);
                 let engine = Engine::without_weights(placed.backend, config);
-                spawn_batcher(engine, rx, stats, delay, fault, fatal)?;
+                spawn_batcher(engine, rx, stats, delay, fatal)?;
                 placed.budget.resident_bytes
             }
         };
@@ -371,12 +371,11 @@ fn spawn_batcher<B: Backend + 'static>(
     rx: Receiver<Command>,
     stats: Arc<BatchStats>,
     delay: Duration,
-    fault: Option<InjectedStepFault>,
     fatal: FatalSender,
 ) -> Result<()> {
     std::thread::Builder::new()
         .name("batcher".into())
-        .spawn(move || batcher::run(engine, rx, stats, delay, fault, fatal))
+        .spawn(move || batcher::run(engine, rx, stats, delay, fatal))
         .map_err(|e| WorkerError::Task { what: "batcher thread", source: e.into() })?;
     Ok(())
 }

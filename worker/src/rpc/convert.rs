@@ -24,7 +24,7 @@ pub(crate) fn status(e: &WorkerError) -> Status {
         E::Plan(_) => Status::invalid_argument(msg),
         E::Epoch(_) => Status::failed_precondition(msg),
         E::Gather(_) | E::Rpc { .. } | E::Membership { .. } | E::Device { .. } => Status::unavailable(msg),
-        E::Offload(_) | E::Shard(_) | E::MissingWeight(_) | E::Backend(_) | E::Io { .. } | E::Task { .. } => {
+        E::Offload(_) | E::Shard(_) | E::MissingWeight(_) | E::Setup(_) | E::Io { .. } | E::Task { .. } => {
             Status::internal(msg)
         }
     }
