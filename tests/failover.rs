@@ -498,8 +498,9 @@ fn a_fatal_step_error_makes_the_worker_leave_and_exit() {
         assert_eq!(got.tokens, want, "a stream resumed after a fatal step error differs");
     }
     let status = fleet.wait_worker_exit(0, Duration::from_secs(30)).expect("the faulty worker exits");
+    let worst = all.iter().filter_map(|g| g.gaps[1..].iter().max().copied()).max().unwrap_or_default();
     eprintln!(
-        "fatal step error: worker exited with {status} within {:?} of the first request",
+        "fatal step error: worker exited with {status} within {:?} of the first request; longest pause {worst:?}",
         started.elapsed()
     );
     assert!(!status.success(), "a worker that left after a fatal error must exit non-zero: {status}");

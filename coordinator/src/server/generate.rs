@@ -138,6 +138,9 @@ impl Run<'_> {
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
                     return Err(CoordinatorError::InvalidRequest(s.message().to_string()))
                 }
+                Err(s) if s.code() == tonic::Code::Aborted => {
+                    return Ok(Attempt::StepFailed(format!("{}: {}", worker.id, s.message())))
+                }
                 Err(s) => return Ok(Attempt::Failed(format!("{}: {}", worker.id, s.message()))),
             };
             if self.first {
@@ -191,9 +194,15 @@ const RESUME_PATIENCE: Duration = Duration::from_secs(120);
 enum Attempt {
     /// Finished (or the client left).
     Done,
-    /// The worker failed or was lost; resume elsewhere.
+    /// The worker failed or was lost; resume elsewhere once membership
+    /// changes (or a second has passed).
     Failed(String),
+    /// The worker is alive but one of its steps failed (ABORTED): resume at once.
+    StepFailed(String),
 }
+
+/// Resumptions in a row after failed steps that do not wait for a change.
+const QUICK_RESUMES: u32 = 2;
 
 async fn run_inner(
     coord: &Coordinator,
@@ -212,6 +221,7 @@ async fn run_inner(
         start,
     };
     let deadline = start + RESUME_PATIENCE;
+    let mut quick = 0;
     while run.finish.is_none() {
         let mut changes = coord.0.changes.subscribe();
         let (plan, worker) = match coord.least_loaded() {
@@ -230,7 +240,17 @@ async fn run_inner(
         };
         match run.attempt(coord, &v, &plan, &worker, out, &mut changes).await? {
             Attempt::Done => break,
-            Attempt::Failed(why) => {
+            Attempt::StepFailed(why) if quick < QUICK_RESUMES => {
+                quick += 1;
+                tracing::warn!(
+                    "a step failed on {} ({why}); resuming after {} tokens",
+                    worker.id,
+                    run.produced.len()
+                );
+                coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
+            }
+            Attempt::Failed(why) | Attempt::StepFailed(why) => {
+                quick = 0;
                 tracing::warn!(
                     "sequence on {} failed ({why}); resuming after {} tokens",
                     worker.id,

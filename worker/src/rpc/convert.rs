@@ -12,8 +12,9 @@ use crate::error::{Result, WorkerError};
 use crate::node::{PlannedModel, SeqEvent};
 
 /// The status a caller gets for `e`: its fault (INVALID_ARGUMENT, NOT_FOUND,
-/// FAILED_PRECONDITION), a member that cannot serve now (UNAVAILABLE: the
-/// coordinator resumes the sequence elsewhere), or this worker's (INTERNAL).
+/// FAILED_PRECONDITION), a step that failed on a device still in use (ABORTED:
+/// the coordinator resumes the sequence at once), a member that cannot serve
+/// now (UNAVAILABLE: resumed once membership changes), or this worker's (INTERNAL).
 pub(crate) fn status(e: &WorkerError) -> Status {
     use WorkerError as E;
     let msg = e.to_string();
@@ -23,6 +24,7 @@ pub(crate) fn status(e: &WorkerError) -> Status {
         E::Shard(ShardError::InvalidRange { .. }) => Status::invalid_argument(msg),
         E::Plan(_) => Status::invalid_argument(msg),
         E::Epoch(_) => Status::failed_precondition(msg),
+        E::Device { fatal: false, .. } => Status::aborted(msg),
         E::Gather(_) | E::Rpc { .. } | E::Membership { .. } | E::Device { .. } => Status::unavailable(msg),
         E::Offload(_) | E::Shard(_) | E::MissingWeight(_) | E::Setup(_) | E::Io { .. } | E::Task { .. } => {
             Status::internal(msg)
