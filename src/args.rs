@@ -8,13 +8,13 @@ use zeroshard_worker::local::Device;
 /// Serve large language models from workers that each hold a slice of every weight.
 #[derive(Parser, Debug)]
 #[command(name = "zeroshard", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Generate text from a Hugging Face model folder on this machine.
     Generate(GenerateArgs),
     /// Measure prefill and decode throughput per batch size.
@@ -32,7 +32,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct ClusterArgs {
+pub(crate) struct ClusterArgs {
     /// Hugging Face model folder (read by the coordinator; workers map it too unless --pull).
     #[arg(long, env = "ZEROSHARD_MODEL")]
     pub model: PathBuf,
@@ -53,7 +53,7 @@ pub struct ClusterArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct EtcdArgs {
+pub(crate) struct EtcdArgs {
     /// etcd endpoints, comma-separated (http://10.0.0.5:2379,...): workers
     /// register there and the coordinator keeps the plan there. Without it,
     /// membership is embedded in the coordinator.
@@ -67,7 +67,7 @@ pub struct EtcdArgs {
 /// Where the engine computes and how it places weights: one group for
 /// `generate`, `bench`, `up` and `worker`.
 #[derive(Args, Debug, Clone, PartialEq)]
-pub struct PlacementArgs {
+pub(crate) struct PlacementArgs {
     /// Where to compute: auto (CUDA device 0 when CUDA is present, else the
     /// CPU), cpu, cuda[:N].
     #[arg(long, default_value = "auto", env = "ZEROSHARD_DEVICE")]
@@ -91,7 +91,7 @@ pub struct PlacementArgs {
 
 /// How a cluster worker gathers from its peers.
 #[derive(Args, Debug, Clone, PartialEq)]
-pub struct GatherArgs {
+pub(crate) struct GatherArgs {
     /// Bytes gathered ahead beyond the first prefetched layer (keeps a large
     /// head or layer from stacking with the next ones in memory).
     #[arg(long, default_value_t = 24 << 20, env = "ZEROSHARD_PREFETCH_BYTES")]
@@ -104,7 +104,7 @@ pub struct GatherArgs {
 
 /// What every worker of a cluster is started with (`up`, `worker`, `bench --workers`).
 #[derive(Args, Debug, Clone, PartialEq)]
-pub struct WorkerTuning {
+pub(crate) struct WorkerTuning {
     #[command(flatten)]
     pub placement: PlacementArgs,
     #[command(flatten)]
@@ -116,7 +116,7 @@ impl WorkerTuning {
     /// device already resolved (`cpu` or `cuda:N`). Every field is written;
     /// a test parses them back into an equal value, so a field added here and
     /// not carried fails it.
-    pub fn to_args(&self, cuda: Option<usize>) -> Vec<String> {
+    pub(crate) fn to_args(&self, cuda: Option<usize>) -> Vec<String> {
         let WorkerTuning {
             placement: PlacementArgs { device: _, gpu_memory, max_live_bytes, prefetch_layers },
             gather: GatherArgs { prefetch_bytes, fetch_timeout_ms },
@@ -134,7 +134,7 @@ impl WorkerTuning {
 }
 
 #[derive(Args, Debug)]
-pub struct UpArgs {
+pub(crate) struct UpArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Worker processes to start.
@@ -148,7 +148,7 @@ pub struct UpArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct CoordinatorArgs {
+pub(crate) struct CoordinatorArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Workers to wait for before planning the partition.
@@ -165,7 +165,7 @@ pub struct CoordinatorArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct WorkerArgs {
+pub(crate) struct WorkerArgs {
     /// The coordinator to register with (embedded membership), e.g.
     /// http://10.0.0.1:50051. Not needed with --etcd.
     #[arg(long, env = "ZEROSHARD_COORDINATOR", required_unless_present = "etcd")]
@@ -205,7 +205,7 @@ pub struct WorkerArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct QueryArgs {
+pub(crate) struct QueryArgs {
     /// The cluster, as `up` prints it: grpc://HOST:PORT.
     #[arg(long, env = "ZEROSHARD_ENDPOINT")]
     pub endpoint: String,
@@ -226,7 +226,7 @@ pub struct QueryArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     #[arg(long, env = "ZEROSHARD_ENDPOINT")]
     pub endpoint: String,
     /// Print JSON.
@@ -236,7 +236,7 @@ pub struct StatusArgs {
 
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
-pub struct PromptArgs {
+pub(crate) struct PromptArgs {
     /// Prompt text (tokenized with the tokenizer's default special tokens, e.g.
     /// BOS). `generate` takes it several times to decode the prompts together
     /// in one batch; `query` takes one.
@@ -248,7 +248,7 @@ pub struct PromptArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct SamplingArgs {
+pub(crate) struct SamplingArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
@@ -276,7 +276,7 @@ pub struct SamplingArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct GenerateArgs {
+pub(crate) struct GenerateArgs {
     /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long, env = "ZEROSHARD_MODEL")]
     pub model: PathBuf,
@@ -296,7 +296,7 @@ pub struct GenerateArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Hugging Face model folder to measure.
     #[arg(long, conflicts_with = "synthetic")]
     pub model: Option<PathBuf>,
@@ -327,7 +327,7 @@ pub struct BenchArgs {
 }
 
 /// `1,2,3` → ids, naming the bad entry.
-pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
+pub(crate) fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(str::trim)
         .enumerate()
@@ -338,7 +338,7 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
 }
 
 /// `1,8,32` → sizes (each > 0).
-pub fn parse_list(s: &str) -> Result<Vec<usize>> {
+pub(crate) fn parse_list(s: &str) -> Result<Vec<usize>> {
     let v: Vec<usize> = s.split(',').map(|t| t.trim().parse()).collect::<Result<_, _>>()?;
     if v.is_empty() || v.contains(&0) {
         bail!("expected comma-separated positive integers, got \"{s}\"");

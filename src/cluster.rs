@@ -59,7 +59,7 @@ async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))
 }
 
-pub fn up(a: UpArgs) -> Result<()> {
+pub(crate) fn up(a: UpArgs) -> Result<()> {
     let cuda = a.tuning.placement.device.resolve()?;
     if a.workers == 0 {
         bail!("--workers must be at least 1");
@@ -80,7 +80,7 @@ pub fn up(a: UpArgs) -> Result<()> {
     })
 }
 
-pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
+pub(crate) fn coordinator(a: CoordinatorArgs) -> Result<()> {
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
         let local = listener.local_addr()?;
@@ -117,7 +117,7 @@ pub fn coordinator(a: CoordinatorArgs) -> Result<()> {
     })
 }
 
-pub fn worker(a: WorkerArgs) -> Result<()> {
+pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
     let (p, g) = (&a.tuning.placement, &a.tuning.gather);
     let cuda = p.device.resolve()?;
     if a.lease_ttl_secs == 0 {
@@ -160,7 +160,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     })
 }
 
-pub fn query(a: QueryArgs) -> Result<()> {
+pub(crate) fn query(a: QueryArgs) -> Result<()> {
     let prompt = match (a.prompt.prompt.as_slice(), a.prompt.prompt_ids.as_slice()) {
         ([text], []) => Prompt::Text(text.clone()),
         ([], [ids]) => Prompt::Ids(args::parse_ids(ids)?),
@@ -192,7 +192,7 @@ pub fn query(a: QueryArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn status(a: StatusArgs) -> Result<()> {
+pub(crate) fn status(a: StatusArgs) -> Result<()> {
     let s = runtime()?.block_on(client::status(&a.endpoint))?;
     if a.json {
         let workers: Vec<serde_json::Value> = s
@@ -248,7 +248,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
 }
 
 /// `bench --workers N`: a local cluster under load (see `cluster_bench`).
-pub fn bench(a: BenchArgs) -> Result<()> {
+pub(crate) fn bench(a: BenchArgs) -> Result<()> {
     use zeroshard_coordinator::cluster_bench;
     use zeroshard_offload::synthetic;
     let cuda = a.tuning.placement.device.resolve()?;

@@ -19,7 +19,7 @@ use zeroshard_worker::local::{self, AnyEngine, Device, GpuOptions, Workload};
 use zeroshard_worker::{with_engine, Backend};
 
 /// A model loaded whole into this process.
-pub struct LocalModel {
+pub(crate) struct LocalModel {
     dir: PathBuf,
     engine: AnyEngine,
     tokenizer: Option<Tokenizer>,
@@ -29,7 +29,7 @@ pub struct LocalModel {
 impl LocalModel {
     /// Loads `dir` (config, weights, and `tokenizer.json` when present) onto
     /// `device`, sized for `work` when that is a GPU.
-    pub fn load(dir: &Path, device: Device, gpu: &GpuOptions, work: Workload) -> Result<Self> {
+    pub(crate) fn load(dir: &Path, device: Device, gpu: &GpuOptions, work: Workload) -> Result<Self> {
         let ordinal = device.resolve()?; // before reading anything: a missing GPU fails fast
         let device = ordinal.map_or(Device::Cpu, Device::Cuda);
         let (config, weights) = local::load_weights(dir)?;
@@ -41,7 +41,7 @@ impl LocalModel {
         Ok(model)
     }
 
-    pub fn from_parts(dir: &Path, engine: AnyEngine, tokenizer: Option<Tokenizer>) -> Self {
+    pub(crate) fn from_parts(dir: &Path, engine: AnyEngine, tokenizer: Option<Tokenizer>) -> Self {
         Self { dir: dir.to_path_buf(), engine, tokenizer, gpu_summary: None }
     }
 
@@ -52,7 +52,7 @@ impl LocalModel {
     }
 
     /// Token ids of a prompt.
-    pub fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+    pub(crate) fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         match prompt {
             Prompt::Ids(ids) => Ok(ids.clone()),
             Prompt::Text(text) => Ok(self.need_tokenizer()?.encode(text)?),
@@ -62,7 +62,7 @@ impl LocalModel {
     /// Generates several sequences decoded together: one forward per step serves
     /// every active sequence, and each leaves the batch when it finishes.
     /// `on_text(i, delta)` streams request `i`'s text.
-    pub fn generate_batch(
+    pub(crate) fn generate_batch(
         &self,
         reqs: &[GenerateRequest],
         keep_logits: bool,

@@ -35,7 +35,7 @@ impl From<pb::Timings> for Timings {
 }
 
 /// The `--json` name of a finish reason.
-pub fn finish_reason_str(r: i32) -> &'static str {
+pub(crate) fn finish_reason_str(r: i32) -> &'static str {
     match pb::FinishReason::try_from(r).unwrap_or(pb::FinishReason::Unspecified) {
         pb::FinishReason::Length => "length",
         pb::FinishReason::Eos => "eos",

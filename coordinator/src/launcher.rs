@@ -17,7 +17,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
 /// The line a worker prints on stdout once it serves: `listening grpc://HOST:PORT`.
-pub const READY_PREFIX: &str = "listening ";
+pub(crate) const READY_PREFIX: &str = "listening ";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {

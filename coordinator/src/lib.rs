@@ -18,7 +18,7 @@ pub mod client;
 pub mod cluster_bench;
 mod convert;
 mod error;
-pub mod launcher;
+mod launcher;
 pub mod membership;
 pub mod request;
 pub mod server;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::bin;
 
-pub struct Cluster {
+pub(crate) struct Cluster {
     child: Child,
     pub endpoint: String,
 }
@@ -16,12 +16,12 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `zeroshard up --listen 127.0.0.1:0 <args>` and waits (≤ 120 s) for
     /// its ready line.
-    pub fn up(args: &[&str]) -> Self {
+    pub(crate) fn up(args: &[&str]) -> Self {
         Self::up_with(bin(), args)
     }
 
     /// [`Self::up`] from a prepared command (environment, e.g. fault injection).
-    pub fn up_with(mut cmd: std::process::Command, args: &[&str]) -> Self {
+    pub(crate) fn up_with(mut cmd: std::process::Command, args: &[&str]) -> Self {
         let mut child = cmd
             .arg("up")
             .args(["--listen", "127.0.0.1:0"])
@@ -41,7 +41,7 @@ impl Cluster {
     }
 
     /// `up` that is expected to fail: returns (exit code, stderr).
-    pub fn up_fails_with(mut cmd: std::process::Command, args: &[&str]) -> (Option<i32>, String) {
+    pub(crate) fn up_fails_with(mut cmd: std::process::Command, args: &[&str]) -> (Option<i32>, String) {
         let out = cmd
             .arg("up")
             .args(["--listen", "127.0.0.1:0"])
@@ -52,12 +52,12 @@ impl Cluster {
         (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// SIGTERM, and wait for a clean exit.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub(crate) fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().expect("wait up");
@@ -76,7 +76,7 @@ impl Drop for Cluster {
 
 /// The endpoint of the `ready grpc://HOST:PORT` line `child` prints on its piped
 /// stdout, within 120 s.
-pub fn ready_line(child: &mut Child) -> Option<String> {
+pub(crate) fn ready_line(child: &mut Child) -> Option<String> {
     let stdout = child.stdout.take().expect("stdout piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -90,7 +90,7 @@ pub fn ready_line(child: &mut Child) -> Option<String> {
 }
 
 /// Pids of live processes whose parent is `parent`.
-pub fn children_of(parent: u32) -> Vec<u32> {
+pub(crate) fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {

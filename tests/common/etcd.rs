@@ -27,7 +27,7 @@ struct EtcdMember {
 }
 
 /// A running etcd (one member or a cluster).
-pub struct Etcd {
+pub(crate) struct Etcd {
     dir: TempDir,
     binary: PathBuf,
     initial_cluster: String,
@@ -36,14 +36,14 @@ pub struct Etcd {
 
 impl Etcd {
     /// One member.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_cluster(1)
     }
 
     /// `n` members forming one cluster; returns once every member is healthy.
     /// A port taken between choosing it and etcd binding it (other tests open
     /// connections from ephemeral ports) means new ports and another try.
-    pub fn start_cluster(n: usize) -> Self {
+    pub(crate) fn start_cluster(n: usize) -> Self {
         for attempt in 1..=5 {
             let mut etcd = Self::spawn_cluster(n);
             match (0..n).try_for_each(|i| etcd.healthy_within(i)) {
@@ -81,16 +81,16 @@ impl Etcd {
     }
 
     /// `http://127.0.0.1:PORT` of every member.
-    pub fn client_urls(&self) -> Vec<String> {
+    pub(crate) fn client_urls(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.client_url(i)).collect()
     }
 
-    pub fn client_url(&self, i: usize) -> String {
+    pub(crate) fn client_url(&self, i: usize) -> String {
         format!("http://127.0.0.1:{}", self.members[i].client_port)
     }
 
     /// Kills member `i` (SIGKILL) and waits for it to exit; its data stays.
-    pub fn stop(&mut self, i: usize) {
+    pub(crate) fn stop(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -98,7 +98,7 @@ impl Etcd {
     }
 
     /// Starts member `i` again on its data dir and ports; returns once healthy.
-    pub fn restart(&mut self, i: usize) {
+    pub(crate) fn restart(&mut self, i: usize) {
         self.stop(i);
         self.spawn(i);
         self.wait_healthy(i);
@@ -184,7 +184,7 @@ fn etcd_binary() -> PathBuf {
 }
 
 /// A loopback port nothing listens on (free when asked).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
 }
 

@@ -12,11 +12,11 @@ use super::etcd::Etcd;
 use super::{bin, run_json};
 
 /// Lease TTL the fleets under test use, seconds.
-pub const LEASE_TTL_SECS: u64 = 2;
+pub(crate) const LEASE_TTL_SECS: u64 = 2;
 /// Fetch timeout of their workers, milliseconds.
-pub const FETCH_TIMEOUT_MS: u64 = 1000;
+pub(crate) const FETCH_TIMEOUT_MS: u64 = 1000;
 
-pub struct Fleet {
+pub(crate) struct Fleet {
     pub etcd: Etcd,
     model: PathBuf,
     cluster: String,
@@ -39,7 +39,7 @@ fn kill(child: &mut Child) {
 impl Fleet {
     /// etcd (`etcd`), `workers` workers, and a coordinator waiting for them,
     /// returned once the coordinator prints its ready line.
-    pub fn start(
+    pub(crate) fn start(
         etcd: Etcd,
         model: PathBuf,
         workers: usize,
@@ -79,7 +79,7 @@ impl Fleet {
     /// Starts the coordinator and waits (≤ 120 s) for `ready grpc://…`. A
     /// restarted coordinator listens on the same address as before, as a
     /// coordinator behind a fixed address or DNS name would.
-    pub fn start_coordinator(&mut self) {
+    pub(crate) fn start_coordinator(&mut self) {
         let listen = match self.endpoint.strip_prefix("grpc://") {
             Some(addr) => addr.to_string(),
             None => "127.0.0.1:0".to_string(),
@@ -99,7 +99,7 @@ impl Fleet {
     }
 
     /// Like [`Fleet::start`], with `extra[i]` added to worker `i`'s arguments.
-    pub fn start_each(etcd: Etcd, model: PathBuf, worker_args: &[&str], extra: &[&[&str]]) -> Self {
+    pub(crate) fn start_each(etcd: Etcd, model: PathBuf, worker_args: &[&str], extra: &[&[&str]]) -> Self {
         let cluster = format!("test-{}-{}", std::process::id(), super::etcd::free_port());
         let mut f = Self {
             etcd,
@@ -119,12 +119,16 @@ impl Fleet {
     }
 
     /// Starts one more worker; returns its index.
-    pub fn add_worker(&mut self) -> usize {
+    pub(crate) fn add_worker(&mut self) -> usize {
         self.add_worker_with(&[])
     }
 
     /// Waits (≤ `within`) for worker `i` to exit by itself; its status.
-    pub fn wait_worker_exit(&mut self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) fn wait_worker_exit(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + within;
         let child = self.workers[i].as_mut()?;
         while std::time::Instant::now() < deadline {
@@ -138,7 +142,7 @@ impl Fleet {
     }
 
     /// Starts one more worker with `extra` arguments; returns its index.
-    pub fn add_worker_with(&mut self, extra: &[&str]) -> usize {
+    pub(crate) fn add_worker_with(&mut self, extra: &[&str]) -> usize {
         let child = bin()
             .args(["worker", "--listen", "127.0.0.1:0"])
             .args(["--fetch-timeout-ms", &FETCH_TIMEOUT_MS.to_string()])
@@ -154,43 +158,43 @@ impl Fleet {
         self.workers.len() - 1
     }
 
-    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+    pub(crate) fn worker_pid(&self, i: usize) -> Option<u32> {
         self.workers[i].as_ref().map(Child::id)
     }
 
     /// Live worker indices.
-    pub fn live_workers(&self) -> Vec<usize> {
+    pub(crate) fn live_workers(&self) -> Vec<usize> {
         (0..self.workers.len()).filter(|i| self.workers[*i].is_some()).collect()
     }
 
     /// SIGKILL to worker `i`.
-    pub fn kill_worker(&mut self, i: usize) {
+    pub(crate) fn kill_worker(&mut self, i: usize) {
         if let Some(mut c) = self.workers[i].take() {
             kill(&mut c);
         }
     }
 
     /// SIGSTOP to worker `i` (a hung worker); it is killed on drop.
-    pub fn stop_worker(&mut self, i: usize) {
+    pub(crate) fn stop_worker(&mut self, i: usize) {
         let pid = self.worker_pid(i).expect("live worker");
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
     }
 
     /// SIGKILL to the coordinator.
-    pub fn kill_coordinator(&mut self) {
+    pub(crate) fn kill_coordinator(&mut self) {
         if let Some(mut c) = self.coordinator.take() {
             kill(&mut c);
         }
     }
 
     /// `status --json`.
-    pub fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> Value {
         run_json(&["status", "--endpoint", &self.endpoint, "--json"]).remove(0)
     }
 
     /// Polls `status` until `cond` holds (≤ `within`); returns that status.
-    pub fn wait_status(&self, within: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_status(&self, within: Duration, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
         let deadline = std::time::Instant::now() + within;
         loop {
             let s = self.status();
@@ -203,7 +207,7 @@ impl Fleet {
     }
 
     /// The index of a worker process whose address status lists with `active_sequences > 0`.
-    pub fn worker_index_by_port(&self, address: &str) -> Option<usize> {
+    pub(crate) fn worker_index_by_port(&self, address: &str) -> Option<usize> {
         let port = address.rsplit(':').next()?.to_string();
         (0..self.workers.len()).find(|&i| {
             let Some(pid) = self.worker_pid(i) else { return false };
@@ -223,7 +227,7 @@ impl Drop for Fleet {
 
 /// TCP ports process `pid` listens on (from /proc: its socket inodes matched
 /// against /proc/net/tcp listening entries).
-pub fn listening_ports(pid: u32) -> Vec<u16> {
+pub(crate) fn listening_ports(pid: u32) -> Vec<u16> {
     let mut inodes = std::collections::HashSet::new();
     if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for fd in fds.flatten() {

@@ -2,9 +2,9 @@
 //! run the real `zeroshard` binary.
 #![allow(dead_code)]
 
-pub mod cluster;
-pub mod etcd;
-pub mod fleet;
+pub(crate) mod cluster;
+pub(crate) mod etcd;
+pub(crate) mod fleet;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,7 +13,7 @@ use serde_json::Value;
 
 /// The shared fixture folder: `$ZEROSHARD_SHARED`, else `../shared` beside the
 /// checkout. Panics with what is missing when it is absent.
-pub fn shared() -> PathBuf {
+pub(crate) fn shared() -> PathBuf {
     let dir = std::env::var_os("ZEROSHARD_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
@@ -25,28 +25,28 @@ pub fn shared() -> PathBuf {
     dir
 }
 
-pub fn model(name: &str) -> PathBuf {
+pub(crate) fn model(name: &str) -> PathBuf {
     let p = shared().join("models").join(name);
     assert!(p.is_dir(), "fixture model missing: {}", p.display());
     p
 }
 
-pub fn read_json(path: &Path) -> Value {
+pub(crate) fn read_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
-pub fn bin() -> Command {
+pub(crate) fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_zeroshard"))
 }
 
 /// Runs the binary with `args`; returns its output.
-pub fn run(args: &[&str]) -> Output {
+pub(crate) fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("spawn zeroshard")
 }
 
 /// Runs the binary, requires success, parses each stdout line as JSON.
-pub fn run_json(args: &[&str]) -> Vec<Value> {
+pub(crate) fn run_json(args: &[&str]) -> Vec<Value> {
     let out = run(args);
     assert!(out.status.success(), "zeroshard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout)
@@ -57,21 +57,21 @@ pub fn run_json(args: &[&str]) -> Vec<Value> {
 }
 
 /// Runs the binary, requires failure; returns stderr.
-pub fn run_err(args: &[&str]) -> String {
+pub(crate) fn run_err(args: &[&str]) -> String {
     let out = run(args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "zeroshard {args:?} should fail, printed {stderr}");
     stderr
 }
 
-pub fn ids_of(v: &Value) -> Vec<u32> {
+pub(crate) fn ids_of(v: &Value) -> Vec<u32> {
     v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
-pub fn ids_arg(ids: &[u32]) -> String {
+pub(crate) fn ids_arg(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
-pub fn floats_of(v: &Value) -> Vec<f32> {
+pub(crate) fn floats_of(v: &Value) -> Vec<f32> {
     v.as_array().expect("array of floats").iter().map(|x| x.as_f64().expect("float") as f32).collect()
 }

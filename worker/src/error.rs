@@ -9,7 +9,7 @@ use zeroshard_offload::OffloadError;
 
 /// A boxed error from a dependency whose type should not leak into this crate's
 /// API (a gRPC transport, etcd).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {

@@ -1,20 +1,17 @@
 //! The zeroshard engine: model definitions written once against the [`Backend`]
-//! op trait, the CPU backend, the KV cache, the batching step and sampling.
+//! op trait, the CPU and CUDA backends, the KV cache, the batching step and
+//! sampling; and the cluster worker built on it.
 //!
-//! - [`backend`]: the op trait and the batch layout.
-//! - [`cpu`]: the CPU backend (the reference).
-//! - [`cuda`]: the CUDA backend (cudarc, loaded at run time; [`cuda::probe`] first).
-//! - [`placement`]: sizing device memory and placing a model, or a cluster
-//!   worker, on a GPU.
-//! - [`model`]: the Llama family, computing a layer from borrowed weights.
-//! - [`weights`]: a host store of f16 tensors (whole model, or gathered layers).
-//! - [`engine`]: sequences, the batched step, sampling and stop conditions.
-//! - [`local`]: a whole model in this process on a chosen [`Device`](local::Device)
-//!   (`generate`); [`bench`]: its throughput per batch size.
-//! - [`node`]: a cluster worker: plans, gathers, the batching loop; its gRPC
-//!   edge is the private `rpc` module, the only one naming protobuf types.
-//! - [`sampling`]: greedy, temperature, top-k, top-p, repetition penalty.
-pub mod backend;
+//! Public: [`engine`] (sequences and the batched step), [`local`] (a whole
+//! model in this process on a chosen [`Device`](local::Device), for
+//! `generate`), [`bench`], [`cpu`] (the reference backend, and its fault
+//! injector for tests), [`cuda`] (cudarc, loaded at run time; [`cuda::probe`]
+//! first), [`node`] (a cluster worker: plans, gathers, the batching loop).
+//! Private: `backend` (the op trait), `model` (Llama, GPT-2, BLOOM computing a
+//! layer from borrowed weights), `weights` and `source` (where a step's weights
+//! come from), `placement` (sizing device memory), `sampling`, `pinned`, and
+//! `rpc`, the gRPC edge: the only module that names protobuf types.
+mod backend;
 
 pub mod bench;
 pub mod cpu;
@@ -22,15 +19,15 @@ pub mod cuda;
 pub mod engine;
 mod error;
 pub mod local;
-pub mod model;
+mod model;
 pub mod node;
-pub mod pinned;
-pub mod placement;
+mod pinned;
+mod placement;
 mod rpc;
-pub mod sampling;
-pub mod source;
+mod sampling;
+mod source;
 mod sync;
-pub mod weights;
+mod weights;
 
 pub use backend::Backend;
 pub use error::{Result, WorkerError};

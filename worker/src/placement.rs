@@ -24,7 +24,7 @@ use crate::weights::HostWeights;
 
 /// The device memory a run may use, and what it will hold.
 #[derive(Clone, Debug)]
-pub struct GpuPlacement {
+pub(crate) struct GpuPlacement {
     /// Device bytes to use in all (default: 90% of what is free).
     pub gpu_memory: Option<u64>,
     /// Device bytes of resident layers at most (default: what `gpu_memory` leaves).
@@ -41,16 +41,16 @@ pub struct GpuPlacement {
 
 /// Sequences a cluster worker's device memory is sized for: its batches are
 /// not known ahead (the KV cache grows past this on demand, if memory allows).
-pub const CLUSTER_SEQS: usize = 16;
+pub(crate) const CLUSTER_SEQS: usize = 16;
 /// Tokens per sequence a cluster worker's KV cache is sized for (at most the
 /// model's context).
-pub const CLUSTER_TOKENS_PER_SEQ: usize = 1024;
+pub(crate) const CLUSTER_TOKENS_PER_SEQ: usize = 1024;
 
 impl GpuPlacement {
     /// A cluster worker's placement: `max_live_bytes` of resident layers at
     /// most (0: every layer streams through the staging ring), the KV cache and
     /// activations for [`CLUSTER_SEQS`] sequences of [`CLUSTER_TOKENS_PER_SEQ`].
-    pub fn cluster_worker(
+    pub(crate) fn cluster_worker(
         config: &ModelConfig,
         gpu_memory: Option<u64>,
         max_live_bytes: u64,
@@ -69,11 +69,9 @@ impl GpuPlacement {
 }
 
 /// A backend placed for a model, and how.
-pub struct Placed {
+pub(crate) struct Placed {
     pub backend: CudaBackend,
     pub budget: GpuBudget,
-    /// Layers resident on the device (the first ones).
-    pub resident_layers: usize,
     /// Bytes copied host → device per step (the streamed layers).
     pub streamed_bytes_per_step: u64,
     /// One line: layers resident and streamed, ring, memory.
@@ -83,12 +81,12 @@ pub struct Placed {
 const MIB: f64 = (1u64 << 20) as f64;
 
 /// The largest head the CUDA attention kernel takes (its `MAX_HEAD_DIM`).
-pub const HEAD_DIM_MAX: usize = 256;
+pub(crate) const HEAD_DIM_MAX: usize = 256;
 
 /// What `config` needs on the device for `p` (activation workspace estimated
 /// from the largest step: ~12 f16 values per hidden unit and row, the logits,
 /// and 64 MiB for cuBLAS and the pool's rounding).
-pub fn gpu_demand(config: &ModelConfig, p: &GpuPlacement) -> GpuDemand {
+pub(crate) fn gpu_demand(config: &ModelConfig, p: &GpuPlacement) -> GpuDemand {
     let outer: usize = tensor_specs(config).iter().filter(|s| s.layer.is_none()).map(|s| s.numel()).sum();
     let kv = p.kv_tokens as u64 * config.num_layers as u64 * 2 * config.kv_dim() as u64 * 2;
     let per_row =
@@ -106,7 +104,7 @@ pub fn gpu_demand(config: &ModelConfig, p: &GpuPlacement) -> GpuDemand {
 /// Sizes device memory for `config` on device `ordinal`, opens the backend, and
 /// moves `weights` to pinned host memory when some layers will be streamed.
 /// Refuses with the numbers when not even one layer fits.
-pub fn place_on_gpu(
+pub(crate) fn place_on_gpu(
     ordinal: usize,
     config: &ModelConfig,
     weights: &mut HostWeights,
@@ -126,7 +124,7 @@ pub fn place_on_gpu(
 /// step: the resident ones (`p.max_live_bytes`) are copied once, the others go
 /// through the staging ring from pageable memory. Refuses with the numbers when
 /// not even one layer fits.
-pub fn open_for_cluster(ordinal: usize, config: &ModelConfig, p: &GpuPlacement) -> Result<Placed> {
+pub(crate) fn open_for_cluster(ordinal: usize, config: &ModelConfig, p: &GpuPlacement) -> Result<Placed> {
     let (backend, budget, demand, gpu_memory) = open_sized(ordinal, config, p)?;
     Ok(placed(backend, budget, &demand, gpu_memory, "gathered"))
 }
@@ -207,13 +205,7 @@ fn placed(
         demand.kv_bytes as f64 / MIB,
         gpu_memory as f64 / MIB,
     );
-    Placed {
-        backend,
-        resident_layers: budget.resident_layers,
-        streamed_bytes_per_step: streamed,
-        budget,
-        summary,
-    }
+    Placed { backend, streamed_bytes_per_step: streamed, budget, summary }
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@
 //! tokens on every platform and version (up to the last bit of the platform's
 //! `exp`, which only matters for a draw landing exactly on a boundary).
 
-pub use zeroshard_offload::request::SamplingParams;
+pub(crate) use zeroshard_offload::request::SamplingParams;
 
 /// A token still in the running.
 #[derive(Clone, Copy, Debug)]
@@ -39,7 +39,7 @@ struct Candidate {
 
 /// Picks next tokens for one sequence. Holds its RNG state and scratch buffers,
 /// so repeated calls allocate nothing once warmed up.
-pub struct Sampler {
+pub(crate) struct Sampler {
     params: SamplingParams,
     rng: Xoshiro256StarStar,
     /// Scratch: the kept tokens.
@@ -51,7 +51,7 @@ pub struct Sampler {
 impl Sampler {
     /// Creates a sampler. Call [`SamplingParams::validate`] first; out-of-range
     /// values are handled without panicking but their output is unspecified.
-    pub fn new(params: SamplingParams) -> Self {
+    pub(crate) fn new(params: SamplingParams) -> Self {
         let mut rng = Xoshiro256StarStar::seed_from_u64(params.seed);
         if !params.is_greedy() {
             for _ in 0..params.resume_draws {
@@ -61,17 +61,12 @@ impl Sampler {
         Self { params, rng, candidates: Vec::new(), seen: Vec::new() }
     }
 
-    /// The parameters this sampler was created with.
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
     /// Picks the next token from raw logits `[vocab]`; `history` = prompt +
     /// generated ids so far (for the repetition penalty). Modifies `logits` in
     /// place (the penalty is applied to them).
     ///
     /// Panics if `logits` is empty.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    pub(crate) fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         assert!(!logits.is_empty(), "sample() needs a non-empty logits row");
         self.apply_repetition_penalty(logits, history);
         if self.params.is_greedy() {
@@ -138,7 +133,7 @@ impl Sampler {
 
 /// Index of the largest logit, the lowest index on ties; NaN never wins.
 /// Returns 0 when no logit is larger than -inf.
-pub fn argmax(logits: &[f32]) -> u32 {
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     let mut best_logit = f32::NEG_INFINITY;
     for (i, &logit) in logits.iter().enumerate() {

@@ -32,7 +32,7 @@ pub trait WeightSource: Send + Sync {
 }
 
 /// The name under which a head slice's rows are held.
-pub const HEAD_SLICE: &str = "lm_head.slice";
+pub(crate) const HEAD_SLICE: &str = "lm_head.slice";
 
 /// A whole model held in host memory.
 impl WeightSource for Arc<HostWeights> {

@@ -21,9 +21,8 @@ pub struct HostWeights {
     aliases: HashMap<String, String>,
 }
 
-/// One tensor in compute layout: shape and row-major f16 data.
-pub struct HostTensor {
-    pub shape: Vec<usize>,
+/// One tensor in compute layout: row-major f16 data.
+pub(crate) struct HostTensor {
     pub data: HostBuffer,
 }
 
@@ -57,7 +56,7 @@ impl HostWeights {
     pub fn insert(&mut self, spec: &TensorSpec, stored: Vec<f16>) {
         assert_eq!(stored.len(), spec.numel(), "tensor `{}` data length", spec.name);
         let data = spec.to_compute_layout(stored);
-        self.tensors.insert(spec.name.clone(), HostTensor { shape: spec.compute_shape(), data: data.into() });
+        self.tensors.insert(spec.name.clone(), HostTensor { data: data.into() });
     }
 
     /// Moves every tensor into memory from `alloc` (pinned host memory for a GPU

@@ -9,7 +9,7 @@ use crate::error::CoordinatorError;
 use crate::membership::embedded::EmbeddedMembership;
 use crate::membership::Membership;
 
-pub struct ControlSvc(pub Coordinator);
+pub(super) struct ControlSvc(pub Coordinator);
 
 impl ControlSvc {
     fn embedded(&self) -> Result<&EmbeddedMembership, Status> {

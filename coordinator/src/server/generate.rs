@@ -58,7 +58,7 @@ fn validate(coord: &Coordinator, req: pb::GenerateRequest) -> Result<Validated> 
 /// Runs `req`, sending its chunks to `out`: the first carries the prompt ids,
 /// the last the finish reason and timings. Returns when the sequence ends or
 /// the client leaves (a closed `out`), which cancels it on the worker.
-pub async fn run(
+pub(super) async fn run(
     coord: Coordinator,
     req: pb::GenerateRequest,
     out: mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,

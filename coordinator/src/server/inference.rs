@@ -8,7 +8,7 @@ use zeroshard_proto::v1 as pb;
 use super::{generate, Coordinator};
 
 #[derive(Clone)]
-pub struct InferenceSvc(pub Coordinator);
+pub(super) struct InferenceSvc(pub Coordinator);
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateChunk, Status>> + Send>>;
 

@@ -9,7 +9,7 @@ use zeroshard_proto::v1 as pb;
 
 use super::Coordinator;
 
-pub struct CheckpointShards(pub Coordinator);
+pub(super) struct CheckpointShards(pub Coordinator);
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ShardChunk, Status>> + Send>>;
 

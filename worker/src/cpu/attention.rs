@@ -9,7 +9,7 @@ use crate::backend::{AttentionShape, BatchLayout};
 /// `j ∈ 0..=pos` (or the sliding window) of the row's own sequence; the ALiBi term
 /// is there only with `shape.alibi_slopes` (as BLOOM's `baddbmm`: scaled score plus
 /// `slope · j`, `j` the absolute key position). Returns `[rows, heads * head_dim]`.
-pub fn attention(
+pub(super) fn attention(
     q: &CpuTensor,
     k: &CpuTensor,
     v: &CpuTensor,

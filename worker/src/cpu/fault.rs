@@ -39,12 +39,12 @@ pub(crate) struct FaultInjector {
 }
 
 impl FaultInjector {
-    pub fn new(fault: StepFault) -> Self {
+    pub(super) fn new(fault: StepFault) -> Self {
         Self { fault, calls: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Counts one `linear` call; fails it if the fault fires on it.
-    pub fn linear_call(&self) -> Result<()> {
+    pub(super) fn linear_call(&self) -> Result<()> {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let StepFault { after_calls, fatal } = self.fault;
         if call == after_calls || (fatal && call > after_calls) {
@@ -58,7 +58,7 @@ impl FaultInjector {
     }
 
     /// `linear` calls so far, failed ones included.
-    pub fn calls(&self) -> u64 {
+    pub(super) fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
 }

@@ -3,7 +3,7 @@ use half::f16;
 
 /// Llama RMSNorm of one row in place: `x * rsqrt(mean(x²) + eps) * w`, in f32
 /// (transformers computes the variance in f32, then scales, then multiplies by w).
-pub fn rms_norm_row(x: &mut [f32], w: &[f16], eps: f32) {
+pub(super) fn rms_norm_row(x: &mut [f32], w: &[f16], eps: f32) {
     let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (mean_sq + eps).sqrt();
     for (v, wi) in x.iter_mut().zip(w) {
@@ -13,7 +13,7 @@ pub fn rms_norm_row(x: &mut [f32], w: &[f16], eps: f32) {
 
 /// `torch.nn.LayerNorm` of one row in place: `(x - mean) / sqrt(var + eps) * w + b`,
 /// with the biased variance, all in f32 (two passes: mean, then squared deviations).
-pub fn layer_norm_row(x: &mut [f32], w: &[f16], b: &[f16], eps: f32) {
+pub(super) fn layer_norm_row(x: &mut [f32], w: &[f16], b: &[f16], eps: f32) {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
@@ -24,13 +24,13 @@ pub fn layer_norm_row(x: &mut [f32], w: &[f16], b: &[f16], eps: f32) {
 }
 
 /// GELU, tanh approximation (transformers' `NewGELUActivation`, `gelu_new`).
-pub fn gelu_tanh(x: f32) -> f32 {
+pub(super) fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6; // sqrt(2 / pi)
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
 /// HF rotate-half RoPE of one head vector: pairs `(i, i + d/2)`.
-pub fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+pub(super) fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = head.len() / 2;
     let (lo, hi) = head.split_at_mut(half);
     for i in 0..half {
@@ -40,12 +40,12 @@ pub fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-pub fn silu(x: f32) -> f32 {
+pub(super) fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
 /// Numerically stable softmax in place.
-pub fn softmax(x: &mut [f32]) {
+pub(super) fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {

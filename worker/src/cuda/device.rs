@@ -69,7 +69,7 @@ impl Cached {
 }
 
 impl Device {
-    pub fn open(ordinal: usize) -> Result<Arc<Self>> {
+    pub(super) fn open(ordinal: usize) -> Result<Arc<Self>> {
         let ctx = CudaContext::new(ordinal).cuda_op("creating the CUDA context")?;
         // SAFETY: no CudaSlice exists yet; from here on this backend orders every
         // use of device memory across its two streams itself (events and stream order).
@@ -84,12 +84,12 @@ impl Device {
         Ok(Arc::new(Self { ctx, compute, copy, blas: Mutex::new(blas), kernels, pool, uploads, cached }))
     }
 
-    pub fn bind(&self) -> Result<()> {
+    pub(super) fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().cuda_op("binding the context to this thread")
     }
 
     /// A device copy of `data` (`T`: plain numbers), ordered on the compute stream.
-    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DeviceBuf> {
+    pub(super) fn upload<T: Copy>(&self, data: &[T]) -> Result<DeviceBuf> {
         let bytes = std::mem::size_of_val(data);
         let buf = self.pool.alloc(bytes.max(1))?;
         lock(&self.uploads).copy(self, buf.ptr, data)?;
@@ -99,7 +99,7 @@ impl Device {
     /// The device address of `data`, uploaded unless the last upload of this
     /// kind held the same bytes (a buffer is only ever read after its upload, in
     /// compute-stream order, so reusing or replacing it is ordered too).
-    pub fn upload_cached<T: bytemuck::Pod>(&self, kind: Cached, data: &[T]) -> Result<u64> {
+    pub(super) fn upload_cached<T: bytemuck::Pod>(&self, kind: Cached, data: &[T]) -> Result<u64> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let mut cached = lock(&self.cached);
         let slot = &mut cached[kind as usize];
@@ -116,7 +116,7 @@ impl Device {
     }
 
     /// Waits for all compute; the upload arena may be reused from the start.
-    pub fn sync_compute(&self) -> Result<()> {
+    pub(super) fn sync_compute(&self) -> Result<()> {
         self.compute.synchronize().cuda_op("synchronising the compute stream")?;
         lock(&self.uploads).used = 0;
         Ok(())
@@ -201,7 +201,7 @@ pub(crate) fn size_class(bytes: usize) -> usize {
 }
 
 impl Pool {
-    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuf> {
+    pub(super) fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuf> {
         let class = size_class(bytes);
         let reused = lock(&self.free).get_mut(&class).and_then(Vec::pop);
         let ptr = match reused {

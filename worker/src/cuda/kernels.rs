@@ -54,7 +54,7 @@ pub(crate) struct Kernels {
 impl Kernels {
     /// Compiles every source for this device (`compute_XY` of its capability) and
     /// loads its kernels.
-    pub fn compile(ctx: &Arc<CudaContext>) -> Result<Self> {
+    pub(super) fn compile(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().cuda_op("reading the compute capability")?;
         // NVRTC takes a 'static name; one leaked string per process and device kind.
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());

@@ -35,11 +35,11 @@ fn i32_of(v: usize) -> i32 {
 }
 
 impl Device {
-    pub fn new_tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+    pub(super) fn new_tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         Ok(CudaTensor { buf: self.pool.alloc((rows * cols * 2).max(2))?, rows, cols })
     }
 
-    pub fn embed(&self, table: &CudaWeight, ids: &[u32], dim: usize) -> Result<CudaTensor> {
+    pub(super) fn embed(&self, table: &CudaWeight, ids: &[u32], dim: usize) -> Result<CudaTensor> {
         let out = self.new_tensor(ids.len(), dim)?;
         if ids.is_empty() {
             return Ok(out);
@@ -50,7 +50,12 @@ impl Device {
         Ok(out)
     }
 
-    pub fn add_positions(&self, x: &mut CudaTensor, table: &CudaWeight, positions: &[usize]) -> Result<()> {
+    pub(super) fn add_positions(
+        &self,
+        x: &mut CudaTensor,
+        table: &CudaWeight,
+        positions: &[usize],
+    ) -> Result<()> {
         assert_eq!(positions.len(), x.rows, "one position per row");
         let max = table.len / x.cols.max(1);
         if let Some(p) = positions.iter().find(|p| **p >= max) {
@@ -67,7 +72,7 @@ impl Device {
         launch!(self, add_positions, cfg, &x.ptr(), &table.ptr, &pos_d.ptr, &i32_of(x.cols))
     }
 
-    pub fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+    pub(super) fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
         assert_eq!(w.len, x.cols, "RMSNorm weight length");
         let out = self.new_tensor(x.rows, x.cols)?;
         let cfg = kernels::per_row(x.rows);
@@ -75,7 +80,13 @@ impl Device {
         Ok(out)
     }
 
-    pub fn layer_norm(&self, x: &CudaTensor, w: &CudaWeight, b: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+    pub(super) fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        b: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
         assert_eq!((w.len, b.len), (x.cols, x.cols), "LayerNorm weight and bias lengths");
         let out = self.new_tensor(x.rows, x.cols)?;
         let cfg = kernels::per_row(x.rows);
@@ -86,7 +97,7 @@ impl Device {
 
     /// `x [rows, in] · wᵀ` with `w` `[out, in]` row-major (+ bias) → `[rows, out]`,
     /// f16 in and out, f32 accumulation (cublasGemmEx, COMPUTE_32F).
-    pub fn linear(
+    pub(super) fn linear(
         &self,
         x: &CudaTensor,
         w: &CudaWeight,
@@ -140,7 +151,7 @@ impl Device {
         Ok(y)
     }
 
-    pub fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &[f32], sin: &[f32]) -> Result<()> {
+    pub(super) fn rope(&self, x: &mut CudaTensor, head_dim: usize, cos: &[f32], sin: &[f32]) -> Result<()> {
         let half = head_dim / 2;
         assert!(cos.len() == x.rows * half && sin.len() == cos.len(), "angles are [rows, head_dim / 2]");
         if x.rows == 0 {
@@ -152,7 +163,7 @@ impl Device {
         launch!(self, rope, cfg, &x.ptr(), &c, &s, &i32_of(x.cols), &i32_of(head_dim))
     }
 
-    pub fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+    pub(super) fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "silu_mul of mismatched shapes");
         let out = self.new_tensor(gate.rows, gate.cols)?;
         let n = (gate.rows * gate.cols) as i64;
@@ -161,20 +172,20 @@ impl Device {
         Ok(out)
     }
 
-    pub fn gelu_tanh(&self, x: &CudaTensor) -> Result<CudaTensor> {
+    pub(super) fn gelu_tanh(&self, x: &CudaTensor) -> Result<CudaTensor> {
         let out = self.new_tensor(x.rows, x.cols)?;
         let n = (x.rows * x.cols) as i64;
         launch!(self, gelu_tanh, kernels::elementwise(n as usize), &x.ptr(), &out.ptr(), &n)?;
         Ok(out)
     }
 
-    pub fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+    pub(super) fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
         assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add of mismatched shapes");
         let n = (x.rows * x.cols) as i64;
         launch!(self, add_assign, kernels::elementwise(n as usize), &x.ptr(), &y.ptr(), &n)
     }
 
-    pub fn split_cols(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>> {
+    pub(super) fn split_cols(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>> {
         assert_eq!(widths.iter().sum::<usize>(), x.cols, "split widths must add up to the columns");
         let mut start = 0;
         widths
@@ -190,7 +201,7 @@ impl Device {
             .collect()
     }
 
-    pub fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+    pub(super) fn select_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
         assert!(rows.iter().all(|&r| r < x.rows), "selected rows inside the tensor");
         let out = self.new_tensor(rows.len(), x.cols)?;
         if rows.is_empty() {
@@ -204,7 +215,7 @@ impl Device {
     }
 
     /// Copies `x` to the host as f32 (waits for the compute stream).
-    pub fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+    pub(super) fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
         let mut h = vec![f16::ZERO; x.rows * x.cols];
         self.bind()?;
         // SAFETY: `x` holds rows·cols f16 values; the copy is on the compute stream,
@@ -219,7 +230,7 @@ impl Device {
     }
 
     /// `x` uploaded from host f32 values (tests and benchmarks).
-    pub fn upload_tensor(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+    pub(super) fn upload_tensor(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         assert_eq!(data.len(), rows * cols, "tensor data must hold rows * cols values");
         let h: Vec<f16> = data.iter().map(|v| f16::from_f32(*v)).collect();
         let buf = self.upload(&h)?;

@@ -75,7 +75,7 @@ pub(crate) fn packed_bytes(lens: impl IntoIterator<Item = usize>) -> usize {
 }
 
 impl Residency {
-    pub fn new(max_live_layer_bytes: u64, ring_slots: usize, slot_bytes: usize) -> Self {
+    pub(super) fn new(max_live_layer_bytes: u64, ring_slots: usize, slot_bytes: usize) -> Self {
         Self {
             resident: HashMap::new(),
             layer_bytes: 0,
@@ -88,7 +88,7 @@ impl Residency {
     }
 
     /// Device bytes of resident layers.
-    pub fn resident_layer_bytes(&self) -> u64 {
+    pub(super) fn resident_layer_bytes(&self) -> u64 {
         self.layer_bytes
     }
 

@@ -11,8 +11,8 @@ use crate::backend::Backend;
 use crate::cpu::{CpuBackend, CpuKvCache, CpuTensor};
 use crate::engine::{Engine, GenerationParams};
 use crate::error::{Result, WorkerError};
-use crate::model::{Layout, TensorSpec};
 use crate::sampling::SamplingParams;
+use zeroshard_offload::spec::{Layout, TensorSpec};
 
 fn gpu(opts: CudaOptions) -> Option<CudaBackend> {
     match probe() {

@@ -6,7 +6,7 @@
 //! fall between the first ones.
 
 /// One slope per head (f32, as transformers: an f32 base raised to integer powers).
-pub fn alibi_slopes(num_heads: usize) -> Vec<f32> {
+pub(crate) fn alibi_slopes(num_heads: usize) -> Vec<f32> {
     assert!(num_heads > 0, "ALiBi needs at least one head");
     let closest = 1usize << num_heads.ilog2(); // 2^floor(log2(n))
                                                // transformers: torch.pow(f32 base, int32 powers); the base's f64 expression is

@@ -29,13 +29,13 @@ mod gpt2;
 mod llama;
 mod rope;
 
-pub use alibi::alibi_slopes;
-pub use bloom::BloomOuterWeights;
-pub use fused::FusedBlockWeights;
-pub use gpt2::Gpt2OuterWeights;
-pub use llama::{LlamaLayerWeights, LlamaOuterWeights};
-pub use rope::RopeTable;
-pub use zeroshard_offload::spec::{tensor_specs, Layout, TensorSpec};
+pub(crate) use alibi::alibi_slopes;
+pub(crate) use bloom::BloomOuterWeights;
+pub(crate) use fused::FusedBlockWeights;
+pub(crate) use gpt2::Gpt2OuterWeights;
+pub(crate) use llama::{LlamaLayerWeights, LlamaOuterWeights};
+pub(crate) use rope::RopeTable;
+pub(crate) use zeroshard_offload::spec::{tensor_specs, TensorSpec};
 
 use zeroshard_offload::{Architecture, ModelConfig, PositionEncoding};
 
@@ -155,13 +155,13 @@ enum Positions {
 
 /// A model: its validated config and what its position encoding precomputes.
 #[derive(Clone, Debug)]
-pub struct Model {
+pub(crate) struct Model {
     config: ModelConfig,
     positions: Positions,
 }
 
 /// Per-step state the layers share: layout, angle tables, the batch's caches.
-pub struct Step<'a, B: Backend> {
+pub(crate) struct Step<'a, B: Backend> {
     pub layout: &'a BatchLayout,
     pub caches: Vec<&'a mut B::KvCache>,
     /// `[rows, head_dim / 2]` cosines and sines of each row's position (RoPE
@@ -171,7 +171,7 @@ pub struct Step<'a, B: Backend> {
 }
 
 impl Model {
-    pub fn new(config: ModelConfig) -> Self {
+    pub(crate) fn new(config: ModelConfig) -> Self {
         let positions = match config.architecture.position_encoding() {
             PositionEncoding::Rope => Positions::Rope(RopeTable::new(&config)),
             PositionEncoding::Learned => Positions::Learned,
@@ -180,12 +180,12 @@ impl Model {
         Self { config, positions }
     }
 
-    pub fn config(&self) -> &ModelConfig {
+    pub(crate) fn config(&self) -> &ModelConfig {
         &self.config
     }
 
     /// Prepares the shared per-step state (angle tables for each row's position).
-    pub fn step<'a, B: Backend>(
+    pub(crate) fn step<'a, B: Backend>(
         &self,
         layout: &'a BatchLayout,
         caches: Vec<&'a mut B::KvCache>,
@@ -199,7 +199,7 @@ impl Model {
 
     /// Token embeddings (plus learned positions, or the embedding norm) →
     /// `[rows, hidden]`. Refuses a position the model has no embedding for.
-    pub fn embed<B: Backend>(
+    pub(crate) fn embed<B: Backend>(
         &self,
         b: &B,
         w: &OuterWeights<'_, B::Weight>,
@@ -215,7 +215,7 @@ impl Model {
     }
 
     /// One decoder layer: `[rows, hidden]` → `[rows, hidden]`.
-    pub fn layer<B: Backend>(
+    pub(crate) fn layer<B: Backend>(
         &self,
         b: &B,
         layer: usize,
@@ -233,21 +233,9 @@ impl Model {
         }
     }
 
-    /// Final norm and LM head on the given rows → `[rows.len(), vocab]`.
-    pub fn head<B: Backend>(
-        &self,
-        b: &B,
-        w: &OuterWeights<'_, B::Weight>,
-        x: &B::Tensor,
-        rows: &[usize],
-    ) -> Result<B::Tensor> {
-        let normed = self.head_norm(b, w, x, rows)?; // [rows, hidden]
-        b.linear(&normed, w.lm_head(), None, self.config.vocab_size) // [rows, vocab]
-    }
-
     /// The final norm of the given rows → `[rows.len(), hidden]`, the input of
     /// the LM head (which a caller may apply in vocabulary slices).
-    pub fn head_norm<B: Backend>(
+    pub(crate) fn head_norm<B: Backend>(
         &self,
         b: &B,
         w: &OuterWeights<'_, B::Weight>,

@@ -3,12 +3,12 @@ use zeroshard_offload::{ModelConfig, RopeScaling};
 
 /// Inverse frequencies per rotated pair (`head_dim / 2` of them).
 #[derive(Clone, Debug)]
-pub struct RopeTable {
+pub(crate) struct RopeTable {
     inv_freq: Vec<f32>,
 }
 
 impl RopeTable {
-    pub fn new(c: &ModelConfig) -> Self {
+    pub(crate) fn new(c: &ModelConfig) -> Self {
         let dim = c.head_dim;
         // transformers: 1 / base ** (arange(0, dim, 2).float() / dim), in f32.
         let base: Vec<f32> =
@@ -46,7 +46,7 @@ impl RopeTable {
     }
 
     /// `(cos, sin)`, each `[positions, head_dim / 2]`.
-    pub fn angles(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn angles(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -61,7 +61,8 @@ impl RopeTable {
         (cos, sin)
     }
 
-    pub fn inv_freq(&self) -> &[f32] {
+    #[cfg(test)]
+    pub(crate) fn inv_freq(&self) -> &[f32] {
         &self.inv_freq
     }
 }

@@ -26,10 +26,10 @@ use crate::source::WeightSource;
 
 /// What a running sequence hears from the loop: its next token, or the error
 /// that ended it (shared by every sequence of a failed step).
-pub type SeqEvent = Result<StepToken, Arc<WorkerError>>;
+pub(crate) type SeqEvent = Result<StepToken, Arc<WorkerError>>;
 
 /// What the loop is asked to do.
-pub enum Command {
+pub(crate) enum Command {
     /// Start a sequence; its steps go to `tx` (closed `tx` = client left).
     Run {
         id: u64,
@@ -44,7 +44,7 @@ pub enum Command {
 
 /// Counters the loop keeps for `Stats`.
 #[derive(Debug, Default)]
-pub struct BatchStats {
+pub(crate) struct BatchStats {
     pub active: AtomicU32,
     pub steps: AtomicU64,
     /// Wall-clock time of all steps.
@@ -59,7 +59,7 @@ struct Active<B: Backend> {
 /// Runs until every command sender is gone, or until a fatal step error,
 /// which it publishes on `fatal`. `step_delay` (a test hook) is slept after
 /// every step, to make a short generation long enough to disturb.
-pub fn run<B: Backend>(
+pub(super) fn run<B: Backend>(
     engine: Engine<B>,
     rx: Receiver<Command>,
     stats: Arc<BatchStats>,

@@ -25,7 +25,7 @@ const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Running totals of what gathers moved from peers.
 #[derive(Debug, Default)]
-pub struct GatherStats {
+pub(crate) struct GatherStats {
     /// Bytes received from peers.
     pub bytes: AtomicU64,
     /// Wall-clock nanoseconds spent in gathers that fetched from peers.
@@ -79,7 +79,7 @@ impl Drop for InFlight<'_> {
 
 impl GatherStats {
     /// Average bytes per second over all gathers so far.
-    pub fn bytes_per_s(&self) -> f64 {
+    pub(crate) fn bytes_per_s(&self) -> f64 {
         let ns = self.nanos.load(Ordering::Relaxed);
         if ns == 0 {
             return 0.0;
@@ -89,7 +89,7 @@ impl GatherStats {
 }
 
 /// Gathers element ranges under one plan epoch.
-pub struct Gatherer {
+pub(super) struct Gatherer {
     plan: Arc<Plan>,
     me: WorkerId,
     own: Arc<HostSlices>,
@@ -101,7 +101,7 @@ pub struct Gatherer {
 }
 
 impl Gatherer {
-    pub fn new(
+    pub(super) fn new(
         plan: Arc<Plan>,
         me: WorkerId,
         own: Arc<HostSlices>,
@@ -122,7 +122,7 @@ impl Gatherer {
     }
 
     /// Fetches each requested range into a new f16 vector (in request order).
-    pub async fn gather(&self, requests: &[TensorRange]) -> Result<Vec<Vec<f16>>> {
+    pub(super) async fn gather(&self, requests: &[TensorRange]) -> Result<Vec<Vec<f16>>> {
         let _in_flight = InFlight::new(&self.stats);
         let start = Instant::now();
         let mut outputs: Vec<Vec<f16>> = requests.iter().map(|r| vec![f16::ZERO; r.len() as usize]).collect();

@@ -60,20 +60,20 @@ impl Epochs {
     }
 
     /// The ranges this worker holds under `epoch`.
-    pub fn slices(&self, epoch: u64) -> Option<Arc<HostSlices>> {
+    pub(super) fn slices(&self, epoch: u64) -> Option<Arc<HostSlices>> {
         self.all().find(|i| i.epoch == epoch).map(|i| i.slices.clone())
     }
 
-    pub fn knows(&self, epoch: u64) -> bool {
+    pub(super) fn knows(&self, epoch: u64) -> bool {
         self.all().any(|i| i.epoch == epoch)
     }
 
-    pub fn active_epoch(&self) -> Option<u64> {
+    pub(super) fn active_epoch(&self) -> Option<u64> {
         self.active.as_ref().map(|i| i.epoch)
     }
 
     /// `epoch 7 (active), 8 (prepared)`, for error messages.
-    pub fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let mut parts = Vec::new();
         for (name, i) in
             [("active", &self.active), ("prepared", &self.prepared), ("previous", &self.previous)]
@@ -130,7 +130,7 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    pub fn new(cfg: NodeConfig) -> Self {
+    pub(crate) fn new(cfg: NodeConfig) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         let (fatal_tx, fatal) = watch::channel(None);
         Self {
@@ -144,21 +144,21 @@ impl Node {
         }
     }
 
-    pub fn send(&self, c: Command) {
+    pub(crate) fn send(&self, c: Command) {
         let _ = self.commands.send(c);
     }
 
     /// This worker's id (0 before it registered).
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.id.borrow().unwrap_or(0)
     }
 
-    pub fn set_id(&self, id: u64) {
+    pub(crate) fn set_id(&self, id: u64) {
         self.id.send_replace(Some(id));
     }
 
     /// Resolves with the error once the batching loop failed fatally.
-    pub async fn fatal_error(&self) -> Arc<WorkerError> {
+    pub(crate) async fn fatal_error(&self) -> Arc<WorkerError> {
         let mut rx = self.fatal.clone();
         loop {
             if let Some(e) = rx.borrow_and_update().clone() {
@@ -173,7 +173,7 @@ impl Node {
 
     /// Ok when a sequence routed under `epoch` can run here: a plan is active
     /// and `epoch` is one this worker holds.
-    pub fn check_routable(&self, epoch: u64) -> Result<()> {
+    pub(crate) fn check_routable(&self, epoch: u64) -> Result<()> {
         let e = sync::read(&self.epochs);
         if e.active.is_none() || !e.knows(epoch) {
             return Err(WorkerError::Epoch(format!(
@@ -185,13 +185,13 @@ impl Node {
     }
 
     /// The active epoch (0: none yet) and the bytes it owns.
-    pub fn active(&self) -> (u64, OwnedBytes) {
+    pub(crate) fn active(&self) -> (u64, OwnedBytes) {
         let e = sync::read(&self.epochs);
         e.active.as_ref().map_or((0, OwnedBytes::default()), |i| (i.epoch, i.owned))
     }
 
     /// The ranges this worker holds under `epoch`, to serve to peers.
-    pub fn slices(&self, epoch: u64) -> Result<Arc<HostSlices>> {
+    pub(crate) fn slices(&self, epoch: u64) -> Result<Arc<HostSlices>> {
         let e = sync::read(&self.epochs);
         e.slices(epoch).ok_or_else(|| {
             WorkerError::Epoch(format!("epoch {epoch} is not held by this worker ({})", e.describe()))
@@ -200,7 +200,7 @@ impl Node {
 
     /// Prepares the plan `a` (loads its ranges) without switching to it.
     /// Returns (owned bytes, load milliseconds); a plan already held answers at once.
-    pub async fn prepare(&self, a: Assignment, model: Option<PlannedModel>) -> Result<(u64, f64)> {
+    pub(crate) async fn prepare(&self, a: Assignment, model: Option<PlannedModel>) -> Result<(u64, f64)> {
         let mut setup = self.setup.lock().await;
         // The plan can arrive before the answer to our registration is processed.
         let mut id = self.id.subscribe();
@@ -297,7 +297,7 @@ impl Node {
     }
 
     /// Switches to the prepared `epoch` (idempotent when it is already active).
-    pub fn activate(&self, epoch: u64) -> Result<()> {
+    pub(crate) fn activate(&self, epoch: u64) -> Result<()> {
         let weights = {
             let mut e = sync::write(&self.epochs);
             if e.active_epoch() == Some(epoch) {

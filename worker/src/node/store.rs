@@ -18,12 +18,12 @@ use crate::rpc::peer::{FetchPolicy, PeerClient};
 const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Bytes per element of the host store (f16).
-pub const ELEM_BYTES: usize = 2;
+pub(super) const ELEM_BYTES: usize = 2;
 
 /// `me`'s ranges of `plan`, split into what `held` (the ranges of the epoch
 /// before) already has — copied into the returned slices, so the old epoch's
 /// buffers can be freed — and the ranges still to load. Returns the reused bytes.
-pub fn reuse(
+pub(super) fn reuse(
     plan: &Plan,
     me: WorkerId,
     held: Option<&HostSlices>,
@@ -50,7 +50,7 @@ pub fn reuse(
 }
 
 /// Reads `ranges` from `ckpt` into `slices`; `progress` counts the bytes read.
-pub fn read_ranges(
+pub(super) fn read_ranges(
     ckpt: &Checkpoint,
     ranges: &[TensorRange],
     slices: &mut HostSlices,
@@ -68,7 +68,7 @@ pub fn read_ranges(
 
 /// Receives `ranges` under `epoch` from the `Shards` service at `endpoint` into
 /// `slices`; `progress` counts the bytes received.
-pub async fn pull_ranges(
+pub(super) async fn pull_ranges(
     endpoint: &str,
     epoch: u64,
     ranges: &[TensorRange],
@@ -105,7 +105,7 @@ async fn pull(
 }
 
 /// An f16 vector as little-endian bytes.
-pub fn f16_bytes(data: Vec<f16>) -> Bytes {
+pub(super) fn f16_bytes(data: Vec<f16>) -> Bytes {
     Bytes::from(bytemuck::cast_slice::<f16, u8>(&data).to_vec())
 }
 

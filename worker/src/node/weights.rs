@@ -38,13 +38,13 @@ const HEAD_SLICE_BYTES: usize = 16 << 20;
 /// How far gathers run ahead of the unit computing: `layers` units, and at
 /// most `bytes` beyond the first of them (`--prefetch-layers`, `--prefetch-bytes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Prefetch {
+pub(super) struct Prefetch {
     pub layers: usize,
     pub bytes: u64,
 }
 
 /// Gathers layers on demand, with prefetch and a resident budget.
-pub struct ClusterWeights {
+pub(super) struct ClusterWeights {
     handle: Handle,
     gatherer: Arc<Gatherer>,
     num_layers: usize,
@@ -86,7 +86,7 @@ fn alias_missing(store: &mut HostWeights, names: &[String], target: &str) {
 }
 
 impl ClusterWeights {
-    pub fn new(
+    pub(super) fn new(
         handle: Handle,
         gatherer: Arc<Gatherer>,
         config: &ModelConfig,
@@ -253,7 +253,7 @@ impl ClusterWeights {
     }
 
     /// Drops in-flight gathers and resident layers (the plan changed).
-    pub fn clear(&self) {
+    pub(super) fn clear(&self) {
         let mut st = sync::lock(&self.state);
         for (_, p) in st.pending.drain() {
             p.abort();

@@ -30,12 +30,12 @@ pub(crate) struct PeerClient {
 
 impl PeerClient {
     /// A client for `uri` that connects on first use.
-    pub fn lazy(uri: &str) -> Result<Self> {
+    pub(crate) fn lazy(uri: &str) -> Result<Self> {
         Ok(Self::new(connect_lazy(uri)?))
     }
 
     /// A client for `uri`, connected now.
-    pub async fn connect(uri: &str) -> Result<Self> {
+    pub(crate) async fn connect(uri: &str) -> Result<Self> {
         Ok(Self::new(connect(uri).await?))
     }
 
@@ -67,7 +67,7 @@ impl PeerClient {
     /// is still missing; it gives up after [`FETCH_ATTEMPTS`] tries in a row without
     /// progress (`policy.attempts`), or at once on a stale epoch. A source silent
     /// for `policy.timeout` counts as a broken stream. Errors name `source`.
-    pub async fn fetch_into(
+    pub(crate) async fn fetch_into(
         &mut self,
         source: &str,
         epoch: u64,
