@@ -6,6 +6,7 @@
 //! differently (`n_embd`, `n_head`, `layer_norm_epsilon`, …): their raw structs
 //! live in [`gpt2`] and [`bloom`] and map onto the same [`ModelConfig`].
 mod bloom;
+mod fused;
 mod gpt2;
 
 use std::path::Path;
