@@ -42,7 +42,7 @@ pub struct ClusterReport {
 async fn stats(cluster: &LocalCluster) -> Vec<pb::WorkerStats> {
     let mut out = Vec::new();
     for w in cluster.coord.workers() {
-        let mut c = w.client.clone();
+        let mut c = w.client.grpc();
         out.push(c.stats(pb::StatsRequest {}).await.map(|r| r.into_inner()).unwrap_or_default());
     }
     out

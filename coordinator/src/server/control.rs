@@ -37,7 +37,7 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
         let id = m.register(r.address, r.device, r.memory_bytes, prior);
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: id.0,
-            model: Some(self.0.model_info()),
+            model: Some(super::worker_client::model_info(&self.0)),
             lease_ttl_ms: m.lease_ttl().as_millis() as u64,
         }))
     }

@@ -105,7 +105,7 @@ impl Run<'_> {
     ) -> Result<Attempt> {
         worker.active.fetch_add(1, Ordering::Relaxed);
         let _guard = ActiveGuard(worker.active.clone());
-        let mut client = worker.client.clone();
+        let mut client = worker.client.grpc();
         let call = client.run_sequence(pb::RunSequenceRequest {
             sequence_id: coord.0.next_seq.fetch_add(1, Ordering::Relaxed),
             epoch: plan.epoch(),

@@ -60,7 +60,7 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
         let epoch = plan.as_ref().map_or(0, |p| p.epoch());
         let replicas = plan.as_ref().map_or(0, |p| p.replicas());
         let stats = coord.workers().into_iter().map(|w| async move {
-            let mut client = w.client.clone();
+            let mut client = w.client.grpc();
             let call = client.stats(pb::StatsRequest {});
             let s = tokio::time::timeout(std::time::Duration::from_secs(1), call)
                 .await

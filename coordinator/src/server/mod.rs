@@ -17,6 +17,7 @@ mod progress;
 mod shards;
 mod state;
 mod supervisor;
+mod worker_client;
 
 use std::future::Future;
 

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::oneshot;
-use zeroshard_proto::v1 as pb;
 
 use super::state::WorkerEntry;
 
@@ -31,11 +30,8 @@ pub(super) async fn follow(
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
         let polls = workers.iter().map(|w| {
-            let mut c = w.client.clone();
-            async move {
-                let r = tokio::time::timeout(Duration::from_millis(500), c.stats(pb::StatsRequest {})).await;
-                r.ok().and_then(Result::ok).map_or(0, |s| s.into_inner().loading_bytes)
-            }
+            let c = w.client.clone();
+            async move { c.progress(Duration::from_millis(500)).await.map_or(0, |(_, loading)| loading) }
         });
         let loaded: u64 = futures::future::join_all(polls).await.into_iter().sum();
         bar.set_position(loaded.min(total));

@@ -9,13 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
 use zeroshard_offload::plan::{Plan, TensorMeta, WorkerId};
 use zeroshard_offload::spec::tensor_specs;
 use zeroshard_offload::{Checkpoint, ModelConfig};
-use zeroshard_proto::v1 as pb;
-use zeroshard_proto::v1::worker_client::WorkerClient;
 
+use super::worker_client::WorkerHandle;
 use crate::error::{CoordinatorError, Result};
 use crate::membership::embedded::EmbeddedMembership;
 use crate::membership::{Member, Membership};
@@ -50,20 +48,17 @@ pub enum Readiness {
 pub struct WorkerEntry {
     pub id: WorkerId,
     pub address: String,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerHandle,
     /// Sequences this coordinator has running on it.
     pub active: Arc<AtomicU32>,
 }
 
 impl WorkerEntry {
     pub(super) fn new(m: &Member) -> Result<Self> {
-        let ch = zeroshard_proto::transport::endpoint(&m.address)
-            .map_err(|e| CoordinatorError::InvalidRequest(format!("worker address {}: {e}", m.address)))?
-            .connect_lazy();
         Ok(Self {
             id: m.id,
             address: m.address.clone(),
-            client: WorkerClient::new(ch),
+            client: WorkerHandle::new(&m.address)?,
             active: Arc::new(AtomicU32::new(0)),
         })
     }
@@ -247,15 +242,6 @@ impl Coordinator {
     /// What `RegisterWorker` and `KeepAlive` act on; None under etcd.
     pub fn embedded(&self) -> Option<&EmbeddedMembership> {
         self.0.embedded.as_ref()
-    }
-
-    /// The model as plans carry it to workers.
-    pub(crate) fn model_info(&self) -> pb::ModelInfo {
-        pb::ModelInfo {
-            model_dir: self.0.cfg.model_dir.display().to_string(),
-            config_json: self.0.config_json.clone(),
-            generation_config_json: self.0.generation_config_json.clone(),
-        }
     }
 
     /// Counters for `ClusterStatus`: workers lost, sequences resumed.

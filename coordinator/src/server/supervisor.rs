@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use zeroshard_offload::plan::{plan, Plan, PlanOptions, WorkerId};
-use zeroshard_proto::v1 as pb;
 
 use super::state::{Coordinator, Readiness, WorkerEntry};
+use super::worker_client::{model_info, Install, Unanswered};
 use crate::membership::{MemberEvent, MemberWatch, StoredPlan};
 
 /// A worker that does not answer `Stats` this fast is left to its lease.
@@ -197,11 +197,8 @@ impl Supervisor {
             stored.plan.workers().iter().filter_map(|w| st.members.get(w).cloned()).collect()
         };
         let checks = workers.iter().map(|w| {
-            let mut c = w.client.clone();
-            async move {
-                let s = tokio::time::timeout(PROBE_TIMEOUT * 3, c.stats(pb::StatsRequest {})).await;
-                matches!(s, Ok(Ok(r)) if r.get_ref().epoch == epoch)
-            }
+            let c = w.client.clone();
+            async move { matches!(c.progress(PROBE_TIMEOUT * 3).await, Ok((active, _)) if active == epoch) }
         });
         if !futures::future::join_all(checks).await.into_iter().all(|ok| ok) {
             tracing::info!("the stored epoch {epoch} is not active on every worker: planning anew");
@@ -244,24 +241,17 @@ impl Supervisor {
             let st = coord.lock();
             live.iter().filter_map(|w| st.members.get(w).cloned()).collect()
         };
-        let peers: Vec<pb::Peer> =
-            workers.iter().map(|w| pb::Peer { id: w.id.0, address: w.address.clone() }).collect();
+        let peers: Vec<(WorkerId, String)> = workers.iter().map(|w| (w.id, w.address.clone())).collect();
         let start = Instant::now();
         tracing::info!("epoch {epoch}: installing on {} workers", workers.len());
-        let wire = pb::PartitionPlan::from(plan.as_ref());
         let installs = workers.iter().map(|w| {
-            let req = pb::InstallPlanRequest {
-                plan: Some(wire.clone()),
-                worker_id: w.id.0,
-                peers: peers.clone(),
+            let how = Install {
+                peers: &peers,
                 pull_from: inner.cfg.pull.then(|| inner.advertise.clone()),
-                model: Some(coord.model_info()),
+                model: model_info(&coord),
             };
-            let mut client = w.client.clone();
-            async move {
-                let r = client.install_plan(req).await.map(tonic::Response::into_inner);
-                (w, r)
-            }
+            let plan = plan.clone();
+            async move { (w, w.client.install(w.id, &plan, how).await) }
         });
         let total: u64 = live.iter().filter_map(|w| plan.owned_bytes(*w).ok()).map(|o| o.total()).sum();
         let (stop_bar, bar_stopped) = tokio::sync::oneshot::channel();
@@ -272,18 +262,17 @@ impl Supervisor {
         let mut failed = Vec::new();
         for (w, r) in results {
             match r {
-                Ok(r) if r.load_ms > 0.0 => eprintln!(
+                Ok((owned_bytes, load_ms)) if load_ms > 0.0 => eprintln!(
                     "{}: loaded {:.1} MB in {:.2} s ({:.2} GB/s) for epoch {epoch}",
                     w.id,
-                    r.owned_bytes as f64 / 1e6,
-                    r.load_ms / 1e3,
-                    r.owned_bytes as f64 / (r.load_ms / 1e3).max(1e-9) / 1e9
+                    owned_bytes as f64 / 1e6,
+                    load_ms / 1e3,
+                    owned_bytes as f64 / (load_ms / 1e3).max(1e-9) / 1e9
                 ),
                 Ok(_) => {}
-                Err(s) => failed.push((
-                    w.id,
-                    format!("{} at {} could not load its ranges: {}", w.id, w.address, s.message()),
-                )),
+                Err(why) => {
+                    failed.push((w.id, format!("{} at {} could not load its ranges: {why}", w.id, w.address)))
+                }
             }
         }
         if !failed.is_empty() {
@@ -292,15 +281,15 @@ impl Supervisor {
             return self.fail(msg, &ids).await;
         }
         let activations = workers.iter().map(|w| {
-            let mut client = w.client.clone();
-            async move { (w.id, client.activate_plan(pb::ActivatePlanRequest { epoch }).await) }
+            let client = w.client.clone();
+            async move { (w.id, client.activate(epoch).await) }
         });
         let failed: Vec<WorkerId> = futures::future::join_all(activations)
             .await
             .into_iter()
             .filter_map(|(id, r)| {
-                r.err().map(|s| {
-                    tracing::warn!("{id}: activating epoch {epoch}: {}", s.message());
+                r.err().map(|why| {
+                    tracing::warn!("{id}: activating epoch {epoch}: {why}");
                     id
                 })
             })
@@ -358,12 +347,13 @@ impl Supervisor {
     async fn probe_all(&mut self) {
         let workers = self.coord.workers();
         let probes = workers.iter().map(|w| {
-            let mut c = w.client.clone();
-            async move { (w.id, tokio::time::timeout(PROBE_TIMEOUT, c.stats(pb::StatsRequest {})).await) }
+            let c = w.client.clone();
+            async move { (w.id, c.progress(PROBE_TIMEOUT).await) }
         });
         for (id, r) in futures::future::join_all(probes).await {
-            if let Ok(Err(s)) = r {
-                tracing::warn!("{id} does not answer ({}): evicting it", s.message());
+            // A hung worker answers nothing: its lease decides.
+            if let Err(Unanswered::Failed(why)) = r {
+                tracing::warn!("{id} does not answer ({why}): evicting it");
                 if let Err(e) = self.coord.0.membership.evict(id).await {
                     tracing::warn!("evicting {id}: {e}");
                 }
