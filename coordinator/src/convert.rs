@@ -3,6 +3,7 @@
 //! status code.
 use zeroshard_proto::v1 as pb;
 
+use zeroshard_offload::shards::ShardError;
 use zeroshard_offload::OffloadError;
 
 use crate::error::CoordinatorError;
@@ -67,8 +68,13 @@ impl From<CoordinatorError> for tonic::Status {
             E::InvalidRequest(_) | E::Tokenizer(_) | E::Offload(OffloadError::InvalidRequest(_)) => {
                 tonic::Status::invalid_argument(e.to_string())
             }
+            E::Shard(ShardError::InvalidRange { .. }) => tonic::Status::invalid_argument(e.to_string()),
+            E::Offload(OffloadError::MissingTensor { .. }) | E::Shard(ShardError::NotHeld { .. }) => {
+                tonic::Status::not_found(e.to_string())
+            }
+            E::Precondition(_) => tonic::Status::failed_precondition(e.to_string()),
             E::Unavailable(_) | E::Membership(_) => tonic::Status::unavailable(e.to_string()),
-            E::Offload(_) | E::Plan(_) => tonic::Status::internal(e.to_string()),
+            E::Offload(_) | E::Plan(_) | E::Shard(_) => tonic::Status::internal(e.to_string()),
         }
     }
 }

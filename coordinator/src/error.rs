@@ -14,12 +14,19 @@ pub enum CoordinatorError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// A shard range a caller asked for that does not exist.
+    #[error(transparent)]
+    Shard(#[from] zeroshard_offload::shards::ShardError),
     /// The request cannot be served as given.
     #[error("{0}")]
     InvalidRequest(String),
     /// The cluster cannot serve now (not ready, no worker, worker failed).
     #[error("{0}")]
     Unavailable(String),
+    /// The call does not fit this coordinator's state (a stale epoch, the
+    /// wrong kind of membership).
+    #[error("{0}")]
+    Precondition(String),
 }
 
 pub type Result<T> = std::result::Result<T, CoordinatorError>;

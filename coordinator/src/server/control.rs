@@ -12,9 +12,9 @@ use crate::membership::Membership;
 pub(super) struct ControlSvc(pub Coordinator);
 
 impl ControlSvc {
-    fn embedded(&self) -> Result<&EmbeddedMembership, Status> {
+    fn embedded(&self) -> Result<&EmbeddedMembership, CoordinatorError> {
         self.0.embedded().ok_or_else(|| {
-            Status::failed_precondition(format!(
+            CoordinatorError::Precondition(format!(
                 "this coordinator's membership is {}: start workers with the same --etcd and --cluster",
                 self.0 .0.membership.describe()
             ))
@@ -30,7 +30,7 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let r = req.into_inner();
         if r.address.is_empty() {
-            return Err(Status::invalid_argument("RegisterWorker: address is empty"));
+            return Err(CoordinatorError::InvalidRequest("RegisterWorker: address is empty".into()).into());
         }
         let m = self.embedded()?;
         let prior = (r.worker_id != 0).then_some(WorkerId(r.worker_id));

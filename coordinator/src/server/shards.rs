@@ -4,10 +4,11 @@ use std::pin::Pin;
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
-use zeroshard_offload::shards::{checksum, CHUNK_BYTES};
+use zeroshard_offload::shards::{checksum, ShardError, CHUNK_BYTES};
 use zeroshard_proto::v1 as pb;
 
 use super::Coordinator;
+use crate::error::CoordinatorError;
 
 pub(super) struct CheckpointShards(pub Coordinator);
 
@@ -29,22 +30,18 @@ impl zeroshard_proto::v1::shards_server::Shards for CheckpointShards {
             (st.planned_epoch, st.plan.as_ref().map_or(0, |p| p.epoch()))
         };
         if r.epoch == 0 || (r.epoch != planned && r.epoch != active) {
-            return Err(Status::failed_precondition(format!(
+            return Err(CoordinatorError::Precondition(format!(
                 "epoch {} is neither the coordinator's planned epoch {planned} nor its active epoch {active}",
                 r.epoch
-            )));
+            ))
+            .into());
         }
         let ckpt = &self.0 .0.ckpt;
         for t in &r.ranges {
-            let info = ckpt.info(&t.tensor).map_err(|e| Status::not_found(e.to_string()))?;
+            let info = ckpt.info(&t.tensor).map_err(CoordinatorError::from)?;
             if t.start > t.end || t.end > info.numel() as u64 {
-                return Err(Status::invalid_argument(format!(
-                    "tensor `{}`: range {}..{} outside its {} elements",
-                    t.tensor,
-                    t.start,
-                    t.end,
-                    info.numel()
-                )));
+                let (tensor, start, end) = (t.tensor.clone(), t.start, t.end);
+                return Err(CoordinatorError::from(ShardError::InvalidRange { tensor, start, end }).into());
             }
         }
         let chunk_bytes = if r.chunk_bytes == 0 { CHUNK_BYTES } else { r.chunk_bytes as usize };
@@ -67,7 +64,7 @@ impl zeroshard_proto::v1::shards_server::Shards for CheckpointShards {
                                 data,
                             })
                         }
-                        Err(e) => Err(Status::internal(e.to_string())),
+                        Err(e) => Err(Status::from(CoordinatorError::from(e))),
                     };
                     let failed = msg.is_err();
                     if tx.blocking_send(msg).is_err() || failed {
