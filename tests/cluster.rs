@@ -486,3 +486,42 @@ fn up_keeps_serving_after_a_worker_dies() {
     }
     assert!(c.stop().success());
 }
+
+/// A worker that leaves (`Control.Leave`, what a worker whose device broke
+/// calls before it exits) is re-planned around at once, well inside the lease.
+#[test]
+fn a_worker_that_leaves_is_replanned_around_at_once() {
+    use zeroshard_proto::v1 as pb;
+    use zeroshard_proto::v1::control_client::ControlClient;
+
+    let stories = path(&model("stories260K"));
+    let c = Cluster::up(&["--model", &stories, "--workers", "2", "--lease-ttl-secs", "30"]);
+    let before = status(&c.endpoint);
+    assert_eq!(before["epoch"], 1, "{before}");
+    let id = before["workers"][0]["id"].as_u64().expect("worker id");
+    let uri = c.endpoint.replace("grpc://", "http://");
+    let left = Instant::now();
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(async {
+        let mut client = ControlClient::connect(uri).await.expect("connects");
+        client
+            .leave(pb::LeaveRequest { worker_id: id, reason: "test".into() })
+            .await
+            .expect("Leave is accepted");
+    });
+    // The lease is 30 s: only the Leave can explain a re-plan within 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let s = status(&c.endpoint);
+        if s["epoch"].as_u64() >= Some(2) && s["ready"] == true {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no re-plan within 10 s of Leave: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("Leave: epoch {} ready {:?} after the call", after["epoch"], left.elapsed());
+    assert!(after["workers_lost_total"].as_u64() >= Some(1), "{after}");
+    // The cluster still answers exactly.
+    let want = run_json(&["generate", "--model", &stories, "--prompt", "Once upon a time", "--json"]);
+    let got = query(&c.endpoint, &["--prompt", "Once upon a time"]);
+    assert_eq!(got["token_ids"], want[0]["token_ids"]);
+}
