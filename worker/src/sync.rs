@@ -6,7 +6,9 @@
 //! member stays registered without stepping), so poisoning is seen only under
 //! the test harness, which unwinds. Every guarded value here is replaced by
 //! whole assignments, never left half-updated, so a poisoned lock's data is
-//! taken as it is.
+//! taken as it is; the CUDA backend's `Drop` impls, which take locks, must
+//! not panic either. A device a panicking thread left broken reports that with
+//! the error of its next CUDA call.
 use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -50,7 +50,7 @@ impl EmbeddedMembership {
             loop {
                 tokio::time::sleep(ttl / 4).await;
                 let Some(state) = weak.upgrade() else { return };
-                let mut st = state.lock().expect("membership lock");
+                let mut st = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let now = Instant::now();
                 let expired: Vec<WorkerId> =
                     st.members.iter().filter(|(_, (_, d))| *d < now).map(|(id, _)| *id).collect();
@@ -69,7 +69,7 @@ impl EmbeddedMembership {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("membership lock")
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers a worker (again, when `prior` is its old id) and returns its id.

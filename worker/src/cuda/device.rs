@@ -6,7 +6,7 @@
 //! Every CUDA call's error is returned as a fatal [`WorkerError::Device`]
 //! ([`CudaResultExt::cuda_op`]); every lock is taken with [`lock`].
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
@@ -28,16 +28,7 @@ impl<T, E: std::error::Error + Send + Sync + 'static> CudaResultExt<T> for std::
     }
 }
 
-/// Locks `m`. The one way every lock of the CUDA backend is taken: a lock
-/// poisoned by a panicking thread is used as is (`PoisonError::into_inner`),
-/// because no critical section here can leave its data inconsistent (each is
-/// bookkeeping that fails by returning an error before it changes anything, or
-/// after it has changed everything), and the `Drop` impls that take these locks
-/// must not panic. A device the panicking thread left broken reports that with
-/// the error of its next CUDA call.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+pub(crate) use crate::sync::lock;
 
 /// Everything the backend's ops share.
 pub(crate) struct Device {
