@@ -42,9 +42,23 @@ fn main() {
     };
     if let Err(e) = result {
         // One line: what failed and where (the error chain, outermost first).
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// The error chain on one line, outermost first; a cause whose text an outer
+/// message already carries (many errors print their source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 pub(crate) fn sampling(a: &args::SamplingArgs) -> GenerationParams {
@@ -231,4 +245,21 @@ fn bench_rows<B: Backend>(
     streamed: bench::Streamed,
 ) -> Result<Vec<bench::BenchRow>> {
     Ok(bench::run(e, batches, a.prompt_len, a.new_tokens, bw, streamed)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_chain_is_one_line_without_repeats() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory (os error 2)");
+        // A source whose text its wrapper already prints, then a context that adds to it.
+        let e = anyhow::Error::new(zeroshard_offload::OffloadError::Io {
+            path: "m/config.json".into(),
+            source: io,
+        })
+        .context("loading the model");
+        assert_eq!(one_line(&e), "loading the model: m/config.json: No such file or directory (os error 2)");
+    }
 }

@@ -8,9 +8,8 @@
 //! Key types: [`SamplingParams`] (what the client asked for) and [`Sampler`]
 //! (one per sequence, owns its RNG so a seed replays exactly).
 //!
-//! ```
-//! use zeroshard_worker::sampling::{Sampler, SamplingParams};
-//!
+//! ```ignore
+//! // (a private module: this example runs as the unit test `usage_sketch`)
 //! let params = SamplingParams { temperature: 0.8, top_p: 0.95, seed: 7, ..Default::default() };
 //! params.validate().expect("valid parameters");
 //! let mut sampler = Sampler::new(params);
@@ -280,6 +279,17 @@ fn splitmix64(state: &mut u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_sketch() {
+        let params = SamplingParams { temperature: 0.8, top_p: 0.95, seed: 7, ..Default::default() };
+        params.validate().expect("valid parameters");
+        let mut sampler = Sampler::new(params);
+        let mut logits = vec![0.1, 2.0, -1.0, 0.5]; // [vocab]
+        let history = [1, 3]; // prompt + generated ids so far
+        let next = sampler.sample(&mut logits, &history);
+        assert!(next < 4);
+    }
 
     fn sampling(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
         SamplingParams { temperature, top_k, top_p, seed, repetition_penalty: 1.0, resume_draws: 0 }
