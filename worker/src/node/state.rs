@@ -160,14 +160,11 @@ impl Node {
     /// Resolves with the error once the batching loop failed fatally.
     pub(crate) async fn fatal_error(&self) -> Arc<WorkerError> {
         let mut rx = self.fatal.clone();
-        loop {
-            if let Some(e) = rx.borrow_and_update().clone() {
-                return e;
-            }
-            if rx.changed().await.is_err() {
-                // The loop never started or ended without an error: wait forever.
-                std::future::pending::<()>().await;
-            }
+        let fatal = rx.wait_for(Option::is_some).await.ok().and_then(|e| e.clone());
+        match fatal {
+            Some(e) => e,
+            // The loop ended without an error (the worker is stopping): never.
+            None => std::future::pending().await,
         }
     }
 

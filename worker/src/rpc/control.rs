@@ -31,8 +31,10 @@ impl ControlRegistrar {
     async fn register_once(&self, me: &Announce, id: u64, patience: Duration) -> Result<(u64, Duration)> {
         let deadline = Instant::now() + patience;
         loop {
+            // Not reachable yet (the coordinator may still be starting): try
+            // again; an answer refusing the registration: give up.
             let attempt = async {
-                let ch = connect(&self.coordinator).await.map_err(|e| self.refused(e))?;
+                let ch = connect(&self.coordinator).await.map_err(|e| (true, self.refused(e)))?;
                 ControlClient::new(ch)
                     .register_worker(pb::RegisterWorkerRequest {
                         address: me.address.clone(),
@@ -42,12 +44,11 @@ impl ControlRegistrar {
                     })
                     .await
                     .map(Response::into_inner)
-                    .map_err(|s| self.refused(s))
+                    .map_err(|s| (false, self.refused(s)))
             };
             match attempt.await {
                 Ok(r) => return Ok((r.worker_id, Duration::from_millis(r.lease_ttl_ms.max(300)))),
-                Err(e @ MembershipError::Coordinator { .. }) if !is_unreachable(&e) => return Err(e),
-                Err(e) if Instant::now() > deadline => return Err(e),
+                Err((retry, e)) if !retry || Instant::now() > deadline => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -100,11 +101,4 @@ impl Registrar for ControlRegistrar {
             .map_err(|s| self.refused(s))?;
         Ok(())
     }
-}
-
-/// A connection that could not be made (the coordinator may still be starting),
-/// as opposed to an answer refusing the registration.
-fn is_unreachable(e: &MembershipError) -> bool {
-    let MembershipError::Coordinator { source, .. } = e else { return false };
-    !source.is::<tonic::Status>()
 }

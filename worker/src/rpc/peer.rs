@@ -45,27 +45,11 @@ impl PeerClient {
                 .max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
         }
     }
-}
 
-/// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings.
-pub(crate) async fn connect(uri: &str) -> Result<Channel> {
-    zeroshard_proto::transport::endpoint(uri)
-        .map_err(|e| WorkerError::rpc(uri, e))?
-        .connect()
-        .await
-        .map_err(|e| WorkerError::rpc(uri, e))
-}
-
-/// A channel to `uri` that connects on first use.
-fn connect_lazy(uri: &str) -> Result<Channel> {
-    Ok(zeroshard_proto::transport::endpoint(uri).map_err(|e| WorkerError::rpc(uri, e))?.connect_lazy())
-}
-
-impl PeerClient {
     /// Fills `asm` from this member's `FetchRanges` stream under `epoch`. A rejected
     /// chunk (counted in `rejected`) or a broken stream restarts the fetch from what
-    /// is still missing; it gives up after [`FETCH_ATTEMPTS`] tries in a row without
-    /// progress (`policy.attempts`), or at once on a stale epoch. A source silent
+    /// is still missing; it gives up after `policy.attempts` tries in a row without
+    /// progress, or at once on a stale epoch. A source silent
     /// for `policy.timeout` counts as a broken stream. Errors name `source`.
     pub(crate) async fn fetch_into(
         &mut self,
@@ -124,4 +108,18 @@ impl PeerClient {
         }
         Err(format!("gave up after {} attempt(s) without progress: {last_error}", policy.attempts))
     }
+}
+
+/// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings.
+pub(crate) async fn connect(uri: &str) -> Result<Channel> {
+    zeroshard_proto::transport::endpoint(uri)
+        .map_err(|e| WorkerError::rpc(uri, e))?
+        .connect()
+        .await
+        .map_err(|e| WorkerError::rpc(uri, e))
+}
+
+/// A channel to `uri` that connects on first use.
+fn connect_lazy(uri: &str) -> Result<Channel> {
+    Ok(zeroshard_proto::transport::endpoint(uri).map_err(|e| WorkerError::rpc(uri, e))?.connect_lazy())
 }

@@ -188,7 +188,7 @@ pub async fn run(
     tokio::select! {
         served = &mut server => served
             .map_err(|e| WorkerError::Task { what: "server task", source: e.into() })?
-            .map_err(|e| WorkerError::rpc(&described, e)),
+            .map_err(|e| WorkerError::Task { what: "gRPC server", source: e.into() }),
         fatal = node.fatal_error() => {
             let reason = format!("fatal step error: {fatal}");
             tracing::error!("worker {id}: {reason}; leaving the cluster");
@@ -197,24 +197,8 @@ pub async fn run(
             }
             let _ = stop_tx.send(());
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
-            Err(WorkerError::Task { what: "batching loop", source: Box::new(ArcError(fatal)) })
+            Err(WorkerError::Task { what: "batching loop", source: Box::new(fatal) })
         }
-    }
-}
-
-/// A shared error as a source.
-#[derive(Debug)]
-struct ArcError(Arc<WorkerError>);
-
-impl std::fmt::Display for ArcError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for ArcError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.source()
     }
 }
 
