@@ -109,6 +109,11 @@ impl Checkpoint {
         &self.dir
     }
 
+    /// The checkpoint's files, in the order tensors index them.
+    pub fn file_paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+
     /// All tensors, sorted by name.
     pub fn tensors(&self) -> impl Iterator<Item = &TensorInfo> {
         self.tensors.values()

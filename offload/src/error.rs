@@ -33,6 +33,9 @@ pub enum OffloadError {
     /// A request (prompt, sampling values, synthetic spec) that cannot run as given.
     #[error("{0}")]
     InvalidRequest(String),
+    /// Bytes that do not match the checkpoint's block digests.
+    #[error(transparent)]
+    Digest(#[from] crate::digest::DigestError),
     /// `--gpu-memory` cannot hold what the model needs.
     #[error("{0}")]
     GpuMemory(String),

@@ -14,6 +14,8 @@
 //!   the workers and the options).
 //! - [`shards`]: owned slices in host memory, cut into checksummed chunks and
 //!   assembled again on the receiving side (no I/O).
+//! - [`digest`]: BLAKE3 digests of every 1 MiB block of every tensor's host bytes,
+//!   computed from the checkpoint by the coordinator and checked by every worker.
 //! - [`request`]: generation parameters, their validation, and finish reasons:
 //!   what the coordinator checks and the worker runs.
 //! - [`synthetic`]: random-weight models for benchmarks.
@@ -32,6 +34,7 @@
 mod checkpoint;
 mod config;
 pub mod convert;
+pub mod digest;
 mod dtype;
 mod error;
 pub mod gpu_budget;

@@ -3,9 +3,14 @@
 //!
 //! - **Partitioned** tensors (the large ones) are split into N contiguous element
 //!   ranges, one per worker in rank order (the order of `workers`): worker `r`
-//!   owns range `r`. Range lengths differ by at most one element: the first
-//!   `n mod N` ranges have `ceil(n / N)` elements, the others `floor(n / N)`
-//!   (so a range can be empty when `n < N`).
+//!   owns range `r`. Ranges are made of whole digest blocks
+//!   ([`BLOCK_BYTES`](crate::digest::BLOCK_BYTES) of host bytes, `BLOCK_BYTES /
+//!   elem_bytes` elements; the tensor's last block may be short), so every block
+//!   has one holder that can serve it whole and a receiver can verify it against
+//!   the checkpoint's digest. A tensor of `b` blocks gives each rank `floor(b / N)`
+//!   blocks and `b mod N` ranks one more: the ranks `t, t+1, …` (mod N) for the
+//!   tensor's index `t` in name order, so tensors of one block do not all land on
+//!   rank 0. Ranges can be empty (fewer blocks than workers).
 //! - **Persistent** tensors, whose host size (`numel × elem_bytes`) is under
 //!   `persistence_threshold_bytes`, are held whole by every worker.
 //! - **Replicas**: with `replicas = R`, range `r` is also held by ranks
@@ -23,6 +28,8 @@ mod partition;
 mod tests;
 
 use std::collections::HashSet;
+
+use crate::digest::BLOCK_BYTES;
 
 pub use partition::{OwnedBytes, OwnedRange, Piece, Placement, Plan, Shard, TensorPlan};
 
@@ -142,7 +149,11 @@ pub fn plan(meta: &[TensorMeta], workers: &[WorkerId], options: &PlanOptions) ->
     if let Some(w) = sorted.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(PlanError::DuplicateTensor(w[0].name.clone()));
     }
-    let tensors = sorted.into_iter().map(|t| place(t, workers, options)).collect::<Result<Vec<_>>>()?;
+    let tensors = sorted
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| place(t, i as u64, workers, options))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Plan::from_parts_unchecked(options, workers.to_vec(), tensors))
 }
 
@@ -158,8 +169,8 @@ fn check_workers(workers: &[WorkerId]) -> Result<()> {
     }
 }
 
-/// The placement and shards of one tensor.
-fn place(t: &TensorMeta, workers: &[WorkerId], options: &PlanOptions) -> Result<TensorPlan> {
+/// The placement and shards of tensor number `index` (in name order).
+fn place(t: &TensorMeta, index: u64, workers: &[WorkerId], options: &PlanOptions) -> Result<TensorPlan> {
     let too_large = || PlanError::TooLarge { name: t.name.clone(), shape: t.shape.clone() };
     let numel = t.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(too_large)?;
     let bytes = numel.checked_mul(u64::from(options.elem_bytes)).ok_or_else(too_large)?;
@@ -167,15 +178,20 @@ fn place(t: &TensorMeta, workers: &[WorkerId], options: &PlanOptions) -> Result<
     let (placement, shards) = if bytes < options.persistence_threshold_bytes {
         (Placement::Persistent, vec![Shard { elements: 0..numel, holders: workers.to_vec() }])
     } else {
-        let (base, extra) = (numel / n, numel % n);
+        let per_block = (BLOCK_BYTES as u64 / u64::from(options.elem_bytes)).max(1);
+        let blocks = numel.div_ceil(per_block);
+        let (base, extra) = (blocks / n, blocks % n);
+        let mut start_block = 0;
         let shards = (0..n)
             .map(|r| {
-                // The first `extra` ranges take one element more.
-                let start = r * base + r.min(extra);
-                let len = base + u64::from(r < extra);
+                // Ranks index, index+1, … (mod N) take one block more.
+                let count = base + u64::from((r + n - index % n) % n < extra);
+                let start = (start_block * per_block).min(numel);
+                start_block += count;
+                let end = (start_block * per_block).min(numel);
                 let holders =
                     (0..u64::from(options.replicas)).map(|k| workers[((r + k) % n) as usize]).collect();
-                Shard { elements: start..start + len, holders }
+                Shard { elements: start..end, holders }
             })
             .collect();
         (Placement::Partitioned, shards)

@@ -10,6 +10,9 @@ fn t(name: &str, shape: &[u64]) -> TensorMeta {
     TensorMeta::new(name, shape.to_vec(), None)
 }
 
+/// f16 elements per digest block.
+const P: u64 = (crate::digest::BLOCK_BYTES / 2) as u64;
+
 fn opts(threshold: u64, replicas: u32) -> PlanOptions {
     PlanOptions { epoch: 3, persistence_threshold_bytes: threshold, replicas, elem_bytes: 2 }
 }
@@ -33,10 +36,11 @@ impl Rng {
 
     /// Sizes that stress the split: tiny (below N), around multiples of N, large.
     fn numel(&mut self) -> u64 {
-        match self.below(4) {
+        match self.below(5) {
             0 => self.below(10),
             1 => 8 * self.below(100) + self.below(3),
             2 => self.below(5000),
+            3 => P * self.below(20) + self.below(3),
             _ => self.below(3_000_000),
         }
     }
@@ -66,10 +70,11 @@ fn random_tensors(rng: &mut Rng) -> Vec<TensorMeta> {
 #[test]
 fn splits_into_contiguous_ranges_in_rank_order() {
     let w = ids(4);
-    let p = plan(&[t("w", &[10])], &w, &opts(0, 1)).expect("plan");
+    // 10 blocks over 4 ranks: 3, 3, 2, 2 blocks.
+    let p = plan(&[t("w", &[10 * P])], &w, &opts(0, 1)).expect("plan");
     let shards = &p.tensor("w").expect("w").shards;
     let ranges: Vec<_> = shards.iter().map(|s| s.elements.clone()).collect();
-    assert_eq!(ranges, vec![0..3, 3..6, 6..8, 8..10]);
+    assert_eq!(ranges, vec![0..3 * P, 3 * P..6 * P, 6 * P..8 * P, 8 * P..10 * P]);
     let holders: Vec<_> = shards.iter().map(|s| s.holders.clone()).collect();
     assert_eq!(holders, vec![vec![w[0]], vec![w[1]], vec![w[2]], vec![w[3]]]);
     assert_eq!(p.epoch(), 3);
@@ -77,13 +82,50 @@ fn splits_into_contiguous_ranges_in_rank_order() {
 }
 
 #[test]
-fn fewer_elements_than_workers_leaves_empty_ranges() {
+fn fewer_blocks_than_workers_leaves_empty_ranges() {
     let w = ids(5);
-    let p = plan(&[t("w", &[3])], &w, &opts(0, 1)).expect("plan");
+    // 2.5 blocks: three ranges, the last one short.
+    let p = plan(&[t("w", &[5 * P / 2])], &w, &opts(0, 1)).expect("plan");
     let ranges: Vec<_> = p.tensor("w").expect("w").shards.iter().map(|s| s.elements.clone()).collect();
-    assert_eq!(ranges, vec![0..1, 1..2, 2..3, 3..3, 3..3]);
+    let end = 5 * P / 2;
+    assert_eq!(ranges, vec![0..P, P..2 * P, 2 * P..end, end..end, end..end]);
     assert_eq!(p.owned_ranges(w[4]).expect("known"), vec![], "empty ranges are not owned");
     assert_eq!(p.owned_bytes(w[3]).expect("known"), OwnedBytes::default());
+}
+
+#[test]
+fn shard_boundaries_fall_on_block_boundaries() {
+    let w = ids(3);
+    // 7.5 blocks: 3, 3, 2 blocks (the last one short); never a split inside a block.
+    let numel = 15 * P / 2;
+    let p = plan(&[t("w", &[numel])], &w, &opts(0, 1)).expect("plan");
+    let ranges: Vec<_> = p.tensor("w").expect("w").shards.iter().map(|s| s.elements.clone()).collect();
+    assert_eq!(ranges, vec![0..3 * P, 3 * P..6 * P, 6 * P..numel]);
+    // Wider elements, smaller blocks: 4-byte elements give P / 2 per block.
+    let wide = PlanOptions { elem_bytes: 4, ..opts(0, 1) };
+    let p = plan(&[t("w", &[3 * P / 2])], &w, &wide).expect("plan");
+    let ranges: Vec<_> = p.tensor("w").expect("w").shards.iter().map(|s| s.elements.clone()).collect();
+    assert_eq!(ranges, vec![0..P / 2, P / 2..P, P..3 * P / 2]);
+}
+
+#[test]
+fn the_extra_blocks_rotate_with_the_tensor_index() {
+    let w = ids(3);
+    // Tensors of one block each (in name order a, b, c, d) land on ranks 0, 1, 2, 0.
+    let meta = [t("a", &[P]), t("b", &[10]), t("c", &[P / 2]), t("d", &[P])];
+    let p = plan(&meta, &w, &opts(0, 1)).expect("plan");
+    let owner = |name: &str| {
+        let shards = &p.tensor(name).expect("tensor").shards;
+        let held: Vec<usize> = (0..3).filter(|&r| !shards[r].elements.is_empty()).collect();
+        assert_eq!(held.len(), 1, "{name}: one block, one holder");
+        held[0]
+    };
+    assert_eq!([owner("a"), owner("b"), owner("c"), owner("d")], [0, 1, 2, 0]);
+    // 4 blocks on 3 ranks: tensor 1 gives its extra block to rank 1.
+    let p = plan(&[t("a", &[1]), t("b", &[4 * P])], &w, &opts(0, 1)).expect("plan");
+    let lens: Vec<u64> =
+        p.tensor("b").expect("b").shards.iter().map(|s| s.elements.end - s.elements.start).collect();
+    assert_eq!(lens, vec![P, 2 * P, P]);
 }
 
 #[test]
@@ -115,19 +157,19 @@ fn small_tensors_are_persistent_on_every_worker() {
 #[test]
 fn replicas_hold_each_range_on_the_next_ranks() {
     let w = ids(3);
-    let p = plan(&[t("w", &[9]), t("n", &[1])], &w, &opts(4, 2)).expect("plan");
+    let p = plan(&[t("w", &[9 * P]), t("n", &[1])], &w, &opts(4, 2)).expect("plan");
     let holders: Vec<_> = p.tensor("w").expect("w").shards.iter().map(|s| s.holders.clone()).collect();
     assert_eq!(holders, vec![vec![w[0], w[1]], vec![w[1], w[2]], vec![w[2], w[0]]]);
     let owned = p.owned_ranges(w[0]).expect("known");
     let partitioned: Vec<_> =
         owned.iter().filter(|r| r.tensor.meta.name == "w").map(|r| (r.elements.clone(), r.primary)).collect();
-    assert_eq!(partitioned, vec![(0..3, true), (6..9, false)]);
-    assert_eq!(p.owned_bytes(w[0]).expect("known"), OwnedBytes { partitioned: 12, persistent: 2 });
+    assert_eq!(partitioned, vec![(0..3 * P, true), (6 * P..9 * P, false)]);
+    assert_eq!(p.owned_bytes(w[0]).expect("known"), OwnedBytes { partitioned: 12 * P, persistent: 2 });
     assert_eq!(p.tensor("n").expect("n").shards[0].holders, w, "persistent: all, not R");
     // R = N: everyone holds everything.
-    let full = plan(&[t("w", &[9])], &w, &opts(0, 3)).expect("plan");
+    let full = plan(&[t("w", &[9 * P])], &w, &opts(0, 3)).expect("plan");
     for &worker in &w {
-        assert_eq!(full.owned_bytes(worker).expect("known").partitioned, 18);
+        assert_eq!(full.owned_bytes(worker).expect("known").partitioned, 18 * P);
     }
 }
 
@@ -136,14 +178,22 @@ fn replicas_hold_each_range_on_the_next_ranks() {
 #[test]
 fn owners_tile_the_requested_range() {
     let w = ids(4);
-    let p = plan(&[t("w", &[10])], &w, &opts(0, 1)).expect("plan");
-    let pieces = p.owners("w", 2..9).expect("in range");
+    let p = plan(&[t("w", &[10 * P])], &w, &opts(0, 1)).expect("plan");
+    let pieces = p.owners("w", 2 * P + 1..9 * P - 1).expect("in range");
     let got: Vec<_> = pieces.iter().map(|x| (x.elements.clone(), x.holders.to_vec())).collect();
-    assert_eq!(got, vec![(2..3, vec![w[0]]), (3..6, vec![w[1]]), (6..8, vec![w[2]]), (8..9, vec![w[3]])]);
-    assert_eq!(p.owners("w", 4..5).expect("inside one").len(), 1);
+    assert_eq!(
+        got,
+        vec![
+            (2 * P + 1..3 * P, vec![w[0]]),
+            (3 * P..6 * P, vec![w[1]]),
+            (6 * P..8 * P, vec![w[2]]),
+            (8 * P..9 * P - 1, vec![w[3]])
+        ]
+    );
+    assert_eq!(p.owners("w", 4 * P..5 * P).expect("inside one").len(), 1);
     assert!(p.owners("w", 5..5).expect("empty").is_empty());
-    assert!(p.owners("w", 10..10).expect("empty at end").is_empty());
-    let whole = p.owners("w", 0..10).expect("all");
+    assert!(p.owners("w", 10 * P..10 * P).expect("empty at end").is_empty());
+    let whole = p.owners("w", 0..10 * P).expect("all");
     assert_eq!(whole.len(), 4);
 }
 
@@ -220,11 +270,12 @@ fn from_parts_rejects_broken_plans() {
 /// Checks every invariant of a plan made with `replicas` = R.
 fn check_plan(meta: &[TensorMeta], workers: &[WorkerId], options: &PlanOptions, p: &Plan) {
     let n = workers.len() as u64;
+    let per_block = crate::digest::BLOCK_BYTES as u64 / u64::from(options.elem_bytes);
     let r = u64::from(options.replicas);
     assert_eq!(p.tensors().len(), meta.len());
     assert!(p.tensors().windows(2).all(|w| w[0].meta.name < w[1].meta.name), "sorted by name");
     let mut expect_owned = vec![OwnedBytes::default(); workers.len()];
-    for tp in p.tensors() {
+    for (index, tp) in p.tensors().iter().enumerate() {
         let numel = tp.numel();
         let bytes = numel * u64::from(options.elem_bytes);
         // Every element held exactly R times (partitioned) or N times (persistent).
@@ -239,14 +290,23 @@ fn check_plan(meta: &[TensorMeta], workers: &[WorkerId], options: &PlanOptions, 
         }
         assert_eq!(tp.placement, Placement::Partitioned);
         assert_eq!(tp.shards.len() as u64, n, "one range per worker");
-        let (lo, hi) = (numel / n, numel.div_ceil(n));
+        let blocks = numel.div_ceil(per_block);
+        let (lo, hi) = (blocks / n, blocks.div_ceil(n));
         let mut at = 0;
         for (rank, s) in tp.shards.iter().enumerate() {
             assert_eq!(s.elements.start, at, "contiguous");
             at = s.elements.end;
             let len = s.elements.end - s.elements.start;
-            assert!(len == lo || len == hi, "balance within one element: {len} not in {lo}..={hi}");
-            assert!(len <= hi);
+            assert!(s.elements.start % per_block == 0 || s.elements.start == numel, "starts on a block");
+            assert!(s.elements.end % per_block == 0 || s.elements.end == numel, "ends on a block");
+            let len_blocks = len.div_ceil(per_block);
+            assert!(
+                len_blocks == lo || len_blocks == hi,
+                "balance within one block: {len_blocks} not in {lo}..={hi}"
+            );
+            // The ranks from the tensor's index on take the extra blocks.
+            let extra = (rank as u64 + n - index as u64 % n) % n < blocks % n;
+            assert_eq!(len_blocks, lo + u64::from(extra), "rank {rank} of tensor {index}");
             assert_eq!(s.holders[0], workers[rank], "worker r owns range r");
             assert_eq!(s.holders.len() as u64, r);
             for (k, h) in s.holders.iter().enumerate() {
@@ -258,11 +318,6 @@ fn check_plan(meta: &[TensorMeta], workers: &[WorkerId], options: &PlanOptions, 
         }
         assert_eq!(at, numel, "covers the tensor");
         assert_eq!(holds.iter().sum::<u64>(), numel * r, "every element held R times");
-        // Ranges never shrink along ranks: the longer ones come first.
-        assert!(tp
-            .shards
-            .windows(2)
-            .all(|w| w[0].elements.end - w[0].elements.start >= w[1].elements.end - w[1].elements.start));
     }
     for (rank, &w) in workers.iter().enumerate() {
         assert_eq!(p.owned_bytes(w).expect("known"), expect_owned[rank], "owned bytes of rank {rank}");
@@ -357,7 +412,8 @@ fn property_deterministic_and_independent_of_tensor_order() {
 
 #[test]
 fn coverage_survives_fewer_losses_than_replicas() {
-    let meta = vec![TensorMeta::new("w", vec![1000, 64], Some(0)), TensorMeta::new("n", vec![64], None)];
+    // 4 blocks: one per worker.
+    let meta = vec![TensorMeta::new("w", vec![4, P], Some(0)), TensorMeta::new("n", vec![64], None)];
     let ws: Vec<WorkerId> = (1..=4).map(WorkerId).collect();
     let one = plan(&meta, &ws, &opts(256, 1)).expect("plan");
     let two = plan(&meta, &ws, &opts(256, 2)).expect("plan");
