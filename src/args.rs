@@ -189,6 +189,10 @@ pub(crate) struct WorkerArgs {
     /// Test hook: corrupt one chunk of every Nth shard fetch this worker serves.
     #[arg(long, default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_CORRUPT_EVERY")]
     pub fault_corrupt_every: u64,
+    /// Test hook: flip a byte of every chunk this worker serves to peers, under a
+    /// valid CRC-32C (a lying holder only the checkpoint's digests catch).
+    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_SERVE_CORRUPT")]
+    pub fault_serve_corrupt: bool,
     /// Test hook: refuse to load any plan.
     #[arg(long, hide = true, env = "ZEROSHARD_FAULT_FAIL_LOAD")]
     pub fault_fail_load: bool,

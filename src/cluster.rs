@@ -131,6 +131,7 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
         prefetch_bytes: g.prefetch_bytes,
         max_live_bytes: p.max_live_bytes.unwrap_or(0),
         corrupt_every: a.fault_corrupt_every,
+        serve_corrupt: a.fault_serve_corrupt,
         fail_load: a.fault_fail_load,
         step_delay: Duration::from_millis(a.fault_step_delay_ms),
         step_fault: a
@@ -207,6 +208,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
                     "gather_bytes_per_s": w.gather_bytes_per_s,
                     "rejected_chunks_total": w.rejected_chunks_total, "steps_total": w.steps_total,
                     "loads_total": w.loads_total, "failovers_total": w.failovers_total,
+                    "rejected_blocks_total": w.rejected_blocks_total,
                 })
             })
             .collect();
@@ -228,12 +230,20 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         s.sequences_resumed_total
     );
     println!(
-        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>7} {:>10} {:>6}",
-        "id", "address", "owned MB", "persist MB", "resident MB", "active", "gather GB/s", "loads"
+        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>7} {:>10} {:>6} {:>15}",
+        "id",
+        "address",
+        "owned MB",
+        "persist MB",
+        "resident MB",
+        "active",
+        "gather GB/s",
+        "loads",
+        "rejected blocks"
     );
     for w in &s.workers {
         println!(
-            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>7} {:>10.2} {:>6}",
+            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>7} {:>10.2} {:>6} {:>15}",
             w.id,
             w.address,
             w.owned_partitioned_bytes as f64 / 1e6,
@@ -241,7 +251,8 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             w.resident_bytes as f64 / 1e6,
             w.active_sequences,
             w.gather_bytes_per_s / 1e9,
-            w.loads_total
+            w.loads_total,
+            w.rejected_blocks_total
         );
     }
     Ok(())

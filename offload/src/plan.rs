@@ -76,6 +76,11 @@ pub struct Assignment {
     pub peers: Vec<(WorkerId, String)>,
     /// Load owned ranges from this Shards endpoint instead of the checkpoint.
     pub pull_from: Option<String>,
+    /// The checkpoint's digest of every block of every tensor of the plan.
+    pub digests: std::sync::Arc<crate::digest::BlockDigests>,
+    /// The coordinator's `Shards` endpoint, which reads the checkpoint: where a
+    /// block no holder served intact is fetched from.
+    pub coordinator_shards: Option<String>,
 }
 
 /// The knobs of [`plan`].

@@ -25,6 +25,14 @@ pub enum WorkerError {
     /// for another worker or an epoch not prepared).
     #[error("{0}")]
     InvalidRequest(String),
+    /// This worker's copy of the checkpoint is not the coordinator's: a block
+    /// it loaded fails the digest the plan carries.
+    #[error("{path}: {source} (this worker's copy of the checkpoint differs from the coordinator's)")]
+    CorruptCopy {
+        path: std::path::PathBuf,
+        #[source]
+        source: zeroshard_offload::digest::DigestError,
+    },
     /// A plan epoch this worker does not hold, or has not prepared.
     #[error("{0}")]
     Epoch(String),

@@ -72,8 +72,16 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
                 .map(Response::into_inner);
             (w, s)
         });
+        let stats = futures::future::join_all(stats).await;
+        // Blocks every worker rejected, by the holder that sent them.
+        let mut rejected_blocks = std::collections::HashMap::<u64, u64>::new();
+        for (_, s) in &stats {
+            for (holder, n) in s.iter().flat_map(|s| &s.rejected_blocks_by_holder) {
+                *rejected_blocks.entry(*holder).or_default() += n;
+            }
+        }
         let mut workers = Vec::new();
-        for (w, s) in futures::future::join_all(stats).await {
+        for (w, s) in stats {
             let s = s.unwrap_or_default();
             workers.push(pb::WorkerStatus {
                 id: w.id.0,
@@ -88,6 +96,7 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
                 steps_total: s.steps_total,
                 loads_total: s.loads_total,
                 failovers_total: s.failovers_total,
+                rejected_blocks_total: rejected_blocks.get(&w.id.0).copied().unwrap_or(0),
             });
         }
         let (workers_lost_total, sequences_resumed_total) = coord.failure_counts();

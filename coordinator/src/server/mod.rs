@@ -11,6 +11,7 @@
 //! match coord.wait_ready().await { Readiness::Ready => println!("ready"), Readiness::Failed(e) => bail!(e), .. }
 //! ```
 mod control;
+mod faults;
 mod generate;
 mod inference;
 mod progress;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::{Plan, TensorMeta, WorkerId};
 use zeroshard_offload::spec::tensor_specs;
 use zeroshard_offload::{Checkpoint, ModelConfig};
@@ -80,6 +81,8 @@ pub(super) struct Inner {
     pub generation_config_json: String,
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub ckpt: Checkpoint,
+    /// The checkpoint's digest of every block (workers verify against them).
+    pub digests: Arc<BlockDigests>,
     pub meta: Vec<TensorMeta>,
     /// The coordinator's own address, for `--pull` workers.
     pub advertise: String,
@@ -131,6 +134,13 @@ impl Coordinator {
         for s in &specs {
             ckpt.expect_shape(&s.name, &s.shape)?;
         }
+        let start = std::time::Instant::now();
+        let digests = Arc::new(zeroshard_offload::digest::compute(&ckpt)?);
+        tracing::info!(
+            "digests of {} blocks computed in {:.2} s",
+            digests.block_count(),
+            start.elapsed().as_secs_f64()
+        );
         let tok_path = dir.join("tokenizer.json");
         let tokenizer =
             if tok_path.is_file() { Some(Arc::new(Tokenizer::from_file(&tok_path)?)) } else { None };
@@ -149,6 +159,7 @@ impl Coordinator {
             generation_config_json,
             tokenizer,
             ckpt,
+            digests,
             advertise,
             membership,
             embedded,

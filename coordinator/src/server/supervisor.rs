@@ -10,6 +10,10 @@
 //!   the survivors;
 //! - a worker joined: plan the next epoch over everyone.
 //!
+//! - a worker that served blocks failing the checkpoint's digests (reported by
+//!   [`faults`](super::faults)): banned by id from planning for good, and the
+//!   next epoch planned without it (it stays registered, and gets no sequences).
+//!
 //! A new epoch is installed in two phases — every worker loads its new ranges
 //! (`InstallPlan`) while still computing under the old epoch, then every
 //! worker switches (`ActivatePlan`) — so running sequences continue.
@@ -40,6 +44,8 @@ struct Supervisor {
     failed: bool,
     /// Lost workers already reported as covered by replicas.
     degraded: BTreeSet<WorkerId>,
+    /// Workers that served corrupt blocks: never planned again.
+    banned: BTreeSet<WorkerId>,
 }
 
 pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver<WorkerId>) {
@@ -69,7 +75,10 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         served: false,
         failed: false,
         degraded: BTreeSet::new(),
+        banned: BTreeSet::new(),
     };
+    let (faulty_tx, mut faulty) = mpsc::unbounded_channel();
+    tokio::spawn(super::faults::watch(sup.coord.clone(), faulty_tx));
     for m in members {
         sup.apply(MemberEvent::Joined(m));
     }
@@ -83,6 +92,14 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
                     return;
                 }
             },
+            Some(f) = faulty.recv() => {
+                tracing::error!(
+                    "{} served {} block(s) that failed the checkpoint's digest: evicting it (banned from planning)",
+                    f.id,
+                    f.blocks
+                );
+                sup.banned.insert(f.id);
+            }
             Some(_) = reports.recv() => {
                 while reports.try_recv().is_ok() {}
                 sup.probe_all().await;
@@ -148,7 +165,8 @@ impl Supervisor {
         }
         let (live, plan) = {
             let st = self.coord.lock();
-            (st.members.keys().copied().collect::<Vec<_>>(), st.plan.clone())
+            let live = st.members.keys().copied().filter(|w| !self.banned.contains(w)).collect::<Vec<_>>();
+            (live, st.plan.clone())
         };
         let Some(plan) = plan else {
             if let Some(stored) = self.stored.clone() {
@@ -170,6 +188,10 @@ impl Supervisor {
             return;
         };
         let joined = live.iter().any(|w| plan.rank(*w).is_none());
+        let banned = plan.workers().iter().any(|w| self.banned.contains(w));
+        if banned && !live.is_empty() {
+            return self.replan(&live).await;
+        }
         let lost: Vec<WorkerId> = plan.workers().iter().copied().filter(|w| !live.contains(w)).collect();
         if joined {
             self.replan(&live).await;
@@ -249,6 +271,8 @@ impl Supervisor {
                 peers: &peers,
                 pull_from: inner.cfg.pull.then(|| inner.advertise.clone()),
                 model: model_info(&coord),
+                digests: &inner.digests,
+                coordinator_shards: inner.advertise.clone(),
             };
             let plan = plan.clone();
             async move { (w, w.client.install(w.id, &plan, how).await) }

@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use tonic::transport::Channel;
+use zeroshard_offload::convert::digests_to_pb;
+use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::worker_client::WorkerClient;
@@ -40,6 +42,9 @@ pub(crate) struct Install<'a> {
     pub peers: &'a [(WorkerId, String)],
     pub pull_from: Option<String>,
     pub model: pb::ModelInfo,
+    /// Every block's digest, and where to fetch a block no holder served intact.
+    pub digests: &'a BlockDigests,
+    pub coordinator_shards: String,
 }
 
 /// The model as plans (and `RegisterWorker` answers) carry it to workers.
@@ -80,6 +85,14 @@ impl WorkerHandle {
         }
     }
 
+    /// Blocks the worker received that failed their digest, by the holder that
+    /// sent them; `None` when it does not answer within `timeout`.
+    pub(crate) async fn rejected_blocks(&self, timeout: Duration) -> Option<Vec<(WorkerId, u64)>> {
+        let mut c = self.client.clone();
+        let s = tokio::time::timeout(timeout, c.stats(pb::StatsRequest {})).await.ok()?.ok()?.into_inner();
+        Some(s.rejected_blocks_by_holder.into_iter().map(|(h, n)| (WorkerId(h), n)).collect())
+    }
+
     /// Installs (prepares) `plan` for worker `id`; (owned bytes, load ms).
     pub(crate) async fn install(
         &self,
@@ -97,6 +110,8 @@ impl WorkerHandle {
                 .collect(),
             pull_from: how.pull_from,
             model: Some(how.model),
+            digests: digests_to_pb(how.digests),
+            coordinator_shards: Some(how.coordinator_shards),
         };
         let mut c = self.client.clone();
         c.install_plan(req)

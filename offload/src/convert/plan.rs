@@ -112,11 +112,14 @@ impl From<&Assignment> for pb::InstallPlanRequest {
                 .collect(),
             pull_from: a.pull_from.clone(),
             model: None,
+            digests: super::digests_to_pb(&a.digests),
+            coordinator_shards: a.coordinator_shards.clone(),
         }
     }
 }
 
-/// Requires the plan, a worker of the plan, and exactly one address per worker.
+/// Requires the plan, a worker of the plan, exactly one address per worker,
+/// and digests of every tensor of the plan.
 impl TryFrom<pb::InstallPlanRequest> for Assignment {
     type Error = PlanError;
 
@@ -138,7 +141,11 @@ impl TryFrom<pb::InstallPlanRequest> for Assignment {
             return Err(PlanError::UnknownWorker(WorkerId(p.id)));
         }
         let pull_from = r.pull_from.filter(|s| !s.is_empty());
-        Ok(Self { plan, worker, peers, pull_from })
+        let coordinator_shards = r.coordinator_shards.filter(|s| !s.is_empty());
+        let invalid = |e: crate::digest::DigestError| PlanError::Invalid(e.to_string());
+        let digests = super::digests_from_pb(r.digests).map_err(invalid)?;
+        digests.check_plan(&plan).map_err(invalid)?;
+        Ok(Self { plan, worker, peers, pull_from, digests: std::sync::Arc::new(digests), coordinator_shards })
     }
 }
 
@@ -205,8 +212,24 @@ mod tests {
         let plan = sample(2);
         let peers: Vec<_> =
             plan.workers().iter().map(|w| (*w, format!("http://127.0.0.1:{}", 5000 + w.0))).collect();
-        let a =
-            Assignment { plan, worker: WorkerId(9), peers, pull_from: Some("http://127.0.0.1:4000".into()) };
+        let digests = plan
+            .tensors()
+            .iter()
+            .map(|t| {
+                let bytes = t.numel() * 2;
+                let blocks = vec![[7u8; 32]; crate::digest::TensorDigests::blocks_for(bytes) as usize];
+                (t.meta.name.clone(), crate::digest::TensorDigests { bytes, blocks })
+            })
+            .collect::<Vec<_>>();
+        let digests = std::sync::Arc::new(crate::digest::BlockDigests::from_tensors(digests).expect("valid"));
+        let a = Assignment {
+            plan,
+            worker: WorkerId(9),
+            peers,
+            pull_from: Some("http://127.0.0.1:4000".into()),
+            digests,
+            coordinator_shards: Some("http://127.0.0.1:4001".into()),
+        };
         let wire = pb::InstallPlanRequest::from(&a);
         assert_eq!(Assignment::try_from(wire.clone()), Ok(a.clone()));
 
@@ -223,6 +246,12 @@ mod tests {
         let mut extra = wire.clone();
         extra.peers.push(pb::Peer { id: 77, address: "http://x".into() });
         assert_eq!(Assignment::try_from(extra), Err(PlanError::UnknownWorker(WorkerId(77))));
+        let mut no_digest = wire.clone();
+        no_digest.digests.pop();
+        assert!(
+            matches!(Assignment::try_from(no_digest), Err(PlanError::Invalid(_))),
+            "every tensor needs digests"
+        );
         let no_pull = pb::InstallPlanRequest { pull_from: Some(String::new()), ..wire };
         assert_eq!(Assignment::try_from(no_pull).map(|a| a.pull_from), Ok(None));
     }

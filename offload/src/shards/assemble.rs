@@ -125,6 +125,11 @@ impl<'a> Assembler<'a> {
         self.targets.iter().all(|t| t.received == t.dest.len() as u64)
     }
 
+    /// The destinations back, in request order, to check or split what was received.
+    pub fn into_targets(self) -> Vec<(TensorRange, &'a mut [u8])> {
+        self.targets.into_iter().map(|t| (t.range, t.dest)).collect()
+    }
+
     /// Succeeds when every range has all its bytes.
     pub fn finish(self) -> Result<()> {
         match self.targets.into_iter().find(|t| t.received != t.dest.len() as u64) {

@@ -1,12 +1,19 @@
 //! The gather: whole tensors (or element ranges of them) assembled from this
-//! worker's own slices and its peers' `Shards` services, verified chunk by chunk.
-use std::collections::HashMap;
+//! worker's own slices and its peers' `Shards` services, verified chunk by
+//! chunk (CRC-32C: the transfer) and block by block (the checkpoint's BLAKE3
+//! digests: the sender). A remote piece is widened to the whole blocks that
+//! cover it (its holder has them: shards are made of whole blocks), every
+//! block is checked, then the requested part is copied out. A block that fails
+//! its digest is never used: it is counted against its holder and fetched from
+//! the next holder, or from the coordinator, which reads the checkpoint.
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use half::f16;
+use zeroshard_offload::digest::{covering, BlockDigests, BLOCK_BYTES};
 use zeroshard_offload::plan::{Plan, WorkerId};
 
 use zeroshard_offload::shards::{Assembler, HostSlices, TensorRange};
@@ -38,10 +45,21 @@ pub(crate) struct GatherStats {
     pub wait_nanos: AtomicU64,
     /// Fetches completed by a replica after the first holder failed.
     pub failovers: AtomicU64,
+    /// Blocks that failed their digest, by the holder that sent them.
+    rejected_blocks: Mutex<BTreeMap<u64, u64>>,
     in_flight: std::sync::Mutex<(u32, Option<Instant>)>,
 }
 
 impl GatherStats {
+    /// Blocks rejected so far, by holder id.
+    pub(crate) fn rejected_blocks(&self) -> HashMap<u64, u64> {
+        sync::lock(&self.rejected_blocks).iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    fn reject_blocks(&self, holder: WorkerId, blocks: u64) {
+        *sync::lock(&self.rejected_blocks).entry(holder.0).or_default() += blocks;
+    }
+
     fn begin(&self) {
         let mut g = sync::lock(&self.in_flight);
         if g.0 == 0 {
@@ -94,6 +112,11 @@ pub(super) struct Gatherer {
     me: WorkerId,
     own: Arc<HostSlices>,
     peers: HashMap<WorkerId, PeerClient>,
+    /// The checkpoint's digest of every block.
+    digests: Arc<BlockDigests>,
+    /// The coordinator's `Shards` (reads the checkpoint): the last source of a
+    /// block no holder served intact.
+    fallback: Option<PeerClient>,
     pub stats: Arc<GatherStats>,
     fetch_timeout: Duration,
     /// Holders that failed recently, and when.
@@ -106,10 +129,22 @@ impl Gatherer {
         me: WorkerId,
         own: Arc<HostSlices>,
         peers: HashMap<WorkerId, PeerClient>,
+        verify: (Arc<BlockDigests>, Option<PeerClient>),
         stats: Arc<GatherStats>,
         fetch_timeout: Duration,
     ) -> Self {
-        Self { plan, me, own, peers, stats, fetch_timeout, down: Mutex::new(HashMap::new()) }
+        let (digests, fallback) = verify;
+        Self {
+            plan,
+            me,
+            own,
+            peers,
+            digests,
+            fallback,
+            stats,
+            fetch_timeout,
+            down: Mutex::new(HashMap::new()),
+        }
     }
 
     /// `holders` in the order to try them: healthy ones first, in plan order.
@@ -128,17 +163,18 @@ impl Gatherer {
         let mut outputs: Vec<Vec<f16>> = requests.iter().map(|r| vec![f16::ZERO; r.len() as usize]).collect();
         // Carve every output into the pieces its holders serve.
         // Keyed by the holders to try, in order.
-        let mut remote: HashMap<Vec<WorkerId>, Vec<(TensorRange, &mut [u8])>> = HashMap::new();
+        let mut remote: HashMap<Vec<WorkerId>, Vec<Remote<'_>>> = HashMap::new();
         let mut fetched_bytes = 0u64;
         for (req, out) in requests.iter().zip(outputs.iter_mut()) {
             let pieces = self.plan.owners(&req.tensor, req.elements.clone())?;
+            let numel = self.plan.tensor(&req.tensor).map_or(0, |t| t.numel());
             let mut rest: &mut [u8] = bytemuck_bytes(out);
             for piece in pieces {
                 let len = ((piece.elements.end - piece.elements.start) * 2) as usize;
                 let (dest, tail) = std::mem::take(&mut rest).split_at_mut(len);
                 rest = tail;
-                let range = TensorRange::new(req.tensor.clone(), piece.elements.clone());
                 if piece.holders.contains(&self.me) {
+                    let range = TensorRange::new(req.tensor.clone(), piece.elements.clone());
                     let mut at = 0;
                     for bytes in self.own.pieces(&range)? {
                         dest[at..at + bytes.len()].copy_from_slice(&bytes);
@@ -151,8 +187,16 @@ impl Gatherer {
                             req.tensor, piece.elements
                         )));
                     }
-                    fetched_bytes += len as u64;
-                    remote.entry(self.try_order(piece.holders)).or_default().push((range, dest));
+                    // Whole blocks, so that each can be checked against its digest.
+                    let blocks = covering(numel, 2, piece.elements.clone());
+                    let skip = ((piece.elements.start - blocks.start) * 2) as usize;
+                    fetched_bytes += (blocks.end - blocks.start) * 2;
+                    let range = TensorRange::new(req.tensor.clone(), blocks);
+                    remote.entry(self.try_order(piece.holders)).or_default().push(Remote {
+                        range,
+                        skip,
+                        dest,
+                    });
                 }
             }
         }
@@ -165,41 +209,138 @@ impl Gatherer {
         Ok(outputs)
     }
 
-    /// The part of a gather that `holders` serve: from the first, then, if it
-    /// fails, the rest of it from the next, within the same step.
-    async fn fetch(&self, holders: Vec<WorkerId>, ranges: Vec<(TensorRange, &mut [u8])>) -> Result<()> {
-        let mut asm = Assembler::new(ranges, 2)?;
+    /// The part of a gather that `holders` serve: whole blocks, fetched
+    /// straight into the output when the piece is whole blocks, else into a
+    /// scratch buffer the piece is copied out of once every block is checked.
+    async fn fetch(&self, holders: Vec<WorkerId>, mut pieces: Vec<Remote<'_>>) -> Result<()> {
+        let mut scratch: Vec<Vec<u8>> = pieces
+            .iter()
+            .map(|p| if p.is_direct() { Vec::new() } else { vec![0u8; p.range.len() as usize * 2] })
+            .collect();
+        let targets = pieces
+            .iter_mut()
+            .zip(scratch.iter_mut())
+            .map(|(p, s)| {
+                let dest: &mut [u8] = if s.is_empty() { &mut *p.dest } else { s.as_mut_slice() };
+                (p.range.clone(), dest)
+            })
+            .collect();
+        self.fetch_verified(&holders, targets).await?;
+        for (p, s) in pieces.iter_mut().zip(&scratch) {
+            if !s.is_empty() {
+                let len = p.dest.len();
+                p.dest.copy_from_slice(&s[p.skip..p.skip + len]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `pending` (whole blocks) from the first of `holders`, then, if it
+    /// fails, from the next, within the same step. Every block is checked
+    /// against its digest; a block that fails is counted against the holder that
+    /// sent it and fetched again from the next holder, or, after the last, from
+    /// the coordinator.
+    async fn fetch_verified(
+        &self,
+        holders: &[WorkerId],
+        mut pending: Vec<(TensorRange, &mut [u8])>,
+    ) -> Result<()> {
         let mut errors = Vec::new();
-        for (i, peer) in holders.iter().enumerate() {
-            let Some(mut client) = self.peers.get(peer).cloned() else {
-                errors.push(format!("no connection to worker {peer}"));
+        let mut rejected_any = false;
+        let sources = holders.iter().map(|h| Some(*h)).chain(self.fallback.as_ref().map(|_| None));
+        for (i, holder) in sources.enumerate() {
+            let (client, source) = match holder {
+                Some(peer) => (self.peers.get(&peer).cloned(), peer.to_string()),
+                // The coordinator serves only what a holder failed to serve intact.
+                None if rejected_any => (self.fallback.clone(), "the coordinator".to_string()),
+                None => break,
+            };
+            let Some(mut client) = client else {
+                errors.push(format!("no connection to {source}"));
                 continue;
             };
-            let last = i + 1 == holders.len();
+            let last = i + 1 >= holders.len();
             let policy =
                 FetchPolicy { attempts: if last { FETCH_ATTEMPTS } else { 1 }, timeout: self.fetch_timeout };
-            let source = peer.to_string();
-            match client
+            let mut asm = Assembler::new(pending, 2)?;
+            let fetched = client
                 .fetch_into(&source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks, policy)
-                .await
-            {
-                Ok(()) => {
-                    if i > 0 {
-                        self.stats.failovers.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Ok(());
+                .await;
+            pending = asm.into_targets();
+            if let Err(e) = fetched {
+                if let Some(next) = holders.get(i + 1) {
+                    tracing::warn!("{e}; fetching the rest from worker {next}");
                 }
-                Err(e) => {
-                    if !last {
-                        tracing::warn!("{e}; fetching the rest from worker {}", holders[i + 1]);
-                    }
-                    sync::lock(&self.down).insert(*peer, Instant::now());
-                    errors.push(e);
-                    asm.restart();
+                if let Some(peer) = holder {
+                    sync::lock(&self.down).insert(peer, Instant::now());
+                }
+                errors.push(e);
+                continue;
+            }
+            let (bad, rejected) = self.failed_blocks(pending)?;
+            if rejected == 0 {
+                if i > 0 {
+                    self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(());
+            }
+            rejected_any = true;
+            let why = format!("{source}: {rejected} block(s) failed the checkpoint's digest");
+            tracing::warn!("{why}; never used, fetching them again elsewhere");
+            if let Some(peer) = holder {
+                self.stats.reject_blocks(peer, rejected);
+                sync::lock(&self.down).insert(peer, Instant::now());
+            }
+            errors.push(why);
+            pending = bad;
+        }
+        Err(WorkerError::Gather(errors.join("; ")))
+    }
+
+    /// Checks every block of `received`; returns the blocks that failed (as
+    /// ranges to fetch again, with their destinations) and how many.
+    #[allow(clippy::type_complexity)]
+    fn failed_blocks<'a>(
+        &self,
+        received: Vec<(TensorRange, &'a mut [u8])>,
+    ) -> Result<(Vec<(TensorRange, &'a mut [u8])>, u64)> {
+        let per_block = (BLOCK_BYTES / 2) as u64;
+        let mut again = Vec::new();
+        for (range, dest) in received {
+            let bad =
+                self.digests.bad_blocks(&range.tensor, range.elements.start * 2, dest).map_err(|e| {
+                    WorkerError::Gather(format!("checking `{}` against its digests: {e}", range.tensor))
+                })?;
+            if bad.is_empty() {
+                continue;
+            }
+            let first = range.elements.start / per_block;
+            for (k, block) in dest.chunks_mut(BLOCK_BYTES).enumerate() {
+                let index = first + k as u64;
+                if bad.contains(&index) {
+                    let start = index * per_block;
+                    let elements = start..start + (block.len() / 2) as u64;
+                    again.push((TensorRange::new(range.tensor.clone(), elements), block));
                 }
             }
         }
-        Err(WorkerError::Gather(errors.join("; ")))
+        let n = again.len() as u64;
+        Ok((again, n))
+    }
+}
+
+/// A remote piece of a gather: the whole blocks to fetch, and where the
+/// requested part (from byte `skip` of them) goes.
+struct Remote<'a> {
+    range: TensorRange,
+    skip: usize,
+    dest: &'a mut [u8],
+}
+
+impl Remote<'_> {
+    /// The piece is whole blocks: fetched straight into its destination.
+    fn is_direct(&self) -> bool {
+        self.skip == 0 && self.dest.len() as u64 == self.range.len() * 2
     }
 }
 

@@ -57,6 +57,9 @@ pub struct NodeConfig {
     pub max_live_bytes: u64,
     /// Test hook: corrupt one chunk of every Nth fetch this worker serves (0 = never).
     pub corrupt_every: u64,
+    /// Test hook: flip a byte of every chunk this worker serves, under a valid
+    /// CRC-32C of the flipped bytes (only the block digests can catch it).
+    pub serve_corrupt: bool,
     /// Test hook: fail every plan installation.
     pub fail_load: bool,
     /// Test hook: a backend error injected into the CPU backend's `linear`
@@ -81,6 +84,7 @@ impl Default for NodeConfig {
             prefetch_bytes: 24 << 20,
             max_live_bytes: 0,
             corrupt_every: 0,
+            serve_corrupt: false,
             fail_load: false,
             step_fault: None,
             step_delay: Duration::ZERO,

@@ -235,17 +235,20 @@ impl Node {
         // What the active epoch holds already is copied, not loaded again.
         let held = sync::read(&self.epochs).active.as_ref().map(|i| i.slices.clone());
         let (mut slices, missing, reused) = store::reuse(&plan, a.worker, held.as_deref())?;
+        let digests = a.digests.clone();
         let slices = match &a.pull_from {
             Some(endpoint) => {
-                store::pull_ranges(endpoint, plan.epoch(), &missing, &mut slices, &stats.loading).await?;
+                let loading = &stats.loading;
+                store::pull_ranges(endpoint, plan.epoch(), &missing, &digests, &mut slices, loading).await?;
                 slices
             }
             None => {
                 let dir = self.cfg.model_dir.clone().unwrap_or_else(|| info.dir.clone());
                 let progress = stats.loading.clone();
+                let digests = digests.clone();
                 tokio::task::spawn_blocking(move || {
                     let ckpt = Checkpoint::open(&dir)?;
-                    store::read_ranges(&ckpt, &missing, &mut slices, &progress)?;
+                    store::read_ranges(&ckpt, &missing, &digests, &mut slices, &progress)?;
                     Ok::<_, WorkerError>(slices)
                 })
                 .await
@@ -272,6 +275,7 @@ impl Node {
             a.worker,
             slices.clone(),
             peers,
+            (digests, a.coordinator_shards.as_deref().map(PeerClient::lazy).transpose()?),
             stats.gather.clone(),
             self.cfg.fetch_timeout,
         ));

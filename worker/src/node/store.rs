@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use half::f16;
+use zeroshard_offload::digest::{covering, BlockDigests, DigestError, BLOCK_BYTES};
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_offload::Checkpoint;
 
@@ -49,29 +50,64 @@ pub(super) fn reuse(
     Ok((slices, missing, reused))
 }
 
-/// Reads `ranges` from `ckpt` into `slices`; `progress` counts the bytes read.
+/// Reads `ranges` from `ckpt` into `slices`, each through the whole blocks that
+/// cover it, every one checked against `digests`: a copy of the checkpoint that
+/// differs from the coordinator's is refused, naming the tensor and block.
+/// `progress` counts the bytes read.
 pub(super) fn read_ranges(
     ckpt: &Checkpoint,
     ranges: &[TensorRange],
+    digests: &BlockDigests,
     slices: &mut HostSlices,
     progress: &AtomicU64,
 ) -> Result<()> {
     let start = Instant::now();
     for r in ranges {
-        let data = ckpt.read_f16(&r.tensor, r.elements.start as usize..r.elements.end as usize)?;
-        progress.fetch_add((data.len() * ELEM_BYTES) as u64, Ordering::Relaxed);
-        slices.insert(r.tensor.clone(), r.elements.clone(), f16_bytes(data))?;
+        let numel = ckpt.info(&r.tensor)?.numel() as u64;
+        let blocks = covering(numel, ELEM_BYTES as u64, r.elements.clone());
+        let data = ckpt.read_f16(&r.tensor, blocks.start as usize..blocks.end as usize)?;
+        let bytes = bytemuck::cast_slice::<f16, u8>(&data);
+        check(digests, &r.tensor, blocks.start, bytes).map_err(|source| {
+            tracing::error!("refusing the checkpoint at {}: {source}", ckpt.dir().display());
+            WorkerError::CorruptCopy { path: ckpt.dir().to_path_buf(), source }
+        })?;
+        let part = keep(r, blocks.start, bytes);
+        progress.fetch_add(part.len() as u64, Ordering::Relaxed);
+        slices.insert(r.tensor.clone(), r.elements.clone(), part)?;
     }
     log_loaded(ranges, start);
     Ok(())
 }
 
+/// Ok when every block of `bytes` (tensor `tensor` from element `first`, a
+/// block boundary) matches its digest; else the first that does not.
+fn check(
+    digests: &BlockDigests,
+    tensor: &str,
+    first: u64,
+    bytes: &[u8],
+) -> std::result::Result<(), DigestError> {
+    let first_block = first * ELEM_BYTES as u64 / BLOCK_BYTES as u64;
+    for (k, block) in bytes.chunks(BLOCK_BYTES).enumerate() {
+        digests.verify(tensor, first_block + k as u64, block)?;
+    }
+    Ok(())
+}
+
+/// The bytes of `r` out of `bytes`, the whole blocks from element `first` on.
+fn keep(r: &TensorRange, first: u64, bytes: &[u8]) -> Bytes {
+    let from = ((r.elements.start - first) as usize) * ELEM_BYTES;
+    Bytes::copy_from_slice(&bytes[from..from + r.len() as usize * ELEM_BYTES])
+}
+
 /// Receives `ranges` under `epoch` from the `Shards` service at `endpoint` into
-/// `slices`; `progress` counts the bytes received.
+/// `slices`, each through the whole blocks that cover it, every one checked
+/// against `digests`; `progress` counts the bytes received.
 pub(super) async fn pull_ranges(
     endpoint: &str,
     epoch: u64,
     ranges: &[TensorRange],
+    digests: &BlockDigests,
     slices: &mut HostSlices,
     progress: &AtomicU64,
 ) -> Result<()> {
@@ -79,11 +115,23 @@ pub(super) async fn pull_ranges(
     let mut client = PeerClient::connect(endpoint).await?;
     // A few tensors per request keeps memory bounded and the stream busy.
     for batch in ranges.chunks(16) {
-        let mut bufs: Vec<Vec<u8>> = batch.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
-        pull(&mut client, epoch, batch, &mut bufs).await?;
-        for (r, b) in batch.iter().zip(bufs) {
-            progress.fetch_add(b.len() as u64, Ordering::Relaxed);
-            slices.insert(r.tensor.clone(), r.elements.clone(), Bytes::from(b))?;
+        let mut blocks = Vec::with_capacity(batch.len());
+        for r in batch {
+            let numel = digests.tensor(&r.tensor).map_or(0, |t| t.bytes) / ELEM_BYTES as u64;
+            let elements = covering(numel, ELEM_BYTES as u64, r.elements.clone());
+            blocks.push(TensorRange::new(r.tensor.clone(), elements));
+        }
+        let mut bufs: Vec<Vec<u8>> =
+            blocks.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
+        pull(&mut client, epoch, &blocks, &mut bufs).await?;
+        for ((r, b), buf) in batch.iter().zip(&blocks).zip(bufs) {
+            check(digests, &r.tensor, b.elements.start, &buf).map_err(|source| {
+                tracing::error!("refusing what {endpoint} sent: {source}");
+                WorkerError::Gather(format!("pulling from {endpoint}: {source}"))
+            })?;
+            let part = keep(r, b.elements.start, &buf);
+            progress.fetch_add(part.len() as u64, Ordering::Relaxed);
+            slices.insert(r.tensor.clone(), r.elements.clone(), part)?;
         }
     }
     log_loaded(ranges, start);
@@ -102,11 +150,6 @@ async fn pull(
     let policy = FetchPolicy { attempts: super::gather::FETCH_ATTEMPTS, timeout: PULL_TIMEOUT };
     client.fetch_into("pull", epoch, &mut asm, &rejected, policy).await.map_err(WorkerError::Gather)?;
     Ok(asm.finish()?)
-}
-
-/// An f16 vector as little-endian bytes.
-pub(super) fn f16_bytes(data: Vec<f16>) -> Bytes {
-    Bytes::from(bytemuck::cast_slice::<f16, u8>(&data).to_vec())
 }
 
 fn log_loaded(ranges: &[TensorRange], start: Instant) {
@@ -134,8 +177,12 @@ mod tests {
 
     #[test]
     fn a_new_epoch_copies_what_was_held_and_loads_only_the_rest() {
-        let meta =
-            vec![TensorMeta::new("w", vec![1000, 8], Some(0)), TensorMeta::new("head", vec![333, 8], None)];
+        // Whole blocks are placed: 8 and 3 blocks.
+        let block = (zeroshard_offload::digest::BLOCK_BYTES / ELEM_BYTES) as u64;
+        let meta = vec![
+            TensorMeta::new("w", vec![8, block], Some(0)),
+            TensorMeta::new("head", vec![3, block], None),
+        ];
         let opts = |epoch| PlanOptions { epoch, persistence_threshold_bytes: 64, ..PlanOptions::default() };
         let three: Vec<WorkerId> = (1..=3).map(WorkerId).collect();
         let old = plan(&meta, &three, &opts(1)).expect("plan");

@@ -24,6 +24,7 @@ pub(crate) fn status(e: &WorkerError) -> Status {
         E::Shard(ShardError::InvalidRange { .. }) => Status::invalid_argument(msg),
         E::Plan(_) => Status::invalid_argument(msg),
         E::Epoch(_) => Status::failed_precondition(msg),
+        E::CorruptCopy { .. } => Status::data_loss(msg),
         E::Device { fatal: false, .. } => Status::aborted(msg),
         E::Gather(_) | E::Rpc { .. } | E::Membership { .. } | E::Device { .. } => Status::unavailable(msg),
         E::Offload(_) | E::Shard(_) | E::MissingWeight(_) | E::Setup(_) | E::Io { .. } | E::Task { .. } => {

@@ -16,7 +16,7 @@ use zeroshard_proto::v1::shards_server::{Shards, ShardsServer};
 use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
 
 use zeroshard_offload::convert::{fetch_ranges, generation_params};
-use zeroshard_offload::shards::CHUNK_BYTES;
+use zeroshard_offload::shards::{checksum, CHUNK_BYTES};
 
 use super::convert;
 use crate::error::{Result, WorkerError};
@@ -102,6 +102,7 @@ impl Worker for Svc {
             loaded_bytes_total: n.loaded_bytes.load(Ordering::Relaxed),
             failovers_total: n.gather.failovers.load(Ordering::Relaxed),
             loading_bytes: n.loading.load(Ordering::Relaxed),
+            rejected_blocks_by_holder: n.gather.rejected_blocks(),
         }))
     }
 }
@@ -124,9 +125,18 @@ impl Shards for Svc {
         // byte under its original checksum (the retry is another fetch).
         let n = self.0.stats.served_fetches.fetch_add(1, Ordering::Relaxed) + 1;
         let mut corrupt = self.0.cfg.corrupt_every > 0 && n.is_multiple_of(self.0.cfg.corrupt_every);
+        // Fault injection: every chunk's first byte flipped, under a valid
+        // checksum of the flipped bytes (a lying holder).
+        let lie = self.0.cfg.serve_corrupt;
         tokio::spawn(async move {
             for chunk in chunks {
                 let mut msg = pb::ShardChunk::from(chunk);
+                if lie && !msg.data.is_empty() {
+                    let mut bad = msg.data.to_vec();
+                    bad[0] ^= 0x5a;
+                    msg.crc32c = checksum(&bad);
+                    msg.data = bad.into();
+                }
                 if corrupt && !msg.data.is_empty() {
                     let mut bad = msg.data.to_vec();
                     bad[0] ^= 0xff;
@@ -166,7 +176,11 @@ pub async fn run(
         }
     };
     let server = zeroshard_proto::transport::server()
-        .add_service(WorkerServer::new(svc.clone()))
+        // A 70B model's block digests (~4.5 MB) come with its plan.
+        .add_service(
+            WorkerServer::new(svc.clone())
+                .max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
+        )
         .add_service(
             ShardsServer::new(svc).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
         )

@@ -1,0 +1,53 @@
+//! The fault watch: which workers serve blocks that fail the checkpoint's
+//! digests. Every worker counts, per holder, the blocks it received that failed
+//! their digest (and never used); this task polls every worker's counts
+//! (`Stats`, so it works with embedded and etcd membership alike), sums them
+//! per holder, and names each holder that reaches [`EVICT_AFTER_BLOCKS`] to the
+//! supervisor, which bans it from planning and re-plans around it.
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use zeroshard_offload::plan::WorkerId;
+
+use super::state::Coordinator;
+
+/// A holder whose served blocks failed their digest this often is evicted.
+pub(super) const EVICT_AFTER_BLOCKS: u64 = 3;
+
+/// How often every worker's counts are read.
+const POLL_EVERY: Duration = Duration::from_millis(500);
+
+/// A worker that does not answer this fast is skipped this round.
+const POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A holder to evict, and the blocks of it that failed.
+pub(super) struct Faulty {
+    pub id: WorkerId,
+    pub blocks: u64,
+}
+
+/// Polls until the supervisor is gone; names each faulty holder once.
+pub(super) async fn watch(coord: Coordinator, faulty: mpsc::UnboundedSender<Faulty>) {
+    let mut named = BTreeSet::new();
+    loop {
+        tokio::time::sleep(POLL_EVERY).await;
+        if faulty.is_closed() {
+            return;
+        }
+        let workers = coord.workers();
+        let polls = workers.iter().map(|w| w.client.rejected_blocks(POLL_TIMEOUT));
+        let mut by_holder: BTreeMap<WorkerId, u64> = BTreeMap::new();
+        for counts in futures::future::join_all(polls).await.into_iter().flatten() {
+            for (holder, n) in counts {
+                *by_holder.entry(holder).or_default() += n;
+            }
+        }
+        for (id, blocks) in by_holder {
+            if blocks >= EVICT_AFTER_BLOCKS && named.insert(id) && faulty.send(Faulty { id, blocks }).is_err()
+            {
+                return;
+            }
+        }
+    }
+}
