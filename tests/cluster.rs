@@ -148,13 +148,15 @@ fn status_shows_each_worker_owning_its_share() {
         &threshold.to_string(),
     ]);
     // Expected from the checkpoint: tensors ≥ threshold bytes (as f16) are split.
-    let (mut partitioned, mut persistent, mut tensors) = (0u64, 0u64, 0u64);
+    // Ranges are whole 1 MiB blocks: a worker's share is off by at most one
+    // block (or the whole tensor, when smaller) per tensor.
+    let (mut partitioned, mut persistent, mut slack) = (0u64, 0u64, 0u64);
     for (_, numel) in tensor_sizes(&dir.join("model.safetensors")) {
         if numel * 2 < threshold {
             persistent += numel * 2;
         } else {
             partitioned += numel * 2;
-            tensors += 1;
+            slack += (numel * 2).min(1 << 20);
         }
     }
     let s = status(&c.endpoint);
@@ -166,10 +168,7 @@ fn status_shows_each_worker_owning_its_share() {
     for w in workers {
         let owned = w["owned_partitioned_bytes"].as_u64().expect("owned");
         let ideal = partitioned as f64 / 3.0;
-        assert!(
-            (owned as f64 - ideal).abs() <= (tensors * 2) as f64,
-            "{owned} vs {ideal} ± 1 element per tensor"
-        );
+        assert!((owned as f64 - ideal).abs() <= slack as f64, "{owned} vs {ideal} ± 1 block per tensor");
         assert_eq!(w["owned_persistent_bytes"].as_u64(), Some(persistent));
         total += owned;
     }
