@@ -90,8 +90,8 @@ fn covering_expands_to_whole_blocks_within_the_tensor() {
                 continue;
             }
             assert!(c.start <= start && c.end >= end, "{start}..{end} -> {c:?}");
-            assert_eq!(c.start % per, 0);
-            assert!(c.end % per == 0 || c.end == numel);
+            assert!(c.start.is_multiple_of(per));
+            assert!(c.end.is_multiple_of(per) || c.end == numel);
             assert!(c.end - c.start < (end - start) + 2 * per);
         }
     }

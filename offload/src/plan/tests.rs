@@ -297,8 +297,11 @@ fn check_plan(meta: &[TensorMeta], workers: &[WorkerId], options: &PlanOptions, 
             assert_eq!(s.elements.start, at, "contiguous");
             at = s.elements.end;
             let len = s.elements.end - s.elements.start;
-            assert!(s.elements.start % per_block == 0 || s.elements.start == numel, "starts on a block");
-            assert!(s.elements.end % per_block == 0 || s.elements.end == numel, "ends on a block");
+            assert!(
+                s.elements.start.is_multiple_of(per_block) || s.elements.start == numel,
+                "starts on a block"
+            );
+            assert!(s.elements.end.is_multiple_of(per_block) || s.elements.end == numel, "ends on a block");
             let len_blocks = len.div_ceil(per_block);
             assert!(
                 len_blocks == lo || len_blocks == hi,
