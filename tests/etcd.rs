@@ -189,6 +189,45 @@ async fn the_plan_round_trips_and_survives_the_coordinator() {
     assert_eq!(again.load_plan().await.expect("load"), Some(sample_plan(2)));
 }
 
+/// Digests of a 70B-like checkpoint: 4.5 MB of them, over several tensors.
+fn sample_digests(seed: u8) -> zeroshard_offload::digest::BlockDigests {
+    use zeroshard_offload::digest::{BlockDigests, TensorDigests};
+    let tensors = (0..70u32).map(|i| {
+        let bytes = 2_000_000_000u64 + u64::from(i);
+        let blocks = (0..TensorDigests::blocks_for(bytes))
+            .map(|k| {
+                let mut d = [seed; 32];
+                d[..8].copy_from_slice(&(k + u64::from(i) * 1_000_000).to_le_bytes());
+                d
+            })
+            .collect();
+        (format!("model.layers.{i}.mlp.up_proj.weight"), TensorDigests { bytes, blocks })
+    });
+    BlockDigests::from_tensors(tensors).expect("valid")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn digests_are_stored_in_parts_and_reused_for_the_same_checkpoint_only() {
+    init_tracing();
+    let etcd = Etcd::start();
+    let urls = etcd.client_urls();
+    let m = membership(&urls).await;
+    assert_eq!(m.load_digests("a").await.expect("load"), None);
+    let big = sample_digests(1);
+    assert!(big.block_count() * 32 > 4_000_000, "several MB: split into parts under 1 MiB");
+    m.store_digests("model.safetensors:10:1.0", &big).await.expect("store");
+    drop(m);
+    // A restarted coordinator reuses them for the same files only.
+    let again = membership(&urls).await;
+    assert_eq!(again.load_digests("model.safetensors:10:1.0").await.expect("load"), Some(big));
+    assert_eq!(again.load_digests("model.safetensors:10:2.0").await.expect("load"), None, "file changed");
+    // Replaced by a smaller set: the stale parts beyond it are not read.
+    let small = zeroshard_offload::digest::BlockDigests::default();
+    again.store_digests("other", &small).await.expect("store");
+    assert_eq!(again.load_digests("other").await.expect("load"), Some(small));
+    assert_eq!(again.load_digests("model.safetensors:10:1.0").await.expect("load"), None);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_etcd_fails_fast_naming_the_endpoint() {
     init_tracing();

@@ -7,6 +7,9 @@
 //! - `/zeroshard/NAME/next_worker_id`: the next id to hand out (ids start at 1
 //!   and are never reused), advanced with a compare-and-swap transaction.
 //! - `/zeroshard/NAME/plan`: the plan, a prost-encoded `zeroshard.v1.StoredPlan`.
+//! - `/zeroshard/NAME/digests`: which checkpoint the stored block digests are of
+//!   (`zeroshard.v1.StoredDigests`), and `/zeroshard/NAME/digests/<i>` the
+//!   digests themselves, split into parts under ~1 MiB (`StoredDigestPart`).
 //!
 //! [`EtcdMembership`] is the coordinator's half (snapshot + watch of the
 //! workers prefix, the stored plan, eviction by lease revocation);
@@ -64,6 +67,14 @@ impl Keys {
 
     fn plan(&self) -> String {
         format!("/zeroshard/{}/plan", self.cluster)
+    }
+
+    fn digests(&self) -> String {
+        format!("/zeroshard/{}/digests", self.cluster)
+    }
+
+    fn digest_part(&self, i: u32) -> String {
+        format!("/zeroshard/{}/digests/{i}", self.cluster)
     }
 
     fn next_worker_id(&self) -> String {

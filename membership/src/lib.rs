@@ -30,6 +30,7 @@ pub mod etcd;
 mod registrar;
 
 use tokio::sync::mpsc;
+use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::{Plan, WorkerId};
 
 pub use error::{MembershipError, Result};
@@ -85,6 +86,15 @@ pub trait Membership: Send + Sync + 'static {
     async fn load_plan(&self) -> Result<Option<StoredPlan>>;
     /// Replaces the stored plan.
     async fn store_plan(&self, plan: &StoredPlan) -> Result<()>;
+    /// The block digests stored for the checkpoint `identity`, if any (see
+    /// [`zeroshard_offload::digest::identity`]). Stores that keep none: `None`.
+    async fn load_digests(&self, _identity: &str) -> Result<Option<BlockDigests>> {
+        Ok(None)
+    }
+    /// Stores the block digests of the checkpoint `identity` (replacing any).
+    async fn store_digests(&self, _identity: &str, _digests: &BlockDigests) -> Result<()> {
+        Ok(())
+    }
     /// Removes a worker the coordinator found dead (its lease is revoked, so a
     /// `Left` follows); a worker that is still alive registers again.
     async fn evict(&self, id: WorkerId) -> Result<()>;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -81,8 +81,9 @@ pub(super) struct Inner {
     pub generation_config_json: String,
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub ckpt: Checkpoint,
-    /// The checkpoint's digest of every block (workers verify against them).
-    pub digests: Arc<BlockDigests>,
+    /// The checkpoint's digest of every block (workers verify against them):
+    /// set by the supervisor before it plans (computed, or reused from membership).
+    pub digests: OnceLock<Arc<BlockDigests>>,
     pub meta: Vec<TensorMeta>,
     /// The coordinator's own address, for `--pull` workers.
     pub advertise: String,
@@ -134,13 +135,6 @@ impl Coordinator {
         for s in &specs {
             ckpt.expect_shape(&s.name, &s.shape)?;
         }
-        let start = std::time::Instant::now();
-        let digests = Arc::new(zeroshard_offload::digest::compute(&ckpt)?);
-        tracing::info!(
-            "digests of {} blocks computed in {:.2} s",
-            digests.block_count(),
-            start.elapsed().as_secs_f64()
-        );
         let tok_path = dir.join("tokenizer.json");
         let tokenizer =
             if tok_path.is_file() { Some(Arc::new(Tokenizer::from_file(&tok_path)?)) } else { None };
@@ -159,7 +153,7 @@ impl Coordinator {
             generation_config_json,
             tokenizer,
             ckpt,
-            digests,
+            digests: OnceLock::new(),
             advertise,
             membership,
             embedded,
@@ -173,6 +167,49 @@ impl Coordinator {
         }));
         tokio::spawn(super::supervisor::run(coord.clone(), reports_rx));
         Ok(coord)
+    }
+
+    /// The checkpoint's block digests: those membership stored for this very
+    /// checkpoint (same file names, sizes and modification times), else
+    /// computed in one parallel pass over the files and stored there.
+    pub(super) async fn load_digests(&self) -> Result<Arc<BlockDigests>> {
+        let inner = &self.0;
+        if let Some(d) = inner.digests.get() {
+            return Ok(d.clone());
+        }
+        let identity = zeroshard_offload::digest::identity(&inner.ckpt)?;
+        let membership = &inner.membership;
+        let stored = match membership.load_digests(&identity).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("reading stored digests from {}: {e}; computing them", membership.describe());
+                None
+            }
+        };
+        let digests = match stored {
+            Some(d) => {
+                tracing::info!("reusing the stored digests of {} blocks", d.block_count());
+                Arc::new(d)
+            }
+            None => {
+                let start = std::time::Instant::now();
+                let coord = self.clone();
+                let d =
+                    tokio::task::spawn_blocking(move || zeroshard_offload::digest::compute(&coord.0.ckpt))
+                        .await
+                        .map_err(|e| CoordinatorError::InvalidRequest(format!("digest task: {e}")))??;
+                tracing::info!(
+                    "digests of {} blocks computed in {:.2} s",
+                    d.block_count(),
+                    start.elapsed().as_secs_f64()
+                );
+                if let Err(e) = membership.store_digests(&identity, &d).await {
+                    tracing::warn!("storing the digests in {}: {e}", membership.describe());
+                }
+                Arc::new(d)
+            }
+        };
+        Ok(inner.digests.get_or_init(|| digests).clone())
     }
 
     pub fn readiness(&self) -> watch::Receiver<Readiness> {

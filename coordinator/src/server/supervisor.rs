@@ -60,6 +60,10 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
             return;
         }
     };
+    if let Err(e) = coord.load_digests().await {
+        coord.0.ready.send_replace(Readiness::Failed(format!("digesting the checkpoint: {e}")));
+        return;
+    }
     let stored = match membership.load_plan().await {
         Ok(p) => p,
         Err(e) => {
@@ -271,7 +275,7 @@ impl Supervisor {
                 peers: &peers,
                 pull_from: inner.cfg.pull.then(|| inner.advertise.clone()),
                 model: model_info(&coord),
-                digests: &inner.digests,
+                digests: inner.digests.get().expect("the supervisor loads the digests before it plans"),
                 coordinator_shards: inner.advertise.clone(),
             };
             let plan = plan.clone();

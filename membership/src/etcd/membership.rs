@@ -2,6 +2,7 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::WorkerId;
 
 use super::watcher::{snapshot, Watcher};
@@ -70,6 +71,59 @@ impl Membership for EtcdMembership {
         self.store
             .request("storing the plan", |mut c| {
                 let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn load_digests(&self, identity: &str) -> Result<Option<BlockDigests>> {
+        let key = self.store.keys.digests();
+        let get = |key: String, what: &'static str| {
+            self.store.request(what, move |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+        };
+        let bad = |key: &str, reason: String| MembershipError::BadValue {
+            key: key.to_string(),
+            endpoints: self.store.endpoints.clone(),
+            reason,
+        };
+        let got = get(key.clone(), "reading the digests").await?;
+        let Some(kv) = got.kvs().first() else { return Ok(None) };
+        let Some(parts) =
+            crate::convert::digest_parts(kv.value(), identity).map_err(|e| bad(&key, e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let mut values = Vec::with_capacity(parts as usize);
+        for i in 0..parts {
+            let key = self.store.keys.digest_part(i);
+            let got = get(key.clone(), "reading the digests").await?;
+            let Some(kv) = got.kvs().first() else { return Ok(None) };
+            values.push(kv.value().to_vec());
+        }
+        crate::convert::decode_digests(&values, identity).map_err(|e| bad(&key, e.to_string()))
+    }
+
+    async fn store_digests(&self, identity: &str, digests: &BlockDigests) -> Result<()> {
+        let (head, parts) = crate::convert::encode_digests(identity, digests);
+        // The parts first: a header names only parts that are there (each part
+        // also names its checkpoint, so a torn write is never taken for another's).
+        for (i, value) in parts.into_iter().enumerate() {
+            let key = self.store.keys.digest_part(i as u32);
+            self.store
+                .request("storing the digests", |mut c| {
+                    let (key, value) = (key.clone(), value.clone());
+                    async move { c.put(key, value, None).await }
+                })
+                .await?;
+        }
+        let key = self.store.keys.digests();
+        self.store
+            .request("storing the digests", |mut c| {
+                let (key, value) = (key.clone(), head.clone());
                 async move { c.put(key, value, None).await }
             })
             .await?;
