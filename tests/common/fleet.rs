@@ -100,12 +100,25 @@ impl Fleet {
 
     /// Like [`Fleet::start`], with `extra[i]` added to worker `i`'s arguments.
     pub(crate) fn start_each(etcd: Etcd, model: PathBuf, worker_args: &[&str], extra: &[&[&str]]) -> Self {
+        Self::start_each_with(etcd, model, &[], worker_args, extra)
+    }
+
+    /// [`Fleet::start_each`] with `coordinator_args` too.
+    pub(crate) fn start_each_with(
+        etcd: Etcd,
+        model: PathBuf,
+        coordinator_args: &[&str],
+        worker_args: &[&str],
+        extra: &[&[&str]],
+    ) -> Self {
         let cluster = format!("test-{}-{}", std::process::id(), super::etcd::free_port());
+        let mut coordinator_args: Vec<String> = coordinator_args.iter().map(|s| s.to_string()).collect();
+        coordinator_args.extend(["--workers".into(), extra.len().to_string()]);
         let mut f = Self {
             etcd,
             model,
             cluster,
-            coordinator_args: vec!["--workers".into(), extra.len().to_string()],
+            coordinator_args,
             worker_args: worker_args.iter().map(|s| s.to_string()).collect(),
             coordinator: None,
             endpoint: String::new(),
