@@ -84,8 +84,9 @@ struct Tls {
     loaded: RwLock<Loaded>,
 }
 
-/// A process's transport security: TLS with these credentials, or plaintext.
-#[derive(Clone)]
+/// A process's transport security: TLS with these credentials, or plaintext
+/// (the default).
+#[derive(Clone, Default)]
 pub struct Security(Option<Arc<Tls>>);
 
 impl std::fmt::Debug for Security {

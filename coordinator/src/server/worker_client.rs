@@ -7,6 +7,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_proto::v1 as pb;
+use zeroshard_proto::Security;
 use zeroshard_proto::v1::worker_client::WorkerClient;
 
 use super::Coordinator;
@@ -54,8 +55,9 @@ pub(crate) fn model_info(coord: &Coordinator) -> pb::ModelInfo {
 
 impl WorkerHandle {
     /// A client of the worker at `address`; connects on first use.
-    pub(crate) fn new(address: &str) -> Result<Self> {
-        let ch = zeroshard_proto::transport::endpoint(address)
+    pub(crate) fn new(security: &Security, address: &str) -> Result<Self> {
+        let ch = security
+            .endpoint(address)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("worker address {address}: {e}")))?
             .connect_lazy();
         Ok(Self { client: WorkerClient::new(ch) })

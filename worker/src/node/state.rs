@@ -237,7 +237,7 @@ impl Node {
         let (mut slices, missing, reused) = store::reuse(&plan, a.worker, held.as_deref())?;
         let slices = match &a.pull_from {
             Some(endpoint) => {
-                store::pull_ranges(endpoint, plan.epoch(), &missing, &mut slices, &stats.loading).await?;
+                store::pull_ranges(&self.cfg.security, endpoint, plan.epoch(), &missing, &mut slices, &stats.loading).await?;
                 slices
             }
             None => {
@@ -263,7 +263,7 @@ impl Node {
         let mut peers = std::collections::HashMap::new();
         for (id, addr) in &a.peers {
             if *id != a.worker {
-                peers.insert(*id, PeerClient::lazy(addr)?);
+                peers.insert(*id, PeerClient::lazy(&self.cfg.security, addr)?);
             }
         }
         let owned = plan.owned_bytes(a.worker)?;

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use half::f16;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_offload::Checkpoint;
+use zeroshard_proto::Security;
 
 use zeroshard_offload::shards::{Assembler, HostSlices, TensorRange};
 
@@ -69,6 +70,7 @@ pub(super) fn read_ranges(
 /// Receives `ranges` under `epoch` from the `Shards` service at `endpoint` into
 /// `slices`; `progress` counts the bytes received.
 pub(super) async fn pull_ranges(
+    security: &Security,
     endpoint: &str,
     epoch: u64,
     ranges: &[TensorRange],
@@ -76,7 +78,7 @@ pub(super) async fn pull_ranges(
     progress: &AtomicU64,
 ) -> Result<()> {
     let start = Instant::now();
-    let mut client = PeerClient::connect(endpoint).await?;
+    let mut client = PeerClient::connect(security, endpoint).await?;
     // A few tensors per request keeps memory bounded and the stream busy.
     for batch in ranges.chunks(16) {
         let mut bufs: Vec<Vec<u8>> = batch.iter().map(|r| vec![0u8; r.len() as usize * ELEM_BYTES]).collect();
