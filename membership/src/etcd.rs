@@ -123,7 +123,8 @@ impl EtcdCredentials {
             std::fs::read(p).map_err(|e| MembershipError::Invalid(format!("{}: {e}", p.display())))
         };
         if let Some(ca) = &self.ca {
-            let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            let mut tls =
+                etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
             match (&self.cert, &self.key) {
                 (Some(c), Some(k)) => tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?)),
                 (None, None) => {}

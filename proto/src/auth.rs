@@ -207,9 +207,11 @@ impl Guard {
         let presented = req.peer_certs().and_then(|c| c.first().map(|d| Identity::from_cert(d.as_ref())));
         let refused = match &presented {
             Some(Some(id)) if self.allow.contains(&id.role) => return Ok(Caller::Member(id.clone())),
-            Some(Some(id)) => {
-                Some(format!("{}: a {id} certificate may not call it (it takes {})", self.service, self.allowed()))
-            }
+            Some(Some(id)) => Some(format!(
+                "{}: a {id} certificate may not call it (it takes {})",
+                self.service,
+                self.allowed()
+            )),
             Some(None) => {
                 Some(format!("{}: the certificate presented carries no zeroshard role", self.service))
             }
@@ -236,7 +238,11 @@ impl Guard {
         if !self.tls {
             return Ok(Caller::Anonymous);
         }
-        Err(Status::unauthenticated(format!("{}: needs a {} certificate of this cluster", self.service, self.allowed())))
+        Err(Status::unauthenticated(format!(
+            "{}: needs a {} certificate of this cluster",
+            self.service,
+            self.allowed()
+        )))
     }
 }
 

@@ -130,7 +130,9 @@ impl Ca {
         for s in sans {
             let san = match s.parse::<std::net::IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(s.clone().try_into().map_err(|_| CertError::InvalidSan(s.clone()))?),
+                Err(_) => {
+                    SanType::DnsName(s.clone().try_into().map_err(|_| CertError::InvalidSan(s.clone()))?)
+                }
             };
             params.subject_alt_names.push(san);
         }

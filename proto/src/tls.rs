@@ -140,7 +140,9 @@ fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
                 (Some(want), Some(id)) if id.role != want => {
                     return Err(TlsError::File {
                         path: cert_path.clone(),
-                        message: format!("is the certificate of a {id}; this process needs a {want} certificate"),
+                        message: format!(
+                            "is the certificate of a {id}; this process needs a {want} certificate"
+                        ),
                     })
                 }
                 (Some(want), None) => {
@@ -157,10 +159,11 @@ fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
                 path: key_path.clone(),
                 message: format!("not a PEM private key: {e}"),
             })?;
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
             let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| TlsError::Config(e.to_string()))?
@@ -176,7 +179,10 @@ fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
         }
         (None, None) if expect.is_none() => (None, None),
         (None, None) => {
-            return Err(TlsError::Config(format!("a {} needs --tls-cert and --tls-key", expect.unwrap_or(Role::Client))))
+            return Err(TlsError::Config(format!(
+                "a {} needs --tls-cert and --tls-key",
+                expect.unwrap_or(Role::Client)
+            )))
         }
         _ => return Err(TlsError::Config("--tls-cert and --tls-key go together".into())),
     };
@@ -250,7 +256,9 @@ impl Security {
                 match sec.reload(forced) {
                     Ok(true) => tracing::info!("TLS credentials reloaded"),
                     Ok(false) => {}
-                    Err(e) => tracing::warn!("TLS credentials not reloaded (the previous ones stay in use): {e}"),
+                    Err(e) => {
+                        tracing::warn!("TLS credentials not reloaded (the previous ones stay in use): {e}")
+                    }
                 }
             }
         });
@@ -344,7 +352,11 @@ pub struct Address {
 
 impl Address {
     pub fn parse(s: &str) -> Result<Self> {
-        let bad = |why: &str| TlsError::Address(format!("`{s}` is not a member address ({why}): expected https://HOST:PORT or http://HOST:PORT"));
+        let bad = |why: &str| {
+            TlsError::Address(format!(
+                "`{s}` is not a member address ({why}): expected https://HOST:PORT or http://HOST:PORT"
+            ))
+        };
         let (tls, rest) = if let Some(r) = s.strip_prefix("https://").or_else(|| s.strip_prefix("grpcs://")) {
             (true, r)
         } else if let Some(r) = s.strip_prefix("http://").or_else(|| s.strip_prefix("grpc://")) {
@@ -358,7 +370,8 @@ impl Address {
         let host_ok = if let Some(h) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
             h.parse::<std::net::Ipv6Addr>().is_ok()
         } else {
-            !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+            !host.is_empty()
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
         };
         if !host_ok || port == 0 {
             return Err(bad("bad host or port"));
@@ -392,7 +405,15 @@ mod tests {
         assert!(a.tls && a.is_loopback());
         assert_eq!(a.uri(), "https://127.0.0.1:50051");
         assert_eq!(Address::parse("http://[::1]:7").expect("v6").authority(), "[::1]:7");
-        for bad in ["not a url", "ftp://x:1", "http://x", "http://:80", "http://a b:1", "https://h:0", "http://h:1/p"] {
+        for bad in [
+            "not a url",
+            "ftp://x:1",
+            "http://x",
+            "http://:80",
+            "http://a b:1",
+            "https://h:0",
+            "http://h:1/p",
+        ] {
             assert!(Address::parse(bad).is_err(), "{bad} accepted");
         }
     }

@@ -196,7 +196,10 @@ mod tests {
     async fn an_id_stays_bound_to_the_identity_that_registered_it() {
         let m = EmbeddedMembership::new(Duration::from_secs(5));
         let a = m.register("https://a:1".into(), "cpu".into(), 0, None, Some("w-a")).expect("registers");
-        assert_eq!(m.register("https://rogue:1".into(), "cpu".into(), 0, Some(a), Some("w-b")), Err("w-a".into()));
+        assert_eq!(
+            m.register("https://rogue:1".into(), "cpu".into(), 0, Some(a), Some("w-b")),
+            Err("w-a".into())
+        );
         assert_eq!(m.register("https://rogue:1".into(), "cpu".into(), 0, Some(a), None), Err("w-a".into()));
         assert!(m.owned_by(a, Some("w-a")) && !m.owned_by(a, Some("w-b")));
         assert_eq!(m.watch().await.expect("watch").members[0].address, "https://a:1");

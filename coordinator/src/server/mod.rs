@@ -22,11 +22,11 @@ mod worker_client;
 use std::future::Future;
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use zeroshard_proto::v1::control_server::ControlServer;
 use zeroshard_proto::v1::inference_server::InferenceServer;
 use zeroshard_proto::v1::shards_server::ShardsServer;
 use zeroshard_proto::{Guard, Role};
-use tonic::service::interceptor::InterceptedService;
 
 pub use state::{ClusterConfig, Coordinator, Readiness, WorkerEntry};
 

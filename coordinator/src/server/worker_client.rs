@@ -7,8 +7,8 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_proto::v1 as pb;
-use zeroshard_proto::Security;
 use zeroshard_proto::v1::worker_client::WorkerClient;
+use zeroshard_proto::Security;
 
 use super::Coordinator;
 use crate::error::{CoordinatorError, Result};

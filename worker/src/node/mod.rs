@@ -16,8 +16,8 @@ mod weights;
 
 use std::path::PathBuf;
 
-use zeroshard_proto::Security;
 use std::time::Duration;
+use zeroshard_proto::Security;
 
 use zeroshard_offload::ModelConfig;
 

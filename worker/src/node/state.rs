@@ -237,7 +237,15 @@ impl Node {
         let (mut slices, missing, reused) = store::reuse(&plan, a.worker, held.as_deref())?;
         let slices = match &a.pull_from {
             Some(endpoint) => {
-                store::pull_ranges(&self.cfg.security, endpoint, plan.epoch(), &missing, &mut slices, &stats.loading).await?;
+                store::pull_ranges(
+                    &self.cfg.security,
+                    endpoint,
+                    plan.epoch(),
+                    &missing,
+                    &mut slices,
+                    &stats.loading,
+                )
+                .await?;
                 slices
             }
             None => {

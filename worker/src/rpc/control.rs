@@ -37,7 +37,8 @@ impl ControlRegistrar {
             // Not reachable yet (the coordinator may still be starting): try
             // again; an answer refusing the registration: give up.
             let attempt = async {
-                let ch = connect(&self.security, &self.coordinator).await.map_err(|e| (true, self.refused(e)))?;
+                let ch =
+                    connect(&self.security, &self.coordinator).await.map_err(|e| (true, self.refused(e)))?;
                 ControlClient::new(ch)
                     .register_worker(pb::RegisterWorkerRequest {
                         address: me.address.clone(),

@@ -114,7 +114,12 @@ impl PeerClient {
 /// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings
 /// and `security`'s credentials.
 pub(crate) async fn connect(security: &Security, uri: &str) -> Result<Channel> {
-    security.endpoint(uri).map_err(|e| WorkerError::rpc(uri, e))?.connect().await.map_err(|e| WorkerError::rpc(uri, e))
+    security
+        .endpoint(uri)
+        .map_err(|e| WorkerError::rpc(uri, e))?
+        .connect()
+        .await
+        .map_err(|e| WorkerError::rpc(uri, e))
 }
 
 /// A channel to `uri` that connects on first use.

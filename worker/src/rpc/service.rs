@@ -9,13 +9,13 @@ use futures::Stream;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use zeroshard_offload::plan::Assignment;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_server::{Shards, ShardsServer};
 use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
 use zeroshard_proto::{Guard, Role};
-use tonic::service::interceptor::InterceptedService;
 
 use zeroshard_offload::convert::{fetch_ranges, generation_params};
 use zeroshard_offload::shards::CHUNK_BYTES;
