@@ -220,7 +220,7 @@ pub(crate) struct UpArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Worker processes to start.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, env = "ZEROSHARD_WORKERS")]
     pub workers: usize,
     /// Address of the client API (port 0: the OS picks; the ready line shows it).
     #[arg(long, default_value = "127.0.0.1:50051", env = "ZEROSHARD_LISTEN")]

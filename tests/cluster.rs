@@ -41,6 +41,12 @@ fn refs_through_cluster(n: usize) {
     let n_arg = n.to_string();
     let stories = read_json(&shared().join("refs/stories260K_greedy_sample.json"));
     let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", &n_arg]);
+    // Default settings: mutual TLS between every member (ephemeral CA); `query`
+    // finds the client credentials `up` left for the endpoint.
+    assert!(c.endpoint.starts_with("grpcs://"), "{}", c.endpoint);
+    for w in status(&c.endpoint)["workers"].as_array().expect("workers") {
+        assert!(w["address"].as_str().is_some_and(|a| a.starts_with("https://")), "{w}");
+    }
     for case in stories["cases"].as_array().expect("cases") {
         let out = query(
             &c.endpoint,

@@ -410,6 +410,34 @@ fn up_is_secure_by_default_and_keys_gate_its_clients() {
     );
 }
 
+/// The scheme says what is spoken: TLS towards a plaintext cluster, or
+/// plaintext towards a TLS one, is a one-line error.
+#[test]
+fn schemes_must_match_the_server() {
+    let stories = model("stories260K").display().to_string();
+    let plain = Cluster::up(&["--model", &stories, "--workers", "1", "--insecure"]);
+    assert!(plain.endpoint.starts_with("grpc://"), "{}", plain.endpoint);
+    query_ids(&plain.endpoint, &[]);
+    let tls = plain.endpoint.replace("grpc://", "grpcs://");
+    let e = query_fails(&tls, &[]);
+    assert!(e.contains("no credentials that `up` left for it"), "{e}");
+    let secure = Cluster::up(&["--model", &stories, "--workers", "1"]);
+    let bundle_ca = secure_bundle_ca(&secure.endpoint);
+    let e = query_fails(&tls, &["--tls-ca", &bundle_ca]);
+    assert!(e.contains("does not speak TLS") && e.trim().lines().count() == 1, "{e}");
+    let e = query_fails(&secure.endpoint.replace("grpcs://", "grpc://"), &[]);
+    assert!(e.contains("does not speak plaintext gRPC") && e.trim().lines().count() == 1, "{e}");
+    // https:// is grpcs://, and finds the same bundle.
+    query_ids(&secure.endpoint.replace("grpcs://", "https://"), &[]);
+}
+
+/// The CA of the bundle `up` left for `endpoint`.
+fn secure_bundle_ca(endpoint: &str) -> String {
+    let authority = endpoint.trim_start_matches("grpcs://");
+    let dir = zeroshard_coordinator::credentials::bundle_dir(authority).expect("state dir");
+    dir.join("ca.pem").display().to_string()
+}
+
 /// Plaintext is for loopback: a coordinator or worker asked to serve another
 /// address without certificates refuses, in one line, unless `--insecure`.
 #[test]

@@ -81,7 +81,7 @@ impl LocalCluster {
         let url = format!("{scheme}://{addr}");
         let endpoint = format!("{}://{addr}", if cluster_cfg.security.is_tls() { "grpcs" } else { "grpc" });
         let bundle = credentials.as_ref().and_then(UpCredentials::bundle);
-        let client = ClientAuth { tls: bundle.as_deref().and_then(|b| find_bundle_in(b)), api_key: None };
+        let client = ClientAuth { tls: bundle.as_deref().and_then(find_bundle_in), api_key: None };
         let membership = EmbeddedMembership::new(cfg.cluster.lease_ttl);
         let coord =
             Coordinator::start(cluster_cfg, url.clone(), Arc::new(membership.clone()), Some(membership))?;
