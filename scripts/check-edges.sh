@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The crate graph and the gRPC edges, enforced (run by scripts/test.sh):
 # 1. the coordinator links neither the engine (zeroshard-worker) nor CUDA (cudarc);
-# 2. generated protobuf types (`zeroshard_proto`, `pb::`) and `tonic::Status`
-#    appear only in each crate's edge modules:
+# 2. generated protobuf types (`zeroshard_proto::v1`, `pb::`), the gRPC transport
+#    settings (`zeroshard_proto::transport`) and `tonic::Status` appear only in
+#    each crate's edge modules (the security types of `zeroshard_proto` —
+#    `Security`, `Role`, `Address`, certificates — may be used anywhere):
 #      offload/src/convert/, membership/src/convert.rs, worker/src/rpc/,
 #      coordinator/src/server/{mod,inference,control,shards,generate,worker_client}.rs,
 #      coordinator/src/{client,convert,cluster_bench}.rs
@@ -35,11 +37,12 @@ if cargo tree -p zeroshard-offload -e normal,build --prefix none 2>/dev/null | a
 fi
 
 allowed='^(offload/src/convert/|membership/src/convert\.rs$|worker/src/rpc/|coordinator/src/server/(mod|inference|control|shards|generate|worker_client)\.rs$|coordinator/src/client\.rs$|coordinator/src/convert\.rs$|coordinator/src/cluster_bench\.rs$)'
-leaks=$(grep -rlE 'zeroshard_proto|tonic::Status|\bpb::' --include='*.rs' offload/src membership/src worker/src coordinator/src src \
+pattern='zeroshard_proto::(v1|transport)|zeroshard_proto as|tonic::Status|\bpb::'
+leaks=$(grep -rlE "$pattern" --include='*.rs' offload/src membership/src worker/src coordinator/src src \
   | grep -Ev "$allowed" || true)
 if [ -n "$leaks" ]; then
   echo "check-edges: protobuf types or tonic::Status outside the edge modules:" >&2
-  for f in $leaks; do grep -nE 'zeroshard_proto|tonic::Status|\bpb::' "$f" | sed "s|^|  $f:|" >&2; done
+  for f in $leaks; do grep -nE "$pattern" "$f" | sed "s|^|  $f:|" >&2; done
   fail=1
 fi
 

@@ -29,6 +29,75 @@ pub(crate) enum Command {
     Query(QueryArgs),
     /// Print a cluster's epoch and workers.
     Status(StatusArgs),
+    /// Make a cluster CA and its members' certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CertsCommand {
+    /// Create a cluster CA: DIR/ca.pem and DIR/ca.key (owner-only).
+    Init {
+        #[arg(long, env = "ZEROSHARD_CERTS_DIR")]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by DIR's CA: DIR/NAME.pem and DIR/NAME.key.
+    Issue {
+        #[arg(long, env = "ZEROSHARD_CERTS_DIR")]
+        dir: PathBuf,
+        /// coordinator, worker or client: what the holder may call.
+        #[arg(long)]
+        role: String,
+        /// The holder's name (a worker id stays bound to it).
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address others dial the holder by (repeatable;
+        /// members default to localhost, 127.0.0.1 and ::1).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+}
+
+/// A cluster member's TLS credentials (`zeroshard certs`). Without them a
+/// member serves plaintext, which it does only on a loopback address unless
+/// `--insecure` is given.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct MemberTlsArgs {
+    /// The cluster CA's certificate (PEM).
+    #[arg(long, env = "ZEROSHARD_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// This member's certificate (PEM; reloaded on SIGHUP or when the file changes).
+    #[arg(long, env = "ZEROSHARD_TLS_CERT", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// This member's private key (PEM).
+    #[arg(long, env = "ZEROSHARD_TLS_KEY", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plaintext, with no authentication of members, even on a
+    /// non-loopback address (logs a warning).
+    #[arg(long, env = "ZEROSHARD_INSECURE", conflicts_with = "tls_ca")]
+    pub insecure: bool,
+}
+
+/// How a client reaches a cluster: plaintext for grpc://; for grpcs:// the
+/// CA (default: the bundle `up` left for that endpoint) and a client
+/// certificate or an API key.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct ClientTlsArgs {
+    /// The cluster CA's certificate (PEM).
+    #[arg(long, env = "ZEROSHARD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (role client).
+    #[arg(long, env = "ZEROSHARD_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, env = "ZEROSHARD_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// An API key of the cluster (sent as `authorization: Bearer KEY`).
+    #[arg(long, env = "ZEROSHARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A file whose first line is the API key.
+    #[arg(long, env = "ZEROSHARD_API_KEY_FILE", conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -37,14 +106,14 @@ pub(crate) struct ClusterArgs {
     #[arg(long, env = "ZEROSHARD_MODEL")]
     pub model: PathBuf,
     /// Tensors smaller than this many bytes (f16) are replicated on every worker.
-    #[arg(long, default_value_t = 65536)]
+    #[arg(long, default_value_t = 65536, env = "ZEROSHARD_PERSISTENCE_THRESHOLD_BYTES")]
     pub persistence_threshold_bytes: u64,
     /// Workers receive their ranges from the coordinator instead of reading the checkpoint.
-    #[arg(long)]
+    #[arg(long, env = "ZEROSHARD_PULL")]
     pub pull: bool,
     /// Every range is held by this many workers: with 2, losing a worker causes
     /// no reload (gathers fail over to the other holder).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, env = "ZEROSHARD_REPLICAS")]
     pub replicas: u32,
     /// A worker that misses its keep-alives for this long is lost (lease TTL;
     /// keep-alives go every third of it).
@@ -62,6 +131,19 @@ pub(crate) struct EtcdArgs {
     /// Name of this cluster: its keys live under /zeroshard/NAME/ in etcd.
     #[arg(long, default_value = "default", env = "ZEROSHARD_CLUSTER")]
     pub cluster: String,
+    /// etcd's CA certificate: connect over TLS (endpoints https://).
+    #[arg(long, env = "ZEROSHARD_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd (when it asks for one).
+    #[arg(long, env = "ZEROSHARD_ETCD_CERT", requires_all = ["etcd_ca", "etcd_key"])]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "ZEROSHARD_ETCD_KEY", requires_all = ["etcd_ca", "etcd_cert"])]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (etcd `auth enable`); its password comes from --etcd-password-file.
+    #[arg(long, env = "ZEROSHARD_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "ZEROSHARD_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// Where the engine computes and how it places weights: one group for
@@ -138,13 +220,21 @@ pub(crate) struct UpArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Worker processes to start.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, env = "ZEROSHARD_WORKERS")]
     pub workers: usize,
     /// Address of the client API (port 0: the OS picks; the ready line shows it).
     #[arg(long, default_value = "127.0.0.1:50051", env = "ZEROSHARD_LISTEN")]
     pub listen: String,
     #[command(flatten)]
     pub tuning: WorkerTuning,
+    /// Plaintext between all members and for clients, instead of mTLS with
+    /// an ephemeral CA (logs a warning).
+    #[arg(long, env = "ZEROSHARD_INSECURE")]
+    pub insecure: bool,
+    /// Client API keys, one per line: clients present one instead of the
+    /// client certificate (the bundle `up` leaves then holds only the CA).
+    #[arg(long, env = "ZEROSHARD_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -152,16 +242,21 @@ pub(crate) struct CoordinatorArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     /// Workers to wait for before planning the partition.
-    #[arg(long)]
+    #[arg(long, env = "ZEROSHARD_WORKERS")]
     pub workers: usize,
-    /// Address to serve on.
-    #[arg(long, default_value = "0.0.0.0:50051", env = "ZEROSHARD_LISTEN")]
+    /// Address to serve on (a non-loopback one needs TLS credentials, or --insecure).
+    #[arg(long, default_value = "127.0.0.1:50051", env = "ZEROSHARD_LISTEN")]
     pub listen: String,
     /// Address workers and clients reach this coordinator at (default: the bound address).
-    #[arg(long)]
+    #[arg(long, env = "ZEROSHARD_ADVERTISE")]
     pub advertise: Option<String>,
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub tls: MemberTlsArgs,
+    /// Client API keys, one per line: a client presents one (or a client certificate).
+    #[arg(long, env = "ZEROSHARD_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -175,17 +270,20 @@ pub(crate) struct WorkerArgs {
     /// etcd lease TTL: the worker is lost when it misses keep-alives this long.
     #[arg(long, default_value_t = 5, env = "ZEROSHARD_LEASE_TTL_SECS")]
     pub lease_ttl_secs: u64,
-    /// Address to serve peers and the coordinator on (port 0: the OS picks).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    /// Address to serve peers and the coordinator on (port 0: the OS picks; a
+    /// non-loopback one needs TLS credentials, or --insecure).
+    #[arg(long, default_value = "127.0.0.1:0", env = "ZEROSHARD_WORKER_LISTEN")]
     pub listen: String,
     /// The checkpoint folder, when its path here differs from the coordinator's.
-    #[arg(long)]
+    #[arg(long, env = "ZEROSHARD_WORKER_MODEL")]
     pub model: Option<PathBuf>,
     /// Receive owned ranges from the coordinator instead of reading the checkpoint.
-    #[arg(long)]
+    #[arg(long, env = "ZEROSHARD_PULL")]
     pub pull: bool,
     #[command(flatten)]
     pub tuning: WorkerTuning,
+    #[command(flatten)]
+    pub tls: MemberTlsArgs,
     /// Test hook: corrupt one chunk of every Nth shard fetch this worker serves.
     #[arg(long, default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_CORRUPT_EVERY")]
     pub fault_corrupt_every: u64,
@@ -210,9 +308,11 @@ pub(crate) struct WorkerArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct QueryArgs {
-    /// The cluster, as `up` prints it: grpc://HOST:PORT.
+    /// The cluster, as `up` prints it: grpcs://HOST:PORT (TLS) or grpc://HOST:PORT.
     #[arg(long, env = "ZEROSHARD_ENDPOINT")]
     pub endpoint: String,
+    #[command(flatten)]
+    pub auth: ClientTlsArgs,
     #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]
@@ -231,8 +331,11 @@ pub(crate) struct QueryArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct StatusArgs {
+    /// The cluster, as `up` prints it: grpcs://HOST:PORT (TLS) or grpc://HOST:PORT.
     #[arg(long, env = "ZEROSHARD_ENDPOINT")]
     pub endpoint: String,
+    #[command(flatten)]
+    pub auth: ClientTlsArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -325,6 +428,9 @@ pub(crate) struct BenchArgs {
     pub persistence_threshold_bytes: u64,
     #[command(flatten)]
     pub tuning: WorkerTuning,
+    /// Cluster: plaintext between members instead of mTLS (to measure what TLS costs).
+    #[arg(long)]
+    pub insecure: bool,
     /// Also print the figures as one JSON object (last line).
     #[arg(long)]
     pub json: bool,

@@ -15,7 +15,10 @@ use zeroshard_membership::Membership;
 use zeroshard_worker::cpu::StepFault;
 use zeroshard_worker::node::{self, ControlRegistrar, NodeConfig, Registrar};
 
+use zeroshard_proto::{Role, Security};
+
 use crate::args::{self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs};
+use crate::security;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -41,7 +44,7 @@ fn stop_signal() -> Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-fn cluster_config(c: &ClusterArgs, workers: usize) -> Result<ClusterConfig> {
+fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result<ClusterConfig> {
     if c.lease_ttl_secs == 0 {
         bail!("--lease-ttl-secs must be at least 1");
     }
@@ -52,6 +55,8 @@ fn cluster_config(c: &ClusterArgs, workers: usize) -> Result<ClusterConfig> {
         pull: c.pull,
         replicas: c.replicas,
         lease_ttl: Duration::from_secs(c.lease_ttl_secs),
+        security,
+        api_keys: None,
     })
 }
 
@@ -68,10 +73,13 @@ pub(crate) fn up(a: UpArgs) -> Result<()> {
     if a.cluster.pull {
         worker_args.push("--pull".into());
     }
+    let mut cluster = cluster_config(&a.cluster, a.workers, Security::plaintext())?;
+    cluster.api_keys = security::api_keys(a.api_key_file.as_deref())?;
     let cfg = up_mod::UpConfig {
-        cluster: cluster_config(&a.cluster, a.workers)?,
+        cluster,
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args,
+        insecure: a.insecure,
     };
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
@@ -81,18 +89,24 @@ pub(crate) fn up(a: UpArgs) -> Result<()> {
 }
 
 pub(crate) fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    let sec = security::member(&a.tls, Role::Coordinator, &a.listen)?;
+    let api_keys = security::api_keys(a.api_key_file.as_deref())?;
+    let etcd_credentials = security::etcd(&a.etcd)?;
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
         let local = listener.local_addr()?;
-        let advertise = a.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
-        let cfg = cluster_config(&a.cluster, a.workers)?;
+        let advertise = a.advertise.clone().unwrap_or_else(|| format!("{}://{local}", sec.scheme()));
+        let scheme = if sec.is_tls() { "grpcs" } else { "grpc" };
+        let mut cfg = cluster_config(&a.cluster, a.workers, sec)?;
+        cfg.api_keys = api_keys;
         let (membership, embedded): (Arc<dyn Membership>, _) = if a.etcd.etcd.is_empty() {
             let m = EmbeddedMembership::new(cfg.lease_ttl);
             (Arc::new(m.clone()), Some(m))
         } else {
-            let m = EtcdMembership::connect(&a.etcd.etcd, &a.etcd.cluster, cfg.lease_ttl)
-                .await
-                .with_context(|| format!("--etcd {}", a.etcd.etcd.join(",")))?;
+            let m =
+                EtcdMembership::connect_with(&a.etcd.etcd, &a.etcd.cluster, cfg.lease_ttl, &etcd_credentials)
+                    .await
+                    .with_context(|| format!("--etcd {}", a.etcd.etcd.join(",")))?;
             (Arc::new(m), None)
         };
         eprintln!("membership: {}", membership.describe());
@@ -105,7 +119,7 @@ pub(crate) fn coordinator(a: CoordinatorArgs) -> Result<()> {
         eprintln!("coordinator on {local}, waiting for {} workers", a.workers);
         tokio::select! {
             r = coord.wait_ready() => match r {
-                Readiness::Ready => println!("ready grpc://{local}"),
+                Readiness::Ready => println!("ready {scheme}://{local}"),
                 Readiness::Failed(e) => bail!("{e}"),
                 other => bail!("not ready: {other:?}"),
             },
@@ -138,17 +152,24 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
             .fault_backend_error_after
             .map(|after_calls| StepFault { after_calls, fatal: a.fault_backend_error_fatal }),
         fetch_timeout: Duration::from_millis(g.fetch_timeout_ms.max(1)),
+        security: security::member(&a.tls, Role::Worker, &a.listen)?,
         ..NodeConfig::default()
     }
     .on_device(cuda);
+    let etcd_credentials = security::etcd(&a.etcd)?;
     runtime()?.block_on(async {
         let registrar: Arc<dyn Registrar> = match (&a.coordinator, a.etcd.etcd.is_empty()) {
             (_, false) => Arc::new(
-                EtcdRegistrar::connect(&a.etcd.etcd, &a.etcd.cluster, Duration::from_secs(a.lease_ttl_secs))
-                    .await
-                    .with_context(|| format!("--etcd {}", a.etcd.etcd.join(",")))?,
+                EtcdRegistrar::connect_with(
+                    &a.etcd.etcd,
+                    &a.etcd.cluster,
+                    Duration::from_secs(a.lease_ttl_secs),
+                    &etcd_credentials,
+                )
+                .await
+                .with_context(|| format!("--etcd {}", a.etcd.etcd.join(",")))?,
             ),
-            (Some(c), true) => Arc::new(ControlRegistrar::new(c.clone())),
+            (Some(c), true) => Arc::new(ControlRegistrar::new(c.clone(), cfg.security.clone())),
             (None, true) => bail!("give --coordinator or --etcd"),
         };
         let listener = bind(&a.listen).await?;
@@ -169,8 +190,10 @@ pub(crate) fn query(a: QueryArgs) -> Result<()> {
     };
     let req = GenerateRequest { prompt, params: crate::sampling(&a.sampling), stop: a.sampling.stop.clone() };
     let stream_text = a.stream && !a.json;
+    let auth = security::client(&a.auth)?;
     let out = runtime()?.block_on(client::query(
         &a.endpoint,
+        &auth,
         &req,
         a.stream,
         Duration::from_secs(a.retry_for_secs),
@@ -194,7 +217,8 @@ pub(crate) fn query(a: QueryArgs) -> Result<()> {
 }
 
 pub(crate) fn status(a: StatusArgs) -> Result<()> {
-    let s = runtime()?.block_on(client::status(&a.endpoint))?;
+    let auth = security::client(&a.auth)?;
+    let s = runtime()?.block_on(client::status(&a.endpoint, &auth))?;
     if a.json {
         let workers: Vec<serde_json::Value> = s
             .workers
@@ -286,9 +310,12 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             pull: false,
             replicas: 1,
             lease_ttl: Duration::from_secs(5),
+            security: Security::plaintext(),
+            api_keys: None,
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args: a.tuning.to_args(cuda),
+        insecure: a.insecure,
     };
     let report =
         runtime()?.block_on(cluster_bench::run(&up, config.vocab_size, &batches, a.prompt_len, a.new_tokens));

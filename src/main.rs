@@ -3,6 +3,7 @@
 mod args;
 mod cluster;
 mod generate;
+mod security;
 
 use std::io::Write;
 
@@ -39,6 +40,7 @@ fn main() {
         Command::Worker(a) => cluster::worker(a),
         Command::Query(a) => cluster::query(a),
         Command::Status(a) => cluster::status(a),
+        Command::Certs(c) => security::certs(c),
     };
     if let Err(e) = result {
         // One line: what failed and where (the error chain, outermost first).

@@ -41,6 +41,12 @@ fn refs_through_cluster(n: usize) {
     let n_arg = n.to_string();
     let stories = read_json(&shared().join("refs/stories260K_greedy_sample.json"));
     let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", &n_arg]);
+    // Default settings: mutual TLS between every member (ephemeral CA); `query`
+    // finds the client credentials `up` left for the endpoint.
+    assert!(c.endpoint.starts_with("grpcs://"), "{}", c.endpoint);
+    for w in status(&c.endpoint)["workers"].as_array().expect("workers") {
+        assert!(w["address"].as_str().is_some_and(|a| a.starts_with("https://")), "{w}");
+    }
     for case in stories["cases"].as_array().expect("cases") {
         let out = query(
             &c.endpoint,
@@ -429,7 +435,9 @@ fn tagged_processes(tag: &str) -> Vec<u32> {
 #[test]
 fn a_fetch_with_a_stale_epoch_is_failed_precondition() {
     use zeroshard_proto::v1 as pb;
-    let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    // Plaintext: this test calls a worker's Shards as a bare client (under mTLS
+    // only members may; tests/security.rs covers that).
+    let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "2", "--insecure"]);
     let addr = status(&c.endpoint)["workers"][0]["address"].as_str().expect("address").to_string();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
@@ -494,7 +502,9 @@ fn a_worker_that_leaves_is_replanned_around_at_once() {
     use zeroshard_proto::v1::control_client::ControlClient;
 
     let stories = path(&model("stories260K"));
-    let c = Cluster::up(&["--model", &stories, "--workers", "2", "--lease-ttl-secs", "30"]);
+    // Plaintext: the test calls Control as the worker would (under mTLS only
+    // the worker's own certificate may; tests/security.rs covers that).
+    let c = Cluster::up(&["--model", &stories, "--workers", "2", "--lease-ttl-secs", "30", "--insecure"]);
     let before = status(&c.endpoint);
     assert_eq!(before["epoch"], 1, "{before}");
     let id = before["workers"][0]["id"].as_u64().expect("worker id");

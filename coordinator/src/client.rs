@@ -1,28 +1,103 @@
 //! The client side of `Inference` (`zeroshard query`, `zeroshard status`).
 use std::time::Duration;
 
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::inference_client::InferenceClient;
+use zeroshard_proto::{Address, TlsPaths};
 
+use crate::credentials::client_security;
 use crate::error::{CoordinatorError, Result};
 use crate::request::{GenerateOutput, GenerateRequest};
 
-/// `grpc://host:port` (as `up` prints it) or `http://host:port` → a channel.
-pub async fn connect(endpoint: &str) -> Result<InferenceClient<Channel>> {
-    let uri =
-        endpoint.strip_prefix("grpc://").map_or_else(|| endpoint.to_string(), |r| format!("http://{r}"));
-    let ch = zeroshard_proto::transport::endpoint(&uri)
-        .map_err(|e| CoordinatorError::InvalidRequest(format!("--endpoint {endpoint}: {e}")))?
+/// How a client proves itself: TLS credentials (`None`: plaintext, or the
+/// bundle `up` left for the endpoint) and an API key.
+#[derive(Clone, Debug, Default)]
+pub struct ClientAuth {
+    pub tls: Option<TlsPaths>,
+    pub api_key: Option<String>,
+}
+
+/// Adds `authorization: Bearer KEY` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = InferenceClient<InterceptedService<Channel, Bearer>>;
+
+/// `grpc://host:port` / `grpcs://host:port` (as `up` prints them) or
+/// `http(s)://host:port` → a client. A scheme that does not match what the
+/// server speaks is named in the error.
+pub async fn connect(endpoint: &str, auth: &ClientAuth) -> Result<Client> {
+    let invalid = |e: String| CoordinatorError::InvalidRequest(format!("--endpoint {endpoint}: {e}"));
+    let addr = Address::parse(endpoint).map_err(|e| invalid(e.to_string()))?;
+    let security = client_security(&addr, auth.tls.clone())?;
+    let bearer = match &auth.api_key {
+        Some(k) => Some(
+            format!("Bearer {k}")
+                .parse()
+                .map_err(|_| invalid("the API key is not printable ASCII".into()))?,
+        ),
+        None => None,
+    };
+    let ch = security
+        .endpoint(&addr.uri())
+        .map_err(|e| invalid(e.to_string()))?
         .connect()
         .await
-        .map_err(|e| CoordinatorError::Unavailable(format!("cannot reach {endpoint}: {e}")))?;
-    Ok(InferenceClient::new(ch))
+        .map_err(|e| connect_error(endpoint, &addr, &e))?;
+    Ok(InferenceClient::with_interceptor(ch, Bearer(bearer)))
+}
+
+/// A failed connection, in words: refused, or spoken to in the wrong scheme.
+fn connect_error(endpoint: &str, addr: &Address, e: &tonic::transport::Error) -> CoordinatorError {
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        chain = format!("{chain}: {s}");
+        source = s.source();
+    }
+    let lower = chain.to_lowercase();
+    if lower.contains("refused") {
+        return CoordinatorError::Unavailable(format!("cannot reach {endpoint}: connection refused"));
+    }
+    if addr.tls && (lower.contains("corrupt message") || lower.contains("invalidcontenttype")) {
+        return CoordinatorError::InvalidRequest(format!(
+            "{endpoint} does not speak TLS (a plaintext server): use grpc://{}",
+            addr.authority()
+        ));
+    }
+    if addr.tls && lower.contains("certificate") {
+        return CoordinatorError::InvalidRequest(format!("{endpoint}: TLS handshake failed: {chain}"));
+    }
+    if !addr.tls {
+        return CoordinatorError::Unavailable(format!(
+            "cannot reach {endpoint} ({chain}); if the cluster serves TLS (as `up` does by default), use grpcs://{}",
+            addr.authority()
+        ));
+    }
+    CoordinatorError::Unavailable(format!("cannot reach {endpoint}: {chain}"))
 }
 
 fn status_err(s: tonic::Status) -> CoordinatorError {
     match s.code() {
         tonic::Code::InvalidArgument => CoordinatorError::InvalidRequest(s.message().to_string()),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            CoordinatorError::Denied(format!("{:?}: {}", s.code(), s.message()))
+        }
         code => CoordinatorError::Unavailable(format!("{code:?}: {}", s.message())),
     }
 }
@@ -35,6 +110,7 @@ fn status_err(s: tonic::Status) -> CoordinatorError {
 /// seed, so the retry produces the same text).
 pub async fn query(
     endpoint: &str,
+    auth: &ClientAuth,
     req: &GenerateRequest,
     stream: bool,
     retry_for: Duration,
@@ -47,7 +123,7 @@ pub async fn query(
     let mut printed = 0usize;
     loop {
         let result = async {
-            let mut client = connect(endpoint).await?;
+            let mut client = connect(endpoint, auth).await?;
             if !stream {
                 return client.generate(msg.clone()).await.map(|r| r.into_inner().into()).map_err(status_err);
             }
@@ -75,6 +151,12 @@ pub async fn query(
             Ok(out.into())
         }
         .await;
+        let result = match result {
+            Err(CoordinatorError::Unavailable(m)) => {
+                Err(wrong_scheme(endpoint).await.unwrap_or(CoordinatorError::Unavailable(m)))
+            }
+            other => other,
+        };
         match result {
             Err(CoordinatorError::Unavailable(m)) if started.elapsed() < retry_for => {
                 tracing::warn!("{m}; retrying in {delay:?}");
@@ -87,7 +169,33 @@ pub async fn query(
 }
 
 /// The cluster's status.
-pub async fn status(endpoint: &str) -> Result<pb::ClusterStatusResponse> {
-    let mut client = connect(endpoint).await?;
-    client.cluster_status(pb::ClusterStatusRequest {}).await.map(|r| r.into_inner()).map_err(status_err)
+pub async fn status(endpoint: &str, auth: &ClientAuth) -> Result<pb::ClusterStatusResponse> {
+    let mut client = connect(endpoint, auth).await?;
+    match client.cluster_status(pb::ClusterStatusRequest {}).await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) => Err(wrong_scheme(endpoint).await.unwrap_or_else(|| status_err(s))),
+    }
+}
+
+/// When `endpoint` is plaintext (`grpc://`) but the server there does not
+/// answer HTTP/2's connection preface with its SETTINGS (a TLS server closes
+/// or answers with an alert): the error that says so.
+async fn wrong_scheme(endpoint: &str) -> Option<CoordinatorError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = Address::parse(endpoint).ok().filter(|a| !a.tls)?;
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr.authority()).await.ok()?;
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.ok()?;
+        let mut head = [0u8; 5];
+        let n = s.read(&mut head).await.ok()?;
+        // A SETTINGS frame: 3 bytes of length, then type 4.
+        Some(n >= 4 && head[3] == 4)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        Ok(Some(false)) => Some(CoordinatorError::InvalidRequest(format!(
+            "{endpoint} does not speak plaintext gRPC (it serves TLS, as `up` does by default): use grpcs://{}",
+            addr.authority()
+        ))),
+        _ => None,
+    }
 }

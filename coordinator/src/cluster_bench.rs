@@ -85,7 +85,7 @@ async fn drive(
     prompt_len: usize,
     new_tokens: usize,
 ) -> Result<Vec<BatchReport>> {
-    let endpoint = format!("http://{}", cluster.addr);
+    let endpoint = cluster.endpoint.clone();
     let mut reports = Vec::new();
     for &batch in batches {
         let before = stats(cluster).await;
@@ -96,8 +96,9 @@ async fn drive(
                     .map(|i| ((b * 7919 + i * 104_729 + 3) % (vocab - 3) + 3) as u32)
                     .collect();
                 let endpoint = endpoint.clone();
+                let auth = cluster.client.clone();
                 tokio::spawn(async move {
-                    let mut client = crate::client::connect(&endpoint).await?;
+                    let mut client = crate::client::connect(&endpoint, &auth).await?;
                     let req = pb::GenerateRequest {
                         prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
                         sampling: Some(pb::SamplingParams {

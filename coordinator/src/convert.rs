@@ -73,6 +73,7 @@ impl From<CoordinatorError> for tonic::Status {
                 tonic::Status::not_found(e.to_string())
             }
             E::Precondition(_) => tonic::Status::failed_precondition(e.to_string()),
+            E::Denied(_) => tonic::Status::permission_denied(e.to_string()),
             E::Unavailable(_) | E::Membership(_) => tonic::Status::unavailable(e.to_string()),
             E::Offload(_) | E::Plan(_) | E::Shard(_) => tonic::Status::internal(e.to_string()),
         }

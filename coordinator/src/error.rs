@@ -27,6 +27,9 @@ pub enum CoordinatorError {
     /// wrong kind of membership).
     #[error("{0}")]
     Precondition(String),
+    /// The caller lacks the credential or the role for the call.
+    #[error("{0}")]
+    Denied(String),
 }
 
 pub type Result<T> = std::result::Result<T, CoordinatorError>;

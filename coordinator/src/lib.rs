@@ -11,12 +11,14 @@
 //! - [`tokenizer`] and [`text_stream`]: `tokenizer.json`, incremental
 //!   detokenization, stop strings.
 //! - [`request`]: a client's request and the answer, as `generate` and `query` share them.
-//! - [`client`]: `query` and `status` against a running cluster.
+//! - [`client`]: `query` and `status` against a running cluster;
+//!   [`credentials`]: the CA `up` makes and the client bundles it leaves.
 //! - [`up`] and [`launcher`]: a coordinator plus N local worker processes.
 //! - [`cluster_bench`]: `bench --workers N`.
 pub mod client;
 pub mod cluster_bench;
 mod convert;
+pub mod credentials;
 mod error;
 mod launcher;
 pub mod membership;

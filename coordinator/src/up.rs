@@ -1,8 +1,14 @@
 //! `zeroshard up`: a coordinator in this process and N worker processes on
-//! this machine (embedded membership). Prints `ready grpc://HOST:PORT` once the
+//! this machine (embedded membership). Prints `ready grpcs://HOST:PORT` once the
 //! cluster serves, and stops every worker when asked to stop. A worker that
 //! fails to start or load fails `up`; one that dies later is re-planned
 //! around, and the cluster keeps serving.
+//!
+//! Secure by default: `up` makes an ephemeral CA in a private temporary
+//! folder, gives the coordinator and every worker its own certificate (mTLS
+//! on every connection, loopback included), and leaves a client bundle that
+//! `query` and `status` find by endpoint ([`crate::credentials`]); all of it
+//! is removed when `up` stops. `insecure` runs plaintext (`grpc://`).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +18,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use zeroshard_proto::{Role, Security};
+
+use crate::client::ClientAuth;
+use crate::credentials::{find_bundle_in, UpCredentials};
 use crate::error::{CoordinatorError, Result};
 use crate::launcher::Fleet;
 use crate::membership::embedded::EmbeddedMembership;
@@ -25,12 +35,22 @@ pub struct UpConfig {
     pub exe: PathBuf,
     /// Extra arguments for every worker (`--prefetch-layers`, `--max-live-bytes`…).
     pub worker_args: Vec<String>,
+    /// Plaintext everywhere instead of mTLS with an ephemeral CA.
+    pub insecure: bool,
 }
 
 /// A running local cluster: the coordinator served from this process and its
 /// worker processes.
 pub struct LocalCluster {
     pub addr: SocketAddr,
+    /// `grpcs://HOST:PORT` (`grpc://` when insecure).
+    pub endpoint: String,
+    /// What a client of this machine presents (the bundle's certificate).
+    pub client: ClientAuth,
+    /// Where the client bundle is (`None` when insecure).
+    pub bundle: Option<PathBuf>,
+    /// The certificates; dropping them removes the bundle and the CA.
+    _credentials: Option<UpCredentials>,
     pub coord: Coordinator,
     pub fleet: Fleet,
     server: JoinHandle<Result<()>>,
@@ -47,20 +67,29 @@ impl LocalCluster {
     ) -> Result<Self> {
         let addr =
             listener.local_addr().map_err(|e| CoordinatorError::Unavailable(format!("listener: {e}")))?;
-        let url = format!("http://{addr}");
+        let n = cfg.cluster.workers;
+        let mut cluster_cfg = cfg.cluster.clone();
+        let mut credentials = None;
+        if !cfg.insecure {
+            let mut c = UpCredentials::generate(n, cluster_cfg.api_keys.is_none())?;
+            cluster_cfg.security = Security::load(c.coordinator(), Some(Role::Coordinator))
+                .map_err(|e| CoordinatorError::Unavailable(format!("credentials: {e}")))?;
+            c.publish(&addr.to_string())?;
+            credentials = Some(c);
+        }
+        let scheme = cluster_cfg.security.scheme();
+        let url = format!("{scheme}://{addr}");
+        let endpoint = format!("{}://{addr}", if cluster_cfg.security.is_tls() { "grpcs" } else { "grpc" });
+        let bundle = credentials.as_ref().and_then(UpCredentials::bundle);
+        let client = ClientAuth { tls: bundle.as_deref().and_then(find_bundle_in), api_key: None };
         let membership = EmbeddedMembership::new(cfg.cluster.lease_ttl);
-        let coord = Coordinator::start(
-            cfg.cluster.clone(),
-            url.clone(),
-            Arc::new(membership.clone()),
-            Some(membership),
-        )?;
+        let coord =
+            Coordinator::start(cluster_cfg, url.clone(), Arc::new(membership.clone()), Some(membership))?;
         let (stop_server, mut server_rx) = watch::channel(false);
         let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
             let _ = server_rx.wait_for(|s| *s).await;
         }));
-        let n = cfg.cluster.workers;
-        let mut fleet = Fleet::spawn(&cfg.exe, n, |_| {
+        let mut fleet = Fleet::spawn(&cfg.exe, n, |i| {
             let mut a = vec![
                 "worker".to_string(),
                 "--coordinator".into(),
@@ -68,6 +97,7 @@ impl LocalCluster {
                 "--listen".into(),
                 "127.0.0.1:0".into(),
             ];
+            a.extend(credentials.as_ref().map(|c| c.worker_args(i)).unwrap_or_default());
             a.extend(cfg.worker_args.iter().cloned());
             a
         })
@@ -82,7 +112,17 @@ impl LocalCluster {
             e = fleet.any_exit() => Err(CoordinatorError::Unavailable(e.to_string())),
             _ = stop.wait_for(|s| *s) => Err(CoordinatorError::Unavailable("stopped before ready".into())),
         };
-        let cluster = Self { addr, coord, fleet, server, stop_server };
+        let cluster = Self {
+            addr,
+            endpoint,
+            client,
+            bundle,
+            _credentials: credentials,
+            coord,
+            fleet,
+            server,
+            stop_server,
+        };
         match outcome {
             Ok(()) => Ok(cluster),
             Err(e) => {
@@ -105,7 +145,11 @@ impl LocalCluster {
 /// the cluster continues without it.
 pub async fn run(cfg: UpConfig, listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result<()> {
     let mut cluster = LocalCluster::start(&cfg, listener, stop.clone()).await?;
-    println!("ready grpc://{}", cluster.addr);
+    println!("ready {}", cluster.endpoint);
+    match &cluster.bundle {
+        Some(b) => println!("credentials {} (query and status find them by endpoint)", b.display()),
+        None => eprintln!("warning: --insecure: plaintext, no authentication between members"),
+    }
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,

@@ -116,6 +116,44 @@ fn parse_member(keys: &Keys, kv: &KeyValue) -> Option<Member> {
     }
 }
 
+/// How to reach a secured etcd: TLS (its CA, and a client certificate when
+/// etcd asks for one; endpoints are then `https://`) and a user with its
+/// password (etcd's `auth enable`). The default is plaintext, no user.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdCredentials {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl EtcdCredentials {
+    fn apply(&self, mut options: ConnectOptions) -> Result<ConnectOptions> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| MembershipError::Invalid(format!("{}: {e}", p.display())))
+        };
+        if let Some(ca) = &self.ca {
+            let mut tls =
+                etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?)),
+                (None, None) => {}
+                _ => return Err(MembershipError::Invalid("--etcd-cert and --etcd-key go together".into())),
+            }
+            options = options.with_tls(tls);
+        } else if self.cert.is_some() || self.key.is_some() {
+            return Err(MembershipError::Invalid("--etcd-cert needs --etcd-ca".into()));
+        }
+        match (&self.user, &self.password) {
+            (Some(u), Some(p)) => options = options.with_user(u.clone(), p.clone()),
+            (None, None) => {}
+            _ => return Err(MembershipError::Invalid("--etcd-user and its password go together".into())),
+        }
+        Ok(options)
+    }
+}
+
 /// What an etcd connection serves; names it in errors and logs.
 #[derive(Clone)]
 struct Store {
@@ -127,7 +165,7 @@ struct Store {
 impl Store {
     /// Connects and proves the connection with a quorum read, all within
     /// [`CALL_TIMEOUT`], so that an unreachable etcd fails here, clearly.
-    async fn connect(endpoints: &[String], cluster: &str) -> Result<Self> {
+    async fn connect(endpoints: &[String], cluster: &str, credentials: &EtcdCredentials) -> Result<Self> {
         let joined = endpoints.join(",");
         if endpoints.is_empty() {
             return Err(MembershipError::Invalid("no etcd endpoint given".into()));
@@ -143,6 +181,7 @@ impl Store {
             // often than every 5 s).
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_require_leader(true);
+        let options = credentials.apply(options)?;
         let unreachable = |reason: String| MembershipError::Unreachable { endpoints: joined.clone(), reason };
         let client = tokio::time::timeout(CALL_TIMEOUT, Client::connect(endpoints, Some(options)))
             .await

@@ -7,6 +7,10 @@
 //! - `Shards` (worker ↔ worker, coordinator → worker): `FetchRanges`, 1 MiB chunks,
 //!   each with a CRC-32C of its payload.
 //!
+//! Every connection goes through [`Security`] (TLS with the cluster's
+//! certificates, or plaintext) and every service behind a [`Guard`] that
+//! checks the caller's role ([`auth`]); `certs` makes the certificates.
+//!
 //! Generated types stop at the RPC modules: each crate converts them to its domain
 //! types in one `convert.rs`.
 //!
@@ -15,6 +19,13 @@
 //! let mut client = ShardsClient::connect("http://127.0.0.1:50051").await?;
 //! let mut chunks = client.fetch_ranges(FetchRangesRequest { epoch, ranges, chunk_bytes: 0 }).await?.into_inner();
 //! ```
+
+pub mod auth;
+pub mod certs;
+pub mod tls;
+
+pub use auth::{ApiKeys, Caller, Guard, Identity, Role};
+pub use tls::{Address, Security, TlsError, TlsPaths};
 
 /// Package `zeroshard.v1`.
 pub mod v1 {

@@ -32,6 +32,8 @@ pub(crate) struct Etcd {
     binary: PathBuf,
     initial_cluster: String,
     members: Vec<EtcdMember>,
+    /// Serve clients over TLS with this certificate and key.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Etcd {
@@ -44,8 +46,17 @@ impl Etcd {
     /// A port taken between choosing it and etcd binding it (other tests open
     /// connections from ephemeral ports) means new ports and another try.
     pub(crate) fn start_cluster(n: usize) -> Self {
+        Self::start_with(n, None)
+    }
+
+    /// One member serving clients over TLS (`https://`) with `cert` and `key`.
+    pub(crate) fn start_tls(cert: PathBuf, key: PathBuf) -> Self {
+        Self::start_with(1, Some((cert, key)))
+    }
+
+    fn start_with(n: usize, tls: Option<(PathBuf, PathBuf)>) -> Self {
         for attempt in 1..=5 {
-            let mut etcd = Self::spawn_cluster(n);
+            let mut etcd = Self::spawn_cluster(n, tls.clone());
             match (0..n).try_for_each(|i| etcd.healthy_within(i)) {
                 Ok(()) => return etcd,
                 Err(log) if log.contains("address already in use") && attempt < 5 => {
@@ -57,7 +68,7 @@ impl Etcd {
         unreachable!("the last attempt returns or panics")
     }
 
-    fn spawn_cluster(n: usize) -> Self {
+    fn spawn_cluster(n: usize, tls: Option<(PathBuf, PathBuf)>) -> Self {
         let binary = etcd_binary();
         let dir = tempfile::Builder::new().prefix("zeroshard-etcd-").tempdir().expect("temp dir for etcd");
         let members: Vec<EtcdMember> = (0..n)
@@ -73,7 +84,7 @@ impl Etcd {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let mut etcd = Self { dir, binary, initial_cluster, members };
+        let mut etcd = Self { dir, binary, initial_cluster, members, tls };
         for i in 0..n {
             etcd.spawn(i);
         }
@@ -86,7 +97,8 @@ impl Etcd {
     }
 
     pub(crate) fn client_url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
     }
 
     /// Kills member `i` (SIGKILL) and waits for it to exit; its data stays.
@@ -113,8 +125,8 @@ impl Etcd {
     }
 
     fn spawn(&mut self, i: usize) {
+        let client = self.client_url(i);
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -130,6 +142,14 @@ impl Etcd {
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster, "--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.dir.path().display().to_string()])
+            .args(self.tls.iter().flat_map(|(c, k)| {
+                [
+                    "--cert-file".to_string(),
+                    c.display().to_string(),
+                    "--key-file".to_string(),
+                    k.display().to_string(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -153,7 +173,13 @@ impl Etcd {
             if let Some(status) = self.members[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 return Err(format!("etcd member {i} exited ({status}):\n{}", tail(&self.log_path(i))));
             }
-            if healthy(port) {
+            // Over TLS, the log says when clients are served (GET /health would need TLS).
+            let up = match self.tls {
+                None => healthy(port),
+                Some(_) => std::fs::read_to_string(self.log_path(i))
+                    .is_ok_and(|l| l.contains("ready to serve client requests")),
+            };
+            if up {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

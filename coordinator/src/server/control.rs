@@ -2,7 +2,9 @@
 //! lease renewals. Under etcd workers register there instead.
 use tonic::{Request, Response, Status};
 use zeroshard_offload::plan::WorkerId;
+use zeroshard_proto::auth::caller_of;
 use zeroshard_proto::v1 as pb;
+use zeroshard_proto::{Address, Caller};
 
 use super::Coordinator;
 use crate::error::CoordinatorError;
@@ -10,6 +12,16 @@ use crate::membership::embedded::EmbeddedMembership;
 use crate::membership::Membership;
 
 pub(super) struct ControlSvc(pub Coordinator);
+
+/// PERMISSION_DENIED unless `caller` registered `id` (or it was registered
+/// without TLS).
+fn check_owner(m: &EmbeddedMembership, id: WorkerId, caller: &Caller) -> Result<(), Status> {
+    let owner = caller.identity().map(|i| i.name.as_str());
+    if m.owned_by(id, owner) {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!("{id} was registered by another identity")))
+}
 
 impl ControlSvc {
     fn embedded(&self) -> Result<&EmbeddedMembership, CoordinatorError> {
@@ -28,13 +40,29 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
         &self,
         req: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let caller = caller_of(&req);
         let r = req.into_inner();
-        if r.address.is_empty() {
-            return Err(CoordinatorError::InvalidRequest("RegisterWorker: address is empty".into()).into());
+        let security = &self.0 .0.cfg.security;
+        let address = Address::parse(&r.address)
+            .map_err(|e| CoordinatorError::InvalidRequest(format!("RegisterWorker: {e}")))?;
+        if address.tls != security.is_tls() {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "RegisterWorker: address {} must be {}:// in this cluster",
+                r.address,
+                security.scheme()
+            ))
+            .into());
         }
         let m = self.embedded()?;
         let prior = (r.worker_id != 0).then_some(WorkerId(r.worker_id));
-        let id = m.register(r.address, r.device, r.memory_bytes, prior);
+        let owner = caller.identity().map(|i| i.name.as_str());
+        let id = m.register(address.uri(), r.device, r.memory_bytes, prior, owner).map_err(|bound| {
+            Status::permission_denied(format!(
+                "RegisterWorker: worker id {} belongs to worker `{bound}`; {} may not take it",
+                r.worker_id,
+                owner.map_or_else(|| "an anonymous caller".to_string(), |o| format!("worker `{o}`"))
+            ))
+        })?;
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: id.0,
             model: Some(super::worker_client::model_info(&self.0)),
@@ -46,13 +74,19 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
         &self,
         req: Request<pb::KeepAliveRequest>,
     ) -> Result<Response<pb::KeepAliveResponse>, Status> {
-        let known = self.embedded()?.keep_alive(WorkerId(req.into_inner().worker_id));
+        let caller = caller_of(&req);
+        let id = WorkerId(req.into_inner().worker_id);
+        let m = self.embedded()?;
+        check_owner(m, id, &caller)?;
+        let known = m.keep_alive(id);
         Ok(Response::new(pb::KeepAliveResponse { known }))
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        let caller = caller_of(&req);
         let r = req.into_inner();
         let m = self.embedded()?;
+        check_owner(m, WorkerId(r.worker_id), &caller)?;
         tracing::warn!("worker {} leaves: {}", r.worker_id, r.reason);
         m.evict(WorkerId(r.worker_id)).await.map_err(CoordinatorError::from)?;
         Ok(Response::new(pb::LeaveResponse {}))

@@ -23,9 +23,11 @@ mod worker_client;
 use std::future::Future;
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use zeroshard_proto::v1::control_server::ControlServer;
 use zeroshard_proto::v1::inference_server::InferenceServer;
 use zeroshard_proto::v1::shards_server::ShardsServer;
+use zeroshard_proto::{Guard, Role};
 
 pub use state::{ClusterConfig, Coordinator, Readiness, WorkerEntry};
 
@@ -51,12 +53,25 @@ pub async fn serve(
         }
     };
     tokio::spawn(watch_health);
-    zeroshard_proto::transport::server()
+    let security = coord.0.cfg.security.clone();
+    let tls = security.is_tls();
+    let router = zeroshard_proto::transport::server()
         .add_service(health_service)
-        .add_service(InferenceServer::new(inference::InferenceSvc(coord.clone())))
-        .add_service(ControlServer::new(control::ControlSvc(coord.clone())))
-        .add_service(ShardsServer::new(shards::CheckpointShards(coord)))
-        .serve_with_incoming_shutdown(zeroshard_proto::transport::incoming(listener), shutdown)
+        .add_service(InterceptedService::new(
+            InferenceServer::new(inference::InferenceSvc(coord.clone())),
+            Guard::clients(tls, "Inference", coord.0.cfg.api_keys.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            ControlServer::new(control::ControlSvc(coord.clone())),
+            Guard::members(tls, "Control", &[Role::Worker]),
+        ))
+        .add_service(InterceptedService::new(
+            ShardsServer::new(shards::CheckpointShards(coord)),
+            Guard::members(tls, "Shards", &[Role::Coordinator, Role::Worker]),
+        ));
+    security.spawn_reloader();
+    security
+        .serve(router, listener, shutdown)
         .await
         .map_err(|e| CoordinatorError::Unavailable(format!("coordinator server: {e}")))
 }

@@ -14,6 +14,8 @@ use zeroshard_offload::plan::{Plan, TensorMeta, WorkerId};
 use zeroshard_offload::spec::tensor_specs;
 use zeroshard_offload::{Checkpoint, ModelConfig};
 
+use zeroshard_proto::{ApiKeys, Security};
+
 use super::worker_client::WorkerHandle;
 use crate::error::{CoordinatorError, Result};
 use crate::membership::embedded::EmbeddedMembership;
@@ -33,6 +35,10 @@ pub struct ClusterConfig {
     pub replicas: u32,
     /// A worker silent for this long is lost (embedded membership's lease).
     pub lease_ttl: Duration,
+    /// TLS credentials of the coordinator's server and its channels to workers.
+    pub security: Security,
+    /// Keys a client may present instead of a client certificate.
+    pub api_keys: Option<Arc<ApiKeys>>,
 }
 
 /// Where the cluster is on its way to serving.
@@ -55,11 +61,11 @@ pub struct WorkerEntry {
 }
 
 impl WorkerEntry {
-    pub(super) fn new(m: &Member) -> Result<Self> {
+    pub(super) fn new(m: &Member, security: &Security) -> Result<Self> {
         Ok(Self {
             id: m.id,
             address: m.address.clone(),
-            client: WorkerHandle::new(&m.address)?,
+            client: WorkerHandle::new(security, &m.address)?,
             active: Arc::new(AtomicU32::new(0)),
         })
     }

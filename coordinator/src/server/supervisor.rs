@@ -125,7 +125,7 @@ impl Supervisor {
                 if st.members.get(&m.id).is_some_and(|w| w.address == m.address) {
                     return;
                 }
-                match WorkerEntry::new(&m) {
+                match WorkerEntry::new(&m, &coord.0.cfg.security) {
                     Ok(w) => {
                         tracing::info!("{} joined at {}", m.id, m.address);
                         st.members.insert(m.id, w);

@@ -10,6 +10,7 @@ use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::worker_client::WorkerClient;
+use zeroshard_proto::Security;
 
 use super::Coordinator;
 use crate::error::{CoordinatorError, Result};
@@ -59,8 +60,9 @@ pub(crate) fn model_info(coord: &Coordinator) -> pb::ModelInfo {
 
 impl WorkerHandle {
     /// A client of the worker at `address`; connects on first use.
-    pub(crate) fn new(address: &str) -> Result<Self> {
-        let ch = zeroshard_proto::transport::endpoint(address)
+    pub(crate) fn new(security: &Security, address: &str) -> Result<Self> {
+        let ch = security
+            .endpoint(address)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("worker address {address}: {e}")))?
             .connect_lazy();
         Ok(Self { client: WorkerClient::new(ch) })

@@ -6,7 +6,7 @@ use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::WorkerId;
 
 use super::watcher::{snapshot, Watcher};
-use super::{ttl_secs, Store};
+use super::{ttl_secs, EtcdCredentials, Store};
 use crate::error::{MembershipError, Result};
 use crate::{MemberWatch, Membership, StoredPlan};
 
@@ -25,7 +25,17 @@ impl EtcdMembership {
     /// Connects to etcd (a clear error naming `endpoints` when it cannot be
     /// reached within a few seconds). `lease_ttl` is the workers' lease TTL.
     pub async fn connect(endpoints: &[String], cluster: &str, lease_ttl: Duration) -> Result<Self> {
-        let store = Store::connect(endpoints, cluster).await?;
+        Self::connect_with(endpoints, cluster, lease_ttl, &EtcdCredentials::default()).await
+    }
+
+    /// [`Self::connect`] to an etcd that needs `credentials` (TLS, a user).
+    pub async fn connect_with(
+        endpoints: &[String],
+        cluster: &str,
+        lease_ttl: Duration,
+        credentials: &EtcdCredentials,
+    ) -> Result<Self> {
+        let store = Store::connect(endpoints, cluster, credentials).await?;
         let ttl = Duration::from_secs(ttl_secs(lease_ttl) as u64);
         Ok(Self { store, ttl, alive: watch::Sender::new(()) })
     }

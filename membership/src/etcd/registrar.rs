@@ -12,7 +12,7 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use zeroshard_offload::plan::WorkerId;
 
-use super::{ttl_secs, Failure, MemberRecord, Store};
+use super::{ttl_secs, EtcdCredentials, Failure, MemberRecord, Store};
 use crate::error::{MembershipError, Result};
 use crate::{Announce, Registrar};
 
@@ -27,8 +27,18 @@ impl EtcdRegistrar {
     /// reached within a few seconds). Workers of cluster `cluster` hold leases
     /// of `lease_ttl` (whole seconds, rounded up).
     pub async fn connect(endpoints: &[String], cluster: &str, lease_ttl: Duration) -> Result<Self> {
+        Self::connect_with(endpoints, cluster, lease_ttl, &EtcdCredentials::default()).await
+    }
+
+    /// [`Self::connect`] to an etcd that needs `credentials` (TLS, a user).
+    pub async fn connect_with(
+        endpoints: &[String],
+        cluster: &str,
+        lease_ttl: Duration,
+        credentials: &EtcdCredentials,
+    ) -> Result<Self> {
         let ttl = Duration::from_secs(ttl_secs(lease_ttl) as u64);
-        Ok(Self { store: Store::connect(endpoints, cluster).await?, ttl })
+        Ok(Self { store: Store::connect(endpoints, cluster, credentials).await?, ttl })
     }
 
     /// A new id: the counter's value (1 when absent), advanced by a

@@ -15,7 +15,9 @@ mod store;
 mod weights;
 
 use std::path::PathBuf;
+
 use std::time::Duration;
+use zeroshard_proto::Security;
 
 use zeroshard_offload::ModelConfig;
 
@@ -70,6 +72,8 @@ pub struct NodeConfig {
     /// A peer that sends nothing for this long during a fetch has failed (the
     /// fetch goes to another holder, or is retried).
     pub fetch_timeout: Duration,
+    /// TLS credentials for its servers and the channels it opens (plaintext by default).
+    pub security: Security,
 }
 
 impl Default for NodeConfig {
@@ -89,6 +93,7 @@ impl Default for NodeConfig {
             step_fault: None,
             step_delay: Duration::ZERO,
             fetch_timeout: Duration::from_secs(2),
+            security: Security::default(),
         }
     }
 }

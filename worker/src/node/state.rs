@@ -238,8 +238,16 @@ impl Node {
         let digests = a.digests.clone();
         let slices = match &a.pull_from {
             Some(endpoint) => {
-                let loading = &stats.loading;
-                store::pull_ranges(endpoint, plan.epoch(), &missing, &digests, &mut slices, loading).await?;
+                store::pull_ranges(
+                    &self.cfg.security,
+                    endpoint,
+                    plan.epoch(),
+                    &missing,
+                    &digests,
+                    &mut slices,
+                    &stats.loading,
+                )
+                .await?;
                 slices
             }
             None => {
@@ -266,7 +274,7 @@ impl Node {
         let mut peers = std::collections::HashMap::new();
         for (id, addr) in &a.peers {
             if *id != a.worker {
-                peers.insert(*id, PeerClient::lazy(addr)?);
+                peers.insert(*id, PeerClient::lazy(&self.cfg.security, addr)?);
             }
         }
         let owned = plan.owned_bytes(a.worker)?;
@@ -275,7 +283,13 @@ impl Node {
             a.worker,
             slices.clone(),
             peers,
-            (digests, a.coordinator_shards.as_deref().map(PeerClient::lazy).transpose()?),
+            (
+                digests,
+                a.coordinator_shards
+                    .as_deref()
+                    .map(|uri| PeerClient::lazy(&self.cfg.security, uri))
+                    .transpose()?,
+            ),
             stats.gather.clone(),
             self.cfg.fetch_timeout,
         ));

@@ -9,6 +9,7 @@ use half::f16;
 use zeroshard_offload::digest::{covering, BlockDigests, DigestError, BLOCK_BYTES};
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_offload::Checkpoint;
+use zeroshard_proto::Security;
 
 use zeroshard_offload::shards::{Assembler, HostSlices, TensorRange};
 
@@ -104,6 +105,7 @@ fn keep(r: &TensorRange, first: u64, bytes: &[u8]) -> Bytes {
 /// `slices`, each through the whole blocks that cover it, every one checked
 /// against `digests`; `progress` counts the bytes received.
 pub(super) async fn pull_ranges(
+    security: &Security,
     endpoint: &str,
     epoch: u64,
     ranges: &[TensorRange],
@@ -112,7 +114,7 @@ pub(super) async fn pull_ranges(
     progress: &AtomicU64,
 ) -> Result<()> {
     let start = Instant::now();
-    let mut client = PeerClient::connect(endpoint).await?;
+    let mut client = PeerClient::connect(security, endpoint).await?;
     // A few tensors per request keeps memory bounded and the stream busy.
     for batch in ranges.chunks(16) {
         let mut blocks = Vec::with_capacity(batch.len());

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tonic::Response;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::control_client::ControlClient;
+use zeroshard_proto::Security;
 
 use super::peer::connect;
 use zeroshard_membership::{MembershipError, Result};
@@ -16,11 +17,13 @@ use crate::node::{Announce, Registrar};
 /// Embedded membership: the coordinator's `Control` service holds the lease.
 pub struct ControlRegistrar {
     coordinator: String,
+    security: Security,
 }
 
 impl ControlRegistrar {
-    pub fn new(coordinator: impl Into<String>) -> Self {
-        Self { coordinator: coordinator.into() }
+    /// Registers with the coordinator at `coordinator`, over `security`.
+    pub fn new(coordinator: impl Into<String>, security: Security) -> Self {
+        Self { coordinator: coordinator.into(), security }
     }
 
     fn refused(&self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> MembershipError {
@@ -34,7 +37,8 @@ impl ControlRegistrar {
             // Not reachable yet (the coordinator may still be starting): try
             // again; an answer refusing the registration: give up.
             let attempt = async {
-                let ch = connect(&self.coordinator).await.map_err(|e| (true, self.refused(e)))?;
+                let ch =
+                    connect(&self.security, &self.coordinator).await.map_err(|e| (true, self.refused(e)))?;
                 ControlClient::new(ch)
                     .register_worker(pb::RegisterWorkerRequest {
                         address: me.address.clone(),
@@ -68,7 +72,7 @@ impl Registrar for ControlRegistrar {
             loop {
                 tokio::time::sleep(ttl / 3).await;
                 let known = async {
-                    let ch = connect(&self.coordinator).await.map_err(|e| self.refused(e))?;
+                    let ch = connect(&self.security, &self.coordinator).await.map_err(|e| self.refused(e))?;
                     ControlClient::new(ch)
                         .keep_alive(pb::KeepAliveRequest { worker_id: id })
                         .await
@@ -94,7 +98,7 @@ impl Registrar for ControlRegistrar {
     }
 
     async fn leave(&self, id: u64, reason: &str) -> Result<()> {
-        let ch = connect(&self.coordinator).await.map_err(|e| self.refused(e))?;
+        let ch = connect(&self.security, &self.coordinator).await.map_err(|e| self.refused(e))?;
         ControlClient::new(ch)
             .leave(pb::LeaveRequest { worker_id: id, reason: reason.to_string() })
             .await

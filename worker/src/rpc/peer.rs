@@ -10,6 +10,7 @@ use tonic::transport::Channel;
 use zeroshard_offload::shards::{Assembler, Chunk};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_client::ShardsClient;
+use zeroshard_proto::Security;
 
 use crate::error::{Result, WorkerError};
 
@@ -30,13 +31,13 @@ pub(crate) struct PeerClient {
 
 impl PeerClient {
     /// A client for `uri` that connects on first use.
-    pub(crate) fn lazy(uri: &str) -> Result<Self> {
-        Ok(Self::new(connect_lazy(uri)?))
+    pub(crate) fn lazy(security: &Security, uri: &str) -> Result<Self> {
+        Ok(Self::new(connect_lazy(security, uri)?))
     }
 
     /// A client for `uri`, connected now.
-    pub(crate) async fn connect(uri: &str) -> Result<Self> {
-        Ok(Self::new(connect(uri).await?))
+    pub(crate) async fn connect(security: &Security, uri: &str) -> Result<Self> {
+        Ok(Self::new(connect(security, uri).await?))
     }
 
     fn new(ch: Channel) -> Self {
@@ -110,9 +111,11 @@ impl PeerClient {
     }
 }
 
-/// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings.
-pub(crate) async fn connect(uri: &str) -> Result<Channel> {
-    zeroshard_proto::transport::endpoint(uri)
+/// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings
+/// and `security`'s credentials.
+pub(crate) async fn connect(security: &Security, uri: &str) -> Result<Channel> {
+    security
+        .endpoint(uri)
         .map_err(|e| WorkerError::rpc(uri, e))?
         .connect()
         .await
@@ -120,6 +123,6 @@ pub(crate) async fn connect(uri: &str) -> Result<Channel> {
 }
 
 /// A channel to `uri` that connects on first use.
-fn connect_lazy(uri: &str) -> Result<Channel> {
-    Ok(zeroshard_proto::transport::endpoint(uri).map_err(|e| WorkerError::rpc(uri, e))?.connect_lazy())
+fn connect_lazy(security: &Security, uri: &str) -> Result<Channel> {
+    Ok(security.endpoint(uri).map_err(|e| WorkerError::rpc(uri, e))?.connect_lazy())
 }

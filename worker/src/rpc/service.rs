@@ -9,11 +9,13 @@ use futures::Stream;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use zeroshard_offload::plan::Assignment;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_server::{Shards, ShardsServer};
 use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
+use zeroshard_proto::{Guard, Role};
 
 use zeroshard_offload::convert::{fetch_ranges, generation_params};
 use zeroshard_offload::shards::{checksum, CHUNK_BYTES};
@@ -21,6 +23,10 @@ use zeroshard_offload::shards::{checksum, CHUNK_BYTES};
 use super::convert;
 use crate::error::{Result, WorkerError};
 use crate::node::{Announce, Command, Node, NodeConfig, Registrar};
+
+/// Largest `Worker` request: a plan with its block digests (a 70B model's
+/// are ~4.5 MB).
+const PLAN_MESSAGE_BYTES: usize = 64 << 20;
 
 #[derive(Clone)]
 struct Svc(Arc<Node>);
@@ -165,7 +171,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let addr = listener.local_addr().map_err(|source| WorkerError::Io { path: "listener".into(), source })?;
-    let advertise = format!("http://{addr}");
+    let security = cfg.security.clone();
+    let advertise = format!("{}://{addr}", security.scheme());
     let node = Arc::new(Node::new(cfg.clone()));
     let svc = Svc(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -175,17 +182,18 @@ pub async fn run(
             _ = stop_rx => {}
         }
     };
-    let server = zeroshard_proto::transport::server()
-        // A 70B model's block digests (~4.5 MB) come with its plan.
-        .add_service(
-            WorkerServer::new(svc.clone())
-                .max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+    let tls = security.is_tls();
+    let router = zeroshard_proto::transport::server()
+        .add_service(InterceptedService::new(
+            WorkerServer::new(svc.clone()).max_decoding_message_size(PLAN_MESSAGE_BYTES),
+            Guard::members(tls, "Worker", &[Role::Coordinator]),
+        ))
+        .add_service(InterceptedService::new(
             ShardsServer::new(svc).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(zeroshard_proto::transport::incoming(listener), stop);
-    let mut server = tokio::spawn(server);
+            Guard::members(tls, "Shards", &[Role::Coordinator, Role::Worker]),
+        ));
+    security.spawn_reloader();
+    let mut server = tokio::spawn(async move { security.serve(router, listener, stop).await });
     println!("listening {advertise}");
 
     let described = registrar.describe();

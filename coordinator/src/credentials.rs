@@ -1,0 +1,192 @@
+//! Credentials on this machine: the ephemeral CA `up` makes for its members,
+//! and the client bundles `query` and `status` find by endpoint.
+//!
+//! A bundle is a folder `<state>/clusters/<host>_<port>/` (owner-only) with
+//! `ca.pem`, and `client.pem` + `client.key` unless the cluster takes API
+//! keys instead. `<state>` is `$ZEROSHARD_STATE_DIR`, else
+//! `$XDG_STATE_HOME/zeroshard`, else `~/.local/state/zeroshard`.
+//!
+//! ```ignore
+//! let creds = UpCredentials::generate(3, true)?;          // CA + coordinator + 3 workers + client
+//! let bundle = creds.publish("127.0.0.1:50051")?;         // what `query` will find
+//! let sec = client_security(&Address::parse("grpcs://127.0.0.1:50051")?, None)?;
+//! ```
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use zeroshard_proto::certs::{loopback_sans, Ca};
+use zeroshard_proto::{Address, Role, Security, TlsPaths};
+
+use crate::error::{CoordinatorError, Result};
+
+fn setup(e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Unavailable(format!("credentials: {e}"))
+}
+
+/// Where client bundles are kept.
+pub fn state_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("ZEROSHARD_STATE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        return Some(PathBuf::from(d).join("zeroshard"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/zeroshard"))
+}
+
+/// The bundle folder of the cluster at `authority` (`host:port`).
+pub fn bundle_dir(authority: &str) -> Option<PathBuf> {
+    let name: String = authority
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .collect();
+    Some(state_dir()?.join("clusters").join(name))
+}
+
+/// The credentials of the bundle for `authority`, if there is one.
+pub fn find_bundle(authority: &str) -> Option<TlsPaths> {
+    find_bundle_in(&bundle_dir(authority)?)
+}
+
+/// The credentials of the bundle in `dir`, if there is one.
+pub fn find_bundle_in(dir: &Path) -> Option<TlsPaths> {
+    let ca = dir.join("ca.pem");
+    if !ca.is_file() {
+        return None;
+    }
+    let (cert, key) = (dir.join("client.pem"), dir.join("client.key"));
+    let has_cert = cert.is_file() && key.is_file();
+    Some(TlsPaths { ca, cert: has_cert.then_some(cert), key: has_cert.then_some(key) })
+}
+
+/// A client's security towards `addr`: plaintext for `grpc://`; for
+/// `grpcs://`, the credentials given, or else the bundle `up` left for that
+/// endpoint.
+pub fn client_security(addr: &Address, given: Option<TlsPaths>) -> Result<Security> {
+    let paths = match (addr.tls, given) {
+        (false, Some(_)) => {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "--endpoint {} is plaintext but TLS credentials were given: use grpcs:// (https://)",
+                addr.uri()
+            )))
+        }
+        (false, None) => return Ok(Security::plaintext()),
+        (true, Some(p)) => p,
+        (true, None) => find_bundle(&addr.authority()).ok_or_else(|| {
+            CoordinatorError::InvalidRequest(format!(
+                "--endpoint {} speaks TLS: give --tls-ca (and --tls-cert/--tls-key, or --api-key); \
+                 no credentials that `up` left for it were found in {}",
+                addr.uri(),
+                bundle_dir(&addr.authority())
+                    .map_or_else(|| "(no state folder)".into(), |d| d.display().to_string())
+            ))
+        })?,
+    };
+    Security::load(paths, None).map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))
+}
+
+/// Creates `dir` (and parents) and makes it owner-only.
+fn private_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| setup(format!("{}: {e}", dir.display())))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| setup(format!("{}: {e}", dir.display())))
+}
+
+/// The certificates of a local cluster, in a private temporary folder that
+/// goes away with it.
+pub struct UpCredentials {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    workers: usize,
+    client_cert: bool,
+    bundle: Option<PathBuf>,
+}
+
+impl UpCredentials {
+    /// A new CA, a coordinator certificate, `workers` worker certificates
+    /// (all for this machine's loopback names) and, when `client_cert`, a
+    /// client certificate for the bundle.
+    pub fn generate(workers: usize, client_cert: bool) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("zeroshard-ca-").tempdir().map_err(setup)?;
+        private_dir(dir.path())?;
+        let ca = Ca::generate().map_err(setup)?;
+        ca.write(dir.path()).map_err(setup)?;
+        let sans = loopback_sans();
+        ca.issue(Role::Coordinator, "coordinator", &sans)
+            .map_err(setup)?
+            .write(dir.path(), "coordinator")
+            .map_err(setup)?;
+        for i in 0..workers {
+            let name = format!("worker-{i}");
+            ca.issue(Role::Worker, &name, &sans).map_err(setup)?.write(dir.path(), &name).map_err(setup)?;
+        }
+        Ok(Self { dir, ca, workers, client_cert, bundle: None })
+    }
+
+    fn paths(&self, name: &str) -> TlsPaths {
+        let d = self.dir.path();
+        TlsPaths {
+            ca: d.join("ca.pem"),
+            cert: Some(d.join(format!("{name}.pem"))),
+            key: Some(d.join(format!("{name}.key"))),
+        }
+    }
+
+    /// The client bundle's folder, once published.
+    pub fn bundle(&self) -> Option<PathBuf> {
+        self.bundle.clone()
+    }
+
+    pub fn coordinator(&self) -> TlsPaths {
+        self.paths("coordinator")
+    }
+
+    /// Worker `i`'s credentials (`i < workers`).
+    pub fn worker(&self, i: usize) -> TlsPaths {
+        debug_assert!(i < self.workers);
+        self.paths(&format!("worker-{i}"))
+    }
+
+    /// The arguments that give worker `i` its credentials.
+    pub fn worker_args(&self, i: usize) -> Vec<String> {
+        let p = self.worker(i);
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        vec![
+            "--tls-ca".into(),
+            p.ca.display().to_string(),
+            "--tls-cert".into(),
+            path(&p.cert),
+            "--tls-key".into(),
+            path(&p.key),
+        ]
+    }
+
+    /// Writes the client bundle for `authority` (replacing an old one) and
+    /// returns its folder; it is removed when `self` drops.
+    pub fn publish(&mut self, authority: &str) -> Result<PathBuf> {
+        let dir = bundle_dir(authority)
+            .ok_or_else(|| setup("no state folder (set ZEROSHARD_STATE_DIR or HOME)"))?;
+        if let Some(parent) = dir.parent() {
+            private_dir(parent)?;
+        }
+        let _ = fs::remove_dir_all(&dir);
+        private_dir(&dir)?;
+        zeroshard_proto::certs::write_private(&dir.join("ca.pem"), self.ca.cert_pem().as_bytes())
+            .map_err(setup)?;
+        if self.client_cert {
+            let pem = self.ca.issue(Role::Client, "up-client", &[]).map_err(setup)?;
+            pem.write(&dir, "client").map_err(setup)?;
+        }
+        self.bundle = Some(dir.clone());
+        Ok(dir)
+    }
+}
+
+impl Drop for UpCredentials {
+    fn drop(&mut self) {
+        if let Some(b) = self.bundle.take() {
+            let _ = fs::remove_dir_all(b);
+        }
+    }
+}
