@@ -337,10 +337,10 @@ fn a_request_before_ready_is_unavailable() {
         .spawn()
         .expect("spawn coordinator");
     let stderr = coord.stderr.take().expect("stderr");
-    let line = std::io::BufRead::lines(std::io::BufReader::new(stderr))
-        .map_while(Result::ok)
-        .find(|l| l.starts_with("coordinator on "))
-        .expect("coordinator announces its address");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok);
+    let line = lines.find(|l| l.starts_with("coordinator on ")).expect("coordinator announces its address");
+    // Keep reading its log (it logs the checkpoint's digests next), as a terminal would.
+    std::thread::spawn(move || lines.for_each(drop));
     let addr = line.trim_start_matches("coordinator on ").split(',').next().expect("addr").to_string();
     let err = run_err(&[
         "query",
