@@ -37,6 +37,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // `bytes` fields as `bytes::Bytes`: chunks are sliced, never copied.
         .bytes(".")
+        // Undecodable requests are INVALID_ARGUMENT (prost's codec says INTERNAL).
+        .codec_path("crate::codec::StrictCodec")
         .compile_protos(PROTOS, &["."])?;
     Ok(())
 }

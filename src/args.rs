@@ -119,6 +119,26 @@ pub(crate) struct ClusterArgs {
     /// keep-alives go every third of it).
     #[arg(long, default_value_t = 5, env = "ZEROSHARD_LEASE_TTL_SECS")]
     pub lease_ttl_secs: u64,
+    #[command(flatten)]
+    pub limits: RequestLimitArgs,
+}
+
+/// What the coordinator takes in: each bound refuses at once, before any work.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct RequestLimitArgs {
+    /// Requests waiting for a worker with room, at most; past it a request
+    /// gets RESOURCE_EXHAUSTED at once.
+    #[arg(long, default_value_t = 256, env = "ZEROSHARD_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: usize,
+    /// Bytes of prompt text, at most; checked before tokenizing (default: 64
+    /// bytes per position of the model's context).
+    #[arg(long, env = "ZEROSHARD_MAX_PROMPT_BYTES")]
+    pub max_prompt_bytes: Option<usize>,
+    /// A running sequence whose worker sends nothing for this long (or eight
+    /// times its measured step time, if longer, plus its prompt's measured
+    /// prefill time) resumes on another worker.
+    #[arg(long, default_value_t = 10_000, env = "ZEROSHARD_STEP_DEADLINE_MS")]
+    pub step_deadline_ms: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -184,6 +204,20 @@ pub(crate) struct GatherArgs {
     pub fetch_timeout_ms: u64,
 }
 
+/// What a cluster worker admits.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub(crate) struct AdmissionArgs {
+    /// KV-cache bytes the sequences running on a worker may reserve together:
+    /// a sequence is admitted only when its prompt + max_new_tokens fits
+    /// (default: on the CPU, half the memory available at the first plan less
+    /// the ranges it holds; on a GPU, what the device placement reserves).
+    #[arg(long, env = "ZEROSHARD_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<u64>,
+    /// Sequences a worker runs at once, at most.
+    #[arg(long, default_value_t = 64, env = "ZEROSHARD_MAX_ACTIVE_SEQUENCES")]
+    pub max_active_sequences: usize,
+}
+
 /// What every worker of a cluster is started with (`up`, `worker`, `bench --workers`).
 #[derive(Args, Debug, Clone, PartialEq)]
 pub(crate) struct WorkerTuning {
@@ -191,6 +225,8 @@ pub(crate) struct WorkerTuning {
     pub placement: PlacementArgs,
     #[command(flatten)]
     pub gather: GatherArgs,
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
 }
 
 impl WorkerTuning {
@@ -202,15 +238,18 @@ impl WorkerTuning {
         let WorkerTuning {
             placement: PlacementArgs { device: _, gpu_memory, max_live_bytes, prefetch_layers },
             gather: GatherArgs { prefetch_bytes, fetch_timeout_ms },
+            admission: AdmissionArgs { kv_cache_bytes, max_active_sequences },
         } = self;
         let mut args = vec![
             format!("--device={}", cuda.map_or_else(|| "cpu".into(), |n| format!("cuda:{n}"))),
             format!("--prefetch-layers={prefetch_layers}"),
             format!("--prefetch-bytes={prefetch_bytes}"),
             format!("--fetch-timeout-ms={fetch_timeout_ms}"),
+            format!("--max-active-sequences={max_active_sequences}"),
         ];
         args.extend(gpu_memory.map(|b| format!("--gpu-memory={b}")));
         args.extend(max_live_bytes.map(|b| format!("--max-live-bytes={b}")));
+        args.extend(kv_cache_bytes.map(|b| format!("--kv-cache-bytes={b}")));
         args
     }
 }
@@ -304,6 +343,10 @@ pub(crate) struct WorkerArgs {
     /// Test hook: sleep this many milliseconds after every batching step.
     #[arg(long, default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_STEP_DELAY_MS")]
     pub fault_step_delay_ms: u64,
+    /// Test hook: stop stepping after this many steps, keeping the lease and
+    /// answering every RPC (a stuck worker).
+    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_HANG_AFTER_STEPS")]
+    pub fault_hang_after_steps: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -472,6 +515,7 @@ mod tests {
                 prefetch_layers: 5,
             },
             gather: GatherArgs { prefetch_bytes: 9 << 20, fetch_timeout_ms: 777 },
+            admission: AdmissionArgs { kv_cache_bytes: Some(5 << 30), max_active_sequences: 17 },
         };
         let mut argv = vec!["zeroshard".to_string(), "worker".into(), "--coordinator=http://c:1".into()];
         argv.extend(tuning.to_args(Some(3)));
@@ -482,6 +526,7 @@ mod tests {
         // Unset options stay unset, and the resolved device is what is passed.
         let plain = WorkerTuning {
             placement: PlacementArgs { gpu_memory: None, max_live_bytes: None, ..tuning.placement.clone() },
+            admission: AdmissionArgs { kv_cache_bytes: None, ..tuning.admission.clone() },
             ..tuning
         };
         let mut argv = vec!["zeroshard".to_string(), "worker".into(), "--coordinator=http://c:1".into()];

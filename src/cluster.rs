@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use zeroshard_coordinator::membership::embedded::EmbeddedMembership;
 use zeroshard_coordinator::request::{GenerateRequest, Prompt};
-use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness};
+use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness, RequestLimits};
 use zeroshard_coordinator::{client, up as up_mod};
 use zeroshard_membership::etcd::{EtcdMembership, EtcdRegistrar};
 use zeroshard_membership::Membership;
@@ -48,6 +48,13 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
     if c.lease_ttl_secs == 0 {
         bail!("--lease-ttl-secs must be at least 1");
     }
+    let l = &c.limits;
+    if l.step_deadline_ms == 0 {
+        bail!("--step-deadline-ms must be at least 1");
+    }
+    if l.max_prompt_bytes == Some(0) {
+        bail!("--max-prompt-bytes must be at least 1");
+    }
     Ok(ClusterConfig {
         model_dir: c.model.clone(),
         workers,
@@ -57,6 +64,11 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
         lease_ttl: Duration::from_secs(c.lease_ttl_secs),
         security,
         api_keys: None,
+        limits: RequestLimits {
+            max_queued_requests: l.max_queued_requests,
+            max_prompt_bytes: l.max_prompt_bytes,
+            step_deadline: Duration::from_millis(l.step_deadline_ms),
+        },
     })
 }
 
@@ -64,7 +76,19 @@ async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))
 }
 
+/// The admission flags a worker takes, checked where they are given.
+fn check_admission(a: &args::AdmissionArgs) -> Result<()> {
+    if a.max_active_sequences == 0 {
+        bail!("--max-active-sequences must be at least 1");
+    }
+    if a.kv_cache_bytes == Some(0) {
+        bail!("--kv-cache-bytes must be at least 1");
+    }
+    Ok(())
+}
+
 pub(crate) fn up(a: UpArgs) -> Result<()> {
+    check_admission(&a.tuning.admission)?;
     let cuda = a.tuning.placement.device.resolve()?;
     if a.workers == 0 {
         bail!("--workers must be at least 1");
@@ -132,6 +156,7 @@ pub(crate) fn coordinator(a: CoordinatorArgs) -> Result<()> {
 }
 
 pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
+    check_admission(&a.tuning.admission)?;
     let (p, g) = (&a.tuning.placement, &a.tuning.gather);
     let cuda = p.device.resolve()?;
     if a.lease_ttl_secs == 0 {
@@ -148,6 +173,9 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
         serve_corrupt: a.fault_serve_corrupt,
         fail_load: a.fault_fail_load,
         step_delay: Duration::from_millis(a.fault_step_delay_ms),
+        hang_after_steps: a.fault_hang_after_steps,
+        kv_cache_bytes: a.tuning.admission.kv_cache_bytes,
+        max_active_sequences: a.tuning.admission.max_active_sequences,
         step_fault: a
             .fault_backend_error_after
             .map(|after_calls| StepFault { after_calls, fatal: a.fault_backend_error_fatal }),
@@ -233,12 +261,19 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
                     "rejected_chunks_total": w.rejected_chunks_total, "steps_total": w.steps_total,
                     "loads_total": w.loads_total, "failovers_total": w.failovers_total,
                     "rejected_blocks_total": w.rejected_blocks_total,
+                    "kv_cache_bytes": w.kv_cache_bytes, "kv_reserved_bytes": w.kv_reserved_bytes,
+                    "max_active_sequences": w.max_active_sequences,
                 })
             })
             .collect();
         let v = serde_json::json!({
             "epoch": s.epoch, "ready": s.ready, "model": s.model, "replicas": s.replicas,
             "workers_lost_total": s.workers_lost_total, "sequences_resumed_total": s.sequences_resumed_total,
+            "queued_requests": s.queued_requests, "max_queued_requests": s.max_queued_requests,
+            "requests_admitted_total": s.requests_admitted_total,
+            "requests_rejected_total": s.requests_rejected_total,
+            "queue_ms_total": s.queue_ms_total, "queue_ms_max": s.queue_ms_max,
+            "step_deadlines_missed_total": s.step_deadlines_missed_total,
             "workers": workers,
         });
         println!("{v}");
@@ -253,27 +288,41 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         s.workers_lost_total,
         s.sequences_resumed_total
     );
+    let mean_queue_ms = s.queue_ms_total / (s.requests_admitted_total.max(1) as f64);
     println!(
-        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>7} {:>10} {:>6} {:>15}",
+        "queue {}/{} · admitted {} · refused (queue full) {} · queued {:.1} ms on average, {:.1} ms at most · \
+         step deadlines missed {}",
+        s.queued_requests,
+        s.max_queued_requests,
+        s.requests_admitted_total,
+        s.requests_rejected_total,
+        mean_queue_ms,
+        s.queue_ms_max,
+        s.step_deadlines_missed_total
+    );
+    println!(
+        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>9} {:>17} {:>10} {:>6} {:>15}",
         "id",
         "address",
         "owned MB",
         "persist MB",
         "resident MB",
         "active",
+        "KV MB used/budget",
         "gather GB/s",
         "loads",
         "rejected blocks"
     );
     for w in &s.workers {
         println!(
-            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>7} {:>10.2} {:>6} {:>15}",
+            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>9} {:>17} {:>10.2} {:>6} {:>15}",
             w.id,
             w.address,
             w.owned_partitioned_bytes as f64 / 1e6,
             w.owned_persistent_bytes as f64 / 1e6,
             w.resident_bytes as f64 / 1e6,
-            w.active_sequences,
+            format!("{}/{}", w.active_sequences, w.max_active_sequences),
+            format!("{:.1}/{:.1}", w.kv_reserved_bytes as f64 / 1e6, w.kv_cache_bytes as f64 / 1e6),
             w.gather_bytes_per_s / 1e9,
             w.loads_total,
             w.rejected_blocks_total
@@ -312,6 +361,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             lease_ttl: Duration::from_secs(5),
             security: Security::plaintext(),
             api_keys: None,
+            limits: RequestLimits::default(),
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args: a.tuning.to_args(cuda),

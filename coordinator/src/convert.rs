@@ -31,6 +31,7 @@ impl From<pb::Timings> for Timings {
             generated_tokens: t.generated_tokens as usize,
             prefill_tokens_per_s: t.prefill_tokens_per_s,
             decode_tokens_per_s: t.decode_tokens_per_s,
+            queue_ms: t.queue_ms,
         }
     }
 }
@@ -74,6 +75,7 @@ impl From<CoordinatorError> for tonic::Status {
             }
             E::Precondition(_) => tonic::Status::failed_precondition(e.to_string()),
             E::Denied(_) => tonic::Status::permission_denied(e.to_string()),
+            E::Overloaded(_) => tonic::Status::resource_exhausted(e.to_string()),
             E::Unavailable(_) | E::Membership(_) => tonic::Status::unavailable(e.to_string()),
             E::Offload(_) | E::Plan(_) | E::Shard(_) => tonic::Status::internal(e.to_string()),
         }

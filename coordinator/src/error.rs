@@ -20,6 +20,9 @@ pub enum CoordinatorError {
     /// The request cannot be served as given.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The cluster is full: no room now and the queue is at its bound.
+    #[error("{0}")]
+    Overloaded(String),
     /// The cluster cannot serve now (not ready, no worker, worker failed).
     #[error("{0}")]
     Unavailable(String),

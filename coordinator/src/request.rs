@@ -30,6 +30,8 @@ pub struct Timings {
     pub generated_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens_per_s: f64,
+    /// Time spent in the coordinator's queue before a worker had room.
+    pub queue_ms: f64,
 }
 
 /// The result of one generation (the `--json` output of `generate`).

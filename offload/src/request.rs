@@ -88,6 +88,13 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
 }
 
+/// Tokens a sequence's KV cache holds at most: its prompt and every new token
+/// but the last (which is sampled, never fed back), within the model's
+/// positions. Admission reserves this much for a sequence from its start.
+pub fn kv_tokens(c: &ModelConfig, prompt_len: usize, max_new_tokens: usize) -> usize {
+    (prompt_len + max_new_tokens.saturating_sub(1)).min(c.max_position_embeddings)
+}
+
 /// Checks a prompt against the model: non-empty, every id in the vocabulary,
 /// no longer than the model's positions. The messages name the value at fault.
 pub fn validate_prompt(c: &ModelConfig, prompt: &[u32]) -> Result<()> {

@@ -22,6 +22,7 @@
 
 pub mod auth;
 pub mod certs;
+pub mod codec;
 pub mod tls;
 
 pub use auth::{ApiKeys, Caller, Guard, Identity, Role};

@@ -126,8 +126,11 @@ pub trait Backend: Send + Sync {
         0
     }
 
-    /// An empty cache (no device memory yet: it grows in [`Self::attention`]).
-    fn new_kv_cache(&self, num_layers: usize, kv_dim: usize) -> Self::KvCache;
+    /// An empty cache for at most `max_tokens` tokens (admission reserved
+    /// them; memory is taken as the cache fills, never more than that).
+    fn new_kv_cache(&self, num_layers: usize, kv_dim: usize, max_tokens: usize) -> Self::KvCache;
+    /// Bytes of one cached key or value element (f32 on the CPU, f16 on a GPU).
+    fn kv_element_bytes(&self) -> usize;
     /// Tokens held by a cache.
     fn kv_len(&self, cache: &Self::KvCache) -> usize;
 

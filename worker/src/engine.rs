@@ -24,7 +24,7 @@ use crate::model::{tensor_specs, LayerWeights, Model, OuterWeights};
 use crate::sampling::Sampler;
 use crate::source::{WeightSource, HEAD_SLICE};
 use crate::weights::HostWeights;
-pub use zeroshard_offload::request::{validate_prompt, FinishReason, GenerationParams};
+pub use zeroshard_offload::request::{kv_tokens, validate_prompt, FinishReason, GenerationParams};
 
 /// One sequence: its tokens, cache, sampler and state.
 pub struct Sequence<B: Backend> {
@@ -137,6 +137,12 @@ impl<B: Backend> Engine<B> {
         &self.backend
     }
 
+    /// Bytes one token takes in a sequence's KV cache, over every layer.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let c = self.config();
+        (c.num_layers * 2 * c.kv_dim() * self.backend.kv_element_bytes()) as u64
+    }
+
     pub fn weights(&self) -> &HostWeights {
         &self.weights
     }
@@ -146,10 +152,15 @@ impl<B: Backend> Engine<B> {
         let c = self.config();
         validate_prompt(c, &prompt)?;
         params.sampling.validate().map_err(WorkerError::InvalidRequest)?;
+        let cache = self.backend.new_kv_cache(
+            c.num_layers,
+            c.kv_dim(),
+            kv_tokens(c, prompt.len(), params.max_new_tokens),
+        );
         Ok(Sequence {
             prompt_len: prompt.len(),
             tokens: prompt,
-            cache: self.backend.new_kv_cache(c.num_layers, c.kv_dim()),
+            cache,
             sampler: Sampler::new(params.sampling.clone()),
             finished: if params.max_new_tokens == 0 { Some(FinishReason::Length) } else { None },
             params,

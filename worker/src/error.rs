@@ -33,6 +33,14 @@ pub enum WorkerError {
         #[source]
         source: zeroshard_offload::digest::DigestError,
     },
+    /// The worker has no room for the sequence now (its KV-cache budget or
+    /// its cap on sequences): the caller may try again later or elsewhere.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A gather abandoned because its epoch was replaced while it waited on a
+    /// holder that left: the step fails at once, the worker is fine.
+    #[error("gather abandoned: {0}")]
+    Abandoned(String),
     /// A plan epoch this worker does not hold, or has not prepared.
     #[error("{0}")]
     Epoch(String),

@@ -50,18 +50,22 @@ impl GpuPlacement {
     /// A cluster worker's placement: `max_live_bytes` of resident layers at
     /// most (0: every layer streams through the staging ring), the KV cache and
     /// activations for [`CLUSTER_SEQS`] sequences of [`CLUSTER_TOKENS_PER_SEQ`].
+    /// `kv_cache_bytes` (`--kv-cache-bytes`) sizes the cache instead, when given.
     pub(crate) fn cluster_worker(
         config: &ModelConfig,
         gpu_memory: Option<u64>,
         max_live_bytes: u64,
         prefetch_layers: usize,
+        kv_cache_bytes: Option<u64>,
     ) -> Self {
         let tokens = CLUSTER_TOKENS_PER_SEQ.min(config.max_position_embeddings);
+        let per_token = kv_bytes_per_token(config);
+        let kv_tokens = kv_cache_bytes.map_or(CLUSTER_SEQS * tokens, |b| (b / per_token.max(1)) as usize);
         Self {
             gpu_memory,
             max_live_bytes: Some(max_live_bytes),
             prefetch_layers,
-            kv_tokens: CLUSTER_SEQS * tokens,
+            kv_tokens,
             max_rows: CLUSTER_SEQS * 32,
             max_seqs: CLUSTER_SEQS,
         }
@@ -83,12 +87,17 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// The largest head the CUDA attention kernel takes (its `MAX_HEAD_DIM`).
 pub(crate) const HEAD_DIM_MAX: usize = 256;
 
+/// Device bytes one token takes in the KV cache, over every layer (f16 keys and values).
+pub(crate) fn kv_bytes_per_token(config: &ModelConfig) -> u64 {
+    (config.num_layers * 2 * config.kv_dim() * 2) as u64
+}
+
 /// What `config` needs on the device for `p` (activation workspace estimated
 /// from the largest step: ~12 f16 values per hidden unit and row, the logits,
 /// and 64 MiB for cuBLAS and the pool's rounding).
 pub(crate) fn gpu_demand(config: &ModelConfig, p: &GpuPlacement) -> GpuDemand {
     let outer: usize = tensor_specs(config).iter().filter(|s| s.layer.is_none()).map(|s| s.numel()).sum();
-    let kv = p.kv_tokens as u64 * config.num_layers as u64 * 2 * config.kv_dim() as u64 * 2;
+    let kv = p.kv_tokens as u64 * kv_bytes_per_token(config);
     let per_row =
         4 * config.hidden_size + 3 * config.intermediate_size + config.q_dim() + 2 * config.kv_dim();
     let workspace = (p.max_rows * per_row * 2 * 2 + p.max_seqs * config.vocab_size * 2) as u64 + (64 << 20);
@@ -247,7 +256,7 @@ mod tests {
     #[test]
     fn max_live_bytes_caps_the_resident_layers() {
         let c = tinyllama();
-        let p = |cap| GpuPlacement::cluster_worker(&c, None, cap, 2);
+        let p = |cap| GpuPlacement::cluster_worker(&c, None, cap, 2, None);
         let d = gpu_demand(&c, &p(0));
         let layer = d.layer_bytes[0];
         let plenty = 1 << 40;

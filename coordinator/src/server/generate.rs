@@ -3,16 +3,21 @@
 //! When the worker fails or leaves, the sequence resumes on another one from
 //! its prompt plus the tokens already produced: the client sees a pause, and
 //! no token twice or never.
+//!
+//! Limits come before work: stop strings and prompt bytes are bounded before
+//! the prompt is tokenized (on the blocking pool, one per core); a sequence
+//! then waits in the admission queue for room on a worker; each of its
+//! messages must arrive within that worker's step deadline.
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
-use zeroshard_offload::plan::Plan;
-use zeroshard_offload::request::GenerationParams;
+use zeroshard_offload::request::{kv_tokens, GenerationParams};
 use zeroshard_proto::v1 as pb;
 
-use super::state::WorkerEntry;
+use super::admission::Reservation;
+use super::state::{WorkerEntry, MAX_STOP_BYTES, MAX_STOP_STRINGS};
 use super::Coordinator;
 use crate::error::{CoordinatorError, Result};
 use crate::text_stream::TextStream;
@@ -29,30 +34,62 @@ fn invalid(m: impl Into<String>) -> CoordinatorError {
     CoordinatorError::InvalidRequest(m.into())
 }
 
-fn validate(coord: &Coordinator, req: pb::GenerateRequest) -> Result<Validated> {
+/// Checks `req` against the limits before any work, then tokenizes its text
+/// on the blocking pool (one tokenization per core at a time). `None`: the
+/// client left meanwhile.
+async fn validate(
+    coord: &Coordinator,
+    req: pb::GenerateRequest,
+    out: &mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
+) -> Result<Option<Validated>> {
     let inner = &coord.0;
-    let prompt = match req.prompt {
-        None => return Err(invalid("the request has no prompt (text or token_ids)")),
-        Some(pb::generate_request::Prompt::Text(t)) if t.is_empty() => {
-            return Err(invalid("the prompt is empty"))
-        }
-        Some(pb::generate_request::Prompt::Text(t)) => inner
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| invalid("the model has no tokenizer.json: send token_ids"))?
-            .encode(&t)?,
-        Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids,
-    };
-    zeroshard_offload::request::validate_prompt(&inner.config, &prompt)?;
-    let params = zeroshard_offload::convert::generation_params(req.sampling);
-    params.sampling.validate().map_err(invalid)?;
+    if req.stop.len() > MAX_STOP_STRINGS {
+        return Err(invalid(format!("{} stop strings, more than the {MAX_STOP_STRINGS} allowed", req.stop.len())));
+    }
+    if let Some(s) = req.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(invalid(format!("a stop string has {} bytes, more than the {MAX_STOP_BYTES} allowed", s.len())));
+    }
     if !req.stop.is_empty() && inner.tokenizer.is_none() {
         return Err(invalid("stop strings need a tokenizer.json in the model folder"));
     }
     if req.stop.iter().any(String::is_empty) {
         return Err(invalid("a stop string is empty"));
     }
-    Ok(Validated { prompt, params, sampling: req.sampling, stop: req.stop })
+    let params = zeroshard_offload::convert::generation_params(req.sampling);
+    params.sampling.validate().map_err(invalid)?;
+    let prompt = match req.prompt {
+        None => return Err(invalid("the request has no prompt (text or token_ids)")),
+        Some(pb::generate_request::Prompt::Text(t)) if t.is_empty() => {
+            return Err(invalid("the prompt is empty"))
+        }
+        Some(pb::generate_request::Prompt::Text(t)) => {
+            let limit = coord.max_prompt_bytes();
+            if t.len() > limit {
+                return Err(invalid(format!(
+                    "the prompt has {} bytes of text, more than the limit of {limit} (--max-prompt-bytes)",
+                    t.len()
+                )));
+            }
+            let tokenizer = inner
+                .tokenizer
+                .clone()
+                .ok_or_else(|| invalid("the model has no tokenizer.json: send token_ids"))?;
+            let Ok(_permit) = inner.tokenizing.acquire().await else {
+                return Err(CoordinatorError::Unavailable("the coordinator is stopping".into()));
+            };
+            if out.is_closed() {
+                return Ok(None);
+            }
+            let encode = tokio::task::spawn_blocking(move || tokenizer.encode(&t));
+            tokio::select! {
+                r = encode => r.map_err(|e| CoordinatorError::Unavailable(format!("tokenizer task: {e}")))??,
+                _ = out.closed() => return Ok(None),
+            }
+        }
+        Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids,
+    };
+    zeroshard_offload::request::validate_prompt(&inner.config, &prompt)?;
+    Ok(Some(Validated { prompt, params, sampling: req.sampling, stop: req.stop }))
 }
 
 /// Runs `req`, sending its chunks to `out`: the first carries the prompt ids,
@@ -89,22 +126,23 @@ struct Run<'t> {
     /// Every token produced so far (a resume sends them with the prompt).
     produced: Vec<u32>,
     finish: Option<pb::FinishReason>,
+    /// When the sequence left the queue (prefill and decode times start here).
     start: Instant,
 }
 
 impl Run<'_> {
-    /// Runs the sequence on `worker` from where it is, forwarding each step.
+    /// Runs the sequence on the reserved worker from where it is, forwarding
+    /// each step; each message must come within the worker's step deadline.
     async fn attempt(
         &mut self,
         coord: &Coordinator,
         v: &Validated,
-        plan: &Plan,
-        worker: &WorkerEntry,
+        room: &Reservation,
         out: &mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
         changes: &mut watch::Receiver<u64>,
     ) -> Result<Attempt> {
-        worker.active.fetch_add(1, Ordering::Relaxed);
-        let _guard = ActiveGuard(worker.active.clone());
+        let (worker, plan) = (&room.worker, &room.plan);
+        let floor = coord.0.cfg.limits.step_deadline;
         let mut client = worker.client.grpc();
         let call = client.run_sequence(pb::RunSequenceRequest {
             sequence_id: coord.0.next_seq.fetch_add(1, Ordering::Relaxed),
@@ -113,18 +151,26 @@ impl Run<'_> {
             generated_token_ids: self.produced.clone(),
             sampling: v.sampling,
         });
-        let mut steps = match call.await {
-            Ok(s) => s.into_inner(),
-            Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                return Err(CoordinatorError::InvalidRequest(s.message().to_string()))
-            }
-            Err(s) => {
-                return Ok(Attempt::Failed(format!("{} at {}: {}", worker.id, worker.address, s.message())))
-            }
+        let mut steps = match tokio::time::timeout(floor, call).await {
+            Err(_) => return Ok(Attempt::Stalled(format!("{} did not answer within {floor:?}", worker.id))),
+            Ok(Ok(s)) => s.into_inner(),
+            Ok(Err(s)) => return Ok(Attempt::from_status(worker, s)?),
         };
+        // The first message prefills the prompt and what was produced before.
+        let mut prefill = v.prompt.len() + self.produced.len();
+        let mut last = Instant::now();
         while self.finish.is_none() {
+            let deadline = worker.clock.deadline(floor, prefill);
             let step = tokio::select! {
-                m = steps.message() => m,
+                m = tokio::time::timeout(deadline, steps.message()) => match m {
+                    Ok(m) => m,
+                    Err(_) => {
+                        return Ok(Attempt::Stalled(format!(
+                            "{} produced nothing within the step deadline of {deadline:?}",
+                            worker.id
+                        )))
+                    }
+                },
                 _ = changes.changed() => {
                     if coord.is_member(worker.id) {
                         continue;
@@ -135,14 +181,16 @@ impl Run<'_> {
             let step = match step {
                 Ok(Some(s)) => s,
                 Ok(None) => return Ok(Attempt::Failed(format!("{} ended the sequence early", worker.id))),
-                Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    return Err(CoordinatorError::InvalidRequest(s.message().to_string()))
-                }
-                Err(s) if s.code() == tonic::Code::Aborted => {
-                    return Ok(Attempt::StepFailed(format!("{}: {}", worker.id, s.message())))
-                }
-                Err(s) => return Ok(Attempt::Failed(format!("{}: {}", worker.id, s.message()))),
+                Err(s) => return Ok(Attempt::from_status(worker, s)?),
             };
+            let gap = last.elapsed();
+            last = Instant::now();
+            if prefill > 0 {
+                worker.clock.record_prefill(gap, prefill);
+                prefill = 0;
+            } else {
+                worker.clock.record_step(gap);
+            }
             if self.first {
                 self.timings.prefill_ms = self.start.elapsed().as_secs_f64() * 1e3;
             }
@@ -178,15 +226,6 @@ impl Run<'_> {
     }
 }
 
-/// Decrements a worker's active count when a sequence ends, however it ends.
-struct ActiveGuard(std::sync::Arc<std::sync::atomic::AtomicU32>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// How long a sequence keeps trying to resume after its worker failed.
 const RESUME_PATIENCE: Duration = Duration::from_secs(120);
 
@@ -199,10 +238,34 @@ enum Attempt {
     Failed(String),
     /// The worker is alive but one of its steps failed (ABORTED): resume at once.
     StepFailed(String),
+    /// The worker had no room after all (RESOURCE_EXHAUSTED: it has not yet
+    /// freed a sequence that ended): back to the front of the queue.
+    Busy(String),
+    /// The worker missed the step deadline: resume elsewhere at once, and send
+    /// it nothing new for a while.
+    Stalled(String),
+}
+
+impl Attempt {
+    /// What a worker's status means for the sequence; INVALID_ARGUMENT is the
+    /// request's fault and ends it.
+    fn from_status(worker: &WorkerEntry, s: Status) -> Result<Self> {
+        let why = format!("{} at {}: {}", worker.id, worker.address, s.message());
+        Ok(match s.code() {
+            tonic::Code::InvalidArgument => return Err(CoordinatorError::InvalidRequest(s.message().to_string())),
+            tonic::Code::Aborted => Self::StepFailed(why),
+            tonic::Code::ResourceExhausted => Self::Busy(why),
+            _ => Self::Failed(why),
+        })
+    }
 }
 
 /// Resumptions in a row after failed steps that do not wait for a change.
 const QUICK_RESUMES: u32 = 2;
+
+/// How long a fresh request waits for a live worker of the plan (not for room:
+/// that wait is the queue's) before it is refused as UNAVAILABLE.
+const NO_WORKER_PATIENCE: Duration = Duration::from_secs(1);
 
 async fn run_inner(
     coord: &Coordinator,
@@ -210,53 +273,55 @@ async fn run_inner(
     out: &mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
 ) -> Result<()> {
     coord.plan()?;
-    let v = validate(coord, req)?;
-    let start = Instant::now();
+    let Some(v) = validate(coord, req, out).await? else { return Ok(()) };
+    let tokens = kv_tokens(&coord.0.config, v.prompt.len(), v.params.max_new_tokens);
+    let arrived = Instant::now();
     let mut run = Run {
         text: TextStream::new(coord.0.tokenizer.as_deref(), &v.stop)?,
         timings: pb::Timings { prompt_tokens: v.prompt.len() as u32, ..Default::default() },
         first: true,
         produced: Vec::new(),
         finish: if v.params.max_new_tokens == 0 { Some(pb::FinishReason::Length) } else { None },
-        start,
+        start: arrived,
     };
-    let deadline = start + RESUME_PATIENCE;
+    let deadline = arrived + RESUME_PATIENCE;
     let mut quick = 0;
+    let mut resume = false;
     while run.finish.is_none() {
         let mut changes = coord.0.changes.subscribe();
-        let (plan, worker) = match coord.least_loaded() {
-            Ok(x) => x,
-            Err(e)
-                if run.first
-                    && run.produced.is_empty()
-                    && Instant::now() > start + Duration::from_secs(1) =>
-            {
-                return Err(e)
-            }
-            Err(e) => {
-                wait_for_change(&mut changes, deadline, &e.to_string()).await?;
-                continue;
-            }
+        let patience = if resume { deadline } else { arrived + NO_WORKER_PATIENCE };
+        let (room, queued) = tokio::select! {
+            r = coord.admit(tokens, resume, patience) => r?,
+            _ = out.closed() => return Ok(()),
         };
-        match run.attempt(coord, &v, &plan, &worker, out, &mut changes).await? {
+        if !resume {
+            run.timings.queue_ms = queued.as_secs_f64() * 1e3;
+            run.start = Instant::now();
+        }
+        resume = true;
+        let id = room.worker.id;
+        let outcome = run.attempt(coord, &v, &room, out, &mut changes).await?;
+        drop(room);
+        match outcome {
             Attempt::Done => break,
+            Attempt::Busy(why) => {
+                tracing::debug!("{why}; queued again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Attempt::Stalled(why) => {
+                tracing::warn!("{why}; resuming elsewhere after {} tokens", run.produced.len());
+                coord.0.admission.stall(id);
+                coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
+            }
             Attempt::StepFailed(why) if quick < QUICK_RESUMES => {
                 quick += 1;
-                tracing::warn!(
-                    "a step failed on {} ({why}); resuming after {} tokens",
-                    worker.id,
-                    run.produced.len()
-                );
+                tracing::warn!("a step failed on {id} ({why}); resuming after {} tokens", run.produced.len());
                 coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
             }
             Attempt::Failed(why) | Attempt::StepFailed(why) => {
                 quick = 0;
-                tracing::warn!(
-                    "sequence on {} failed ({why}); resuming after {} tokens",
-                    worker.id,
-                    run.produced.len()
-                );
-                coord.report_failure(worker.id);
+                tracing::warn!("sequence on {id} failed ({why}); resuming after {} tokens", run.produced.len());
+                coord.report_failure(id);
                 coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
                 wait_for_change(&mut changes, deadline, &why).await?;
             }
@@ -265,7 +330,7 @@ async fn run_inner(
             return Ok(());
         }
     }
-    let Run { mut text, mut timings, first, produced, finish, .. } = run;
+    let Run { mut text, mut timings, first, produced, finish, start } = run;
     let generated = produced.len() as u32;
     let tail = text.finish()?;
     let total_ms = start.elapsed().as_secs_f64() * 1e3;

@@ -97,9 +97,13 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
                 loads_total: s.loads_total,
                 failovers_total: s.failovers_total,
                 rejected_blocks_total: rejected_blocks.get(&w.id.0).copied().unwrap_or(0),
+                kv_cache_bytes: s.kv_cache_bytes,
+                kv_reserved_bytes: s.kv_reserved_bytes,
+                max_active_sequences: s.max_active_sequences,
             });
         }
         let (workers_lost_total, sequences_resumed_total) = coord.failure_counts();
+        let q = coord.0.admission.counts();
         Ok(Response::new(pb::ClusterStatusResponse {
             epoch,
             ready,
@@ -108,6 +112,13 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
             replicas,
             workers_lost_total,
             sequences_resumed_total,
+            queued_requests: q.queued as u32,
+            max_queued_requests: q.max_queued as u32,
+            requests_admitted_total: q.admitted,
+            requests_rejected_total: q.rejected,
+            queue_ms_total: q.queue_ms_total,
+            queue_ms_max: q.queue_ms_max,
+            step_deadlines_missed_total: q.deadlines_missed,
         }))
     }
 }

@@ -10,7 +10,9 @@
 //! tokio::spawn(server::serve(coord.clone(), listener, shutdown));
 //! match coord.wait_ready().await { Readiness::Ready => println!("ready"), Readiness::Failed(e) => bail!(e), .. }
 //! ```
+mod admission;
 mod control;
+mod deadline;
 mod faults;
 mod generate;
 mod inference;
@@ -29,7 +31,7 @@ use zeroshard_proto::v1::inference_server::InferenceServer;
 use zeroshard_proto::v1::shards_server::ShardsServer;
 use zeroshard_proto::{Guard, Role};
 
-pub use state::{ClusterConfig, Coordinator, Readiness, WorkerEntry};
+pub use state::{ClusterConfig, Coordinator, Readiness, RequestLimits, WorkerEntry};
 
 use crate::error::{CoordinatorError, Result};
 

@@ -4,7 +4,7 @@
 //! plans; request handlers read them and report failures to it.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -16,6 +16,8 @@ use zeroshard_offload::{Checkpoint, ModelConfig};
 
 use zeroshard_proto::{ApiKeys, Security};
 
+use super::admission::Admission;
+use super::deadline::StepClock;
 use super::worker_client::WorkerHandle;
 use crate::error::{CoordinatorError, Result};
 use crate::membership::embedded::EmbeddedMembership;
@@ -39,7 +41,34 @@ pub struct ClusterConfig {
     pub security: Security,
     /// Keys a client may present instead of a client certificate.
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// What requests may ask, and how long a step may take.
+    pub limits: RequestLimits,
 }
+
+/// Bounds on what clients send, each checked before any work.
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    /// Requests waiting for room, at most (`--max-queued-requests`).
+    pub max_queued_requests: usize,
+    /// Bytes of prompt text, at most (None: [`PROMPT_BYTES_PER_POSITION`]
+    /// per position of the model's context).
+    pub max_prompt_bytes: Option<usize>,
+    /// The floor of every step deadline (`--step-deadline-ms`).
+    pub step_deadline: Duration,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self { max_queued_requests: 256, max_prompt_bytes: None, step_deadline: Duration::from_secs(10) }
+    }
+}
+
+/// Default prompt-size bound: bytes of text per position of the model's
+/// context (tokens of real text average 3–5 bytes; 64 leaves room for any).
+pub(super) const PROMPT_BYTES_PER_POSITION: usize = 64;
+/// Stop strings per request, and bytes per stop string, at most.
+pub(super) const MAX_STOP_STRINGS: usize = 16;
+pub(super) const MAX_STOP_BYTES: usize = 1024;
 
 /// Where the cluster is on its way to serving.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,8 +85,8 @@ pub struct WorkerEntry {
     pub id: WorkerId,
     pub address: String,
     pub client: WorkerHandle,
-    /// Sequences this coordinator has running on it.
-    pub active: Arc<AtomicU32>,
+    /// Its recent step times (step deadlines).
+    pub clock: Arc<StepClock>,
 }
 
 impl WorkerEntry {
@@ -66,7 +95,7 @@ impl WorkerEntry {
             id: m.id,
             address: m.address.clone(),
             client: WorkerHandle::new(security, &m.address)?,
-            active: Arc::new(AtomicU32::new(0)),
+            clock: Arc::new(StepClock::default()),
         })
     }
 }
@@ -103,6 +132,10 @@ pub(super) struct Inner {
     /// Failures seen by request handlers: the supervisor probes the workers.
     pub reports: mpsc::UnboundedSender<WorkerId>,
     pub next_seq: AtomicU64,
+    /// The request queue and the room taken on every worker.
+    pub admission: Admission,
+    /// Tokenizations running at once, at most (one per core).
+    pub tokenizing: tokio::sync::Semaphore,
     pub workers_lost: AtomicU64,
     pub sequences_resumed: AtomicU64,
 }
@@ -151,6 +184,7 @@ impl Coordinator {
         let first_seq = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
+        let admission = Admission::new(cfg.limits.max_queued_requests);
         let coord = Self(Arc::new(Inner {
             meta: specs.iter().map(TensorMeta::from).collect(),
             cfg,
@@ -168,6 +202,10 @@ impl Coordinator {
             changes: watch::channel(0).0,
             reports,
             next_seq: AtomicU64::new(first_seq),
+            admission,
+            tokenizing: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            ),
             workers_lost: AtomicU64::new(0),
             sequences_resumed: AtomicU64::new(0),
         }));
@@ -250,6 +288,7 @@ impl Coordinator {
     /// Tells sequences waiting to resume that something changed.
     pub(super) fn bump(&self) {
         self.0.changes.send_modify(|n| *n += 1);
+        self.0.admission.wake_all();
     }
 
     /// The current plan, or UNAVAILABLE saying why there is none.
@@ -270,20 +309,6 @@ impl Coordinator {
     /// Live workers, in id order.
     pub fn workers(&self) -> Vec<WorkerEntry> {
         self.lock().members.values().cloned().collect()
-    }
-
-    /// The live worker of the active plan with the fewest sequences running.
-    pub fn least_loaded(&self) -> Result<(Arc<Plan>, WorkerEntry)> {
-        let plan = self.plan()?;
-        let st = self.lock();
-        let w = plan
-            .workers()
-            .iter()
-            .filter_map(|id| st.members.get(id))
-            .min_by_key(|w| w.active.load(Ordering::Relaxed))
-            .cloned()
-            .ok_or_else(|| CoordinatorError::Unavailable("no live worker in the current plan".into()))?;
-        Ok((plan, w))
     }
 
     /// Whether `id` is still a live worker.

@@ -14,6 +14,11 @@
 //!   [`faults`](super::faults)): banned by id from planning for good, and the
 //!   next epoch planned without it (it stays registered, and gets no sequences).
 //!
+//! Membership churn is debounced: a burst of joins and departures is
+//! reconciled once, [`QUIET`] after the last of them (or [`MOST_DEFERRED`]
+//! after the first, if it never quiets), so a storm of short-lived
+//! registrations yields one new epoch, not one per event.
+//!
 //! A new epoch is installed in two phases — every worker loads its new ranges
 //! (`InstallPlan`) while still computing under the old epoch, then every
 //! worker switches (`ActivatePlan`) — so running sequences continue.
@@ -32,6 +37,11 @@ use crate::membership::{MemberEvent, MemberWatch, StoredPlan};
 /// A worker that does not answer `Stats` this fast is left to its lease.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Membership must be still this long before the supervisor acts on a change.
+const QUIET: Duration = Duration::from_millis(300);
+/// ... but it acts at the latest this long after the first unsettled change.
+const MOST_DEFERRED: Duration = Duration::from_secs(5);
+
 struct Supervisor {
     coord: Coordinator,
     /// The plan membership had stored when this coordinator started.
@@ -46,6 +56,9 @@ struct Supervisor {
     degraded: BTreeSet<WorkerId>,
     /// Workers that served corrupt blocks: never planned again.
     banned: BTreeSet<WorkerId>,
+    /// Unsettled membership: when the first and the last change not yet
+    /// reconciled happened.
+    churn: Option<(Instant, Instant)>,
 }
 
 pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver<WorkerId>) {
@@ -80,6 +93,7 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         failed: false,
         degraded: BTreeSet::new(),
         banned: BTreeSet::new(),
+        churn: None,
     };
     let (faulty_tx, mut faulty) = mpsc::unbounded_channel();
     tokio::spawn(super::faults::watch(sup.coord.clone(), faulty_tx));
@@ -87,7 +101,10 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         sup.apply(MemberEvent::Joined(m));
     }
     loop {
-        sup.reconcile().await;
+        if sup.settled() {
+            sup.churn = None;
+            sup.reconcile().await;
+        }
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(ev) => sup.apply(ev),
@@ -108,7 +125,7 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
                 while reports.try_recv().is_ok() {}
                 sup.probe_all().await;
             }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(sup.next_look()) => {}
         }
         while let Ok(ev) = events.try_recv() {
             sup.apply(ev);
@@ -117,8 +134,32 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
 }
 
 impl Supervisor {
+    /// Whether membership has been still long enough to act on (see the module docs).
+    fn settled(&self) -> bool {
+        self.churn.is_none_or(|(first, last)| last.elapsed() >= QUIET || first.elapsed() >= MOST_DEFERRED)
+    }
+
+    /// How long to wait for events before looking again.
+    fn next_look(&self) -> Duration {
+        let idle = Duration::from_millis(500);
+        match self.churn {
+            None => idle,
+            Some((first, last)) => {
+                let due = (last + QUIET).min(first + MOST_DEFERRED);
+                due.saturating_duration_since(Instant::now()).min(idle)
+            }
+        }
+    }
+
+    /// Membership changed now.
+    fn churned(&mut self) {
+        let now = Instant::now();
+        self.churn = Some(self.churn.map_or((now, now), |(first, _)| (first, now)));
+    }
+
     fn apply(&mut self, ev: MemberEvent) {
-        let coord = &self.coord;
+        let coord = self.coord.clone();
+        let coord = &coord;
         match ev {
             MemberEvent::Joined(m) => {
                 let mut st = coord.lock();
@@ -150,6 +191,7 @@ impl Supervisor {
             }
         }
         coord.bump();
+        self.churned();
         if !self.served {
             let registered = coord.lock().members.len();
             coord.0.ready.send_if_modified(|r| match r {
@@ -232,6 +274,7 @@ impl Supervisor {
             self.coord.lock().planned_epoch = epoch;
             return false;
         }
+        self.learn_capacity(&workers).await;
         self.activate(Arc::new(stored.plan.clone()));
         tracing::info!(
             "resumed epoch {epoch} on {} workers from the stored plan; nothing reloaded",
@@ -334,12 +377,24 @@ impl Supervisor {
             tracing::warn!("storing epoch {epoch} in {}: {e}", inner.membership.describe());
         }
         self.stored = None;
+        self.learn_capacity(&workers).await;
         self.activate(plan);
         tracing::info!(
             "epoch {epoch} active on {} workers in {:.2} s",
             workers.len(),
             start.elapsed().as_secs_f64()
         );
+    }
+
+    /// Reads what each worker admits before the plan serves (the fault watch
+    /// keeps it current afterwards).
+    async fn learn_capacity(&self, workers: &[WorkerEntry]) {
+        let reports = workers.iter().map(|w| async move { (w.id, w.client.report(PROBE_TIMEOUT).await) });
+        for (id, report) in futures::future::join_all(reports).await {
+            if let Some(c) = report.and_then(|r| r.capacity) {
+                self.coord.0.admission.set_capacity(id, c);
+            }
+        }
     }
 
     fn activate(&mut self, plan: Arc<Plan>) {

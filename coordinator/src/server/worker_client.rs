@@ -12,6 +12,7 @@ use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::worker_client::WorkerClient;
 use zeroshard_proto::Security;
 
+use super::admission::Capacity;
 use super::Coordinator;
 use crate::error::{CoordinatorError, Result};
 
@@ -49,6 +50,14 @@ pub(crate) struct Install<'a> {
 }
 
 /// The model as plans (and `RegisterWorker` answers) carry it to workers.
+/// A worker's `Stats`, as the fault watch uses them.
+pub(crate) struct WorkerReport {
+    /// Blocks it received that failed their digest, by the holder that sent them.
+    pub rejected_blocks: Vec<(WorkerId, u64)>,
+    /// What it admits (None before its first plan).
+    pub capacity: Option<Capacity>,
+}
+
 pub(crate) fn model_info(coord: &Coordinator) -> pb::ModelInfo {
     let inner = &coord.0;
     pb::ModelInfo {
@@ -87,12 +96,19 @@ impl WorkerHandle {
         }
     }
 
-    /// Blocks the worker received that failed their digest, by the holder that
-    /// sent them; `None` when it does not answer within `timeout`.
-    pub(crate) async fn rejected_blocks(&self, timeout: Duration) -> Option<Vec<(WorkerId, u64)>> {
+    /// What the fault watch reads; `None` when the worker does not answer within `timeout`.
+    pub(crate) async fn report(&self, timeout: Duration) -> Option<WorkerReport> {
         let mut c = self.client.clone();
         let s = tokio::time::timeout(timeout, c.stats(pb::StatsRequest {})).await.ok()?.ok()?.into_inner();
-        Some(s.rejected_blocks_by_holder.into_iter().map(|(h, n)| (WorkerId(h), n)).collect())
+        let capacity = (s.kv_bytes_per_token > 0).then_some(Capacity {
+            kv_cache_bytes: s.kv_cache_bytes,
+            kv_bytes_per_token: s.kv_bytes_per_token,
+            max_active: s.max_active_sequences,
+        });
+        Some(WorkerReport {
+            rejected_blocks: s.rejected_blocks_by_holder.into_iter().map(|(h, n)| (WorkerId(h), n)).collect(),
+            capacity,
+        })
     }
 
     /// Installs (prepares) `plan` for worker `id`; (owned bytes, load ms).

@@ -101,8 +101,15 @@ impl Backend for CpuBackend {
         Ok(staged.get(name))
     }
 
-    fn new_kv_cache(&self, num_layers: usize, kv_dim: usize) -> CpuKvCache {
-        CpuKvCache { kv_dim, k: vec![Vec::new(); num_layers], v: vec![Vec::new(); num_layers] }
+    /// Each layer's keys and values reserved at once (no doubling past the
+    /// reservation; untouched pages cost nothing until written).
+    fn new_kv_cache(&self, num_layers: usize, kv_dim: usize, max_tokens: usize) -> CpuKvCache {
+        let empty = || (0..num_layers).map(|_| Vec::with_capacity(max_tokens * kv_dim)).collect();
+        CpuKvCache { kv_dim, k: empty(), v: empty() }
+    }
+
+    fn kv_element_bytes(&self) -> usize {
+        std::mem::size_of::<f32>()
     }
 
     fn kv_len(&self, cache: &CpuKvCache) -> usize {

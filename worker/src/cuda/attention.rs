@@ -19,6 +19,9 @@ pub struct CudaKvCache {
     kv_dim: usize,
     /// Tokens each block can hold.
     capacity: usize,
+    /// Tokens admission reserved for the sequence: the first allocation takes
+    /// them all, so the cache never grows (or copies) within its reservation.
+    max_tokens: usize,
     /// Tokens held per layer.
     lens: Vec<usize>,
 }
@@ -29,8 +32,8 @@ pub(crate) fn grown_capacity(current: usize, needed: usize) -> usize {
 }
 
 impl CudaKvCache {
-    pub(crate) fn new(layers: usize, kv_dim: usize) -> Self {
-        Self { buf: None, layers, kv_dim, capacity: 0, lens: vec![0; layers] }
+    pub(crate) fn new(layers: usize, kv_dim: usize, max_tokens: usize) -> Self {
+        Self { buf: None, layers, kv_dim, capacity: 0, max_tokens, lens: vec![0; layers] }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -43,7 +46,8 @@ impl CudaKvCache {
         if needed <= self.capacity {
             return Ok(());
         }
-        let capacity = grown_capacity(self.capacity, needed);
+        let capacity =
+            if needed <= self.max_tokens { self.max_tokens } else { grown_capacity(self.capacity, needed) };
         let bytes = self.layers * 2 * capacity * self.kv_dim * 2;
         let new = dev.pool.alloc(bytes)?;
         if let Some(old) = &self.buf {

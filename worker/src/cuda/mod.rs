@@ -219,8 +219,12 @@ impl Backend for CudaBackend {
         self.opts.prefetch_layers
     }
 
-    fn new_kv_cache(&self, num_layers: usize, kv_dim: usize) -> CudaKvCache {
-        CudaKvCache::new(num_layers, kv_dim)
+    fn new_kv_cache(&self, num_layers: usize, kv_dim: usize, max_tokens: usize) -> CudaKvCache {
+        CudaKvCache::new(num_layers, kv_dim, max_tokens)
+    }
+
+    fn kv_element_bytes(&self) -> usize {
+        2 // f16
     }
 
     fn kv_len(&self, cache: &CudaKvCache) -> usize {

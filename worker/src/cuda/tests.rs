@@ -185,8 +185,8 @@ fn attention_over_the_cache_matches_the_cpu() -> Result<()> {
             alibi_slopes: alibi,
         };
         let (qd, kvd) = (heads * hd, kv_heads * hd);
-        let mut caches = [b.new_kv_cache(2, kvd), b.new_kv_cache(2, kvd)];
-        let mut cpu_caches = [cpu.new_kv_cache(2, kvd), cpu.new_kv_cache(2, kvd)];
+        let mut caches = [b.new_kv_cache(2, kvd, 0), b.new_kv_cache(2, kvd, 0)];
+        let mut cpu_caches = [cpu.new_kv_cache(2, kvd, 0), cpu.new_kv_cache(2, kvd, 0)];
         // Step 1: 5 and 300 new tokens (past the 256-key chunk); step 2: one token each.
         for (step, lens) in [[5usize, 300], [1, 1]].iter().enumerate() {
             let past: Vec<usize> = caches.iter().map(|c| b.kv_len(c)).collect();

@@ -10,6 +10,13 @@
 //! device cannot be trusted again) also ends the loop and is reported on
 //! `fatal`, so the worker leaves the cluster instead of staying registered
 //! without stepping.
+//!
+//! Admission: a sequence joins only when its whole KV cache (prompt +
+//! `max_new_tokens`, within the model's positions) fits in what the budget
+//! has left and the cap on sequences allows; otherwise it ends at once with
+//! [`WorkerError::Overloaded`], so a running sequence never runs out of memory
+//! half-way. A sequence that cannot run at all (nothing left to generate, a
+//! prompt the model refuses) ends alone with its own error; the batch goes on.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -20,7 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
 use crate::backend::Backend;
-use crate::engine::{Engine, GenerationParams, Sequence, StepToken};
+use crate::engine::{kv_tokens, Engine, GenerationParams, Sequence, StepToken};
 use crate::error::WorkerError;
 use crate::source::WeightSource;
 
@@ -49,25 +56,106 @@ pub(crate) struct BatchStats {
     pub steps: AtomicU64,
     /// Wall-clock time of all steps.
     pub step_nanos: AtomicU64,
+    /// The admission limits (0 until the loop starts) and what is reserved.
+    pub kv_cache_bytes: AtomicU64,
+    pub kv_bytes_per_token: AtomicU64,
+    pub max_active: AtomicU32,
+    pub kv_reserved: AtomicU64,
+}
+
+/// What the loop admits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// KV-cache bytes all admitted sequences may reserve together.
+    pub kv_cache_bytes: u64,
+    /// Sequences running at once.
+    pub max_active: usize,
+}
+
+/// How the loop runs: its limits and its test hooks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LoopConfig {
+    pub limits: Limits,
+    /// Test hook: slept after every step, to make a short generation long
+    /// enough to disturb.
+    pub step_delay: Duration,
+    /// Test hook: after this many steps the loop never steps again (it still
+    /// takes commands, and the worker keeps its lease): a stuck worker.
+    pub hang_after_steps: Option<u64>,
 }
 
 struct Active<B: Backend> {
     seq: Sequence<B>,
     tx: UnboundedSender<SeqEvent>,
+    /// KV-cache bytes reserved for it.
+    reserved: u64,
 }
 
+/// Admits a new sequence (see the module docs), or says why not.
+fn admit<B: Backend>(
+    engine: &Engine<B>,
+    limits: &Limits,
+    active: &HashMap<u64, Active<B>>,
+    prompt: Vec<u32>,
+    params: GenerationParams,
+) -> Result<(Sequence<B>, u64), WorkerError> {
+    if params.max_new_tokens == 0 {
+        return Err(WorkerError::InvalidRequest(
+            "nothing to generate: the sequence has produced its max_new_tokens already".into(),
+        ));
+    }
+    let need = kv_tokens(engine.config(), prompt.len(), params.max_new_tokens) as u64
+        * engine.kv_bytes_per_token();
+    if need > limits.kv_cache_bytes {
+        return Err(WorkerError::InvalidRequest(format!(
+            "the sequence needs {:.1} MiB of KV cache ({} prompt + {} new tokens), more than this \
+             worker's whole budget of {:.1} MiB (--kv-cache-bytes)",
+            need as f64 / MIB,
+            prompt.len(),
+            params.max_new_tokens,
+            limits.kv_cache_bytes as f64 / MIB
+        )));
+    }
+    if active.len() >= limits.max_active {
+        return Err(WorkerError::Overloaded(format!(
+            "{} sequences running, the most this worker runs (--max-active-sequences {})",
+            active.len(),
+            limits.max_active
+        )));
+    }
+    let reserved: u64 = active.values().map(|a| a.reserved).sum();
+    if reserved + need > limits.kv_cache_bytes {
+        return Err(WorkerError::Overloaded(format!(
+            "the sequence needs {:.1} MiB of KV cache, {:.1} of {:.1} MiB are free (--kv-cache-bytes)",
+            need as f64 / MIB,
+            (limits.kv_cache_bytes - reserved) as f64 / MIB,
+            limits.kv_cache_bytes as f64 / MIB
+        )));
+    }
+    Ok((engine.new_sequence(prompt, params)?, need))
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
 /// Runs until every command sender is gone, or until a fatal step error,
-/// which it publishes on `fatal`. `step_delay` (a test hook) is slept after
-/// every step, to make a short generation long enough to disturb.
+/// which it publishes on `fatal`.
 pub(super) fn run<B: Backend>(
     engine: Engine<B>,
     rx: Receiver<Command>,
     stats: Arc<BatchStats>,
-    step_delay: Duration,
+    cfg: LoopConfig,
     fatal: watch::Sender<Option<Arc<WorkerError>>>,
 ) {
+    let limits = cfg.limits;
+    stats.kv_cache_bytes.store(limits.kv_cache_bytes, Ordering::Relaxed);
+    stats.kv_bytes_per_token.store(engine.kv_bytes_per_token(), Ordering::Relaxed);
+    stats.max_active.store(limits.max_active as u32, Ordering::Relaxed);
     let mut active: HashMap<u64, Active<B>> = HashMap::new();
     let mut source: Option<Arc<dyn WeightSource>> = None;
+    let publish = |active: &HashMap<u64, Active<B>>| {
+        stats.active.store(active.len() as u32, Ordering::Relaxed);
+        stats.kv_reserved.store(active.values().map(|a| a.reserved).sum(), Ordering::Relaxed);
+    };
     loop {
         // Wait for work when idle; otherwise take what arrived and step.
         let first = if active.is_empty() || source.is_none() {
@@ -81,14 +169,16 @@ pub(super) fn run<B: Backend>(
         };
         for cmd in first.into_iter().chain(rx.try_iter()) {
             match cmd {
-                Command::Run { id, prompt, params, tx } => match engine.new_sequence(prompt, params) {
-                    Ok(seq) => {
-                        active.insert(id, Active { seq, tx });
+                Command::Run { id, prompt, params, tx } => {
+                    match admit(&engine, &limits, &active, prompt, params) {
+                        Ok((seq, reserved)) => {
+                            active.insert(id, Active { seq, tx, reserved });
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(Arc::new(e)));
+                        }
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(Arc::new(e)));
-                    }
-                },
+                }
                 Command::Cancel(id) => {
                     active.remove(&id);
                 }
@@ -97,9 +187,13 @@ pub(super) fn run<B: Backend>(
         }
         // A closed stream means the client left: free its sequence.
         active.retain(|_, a| !a.tx.is_closed());
-        stats.active.store(active.len() as u32, Ordering::Relaxed);
+        publish(&active);
         let Some(src) = source.as_ref() else { continue };
         if active.is_empty() {
+            continue;
+        }
+        if cfg.hang_after_steps.is_some_and(|n| stats.steps.load(Ordering::Relaxed) >= n) {
+            std::thread::sleep(Duration::from_millis(100)); // the injected hang: never step again
             continue;
         }
         let mut ids: Vec<u64> = active.keys().copied().collect();
@@ -144,15 +238,15 @@ pub(super) fn run<B: Backend>(
                     for (_, a) in active.drain() {
                         let _ = a.tx.send(Err(e.clone()));
                     }
-                    stats.active.store(0, Ordering::Relaxed);
+                    publish(&active);
                     let _ = fatal.send(Some(e));
                     return;
                 }
             }
         }
-        stats.active.store(active.len() as u32, Ordering::Relaxed);
-        if !step_delay.is_zero() {
-            std::thread::sleep(step_delay);
+        publish(&active);
+        if !cfg.step_delay.is_zero() {
+            std::thread::sleep(cfg.step_delay);
         }
     }
 }

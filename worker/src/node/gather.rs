@@ -6,7 +6,12 @@
 //! block is checked, then the requested part is copied out. A block that fails
 //! its digest is never used: it is counted against its holder and fetched from
 //! the next holder, or from the coordinator, which reads the checkpoint.
-use std::collections::{BTreeMap, HashMap};
+//!
+//! When the next epoch activates without some holders of this one (they left
+//! the cluster), fetches still aimed at them are abandoned at once
+//! ([`Gatherer::abandon`]): the step fails fast and its sequences resume under
+//! the new epoch, instead of retrying a holder that is gone.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -121,6 +126,8 @@ pub(super) struct Gatherer {
     fetch_timeout: Duration,
     /// Holders that failed recently, and when.
     down: Mutex<HashMap<WorkerId, Instant>>,
+    /// Holders of this epoch that the next one left out: never waited on again.
+    departed: tokio::sync::watch::Sender<BTreeSet<WorkerId>>,
 }
 
 impl Gatherer {
@@ -144,6 +151,21 @@ impl Gatherer {
             stats,
             fetch_timeout,
             down: Mutex::new(HashMap::new()),
+            departed: tokio::sync::watch::channel(BTreeSet::new()).0,
+        }
+    }
+
+    /// The workers of this gatherer's plan.
+    pub(super) fn workers(&self) -> &[WorkerId] {
+        self.plan.workers()
+    }
+
+    /// The epoch is replaced by one whose workers are `kept`: fetches from
+    /// every other holder stop now, and none starts again.
+    pub(super) fn abandon(&self, kept: &[WorkerId]) {
+        let gone: BTreeSet<WorkerId> = self.plan.workers().iter().copied().filter(|w| !kept.contains(w)).collect();
+        if !gone.is_empty() {
+            self.departed.send_replace(gone);
         }
     }
 
@@ -247,6 +269,7 @@ impl Gatherer {
     ) -> Result<()> {
         let mut errors = Vec::new();
         let mut rejected_any = false;
+        let mut abandoned = false;
         let sources = holders.iter().map(|h| Some(*h)).chain(self.fallback.as_ref().map(|_| None));
         for (i, holder) in sources.enumerate() {
             let (client, source) = match holder {
@@ -259,13 +282,24 @@ impl Gatherer {
                 errors.push(format!("no connection to {source}"));
                 continue;
             };
+            let mut departed = self.departed.subscribe();
+            let gone = move |d: &BTreeSet<WorkerId>| holder.is_some_and(|h| d.contains(&h));
+            if gone(&departed.borrow()) {
+                abandoned = true;
+                errors.push(format!("{source} left the cluster (epoch {} replaced)", self.plan.epoch()));
+                continue;
+            }
             let last = i + 1 >= holders.len();
             let policy =
                 FetchPolicy { attempts: if last { FETCH_ATTEMPTS } else { 1 }, timeout: self.fetch_timeout };
             let mut asm = Assembler::new(pending, 2)?;
-            let fetched = client
-                .fetch_into(&source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks, policy)
-                .await;
+            let fetched = tokio::select! {
+                r = client.fetch_into(&source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks, policy) => r,
+                _ = departed.wait_for(gone) => {
+                    abandoned = true;
+                    Err(format!("{source} left the cluster (epoch {} replaced)", self.plan.epoch()))
+                }
+            };
             pending = asm.into_targets();
             if let Err(e) = fetched {
                 if let Some(next) = holders.get(i + 1) {
@@ -293,6 +327,9 @@ impl Gatherer {
             }
             errors.push(why);
             pending = bad;
+        }
+        if abandoned {
+            return Err(WorkerError::Abandoned(errors.join("; ")));
         }
         Err(WorkerError::Gather(errors.join("; ")))
     }

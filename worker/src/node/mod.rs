@@ -22,7 +22,7 @@ use zeroshard_proto::Security;
 use zeroshard_offload::ModelConfig;
 
 pub(crate) use batcher::{Command, SeqEvent};
-pub(crate) use state::Node;
+pub(crate) use state::{available_memory, Node};
 pub use zeroshard_membership::{Announce, Registrar};
 
 use crate::cpu::{CpuBackend, StepFault};
@@ -69,6 +69,16 @@ pub struct NodeConfig {
     pub step_fault: Option<StepFault>,
     /// Test hook: sleep this long after every batching step.
     pub step_delay: Duration,
+    /// Test hook: the batching loop stops stepping after this many steps (the
+    /// worker keeps its lease and answers every RPC): a stuck worker.
+    pub hang_after_steps: Option<u64>,
+    /// KV-cache bytes the sequences admitted here may reserve together (None:
+    /// on the CPU, half the memory available when the first plan arrives,
+    /// less the bytes that plan gives this worker; on a GPU, what the device
+    /// placement reserves for the cache).
+    pub kv_cache_bytes: Option<u64>,
+    /// Sequences run at once at most.
+    pub max_active_sequences: usize,
     /// A peer that sends nothing for this long during a fetch has failed (the
     /// fetch goes to another holder, or is retried).
     pub fetch_timeout: Duration,
@@ -92,6 +102,9 @@ impl Default for NodeConfig {
             fail_load: false,
             step_fault: None,
             step_delay: Duration::ZERO,
+            hang_after_steps: None,
+            kv_cache_bytes: None,
+            max_active_sequences: 64,
             fetch_timeout: Duration::from_secs(2),
             security: Security::default(),
         }

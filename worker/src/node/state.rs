@@ -27,7 +27,7 @@ use zeroshard_offload::plan::{Assignment, OwnedBytes};
 use zeroshard_offload::shards::HostSlices;
 use zeroshard_offload::Checkpoint;
 
-use super::batcher::{self, BatchStats, Command};
+use super::batcher::{self, BatchStats, Command, Limits, LoopConfig};
 use super::gather::{GatherStats, Gatherer};
 use super::weights::{ClusterWeights, Prefetch};
 use super::{store, NodeConfig, PlannedModel};
@@ -226,7 +226,7 @@ impl Node {
                 "injected fault: this worker refuses to load (--fault-fail-load)".into(),
             ));
         }
-        let max_live_bytes = self.open_device(&mut setup).await?;
+        let max_live_bytes = self.open_device(&mut setup, a.plan.owned_bytes(a.worker)?.total()).await?;
         let info = setup.model.as_ref().expect("set above");
         let start = Instant::now();
         let plan = Arc::new(a.plan);
@@ -326,8 +326,9 @@ impl Node {
             }
             let next = e.prepared.take().expect("checked above");
             let weights = next.weights.clone();
+            let kept = weights.workers();
             if let Some(old) = e.active.replace(next) {
-                old.weights.clear();
+                old.weights.retire(&kept);
                 e.previous = Some(old);
             }
             weights
@@ -341,7 +342,12 @@ impl Node {
     /// first time; returns the budget for gathered layers kept resident:
     /// `--max-live-bytes` on the CPU; on a GPU, the device bytes of resident
     /// layers once the device is sized for the model.
-    async fn open_device(&self, setup: &mut Setup) -> Result<u64> {
+    ///
+    /// The batching loop's KV-cache budget is `--kv-cache-bytes`, or by
+    /// default: on the CPU half the memory available now less the
+    /// `owned_bytes` the first plan gives this worker; on a GPU what the
+    /// device placement reserves for the cache.
+    async fn open_device(&self, setup: &mut Setup, owned_bytes: u64) -> Result<u64> {
         if let Some(bytes) = setup.live_bytes {
             return Ok(bytes);
         }
@@ -349,11 +355,25 @@ impl Node {
         let Some((rx, fatal)) = setup.batcher.take() else {
             return Err(WorkerError::InvalidRequest("the batching loop already ended".into()));
         };
-        let (stats, delay) = (self.stats.batch.clone(), self.cfg.step_delay);
+        let stats = self.stats.batch.clone();
+        let loop_cfg = |kv_cache_bytes: u64| LoopConfig {
+            limits: Limits { kv_cache_bytes, max_active: self.cfg.max_active_sequences },
+            step_delay: self.cfg.step_delay,
+            hang_after_steps: self.cfg.hang_after_steps,
+        };
         let live_bytes = match self.cfg.cuda {
             None => {
+                let kv_cache_bytes = self.cfg.kv_cache_bytes.unwrap_or_else(|| {
+                    (available_memory().saturating_sub(owned_bytes) / 2).max(DEFAULT_KV_FLOOR)
+                });
                 let engine = Engine::without_weights(self.cfg.cpu_backend(), config);
-                spawn_batcher(engine, rx, stats, delay, fatal)?;
+                tracing::info!(
+                    "KV-cache budget {:.1} MiB ({} tokens), at most {} sequences",
+                    kv_cache_bytes as f64 / (1u64 << 20) as f64,
+                    kv_cache_bytes / engine.kv_bytes_per_token().max(1),
+                    self.cfg.max_active_sequences
+                );
+                spawn_batcher(engine, rx, stats, loop_cfg(kv_cache_bytes), fatal)?;
                 self.cfg.max_live_bytes
             }
             Some(ordinal) => {
@@ -362,7 +382,9 @@ impl Node {
                     self.cfg.gpu_memory,
                     self.cfg.max_live_bytes,
                     self.cfg.prefetch_layers,
+                    self.cfg.kv_cache_bytes,
                 );
+                let kv_cache_bytes = p.kv_tokens as u64 * crate::placement::kv_bytes_per_token(&config);
                 let c = config.clone();
                 // Opening compiles the kernels: off the async runtime.
                 let placed =
@@ -371,7 +393,7 @@ impl Node {
                     )??;
                 tracing::info!("cuda:{ordinal}: {}", placed.summary);
                 let engine = Engine::without_weights(placed.backend, config);
-                spawn_batcher(engine, rx, stats, delay, fatal)?;
+                spawn_batcher(engine, rx, stats, loop_cfg(kv_cache_bytes), fatal)?;
                 placed.budget.resident_bytes
             }
         };
@@ -385,12 +407,27 @@ fn spawn_batcher<B: Backend + 'static>(
     engine: Engine<B>,
     rx: Receiver<Command>,
     stats: Arc<BatchStats>,
-    delay: Duration,
+    cfg: LoopConfig,
     fatal: FatalSender,
 ) -> Result<()> {
     std::thread::Builder::new()
         .name("batcher".into())
-        .spawn(move || batcher::run(engine, rx, stats, delay, fatal))
+        .spawn(move || batcher::run(engine, rx, stats, cfg, fatal))
         .map_err(|e| WorkerError::Task { what: "batcher thread", source: e.into() })?;
     Ok(())
+}
+
+/// The smallest default KV-cache budget (a host short of memory still runs a
+/// few sequences; the operator sets `--kv-cache-bytes` to go lower).
+const DEFAULT_KV_FLOOR: u64 = 64 << 20;
+
+/// Host memory available now (`MemAvailable` of /proc/meminfo), 0 when unknown.
+pub(crate) fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }

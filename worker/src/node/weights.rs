@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use half::f16;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
+use zeroshard_offload::plan::WorkerId;
 use zeroshard_offload::ModelConfig;
 
 use super::gather::Gatherer;
@@ -250,6 +251,19 @@ impl ClusterWeights {
             }
         }
         Ok(weights)
+    }
+
+    /// The plan changed to one over `kept` workers: fetches from holders it
+    /// left out are abandoned (the step waiting on them fails at once), and
+    /// in-flight gathers and resident layers are dropped.
+    pub(super) fn retire(&self, kept: &[WorkerId]) {
+        self.gatherer.abandon(kept);
+        self.clear();
+    }
+
+    /// The workers of this epoch's plan.
+    pub(super) fn workers(&self) -> Vec<WorkerId> {
+        self.gatherer.workers().to_vec()
     }
 
     /// Drops in-flight gathers and resident layers (the plan changed).

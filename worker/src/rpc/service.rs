@@ -109,6 +109,10 @@ impl Worker for Svc {
             failovers_total: n.gather.failovers.load(Ordering::Relaxed),
             loading_bytes: n.loading.load(Ordering::Relaxed),
             rejected_blocks_by_holder: n.gather.rejected_blocks(),
+            kv_cache_bytes: n.batch.kv_cache_bytes.load(Ordering::Relaxed),
+            kv_reserved_bytes: n.batch.kv_reserved.load(Ordering::Relaxed),
+            kv_bytes_per_token: n.batch.kv_bytes_per_token.load(Ordering::Relaxed),
+            max_active_sequences: n.batch.max_active.load(Ordering::Relaxed),
         }))
     }
 }
@@ -198,7 +202,7 @@ pub async fn run(
 
     let described = registrar.describe();
     let announce =
-        Announce { address: advertise, device: cfg.device.clone(), memory_bytes: available_memory() };
+        Announce { address: advertise, device: cfg.device.clone(), memory_bytes: crate::node::available_memory() };
     let id = registrar
         .clone()
         .register(announce)
@@ -222,15 +226,4 @@ pub async fn run(
             Err(WorkerError::Task { what: "batching loop", source: Box::new(fatal) })
         }
     }
-}
-
-/// Host memory available now (`MemAvailable` of /proc/meminfo), 0 when unknown.
-fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?.to_string();
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kb| kb * 1024)
 }
