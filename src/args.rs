@@ -210,7 +210,8 @@ pub(crate) struct AdmissionArgs {
     /// KV-cache bytes the sequences running on a worker may reserve together:
     /// a sequence is admitted only when its prompt + max_new_tokens fits
     /// (default: on the CPU, half the memory available at the first plan less
-    /// the ranges it holds; on a GPU, what the device placement reserves).
+    /// the ranges it holds, or under `up` half the host's available memory
+    /// split between its workers; on a GPU, what the device placement reserves).
     #[arg(long, env = "ZEROSHARD_KV_CACHE_BYTES")]
     pub kv_cache_bytes: Option<u64>,
     /// Sequences a worker runs at once, at most.

@@ -94,6 +94,11 @@ pub(crate) fn up(a: UpArgs) -> Result<()> {
         bail!("--workers must be at least 1");
     }
     let mut worker_args = a.tuning.to_args(cuda);
+    if a.tuning.admission.kv_cache_bytes.is_none() && cuda.is_none() {
+        // The workers share this host: half of its available memory, split between them.
+        let share = node::available_memory() / 2 / a.workers as u64;
+        worker_args.push(format!("--kv-cache-bytes={}", share.max(64 << 20)));
+    }
     if a.cluster.pull {
         worker_args.push("--pull".into());
     }

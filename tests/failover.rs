@@ -513,3 +513,75 @@ fn a_fatal_step_error_makes_the_worker_leave_and_exit() {
     let again = runtime().block_on(stream(&fleet.endpoint, PROMPT, 40, || {}));
     assert_eq!(again.tokens, want[..40]);
 }
+
+/// A worker that keeps its lease and answers every RPC but never steps: the
+/// sequences sent to it miss their step deadline and resume on the other
+/// worker, exactly; none waits for a client deadline.
+#[test]
+fn a_worker_that_keeps_its_lease_but_never_steps_loses_its_sequences() {
+    let want = expected(PROMPT, 40);
+    let fleet = Fleet::start_each_with(
+        Etcd::start(),
+        model("stories260K"),
+        &["--step-deadline-ms", "1500"],
+        &[],
+        &[&[], &["--fault-hang-after-steps", "0"]],
+    );
+    let endpoint = fleet.endpoint.clone();
+    let started = Instant::now();
+    // Several at once: least-loaded routing sends some to the stuck worker.
+    let all = runtime().block_on(async {
+        futures::future::join_all((0..4).map(|_| stream(&endpoint, PROMPT, 40, || {}))).await
+    });
+    let took = started.elapsed();
+    for got in &all {
+        assert_eq!(got.tokens, want, "a stream moved off a stuck worker differs");
+    }
+    let s = fleet.status();
+    let worst = all.iter().filter_map(|g| g.gaps.iter().max().copied()).max().unwrap_or_default();
+    eprintln!(
+        "stuck worker: {} step deadline(s) missed (floor 1.5 s), 4 streams done in {took:?}, \
+         longest wait for a chunk {worst:?}",
+        s["step_deadlines_missed_total"]
+    );
+    assert!(
+        s["step_deadlines_missed_total"].as_u64() >= Some(1),
+        "no sequence went to the stuck worker: {s}"
+    );
+    assert_eq!(s["workers"].as_array().map(Vec::len), Some(2), "the stuck worker keeps its lease: {s}");
+}
+
+/// A holder SIGSTOPped for 10 s while another worker streams: the streaming
+/// worker's gathers from it are abandoned as soon as the next epoch is
+/// active (not retried against the stopped holder), so the stream pauses for
+/// about the lease TTL, and completes exactly.
+#[test]
+fn a_stopped_holder_pauses_other_streams_for_about_the_lease_ttl() {
+    let want = expected(PROMPT, LONG);
+    let fleet =
+        Fleet::start(Etcd::start(), model("stories260K"), 3, &[], &["--fault-step-delay-ms", STEP_DELAY]);
+    let fleet = std::sync::Mutex::new(fleet);
+    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
+    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
+        let f = fleet.lock().expect("fleet");
+        let busy = busy_worker(&f);
+        let holder = f.live_workers().into_iter().find(|i| *i != busy).expect("another worker");
+        let pid = f.worker_pid(holder).expect("live") as i32;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(10));
+            // SAFETY: kill(2) on our own child (a no-op if it is gone).
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        });
+    }));
+    assert_eq!(got.tokens, want, "the stream paused by a stopped holder differs");
+    let worst = got.gaps[1..].iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "SIGSTOP of a holder for 10 s: longest pause in another worker's stream {worst:?} \
+         (lease TTL {}s, fetch timeout {FETCH_TIMEOUT_MS} ms)",
+        common::fleet::LEASE_TTL_SECS
+    );
+    let s = fleet.lock().expect("fleet").status();
+    assert!(s["workers_lost_total"].as_u64() >= Some(1), "the stopped holder was never dropped: {s}");
+}

@@ -293,7 +293,9 @@ impl Coordinator {
             members
                 .iter()
                 .filter(|w| stalled_ok || !q.stalled.contains_key(&w.id))
-                .filter(|w| fits(q.capacity.get(&w.id), q.used.get(&w.id).copied().unwrap_or_default(), tokens))
+                .filter(|w| {
+                    fits(q.capacity.get(&w.id), q.used.get(&w.id).copied().unwrap_or_default(), tokens)
+                })
                 .min_by_key(|w| q.used.get(&w.id).map_or(0, |u| u.seqs))
                 .cloned()
         };

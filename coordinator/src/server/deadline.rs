@@ -1,10 +1,11 @@
 //! Step deadlines: liveness beyond leases. A worker can keep renewing its
 //! lease and still never step; every running sequence therefore expects its
-//! next token within a deadline measured from that worker's own steps:
+//! next message within a deadline measured from that worker's own steps:
 //! eight times its recent step time, with a floor (`--step-deadline-ms`),
-//! plus, for a message that first prefills tokens, four times the measured
-//! prefill time of that many tokens. A sequence that misses it resumes on
-//! another worker (see `generate`).
+//! plus four times the measured prefill time of every prompt token sent to
+//! that worker and not yet answered (a batch's prefill delays every
+//! sequence of the step). A sequence that misses it resumes on another
+//! worker (see `generate`).
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ pub struct StepClock {
     step_us: AtomicU64,
     /// Moving average of the prefill time per prompt token (ns; 0: none yet).
     prefill_ns_per_token: AtomicU64,
+    /// Prompt tokens sent to the worker whose first token has not come back.
+    pending_prefill: AtomicU64,
 }
 
 /// Weight of the newest sample in the moving averages, in 1/8ths.
@@ -26,26 +29,53 @@ fn blend(avg: &AtomicU64, sample: u64) {
     avg.store(new.max(1), Ordering::Relaxed);
 }
 
+/// A prefill in flight on a worker: counted until [`Prefill::done`] or drop.
+pub struct Prefill<'a> {
+    clock: &'a StepClock,
+    tokens: u64,
+    /// Tokens in flight on the worker when it was sent (its own included).
+    behind: u64,
+}
+
+impl Prefill<'_> {
+    /// Its first token came `took` after it was sent.
+    pub fn done(mut self, took: Duration) {
+        if self.behind > 0 {
+            blend(&self.clock.prefill_ns_per_token, took.as_nanos() as u64 / self.behind);
+        }
+        self.release();
+    }
+
+    fn release(&mut self) {
+        self.clock.pending_prefill.fetch_sub(std::mem::take(&mut self.tokens), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Prefill<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 impl StepClock {
+    /// A sequence is sent with `tokens` to prefill.
+    pub fn prefill(&self, tokens: usize) -> Prefill<'_> {
+        let tokens = tokens as u64;
+        let behind = self.pending_prefill.fetch_add(tokens, Ordering::Relaxed) + tokens;
+        Prefill { clock: self, tokens, behind }
+    }
+
     /// A sequence's next token came `gap` after its previous one.
     pub fn record_step(&self, gap: Duration) {
         blend(&self.step_us, gap.as_micros() as u64);
     }
 
-    /// A sequence's first token came `took` after it was sent with `tokens` to prefill.
-    pub fn record_prefill(&self, took: Duration, tokens: usize) {
-        if tokens > 0 {
-            blend(&self.prefill_ns_per_token, took.as_nanos() as u64 / tokens as u64);
-        }
-    }
-
-    /// How long to wait for the next message of a sequence that has
-    /// `prefill_tokens` to prefill first (0: a decode step).
-    pub fn deadline(&self, floor: Duration, prefill_tokens: usize) -> Duration {
+    /// How long a sequence on this worker waits for its next message now.
+    pub fn deadline(&self, floor: Duration) -> Duration {
         let step = Duration::from_micros(self.step_us.load(Ordering::Relaxed)) * 8;
-        let prefill = Duration::from_nanos(self.prefill_ns_per_token.load(Ordering::Relaxed))
-            .saturating_mul(4 * prefill_tokens as u32);
-        floor.max(step) + prefill
+        let per_token = self.prefill_ns_per_token.load(Ordering::Relaxed);
+        let pending = self.pending_prefill.load(Ordering::Relaxed);
+        floor.max(step) + Duration::from_nanos(per_token.saturating_mul(pending).saturating_mul(4))
     }
 }
 
@@ -54,19 +84,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_deadline_follows_the_measured_steps_above_its_floor() {
+    fn the_deadline_follows_the_measured_steps_and_the_prefills_in_flight() {
         let c = StepClock::default();
         let floor = Duration::from_secs(2);
-        assert_eq!(c.deadline(floor, 100), floor, "nothing measured: the floor");
+        let p = c.prefill(100);
+        assert_eq!(c.deadline(floor), floor, "nothing measured: the floor");
+        p.done(Duration::from_millis(1000)); // 10 ms per token
         c.record_step(Duration::from_millis(10));
-        assert_eq!(c.deadline(floor, 0), floor);
+        assert_eq!(c.deadline(floor), floor, "nothing in flight: the floor");
         for _ in 0..50 {
             c.record_step(Duration::from_millis(500));
         }
-        let d = c.deadline(floor, 0);
+        let d = c.deadline(floor);
         assert!(d > Duration::from_millis(3900) && d <= Duration::from_secs(4), "{d:?}");
-        c.record_prefill(Duration::from_millis(100), 10); // 10 ms per token
-        let d = c.deadline(floor, 50);
+        // Two prompts in flight at once: each waits for both.
+        let (a, b) = (c.prefill(30), c.prefill(20));
+        let d = c.deadline(floor);
         assert!(d > Duration::from_millis(5900) && d <= Duration::from_secs(6), "{d:?}");
+        drop(a);
+        b.done(Duration::from_millis(500)); // 50 tokens were behind it: 10 ms each
+        assert!(c.deadline(floor) <= Duration::from_secs(4));
     }
 }

@@ -44,10 +44,16 @@ async fn validate(
 ) -> Result<Option<Validated>> {
     let inner = &coord.0;
     if req.stop.len() > MAX_STOP_STRINGS {
-        return Err(invalid(format!("{} stop strings, more than the {MAX_STOP_STRINGS} allowed", req.stop.len())));
+        return Err(invalid(format!(
+            "{} stop strings, more than the {MAX_STOP_STRINGS} allowed",
+            req.stop.len()
+        )));
     }
     if let Some(s) = req.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
-        return Err(invalid(format!("a stop string has {} bytes, more than the {MAX_STOP_BYTES} allowed", s.len())));
+        return Err(invalid(format!(
+            "a stop string has {} bytes, more than the {MAX_STOP_BYTES} allowed",
+            s.len()
+        )));
     }
     if !req.stop.is_empty() && inner.tokenizer.is_none() {
         return Err(invalid("stop strings need a tokenizer.json in the model folder"));
@@ -157,10 +163,11 @@ impl Run<'_> {
             Ok(Err(s)) => return Ok(Attempt::from_status(worker, s)?),
         };
         // The first message prefills the prompt and what was produced before.
-        let mut prefill = v.prompt.len() + self.produced.len();
-        let mut last = Instant::now();
+        let mut prefill = Some(worker.clock.prefill(v.prompt.len() + self.produced.len()));
+        let sent = Instant::now();
+        let mut last = sent;
         while self.finish.is_none() {
-            let deadline = worker.clock.deadline(floor, prefill);
+            let deadline = worker.clock.deadline(floor);
             let step = tokio::select! {
                 m = tokio::time::timeout(deadline, steps.message()) => match m {
                     Ok(m) => m,
@@ -183,14 +190,11 @@ impl Run<'_> {
                 Ok(None) => return Ok(Attempt::Failed(format!("{} ended the sequence early", worker.id))),
                 Err(s) => return Ok(Attempt::from_status(worker, s)?),
             };
-            let gap = last.elapsed();
-            last = Instant::now();
-            if prefill > 0 {
-                worker.clock.record_prefill(gap, prefill);
-                prefill = 0;
-            } else {
-                worker.clock.record_step(gap);
+            match prefill.take() {
+                Some(p) => p.done(sent.elapsed()),
+                None => worker.clock.record_step(last.elapsed()),
             }
+            last = Instant::now();
             if self.first {
                 self.timings.prefill_ms = self.start.elapsed().as_secs_f64() * 1e3;
             }
@@ -252,7 +256,9 @@ impl Attempt {
     fn from_status(worker: &WorkerEntry, s: Status) -> Result<Self> {
         let why = format!("{} at {}: {}", worker.id, worker.address, s.message());
         Ok(match s.code() {
-            tonic::Code::InvalidArgument => return Err(CoordinatorError::InvalidRequest(s.message().to_string())),
+            tonic::Code::InvalidArgument => {
+                return Err(CoordinatorError::InvalidRequest(s.message().to_string()))
+            }
             tonic::Code::Aborted => Self::StepFailed(why),
             tonic::Code::ResourceExhausted => Self::Busy(why),
             _ => Self::Failed(why),
@@ -320,7 +326,10 @@ async fn run_inner(
             }
             Attempt::Failed(why) | Attempt::StepFailed(why) => {
                 quick = 0;
-                tracing::warn!("sequence on {id} failed ({why}); resuming after {} tokens", run.produced.len());
+                tracing::warn!(
+                    "sequence on {id} failed ({why}); resuming after {} tokens",
+                    run.produced.len()
+                );
                 coord.report_failure(id);
                 coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
                 wait_for_change(&mut changes, deadline, &why).await?;

@@ -104,8 +104,8 @@ fn admit<B: Backend>(
             "nothing to generate: the sequence has produced its max_new_tokens already".into(),
         ));
     }
-    let need = kv_tokens(engine.config(), prompt.len(), params.max_new_tokens) as u64
-        * engine.kv_bytes_per_token();
+    let need =
+        kv_tokens(engine.config(), prompt.len(), params.max_new_tokens) as u64 * engine.kv_bytes_per_token();
     if need > limits.kv_cache_bytes {
         return Err(WorkerError::InvalidRequest(format!(
             "the sequence needs {:.1} MiB of KV cache ({} prompt + {} new tokens), more than this \

@@ -163,7 +163,8 @@ impl Gatherer {
     /// The epoch is replaced by one whose workers are `kept`: fetches from
     /// every other holder stop now, and none starts again.
     pub(super) fn abandon(&self, kept: &[WorkerId]) {
-        let gone: BTreeSet<WorkerId> = self.plan.workers().iter().copied().filter(|w| !kept.contains(w)).collect();
+        let gone: BTreeSet<WorkerId> =
+            self.plan.workers().iter().copied().filter(|w| !kept.contains(w)).collect();
         if !gone.is_empty() {
             self.departed.send_replace(gone);
         }

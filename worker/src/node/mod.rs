@@ -22,7 +22,8 @@ use zeroshard_proto::Security;
 use zeroshard_offload::ModelConfig;
 
 pub(crate) use batcher::{Command, SeqEvent};
-pub(crate) use state::{available_memory, Node};
+pub use state::available_memory;
+pub(crate) use state::Node;
 pub use zeroshard_membership::{Announce, Registrar};
 
 use crate::cpu::{CpuBackend, StepFault};

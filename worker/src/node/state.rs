@@ -422,7 +422,7 @@ fn spawn_batcher<B: Backend + 'static>(
 const DEFAULT_KV_FLOOR: u64 = 64 << 20;
 
 /// Host memory available now (`MemAvailable` of /proc/meminfo), 0 when unknown.
-pub(crate) fn available_memory() -> u64 {
+pub fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {

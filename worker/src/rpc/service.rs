@@ -201,8 +201,11 @@ pub async fn run(
     println!("listening {advertise}");
 
     let described = registrar.describe();
-    let announce =
-        Announce { address: advertise, device: cfg.device.clone(), memory_bytes: crate::node::available_memory() };
+    let announce = Announce {
+        address: advertise,
+        device: cfg.device.clone(),
+        memory_bytes: crate::node::available_memory(),
+    };
     let id = registrar
         .clone()
         .register(announce)
