@@ -218,7 +218,7 @@ impl Coordinator {
             tokio::pin!(woken);
             woken.as_mut().enable();
             let r = match self.try_take(&ticket, tokens)? {
-                Take::Taken(r) => r,
+                Take::Taken(r) => *r,
                 Take::NoWorker if Instant::now() > patience => {
                     return Err(CoordinatorError::Unavailable("no live worker in the current plan".into()))
                 }
@@ -308,7 +308,7 @@ impl Coordinator {
         drop(q);
         // The next in line may fit too.
         a.wake.notify_waiters();
-        Ok(Take::Taken(Reservation { coord: self.clone(), worker, plan, bytes }))
+        Ok(Take::Taken(Box::new(Reservation { coord: self.clone(), worker, plan, bytes })))
     }
 
     /// The prompt-text bound: `--max-prompt-bytes`, or so many bytes per
@@ -321,7 +321,7 @@ impl Coordinator {
 
 /// What one look at the queue found.
 enum Take {
-    Taken(Reservation),
+    Taken(Box<Reservation>),
     /// Not first in line, or no worker has room now.
     Wait,
     /// The plan has no live worker.

@@ -40,8 +40,8 @@ pub struct Prefill<'a> {
 impl Prefill<'_> {
     /// Its first token came `took` after it was sent.
     pub fn done(mut self, took: Duration) {
-        if self.behind > 0 {
-            blend(&self.clock.prefill_ns_per_token, took.as_nanos() as u64 / self.behind);
+        if let Some(per_token) = (took.as_nanos() as u64).checked_div(self.behind) {
+            blend(&self.clock.prefill_ns_per_token, per_token);
         }
         self.release();
     }

@@ -160,7 +160,7 @@ impl Run<'_> {
         let mut steps = match tokio::time::timeout(floor, call).await {
             Err(_) => return Ok(Attempt::Stalled(format!("{} did not answer within {floor:?}", worker.id))),
             Ok(Ok(s)) => s.into_inner(),
-            Ok(Err(s)) => return Ok(Attempt::from_status(worker, s)?),
+            Ok(Err(s)) => return Attempt::from_status(worker, s),
         };
         // The first message prefills the prompt and what was produced before.
         let mut prefill = Some(worker.clock.prefill(v.prompt.len() + self.produced.len()));
@@ -188,7 +188,7 @@ impl Run<'_> {
             let step = match step {
                 Ok(Some(s)) => s,
                 Ok(None) => return Ok(Attempt::Failed(format!("{} ended the sequence early", worker.id))),
-                Err(s) => return Ok(Attempt::from_status(worker, s)?),
+                Err(s) => return Attempt::from_status(worker, s),
             };
             match prefill.take() {
                 Some(p) => p.done(sent.elapsed()),
