@@ -69,9 +69,11 @@ impl Tokenizer {
     /// file inside its folder, of bounded size).
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
         let load_err = |reason: String| TokenizerError::Load { path: path.to_path_buf(), reason };
-        let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| load_err("not a file name".into()))?;
+        let name =
+            path.file_name().and_then(|n| n.to_str()).ok_or_else(|| load_err("not a file name".into()))?;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let bytes = model_file::read(dir, name, model_file::JSON_LIMIT_BYTES).map_err(|e| load_err(e.to_string()))?;
+        let bytes =
+            model_file::read(dir, name, model_file::JSON_LIMIT_BYTES).map_err(|e| load_err(e.to_string()))?;
         Self::from_bytes(path, &bytes)
     }
 
