@@ -26,24 +26,20 @@ pub fn detokenizer(data: &[u8]) {
     let (context, generated) = if head & 4 != 0 { ids.split_at(ids.len() / 3) } else { (&[][..], &ids[..]) };
     let Ok(full) = tok.decode(generated, false) else { return };
 
-    // The decoder alone: the deltas concatenate to the full decode.
-    let mut dec = if context.is_empty() {
-        tok.decoder()
-    } else {
-        match tok.decoder_with_context(context) {
-            Ok(d) => d,
-            Err(_) => return,
-        }
+    // The decoder alone: the deltas concatenate to the full decode; after a
+    // context, to what the full decode adds after it.
+    let stream_of = |dec: &mut zeroshard_coordinator::tokenizer::IncrementalDecoder<'_>| -> Vec<String> {
+        let mut deltas: Vec<String> =
+            generated.iter().map(|&id| dec.push(id).expect("decode of ids that decoded in full")).collect();
+        deltas.push(dec.finish().expect("decode of ids that decoded in full"));
+        assert_eq!(dec.finish().expect("finish again"), "", "a second finish adds nothing");
+        deltas
     };
-    let mut streamed = String::new();
-    for &id in generated {
-        streamed.push_str(&dec.push(id).expect("decode of ids that decoded in full"));
-    }
-    streamed.push_str(&dec.finish().expect("decode of ids that decoded in full"));
-    assert_eq!(dec.finish().expect("finish again"), "", "a second finish adds nothing");
-    if context.is_empty() {
-        assert_eq!(streamed, full, "streamed decode of {generated:?}");
-    } else {
+    let deltas = stream_of(&mut tok.decoder());
+    assert_eq!(deltas.concat(), full, "streamed decode of {generated:?}");
+    if !context.is_empty() {
+        let Ok(mut dec) = tok.decoder_with_context(context) else { return };
+        let streamed = stream_of(&mut dec).concat();
         let whole = tok.decode(&ids, false).expect("decode");
         assert!(whole.ends_with(&streamed), "{ids:?}: {streamed:?} is not a suffix of {whole:?}");
     }
@@ -74,11 +70,23 @@ pub fn detokenizer(data: &[u8]) {
         out.push_str(&stream.finish().expect("decode"));
     }
     assert_eq!(out, stream.text, "TextStream.text is what it returned");
-    let first_match = stops.iter().filter(|s| !s.is_empty()).filter_map(|s| full.find(s.as_str())).min();
-    match first_match {
-        Some(at) => assert_eq!(out, full[..at], "stops {stops:?} in {full:?}"),
-        None => assert_eq!(out, full, "no stop of {stops:?} in {full:?}"),
+    // The stream stops after the first delta that completes a stop string,
+    // cut where the earliest stop in the text so far starts (a stop that
+    // completes first wins over a longer one that started earlier).
+    let mut so_far = String::new();
+    let mut expected = None;
+    let mut stopped_at = None;
+    for (i, d) in deltas.iter().enumerate() {
+        so_far.push_str(d);
+        if let Some(at) = stops.iter().filter(|s| !s.is_empty()).filter_map(|s| so_far.find(s.as_str())).min() {
+            expected = Some(&so_far[..at]);
+            stopped_at = Some(i);
+            break;
+        }
     }
+    // (A stop completed by the final flush ends the text but no push reports it.)
+    assert_eq!(stopped, stopped_at.is_some_and(|i| i < generated.len()), "stops {stops:?} in {full:?}");
+    assert_eq!(out, expected.unwrap_or(&full), "stops {stops:?} in {full:?}, deltas {deltas:?}");
 }
 
 /// The largest char boundary of `s` at or below `i`.
