@@ -78,7 +78,8 @@ pub fn detokenizer(data: &[u8]) {
     let mut stopped_at = None;
     for (i, d) in deltas.iter().enumerate() {
         so_far.push_str(d);
-        if let Some(at) = stops.iter().filter(|s| !s.is_empty()).filter_map(|s| so_far.find(s.as_str())).min() {
+        if let Some(at) = stops.iter().filter(|s| !s.is_empty()).filter_map(|s| so_far.find(s.as_str())).min()
+        {
             expected = Some(&so_far[..at]);
             stopped_at = Some(i);
             break;

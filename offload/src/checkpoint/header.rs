@@ -165,6 +165,10 @@ mod tests {
         assert!(err(&file(h, 8)).contains("overflows"));
         let h = json!({"w": {"dtype": "F32", "shape": [3], "data_offsets": [8, 4]}});
         assert!(err(&file(h, 8)).contains("hold 0 bytes"));
+        // The fuzzer's input against the unchecked `numel * size` (2^62 - 1 × 4
+        // elements fit a usize, their bytes do not): fuzz/corpus/safetensors/regress-size-overflow.
+        let h = json!({"w": {"data_offsets": [0, 0], "dtype": "F32", "shape": [4611686018427387903u64, 4]}});
+        assert!(err(&file(h, 0)).contains("overflows"));
         // A header length of 2^64 - 1.
         let mut b = u64::MAX.to_le_bytes().to_vec();
         b.extend_from_slice(b"{}");
