@@ -2,8 +2,6 @@
 //! naming the file, key or value at fault.
 mod common;
 
-use std::path::Path;
-
 use common::model_dir::*;
 use common::*;
 use serde_json::Value;

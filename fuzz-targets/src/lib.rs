@@ -28,8 +28,11 @@ pub use detokenizer::detokenizer;
 pub use request::request;
 pub use safetensors::safetensors;
 
+/// A fuzz target: arbitrary bytes in, a panic on any finding.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus folder and cargo-fuzz binary.
-pub const TARGETS: [(&str, fn(&[u8])); 4] =
+pub const TARGETS: [(&str, Target); 4] =
     [("safetensors", safetensors), ("config", config), ("request", request), ("detokenizer", detokenizer)];
 
 /// Runs target `name` on `data`; panics on an unknown name.

@@ -82,6 +82,8 @@ pub(crate) fn run_bounded(mut cmd: Command, deadline: Duration, max_vm_bytes: u6
             Ok(())
         });
     }
+    // Reaped by wait4 below, which also reports its peak RSS.
+    #[allow(clippy::zombie_processes)]
     let mut child =
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
     let mut pipe = child.stderr.take().expect("stderr piped");
