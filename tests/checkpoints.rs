@@ -182,4 +182,28 @@ fn up_refuses_the_same_way() {
     let done = run_bounded(cmd, Duration::from_secs(60), 4 << 30);
     println!("up, num_hidden_layers 1e9: peak RSS {} kB: {}", done.max_rss_kb, done.stderr.trim());
     expect_one_line(&done, &["config.json", "`num_hidden_layers`", "1000000000 is over the limit of 4096"]);
+
+    // A NaN weight: the coordinator's digest pass reads through the same check
+    // (after `up` announced its workers, so the error is the last line).
+    let dir = copy_model();
+    poke_f32(dir.path(), "model.layers.2.self_attn.q_proj.weight", 5, f32::NAN);
+    let mut cmd = bin();
+    cmd.args([
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        dir.path().to_str().expect("path"),
+        "--workers",
+        "1",
+    ]);
+    let done = run_bounded(cmd, Duration::from_secs(60), 4 << 30);
+    assert_eq!(done.code, Some(1), "{}", done.stderr);
+    let last = done.stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ")
+            && last.contains("`model.layers.2.self_attn.q_proj.weight`: element 5 is NaN"),
+        "{}",
+        done.stderr
+    );
 }
