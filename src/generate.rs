@@ -33,8 +33,7 @@ impl LocalModel {
         let ordinal = device.resolve()?; // before reading anything: a missing GPU fails fast
         let device = ordinal.map_or(Device::Cpu, Device::Cuda);
         let (config, weights) = local::load_weights(dir)?;
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.is_file() { Some(Tokenizer::from_file(&tok_path)?) } else { None };
+        let tokenizer = Tokenizer::from_model_dir(dir)?;
         let placed = local::place(config, weights, device, gpu, work)?;
         let mut model = Self::from_parts(dir, placed.engine, tokenizer);
         model.gpu_summary = placed.gpu_summary;

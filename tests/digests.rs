@@ -120,8 +120,10 @@ fn corrupt_copy() -> (tempfile::TempDir, String) {
     let tensor = "model.embed_tokens.weight";
     assert_eq!(header[tensor]["dtype"], "F32");
     let offset = header[tensor]["data_offsets"][0].as_u64().expect("offset") as usize;
-    // Element 1000: byte 3 is the sign and high exponent bits.
-    bytes[8 + n + offset + 1000 * 4 + 3] ^= 0x40;
+    // Element 1000: bit 6 of byte 2 is the top mantissa bit. The value stays
+    // finite and within f16 (an exponent bit could make it overflow f16, which
+    // the load refuses before any digest is compared), and f16 keeps the change.
+    bytes[8 + n + offset + 1000 * 4 + 2] ^= 0x40;
     std::fs::write(&file, bytes).expect("write");
     (dir, tensor.to_string())
 }

@@ -2,51 +2,9 @@
 //! naming the file, key or value at fault.
 mod common;
 
-use std::path::Path;
-
+use common::model_dir::*;
 use common::*;
 use serde_json::Value;
-
-/// A copy of stories260K in a temp dir, to break in one way.
-fn copy_model() -> tempfile::TempDir {
-    let src = model("stories260K");
-    let dir = tempfile::tempdir().expect("tmp");
-    for f in ["config.json", "generation_config.json", "tokenizer.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
-    }
-    dir
-}
-
-/// Splits a safetensors file into (header JSON, data).
-fn read_st(path: &Path) -> (serde_json::Map<String, Value>, Vec<u8>) {
-    let bytes = std::fs::read(path).expect("read");
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
-    let header = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
-    (header, bytes[8 + n..].to_vec())
-}
-
-fn write_st(path: &Path, header: &serde_json::Map<String, Value>, data: &[u8]) {
-    let h = serde_json::to_vec(header).expect("json");
-    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&h);
-    bytes.extend_from_slice(data);
-    std::fs::write(path, bytes).expect("write");
-}
-
-/// Runs `generate` on `dir` and checks for a one-line error containing `needles`.
-fn expect_error(dir: &Path, extra: &[&str], needles: &[&str]) {
-    let mut args = vec!["generate", "--model", dir.to_str().expect("path"), "--max-new-tokens", "4"];
-    if !extra.iter().any(|a| a.starts_with("--prompt")) {
-        args.extend(["--prompt", "Once upon a time"]);
-    }
-    args.extend_from_slice(extra);
-    let err = run_err(&args);
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected, got: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-}
 
 #[test]
 fn missing_model_folder_and_files() {

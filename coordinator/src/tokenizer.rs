@@ -31,6 +31,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use zeroshard_offload::model_file;
+
 /// What went wrong; every message names the tokenizer file.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -62,9 +64,32 @@ impl fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json`; the error names the path and the reason.
+    /// Loads `tokenizer.json`; the error names the path and the reason. The
+    /// file is read as any model file is ([`model_file::read`]: a regular
+    /// file inside its folder, of bounded size).
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let load_err = |reason: String| TokenizerError::Load { path: path.to_path_buf(), reason };
+        let name =
+            path.file_name().and_then(|n| n.to_str()).ok_or_else(|| load_err("not a file name".into()))?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let bytes =
+            model_file::read(dir, name, model_file::JSON_LIMIT_BYTES).map_err(|e| load_err(e.to_string()))?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// `dir/tokenizer.json` if the folder has one (anything by that name that
+    /// is not a regular file inside the folder is refused, not skipped).
+    pub fn from_model_dir(dir: &Path) -> Result<Option<Self>, TokenizerError> {
+        if !model_file::exists(dir, "tokenizer.json") {
+            return Ok(None);
+        }
+        Self::from_file(&dir.join("tokenizer.json")).map(Some)
+    }
+
+    /// A tokenizer from the bytes of a `tokenizer.json`; `path` names it in
+    /// messages.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), reason: one_line(&*e) })?;
         Ok(Self { inner, path: path.to_path_buf() })
     }
@@ -452,6 +477,22 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("clean up");
         assert!(message.contains(&bad.display().to_string()), "{message}");
         assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn model_dir_tokenizer_must_be_a_regular_file_inside_the_folder() {
+        let dir = tempfile::tempdir().expect("tmp");
+        assert!(Tokenizer::from_model_dir(dir.path()).expect("absent is fine").is_none());
+        let path = dir.path().join("tokenizer.json");
+        let c = std::ffi::CString::new(path.to_str().expect("utf-8")).expect("cstr");
+        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let message = Tokenizer::from_model_dir(dir.path()).expect_err("a FIFO").to_string();
+        assert!(message.contains("a FIFO, not a regular file"), "{message}");
+        std::fs::remove_file(&path).expect("rm");
+        std::os::unix::fs::symlink("/etc/hostname", &path).expect("symlink");
+        let message = Tokenizer::from_model_dir(dir.path()).expect_err("outside").to_string();
+        assert!(message.contains("outside the model folder"), "{message}");
     }
 
     #[test]

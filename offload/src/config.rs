@@ -6,6 +6,7 @@
 //! differently (`n_embd`, `n_head`, `layer_norm_epsilon`, …): their raw structs
 //! live in [`gpt2`] and [`bloom`] and map onto the same [`ModelConfig`].
 mod bloom;
+mod bounds;
 mod fused;
 mod gpt2;
 
@@ -14,7 +15,11 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::error::{io_err, OffloadError, Result};
+pub use self::bounds::{
+    MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB,
+};
+use crate::error::{OffloadError, Result};
+use crate::model_file;
 
 /// The model families the engine computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +183,7 @@ struct RawCommon {
     architectures: Option<Vec<String>>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
 }
 
 /// The Llama family's keys.
@@ -208,6 +214,7 @@ struct RawConfig {
 struct RawGenerationConfig {
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
 }
 
 pub(crate) struct Ctx<'a> {
@@ -225,10 +232,12 @@ impl Ctx<'_> {
         OffloadError::Config { path: self.path.to_path_buf(), key: key.to_string(), message: message.into() }
     }
 
-    pub(crate) fn req(&self, v: Option<usize>, key: &str) -> Result<usize> {
+    /// A required count in `1..=max` (the `MAX_*` bounds of [`bounds`]).
+    pub(crate) fn req(&self, v: Option<usize>, key: &str, max: usize) -> Result<usize> {
         match v {
             None => Err(self.err(key, "missing")),
             Some(0) => Err(self.err(key, "must be > 0")),
+            Some(n) if n > max => Err(self.err(key, format!("{n} is over the limit of {max}"))),
             Some(n) => Ok(n),
         }
     }
@@ -270,12 +279,17 @@ impl Ctx<'_> {
             .ok_or_else(|| self.err(&format!("{prefix}.{key}"), "missing or not a number"))
     }
 
-    /// A token id or a list of them.
-    fn ids(&self, v: &Option<Value>, key: &str) -> Result<Vec<u32>> {
+    /// A token id or a list of them, each below `vocab`.
+    fn ids(&self, v: &Option<Value>, key: &str, vocab: usize) -> Result<Vec<u32>> {
         let one = |x: &Value| {
-            x.as_u64()
+            let id = x
+                .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| self.err(key, format!("{x} is not a token id")))
+                .ok_or_else(|| self.err(key, format!("{x} is not a token id")))?;
+            if id as usize >= vocab {
+                return Err(self.err(key, format!("{id} is not below the vocabulary size {vocab}")));
+            }
+            Ok(id)
         };
         match v {
             None | Some(Value::Null) => Ok(vec![]),
@@ -285,9 +299,8 @@ impl Ctx<'_> {
     }
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text)
+fn parse_json(path: &Path, bytes: &[u8]) -> Result<Value> {
+    serde_json::from_slice(bytes)
         .map_err(|e| OffloadError::Json { path: path.to_path_buf(), message: e.to_string() })
 }
 
@@ -327,13 +340,30 @@ impl ModelConfig {
         }
     }
 
-    /// Reads `dir/config.json` and, if present, `dir/generation_config.json`.
+    /// Reads `dir/config.json` and, if present, `dir/generation_config.json`
+    /// (each through [`model_file::read`]: a regular file inside the folder).
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
-        let raw: Value = read_json(&path)?;
-        let gen_path = dir.join("generation_config.json");
-        let gen = if gen_path.is_file() { Some(read_json::<Value>(&gen_path)?) } else { None };
-        Self::from_json(&path, &raw, gen.as_ref().map(|g| (gen_path.as_path(), g)))
+        const CONFIG: &str = "config.json";
+        const GENERATION: &str = "generation_config.json";
+        let config = model_file::read(dir, CONFIG, model_file::JSON_LIMIT_BYTES)?;
+        let generation = if model_file::exists(dir, GENERATION) {
+            Some(model_file::read(dir, GENERATION, model_file::JSON_LIMIT_BYTES)?)
+        } else {
+            None
+        };
+        let gen_path = dir.join(GENERATION);
+        Self::from_bytes(&dir.join(CONFIG), &config, generation.as_deref().map(|g| (gen_path.as_path(), g)))
+    }
+
+    /// [`Self::from_json`] of the bytes of `config.json` (and
+    /// `generation_config.json`); the paths are only used in messages.
+    pub fn from_bytes(path: &Path, config: &[u8], generation: Option<(&Path, &[u8])>) -> Result<Self> {
+        let config = parse_json(path, config)?;
+        let generation = match generation {
+            Some((gpath, bytes)) => Some((gpath, parse_json(gpath, bytes)?)),
+            None => None,
+        };
+        Self::from_json(path, &config, generation.as_ref().map(|(p, v)| (*p, v)))
     }
 
     /// Validates a parsed `config.json` (and generation config). `path` is only
@@ -366,17 +396,20 @@ impl ModelConfig {
             Architecture::Gpt2 => gpt2::parse(&cx, config)?,
             Architecture::Bloom => bloom::parse(&cx, config)?,
         };
-        let mut bos = cx.ids(&raw.bos_token_id, "bos_token_id")?;
-        let mut eos = cx.ids(&raw.eos_token_id, "eos_token_id")?;
+        let vocab = cfg.vocab_size;
+        let mut bos = cx.ids(&raw.bos_token_id, "bos_token_id", vocab)?;
+        let mut eos = cx.ids(&raw.eos_token_id, "eos_token_id", vocab)?;
+        cx.pad_id(&raw.pad_token_id, vocab)?;
         if let Some((gpath, gval)) = generation {
             let gcx = Ctx { path: gpath };
             let graw: RawGenerationConfig = gcx.raw(gval)?;
             if graw.bos_token_id.is_some() {
-                bos = gcx.ids(&graw.bos_token_id, "bos_token_id")?;
+                bos = gcx.ids(&graw.bos_token_id, "bos_token_id", vocab)?;
             }
             if graw.eos_token_id.is_some() {
-                eos = gcx.ids(&graw.eos_token_id, "eos_token_id")?;
+                eos = gcx.ids(&graw.eos_token_id, "eos_token_id", vocab)?;
             }
+            gcx.pad_id(&graw.pad_token_id, vocab)?;
         }
         cfg.bos_token_id = bos.first().copied();
         cfg.eos_token_ids = eos;
@@ -396,10 +429,11 @@ impl ModelConfig {
 
 /// The Llama family's keys → [`ModelConfig`] (token ids are filled in by the caller).
 fn llama_family(cx: &Ctx, raw: &RawConfig, architecture: Architecture) -> Result<ModelConfig> {
-    let hidden_size = cx.req(raw.hidden_size, "hidden_size")?;
-    let num_layers = cx.req(raw.num_hidden_layers, "num_hidden_layers")?;
-    let num_heads = cx.req(raw.num_attention_heads, "num_attention_heads")?;
-    let num_kv_heads = cx.req(Some(raw.num_key_value_heads.unwrap_or(num_heads)), "num_key_value_heads")?;
+    let hidden_size = cx.req(raw.hidden_size, "hidden_size", MAX_HIDDEN)?;
+    let num_layers = cx.req(raw.num_hidden_layers, "num_hidden_layers", MAX_LAYERS)?;
+    let num_heads = cx.req(raw.num_attention_heads, "num_attention_heads", MAX_HEADS)?;
+    let num_kv_heads =
+        cx.req(Some(raw.num_key_value_heads.unwrap_or(num_heads)), "num_key_value_heads", MAX_HEADS)?;
     if num_heads % num_kv_heads != 0 {
         return Err(cx.err(
             "num_key_value_heads",
@@ -407,8 +441,10 @@ fn llama_family(cx: &Ctx, raw: &RawConfig, architecture: Architecture) -> Result
         ));
     }
     let head_dim = match raw.head_dim {
-        Some(d) => cx.req(Some(d), "head_dim")?,
-        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        Some(d) => cx.req(Some(d), "head_dim", MAX_HEAD_DIM)?,
+        None if hidden_size % num_heads == 0 => {
+            cx.req(Some(hidden_size / num_heads), "head_dim", MAX_HEAD_DIM)?
+        }
         None => {
             return Err(cx.err(
                 "head_dim",
@@ -460,10 +496,14 @@ fn llama_family(cx: &Ctx, raw: &RawConfig, architecture: Architecture) -> Result
         num_heads,
         num_kv_heads,
         head_dim,
-        intermediate_size: cx.req(raw.intermediate_size, "intermediate_size")?,
-        vocab_size: cx.req(raw.vocab_size, "vocab_size")?,
-        max_position_embeddings: cx.req(raw.max_position_embeddings, "max_position_embeddings")?,
-        rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
+        intermediate_size: cx.req(raw.intermediate_size, "intermediate_size", MAX_INTERMEDIATE)?,
+        vocab_size: cx.req(raw.vocab_size, "vocab_size", MAX_VOCAB)?,
+        max_position_embeddings: cx.req(
+            raw.max_position_embeddings,
+            "max_position_embeddings",
+            MAX_POSITIONS,
+        )?,
+        rms_norm_eps: cx.eps(raw.rms_norm_eps.unwrap_or(1e-6), "rms_norm_eps")?,
         rope,
         tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
         qkv_bias,
@@ -491,8 +531,8 @@ fn parse_rope(cx: &Ctx, raw: &RawConfig) -> Result<RopeConfig> {
         .and_then(Value::as_f64)
         .or(raw.rope_theta)
         .unwrap_or(10000.0);
-    if theta <= 0.0 {
-        return Err(cx.err("rope_theta", format!("{theta} must be > 0")));
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(cx.err("rope_theta", format!("{theta} must be finite and > 0")));
     }
     let Some(p) = params else {
         return Ok(RopeConfig { theta, scaling: RopeScaling::None });
@@ -514,198 +554,9 @@ fn parse_rope(cx: &Ctx, raw: &RawConfig) -> Result<RopeConfig> {
             ))
         }
     };
+    bounds::check_rope_scaling(cx, prefix, &scaling)?;
     Ok(RopeConfig { theta, scaling })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn base() -> Value {
-        json!({
-            "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 128,
-            "vocab_size": 512, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "eos_token_id": 2, "bos_token_id": 1
-        })
-    }
-
-    fn parse(v: &Value) -> Result<ModelConfig> {
-        ModelConfig::from_json(Path::new("config.json"), v, None)
-    }
-
-    #[test]
-    fn derives_head_dim_and_defaults() {
-        let c = parse(&base()).expect("valid");
-        assert_eq!((c.head_dim, c.kv_dim(), c.q_dim()), (8, 16, 64));
-        assert_eq!(c.rope.scaling, RopeScaling::None);
-        assert_eq!(c.eos_token_ids, vec![2]);
-        assert!(!c.qkv_bias);
-    }
-
-    #[test]
-    fn old_and_new_rope_keys_agree() {
-        let mut old = base();
-        old["rope_theta"] = json!(500000.0);
-        old["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 256});
-        let mut new = base();
-        new.as_object_mut().expect("obj").remove("rope_theta");
-        new["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 256});
-        let (a, b) = (parse(&old).expect("old"), parse(&new).expect("new"));
-        assert_eq!(a.rope, b.rope);
-        assert_eq!(a.rope.theta, 500000.0);
-    }
-
-    #[test]
-    fn refuses_unsupported_values_naming_the_key() {
-        let cases: Vec<(Value, &str)> = vec![
-            (json!({"architectures": ["FalconForCausalLM"]}), "architectures"),
-            (json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}), "rope_scaling.rope_type"),
-            (
-                json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1.0}}),
-                "rope_parameters.rope_type",
-            ),
-            (json!({"hidden_act": "gelu"}), "hidden_act"),
-            (json!({"num_key_value_heads": 3}), "num_key_value_heads"),
-            (json!({"hidden_size": null}), "hidden_size"),
-            (json!({"eos_token_id": "x"}), "eos_token_id"),
-            (json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "rope_scaling.low_freq_factor"),
-        ];
-        for (patch, key) in cases {
-            let mut v = base();
-            for (k, val) in patch.as_object().expect("obj") {
-                v[k] = val.clone();
-            }
-            let err = parse(&v).expect_err("must refuse").to_string();
-            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
-        }
-    }
-
-    fn gpt2() -> Value {
-        // The gpt2 fixture's config, plus the Llama keys tiny-random-gpt2 carries and
-        // GPT-2 ignores.
-        json!({
-            "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new", "n_embd": 64,
-            "n_head": 4, "n_layer": 2, "n_positions": 128, "n_inner": null, "vocab_size": 1000,
-            "layer_norm_epsilon": 1e-5, "scale_attn_weights": true, "scale_attn_by_inverse_layer_idx": false,
-            "reorder_and_upcast_attn": false, "tie_word_embeddings": true, "bos_token_id": 0, "eos_token_id": 0,
-            "intermediate_size": 37, "hidden_act": "gelu"
-        })
-    }
-
-    fn bloom() -> Value {
-        json!({
-            "architectures": ["BloomForCausalLM"], "hidden_size": 64, "n_head": 4, "n_layer": 2,
-            "vocab_size": 512, "layer_norm_epsilon": 1e-5, "apply_residual_connection_post_layernorm": false,
-            "pretraining_tp": 1, "slow_but_exact": false, "bos_token_id": 1, "eos_token_id": 2
-        })
-    }
-
-    fn patched(mut v: Value, patch: Value) -> Value {
-        for (k, val) in patch.as_object().expect("obj") {
-            v[k] = val.clone();
-        }
-        v
-    }
-
-    #[test]
-    fn gpt2_keys_map_onto_the_runtime_config() {
-        let c = parse(&gpt2()).expect("gpt2");
-        assert_eq!(c.architecture, Architecture::Gpt2);
-        assert_eq!((c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim), (64, 2, 4, 4, 16));
-        // n_inner null → 4 · n_embd (not the ignored intermediate_size 37).
-        assert_eq!((c.intermediate_size, c.max_position_embeddings, c.vocab_size), (256, 128, 1000));
-        assert_eq!((c.rms_norm_eps, c.tie_word_embeddings, c.eos_token_ids.clone()), (1e-5, true, vec![0]));
-        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
-        let a = c.architecture;
-        assert_eq!(
-            (a.norm(), a.activation(), a.position_encoding()),
-            (Norm::Layer, Activation::GeluTanh, PositionEncoding::Learned)
-        );
-        // Explicit n_inner; HF's attribute-map names for the same keys.
-        let c = parse(&patched(gpt2(), json!({"n_inner": 100}))).expect("n_inner");
-        assert_eq!(c.intermediate_size, 100);
-        let mut aliased = gpt2();
-        for (old, new) in [
-            ("n_embd", "hidden_size"),
-            ("n_head", "num_attention_heads"),
-            ("n_positions", "max_position_embeddings"),
-        ] {
-            let v = aliased.as_object_mut().expect("obj").remove(old).expect("key");
-            aliased[new] = v;
-        }
-        assert_eq!(parse(&aliased).expect("aliases"), parse(&gpt2()).expect("gpt2"));
-    }
-
-    #[test]
-    fn bloom_keys_map_onto_the_runtime_config() {
-        let c = parse(&bloom()).expect("bloom");
-        assert_eq!(c.architecture, Architecture::Bloom);
-        assert_eq!(
-            (c.hidden_size, c.num_layers, c.num_heads, c.head_dim, c.intermediate_size),
-            (64, 2, 4, 16, 256)
-        );
-        assert_eq!((c.max_position_embeddings, c.tie_word_embeddings), (BLOOM_MAX_POSITIONS, true));
-        assert_eq!(c.architecture.position_encoding(), PositionEncoding::Alibi);
-        // bloom-560m's spelling: n_embed, num_attention_heads.
-        let mut old = bloom();
-        let o = old.as_object_mut().expect("obj");
-        let (h, n) = (o.remove("hidden_size").expect("h"), o.remove("n_head").expect("n"));
-        o.insert("n_embed".into(), h);
-        o.insert("num_attention_heads".into(), n);
-        assert_eq!(parse(&old).expect("n_embed"), c);
-    }
-
-    #[test]
-    fn gpt2_and_bloom_refuse_what_they_do_not_compute_naming_the_key() {
-        let cases: Vec<(Value, Value, &str)> = vec![
-            (gpt2(), json!({"activation_function": "relu"}), "activation_function"),
-            (gpt2(), json!({"scale_attn_weights": false}), "scale_attn_weights"),
-            (gpt2(), json!({"scale_attn_by_inverse_layer_idx": true}), "scale_attn_by_inverse_layer_idx"),
-            (gpt2(), json!({"reorder_and_upcast_attn": true}), "reorder_and_upcast_attn"),
-            (gpt2(), json!({"n_head": 5}), "n_head"),
-            (gpt2(), json!({"n_positions": null}), "n_positions"),
-            (gpt2(), json!({"n_embd": null}), "n_embd"),
-            (gpt2(), json!({"hidden_size": 32}), "hidden_size"),
-            (gpt2(), json!({"layer_norm_epsilon": -1.0}), "layer_norm_epsilon"),
-            (
-                bloom(),
-                json!({"apply_residual_connection_post_layernorm": true}),
-                "apply_residual_connection_post_layernorm",
-            ),
-            (bloom(), json!({"n_head": 3}), "n_head"),
-            (bloom(), json!({"n_layer": 0}), "n_layer"),
-        ];
-        for (base, patch, key) in cases {
-            let err = parse(&patched(base, patch.clone())).expect_err("must refuse").to_string();
-            assert!(err.contains(&format!("`{key}`")), "{patch}: {err}");
-        }
-        // Llama keys a GPT-2 config may carry do not matter to it.
-        assert!(parse(&patched(gpt2(), json!({"hidden_act": "relu", "rope_theta": 1.0}))).is_ok());
-    }
-
-    #[test]
-    fn generation_config_overrides_eos_list() {
-        let gen = json!({"eos_token_id": [2, 7]});
-        let c = ModelConfig::from_json(Path::new("config.json"), &base(), Some((Path::new("g.json"), &gen)))
-            .expect("valid");
-        assert_eq!(c.eos_token_ids, vec![2, 7]);
-    }
-
-    #[test]
-    fn family_biases() {
-        let mut q = base();
-        q["architectures"] = json!(["Qwen2ForCausalLM"]);
-        let c = parse(&q).expect("qwen2");
-        assert!(c.qkv_bias && !c.o_bias);
-        let mut m = base();
-        m["architectures"] = json!(["MistralForCausalLM"]);
-        m["head_dim"] = json!(32);
-        m["sliding_window"] = json!(4096);
-        let c = parse(&m).expect("mistral");
-        assert_eq!((c.head_dim, c.sliding_window), (32, Some(4096)));
-    }
-}
+mod tests;

@@ -58,6 +58,23 @@ impl DType {
     }
 }
 
+impl DType {
+    /// One element's little-endian `bytes` as text, for messages: `NaN`, `inf`,
+    /// `-inf`, or a finite value (with a note when f16 cannot hold it).
+    pub(crate) fn describe(self, bytes: &[u8]) -> String {
+        let v = match self {
+            Self::F16 => f16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
+            Self::BF16 => bf16::from_le_bytes([bytes[0], bytes[1]]).to_f32(),
+            Self::F32 => f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        };
+        if v.is_finite() && f16::from_f32(v).is_infinite() {
+            format!("{v:e} in {self:?}, beyond f16's range")
+        } else {
+            format!("{v}")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,10 @@ pub enum OffloadError {
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
     Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    /// A weight that is NaN or infinite in the f16 the model computes with (a
+    /// NaN or Inf in the file, or an f32 beyond f16's range).
+    #[error("{path}: tensor `{tensor}`: element {index} is {value}; weights must be finite f16 values")]
+    NonFinite { path: PathBuf, tensor: String, index: usize, value: String },
     #[error("tensor `{tensor}`: element range {start}..{end} is outside its {len} elements")]
     Range { tensor: String, start: usize, end: usize, len: usize },
     /// The device staging ring was used beyond its depth or slot size.

@@ -8,6 +8,8 @@
 //!   with its index, memory-mapped; the primitive is
 //!   [`Checkpoint::read_f16_into`]: "elements `[a, b)` of tensor `T`, converted to
 //!   f16", so a worker can load just the slice of every tensor it owns.
+//! - [`model_file`]: how any file of a model folder is opened (a regular file,
+//!   inside the folder, of bounded size).
 //! - [`spec`]: the tensors each architecture stores (names, shapes, layers) and how
 //!   each becomes the layout the model computes with.
 //! - [`plan`]: the partition planner (a pure function of the checkpoint's tensors,
@@ -38,6 +40,7 @@ pub mod digest;
 mod dtype;
 mod error;
 pub mod gpu_budget;
+pub mod model_file;
 pub mod plan;
 pub mod request;
 pub mod shards;
@@ -45,10 +48,11 @@ pub mod spec;
 pub mod staging;
 pub mod synthetic;
 
-pub use checkpoint::{Checkpoint, TensorInfo};
+pub use checkpoint::{parse_header, parse_index, Checkpoint, TensorInfo, MAX_HEADER_BYTES};
 pub use config::{
     Activation, Architecture, ModelConfig, Norm, PositionEncoding, RopeConfig, RopeScaling,
-    BLOOM_MAX_POSITIONS,
+    BLOOM_MAX_POSITIONS, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,
+    MAX_VOCAB,
 };
 pub use dtype::DType;
 pub use error::{OffloadError, Result};

@@ -5,8 +5,11 @@
 //! tensor as the checkpoint holds it. Layout changes ([`Layout`]) apply to the
 //! whole tensor once it is loaded or gathered ([`TensorSpec::to_compute_layout`]).
 mod bloom;
+mod checked;
 mod gpt2;
 mod llama;
+
+pub use checked::{checked_specs, stored_layers};
 
 use crate::plan::TensorMeta;
 use crate::{Architecture, ModelConfig};
@@ -145,6 +148,24 @@ mod tests {
             listed.sort_unstable();
             assert_eq!(stored, listed, "{model}");
         }
+    }
+
+    #[test]
+    fn checked_specs_compare_the_layer_count_first() {
+        let dir = shared_dir().join("models/stories260K");
+        let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+        let good = ModelConfig::from_dir(&dir).expect("config");
+        assert_eq!(checked_specs(&good, &ckpt).expect("matches"), tensor_specs(&good));
+        for (layers, needle) in
+            [(1_000_000_000, "1000000000 layers, but the checkpoint holds 5 layers (0..=4)"), (4, "4 layers")]
+        {
+            let c = ModelConfig { num_layers: layers, ..good.clone() };
+            let e = checked_specs(&c, &ckpt).expect_err("must refuse").to_string();
+            assert!(e.contains("`num_hidden_layers`") && e.contains(needle), "{e}");
+        }
+        let c = ModelConfig { vocab_size: 7, ..good };
+        let e = checked_specs(&c, &ckpt).expect_err("must refuse").to_string();
+        assert!(e.contains("model.embed_tokens.weight"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub(crate) mod cluster;
 pub(crate) mod etcd;
 pub(crate) mod fleet;
+pub(crate) mod model_dir;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -27,13 +27,13 @@ pub(crate) struct HostTensor {
 }
 
 impl HostWeights {
-    /// Loads every tensor `config` needs from `ckpt`, checking each one's stored
-    /// shape, and puts it in compute layout.
+    /// Loads every tensor `config` needs from `ckpt`, checking the config
+    /// against the checkpoint (layer count, then each tensor's stored shape)
+    /// before anything is sized by it, and puts each tensor in compute layout.
     pub fn load(ckpt: &Checkpoint, config: &ModelConfig) -> Result<Self> {
         let mut store = Self::default();
-        for spec in tensor_specs(config) {
-            let info = ckpt.expect_shape(&spec.name, &spec.shape)?;
-            let data = ckpt.read_f16(&spec.name, 0..info.numel())?;
+        for spec in zeroshard_offload::spec::checked_specs(config, ckpt)? {
+            let data = ckpt.read_f16(&spec.name, 0..spec.numel())?;
             store.insert(&spec, data);
         }
         Ok(store)

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::fused::{fused_config, FusedKeys};
-use super::{Ctx, BLOOM_MAX_POSITIONS};
+use super::{Ctx, BLOOM_MAX_POSITIONS, MAX_HIDDEN};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
 
@@ -24,7 +24,7 @@ struct RawBloomConfig {
 pub(super) fn parse(cx: &Ctx, config: &Value) -> Result<ModelConfig> {
     let raw: RawBloomConfig = cx.raw(config)?;
     let (k, v) = cx.alias(&[("hidden_size", raw.hidden_size), ("n_embed", raw.n_embed)])?;
-    let hidden_size = cx.req(v, &k)?;
+    let hidden_size = cx.req(v, &k, MAX_HIDDEN)?;
     if raw.apply_residual_connection_post_layernorm == Some(true) {
         return Err(cx.err(
             "apply_residual_connection_post_layernorm",

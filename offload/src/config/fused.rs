@@ -4,7 +4,7 @@
 //! to the embedding unless `tie_word_embeddings` says otherwise.
 use serde::Deserialize;
 
-use super::{Ctx, RopeConfig, RopeScaling};
+use super::{Ctx, RopeConfig, RopeScaling, MAX_HEADS, MAX_LAYERS, MAX_VOCAB};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
 
@@ -32,15 +32,12 @@ pub(super) fn fused_config(
     max_position_embeddings: usize,
 ) -> Result<ModelConfig> {
     let (k, v) = cx.alias(&[("n_layer", keys.n_layer), ("num_hidden_layers", keys.num_hidden_layers)])?;
-    let num_layers = cx.req(v, &k)?;
+    let num_layers = cx.req(v, &k, MAX_LAYERS)?;
     let (heads_key, v) =
         cx.alias(&[("n_head", keys.n_head), ("num_attention_heads", keys.num_attention_heads)])?;
-    let num_heads = cx.req(v, &heads_key)?;
+    let num_heads = cx.req(v, &heads_key, MAX_HEADS)?;
     let head_dim = cx.head_dim(hidden_size, num_heads, &heads_key)?;
-    let eps = keys.layer_norm_epsilon.unwrap_or(1e-5);
-    if eps.is_nan() || eps < 0.0 {
-        return Err(cx.err("layer_norm_epsilon", format!("{eps} must be ≥ 0")));
-    }
+    let eps = cx.eps(keys.layer_norm_epsilon.unwrap_or(1e-5), "layer_norm_epsilon")?;
     Ok(ModelConfig {
         architecture,
         hidden_size,
@@ -49,9 +46,9 @@ pub(super) fn fused_config(
         num_kv_heads: num_heads,
         head_dim,
         intermediate_size,
-        vocab_size: cx.req(keys.vocab_size, "vocab_size")?,
+        vocab_size: cx.req(keys.vocab_size, "vocab_size", MAX_VOCAB)?,
         max_position_embeddings,
-        rms_norm_eps: eps as f32,
+        rms_norm_eps: eps,
         rope: RopeConfig { theta: 10000.0, scaling: RopeScaling::None },
         tie_word_embeddings: keys.tie_word_embeddings.unwrap_or(true),
         qkv_bias: true,

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::fused::{fused_config, FusedKeys};
-use super::Ctx;
+use super::{Ctx, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_POSITIONS};
 use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
 
@@ -37,15 +37,15 @@ const GELU_TANH_NAMES: [&str; 3] = ["gelu_new", "gelu_pytorch_tanh", "gelu_fast"
 pub(super) fn parse(cx: &Ctx, config: &Value) -> Result<ModelConfig> {
     let raw: RawGpt2Config = cx.raw(config)?;
     let (k, v) = cx.alias(&[("n_embd", raw.n_embd), ("hidden_size", raw.hidden_size)])?;
-    let hidden_size = cx.req(v, &k)?;
+    let hidden_size = cx.req(v, &k, MAX_HIDDEN)?;
     let (k, v) = cx.alias(&[
         ("n_positions", raw.n_positions),
         ("max_position_embeddings", raw.max_position_embeddings),
     ])?;
-    let n_positions = cx.req(v, &k)?;
+    let n_positions = cx.req(v, &k, MAX_POSITIONS)?;
     let intermediate_size = match raw.n_inner {
         None => 4 * hidden_size,
-        Some(n) => cx.req(Some(n), "n_inner")?,
+        Some(n) => cx.req(Some(n), "n_inner", MAX_INTERMEDIATE)?,
     };
     let act = raw.activation_function.as_deref().unwrap_or("gelu_new");
     if !GELU_TANH_NAMES.contains(&act) {

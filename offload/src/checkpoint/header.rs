@@ -1,0 +1,189 @@
+//! The two parsers of a checkpoint's metadata, on bytes (no I/O, so they can be
+//! fuzzed): the safetensors header ([`parse_header`]) and the shard index
+//! ([`parse_index`]). Neither trusts a number it reads: lengths are checked
+//! against the bytes present before anything is allocated for them, sizes are
+//! computed with checked arithmetic, and tensors may not share bytes.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::TensorInfo;
+use crate::dtype::DType;
+use crate::error::{OffloadError, Result};
+use crate::model_file;
+
+/// The largest safetensors header read (the `safetensors` crate's own limit).
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
+
+#[derive(Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// Parses and validates one safetensors file's header: `u64` little-endian
+/// header length, the JSON header, then the data. Every tensor must lie inside
+/// the data, hold exactly `numel × dtype size` bytes and share none of them with
+/// another tensor. `path` is only used in messages; `file` is stored in each
+/// [`TensorInfo`].
+pub fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<TensorInfo>> {
+    let fmt = |message: String| OffloadError::Format { path: path.to_path_buf(), message };
+    if bytes.len() < 8 {
+        return Err(fmt(format!("file is {} bytes, too short for a safetensors header", bytes.len())));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let data_start = usize::try_from(header_len)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|end| *end <= bytes.len())
+        .ok_or_else(|| {
+            fmt(format!("header length {header_len} exceeds the file size {} (truncated file?)", bytes.len()))
+        })?;
+    if header_len as usize > MAX_HEADER_BYTES {
+        return Err(fmt(format!("header length {header_len} is over the {MAX_HEADER_BYTES}-byte limit")));
+    }
+    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| fmt(format!("invalid safetensors header JSON: {e}")))?;
+    let data_len = bytes.len() - data_start;
+    let mut out = Vec::with_capacity(header.len());
+    let mut ranges = Vec::with_capacity(header.len());
+    for (name, value) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let raw: RawEntry = serde_json::from_value(value)
+            .map_err(|e| fmt(format!("tensor `{name}`: malformed header entry: {e}")))?;
+        let dtype = DType::from_safetensors(&raw.dtype).ok_or_else(|| OffloadError::UnsupportedDType {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            dtype: raw.dtype.clone(),
+        })?;
+        let [begin, end] = raw.data_offsets;
+        let needed = raw
+            .shape
+            .iter()
+            .try_fold(dtype.size_bytes(), |acc, d| acc.checked_mul(*d))
+            .ok_or_else(|| fmt(format!("tensor `{name}`: shape {:?} overflows", raw.shape)))?;
+        if end < begin || end - begin != needed {
+            return Err(fmt(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] hold {} bytes, but shape {:?} of {} needs {needed}",
+                end.saturating_sub(begin),
+                raw.shape,
+                raw.dtype,
+            )));
+        }
+        if end > data_len {
+            return Err(fmt(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] go beyond the file's {data_len} data bytes (truncated file?)"
+            )));
+        }
+        if begin < end {
+            ranges.push((begin, end, out.len()));
+        }
+        out.push(TensorInfo { name, dtype, shape: raw.shape, file, offset: data_start + begin });
+    }
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        let ((_, prev_end, a), (begin, _, b)) = (pair[0], pair[1]);
+        if begin < prev_end {
+            return Err(fmt(format!(
+                "tensors `{}` and `{}` overlap (data_offsets {begin} < {prev_end})",
+                out[a].name, out[b].name
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// The shard file names a `model.safetensors.index.json` lists, sorted and
+/// deduplicated; each must be a plain file name inside the model folder.
+pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
+    let raw: RawIndex = serde_json::from_slice(bytes)
+        .map_err(|e| OffloadError::Json { path: path.to_path_buf(), message: e.to_string() })?;
+    let mut names: Vec<String> = raw.weight_map.into_values().collect();
+    names.sort();
+    names.dedup();
+    if let Some(bad) = names.iter().find(|n| !model_file::is_plain_name(n)) {
+        return Err(OffloadError::Format {
+            path: path.to_path_buf(),
+            message: format!("`weight_map` names \"{bad}\", which is not a file inside the model folder"),
+        });
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A safetensors file of `header` (as JSON) followed by `data_len` zero bytes.
+    fn file(header: serde_json::Value, data_len: usize) -> Vec<u8> {
+        let h = serde_json::to_vec(&header).expect("json");
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(&h);
+        b.resize(b.len() + data_len, 0);
+        b
+    }
+
+    fn err(bytes: &[u8]) -> String {
+        parse_header(Path::new("m.safetensors"), bytes, 0).expect_err("must refuse").to_string()
+    }
+
+    #[test]
+    fn refuses_overlapping_tensors() {
+        let h = json!({
+            "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]},
+            "e": {"dtype": "F16", "shape": [0], "data_offsets": [8, 8]},
+        });
+        let e = err(&file(h, 16));
+        assert!(e.contains("`a` and `b` overlap"), "{e}");
+        let ok = json!({
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F16", "shape": [4], "data_offsets": [8, 16]},
+            "e": {"dtype": "F16", "shape": [0], "data_offsets": [8, 8]},
+            "__metadata__": {"format": "pt"},
+        });
+        let t = parse_header(Path::new("m"), &file(ok, 16), 3).expect("adjacent ranges");
+        assert_eq!(t.len(), 3);
+        assert!(t.iter().all(|t| t.file == 3));
+    }
+
+    #[test]
+    fn refuses_sizes_that_overflow_or_disagree() {
+        // numel fits a usize but numel × 4 does not.
+        let big = usize::MAX / 2;
+        let h = json!({"w": {"dtype": "F32", "shape": [big], "data_offsets": [0, 8]}});
+        assert!(err(&file(h, 8)).contains("overflows"));
+        let h = json!({"w": {"dtype": "F32", "shape": [3], "data_offsets": [8, 4]}});
+        assert!(err(&file(h, 8)).contains("hold 0 bytes"));
+        // The fuzzer's input against the unchecked `numel * size` (2^62 - 1 × 4
+        // elements fit a usize, their bytes do not): fuzz/corpus/safetensors/regress-size-overflow.
+        let h = json!({"w": {"data_offsets": [0, 0], "dtype": "F32", "shape": [4611686018427387903u64, 4]}});
+        assert!(err(&file(h, 0)).contains("overflows"));
+        // A header length of 2^64 - 1.
+        let mut b = u64::MAX.to_le_bytes().to_vec();
+        b.extend_from_slice(b"{}");
+        assert!(err(&b).contains("exceeds the file size"));
+    }
+
+    #[test]
+    fn index_names_stay_in_the_folder() {
+        let p = Path::new("model.safetensors.index.json");
+        for bad in ["../../../../etc/passwd", "/etc/passwd", "a/../../b", ""] {
+            let idx = json!({"weight_map": {"x": "ok.safetensors", "y": bad}}).to_string();
+            let e = parse_index(p, idx.as_bytes()).expect_err("must refuse").to_string();
+            assert!(e.contains("not a file inside the model folder"), "{bad}: {e}");
+        }
+        let idx = br#"{"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}}"#;
+        assert_eq!(parse_index(p, idx).expect("index"), ["a.safetensors", "b.safetensors"]);
+    }
+}
