@@ -206,4 +206,20 @@ fn up_refuses_the_same_way() {
         "{}",
         done.stderr
     );
+
+    // A FIFO tokenizer: refused by the coordinator, not skipped (and never opened blocking).
+    let dir = copy_model();
+    make_fifo(&dir.path().join("tokenizer.json"));
+    let mut cmd = bin();
+    cmd.args([
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        dir.path().to_str().expect("path"),
+        "--workers",
+        "1",
+    ]);
+    let done = run_bounded(cmd, Duration::from_secs(60), 4 << 30);
+    expect_one_line(&done, &["tokenizer.json", "is a FIFO, not a regular file"]);
 }

@@ -312,6 +312,11 @@ async fn run_inner(
             Attempt::Done => break,
             Attempt::Busy(why) => {
                 tracing::debug!("{why}; queued again");
+                if Instant::now() > deadline {
+                    return Err(CoordinatorError::Unavailable(format!(
+                        "no worker had room for the sequence within {RESUME_PATIENCE:?}: {why}"
+                    )));
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Attempt::Stalled(why) => {

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use zeroshard_offload::digest::BlockDigests;
+use zeroshard_offload::model_file;
 use zeroshard_offload::plan::{Plan, TensorMeta, WorkerId};
-use zeroshard_offload::spec::tensor_specs;
+use zeroshard_offload::spec::checked_specs;
 use zeroshard_offload::{Checkpoint, ModelConfig};
 
 use zeroshard_proto::{ApiKeys, Security};
@@ -166,17 +167,25 @@ impl Coordinator {
         }
         let dir = &cfg.model_dir;
         let config = ModelConfig::from_dir(dir)?;
-        let read = |name: &str| std::fs::read_to_string(dir.join(name));
-        let config_json = read("config.json").map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
-        let generation_config_json = read("generation_config.json").unwrap_or_default();
+        // The texts workers parse again: read as every model file is (regular,
+        // inside the folder, bounded); `from_dir` checked their contents.
+        let read = |name: &str| -> Result<String> {
+            let bytes = model_file::read(dir, name, model_file::JSON_LIMIT_BYTES)?;
+            String::from_utf8(bytes).map_err(|_| {
+                CoordinatorError::InvalidRequest(format!("{}: not UTF-8", dir.join(name).display()))
+            })
+        };
+        let config_json = read("config.json")?;
+        let generation_config_json = if model_file::exists(dir, "generation_config.json") {
+            read("generation_config.json")?
+        } else {
+            String::new()
+        };
         let ckpt = Checkpoint::open(dir)?;
-        let specs = tensor_specs(&config);
-        for s in &specs {
-            ckpt.expect_shape(&s.name, &s.shape)?;
-        }
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer =
-            if tok_path.is_file() { Some(Arc::new(Tokenizer::from_file(&tok_path)?)) } else { None };
+        // Every tensor the config implies, checked against the checkpoint's
+        // layers and shapes before anything is sized by the config.
+        let specs = checked_specs(&config, &ckpt)?;
+        let tokenizer = Tokenizer::from_model_dir(dir)?.map(Arc::new);
         let (ready, _) = watch::channel(Readiness::Waiting { registered: 0, expected: cfg.workers });
         let (reports, reports_rx) = mpsc::unbounded_channel();
         // Sequence ids unique across coordinator restarts: workers may still
