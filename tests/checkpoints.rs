@@ -165,21 +165,18 @@ fn only_regular_files_are_opened() {
     expect_error(dir.path(), &[], &["config.json", "is a directory, not a regular file"]);
 }
 
+/// `up --workers 1` on `dir`, bounded in time and memory.
+fn up_on(dir: &Path) -> Finished {
+    let mut cmd = bin();
+    cmd.args(["up", "--listen", "127.0.0.1:0", "--model", dir.to_str().expect("path"), "--workers", "1"]);
+    run_bounded(cmd, Duration::from_secs(60), 4 << 30)
+}
+
 #[test]
 fn up_refuses_the_same_way() {
     let dir = copy_model();
     patch_json(dir.path(), "config.json", "num_hidden_layers", json!(1_000_000_000u64));
-    let mut cmd = bin();
-    cmd.args([
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        dir.path().to_str().expect("path"),
-        "--workers",
-        "1",
-    ]);
-    let done = run_bounded(cmd, Duration::from_secs(60), 4 << 30);
+    let done = up_on(dir.path());
     println!("up, num_hidden_layers 1e9: peak RSS {} kB: {}", done.max_rss_kb, done.stderr.trim());
     expect_one_line(&done, &["config.json", "`num_hidden_layers`", "1000000000 is over the limit of 4096"]);
 
@@ -187,17 +184,7 @@ fn up_refuses_the_same_way() {
     // (after `up` announced its workers, so the error is the last line).
     let dir = copy_model();
     poke_f32(dir.path(), "model.layers.2.self_attn.q_proj.weight", 5, f32::NAN);
-    let mut cmd = bin();
-    cmd.args([
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        dir.path().to_str().expect("path"),
-        "--workers",
-        "1",
-    ]);
-    let done = run_bounded(cmd, Duration::from_secs(60), 4 << 30);
+    let done = up_on(dir.path());
     assert_eq!(done.code, Some(1), "{}", done.stderr);
     let last = done.stderr.trim_end().lines().last().unwrap_or_default();
     assert!(
@@ -210,16 +197,6 @@ fn up_refuses_the_same_way() {
     // A FIFO tokenizer: refused by the coordinator, not skipped (and never opened blocking).
     let dir = copy_model();
     make_fifo(&dir.path().join("tokenizer.json"));
-    let mut cmd = bin();
-    cmd.args([
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        dir.path().to_str().expect("path"),
-        "--workers",
-        "1",
-    ]);
-    let done = run_bounded(cmd, Duration::from_secs(60), 4 << 30);
+    let done = up_on(dir.path());
     expect_one_line(&done, &["tokenizer.json", "is a FIFO, not a regular file"]);
 }
