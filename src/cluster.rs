@@ -28,18 +28,25 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("tokio runtime")
 }
 
-/// Turns true on SIGINT or SIGTERM.
+/// Turns true on SIGINT or SIGTERM (a worker then drains); a second one ends
+/// the process at once (exit 143), as the launcher's grace period would.
 fn stop_signal() -> Result<watch::Receiver<bool>> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = watch::channel(false);
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if n > 0 {
+                eprintln!("second stop signal: exiting now");
+                std::process::exit(143);
+            }
+            let _ = tx.send(true);
         }
-        let _ = tx.send(true);
     });
     Ok(rx)
 }
@@ -279,6 +286,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             "requests_rejected_total": s.requests_rejected_total,
             "queue_ms_total": s.queue_ms_total, "queue_ms_max": s.queue_ms_max,
             "step_deadlines_missed_total": s.step_deadlines_missed_total,
+            "sequences_moved_total": s.sequences_moved_total,
             "workers": workers,
         });
         println!("{v}");

@@ -585,3 +585,37 @@ fn a_stopped_holder_pauses_other_streams_for_about_the_lease_ttl() {
     let s = fleet.lock().expect("fleet").status();
     assert!(s["workers_lost_total"].as_u64() >= Some(1), "the stopped holder was never dropped: {s}");
 }
+
+/// SIGTERM to the worker running a stream (what Slurm and Kubernetes send
+/// first): it hands the sequence back and leaves; the stream continues on
+/// another worker with exactly the undisturbed tokens, not counted as a
+/// failure, and the drained worker exits 0.
+#[test]
+fn a_sigtermed_worker_drains_its_sequences_and_exits_cleanly() {
+    let want = expected(PROMPT, LONG);
+    let fleet =
+        Fleet::start(Etcd::start(), model("stories260K"), 3, &[], &["--fault-step-delay-ms", STEP_DELAY]);
+    let fleet = std::sync::Mutex::new(fleet);
+    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
+    let victim = std::sync::Mutex::new(None);
+    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
+        let f = fleet.lock().expect("fleet");
+        let i = busy_worker(&f);
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(f.worker_pid(i).expect("live") as i32, libc::SIGTERM) };
+        *victim.lock().expect("victim") = Some(i);
+    }));
+    assert_eq!(got.tokens, want, "the stream moved off a draining worker differs");
+    let mut fleet = fleet.into_inner().expect("fleet");
+    let i = victim.into_inner().expect("victim").expect("a worker was drained");
+    let status = fleet.wait_worker_exit(i, Duration::from_secs(40)).expect("the drained worker exits");
+    let worst = got.gaps[1..].iter().max().copied().unwrap_or_default();
+    let s = fleet.status();
+    eprintln!(
+        "SIGTERM drain: longest pause {worst:?} (steps ~16 ms), worker exited {status}, moved {}, resumed {}",
+        s["sequences_moved_total"], s["sequences_resumed_total"]
+    );
+    assert!(status.success(), "a drained worker exits 0: {status}");
+    assert!(s["sequences_moved_total"].as_u64() >= Some(1), "the sequence was not handed back: {s}");
+    assert_eq!(s["sequences_resumed_total"], 0, "a drain counted as a failure: {s}");
+}

@@ -37,6 +37,10 @@ pub enum WorkerError {
     /// its cap on sequences): the caller may try again later or elsewhere.
     #[error("{0}")]
     Overloaded(String),
+    /// The worker is draining (SIGTERM): it hands its sequences back, to be
+    /// continued elsewhere from the tokens already sent.
+    #[error("{0}")]
+    Draining(String),
     /// A gather abandoned because its epoch was replaced while it waited on a
     /// holder that left: the step fails at once, the worker is fine.
     #[error("gather abandoned: {0}")]

@@ -13,8 +13,9 @@
 //! keeps them from ever having to refuse, but if one does (a sequence it has
 //! not freed yet) the request goes back to the front of the queue.
 //!
-//! A worker that missed a step deadline is *stalled*: no sequence goes to it
-//! for [`STALL_FOR`], unless it is the only choice.
+//! A worker that missed a step deadline, or handed its sequences back because
+//! it is draining, is *avoided*: no sequence goes to it for [`STALL_FOR`],
+//! unless it is the only choice.
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,6 +159,11 @@ impl Admission {
     /// `worker` held a sequence past its step deadline: none goes to it for a while.
     pub(super) fn stall(&self, worker: WorkerId) {
         self.deadlines_missed.fetch_add(1, Ordering::Relaxed);
+        self.avoid(worker);
+    }
+
+    /// No new sequence goes to `worker` for [`STALL_FOR`] (stuck, or draining).
+    pub(super) fn avoid(&self, worker: WorkerId) {
         self.lock().stalled.insert(worker, Instant::now() + STALL_FOR);
     }
 

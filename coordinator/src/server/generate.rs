@@ -248,6 +248,9 @@ enum Attempt {
     /// The worker missed the step deadline: resume elsewhere at once, and send
     /// it nothing new for a while.
     Stalled(String),
+    /// The worker is draining and handed the sequence back (CANCELLED):
+    /// continue elsewhere at once; not a failure.
+    Moved(String),
 }
 
 impl Attempt {
@@ -261,6 +264,7 @@ impl Attempt {
             }
             tonic::Code::Aborted => Self::StepFailed(why),
             tonic::Code::ResourceExhausted => Self::Busy(why),
+            tonic::Code::Cancelled => Self::Moved(why),
             _ => Self::Failed(why),
         })
     }
@@ -318,6 +322,11 @@ async fn run_inner(
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Attempt::Moved(why) => {
+                tracing::info!("{why}; continuing after {} tokens elsewhere", run.produced.len());
+                coord.0.admission.avoid(id);
+                coord.0.sequences_moved.fetch_add(1, Ordering::Relaxed);
             }
             Attempt::Stalled(why) => {
                 tracing::warn!("{why}; resuming elsewhere after {} tokens", run.produced.len());

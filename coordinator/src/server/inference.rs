@@ -119,6 +119,7 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
             queue_ms_total: q.queue_ms_total,
             queue_ms_max: q.queue_ms_max,
             step_deadlines_missed_total: q.deadlines_missed,
+            sequences_moved_total: coord.0.sequences_moved.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }

@@ -139,6 +139,8 @@ pub(super) struct Inner {
     pub tokenizing: tokio::sync::Semaphore,
     pub workers_lost: AtomicU64,
     pub sequences_resumed: AtomicU64,
+    /// Sequences handed back by draining workers.
+    pub sequences_moved: AtomicU64,
 }
 
 /// A cloneable handle on the cluster state.
@@ -217,6 +219,7 @@ impl Coordinator {
             ),
             workers_lost: AtomicU64::new(0),
             sequences_resumed: AtomicU64::new(0),
+            sequences_moved: AtomicU64::new(0),
         }));
         tokio::spawn(super::supervisor::run(coord.clone(), reports_rx));
         Ok(coord)

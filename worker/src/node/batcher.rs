@@ -17,6 +17,10 @@
 //! [`WorkerError::Overloaded`], so a running sequence never runs out of memory
 //! half-way. A sequence that cannot run at all (nothing left to generate, a
 //! prompt the model refuses) ends alone with its own error; the batch goes on.
+//!
+//! Draining ([`Command::Drain`]): every sequence is handed back at the next
+//! step boundary ([`WorkerError::Draining`]) and new ones are refused, so the
+//! coordinator continues them elsewhere from the tokens already sent.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -45,6 +49,8 @@ pub(crate) enum Command {
         tx: UnboundedSender<SeqEvent>,
     },
     Cancel(u64),
+    /// Hand every sequence back, and refuse new ones: the worker is leaving.
+    Drain,
     /// Compute from these weights from the next step on.
     Source(Arc<dyn WeightSource>),
 }
@@ -152,6 +158,9 @@ pub(super) fn run<B: Backend>(
     stats.max_active.store(limits.max_active as u32, Ordering::Relaxed);
     let mut active: HashMap<u64, Active<B>> = HashMap::new();
     let mut source: Option<Arc<dyn WeightSource>> = None;
+    let mut draining = false;
+    let handed_back =
+        || Arc::new(WorkerError::Draining("the worker is draining: sequence handed back".into()));
     let publish = |active: &HashMap<u64, Active<B>>| {
         stats.active.store(active.len() as u32, Ordering::Relaxed);
         stats.kv_reserved.store(active.values().map(|a| a.reserved).sum(), Ordering::Relaxed);
@@ -169,6 +178,9 @@ pub(super) fn run<B: Backend>(
         };
         for cmd in first.into_iter().chain(rx.try_iter()) {
             match cmd {
+                Command::Run { tx, .. } if draining => {
+                    let _ = tx.send(Err(handed_back()));
+                }
                 Command::Run { id, prompt, params, tx } => {
                     match admit(&engine, &limits, &active, prompt, params) {
                         Ok((seq, reserved)) => {
@@ -181,6 +193,12 @@ pub(super) fn run<B: Backend>(
                 }
                 Command::Cancel(id) => {
                     active.remove(&id);
+                }
+                Command::Drain => {
+                    draining = true;
+                    for (_, a) in active.drain() {
+                        let _ = a.tx.send(Err(handed_back()));
+                    }
                 }
                 Command::Source(s) => source = Some(s),
             }

@@ -32,6 +32,10 @@ use crate::sync;
 /// verified is kept). Holders with a replica behind them get one attempt.
 pub(super) const FETCH_ATTEMPTS: usize = 4;
 
+/// A fetch from a holder the next epoch left out still gets this long to
+/// finish (a draining holder answers; a stopped one does not).
+const ABANDON_GRACE: Duration = Duration::from_millis(250);
+
 /// A holder that failed is tried last for this long.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 
@@ -296,7 +300,8 @@ impl Gatherer {
             let mut asm = Assembler::new(pending, 2)?;
             let fetched = tokio::select! {
                 r = client.fetch_into(&source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks, policy) => r,
-                _ = departed.wait_for(gone) => {
+                // A holder that left by draining still answers: its fetch gets a moment to finish.
+                _ = async { let _ = departed.wait_for(gone).await; tokio::time::sleep(ABANDON_GRACE).await } => {
                     abandoned = true;
                     Err(format!("{source} left the cluster (epoch {} replaced)", self.plan.epoch()))
                 }

@@ -14,7 +14,8 @@ use crate::node::{PlannedModel, SeqEvent};
 /// The status a caller gets for `e`: its fault (INVALID_ARGUMENT, NOT_FOUND,
 /// FAILED_PRECONDITION), a step that failed on a device still in use (ABORTED:
 /// the coordinator resumes the sequence at once), no room now
-/// (RESOURCE_EXHAUSTED: the coordinator queues it again), a member that cannot serve
+/// (RESOURCE_EXHAUSTED: the coordinator queues it again), a sequence handed
+/// back by a draining worker (CANCELLED: continued elsewhere at once), a member that cannot serve
 /// now (UNAVAILABLE: resumed once membership changes), or this worker's (INTERNAL).
 pub(crate) fn status(e: &WorkerError) -> Status {
     use WorkerError as E;
@@ -27,6 +28,7 @@ pub(crate) fn status(e: &WorkerError) -> Status {
         E::Epoch(_) => Status::failed_precondition(msg),
         E::Overloaded(_) => Status::resource_exhausted(msg),
         E::Abandoned(_) => Status::aborted(msg),
+        E::Draining(_) => Status::cancelled(msg),
         E::CorruptCopy { .. } => Status::data_loss(msg),
         E::Device { fatal: false, .. } => Status::aborted(msg),
         E::Gather(_) | E::Rpc { .. } | E::Membership { .. } | E::Device { .. } => Status::unavailable(msg),

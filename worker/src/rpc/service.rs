@@ -162,7 +162,7 @@ impl Shards for Svc {
     }
 }
 
-/// Serves on `listener` until `shutdown` resolves: prints `listening
+/// Serves on `listener` until `shutdown` resolves, then drains (see [`drain`]): prints `listening
 /// http://ADDR` on stdout, then registers through `registrar`. The batching
 /// loop starts on its own thread with the first plan. A fatal step error (the
 /// device cannot be trusted again) makes the worker leave the cluster at once
@@ -181,10 +181,7 @@ pub async fn run(
     let svc = Svc(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = stop_rx => {}
-        }
+        let _ = stop_rx.await;
     };
     let tls = security.is_tls();
     let router = zeroshard_proto::transport::server()
@@ -228,5 +225,50 @@ pub async fn run(
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
             Err(WorkerError::Task { what: "batching loop", source: Box::new(fatal) })
         }
+        _ = shutdown => {
+            drain(&node, registrar.as_ref(), id, &described).await;
+            let _ = stop_tx.send(());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
+            Ok(())
+        }
     }
+}
+
+/// Longest a drain waits for peers to stop fetching from this worker.
+const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// Peers have moved to an epoch without this worker once it served no fetch for this long.
+const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Leaves the cluster gracefully (SIGTERM): hands every sequence back (the
+/// coordinator continues each elsewhere from the tokens already sent, and
+/// sends this worker no more), leaves membership so that the next epoch is
+/// planned without it, and keeps serving its ranges to peers until they no
+/// longer fetch from it (the new epoch is active), at most [`DRAIN_MAX`].
+async fn drain(node: &Node, registrar: &dyn Registrar, id: u64, described: &str) {
+    let started = std::time::Instant::now();
+    tracing::info!("worker {id}: draining: handing its sequences back, then leaving {described}");
+    node.send(Command::Drain);
+    // The hand-back reaches the coordinator before the departure, so it
+    // continues the sequences at once instead of waiting on a lost worker.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let leave = registrar.leave(id, "draining (SIGTERM)");
+    match tokio::time::timeout(std::time::Duration::from_secs(2), leave).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("worker {id}: leaving {described}: {e} (the lease will lapse)"),
+        Err(_) => {
+            tracing::warn!("worker {id}: {described} did not answer the departure (the lease will lapse)")
+        }
+    }
+    let fetches = &node.stats.served_fetches;
+    let (mut seen, mut quiet_since) = (fetches.load(Ordering::Relaxed), std::time::Instant::now());
+    while started.elapsed() < DRAIN_MAX {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = fetches.load(Ordering::Relaxed);
+        if now != seen {
+            (seen, quiet_since) = (now, std::time::Instant::now());
+        } else if quiet_since.elapsed() >= DRAIN_QUIET {
+            break;
+        }
+    }
+    tracing::info!("worker {id}: drained in {:.2} s", started.elapsed().as_secs_f64());
 }
