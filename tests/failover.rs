@@ -120,30 +120,39 @@ fn busy_worker(fleet: &Fleet) -> usize {
     fleet.worker_index_by_port(w["address"].as_str().expect("address")).expect("its process")
 }
 
+/// A fleet of `workers` (steps slowed to ~16 ms) streaming `LONG` greedy
+/// tokens of `PROMPT`; `during` runs on the fleet once the first tokens arrived.
+fn disturbed_stream(workers: usize, during: impl FnOnce(&mut Fleet)) -> (Fleet, Streamed) {
+    let fleet = Fleet::start(
+        Etcd::start(),
+        model("stories260K"),
+        workers,
+        &[],
+        &["--fault-step-delay-ms", STEP_DELAY],
+    );
+    let endpoint = fleet.endpoint.clone();
+    let fleet = std::sync::Mutex::new(fleet);
+    let got =
+        runtime().block_on(stream(&endpoint, PROMPT, LONG, || during(&mut fleet.lock().expect("fleet"))));
+    (fleet.into_inner().expect("fleet"), got)
+}
+
 /// Kills (or hangs) the worker running a long greedy stream: the stream
 /// completes with exactly the undisturbed tokens, and the survivors own
 /// everything under the next epoch.
 fn lose_a_worker_mid_stream(hang: bool) {
     let want = expected(PROMPT, LONG);
-    let fleet =
-        Fleet::start(Etcd::start(), model("stories260K"), 3, &[], &["--fault-step-delay-ms", STEP_DELAY]);
-    let fleet = std::sync::Mutex::new(fleet);
-    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
-    let victim = std::sync::Mutex::new(None);
-    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
-        let mut f = fleet.lock().expect("fleet");
-        let i = busy_worker(&f);
+    let (fleet, got) = disturbed_stream(3, |f| {
+        let i = busy_worker(f);
         if hang {
             f.stop_worker(i);
         } else {
             f.kill_worker(i);
         }
-        *victim.lock().expect("victim") = Some(i);
-    }));
+    });
     assert_eq!(got.tokens, want, "the disturbed stream differs from an undisturbed run");
     let worst = got.gaps[1..].iter().max().copied().unwrap_or_default();
     eprintln!("{}: longest pause in the stream {worst:?}", if hang { "SIGSTOP" } else { "SIGKILL" });
-    let fleet = fleet.into_inner().expect("fleet");
     let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on 2 workers", |s| {
         s["epoch"] == 2 && s["ready"] == true && s["workers"].as_array().map(Vec::len) == Some(2)
     });
@@ -385,15 +394,10 @@ fn soak_random_kills_and_restarts() {
 #[test]
 fn a_joining_worker_does_not_disturb_running_streams() {
     let want = expected(PROMPT, LONG);
-    let fleet =
-        Fleet::start(Etcd::start(), model("stories260K"), 2, &[], &["--fault-step-delay-ms", STEP_DELAY]);
-    let fleet = std::sync::Mutex::new(fleet);
-    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
-    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
-        fleet.lock().expect("fleet").add_worker();
-    }));
+    let (fleet, got) = disturbed_stream(2, |f| {
+        f.add_worker();
+    });
     assert_eq!(got.tokens, want);
-    let fleet = fleet.into_inner().expect("fleet");
     let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on 3 workers", |s| {
         s["epoch"] == 2
             && s["workers"].as_array().is_some_and(|w| w.len() == 3 && w.iter().all(|w| w["ready"] == true))
@@ -558,13 +562,8 @@ fn a_worker_that_keeps_its_lease_but_never_steps_loses_its_sequences() {
 #[test]
 fn a_stopped_holder_pauses_other_streams_for_about_the_lease_ttl() {
     let want = expected(PROMPT, LONG);
-    let fleet =
-        Fleet::start(Etcd::start(), model("stories260K"), 3, &[], &["--fault-step-delay-ms", STEP_DELAY]);
-    let fleet = std::sync::Mutex::new(fleet);
-    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
-    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
-        let f = fleet.lock().expect("fleet");
-        let busy = busy_worker(&f);
+    let (fleet, got) = disturbed_stream(3, |f| {
+        let busy = busy_worker(f);
         let holder = f.live_workers().into_iter().find(|i| *i != busy).expect("another worker");
         let pid = f.worker_pid(holder).expect("live") as i32;
         // SAFETY: kill(2) on our own child.
@@ -574,7 +573,7 @@ fn a_stopped_holder_pauses_other_streams_for_about_the_lease_ttl() {
             // SAFETY: kill(2) on our own child (a no-op if it is gone).
             unsafe { libc::kill(pid, libc::SIGCONT) };
         });
-    }));
+    });
     assert_eq!(got.tokens, want, "the stream paused by a stopped holder differs");
     let worst = got.gaps[1..].iter().max().copied().unwrap_or_default();
     eprintln!(
@@ -582,7 +581,7 @@ fn a_stopped_holder_pauses_other_streams_for_about_the_lease_ttl() {
          (lease TTL {}s, fetch timeout {FETCH_TIMEOUT_MS} ms)",
         common::fleet::LEASE_TTL_SECS
     );
-    let s = fleet.lock().expect("fleet").status();
+    let s = fleet.status();
     assert!(s["workers_lost_total"].as_u64() >= Some(1), "the stopped holder was never dropped: {s}");
 }
 
@@ -593,21 +592,15 @@ fn a_stopped_holder_pauses_other_streams_for_about_the_lease_ttl() {
 #[test]
 fn a_sigtermed_worker_drains_its_sequences_and_exits_cleanly() {
     let want = expected(PROMPT, LONG);
-    let fleet =
-        Fleet::start(Etcd::start(), model("stories260K"), 3, &[], &["--fault-step-delay-ms", STEP_DELAY]);
-    let fleet = std::sync::Mutex::new(fleet);
-    let endpoint = fleet.lock().expect("fleet").endpoint.clone();
-    let victim = std::sync::Mutex::new(None);
-    let got = runtime().block_on(stream(&endpoint, PROMPT, LONG, || {
-        let f = fleet.lock().expect("fleet");
-        let i = busy_worker(&f);
+    let mut victim = None;
+    let (mut fleet, got) = disturbed_stream(3, |f| {
+        let i = busy_worker(f);
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(f.worker_pid(i).expect("live") as i32, libc::SIGTERM) };
-        *victim.lock().expect("victim") = Some(i);
-    }));
+        victim = Some(i);
+    });
     assert_eq!(got.tokens, want, "the stream moved off a draining worker differs");
-    let mut fleet = fleet.into_inner().expect("fleet");
-    let i = victim.into_inner().expect("victim").expect("a worker was drained");
+    let i = victim.expect("a worker was drained");
     let status = fleet.wait_worker_exit(i, Duration::from_secs(40)).expect("the drained worker exits");
     let worst = got.gaps[1..].iter().max().copied().unwrap_or_default();
     let s = fleet.status();
