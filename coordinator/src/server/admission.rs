@@ -223,25 +223,22 @@ impl Coordinator {
             let woken = a.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let r = match self.try_take(&ticket, tokens)? {
-                Take::Taken(r) => *r,
+            match self.try_take(&ticket, tokens)? {
+                Take::Taken(r) => {
+                    let waited = start.elapsed();
+                    let nanos = waited.as_nanos() as u64;
+                    a.admitted.fetch_add(1, Ordering::Relaxed);
+                    a.queue_nanos_total.fetch_add(nanos, Ordering::Relaxed);
+                    a.queue_nanos_max.fetch_max(nanos, Ordering::Relaxed);
+                    return Ok((*r, waited));
+                }
                 Take::NoWorker if Instant::now() > patience => {
                     return Err(CoordinatorError::Unavailable("no live worker in the current plan".into()))
                 }
+                // A stall that ends, or a capacity that arrives, wakes no one: look again now and then.
                 Take::Wait | Take::NoWorker => {
-                    // A stall that ends, or a capacity that arrives, wakes no one: look again now and then.
                     let _ = tokio::time::timeout(Duration::from_millis(200), woken).await;
-                    continue;
                 }
-            };
-            {
-                drop(ticket);
-                let waited = start.elapsed();
-                let nanos = waited.as_nanos() as u64;
-                a.admitted.fetch_add(1, Ordering::Relaxed);
-                a.queue_nanos_total.fetch_add(nanos, Ordering::Relaxed);
-                a.queue_nanos_max.fetch_max(nanos, Ordering::Relaxed);
-                return Ok((r, waited));
             }
         }
     }
