@@ -2,6 +2,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use zeroshard_worker::local::Device;
 
@@ -32,6 +33,42 @@ pub(crate) enum Command {
     /// Make a cluster CA and its members' certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Become this task's cluster member under a launcher (srun): rank 0 the
+    /// coordinator, the others workers; settings from ZEROSHARD_* variables.
+    Launch(LaunchArgs),
+}
+
+/// Launchers `launch` reads a task's place from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Launcher {
+    /// SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, SLURMD_NODENAME.
+    Slurm,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LaunchArgs {
+    /// The launcher whose environment describes this task.
+    #[arg(long, value_enum)]
+    pub from: Launcher,
+    /// The coordinator's port on the first host of the job.
+    #[arg(long, default_value_t = 50051, env = "ZEROSHARD_PORT")]
+    pub port: u16,
+    /// Rank 0 runs a worker too (with one task per GPU, its GPU would
+    /// otherwise idle).
+    #[arg(long, env = "ZEROSHARD_HEAD_WORKER", value_parser = BoolishValueParser::new())]
+    pub head_worker: bool,
+    /// Members' TLS: ca.pem, coordinator.pem/.key and worker.pem/.key (from
+    /// `zeroshard certs`, with every host's name as a SAN). Without it,
+    /// ZEROSHARD_INSECURE=1 must say that plaintext is meant.
+    #[arg(long, env = "ZEROSHARD_CERTS_DIR")]
+    pub certs_dir: Option<PathBuf>,
+    /// The host workers dial the coordinator at (default: the first host of
+    /// the job's node list).
+    #[arg(long, env = "ZEROSHARD_COORDINATOR_HOST")]
+    pub coordinator_host: Option<String>,
+    /// Print this task's role and exit.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,7 +111,7 @@ pub(crate) struct MemberTlsArgs {
     pub tls_key: Option<PathBuf>,
     /// Serve plaintext, with no authentication of members, even on a
     /// non-loopback address (logs a warning).
-    #[arg(long, env = "ZEROSHARD_INSECURE", conflicts_with = "tls_ca")]
+    #[arg(long, env = "ZEROSHARD_INSECURE", conflicts_with = "tls_ca", value_parser = BoolishValueParser::new())]
     pub insecure: bool,
 }
 
@@ -109,7 +146,7 @@ pub(crate) struct ClusterArgs {
     #[arg(long, default_value_t = 65536, env = "ZEROSHARD_PERSISTENCE_THRESHOLD_BYTES")]
     pub persistence_threshold_bytes: u64,
     /// Workers receive their ranges from the coordinator instead of reading the checkpoint.
-    #[arg(long, env = "ZEROSHARD_PULL")]
+    #[arg(long, env = "ZEROSHARD_PULL", value_parser = BoolishValueParser::new())]
     pub pull: bool,
     /// Every range is held by this many workers: with 2, losing a worker causes
     /// no reload (gathers fail over to the other holder).
@@ -121,6 +158,12 @@ pub(crate) struct ClusterArgs {
     pub lease_ttl_secs: u64,
     #[command(flatten)]
     pub limits: RequestLimitArgs,
+    /// On SIGTERM: refuse new requests (UNAVAILABLE, so clients retry
+    /// elsewhere) and give running ones this long to finish; then those still
+    /// running end with UNAVAILABLE and the process exits 0. A second signal
+    /// exits at once.
+    #[arg(long, default_value_t = 30, env = "ZEROSHARD_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: u64,
 }
 
 /// What the coordinator takes in: each bound refuses at once, before any work.
@@ -255,6 +298,17 @@ impl WorkerTuning {
     }
 }
 
+/// Plaintext health for launchers' probes.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct HealthArgs {
+    /// Also serve grpc.health.v1, and nothing else, in plaintext on this
+    /// address (Kubernetes' gRPC probes speak no TLS): SERVING while this
+    /// member serves (coordinator: the cluster is ready; worker: registered),
+    /// NOT_SERVING once it drains.
+    #[arg(long, env = "ZEROSHARD_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct UpArgs {
     #[command(flatten)]
@@ -269,7 +323,7 @@ pub(crate) struct UpArgs {
     pub tuning: WorkerTuning,
     /// Plaintext between all members and for clients, instead of mTLS with
     /// an ephemeral CA (logs a warning).
-    #[arg(long, env = "ZEROSHARD_INSECURE")]
+    #[arg(long, env = "ZEROSHARD_INSECURE", value_parser = BoolishValueParser::new())]
     pub insecure: bool,
     /// Client API keys, one per line: clients present one instead of the
     /// client certificate (the bundle `up` leaves then holds only the CA).
@@ -287,9 +341,16 @@ pub(crate) struct CoordinatorArgs {
     /// Address to serve on (a non-loopback one needs TLS credentials, or --insecure).
     #[arg(long, default_value = "127.0.0.1:50051", env = "ZEROSHARD_LISTEN")]
     pub listen: String,
-    /// Address workers and clients reach this coordinator at (default: the bound address).
+    /// Address workers and clients reach this coordinator at, HOST:PORT or
+    /// grpc(s)://HOST:PORT (default: the bound address).
     #[arg(long, env = "ZEROSHARD_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Once the cluster is ready, write its endpoint (grpcs://HOST:PORT) to
+    /// this file (replaced atomically) as well as printing it.
+    #[arg(long, env = "ZEROSHARD_ENDPOINT_FILE")]
+    pub endpoint_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub health: HealthArgs,
     #[command(flatten)]
     pub etcd: EtcdArgs,
     #[command(flatten)]
@@ -314,11 +375,17 @@ pub(crate) struct WorkerArgs {
     /// non-loopback one needs TLS credentials, or --insecure).
     #[arg(long, default_value = "127.0.0.1:0", env = "ZEROSHARD_WORKER_LISTEN")]
     pub listen: String,
+    /// HOST or HOST:PORT that peers and the coordinator dial this worker at
+    /// (default: the bound address; needed when listening on 0.0.0.0).
+    #[arg(long, env = "ZEROSHARD_WORKER_ADVERTISE")]
+    pub advertise: Option<String>,
+    #[command(flatten)]
+    pub health: HealthArgs,
     /// The checkpoint folder, when its path here differs from the coordinator's.
     #[arg(long, env = "ZEROSHARD_WORKER_MODEL")]
     pub model: Option<PathBuf>,
     /// Receive owned ranges from the coordinator instead of reading the checkpoint.
-    #[arg(long, env = "ZEROSHARD_PULL")]
+    #[arg(long, env = "ZEROSHARD_PULL", value_parser = BoolishValueParser::new())]
     pub pull: bool,
     #[command(flatten)]
     pub tuning: WorkerTuning,
@@ -329,17 +396,17 @@ pub(crate) struct WorkerArgs {
     pub fault_corrupt_every: u64,
     /// Test hook: flip a byte of every chunk this worker serves to peers, under a
     /// valid CRC-32C (a lying holder only the checkpoint's digests catch).
-    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_SERVE_CORRUPT")]
+    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_SERVE_CORRUPT", value_parser = BoolishValueParser::new())]
     pub fault_serve_corrupt: bool,
     /// Test hook: refuse to load any plan.
-    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_FAIL_LOAD")]
+    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_FAIL_LOAD", value_parser = BoolishValueParser::new())]
     pub fault_fail_load: bool,
     /// Test hook (CPU backend): `linear` call number N (counted from 0 over
     /// the worker's life) fails, as a device error in the middle of a step would.
     #[arg(long, hide = true, env = "ZEROSHARD_FAULT_BACKEND_ERROR_AFTER")]
     pub fault_backend_error_after: Option<u64>,
     /// Test hook: the injected step error is fatal (and every later call fails).
-    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_BACKEND_ERROR_FATAL")]
+    #[arg(long, hide = true, env = "ZEROSHARD_FAULT_BACKEND_ERROR_FATAL", value_parser = BoolishValueParser::new())]
     pub fault_backend_error_fatal: bool,
     /// Test hook: sleep this many milliseconds after every batching step.
     #[arg(long, default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_STEP_DELAY_MS")]

@@ -76,11 +76,12 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
             max_prompt_bytes: l.max_prompt_bytes,
             step_deadline: Duration::from_millis(l.step_deadline_ms),
         },
+        drain_timeout: Duration::from_secs(c.drain_timeout_secs),
     })
 }
 
 async fn bind(addr: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))
+    bind_flag("--listen", addr).await
 }
 
 /// The admission flags a worker takes, checked where they are given.
@@ -131,10 +132,11 @@ pub(crate) fn coordinator(a: CoordinatorArgs) -> Result<()> {
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
         let local = listener.local_addr()?;
-        let advertise = a.advertise.clone().unwrap_or_else(|| format!("{}://{local}", sec.scheme()));
-        let scheme = if sec.is_tls() { "grpcs" } else { "grpc" };
+        let advertise = advertised_coordinator(a.advertise.as_deref(), &sec, local)?;
+        let endpoint = format!("{}://{}", if sec.is_tls() { "grpcs" } else { "grpc" }, advertise.authority());
         let mut cfg = cluster_config(&a.cluster, a.workers, sec)?;
         cfg.api_keys = api_keys;
+        let drain_timeout = cfg.drain_timeout;
         let (membership, embedded): (Arc<dyn Membership>, _) = if a.etcd.etcd.is_empty() {
             let m = EmbeddedMembership::new(cfg.lease_ttl);
             (Arc::new(m.clone()), Some(m))
@@ -146,25 +148,79 @@ pub(crate) fn coordinator(a: CoordinatorArgs) -> Result<()> {
             (Arc::new(m), None)
         };
         eprintln!("membership: {}", membership.describe());
-        let coord = Coordinator::start(cfg, advertise, membership, embedded)?;
+        let coord = Coordinator::start(cfg, advertise.uri(), membership, embedded)?;
+        if let Some(at) = &a.health.health_listen {
+            server::spawn_health(&coord, bind_flag("--health-listen", at).await?);
+        }
         let mut stop = stop_signal()?;
-        let mut server_stop = stop.clone();
+        let (stop_server, mut server_stop) = watch::channel(false);
         let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
             let _ = server_stop.wait_for(|s| *s).await;
         }));
         eprintln!("coordinator on {local}, waiting for {} workers", a.workers);
         tokio::select! {
             r = coord.wait_ready() => match r {
-                Readiness::Ready => println!("ready {scheme}://{local}"),
+                Readiness::Ready => {
+                    println!("ready {endpoint}");
+                    if let Some(f) = &a.endpoint_file {
+                        write_atomically(f, &format!("{endpoint}\n"))?;
+                    }
+                }
                 Readiness::Failed(e) => bail!("{e}"),
                 other => bail!("not ready: {other:?}"),
             },
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         let _ = stop.wait_for(|s| *s).await;
-        server.await??;
+        eprintln!("draining: refusing new requests; running ones have {drain_timeout:?} to finish");
+        let d = coord.drain(drain_timeout).await;
+        eprintln!(
+            "drained in {:.2} s: {} requests were running, {} cut off",
+            d.elapsed.as_secs_f64(),
+            d.running,
+            d.cut
+        );
+        let _ = stop_server.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         Ok(())
     })
+}
+
+/// The coordinator's advertised address: `given` (HOST:PORT, or with a
+/// scheme that must match this member's TLS) or the bound address.
+fn advertised_coordinator(
+    given: Option<&str>,
+    sec: &Security,
+    bound: std::net::SocketAddr,
+) -> Result<zeroshard_proto::Address> {
+    let scheme = sec.scheme();
+    let text = match given {
+        None => format!("{scheme}://{bound}"),
+        Some(a) if a.contains("://") => a.to_string(),
+        Some(a) => format!("{scheme}://{a}"),
+    };
+    let addr = zeroshard_proto::Address::parse(&text).with_context(|| "--advertise".to_string())?;
+    if addr.tls != sec.is_tls() {
+        bail!(
+            "--advertise {text}: the scheme says {} but this coordinator serves {}",
+            if addr.tls { "TLS" } else { "plaintext" },
+            if sec.is_tls() { "TLS" } else { "plaintext" }
+        );
+    }
+    Ok(addr)
+}
+
+/// Writes `text` to `path` through a temporary file beside it and a rename,
+/// so a reader never sees half of it.
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn bind_flag(flag: &str, addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("{flag} {addr}"))
 }
 
 pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
@@ -193,6 +249,8 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
             .map(|after_calls| StepFault { after_calls, fatal: a.fault_backend_error_fatal }),
         fetch_timeout: Duration::from_millis(g.fetch_timeout_ms.max(1)),
         security: security::member(&a.tls, Role::Worker, &a.listen)?,
+        advertise: a.advertise.clone(),
+        health_listen: a.health.health_listen.clone(),
         ..NodeConfig::default()
     }
     .on_device(cuda);
@@ -375,6 +433,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             security: Security::plaintext(),
             api_keys: None,
             limits: RequestLimits::default(),
+            drain_timeout: Duration::from_secs(5),
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args: a.tuning.to_args(cuda),

@@ -3,6 +3,7 @@
 mod args;
 mod cluster;
 mod generate;
+mod launch;
 mod security;
 
 use std::io::Write;
@@ -41,6 +42,7 @@ fn main() {
         Command::Query(a) => cluster::query(a),
         Command::Status(a) => cluster::status(a),
         Command::Certs(c) => security::certs(c),
+        Command::Launch(a) => launch::launch(a),
     };
     if let Err(e) = result {
         // One line: what failed and where (the error chain, outermost first).

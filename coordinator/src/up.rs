@@ -132,8 +132,19 @@ impl LocalCluster {
         }
     }
 
-    /// Stops the workers (SIGTERM, grace, SIGKILL) and the coordinator.
+    /// Drains the coordinator (running requests finish, up to the cluster's
+    /// drain time; new ones are refused), then stops the workers (SIGTERM,
+    /// grace, SIGKILL) and the coordinator.
     pub async fn stop(self) {
+        let d = self.coord.drain(self.coord.drain_timeout()).await;
+        if d.running > 0 {
+            eprintln!(
+                "drained in {:.2} s: {} requests were running, {} cut off",
+                d.elapsed.as_secs_f64(),
+                d.running,
+                d.cut
+            );
+        }
         self.fleet.shutdown(Duration::from_secs(5)).await;
         let _ = self.stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;

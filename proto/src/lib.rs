@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod certs;
 pub mod codec;
+pub mod health;
 pub mod tls;
 
 pub use auth::{ApiKeys, Caller, Guard, Identity, Role};

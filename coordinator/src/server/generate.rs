@@ -18,7 +18,7 @@ use zeroshard_proto::v1 as pb;
 
 use super::admission::Reservation;
 use super::state::{WorkerEntry, MAX_STOP_BYTES, MAX_STOP_STRINGS};
-use super::Coordinator;
+use super::{Coordinator, DrainState};
 use crate::error::{CoordinatorError, Result};
 use crate::text_stream::TextStream;
 
@@ -106,8 +106,35 @@ pub(super) async fn run(
     req: pb::GenerateRequest,
     out: mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
 ) {
-    if let Err(e) = run_inner(&coord, req, &out).await {
+    let mut drain = coord.drain_state();
+    if *drain.borrow_and_update() != DrainState::Serving {
+        let e =
+            CoordinatorError::Unavailable("the coordinator is shutting down: send the request again".into());
         let _ = out.send(Err(Status::from(e))).await;
+        return;
+    }
+    coord.0.in_flight.send_modify(|n| *n += 1);
+    let _done = InFlight(&coord);
+    let cut = async {
+        let _ = drain.wait_for(|d| *d == DrainState::Cut).await;
+    };
+    let result = tokio::select! {
+        r = run_inner(&coord, req, &out) => r,
+        _ = cut => Err(CoordinatorError::Unavailable(
+            "the coordinator shut down before the sequence finished (its drain time ran out)".into(),
+        )),
+    };
+    if let Err(e) = result {
+        let _ = out.send(Err(Status::from(e))).await;
+    }
+}
+
+/// Counts a running request out when it ends, however it ends.
+struct InFlight<'c>(&'c Coordinator);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0 .0.in_flight.send_modify(|n| *n -= 1);
     }
 }
 

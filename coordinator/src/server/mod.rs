@@ -31,7 +31,7 @@ use zeroshard_proto::v1::inference_server::InferenceServer;
 use zeroshard_proto::v1::shards_server::ShardsServer;
 use zeroshard_proto::{Guard, Role};
 
-pub use state::{ClusterConfig, Coordinator, Readiness, RequestLimits, WorkerEntry};
+pub use state::{ClusterConfig, Coordinator, DrainReport, DrainState, Readiness, RequestLimits, WorkerEntry};
 
 use crate::error::{CoordinatorError, Result};
 
@@ -76,4 +76,23 @@ pub async fn serve(
         .serve(router, listener, shutdown)
         .await
         .map_err(|e| CoordinatorError::Unavailable(format!("coordinator server: {e}")))
+}
+
+/// Serves plaintext `grpc.health.v1` on `listener` (`--health-listen`):
+/// SERVING while the cluster is ready and the coordinator is not draining.
+pub fn spawn_health(coord: &Coordinator, listener: TcpListener) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (mut ready, mut drain) = (coord.readiness(), coord.drain_state());
+    tokio::spawn(async move {
+        loop {
+            let serving = matches!(*ready.borrow_and_update(), Readiness::Ready)
+                && *drain.borrow_and_update() == DrainState::Serving;
+            tx.send_replace(serving);
+            tokio::select! {
+                r = ready.changed() => if r.is_err() { break },
+                d = drain.changed() => if d.is_err() { break },
+            }
+        }
+    });
+    zeroshard_proto::health::spawn(listener, rx);
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use zeroshard_offload::digest::BlockDigests;
@@ -44,6 +44,8 @@ pub struct ClusterConfig {
     pub api_keys: Option<Arc<ApiKeys>>,
     /// What requests may ask, and how long a step may take.
     pub limits: RequestLimits,
+    /// On shutdown, how long running requests may take to finish.
+    pub drain_timeout: Duration,
 }
 
 /// Bounds on what clients send, each checked before any work.
@@ -141,6 +143,30 @@ pub(super) struct Inner {
     pub sequences_resumed: AtomicU64,
     /// Sequences handed back by draining workers.
     pub sequences_moved: AtomicU64,
+    /// Serving, draining (new requests refused) or cut (running ones end).
+    pub drain: watch::Sender<DrainState>,
+    /// Client requests running now (admitted or not).
+    pub in_flight: watch::Sender<usize>,
+}
+
+/// Where a coordinator is in its shutdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainState {
+    Serving,
+    /// New requests are refused with UNAVAILABLE; running ones continue.
+    Draining,
+    /// The drain time ran out: running requests end with UNAVAILABLE.
+    Cut,
+}
+
+/// What a drain did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Requests running when the drain began.
+    pub running: usize,
+    /// Of them, still running when the drain time ran out (ended with UNAVAILABLE).
+    pub cut: usize,
+    pub elapsed: Duration,
 }
 
 /// A cloneable handle on the cluster state.
@@ -220,6 +246,8 @@ impl Coordinator {
             workers_lost: AtomicU64::new(0),
             sequences_resumed: AtomicU64::new(0),
             sequences_moved: AtomicU64::new(0),
+            drain: watch::channel(DrainState::Serving).0,
+            in_flight: watch::channel(0).0,
         }));
         tokio::spawn(super::supervisor::run(coord.clone(), reports_rx));
         Ok(coord)
@@ -248,7 +276,7 @@ impl Coordinator {
                 Arc::new(d)
             }
             None => {
-                let start = std::time::Instant::now();
+                let start = Instant::now();
                 let coord = self.clone();
                 let d =
                     tokio::task::spawn_blocking(move || zeroshard_offload::digest::compute(&coord.0.ckpt))
@@ -270,6 +298,35 @@ impl Coordinator {
 
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
         self.0.ready.subscribe()
+    }
+
+    /// Stops taking requests (each new one gets UNAVAILABLE at once, so a
+    /// client retries elsewhere) and waits up to `patience` for the running
+    /// ones to finish; those still running then end with UNAVAILABLE. The
+    /// services stay up meanwhile: workers keep their leases and gather.
+    pub async fn drain(&self, patience: Duration) -> DrainReport {
+        let started = Instant::now();
+        let running = *self.0.in_flight.borrow();
+        self.0.drain.send_replace(DrainState::Draining);
+        let mut in_flight = self.0.in_flight.subscribe();
+        let finished = tokio::time::timeout(patience, in_flight.wait_for(|n| *n == 0)).await.is_ok();
+        let cut = if finished { 0 } else { *self.0.in_flight.borrow() };
+        if !finished {
+            self.0.drain.send_replace(DrainState::Cut);
+            // The cut requests send their error and end within moments.
+            let _ = tokio::time::timeout(Duration::from_secs(2), in_flight.wait_for(|n| *n == 0)).await;
+        }
+        DrainReport { running, cut, elapsed: started.elapsed() }
+    }
+
+    /// How long a drain gives running requests (the cluster's configuration).
+    pub fn drain_timeout(&self) -> Duration {
+        self.0.cfg.drain_timeout
+    }
+
+    /// Where the coordinator is in its shutdown.
+    pub fn drain_state(&self) -> watch::Receiver<DrainState> {
+        self.0.drain.subscribe()
     }
 
     /// Waits until the cluster is ready or has failed.

@@ -85,6 +85,12 @@ pub struct NodeConfig {
     pub fetch_timeout: Duration,
     /// TLS credentials for its servers and the channels it opens (plaintext by default).
     pub security: Security,
+    /// The host (or host:port) peers and the coordinator dial this worker at
+    /// (default: the bound address).
+    pub advertise: Option<String>,
+    /// Where to serve plaintext `grpc.health.v1` (SERVING from registration
+    /// until the drain begins).
+    pub health_listen: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -108,6 +114,8 @@ impl Default for NodeConfig {
             max_active_sequences: 64,
             fetch_timeout: Duration::from_secs(2),
             security: Security::default(),
+            advertise: None,
+            health_listen: None,
         }
     }
 }

@@ -176,7 +176,14 @@ pub async fn run(
 ) -> Result<()> {
     let addr = listener.local_addr().map_err(|source| WorkerError::Io { path: "listener".into(), source })?;
     let security = cfg.security.clone();
-    let advertise = format!("{}://{addr}", security.scheme());
+    let advertise = format!("{}://{}", security.scheme(), advertised(cfg.advertise.as_deref(), addr));
+    let (healthy, health) = tokio::sync::watch::channel(false);
+    if let Some(at) = &cfg.health_listen {
+        let l = TcpListener::bind(at)
+            .await
+            .map_err(|source| WorkerError::Io { path: format!("--health-listen {at}").into(), source })?;
+        zeroshard_proto::health::spawn(l, health);
+    }
     let node = Arc::new(Node::new(cfg.clone()));
     let svc = Svc(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -210,6 +217,7 @@ pub async fn run(
         .map_err(|e| WorkerError::Membership { endpoint: described.clone(), source: e.into() })?;
     node.set_id(id);
     tracing::info!("worker {id} registered with {described}");
+    healthy.send_replace(true);
 
     tokio::select! {
         served = &mut server => served
@@ -226,11 +234,28 @@ pub async fn run(
             Err(WorkerError::Task { what: "batching loop", source: Box::new(fatal) })
         }
         _ = shutdown => {
+            healthy.send_replace(false);
             drain(&node, registrar.as_ref(), id, &described).await;
             let _ = stop_tx.send(());
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
             Ok(())
         }
+    }
+}
+
+/// The `host:port` a worker announces: `advertise` (a host, or host:port)
+/// with the bound port when it names none, else the bound address.
+fn advertised(advertise: Option<&str>, bound: std::net::SocketAddr) -> String {
+    match advertise {
+        None => bound.to_string(),
+        Some(a) if a.parse::<std::net::SocketAddr>().is_ok() => a.to_string(),
+        // An IPv6 literal without a port.
+        Some(a) if a.parse::<std::net::Ipv6Addr>().is_ok() => format!("[{a}]:{}", bound.port()),
+        Some(a) if a.starts_with('[') && a.ends_with(']') => format!("{a}:{}", bound.port()),
+        Some(a) => match a.rsplit_once(':') {
+            Some((_, port)) if port.parse::<u16>().is_ok() => a.to_string(),
+            _ => format!("{a}:{}", bound.port()),
+        },
     }
 }
 
@@ -271,4 +296,25 @@ async fn drain(node: &Node, registrar: &dyn Registrar, id: u64, described: &str)
         }
     }
     tracing::info!("worker {id}: drained in {:.2} s", started.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod advertise_tests {
+    use super::advertised;
+
+    #[test]
+    fn a_host_alone_takes_the_bound_port() {
+        let bound = "0.0.0.0:41234".parse().expect("address");
+        assert_eq!(advertised(None, bound), "0.0.0.0:41234");
+        assert_eq!(advertised(Some("node07"), bound), "node07:41234");
+        assert_eq!(advertised(Some("node07:9000"), bound), "node07:9000");
+        assert_eq!(advertised(Some("10.1.2.3"), bound), "10.1.2.3:41234");
+        assert_eq!(advertised(Some("fd00::7"), bound), "[fd00::7]:41234");
+        assert_eq!(advertised(Some("[fd00::7]"), bound), "[fd00::7]:41234");
+        assert_eq!(advertised(Some("[fd00::7]:9000"), bound), "[fd00::7]:9000");
+        assert_eq!(
+            advertised(Some("w-0.zeroshard-workers.ns.svc.cluster.local"), bound),
+            "w-0.zeroshard-workers.ns.svc.cluster.local:41234"
+        );
+    }
 }
