@@ -76,8 +76,9 @@ fi
 
 # Everything else needs root; re-run as root with the binary fixed.
 if [ "$(id -u)" != 0 ]; then
-  command -v sudo >/dev/null && sudo -n true 2>/dev/null \
-    || fail "needs root or passwordless sudo (mmdebstrap, podman, chroot)"
+  if ! { command -v sudo >/dev/null && sudo -n true 2>/dev/null; }; then
+    fail "needs root or passwordless sudo (mmdebstrap, podman, chroot)"
+  fi
   args=(--bin "$bin")
   [ "$refresh_base" = 1 ] && args+=(--refresh-base)
   exec sudo -n "$0" "${args[@]}"
@@ -138,9 +139,7 @@ EOF
   printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$root/etc/nsswitch.conf"
   # update-ca-certificates' bundle: every Mozilla root, concatenated.
   mkdir -p "$root/etc/ssl/certs"
-  for c in "$root"/usr/share/ca-certificates/mozilla/*.crt; do
-    sed -e '$a\' "$c"
-  done >"$root/etc/ssl/certs/ca-certificates.crt"
+  awk 1 "$root"/usr/share/ca-certificates/mozilla/*.crt >"$root/etc/ssl/certs/ca-certificates.crt"
   mkdir -p "$root/tmp" "$root/root" && chmod 1777 "$root/tmp" && chmod 0700 "$root/root"
   rm -rf "$root"/usr/share/{doc,man,info,locale,lintian,bash-completion} \
     "$root"/etc/apt "$root"/var/lib/apt "$root"/var/cache/apt "$root"/var/log/apt \
@@ -155,18 +154,24 @@ fi
 if [ "$(podman image inspect --format '{{index .Config.Labels "org.zeroshard.base-key"}}' \
       "$BASE_IMAGE" 2>/dev/null)" != "$key" ]; then
   step "podman import $BASE_IMAGE"
+  old_base=$(podman image inspect --format '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || true)
   podman import --change "LABEL org.zeroshard.base-key=$key" \
     --message "zeroshard base: Debian $SUITE ($PACKAGES) from mmdebstrap" \
     "$tarball" "$BASE_IMAGE" >/dev/null 2>"$work/import.log" \
     || { cat "$work/import.log" >&2; fail "podman import of $tarball failed"; }
+  [ -z "$old_base" ] || podman rmi "$old_base" >/dev/null 2>&1 || true  # untagged now; kept if in use
 fi
 
 # 3. The image.
 step "podman build $IMAGE"
+old_image=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 podman build --pull=never -f "$repo/deploy/container/Containerfile.local" \
   --build-arg BASE="$BASE_IMAGE" --build-arg VERSION="${version#zeroshard }" \
   --build-arg REVISION="$revision" -t "$IMAGE" "$work/ctx" >"$work/build.log" 2>&1 \
   || { tail -n 20 "$work/build.log" >&2; fail "podman build failed (log above)"; }
+if [ -n "$old_image" ] && [ "$old_image" != "$(podman image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+  podman rmi "$old_image" >/dev/null 2>&1 || true  # the previous build, untagged now
+fi
 
 # 4. The checks.
 step "checks"
