@@ -40,6 +40,11 @@ if ! command -v etcd >/dev/null && [ ! -x /usr/bin/etcd ]; then
   as_root service etcd stop >/dev/null 2>&1 || true
 fi
 
+# A real one-node Slurm for the fleet-launch test (tests/slurm.rs starts and
+# stops its daemons itself).
+echo "== Slurm packages"
+scripts/local-slurm.sh install
+
 if [ "$quick" = 0 ]; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
   echo "== cargo fmt --check"
@@ -50,6 +55,9 @@ fi
 
 echo "== crate graph and gRPC edges"
 scripts/check-edges.sh
+
+echo "== Kubernetes manifests (kustomize render + schema validation)"
+scripts/check-k8s.sh
 
 echo "== cargo test (release)"
 cargo test --release --workspace 2>&1 | tee target/test.log

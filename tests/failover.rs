@@ -612,3 +612,87 @@ fn a_sigtermed_worker_drains_its_sequences_and_exits_cleanly() {
     assert!(s["sequences_moved_total"].as_u64() >= Some(1), "the sequence was not handed back: {s}");
     assert_eq!(s["sequences_resumed_total"], 0, "a drain counted as a failure: {s}");
 }
+
+/// SIGTERM to the coordinator mid-stream (what a launcher sends first): the
+/// running stream finishes with exactly the undisturbed tokens, a new request
+/// is refused at once with UNAVAILABLE (a client retries elsewhere), and the
+/// coordinator exits 0 once the stream has ended.
+#[test]
+fn a_sigtermed_coordinator_finishes_its_streams_and_refuses_new_ones() {
+    let want = expected(PROMPT, LONG);
+    let mut refused = String::new();
+    let mut signalled = None;
+    let (mut fleet, got) = disturbed_stream(2, |f| {
+        f.signal_coordinator(libc::SIGTERM);
+        signalled = Some(Instant::now());
+        std::thread::sleep(Duration::from_millis(100));
+        let out = common::run(&[
+            "query",
+            "--endpoint",
+            &f.endpoint,
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "4",
+            "--retry-for-secs",
+            "0",
+        ]);
+        assert!(!out.status.success(), "a new request was taken while draining");
+        refused = String::from_utf8_lossy(&out.stderr).to_string();
+    });
+    let ended = Instant::now();
+    assert_eq!(got.tokens, want, "the stream running through the drain differs");
+    assert!(refused.contains("shutting down"), "the new request was not refused as UNAVAILABLE: {refused}");
+    let status = fleet.wait_coordinator_exit(Duration::from_secs(10)).expect("the coordinator exits");
+    let signalled = signalled.expect("signalled");
+    eprintln!(
+        "coordinator SIGTERM: the stream ran {:.2} s more and finished; exit {status} {:.2} s after the signal",
+        (ended - signalled).as_secs_f64(),
+        signalled.elapsed().as_secs_f64()
+    );
+    assert!(status.success(), "a drained coordinator exits 0: {status}");
+}
+
+/// A stream longer than the coordinator's drain time ends with UNAVAILABLE
+/// when the time runs out (after the tokens it had), and the coordinator exits 0.
+#[test]
+fn a_coordinator_drain_cuts_streams_that_outlast_it() {
+    let fleet = Fleet::start(
+        Etcd::start(),
+        model("stories260K"),
+        1,
+        &["--drain-timeout-secs", "1"],
+        &["--fault-step-delay-ms", STEP_DELAY],
+    );
+    let want = expected(PROMPT, LONG);
+    let endpoint = fleet.endpoint.clone();
+    let fleet = std::sync::Mutex::new(fleet);
+    let (tokens, error, cut_after) = runtime().block_on(async {
+        let mut c = client(&endpoint).await;
+        let mut s = c.generate_stream(request(PROMPT, LONG)).await.expect("stream starts").into_inner();
+        let mut tokens = Vec::new();
+        let mut signalled = None;
+        loop {
+            match s.message().await {
+                Ok(Some(chunk)) => {
+                    assert_eq!(chunk.finish_reason, 0, "the stream finished before the cut");
+                    tokens.extend(chunk.token_ids.iter().map(|&t| u64::from(t)));
+                    if tokens.len() >= 20 && signalled.is_none() {
+                        fleet.lock().expect("fleet").signal_coordinator(libc::SIGTERM);
+                        signalled = Some(Instant::now());
+                    }
+                }
+                Ok(None) => panic!("the stream ended without the cut's error"),
+                Err(e) => break (tokens, e, signalled.expect("signalled").elapsed()),
+            }
+        }
+    });
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("drain time ran out"), "{error:?}");
+    assert_eq!(tokens, want[..tokens.len()], "the tokens before the cut differ");
+    assert!(tokens.len() < want.len(), "nothing was cut");
+    let mut fleet = fleet.into_inner().expect("fleet");
+    let status = fleet.wait_coordinator_exit(Duration::from_secs(10)).expect("the coordinator exits");
+    eprintln!("coordinator drain of 1 s: the stream was cut {:.2} s after SIGTERM", cut_after.as_secs_f64());
+    assert!(status.success(), "{status}");
+}

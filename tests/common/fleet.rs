@@ -194,6 +194,27 @@ impl Fleet {
         unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
     }
 
+    /// Sends `signal` to the coordinator.
+    pub(crate) fn signal_coordinator(&self, signal: i32) {
+        let c = self.coordinator.as_ref().expect("a running coordinator");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(c.id() as i32, signal) };
+    }
+
+    /// Waits (≤ `within`) for the coordinator to exit; its status.
+    pub(crate) fn wait_coordinator_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let child = self.coordinator.as_mut()?;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.coordinator = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// SIGKILL to the coordinator.
     pub(crate) fn kill_coordinator(&mut self) {
         if let Some(mut c) = self.coordinator.take() {
