@@ -28,24 +28,37 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("tokio runtime")
 }
 
-/// Turns true on SIGINT or SIGTERM (a worker then drains); a second one ends
-/// the process at once (exit 143), as the launcher's grace period would.
+/// Signals within this long of the first are the same request to stop: a
+/// launcher that signals every process of a task (Slurm's scancel) and a
+/// parent that forwards it deliver two at once.
+const SAME_STOP: Duration = Duration::from_secs(1);
+
+/// Turns true on SIGINT or SIGTERM (a member then drains); another one, later
+/// than [`SAME_STOP`], ends the process at once (exit 143), as the launcher's
+/// grace period would.
 fn stop_signal() -> Result<watch::Receiver<bool>> {
     use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = watch::channel(false);
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     tokio::spawn(async move {
-        for n in 0.. {
+        let mut first: Option<std::time::Instant> = None;
+        loop {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            if n > 0 {
-                eprintln!("second stop signal: exiting now");
-                std::process::exit(143);
+            match first {
+                Some(t) if t.elapsed() >= SAME_STOP => {
+                    eprintln!("second stop signal: exiting now");
+                    std::process::exit(143);
+                }
+                Some(_) => {}
+                None => {
+                    first = Some(std::time::Instant::now());
+                    let _ = tx.send(true);
+                }
             }
-            let _ = tx.send(true);
         }
     });
     Ok(rx)

@@ -21,6 +21,8 @@ pub(crate) struct Task {
     pub head: String,
     /// The host this task runs on, as peers dial it.
     pub host: String,
+    /// Tasks of the step on the busiest node (they share its memory).
+    pub tasks_per_node: usize,
 }
 
 impl Task {
@@ -51,7 +53,11 @@ impl Task {
         if tasks == 0 || rank >= tasks {
             bail!("SLURM_PROCID={rank} is not below the step's {tasks} tasks");
         }
-        Ok(Self { rank, tasks, local_rank, head, host })
+        let tasks_per_node = var("SLURM_STEP_TASKS_PER_NODE")
+            .or_else(|| var("SLURM_TASKS_PER_NODE"))
+            .map_or(Some(tasks), |v| most_tasks_per_node(&v))
+            .unwrap_or(tasks);
+        Ok(Self { rank, tasks, local_rank, head, host, tasks_per_node })
     }
 }
 
@@ -99,6 +105,11 @@ pub(crate) fn first_host(list: &str) -> Result<String> {
     Ok(host)
 }
 
+/// The largest count of Slurm's tasks-per-node list: `4(x2),3` → 4.
+fn most_tasks_per_node(list: &str) -> Option<usize> {
+    list.split(',').map(|e| e.split('(').next().unwrap_or_default().trim().parse::<usize>().ok()).max()?
+}
+
 fn hostname() -> Result<String> {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading this host's name")?;
     Ok(h.trim().to_string())
@@ -125,6 +136,9 @@ pub(crate) struct Setup {
     pub visible_gpus: usize,
     /// `ZEROSHARD_DEVICE` as the job set it (None: auto).
     pub device: Option<String>,
+    /// Workers on the CPU without ZEROSHARD_KV_CACHE_BYTES: this host's
+    /// available memory, of which the node's tasks share half for KV caches.
+    pub cpu_memory: Option<u64>,
 }
 
 /// The processes `task` runs.
@@ -151,6 +165,11 @@ pub(crate) fn roles(task: &Task, s: &Setup) -> Vec<Role> {
         let auto = s.device.as_deref().is_none_or(|d| d == "auto" || d == "cuda");
         if auto && s.visible_gpus > 1 {
             args.push(format!("--device=cuda:{}", task.local_rank % s.visible_gpus));
+        }
+        if let Some(mem) = s.cpu_memory {
+            // As `up` does for the workers of one host: half its memory, shared.
+            let share = (mem / 2 / task.tasks_per_node.max(1) as u64).max(64 << 20);
+            args.push(format!("--kv-cache-bytes={share}"));
         }
         args.extend(tls("worker"));
         Role { name: "worker", args }
@@ -195,13 +214,20 @@ pub(crate) fn launch(a: LaunchArgs) -> Result<()> {
     let visible_gpus = std::env::var("CUDA_VISIBLE_DEVICES")
         .map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count())
         .unwrap_or(0);
+    let device = std::env::var("ZEROSHARD_DEVICE").ok();
+    let on_cpu = device.as_deref() == Some("cpu")
+        || (visible_gpus == 0 && device.as_deref().is_none_or(|d| d == "auto"));
+    let cpu_memory = (on_cpu && std::env::var_os("ZEROSHARD_KV_CACHE_BYTES").is_none())
+        .then(zeroshard_worker::node::available_memory)
+        .filter(|&m| m > 0);
     let setup = Setup {
         port: a.port,
         head_worker: a.head_worker,
         certs: a.certs_dir.clone(),
         coordinator_host: a.coordinator_host.clone(),
         visible_gpus,
-        device: std::env::var("ZEROSHARD_DEVICE").ok(),
+        device,
+        cpu_memory,
     };
     let roles = roles(&task, &setup);
     let exe = std::env::current_exe().context("locating the zeroshard binary")?;
@@ -333,12 +359,20 @@ mod tests {
             ("SLURM_PROCID", "2"),
             ("SLURM_NTASKS", "8"),
             ("SLURM_STEP_NUM_TASKS", "4"),
+            ("SLURM_STEP_TASKS_PER_NODE", "2(x2)"),
             ("SLURM_LOCALID", "1"),
             ("SLURM_JOB_NODELIST", "gpu[03-04]"),
             ("SLURMD_NODENAME", "gpu04"),
         ])
         .expect("task");
-        let want = Task { rank: 2, tasks: 4, local_rank: 1, head: "gpu03".into(), host: "gpu04".into() };
+        let want = Task {
+            rank: 2,
+            tasks: 4,
+            local_rank: 1,
+            head: "gpu03".into(),
+            host: "gpu04".into(),
+            tasks_per_node: 2,
+        };
         assert_eq!(t, want);
         let e = slurm(&[("SLURM_NTASKS", "2")]).expect_err("no rank").to_string();
         assert!(e.contains("SLURM_PROCID") && e.contains("srun"), "{e}");
@@ -349,7 +383,7 @@ mod tests {
     }
 
     fn task(rank: usize, local_rank: usize, host: &str) -> Task {
-        Task { rank, tasks: 3, local_rank, head: "gpu03".into(), host: host.into() }
+        Task { rank, tasks: 3, local_rank, head: "gpu03".into(), host: host.into(), tasks_per_node: 2 }
     }
 
     #[test]
@@ -377,6 +411,7 @@ mod tests {
             coordinator_host: Some("head.ib".into()),
             visible_gpus: 4,
             device: None,
+            cpu_memory: None,
         };
         let r0 = roles(&task(0, 0, "gpu03"), &s);
         let names: Vec<_> = r0.iter().map(|r| r.name).collect();
@@ -395,5 +430,18 @@ mod tests {
         assert!(!roles(&task(1, 1, "gpu03"), &one)[0].args.iter().any(|a| a.starts_with("--device")));
         let cpu = Setup { device: Some("cpu".into()), ..s };
         assert!(!roles(&task(1, 1, "gpu03"), &cpu)[0].args.iter().any(|a| a.starts_with("--device")));
+    }
+
+    #[test]
+    fn cpu_workers_of_a_node_share_half_its_memory_for_kv_caches() {
+        assert_eq!(most_tasks_per_node("4(x2),3"), Some(4));
+        assert_eq!(most_tasks_per_node("3"), Some(3));
+        assert_eq!(most_tasks_per_node("x"), None);
+        let s = Setup { port: 1, cpu_memory: Some(8 << 30), ..Setup::default() };
+        // Two tasks on the busiest node: 8 GiB / 2 / 2.
+        let w = roles(&task(1, 0, "n1"), &s);
+        assert!(w[0].args.contains(&format!("--kv-cache-bytes={}", 2u64 << 30)), "{:?}", w[0].args);
+        // The coordinator holds no KV cache.
+        assert!(!roles(&task(0, 0, "n1"), &s)[0].args.iter().any(|a| a.starts_with("--kv-cache")));
     }
 }

@@ -613,8 +613,9 @@ fn a_sigtermed_worker_drains_its_sequences_and_exits_cleanly() {
     assert_eq!(s["sequences_resumed_total"], 0, "a drain counted as a failure: {s}");
 }
 
-/// SIGTERM to the coordinator mid-stream (what a launcher sends first): the
-/// running stream finishes with exactly the undisturbed tokens, a new request
+/// SIGTERM to the coordinator mid-stream (what a launcher sends first, here
+/// twice within 50 ms, as scancel plus a forwarding parent do): the running
+/// stream finishes with exactly the undisturbed tokens, a new request
 /// is refused at once with UNAVAILABLE (a client retries elsewhere), and the
 /// coordinator exits 0 once the stream has ended.
 #[test]
@@ -625,6 +626,10 @@ fn a_sigtermed_coordinator_finishes_its_streams_and_refuses_new_ones() {
     let (mut fleet, got) = disturbed_stream(2, |f| {
         f.signal_coordinator(libc::SIGTERM);
         signalled = Some(Instant::now());
+        // A launcher that signals every process of a task while a parent
+        // forwards the signal delivers two at once: still one drain.
+        std::thread::sleep(Duration::from_millis(50));
+        f.signal_coordinator(libc::SIGTERM);
         std::thread::sleep(Duration::from_millis(100));
         let out = common::run(&[
             "query",
