@@ -227,18 +227,28 @@ if chroot --userspec=10001:10001 "$rootfs" /usr/local/bin/zeroshard --version >/
 else
   how="image ld.so"
 fi
+# Variables the binary sees in the image, besides HOME, HF_HOME and PATH.
+image_env=()
 run_in_image() {
   if [ "$how" = "image ld.so" ]; then
-    "$rootfs/lib64/ld-linux-x86-64.so.2" \
+    env "${image_env[@]}" "$rootfs/lib64/ld-linux-x86-64.so.2" \
       --library-path "$rootfs/lib/x86_64-linux-gnu:$rootfs/usr/lib/x86_64-linux-gnu" "$zs" "$@"
   else
-    env -i HOME=/data HF_HOME=/data/hf PATH=/usr/local/bin:/usr/bin:/bin \
+    env -i HOME=/data HF_HOME=/data/hf PATH=/usr/local/bin:/usr/bin:/bin "${image_env[@]}" \
       "$(command -v chroot)" --userspec=10001:10001 "$rootfs" /usr/local/bin/zeroshard "$@"
   fi
 }
 check "zeroshard --version ($how)" "$version" "$(run_in_image --version 2>&1 | head -n 1)"
 check "zeroshard --help lists worker" yes \
   "$(run_in_image --help 2>&1 | grep -qE '^ +worker ' && echo yes || echo no)"
+# The probes' port (EXPOSE 8081) is served by --health-listen.
+check "worker --help has --health-listen" yes \
+  "$(run_in_image worker --help 2>&1 | grep -q -- '--health-listen' && echo yes || echo no)"
+# The Slurm entry point reads its role from the launcher (dry run, no network).
+image_env=(SLURM_PROCID=1 SLURM_NTASKS=2 'SLURM_JOB_NODELIST=n[1-2]' SLURMD_NODENAME=n2 ZEROSHARD_INSECURE=1)
+check "launch --from slurm (rank 1, dry run)" worker \
+  "$(run_in_image launch --from slurm --dry-run 2>&1 | grep -oE ': worker ' | tr -d ': ')"
+image_env=()
 
 size=$(inspect '{{.Size}}')
 printf '\n%-4s  %-40s %s\n' "" "check ($IMAGE)" "value"

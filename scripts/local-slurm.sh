@@ -23,10 +23,10 @@ install)
     exit 0
   fi
   export DEBIAN_FRONTEND=noninteractive
-  pkgs="slurmctld slurmd slurm-client munge"
-  as_root apt-get install -y $pkgs >/dev/null 2>&1 \
-    || { as_root apt-get update >/dev/null && as_root apt-get install -y $pkgs >/dev/null; } \
-    || { echo "local-slurm.sh: installing $pkgs failed (needs root or passwordless sudo, and apt)" >&2; exit 1; }
+  pkgs=(slurmctld slurmd slurm-client munge)
+  as_root apt-get install -y "${pkgs[@]}" >/dev/null 2>&1 \
+    || { as_root apt-get update >/dev/null && as_root apt-get install -y "${pkgs[@]}" >/dev/null; } \
+    || { echo "local-slurm.sh: installing ${pkgs[*]} failed (needs root or passwordless sudo, and apt)" >&2; exit 1; }
   ;;
 start)
   dir="${2:?usage: local-slurm.sh start DIR}"
@@ -41,8 +41,7 @@ for x in s: x.bind(("127.0.0.1", 0))
 print(" ".join(str(x.getsockname()[1]) for x in s))
 EOF
 )
-  set -- $ports
-  ctld_port=$1 slurmd_port=$2
+  read -r ctld_port slurmd_port <<<"$ports"
 
   # munge: its own key, socket and PID file in DIR.
   dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none

@@ -230,7 +230,6 @@ pub(crate) fn launch(a: LaunchArgs) -> Result<()> {
         cpu_memory,
     };
     let roles = roles(&task, &setup);
-    let exe = std::env::current_exe().context("locating the zeroshard binary")?;
     eprintln!(
         "launch: task {} of {} on {} (coordinator on {}): {}",
         task.rank,
@@ -242,6 +241,7 @@ pub(crate) fn launch(a: LaunchArgs) -> Result<()> {
     if a.dry_run {
         return Ok(());
     }
+    let exe = std::env::current_exe().context("locating the zeroshard binary")?;
     let command = |r: &Role| {
         let mut c = std::process::Command::new(&exe);
         c.arg(r.name).args(&r.args);
