@@ -187,12 +187,7 @@ pub(crate) fn coordinator(a: CoordinatorArgs) -> Result<()> {
         let _ = stop.wait_for(|s| *s).await;
         eprintln!("draining: refusing new requests; running ones have {drain_timeout:?} to finish");
         let d = coord.drain(drain_timeout).await;
-        eprintln!(
-            "drained in {:.2} s: {} requests were running, {} cut off",
-            d.elapsed.as_secs_f64(),
-            d.running,
-            d.cut
-        );
+        eprintln!("{d}");
         let _ = stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         Ok(())

@@ -138,12 +138,7 @@ impl LocalCluster {
     pub async fn stop(self) {
         let d = self.coord.drain(self.coord.drain_timeout()).await;
         if d.running > 0 {
-            eprintln!(
-                "drained in {:.2} s: {} requests were running, {} cut off",
-                d.elapsed.as_secs_f64(),
-                d.running,
-                d.cut
-            );
+            eprintln!("{d}");
         }
         self.fleet.shutdown(Duration::from_secs(5)).await;
         let _ = self.stop_server.send(true);

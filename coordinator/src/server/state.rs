@@ -169,6 +169,18 @@ pub struct DrainReport {
     pub elapsed: Duration,
 }
 
+impl std::fmt::Display for DrainReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "drained in {:.2} s: {} requests were running, {} cut off",
+            self.elapsed.as_secs_f64(),
+            self.running,
+            self.cut
+        )
+    }
+}
+
 /// A cloneable handle on the cluster state.
 #[derive(Clone)]
 pub struct Coordinator(pub(super) Arc<Inner>);
