@@ -432,7 +432,9 @@ pub(crate) struct QueryArgs {
     #[arg(long)]
     pub stream: bool,
     /// Keep retrying an unavailable cluster (restarting coordinator,
-    /// re-planning workers) this long, with backoff, before failing.
+    /// re-planning workers) this long, with backoff, before failing. An
+    /// address where nothing answers (connection refused, no such host) gets
+    /// three quick tries, unless the request reached the cluster before.
     #[arg(long, default_value_t = 30)]
     pub retry_for_secs: u64,
     /// Print one JSON object, as `generate --json` does.

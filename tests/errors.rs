@@ -2,6 +2,8 @@
 //! naming the file, key or value at fault.
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::model_dir::*;
 use common::*;
 use serde_json::Value;
@@ -113,4 +115,68 @@ fn prompt_ids_out_of_vocabulary_and_malformed() {
     let dir = model("stories260K");
     expect_error(&dir, &["--prompt-ids", "1,2,512"], &["512", "index 2", "vocab_size 512"]);
     expect_error(&dir, &["--prompt-ids", "1,x"], &["--prompt-ids", "\"x\""]);
+}
+
+/// The last line of `stderr`, which must be the one `error: …` line.
+fn error_line(stderr: &str) -> &str {
+    let last = stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: "), "{stderr}");
+    last
+}
+
+#[test]
+fn an_endpoint_without_a_scheme_is_refused_at_once() {
+    for command in ["query", "status"] {
+        let start = Instant::now();
+        let mut args = vec![command, "--endpoint", "127.0.0.1:50051"];
+        if command == "query" {
+            args.extend(["--prompt", "Hi"]);
+        }
+        let err = run_err(&args);
+        assert!(start.elapsed() < Duration::from_secs(5), "{command} took {:?}", start.elapsed());
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let line = error_line(&err);
+        assert!(line.contains("no scheme"), "{line}");
+        assert!(
+            line.contains("grpcs://127.0.0.1:50051") && line.contains("grpc://127.0.0.1:50051"),
+            "{line}"
+        );
+    }
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[test]
+fn a_closed_port_is_connection_refused_within_a_second_or_two() {
+    let endpoint = format!("grpc://127.0.0.1:{}", closed_port());
+    let start = Instant::now();
+    let err = run_err(&["query", "--endpoint", &endpoint, "--prompt", "Hi", "--retry-for-secs", "30"]);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "retried a closed port for {took:?}: {err}");
+    let line = error_line(&err);
+    assert!(line.contains(&format!("cannot reach {endpoint}: connection refused")), "{line}");
+    assert!(line.contains("gave up after 3 tries"), "{line}");
+    assert!(!line.contains("transport error"), "{line}");
+    // `status` does not retry at all.
+    let line = run_err(&["status", "--endpoint", &endpoint]);
+    assert!(error_line(&line).contains("connection refused"), "{line}");
+}
+
+#[test]
+fn an_unknown_host_is_named() {
+    let err = run_err(&[
+        "query",
+        "--endpoint",
+        "grpc://no-such-host.invalid:50051",
+        "--prompt",
+        "Hi",
+        "--retry-for-secs",
+        "30",
+    ]);
+    let line = error_line(&err);
+    assert!(line.contains("no such host no-such-host.invalid"), "{line}");
 }
