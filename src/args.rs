@@ -425,7 +425,7 @@ pub(crate) struct QueryArgs {
     #[command(flatten)]
     pub auth: ClientTlsArgs,
     #[command(flatten)]
-    pub prompt: PromptArgs,
+    pub prompt: QueryPromptArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Stream text as it is generated.
@@ -454,17 +454,30 @@ pub(crate) struct StatusArgs {
     pub json: bool,
 }
 
+/// `generate`'s prompts: one or several, decoded together in one batch.
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
 pub(crate) struct PromptArgs {
     /// Prompt text (tokenized with the tokenizer's default special tokens, e.g.
-    /// BOS). `generate` takes it several times to decode the prompts together
-    /// in one batch; `query` takes one.
+    /// BOS). Repeat it to decode several prompts together in one batch.
     #[arg(long)]
     pub prompt: Vec<String>,
     /// Prompt as comma-separated token ids, fed as is. Repeatable, like --prompt.
     #[arg(long)]
     pub prompt_ids: Vec<String>,
+}
+
+/// `query`'s prompt: exactly one (a request is one sequence).
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub(crate) struct QueryPromptArgs {
+    /// Prompt text (tokenized by the coordinator with the tokenizer's default
+    /// special tokens, e.g. BOS). One per request.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, fed as is. One per request.
+    #[arg(long)]
+    pub prompt_ids: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

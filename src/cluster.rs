@@ -294,10 +294,10 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
 }
 
 pub(crate) fn query(a: QueryArgs) -> Result<()> {
-    let prompt = match (a.prompt.prompt.as_slice(), a.prompt.prompt_ids.as_slice()) {
-        ([text], []) => Prompt::Text(text.clone()),
-        ([], [ids]) => Prompt::Ids(args::parse_ids(ids)?),
-        _ => bail!("query takes exactly one --prompt or --prompt-ids"),
+    let prompt = match (a.prompt.prompt, a.prompt.prompt_ids) {
+        (Some(text), None) => Prompt::Text(text),
+        (None, Some(ids)) => Prompt::Ids(args::parse_ids(&ids)?),
+        _ => bail!("query takes one --prompt or --prompt-ids"),
     };
     let req = GenerateRequest { prompt, params: crate::sampling(&a.sampling), stop: a.sampling.stop.clone() };
     let stream_text = a.stream && !a.json;

@@ -117,6 +117,29 @@ fn prompt_ids_out_of_vocabulary_and_malformed() {
     expect_error(&dir, &["--prompt-ids", "1,x"], &["--prompt-ids", "\"x\""]);
 }
 
+/// The help text of one option: from its line to the next option's.
+fn option_help(help: &str, option: &str) -> String {
+    let start = help.find(&format!("  {option} ")).unwrap_or_else(|| panic!("{option} in help: {help}"));
+    let rest = &help[start + option.len() + 2..];
+    let end = rest.find("\n      --").unwrap_or(rest.len());
+    rest[..end].to_string()
+}
+
+#[test]
+fn query_takes_one_prompt_and_its_help_says_so() {
+    let help = String::from_utf8(run(&["query", "--help"]).stdout).expect("utf-8");
+    for option in ["--prompt", "--prompt-ids"] {
+        let text = option_help(&help, option);
+        assert!(text.contains("One per request"), "{option}: {text}");
+        assert!(!text.contains("several") && !text.contains("Repeat"), "{option}: {text}");
+    }
+    let err = run_err(&["query", "--endpoint", "grpc://127.0.0.1:1", "--prompt", "a", "--prompt", "b"]);
+    assert!(err.contains("'--prompt <PROMPT>' cannot be used multiple times"), "{err}");
+    // `generate` still takes several.
+    let help = String::from_utf8(run(&["generate", "--help"]).stdout).expect("utf-8");
+    assert!(option_help(&help, "--prompt").contains("Repeat it to decode several prompts"), "{help}");
+}
+
 /// The last line of `stderr`, which must be the one `error: …` line.
 fn error_line(stderr: &str) -> &str {
     let last = stderr.trim_end().lines().last().unwrap_or_default();
