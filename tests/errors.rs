@@ -11,7 +11,8 @@ use serde_json::Value;
 #[test]
 fn missing_model_folder_and_files() {
     let dir = tempfile::tempdir().expect("tmp");
-    expect_error(dir.path(), &[], &["config.json"]);
+    let done = expect_error(dir.path(), &[], &["config.json"]);
+    assert_eq!(done.stderr.matches("os error 2").count(), 1, "the OS error once: {}", done.stderr);
     let dir = copy_model();
     std::fs::remove_file(dir.path().join("model.safetensors")).expect("rm");
     expect_error(dir.path(), &[], &["model.safetensors"]);
@@ -115,6 +116,20 @@ fn prompt_ids_out_of_vocabulary_and_malformed() {
     let dir = model("stories260K");
     expect_error(&dir, &["--prompt-ids", "1,2,512"], &["512", "index 2", "vocab_size 512"]);
     expect_error(&dir, &["--prompt-ids", "1,x"], &["--prompt-ids", "\"x\""]);
+}
+
+#[test]
+fn a_gguf_folder_says_it_is_gguf() {
+    let dir = model("stories260K-gguf");
+    let done = expect_error(
+        &dir,
+        &[],
+        &[
+            "holds a GGUF file (stories260K.gguf)",
+            "zeroshard reads Hugging Face folders (config.json + *.safetensors)",
+        ],
+    );
+    assert!(!done.stderr.contains("os error"), "{}", done.stderr);
 }
 
 /// The help text of one option: from its line to the next option's.
