@@ -308,7 +308,6 @@ fn bad_requests_get_invalid_argument() {
     for (args, needle) in [
         (vec!["--prompt", "Hi", "--top-p=0"], "top_p"),
         (vec!["--prompt", "Hi", "--temperature=-1"], "temperature"),
-        (vec!["--prompt", ""], "empty"),
         (vec!["--prompt-ids", "1,2,600"], "vocabulary"),
     ] {
         let mut a = vec!["query", "--endpoint", c.endpoint.as_str()];
@@ -317,6 +316,25 @@ fn bad_requests_get_invalid_argument() {
         assert!(err.contains("invalid") || err.contains(needle), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn an_empty_prompt_gives_the_same_tokens_from_query_and_generate() {
+    let dir = path(&model("stories260K"));
+    let c = Cluster::up(&["--model", &dir, "--workers", "2"]);
+    let flags = ["--prompt", "", "--max-new-tokens", "16", "--json"];
+    let q = query(&c.endpoint, &flags[..4]);
+    let mut gen = vec!["generate", "--model", &dir];
+    gen.extend_from_slice(&flags);
+    let g = run_json(&gen).remove(0);
+    assert_eq!(ids_of(&q["prompt_token_ids"]), vec![1], "BOS alone: {q}");
+    assert_eq!(q["prompt_token_ids"], g["prompt_token_ids"]);
+    assert_eq!(ids_of(&q["token_ids"]), ids_of(&g["token_ids"]));
+    assert_eq!(q["text"], g["text"]);
+    // A tokenizer that adds no BOS leaves nothing to start from.
+    let gpt2 = Cluster::up(&["--model", &path(&model("tiny-random-gpt2")), "--workers", "1"]);
+    let err = run_err(&["query", "--endpoint", &gpt2.endpoint, "--prompt", ""]);
+    assert!(err.contains("the prompt is empty after tokenization"), "{err}");
 }
 
 #[test]

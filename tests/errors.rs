@@ -132,6 +132,12 @@ fn a_gguf_folder_says_it_is_gguf() {
     assert!(!done.stderr.contains("os error"), "{}", done.stderr);
 }
 
+#[test]
+fn an_empty_prompt_without_bos_is_refused_after_tokenization() {
+    // GPT-2's tokenizer adds no BOS: "" is no token at all.
+    expect_error(&model("tiny-random-gpt2"), &["--prompt", ""], &["the prompt is empty after tokenization"]);
+}
+
 /// The help text of one option: from its line to the next option's.
 fn option_help(help: &str, option: &str) -> String {
     let start = help.find(&format!("  {option} ")).unwrap_or_else(|| panic!("{option} in help: {help}"));
