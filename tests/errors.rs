@@ -224,3 +224,18 @@ fn an_unknown_host_is_named() {
     let line = error_line(&err);
     assert!(line.contains("no such host no-such-host.invalid"), "{line}");
 }
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour() {
+    // A query retrying a closed port logs a warning per try, here to a pipe.
+    let endpoint = format!("grpc://127.0.0.1:{}", closed_port());
+    let out = bin()
+        .args(["query", "--endpoint", &endpoint, "--prompt", "Hi"])
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("spawn");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WARN") && stderr.contains("retrying"), "{stderr}");
+    assert!(!stderr.contains("\x1b["), "ANSI escapes in piped logs: {stderr:?}");
+}
