@@ -337,6 +337,79 @@ fn an_empty_prompt_gives_the_same_tokens_from_query_and_generate() {
     assert!(err.contains("the prompt is empty after tokenization"), "{err}");
 }
 
+/// Runs `up` with stderr piped until it is ready, then stops it (SIGTERM);
+/// returns what it wrote to stderr.
+fn up_stderr(args: &[&str]) -> String {
+    let mut child = bin()
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn up");
+    let mut pipe = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut s);
+        s
+    });
+    let ready = common::cluster::ready_line(&mut child);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let stderr = reader.join().expect("reader");
+    assert!(ready.is_some(), "up was not ready: {stderr}");
+    stderr
+}
+
+#[test]
+fn up_names_each_worker_by_its_id_and_logs_no_colour_to_a_pipe() {
+    let stderr = up_stderr(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    assert!(!stderr.contains("\x1b["), "ANSI escapes in piped logs: {stderr:?}");
+    // pid → the id the worker says it registered as (`worker N registered with …`).
+    let mut ids = std::collections::HashMap::new();
+    let mut prefixed = Vec::new();
+    for line in stderr.lines() {
+        let Some((prefix, rest)) = line.strip_prefix('[').and_then(|l| l.split_once("] ")) else { continue };
+        let words: Vec<&str> = prefix.split(' ').collect();
+        let (id, pid) = match words.as_slice() {
+            ["worker", "pid", pid] => (None, pid.to_string()),
+            ["worker", id, "pid", pid] => (Some(id.parse::<u64>().expect("id")), pid.to_string()),
+            _ => panic!("a worker's prefix is [worker pid P] or [worker N pid P]: {line}"),
+        };
+        if let Some(said) = registered_as(rest) {
+            ids.insert(pid.clone(), said);
+        }
+        prefixed.push((id, pid));
+    }
+    assert_eq!(ids.len(), 2, "both workers log their registration: {stderr}");
+    for (id, pid) in &prefixed {
+        if let Some(id) = id {
+            assert_eq!(
+                Some(id),
+                ids.get(pid),
+                "prefix [worker {id} pid {pid}] vs its registration: {stderr}"
+            );
+        }
+    }
+    for (pid, id) in &ids {
+        assert!(
+            prefixed.iter().any(|(i, p)| p == pid && i == &Some(*id)),
+            "no line of pid {pid} prefixed with its id {id}: {stderr}"
+        );
+    }
+}
+
+/// `… worker N registered with …` (the worker's own log line) → N.
+fn registered_as(line: &str) -> Option<u64> {
+    let (head, _) = line.split_once(" registered with ")?;
+    let mut words = head.rsplit(' ');
+    let id = words.next()?.parse().ok()?;
+    (words.next()? == "worker").then_some(id)
+}
+
 #[test]
 fn a_request_before_ready_is_unavailable() {
     // A coordinator waiting for 2 workers that never come.
