@@ -411,6 +411,33 @@ fn registered_as(line: &str) -> Option<u64> {
 }
 
 #[test]
+fn plain_status_shows_steps_refetched_chunks_and_failovers() {
+    let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    query(&c.endpoint, &["--prompt", "Hi", "--max-new-tokens", "8"]);
+    let out = run(&["status", "--endpoint", &c.endpoint]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines.iter().position(|l| l.trim_start().starts_with("id ")).expect("the table's header");
+    let json = status(&c.endpoint);
+    let workers = json["workers"].as_array().expect("workers");
+    let rows = &lines[header + 1..];
+    assert_eq!(rows.len(), workers.len(), "{text}");
+    // Columns are right-aligned: a value ends where its heading ends.
+    for (heading, key) in
+        [("steps", "steps_total"), ("refetched", "rejected_chunks_total"), ("fail-overs", "failovers_total")]
+    {
+        let end = lines[header].find(heading).unwrap_or_else(|| panic!("no {heading} column: {text}"))
+            + heading.len();
+        for (row, w) in rows.iter().zip(workers) {
+            let value = row[..end].split_whitespace().last().expect("a value");
+            assert_eq!(value, w[key].to_string(), "{heading} of worker {}: {text}", w["id"]);
+        }
+    }
+    assert!(workers.iter().any(|w| w["steps_total"].as_u64() > Some(0)), "the query ran steps: {json}");
+}
+
+#[test]
 fn a_request_before_ready_is_unavailable() {
     // A coordinator waiting for 2 workers that never come.
     let mut coord = bin()
