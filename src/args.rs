@@ -425,14 +425,16 @@ pub(crate) struct QueryArgs {
     #[command(flatten)]
     pub auth: ClientTlsArgs,
     #[command(flatten)]
-    pub prompt: PromptArgs,
+    pub prompt: QueryPromptArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Stream text as it is generated.
     #[arg(long)]
     pub stream: bool,
     /// Keep retrying an unavailable cluster (restarting coordinator,
-    /// re-planning workers) this long, with backoff, before failing.
+    /// re-planning workers) this long, with backoff, before failing. An
+    /// address where nothing answers (connection refused, no such host) gets
+    /// three quick tries, unless the request reached the cluster before.
     #[arg(long, default_value_t = 30)]
     pub retry_for_secs: u64,
     /// Print one JSON object, as `generate --json` does.
@@ -452,12 +454,12 @@ pub(crate) struct StatusArgs {
     pub json: bool,
 }
 
+/// `generate`'s prompts: one or several, decoded together in one batch.
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
 pub(crate) struct PromptArgs {
     /// Prompt text (tokenized with the tokenizer's default special tokens, e.g.
-    /// BOS). `generate` takes it several times to decode the prompts together
-    /// in one batch; `query` takes one.
+    /// BOS). Repeat it to decode several prompts together in one batch.
     #[arg(long)]
     pub prompt: Vec<String>,
     /// Prompt as comma-separated token ids, fed as is. Repeatable, like --prompt.
@@ -465,25 +467,38 @@ pub(crate) struct PromptArgs {
     pub prompt_ids: Vec<String>,
 }
 
+/// `query`'s prompt: exactly one (a request is one sequence).
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub(crate) struct QueryPromptArgs {
+    /// Prompt text (tokenized by the coordinator with the tokenizer's default
+    /// special tokens, e.g. BOS). One per request.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, fed as is. One per request.
+    #[arg(long)]
+    pub prompt_ids: Option<String>,
+}
+
 #[derive(Args, Debug, Clone)]
 pub(crate) struct SamplingArgs {
     /// Tokens to generate at most.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
     /// Softmax temperature; 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the K most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub top_k: usize,
     /// Nucleus sampling: keep the smallest set of tokens with probability ≥ P (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Random seed: the same seed gives the same output.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Penalise tokens already present (transformers' repetition_penalty; 1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     /// Stop when the generated text contains this string (repeatable).
     #[arg(long)]

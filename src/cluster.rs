@@ -289,10 +289,10 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
 }
 
 pub(crate) fn query(a: QueryArgs) -> Result<()> {
-    let prompt = match (a.prompt.prompt.as_slice(), a.prompt.prompt_ids.as_slice()) {
-        ([text], []) => Prompt::Text(text.clone()),
-        ([], [ids]) => Prompt::Ids(args::parse_ids(ids)?),
-        _ => bail!("query takes exactly one --prompt or --prompt-ids"),
+    let prompt = match (a.prompt.prompt, a.prompt.prompt_ids) {
+        (Some(text), None) => Prompt::Text(text),
+        (None, Some(ids)) => Prompt::Ids(args::parse_ids(&ids)?),
+        _ => bail!("query takes one --prompt or --prompt-ids"),
     };
     let req = GenerateRequest { prompt, params: crate::sampling(&a.sampling), stop: a.sampling.stop.clone() };
     let stream_text = a.stream && !a.json;
@@ -380,7 +380,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         s.step_deadlines_missed_total
     );
     println!(
-        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>9} {:>17} {:>10} {:>6} {:>15}",
+        "{:>4} {:<24} {:>14} {:>12} {:>12} {:>9} {:>17} {:>10} {:>6} {:>8} {:>9} {:>10} {:>15}",
         "id",
         "address",
         "owned MB",
@@ -390,11 +390,14 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         "KV MB used/budget",
         "gather GB/s",
         "loads",
+        "steps",
+        "refetched",
+        "fail-overs",
         "rejected blocks"
     );
     for w in &s.workers {
         println!(
-            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>9} {:>17} {:>10.2} {:>6} {:>15}",
+            "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>9} {:>17} {:>11.2} {:>6} {:>8} {:>9} {:>10} {:>15}",
             w.id,
             w.address,
             w.owned_partitioned_bytes as f64 / 1e6,
@@ -404,6 +407,9 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             format!("{:.1}/{:.1}", w.kv_reserved_bytes as f64 / 1e6, w.kv_cache_bytes as f64 / 1e6),
             w.gather_bytes_per_s / 1e9,
             w.loads_total,
+            w.steps_total,
+            w.rejected_chunks_total,
+            w.failovers_total,
             w.rejected_blocks_total
         );
     }

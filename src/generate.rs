@@ -54,7 +54,7 @@ impl LocalModel {
     pub(crate) fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         match prompt {
             Prompt::Ids(ids) => Ok(ids.clone()),
-            Prompt::Text(text) => Ok(self.need_tokenizer()?.encode(text)?),
+            Prompt::Text(text) => Ok(self.need_tokenizer()?.encode_prompt(text)?),
         }
     }
 

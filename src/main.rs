@@ -6,7 +6,7 @@ mod generate;
 mod launch;
 mod security;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches};
@@ -32,6 +32,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR")))
         .init();
     let result = match cli.command {
         Command::Generate(a) => generate(a),
@@ -49,6 +50,12 @@ fn main() {
         eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// Whether logs are coloured: only on a terminal, and not when `NO_COLOR` is
+/// set to anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The error chain on one line, outermost first; a cause whose text an outer
@@ -254,6 +261,14 @@ fn bench_rows<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())), "an empty NO_COLOR is unset");
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
 
     #[test]
     fn an_error_chain_is_one_line_without_repeats() {

@@ -308,7 +308,6 @@ fn bad_requests_get_invalid_argument() {
     for (args, needle) in [
         (vec!["--prompt", "Hi", "--top-p=0"], "top_p"),
         (vec!["--prompt", "Hi", "--temperature=-1"], "temperature"),
-        (vec!["--prompt", ""], "empty"),
         (vec!["--prompt-ids", "1,2,600"], "vocabulary"),
     ] {
         let mut a = vec!["query", "--endpoint", c.endpoint.as_str()];
@@ -317,6 +316,125 @@ fn bad_requests_get_invalid_argument() {
         assert!(err.contains("invalid") || err.contains(needle), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn an_empty_prompt_gives_the_same_tokens_from_query_and_generate() {
+    let dir = path(&model("stories260K"));
+    let c = Cluster::up(&["--model", &dir, "--workers", "2"]);
+    let flags = ["--prompt", "", "--max-new-tokens", "16", "--json"];
+    let q = query(&c.endpoint, &flags[..4]);
+    let mut gen = vec!["generate", "--model", &dir];
+    gen.extend_from_slice(&flags);
+    let g = run_json(&gen).remove(0);
+    assert_eq!(ids_of(&q["prompt_token_ids"]), vec![1], "BOS alone: {q}");
+    assert_eq!(q["prompt_token_ids"], g["prompt_token_ids"]);
+    assert_eq!(ids_of(&q["token_ids"]), ids_of(&g["token_ids"]));
+    assert_eq!(q["text"], g["text"]);
+    // A tokenizer that adds no BOS leaves nothing to start from.
+    let gpt2 = Cluster::up(&["--model", &path(&model("tiny-random-gpt2")), "--workers", "1"]);
+    let err = run_err(&["query", "--endpoint", &gpt2.endpoint, "--prompt", ""]);
+    assert!(err.contains("the prompt is empty after tokenization"), "{err}");
+}
+
+/// Runs `up` with stderr piped until it is ready, then stops it (SIGTERM);
+/// returns what it wrote to stderr.
+fn up_stderr(args: &[&str]) -> String {
+    let mut child = bin()
+        .args(["up", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn up");
+    let mut pipe = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut s);
+        s
+    });
+    let ready = common::cluster::ready_line(&mut child);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let stderr = reader.join().expect("reader");
+    assert!(ready.is_some(), "up was not ready: {stderr}");
+    stderr
+}
+
+#[test]
+fn up_names_each_worker_by_its_id_and_logs_no_colour_to_a_pipe() {
+    let stderr = up_stderr(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    assert!(!stderr.contains("\x1b["), "ANSI escapes in piped logs: {stderr:?}");
+    // pid → the id the worker says it registered as (`worker N registered with …`).
+    let mut ids = std::collections::HashMap::new();
+    let mut prefixed = Vec::new();
+    for line in stderr.lines() {
+        let Some((prefix, rest)) = line.strip_prefix('[').and_then(|l| l.split_once("] ")) else { continue };
+        let words: Vec<&str> = prefix.split(' ').collect();
+        let (id, pid) = match words.as_slice() {
+            ["worker", "pid", pid] => (None, pid.to_string()),
+            ["worker", id, "pid", pid] => (Some(id.parse::<u64>().expect("id")), pid.to_string()),
+            _ => panic!("a worker's prefix is [worker pid P] or [worker N pid P]: {line}"),
+        };
+        if let Some(said) = registered_as(rest) {
+            ids.insert(pid.clone(), said);
+        }
+        prefixed.push((id, pid));
+    }
+    assert_eq!(ids.len(), 2, "both workers log their registration: {stderr}");
+    for (id, pid) in &prefixed {
+        if let Some(id) = id {
+            assert_eq!(
+                Some(id),
+                ids.get(pid),
+                "prefix [worker {id} pid {pid}] vs its registration: {stderr}"
+            );
+        }
+    }
+    for (pid, id) in &ids {
+        assert!(
+            prefixed.iter().any(|(i, p)| p == pid && i == &Some(*id)),
+            "no line of pid {pid} prefixed with its id {id}: {stderr}"
+        );
+    }
+}
+
+/// `… worker N registered with …` (the worker's own log line) → N.
+fn registered_as(line: &str) -> Option<u64> {
+    let (head, _) = line.split_once(" registered with ")?;
+    let mut words = head.rsplit(' ');
+    let id = words.next()?.parse().ok()?;
+    (words.next()? == "worker").then_some(id)
+}
+
+#[test]
+fn plain_status_shows_steps_refetched_chunks_and_failovers() {
+    let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    query(&c.endpoint, &["--prompt", "Hi", "--max-new-tokens", "8"]);
+    let out = run(&["status", "--endpoint", &c.endpoint]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines.iter().position(|l| l.trim_start().starts_with("id ")).expect("the table's header");
+    let json = status(&c.endpoint);
+    let workers = json["workers"].as_array().expect("workers");
+    let rows = &lines[header + 1..];
+    assert_eq!(rows.len(), workers.len(), "{text}");
+    // Columns are right-aligned: a value ends where its heading ends.
+    for (heading, key) in
+        [("steps", "steps_total"), ("refetched", "rejected_chunks_total"), ("fail-overs", "failovers_total")]
+    {
+        let end = lines[header].find(heading).unwrap_or_else(|| panic!("no {heading} column: {text}"))
+            + heading.len();
+        for (row, w) in rows.iter().zip(workers) {
+            let value = row[..end].split_whitespace().last().expect("a value");
+            assert_eq!(value, w[key].to_string(), "{heading} of worker {}: {text}", w["id"]);
+        }
+    }
+    assert!(workers.iter().any(|w| w["steps_total"].as_u64() > Some(0)), "the query ran steps: {json}");
 }
 
 #[test]

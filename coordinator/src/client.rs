@@ -43,6 +43,12 @@ pub type Client = InferenceClient<InterceptedService<Channel, Bearer>>;
 /// server speaks is named in the error.
 pub async fn connect(endpoint: &str, auth: &ClientAuth) -> Result<Client> {
     let invalid = |e: String| CoordinatorError::InvalidRequest(format!("--endpoint {endpoint}: {e}"));
+    if !endpoint.contains("://") {
+        return Err(CoordinatorError::InvalidRequest(format!(
+            "--endpoint {endpoint} has no scheme: write grpcs://{endpoint} (TLS, as `up` serves by default) \
+             or grpc://{endpoint} (plaintext)"
+        )));
+    }
     let addr = Address::parse(endpoint).map_err(|e| invalid(e.to_string()))?;
     let security = client_security(&addr, auth.tls.clone())?;
     let bearer = match &auth.api_key {
@@ -62,8 +68,12 @@ pub async fn connect(endpoint: &str, auth: &ClientAuth) -> Result<Client> {
     Ok(InferenceClient::with_interceptor(ch, Bearer(bearer)))
 }
 
-/// A failed connection, in words: refused, or spoken to in the wrong scheme.
+/// A failed connection, in words: refused, no such host, or spoken to in the
+/// wrong scheme.
 fn connect_error(endpoint: &str, addr: &Address, e: &tonic::transport::Error) -> CoordinatorError {
+    if let Some(cause) = unreachable_cause(e, &addr.host) {
+        return CoordinatorError::Unreachable(format!("cannot reach {endpoint}: {cause}"));
+    }
     let mut chain = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -71,9 +81,6 @@ fn connect_error(endpoint: &str, addr: &Address, e: &tonic::transport::Error) ->
         source = s.source();
     }
     let lower = chain.to_lowercase();
-    if lower.contains("refused") {
-        return CoordinatorError::Unavailable(format!("cannot reach {endpoint}: connection refused"));
-    }
     if addr.tls && (lower.contains("corrupt message") || lower.contains("invalidcontenttype")) {
         return CoordinatorError::InvalidRequest(format!(
             "{endpoint} does not speak TLS (a plaintext server): use grpc://{}",
@@ -92,6 +99,28 @@ fn connect_error(endpoint: &str, addr: &Address, e: &tonic::transport::Error) ->
     CoordinatorError::Unavailable(format!("cannot reach {endpoint}: {chain}"))
 }
 
+/// "connection refused" or "no such host HOST (…)" when `e`'s source chain
+/// says nothing answers at the address: an [`std::io::Error`] of kind
+/// `ConnectionRefused`, or a failed name lookup (hyper's "dns error", whose
+/// innermost cause is the resolver's own words).
+fn unreachable_cause(e: &(dyn std::error::Error + 'static), host: &str) -> Option<String> {
+    let mut dns = false;
+    let mut innermost = e.to_string();
+    let mut link = Some(e);
+    while let Some(err) = link {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return Some("connection refused".into());
+        }
+        dns |= err.to_string().starts_with("dns error");
+        innermost = err.to_string();
+        link = err.source();
+    }
+    dns.then(|| format!("no such host {host} ({innermost})"))
+}
+
 fn status_err(s: tonic::Status) -> CoordinatorError {
     match s.code() {
         tonic::Code::InvalidArgument => CoordinatorError::InvalidRequest(s.message().to_string()),
@@ -102,9 +131,15 @@ fn status_err(s: tonic::Status) -> CoordinatorError {
     }
 }
 
+/// Retries at an address where nothing answers (connection refused, no such
+/// host) before `query` gives up, unless an earlier try of the same request
+/// connected (then the coordinator is restarting: retried for `retry_for`).
+const QUICK_RETRIES: u32 = 2;
+
 /// Runs one request; with `stream`, calls `on_text` with each piece of text as
 /// it arrives. UNAVAILABLE is retried with backoff for up to `retry_for` (a
-/// coordinator restarting, workers re-planning). A
+/// coordinator restarting, workers re-planning); an address where nothing
+/// answers only [`QUICK_RETRIES`] times, unless the request reached it before. A
 /// stream that broke after some text is sent again and its first bytes, which
 /// were printed already, are skipped (generation is deterministic for a given
 /// seed, so the retry produces the same text).
@@ -121,9 +156,15 @@ pub async fn query(
     let started = std::time::Instant::now();
     // Bytes of text already handed to `on_text` by earlier attempts.
     let mut printed = 0usize;
+    // Whether an attempt connected: only then is a refused connection a
+    // coordinator restarting (retried for `retry_for`); before, nothing
+    // listens there, and a few quick tries are enough.
+    let mut reached = false;
+    let mut unreachable_tries = 0;
     loop {
         let result = async {
             let mut client = connect(endpoint, auth).await?;
+            reached = true;
             if !stream {
                 return client.generate(msg.clone()).await.map(|r| r.into_inner().into()).map_err(status_err);
             }
@@ -157,14 +198,28 @@ pub async fn query(
             }
             other => other,
         };
+        let in_time = started.elapsed() < retry_for;
         match result {
-            Err(CoordinatorError::Unavailable(m)) if started.elapsed() < retry_for => {
+            Err(CoordinatorError::Unavailable(m)) if in_time => {
                 tracing::warn!("{m}; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(CoordinatorError::Unreachable(m))
+                if in_time && (reached || unreachable_tries < QUICK_RETRIES) =>
+            {
+                unreachable_tries += 1;
+                tracing::warn!("{m}; retrying in {delay:?}");
+            }
+            Err(CoordinatorError::Unreachable(m)) if in_time => {
+                return Err(CoordinatorError::Unreachable(format!(
+                    "{m}; gave up after {} tries in {:.1} s (nothing answers there)",
+                    unreachable_tries + 1,
+                    started.elapsed().as_secs_f64()
+                )))
             }
             other => return other,
         }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -76,7 +76,9 @@ impl From<CoordinatorError> for tonic::Status {
             E::Precondition(_) => tonic::Status::failed_precondition(e.to_string()),
             E::Denied(_) => tonic::Status::permission_denied(e.to_string()),
             E::Overloaded(_) => tonic::Status::resource_exhausted(e.to_string()),
-            E::Unavailable(_) | E::Membership(_) => tonic::Status::unavailable(e.to_string()),
+            E::Unavailable(_) | E::Unreachable(_) | E::Membership(_) => {
+                tonic::Status::unavailable(e.to_string())
+            }
             E::Offload(_) | E::Plan(_) | E::Shard(_) => tonic::Status::internal(e.to_string()),
         }
     }

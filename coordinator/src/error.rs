@@ -26,6 +26,10 @@ pub enum CoordinatorError {
     /// The cluster cannot serve now (not ready, no worker, worker failed).
     #[error("{0}")]
     Unavailable(String),
+    /// Nothing answers at the address: the connection was refused or the
+    /// host name does not resolve.
+    #[error("{0}")]
+    Unreachable(String),
     /// The call does not fit this coordinator's state (a stale epoch, the
     /// wrong kind of membership).
     #[error("{0}")]

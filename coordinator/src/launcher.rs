@@ -2,14 +2,20 @@
 //! announce its address, forward their logs, and stop them all — SIGTERM, a
 //! grace period, then SIGKILL — so no child outlives the launcher.
 //!
+//! A worker's log lines are prefixed with its process id, and with its worker
+//! id once it has registered (`[worker pid 4242]`, then `[worker 2 pid 4242]`):
+//! the order processes were started in is not their worker id.
+//!
 //! ```ignore
 //! let mut fleet = Fleet::spawn(&exe, 3, |i| vec!["worker".into(), format!("--index={i}")])?;
 //! let addrs = fleet.wait_ready(Duration::from_secs(60)).await?;
 //! // ... serve ...
 //! fleet.shutdown(Duration::from_secs(5)).await;
 //! ```
+use std::fmt;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -19,23 +25,45 @@ use tokio::sync::mpsc;
 /// The line a worker prints on stdout once it serves: `listening grpc://HOST:PORT`.
 pub(crate) const READY_PREFIX: &str = "listening ";
 
+/// The line a worker prints on stdout once registered: `registered as worker ID`.
+pub(crate) const REGISTERED_PREFIX: &str = "registered as worker ";
+
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("spawning worker {index}: {source}")]
+    #[error("spawning worker process {index} of {n}: {source}")]
     Spawn {
         index: usize,
+        n: usize,
         #[source]
         source: std::io::Error,
     },
-    #[error("worker {index} exited before it was ready ({status}); its last message: {last}")]
-    Exited { index: usize, status: String, last: String },
+    #[error("{worker} exited ({status}); its last message: {last}")]
+    Exited { worker: Label, status: String, last: String },
     #[error("workers not ready after {0:?}")]
     Timeout(Duration),
 }
 
+/// Names a worker process in logs and errors: `worker pid 4242` until it has
+/// registered, then `worker 2 pid 4242`.
+#[derive(Clone, Debug)]
+pub struct Label {
+    pid: u32,
+    id: Arc<OnceLock<u64>>,
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.id.get() {
+            Some(id) => write!(f, "worker {id} pid {}", self.pid),
+            None => write!(f, "worker pid {}", self.pid),
+        }
+    }
+}
+
 struct Worker {
     child: Child,
-    last_line: std::sync::Arc<std::sync::Mutex<String>>,
+    label: Label,
+    last_line: Arc<Mutex<String>>,
     /// Its exit was returned by [`Fleet::next_exit`] already.
     reported: bool,
 }
@@ -78,35 +106,41 @@ impl Fleet {
                     Ok(())
                 });
             }
-            let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn { index, source })?;
-            let last_line = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn { index, n, source })?;
+            let label = Label { pid: child.id().unwrap_or_default(), id: Arc::default() };
+            let last_line = Arc::new(Mutex::new(String::new()));
             if let Some(out) = child.stdout.take() {
                 let tx = ready_tx.clone();
+                let label = label.clone();
                 tokio::spawn(async move {
                     let mut lines = BufReader::new(out).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        match line.strip_prefix(READY_PREFIX) {
-                            Some(addr) => {
-                                let _ = tx.send((index, addr.trim().to_string()));
-                            }
-                            None => tracing::info!(target: "worker", worker = index, "{line}"),
+                        if let Some(addr) = line.strip_prefix(READY_PREFIX) {
+                            let _ = tx.send((index, addr.trim().to_string()));
+                        } else if let Some(id) =
+                            line.strip_prefix(REGISTERED_PREFIX).and_then(|t| t.trim().parse().ok())
+                        {
+                            let _ = label.id.set(id);
+                        } else {
+                            tracing::info!(target: "worker", worker = %label, "{line}");
                         }
                     }
                 });
             }
             if let Some(err) = child.stderr.take() {
                 let last = last_line.clone();
+                let label = label.clone();
                 tokio::spawn(async move {
                     let mut lines = BufReader::new(err).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        eprintln!("[worker {index}] {line}");
+                        eprintln!("[{label}] {line}");
                         if let Ok(mut l) = last.lock() {
                             *l = line;
                         }
                     }
                 });
             }
-            workers.push(Worker { child, last_line, reported: false });
+            workers.push(Worker { child, label, last_line, reported: false });
         }
         Ok(Self { workers, ready_rx })
     }
@@ -148,12 +182,16 @@ impl Fleet {
 
     /// The first worker that has exited, as an error carrying its last message.
     pub fn check_exited(&mut self) -> Option<LaunchError> {
-        for (index, w) in self.workers.iter_mut().enumerate() {
+        for w in &mut self.workers {
             if let Ok(Some(status)) = w.child.try_wait() {
                 // Let the stderr forwarder catch up with the final lines.
                 std::thread::sleep(Duration::from_millis(50));
                 let last = w.last_line.lock().map(|l| l.clone()).unwrap_or_default();
-                return Some(LaunchError::Exited { index, status: status.to_string(), last });
+                return Some(LaunchError::Exited {
+                    worker: w.label.clone(),
+                    status: status.to_string(),
+                    last,
+                });
             }
         }
         None
@@ -163,7 +201,7 @@ impl Fleet {
     /// error; pending forever once every worker's exit was reported.
     pub async fn next_exit(&mut self) -> LaunchError {
         loop {
-            for (index, w) in self.workers.iter_mut().enumerate() {
+            for w in &mut self.workers {
                 if w.reported {
                     continue;
                 }
@@ -171,7 +209,7 @@ impl Fleet {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     w.reported = true;
                     let last = w.last_line.lock().map(|l| l.clone()).unwrap_or_default();
-                    return LaunchError::Exited { index, status: status.to_string(), last };
+                    return LaunchError::Exited { worker: w.label.clone(), status: status.to_string(), last };
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -239,8 +277,24 @@ mod tests {
             sh("if [ {i} = 1 ]; then echo 'cannot load ranges: disk on fire' >&2; exit 3; fi; echo 'listening x'; exec sleep 30"),
         )
         .expect("spawn");
+        let pid = fleet.pids()[1].expect("pid");
         let err = fleet.wait_ready(Duration::from_secs(10)).await.expect_err("must fail").to_string();
-        assert!(err.contains("worker 1") && err.contains("disk on fire"), "{err}");
+        assert!(err.contains(&format!("worker pid {pid} exited")) && err.contains("disk on fire"), "{err}");
+        fleet.shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn names_a_worker_by_its_id_once_registered() {
+        let mut fleet = Fleet::spawn(
+            Path::new("/bin/sh"),
+            1,
+            sh("echo 'listening x'; echo 'registered as worker 7'; sleep 0.3; echo 'gone' >&2; exit 3"),
+        )
+        .expect("spawn");
+        let pid = fleet.pids()[0].expect("pid");
+        fleet.wait_ready(Duration::from_secs(10)).await.expect("ready");
+        let err = fleet.any_exit().await.to_string();
+        assert!(err.starts_with(&format!("worker 7 pid {pid} exited")) && err.contains("gone"), "{err}");
         fleet.shutdown(Duration::from_secs(1)).await;
     }
 

@@ -42,6 +42,10 @@ pub enum TokenizerError {
     Encode { path: PathBuf, reason: String },
     #[error("tokenizer {}: cannot decode ids: {reason}", path.display())]
     Decode { path: PathBuf, reason: String },
+    /// A prompt text that encodes to no token (empty text, with a tokenizer
+    /// that adds no BOS).
+    #[error("the prompt is empty after tokenization")]
+    EmptyPrompt,
 }
 
 /// The replacement character a decoder emits for bytes that are not (yet)
@@ -107,6 +111,17 @@ impl Tokenizer {
             .encode(text, true)
             .map_err(|e| TokenizerError::Encode { path: self.path.clone(), reason: one_line(&*e) })?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// [`Self::encode`] of a prompt, which must give at least one token:
+    /// empty text is a prompt when the tokenizer adds BOS (generation starts
+    /// from it), and refused when it adds nothing.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let ids = self.encode(text)?;
+        if ids.is_empty() {
+            return Err(TokenizerError::EmptyPrompt);
+        }
+        Ok(ids)
     }
 
     /// Decodes `ids` to text. Ids outside the vocabulary are skipped, as the
@@ -388,6 +403,14 @@ mod tests {
 
     fn gpt2() -> Tokenizer {
         load("tiny-random-gpt2")
+    }
+
+    #[test]
+    fn an_empty_prompt_is_bos_or_refused() {
+        // stories260K adds BOS (id 1): generation starts from it.
+        assert_eq!(stories().encode_prompt("").expect("BOS alone"), vec![1]);
+        // GPT-2 adds nothing: no token to start from.
+        assert!(matches!(gpt2().encode_prompt(""), Err(TokenizerError::EmptyPrompt)));
     }
 
     /// splitmix64: enough randomness for picking ids.

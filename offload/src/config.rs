@@ -299,6 +299,18 @@ impl Ctx<'_> {
     }
 }
 
+/// The first `*.gguf` file in `dir` (by name), if any.
+fn gguf_file(dir: &Path) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.to_ascii_lowercase().ends_with(".gguf"))
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
 fn parse_json(path: &Path, bytes: &[u8]) -> Result<Value> {
     serde_json::from_slice(bytes)
         .map_err(|e| OffloadError::Json { path: path.to_path_buf(), message: e.to_string() })
@@ -345,6 +357,11 @@ impl ModelConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         const CONFIG: &str = "config.json";
         const GENERATION: &str = "generation_config.json";
+        if !model_file::exists(dir, CONFIG) {
+            if let Some(file) = gguf_file(dir) {
+                return Err(OffloadError::Gguf { dir: dir.to_path_buf(), file });
+            }
+        }
         let config = model_file::read(dir, CONFIG, model_file::JSON_LIMIT_BYTES)?;
         let generation = if model_file::exists(dir, GENERATION) {
             Some(model_file::read(dir, GENERATION, model_file::JSON_LIMIT_BYTES)?)

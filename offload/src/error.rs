@@ -11,6 +11,11 @@ pub enum OffloadError {
         #[source]
         source: std::io::Error,
     },
+    /// A folder without `config.json` that holds a GGUF file instead.
+    #[error(
+        "{dir} holds a GGUF file ({file}); zeroshard reads Hugging Face folders (config.json + *.safetensors)"
+    )]
+    Gguf { dir: PathBuf, file: String },
     #[error("{path}: invalid JSON: {message}")]
     Json { path: PathBuf, message: String },
     /// A config key is missing, malformed or has a value zeroshard does not support.

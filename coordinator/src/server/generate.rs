@@ -65,9 +65,6 @@ async fn validate(
     params.sampling.validate().map_err(invalid)?;
     let prompt = match req.prompt {
         None => return Err(invalid("the request has no prompt (text or token_ids)")),
-        Some(pb::generate_request::Prompt::Text(t)) if t.is_empty() => {
-            return Err(invalid("the prompt is empty"))
-        }
         Some(pb::generate_request::Prompt::Text(t)) => {
             let limit = coord.max_prompt_bytes();
             if t.len() > limit {
@@ -86,7 +83,8 @@ async fn validate(
             if out.is_closed() {
                 return Ok(None);
             }
-            let encode = tokio::task::spawn_blocking(move || tokenizer.encode(&t));
+            // Empty text is a prompt too, as in `generate`: BOS where the tokenizer adds it.
+            let encode = tokio::task::spawn_blocking(move || tokenizer.encode_prompt(&t));
             tokio::select! {
                 r = encode => r.map_err(|e| CoordinatorError::Unavailable(format!("tokenizer task: {e}")))??,
                 _ = out.closed() => return Ok(None),

@@ -216,6 +216,8 @@ pub async fn run(
         .await
         .map_err(|e| WorkerError::Membership { endpoint: described.clone(), source: e.into() })?;
     node.set_id(id);
+    // For a launcher (`up`), which names this process by it from now on.
+    println!("registered as worker {id}");
     tracing::info!("worker {id} registered with {described}");
     healthy.send_replace(true);
 
