@@ -26,10 +26,8 @@ fn hub_cache(cache: &Path) {
     for name in ["main", "v1"] {
         std::fs::write(repo.join("refs").join(name), HASH).expect("write ref");
     }
-    let mut n = 0;
-    for entry in std::fs::read_dir(model("stories260K")).expect("fixture").flatten() {
+    for (n, entry) in std::fs::read_dir(model("stories260K")).expect("fixture").flatten().enumerate() {
         let blob = format!("{n:040x}");
-        n += 1;
         std::fs::copy(entry.path(), repo.join("blobs").join(&blob)).expect("copy blob");
         std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snapshot.join(entry.file_name()))
             .expect("symlink");
