@@ -139,7 +139,8 @@ pub(crate) struct ClientTlsArgs {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ClusterArgs {
-    /// Hugging Face model folder (read by the coordinator; workers map it too unless --pull).
+    /// Hugging Face model folder (read by the coordinator; workers map it too unless --pull),
+    /// or a Hub id org/name[@revision] (the hub cache; downloads unless HF_HUB_OFFLINE=1).
     #[arg(long, env = "ZEROSHARD_MODEL")]
     pub model: PathBuf,
     /// Tensors smaller than this many bytes (f16) are replicated on every worker.
@@ -381,7 +382,8 @@ pub(crate) struct WorkerArgs {
     pub advertise: Option<String>,
     #[command(flatten)]
     pub health: HealthArgs,
-    /// The checkpoint folder, when its path here differs from the coordinator's.
+    /// The checkpoint folder, when its path here differs from the coordinator's
+    /// (or a Hub id org/name[@revision], as for the coordinator).
     #[arg(long, env = "ZEROSHARD_WORKER_MODEL")]
     pub model: Option<PathBuf>,
     /// Receive owned ranges from the coordinator instead of reading the checkpoint.
@@ -510,7 +512,8 @@ pub(crate) struct SamplingArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct GenerateArgs {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a Hub id
+    /// org/name[@revision]: from the hub cache, downloaded unless HF_HUB_OFFLINE=1.
     #[arg(long, env = "ZEROSHARD_MODEL")]
     pub model: PathBuf,
     #[command(flatten)]
@@ -530,7 +533,7 @@ pub(crate) struct GenerateArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// Hugging Face model folder to measure.
+    /// Hugging Face model folder to measure (or a Hub id org/name[@revision]).
     #[arg(long, conflicts_with = "synthetic")]
     pub model: Option<PathBuf>,
     /// A random-weight model built in memory, e.g.

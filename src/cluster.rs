@@ -18,7 +18,7 @@ use zeroshard_worker::node::{self, ControlRegistrar, NodeConfig, Registrar};
 use zeroshard_proto::{Role, Security};
 
 use crate::args::{self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs};
-use crate::security;
+use crate::{hub, security};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -108,12 +108,13 @@ fn check_admission(a: &args::AdmissionArgs) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn up(a: UpArgs) -> Result<()> {
+pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     check_admission(&a.tuning.admission)?;
     let cuda = a.tuning.placement.device.resolve()?;
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    a.cluster.model = hub::resolve(&a.cluster.model)?;
     let mut worker_args = a.tuning.to_args(cuda);
     if a.tuning.admission.kv_cache_bytes.is_none() && cuda.is_none() {
         // The workers share this host: half of its available memory, split between them.
@@ -138,10 +139,11 @@ pub(crate) fn up(a: UpArgs) -> Result<()> {
     })
 }
 
-pub(crate) fn coordinator(a: CoordinatorArgs) -> Result<()> {
+pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
     let sec = security::member(&a.tls, Role::Coordinator, &a.listen)?;
     let api_keys = security::api_keys(a.api_key_file.as_deref())?;
     let etcd_credentials = security::etcd(&a.etcd)?;
+    a.cluster.model = hub::resolve(&a.cluster.model)?;
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
         let local = listener.local_addr()?;
@@ -240,7 +242,7 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
     }
     let cfg = NodeConfig {
         gpu_memory: p.gpu_memory,
-        model_dir: a.model.clone(),
+        model_dir: a.model.as_deref().map(hub::resolve).transpose()?,
         pull: a.pull,
         prefetch_layers: p.prefetch_layers,
         prefetch_bytes: g.prefetch_bytes,

@@ -3,6 +3,7 @@
 mod args;
 mod cluster;
 mod generate;
+mod hub;
 mod launch;
 mod security;
 
@@ -104,7 +105,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         tokens_per_seq: prompts.iter().map(prompt_len).max().unwrap_or(1) + max_new,
         max_rows: prompts.iter().map(prompt_len).sum::<usize>().max(1),
     };
-    let model = LocalModel::load(&a.model, a.placement.device, &gpu_options(&a.placement), work)?;
+    let model_dir = hub::resolve(&a.model)?;
+    let model = LocalModel::load(&model_dir, a.placement.device, &gpu_options(&a.placement), work)?;
     let reqs: Vec<GenerateRequest> = prompts
         .into_iter()
         .map(|prompt| GenerateRequest {
@@ -151,7 +153,8 @@ fn gpu_options(p: &args::PlacementArgs) -> GpuOptions {
     }
 }
 
-fn run_bench(a: BenchArgs) -> Result<()> {
+fn run_bench(mut a: BenchArgs) -> Result<()> {
+    a.model = a.model.as_deref().map(hub::resolve).transpose()?;
     if a.workers > 0 {
         return cluster::bench(a);
     }
