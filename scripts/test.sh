@@ -59,6 +59,10 @@ scripts/check-edges.sh
 echo "== Kubernetes manifests (kustomize render + schema validation)"
 scripts/check-k8s.sh
 
+echo "== Python clients for the HTTP front (venv outside the repository)"
+ZEROSHARD_PYTHON="$(scripts/py-venv.sh)"
+export ZEROSHARD_PYTHON
+
 echo "== cargo test (release)"
 cargo test --release --workspace 2>&1 | tee target/test.log
 # One closing line that counts every test binary together.

@@ -322,6 +322,12 @@ pub(crate) struct UpArgs {
     pub listen: String,
     #[command(flatten)]
     pub tuning: WorkerTuning,
+    /// Also serve the OpenAI-compatible HTTP API here (/v1/completions,
+    /// /v1/models, /health). Plain HTTP: off loopback it needs
+    /// --api-key-file (clients send `Authorization: Bearer KEY`); put TLS in
+    /// front of it (a proxy or ingress) across networks.
+    #[arg(long, env = "ZEROSHARD_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
     /// Plaintext between all members and for clients, instead of mTLS with
     /// an ephemeral CA (logs a warning).
     #[arg(long, env = "ZEROSHARD_INSECURE", value_parser = BoolishValueParser::new())]
@@ -346,6 +352,12 @@ pub(crate) struct CoordinatorArgs {
     /// grpc(s)://HOST:PORT (default: the bound address).
     #[arg(long, env = "ZEROSHARD_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Also serve the OpenAI-compatible HTTP API here (/v1/completions,
+    /// /v1/models, /health). Plain HTTP: off loopback it needs
+    /// --api-key-file (clients send `Authorization: Bearer KEY`); put TLS in
+    /// front of it (a proxy or ingress) across networks.
+    #[arg(long, env = "ZEROSHARD_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
     /// Once the cluster is ready, write its endpoint (grpcs://HOST:PORT) to
     /// this file (replaced atomically) as well as printing it.
     #[arg(long, env = "ZEROSHARD_ENDPOINT_FILE")]

@@ -132,9 +132,14 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
         worker_args,
         insecure: a.insecure,
     };
+    let http = http_front(a.http_listen.as_deref(), cfg.cluster.api_keys.is_some(), &cfg.cluster.model_dir)?;
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
-        up_mod::run(cfg, listener, stop_signal()?).await?;
+        let http = match http {
+            Some((addr, name)) => Some((bind_flag("--http-listen", &addr).await?, name)),
+            None => None,
+        };
+        up_mod::run(cfg, listener, http, stop_signal()?).await?;
         Ok(())
     })
 }
@@ -163,7 +168,18 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
             (Arc::new(m), None)
         };
         eprintln!("membership: {}", membership.describe());
+        let http = http_front(a.http_listen.as_deref(), cfg.api_keys.is_some(), &cfg.model_dir)?;
         let coord = Coordinator::start(cfg, advertise.uri(), membership, embedded)?;
+        let (stop_http, http_stop) = watch::channel(false);
+        let mut http_addr = None;
+        if let Some((addr, name)) = http {
+            let l = bind_flag("--http-listen", &addr).await?;
+            http_addr = Some(l.local_addr()?);
+            let mut stopped = http_stop.clone();
+            tokio::spawn(server::serve_http(coord.clone(), l, name, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }));
+        }
         if let Some(at) = &a.health.health_listen {
             server::spawn_health(&coord, bind_flag("--health-listen", at).await?);
         }
@@ -177,6 +193,9 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
             r = coord.wait_ready() => match r {
                 Readiness::Ready => {
                     println!("ready {endpoint}");
+                    if let Some(h) = http_addr {
+                        println!("http http://{h}");
+                    }
                     if let Some(f) = &a.endpoint_file {
                         write_atomically(f, &format!("{endpoint}\n"))?;
                     }
@@ -190,6 +209,7 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
         eprintln!("draining: refusing new requests; running ones have {drain_timeout:?} to finish");
         let d = coord.drain(drain_timeout).await;
         eprintln!("{d}");
+        let _ = stop_http.send(true);
         let _ = stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         Ok(())
@@ -218,6 +238,26 @@ fn advertised_coordinator(
         );
     }
     Ok(addr)
+}
+
+/// The HTTP front's address and the model id it serves (the folder's name),
+/// refused off loopback without API keys.
+fn http_front(
+    listen: Option<&str>,
+    has_keys: bool,
+    model_dir: &std::path::Path,
+) -> Result<Option<(String, String)>> {
+    let Some(addr) = listen else { return Ok(None) };
+    if !has_keys && !security::is_loopback(addr) {
+        bail!(
+            "--http-listen {addr} is not a loopback address: give --api-key-file (HTTP clients send \
+             `Authorization: Bearer KEY`), or serve it on loopback behind a TLS proxy"
+        );
+    }
+    let name = model_dir
+        .file_name()
+        .map_or_else(|| model_dir.display().to_string(), |n| n.to_string_lossy().to_string());
+    Ok(Some((addr.to_string(), name)))
 }
 
 /// Writes `text` to `path` through a temporary file beside it and a rename,

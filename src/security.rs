@@ -13,7 +13,7 @@ use zeroshard_proto::{ApiKeys, Role, Security, TlsPaths};
 use crate::args::{CertsCommand, ClientTlsArgs, EtcdArgs, MemberTlsArgs};
 
 /// Whether every address `listen` resolves to is a loopback one.
-fn is_loopback(listen: &str) -> bool {
+pub(crate) fn is_loopback(listen: &str) -> bool {
     listen.to_socket_addrs().is_ok_and(|mut a| a.all(|a| a.ip().is_loopback()))
 }
 

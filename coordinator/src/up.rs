@@ -149,9 +149,23 @@ impl LocalCluster {
 /// Runs the cluster until `stop` turns true. Errors when a worker cannot start
 /// or load, after stopping the others; a worker that dies later is logged and
 /// the cluster continues without it.
-pub async fn run(cfg: UpConfig, listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(
+    cfg: UpConfig,
+    listener: TcpListener,
+    http: Option<(TcpListener, String)>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
     let mut cluster = LocalCluster::start(&cfg, listener, stop.clone()).await?;
     println!("ready {}", cluster.endpoint);
+    if let Some((l, model)) = http {
+        let addr =
+            l.local_addr().map_err(|e| CoordinatorError::Unavailable(format!("--http-listen: {e}")))?;
+        let mut stopped = stop.clone();
+        tokio::spawn(server::serve_http(cluster.coord.clone(), l, model, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        println!("http http://{addr}");
+    }
     match &cluster.bundle {
         Some(b) => println!("credentials {} (query and status find them by endpoint)", b.display()),
         None => eprintln!("warning: --insecure: plaintext, no authentication between members"),

@@ -11,6 +11,8 @@ use super::bin;
 pub(crate) struct Cluster {
     child: Child,
     pub endpoint: String,
+    /// The stdout lines after the ready line.
+    after: Option<mpsc::Receiver<String>>,
 }
 
 impl Cluster {
@@ -30,14 +32,26 @@ impl Cluster {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn zeroshard up");
-        let endpoint = match ready_line(&mut child) {
-            Some(ep) => ep,
+        let (endpoint, after) = match ready_lines(&mut child) {
+            Some(r) => r,
             None => {
                 let _ = child.kill();
                 panic!("zeroshard up {args:?}: no ready line within 120 s");
             }
         };
-        Self { child, endpoint }
+        Self { child, endpoint, after: Some(after) }
+    }
+
+    /// The HTTP front's base URL, from the `http http://HOST:PORT` line that
+    /// follows the ready line (`--http-listen`).
+    pub(crate) fn http(&mut self) -> String {
+        let lines = self.after.as_ref().expect("stdout lines");
+        loop {
+            let line = lines.recv_timeout(Duration::from_secs(10)).expect("an `http` line after `ready`");
+            if let Some(url) = line.strip_prefix("http ") {
+                return url.trim().to_string();
+            }
+        }
     }
 
     /// `up` that is expected to fail: returns (exit code, stderr).
@@ -77,16 +91,26 @@ impl Drop for Cluster {
 /// The endpoint of the `ready grpc://HOST:PORT` line `child` prints on its piped
 /// stdout, within 120 s.
 pub(crate) fn ready_line(child: &mut Child) -> Option<String> {
+    ready_lines(child).map(|(ep, _)| ep)
+}
+
+/// [`ready_line`], and the stdout lines after it.
+pub(crate) fn ready_lines(child: &mut Child) -> Option<(String, mpsc::Receiver<String>)> {
     let stdout = child.stdout.take().expect("stdout piped");
     let (tx, rx) = mpsc::channel();
+    let (after_tx, after) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut ready = false;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(ep) = line.strip_prefix("ready ") {
+            if ready {
+                let _ = after_tx.send(line);
+            } else if let Some(ep) = line.strip_prefix("ready ") {
                 let _ = tx.send(ep.trim().to_string());
+                ready = true;
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(120)).ok()
+    rx.recv_timeout(Duration::from_secs(120)).ok().map(|ep| (ep, after))
 }
 
 /// Pids of live processes whose parent is `parent`.

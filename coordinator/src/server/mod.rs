@@ -15,6 +15,7 @@ mod control;
 mod deadline;
 mod faults;
 mod generate;
+mod http;
 mod inference;
 mod progress;
 mod shards;
@@ -31,6 +32,7 @@ use zeroshard_proto::v1::inference_server::InferenceServer;
 use zeroshard_proto::v1::shards_server::ShardsServer;
 use zeroshard_proto::{Guard, Role};
 
+pub use http::serve_http;
 pub use state::{ClusterConfig, Coordinator, DrainReport, DrainState, Readiness, RequestLimits, WorkerEntry};
 
 use crate::error::{CoordinatorError, Result};

@@ -1,0 +1,394 @@
+//! The OpenAI-compatible HTTP front (`--http-listen`): `POST /v1/completions`,
+//! `GET /v1/models`, `GET /health`, on the coordinator's runtime. A request
+//! takes the same path as a gRPC one ([`super::generate::run`]): the same
+//! limits, queue, resumption and drain; only the shapes differ. Errors use
+//! OpenAI's JSON error object with the matching HTTP status.
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+use zeroshard_proto::v1 as pb;
+
+use super::{Coordinator, Readiness};
+use crate::error::{CoordinatorError, Result};
+
+/// What the front serves: the cluster and the name clients call its model by.
+struct Front {
+    coord: Coordinator,
+    model: String,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+/// Serves the HTTP front on `listener` until `shutdown`. `model` is the id
+/// `/v1/models` lists and requests must name.
+pub async fn serve_http(
+    coord: Coordinator,
+    listener: TcpListener,
+    model: String,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let front = Arc::new(Front { coord, model, created, next_id: AtomicU64::new(1) });
+    let app = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", "no such route".into()) })
+        .with_state(front);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| CoordinatorError::Unavailable(format!("HTTP front: {e}")))
+}
+
+/// OpenAI's error object.
+fn error(status: StatusCode, kind: &str, message: String) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
+    (status, Json(body)).into_response()
+}
+
+fn invalid(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid_request_error", message.into())
+}
+
+/// The HTTP status and OpenAI error type of a gRPC status from the request path.
+fn from_status(s: &Status) -> (StatusCode, &'static str) {
+    match s.code() {
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error")
+        }
+        Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "authentication_error"),
+        Code::PermissionDenied => (StatusCode::FORBIDDEN, "permission_error"),
+        Code::NotFound => (StatusCode::NOT_FOUND, "not_found_error"),
+        Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+        Code::Unavailable | Code::Aborted => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+        Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+    }
+}
+
+fn status_response(s: &Status) -> Response {
+    let (code, kind) = from_status(s);
+    error(code, kind, s.message().to_string())
+}
+
+/// `Authorization: Bearer KEY` when the cluster has API keys.
+fn authorize(front: &Front, headers: &HeaderMap) -> std::result::Result<(), Response> {
+    let Some(keys) = front.coord.0.cfg.api_keys.as_ref() else { return Ok(()) };
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented.map(|k| keys.check(k)) {
+        Some(Some(_)) => Ok(()),
+        Some(None) => {
+            Err(error(StatusCode::UNAUTHORIZED, "authentication_error", "the API key is not valid".into()))
+        }
+        None => Err(error(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "an API key is required: send `Authorization: Bearer KEY`".into(),
+        )),
+    }
+}
+
+async fn health(State(front): State<Arc<Front>>) -> Response {
+    match *front.coord.readiness().borrow() {
+        Readiness::Ready if *front.coord.drain_state().borrow() == super::DrainState::Serving => {
+            (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+        }
+        ref r => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": format!("{r:?}")}))).into_response(),
+    }
+}
+
+async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&front, &headers) {
+        return r;
+    }
+    Json(json!({
+        "object": "list",
+        "data": [{"id": front.model, "object": "model", "created": front.created, "owned_by": "zeroshard"}],
+    }))
+    .into_response()
+}
+
+/// A string or a list of strings (`prompt`, `stop`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A completions prompt: text, one text in a list, or token ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// `POST /v1/completions`: the fields clients rely on; others are refused
+/// where they would change the result, and ignored where they would not.
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: PromptField,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    stop: Option<OneOrMany>,
+    repetition_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<u32>,
+    best_of: Option<u32>,
+    logprobs: Option<Value>,
+    #[serde(default)]
+    echo: bool,
+    /// vLLM's extension: keep going past end-of-sequence tokens.
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+/// OpenAI's default for /v1/completions.
+const DEFAULT_COMPLETION_TOKENS: u32 = 16;
+
+impl CompletionRequest {
+    /// The request the cluster runs, or what is wrong with it.
+    fn to_generate(&self) -> std::result::Result<pb::GenerateRequest, String> {
+        if self.n.is_some_and(|n| n != 1) || self.best_of.is_some_and(|n| n != 1) {
+            return Err("`n` and `best_of` other than 1 are not supported".into());
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err("`logprobs` is not supported".into());
+        }
+        if self.echo {
+            return Err("`echo` is not supported".into());
+        }
+        for (name, v) in
+            [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
+        {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(format!(
+                    "`{name}` has no exact equivalent here: use `repetition_penalty` (transformers' multiplicative penalty)"
+                ));
+            }
+        }
+        let prompt = match &self.prompt {
+            PromptField::Text(t) => pb::generate_request::Prompt::Text(t.clone()),
+            PromptField::Texts(v) if v.len() == 1 => pb::generate_request::Prompt::Text(v[0].clone()),
+            PromptField::Ids(ids) => {
+                pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: ids.clone() })
+            }
+            PromptField::IdLists(v) if v.len() == 1 => {
+                pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: v[0].clone() })
+            }
+            _ => return Err("`prompt` must be one prompt (a batch of prompts is not supported)".into()),
+        };
+        let top_k = match self.top_k {
+            None | Some(-1) => None,
+            Some(k) if k >= 0 => Some(k as u32),
+            Some(k) => return Err(format!("`top_k` must be -1 (off) or at least 0, not {k}")),
+        };
+        let stop = match &self.stop {
+            None => vec![],
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+        };
+        Ok(pb::GenerateRequest {
+            prompt: Some(prompt),
+            sampling: Some(pb::SamplingParams {
+                max_new_tokens: Some(
+                    self.max_completion_tokens.or(self.max_tokens).unwrap_or(DEFAULT_COMPLETION_TOKENS),
+                ),
+                // OpenAI's default temperature is 1.
+                temperature: Some(self.temperature.unwrap_or(1.0)),
+                top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+                repetition_penalty: self.repetition_penalty,
+                ignore_eos: self.ignore_eos,
+            }),
+            stop,
+        })
+    }
+}
+
+fn finish_reason(r: i32) -> Option<&'static str> {
+    match pb::FinishReason::try_from(r).ok()? {
+        pb::FinishReason::Length => Some("length"),
+        pb::FinishReason::Eos | pb::FinishReason::Stop => Some("stop"),
+        _ => None,
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&front, &headers) {
+        return r;
+    }
+    let req: CompletionRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("the request body is not a completions request: {e}")),
+    };
+    if req.model != front.model {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("the model `{}` does not exist: this server serves `{}`", req.model, front.model),
+        );
+    }
+    let generate = match req.to_generate() {
+        Ok(g) => g,
+        Err(m) => return invalid(m),
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    tokio::spawn(super::generate::run(front.coord.clone(), generate, tx));
+    let id = format!("cmpl-{:x}{:06x}", front.created, front.next_id.fetch_add(1, Ordering::Relaxed));
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if !req.stream {
+        let (mut text, mut prompt, mut completion, mut finish) = (String::new(), 0, 0, None);
+        while let Some(chunk) = rx.recv().await {
+            let c = match chunk {
+                Ok(c) => c,
+                Err(s) => return status_response(&s),
+            };
+            prompt += c.prompt_token_ids.len();
+            completion += c.token_ids.len();
+            text.push_str(&c.text);
+            finish = finish.or(finish_reason(c.finish_reason));
+        }
+        let Some(finish) = finish else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the sequence ended without a finish reason".into(),
+            );
+        };
+        return Json(json!({
+            "id": id, "object": "text_completion", "created": created, "model": front.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
+            "usage": usage(prompt, completion),
+        }))
+        .into_response();
+    }
+    // Streaming: the first message decides the HTTP status (an error before
+    // any token is a plain error response); after it, events.
+    let first = match rx.recv().await {
+        Some(Ok(c)) => c,
+        Some(Err(s)) => return status_response(&s),
+        None => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the sequence ended at once".into(),
+            )
+        }
+    };
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let events = sse_events(front.model.clone(), id, created, first, rx, include_usage);
+    Sse::new(events).into_response()
+}
+
+/// The events of a streamed completion: one per chunk of text, the last with
+/// its finish reason, the usage when asked, then `[DONE]`. Dropping the
+/// stream (the client left) drops `rx`, which cancels the sequence.
+fn sse_events(
+    model: String,
+    id: String,
+    created: u64,
+    first: pb::GenerateChunk,
+    mut rx: mpsc::Receiver<std::result::Result<pb::GenerateChunk, Status>>,
+    include_usage: bool,
+) -> impl Stream<Item = std::result::Result<Event, Infallible>> {
+    async_stream(move |tx| async move {
+        let (mut prompt, mut completion) = (0usize, 0usize);
+        let mut next = Some(Ok(first));
+        while let Some(chunk) = next.take() {
+            match chunk {
+                Ok(c) => {
+                    prompt += c.prompt_token_ids.len();
+                    completion += c.token_ids.len();
+                    let finish = finish_reason(c.finish_reason);
+                    if !c.text.is_empty() || finish.is_some() {
+                        let data = json!({
+                            "id": id, "object": "text_completion", "created": created, "model": model,
+                            "choices": [{"index": 0, "text": c.text, "finish_reason": finish, "logprobs": null}],
+                        });
+                        if tx.send(Event::default().data(data.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(s) => {
+                    let (_, kind) = from_status(&s);
+                    let data =
+                        json!({"error": {"message": s.message(), "type": kind, "param": null, "code": null}});
+                    let _ = tx.send(Event::default().data(data.to_string())).await;
+                    return;
+                }
+            }
+            next = tokio::select! {
+                r = rx.recv() => r,
+                _ = tx.closed() => return,
+            };
+        }
+        if include_usage {
+            let data = json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [], "usage": usage(prompt, completion),
+            });
+            if tx.send(Event::default().data(data.to_string())).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    })
+}
+
+/// A stream fed by a task: `body` sends into the channel; the stream ends when
+/// it returns. Dropping the stream closes the channel, so `body`'s sends fail
+/// and it returns (dropping what it holds).
+fn async_stream<F, Fut>(body: F) -> impl Stream<Item = std::result::Result<Event, Infallible>>
+where
+    F: FnOnce(mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(body(tx));
+    tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}

@@ -1,0 +1,247 @@
+//! The OpenAI-compatible HTTP front through clients nobody here wrote: the
+//! official `openai` Python package (in the venv `scripts/py-venv.sh` makes;
+//! the test command sets `ZEROSHARD_PYTHON`) and raw HTTP, against `up
+//! --http-listen`: the same text `generate` gives, streaming and not; errors
+//! in OpenAI's shape; a client that leaves frees its sequence.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::{model, run_json};
+use serde_json::Value;
+
+const PROMPT: &str = "Once upon a time";
+const TOKENS: u32 = 40;
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("ZEROSHARD_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+        cache.join("zeroshard/py-venv/bin/python")
+    });
+    assert!(
+        p.is_file(),
+        "the Python venv with the openai client is missing at {} (scripts/py-venv.sh makes it; \
+         scripts/test.sh runs it and sets ZEROSHARD_PYTHON)",
+        p.display()
+    );
+    p
+}
+
+fn stories() -> String {
+    model("stories260K").display().to_string()
+}
+
+/// What `generate` gives for `PROMPT`, greedy, ignoring EOS.
+fn generated() -> Value {
+    let dir = stories();
+    let n = TOKENS.to_string();
+    run_json(&[
+        "generate",
+        "--model",
+        &dir,
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
+    ])
+    .remove(0)
+}
+
+/// One HTTP/1.1 request on a fresh connection; (status, body).
+fn http(base: &str, method: &str, path: &str, body: Option<&str>, headers: &[&str]) -> (u16, String) {
+    let addr = base.strip_prefix("http://").expect("http:// base");
+    let mut s = TcpStream::connect(addr).expect("connect to the HTTP front");
+    let body = body.unwrap_or("");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The JSON of a (possibly chunked) HTTP/1.1 body.
+fn json_body(body: &str) -> Value {
+    let start = body.find('{').expect("a JSON object");
+    let end = body.rfind('}').expect("a JSON object");
+    serde_json::from_str(&body[start..=end]).unwrap_or_else(|e| panic!("bad JSON {body:?}: {e}"))
+}
+
+#[test]
+fn the_openai_client_gets_what_generate_gives() {
+    let want = generated();
+    let want_text = want["text"].as_str().expect("text").to_string();
+    let mut c = Cluster::up(&["--model", &stories(), "--workers", "2", "--http-listen", "127.0.0.1:0"]);
+    let base = c.http();
+    let out = Command::new(python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/openai_check.py"))
+        .args([&base, "stories260K", PROMPT, &TOKENS.to_string()])
+        .output()
+        .expect("run the openai client");
+    assert!(out.status.success(), "openai_check.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("its JSON");
+    eprintln!("openai {}: {got}", got["openai_version"]);
+    assert_eq!(got["models"], serde_json::json!(["stories260K"]));
+    assert_eq!(got["text"], want_text.as_str(), "non-streamed completion");
+    assert_eq!(got["finish_reason"], "length");
+    assert_eq!(got["usage"]["completion_tokens"], TOKENS);
+    assert_eq!(
+        got["usage"]["prompt_tokens"].as_u64(),
+        Some(want["prompt_token_ids"].as_array().expect("ids").len() as u64)
+    );
+    assert_eq!(got["stream_text"], want_text.as_str(), "streamed completion");
+    assert!(got["stream_chunks"].as_u64() > Some(1), "the stream came in one piece: {got}");
+    assert_eq!(got["stream_finish_reason"], "length");
+    assert_eq!(got["stream_usage"], got["usage"], "include_usage");
+    // A stop string cuts the text where `generate --stop` does.
+    let dir = stories();
+    let stopped = run_json(&[
+        "generate",
+        "--model",
+        &dir,
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "40",
+        "--ignore-eos",
+        "--stop",
+        " the",
+        "--json",
+    ])
+    .remove(0);
+    assert_eq!(got["stop_text"], stopped["text"]);
+    assert_eq!(got["stop_finish_reason"], "stop");
+    // Errors in OpenAI's shape, with the right status.
+    assert_eq!(got["wrong_model"]["status"], 404, "{got}");
+    assert_eq!(got["bad_temperature"]["status"], 400, "{got}");
+    assert!(got["bad_temperature"]["message"].as_str().is_some_and(|m| m.contains("temperature")), "{got}");
+    assert_eq!(got["penalty"]["status"], 400, "{got}");
+}
+
+#[test]
+fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
+    let want = generated();
+    let mut c = Cluster::up(&["--model", &stories(), "--workers", "2", "--http-listen", "127.0.0.1:0"]);
+    let base = c.http();
+    let (code, body) = http(&base, "GET", "/health", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    let req = format!(
+        r#"{{"model":"stories260K","prompt":"{PROMPT}","max_tokens":{TOKENS},"temperature":0,"ignore_eos":true}}"#
+    );
+    let (code, body) = http(&base, "POST", "/v1/completions", Some(&req), &[]);
+    assert_eq!(code, 200, "{body}");
+    let v = json_body(&body);
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], want["text"]);
+    // Streamed: server-sent events, one `data:` per chunk, then `data: [DONE]`.
+    let sreq = req.replace("\"temperature\":0", "\"temperature\":0,\"stream\":true");
+    let (code, body) = http(&base, "POST", "/v1/completions", Some(&sreq), &[]);
+    assert_eq!(code, 200, "{body}");
+    let mut text = String::new();
+    let mut done = false;
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let e: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("bad event {line:?}: {e}"));
+        text.push_str(e["choices"][0]["text"].as_str().unwrap_or(""));
+    }
+    assert!(done, "no [DONE]: {body}");
+    assert_eq!(text, want["text"].as_str().expect("text"));
+    // Bad JSON, a batch of prompts, no such route: 400, 400, 404, in OpenAI's shape.
+    let (code, body) = http(&base, "POST", "/v1/completions", Some("{not json"), &[]);
+    assert_eq!(code, 400, "{body}");
+    assert!(json_body(&body)["error"]["message"].is_string(), "{body}");
+    let batch = r#"{"model":"stories260K","prompt":["a","b"],"max_tokens":2}"#;
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(batch), &[]).0, 400);
+    assert_eq!(http(&base, "GET", "/v1/nothing", None, &[]).0, 404);
+
+    // A long stream whose client leaves after the first events: its sequence
+    // is cancelled on the worker.
+    let long = r#"{"model":"stories260K","prompt":"Once upon a time","max_tokens":480,"temperature":0,"ignore_eos":true,"stream":true}"#;
+    let addr = base.strip_prefix("http://").expect("base");
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+        long.len()
+    )
+    .expect("send");
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).expect("the first events");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    drop(s);
+    let left = Instant::now();
+    let active = |s: &Value| -> u64 {
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| w["active_sequences"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    loop {
+        let s = run_json(&["status", "--endpoint", &c.endpoint, "--json"]).remove(0);
+        if active(&s) == 0 {
+            break;
+        }
+        assert!(left.elapsed() < Duration::from_secs(10), "the abandoned stream still runs: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("a client that left: its sequence gone {:.2} s later", left.elapsed().as_secs_f64());
+}
+
+#[test]
+fn an_api_key_is_required_when_the_cluster_has_keys() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "k-0123456789abcdef0123456789abcdef\n").expect("keys");
+    let mut c = Cluster::up(&[
+        "--model",
+        &stories(),
+        "--workers",
+        "1",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--api-key-file",
+        keys.to_str().expect("utf-8"),
+    ]);
+    let base = c.http();
+    let (code, body) = http(&base, "GET", "/v1/models", None, &[]);
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(json_body(&body)["error"]["type"], "authentication_error");
+    assert_eq!(http(&base, "GET", "/v1/models", None, &["Authorization: Bearer wrong"]).0, 401);
+    let (code, body) =
+        http(&base, "GET", "/v1/models", None, &["Authorization: Bearer k-0123456789abcdef0123456789abcdef"]);
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn an_http_front_off_loopback_needs_api_keys() {
+    let (code, err) = Cluster::up_fails_with(
+        common::bin(),
+        &["--model", &stories(), "--workers", "1", "--http-listen", "0.0.0.0:0"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--http-listen 0.0.0.0:0") && err.contains("--api-key-file"), "{err}");
+}
