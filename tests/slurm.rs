@@ -187,6 +187,9 @@ fn job(slurm: &Slurm, exe: &Path, env: Vec<(&str, String)>, auth: &[String], sch
         !printed.contains("status: 143") && !printed.contains("exit code 143"),
         "a member exited on a second signal:\n{printed}"
     );
+    // A worker that left while draining stays gone: its keep-alive stops at
+    // the leave instead of registering it again with the draining coordinator.
+    assert!(!printed.contains("registering again"), "a worker registered again after leaving:\n{printed}");
 }
 
 #[test]

@@ -20,6 +20,9 @@ use crate::{Announce, Registrar};
 pub struct EtcdRegistrar {
     store: Store,
     ttl: Duration,
+    /// Set by `leave`: the keep-alive task stops, the lease lapses and the
+    /// key is never put again.
+    left: tokio::sync::watch::Sender<bool>,
 }
 
 impl EtcdRegistrar {
@@ -38,7 +41,8 @@ impl EtcdRegistrar {
         credentials: &EtcdCredentials,
     ) -> Result<Self> {
         let ttl = Duration::from_secs(ttl_secs(lease_ttl) as u64);
-        Ok(Self { store: Store::connect(endpoints, cluster, credentials).await?, ttl })
+        let store = Store::connect(endpoints, cluster, credentials).await?;
+        Ok(Self { store, ttl, left: tokio::sync::watch::channel(false).0 })
     }
 
     /// A new id: the counter's value (1 when absent), advanced by a
@@ -194,13 +198,20 @@ impl Registrar for EtcdRegistrar {
         let id = self.allocate_id().await?;
         let lease = self.put_member(id, &record).await?;
         tracing::info!("{id}: registered with {} (lease TTL {:?})", self.store.describe(), self.ttl);
-        tokio::spawn(self.stay_registered(id, record, lease));
+        let mut left = self.left.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = self.stay_registered(id, record, lease) => {}
+                _ = left.wait_for(|l| *l) => {}
+            }
+        });
         Ok(id.0)
     }
 
     /// Deletes this worker's key: the coordinator's watch sees it leave at once.
     async fn leave(&self, id: u64, reason: &str) -> Result<()> {
         tracing::warn!("worker {id}: leaving {}: {reason}", self.store.describe());
+        self.left.send_replace(true);
         let key = self.store.keys.worker(WorkerId(id));
         self.store
             .request("leaving", |mut c| {

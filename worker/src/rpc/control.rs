@@ -18,12 +18,14 @@ use crate::node::{Announce, Registrar};
 pub struct ControlRegistrar {
     coordinator: String,
     security: Security,
+    /// Set by `leave`: the keep-alive task stops and never registers again.
+    left: tokio::sync::watch::Sender<bool>,
 }
 
 impl ControlRegistrar {
     /// Registers with the coordinator at `coordinator`, over `security`.
     pub fn new(coordinator: impl Into<String>, security: Security) -> Self {
-        Self { coordinator: coordinator.into(), security }
+        Self { coordinator: coordinator.into(), security, left: tokio::sync::watch::channel(false).0 }
     }
 
     fn refused(&self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> MembershipError {
@@ -67,10 +69,14 @@ impl Registrar for ControlRegistrar {
 
     async fn register(self: Arc<Self>, me: Announce) -> Result<u64> {
         let (id, ttl) = self.register_once(&me, 0, Duration::from_secs(60)).await?;
+        let mut left = self.left.subscribe();
         tokio::spawn(async move {
             let mut ttl = ttl;
             loop {
-                tokio::time::sleep(ttl / 3).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(ttl / 3) => {}
+                    _ = left.wait_for(|l| *l) => return,
+                }
                 let known = async {
                     let ch = connect(&self.security, &self.coordinator).await.map_err(|e| self.refused(e))?;
                     ControlClient::new(ch)
@@ -81,6 +87,7 @@ impl Registrar for ControlRegistrar {
                 };
                 match known.await {
                     Ok(true) => {}
+                    Ok(false) if *left.borrow() => return,
                     Ok(false) => {
                         tracing::warn!(
                             "worker {id}: the coordinator lost this worker's lease; registering again"
@@ -98,6 +105,8 @@ impl Registrar for ControlRegistrar {
     }
 
     async fn leave(&self, id: u64, reason: &str) -> Result<()> {
+        // First: a keep-alive answered "unknown" after the leave must not register again.
+        self.left.send_replace(true);
         let ch = connect(&self.security, &self.coordinator).await.map_err(|e| self.refused(e))?;
         ControlClient::new(ch)
             .leave(pb::LeaveRequest { worker_id: id, reason: reason.to_string() })
