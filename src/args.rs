@@ -1,9 +1,10 @@
 //! Command-line arguments (clap derive; the doc comments are the help text).
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
+use zeroshard_coordinator::chat::ChatMessage;
 use zeroshard_worker::local::Device;
 
 /// Serve large language models from workers that each hold a slice of every weight.
@@ -310,6 +311,15 @@ pub(crate) struct HealthArgs {
     pub health_listen: Option<String>,
 }
 
+/// A worker's Prometheus endpoint.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct MetricsArgs {
+    /// Serve this worker's metrics (step times, batch sizes, gather bytes and
+    /// times, fail-overs, rejected chunks) as plain HTTP `GET /metrics` here.
+    #[arg(long, env = "ZEROSHARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+}
+
 #[derive(Args, Debug)]
 pub(crate) struct UpArgs {
     #[command(flatten)]
@@ -322,12 +332,8 @@ pub(crate) struct UpArgs {
     pub listen: String,
     #[command(flatten)]
     pub tuning: WorkerTuning,
-    /// Also serve the OpenAI-compatible HTTP API here (/v1/completions,
-    /// /v1/models, /health). Plain HTTP: off loopback it needs
-    /// --api-key-file (clients send `Authorization: Bearer KEY`); put TLS in
-    /// front of it (a proxy or ingress) across networks.
-    #[arg(long, env = "ZEROSHARD_HTTP_LISTEN")]
-    pub http_listen: Option<String>,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Plaintext between all members and for clients, instead of mTLS with
     /// an ephemeral CA (logs a warning).
     #[arg(long, env = "ZEROSHARD_INSECURE", value_parser = BoolishValueParser::new())]
@@ -352,12 +358,8 @@ pub(crate) struct CoordinatorArgs {
     /// grpc(s)://HOST:PORT (default: the bound address).
     #[arg(long, env = "ZEROSHARD_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Also serve the OpenAI-compatible HTTP API here (/v1/completions,
-    /// /v1/models, /health). Plain HTTP: off loopback it needs
-    /// --api-key-file (clients send `Authorization: Bearer KEY`); put TLS in
-    /// front of it (a proxy or ingress) across networks.
-    #[arg(long, env = "ZEROSHARD_HTTP_LISTEN")]
-    pub http_listen: Option<String>,
+    #[command(flatten)]
+    pub http: HttpArgs,
     /// Once the cluster is ready, write its endpoint (grpcs://HOST:PORT) to
     /// this file (replaced atomically) as well as printing it.
     #[arg(long, env = "ZEROSHARD_ENDPOINT_FILE")]
@@ -394,6 +396,8 @@ pub(crate) struct WorkerArgs {
     pub advertise: Option<String>,
     #[command(flatten)]
     pub health: HealthArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// The checkpoint folder, when its path here differs from the coordinator's
     /// (or a Hub id org/name[@revision], as for the coordinator).
     #[arg(long, env = "ZEROSHARD_WORKER_MODEL")]
@@ -468,6 +472,21 @@ pub(crate) struct StatusArgs {
     pub json: bool,
 }
 
+/// The OpenAI-compatible HTTP front of `up` and `coordinator`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct HttpArgs {
+    /// Also serve the OpenAI-compatible HTTP API here (/v1/completions,
+    /// /v1/chat/completions, /v1/models, /health, /metrics). Plain HTTP: off
+    /// loopback it needs --api-key-file (clients send `Authorization: Bearer
+    /// KEY`); put TLS in front of it (a proxy or ingress) across networks.
+    #[arg(long, env = "ZEROSHARD_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// The model id clients name in requests and /v1/models lists (default:
+    /// the Hub id given to --model, else the folder's name).
+    #[arg(long, env = "ZEROSHARD_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+}
+
 /// `generate`'s prompts: one or several, decoded together in one batch.
 #[derive(Args, Debug)]
 #[group(required = true, multiple = false)]
@@ -479,6 +498,11 @@ pub(crate) struct PromptArgs {
     /// Prompt as comma-separated token ids, fed as is. Repeatable, like --prompt.
     #[arg(long)]
     pub prompt_ids: Vec<String>,
+    /// A conversation, rendered with the model's chat template (the assistant's
+    /// turn opened): a JSON array of {"role", "content"} messages, `-` to read
+    /// that array from stdin, or plain text for one user message.
+    #[arg(long, value_name = "MESSAGES")]
+    pub chat: Option<String>,
 }
 
 /// `query`'s prompt: exactly one (a request is one sequence).
@@ -492,6 +516,11 @@ pub(crate) struct QueryPromptArgs {
     /// Prompt as comma-separated token ids, fed as is. One per request.
     #[arg(long)]
     pub prompt_ids: Option<String>,
+    /// A conversation, rendered by the coordinator with the model's chat
+    /// template: a JSON array of {"role", "content"} messages, `-` to read that
+    /// array from stdin, or plain text for one user message.
+    #[arg(long, value_name = "MESSAGES")]
+    pub chat: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -586,6 +615,31 @@ pub(crate) fn parse_ids(s: &str) -> Result<Vec<u32>> {
             t.parse::<u32>().map_err(|_| anyhow::anyhow!("--prompt-ids: entry {i} \"{t}\" is not a token id"))
         })
         .collect()
+}
+
+/// `--chat`'s value: a JSON array of messages, `-` for that array on stdin,
+/// or plain text as one user message.
+pub(crate) fn parse_chat(s: &str) -> Result<Vec<ChatMessage>> {
+    let text = if s == "-" {
+        let mut t = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).context("--chat -: reading stdin")?;
+        t
+    } else {
+        s.to_string()
+    };
+    if !text.trim_start().starts_with('[') {
+        if s == "-" {
+            bail!("--chat -: stdin is not a JSON array of {{\"role\", \"content\"}} messages");
+        }
+        return Ok(vec![ChatMessage { role: "user".into(), content: text }]);
+    }
+    let messages: Vec<ChatMessage> = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!("--chat: not a JSON array of {{\"role\", \"content\"}} messages: {e}")
+    })?;
+    if messages.is_empty() {
+        bail!("--chat: the conversation has no messages");
+    }
+    Ok(messages)
 }
 
 /// `1,8,32` → sizes (each > 0).

@@ -18,7 +18,7 @@ use zeroshard_worker::node::{self, ControlRegistrar, NodeConfig, Registrar};
 use zeroshard_proto::{Role, Security};
 
 use crate::args::{self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs};
-use crate::{hub, security};
+use crate::{hub, security, telemetry};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -114,6 +114,8 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    let served = served_name(&a.http, &a.cluster.model);
+    telemetry::install(Some(&served))?;
     a.cluster.model = hub::resolve(&a.cluster.model)?;
     let mut worker_args = a.tuning.to_args(cuda);
     if a.tuning.admission.kv_cache_bytes.is_none() && cuda.is_none() {
@@ -132,11 +134,15 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
         worker_args,
         insecure: a.insecure,
     };
-    let http = http_front(a.http_listen.as_deref(), cfg.cluster.api_keys.is_some(), &cfg.cluster.model_dir)?;
+    let http = http_front(a.http.http_listen.as_deref(), cfg.cluster.api_keys.is_some(), served)?;
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
         let http = match http {
-            Some((addr, name)) => Some((bind_flag("--http-listen", &addr).await?, name)),
+            Some((addr, name)) => Some(server::HttpFront {
+                listener: bind_flag("--http-listen", &addr).await?,
+                model: name,
+                metrics: Some(telemetry::render()),
+            }),
             None => None,
         };
         up_mod::run(cfg, listener, http, stop_signal()?).await?;
@@ -148,6 +154,8 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
     let sec = security::member(&a.tls, Role::Coordinator, &a.listen)?;
     let api_keys = security::api_keys(a.api_key_file.as_deref())?;
     let etcd_credentials = security::etcd(&a.etcd)?;
+    let served = served_name(&a.http, &a.cluster.model);
+    telemetry::install(Some(&served))?;
     a.cluster.model = hub::resolve(&a.cluster.model)?;
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
@@ -168,7 +176,7 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
             (Arc::new(m), None)
         };
         eprintln!("membership: {}", membership.describe());
-        let http = http_front(a.http_listen.as_deref(), cfg.api_keys.is_some(), &cfg.model_dir)?;
+        let http = http_front(a.http.http_listen.as_deref(), cfg.api_keys.is_some(), served)?;
         let coord = Coordinator::start(cfg, advertise.uri(), membership, embedded)?;
         let (stop_http, http_stop) = watch::channel(false);
         let mut http_addr = None;
@@ -176,7 +184,8 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
             let l = bind_flag("--http-listen", &addr).await?;
             http_addr = Some(l.local_addr()?);
             let mut stopped = http_stop.clone();
-            tokio::spawn(server::serve_http(coord.clone(), l, name, async move {
+            let front = server::HttpFront { listener: l, model: name, metrics: Some(telemetry::render()) };
+            tokio::spawn(server::serve_http(coord.clone(), front, async move {
                 let _ = stopped.wait_for(|s| *s).await;
             }));
         }
@@ -240,13 +249,20 @@ fn advertised_coordinator(
     Ok(addr)
 }
 
-/// The HTTP front's address and the model id it serves (the folder's name),
-/// refused off loopback without API keys.
-fn http_front(
-    listen: Option<&str>,
-    has_keys: bool,
-    model_dir: &std::path::Path,
-) -> Result<Option<(String, String)>> {
+/// The model id the HTTP front serves: --served-model-name, else the Hub id
+/// `--model` names (without a revision), else the folder's name.
+fn served_name(http: &args::HttpArgs, model: &std::path::Path) -> String {
+    if let Some(name) = &http.served_model_name {
+        return name.clone();
+    }
+    hub::id_of(model).unwrap_or_else(|| {
+        model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().to_string())
+    })
+}
+
+/// The HTTP front's address and the model id it serves, refused off
+/// loopback without API keys.
+fn http_front(listen: Option<&str>, has_keys: bool, name: String) -> Result<Option<(String, String)>> {
     let Some(addr) = listen else { return Ok(None) };
     if !has_keys && !security::is_loopback(addr) {
         bail!(
@@ -254,9 +270,6 @@ fn http_front(
              `Authorization: Bearer KEY`), or serve it on loopback behind a TLS proxy"
         );
     }
-    let name = model_dir
-        .file_name()
-        .map_or_else(|| model_dir.display().to_string(), |n| n.to_string_lossy().to_string());
     Ok(Some((addr.to_string(), name)))
 }
 
@@ -321,6 +334,10 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
             (None, true) => bail!("give --coordinator or --etcd"),
         };
         let listener = bind(&a.listen).await?;
+        if let Some(at) = &a.metrics.metrics_listen {
+            telemetry::install(None)?;
+            telemetry::serve(bind_flag("--metrics-listen", at).await?);
+        }
         let mut stop = stop_signal()?;
         node::run(cfg, registrar, listener, async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -331,10 +348,11 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
 }
 
 pub(crate) fn query(a: QueryArgs) -> Result<()> {
-    let prompt = match (a.prompt.prompt, a.prompt.prompt_ids) {
-        (Some(text), None) => Prompt::Text(text),
-        (None, Some(ids)) => Prompt::Ids(args::parse_ids(&ids)?),
-        _ => bail!("query takes one --prompt or --prompt-ids"),
+    let prompt = match (a.prompt.prompt, a.prompt.prompt_ids, a.prompt.chat) {
+        (Some(text), None, None) => Prompt::Text(text),
+        (None, Some(ids), None) => Prompt::Ids(args::parse_ids(&ids)?),
+        (None, None, Some(chat)) => Prompt::Chat(args::parse_chat(&chat)?),
+        _ => bail!("query takes one --prompt, --prompt-ids or --chat"),
     };
     let req = GenerateRequest { prompt, params: crate::sampling(&a.sampling), stop: a.sampling.stop.clone() };
     let stream_text = a.stream && !a.json;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
+use zeroshard_coordinator::chat::{ChatError, ChatTemplate};
 use zeroshard_coordinator::request::{FinishReason, GenerateOutput, GenerateRequest, Prompt, Timings};
 use zeroshard_coordinator::text_stream::TextStream;
 use zeroshard_coordinator::tokenizer::Tokenizer;
@@ -23,6 +24,7 @@ pub(crate) struct LocalModel {
     dir: PathBuf,
     engine: AnyEngine,
     tokenizer: Option<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
     gpu_summary: Option<String>,
 }
 
@@ -36,12 +38,13 @@ impl LocalModel {
         let tokenizer = Tokenizer::from_model_dir(dir)?;
         let placed = local::place(config, weights, device, gpu, work)?;
         let mut model = Self::from_parts(dir, placed.engine, tokenizer);
+        model.chat_template = ChatTemplate::from_model_dir(dir)?;
         model.gpu_summary = placed.gpu_summary;
         Ok(model)
     }
 
     pub(crate) fn from_parts(dir: &Path, engine: AnyEngine, tokenizer: Option<Tokenizer>) -> Self {
-        Self { dir: dir.to_path_buf(), engine, tokenizer, gpu_summary: None }
+        Self { dir: dir.to_path_buf(), engine, tokenizer, chat_template: None, gpu_summary: None }
     }
 
     fn need_tokenizer(&self) -> Result<&Tokenizer> {
@@ -55,6 +58,13 @@ impl LocalModel {
         match prompt {
             Prompt::Ids(ids) => Ok(ids.clone()),
             Prompt::Text(text) => Ok(self.need_tokenizer()?.encode_prompt(text)?),
+            Prompt::Chat(messages) => {
+                let template = self
+                    .chat_template
+                    .as_ref()
+                    .ok_or_else(|| anyhow::Error::new(ChatError::NoTemplate { dir: self.dir.clone() }))?;
+                Ok(self.need_tokenizer()?.encode_rendered(&template.render(messages)?)?)
+            }
         }
     }
 

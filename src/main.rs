@@ -6,6 +6,7 @@ mod generate;
 mod hub;
 mod launch;
 mod security;
+mod telemetry;
 
 use std::io::{IsTerminal, Write};
 
@@ -89,7 +90,9 @@ pub(crate) fn sampling(a: &args::SamplingArgs) -> GenerationParams {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let prompts: Vec<Prompt> = if a.prompt.prompt_ids.is_empty() {
+    let prompts: Vec<Prompt> = if let Some(chat) = &a.prompt.chat {
+        vec![Prompt::Chat(args::parse_chat(chat)?)]
+    } else if a.prompt.prompt_ids.is_empty() {
         a.prompt.prompt.iter().cloned().map(Prompt::Text).collect()
     } else {
         a.prompt.prompt_ids.iter().map(|ids| args::parse_ids(ids).map(Prompt::Ids)).collect::<Result<_>>()?
@@ -99,6 +102,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let prompt_len = |p: &Prompt| match p {
         Prompt::Text(t) => t.len() + 2,
         Prompt::Ids(ids) => ids.len(),
+        // The template adds its markers: a margin per message and for the whole.
+        Prompt::Chat(m) => m.iter().map(|m| m.role.len() + m.content.len() + 32).sum::<usize>() + 256,
     };
     let work = Workload {
         seqs: prompts.len(),

@@ -137,13 +137,26 @@ fn up_from_the_hub_cache_serves_the_folder_tokens() {
     cmd.env("HF_HUB_CACHE", cache.path());
     // The workers `up` starts are given no --model: they read the snapshot
     // path the coordinator resolved and sends them.
-    let c = Cluster::up_with(cmd, &["--model", "acme/stories", "--workers", "2"]);
+    let mut c =
+        Cluster::up_with(cmd, &["--model", "acme/stories", "--workers", "2", "--http-listen", "127.0.0.1:0"]);
     let out = run_json(&[&["query", "--endpoint", &c.endpoint], GENERATE].concat()).remove(0);
     assert_eq!(out["token_ids"], folder["token_ids"]);
     assert_eq!(out["text"], folder["text"]);
     let status = run_json(&["status", "--endpoint", &c.endpoint, "--json"]).remove(0);
     let served = status["model"].as_str().expect("model");
     assert!(served.ends_with(&format!("models--acme--stories/snapshots/{HASH}")), "{status}");
+    // HTTP clients name the model by its Hub id.
+    let base = c.http();
+    let addr = base.strip_prefix("http://").expect("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    std::io::Write::write_all(
+        &mut s,
+        format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .expect("send");
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).expect("read");
+    assert!(body.contains(r#""id":"acme/stories""#), "{body}");
     assert!(c.stop().success());
 }
 

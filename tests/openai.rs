@@ -79,6 +79,12 @@ fn http(base: &str, method: &str, path: &str, body: Option<&str>, headers: &[&st
     (status, body)
 }
 
+/// Runs the binary, which must fail: (exit code, stderr).
+fn fails(args: &[&str]) -> (Option<i32>, String) {
+    let out = common::run(args);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).trim_end().to_string())
+}
+
 /// The JSON of a (possibly chunked) HTTP/1.1 body.
 fn json_body(body: &str) -> Value {
     let start = body.find('{').expect("a JSON object");
@@ -244,4 +250,127 @@ fn an_http_front_off_loopback_needs_api_keys() {
     );
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--http-listen 0.0.0.0:0") && err.contains("--api-key-file"), "{err}");
+}
+
+/// The Zephyr chat template (TinyLlama-1.1B-Chat's), whose newlines depend on
+/// Jinja's trim_blocks and lstrip_blocks as transformers sets them.
+const ZEPHYR: &str = "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}";
+
+const CHAT: &str = r#"[{"role":"system","content":"You tell short stories."},{"role":"user","content":"Tell me about a cat."},{"role":"assistant","content":"Once upon a time there was a cat."},{"role":"user","content":"And then?"}]"#;
+
+/// stories260K with a chat template in its tokenizer_config.json, as a chat
+/// model from the Hub has.
+fn chat_model() -> tempfile::TempDir {
+    let dir = common::model_dir::copy_model();
+    let cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": {"content": "</s>", "lstrip": false, "normalized": false, "rstrip": false, "single_word": false},
+        "chat_template": ZEPHYR,
+    });
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).expect("tokenizer_config.json");
+    dir
+}
+
+#[test]
+fn chat_matches_transformers_template_and_generate_chat_through_every_front() {
+    let dir = chat_model();
+    let path = dir.path().to_str().expect("utf-8").to_string();
+    let n = TOKENS.to_string();
+    let want = run_json(&[
+        "generate",
+        "--model",
+        &path,
+        "--chat",
+        CHAT,
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
+    ])
+    .remove(0);
+    let want_text = want["text"].as_str().expect("text").to_string();
+
+    let mut c = Cluster::up(&["--model", &path, "--workers", "2", "--http-listen", "127.0.0.1:0"]);
+    let base = c.http();
+    let name = dir.path().file_name().expect("name").to_str().expect("utf-8").to_string();
+    let out = Command::new(python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/chat_check.py"))
+        .args([&base, &name, &path, CHAT, &n])
+        .output()
+        .expect("run the openai client");
+    assert!(out.status.success(), "chat_check.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("its JSON");
+    eprintln!("openai {}, transformers {}: {got}", got["openai_version"], got["transformers_version"]);
+
+    // The prompt is transformers' rendering, tokenized as transformers does
+    // (no BOS added: the template writes what it wants).
+    assert_eq!(want["prompt_token_ids"], got["reference_ids"], "generate --chat's prompt ids");
+    let ids = want["prompt_token_ids"].as_array().expect("ids").len() as u64;
+    assert_eq!(got["usage"]["prompt_tokens"].as_u64(), Some(ids));
+    assert_eq!(got["text"], want_text.as_str(), "non-streamed chat");
+    assert_eq!(got["role"], "assistant");
+    assert_eq!(got["finish_reason"], "length");
+    assert_eq!(got["usage"]["completion_tokens"], TOKENS);
+    assert_eq!(got["stream_text"], want_text.as_str(), "streamed chat");
+    assert!(got["stream_chunks"].as_u64() > Some(1), "the stream came in one piece: {got}");
+    assert_eq!(got["stream_roles"], serde_json::json!(["assistant"]), "the role comes once, first");
+    assert_eq!(got["stream_finish_reason"], "length");
+    assert_eq!(got["stream_usage"], got["usage"]);
+    // No limit: to the end of the model's positions.
+    let positions = common::read_json(&dir.path().join("config.json"))["max_position_embeddings"]
+        .as_u64()
+        .expect("positions");
+    assert_eq!(got["unlimited_finish_reason"], "length", "{got}");
+    assert_eq!(got["unlimited_usage"]["total_tokens"].as_u64(), Some(positions), "{got}");
+    assert_eq!(got["image_part"]["status"], 400, "{got}");
+
+    // gRPC: query --chat, rendered by the coordinator.
+    let q = run_json(&[
+        "query",
+        "--endpoint",
+        &c.endpoint,
+        "--chat",
+        CHAT,
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
+    ])
+    .remove(0);
+    assert_eq!(q["prompt_token_ids"], want["prompt_token_ids"]);
+    assert_eq!(q["token_ids"], want["token_ids"]);
+
+    // curl-style raw HTTP.
+    let req = format!(
+        r#"{{"model":"{name}","messages":{CHAT},"max_tokens":{TOKENS},"temperature":0,"ignore_eos":true}}"#
+    );
+    let (code, body) = http(&base, "POST", "/v1/chat/completions", Some(&req), &[]);
+    assert_eq!(code, 200, "{body}");
+    let v = json_body(&body);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], want_text.as_str());
+}
+
+#[test]
+fn chat_without_a_template_is_a_clear_error_everywhere() {
+    let stories = stories();
+    let (code, err) = fails(&["generate", "--model", &stories, "--chat", "hello"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no chat template") && err.lines().count() == 1, "{err}");
+    let mut c = Cluster::up(&["--model", &stories, "--workers", "1", "--http-listen", "127.0.0.1:0"]);
+    let base = c.http();
+    let req = r#"{"model":"stories260K","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let (code, body) = http(&base, "POST", "/v1/chat/completions", Some(req), &[]);
+    assert_eq!(code, 400, "{body}");
+    let v = json_body(&body);
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("no chat template")), "{body}");
+    let (code, err) = fails(&["query", "--endpoint", &c.endpoint, "--chat", "hi"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no chat template"), "{err}");
+    // A malformed --chat is the CLI's error, before any request.
+    let (code, err) = fails(&["query", "--endpoint", &c.endpoint, "--chat", "[{\"role\":1}]"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--chat"), "{err}");
 }

@@ -15,6 +15,12 @@ impl From<&GenerateRequest> for pb::GenerateRequest {
             prompt: Some(match &r.prompt {
                 Prompt::Text(t) => pb::generate_request::Prompt::Text(t.clone()),
                 Prompt::Ids(ids) => pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: ids.clone() }),
+                Prompt::Chat(messages) => pb::generate_request::Prompt::Chat(pb::ChatMessages {
+                    messages: messages
+                        .iter()
+                        .map(|m| pb::ChatMessage { role: m.role.clone(), content: m.content.clone() })
+                        .collect(),
+                }),
             }),
             sampling: Some(pb::SamplingParams::from(&r.params)),
             stop: r.stop.clone(),
@@ -66,9 +72,10 @@ impl From<CoordinatorError> for tonic::Status {
     fn from(e: CoordinatorError) -> Self {
         use CoordinatorError as E;
         match &e {
-            E::InvalidRequest(_) | E::Tokenizer(_) | E::Offload(OffloadError::InvalidRequest(_)) => {
-                tonic::Status::invalid_argument(e.to_string())
-            }
+            E::InvalidRequest(_)
+            | E::Tokenizer(_)
+            | E::Chat(_)
+            | E::Offload(OffloadError::InvalidRequest(_)) => tonic::Status::invalid_argument(e.to_string()),
             E::Shard(ShardError::InvalidRange { .. }) => tonic::Status::invalid_argument(e.to_string()),
             E::Offload(OffloadError::MissingTensor { .. }) | E::Shard(ShardError::NotHeld { .. }) => {
                 tonic::Status::not_found(e.to_string())

@@ -13,6 +13,8 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
+    #[error(transparent)]
     Plan(#[from] PlanError),
     /// A shard range a caller asked for that does not exist.
     #[error(transparent)]

@@ -15,6 +15,7 @@
 //!   [`credentials`]: the CA `up` makes and the client bundles it leaves.
 //! - [`up`] and [`launcher`]: a coordinator plus N local worker processes.
 //! - [`cluster_bench`]: `bench --workers N`.
+pub mod chat;
 pub mod client;
 pub mod cluster_bench;
 mod convert;

@@ -11,6 +11,8 @@ pub enum Prompt {
     /// Text, tokenized with the tokenizer's default special tokens.
     Text(String),
     Ids(Vec<u32>),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<crate::chat::ChatMessage>),
 }
 
 #[derive(Clone, Debug)]

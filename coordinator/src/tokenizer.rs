@@ -124,6 +124,22 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Encodes text a chat template rendered: no special tokens added (the
+    /// template wrote them), as transformers' `apply_chat_template` does; it
+    /// must give at least one token.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let ids = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode { path: self.path.clone(), reason: one_line(&*e) })?
+            .get_ids()
+            .to_vec();
+        if ids.is_empty() {
+            return Err(TokenizerError::EmptyPrompt);
+        }
+        Ok(ids)
+    }
+
     /// Decodes `ids` to text. Ids outside the vocabulary are skipped, as the
     /// `tokenizers` crate does.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {

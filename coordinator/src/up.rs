@@ -152,16 +152,18 @@ impl LocalCluster {
 pub async fn run(
     cfg: UpConfig,
     listener: TcpListener,
-    http: Option<(TcpListener, String)>,
+    http: Option<server::HttpFront>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut cluster = LocalCluster::start(&cfg, listener, stop.clone()).await?;
     println!("ready {}", cluster.endpoint);
-    if let Some((l, model)) = http {
-        let addr =
-            l.local_addr().map_err(|e| CoordinatorError::Unavailable(format!("--http-listen: {e}")))?;
+    if let Some(front) = http {
+        let addr = front
+            .listener
+            .local_addr()
+            .map_err(|e| CoordinatorError::Unavailable(format!("--http-listen: {e}")))?;
         let mut stopped = stop.clone();
-        tokio::spawn(server::serve_http(cluster.coord.clone(), l, model, async move {
+        tokio::spawn(server::serve_http(cluster.coord.clone(), front, async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
         println!("http http://{addr}");

@@ -55,6 +55,15 @@ pub(crate) fn resolve(model: &Path) -> Result<PathBuf> {
     resolve_id(&id, &env).with_context(context)
 }
 
+/// The Hub repository `model` names (`org/name`), when it is read as an id
+/// (no such path, and the id's syntax).
+pub(crate) fn id_of(model: &Path) -> Option<String> {
+    if std::fs::symlink_metadata(model).is_ok() {
+        return None;
+    }
+    model.to_str().and_then(HubId::parse).map(|id| id.repo)
+}
+
 fn resolve_id(id: &HubId, env: &HubEnv) -> Result<PathBuf> {
     let found = lookup(&env.cache, id)?;
     let usable = match &found {

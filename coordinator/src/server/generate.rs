@@ -19,8 +19,10 @@ use zeroshard_proto::v1 as pb;
 use super::admission::Reservation;
 use super::state::{WorkerEntry, MAX_STOP_BYTES, MAX_STOP_STRINGS};
 use super::{Coordinator, DrainState};
+use crate::chat::ChatMessage;
 use crate::error::{CoordinatorError, Result};
 use crate::text_stream::TextStream;
+use crate::tokenizer::Tokenizer;
 
 /// A validated request.
 struct Validated {
@@ -64,36 +66,68 @@ async fn validate(
     let params = zeroshard_offload::convert::generation_params(req.sampling);
     params.sampling.validate().map_err(invalid)?;
     let prompt = match req.prompt {
-        None => return Err(invalid("the request has no prompt (text or token_ids)")),
+        None => return Err(invalid("the request has no prompt (text, token_ids or chat)")),
+        Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids,
         Some(pb::generate_request::Prompt::Text(t)) => {
-            let limit = coord.max_prompt_bytes();
-            if t.len() > limit {
-                return Err(invalid(format!(
-                    "the prompt has {} bytes of text, more than the limit of {limit} (--max-prompt-bytes)",
-                    t.len()
-                )));
-            }
-            let tokenizer = inner
-                .tokenizer
-                .clone()
-                .ok_or_else(|| invalid("the model has no tokenizer.json: send token_ids"))?;
-            let Ok(_permit) = inner.tokenizing.acquire().await else {
-                return Err(CoordinatorError::Unavailable("the coordinator is stopping".into()));
-            };
-            if out.is_closed() {
-                return Ok(None);
-            }
+            check_prompt_bytes(coord, "the prompt has", t.len())?;
             // Empty text is a prompt too, as in `generate`: BOS where the tokenizer adds it.
-            let encode = tokio::task::spawn_blocking(move || tokenizer.encode_prompt(&t));
-            tokio::select! {
-                r = encode => r.map_err(|e| CoordinatorError::Unavailable(format!("tokenizer task: {e}")))??,
-                _ = out.closed() => return Ok(None),
+            match tokenize(coord, out, move |tokenizer| Ok(tokenizer.encode_prompt(&t)?)).await? {
+                Some(ids) => ids,
+                None => return Ok(None),
             }
         }
-        Some(pb::generate_request::Prompt::TokenIds(ids)) => ids.ids,
+        Some(pb::generate_request::Prompt::Chat(chat)) => {
+            let bytes = chat.messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+            check_prompt_bytes(coord, "the messages have", bytes)?;
+            let template = inner.chat_template.clone().ok_or_else(|| {
+                invalid("the model has no chat template (chat_template.jinja or tokenizer_config.json): send a prompt instead of messages")
+            })?;
+            let messages: Vec<ChatMessage> =
+                chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+            let encode =
+                move |tokenizer: &Tokenizer| Ok(tokenizer.encode_rendered(&template.render(&messages)?)?);
+            match tokenize(coord, out, encode).await? {
+                Some(ids) => ids,
+                None => return Ok(None),
+            }
+        }
     };
     zeroshard_offload::request::validate_prompt(&inner.config, &prompt)?;
     Ok(Some(Validated { prompt, params, sampling: req.sampling, stop: req.stop }))
+}
+
+/// Refuses prompt text over the byte limit before any tokenization.
+fn check_prompt_bytes(coord: &Coordinator, what: &str, bytes: usize) -> Result<()> {
+    let limit = coord.max_prompt_bytes();
+    if bytes > limit {
+        return Err(invalid(format!(
+            "{what} {bytes} bytes of text, more than the limit of {limit} (--max-prompt-bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `encode` with the model's tokenizer on the blocking pool, at most one
+/// per core at a time. `None`: the client left meanwhile.
+async fn tokenize(
+    coord: &Coordinator,
+    out: &mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
+    encode: impl FnOnce(&Tokenizer) -> Result<Vec<u32>> + Send + 'static,
+) -> Result<Option<Vec<u32>>> {
+    let inner = &coord.0;
+    let tokenizer =
+        inner.tokenizer.clone().ok_or_else(|| invalid("the model has no tokenizer.json: send token_ids"))?;
+    let Ok(_permit) = inner.tokenizing.acquire().await else {
+        return Err(CoordinatorError::Unavailable("the coordinator is stopping".into()));
+    };
+    if out.is_closed() {
+        return Ok(None);
+    }
+    let work = tokio::task::spawn_blocking(move || encode(&tokenizer));
+    tokio::select! {
+        r = work => r.map_err(|e| CoordinatorError::Unavailable(format!("tokenizer task: {e}")))?.map(Some),
+        _ = out.closed() => Ok(None),
+    }
 }
 
 /// Runs `req`, sending its chunks to `out`: the first carries the prompt ids,
@@ -108,20 +142,34 @@ pub(super) async fn run(
     if *drain.borrow_and_update() != DrainState::Serving {
         let e =
             CoordinatorError::Unavailable("the coordinator is shutting down: send the request again".into());
+        metrics::counter!("zeroshard_requests_total", "outcome" => "unavailable").increment(1);
         let _ = out.send(Err(Status::from(e))).await;
         return;
     }
     coord.0.in_flight.send_modify(|n| *n += 1);
     let _done = InFlight(&coord);
+    let received = Instant::now();
     let cut = async {
         let _ = drain.wait_for(|d| *d == DrainState::Cut).await;
     };
     let result = tokio::select! {
-        r = run_inner(&coord, req, &out) => r,
+        r = run_inner(&coord, req, &out, received) => r,
         _ = cut => Err(CoordinatorError::Unavailable(
             "the coordinator shut down before the sequence finished (its drain time ran out)".into(),
         )),
     };
+    let outcome = match &result {
+        Ok(true) => "ok",
+        Ok(false) => "cancelled",
+        Err(
+            CoordinatorError::InvalidRequest(_) | CoordinatorError::Tokenizer(_) | CoordinatorError::Chat(_),
+        ) => "invalid",
+        Err(CoordinatorError::Overloaded(_)) => "rejected",
+        Err(CoordinatorError::Unavailable(_)) => "unavailable",
+        Err(_) => "error",
+    };
+    metrics::counter!("zeroshard_requests_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("zeroshard_request_duration_seconds").record(received.elapsed().as_secs_f64());
     if let Err(e) = result {
         let _ = out.send(Err(Status::from(e))).await;
     }
@@ -159,6 +207,10 @@ struct Run<'t> {
     finish: Option<pb::FinishReason>,
     /// When the sequence left the queue (prefill and decode times start here).
     start: Instant,
+    /// When the request arrived (time to first token counts from here).
+    received: Instant,
+    /// When the last chunk with tokens went out.
+    last_sent: Option<Instant>,
 }
 
 impl Run<'_> {
@@ -247,6 +299,22 @@ impl Run<'_> {
                 timings: None,
             };
             self.first = false;
+            let now = Instant::now();
+            let n = chunk.token_ids.len();
+            metrics::counter!("zeroshard_generated_tokens_total").increment(n as u64);
+            match self.last_sent {
+                None => metrics::histogram!("zeroshard_time_to_first_token_seconds")
+                    .record((now - self.received).as_secs_f64()),
+                Some(t) if n > 0 => {
+                    let per_token = (now - t).as_secs_f64() / n as f64;
+                    let h = metrics::histogram!("zeroshard_inter_token_latency_seconds");
+                    (0..n).for_each(|_| h.record(per_token));
+                }
+                Some(_) => {}
+            }
+            if n > 0 {
+                self.last_sent = Some(now);
+            }
             if out.send(Ok(chunk)).await.is_err() {
                 return Ok(Attempt::Done); // the client left: dropping `steps` cancels the sequence
             }
@@ -302,13 +370,16 @@ const QUICK_RESUMES: u32 = 2;
 /// that wait is the queue's) before it is refused as UNAVAILABLE.
 const NO_WORKER_PATIENCE: Duration = Duration::from_secs(1);
 
+/// `Ok(true)`: the sequence finished; `Ok(false)`: the client left first.
 async fn run_inner(
     coord: &Coordinator,
     req: pb::GenerateRequest,
     out: &mpsc::Sender<std::result::Result<pb::GenerateChunk, Status>>,
-) -> Result<()> {
+    received: Instant,
+) -> Result<bool> {
     coord.plan()?;
-    let Some(v) = validate(coord, req, out).await? else { return Ok(()) };
+    let Some(v) = validate(coord, req, out).await? else { return Ok(false) };
+    metrics::counter!("zeroshard_prompt_tokens_total").increment(v.prompt.len() as u64);
     let tokens = kv_tokens(&coord.0.config, v.prompt.len(), v.params.max_new_tokens);
     let arrived = Instant::now();
     let mut run = Run {
@@ -318,6 +389,8 @@ async fn run_inner(
         produced: Vec::new(),
         finish: if v.params.max_new_tokens == 0 { Some(pb::FinishReason::Length) } else { None },
         start: arrived,
+        received,
+        last_sent: None,
     };
     let deadline = arrived + RESUME_PATIENCE;
     let mut quick = 0;
@@ -327,7 +400,7 @@ async fn run_inner(
         let patience = if resume { deadline } else { arrived + NO_WORKER_PATIENCE };
         let (room, queued) = tokio::select! {
             r = coord.admit(tokens, resume, patience) => r?,
-            _ = out.closed() => return Ok(()),
+            _ = out.closed() => return Ok(false),
         };
         if !resume {
             run.timings.queue_ms = queued.as_secs_f64() * 1e3;
@@ -375,10 +448,10 @@ async fn run_inner(
             }
         }
         if out.is_closed() {
-            return Ok(());
+            return Ok(false);
         }
     }
-    let Run { mut text, mut timings, first, produced, finish, start } = run;
+    let Run { mut text, mut timings, first, produced, finish, start, .. } = run;
     let generated = produced.len() as u32;
     let tail = text.finish()?;
     let total_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -396,5 +469,5 @@ async fn run_inner(
         timings: Some(timings),
     };
     let _ = out.send(Ok(last)).await;
-    Ok(())
+    Ok(finish.is_some())
 }

@@ -57,7 +57,16 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
         &self,
         _: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let coord = &self.0;
+        Ok(Response::new(self.0.status().await))
+    }
+}
+
+impl Coordinator {
+    /// The cluster as `status` shows it: each worker's own statistics (asked
+    /// with a 1 s timeout each; a worker that does not answer shows zeros) and
+    /// the coordinator's counters.
+    pub(super) async fn status(&self) -> pb::ClusterStatusResponse {
+        let coord = self;
         let plan = coord.plan().ok();
         let ready = plan.is_some();
         let epoch = plan.as_ref().map_or(0, |p| p.epoch());
@@ -104,7 +113,7 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
         }
         let (workers_lost_total, sequences_resumed_total) = coord.failure_counts();
         let q = coord.0.admission.counts();
-        Ok(Response::new(pb::ClusterStatusResponse {
+        pb::ClusterStatusResponse {
             epoch,
             ready,
             model: coord.model_name(),
@@ -120,6 +129,6 @@ impl zeroshard_proto::v1::inference_server::Inference for InferenceSvc {
             queue_ms_max: q.queue_ms_max,
             step_deadlines_missed_total: q.deadlines_missed,
             sequences_moved_total: coord.0.sequences_moved.load(std::sync::atomic::Ordering::Relaxed),
-        }))
+        }
     }
 }

@@ -17,6 +17,7 @@ mod faults;
 mod generate;
 mod http;
 mod inference;
+mod metrics;
 mod progress;
 mod shards;
 mod state;
@@ -32,7 +33,7 @@ use zeroshard_proto::v1::inference_server::InferenceServer;
 use zeroshard_proto::v1::shards_server::ShardsServer;
 use zeroshard_proto::{Guard, Role};
 
-pub use http::serve_http;
+pub use http::{serve_http, HttpFront, RenderMetrics};
 pub use state::{ClusterConfig, Coordinator, DrainReport, DrainState, Readiness, RequestLimits, WorkerEntry};
 
 use crate::error::{CoordinatorError, Result};

@@ -20,6 +20,7 @@ use zeroshard_proto::{ApiKeys, Security};
 use super::admission::Admission;
 use super::deadline::StepClock;
 use super::worker_client::WorkerHandle;
+use crate::chat::ChatTemplate;
 use crate::error::{CoordinatorError, Result};
 use crate::membership::embedded::EmbeddedMembership;
 use crate::membership::{Member, Membership};
@@ -118,6 +119,8 @@ pub(super) struct Inner {
     pub config_json: String,
     pub generation_config_json: String,
     pub tokenizer: Option<Arc<Tokenizer>>,
+    /// The model's chat template, when it has one (chat prompts need it).
+    pub chat_template: Option<Arc<ChatTemplate>>,
     pub ckpt: Checkpoint,
     /// The checkpoint's digest of every block (workers verify against them):
     /// set by the supervisor before it plans (computed, or reused from membership).
@@ -226,6 +229,7 @@ impl Coordinator {
         // layers and shapes before anything is sized by the config.
         let specs = checked_specs(&config, &ckpt)?;
         let tokenizer = Tokenizer::from_model_dir(dir)?.map(Arc::new);
+        let chat_template = ChatTemplate::from_model_dir(dir)?.map(Arc::new);
         let (ready, _) = watch::channel(Readiness::Waiting { registered: 0, expected: cfg.workers });
         let (reports, reports_rx) = mpsc::unbounded_channel();
         // Sequence ids unique across coordinator restarts: workers may still
@@ -241,6 +245,7 @@ impl Coordinator {
             config_json,
             generation_config_json,
             tokenizer,
+            chat_template,
             ckpt,
             digests: OnceLock::new(),
             advertise,

@@ -227,8 +227,11 @@ pub(super) fn run<B: Backend>(
         }
         let started = std::time::Instant::now();
         let result = engine.step_from(&mut seqs, src.as_ref(), false);
-        stats.step_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let took = started.elapsed();
+        stats.step_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         stats.steps.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("zeroshard_step_seconds").record(took.as_secs_f64());
+        metrics::histogram!("zeroshard_step_batch_size").record(ids.len() as f64);
         match result {
             Ok((tokens, _)) => {
                 for ((id, t), tx) in ids.iter().zip(tokens).zip(txs) {

@@ -232,6 +232,8 @@ impl Gatherer {
             futures::future::try_join_all(fetches).await?;
             self.stats.bytes.fetch_add(fetched_bytes, Ordering::Relaxed);
             self.stats.nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            metrics::counter!("zeroshard_gather_bytes_total").increment(fetched_bytes);
+            metrics::histogram!("zeroshard_gather_seconds").record(start.elapsed().as_secs_f64());
         }
         Ok(outputs)
     }
@@ -321,6 +323,7 @@ impl Gatherer {
             if rejected == 0 {
                 if i > 0 {
                     self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("zeroshard_gather_failovers_total").increment(1);
                 }
                 return Ok(());
             }

@@ -91,6 +91,7 @@ impl PeerClient {
                     Ok(Some(c)) => {
                         if let Err(e) = asm.accept(&Chunk::from(c)) {
                             rejected.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!("zeroshard_rejected_chunks_total").increment(1);
                             tracing::warn!("chunk from {source} rejected, refetching: {e}");
                             break Some(e.to_string());
                         }

@@ -1,0 +1,216 @@
+//! The cluster's state in the Prometheus text format, computed when
+//! `/metrics` is scraped from what `status` shows: the plan, the queue, the
+//! failure counters, and every worker's own figures (labelled `worker`).
+//! Per-request histograms and counters (time to first token, inter-token
+//! latency, request duration, tokens, outcomes) are recorded where requests
+//! run, through the `metrics` facade; the binary's recorder renders them.
+use std::fmt::Write;
+
+use zeroshard_proto::v1 as pb;
+
+/// One metric family: HELP, TYPE, then its samples.
+struct Family<'a> {
+    out: &'a mut String,
+    model: &'a str,
+}
+
+impl Family<'_> {
+    fn family(&mut self, name: &str, kind: &str, help: &str, samples: &[(Option<u64>, f64)]) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        for (worker, value) in samples {
+            let _ = write!(self.out, "{name}{{model=\"{}\"", escape(self.model));
+            if let Some(w) = worker {
+                let _ = write!(self.out, ",worker=\"{w}\"");
+            }
+            let _ = writeln!(self.out, "}} {}", number(*value));
+        }
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: f64) {
+        self.family(name, kind, help, &[(None, value)]);
+    }
+
+    fn per_worker(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        s: &pb::ClusterStatusResponse,
+        f: impl Fn(&pb::WorkerStatus) -> f64,
+    ) {
+        let samples: Vec<(Option<u64>, f64)> = s.workers.iter().map(|w| (Some(w.id), f(w))).collect();
+        self.family(name, kind, help, &samples);
+    }
+}
+
+/// A label value as the text format wants it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn number(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else if v.is_nan() {
+        "NaN".into()
+    } else if v > 0.0 {
+        "+Inf".into()
+    } else {
+        "-Inf".into()
+    }
+}
+
+/// The cluster's gauges and counters for `model`, from `s` and the requests
+/// running now.
+pub(super) fn cluster_text(s: &pb::ClusterStatusResponse, model: &str, in_flight: usize) -> String {
+    let mut out = String::new();
+    let mut f = Family { out: &mut out, model };
+    f.one(
+        "zeroshard_ready",
+        "gauge",
+        "1 when a plan is active and requests are served.",
+        f64::from(u8::from(s.ready)),
+    );
+    f.one("zeroshard_epoch", "gauge", "The active plan's epoch (0 before the first plan).", s.epoch as f64);
+    f.one("zeroshard_workers", "gauge", "Workers registered now.", s.workers.len() as f64);
+    f.one(
+        "zeroshard_workers_lost_total",
+        "counter",
+        "Workers lost since the coordinator started.",
+        s.workers_lost_total as f64,
+    );
+    f.one(
+        "zeroshard_sequences_resumed_total",
+        "counter",
+        "Sequences resumed on another worker after theirs failed (fail-overs).",
+        s.sequences_resumed_total as f64,
+    );
+    f.one(
+        "zeroshard_sequences_moved_total",
+        "counter",
+        "Sequences handed back by draining workers and continued elsewhere.",
+        s.sequences_moved_total as f64,
+    );
+    f.one(
+        "zeroshard_step_deadlines_missed_total",
+        "counter",
+        "Sequences moved off a worker that held them past the step deadline.",
+        s.step_deadlines_missed_total as f64,
+    );
+    f.one(
+        "zeroshard_queue_length",
+        "gauge",
+        "Requests waiting for room on a worker.",
+        f64::from(s.queued_requests),
+    );
+    f.one(
+        "zeroshard_queue_capacity",
+        "gauge",
+        "The queue's bound (--max-queued-requests).",
+        f64::from(s.max_queued_requests),
+    );
+    f.one(
+        "zeroshard_requests_queue_full_total",
+        "counter",
+        "Requests refused because the queue was full.",
+        s.requests_rejected_total as f64,
+    );
+    f.one(
+        "zeroshard_requests_in_flight",
+        "gauge",
+        "Client requests running now (queued or generating).",
+        in_flight as f64,
+    );
+    f.one(
+        "zeroshard_active_sequences",
+        "gauge",
+        "Sequences generating on the workers now.",
+        s.workers.iter().map(|w| f64::from(w.active_sequences)).sum(),
+    );
+    f.per_worker(
+        "zeroshard_worker_active_sequences",
+        "gauge",
+        "Sequences generating on this worker.",
+        s,
+        |w| f64::from(w.active_sequences),
+    );
+    f.per_worker(
+        "zeroshard_worker_gather_bytes_per_second",
+        "gauge",
+        "Bytes per second this worker received from peers, averaged over its gathers.",
+        s,
+        |w| w.gather_bytes_per_s,
+    );
+    f.per_worker("zeroshard_worker_steps_total", "counter", "Forward steps this worker ran.", s, |w| {
+        w.steps_total as f64
+    });
+    f.per_worker(
+        "zeroshard_worker_rejected_chunks_total",
+        "counter",
+        "Chunks this worker received that failed their checksum and were fetched again.",
+        s,
+        |w| w.rejected_chunks_total as f64,
+    );
+    f.per_worker(
+        "zeroshard_worker_gather_failovers_total",
+        "counter",
+        "Gathers of this worker served by a replica after the first holder failed.",
+        s,
+        |w| w.failovers_total as f64,
+    );
+    f.per_worker(
+        "zeroshard_worker_rejected_blocks_total",
+        "counter",
+        "Blocks this worker served that failed the checkpoint's digest at the receiver.",
+        s,
+        |w| w.rejected_blocks_total as f64,
+    );
+    f.per_worker(
+        "zeroshard_worker_resident_bytes",
+        "gauge",
+        "Gathered layers this worker keeps alive.",
+        s,
+        |w| w.resident_bytes as f64,
+    );
+    f.per_worker(
+        "zeroshard_worker_kv_reserved_bytes",
+        "gauge",
+        "KV-cache bytes reserved for admitted sequences.",
+        s,
+        |w| w.kv_reserved_bytes as f64,
+    );
+    f.per_worker("zeroshard_worker_kv_cache_bytes", "gauge", "This worker's KV-cache budget.", s, |w| {
+        w.kv_cache_bytes as f64
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_carry_the_model_and_worker_labels_escaped() {
+        let s = pb::ClusterStatusResponse {
+            epoch: 3,
+            ready: true,
+            workers: vec![pb::WorkerStatus {
+                id: 7,
+                steps_total: 42,
+                gather_bytes_per_s: 1.5e9,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = cluster_text(&s, "acme/\"x\"", 2);
+        assert!(text.contains("zeroshard_epoch{model=\"acme/\\\"x\\\"\"} 3\n"), "{text}");
+        assert!(
+            text.contains("zeroshard_worker_steps_total{model=\"acme/\\\"x\\\"\",worker=\"7\"} 42\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE zeroshard_worker_steps_total counter\n"), "{text}");
+        assert!(text.contains("zeroshard_requests_in_flight{model=\"acme/\\\"x\\\"\"} 2\n"), "{text}");
+        assert_eq!(number(f64::INFINITY), "+Inf");
+    }
+}
