@@ -374,3 +374,124 @@ fn chat_without_a_template_is_a_clear_error_everywhere() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--chat"), "{err}");
 }
+
+/// `/metrics` parsed by prometheus_client: (families by type, samples).
+fn scrape(url: &str) -> Value {
+    let out = Command::new(python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/metrics_check.py"))
+        .arg(url)
+        .output()
+        .expect("run the metrics parser");
+    assert!(out.status.success(), "{url} does not parse: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("its JSON")
+}
+
+/// The sum of the samples named `name` whose labels include `labels`.
+fn sample(m: &Value, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .filter(|s| s[0] == name && labels.iter().all(|(k, v)| s[1][*k] == *v))
+        .map(|s| s[2].as_f64().expect("value"))
+        .sum()
+}
+
+#[test]
+fn metrics_parse_and_move_with_requests() {
+    let mut c = Cluster::up(&["--model", &stories(), "--workers", "2", "--http-listen", "127.0.0.1:0"]);
+    let base = c.http();
+    let url = format!("{base}/metrics");
+    let before = scrape(&url);
+    assert!(before["content_type"].as_str().is_some_and(|t| t.starts_with("text/plain")), "{before}");
+    let model = [("model", "stories260K")];
+    assert_eq!(sample(&before, "zeroshard_ready", &model), 1.0, "{before}");
+    assert!(sample(&before, "zeroshard_epoch", &model) >= 1.0);
+    assert_eq!(sample(&before, "zeroshard_workers", &model), 2.0);
+    for (name, kind) in [
+        ("zeroshard_worker_steps", "counter"),
+        ("zeroshard_worker_gather_bytes_per_second", "gauge"),
+        ("zeroshard_queue_length", "gauge"),
+        ("zeroshard_workers_lost", "counter"),
+    ] {
+        assert_eq!(before["families"][name], kind, "{name}: {before}");
+    }
+
+    // Three requests through both fronts, one of them streamed, and one refused.
+    let req = format!(
+        r#"{{"model":"stories260K","prompt":"{PROMPT}","max_tokens":{TOKENS},"temperature":0,"ignore_eos":true}}"#
+    );
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(&req), &[]).0, 200);
+    let sreq = req.replace("\"temperature\":0", "\"temperature\":0,\"stream\":true");
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(&sreq), &[]).0, 200);
+    let n = TOKENS.to_string();
+    run_json(&[
+        "query",
+        "--endpoint",
+        &c.endpoint,
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
+    ]);
+    let bad = r#"{"model":"stories260K","prompt":"x","max_tokens":1,"temperature":-1}"#;
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(bad), &[]).0, 400);
+
+    let after = scrape(&url);
+    eprintln!("metrics after 4 requests: {} samples", after["samples"].as_array().map_or(0, Vec::len));
+    let moved =
+        |name: &str, labels: &[(&str, &str)]| sample(&after, name, labels) - sample(&before, name, labels);
+    let ok = [("model", "stories260K"), ("outcome", "ok")];
+    assert_eq!(moved("zeroshard_requests_total", &ok), 3.0, "{after}");
+    assert_eq!(moved("zeroshard_requests_total", &[("outcome", "invalid")]), 1.0, "{after}");
+    assert_eq!(moved("zeroshard_generated_tokens_total", &model), 3.0 * f64::from(TOKENS));
+    assert_eq!(moved("zeroshard_time_to_first_token_seconds_count", &model), 3.0);
+    assert_eq!(moved("zeroshard_inter_token_latency_seconds_count", &model), 3.0 * f64::from(TOKENS - 1));
+    assert_eq!(moved("zeroshard_request_duration_seconds_count", &model), 4.0);
+    assert!(moved("zeroshard_worker_steps_total", &model) >= f64::from(TOKENS), "{after}");
+    assert!(sample(&after, "zeroshard_worker_gather_bytes_per_second", &model) > 0.0, "{after}");
+    assert_eq!(after["families"]["zeroshard_time_to_first_token_seconds"], "histogram");
+}
+
+#[test]
+fn a_worker_serves_its_own_metrics() {
+    let port = common::etcd::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let fleet = common::fleet::Fleet::start_each(
+        common::etcd::Etcd::start(),
+        model("stories260K"),
+        &["--max-active-sequences", "1"],
+        &[&["--metrics-listen", &listen], &[]],
+    );
+    let url = format!("http://{listen}/metrics");
+    // Two requests at once on workers that take one sequence each: one runs
+    // on the worker with metrics, and gathers from the other.
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let endpoint = fleet.endpoint.clone();
+            std::thread::spawn(move || {
+                run_json(&[
+                    "query",
+                    "--endpoint",
+                    &endpoint,
+                    "--prompt",
+                    PROMPT,
+                    "--max-new-tokens",
+                    "200",
+                    "--ignore-eos",
+                    "--json",
+                ])
+            })
+        })
+        .collect();
+    for r in runs {
+        r.join().expect("query thread");
+    }
+    let m = scrape(&url);
+    assert_eq!(m["families"]["zeroshard_step_seconds"], "histogram", "{m}");
+    assert!(sample(&m, "zeroshard_step_seconds_count", &[]) >= 1.0, "{m}");
+    assert!(sample(&m, "zeroshard_gather_bytes_total", &[]) > 0.0, "{m}");
+    assert!(sample(&m, "zeroshard_step_batch_size_count", &[]) >= 1.0, "{m}");
+}
