@@ -29,6 +29,9 @@ pub(crate) enum Command {
     Worker(WorkerArgs),
     /// Send one request to a cluster (same flags and --json output as generate).
     Query(QueryArgs),
+    /// Measure the HTTP front against gRPC on one cluster: short requests per
+    /// second and time to first token, interleaved.
+    BenchFronts(BenchFrontsArgs),
     /// Print a cluster's epoch and workers.
     Status(StatusArgs),
     /// Make a cluster CA and its members' certificates.
@@ -570,6 +573,39 @@ pub(crate) struct GenerateArgs {
     pub logits_out: Option<PathBuf>,
     #[command(flatten)]
     pub placement: PlacementArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct BenchFrontsArgs {
+    /// The cluster's gRPC endpoint, as `up` prints it (grpc:// or grpcs://).
+    #[arg(long, env = "ZEROSHARD_ENDPOINT")]
+    pub endpoint: String,
+    /// The same cluster's HTTP front, as `up --http-listen` prints it.
+    #[arg(long)]
+    pub http: String,
+    /// The model id the HTTP front serves.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub auth: ClientTlsArgs,
+    /// Prompt text of every request.
+    #[arg(long, default_value = "Once upon a time")]
+    pub prompt: String,
+    /// Short (one-token) requests per front and round.
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
+    /// Clients sending them at once, each on its own connection.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Streamed requests per front and round for the time to first token.
+    #[arg(long, default_value_t = 30)]
+    pub ttft_samples: usize,
+    /// Tokens of each streamed request.
+    #[arg(long, default_value_t = 16)]
+    pub stream_tokens: u32,
+    /// Rounds, each running both fronts.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,7 @@
 //! The `zeroshard` command line: parses arguments, sets up tracing, and calls
 //! into the library crates. No engine logic lives here.
 mod args;
+mod bench_fronts;
 mod cluster;
 mod generate;
 mod hub;
@@ -43,6 +44,7 @@ fn main() {
         Command::Coordinator(a) => cluster::coordinator(a),
         Command::Worker(a) => cluster::worker(a),
         Command::Query(a) => cluster::query(a),
+        Command::BenchFronts(a) => security::client(&a.auth).and_then(|auth| bench_fronts::run(a, auth)),
         Command::Status(a) => cluster::status(a),
         Command::Certs(c) => security::certs(c),
         Command::Launch(a) => launch::launch(a),

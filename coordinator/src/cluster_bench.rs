@@ -150,3 +150,38 @@ async fn drive(
     }
     Ok(reports)
 }
+
+/// One greedy request of `max_tokens` tokens over gRPC on an open client
+/// (`bench-fronts`): the time to the first message with tokens (streamed) or
+/// to the whole answer.
+pub async fn grpc_request(
+    client: &mut crate::client::Client,
+    prompt: &str,
+    max_tokens: u32,
+    stream: bool,
+) -> Result<std::time::Duration> {
+    let req = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text(prompt.to_string())),
+        sampling: Some(pb::SamplingParams {
+            max_new_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        stop: vec![],
+    };
+    let started = Instant::now();
+    let failed = |s: tonic::Status| CoordinatorError::Unavailable(format!("bench request: {}", s.message()));
+    if !stream {
+        client.generate(req).await.map_err(failed)?;
+        return Ok(started.elapsed());
+    }
+    let mut s = client.generate_stream(req).await.map_err(failed)?.into_inner();
+    let mut first = None;
+    while let Some(c) = s.message().await.map_err(failed)? {
+        if first.is_none() && !c.token_ids.is_empty() {
+            first = Some(started.elapsed());
+        }
+    }
+    first.ok_or_else(|| CoordinatorError::Unavailable("bench request: no token came".into()))
+}

@@ -177,6 +177,10 @@ def problems(objs, overlay):
         health = env.get("ZEROSHARD_HEALTH_LISTEN", "")
         if not health.endswith(f":{HEALTH_PORT}"):
             out.append(f"{where}: ZEROSHARD_HEALTH_LISTEN is {health!r}, not on port {HEALTH_PORT}")
+        http = env.get("ZEROSHARD_HTTP_LISTEN", "")
+        if http and not http.startswith(("127.", "localhost:", "[::1]:")) and not env.get("ZEROSHARD_API_KEY_FILE"):
+            out.append(f"{where}: ZEROSHARD_HTTP_LISTEN={http} is off loopback without ZEROSHARD_API_KEY_FILE "
+                       "(the coordinator refuses to start)")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             p = c.get(probe)
             if not p or p.get("grpc", {}).get("port") != HEALTH_PORT:

@@ -152,8 +152,10 @@ pub(super) async fn run(
     let cut = async {
         let _ = drain.wait_for(|d| *d == DrainState::Cut).await;
     };
+    // One span per request: its events (resumptions, moves) carry its number.
+    let span = tracing::info_span!("request", n = coord.0.next_request.fetch_add(1, Ordering::Relaxed));
     let result = tokio::select! {
-        r = run_inner(&coord, req, &out, received) => r,
+        r = tracing::Instrument::instrument(run_inner(&coord, req, &out, received), span.clone()) => r,
         _ = cut => Err(CoordinatorError::Unavailable(
             "the coordinator shut down before the sequence finished (its drain time ran out)".into(),
         )),
@@ -170,6 +172,7 @@ pub(super) async fn run(
     };
     metrics::counter!("zeroshard_requests_total", "outcome" => outcome).increment(1);
     metrics::histogram!("zeroshard_request_duration_seconds").record(received.elapsed().as_secs_f64());
+    span.in_scope(|| tracing::debug!(outcome, seconds = received.elapsed().as_secs_f64(), "request ended"));
     if let Err(e) = result {
         let _ = out.send(Err(Status::from(e))).await;
     }

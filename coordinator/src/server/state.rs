@@ -138,6 +138,8 @@ pub(super) struct Inner {
     /// Failures seen by request handlers: the supervisor probes the workers.
     pub reports: mpsc::UnboundedSender<WorkerId>,
     pub next_seq: AtomicU64,
+    /// Client requests numbered in arrival order (their tracing span's `n`).
+    pub next_request: AtomicU64,
     /// The request queue and the room taken on every worker.
     pub admission: Admission,
     /// Tokenizations running at once, at most (one per core).
@@ -256,6 +258,7 @@ impl Coordinator {
             changes: watch::channel(0).0,
             reports,
             next_seq: AtomicU64::new(first_seq),
+            next_request: AtomicU64::new(1),
             admission,
             tokenizing: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),

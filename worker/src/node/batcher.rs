@@ -226,7 +226,9 @@ pub(super) fn run<B: Backend>(
             seqs.push(&mut a.seq);
         }
         let started = std::time::Instant::now();
+        let step = tracing::debug_span!("step", batch = ids.len()).entered();
         let result = engine.step_from(&mut seqs, src.as_ref(), false);
+        drop(step);
         let took = started.elapsed();
         stats.step_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         stats.steps.fetch_add(1, Ordering::Relaxed);
