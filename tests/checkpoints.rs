@@ -200,3 +200,44 @@ fn up_refuses_the_same_way() {
     let done = up_on(dir.path());
     expect_one_line(&done, &["tokenizer.json", "is a FIFO, not a regular file"]);
 }
+
+/// GPT-2 and BLOOM checkpoints saved from the base model (as
+/// `openai-community/gpt2` and `bigscience/bloom-560m` are on the Hub) name
+/// their tensors without `transformer.`: they load as transformers loads them,
+/// with the references' exact tokens, alone and through a cluster.
+#[test]
+fn base_model_tensor_names_load_for_gpt2_and_bloom() {
+    for name in ["gpt2", "bloom"] {
+        let dir = copy_of(&format!("fixtures/{name}"));
+        let st = dir.path().join("model.safetensors");
+        let (header, data) = read_st(&st);
+        let renamed: serde_json::Map<String, Value> = header
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix("transformer.").map(str::to_string).unwrap_or(k), v))
+            .collect();
+        assert!(
+            renamed.contains_key("h.0.input_layernorm.weight") || renamed.contains_key("h.0.ln_1.weight")
+        );
+        write_st(&st, &renamed, &data);
+        let refs = read_json(&shared().join(format!("refs/arch/{name}.json")));
+        let path = dir.path().to_str().expect("utf-8").to_string();
+        let c = common::cluster::Cluster::up(&[
+            "--model",
+            &path,
+            "--workers",
+            "2",
+            "--persistence-threshold-bytes",
+            "256",
+        ]);
+        for p in refs["prompts"].as_array().expect("prompts") {
+            let want = ids_of(&p["new_token_ids"]);
+            let ids = ids_arg(&ids_of(&p["input_ids"]));
+            let n = want.len().to_string();
+            let args = ["--prompt-ids", &ids, "--ignore-eos", "--max-new-tokens", &n, "--json"];
+            let alone = run_json(&[&["generate", "--model", &path][..], &args].concat()).remove(0);
+            assert_eq!(ids_of(&alone["token_ids"]), want, "{name}/{} alone", p["name"]);
+            let cluster = run_json(&[&["query", "--endpoint", &c.endpoint][..], &args].concat()).remove(0);
+            assert_eq!(ids_of(&cluster["token_ids"]), want, "{name}/{} through up --workers 2", p["name"]);
+        }
+    }
+}

@@ -54,6 +54,31 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
+/// GPT-2 and BLOOM checkpoints saved from the base model (`GPT2Model`,
+/// `BloomModel`: `openai-community/gpt2`, `bigscience/bloom-560m` on the Hub)
+/// name their tensors `h.0.…`, `wte.weight`, `word_embeddings.weight` where
+/// the language-model class has `transformer.h.0.…`; transformers adds the
+/// base model's prefix when it loads them, and so does this. A checkpoint
+/// with any `transformer.` name, or without the base layers' `h.0.`, is left
+/// as it is.
+fn with_base_prefix(tensors: BTreeMap<String, TensorInfo>) -> BTreeMap<String, TensorInfo> {
+    const PREFIX: &str = "transformer.";
+    let base =
+        tensors.keys().any(|k| k.starts_with("h.0.")) && !tensors.keys().any(|k| k.starts_with(PREFIX));
+    if !base {
+        return tensors;
+    }
+    tensors
+        .into_values()
+        .map(|mut t| {
+            if !t.name.starts_with("lm_head.") {
+                t.name = format!("{PREFIX}{}", t.name);
+            }
+            (t.name.clone(), t)
+        })
+        .collect()
+}
+
 impl Checkpoint {
     /// Opens `dir/model.safetensors`, or the shards listed by
     /// `dir/model.safetensors.index.json`. Every file is opened through
@@ -93,7 +118,7 @@ impl Checkpoint {
             }
             files.push((path, mmap));
         }
-        Ok(Self { dir: dir.to_path_buf(), files, tensors })
+        Ok(Self { dir: dir.to_path_buf(), files, tensors: with_base_prefix(tensors) })
     }
 
     pub fn dir(&self) -> &Path {
