@@ -265,7 +265,7 @@ fn chat_model() -> tempfile::TempDir {
     let cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>",
-        "eos_token": {"content": "</s>", "lstrip": false, "normalized": false, "rstrip": false, "single_word": false},
+        "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": false, "normalized": false, "rstrip": false, "single_word": false},
         "chat_template": ZEPHYR,
     });
     std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).expect("tokenizer_config.json");
@@ -277,18 +277,8 @@ fn chat_matches_transformers_template_and_generate_chat_through_every_front() {
     let dir = chat_model();
     let path = dir.path().to_str().expect("utf-8").to_string();
     let n = TOKENS.to_string();
-    let want = run_json(&[
-        "generate",
-        "--model",
-        &path,
-        "--chat",
-        CHAT,
-        "--max-new-tokens",
-        &n,
-        "--ignore-eos",
-        "--json",
-    ])
-    .remove(0);
+    let chat_args = ["--chat", CHAT, "--max-new-tokens", &n, "--ignore-eos", "--json"];
+    let want = run_json(&[&["generate", "--model", &path][..], &chat_args].concat()).remove(0);
     let want_text = want["text"].as_str().expect("text").to_string();
 
     let mut c = Cluster::up(&["--model", &path, "--workers", "2", "--http-listen", "127.0.0.1:0"]);
@@ -326,18 +316,7 @@ fn chat_matches_transformers_template_and_generate_chat_through_every_front() {
     assert_eq!(got["image_part"]["status"], 400, "{got}");
 
     // gRPC: query --chat, rendered by the coordinator.
-    let q = run_json(&[
-        "query",
-        "--endpoint",
-        &c.endpoint,
-        "--chat",
-        CHAT,
-        "--max-new-tokens",
-        &n,
-        "--ignore-eos",
-        "--json",
-    ])
-    .remove(0);
+    let q = run_json(&[&["query", "--endpoint", &c.endpoint][..], &chat_args].concat()).remove(0);
     assert_eq!(q["prompt_token_ids"], want["prompt_token_ids"]);
     assert_eq!(q["token_ids"], want["token_ids"]);
 

@@ -37,7 +37,7 @@ impl Family<'_> {
         kind: &str,
         help: &str,
         s: &pb::ClusterStatusResponse,
-        f: impl Fn(&pb::WorkerStatus) -> f64,
+        f: fn(&pb::WorkerStatus) -> f64,
     ) {
         let samples: Vec<(Option<u64>, f64)> = s.workers.iter().map(|w| (Some(w.id), f(w))).collect();
         self.family(name, kind, help, &samples);
@@ -60,6 +60,48 @@ fn number(v: f64) -> String {
         "-Inf".into()
     }
 }
+
+/// Each worker's figures, labelled `worker`: name, type, help, value.
+type PerWorker = (&'static str, &'static str, &'static str, fn(&pb::WorkerStatus) -> f64);
+const PER_WORKER: [PerWorker; 9] = [
+    ("zeroshard_worker_active_sequences", "gauge", "Sequences generating on this worker.", |w| {
+        f64::from(w.active_sequences)
+    }),
+    (
+        "zeroshard_worker_gather_bytes_per_second",
+        "gauge",
+        "Bytes per second this worker received from peers, averaged over its gathers.",
+        |w| w.gather_bytes_per_s,
+    ),
+    ("zeroshard_worker_steps_total", "counter", "Forward steps this worker ran.", |w| w.steps_total as f64),
+    (
+        "zeroshard_worker_rejected_chunks_total",
+        "counter",
+        "Chunks this worker received that failed their checksum and were fetched again.",
+        |w| w.rejected_chunks_total as f64,
+    ),
+    (
+        "zeroshard_worker_gather_failovers_total",
+        "counter",
+        "Gathers of this worker served by a replica after the first holder failed.",
+        |w| w.failovers_total as f64,
+    ),
+    (
+        "zeroshard_worker_rejected_blocks_total",
+        "counter",
+        "Blocks this worker served that failed the checkpoint's digest at the receiver.",
+        |w| w.rejected_blocks_total as f64,
+    ),
+    ("zeroshard_worker_resident_bytes", "gauge", "Gathered layers this worker keeps alive.", |w| {
+        w.resident_bytes as f64
+    }),
+    ("zeroshard_worker_kv_reserved_bytes", "gauge", "KV-cache bytes reserved for admitted sequences.", |w| {
+        w.kv_reserved_bytes as f64
+    }),
+    ("zeroshard_worker_kv_cache_bytes", "gauge", "This worker's KV-cache budget.", |w| {
+        w.kv_cache_bytes as f64
+    }),
+];
 
 /// The cluster's gauges and counters for `model`, from `s` and the requests
 /// running now.
@@ -128,61 +170,9 @@ pub(super) fn cluster_text(s: &pb::ClusterStatusResponse, model: &str, in_flight
         "Sequences generating on the workers now.",
         s.workers.iter().map(|w| f64::from(w.active_sequences)).sum(),
     );
-    f.per_worker(
-        "zeroshard_worker_active_sequences",
-        "gauge",
-        "Sequences generating on this worker.",
-        s,
-        |w| f64::from(w.active_sequences),
-    );
-    f.per_worker(
-        "zeroshard_worker_gather_bytes_per_second",
-        "gauge",
-        "Bytes per second this worker received from peers, averaged over its gathers.",
-        s,
-        |w| w.gather_bytes_per_s,
-    );
-    f.per_worker("zeroshard_worker_steps_total", "counter", "Forward steps this worker ran.", s, |w| {
-        w.steps_total as f64
-    });
-    f.per_worker(
-        "zeroshard_worker_rejected_chunks_total",
-        "counter",
-        "Chunks this worker received that failed their checksum and were fetched again.",
-        s,
-        |w| w.rejected_chunks_total as f64,
-    );
-    f.per_worker(
-        "zeroshard_worker_gather_failovers_total",
-        "counter",
-        "Gathers of this worker served by a replica after the first holder failed.",
-        s,
-        |w| w.failovers_total as f64,
-    );
-    f.per_worker(
-        "zeroshard_worker_rejected_blocks_total",
-        "counter",
-        "Blocks this worker served that failed the checkpoint's digest at the receiver.",
-        s,
-        |w| w.rejected_blocks_total as f64,
-    );
-    f.per_worker(
-        "zeroshard_worker_resident_bytes",
-        "gauge",
-        "Gathered layers this worker keeps alive.",
-        s,
-        |w| w.resident_bytes as f64,
-    );
-    f.per_worker(
-        "zeroshard_worker_kv_reserved_bytes",
-        "gauge",
-        "KV-cache bytes reserved for admitted sequences.",
-        s,
-        |w| w.kv_reserved_bytes as f64,
-    );
-    f.per_worker("zeroshard_worker_kv_cache_bytes", "gauge", "This worker's KV-cache budget.", s, |w| {
-        w.kv_cache_bytes as f64
-    });
+    for (name, kind, help, value) in PER_WORKER {
+        f.per_worker(name, kind, help, s, value);
+    }
     out
 }
 
