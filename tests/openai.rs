@@ -312,7 +312,9 @@ fn chat_matches_transformers_template_and_generate_chat_through_every_front() {
         .as_u64()
         .expect("positions");
     assert_eq!(got["unlimited_finish_reason"], "length", "{got}");
-    assert_eq!(got["unlimited_usage"]["total_tokens"].as_u64(), Some(positions), "{got}");
+    // Every position holds a token fed to the model; the last token is sampled
+    // from the last position's logits and never fed back.
+    assert_eq!(got["unlimited_usage"]["total_tokens"].as_u64(), Some(positions + 1), "{got}");
     assert_eq!(got["image_part"]["status"], 400, "{got}");
 
     // gRPC: query --chat, rendered by the coordinator.
