@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The HTTP front against gRPC on one local cluster, in one run: starts
+# `up --http-listen`, runs `zeroshard bench-fronts` against both of its fronts,
+# stops the cluster. Extra arguments go to bench-fronts.
+#
+#   scripts/bench-fronts.sh [MODEL_DIR] [-- bench-fronts flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model="${1:-${ZEROSHARD_SHARED:-../shared}/models/stories260K}"
+shift || true
+[ "${1:-}" = "--" ] && shift
+cargo build --release --quiet
+bin=target/release/zeroshard
+out=$(mktemp)
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -f "$out"' EXIT
+"$bin" up --model "$model" --workers 2 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$out" 2>/dev/null &
+pid=$!
+for _ in $(seq 1 600); do
+  grep -q '^http ' "$out" && break
+  kill -0 "$pid" 2>/dev/null || { echo "bench-fronts.sh: up exited" >&2; exit 1; }
+  sleep 0.1
+done
+endpoint=$(awk '/^ready /{print $2; exit}' "$out")
+http=$(awk '/^http /{print $2; exit}' "$out")
+[ -n "$endpoint" ] && [ -n "$http" ] || { echo "bench-fronts.sh: no ready/http line from up" >&2; exit 1; }
+echo "cluster: $endpoint, HTTP front $http, model $(basename "$model"), 2 workers"
+"$bin" bench-fronts --endpoint "$endpoint" --http "$http" --model "$(basename "$model")" "$@"
