@@ -67,6 +67,11 @@ pub async fn serve_http(
         .route("/metrics", get(metrics_text))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", "no such route".into()) })
         .with_state(front);
+    // Each streamed event goes out at once: without TCP_NODELAY a small SSE
+    // write waits for the client's delayed ACK (~40 ms a token).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
