@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The HTTP front against gRPC on one local cluster, in one run: starts
 # `up --http-listen`, runs `zeroshard bench-fronts` against both of its fronts,
-# stops the cluster. Extra arguments go to bench-fronts.
+# stops the cluster. Extra arguments go to bench-fronts; UP_FLAGS to `up`
+# (UP_FLAGS=--insecure: plaintext gRPC, as the HTTP front is).
 #
 #   scripts/bench-fronts.sh [MODEL_DIR] [-- bench-fronts flags]
 set -euo pipefail
@@ -13,7 +14,8 @@ cargo build --release --quiet
 bin=target/release/zeroshard
 out=$(mktemp)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -f "$out"' EXIT
-"$bin" up --model "$model" --workers 2 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 >"$out" 2>/dev/null &
+# shellcheck disable=SC2086
+"$bin" up --model "$model" --workers 2 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 ${UP_FLAGS:-} >"$out" 2>/dev/null &
 pid=$!
 for _ in $(seq 1 600); do
   grep -q '^http ' "$out" && break
