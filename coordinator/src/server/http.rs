@@ -78,6 +78,15 @@ pub async fn serve_http(
         .map_err(|e| CoordinatorError::Unavailable(format!("HTTP front: {e}")))
 }
 
+/// An error answer: HTTP status, OpenAI error type, message.
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1, self.2)
+    }
+}
+
 /// OpenAI's error object.
 fn error(status: StatusCode, kind: &str, message: String) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
@@ -110,7 +119,7 @@ fn status_response(s: &Status) -> Response {
 }
 
 /// `Authorization: Bearer KEY` when the cluster has API keys.
-fn authorize(front: &Front, headers: &HeaderMap) -> std::result::Result<(), Response> {
+fn authorize(front: &Front, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
     let Some(keys) = front.coord.0.cfg.api_keys.as_ref() else { return Ok(()) };
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -120,9 +129,9 @@ fn authorize(front: &Front, headers: &HeaderMap) -> std::result::Result<(), Resp
     match presented.map(|k| keys.check(k)) {
         Some(Some(_)) => Ok(()),
         Some(None) => {
-            Err(error(StatusCode::UNAUTHORIZED, "authentication_error", "the API key is not valid".into()))
+            Err(ApiError(StatusCode::UNAUTHORIZED, "authentication_error", "the API key is not valid".into()))
         }
-        None => Err(error(
+        None => Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "authentication_error",
             "an API key is required: send `Authorization: Bearer KEY`".into(),
@@ -151,7 +160,7 @@ async fn metrics_text(State(front): State<Arc<Front>>) -> Response {
 
 async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&front, &headers) {
-        return r;
+        return r.into_response();
     }
     Json(json!({
         "object": "list",
@@ -470,17 +479,22 @@ struct Head {
 }
 
 /// Reads a JSON body as `T`, or the 400 saying why not.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> std::result::Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| invalid(format!("the request body is not a {what} request: {e}")))
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> std::result::Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("the request body is not a {what} request: {e}"),
+        )
+    })
 }
 
 /// A request naming another model: 404 as OpenAI answers.
-fn check_model(front: &Front, model: &str) -> std::result::Result<(), Response> {
+fn check_model(front: &Front, model: &str) -> std::result::Result<(), ApiError> {
     if model == front.model {
         return Ok(());
     }
-    Err(error(
+    Err(ApiError(
         StatusCode::NOT_FOUND,
         "not_found_error",
         format!("the model `{model}` does not exist: this server serves `{}`", front.model),
@@ -489,14 +503,14 @@ fn check_model(front: &Front, model: &str) -> std::result::Result<(), Response> 
 
 async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = authorize(&front, &headers) {
-        return r;
+        return r.into_response();
     }
     let req: CompletionRequest = match parse_body(&body, "completions") {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Err(r) = check_model(&front, &req.common.model) {
-        return r;
+        return r.into_response();
     }
     match req.to_generate() {
         Ok(g) => answer(&front, Shape::Completion, g, req.common.stream, req.common.include_usage()).await,
@@ -506,14 +520,14 @@ async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
 
 async fn chat_completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = authorize(&front, &headers) {
-        return r;
+        return r.into_response();
     }
     let req: ChatRequest = match parse_body(&body, "chat completions") {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Err(r) = check_model(&front, &req.common.model) {
-        return r;
+        return r.into_response();
     }
     let positions = u32::try_from(front.coord.0.config.max_position_embeddings).unwrap_or(u32::MAX);
     match req.to_generate(positions) {
