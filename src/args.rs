@@ -13,6 +13,12 @@ use zeroshard_worker::local::Device;
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Export tracing spans (one per request, one per worker step) over
+    /// OTLP/HTTP (protobuf) to this collector, e.g. http://127.0.0.1:4318
+    /// (`/v1/traces` is added when the URL has no path). Workers started by
+    /// `up` inherit OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

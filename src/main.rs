@@ -30,13 +30,19 @@ fn main() {
         Command::Up(_) | Command::Coordinator(_) | Command::Worker(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR")))
-        .init();
+    let service = match cli.command {
+        Command::Up(_) | Command::Coordinator(_) => "zeroshard-coordinator",
+        Command::Worker(_) => "zeroshard-worker",
+        _ => "zeroshard",
+    };
+    let ansi = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
+    let traces = match telemetry::init_logs(default_level, ansi, cli.otlp_endpoint.as_deref(), service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::exit(1);
+        }
+    };
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => run_bench(a),
@@ -49,6 +55,10 @@ fn main() {
         Command::Certs(c) => security::certs(c),
         Command::Launch(a) => launch::launch(a),
     };
+    // Spans still batched go out before the process ends.
+    if let Some(t) = traces {
+        let _ = t.shutdown();
+    }
     if let Err(e) = result {
         // One line: what failed and where (the error chain, outermost first).
         eprintln!("error: {}", one_line(&e));

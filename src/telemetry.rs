@@ -6,13 +6,65 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry_otlp::WithExportConfig as _;
 use tokio::net::TcpListener;
 use zeroshard_coordinator::server::RenderMetrics;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Logs to stderr (filtered by `RUST_LOG`, else `default_level`; coloured when
+/// `ansi`) and, with `otlp`, spans exported over OTLP/HTTP as `service`: the
+/// coordinator's and up's at info (a span per request), a worker's at debug
+/// (a span per step). Returns the exporter's provider, to flush at exit.
+pub(crate) fn init_logs(
+    default_level: &str,
+    ansi: bool,
+    otlp: Option<&str>,
+    service: &'static str,
+) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
+    let logs =
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
+    let Some(endpoint) = otlp.filter(|e| !e.is_empty()) else {
+        tracing_subscriber::registry().with(logs).init();
+        return Ok(None);
+    };
+    let url = traces_url(endpoint)?;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(url.clone())
+        .build()
+        .with_context(|| format!("--otlp-endpoint {endpoint}"))?;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
+        .build();
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("zeroshard"))
+        .with_filter(EnvFilter::new("zeroshard_coordinator=info,zeroshard_worker=debug,zeroshard=info"));
+    tracing_subscriber::registry().with(logs).with(spans).init();
+    Ok(Some(provider))
+}
+
+/// The collector's traces URL: `endpoint` as given when it has a path, else
+/// with OTLP/HTTP's `/v1/traces`.
+fn traces_url(endpoint: &str) -> Result<String> {
+    let Some(rest) = endpoint.strip_prefix("http://") else {
+        bail!("--otlp-endpoint {endpoint}: write http://HOST:PORT (OTLP over HTTP with protobuf; no TLS)");
+    };
+    Ok(match rest.split_once('/') {
+        Some((_, path)) if !path.is_empty() => endpoint.to_string(),
+        _ => format!("http://{}/v1/traces", rest.trim_end_matches('/')),
+    })
+}
 
 /// Latency buckets in seconds: 1 ms to 2 min.
 const SECONDS: [f64; 16] =
@@ -119,4 +171,17 @@ pub(crate) fn serve(listener: TcpListener) {
             tracing::warn!("--metrics-listen: {e}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::traces_url;
+
+    #[test]
+    fn the_traces_path_is_added_only_when_missing() {
+        assert_eq!(traces_url("http://c:4318").expect("ok"), "http://c:4318/v1/traces");
+        assert_eq!(traces_url("http://c:4318/").expect("ok"), "http://c:4318/v1/traces");
+        assert_eq!(traces_url("http://c:4318/otlp/v1/traces").expect("ok"), "http://c:4318/otlp/v1/traces");
+        assert!(traces_url("https://c:4318").expect_err("no TLS").to_string().contains("http://HOST:PORT"));
+    }
 }

@@ -476,3 +476,64 @@ fn a_worker_serves_its_own_metrics() {
     assert!(sample(&m, "zeroshard_gather_bytes_total", &[]) > 0.0, "{m}");
     assert!(sample(&m, "zeroshard_step_batch_size_count", &[]) >= 1.0, "{m}");
 }
+
+/// A stand-in OTLP/HTTP collector: answers every POST with an empty
+/// protobuf `ExportTraceServiceResponse` and keeps the request bodies.
+fn collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = bodies.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let keep = keep.clone();
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(conn);
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    keep.lock().expect("bodies").push(body);
+                    let ok = "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
+                    if r.get_mut().write_all(ok.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, bodies)
+}
+
+#[test]
+fn spans_reach_an_otlp_collector_from_the_coordinator_and_the_workers() {
+    let (url, bodies) = collector();
+    let mut cmd = common::bin();
+    cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &url);
+    let c = Cluster::up_with(cmd, &["--model", &stories(), "--workers", "2"]);
+    let n = TOKENS.to_string();
+    run_json(&["query", "--endpoint", &c.endpoint, "--prompt", PROMPT, "--max-new-tokens", &n, "--json"]);
+    // Stopping flushes what is still batched.
+    assert!(c.stop().success());
+    let bodies = bodies.lock().expect("bodies");
+    let has = |needle: &[u8]| bodies.iter().any(|b| b.windows(needle.len()).any(|w| w == needle));
+    assert!(!bodies.is_empty(), "the collector got nothing");
+    assert!(has(b"zeroshard-coordinator") && has(b"request"), "no request span from the coordinator");
+    assert!(has(b"zeroshard-worker") && has(b"step"), "no step span from a worker");
+    eprintln!("OTLP: {} exports, {} bytes", bodies.len(), bodies.iter().map(Vec::len).sum::<usize>());
+}
