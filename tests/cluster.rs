@@ -252,23 +252,15 @@ fn thirty_two_concurrent_streaming_clients_and_a_client_that_leaves() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn query");
-    let active = |s: &Value| -> u64 {
-        s["workers"]
-            .as_array()
-            .expect("workers")
-            .iter()
-            .map(|w| w["active_sequences"].as_u64().unwrap_or(0))
-            .sum()
-    };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while active(&status(&c.endpoint)) == 0 {
+    while common::active_sequences(&status(&c.endpoint)) == 0 {
         assert!(Instant::now() < deadline, "the long sequence never showed up in status");
         std::thread::sleep(Duration::from_millis(20));
     }
     leaver.kill().expect("kill client");
     let _ = leaver.wait();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while active(&status(&c.endpoint)) != 0 {
+    while common::active_sequences(&status(&c.endpoint)) != 0 {
         assert!(Instant::now() < deadline, "the departed client's sequence is still active");
         std::thread::sleep(Duration::from_millis(50));
     }

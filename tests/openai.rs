@@ -40,20 +40,16 @@ fn stories() -> String {
 
 /// What `generate` gives for `PROMPT`, greedy, ignoring EOS.
 fn generated() -> Value {
+    generated_with(&[])
+}
+
+/// [`generated`] with `extra` flags.
+fn generated_with(extra: &[&str]) -> Value {
     let dir = stories();
     let n = TOKENS.to_string();
-    run_json(&[
-        "generate",
-        "--model",
-        &dir,
-        "--prompt",
-        PROMPT,
-        "--max-new-tokens",
-        &n,
-        "--ignore-eos",
-        "--json",
-    ])
-    .remove(0)
+    let args =
+        ["generate", "--model", &dir, "--prompt", PROMPT, "--max-new-tokens", &n, "--ignore-eos", "--json"];
+    run_json(&[&args[..], extra].concat()).remove(0)
 }
 
 /// One HTTP/1.1 request on a fresh connection; (status, body).
@@ -119,21 +115,7 @@ fn the_openai_client_gets_what_generate_gives() {
     assert_eq!(got["stream_finish_reason"], "length");
     assert_eq!(got["stream_usage"], got["usage"], "include_usage");
     // A stop string cuts the text where `generate --stop` does.
-    let dir = stories();
-    let stopped = run_json(&[
-        "generate",
-        "--model",
-        &dir,
-        "--prompt",
-        PROMPT,
-        "--max-new-tokens",
-        "40",
-        "--ignore-eos",
-        "--stop",
-        " the",
-        "--json",
-    ])
-    .remove(0);
+    let stopped = generated_with(&["--stop", " the"]);
     assert_eq!(got["stop_text"], stopped["text"]);
     assert_eq!(got["stop_finish_reason"], "stop");
     // Errors in OpenAI's shape, with the right status.
@@ -198,17 +180,9 @@ fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("200"), "{}", String::from_utf8_lossy(&buf[..n]));
     drop(s);
     let left = Instant::now();
-    let active = |s: &Value| -> u64 {
-        s["workers"]
-            .as_array()
-            .expect("workers")
-            .iter()
-            .map(|w| w["active_sequences"].as_u64().unwrap_or(0))
-            .sum()
-    };
     loop {
         let s = run_json(&["status", "--endpoint", &c.endpoint, "--json"]).remove(0);
-        if active(&s) == 0 {
+        if common::active_sequences(&s) == 0 {
             break;
         }
         assert!(left.elapsed() < Duration::from_secs(10), "the abandoned stream still runs: {s}");

@@ -65,6 +65,16 @@ pub(crate) fn run_err(args: &[&str]) -> String {
     stderr
 }
 
+/// Sequences running on every worker, from `status --json`.
+pub(crate) fn active_sequences(status: &Value) -> u64 {
+    status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["active_sequences"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 pub(crate) fn ids_of(v: &Value) -> Vec<u32> {
     v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
