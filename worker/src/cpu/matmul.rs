@@ -4,19 +4,19 @@
 //! safetensors `nn.Linear` layout `[out_features, in_features]`. Weights are widened to f32
 //! exactly, activations stay f32 and sums are f32.
 //!
-//! Every product is a grid of dot products along `k` (both operands are contiguous along
-//! it). `kernel` walks the grid in two regimes:
-//! - decode (`n ≤ 4`): a GEMV that streams each weight row once, two long runs of rows side
-//!   by side, against all `n` activation rows at once; bound by memory bandwidth.
-//! - prefill and batches (`n > 4`): tiles of 4×6 (AVX-512) or 2×4 (AVX2) activation × weight
-//!   rows, the weight rows staying in L1 while every activation tile meets them; bound by
-//!   arithmetic.
+//! Two regimes, by the number of activation rows `n`:
+//! - decode (`n ≤ 4`, [`kernel::decode`]): a GEMV that streams each weight row once, two
+//!   long runs of rows side by side, dotted with all `n` activation rows at once; bound by
+//!   memory bandwidth.
+//! - prefill and batches (`n > 4`, [`gemm`]): activations packed once, weights widened
+//!   and transposed a cache-sized panel at a time, and a register-blocked outer-product
+//!   micro-kernel (4×24 on AVX2, 8×48 on AVX-512) over them; bound by arithmetic.
 //!
 //! The instruction set is detected once: AVX-512 (F/BW/VL), else AVX2 + FMA + F16C, else a
 //! portable scalar loop. `ZEROSHARD_CPU_ISA=avx2` (or `scalar`) caps the choice, to compare
 //! kernels or rule one out. Products of more than `PARALLEL_MIN_WORK` are split by weight
-//! rows over rayon's global pool; smaller ones run on the calling thread and allocate
-//! nothing.
+//! rows over rayon's global pool (each weight read once whatever `n`); smaller ones run on
+//! the calling thread.
 //!
 //! ```ignore
 //! // x: [n, k] f32, w: [m, k] f16, bias: [m] f16, out: [n, m] f32
@@ -30,6 +30,8 @@ use std::sync::OnceLock;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 mod kernel;
 mod out_cols;
 #[cfg(test)]
@@ -42,8 +44,12 @@ const PARALLEL_MIN_WORK: usize = 256 * 1024;
 /// Work each parallel task should have at least, so that scheduling stays negligible.
 const TASK_MIN_WORK: usize = 128 * 1024;
 
-/// Weight rows per parallel task are a multiple of this (of every tile and lane count).
-const TASK_ROW_MULTIPLE: usize = 24;
+/// Weight rows per parallel task are a multiple of this (of every panel and lane count).
+const TASK_ROW_MULTIPLE: usize = 48;
+
+/// Activation rows up to which a product is a GEMV (each weight row dotted with every
+/// activation row); more go through the packed GEMM.
+const DECODE_ROWS: usize = 4;
 
 /// `out[n, m] = x[n, k] · w[m, k]ᵀ (+ bias[m] if given)`.
 ///
@@ -113,7 +119,9 @@ impl Isa {
             {
                 isas.push(Isa::Avx2);
             }
-            if is_x86_feature_detected!("avx512f")
+            // The GEMM packs weights with AVX2 + F16C on every x86 instruction set.
+            if isas.contains(&Isa::Avx2)
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
             {
@@ -121,6 +129,62 @@ impl Isa {
             }
         }
         isas
+    }
+}
+
+/// The peak f32 arithmetic rate of this machine, in GFLOP/s: independent FMA chains of
+/// the kernels' instruction set, run on every thread of rayon's global pool at once for
+/// about `millis` milliseconds (best of three). The arithmetic bound of a product.
+pub fn peak_gflops(millis: u64) -> f64 {
+    let isa = Isa::detect();
+    // Flops of one round of `fma_chains` (12 vectors × lanes × 2), and the scalar loop's.
+    let (flops_per_iter, chains): (usize, fn(usize, f32) -> f32) = match isa {
+        // SAFETY: `Isa::Avx512` is only produced after detecting AVX-512.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => (12 * 16 * 2, |i, s| unsafe { avx512::fma_chains(i, s) }),
+        // SAFETY: `Isa::Avx2` is only produced after detecting AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => (12 * 8 * 2, |i, s| unsafe { avx2::fma_chains(i, s) }),
+        Isa::Scalar => (12 * 2, scalar_chains),
+    };
+    let threads = rayon::current_num_threads();
+    // Calibrate one thread's rounds per millisecond, then time every thread together.
+    let t = std::time::Instant::now();
+    std::hint::black_box(chains(100_000, 0.5));
+    let per_ms = (100_000.0 / (t.elapsed().as_secs_f64() * 1e3)).max(1.0);
+    let iters = (per_ms * millis as f64) as usize;
+    (0..3)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            std::hint::black_box(rayon::broadcast(|c| chains(iters, 0.5 + c.index() as f32 * 1e-3)));
+            (threads * iters * flops_per_iter) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// [`peak_gflops`]' chains in portable Rust: 12 independent multiply-adds per round.
+fn scalar_chains(iters: usize, seed: f32) -> f32 {
+    let mut acc = [seed; 12];
+    for _ in 0..iters {
+        for v in &mut acc {
+            *v = *v * 0.999 + seed;
+        }
+    }
+    acc.iter().sum()
+}
+
+impl Isa {
+    /// `x[n, k]` packed for this instruction set's GEMM (`None`: it has none).
+    fn pack_activations(self, x: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        use gemm::Gemm;
+        match self {
+            Isa::Scalar => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Some(gemm::pack_activations(x, n, k, avx2::Avx2::MR)),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Some(gemm::pack_activations(x, n, k, avx512::Avx512::MR)),
+        }
     }
 }
 
@@ -155,9 +219,10 @@ fn matmul_with(
         }
         return;
     }
+    let packed = (n > DECODE_ROWS).then(|| isa.pack_activations(x, n, k)).flatten();
     let task = |mut cols: OutCols<'_>| {
         let rows = &w[cols.start() * k..cols.end() * k];
-        window(isa, x, rows, &mut cols, k);
+        window(isa, x, packed.as_deref(), rows, &mut cols, k);
         if let Some(bias) = bias {
             add_bias(&bias[cols.start()..cols.end()], &mut cols);
         }
@@ -174,16 +239,24 @@ fn matmul_with(
     OutCols::split(out, n, m, width).into_par_iter().for_each(task);
 }
 
-/// `out = x · wᵀ` for the window's weight rows `w[width, k]`, on this thread.
-fn window(isa: Isa, x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize) {
-    match isa {
-        // SAFETY: `Isa::Avx512` is only produced after detecting AVX-512 F, BW and VL.
+/// `out = x · wᵀ` for the window's weight rows `w[width, k]`, on this thread: through the
+/// GEMM when the activations were packed for it, else the GEMV.
+fn window(isa: Isa, x: &[f32], packed: Option<&[f32]>, w: &[f16], out: &mut OutCols<'_>, k: usize) {
+    let n = x.len() / k;
+    match (isa, packed) {
+        // SAFETY (both AVX-512 arms): `Isa::Avx512` is only produced after detecting AVX-512
+        // F, BW and VL, as well as AVX2, FMA and F16C.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::matmul(x, w, out, k) },
-        // SAFETY: `Isa::Avx2` is only produced after detecting AVX2, FMA and F16C.
+        (Isa::Avx512, Some(p)) => unsafe { gemm::gemm::<avx512::Avx512>(p, n, w, out, k) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::matmul(x, w, out, k) },
-        Isa::Scalar => scalar(x, w, out, k),
+        (Isa::Avx512, None) => unsafe { avx512::decode(x, w, out, k) },
+        // SAFETY (both AVX2 arms): `Isa::Avx2` is only produced after detecting AVX2, FMA and
+        // F16C.
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, Some(p)) => unsafe { gemm::gemm::<avx2::Avx2>(p, n, w, out, k) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, None) => unsafe { avx2::decode(x, w, out, k) },
+        (Isa::Scalar, _) => scalar(x, w, out, k),
     }
 }
 

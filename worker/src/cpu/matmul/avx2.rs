@@ -1,4 +1,5 @@
 //! AVX2 + FMA + F16C kernels (x86-64 from Haswell and Zen 1 on).
+use super::gemm::{microkernel, Gemm};
 use super::kernel::{self, Dots};
 use super::OutCols;
 use half::f16;
@@ -7,11 +8,12 @@ use std::arch::x86_64::*;
 /// Eight f32 lanes per vector; weights widened with `vcvtph2ps`.
 pub(super) struct Avx2;
 
-/// `out = x · wᵀ` over the window, with tile shapes chosen for 16 vector registers.
+/// `out = x · wᵀ` over the window for up to four activation rows (decode), with shapes
+/// chosen for 16 vector registers.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
-pub(super) unsafe fn matmul(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize) {
+pub(super) unsafe fn decode(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize) {
     // SAFETY (every arm): the caller guarantees the instruction set.
     unsafe {
         match x.len() / k {
@@ -19,9 +21,108 @@ pub(super) unsafe fn matmul(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usiz
             2 => kernel::decode::<Avx2, 2, 2, 2>(x, w, out, k),
             3 => kernel::decode::<Avx2, 3, 2, 1>(x, w, out, k),
             4 => kernel::decode::<Avx2, 4, 2, 1>(x, w, out, k),
-            _ => kernel::tiled::<Avx2, 2, 4, 1>(x, w, out, k),
+            n => unreachable!("decode of {n} rows: more than four go through the GEMM"),
         }
     }
+}
+
+microkernel! {
+    /// The AVX2 micro-kernel: `MR × 8·NV` accumulators in `ymm` registers.
+    tile, "avx2,fma,f16c", __m256, 8,
+    zero: _mm256_setzero_ps, load: _mm256_loadu_ps, splat: _mm256_set1_ps,
+    fma: _mm256_fmadd_ps, store: _mm256_storeu_ps
+}
+
+/// 4 × 24: twelve accumulators, three weight vectors and one broadcast fill the 16
+/// registers; four rows split batches of 8 and 32 with no padding.
+impl Gemm for Avx2 {
+    const MR: usize = 4;
+    const NR: usize = 24;
+    const KC: usize = 256;
+
+    #[inline]
+    unsafe fn tile(a: &[f32], b: &[f32], kc: usize, c: &mut [f32]) {
+        // SAFETY: the caller guarantees the instruction set and the operand lengths.
+        unsafe { tile::<4, 3>(a, b, kc, c) }
+    }
+}
+
+/// Packs `panel[kk][r] = w[r, pc + kk]` widened to f32, for `kk < kc` and `r < nr`, from the
+/// first `rows` rows of `w[.., k]` (rows from `rows` to `nr` are zero).
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn pack_panel(
+    w: &[f16],
+    k: usize,
+    rows: usize,
+    nr: usize,
+    pc: usize,
+    kc: usize,
+    panel: &mut [f32],
+) {
+    assert!(
+        nr % 8 == 0 && rows <= nr && w.len() >= rows * k && pc + kc <= k && panel.len() >= kc * nr,
+        "pack_panel: {rows} rows of {k} into [{kc}][{nr}] from column {pc}"
+    );
+    let src = w.as_ptr().cast::<u16>();
+    let dst = panel.as_mut_ptr();
+    for r0 in (0..nr).step_by(8) {
+        let mut kk = 0;
+        if r0 + 8 <= rows {
+            while kk + 8 <= kc {
+                // SAFETY: rows `r0..r0 + 8 <= rows` and columns `pc + kk..pc + kk + 8 <= k`
+                // lie inside `w`.
+                let v: [__m256; 8] = std::array::from_fn(|q| unsafe {
+                    _mm256_cvtph_ps(_mm_loadu_si128(src.add((r0 + q) * k + pc + kk).cast()))
+                });
+                for (c, t) in transpose8(v).into_iter().enumerate() {
+                    // SAFETY: `(kk + c) * nr + r0 + 8 <= kc * nr <= panel.len()`.
+                    unsafe { _mm256_storeu_ps(dst.add((kk + c) * nr + r0), t) };
+                }
+                kk += 8;
+            }
+        }
+        for kk in kk..kc {
+            for q in 0..8 {
+                let r = r0 + q;
+                panel[kk * nr + r] = if r < rows { w[r * k + pc + kk].to_f32() } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// The transpose of an 8 × 8 block held as eight rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 impl Dots for Avx2 {
@@ -98,4 +199,24 @@ fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
+}
+
+/// `iters` rounds of 12 independent 8-lane FMA chains (192 flops each): the peak rate of
+/// the FMA units, with latency hidden.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn fma_chains(iters: usize, seed: f32) -> f32 {
+    let (a, b) = (_mm256_set1_ps(seed), _mm256_set1_ps(0.999));
+    let mut acc = [_mm256_set1_ps(seed); 12];
+    for _ in 0..iters {
+        for v in &mut acc {
+            *v = _mm256_fmadd_ps(*v, b, a);
+        }
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: `out` holds 8 floats.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc.iter().fold(a, |s, v| _mm256_add_ps(s, *v))) };
+    out[0]
 }

@@ -1,4 +1,5 @@
 //! AVX-512 kernels (x86-64 with AVX-512 F/BW/VL: Zen 4 and later, Intel server cores).
+use super::gemm::{microkernel, Gemm};
 use super::kernel::{self, Dots};
 use super::OutCols;
 use half::f16;
@@ -7,11 +8,12 @@ use std::arch::x86_64::*;
 /// Sixteen f32 lanes per vector and 32 registers; the tail of a row is a masked load.
 pub(super) struct Avx512;
 
-/// `out = x · wᵀ` over the window, with tile shapes chosen for 32 vector registers.
+/// `out = x · wᵀ` over the window for up to four activation rows (decode), with shapes
+/// chosen for 32 vector registers.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VL.
-pub(super) unsafe fn matmul(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize) {
+pub(super) unsafe fn decode(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize) {
     // SAFETY (every arm): the caller guarantees the instruction set.
     unsafe {
         match x.len() / k {
@@ -19,8 +21,29 @@ pub(super) unsafe fn matmul(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usiz
             2 => kernel::decode::<Avx512, 2, 2, 2>(x, w, out, k),
             3 => kernel::decode::<Avx512, 3, 2, 2>(x, w, out, k),
             4 => kernel::decode::<Avx512, 4, 2, 2>(x, w, out, k),
-            _ => kernel::tiled::<Avx512, 4, 6, 1>(x, w, out, k),
+            n => unreachable!("decode of {n} rows: more than four go through the GEMM"),
         }
+    }
+}
+
+microkernel! {
+    /// The AVX-512 micro-kernel: `MR × 16·NV` accumulators in `zmm` registers.
+    tile, "avx512f,avx512bw,avx512vl", __m512, 16,
+    zero: _mm512_setzero_ps, load: _mm512_loadu_ps, splat: _mm512_set1_ps,
+    fma: _mm512_fmadd_ps, store: _mm512_storeu_ps
+}
+
+/// 8 × 48: 24 accumulators, three weight vectors and one broadcast of the 32 registers;
+/// eight rows split batches of 8 and 32 with no padding.
+impl Gemm for Avx512 {
+    const MR: usize = 8;
+    const NR: usize = 48;
+    const KC: usize = 128;
+
+    #[inline]
+    unsafe fn tile(a: &[f32], b: &[f32], kc: usize, c: &mut [f32]) {
+        // SAFETY: the caller guarantees the instruction set and the operand lengths.
+        unsafe { tile::<8, 3>(a, b, kc, c) }
     }
 }
 
@@ -85,4 +108,21 @@ unsafe fn dots<const N: usize, const R: usize, const U: usize>(
     acc.map(|acc_i| {
         acc_i.map(|a| _mm512_reduce_add_ps(a.iter().fold(_mm512_setzero_ps(), |s, p| _mm512_add_ps(s, *p))))
     })
+}
+
+/// `iters` rounds of 12 independent 16-lane FMA chains (384 flops each): the peak rate of
+/// the FMA units, with latency hidden.
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn fma_chains(iters: usize, seed: f32) -> f32 {
+    let (a, b) = (_mm512_set1_ps(seed), _mm512_set1_ps(0.999));
+    let mut acc = [_mm512_set1_ps(seed); 12];
+    for _ in 0..iters {
+        for v in &mut acc {
+            *v = _mm512_fmadd_ps(*v, b, a);
+        }
+    }
+    _mm512_reduce_add_ps(acc.iter().fold(a, |s, v| _mm512_add_ps(s, *v)))
 }

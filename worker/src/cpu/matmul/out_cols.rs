@@ -59,6 +59,15 @@ impl<'a> OutCols<'a> {
         unsafe { *self.base.add(at) = v };
     }
 
+    /// The window's part of row `i`: `out[i, start..end]`.
+    #[inline(always)]
+    pub(super) fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.n, "OutCols: row {i} outside a window of {} rows", self.n);
+        // SAFETY: the columns `start..end` of row `i` lie in this window, which `&mut self`
+        // borrows exclusively; `base` points at `n * m` elements alive for `'a`.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(i * self.m + self.start), self.end - self.start) }
+    }
+
     /// `out[i, start + j] += v`.
     #[inline(always)]
     pub(super) fn add(&mut self, i: usize, j: usize, v: f32) {
