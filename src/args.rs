@@ -623,6 +623,11 @@ pub(crate) struct BenchArgs {
     /// `llama:hidden=1024,layers=16,heads=16,kv_heads=4,ffn=2816,vocab=32000`.
     #[arg(long)]
     pub synthetic: Option<String>,
+    /// Write the `--synthetic` model as a checkpoint folder (config.json,
+    /// model.safetensors) here and exit: the same weights `bench --synthetic` computes
+    /// with, for another engine to load.
+    #[arg(long, value_name = "DIR", requires = "synthetic")]
+    pub write_checkpoint: Option<PathBuf>,
     /// Comma-separated batch sizes.
     #[arg(long, default_value = "1,8,32")]
     pub batch: String,

@@ -172,6 +172,14 @@ fn gpu_options(p: &args::PlacementArgs) -> GpuOptions {
 
 fn run_bench(mut a: BenchArgs) -> Result<()> {
     a.model = a.model.as_deref().map(hub::resolve).transpose()?;
+    if let (Some(dir), Some(spec)) = (&a.write_checkpoint, &a.synthetic) {
+        let config = zeroshard_offload::synthetic::synthetic_config(spec)?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--write-checkpoint: creating {}", dir.display()))?;
+        let bytes = zeroshard_offload::synthetic::write_synthetic_checkpoint(&config, dir)?;
+        println!("wrote a {:.1} MB checkpoint of {spec} to {}", bytes as f64 / 1e6, dir.display());
+        return Ok(());
+    }
     if a.workers > 0 {
         return cluster::bench(a);
     }
@@ -199,14 +207,19 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
         a.prompt_len,
         a.new_tokens
     );
-    let (bw, streamed) = match engine {
+    let (bw, streamed, peak) = match engine {
         AnyEngine::Cpu(_) => {
             let bw = bench::measure_bandwidth();
             println!(
                 "memory bandwidth: memcpy {:.1} GB/s (1 thread) · read {:.1} GB/s (all threads; the bound below)",
                 bw.memcpy_gbs, bw.read_gbs
             );
-            (bw, bench::Streamed::default())
+            let peak = zeroshard_worker::cpu::matmul::peak_gflops(200);
+            println!(
+                "arithmetic peak: {peak:.1} GFLOP/s f32 FMA (all threads; the FLOP bound below) · {:.3} GFLOP per token in products",
+                bench::matmul_flops_per_token(engine.config()) / 1e9
+            );
+            (bw, bench::Streamed::default(), peak)
         }
         AnyEngine::Cuda(e) => {
             let (dtod, htod) = e.backend().copy_bandwidth()?;
@@ -218,26 +231,36 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
                 "device copy bandwidth {dtod:.0} GB/s (read + write; the bound below) · pinned host→device {htod:.1} GB/s"
             );
             let bw = bench::Bandwidth { memcpy_gbs: dtod, read_gbs: dtod };
-            (bw, bench::Streamed { bytes_per_step: placed.streamed_bytes_per_step, h2d_gbs: htod })
+            (bw, bench::Streamed { bytes_per_step: placed.streamed_bytes_per_step, h2d_gbs: htod }, 0.0)
         }
     };
     let rows = match engine {
-        AnyEngine::Cpu(e) => bench_rows(e, &batches, &a, bw, streamed)?,
-        AnyEngine::Cuda(e) => bench_rows(e, &batches, &a, bw, streamed)?,
+        AnyEngine::Cpu(e) => bench_rows(e, &batches, &a, bw, streamed, peak)?,
+        AnyEngine::Cuda(e) => bench_rows(e, &batches, &a, bw, streamed, peak)?,
     };
     println!(
-        "{:>5} {:>14} {:>13} {:>14} {:>14} {:>14}",
-        "batch", "prefill tok/s", "decode tok/s", "step ms", "MB read/step", "of bw bound"
+        "{:>5} {:>14} {:>13} {:>10} {:>13} {:>12} {:>16} {:>15}",
+        "batch",
+        "prefill tok/s",
+        "decode tok/s",
+        "step ms",
+        "MB read/step",
+        "of bw bound",
+        "prefill of FLOPs",
+        "decode of FLOPs"
     );
+    let of_peak = |r: f64| if peak > 0.0 { format!("{r:.2}") } else { "-".into() };
     for r in &rows {
         println!(
-            "{:>5} {:>14.0} {:>13.1} {:>14.3} {:>14.2} {:>14.2}",
+            "{:>5} {:>14.0} {:>13.1} {:>10.3} {:>13.2} {:>12.2} {:>16} {:>15}",
             r.batch,
             r.prefill_tokens_per_s,
             r.decode_tokens_per_s,
             r.decode_step_ms,
             r.bytes_per_step as f64 / 1e6,
-            r.bound_ratio
+            r.bound_ratio,
+            of_peak(r.prefill_flops_ratio),
+            of_peak(r.decode_flops_ratio),
         );
     }
     if streamed.bytes_per_step > 0 {
@@ -258,6 +281,7 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
             "backend": engine.backend_name(),
             "weight_bytes": weight_bytes,
             "bound_gbs": bw.read_gbs,
+            "peak_gflops": peak,
             "pinned_h2d_gbs": streamed.h2d_gbs,
             "streamed_bytes_per_step": streamed.bytes_per_step,
             "placement": placed.gpu_summary,
@@ -274,8 +298,9 @@ fn bench_rows<B: Backend>(
     a: &BenchArgs,
     bw: bench::Bandwidth,
     streamed: bench::Streamed,
+    peak_gflops: f64,
 ) -> Result<Vec<bench::BenchRow>> {
-    Ok(bench::run(e, batches, a.prompt_len, a.new_tokens, bw, streamed)?)
+    Ok(bench::run(e, batches, a.prompt_len, a.new_tokens, bw, streamed, peak_gflops)?)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use half::f16;
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use zeroshard_worker::cpu::matmul::matmul_f16;
+use zeroshard_worker::cpu::matmul::{matmul_f16, peak_gflops};
 
 /// (k = in_features, m = out_features)
 const SHAPES: [(usize, usize); 5] = [(1024, 1024), (1024, 2816), (2816, 1024), (1024, 32000), (64, 172)];
@@ -27,6 +27,8 @@ fn main() {
     let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a one-thread pool");
     let threads = rayon::current_num_threads();
     memory_baseline(&single);
+    println!("# FMA peak, 1 thread: {:.1} GFLOP/s", single.install(|| peak_gflops(100)));
+    println!("# FMA peak, pool: {:.1} GFLOP/s", peak_gflops(100));
     println!(
         "{:>3} {:>5} {:>6} {:>5} {:>16} {:>10} {:>8} {:>8}",
         "n", "k", "m", "w", "threads", "us/call", "GB/s", "GFLOP/s"

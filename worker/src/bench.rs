@@ -35,6 +35,24 @@ pub fn decode_bytes_per_step(config: &ModelConfig, batch: usize) -> usize {
         .sum()
 }
 
+/// Multiply-add flops (2 per weight) of the products one token costs: every matrix of
+/// every layer, and the head (`vocab × hidden`, tied or not).
+pub fn matmul_flops_per_token(config: &ModelConfig) -> f64 {
+    let layers: usize = tensor_specs(config)
+        .iter()
+        .filter(|s| s.layer.is_some() && s.shape.len() == 2)
+        .map(|s| s.numel())
+        .sum();
+    2.0 * (layers + config.vocab_size * config.hidden_size) as f64
+}
+
+/// Attention flops (scores and the weighted sum of values, 4 per key per query channel)
+/// of `batch` sequences each computing positions `from..to`.
+pub fn attention_flops(config: &ModelConfig, batch: usize, from: usize, to: usize) -> f64 {
+    let keys: usize = (from..to).map(|p| config.sliding_window.map_or(p + 1, |w| (p + 1).min(w))).sum();
+    4.0 * (batch * keys * config.num_heads * config.head_dim * config.num_layers) as f64
+}
+
 /// Measured host memory bandwidth.
 #[derive(Clone, Copy, Debug)]
 pub struct Bandwidth {
@@ -77,6 +95,10 @@ pub struct BenchRow {
     pub bytes_per_step: usize,
     /// Decode tokens/s over the bandwidth bound (`batch · read_gbs / bytes_per_step`).
     pub bound_ratio: f64,
+    /// Achieved GFLOP/s (products and attention) over the measured arithmetic peak, in the
+    /// prefill and in decode (0 when no peak was measured).
+    pub prefill_flops_ratio: f64,
+    pub decode_flops_ratio: f64,
     /// Host → device bytes per decode step (layers streamed to a GPU), and the
     /// step time they bound: `streamed_bytes_per_step / pinned host → device bandwidth`.
     pub streamed_bytes_per_step: u64,
@@ -92,6 +114,7 @@ pub fn run<B: Backend>(
     new_tokens: usize,
     bw: Bandwidth,
     streamed: Streamed,
+    peak_gflops: f64,
 ) -> Result<Vec<BenchRow>> {
     let c = engine.config();
     let params = GenerationParams {
@@ -121,6 +144,13 @@ pub fn run<B: Backend>(
         let bytes = decode_bytes_per_step(c, batch);
         let decode_tps = (batch * new_tokens) as f64 / decode_s;
         let bound = batch as f64 * bw.read_gbs * 1e9 / bytes as f64;
+        let per_token = matmul_flops_per_token(c);
+        let prefill_flops =
+            (batch * prompt_len) as f64 * per_token + attention_flops(c, batch, 0, prompt_len);
+        let decode_flops = (batch * new_tokens) as f64 * per_token
+            + attention_flops(c, batch, prompt_len, prompt_len + new_tokens);
+        let of_peak =
+            |flops: f64, secs: f64| if peak_gflops > 0.0 { flops / secs / 1e9 / peak_gflops } else { 0.0 };
         rows.push(BenchRow {
             batch,
             prefill_tokens_per_s: (batch * prompt_len) as f64 / prefill_s,
@@ -128,6 +158,8 @@ pub fn run<B: Backend>(
             decode_step_ms: decode_s * 1e3 / new_tokens as f64,
             bytes_per_step: bytes,
             bound_ratio: decode_tps / bound,
+            prefill_flops_ratio: of_peak(prefill_flops, prefill_s),
+            decode_flops_ratio: of_peak(decode_flops, decode_s),
             streamed_bytes_per_step: streamed.bytes_per_step,
             streamed_bound_ms: if streamed.h2d_gbs > 0.0 {
                 streamed.bytes_per_step as f64 / (streamed.h2d_gbs * 1e9) * 1e3

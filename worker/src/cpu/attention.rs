@@ -1,12 +1,30 @@
 //! Causal grouped-query attention over each sequence's KV cache (CPU).
 use rayon::prelude::*;
 
-use super::{ops, CpuKvCache, CpuTensor, PARALLEL_MIN_WORK};
+use super::{CpuKvCache, CpuTensor, PARALLEL_MIN_WORK};
 use crate::backend::{AttentionShape, BatchLayout};
+
+/// Keys scored at a time per query row and head: the scores of a long prompt are never
+/// held for all positions at once.
+const KEY_BLOCK: usize = 64;
+
+/// Σ a·b with eight partial sums, which the compiler keeps in vector registers.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_tail) = b.split_at(a8.len());
+    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
+}
 
 /// Appends this step's `k`, `v` (`[rows, kv_dim]`) to the caches, then computes
 /// `softmax(q·kᵀ / √d + slope_h · j) · v` per head over key positions
-/// `j ∈ 0..=pos` (or the sliding window) of the row's own sequence; the ALiBi term
+/// `j ∈ 0..=pos` (or the sliding window) of the row's own sequence, [`KEY_BLOCK`] keys at a
+/// time with an online softmax; the ALiBi term
 /// is there only with `shape.alibi_slopes` (as BLOOM's `baddbmm`: scaled score plus
 /// `slope · j`, `j` the absolute key position). Returns `[rows, heads * head_dim]`.
 pub(super) fn attention(
@@ -47,26 +65,41 @@ pub(super) fn attention(
         let (s, pos) = row_info[r];
         let lo = shape.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let (ck, cv) = (&caches[s].k[layer], &caches[s].v[layer]);
-        let mut scores = vec![0f32; pos + 1 - lo];
+        let mut scores = [0f32; KEY_BLOCK];
         for h in 0..shape.num_heads {
             let qh = &q.data[r * q_dim + h * hd..r * q_dim + (h + 1) * hd];
             let kvh = (h / group) * hd;
-            for (j, sc) in (lo..=pos).zip(scores.iter_mut()) {
-                let kj = &ck[j * kv_dim + kvh..j * kv_dim + kvh + hd];
-                *sc = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-            }
-            if let Some(slopes) = shape.alibi_slopes {
-                let slope = slopes[h];
-                for (j, sc) in (lo..=pos).zip(scores.iter_mut()) {
-                    *sc += slope * j as f32;
+            let slope = shape.alibi_slopes.map(|s| s[h]);
+            let oh = &mut o[h * hd..(h + 1) * hd];
+            // Online softmax over blocks of keys: `max` is the largest score so far and
+            // `sum` the sum of exp(score - max); `oh` holds Σ exp(score - max) · v.
+            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+            for j0 in (lo..=pos).step_by(KEY_BLOCK) {
+                let keys = j0..(j0 + KEY_BLOCK).min(pos + 1);
+                let block = &mut scores[..keys.len()];
+                for (j, sc) in keys.clone().zip(block.iter_mut()) {
+                    *sc = dot(qh, &ck[j * kv_dim + kvh..j * kv_dim + kvh + hd]) * scale;
+                    if let Some(slope) = slope {
+                        *sc += slope * j as f32;
+                    }
+                }
+                let block_max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if block_max > max {
+                    // Rescale what was summed under the old maximum (nothing, the first time).
+                    let fix = (max - block_max).exp();
+                    sum *= fix;
+                    oh.iter_mut().for_each(|a| *a *= fix);
+                    max = block_max;
+                }
+                for (j, sc) in keys.zip(block.iter()) {
+                    let p = (sc - max).exp();
+                    sum += p;
+                    let vj = &cv[j * kv_dim + kvh..j * kv_dim + kvh + hd];
+                    oh.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
                 }
             }
-            ops::softmax(&mut scores);
-            let oh = &mut o[h * hd..(h + 1) * hd];
-            for (j, p) in (lo..=pos).zip(&scores) {
-                let vj = &cv[j * kv_dim + kvh..j * kv_dim + kvh + hd];
-                oh.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
-            }
+            let inv = 1.0 / sum;
+            oh.iter_mut().for_each(|a| *a *= inv);
         }
     };
     if work >= PARALLEL_MIN_WORK && q.rows > 1 || work >= 4 * PARALLEL_MIN_WORK {
@@ -115,6 +148,62 @@ mod tests {
         // Row 1, head 0: keys 0 and 1 weighed 1 : 2.
         let r1 = [1.0 / 3.0, 2.0 / 3.0];
         assert!(out.row(1)[..2].iter().zip(r1).all(|(a, e)| (a - e).abs() < 1e-6), "{:?}", out.row(1));
+    }
+
+    #[test]
+    fn blocked_online_softmax_matches_the_direct_formula() {
+        // 150 positions (three key blocks, the last partial), 4 query heads over 2 kv heads,
+        // a sliding window of 100, and scores large enough that an unstable softmax overflows.
+        let (rows, heads, kv_heads, hd) = (150, 4, 2, 5);
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let q = CpuTensor::new((0..rows * heads * hd).map(|_| 30.0 * next()).collect(), rows, heads * hd);
+        let k = CpuTensor::new((0..rows * kv_heads * hd).map(|_| next()).collect(), rows, kv_heads * hd);
+        let v = CpuTensor::new((0..rows * kv_heads * hd).map(|_| next()).collect(), rows, kv_heads * hd);
+        for window in [None, Some(100)] {
+            let shape = AttentionShape {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: hd,
+                sliding_window: window,
+                alibi_slopes: None,
+            };
+            let mut cache = CpuKvCache { kv_dim: kv_heads * hd, k: vec![vec![]], v: vec![vec![]] };
+            let out = attention(&q, &k, &v, &mut [&mut cache], 0, &BatchLayout::new([(rows, 0)]), shape);
+            for pos in [0, 63, 64, 99, 100, 149] {
+                for h in 0..heads {
+                    let kvh = h / (heads / kv_heads);
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let s: Vec<f64> = (lo..=pos)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| {
+                                    f64::from(q.row(pos)[h * hd + d]) * f64::from(k.row(j)[kvh * hd + d])
+                                })
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                    let total: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        let want: f64 = (lo..=pos)
+                            .zip(&e)
+                            .map(|(j, p)| p / total * f64::from(v.row(j)[kvh * hd + d]))
+                            .sum();
+                        let got = f64::from(out.row(pos)[h * hd + d]);
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "window {window:?} pos {pos} head {h} dim {d}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -65,7 +65,9 @@ impl<'a> OutCols<'a> {
         assert!(i < self.n, "OutCols: row {i} outside a window of {} rows", self.n);
         // SAFETY: the columns `start..end` of row `i` lie in this window, which `&mut self`
         // borrows exclusively; `base` points at `n * m` elements alive for `'a`.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(i * self.m + self.start), self.end - self.start) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.base.add(i * self.m + self.start), self.end - self.start)
+        }
     }
 
     /// `out[i, start + j] += v`.
