@@ -243,6 +243,17 @@ pub(crate) struct PlacementArgs {
     /// Layers copied to the device, or gathered from peers, ahead of the one computing.
     #[arg(long, default_value_t = 2, env = "ZEROSHARD_PREFETCH_LAYERS")]
     pub prefetch_layers: usize,
+    /// CPU compute threads (default: one per core this process may run on; `up` and
+    /// `bench --workers N` give each of their N local CPU workers an equal share).
+    #[arg(long, env = "ZEROSHARD_THREADS", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub threads: Option<u64>,
+}
+
+impl PlacementArgs {
+    /// Sizes this process's compute pool from `--threads` (before any engine exists).
+    pub(crate) fn apply_threads(&self) {
+        zeroshard_worker::engine::set_compute_threads(self.threads.map(|t| t as usize));
+    }
 }
 
 /// How a cluster worker gathers from its peers.
@@ -291,7 +302,7 @@ impl WorkerTuning {
     /// not carried fails it.
     pub(crate) fn to_args(&self, cuda: Option<usize>) -> Vec<String> {
         let WorkerTuning {
-            placement: PlacementArgs { device: _, gpu_memory, max_live_bytes, prefetch_layers },
+            placement: PlacementArgs { device: _, gpu_memory, max_live_bytes, prefetch_layers, threads },
             gather: GatherArgs { prefetch_bytes, fetch_timeout_ms },
             admission: AdmissionArgs { kv_cache_bytes, max_active_sequences },
         } = self;
@@ -305,6 +316,19 @@ impl WorkerTuning {
         args.extend(gpu_memory.map(|b| format!("--gpu-memory={b}")));
         args.extend(max_live_bytes.map(|b| format!("--max-live-bytes={b}")));
         args.extend(kv_cache_bytes.map(|b| format!("--kv-cache-bytes={b}")));
+        args.extend(threads.map(|t| format!("--threads={t}")));
+        args
+    }
+
+    /// [`Self::to_args`] for `workers` CPU workers sharing this host: without
+    /// `--threads`, each gets an equal share of this process's cores, so that their
+    /// compute pools together never outnumber the cores.
+    pub(crate) fn to_local_args(&self, cuda: Option<usize>, workers: usize) -> Vec<String> {
+        let mut args = self.to_args(cuda);
+        if self.placement.threads.is_none() && cuda.is_none() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            args.push(format!("--threads={}", (cores / workers.max(1)).max(1)));
+        }
         args
     }
 }
@@ -712,6 +736,7 @@ mod tests {
                 gpu_memory: Some(7 << 30),
                 max_live_bytes: Some(123_456),
                 prefetch_layers: 5,
+                threads: Some(3),
             },
             gather: GatherArgs { prefetch_bytes: 9 << 20, fetch_timeout_ms: 777 },
             admission: AdmissionArgs { kv_cache_bytes: Some(5 << 30), max_active_sequences: 17 },
@@ -724,7 +749,12 @@ mod tests {
         assert_eq!(w.tuning, tuning);
         // Unset options stay unset, and the resolved device is what is passed.
         let plain = WorkerTuning {
-            placement: PlacementArgs { gpu_memory: None, max_live_bytes: None, ..tuning.placement.clone() },
+            placement: PlacementArgs {
+                gpu_memory: None,
+                max_live_bytes: None,
+                threads: None,
+                ..tuning.placement.clone()
+            },
             admission: AdmissionArgs { kv_cache_bytes: None, ..tuning.admission.clone() },
             ..tuning
         };
@@ -737,5 +767,25 @@ mod tests {
             w.tuning,
             WorkerTuning { placement: PlacementArgs { device: Device::Cpu, ..plain.placement }, ..plain }
         );
+    }
+
+    #[test]
+    fn local_cpu_workers_share_the_cores() {
+        let Command::Up(up) =
+            Cli::try_parse_from(["zeroshard", "up", "--model=m", "--workers=2"]).expect("parses").command
+        else {
+            panic!("not the up command")
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let share = format!("--threads={}", (cores / 2).max(1));
+        assert!(up.tuning.to_local_args(None, 2).contains(&share));
+        // CUDA workers, and a --threads given, are left alone.
+        assert!(!up.tuning.to_local_args(Some(0), 2).iter().any(|a| a.starts_with("--threads")));
+        let given = WorkerTuning {
+            placement: PlacementArgs { threads: Some(5), ..up.tuning.placement.clone() },
+            ..up.tuning.clone()
+        };
+        let args = given.to_local_args(None, 2);
+        assert_eq!(args.iter().filter(|a| a.starts_with("--threads")).collect::<Vec<_>>(), ["--threads=5"]);
     }
 }

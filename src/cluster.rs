@@ -117,7 +117,7 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     let served = served_name(&a.http, &a.cluster.model);
     telemetry::install(Some(&served))?;
     a.cluster.model = hub::resolve(&a.cluster.model)?;
-    let mut worker_args = a.tuning.to_args(cuda);
+    let mut worker_args = a.tuning.to_local_args(cuda, a.workers);
     if a.tuning.admission.kv_cache_bytes.is_none() && cuda.is_none() {
         // The workers share this host: half of its available memory, split between them.
         let share = node::available_memory() / 2 / a.workers as u64;
@@ -288,6 +288,7 @@ async fn bind_flag(flag: &str, addr: &str) -> Result<TcpListener> {
 
 pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
     check_admission(&a.tuning.admission)?;
+    a.tuning.placement.apply_threads();
     let (p, g) = (&a.tuning.placement, &a.tuning.gather);
     let cuda = p.device.resolve()?;
     if a.lease_ttl_secs == 0 {
@@ -510,7 +511,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             drain_timeout: Duration::from_secs(5),
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
-        worker_args: a.tuning.to_args(cuda),
+        worker_args: a.tuning.to_local_args(cuda, a.workers),
         insecure: a.insecure,
     };
     let report =

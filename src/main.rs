@@ -123,6 +123,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         max_rows: prompts.iter().map(prompt_len).sum::<usize>().max(1),
     };
     let model_dir = hub::resolve(&a.model)?;
+    a.placement.apply_threads();
     let model = LocalModel::load(&model_dir, a.placement.device, &gpu_options(&a.placement), work)?;
     let reqs: Vec<GenerateRequest> = prompts
         .into_iter()
@@ -183,6 +184,7 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
     if a.workers > 0 {
         return cluster::bench(a);
     }
+    a.tuning.placement.apply_threads();
     let batches = args::parse_list(&a.batch).context("--batch")?;
     let max_batch = batches.iter().copied().max().unwrap_or(1);
     let work = Workload {
@@ -209,12 +211,13 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
     );
     let (bw, streamed, peak) = match engine {
         AnyEngine::Cpu(_) => {
-            let bw = bench::measure_bandwidth();
+            let pool = zeroshard_worker::engine::compute_pool();
+            let bw = pool.install(bench::measure_bandwidth);
             println!(
                 "memory bandwidth: memcpy {:.1} GB/s (1 thread) · read {:.1} GB/s (all threads; the bound below)",
                 bw.memcpy_gbs, bw.read_gbs
             );
-            let peak = zeroshard_worker::cpu::matmul::peak_gflops(200);
+            let peak = pool.install(|| zeroshard_worker::cpu::matmul::peak_gflops(200));
             println!(
                 "arithmetic peak: {peak:.1} GFLOP/s f32 FMA (all threads; the FLOP bound below) · {:.3} GFLOP per token in products",
                 bench::matmul_flops_per_token(engine.config()) / 1e9

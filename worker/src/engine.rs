@@ -73,9 +73,40 @@ pub struct Engine<B: Backend> {
     weights: Arc<HostWeights>,
     /// Tensor names of each piece the forward stages (see [`Backend::stage`]).
     names: PieceNames,
-    /// The forward runs inside this pool, so the matmul's fork/join stays on
-    /// pool threads (calling in from outside a pool costs ~30% on decode).
+    /// The forward runs inside the process's compute pool ([`compute_pool`]), so the
+    /// matmul's fork/join stays on pool threads (calling in from outside a pool costs
+    /// ~30% on decode).
     pool: Arc<rayon::ThreadPool>,
+}
+
+/// Compute threads asked for before the pool was built (0: rayon's default).
+static COMPUTE_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sizes the process's compute pool: `threads` threads, or with `None` one per core this
+/// process may run on (its CPU affinity and cgroup quota; `RAYON_NUM_THREADS` if set).
+/// Must come before the first engine; returns false, changing nothing, after.
+pub fn set_compute_threads(threads: Option<usize>) -> bool {
+    COMPUTE_THREADS.store(threads.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    POOL.get().is_none()
+}
+
+static POOL: std::sync::OnceLock<Arc<rayon::ThreadPool>> = std::sync::OnceLock::new();
+
+/// The one pool every engine of this process computes in: products, attention and the
+/// bench's bandwidth and FMA probes share it, so compute never has more threads than
+/// [`set_compute_threads`] gave it, whatever the number of engines. The batching loop
+/// waits on it and the async runtime only moves bytes, so neither competes for long.
+pub fn compute_pool() -> Arc<rayon::ThreadPool> {
+    POOL.get_or_init(|| {
+        let threads = COMPUTE_THREADS.load(std::sync::atomic::Ordering::Relaxed);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("compute-{i}"))
+            .build()
+            .map(Arc::new)
+            .expect("a compute thread pool")
+    })
+    .clone()
 }
 
 /// The tensors of each piece, by checkpoint name.
@@ -116,11 +147,7 @@ impl<B: Backend> Engine<B> {
 
     /// [`Self::new`] with weights already behind an `Arc`.
     pub fn with_shared_weights(backend: B, config: ModelConfig, weights: Arc<HostWeights>) -> Self {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|i| format!("compute-{i}"))
-            .build()
-            .map(Arc::new)
-            .expect("a compute thread pool");
+        let pool = compute_pool();
         Self { backend, names: PieceNames::new(&config), model: Model::new(config), weights, pool }
     }
 

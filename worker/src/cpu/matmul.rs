@@ -49,7 +49,7 @@ const TASK_ROW_MULTIPLE: usize = 48;
 
 /// Activation rows up to which a product is a GEMV (each weight row dotted with every
 /// activation row); more go through the packed GEMM.
-const DECODE_ROWS: usize = 4;
+const DECODE_ROWS: usize = 8;
 
 /// `out[n, m] = x[n, k] · w[m, k]ᵀ (+ bias[m] if given)`.
 ///

@@ -89,7 +89,7 @@ impl Backend for CpuBackend {
     type Staged = Arc<HostWeights>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({} threads)", crate::engine::compute_pool().current_num_threads())
     }
 
     /// Host memory is read where it is.

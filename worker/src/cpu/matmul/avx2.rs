@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 /// Eight f32 lanes per vector; weights widened with `vcvtph2ps`.
 pub(super) struct Avx2;
 
-/// `out = x · wᵀ` over the window for up to four activation rows (decode), with shapes
+/// `out = x · wᵀ` over the window for up to eight activation rows (decode), with shapes
 /// chosen for 16 vector registers.
 ///
 /// # Safety
@@ -21,7 +21,11 @@ pub(super) unsafe fn decode(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usiz
             2 => kernel::decode::<Avx2, 2, 2, 2>(x, w, out, k),
             3 => kernel::decode::<Avx2, 3, 2, 1>(x, w, out, k),
             4 => kernel::decode::<Avx2, 4, 2, 1>(x, w, out, k),
-            n => unreachable!("decode of {n} rows: more than four go through the GEMM"),
+            5 => kernel::decode::<Avx2, 5, 2, 1>(x, w, out, k),
+            6 => kernel::decode::<Avx2, 6, 1, 1>(x, w, out, k),
+            7 => kernel::decode::<Avx2, 7, 1, 1>(x, w, out, k),
+            8 => kernel::decode::<Avx2, 8, 1, 1>(x, w, out, k),
+            n => unreachable!("decode of {n} rows: more than eight go through the GEMM"),
         }
     }
 }
@@ -38,7 +42,7 @@ microkernel! {
 impl Gemm for Avx2 {
     const MR: usize = 4;
     const NR: usize = 24;
-    const KC: usize = 256;
+    const KC: usize = 512;
 
     #[inline]
     unsafe fn tile(a: &[f32], b: &[f32], kc: usize, c: &mut [f32]) {
@@ -72,6 +76,15 @@ pub(super) unsafe fn pack_panel(
         let mut kk = 0;
         if r0 + 8 <= rows {
             while kk + 8 <= kc {
+                if kk % 32 == 0 {
+                    // The next 8 rows (of this panel or the window's next), at these
+                    // columns: read in 8 short runs, they would miss the hardware
+                    // prefetcher, so they are fetched while this group computes.
+                    for q in 8..16 {
+                        let ahead = src.wrapping_add((r0 + q) * k + pc + kk);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                    }
+                }
                 // SAFETY: rows `r0..r0 + 8 <= rows` and columns `pc + kk..pc + kk + 8 <= k`
                 // lie inside `w`.
                 let v: [__m256; 8] = std::array::from_fn(|q| unsafe {

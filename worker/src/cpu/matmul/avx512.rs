@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 /// Sixteen f32 lanes per vector and 32 registers; the tail of a row is a masked load.
 pub(super) struct Avx512;
 
-/// `out = x · wᵀ` over the window for up to four activation rows (decode), with shapes
+/// `out = x · wᵀ` over the window for up to eight activation rows (decode), with shapes
 /// chosen for 32 vector registers.
 ///
 /// # Safety
@@ -21,7 +21,11 @@ pub(super) unsafe fn decode(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usiz
             2 => kernel::decode::<Avx512, 2, 2, 2>(x, w, out, k),
             3 => kernel::decode::<Avx512, 3, 2, 2>(x, w, out, k),
             4 => kernel::decode::<Avx512, 4, 2, 2>(x, w, out, k),
-            n => unreachable!("decode of {n} rows: more than four go through the GEMM"),
+            5 => kernel::decode::<Avx512, 5, 2, 1>(x, w, out, k),
+            6 => kernel::decode::<Avx512, 6, 2, 1>(x, w, out, k),
+            7 => kernel::decode::<Avx512, 7, 2, 1>(x, w, out, k),
+            8 => kernel::decode::<Avx512, 8, 2, 1>(x, w, out, k),
+            n => unreachable!("decode of {n} rows: more than eight go through the GEMM"),
         }
     }
 }
@@ -38,7 +42,7 @@ microkernel! {
 impl Gemm for Avx512 {
     const MR: usize = 8;
     const NR: usize = 48;
-    const KC: usize = 128;
+    const KC: usize = 512;
 
     #[inline]
     unsafe fn tile(a: &[f32], b: &[f32], kc: usize, c: &mut [f32]) {
