@@ -43,6 +43,9 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if matches!(cli.command, Command::Generate(_) | Command::Bench(_) | Command::Worker(_)) {
+        keep_freed_buffers();
+    }
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Bench(a) => run_bench(a),
@@ -168,6 +171,21 @@ fn gpu_options(p: &args::PlacementArgs) -> GpuOptions {
         gpu_memory: p.gpu_memory,
         max_live_bytes: p.max_live_bytes,
         prefetch_layers: p.prefetch_layers,
+    }
+}
+
+/// Processes that compute allocate and free multi-MB activations every op. glibc maps
+/// buffers over its (adaptive) threshold afresh and returns freed heap tops to the OS,
+/// so each op paid its page faults again (measured: 543k faults for the prefill and 16
+/// decode steps of the 270M-parameter bench model, 282k with this). Buffers up to 64 MiB
+/// now come from the heap and up to 256 MiB of freed heap is kept for reuse.
+fn keep_freed_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters, under the allocator's own lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 16 << 20);
     }
 }
 

@@ -42,7 +42,7 @@ microkernel! {
 impl Gemm for Avx512 {
     const MR: usize = 8;
     const NR: usize = 48;
-    const KC: usize = 512;
+    const KC: usize = 256;
 
     #[inline]
     unsafe fn tile(a: &[f32], b: &[f32], kc: usize, c: &mut [f32]) {

@@ -79,7 +79,7 @@ fn check(isa: Isa, n: usize, k: usize, m: usize, with_bias: bool, rng: &mut Rng)
 fn matches_f64_reference_across_shapes() {
     let mut rng = Rng(1);
     for isa in Isa::available() {
-        for n in [1, 2, 3, 4, 5, 6, 7, 8, 17, 32] {
+        for n in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 32] {
             for k in [1, 7, 8, 63, 64, 172, 1024] {
                 for m in [1, 3, 16, 172, 513] {
                     for with_bias in [false, true] {
@@ -106,7 +106,8 @@ fn large_matrices_split_over_threads() {
 #[test]
 fn many_activation_rows_are_blocked() {
     let mut rng = Rng(4);
-    // More activation rows than one L2-sized block holds (96 rows at k = 1024, 8 at 12000).
+    // Row tiles with a partial last one (130 rows), and k over many packed blocks of
+    // columns with a ragged last one (12000).
     for (n, k, m) in [(130, 1024, 37), (21, 12_000, 7)] {
         for isa in Isa::available() {
             check(isa, n, k, m, false, &mut rng);
