@@ -173,10 +173,10 @@ mod tests {
             };
             let mut cache = CpuKvCache { kv_dim: kv_heads * hd, k: vec![vec![]], v: vec![vec![]] };
             let out = attention(&q, &k, &v, &mut [&mut cache], 0, &BatchLayout::new([(rows, 0)]), shape);
-            for pos in [0, 63, 64, 99, 100, 149] {
+            for pos in [0usize, 63, 64, 99, 100, 149] {
                 for h in 0..heads {
                     let kvh = h / (heads / kv_heads);
-                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let lo = window.map_or(0, |w: usize| (pos + 1).saturating_sub(w));
                     let s: Vec<f64> = (lo..=pos)
                         .map(|j| {
                             (0..hd)

@@ -5,12 +5,16 @@
 //! exactly, activations stay f32 and sums are f32.
 //!
 //! Two regimes, by the number of activation rows `n`:
-//! - decode (`n ≤ 4`, [`kernel::decode`]): a GEMV that streams each weight row once, two
-//!   long runs of rows side by side, dotted with all `n` activation rows at once; bound by
-//!   memory bandwidth.
-//! - prefill and batches (`n > 4`, [`gemm`]): activations packed once, weights widened
-//!   and transposed a cache-sized panel at a time, and a register-blocked outer-product
-//!   micro-kernel (4×24 on AVX2, 8×48 on AVX-512) over them; bound by arithmetic.
+//! - decode and small batches (`n ≤ 32`, [`kernel::decode`]): dot products that stream
+//!   each weight row once, two long runs of rows side by side, against tiles of up to
+//!   eight activation rows; from nine rows on, weight rows are taken an L2-sized block at
+//!   a time and every tile meets the block ([`kernel::blocked`]). Bound by memory
+//!   bandwidth, then by arithmetic with little overhead.
+//! - prefill and large batches (`n > 32`, [`gemm`]): activations packed once, weights
+//!   widened and transposed a cache-sized panel at a time, and a register-blocked
+//!   outer-product micro-kernel (4×24 on AVX2, 8×48 on AVX-512) over them; bound by
+//!   arithmetic. (Below 33 rows the packing costs more than it saves: measured with
+//!   `examples/matmul_bench`.)
 //!
 //! The instruction set is detected once: AVX-512 (F/BW/VL), else AVX2 + FMA + F16C, else a
 //! portable scalar loop. `ZEROSHARD_CPU_ISA=avx2` (or `scalar`) caps the choice, to compare
@@ -47,9 +51,9 @@ const TASK_MIN_WORK: usize = 128 * 1024;
 /// Weight rows per parallel task are a multiple of this (of every panel and lane count).
 const TASK_ROW_MULTIPLE: usize = 48;
 
-/// Activation rows up to which a product is a GEMV (each weight row dotted with every
-/// activation row); more go through the packed GEMM.
-const DECODE_ROWS: usize = 8;
+/// Activation rows up to which a product is dot products (tiles of eight activation rows
+/// against blocks of weight rows); more go through the packed GEMM.
+const DECODE_ROWS: usize = 32;
 
 /// `out[n, m] = x[n, k] · w[m, k]ᵀ (+ bias[m] if given)`.
 ///

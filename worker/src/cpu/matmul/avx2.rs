@@ -8,24 +8,38 @@ use std::arch::x86_64::*;
 /// Eight f32 lanes per vector; weights widened with `vcvtph2ps`.
 pub(super) struct Avx2;
 
-/// `out = x · wᵀ` over the window for up to eight activation rows (decode), with shapes
+/// `out = x · wᵀ` over the window by dot products (decode and small batches): tiles of up
+/// to eight activation rows, with shapes
 /// chosen for 16 vector registers.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 pub(super) unsafe fn decode(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize) {
+    if x.len() / k > 8 {
+        // SAFETY (the closure): the caller guarantees the instruction set.
+        return kernel::blocked(x, w, out, k, 8, |x, w, out, at| unsafe { decode_tile(x, w, out, k, at) });
+    }
+    // SAFETY: as above.
+    unsafe { decode_tile(x, w, out, k, (0, 0)) }
+}
+
+/// One tile of at most eight rows: [`decode`]'s kernels, `at` as in [`kernel::decode`].
+///
+/// # Safety
+/// As [`decode`].
+unsafe fn decode_tile(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize, at: (usize, usize)) {
     // SAFETY (every arm): the caller guarantees the instruction set.
     unsafe {
         match x.len() / k {
-            1 => kernel::decode::<Avx2, 1, 2, 4>(x, w, out, k),
-            2 => kernel::decode::<Avx2, 2, 2, 2>(x, w, out, k),
-            3 => kernel::decode::<Avx2, 3, 2, 1>(x, w, out, k),
-            4 => kernel::decode::<Avx2, 4, 2, 1>(x, w, out, k),
-            5 => kernel::decode::<Avx2, 5, 2, 1>(x, w, out, k),
-            6 => kernel::decode::<Avx2, 6, 1, 1>(x, w, out, k),
-            7 => kernel::decode::<Avx2, 7, 1, 1>(x, w, out, k),
-            8 => kernel::decode::<Avx2, 8, 1, 1>(x, w, out, k),
-            n => unreachable!("decode of {n} rows: more than eight go through the GEMM"),
+            1 => kernel::decode::<Avx2, 1, 2, 4>(x, w, out, k, at),
+            2 => kernel::decode::<Avx2, 2, 2, 2>(x, w, out, k, at),
+            3 => kernel::decode::<Avx2, 3, 2, 1>(x, w, out, k, at),
+            4 => kernel::decode::<Avx2, 4, 2, 1>(x, w, out, k, at),
+            5 => kernel::decode::<Avx2, 5, 2, 1>(x, w, out, k, at),
+            6 => kernel::decode::<Avx2, 6, 1, 1>(x, w, out, k, at),
+            7 => kernel::decode::<Avx2, 7, 1, 1>(x, w, out, k, at),
+            8 => kernel::decode::<Avx2, 8, 1, 1>(x, w, out, k, at),
+            n => unreachable!("a decode tile of {n} rows: at most eight"),
         }
     }
 }

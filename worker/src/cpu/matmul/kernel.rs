@@ -26,11 +26,13 @@ pub(super) trait Dots {
 ///
 /// # Safety
 /// The CPU must support `D`'s instruction set.
+/// `at` = (first output row, first output column of the window) that `x` and `w` stand for.
 pub(super) unsafe fn decode<D: Dots, const N: usize, const R: usize, const U: usize>(
     x: &[f32],
     w: &[f16],
     out: &mut OutCols<'_>,
     k: usize,
+    (i0, j0): (usize, usize),
 ) {
     assert_eq!(x.len(), N * k, "decode: x is not [{N}, {k}]");
     let xs: [&[f32]; N] = array::from_fn(|i| &x[i * k..(i + 1) * k]);
@@ -40,12 +42,38 @@ pub(super) unsafe fn decode<D: Dots, const N: usize, const R: usize, const U: us
         let at: [usize; R] = array::from_fn(|r| r * lane + j);
         // SAFETY: the caller guarantees `D`'s instruction set.
         let d = unsafe { D::dots::<N, R, U>(xs, at.map(|row| &w[row * k..(row + 1) * k])) };
-        store(out, 0, at, d);
+        store(out, i0, at.map(|c| j0 + c), d);
     }
     for row in R * lane..rows {
         // SAFETY: as above.
         let d = unsafe { D::dots::<N, 1, U>(xs, [&w[row * k..(row + 1) * k]]) };
-        store(out, 0, [row], d);
+        store(out, i0, [j0 + row], d);
+    }
+}
+
+/// Weight bytes per block of [`blocked`]: read from memory once, then from L2 for every
+/// further tile of activation rows.
+const BLOCK_BYTES: usize = 192 * 1024;
+
+/// `out = x · wᵀ` for any number of activation rows, as [`decode`] tiles of at most
+/// `tile_rows` rows: the weight rows are taken a block that fits L2 at a time, and every
+/// tile meets the block, so each weight is read from memory once. `tile(x, w, out, at)`
+/// computes one tile (its rows `x`, the block `w`, `at` as in [`decode`]).
+pub(super) fn blocked(
+    x: &[f32],
+    w: &[f16],
+    out: &mut OutCols<'_>,
+    k: usize,
+    tile_rows: usize,
+    mut tile: impl FnMut(&[f32], &[f16], &mut OutCols<'_>, (usize, usize)),
+) {
+    let (n, rows) = (x.len() / k, w.len() / k);
+    let block = (BLOCK_BYTES / (2 * k)).max(1);
+    for j0 in (0..rows).step_by(block) {
+        let w = &w[j0 * k..(j0 + block).min(rows) * k];
+        for i0 in (0..n).step_by(tile_rows) {
+            tile(&x[i0 * k..(i0 + tile_rows).min(n) * k], w, out, (i0, j0));
+        }
     }
 }
 

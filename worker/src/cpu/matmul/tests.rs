@@ -79,7 +79,7 @@ fn check(isa: Isa, n: usize, k: usize, m: usize, with_bias: bool, rng: &mut Rng)
 fn matches_f64_reference_across_shapes() {
     let mut rng = Rng(1);
     for isa in Isa::available() {
-        for n in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 32] {
+        for n in [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 32, 33, 40] {
             for k in [1, 7, 8, 63, 64, 172, 1024] {
                 for m in [1, 3, 16, 172, 513] {
                     for with_bias in [false, true] {
