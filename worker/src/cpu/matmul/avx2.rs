@@ -81,7 +81,7 @@ pub(super) unsafe fn pack_panel(
     panel: &mut [f32],
 ) {
     assert!(
-        nr % 8 == 0 && rows <= nr && w.len() >= rows * k && pc + kc <= k && panel.len() >= kc * nr,
+        nr.is_multiple_of(8) && rows <= nr && w.len() >= rows * k && pc + kc <= k && panel.len() >= kc * nr,
         "pack_panel: {rows} rows of {k} into [{kc}][{nr}] from column {pc}"
     );
     let src = w.as_ptr().cast::<u16>();
@@ -90,7 +90,7 @@ pub(super) unsafe fn pack_panel(
         let mut kk = 0;
         if r0 + 8 <= rows {
             while kk + 8 <= kc {
-                if kk % 32 == 0 {
+                if kk.is_multiple_of(32) {
                     // The next 8 rows (of this panel or the window's next), at these
                     // columns: read in 8 short runs, they would miss the hardware
                     // prefetcher, so they are fetched while this group computes.
