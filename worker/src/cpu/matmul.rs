@@ -293,9 +293,8 @@ fn dot_scalar(x: &[f32], w: &[f16]) -> f32 {
 
 /// `out[i, j] += bias[j]` for every row `i` of the window.
 fn add_bias(bias: &[f16], out: &mut OutCols<'_>) {
+    let bias: Vec<f32> = bias.iter().map(|b| b.to_f32()).collect();
     for i in 0..out.rows() {
-        for (j, b) in bias.iter().enumerate() {
-            out.add(i, j, b.to_f32());
-        }
+        out.row_mut(i).iter_mut().zip(&bias).for_each(|(o, b)| *o += b);
     }
 }

@@ -82,6 +82,23 @@ impl CpuBackend {
 /// Work (multiply-adds) below which an op stays on the calling thread.
 pub(crate) const PARALLEL_MIN_WORK: usize = 1 << 16;
 
+/// Elements from which a row-wise or elementwise op splits its rows over the pool.
+const ROWS_PARALLEL_MIN: usize = 1 << 15;
+
+/// `f(r, row)` for every row of `data` (`cols` wide): over the current pool when there are
+/// several rows and enough elements, else on this thread.
+fn for_each_row(data: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if cols == 0 {
+        return;
+    }
+    if data.len() >= ROWS_PARALLEL_MIN && data.len() > cols {
+        use rayon::prelude::*;
+        data.par_chunks_exact_mut(cols).enumerate().for_each(|(r, row)| f(r, row));
+    } else {
+        data.chunks_exact_mut(cols).enumerate().for_each(|(r, row)| f(r, row));
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = [f16];
@@ -142,17 +159,13 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &CpuTensor, w: &[f16], eps: f32) -> Result<CpuTensor> {
         let mut out = x.clone();
-        for row in out.data.chunks_exact_mut(x.cols) {
-            ops::rms_norm_row(row, w, eps);
-        }
+        for_each_row(&mut out.data, x.cols, |_, row| ops::rms_norm_row(row, w, eps));
         Ok(out)
     }
 
     fn layer_norm(&self, x: &CpuTensor, w: &[f16], b: &[f16], eps: f32) -> Result<CpuTensor> {
         let mut out = x.clone();
-        for row in out.data.chunks_exact_mut(x.cols) {
-            ops::layer_norm_row(row, w, b, eps);
-        }
+        for_each_row(&mut out.data, x.cols, |_, row| ops::layer_norm_row(row, w, b, eps));
         Ok(out)
     }
 
@@ -167,12 +180,12 @@ impl Backend for CpuBackend {
 
     fn rope(&self, x: &mut CpuTensor, head_dim: usize, cos: &[f32], sin: &[f32]) -> Result<()> {
         let half = head_dim / 2;
-        for (r, row) in x.data.chunks_exact_mut(x.cols).enumerate() {
+        for_each_row(&mut x.data, x.cols, |r, row| {
             let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
             for head in row.chunks_exact_mut(head_dim) {
                 ops::rotate_half(head, c, s);
             }
-        }
+        });
         Ok(())
     }
 
@@ -190,12 +203,18 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
-        let data = gate.data.iter().zip(&up.data).map(|(g, u)| ops::silu(*g) * u).collect();
-        Ok(CpuTensor::new(data, gate.rows, gate.cols))
+        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "silu_mul of mismatched shapes");
+        let mut out = gate.clone();
+        for_each_row(&mut out.data, gate.cols, |r, row| {
+            row.iter_mut().zip(up.row(r)).for_each(|(g, u)| *g = ops::silu(*g) * u);
+        });
+        Ok(out)
     }
 
     fn gelu_tanh(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        Ok(CpuTensor::new(x.data.iter().map(|v| ops::gelu_tanh(*v)).collect(), x.rows, x.cols))
+        let mut out = x.clone();
+        for_each_row(&mut out.data, x.cols, |_, row| row.iter_mut().for_each(|v| *v = ops::gelu_tanh(*v)));
+        Ok(out)
     }
 
     fn split_cols(&self, x: &CpuTensor, widths: &[usize]) -> Result<Vec<CpuTensor>> {
@@ -214,7 +233,7 @@ impl Backend for CpuBackend {
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
         assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add of mismatched shapes");
-        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        for_each_row(&mut x.data, x.cols, |r, row| row.iter_mut().zip(y.row(r)).for_each(|(a, b)| *a += b));
         Ok(())
     }
 

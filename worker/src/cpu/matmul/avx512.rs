@@ -56,12 +56,12 @@ microkernel! {
 impl Gemm for Avx512 {
     const MR: usize = 8;
     const NR: usize = 48;
-    const KC: usize = 256;
+    const KC: usize = 128;
 
     #[inline]
-    unsafe fn tile(a: &[f32], b: &[f32], kc: usize, c: &mut [f32]) {
+    unsafe fn tile(a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, accumulate: bool) {
         // SAFETY: the caller guarantees the instruction set and the operand lengths.
-        unsafe { tile::<8, 3>(a, b, kc, c) }
+        unsafe { tile::<8, 3>(a, b, kc, c, ldc, accumulate) }
     }
 }
 

@@ -70,6 +70,27 @@ impl<'a> OutCols<'a> {
         }
     }
 
+    /// A raw pointer to `out[i, start + j]` for a block of `rows × cols` elements from there,
+    /// whose rows lie [`stride`](Self::stride) elements apart; the block is checked against
+    /// the window. Valid while `self` is borrowed mutably.
+    #[inline(always)]
+    pub(super) fn block_ptr(&mut self, i: usize, j: usize, rows: usize, cols: usize) -> *mut f32 {
+        assert!(
+            rows > 0 && cols > 0 && i + rows <= self.n && j + cols <= self.end - self.start,
+            "OutCols: block of {rows}×{cols} at ({i}, {j}) outside a window of {} rows and {} columns",
+            self.n,
+            self.end - self.start
+        );
+        // SAFETY: the block's first element lies in the window (checked above), inside the
+        // `n * m` elements `base` points at.
+        unsafe { self.base.add(i * self.m + self.start + j) }
+    }
+
+    /// Elements from one row of the matrix to the next (`m`).
+    pub(super) fn stride(&self) -> usize {
+        self.m
+    }
+
     /// `out[i, start + j] += v`.
     #[inline(always)]
     pub(super) fn add(&mut self, i: usize, j: usize, v: f32) {

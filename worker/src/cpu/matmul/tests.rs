@@ -96,7 +96,9 @@ fn large_matrices_split_over_threads() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a rayon pool");
     let mut rng = Rng(2);
     // Work above PARALLEL_MIN_WORK, with ragged windows.
-    for (n, k, m) in [(1, 1024, 1031), (3, 517, 1500), (4, 1024, 700), (9, 700, 1201)] {
+    // GEMM (140 rows): whole tiles summed in place over several blocks of k, cut tiles at
+    // the last rows and at each window's edge.
+    for (n, k, m) in [(1, 1024, 1031), (3, 517, 1500), (4, 1024, 700), (9, 700, 1201), (140, 1024, 300)] {
         for isa in Isa::available() {
             pool.install(|| check(isa, n, k, m, true, &mut rng));
         }
@@ -106,9 +108,9 @@ fn large_matrices_split_over_threads() {
 #[test]
 fn many_activation_rows_are_blocked() {
     let mut rng = Rng(4);
-    // Row tiles with a partial last one (130 rows), and k over many packed blocks of
-    // columns with a ragged last one (12000).
-    for (n, k, m) in [(130, 1024, 37), (21, 12_000, 7)] {
+    // Row tiles with a partial last one (130 rows), k over many packed blocks of
+    // columns with a ragged last one (12000), and more rows than one row block (1100 × 1000).
+    for (n, k, m) in [(130, 1024, 37), (21, 12_000, 7), (1100, 1000, 50)] {
         for isa in Isa::available() {
             check(isa, n, k, m, false, &mut rng);
         }
