@@ -1,7 +1,7 @@
 //! Causal grouped-query attention over each sequence's KV cache (CPU).
 use rayon::prelude::*;
 
-use super::{CpuKvCache, CpuTensor, PARALLEL_MIN_WORK};
+use super::{ops, CpuKvCache, CpuTensor, PARALLEL_MIN_WORK};
 use crate::backend::{AttentionShape, BatchLayout};
 
 /// Keys scored at a time per query row and head: the scores of a long prompt are never
@@ -9,6 +9,7 @@ use crate::backend::{AttentionShape, BatchLayout};
 const KEY_BLOCK: usize = 64;
 
 /// Σ a·b with eight partial sums, which the compiler keeps in vector registers.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (a8, a_tail) = a.split_at(a.len() / 8 * 8);
@@ -19,6 +20,65 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// One query head of one row against its keys.
+struct Head<'a> {
+    /// The query, `head_dim` values.
+    q: &'a [f32],
+    /// The sequence's cached keys and values, `[tokens, kv_dim]`.
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_dim: usize,
+    /// Where this head's key-value head starts in a cached row.
+    at: usize,
+    /// Key positions to attend to.
+    keys: std::ops::RangeInclusive<usize>,
+    /// `1 / √head_dim`.
+    scale: f32,
+    /// ALiBi slope of this head, if any.
+    slope: Option<f32>,
+}
+
+ops::avx2_version! {
+    /// `out = softmax(q·kᵀ · scale + slope · j) · v` for one head.
+    fn attend = attend_portable, (head: &Head<'_>, out: &mut [f32])
+}
+
+/// [`attend`]: an online softmax over blocks of [`KEY_BLOCK`] keys. `max` is the largest
+/// score so far and `sum` the sum of exp(score - max); `out` holds Σ exp(score - max) · v.
+#[inline(always)]
+fn attend_portable(head: &Head<'_>, out: &mut [f32]) {
+    let hd = head.q.len();
+    let at = |j: usize| j * head.kv_dim + head.at..j * head.kv_dim + head.at + hd;
+    let mut scores = [0f32; KEY_BLOCK];
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    out.fill(0.0);
+    for j0 in head.keys.clone().step_by(KEY_BLOCK) {
+        let keys = j0..(j0 + KEY_BLOCK).min(head.keys.end() + 1);
+        let block = &mut scores[..keys.len()];
+        for (j, sc) in keys.clone().zip(block.iter_mut()) {
+            *sc = dot(head.q, &head.k[at(j)]) * head.scale;
+            if let Some(slope) = head.slope {
+                *sc += slope * j as f32;
+            }
+        }
+        let block_max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if block_max > max {
+            // Rescale what was summed under the old maximum (nothing, the first time).
+            let fix = (max - block_max).exp();
+            sum *= fix;
+            out.iter_mut().for_each(|a| *a *= fix);
+            max = block_max;
+        }
+        block.iter_mut().for_each(|sc| *sc = ops::exp(*sc - max));
+        sum += block.iter().sum::<f32>();
+        for (j, p) in keys.zip(block.iter()) {
+            out.iter_mut().zip(&head.v[at(j)]).for_each(|(a, b)| *a += p * b);
+        }
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|a| *a *= inv);
 }
 
 /// Appends this step's `k`, `v` (`[rows, kv_dim]`) to the caches, then computes
@@ -64,42 +124,18 @@ pub(super) fn attention(
     let one_row = |(r, o): (usize, &mut [f32])| {
         let (s, pos) = row_info[r];
         let lo = shape.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let (ck, cv) = (&caches[s].k[layer], &caches[s].v[layer]);
-        let mut scores = [0f32; KEY_BLOCK];
         for h in 0..shape.num_heads {
-            let qh = &q.data[r * q_dim + h * hd..r * q_dim + (h + 1) * hd];
-            let kvh = (h / group) * hd;
-            let slope = shape.alibi_slopes.map(|s| s[h]);
-            let oh = &mut o[h * hd..(h + 1) * hd];
-            // Online softmax over blocks of keys: `max` is the largest score so far and
-            // `sum` the sum of exp(score - max); `oh` holds Σ exp(score - max) · v.
-            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-            for j0 in (lo..=pos).step_by(KEY_BLOCK) {
-                let keys = j0..(j0 + KEY_BLOCK).min(pos + 1);
-                let block = &mut scores[..keys.len()];
-                for (j, sc) in keys.clone().zip(block.iter_mut()) {
-                    *sc = dot(qh, &ck[j * kv_dim + kvh..j * kv_dim + kvh + hd]) * scale;
-                    if let Some(slope) = slope {
-                        *sc += slope * j as f32;
-                    }
-                }
-                let block_max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                if block_max > max {
-                    // Rescale what was summed under the old maximum (nothing, the first time).
-                    let fix = (max - block_max).exp();
-                    sum *= fix;
-                    oh.iter_mut().for_each(|a| *a *= fix);
-                    max = block_max;
-                }
-                for (j, sc) in keys.zip(block.iter()) {
-                    let p = (sc - max).exp();
-                    sum += p;
-                    let vj = &cv[j * kv_dim + kvh..j * kv_dim + kvh + hd];
-                    oh.iter_mut().zip(vj).for_each(|(a, b)| *a += p * b);
-                }
-            }
-            let inv = 1.0 / sum;
-            oh.iter_mut().for_each(|a| *a *= inv);
+            let head = Head {
+                q: &q.data[r * q_dim + h * hd..r * q_dim + (h + 1) * hd],
+                k: &caches[s].k[layer],
+                v: &caches[s].v[layer],
+                kv_dim,
+                at: (h / group) * hd,
+                keys: lo..=pos,
+                scale,
+                slope: shape.alibi_slopes.map(|s| s[h]),
+            };
+            attend(&head, &mut o[h * hd..(h + 1) * hd]);
         }
     };
     if work >= PARALLEL_MIN_WORK && q.rows > 1 || work >= 4 * PARALLEL_MIN_WORK {

@@ -205,9 +205,7 @@ impl Backend for CpuBackend {
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
         assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "silu_mul of mismatched shapes");
         let mut out = gate.clone();
-        for_each_row(&mut out.data, gate.cols, |r, row| {
-            row.iter_mut().zip(up.row(r)).for_each(|(g, u)| *g = ops::silu(*g) * u);
-        });
+        for_each_row(&mut out.data, gate.cols, |r, row| ops::silu_mul_row(row, up.row(r)));
         Ok(out)
     }
 

@@ -40,8 +40,76 @@ pub(super) fn rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+#[inline(always)]
 pub(super) fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp(-x))
+}
+
+/// `e^x` in f32 without a library call, so that loops over it vectorize: `2^n · e^r` with
+/// `n = round(x · log₂e)`, `|r| ≤ ln2 / 2`, and a degree-6 polynomial for `e^r` (Cephes'
+/// `expf` coefficients); within 2 ulp of `f32::exp` over `[-87, 88]`, inputs clamped there
+/// (below, it returns `e^-87` ≈ 1.6e-38 instead of a smaller number or zero).
+#[inline(always)]
+pub(super) fn exp(x: f32) -> f32 {
+    /// 1.5 · 2²³: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // ln 2 in two parts, so that `n · ln2` is subtracted exactly.
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    // `n` lies in [-126, 127]: a normal power of two.
+    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Whether this CPU has AVX2 and FMA (detected once), for [`avx2_version!`].
+pub(super) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `fn $name(args)`: calls `$body(args)`, an `#[inline(always)]` function, compiled for AVX2
+/// and FMA where this CPU has them (its loops vectorize eight lanes wide; Rust does not
+/// contract `a * b + c` into an FMA, so the results are those of the portable code), else
+/// as it is.
+macro_rules! avx2_version {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident = $body:path, ($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if $crate::cpu::ops::has_avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA (detected).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(super) use avx2_version;
+
+avx2_version! {
+    /// `g = silu(g) · u`, elementwise over one row.
+    pub(super) fn silu_mul_row = silu_mul_portable, (g: &mut [f32], u: &[f32])
+}
+
+#[inline(always)]
+fn silu_mul_portable(g: &mut [f32], u: &[f32]) {
+    g.iter_mut().zip(u).for_each(|(g, u)| *g = silu(*g) * u);
 }
 
 #[cfg(test)]
@@ -99,6 +167,30 @@ mod tests {
         rotate_half(&mut h, &c, &s);
         // pair (1, 3) rotated by 90°: (-3, 1); pair (2, 4) unrotated.
         assert_eq!(h, vec![-3.0, 2.0, 1.0, 4.0]);
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_library() {
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let (got, want) = (exp(x), x.exp());
+            assert!((got - want).abs() <= 2.0 * f32::EPSILON * want, "exp({x}) = {got}, want {want}");
+            x += 0.001_7;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-1000.0), (-87.0f32).exp(), "clamped below");
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn silu_mul_row_is_silu_times_up() {
+        let mut g: Vec<f32> = (0..100).map(|i| i as f32 / 10.0 - 5.0).collect();
+        let u: Vec<f32> = (0..100).map(|i| 1.0 + i as f32 / 50.0).collect();
+        let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        silu_mul_row(&mut g, &u);
+        for (got, want) in g.iter().zip(&want) {
+            assert!((got - want).abs() <= 4.0 * f32::EPSILON * want.abs(), "{got} vs {want}");
+        }
     }
 
     #[test]

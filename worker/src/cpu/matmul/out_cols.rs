@@ -91,14 +91,6 @@ impl<'a> OutCols<'a> {
         self.m
     }
 
-    /// `out[i, start + j] += v`.
-    #[inline(always)]
-    pub(super) fn add(&mut self, i: usize, j: usize, v: f32) {
-        let at = self.index(i, j);
-        // SAFETY: as in `set`.
-        unsafe { *self.base.add(at) += v };
-    }
-
     /// Flat index of `out[i, start + j]`, checked against the window.
     #[inline(always)]
     fn index(&self, i: usize, j: usize) -> usize {
@@ -128,7 +120,7 @@ mod tests {
         for mut w in windows {
             for i in 0..n {
                 for j in 0..w.end() - w.start() {
-                    w.add(i, j, (i * m + w.start() + j) as f32 + 1.0);
+                    w.set(i, j, (i * m + w.start() + j) as f32 + 1.0);
                 }
             }
         }
