@@ -18,7 +18,8 @@
 //!
 //! The instruction set is detected once: AVX-512 (F/BW/VL), else AVX2 + FMA + F16C, else a
 //! portable scalar loop. `ZEROSHARD_CPU_ISA=avx2` (or `scalar`) caps the choice, to compare
-//! kernels or rule one out. Products of more than `PARALLEL_MIN_WORK` are split by weight
+//! kernels or rule one out; `scalar` also keeps the backend's vectorized row ops
+//! ([`vectorized`]) to portable code. Products of more than `PARALLEL_MIN_WORK` are split by weight
 //! rows over rayon's global pool (each weight read once whatever `n`); smaller ones run on
 //! the calling thread.
 //!
@@ -68,6 +69,12 @@ const DECODE_ROWS: usize = 32;
 /// If a slice length disagrees with `n`, `k` and `m`.
 pub fn matmul_f16(x: &[f32], w: &[f16], bias: Option<&[f16]>, out: &mut [f32], n: usize, k: usize, m: usize) {
     matmul_with(Isa::detect(), x, w, bias, out, n, k, m);
+}
+
+/// Whether the kernels' instruction set is a vector one (AVX2 + FMA + F16C or better, within
+/// `ZEROSHARD_CPU_ISA`): the CPU backend's row ops then run their AVX2 versions too.
+pub(crate) fn vectorized() -> bool {
+    Isa::detect() != Isa::Scalar
 }
 
 /// Instruction sets the kernels can use; detected once per process.

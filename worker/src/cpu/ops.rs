@@ -66,21 +66,11 @@ pub(super) fn exp(x: f32) -> f32 {
     e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// Whether this CPU has AVX2 and FMA (detected once), for [`avx2_version!`].
-pub(super) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// `fn $name(args)`: calls `$body(args)`, an `#[inline(always)]` function, compiled for AVX2
-/// and FMA where this CPU has them (its loops vectorize eight lanes wide; Rust does not
-/// contract `a * b + c` into an FMA, so the results are those of the portable code), else
-/// as it is.
+/// and FMA where the matmul kernels run a vector instruction set
+/// ([`vectorized`](super::matmul::vectorized)); its loops vectorize eight lanes wide (Rust
+/// does not contract `a * b + c` into an FMA, so the results are those of the portable
+/// code). Elsewhere it runs as it is.
 macro_rules! avx2_version {
     ($(#[$doc:meta])* $vis:vis fn $name:ident = $body:path, ($($arg:ident: $ty:ty),* $(,)?)) => {
         $(#[$doc])*
@@ -91,8 +81,8 @@ macro_rules! avx2_version {
                 fn avx2($($arg: $ty),*) {
                     $body($($arg),*)
                 }
-                if $crate::cpu::ops::has_avx2() {
-                    // SAFETY: the CPU has AVX2 and FMA (detected).
+                if $crate::cpu::matmul::vectorized() {
+                    // SAFETY: a vector instruction set was detected: AVX2, FMA and F16C at least.
                     return unsafe { avx2($($arg),*) };
                 }
             }

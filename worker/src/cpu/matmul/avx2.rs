@@ -65,56 +65,48 @@ impl Gemm for Avx2 {
     }
 }
 
-/// Packs `panel[kk][r] = w[r, pc + kk]` widened to f32, for `kk < kc` and `r < nr`, from the
+/// Packs `panel[kk][r] = w[r, kk]` widened to f32, for `kk < k` and `r < nr`, from the
 /// first `rows` rows of `w[.., k]` (rows from `rows` to `nr` are zero).
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn pack_panel(
-    w: &[f16],
-    k: usize,
-    rows: usize,
-    nr: usize,
-    pc: usize,
-    kc: usize,
-    panel: &mut [f32],
-) {
+pub(super) unsafe fn pack_panel(w: &[f16], k: usize, rows: usize, nr: usize, panel: &mut [f32]) {
     assert!(
-        nr.is_multiple_of(8) && rows <= nr && w.len() >= rows * k && pc + kc <= k && panel.len() >= kc * nr,
-        "pack_panel: {rows} rows of {k} into [{kc}][{nr}] from column {pc}"
+        nr.is_multiple_of(8) && rows <= nr && w.len() >= rows * k && panel.len() >= k * nr,
+        "pack_panel: {rows} rows of {k} into [{k}][{nr}]"
     );
     let src = w.as_ptr().cast::<u16>();
     let dst = panel.as_mut_ptr();
     for r0 in (0..nr).step_by(8) {
         let mut kk = 0;
         if r0 + 8 <= rows {
-            while kk + 8 <= kc {
+            while kk + 8 <= k {
                 if kk.is_multiple_of(32) {
                     // The next 8 rows (of this panel or the window's next), at these
                     // columns: read in 8 short runs, they would miss the hardware
                     // prefetcher, so they are fetched while this group computes.
                     for q in 8..16 {
-                        let ahead = src.wrapping_add((r0 + q) * k + pc + kk);
+                        let ahead = src.wrapping_add((r0 + q) * k + kk);
                         _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
                     }
                 }
-                // SAFETY: rows `r0..r0 + 8 <= rows` and columns `pc + kk..pc + kk + 8 <= k`
+                // SAFETY: rows `r0..r0 + 8 <= rows` and columns `kk..kk + 8 <= k`
                 // lie inside `w`.
                 let v: [__m256; 8] = std::array::from_fn(|q| unsafe {
-                    _mm256_cvtph_ps(_mm_loadu_si128(src.add((r0 + q) * k + pc + kk).cast()))
+                    _mm256_cvtph_ps(_mm_loadu_si128(src.add((r0 + q) * k + kk).cast()))
                 });
                 for (c, t) in transpose8(v).into_iter().enumerate() {
-                    // SAFETY: `(kk + c) * nr + r0 + 8 <= kc * nr <= panel.len()`.
+                    // SAFETY: `(kk + c) * nr + r0 + 8 <= k * nr <= panel.len()`.
                     unsafe { _mm256_storeu_ps(dst.add((kk + c) * nr + r0), t) };
                 }
                 kk += 8;
             }
         }
-        for kk in kk..kc {
+        for kk in kk..k {
             for q in 0..8 {
                 let r = r0 + q;
-                panel[kk * nr + r] = if r < rows { w[r * k + pc + kk].to_f32() } else { 0.0 };
+                panel[kk * nr + r] = if r < rows { w[r * k + kk].to_f32() } else { 0.0 };
             }
         }
     }

@@ -37,7 +37,7 @@ pub(super) trait Gemm {
     unsafe fn tile(a: &[f32], b: &[f32], kc: usize, c: *mut f32, ldc: usize, accumulate: bool);
 }
 
-/// Writes `unsafe fn $name<const MR: usize, const NV: usize>(a, b, kc, c)` for one vector
+/// Writes `unsafe fn $name<const MR: usize, const NV: usize>(a, b, kc, c, ldc, accumulate)` for one vector
 /// type: the [`Gemm::tile`] body with `NR = NV × lanes`.
 macro_rules! microkernel {
     (
@@ -84,6 +84,7 @@ macro_rules! microkernel {
             }
             for (i, acc_i) in acc.iter().enumerate() {
                 for (v, acc_iv) in acc_i.iter().enumerate() {
+                    // SAFETY: inside the caller's `MR × nr` block of `c` (see `at`).
                     unsafe { $store(at(i, v), *acc_iv) };
                 }
             }
@@ -146,7 +147,7 @@ pub(super) unsafe fn gemm<G: Gemm>(packed_x: &[f32], n: usize, w: &[f16], out: &
             for p0 in (0..width).step_by(nr) {
                 let cols = nr.min(width - p0);
                 // SAFETY: the caller guarantees AVX2 and F16C.
-                unsafe { super::avx2::pack_panel(&w[p0 * k..(p0 + cols) * k], k, cols, nr, 0, k, panel) };
+                unsafe { super::avx2::pack_panel(&w[p0 * k..(p0 + cols) * k], k, cols, nr, panel) };
                 for pc in (0..k).step_by(G::KC) {
                     let kc = G::KC.min(k - pc);
                     let b = &panel[pc * nr..(pc + kc) * nr];
@@ -156,7 +157,7 @@ pub(super) unsafe fn gemm<G: Gemm>(packed_x: &[f32], n: usize, w: &[f16], out: &
                         if live == mr && cols == nr {
                             let c = out.block_ptr(t * mr, p0, mr, nr);
                             // SAFETY: the caller guarantees `G`'s instruction set; `block_ptr`
-                            // checked the `mr × nr` block of `out`; `a` and `panel` have the
+                            // checked the `mr × nr` block of `out`; `a` and `b` have the
                             // lengths the tile needs.
                             unsafe { G::tile(a, b, kc, c, out.stride(), pc > 0) };
                             continue;
