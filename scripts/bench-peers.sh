@@ -7,7 +7,9 @@
 #
 # SPEC defaults to llama:hidden=1024,layers=16,heads=16,kv_heads=4,ffn=2816,vocab=32000.
 # Environment: ROUNDS (3), BATCHES (1,8,32; decode batch sizes), PROMPT_LEN (128),
-# NEW_TOKENS (32), THREADS (all cores).
+# NEW_TOKENS (32), THREADS (all cores), ISA (unset: the best this CPU has; `avx2`: both
+# engines held to AVX2 + FMA + F16C, as on a CPU without AVX-512: zeroshard through
+# ZEROSHARD_CPU_ISA=avx2, llama.cpp built with GGML_NATIVE off and only those extensions).
 #
 # llama.cpp is built from the source vendored in the PyPI sdist of llama-cpp-python
 # (pinned below, checked against its sha256) with GGML_NATIVE (this CPU's instruction
@@ -24,6 +26,12 @@ batches=${BATCHES:-1,8,32}
 prompt_len=${PROMPT_LEN:-128}
 new_tokens=${NEW_TOKENS:-32}
 threads=${THREADS:-$(nproc)}
+isa_cap=${ISA:-}
+case "$isa_cap" in
+  "") cpu_flags=(-DGGML_NATIVE=ON) ;;
+  avx2) cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF) ;;
+  *) echo "bench-peers: ISA must be unset or avx2, not '$isa_cap'" >&2; exit 2 ;;
+esac
 
 version=0.3.36
 sha256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
@@ -56,10 +64,11 @@ fi
 
 # 3. llama-bench and llama-batched-bench, built for this CPU (one build per instruction set).
 isa=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|avx512f|avx512_bf16|avx512_fp16|amx_tile|f16c|fma)$' | sort | tr '\n' '-')
+[ -n "$isa_cap" ] && isa="cap-$isa_cap"
 build=$cache/build-$version-$(echo "$isa" | sha256sum | cut -c1-12)
 if [ ! -x "$build/bin/llama-bench" ] || [ ! -x "$build/bin/llama-batched-bench" ]; then
   log "building llama.cpp ($isa) in $build"
-  "$venv/bin/cmake" -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+  "$venv/bin/cmake" -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release "${cpu_flags[@]}" \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF >"$build.log" 2>&1 || { tail -20 "$build.log"; exit 1; }
   "$venv/bin/cmake" --build "$build" --target llama-bench llama-batched-bench -j "$(nproc)" >>"$build.log" 2>&1 \
@@ -84,7 +93,7 @@ max_batch=$(echo "$batches" | tr ',' '\n' | sort -n | tail -1)
 ctx=$((max_batch * (prompt_len + new_tokens)))
 for r in $(seq 1 "$rounds"); do
   log "round $r/$rounds: zeroshard"
-  RAYON_NUM_THREADS=$threads "$zs" bench --model "$model/hf" --batch "$batches" \
+  env ${isa_cap:+ZEROSHARD_CPU_ISA=$isa_cap} RAYON_NUM_THREADS=$threads "$zs" bench --model "$model/hf" --batch "$batches" \
     --prompt-len "$prompt_len" --new-tokens "$new_tokens" --json | tee "$out/zs.$r.txt" >&2
   log "round $r/$rounds: llama-bench"
   "$build/bin/llama-bench" -m "$model/model.gguf" -t "$threads" -p "$prompt_len" -n "$new_tokens" -r 1 \
@@ -95,9 +104,9 @@ for r in $(seq 1 "$rounds"); do
     >"$out/bb.$r.jsonl" 2>"$out/bb.$r.log" || { tail -20 "$out/bb.$r.log"; exit 1; }
 done
 
-"$venv/bin/python" - "$out" "$rounds" "$batches" "$prompt_len" "$new_tokens" "$threads" "$spec" "$version" <<'EOF'
+"$venv/bin/python" - "$out" "$rounds" "$batches" "$prompt_len" "$new_tokens" "$threads" "$spec" "$version" "${isa_cap:-native}" <<'EOF'
 import json, statistics, sys
-out, rounds, batches, pp, tg, threads, spec, version = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8]
+out, rounds, batches, pp, tg, threads, spec, version, isa = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
 rows = {}  # label -> list of (zeroshard, llama.cpp) per round
 for r in range(1, rounds + 1):
     zs_lines = open(f"{out}/zs.{r}.txt").read().splitlines()
@@ -113,7 +122,7 @@ for r in range(1, rounds + 1):
         zs_tg = by_batch[b]["decode_tokens_per_s"]
         peer = lb_tg if b == 1 else bb[b]["speed_tg"]
         rows.setdefault(f"decode tok/s, batch {b}" + (" (aggregate)" if b > 1 else ""), []).append((zs_tg, peer))
-print(f"\nzeroshard vs llama.cpp (llama-cpp-python {version} sdist) · {spec} · {threads} threads · {rounds} interleaved rounds")
+print(f"\nzeroshard vs llama.cpp (llama-cpp-python {version} sdist) · {spec} · {threads} threads · {rounds} interleaved rounds · {isa}")
 print(f"{'':40} {'zeroshard':>22} {'llama.cpp':>22} {'ratio (median)':>15}")
 for label, pairs in rows.items():
     z = [p[0] for p in pairs]; l = [p[1] for p in pairs]

@@ -63,12 +63,49 @@ echo "== Python clients for the HTTP front (venv outside the repository)"
 ZEROSHARD_PYTHON="$(scripts/py-venv.sh)"
 export ZEROSHARD_PYTHON
 
+# NVRTC 12.x and 13.x and ptxas, from PyPI's wheels, for tests/kernels.rs's
+# nvrtc_* tests; where the wheels cannot be had those tests are skipped and
+# counted as skipped.
+echo "== NVRTC and ptxas wheels"
+skip=()
+nvrtc_skipped=0
+if ! wheels_err=$(scripts/cuda-wheels.sh 2>&1 >/dev/null); then
+  nvrtc_skipped=$(grep -c '^fn nvrtc_' tests/kernels.rs)
+  echo "skipping $nvrtc_skipped nvrtc_* tests: $(echo "$wheels_err" | tail -1)"
+  skip=(--skip nvrtc_)
+fi
+
 echo "== cargo test (release)"
-cargo test --release --workspace 2>&1 | tee target/test.log
+cargo test --release --workspace -- "${skip[@]}" 2>&1 | tee target/test.log
 # One closing line that counts every test binary together.
 # Only cargo's own "test result:" lines count (log lines such as "worker 1 failed" must not).
 results=$(grep -E '^test result:' target/test.log || true)
 passed=$(echo "$results" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(echo "$results" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 ignored=$(echo "$results" | grep -Eo '[0-9]+ ignored' | awk '{s+=$1} END {print s+0}')
+ignored=$((ignored + nvrtc_skipped))
+
+# The GPU check's harness, dry-run on the CPU (deploy/gpu-check.sh --device cpu):
+# every row in its order, over a bundle of links to what was just built.
+echo "== GPU check dry run"
+bundle=$(mktemp -d)
+trap 'rm -rf "$bundle"' EXIT
+worker_tests=$(cargo test --release -p zeroshard-worker --lib --no-run --message-format=json 2>/dev/null \
+  | grep '"executable":"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+ln -s "$(pwd)/target/release/zeroshard" "$bundle/zeroshard"
+[ -n "$worker_tests" ] && ln -s "$worker_tests" "$bundle/worker-tests"
+ln -s "$ZEROSHARD_SHARED/models" "$bundle/models"
+ln -s "$ZEROSHARD_SHARED/refs" "$bundle/refs"
+dry_rc=0
+GPU_CHECK_LOGS="$bundle/logs" bash deploy/gpu-check.sh --device cpu "$bundle" >target/gpu-check-dry.log 2>&1 || dry_rc=$?
+cat target/gpu-check-dry.log
+order='^rows: versions,ops(,model:[^,]+)+,cluster:streamed,cluster:resident,speed:resident,speed:offloaded,torch$'
+if [ "$dry_rc" = 0 ] && grep -Eq "$order" target/gpu-check-dry.log && grep -q '^result: pass' target/gpu-check-dry.log; then
+  passed=$((passed + 1))
+  echo "gpu-check dry run: rows in order, passed"
+else
+  failed=$((failed + 1))
+  echo "gpu-check dry run FAILED (exit $dry_rc, or rows out of order): see target/gpu-check-dry.log"
+fi
 echo "total: $passed passed, $failed failed, $ignored skipped"
+[ "$failed" = 0 ]

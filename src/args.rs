@@ -43,6 +43,10 @@ pub(crate) enum Command {
     /// Make a cluster CA and its members' certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// What CUDA this machine offers (`info`), and compiling every kernel with
+    /// the NVRTC on the library path (`kernels`: no GPU needed).
+    #[command(subcommand)]
+    Cuda(CudaCommand),
     /// Become this task's cluster member under a launcher (srun): rank 0 the
     /// coordinator, the others workers; settings from ZEROSHARD_* variables.
     Launch(LaunchArgs),
@@ -103,6 +107,31 @@ pub(crate) enum CertsCommand {
         #[arg(long)]
         san: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CudaCommand {
+    /// One JSON line: the CUDA driver, NVRTC and cuBLAS versions found, the
+    /// devices, and why CUDA cannot be used when it cannot.
+    Info,
+    /// Compile every kernel with NVRTC for each architecture, to PTX and CUBIN;
+    /// fails on any error or warning.
+    Kernels(CudaKernelsArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CudaKernelsArgs {
+    /// Architectures, comma-separated (default: sm_80,sm_86,sm_89,sm_90, and
+    /// sm_100 where this NVRTC has it).
+    #[arg(long, value_delimiter = ',')]
+    pub arch: Option<Vec<String>>,
+    /// Write `<source>-compute_XY.ptx`, `<source>-sm_XY.cubin` and
+    /// `launch.tsv` (each kernel's block size) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Text appended to every source (tests break a kernel on purpose with it).
+    #[arg(long, hide = true)]
+    pub append_source: Option<String>,
 }
 
 /// A cluster member's TLS credentials (`zeroshard certs`). Without them a

@@ -3,6 +3,7 @@
 mod args;
 mod bench_fronts;
 mod cluster;
+mod cuda;
 mod generate;
 mod hub;
 mod launch;
@@ -57,6 +58,7 @@ fn main() {
         Command::Status(a) => cluster::status(a),
         Command::Certs(c) => security::certs(c),
         Command::Launch(a) => launch::launch(a),
+        Command::Cuda(c) => cuda::run(c),
     };
     // Spans still batched go out before the process ends.
     if let Some(t) = traces {

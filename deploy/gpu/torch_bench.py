@@ -9,13 +9,23 @@ embedding, final norm and head on the GPU: the same placement as zeroshard's
     python3 torch_bench.py --out torch.json [--hidden 2048 --layers 22 ...]
 
 Decode tokens/s = batch * (new - 1) / (time of generate(new) - time of
-generate(1)), greedy, EOS ignored. Writes one JSON object; a part that cannot
-run (no accelerate) is recorded with its error instead.
+generate(1)), greedy, EOS ignored. Writes one JSON object, rewritten after
+each part (so a run stopped early leaves what it measured; "done" is true at
+the end), with the seconds each part took; a part that cannot run (no
+accelerate) is recorded with its error instead. Without an importable torch or
+a CUDA device it writes {"skipped": reason} and exits 0.
 """
 import argparse
 import json
+import os
 import time
 import traceback
+
+
+def save(path, result):
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def timed_generate(model, ids, new_tokens):
@@ -64,14 +74,30 @@ def main():
     p.add_argument("--offload-new-tokens", type=int, default=8)
     a = p.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
-    result = {"shape": vars(a), "gpu": {}, "offload": {}}
+    result = {"shape": vars(a), "gpu": {}, "offload": {}, "seconds": {}, "done": False}
+    t = time.perf_counter()
 
-    import torch
-    import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    def lap(name):
+        nonlocal t
+        now = time.perf_counter()
+        result["seconds"][name] = round(now - t, 2)
+        t = now
+        save(a.out, result)
+
+    try:
+        import torch
+        import transformers
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        save(a.out, {"skipped": f"torch or transformers not importable: {e}"})
+        return
+    if not torch.cuda.is_available():
+        save(a.out, {"skipped": f"PyTorch {torch.__version__} sees no CUDA device"})
+        return
 
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     result["device"] = torch.cuda.get_device_name(0)
+    lap("import")
     config = LlamaConfig(
         hidden_size=a.hidden,
         intermediate_size=a.ffn,
@@ -88,13 +114,16 @@ def main():
         model = LlamaForCausalLM(config)
     model.eval()
     torch.set_default_dtype(torch.float32)
-    result["params"] = sum(t.numel() for t in model.parameters())
+    result["params"] = sum(p.numel() for p in model.parameters())
+    lap("init")
     try:
         for b in batches:
             result["gpu"][str(b)] = decode_tps(model, b, a.prompt_len, a.new_tokens, a.vocab)
+            save(a.out, result)
     except Exception as e:  # noqa: BLE001 - recorded in the report
         result["gpu"]["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
+    lap("gpu")
 
     try:
         from accelerate import dispatch_model
@@ -110,12 +139,12 @@ def main():
         result["offload"]["device_map"] = "embedding, norm, head on cuda:0; every decoder layer offloaded to cpu"
         for b in batches:
             result["offload"][str(b)] = decode_tps(model, b, a.prompt_len, a.offload_new_tokens, a.vocab)
+            save(a.out, result)
     except Exception as e:  # noqa: BLE001
         result["offload"]["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
-
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    result["done"] = True
+    lap("offload")
     print(json.dumps(result))
 
 

@@ -250,12 +250,13 @@ impl Drop for DeviceBuf {
     }
 }
 
-/// See [`super::CudaBackend::copy_bandwidth`].
+/// See [`super::CudaBackend::copy_bandwidth`]. Timed on the host around each
+/// copy and its stream's synchronisation (a 256 MiB copy takes milliseconds, the
+/// wait microseconds), not with event timing: `cuEventElapsedTime_v2` is newer
+/// than the drivers the backend supports ([`super::versions`]).
 pub(crate) fn copy_bandwidth(dev: &Device) -> Result<(f64, f64)> {
     const BYTES: usize = 256 << 20;
     dev.bind()?;
-    let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let ev = || dev.ctx.new_event(timing).cuda_op("creating a timing event");
     let (a, b) = (dev.pool.alloc(BYTES)?, dev.pool.alloc(BYTES)?);
     // SAFETY: the context is current; the arena is freed below after the streams sync
     // (an error before then leaves it allocated: a copy may still read it).
@@ -266,25 +267,21 @@ pub(crate) fn copy_bandwidth(dev: &Device) -> Result<(f64, f64)> {
         std::slice::from_raw_parts(host.cast::<u8>(), BYTES)
     };
     let (mut dtod, mut htod) = (0f64, 0f64);
+    dev.compute.synchronize().cuda_op("sync")?;
+    dev.copy.synchronize().cuda_op("sync")?;
     for _ in 0..4 {
-        let (s, e) = (ev()?, ev()?);
-        s.record(&dev.compute).cuda_op("recording")?;
+        let t = std::time::Instant::now();
         // SAFETY: both buffers hold BYTES bytes and are used only on this stream.
         unsafe { result::memcpy_dtod_async(b.ptr, a.ptr, BYTES, dev.compute.cu_stream()) }
             .cuda_op("device copy")?;
-        e.record(&dev.compute).cuda_op("recording")?;
-        let ms = s.elapsed_ms(&e).cuda_op("timing")? as f64;
-        dtod = dtod.max(2.0 * BYTES as f64 / (ms / 1e3));
-        let (s, e) = (ev()?, ev()?);
-        s.record(&dev.copy).cuda_op("recording")?;
-        // SAFETY: `host_slice` is pinned and outlives the copy (synchronised below).
+        dev.compute.synchronize().cuda_op("sync")?;
+        dtod = dtod.max(2.0 * BYTES as f64 / t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        // SAFETY: `host_slice` is pinned and outlives the copy (synchronised here).
         unsafe { result::memcpy_htod_async(a.ptr, host_slice, dev.copy.cu_stream()) }.cuda_op("host copy")?;
-        e.record(&dev.copy).cuda_op("recording")?;
-        let ms = s.elapsed_ms(&e).cuda_op("timing")? as f64;
-        htod = htod.max(BYTES as f64 / (ms / 1e3));
+        dev.copy.synchronize().cuda_op("sync")?;
+        htod = htod.max(BYTES as f64 / t.elapsed().as_secs_f64());
     }
-    dev.copy.synchronize().cuda_op("sync")?;
-    dev.compute.synchronize().cuda_op("sync")?;
     // SAFETY: no copy uses the arena any more (both streams synchronised).
     unsafe { result::free_host(host) }.cuda_op("freeing pinned memory")?;
     Ok((dtod, htod))

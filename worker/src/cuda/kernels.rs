@@ -1,21 +1,29 @@
-//! The `.cu` kernel sources, compiled at start-up with NVRTC for the device's
-//! own architecture, and the launch shapes used with them. The PTX is cached on
-//! disk per source and architecture (`$ZEROSHARD_KERNEL_CACHE`, else
+//! The `.cu` kernel sources, compiled with NVRTC for the device's own
+//! architecture (`sm_XY`, machine code: no PTX for the driver to JIT, so an
+//! NVRTC newer than the driver within one CUDA major version works), and the
+//! launch shapes used with them. The CUBIN is cached on disk per source,
+//! architecture and NVRTC version (`$ZEROSHARD_KERNEL_CACHE`, else
 //! `~/.cache/zeroshard/kernels`), so later processes skip NVRTC.
+//!
+//! [`compile`] is the one NVRTC path: the backend's start-up and
+//! `zeroshard cuda kernels` (which compiles every source for many
+//! architectures, PTX and CUBIN, and fails on any warning) both go through it.
+use std::ffi::CString;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
 use super::device::CudaResultExt;
-use crate::error::Result;
+use super::versions::Version;
+use crate::error::{Result, WorkerError};
 
 /// Shared prelude (f16 conversions, reductions), prepended to every file.
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 
 /// Each kernel file and the `extern "C"` kernels it defines.
-pub(crate) const SOURCES: &[(&str, &str, &[&str])] = &[
+pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "elementwise.cu",
         include_str!("kernels/elementwise.cu"),
@@ -26,6 +34,9 @@ pub(crate) const SOURCES: &[(&str, &str, &[&str])] = &[
     ("attention.cu", include_str!("kernels/attention.cu"), &["kv_append", "attention"]),
 ];
 
+/// Options every source is compiled with (and the architecture).
+const OPTIONS: &[&str] = &["--std=c++17"];
+
 /// The largest head the attention kernel holds (`ATT_MAX_HEAD_DIM`).
 pub(crate) const MAX_HEAD_DIM: usize = 256;
 /// Threads per block of the row kernels and attention.
@@ -33,6 +44,115 @@ pub(crate) const BLOCK: u32 = 256;
 pub(crate) const ATTENTION_BLOCK: u32 = 128;
 /// Grid-stride kernels use at most this many blocks.
 const MAX_BLOCKS: u64 = 8192;
+
+/// Threads per block `kernel` is launched with (no kernel uses dynamic shared memory).
+pub fn threads_per_block(kernel: &str) -> u32 {
+    if kernel == "attention" {
+        ATTENTION_BLOCK
+    } else {
+        BLOCK
+    }
+}
+
+/// What NVRTC makes: PTX for a virtual architecture (`compute_XY`), or machine
+/// code for a real one (`sm_XY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Ptx,
+    Cubin,
+}
+
+/// One source compiled: the image and NVRTC's log (empty when clean).
+pub struct Compiled {
+    pub image: Vec<u8>,
+    pub log: String,
+}
+
+/// Compiles kernel file `file` (with the shared prelude, and `extra` appended)
+/// for compute capability `cc` (90 for 9.0) into `output`. The error is the head
+/// of NVRTC's log, or the NVRTC call that failed.
+pub fn compile(
+    file: &str,
+    src: &str,
+    extra: &str,
+    cc: u32,
+    output: Output,
+) -> std::result::Result<Compiled, String> {
+    let full =
+        CString::new(format!("{COMMON}\n{src}{extra}")).map_err(|_| format!("{file}: NUL in source"))?;
+    let name = CString::new(file).map_err(|_| format!("{file}: NUL in name"))?;
+    let arch = match output {
+        Output::Ptx => format!("--gpu-architecture=compute_{cc}"),
+        Output::Cubin => format!("--gpu-architecture=sm_{cc}"),
+    };
+    let options: Vec<&str> = OPTIONS.iter().copied().chain([arch.as_str()]).collect();
+    let prog = nvrtc::create_program(&full, Some(&name))
+        .map_err(|e| format!("{file}: nvrtcCreateProgram: {e:?}"))?;
+    // SAFETY: `prog` was just created and is destroyed once, below; `full` and
+    // `name` outlive it.
+    let result = unsafe {
+        let compiled = nvrtc::compile_program(prog, &options);
+        let log = nvrtc::get_program_log(prog).map(|l| c_chars_to_string(&l)).unwrap_or_default();
+        let image = match (compiled, output) {
+            (Err(e), _) => Err(format!("{file} ({arch}): {e:?}: {}", log_head(&log))),
+            (Ok(()), Output::Ptx) => nvrtc::get_ptx(prog)
+                .map(|p| c_chars_to_string(&p).into_bytes())
+                .map_err(|e| format!("{file}: nvrtcGetPTX: {e:?}")),
+            (Ok(()), Output::Cubin) => cubin(prog).map_err(|e| format!("{file}: nvrtcGetCUBIN: {e:?}")),
+        };
+        let _ = nvrtc::destroy_program(prog);
+        image.map(|image| Compiled { image, log: log.trim().to_string() })
+    };
+    result
+}
+
+/// The CUBIN of a program compiled for a real architecture.
+///
+/// # Safety
+/// `prog` is a live, compiled program.
+unsafe fn cubin(prog: nvrtc_sys::nvrtcProgram) -> std::result::Result<Vec<u8>, nvrtc::NvrtcError> {
+    let mut size = 0usize;
+    // SAFETY: per the caller; NVRTC writes the size.
+    unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size) }.result()?;
+    let mut out = vec![0u8; size];
+    // SAFETY: `out` holds the `size` bytes NVRTC writes.
+    unsafe { nvrtc_sys::nvrtcGetCUBIN(prog, out.as_mut_ptr().cast()) }.result()?;
+    Ok(out)
+}
+
+/// NVRTC's C string (with its NUL) as text.
+fn c_chars_to_string(chars: &[std::ffi::c_char]) -> String {
+    let bytes: Vec<u8> = chars.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The first lines of an NVRTC log, on one line.
+fn log_head(log: &str) -> String {
+    log.lines().filter(|l| !l.trim().is_empty()).take(8).collect::<Vec<_>>().join(" | ")
+}
+
+/// The version of the NVRTC this process loaded, and the architectures it
+/// compiles for (`90` for `sm_90`). The caller has checked NVRTC is there
+/// ([`super::versions::nvrtc`]).
+pub fn nvrtc_info() -> std::result::Result<(Version, Vec<u32>), String> {
+    let (mut major, mut minor, mut n) = (0, 0, 0);
+    // SAFETY: out-parameters only; NVRTC's presence and symbols were checked.
+    unsafe {
+        nvrtc_sys::nvrtcVersion(&mut major, &mut minor)
+            .result()
+            .map_err(|e| format!("nvrtcVersion: {e:?}"))?;
+        nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n)
+            .result()
+            .map_err(|e| format!("nvrtcGetNumSupportedArchs: {e:?}"))?;
+    }
+    let mut archs = vec![0; n.max(0) as usize];
+    // SAFETY: `archs` holds the `n` ints NVRTC writes.
+    unsafe { nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+        .result()
+        .map_err(|e| format!("nvrtcGetSupportedArchs: {e:?}"))?;
+    let version = Version { major: major.max(0) as u32, minor: minor.max(0) as u32 };
+    Ok((version, archs.into_iter().map(|a| a.max(0) as u32).collect()))
+}
 
 /// Every kernel, loaded.
 pub(crate) struct Kernels {
@@ -52,15 +172,24 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    /// Compiles every source for this device (`compute_XY` of its capability) and
-    /// loads its kernels.
+    /// Compiles every source for this device (`sm_XY` of its capability) and
+    /// loads its kernels. An NVRTC that cannot target the device is refused
+    /// naming both.
     pub(super) fn compile(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().cuda_op("reading the compute capability")?;
-        // NVRTC takes a 'static name; one leaked string per process and device kind.
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let cc = (major * 10 + minor).max(0) as u32;
+        let (nvrtc_version, archs) = nvrtc_info().map_err(WorkerError::Setup)?;
+        if !archs.contains(&cc) {
+            return Err(WorkerError::Setup(format!(
+                "NVRTC {nvrtc_version} cannot compile for sm_{cc} (this GPU; it targets sm_{}..sm_{}): \
+                 put a newer NVRTC on LD_LIBRARY_PATH",
+                archs.first().unwrap_or(&0),
+                archs.last().unwrap_or(&0)
+            )));
+        }
         let mut found = std::collections::HashMap::new();
         for (file, src, names) in SOURCES {
-            let module = load(ctx, file, src, arch)?;
+            let module = load(ctx, file, src, cc, nvrtc_version)?;
             for name in *names {
                 let f = module.load_function(name).cuda_op(&format!("loading kernel {name} of {file}"))?;
                 found.insert(*name, f);
@@ -85,72 +214,47 @@ impl Kernels {
     }
 }
 
-/// The module of one source: from the PTX cache when it loads, else compiled
+/// The module of one source: from the CUBIN cache when it loads, else compiled
 /// (and cached; a cache that cannot be written is only skipped).
-fn load(ctx: &Arc<CudaContext>, file: &str, src: &str, arch: &'static str) -> Result<Arc<CudaModule>> {
-    let full = format!("{COMMON}\n{src}");
-    let cached = cache_path(file, arch, &full);
-    if let Some(ptx) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        match ctx.load_module(Ptx::from_src(ptx)) {
+fn load(ctx: &Arc<CudaContext>, file: &str, src: &str, cc: u32, nvrtc: Version) -> Result<Arc<CudaModule>> {
+    let cached = cache_path(file, &format!("sm_{cc}-nvrtc{nvrtc}"), &format!("{COMMON}\n{src}"));
+    if let Some(image) = cached.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        match ctx.load_module(Ptx::from_binary(image)) {
             Ok(m) => return Ok(m),
-            Err(e) => tracing::warn!("cached PTX of {file} did not load ({e:?}); recompiling"),
+            Err(e) => tracing::warn!("cached CUBIN of {file} did not load ({e:?}); recompiling"),
         }
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        name: Some(file.into()),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(&full, opts)
-        .map_err(NvrtcFailure)
-        .cuda_op(&format!("NVRTC compiling {file} for {arch}"))?;
+    let compiled = compile(file, src, "", cc, Output::Cubin)
+        .map_err(|e| WorkerError::Setup(format!("NVRTC compiling {e}")))?;
+    if !compiled.log.is_empty() {
+        tracing::warn!("NVRTC warnings for {file} (sm_{cc}): {}", log_head(&compiled.log));
+    }
     if let Some(p) = &cached {
-        let written =
-            p.parent().map(std::fs::create_dir_all).transpose().and_then(|_| std::fs::write(p, ptx.to_src()));
+        let written = p
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| std::fs::write(p, &compiled.image));
         if let Err(e) = written {
-            tracing::debug!("not caching {file}'s PTX at {}: {e}", p.display());
+            tracing::debug!("not caching {file}'s CUBIN at {}: {e}", p.display());
         }
     }
-    ctx.load_module(ptx).cuda_op(&format!("loading {file} ({arch})"))
+    ctx.load_module(Ptx::from_binary(compiled.image)).cuda_op(&format!("loading {file} (sm_{cc})"))
 }
 
-/// `<cache>/<file>-<arch>-<hash of the source>.ptx`, or `None` with no cache folder.
-fn cache_path(file: &str, arch: &str, source: &str) -> Option<PathBuf> {
+/// `<cache>/<file>-<target>-<hash of the source>.cubin`, or `None` with no cache folder.
+fn cache_path(file: &str, target: &str, source: &str) -> Option<PathBuf> {
     let dir = match std::env::var_os("ZEROSHARD_KERNEL_CACHE") {
         Some(d) if d.is_empty() => return None,
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/zeroshard/kernels"),
     };
-    Some(dir.join(format!("{file}-{arch}-{:016x}.ptx", fnv1a(source.as_bytes()))))
+    Some(dir.join(format!("{file}-{target}-{:016x}.cubin", fnv1a(source.as_bytes()))))
 }
 
 /// FNV-1a, 64-bit: stable across builds, unlike `DefaultHasher`.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// An NVRTC failure that reads as the head of its compile log (cudarc's
-/// `CompileError` prints as its `Debug`, the whole log escaped on one line).
-#[derive(Debug)]
-struct NvrtcFailure(CompileError);
-
-impl std::fmt::Display for NvrtcFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            CompileError::CompileError { log, .. } => {
-                let head = log.to_string_lossy().lines().take(8).collect::<Vec<_>>().join(" | ");
-                write!(f, "{head}")
-            }
-            other => write!(f, "{other:?}"),
-        }
-    }
-}
-
-impl std::error::Error for NvrtcFailure {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
-    }
 }
 
 /// Grid-stride elementwise launch over `n` elements.
@@ -205,12 +309,13 @@ mod tests {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         std::env::set_var("ZEROSHARD_KERNEL_CACHE", "/tmp/zs-cache");
-        let a = cache_path("norm.cu", "compute_90", "x").expect("a path");
-        assert!(a.starts_with("/tmp/zs-cache") && a.to_string_lossy().contains("norm.cu-compute_90-"));
-        assert_ne!(a, cache_path("norm.cu", "compute_90", "y").expect("a path"));
-        assert_ne!(a, cache_path("norm.cu", "compute_80", "x").expect("a path"));
+        let a = cache_path("norm.cu", "sm_90-nvrtc12.9", "x").expect("a path");
+        assert!(a.starts_with("/tmp/zs-cache") && a.to_string_lossy().contains("norm.cu-sm_90-nvrtc12.9-"));
+        assert_ne!(a, cache_path("norm.cu", "sm_90-nvrtc12.9", "y").expect("a path"));
+        assert_ne!(a, cache_path("norm.cu", "sm_80-nvrtc12.9", "x").expect("a path"));
+        assert_ne!(a, cache_path("norm.cu", "sm_90-nvrtc13.0", "x").expect("a path"));
         std::env::set_var("ZEROSHARD_KERNEL_CACHE", "");
-        assert_eq!(cache_path("norm.cu", "compute_90", "x"), None);
+        assert_eq!(cache_path("norm.cu", "sm_90-nvrtc12.9", "x"), None);
         std::env::remove_var("ZEROSHARD_KERNEL_CACHE");
     }
 

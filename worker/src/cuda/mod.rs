@@ -3,8 +3,10 @@
 //! rest, the KV cache on the device, weights staged from host memory.
 //!
 //! CUDA is loaded at run time: [`probe`] says whether a driver and a device
-//! exist without calling into a missing library (cudarc panics then), so the
-//! same binary runs, and every test passes, on machines without CUDA.
+//! exist, and whether the driver, cuBLAS and NVRTC are versions the backend runs
+//! on ([`versions`]), without calling into a missing library or entry point
+//! (cudarc panics then), so the same binary runs, and every test passes, on
+//! machines without CUDA.
 //!
 //! ```ignore
 //! match cuda::probe() {
@@ -18,6 +20,7 @@
 //!
 //! - [`device`]: context, compute and copy streams, memory pool, upload arena.
 //! - [`kernels`]: sources, NVRTC compilation, launch shapes.
+//! - [`versions`]: the driver, cuBLAS and NVRTC found, and what the backend needs.
 //! - [`ops`]: elementwise, row and norm ops, the cuBLAS linear.
 //! - [`attention`]: the device KV cache and attention.
 //! - [`staging`]: resident weights and the staging ring.
@@ -28,11 +31,12 @@
 //! device cannot be trusted again. Nothing here panics on a device error.
 mod attention;
 mod device;
-mod kernels;
+pub mod kernels;
 mod ops;
 mod staging;
 #[cfg(test)]
 mod tests;
+pub mod versions;
 
 use std::sync::{Arc, Mutex};
 
@@ -56,17 +60,45 @@ pub enum CudaProbe {
     Unavailable(String),
 }
 
-/// Looks for the driver library, then asks it for devices. Never panics.
+/// Checks the driver, cuBLAS and NVRTC ([`versions::check`]), then asks the
+/// driver for devices. Never panics.
 pub fn probe() -> CudaProbe {
-    // SAFETY: only tries to open the driver library; nothing is called in it.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return CudaProbe::Unavailable("the CUDA driver library (libcuda.so) is not installed".into());
+    if let (_, Err(why)) = versions::check() {
+        return CudaProbe::Unavailable(why);
     }
     match cudarc::driver::CudaContext::device_count() {
         Ok(n) if n > 0 => CudaProbe::Devices(n as usize),
         Ok(_) => CudaProbe::Unavailable("the CUDA driver reports no device".into()),
         Err(e) => CudaProbe::Unavailable(format!("the CUDA driver failed to start ({e:?})")),
     }
+}
+
+/// One CUDA device, as `zeroshard cuda info` lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// `major.minor`, e.g. `9.0`.
+    pub capability: String,
+    pub memory_bytes: usize,
+}
+
+/// Every device the driver reports (the caller has probed).
+pub fn devices() -> Result<Vec<DeviceInfo>> {
+    let n = cudarc::driver::CudaContext::device_count().cuda_op("counting CUDA devices")?;
+    (0..n.max(0) as usize)
+        .map(|ordinal| {
+            let ctx =
+                cudarc::driver::CudaContext::new(ordinal).cuda_op(&format!("opening cuda:{ordinal}"))?;
+            let (major, minor) = ctx.compute_capability().cuda_op("reading the compute capability")?;
+            Ok(DeviceInfo {
+                ordinal,
+                name: ctx.name().unwrap_or_else(|_| "unknown device".into()),
+                capability: format!("{major}.{minor}"),
+                memory_bytes: ctx.total_mem().cuda_op("cuDeviceTotalMem")?,
+            })
+        })
+        .collect()
 }
 
 /// `(free, total)` bytes of device `ordinal` (the caller has probed).
@@ -134,20 +166,10 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
-    /// Opens device `opts.ordinal` and compiles the kernels. The caller probes first.
+    /// Opens device `opts.ordinal` and compiles the kernels. Refuses a driver,
+    /// cuBLAS or NVRTC it cannot run on ([`versions::check`]) in one line.
     pub fn new(opts: &CudaOptions) -> Result<Self> {
-        for (present, lib) in [
-            // SAFETY: each only tries to open a library.
-            (unsafe { cudarc::cublas::sys::is_culib_present() }, "cuBLAS (libcublas.so)"),
-            // SAFETY: as above.
-            (unsafe { cudarc::nvrtc::sys::is_culib_present() }, "NVRTC (libnvrtc.so)"),
-        ] {
-            if !present {
-                return Err(WorkerError::Setup(format!(
-                    "{lib} is not on the library path: add its folder to LD_LIBRARY_PATH"
-                )));
-            }
-        }
+        versions::check().1.map_err(WorkerError::Setup)?;
         let dev = Device::open(opts.ordinal)?;
         let name =
             format!("cuda:{} ({})", opts.ordinal, dev.ctx.name().unwrap_or_else(|_| "unknown device".into()));
