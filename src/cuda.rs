@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use zeroshard_worker::cuda::kernels::{self, Output, SOURCES};
+use zeroshard_worker::cuda::kernels::{self, Nvrtc, Output, SOURCES};
 use zeroshard_worker::cuda::{self, versions};
 
 use crate::args::{CudaCommand, CudaKernelsArgs};
@@ -27,7 +27,7 @@ fn info() -> Result<()> {
         Err(_) => Vec::new(),
     };
     // Only asked of an NVRTC the check found (calling a missing one panics in cudarc).
-    let nvrtc_archs = report.nvrtc.as_ref().and_then(|_| kernels::nvrtc_info().ok()).map(|(_, archs)| archs);
+    let nvrtc_archs = report.nvrtc.as_ref().and_then(|_| Nvrtc::loaded().ok()).map(|n| n.archs);
     let out = json!({
         "driver": report.driver,
         "nvrtc": report.nvrtc,
@@ -47,18 +47,16 @@ fn info() -> Result<()> {
 /// warning fails. With `--out`, the images and `launch.tsv` (each kernel's
 /// block size) are written there.
 fn compile_kernels(a: CudaKernelsArgs) -> Result<()> {
-    versions::nvrtc(None).map_err(anyhow::Error::msg)?;
-    let (version, supported) = kernels::nvrtc_info().map_err(anyhow::Error::msg)?;
+    let nvrtc = Nvrtc::loaded().map_err(anyhow::Error::msg)?;
+    let version = nvrtc.version;
     let archs: Vec<u32> = match &a.arch {
         Some(list) => list.iter().map(|s| parse_arch(s)).collect::<Result<_>>()?,
-        None => [80, 86, 89, 90, 100].into_iter().filter(|cc| *cc < 100 || supported.contains(cc)).collect(),
+        None => {
+            [80, 86, 89, 90, 100].into_iter().filter(|cc| *cc < 100 || nvrtc.archs.contains(cc)).collect()
+        }
     };
-    if let Some(cc) = archs.iter().find(|cc| !supported.contains(cc)) {
-        bail!(
-            "NVRTC {version} cannot compile for sm_{cc} (it targets sm_{}..sm_{})",
-            supported.first().unwrap_or(&0),
-            supported.last().unwrap_or(&0)
-        );
+    for cc in &archs {
+        nvrtc.targets(*cc).map_err(anyhow::Error::msg)?;
     }
     if let Some(dir) = &a.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -69,21 +67,19 @@ fn compile_kernels(a: CudaKernelsArgs) -> Result<()> {
     for cc in &archs {
         let (mut ptx_bytes, mut cubin_bytes) = (0, 0);
         for (file, src, _) in SOURCES {
-            for (output, name) in
-                [(Output::Ptx, format!("compute_{cc}")), (Output::Cubin, format!("sm_{cc}"))]
-            {
+            for output in [Output::Ptx, Output::Cubin] {
+                let target = output.target(*cc);
                 match kernels::compile(file, src, &extra, *cc, output) {
                     Err(e) => failures.push(e),
                     Ok(c) if !c.log.is_empty() => failures
-                        .push(format!("{file} ({name}): warning: {}", c.log.lines().next().unwrap_or(""))),
+                        .push(format!("{file} ({target}): warning: {}", c.log.lines().next().unwrap_or(""))),
                     Ok(c) => {
                         match output {
                             Output::Ptx => ptx_bytes += c.image.len(),
                             Output::Cubin => cubin_bytes += c.image.len(),
                         }
                         if let Some(dir) = &a.out {
-                            let ext = if output == Output::Ptx { "ptx" } else { "cubin" };
-                            let path = dir.join(format!("{file}-{name}.{ext}"));
+                            let path = dir.join(format!("{file}-{target}.{}", output.extension()));
                             std::fs::write(&path, &c.image)
                                 .with_context(|| format!("writing {}", path.display()))?;
                         }

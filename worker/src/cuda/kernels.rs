@@ -62,6 +62,24 @@ pub enum Output {
     Cubin,
 }
 
+impl Output {
+    /// The architecture NVRTC is given for compute capability `cc`: `compute_90`, `sm_90`.
+    pub fn target(self, cc: u32) -> String {
+        match self {
+            Output::Ptx => format!("compute_{cc}"),
+            Output::Cubin => format!("sm_{cc}"),
+        }
+    }
+
+    /// The file extension of the image.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Output::Ptx => "ptx",
+            Output::Cubin => "cubin",
+        }
+    }
+}
+
 /// One source compiled: the image and NVRTC's log (empty when clean).
 pub struct Compiled {
     pub image: Vec<u8>,
@@ -81,16 +99,13 @@ pub fn compile(
     let full =
         CString::new(format!("{COMMON}\n{src}{extra}")).map_err(|_| format!("{file}: NUL in source"))?;
     let name = CString::new(file).map_err(|_| format!("{file}: NUL in name"))?;
-    let arch = match output {
-        Output::Ptx => format!("--gpu-architecture=compute_{cc}"),
-        Output::Cubin => format!("--gpu-architecture=sm_{cc}"),
-    };
+    let arch = format!("--gpu-architecture={}", output.target(cc));
     let options: Vec<&str> = OPTIONS.iter().copied().chain([arch.as_str()]).collect();
     let prog = nvrtc::create_program(&full, Some(&name))
         .map_err(|e| format!("{file}: nvrtcCreateProgram: {e:?}"))?;
     // SAFETY: `prog` was just created and is destroyed once, below; `full` and
     // `name` outlive it.
-    let result = unsafe {
+    unsafe {
         let compiled = nvrtc::compile_program(prog, &options);
         let log = nvrtc::get_program_log(prog).map(|l| c_chars_to_string(&l)).unwrap_or_default();
         let image = match (compiled, output) {
@@ -102,8 +117,7 @@ pub fn compile(
         };
         let _ = nvrtc::destroy_program(prog);
         image.map(|image| Compiled { image, log: log.trim().to_string() })
-    };
-    result
+    }
 }
 
 /// The CUBIN of a program compiled for a real architecture.
@@ -131,27 +145,43 @@ fn log_head(log: &str) -> String {
     log.lines().filter(|l| !l.trim().is_empty()).take(8).collect::<Vec<_>>().join(" | ")
 }
 
-/// The version of the NVRTC this process loaded, and the architectures it
-/// compiles for (`90` for `sm_90`). The caller has checked NVRTC is there
-/// ([`super::versions::nvrtc`]).
-pub fn nvrtc_info() -> std::result::Result<(Version, Vec<u32>), String> {
-    let (mut major, mut minor, mut n) = (0, 0, 0);
-    // SAFETY: out-parameters only; NVRTC's presence and symbols were checked.
-    unsafe {
-        nvrtc_sys::nvrtcVersion(&mut major, &mut minor)
-            .result()
-            .map_err(|e| format!("nvrtcVersion: {e:?}"))?;
-        nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n)
+/// The NVRTC this process loaded: its version and the architectures it
+/// compiles for (`90` for `sm_90`).
+pub struct Nvrtc {
+    pub version: Version,
+    pub archs: Vec<u32>,
+}
+
+impl Nvrtc {
+    /// Checks NVRTC ([`super::versions::nvrtc`], no driver to compare with), then
+    /// asks it for its architectures.
+    pub fn loaded() -> std::result::Result<Self, String> {
+        let version = super::versions::nvrtc(None)?;
+        let mut n = 0;
+        // SAFETY: an out-parameter only; NVRTC's presence and symbols were checked.
+        unsafe { nvrtc_sys::nvrtcGetNumSupportedArchs(&mut n) }
             .result()
             .map_err(|e| format!("nvrtcGetNumSupportedArchs: {e:?}"))?;
+        let mut archs = vec![0; n.max(0) as usize];
+        // SAFETY: `archs` holds the `n` ints NVRTC writes.
+        unsafe { nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+            .result()
+            .map_err(|e| format!("nvrtcGetSupportedArchs: {e:?}"))?;
+        Ok(Self { version, archs: archs.into_iter().map(|a| a.max(0) as u32).collect() })
     }
-    let mut archs = vec![0; n.max(0) as usize];
-    // SAFETY: `archs` holds the `n` ints NVRTC writes.
-    unsafe { nvrtc_sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
-        .result()
-        .map_err(|e| format!("nvrtcGetSupportedArchs: {e:?}"))?;
-    let version = Version { major: major.max(0) as u32, minor: minor.max(0) as u32 };
-    Ok((version, archs.into_iter().map(|a| a.max(0) as u32).collect()))
+
+    /// Whether this NVRTC compiles for `sm_{cc}`; if not, why, in one line.
+    pub fn targets(&self, cc: u32) -> std::result::Result<(), String> {
+        if self.archs.contains(&cc) {
+            return Ok(());
+        }
+        Err(format!(
+            "NVRTC {} cannot compile for sm_{cc} (it targets sm_{}..sm_{}): put a newer NVRTC on LD_LIBRARY_PATH",
+            self.version,
+            self.archs.first().unwrap_or(&0),
+            self.archs.last().unwrap_or(&0)
+        ))
+    }
 }
 
 /// Every kernel, loaded.
@@ -178,18 +208,11 @@ impl Kernels {
     pub(super) fn compile(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().cuda_op("reading the compute capability")?;
         let cc = (major * 10 + minor).max(0) as u32;
-        let (nvrtc_version, archs) = nvrtc_info().map_err(WorkerError::Setup)?;
-        if !archs.contains(&cc) {
-            return Err(WorkerError::Setup(format!(
-                "NVRTC {nvrtc_version} cannot compile for sm_{cc} (this GPU; it targets sm_{}..sm_{}): \
-                 put a newer NVRTC on LD_LIBRARY_PATH",
-                archs.first().unwrap_or(&0),
-                archs.last().unwrap_or(&0)
-            )));
-        }
+        let nvrtc = Nvrtc::loaded().map_err(WorkerError::Setup)?;
+        nvrtc.targets(cc).map_err(WorkerError::Setup)?;
         let mut found = std::collections::HashMap::new();
         for (file, src, names) in SOURCES {
-            let module = load(ctx, file, src, cc, nvrtc_version)?;
+            let module = load(ctx, file, src, cc, nvrtc.version)?;
             for name in *names {
                 let f = module.load_function(name).cuda_op(&format!("loading kernel {name} of {file}"))?;
                 found.insert(*name, f);
