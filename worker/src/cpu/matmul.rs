@@ -6,13 +6,13 @@
 //!
 //! Two regimes, by the number of activation rows `n`:
 //! - decode and small batches (`n ≤ 32`, [`kernel::decode`]): dot products that stream
-//!   each weight row once, two long runs of rows side by side, against tiles of up to
-//!   eight activation rows; from nine rows on, weight rows are taken an L2-sized block at
-//!   a time and every tile meets the block ([`kernel::blocked`]). Bound by memory
-//!   bandwidth, then by arithmetic with little overhead.
+//!   each weight row once, a few long runs of rows side by side, against tiles of up to
+//!   eight activation rows (four on AVX2); beyond one tile, weight rows are taken an
+//!   L2-sized block at a time and every tile meets the block ([`kernel::blocked`]). Bound
+//!   by memory bandwidth, then by arithmetic with little overhead.
 //! - prefill and large batches (`n > 32`, [`gemm`]): activations packed once, weights
 //!   widened and transposed a cache-sized panel at a time, and a register-blocked
-//!   outer-product micro-kernel (4×24 on AVX2, 8×48 on AVX-512) over them; bound by
+//!   outer-product micro-kernel (6×16 on AVX2, 8×48 on AVX-512) over them; bound by
 //!   arithmetic. (Below 33 rows the packing costs more than it saves: measured with
 //!   `examples/matmul_bench`.)
 //!
@@ -52,7 +52,7 @@ const TASK_MIN_WORK: usize = 128 * 1024;
 /// Weight rows per parallel task are a multiple of this (of every panel and lane count).
 const TASK_ROW_MULTIPLE: usize = 48;
 
-/// Activation rows up to which a product is dot products (tiles of eight activation rows
+/// Activation rows up to which a product is dot products (tiles of a few activation rows
 /// against blocks of weight rows); more go through the packed GEMM.
 const DECODE_ROWS: usize = 32;
 
