@@ -200,8 +200,18 @@ unsafe fn dots<const N: usize, const R: usize, const U: usize>(
     // The sums first, in loops of constant length only: a loop of unknown length among
     // them keeps `acc` in memory, and the loops above then store every accumulator on
     // every step.
-    let mut d =
-        acc.map(|acc_i| acc_i.map(|a| hsum(a.iter().fold(_mm256_setzero_ps(), |s, p| _mm256_add_ps(s, *p)))));
+    // (No closures either: they do not inherit the target features, so `hsum` would be a
+    // call.)
+    let mut d = [[0f32; R]; N];
+    for (d_i, acc_i) in d.iter_mut().zip(&acc) {
+        for (v, a) in d_i.iter_mut().zip(acc_i) {
+            let mut s = a[0];
+            for p in &a[1..] {
+                s = _mm256_add_ps(s, *p);
+            }
+            *v = hsum(s);
+        }
+    }
     for (d_i, x_i) in d.iter_mut().zip(x) {
         for (v, w_r) in d_i.iter_mut().zip(w) {
             for (p, q) in x_i[kk..].iter().zip(&w_r[kk..]) {
