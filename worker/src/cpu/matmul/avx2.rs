@@ -9,23 +9,24 @@ use std::arch::x86_64::*;
 pub(super) struct Avx2;
 
 /// `out = x · wᵀ` over the window by dot products (decode and small batches): tiles of up
-/// to four activation rows, with shapes chosen for 16 vector registers. Four rows against
-/// three weight rows (12 accumulators) load 7 vectors per 12 FMAs; eight rows against one
-/// (today's AVX-512 shape) would load 9 per 8 and, with `k` in the thousands, keep its
-/// activations in L2 rather than L1 (measured at batch 8: about a third slower).
+/// to eight activation rows, each as two halves of up to four against three weight rows
+/// ([`kernel::decode_pair`]; 12 accumulators, 7 loads per 12 FMAs, in 16 vector registers).
+/// Eight rows against one weight row would load 9 vectors per 8 FMAs and, with `k` in the
+/// thousands, keep its activations in L2 rather than L1 (measured at batch 8: about a third
+/// slower); the halves one after the other over the whole window, about a fifth slower.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 pub(super) unsafe fn decode(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize) {
-    if x.len() / k > 4 {
+    if x.len() / k > 8 {
         // SAFETY (the closure): the caller guarantees the instruction set.
-        return kernel::blocked(x, w, out, k, 4, |x, w, out, at| unsafe { decode_tile(x, w, out, k, at) });
+        return kernel::blocked(x, w, out, k, 8, |x, w, out, at| unsafe { decode_tile(x, w, out, k, at) });
     }
     // SAFETY: as above.
     unsafe { decode_tile(x, w, out, k, (0, 0)) }
 }
 
-/// One tile of at most four rows: [`decode`]'s kernels, `at` as in [`kernel::decode`].
+/// One tile of at most eight rows: [`decode`]'s kernels, `at` as in [`kernel::decode`].
 ///
 /// # Safety
 /// As [`decode`].
@@ -37,7 +38,8 @@ unsafe fn decode_tile(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize, at:
             2 => kernel::decode::<Avx2, 2, 2, 2>(x, w, out, k, at),
             3 => kernel::decode::<Avx2, 3, 2, 1>(x, w, out, k, at),
             4 => kernel::decode::<Avx2, 4, 3, 1>(x, w, out, k, at),
-            n => unreachable!("a decode tile of {n} rows: at most four"),
+            5..=8 => kernel::decode_pair::<Avx2, 4, 3, 1>(x, w, out, k, at),
+            n => unreachable!("a decode tile of {n} rows: at most eight"),
         }
     }
 }

@@ -51,6 +51,70 @@ pub(super) unsafe fn decode<D: Dots, const N: usize, const R: usize, const U: us
     }
 }
 
+/// [`decode`] for up to `2·N` activation rows, as a tile of `N` rows and one of the rest:
+/// both tiles meet each group of `R` weight rows in turn, the second while the group is
+/// still in L1, so the weights stream from memory once and without pause. (A tile at a
+/// time over the whole window would read them from memory, then again from L2, and the
+/// memory would stand idle during the second pass.)
+///
+/// # Safety
+/// As [`decode`].
+pub(super) unsafe fn decode_pair<D: Dots, const N: usize, const R: usize, const U: usize>(
+    x: &[f32],
+    w: &[f16],
+    out: &mut OutCols<'_>,
+    k: usize,
+    at: (usize, usize),
+) {
+    let n = x.len() / k;
+    assert!(n >= N && n <= 2 * N, "decode_pair: {n} rows for tiles of {N}");
+    let xs: [&[f32]; N] = array::from_fn(|i| &x[i * k..(i + 1) * k]);
+    let rest = &x[N * k..];
+    let rows = w.len() / k;
+    let lane = rows / R;
+    for j in 0..lane {
+        let group: [usize; R] = array::from_fn(|r| r * lane + j);
+        // SAFETY: the caller guarantees `D`'s instruction set.
+        unsafe { meet::<D, N, R, U>(xs, rest, group.map(|row| &w[row * k..(row + 1) * k]), out, at, group) };
+    }
+    for row in R * lane..rows {
+        // SAFETY: as above.
+        unsafe { meet::<D, N, 1, U>(xs, rest, [&w[row * k..(row + 1) * k]], out, at, [row]) };
+    }
+}
+
+/// One group of weight rows `ws` (at window rows `group`) against both tiles of
+/// [`decode_pair`]: `xs`, then the rest's rows.
+///
+/// # Safety
+/// As [`decode`].
+#[inline(always)]
+unsafe fn meet<D: Dots, const N: usize, const R: usize, const U: usize>(
+    xs: [&[f32]; N],
+    rest: &[f32],
+    ws: [&[f16]; R],
+    out: &mut OutCols<'_>,
+    (i0, j0): (usize, usize),
+    group: [usize; R],
+) {
+    let k = xs[0].len();
+    let r = |i: usize| &rest[i * k..(i + 1) * k];
+    let cols = group.map(|c| j0 + c);
+    // SAFETY (every call): the caller guarantees `D`'s instruction set.
+    unsafe {
+        store(out, i0, cols, D::dots::<N, R, U>(xs, ws));
+        let i0 = i0 + N;
+        match rest.len() / k {
+            0 => {}
+            1 => store(out, i0, cols, D::dots::<1, R, U>([r(0)], ws)),
+            2 => store(out, i0, cols, D::dots::<2, R, U>([r(0), r(1)], ws)),
+            3 => store(out, i0, cols, D::dots::<3, R, U>([r(0), r(1), r(2)], ws)),
+            4 => store(out, i0, cols, D::dots::<4, R, U>([r(0), r(1), r(2), r(3)], ws)),
+            n => unreachable!("a second tile of {n} rows: at most four"),
+        }
+    }
+}
+
 /// Weight bytes per block of [`blocked`]: read from memory once, then from L2 for every
 /// further tile of activation rows.
 const BLOCK_BYTES: usize = 192 * 1024;
