@@ -22,6 +22,85 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
 }
 
+/// `[q·k[0], .., q·k[3]]`: four keys' scores as four independent sums of fused
+/// multiply-adds, so that one does not wait on the last addition of the other (the
+/// compiler, left to [`dot`] four times, vectorizes across the keys instead).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_avx2(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = q.len();
+    assert!(k.iter().all(|k| k.len() == n), "dot4: keys of another length than the query");
+    let n8 = n / 8 * 8;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for c in (0..n8).step_by(8) {
+        // SAFETY: `c + 8 <= n8 <= n`, inside the query and every key.
+        let x = unsafe { _mm256_loadu_ps(q.as_ptr().add(c)) };
+        for (acc, k) in acc.iter_mut().zip(k) {
+            // SAFETY: as above.
+            *acc = _mm256_fmadd_ps(x, unsafe { _mm256_loadu_ps(k.as_ptr().add(c)) }, *acc);
+        }
+    }
+    // Pairwise sums of the four accumulators' lanes, then of the two halves: lane t is key t.
+    let h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    let mut d = [0f32; 4];
+    // SAFETY: `d` holds four floats.
+    unsafe { _mm_storeu_ps(d.as_mut_ptr(), s) };
+    for (d, k) in d.iter_mut().zip(k) {
+        *d += q[n8..].iter().zip(&k[n8..]).map(|(x, y)| x * y).sum::<f32>();
+    }
+    d
+}
+
+/// `scores[t] = q·k(j0 + t)` for a block of keys: four at a time where the CPU has AVX2.
+#[inline(always)]
+fn score<'k>(q: &[f32], scores: &mut [f32], k: impl Fn(usize) -> &'k [f32]) {
+    let mut t = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::matmul::vectorized() {
+        while t + 4 <= scores.len() {
+            // SAFETY: `vectorized` means AVX2, FMA and F16C were detected.
+            let d = unsafe { dot4_avx2(q, [k(t), k(t + 1), k(t + 2), k(t + 3)]) };
+            scores[t..t + 4].copy_from_slice(&d);
+            t += 4;
+        }
+    }
+    for (t, sc) in scores.iter_mut().enumerate().skip(t) {
+        *sc = dot(q, k(t));
+    }
+}
+
+/// Columns of a head's output summed at a time in registers over a block of keys.
+const OUT_COLS: usize = 64;
+
+/// `out += Σ_j p[j] · v(j)` over a block of keys: [`OUT_COLS`] columns at a time held in
+/// registers for the whole block, where adding one key at a time would load and store
+/// `out` for every key.
+#[inline(always)]
+fn add_weighted<'v>(out: &mut [f32], p: &[f32], v: impl Fn(usize) -> &'v [f32]) {
+    for (c, out) in out.chunks_mut(OUT_COLS).enumerate() {
+        let cols = c * OUT_COLS..c * OUT_COLS + out.len();
+        if let Ok(out) = <&mut [f32; OUT_COLS]>::try_from(&mut *out) {
+            let mut acc = *out;
+            for (j, p) in p.iter().enumerate() {
+                let v: &[f32; OUT_COLS] = v(j)[cols.clone()].try_into().expect("a full chunk");
+                for l in 0..OUT_COLS {
+                    acc[l] += p * v[l];
+                }
+            }
+            *out = acc;
+        } else {
+            for (j, p) in p.iter().enumerate() {
+                out.iter_mut().zip(&v(j)[cols.clone()]).for_each(|(a, b)| *a += p * b);
+            }
+        }
+    }
+}
+
 /// One query head of one row against its keys.
 struct Head<'a> {
     /// The query, `head_dim` values.
@@ -57,8 +136,9 @@ fn attend_portable(head: &Head<'_>, out: &mut [f32]) {
     for j0 in head.keys.clone().step_by(KEY_BLOCK) {
         let keys = j0..(j0 + KEY_BLOCK).min(head.keys.end() + 1);
         let block = &mut scores[..keys.len()];
+        score(head.q, block, |t| &head.k[at(keys.start + t)]);
         for (j, sc) in keys.clone().zip(block.iter_mut()) {
-            *sc = dot(head.q, &head.k[at(j)]) * head.scale;
+            *sc *= head.scale;
             if let Some(slope) = head.slope {
                 *sc += slope * j as f32;
             }
@@ -73,9 +153,7 @@ fn attend_portable(head: &Head<'_>, out: &mut [f32]) {
         }
         block.iter_mut().for_each(|sc| *sc = ops::exp(*sc - max));
         sum += block.iter().sum::<f32>();
-        for (j, p) in keys.zip(block.iter()) {
-            out.iter_mut().zip(&head.v[at(j)]).for_each(|(a, b)| *a += p * b);
-        }
+        add_weighted(out, block, |j| &head.v[at(keys.start + j)]);
     }
     let inv = 1.0 / sum;
     out.iter_mut().for_each(|a| *a *= inv);
