@@ -268,52 +268,56 @@ mod tests {
     fn blocked_online_softmax_matches_the_direct_formula() {
         // 150 positions (three key blocks, the last partial), 4 query heads over 2 kv heads,
         // a sliding window of 100, and scores large enough that an unstable softmax overflows.
-        let (rows, heads, kv_heads, hd) = (150, 4, 2, 5);
-        let mut seed = 7u64;
-        let mut next = || {
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
-        let q = CpuTensor::new((0..rows * heads * hd).map(|_| 30.0 * next()).collect(), rows, heads * hd);
-        let k = CpuTensor::new((0..rows * kv_heads * hd).map(|_| next()).collect(), rows, kv_heads * hd);
-        let v = CpuTensor::new((0..rows * kv_heads * hd).map(|_| next()).collect(), rows, kv_heads * hd);
-        for window in [None, Some(100)] {
-            let shape = AttentionShape {
-                num_heads: heads,
-                num_kv_heads: kv_heads,
-                head_dim: hd,
-                sliding_window: window,
-                alibi_slopes: None,
+        // Head sizes: below one vector, 64 (whole vectors and one register block of
+        // columns), and with a tail of vectors and of values.
+        for hd in [5, 64, 67, 136] {
+            let (rows, heads, kv_heads) = (150, 4, 2);
+            let mut seed = 7u64;
+            let mut next = || {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
             };
-            let mut cache = CpuKvCache { kv_dim: kv_heads * hd, k: vec![vec![]], v: vec![vec![]] };
-            let out = attention(&q, &k, &v, &mut [&mut cache], 0, &BatchLayout::new([(rows, 0)]), shape);
-            for pos in [0usize, 63, 64, 99, 100, 149] {
-                for h in 0..heads {
-                    let kvh = h / (heads / kv_heads);
-                    let lo = window.map_or(0, |w: usize| (pos + 1).saturating_sub(w));
-                    let s: Vec<f64> = (lo..=pos)
-                        .map(|j| {
-                            (0..hd)
-                                .map(|d| {
-                                    f64::from(q.row(pos)[h * hd + d]) * f64::from(k.row(j)[kvh * hd + d])
-                                })
-                                .sum::<f64>()
-                                / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
-                    let total: f64 = e.iter().sum();
-                    for d in 0..hd {
-                        let want: f64 = (lo..=pos)
-                            .zip(&e)
-                            .map(|(j, p)| p / total * f64::from(v.row(j)[kvh * hd + d]))
-                            .sum();
-                        let got = f64::from(out.row(pos)[h * hd + d]);
-                        assert!(
-                            (got - want).abs() < 1e-5,
-                            "window {window:?} pos {pos} head {h} dim {d}: {got} vs {want}"
-                        );
+            let q = CpuTensor::new((0..rows * heads * hd).map(|_| 30.0 * next()).collect(), rows, heads * hd);
+            let k = CpuTensor::new((0..rows * kv_heads * hd).map(|_| next()).collect(), rows, kv_heads * hd);
+            let v = CpuTensor::new((0..rows * kv_heads * hd).map(|_| next()).collect(), rows, kv_heads * hd);
+            for window in [None, Some(100)] {
+                let shape = AttentionShape {
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    head_dim: hd,
+                    sliding_window: window,
+                    alibi_slopes: None,
+                };
+                let mut cache = CpuKvCache { kv_dim: kv_heads * hd, k: vec![vec![]], v: vec![vec![]] };
+                let out = attention(&q, &k, &v, &mut [&mut cache], 0, &BatchLayout::new([(rows, 0)]), shape);
+                for pos in [0usize, 63, 64, 99, 100, 149] {
+                    for h in 0..heads {
+                        let kvh = h / (heads / kv_heads);
+                        let lo = window.map_or(0, |w: usize| (pos + 1).saturating_sub(w));
+                        let s: Vec<f64> = (lo..=pos)
+                            .map(|j| {
+                                (0..hd)
+                                    .map(|d| {
+                                        f64::from(q.row(pos)[h * hd + d]) * f64::from(k.row(j)[kvh * hd + d])
+                                    })
+                                    .sum::<f64>()
+                                    / (hd as f64).sqrt()
+                            })
+                            .collect();
+                        let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                        let total: f64 = e.iter().sum();
+                        for d in 0..hd {
+                            let want: f64 = (lo..=pos)
+                                .zip(&e)
+                                .map(|(j, p)| p / total * f64::from(v.row(j)[kvh * hd + d]))
+                                .sum();
+                            let got = f64::from(out.row(pos)[h * hd + d]);
+                            assert!(
+                                (got - want).abs() < 1e-5,
+                                "window {window:?} pos {pos} head {h} dim {d}: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }
