@@ -51,7 +51,7 @@ pub(super) unsafe fn decode<D: Dots, const N: usize, const R: usize, const U: us
     }
 }
 
-/// [`decode`] for up to `2·N` activation rows, as a tile of `N` rows and one of the rest:
+/// [`decode`] for `N` to `N + min(N, 4)` activation rows, as a tile of `N` rows and one of the rest:
 /// both tiles meet each group of `R` weight rows in turn, the second while the group is
 /// still in L1, so the weights stream from memory once and without pause. (A tile at a
 /// time over the whole window would read them from memory, then again from L2, and the
@@ -67,7 +67,11 @@ pub(super) unsafe fn decode_pair<D: Dots, const N: usize, const R: usize, const 
     at: (usize, usize),
 ) {
     let n = x.len() / k;
-    assert!(n >= N && n <= 2 * N, "decode_pair: {n} rows for tiles of {N}");
+    assert!(
+        n >= N && n - N <= N.min(4),
+        "decode_pair: {n} rows for a tile of {N} and one of at most {}",
+        N.min(4)
+    );
     let xs: [&[f32]; N] = array::from_fn(|i| &x[i * k..(i + 1) * k]);
     let rest = &x[N * k..];
     let rows = w.len() / k;
