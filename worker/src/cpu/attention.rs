@@ -56,7 +56,7 @@ unsafe fn dot4_avx2(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
     d
 }
 
-/// `scores[t] = q·k(j0 + t)` for a block of keys: four at a time where the CPU has AVX2.
+/// `scores[t] = q·k(t)` for a block of keys: four at a time where the CPU has AVX2.
 #[inline(always)]
 fn score<'k>(q: &[f32], scores: &mut [f32], k: impl Fn(usize) -> &'k [f32]) {
     let mut t = 0;

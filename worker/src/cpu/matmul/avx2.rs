@@ -37,8 +37,8 @@ unsafe fn decode_tile(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize, at:
             1 => kernel::decode::<Avx2, 1, 2, 4>(x, w, out, k, at),
             2 => kernel::decode::<Avx2, 2, 2, 2>(x, w, out, k, at),
             3 => kernel::decode::<Avx2, 3, 2, 1>(x, w, out, k, at),
-            4 => kernel::decode::<Avx2, 4, 3, 1>(x, w, out, k, at),
-            5..=8 => kernel::decode_pair::<Avx2, 4, 3, 1>(x, w, out, k, at),
+            // Four rows are a pair with an empty second half.
+            4..=8 => kernel::decode_pair::<Avx2, 4, 3, 1>(x, w, out, k, at),
             n => unreachable!("a decode tile of {n} rows: at most eight"),
         }
     }
