@@ -22,20 +22,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
 }
 
-/// `[q·k[0], .., q·k[3]]`: four keys' scores as four independent sums of fused
-/// multiply-adds, so that one does not wait on the last addition of the other (the
-/// compiler, left to [`dot`] four times, vectorizes across the keys instead).
+/// `[q·k[0], .., q·k[N-1]]` for four or eight keys: `N` independent sums of fused
+/// multiply-adds, so that one key's sum does not wait on the last addition of another
+/// (with eight in flight, the FMA units rather than their latency set the pace; the
+/// compiler, left to [`dot`] per key, vectorizes across the keys instead).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot4_avx2(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+unsafe fn dots_avx2<const N: usize>(q: &[f32], k: [&[f32]; N]) -> [f32; N] {
     use std::arch::x86_64::*;
     let n = q.len();
-    assert!(k.iter().all(|k| k.len() == n), "dot4: keys of another length than the query");
+    assert!(N == 4 || N == 8, "dots_avx2: four or eight keys, not {N}");
+    assert!(k.iter().all(|k| k.len() == n), "dots_avx2: keys of another length than the query");
     let n8 = n / 8 * 8;
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc = [_mm256_setzero_ps(); N];
     for c in (0..n8).step_by(8) {
         // SAFETY: `c + 8 <= n8 <= n`, inside the query and every key.
         let x = unsafe { _mm256_loadu_ps(q.as_ptr().add(c)) };
@@ -44,27 +46,37 @@ unsafe fn dot4_avx2(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
             *acc = _mm256_fmadd_ps(x, unsafe { _mm256_loadu_ps(k.as_ptr().add(c)) }, *acc);
         }
     }
-    // Pairwise sums of the four accumulators' lanes, then of the two halves: lane t is key t.
-    let h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-    let mut d = [0f32; 4];
-    // SAFETY: `d` holds four floats.
-    unsafe { _mm_storeu_ps(d.as_mut_ptr(), s) };
+    // Pairwise sums of the accumulators' lanes, four at a time: in `h`, lane `t` of each
+    // 128-bit half is a partial sum of key `t` (of that group of four).
+    let mut d = [0f32; N];
+    for (d, a) in d.chunks_exact_mut(4).zip(acc.chunks_exact(4)) {
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        // SAFETY: `d` holds four floats.
+        unsafe { _mm_storeu_ps(d.as_mut_ptr(), s) };
+    }
     for (d, k) in d.iter_mut().zip(k) {
         *d += q[n8..].iter().zip(&k[n8..]).map(|(x, y)| x * y).sum::<f32>();
     }
     d
 }
 
-/// `scores[t] = q·k(t)` for a block of keys: four at a time where the CPU has AVX2.
+/// `scores[t] = q·k(t)` for a block of keys: eight, then four at a time where the CPU has
+/// AVX2.
 #[inline(always)]
 fn score<'k>(q: &[f32], scores: &mut [f32], k: impl Fn(usize) -> &'k [f32]) {
     let mut t = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::matmul::vectorized() {
-        while t + 4 <= scores.len() {
+        while t + 8 <= scores.len() {
             // SAFETY: `vectorized` means AVX2, FMA and F16C were detected.
-            let d = unsafe { dot4_avx2(q, [k(t), k(t + 1), k(t + 2), k(t + 3)]) };
+            let d = unsafe { dots_avx2::<8>(q, std::array::from_fn(|i| k(t + i))) };
+            scores[t..t + 8].copy_from_slice(&d);
+            t += 8;
+        }
+        if t + 4 <= scores.len() {
+            // SAFETY: as above.
+            let d = unsafe { dots_avx2::<4>(q, std::array::from_fn(|i| k(t + i))) };
             scores[t..t + 4].copy_from_slice(&d);
             t += 4;
         }
@@ -79,15 +91,22 @@ const OUT_COLS: usize = 64;
 
 /// `out += Σ_j p[j] · v(j)` over a block of keys: [`OUT_COLS`] columns at a time held in
 /// registers for the whole block, where adding one key at a time would load and store
-/// `out` for every key.
+/// `out` for every key; with AVX2, one fused multiply-add per eight columns and key.
 #[inline(always)]
 fn add_weighted<'v>(out: &mut [f32], p: &[f32], v: impl Fn(usize) -> &'v [f32]) {
     for (c, out) in out.chunks_mut(OUT_COLS).enumerate() {
         let cols = c * OUT_COLS..c * OUT_COLS + out.len();
         if let Ok(out) = <&mut [f32; OUT_COLS]>::try_from(&mut *out) {
+            let v = |j: usize| -> &[f32; OUT_COLS] { v(j)[cols.clone()].try_into().expect("a full chunk") };
+            #[cfg(target_arch = "x86_64")]
+            if crate::cpu::matmul::vectorized() {
+                // SAFETY: `vectorized` means AVX2, FMA and F16C were detected.
+                unsafe { add_weighted_avx2(out, p, v) };
+                continue;
+            }
             let mut acc = *out;
             for (j, p) in p.iter().enumerate() {
-                let v: &[f32; OUT_COLS] = v(j)[cols.clone()].try_into().expect("a full chunk");
+                let v = v(j);
                 for l in 0..OUT_COLS {
                     acc[l] += p * v[l];
                 }
@@ -98,6 +117,33 @@ fn add_weighted<'v>(out: &mut [f32], p: &[f32], v: impl Fn(usize) -> &'v [f32]) 
                 out.iter_mut().zip(&v(j)[cols.clone()]).for_each(|(a, b)| *a += p * b);
             }
         }
+    }
+}
+
+/// [`add_weighted`] for one whole chunk of columns: eight accumulators in `ymm` registers.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn add_weighted_avx2<'v>(
+    out: &mut [f32; OUT_COLS],
+    p: &[f32],
+    v: impl Fn(usize) -> &'v [f32; OUT_COLS],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (every load and store): `i * 8 + 8 <= OUT_COLS`, inside `out` and each row of `v`.
+    let mut acc: [__m256; OUT_COLS / 8] =
+        std::array::from_fn(|i| unsafe { _mm256_loadu_ps(out.as_ptr().add(i * 8)) });
+    for (j, p) in p.iter().enumerate() {
+        let (p, v) = (_mm256_set1_ps(*p), v(j));
+        for (i, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(p, unsafe { _mm256_loadu_ps(v.as_ptr().add(i * 8)) }, *acc);
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), *acc) };
     }
 }
 
