@@ -35,15 +35,26 @@ pub fn decode_bytes_per_step(config: &ModelConfig, batch: usize) -> usize {
         .sum()
 }
 
-/// Multiply-add flops (2 per weight) of the products one token costs: every matrix of
-/// every layer, and the head (`vocab × hidden`, tied or not).
+/// Multiply-add flops (2 per weight) of the products one decoded token costs: every matrix
+/// of every layer, and the head (`vocab × hidden`, tied or not).
 pub fn matmul_flops_per_token(config: &ModelConfig) -> f64 {
+    layer_flops_per_token(config) + head_flops(config)
+}
+
+/// Multiply-add flops of every matrix of every layer, per position.
+fn layer_flops_per_token(config: &ModelConfig) -> f64 {
     let layers: usize = tensor_specs(config)
         .iter()
         .filter(|s| s.layer.is_some() && s.shape.len() == 2)
         .map(|s| s.numel())
         .sum();
-    2.0 * (layers + config.vocab_size * config.hidden_size) as f64
+    2.0 * layers as f64
+}
+
+/// Multiply-add flops of the head for one position (a prefill applies it to the last
+/// position of each sequence only).
+fn head_flops(config: &ModelConfig) -> f64 {
+    2.0 * (config.vocab_size * config.hidden_size) as f64
 }
 
 /// Attention flops (scores and the weighted sum of values, 4 per key per query channel)
@@ -145,8 +156,9 @@ pub fn run<B: Backend>(
         let decode_tps = (batch * new_tokens) as f64 / decode_s;
         let bound = batch as f64 * bw.read_gbs * 1e9 / bytes as f64;
         let per_token = matmul_flops_per_token(c);
-        let prefill_flops =
-            (batch * prompt_len) as f64 * per_token + attention_flops(c, batch, 0, prompt_len);
+        let prefill_flops = (batch * prompt_len) as f64 * layer_flops_per_token(c)
+            + batch as f64 * head_flops(c)
+            + attention_flops(c, batch, 0, prompt_len);
         let decode_flops = (batch * new_tokens) as f64 * per_token
             + attention_flops(c, batch, prompt_len, prompt_len + new_tokens);
         let of_peak =
