@@ -14,7 +14,8 @@
 # llama.cpp is built from the source vendored in the PyPI sdist of llama-cpp-python
 # (pinned below, checked against its sha256) with GGML_NATIVE (this CPU's instruction
 # set), in a cache folder outside the repository, as are the checkpoint and the GGUF.
-# Figures compared:
+# The summary gives each figure's range over the rounds, the median of the per-round ratios
+# and those ratios in round order. Figures compared:
 #   prefill     zeroshard batch-1 prefill of PROMPT_LEN tokens | llama-bench pp<PROMPT_LEN>
 #   decode b1   zeroshard batch-1 decode                       | llama-bench tg<NEW_TOKENS>
 #   decode bN   zeroshard aggregate decode at batch N          | llama-batched-bench S_TG at N parallel sequences
@@ -91,7 +92,11 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 max_batch=$(echo "$batches" | tr ',' '\n' | sort -n | tail -1)
 ctx=$((max_batch * (prompt_len + new_tokens)))
+# CPU time the hypervisor gave to others (steal, /proc/stat), in clock ticks: a round with
+# much of it says the machine, not the engine, set that round's pace.
+steal() { awk '/^cpu /{print $9}' /proc/stat; }
 for r in $(seq 1 "$rounds"); do
+  s0=$(steal)
   log "round $r/$rounds: zeroshard"
   env ${isa_cap:+ZEROSHARD_CPU_ISA=$isa_cap} RAYON_NUM_THREADS=$threads "$zs" bench --model "$model/hf" --batch "$batches" \
     --prompt-len "$prompt_len" --new-tokens "$new_tokens" --json | tee "$out/zs.$r.txt" >&2
@@ -102,11 +107,13 @@ for r in $(seq 1 "$rounds"); do
   "$build/bin/llama-batched-bench" -m "$model/model.gguf" -t "$threads" -tb "$threads" -c "$ctx" \
     -npp "$prompt_len" -ntg "$new_tokens" -npl "$batches" --output-format jsonl \
     >"$out/bb.$r.jsonl" 2>"$out/bb.$r.log" || { tail -20 "$out/bb.$r.log"; exit 1; }
+  echo "$(( ($(steal) - s0) ))" >"$out/steal.$r"
 done
 
-"$venv/bin/python" - "$out" "$rounds" "$batches" "$prompt_len" "$new_tokens" "$threads" "$spec" "$version" "${isa_cap:-native}" <<'EOF'
+"$venv/bin/python" - "$out" "$rounds" "$batches" "$prompt_len" "$new_tokens" "$threads" "$spec" "$version" "${isa_cap:-native}" "$(getconf CLK_TCK)" <<'EOF'
 import json, statistics, sys
 out, rounds, batches, pp, tg, threads, spec, version, isa = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
+ticks = int(sys.argv[10])
 rows = {}  # label -> list of (zeroshard, llama.cpp) per round
 for r in range(1, rounds + 1):
     zs_lines = open(f"{out}/zs.{r}.txt").read().splitlines()
@@ -123,10 +130,12 @@ for r in range(1, rounds + 1):
         peer = lb_tg if b == 1 else bb[b]["speed_tg"]
         rows.setdefault(f"decode tok/s, batch {b}" + (" (aggregate)" if b > 1 else ""), []).append((zs_tg, peer))
 print(f"\nzeroshard vs llama.cpp (llama-cpp-python {version} sdist) · {spec} · {threads} threads · {rounds} interleaved rounds · {isa}")
-print(f"{'':40} {'zeroshard':>22} {'llama.cpp':>22} {'ratio (median)':>15}")
+print(f"{'':40} {'zeroshard':>22} {'llama.cpp':>22} {'ratio (median)':>15}  ratio per round")
 for label, pairs in rows.items():
     z = [p[0] for p in pairs]; l = [p[1] for p in pairs]
-    ratio = statistics.median(a / b for a, b in pairs)
+    ratios = [a / b for a, b in pairs]
     fmt = lambda v: f"{min(v):.1f}–{max(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
-    print(f"{label:40} {fmt(z):>22} {fmt(l):>22} {ratio:>15.2f}")
+    print(f"{label:40} {fmt(z):>22} {fmt(l):>22} {statistics.median(ratios):>15.2f}  {' '.join(f'{r:.2f}' for r in ratios)}")
+steal = [int(open(f"{out}/steal.{r}").read()) / ticks for r in range(1, rounds + 1)]
+print(f"{'steal s per round (both engines)':40} {'':>22} {'':>22} {'':>15}  {' '.join(f'{s:.1f}' for s in steal)}")
 EOF
