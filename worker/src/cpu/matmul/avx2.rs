@@ -10,7 +10,7 @@ pub(super) struct Avx2;
 
 /// `out = x · wᵀ` over the window by dot products (decode and small batches): tiles of up
 /// to eight activation rows, each as two halves of up to four against three weight rows
-/// ([`kernel::decode_pair`]; 12 accumulators, 7 loads per 12 FMAs, in 16 vector registers).
+/// ([`kernel::decode`]; 12 accumulators, 7 loads per 12 FMAs, in 16 vector registers).
 /// Eight rows against one weight row would load 9 vectors per 8 FMAs and, with `k` in the
 /// thousands, keep its activations in L2 rather than L1 (measured at batch 8: about a third
 /// slower); the halves one after the other over the whole window, about a fifth slower.
@@ -37,8 +37,8 @@ unsafe fn decode_tile(x: &[f32], w: &[f16], out: &mut OutCols<'_>, k: usize, at:
             1 => kernel::decode::<Avx2, 1, 2, 4>(x, w, out, k, at),
             2 => kernel::decode::<Avx2, 2, 2, 2>(x, w, out, k, at),
             3 => kernel::decode::<Avx2, 3, 2, 1>(x, w, out, k, at),
-            // Four rows are a pair with an empty second half.
-            4..=8 => kernel::decode_pair::<Avx2, 4, 3, 1>(x, w, out, k, at),
+            // A tile of four, and a second of up to four.
+            4..=8 => kernel::decode::<Avx2, 4, 3, 1>(x, w, out, k, at),
             n => unreachable!("a decode tile of {n} rows: at most eight"),
         }
     }

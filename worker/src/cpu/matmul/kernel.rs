@@ -17,12 +17,17 @@ pub(super) trait Dots {
     ) -> [[f32; R]; N];
 }
 
-/// `out = x · wᵀ` for `N = n` activation rows `x[N, k]` (decode), reading every weight row of
-/// the window `w[rows, k]` once.
+/// `out = x · wᵀ` for `N` to `N + min(N, 4)` activation rows `x[n, k]` (decode), reading
+/// every weight row of the window `w[rows, k]` once.
 ///
 /// The rows are walked as `R` contiguous lanes side by side (rows `j`, `j + lane`, ...),
 /// each lane one sequential stream. The hardware prefetcher follows such streams; `R`
 /// adjacent rows interleaved inside one page it does not (half the bandwidth on Zen 5).
+///
+/// Rows past the first `N` are a second tile: both tiles meet each group of `R` weight rows
+/// in turn, the second while the group is still in L1, so the weights stream from memory
+/// once and without pause. (A tile at a time over the whole window would read them from
+/// memory, then again from L2, and the memory would stand idle during the second pass.)
 ///
 /// # Safety
 /// The CPU must support `D`'s instruction set.
@@ -32,48 +37,16 @@ pub(super) unsafe fn decode<D: Dots, const N: usize, const R: usize, const U: us
     w: &[f16],
     out: &mut OutCols<'_>,
     k: usize,
-    (i0, j0): (usize, usize),
-) {
-    assert_eq!(x.len(), N * k, "decode: x is not [{N}, {k}]");
-    let xs: [&[f32]; N] = array::from_fn(|i| &x[i * k..(i + 1) * k]);
-    let rows = w.len() / k;
-    let lane = rows / R;
-    for j in 0..lane {
-        let at: [usize; R] = array::from_fn(|r| r * lane + j);
-        // SAFETY: the caller guarantees `D`'s instruction set.
-        let d = unsafe { D::dots::<N, R, U>(xs, at.map(|row| &w[row * k..(row + 1) * k])) };
-        store(out, i0, at.map(|c| j0 + c), d);
-    }
-    for row in R * lane..rows {
-        // SAFETY: as above.
-        let d = unsafe { D::dots::<N, 1, U>(xs, [&w[row * k..(row + 1) * k]]) };
-        store(out, i0, [j0 + row], d);
-    }
-}
-
-/// [`decode`] for `N` to `N + min(N, 4)` activation rows, as a tile of `N` rows and one of the rest:
-/// both tiles meet each group of `R` weight rows in turn, the second while the group is
-/// still in L1, so the weights stream from memory once and without pause. (A tile at a
-/// time over the whole window would read them from memory, then again from L2, and the
-/// memory would stand idle during the second pass.)
-///
-/// # Safety
-/// As [`decode`].
-pub(super) unsafe fn decode_pair<D: Dots, const N: usize, const R: usize, const U: usize>(
-    x: &[f32],
-    w: &[f16],
-    out: &mut OutCols<'_>,
-    k: usize,
     at: (usize, usize),
 ) {
     let n = x.len() / k;
     assert!(
-        n >= N && n - N <= N.min(4),
-        "decode_pair: {n} rows for a tile of {N} and one of at most {}",
+        x.len() == n * k && n >= N && n - N <= N.min(4),
+        "decode: {n} rows of {k} for a tile of {N} and one of at most {}",
         N.min(4)
     );
     let xs: [&[f32]; N] = array::from_fn(|i| &x[i * k..(i + 1) * k]);
-    let rest = &x[N * k..];
+    let rest = Rest { x: &x[N * k..], rows: n - N };
     let rows = w.len() / k;
     let lane = rows / R;
     for j in 0..lane {
@@ -87,28 +60,35 @@ pub(super) unsafe fn decode_pair<D: Dots, const N: usize, const R: usize, const 
     }
 }
 
+/// [`decode`]'s second tile: `rows` activation rows (at most four) of `x`.
+#[derive(Clone, Copy)]
+struct Rest<'a> {
+    x: &'a [f32],
+    rows: usize,
+}
+
 /// One group of weight rows `ws` (at window rows `group`) against both tiles of
-/// [`decode_pair`]: `xs`, then the rest's rows.
+/// [`decode`]: `xs`, then the rest's rows.
 ///
 /// # Safety
 /// As [`decode`].
 #[inline(always)]
 unsafe fn meet<D: Dots, const N: usize, const R: usize, const U: usize>(
     xs: [&[f32]; N],
-    rest: &[f32],
+    rest: Rest<'_>,
     ws: [&[f16]; R],
     out: &mut OutCols<'_>,
     (i0, j0): (usize, usize),
     group: [usize; R],
 ) {
     let k = xs[0].len();
-    let r = |i: usize| &rest[i * k..(i + 1) * k];
+    let r = |i: usize| &rest.x[i * k..(i + 1) * k];
     let cols = group.map(|c| j0 + c);
     // SAFETY (every call): the caller guarantees `D`'s instruction set.
     unsafe {
         store(out, i0, cols, D::dots::<N, R, U>(xs, ws));
         let i0 = i0 + N;
-        match rest.len() / k {
+        match rest.rows {
             0 => {}
             1 => store(out, i0, cols, D::dots::<1, R, U>([r(0)], ws)),
             2 => store(out, i0, cols, D::dots::<2, R, U>([r(0), r(1)], ws)),
