@@ -15,7 +15,7 @@
 #   row               limit   what
 #   (set-up)            15 s  library path from PyTorch's nvidia-* wheels
 #   versions            20 s  nvidia-smi; `zeroshard cuda info`; library folders
-#   ops                 60 s  worker-tests cuda:: (every CUDA op vs the CPU backend)
+#   ops                 60 s  engine-tests cuda:: (every CUDA op vs the CPU backend)
 #   model:NAME     40+9x14 s  each ref through generate, tokens exact, logits 1%
 #   cluster:streamed    30 s  up --workers 2, every layer streamed; query the refs
 #   cluster:resident    25 s  the same, every layer resident

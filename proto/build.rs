@@ -1,7 +1,7 @@
 //! Generates the tonic/prost code of `zeroshard/v1/*.proto`.
 //!
 //! protoc comes from `$PROTOC` (set workspace-wide by `.cargo/config.toml` to
-//! `tools/protoc`, which runs the binary of the `protoc-bin-vendored` crate or
+//! `proto/protoc`, which runs the binary of the `protoc-bin-vendored` crate or
 //! a system protoc); if that does not run, the vendored binary is used directly.
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds what a GPU machine needs for deploy/gpu-check.sh (it has no Rust
 # toolchain and no internet), in gpu-bundle/ (git-ignored; pass it as `carry`):
-# the stripped release binary, the worker crate's unit-test binary (stripped,
-# as worker-tests: the check's `ops` row runs its `cuda::` tests) and the small
+# the stripped release binary, the engine crate's unit-test binary (stripped,
+# as engine-tests: the check's `ops` row runs its `cuda::` tests) and the small
 # fixtures. Prints the bundle's size; fails over 60 MiB.
 #
 #   scripts/gpu-bundle.sh        # then, on the GPU machine: bash deploy/gpu-check.sh
@@ -17,26 +17,26 @@ fi
 
 cargo build --release --bin zeroshard
 bin="${CARGO_TARGET_DIR:-target}/release/zeroshard"
-# The worker crate's unit tests, built but not run; cargo names the executable.
-tests="$(cargo test --release -p zeroshard-worker --lib --no-run --message-format=json | python3 -c '
+# The engine crate's unit tests, built but not run; cargo names the executable.
+tests="$(cargo test --release -p zeroshard-engine --lib --no-run --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "zeroshard_worker":
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "zeroshard_engine":
         print(m["executable"])
 ')"
-[ -x "$tests" ] || { echo "gpu-bundle: no zeroshard-worker test executable from cargo" >&2; exit 1; }
+[ -x "$tests" ] || { echo "gpu-bundle: no zeroshard-engine test executable from cargo" >&2; exit 1; }
 
 if [ -d gpu-bundle ]; then chmod -R u+w gpu-bundle; fi
 rm -rf gpu-bundle
 mkdir -p gpu-bundle/models
 cp "$bin" gpu-bundle/zeroshard
 strip gpu-bundle/zeroshard
-cp "$tests" gpu-bundle/worker-tests
-strip gpu-bundle/worker-tests
+cp "$tests" gpu-bundle/engine-tests
+strip gpu-bundle/engine-tests
 cp -r "$shared"/models/stories260K* "$shared/models/fixtures" gpu-bundle/models/
 cp -r "$shared/refs" gpu-bundle/refs
 chmod -R u+w gpu-bundle
@@ -46,7 +46,7 @@ bytes=$(du -sb gpu-bundle | cut -f1)
 limit=$((60 << 20))
 mib() { echo $(($(stat -c %s "$1") >> 20)); }
 echo "gpu-bundle: $((bytes >> 20)) MiB of 60 ($bytes bytes; zeroshard $(mib gpu-bundle/zeroshard) MiB," \
-  "worker-tests $(mib gpu-bundle/worker-tests) MiB; commit $(cat gpu-bundle/commit))"
+  "engine-tests $(mib gpu-bundle/engine-tests) MiB; commit $(cat gpu-bundle/commit))"
 if [ "$bytes" -ge "$limit" ]; then
   echo "gpu-bundle: $bytes bytes is over the 60 MiB a device call carries" >&2
   exit 1

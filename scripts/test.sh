@@ -40,7 +40,7 @@ if ! command -v etcd >/dev/null && [ ! -x /usr/bin/etcd ]; then
   as_root service etcd stop >/dev/null 2>&1 || true
 fi
 
-# A real one-node Slurm for the fleet-launch test (tests/slurm.rs starts and
+# A real one-node Slurm for the fleet-launch test (tests/integration/slurm.rs starts and
 # stops its daemons itself).
 echo "== Slurm packages"
 scripts/local-slurm.sh install
@@ -50,7 +50,7 @@ if [ "$quick" = 0 ]; then
   echo "== cargo fmt --check"
   cargo fmt --all -- --check
   echo "== cargo clippy"
-  cargo clippy --release --workspace --all-targets -- -D warnings
+  cargo clippy --release --workspace --all-targets --features zeroshard/fault-injection -- -D warnings
 fi
 
 echo "== crate graph and gRPC edges"
@@ -63,20 +63,23 @@ echo "== Python clients for the HTTP front (venv outside the repository)"
 ZEROSHARD_PYTHON="$(scripts/py-venv.sh)"
 export ZEROSHARD_PYTHON
 
-# NVRTC 12.x and 13.x and ptxas, from PyPI's wheels, for tests/kernels.rs's
+# NVRTC 12.x and 13.x and ptxas, from PyPI's wheels, for tests/integration/kernels.rs's
 # nvrtc_* tests; where the wheels cannot be had those tests are skipped and
 # counted as skipped.
 echo "== NVRTC and ptxas wheels"
 skip=()
 nvrtc_skipped=0
 if ! wheels_err=$(scripts/cuda-wheels.sh 2>&1 >/dev/null); then
-  nvrtc_skipped=$(grep -c '^fn nvrtc_' tests/kernels.rs)
+  nvrtc_skipped=$(grep -c '^fn nvrtc_' tests/integration/kernels.rs)
   echo "skipping $nvrtc_skipped nvrtc_* tests: $(echo "$wheels_err" | tail -1)"
   skip=(--skip nvrtc_)
 fi
 
-echo "== cargo test (release)"
-cargo test --release --workspace -- "${skip[@]}" 2>&1 | tee target/test.log
+# The worker's fault-injection hooks are built in for the tests only (the
+# integration tests drive failures through them); the release binary checked at
+# the end is built without them.
+echo "== cargo test (release, with fault injection)"
+cargo test --release --workspace --features zeroshard/fault-injection -- "${skip[@]}" 2>&1 | tee target/test.log
 # One closing line that counts every test binary together.
 # Only cargo's own "test result:" lines count (log lines such as "worker 1 failed" must not).
 results=$(grep -E '^test result:' target/test.log || true)
@@ -90,10 +93,10 @@ ignored=$((ignored + nvrtc_skipped))
 echo "== GPU check dry run"
 bundle=$(mktemp -d)
 trap 'rm -rf "$bundle"' EXIT
-worker_tests=$(cargo test --release -p zeroshard-worker --lib --no-run --message-format=json 2>/dev/null \
+engine_tests=$(cargo test --release -p zeroshard-engine --lib --no-run --message-format=json 2>/dev/null \
   | grep '"executable":"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
 ln -s "$(pwd)/target/release/zeroshard" "$bundle/zeroshard"
-[ -n "$worker_tests" ] && ln -s "$worker_tests" "$bundle/worker-tests"
+[ -n "$engine_tests" ] && ln -s "$engine_tests" "$bundle/engine-tests"
 ln -s "$ZEROSHARD_SHARED/models" "$bundle/models"
 ln -s "$ZEROSHARD_SHARED/refs" "$bundle/refs"
 dry_rc=0
@@ -106,6 +109,18 @@ if [ "$dry_rc" = 0 ] && grep -Eq "$order" target/gpu-check-dry.log && grep -q '^
 else
   failed=$((failed + 1))
   echo "gpu-check dry run FAILED (exit $dry_rc, or rows out of order): see target/gpu-check-dry.log"
+fi
+# The release binary a user builds carries no test hooks: rebuilt without the
+# feature, it names none of the fault flags or their variables.
+echo "== release binary without test hooks"
+cargo build --release -p zeroshard 2>&1 | tail -1
+hooks=$(grep -aci zeroshard_fault target/release/zeroshard || true)
+if [ "$hooks" = 0 ]; then
+  passed=$((passed + 1))
+  echo "release binary: no fault-injection hooks"
+else
+  failed=$((failed + 1))
+  echo "release binary FAILED: $hooks lines name ZEROSHARD_FAULT (built with fault-injection?)"
 fi
 echo "total: $passed passed, $failed failed, $ignored skipped"
 [ "$failed" = 0 ]

@@ -12,10 +12,9 @@ use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness,
 use zeroshard_coordinator::{client, up as up_mod};
 use zeroshard_membership::etcd::{EtcdMembership, EtcdRegistrar};
 use zeroshard_membership::Membership;
-use zeroshard_worker::cpu::StepFault;
 use zeroshard_worker::node::{self, ControlRegistrar, NodeConfig, Registrar};
 
-use zeroshard_proto::{Role, Security};
+use zeroshard_security::{Role, Security};
 
 use crate::args::{self, BenchArgs, ClusterArgs, CoordinatorArgs, QueryArgs, StatusArgs, UpArgs, WorkerArgs};
 use crate::{hub, security, telemetry};
@@ -231,14 +230,14 @@ fn advertised_coordinator(
     given: Option<&str>,
     sec: &Security,
     bound: std::net::SocketAddr,
-) -> Result<zeroshard_proto::Address> {
+) -> Result<zeroshard_security::Address> {
     let scheme = sec.scheme();
     let text = match given {
         None => format!("{scheme}://{bound}"),
         Some(a) if a.contains("://") => a.to_string(),
         Some(a) => format!("{scheme}://{a}"),
     };
-    let addr = zeroshard_proto::Address::parse(&text).with_context(|| "--advertise".to_string())?;
+    let addr = zeroshard_security::Address::parse(&text).with_context(|| "--advertise".to_string())?;
     if addr.tls != sec.is_tls() {
         bail!(
             "--advertise {text}: the scheme says {} but this coordinator serves {}",
@@ -301,20 +300,14 @@ pub(crate) fn worker(a: WorkerArgs) -> Result<()> {
         prefetch_layers: p.prefetch_layers,
         prefetch_bytes: g.prefetch_bytes,
         max_live_bytes: p.max_live_bytes.unwrap_or(0),
-        corrupt_every: a.fault_corrupt_every,
-        serve_corrupt: a.fault_serve_corrupt,
-        fail_load: a.fault_fail_load,
-        step_delay: Duration::from_millis(a.fault_step_delay_ms),
-        hang_after_steps: a.fault_hang_after_steps,
         kv_cache_bytes: a.tuning.admission.kv_cache_bytes,
         max_active_sequences: a.tuning.admission.max_active_sequences,
-        step_fault: a
-            .fault_backend_error_after
-            .map(|after_calls| StepFault { after_calls, fatal: a.fault_backend_error_fatal }),
         fetch_timeout: Duration::from_millis(g.fetch_timeout_ms.max(1)),
         security: security::member(&a.tls, Role::Worker, &a.listen)?,
         advertise: a.advertise.clone(),
         health_listen: a.health.health_listen.clone(),
+        #[cfg(feature = "fault-injection")]
+        faults: a.faults.faults(),
         ..NodeConfig::default()
     }
     .on_device(cuda);

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use zeroshard_worker::cuda::kernels::{self, Nvrtc, Output, SOURCES};
-use zeroshard_worker::cuda::{self, versions};
+use zeroshard_engine::cuda::kernels::{self, Nvrtc, Output, SOURCES};
+use zeroshard_engine::cuda::{self, versions};
 
 use crate::args::{CudaCommand, CudaKernelsArgs};
 

@@ -15,9 +15,9 @@ use zeroshard_coordinator::chat::{ChatError, ChatTemplate};
 use zeroshard_coordinator::request::{FinishReason, GenerateOutput, GenerateRequest, Prompt, Timings};
 use zeroshard_coordinator::text_stream::TextStream;
 use zeroshard_coordinator::tokenizer::Tokenizer;
-use zeroshard_worker::engine::{Engine, Sequence};
-use zeroshard_worker::local::{self, AnyEngine, Device, GpuOptions, Workload};
-use zeroshard_worker::{with_engine, Backend};
+use zeroshard_engine::engine::{Engine, Sequence};
+use zeroshard_engine::local::{self, AnyEngine, Device, GpuOptions, Workload};
+use zeroshard_engine::{with_engine, Backend};
 
 /// A model loaded whole into this process.
 pub(crate) struct LocalModel {

@@ -16,10 +16,10 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches};
 use generate::LocalModel;
 use zeroshard_coordinator::request::{GenerateRequest, GenerationParams, Prompt, SamplingParams};
-use zeroshard_worker::bench;
-use zeroshard_worker::engine::Engine;
-use zeroshard_worker::local::{self, AnyEngine, GpuOptions, Workload};
-use zeroshard_worker::Backend;
+use zeroshard_engine::bench;
+use zeroshard_engine::engine::Engine;
+use zeroshard_engine::local::{self, AnyEngine, GpuOptions, Workload};
+use zeroshard_engine::Backend;
 
 use args::{BenchArgs, Cli, Command, GenerateArgs};
 
@@ -231,13 +231,13 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
     );
     let (bw, streamed, peak) = match engine {
         AnyEngine::Cpu(_) => {
-            let pool = zeroshard_worker::engine::compute_pool();
+            let pool = zeroshard_engine::engine::compute_pool();
             let bw = pool.install(bench::measure_bandwidth);
             println!(
                 "memory bandwidth: memcpy {:.1} GB/s (1 thread) · read {:.1} GB/s (all threads; the bound below)",
                 bw.memcpy_gbs, bw.read_gbs
             );
-            let peak = pool.install(|| zeroshard_worker::cpu::matmul::peak_gflops(200));
+            let peak = pool.install(|| zeroshard_engine::cpu::matmul::peak_gflops(200));
             println!(
                 "arithmetic peak: {peak:.1} GFLOP/s f32 FMA (all threads; the FLOP bound below) · {:.3} GFLOP per token in products",
                 bench::matmul_flops_per_token(engine.config()) / 1e9

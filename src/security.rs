@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use zeroshard_coordinator::client::ClientAuth;
 use zeroshard_membership::etcd::EtcdCredentials;
-use zeroshard_proto::certs::{loopback_sans, Ca};
-use zeroshard_proto::{ApiKeys, Role, Security, TlsPaths};
+use zeroshard_security::certs::{loopback_sans, Ca};
+use zeroshard_security::{ApiKeys, Role, Security, TlsPaths};
 
 use crate::args::{CertsCommand, ClientTlsArgs, EtcdArgs, MemberTlsArgs};
 

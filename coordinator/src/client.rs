@@ -6,7 +6,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::inference_client::InferenceClient;
-use zeroshard_proto::{Address, TlsPaths};
+use zeroshard_security::{Address, TlsPaths};
 
 use crate::credentials::client_security;
 use crate::error::{CoordinatorError, Result};

@@ -15,8 +15,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use zeroshard_proto::certs::{loopback_sans, Ca};
-use zeroshard_proto::{Address, Role, Security, TlsPaths};
+use zeroshard_security::certs::{loopback_sans, Ca};
+use zeroshard_security::{Address, Role, Security, TlsPaths};
 
 use crate::error::{CoordinatorError, Result};
 
@@ -172,7 +172,7 @@ impl UpCredentials {
         }
         let _ = fs::remove_dir_all(&dir);
         private_dir(&dir)?;
-        zeroshard_proto::certs::write_private(&dir.join("ca.pem"), self.ca.cert_pem().as_bytes())
+        zeroshard_security::certs::write_private(&dir.join("ca.pem"), self.ca.cert_pem().as_bytes())
             .map_err(setup)?;
         if self.client_cert {
             let pem = self.ca.issue(Role::Client, "up-client", &[]).map_err(setup)?;

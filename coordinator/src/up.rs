@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use zeroshard_proto::{Role, Security};
+use zeroshard_security::{Role, Security};
 
 use crate::client::ClientAuth;
 use crate::credentials::{find_bundle_in, UpCredentials};

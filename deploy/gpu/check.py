@@ -5,7 +5,7 @@ printed, one table line, the moment it is known:
 
   versions         nvidia-smi's devices, driver and memory; `zeroshard cuda info`
                    (the CUDA driver, cuBLAS and NVRTC it sees); the library folders
-  ops              the worker crate's unit tests `worker-tests cuda::`: every CUDA
+  ops              the worker crate's unit tests `engine-tests cuda::`: every CUDA
                    op and small whole models against the CPU backend
   model:NAME       one per fixture: refs/stories260K_greedy_sample.json (stories260K,
                    stories260K-f16) and refs/arch/*.json through `generate --device
@@ -326,11 +326,11 @@ def versions_row(c, libdirs):
 
 
 def ops_row(c):
-    tests = os.path.join(c.a.bundle, "worker-tests")
+    tests = os.path.join(c.a.bundle, "engine-tests")
     if not os.path.exists(tests):
-        why = "no worker-tests in the bundle (scripts/gpu-bundle.sh builds it)"
+        why = "no engine-tests in the bundle (scripts/gpu-bundle.sh builds it)"
         return ("skipped" if c.a.device == "cpu" else "FAIL"), why
-    rc, out, err = c.run("worker-tests", [tests, "cuda::", "--test-threads", "1", "--nocapture"], merge=True)
+    rc, out, err = c.run("engine-tests", [tests, "cuda::", "--test-threads", "1", "--nocapture"], merge=True)
     text = out
     summary = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", text)
     failed_names, skipped, why, current = [], set(), None, None
@@ -347,7 +347,7 @@ def ops_row(c):
     if not summary:
         return "FAIL", f"no test summary ({exit_text(rc)}, in {current or 'no test yet'}: {last_line(out + err, rc)})"
     _, passed, failed = summary[-1]
-    detail = f"{passed} passed, {failed} failed (worker-tests cuda::)"
+    detail = f"{passed} passed, {failed} failed (engine-tests cuda::)"
     if int(failed) or rc != 0:
         names = ", ".join(failed_names[:3]) + (" ..." if len(failed_names) > 3 else "")
         return "FAIL", detail + (f": {names}" if names else f"; {exit_text(rc)}")

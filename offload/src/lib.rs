@@ -46,6 +46,7 @@ pub mod request;
 pub mod shards;
 pub mod spec;
 pub mod staging;
+pub mod sync;
 pub mod synthetic;
 
 pub use checkpoint::{parse_header, parse_index, Checkpoint, TensorInfo, MAX_HEADER_BYTES};

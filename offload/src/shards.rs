@@ -29,8 +29,8 @@ use bytes::Bytes;
 pub use assemble::Assembler;
 pub use slices::{ChunkStream, HostSlices};
 
-/// Default chunk payload: 1 MiB.
-pub const CHUNK_BYTES: usize = 1 << 20;
+/// Default chunk payload (1 MiB), defined once with the transport settings.
+pub use zeroshard_proto::CHUNK_BYTES;
 
 /// A half-open element range `[start, end)` of one named tensor (flattened).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -2,14 +2,17 @@
 //! and their generated tonic/prost code.
 //!
 //! - `Inference` (client → coordinator): `Generate`, `GenerateStream`, `ClusterStatus`.
-//! - `Worker` (coordinator → worker): `InstallPlan`, `RunSequence`, `Cancel`, `Stats`.
-//! - `Control` (worker → coordinator): `RegisterWorker`.
+//! - `Worker` (coordinator → worker): `InstallPlan`, `ActivatePlan` (the two
+//!   phases of a plan), `RunSequence`, `Cancel`, `Stats`.
+//! - `Control` (worker → coordinator, embedded membership): `RegisterWorker`,
+//!   `KeepAlive`, `Leave`.
 //! - `Shards` (worker ↔ worker, coordinator → worker): `FetchRanges`, 1 MiB chunks,
 //!   each with a CRC-32C of its payload.
 //!
-//! Every connection goes through [`Security`] (TLS with the cluster's
-//! certificates, or plaintext) and every service behind a [`Guard`] that
-//! checks the caller's role ([`auth`]); `certs` makes the certificates.
+//! [`transport`] holds the HTTP/2 settings both ends use for bulk streams,
+//! [`CHUNK_BYTES`] the payload of one `ShardChunk`, [`health`] the plaintext
+//! `grpc.health.v1` server. TLS, roles and certificates are the
+//! `zeroshard-security` crate's, built on these settings.
 //!
 //! Generated types stop at the RPC modules: each crate converts them to its domain
 //! types in one `convert.rs`.
@@ -20,14 +23,8 @@
 //! let mut chunks = client.fetch_ranges(FetchRangesRequest { epoch, ranges, chunk_bytes: 0 }).await?.into_inner();
 //! ```
 
-pub mod auth;
-pub mod certs;
 pub mod codec;
 pub mod health;
-pub mod tls;
-
-pub use auth::{ApiKeys, Caller, Guard, Identity, Role};
-pub use tls::{Address, Security, TlsError, TlsPaths};
 
 /// Package `zeroshard.v1`.
 pub mod v1 {

@@ -1,18 +1,23 @@
-//! The worker crate's one error type. Variants wrap their source; the `Worker`
-//! and `Shards` services map them to status codes in one `match`
-//! (`rpc::convert::status`).
+//! The worker crate's one error type. Variants wrap their source (the engine's
+//! error among them); the `Worker` and `Shards` services map them to status
+//! codes in one `match` (`rpc::convert::status`).
 use std::path::PathBuf;
 
+use zeroshard_engine::EngineError;
 use zeroshard_offload::plan::PlanError;
 use zeroshard_offload::shards::ShardError;
 use zeroshard_offload::OffloadError;
 
 /// A boxed error from a dependency whose type should not leak into this crate's
 /// API (a gRPC transport, etcd).
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) use zeroshard_engine::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    /// The engine failed: a request it cannot run, a weight missing, a device
+    /// error (see [`EngineError::is_fatal`]).
+    #[error(transparent)]
+    Engine(EngineError),
     #[error(transparent)]
     Offload(#[from] OffloadError),
     #[error(transparent)]
@@ -48,23 +53,6 @@ pub enum WorkerError {
     /// A plan epoch this worker does not hold, or has not prepared.
     #[error("{0}")]
     Epoch(String),
-    /// A weight the model needs is absent from the provided set.
-    #[error("weight `{0}` is missing")]
-    MissingWeight(String),
-    /// A backend operation failed. `fatal`: the device cannot be trusted again
-    /// (any CUDA error: a sticky context error, lost device, out of memory
-    /// mid-step); otherwise only this step failed.
-    #[error("{op}: {source}")]
-    Device {
-        op: String,
-        fatal: bool,
-        #[source]
-        source: BoxError,
-    },
-    /// The device cannot be set up as asked (a CUDA library not on the path,
-    /// a memory budget that does not fit); the message names what and the numbers.
-    #[error("device setup: {0}")]
-    Setup(String),
     /// Gathering a layer's ranges from its holders failed, after fail-over and
     /// retries: each holder's last error, in the order tried.
     #[error("gather: {0}")]
@@ -103,11 +91,38 @@ impl WorkerError {
     /// True when the device cannot be trusted again: the worker must leave the
     /// cluster rather than step again.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::Device { fatal: true, .. })
+        matches!(self, Self::Engine(e) if e.is_fatal())
     }
 
     pub(crate) fn rpc(peer: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Self::Rpc { peer: peer.into(), source: source.into() }
+    }
+}
+
+/// The engine's error, unless it carries a worker error a [`WeightSource`]
+/// of this crate raised (a gather that failed), which comes back as itself.
+///
+/// [`WeightSource`]: zeroshard_engine::WeightSource
+impl From<EngineError> for WorkerError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Weights(source) => match source.downcast::<WorkerError>() {
+                Ok(mine) => *mine,
+                Err(other) => Self::Engine(EngineError::Weights(other)),
+            },
+            e => Self::Engine(e),
+        }
+    }
+}
+
+/// A worker error raised inside a [`WeightSource`](zeroshard_engine::WeightSource),
+/// carried through the engine's step.
+impl From<WorkerError> for EngineError {
+    fn from(e: WorkerError) -> Self {
+        match e {
+            WorkerError::Engine(e) => e,
+            e => EngineError::Weights(Box::new(e)),
+        }
     }
 }
 

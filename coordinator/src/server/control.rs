@@ -2,9 +2,9 @@
 //! lease renewals. Under etcd workers register there instead.
 use tonic::{Request, Response, Status};
 use zeroshard_offload::plan::WorkerId;
-use zeroshard_proto::auth::caller_of;
 use zeroshard_proto::v1 as pb;
-use zeroshard_proto::{Address, Caller};
+use zeroshard_security::auth::caller_of;
+use zeroshard_security::{Address, Caller};
 
 use super::Coordinator;
 use crate::error::CoordinatorError;

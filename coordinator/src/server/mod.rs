@@ -31,7 +31,7 @@ use tonic::service::interceptor::InterceptedService;
 use zeroshard_proto::v1::control_server::ControlServer;
 use zeroshard_proto::v1::inference_server::InferenceServer;
 use zeroshard_proto::v1::shards_server::ShardsServer;
-use zeroshard_proto::{Guard, Role};
+use zeroshard_security::{Guard, Role};
 
 pub use http::{serve_http, HttpFront, RenderMetrics};
 pub use state::{ClusterConfig, Coordinator, DrainReport, DrainState, Readiness, RequestLimits, WorkerEntry};

@@ -15,7 +15,7 @@ use zeroshard_offload::plan::{Plan, TensorMeta, WorkerId};
 use zeroshard_offload::spec::checked_specs;
 use zeroshard_offload::{Checkpoint, ModelConfig};
 
-use zeroshard_proto::{ApiKeys, Security};
+use zeroshard_security::{ApiKeys, Security};
 
 use super::admission::Admission;
 use super::deadline::StepClock;

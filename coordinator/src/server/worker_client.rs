@@ -10,7 +10,7 @@ use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::worker_client::WorkerClient;
-use zeroshard_proto::Security;
+use zeroshard_security::Security;
 
 use super::admission::Capacity;
 use super::Coordinator;

@@ -30,10 +30,11 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
-use crate::backend::Backend;
-use crate::engine::{kv_tokens, Engine, GenerationParams, Sequence, StepToken};
+use super::Faults;
 use crate::error::WorkerError;
-use crate::source::WeightSource;
+use zeroshard_engine::engine::{kv_tokens, Engine, GenerationParams, Sequence, StepToken};
+use zeroshard_engine::source::WeightSource;
+use zeroshard_engine::Backend;
 
 /// What a running sequence hears from the loop: its next token, or the error
 /// that ended it (shared by every sequence of a failed step).
@@ -82,12 +83,9 @@ pub(crate) struct Limits {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LoopConfig {
     pub limits: Limits,
-    /// Test hook: slept after every step, to make a short generation long
-    /// enough to disturb.
-    pub step_delay: Duration,
-    /// Test hook: after this many steps the loop never steps again (it still
-    /// takes commands, and the worker keeps its lease): a stuck worker.
-    pub hang_after_steps: Option<u64>,
+    /// Test hooks: a delay after every step (a short generation made long
+    /// enough to disturb), a loop that stops stepping (a stuck worker).
+    pub faults: Faults,
 }
 
 struct Active<B: Backend> {
@@ -210,7 +208,7 @@ pub(super) fn run<B: Backend>(
         if active.is_empty() {
             continue;
         }
-        if cfg.hang_after_steps.is_some_and(|n| stats.steps.load(Ordering::Relaxed) >= n) {
+        if cfg.faults.hang_after_steps().is_some_and(|n| stats.steps.load(Ordering::Relaxed) >= n) {
             std::thread::sleep(Duration::from_millis(100)); // the injected hang: never step again
             continue;
         }
@@ -244,6 +242,7 @@ pub(super) fn run<B: Backend>(
                 }
             }
             Err(e) => {
+                let e = WorkerError::from(e);
                 let fatal_error = e.is_fatal();
                 tracing::error!(
                     "step over {} sequences failed{}: {e}",
@@ -268,8 +267,8 @@ pub(super) fn run<B: Backend>(
             }
         }
         publish(&active);
-        if !cfg.step_delay.is_zero() {
-            std::thread::sleep(cfg.step_delay);
+        if !cfg.faults.step_delay().is_zero() {
+            std::thread::sleep(cfg.faults.step_delay());
         }
     }
 }

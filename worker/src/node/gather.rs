@@ -25,7 +25,7 @@ use zeroshard_offload::shards::{Assembler, HostSlices, TensorRange};
 
 use crate::error::{Result, WorkerError};
 use crate::rpc::peer::{FetchPolicy, PeerClient};
-use crate::sync;
+use zeroshard_offload::sync;
 
 /// Attempts in a row without progress before a fetch from the last holder of a
 /// range fails (a bad chunk or a broken stream costs one; what was already

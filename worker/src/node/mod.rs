@@ -9,6 +9,7 @@
 //! node::run(NodeConfig::default(), registrar, listener, shutdown).await?;
 //! ```
 mod batcher;
+mod faults;
 mod gather;
 mod state;
 mod store;
@@ -17,18 +18,19 @@ mod weights;
 use std::path::PathBuf;
 
 use std::time::Duration;
-use zeroshard_proto::Security;
+use zeroshard_security::Security;
 
 use zeroshard_offload::ModelConfig;
 
 pub(crate) use batcher::{Command, SeqEvent};
+pub use faults::Faults;
 pub use state::available_memory;
 pub(crate) use state::Node;
 pub use zeroshard_membership::{Announce, Registrar};
 
-use crate::cpu::{CpuBackend, StepFault};
 pub use crate::rpc::control::ControlRegistrar;
 pub use crate::rpc::service::run;
+use zeroshard_engine::cpu::CpuBackend;
 
 /// The model a plan names: its folder as the coordinator sees it, and its config.
 pub struct PlannedModel {
@@ -58,21 +60,8 @@ pub struct NodeConfig {
     /// Gathered layers kept resident within this many bytes (0 = re-gather every
     /// step); on a GPU, the device bytes of resident layers.
     pub max_live_bytes: u64,
-    /// Test hook: corrupt one chunk of every Nth fetch this worker serves (0 = never).
-    pub corrupt_every: u64,
-    /// Test hook: flip a byte of every chunk this worker serves, under a valid
-    /// CRC-32C of the flipped bytes (only the block digests can catch it).
-    pub serve_corrupt: bool,
-    /// Test hook: fail every plan installation.
-    pub fail_load: bool,
-    /// Test hook: a backend error injected into the CPU backend's `linear`
-    /// (see [`StepFault`]).
-    pub step_fault: Option<StepFault>,
-    /// Test hook: sleep this long after every batching step.
-    pub step_delay: Duration,
-    /// Test hook: the batching loop stops stepping after this many steps (the
-    /// worker keeps its lease and answers every RPC): a stuck worker.
-    pub hang_after_steps: Option<u64>,
+    /// Test hooks (none without the `fault-injection` feature).
+    pub faults: Faults,
     /// KV-cache bytes the sequences admitted here may reserve together (None:
     /// on the CPU, half the memory available when the first plan arrives,
     /// less the bytes that plan gives this worker; on a GPU, what the device
@@ -104,12 +93,7 @@ impl Default for NodeConfig {
             prefetch_layers: 2,
             prefetch_bytes: 24 << 20,
             max_live_bytes: 0,
-            corrupt_every: 0,
-            serve_corrupt: false,
-            fail_load: false,
-            step_fault: None,
-            step_delay: Duration::ZERO,
-            hang_after_steps: None,
+            faults: Faults::default(),
             kv_cache_bytes: None,
             max_active_sequences: 64,
             fetch_timeout: Duration::from_secs(2),
@@ -130,6 +114,6 @@ impl NodeConfig {
 
     /// The CPU backend the batching loop computes with.
     pub(crate) fn cpu_backend(&self) -> CpuBackend {
-        self.step_fault.map_or_else(CpuBackend::new, CpuBackend::with_fault)
+        self.faults.step_fault().map_or_else(CpuBackend::new, CpuBackend::with_fault)
     }
 }

@@ -31,12 +31,12 @@ use super::batcher::{self, BatchStats, Command, Limits, LoopConfig};
 use super::gather::{GatherStats, Gatherer};
 use super::weights::{ClusterWeights, Prefetch};
 use super::{store, NodeConfig, PlannedModel};
-use crate::backend::Backend;
-use crate::engine::Engine;
 use crate::error::{Result, WorkerError};
-use crate::placement::{open_for_cluster, GpuPlacement};
 use crate::rpc::peer::PeerClient;
-use crate::sync;
+use zeroshard_engine::engine::Engine;
+use zeroshard_engine::placement::{open_for_cluster, GpuPlacement};
+use zeroshard_engine::Backend;
+use zeroshard_offload::sync;
 
 /// What one plan gave this worker.
 pub(super) struct Installed {
@@ -103,6 +103,35 @@ struct Setup {
     batcher: Option<(Receiver<Command>, FatalSender)>,
 }
 
+/// How many `RunSequence` streams are open. Each stream holds a
+/// [`StreamGuard`] and gives it up when tonic drops the stream, i.e. once its
+/// last message and status are sent (or the caller went away).
+#[derive(Clone, Default)]
+pub(crate) struct SequenceStreams(Arc<watch::Sender<usize>>);
+
+impl SequenceStreams {
+    /// Counts one more open stream until the guard is dropped.
+    pub(crate) fn open(&self) -> StreamGuard {
+        self.0.send_modify(|n| *n += 1);
+        StreamGuard(self.0.clone())
+    }
+
+    /// Returns once no stream is open.
+    pub(crate) async fn all_closed(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// One open `RunSequence` stream (see [`SequenceStreams`]).
+pub(crate) struct StreamGuard(Arc<watch::Sender<usize>>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// Counters for `Stats`.
 #[derive(Default)]
 pub(crate) struct NodeStats {
@@ -110,6 +139,11 @@ pub(crate) struct NodeStats {
     pub resident: Arc<AtomicU64>,
     pub gather: Arc<GatherStats>,
     pub served_fetches: AtomicU64,
+    /// Told on every fetch served (a drain waits for peers to go quiet).
+    pub fetch_served: tokio::sync::Notify,
+    /// `RunSequence` streams not yet finished: a drain waits for its hand-backs
+    /// to be sent before it leaves (see [`SequenceStreams`]).
+    pub sequence_streams: SequenceStreams,
     pub loads: AtomicU64,
     pub loaded_bytes: AtomicU64,
     /// Bytes loaded so far for the plan being prepared (for progress bars).
@@ -221,7 +255,7 @@ impl Node {
                     WorkerError::InvalidRequest("the first plan must name the model".into())
                 })?);
         }
-        if self.cfg.fail_load {
+        if self.cfg.faults.fail_load() {
             return Err(WorkerError::InvalidRequest(
                 "injected fault: this worker refuses to load (--fault-fail-load)".into(),
             ));
@@ -358,8 +392,7 @@ impl Node {
         let stats = self.stats.batch.clone();
         let loop_cfg = |kv_cache_bytes: u64| LoopConfig {
             limits: Limits { kv_cache_bytes, max_active: self.cfg.max_active_sequences },
-            step_delay: self.cfg.step_delay,
-            hang_after_steps: self.cfg.hang_after_steps,
+            faults: self.cfg.faults,
         };
         let live_bytes = match self.cfg.cuda {
             None => {
@@ -384,7 +417,8 @@ impl Node {
                     self.cfg.prefetch_layers,
                     self.cfg.kv_cache_bytes,
                 );
-                let kv_cache_bytes = p.kv_tokens as u64 * crate::placement::kv_bytes_per_token(&config);
+                let kv_cache_bytes =
+                    p.kv_tokens as u64 * zeroshard_engine::placement::kv_bytes_per_token(&config);
                 let c = config.clone();
                 // Opening compiles the kernels: off the async runtime.
                 let placed =

@@ -9,7 +9,7 @@ use half::f16;
 use zeroshard_offload::digest::{covering, BlockDigests, DigestError, BLOCK_BYTES};
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_offload::Checkpoint;
-use zeroshard_proto::Security;
+use zeroshard_security::Security;
 
 use zeroshard_offload::shards::{Assembler, HostSlices, TensorRange};
 

@@ -14,11 +14,12 @@ use zeroshard_offload::ModelConfig;
 
 use super::gather::Gatherer;
 use crate::error::{Result, WorkerError};
-use crate::model::{tensor_specs, TensorSpec};
-use crate::source::{WeightSource, HEAD_SLICE};
-use crate::sync;
-use crate::weights::HostWeights;
+use zeroshard_engine::source::{WeightSource, HEAD_SLICE};
+use zeroshard_engine::weights::HostWeights;
+use zeroshard_engine::{EngineError, Result as EngineResult};
 use zeroshard_offload::shards::TensorRange;
+use zeroshard_offload::spec::{tensor_specs, TensorSpec};
+use zeroshard_offload::sync;
 
 /// A piece of the model gathered as a unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -280,7 +281,7 @@ impl ClusterWeights {
 impl WeightSource for ClusterWeights {
     /// Only the rows `ids` use are fetched, renumbered `0..distinct`; the other
     /// tensors before the first layer (learned positions, embedding norms) come whole.
-    fn embedding(&self, ids: &[u32]) -> Result<(Arc<HostWeights>, Vec<u32>)> {
+    fn embedding(&self, ids: &[u32]) -> EngineResult<(Arc<HostWeights>, Vec<u32>)> {
         let mut distinct: Vec<u32> = ids.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
@@ -299,7 +300,7 @@ impl WeightSource for ClusterWeights {
         let waited = std::time::Instant::now();
         let data = self.handle.block_on(async move { gatherer.gather(&requests).await });
         self.gatherer.stats.wait_nanos.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let mut data = data?;
+        let mut data = data.map_err(EngineError::from)?;
         let tail = data.split_off(rows.len());
         let table: Vec<f16> = data.concat();
         let mut store = HostWeights::default();
@@ -317,19 +318,19 @@ impl WeightSource for ClusterWeights {
         Ok((Arc::new(store), renumbered))
     }
 
-    fn layer(&self, l: usize) -> Result<Arc<HostWeights>> {
-        self.get(Unit::Layer(l))
+    fn layer(&self, l: usize) -> EngineResult<Arc<HostWeights>> {
+        Ok(self.get(Unit::Layer(l))?)
     }
 
-    fn head(&self) -> Result<Arc<HostWeights>> {
-        self.get(Unit::Head)
+    fn head(&self) -> EngineResult<Arc<HostWeights>> {
+        Ok(self.get(Unit::Head)?)
     }
 
     fn head_slices(&self) -> usize {
         self.slices
     }
 
-    fn head_slice(&self, i: usize) -> Result<(Arc<HostWeights>, std::ops::Range<usize>)> {
+    fn head_slice(&self, i: usize) -> EngineResult<(Arc<HostWeights>, std::ops::Range<usize>)> {
         Ok((self.get(Unit::HeadSlice(i))?, self.slice_range(i)))
     }
 }

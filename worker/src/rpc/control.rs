@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tonic::Response;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::control_client::ControlClient;
-use zeroshard_proto::Security;
+use zeroshard_security::Security;
 
 use super::peer::connect;
 use zeroshard_membership::{MembershipError, Result};

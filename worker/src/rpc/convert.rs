@@ -7,9 +7,10 @@ use zeroshard_offload::shards::ShardError;
 use zeroshard_offload::{ModelConfig, OffloadError};
 use zeroshard_proto::v1 as pb;
 
-use crate::engine::StepToken;
 use crate::error::{Result, WorkerError};
 use crate::node::{PlannedModel, SeqEvent};
+use zeroshard_engine::engine::StepToken;
+use zeroshard_engine::EngineError;
 
 /// The status a caller gets for `e`: its fault (INVALID_ARGUMENT, NOT_FOUND,
 /// FAILED_PRECONDITION), a step that failed on a device still in use (ABORTED:
@@ -30,11 +31,21 @@ pub(crate) fn status(e: &WorkerError) -> Status {
         E::Abandoned(_) => Status::aborted(msg),
         E::Draining(_) => Status::cancelled(msg),
         E::CorruptCopy { .. } => Status::data_loss(msg),
-        E::Device { fatal: false, .. } => Status::aborted(msg),
-        E::Gather(_) | E::Rpc { .. } | E::Membership { .. } | E::Device { .. } => Status::unavailable(msg),
-        E::Offload(_) | E::Shard(_) | E::MissingWeight(_) | E::Setup(_) | E::Io { .. } | E::Task { .. } => {
-            Status::internal(msg)
+        E::Engine(EngineError::InvalidRequest(_) | EngineError::Offload(OffloadError::InvalidRequest(_))) => {
+            Status::invalid_argument(msg)
         }
+        E::Engine(EngineError::Device { fatal: false, .. }) => Status::aborted(msg),
+        E::Gather(_) | E::Rpc { .. } | E::Membership { .. } | E::Engine(EngineError::Device { .. }) => {
+            Status::unavailable(msg)
+        }
+        E::Offload(_) | E::Shard(_) | E::Io { .. } | E::Task { .. } => Status::internal(msg),
+        E::Engine(
+            EngineError::Offload(_)
+            | EngineError::MissingWeight(_)
+            | EngineError::Weights(_)
+            | EngineError::Setup(_)
+            | EngineError::Io { .. },
+        ) => Status::internal(msg),
     }
 }
 

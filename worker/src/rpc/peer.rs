@@ -10,7 +10,7 @@ use tonic::transport::Channel;
 use zeroshard_offload::shards::{Assembler, Chunk};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_client::ShardsClient;
-use zeroshard_proto::Security;
+use zeroshard_security::Security;
 
 use crate::error::{Result, WorkerError};
 

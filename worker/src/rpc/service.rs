@@ -15,7 +15,7 @@ use zeroshard_offload::plan::Assignment;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_server::{Shards, ShardsServer};
 use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
-use zeroshard_proto::{Guard, Role};
+use zeroshard_security::{Guard, Role};
 
 use zeroshard_offload::convert::{fetch_ranges, generation_params};
 use zeroshard_offload::shards::{checksum, CHUNK_BYTES};
@@ -73,7 +73,13 @@ impl Worker for Svc {
         prompt.extend(r.generated_token_ids);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.0.send(Command::Run { id: r.sequence_id, prompt, params, tx });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx).map(convert::sequence_step))))
+        // Counted open until tonic drops the stream (its status sent): a drain
+        // waits for the hand-backs it caused to go out.
+        let open = self.0.stats.sequence_streams.open();
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx).map(move |ev| {
+            let _ = &open;
+            convert::sequence_step(ev)
+        }))))
     }
 
     async fn cancel(
@@ -134,10 +140,11 @@ impl Shards for Svc {
         // Fault injection: the first chunk of every Nth fetch gets a flipped
         // byte under its original checksum (the retry is another fetch).
         let n = self.0.stats.served_fetches.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut corrupt = self.0.cfg.corrupt_every > 0 && n.is_multiple_of(self.0.cfg.corrupt_every);
+        self.0.stats.fetch_served.notify_one();
+        let mut corrupt = self.0.cfg.faults.corrupt_fetch(n);
         // Fault injection: every chunk's first byte flipped, under a valid
         // checksum of the flipped bytes (a lying holder).
-        let lie = self.0.cfg.serve_corrupt;
+        let lie = self.0.cfg.faults.serve_corrupt();
         tokio::spawn(async move {
             for chunk in chunks {
                 let mut msg = pb::ShardChunk::from(chunk);
@@ -263,6 +270,8 @@ fn advertised(advertise: Option<&str>, bound: std::net::SocketAddr) -> String {
 
 /// Longest a drain waits for peers to stop fetching from this worker.
 const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest a drain waits for its handed-back sequences' streams to close.
+const HAND_BACK_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 /// Peers have moved to an epoch without this worker once it served no fetch for this long.
 const DRAIN_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -275,9 +284,13 @@ async fn drain(node: &Node, registrar: &dyn Registrar, id: u64, described: &str)
     let started = std::time::Instant::now();
     tracing::info!("worker {id}: draining: handing its sequences back, then leaving {described}");
     node.send(Command::Drain);
-    // The hand-back reaches the coordinator before the departure, so it
-    // continues the sequences at once instead of waiting on a lost worker.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The hand-backs reach the coordinator before the departure, so it
+    // continues the sequences at once instead of waiting on a lost worker:
+    // wait until every sequence stream has sent its last status.
+    let streams = &node.stats.sequence_streams;
+    if tokio::time::timeout(HAND_BACK_MAX, streams.all_closed()).await.is_err() {
+        tracing::warn!("worker {id}: sequence streams still open after {HAND_BACK_MAX:?}; leaving anyway");
+    }
     let leave = registrar.leave(id, "draining (SIGTERM)");
     match tokio::time::timeout(std::time::Duration::from_secs(2), leave).await {
         Ok(Ok(())) => {}
@@ -286,15 +299,14 @@ async fn drain(node: &Node, registrar: &dyn Registrar, id: u64, described: &str)
             tracing::warn!("worker {id}: {described} did not answer the departure (the lease will lapse)")
         }
     }
-    let fetches = &node.stats.served_fetches;
-    let (mut seen, mut quiet_since) = (fetches.load(Ordering::Relaxed), std::time::Instant::now());
-    while started.elapsed() < DRAIN_MAX {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let now = fetches.load(Ordering::Relaxed);
-        if now != seen {
-            (seen, quiet_since) = (now, std::time::Instant::now());
-        } else if quiet_since.elapsed() >= DRAIN_QUIET {
-            break;
+    // Serve peers until none has fetched for DRAIN_QUIET (they have moved to an
+    // epoch without this worker), told of each fetch as it is served.
+    let deadline = tokio::time::Instant::now() + DRAIN_MAX.saturating_sub(started.elapsed());
+    loop {
+        tokio::select! {
+            _ = node.stats.fetch_served.notified() => {}
+            _ = tokio::time::sleep(DRAIN_QUIET) => break,
+            _ = tokio::time::sleep_until(deadline) => break,
         }
     }
     tracing::info!("worker {id}: drained in {:.2} s", started.elapsed().as_secs_f64());

@@ -1,0 +1,494 @@
+//! Sequences and the batched step: one forward over the new tokens of every
+//! active sequence (prompts and single decode tokens mixed), then sampling.
+//!
+//! ```ignore
+//! let engine = Engine::new(CpuBackend::new(), config, weights);
+//! let mut seq = engine.new_sequence(prompt_ids, params)?;
+//! while seq.finished().is_none() {
+//!     engine.step(&mut [&mut seq])?;
+//! }
+//! ```
+//!
+//! A step that fails leaves its sequences unusable (their caches may hold part of
+//! the step): later steps refuse them, and the caller starts new ones. Whether the
+//! engine can run those depends on the error: [`EngineError::is_fatal`] means the
+//! device is broken and no later step will succeed.
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use zeroshard_offload::ModelConfig;
+
+use crate::backend::{Backend, BatchLayout, Piece};
+use crate::error::{EngineError, Result};
+use crate::model::{tensor_specs, LayerWeights, Model, OuterWeights};
+use crate::sampling::Sampler;
+use crate::source::{WeightSource, HEAD_SLICE};
+use crate::weights::HostWeights;
+pub use zeroshard_offload::request::{kv_tokens, validate_prompt, FinishReason, GenerationParams};
+
+/// One sequence: its tokens, cache, sampler and state.
+pub struct Sequence<B: Backend> {
+    tokens: Vec<u32>, // prompt + generated
+    prompt_len: usize,
+    cache: B::KvCache,
+    sampler: Sampler,
+    params: GenerationParams,
+    finished: Option<FinishReason>,
+    /// A forward over this sequence failed: its cache may hold part of that step.
+    failed: bool,
+}
+
+impl<B: Backend> Sequence<B> {
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    /// Generated tokens so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    /// Marks the sequence finished (e.g. a stop string matched).
+    pub fn finish(&mut self, reason: FinishReason) {
+        self.finished.get_or_insert(reason);
+    }
+}
+
+/// What a step produced for one sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepToken {
+    pub token: u32,
+    /// Set when this token ended the sequence.
+    pub finished: Option<FinishReason>,
+}
+
+/// A model, its weights in host memory and a backend to run them.
+pub struct Engine<B: Backend> {
+    backend: B,
+    model: Model,
+    weights: Arc<HostWeights>,
+    /// Tensor names of each piece the forward stages (see [`Backend::stage`]).
+    names: PieceNames,
+    /// The forward runs inside the process's compute pool ([`compute_pool`]), so the
+    /// matmul's fork/join stays on pool threads (calling in from outside a pool costs
+    /// ~30% on decode).
+    pool: Arc<rayon::ThreadPool>,
+}
+
+/// Compute threads asked for before the pool was built (0: rayon's default).
+static COMPUTE_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sizes the process's compute pool: `threads` threads, or with `None` one per core this
+/// process may run on (its CPU affinity and cgroup quota; `RAYON_NUM_THREADS` if set).
+/// Must come before the first engine; returns false, changing nothing, after.
+pub fn set_compute_threads(threads: Option<usize>) -> bool {
+    COMPUTE_THREADS.store(threads.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    POOL.get().is_none()
+}
+
+static POOL: std::sync::OnceLock<Arc<rayon::ThreadPool>> = std::sync::OnceLock::new();
+
+/// The one pool every engine of this process computes in: products, attention and the
+/// bench's bandwidth and FMA probes share it, so compute never has more threads than
+/// [`set_compute_threads`] gave it, whatever the number of engines. The batching loop
+/// waits on it and the async runtime only moves bytes, so neither competes for long.
+pub fn compute_pool() -> Arc<rayon::ThreadPool> {
+    POOL.get_or_init(|| {
+        let threads = COMPUTE_THREADS.load(std::sync::atomic::Ordering::Relaxed);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("compute-{i}"))
+            .build()
+            .map(Arc::new)
+            .expect("a compute thread pool")
+    })
+    .clone()
+}
+
+/// The tensors of each piece, by checkpoint name.
+struct PieceNames {
+    /// Embedding, final norm and head (the embedding and head pieces).
+    outer: Vec<String>,
+    /// Each decoder layer's.
+    layers: Vec<Vec<String>>,
+    head_slice: Vec<String>,
+}
+
+impl PieceNames {
+    fn new(c: &ModelConfig) -> Self {
+        let mut outer = Vec::new();
+        let mut layers = vec![Vec::new(); c.num_layers];
+        for s in tensor_specs(c) {
+            match s.layer {
+                Some(l) => layers[l].push(s.name),
+                None => outer.push(s.name),
+            }
+        }
+        Self { outer, layers, head_slice: vec![HEAD_SLICE.to_string()] }
+    }
+
+    fn of(&self, piece: Piece) -> &[String] {
+        match piece {
+            Piece::Embedding | Piece::Head => &self.outer,
+            Piece::Layer(l) => &self.layers[l],
+            Piece::HeadSlice(_) => &self.head_slice,
+        }
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(backend: B, config: ModelConfig, weights: HostWeights) -> Self {
+        Self::with_shared_weights(backend, config, Arc::new(weights))
+    }
+
+    /// [`Self::new`] with weights already behind an `Arc`.
+    pub fn with_shared_weights(backend: B, config: ModelConfig, weights: Arc<HostWeights>) -> Self {
+        let pool = compute_pool();
+        Self { backend, names: PieceNames::new(&config), model: Model::new(config), weights, pool }
+    }
+
+    /// An engine that holds no weights: every step names its [`WeightSource`].
+    pub fn without_weights(backend: B, config: ModelConfig) -> Self {
+        Self::new(backend, config, HostWeights::default())
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Bytes one token takes in a sequence's KV cache, over every layer.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let c = self.config();
+        (c.num_layers * 2 * c.kv_dim() * self.backend.kv_element_bytes()) as u64
+    }
+
+    pub fn weights(&self) -> &HostWeights {
+        &self.weights
+    }
+
+    /// Validates `prompt` and starts a sequence.
+    pub fn new_sequence(&self, prompt: Vec<u32>, params: GenerationParams) -> Result<Sequence<B>> {
+        let c = self.config();
+        validate_prompt(c, &prompt)?;
+        params.sampling.validate().map_err(EngineError::InvalidRequest)?;
+        let cache = self.backend.new_kv_cache(
+            c.num_layers,
+            c.kv_dim(),
+            kv_tokens(c, prompt.len(), params.max_new_tokens),
+        );
+        Ok(Sequence {
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            cache,
+            sampler: Sampler::new(params.sampling.clone()),
+            finished: if params.max_new_tokens == 0 { Some(FinishReason::Length) } else { None },
+            params,
+            failed: false,
+        })
+    }
+
+    /// One forward over the tokens each sequence has not cached yet, from the
+    /// engine's own weights; returns each sequence's next-token logits.
+    pub fn forward(&self, seqs: &mut [&mut Sequence<B>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_from(seqs, &self.weights)
+    }
+
+    fn stage(&self, host: &Arc<HostWeights>, piece: Piece) -> Result<B::Staged> {
+        self.backend.stage(host, piece, self.names.of(piece))
+    }
+
+    /// [`Self::forward`] with weights from `src`, piece by piece: the embedding,
+    /// each layer in order (staged up to [`Backend::prefetch_depth`] layers ahead
+    /// of the one computing), the head (`[seqs][vocab]` logits).
+    ///
+    /// Refuses a sequence whose earlier forward failed; when this one fails, every
+    /// sequence in it is refused from then on (its cache may hold part of the step).
+    pub fn forward_from(
+        &self,
+        seqs: &mut [&mut Sequence<B>],
+        src: &dyn WeightSource,
+    ) -> Result<Vec<Vec<f32>>> {
+        if seqs.iter().any(|s| s.failed) {
+            return Err(EngineError::InvalidRequest(
+                "a step on this sequence failed before (its cache may hold part of that step)".into(),
+            ));
+        }
+        let logits = self.forward_pieces(seqs, src);
+        if logits.is_err() {
+            seqs.iter_mut().for_each(|s| s.failed = true);
+        }
+        logits
+    }
+
+    /// The forward of [`Self::forward_from`], over sequences that have not failed.
+    fn forward_pieces(&self, seqs: &mut [&mut Sequence<B>], src: &dyn WeightSource) -> Result<Vec<Vec<f32>>> {
+        let (b, c) = (&self.backend, self.model.config());
+        let mut ids = Vec::new();
+        let mut parts = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            let past = b.kv_len(&s.cache);
+            ids.extend_from_slice(&s.tokens[past..]);
+            parts.push((s.tokens.len() - past, past));
+        }
+        let layout = BatchLayout::new(parts);
+        let caches: Vec<&mut B::KvCache> = seqs.iter_mut().map(|s| &mut s.cache).collect();
+        let mut step = self.model.step::<B>(&layout, caches);
+        let mut x = {
+            let (w, local_ids) = src.embedding(&ids)?;
+            let staged = self.stage(&w, Piece::Embedding)?;
+            let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
+            self.model.embed(b, &outer, &local_ids, &layout)? // [rows, hidden]
+        };
+        let depth = b.prefetch_depth();
+        let mut ahead: VecDeque<B::Staged> = VecDeque::with_capacity(depth + 1);
+        let mut next = 0; // the next layer to stage
+        for l in 0..c.num_layers {
+            if ahead.is_empty() {
+                ahead.push_back(self.stage(&src.layer(l)?, Piece::Layer(l))?);
+                next = l + 1;
+            }
+            let staged = ahead.pop_front().expect("layer l is staged");
+            let lw = LayerWeights::from_lookup(c, l, |n| b.weight(&staged, n))?;
+            x = self.model.layer(b, l, &lw, x, &mut step)?;
+            // Layer l's compute is enqueued: copy the next ones meanwhile.
+            while next < c.num_layers && next <= l + depth {
+                ahead.push_back(self.stage(&src.layer(next)?, Piece::Layer(next))?);
+                next += 1;
+            }
+        }
+        let w = src.head()?;
+        let staged = self.stage(&w, Piece::Head)?;
+        let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
+        let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows())?; // [seqs, hidden]
+        let seqs_n = layout.seqs.len();
+        let logits = match src.head_slices() {
+            0 => b.to_host(&b.linear(&normed, outer.lm_head(), None, c.vocab_size)?)?, // [seqs, vocab]
+            n => {
+                // The head in vocabulary slices: each `[seqs, rows]` lands in its columns.
+                let mut logits = vec![0f32; seqs_n * c.vocab_size];
+                for i in 0..n {
+                    let (w, rows) = src.head_slice(i)?;
+                    let staged = self.stage(&w, Piece::HeadSlice(i))?;
+                    let slice = b
+                        .weight(&staged, HEAD_SLICE)?
+                        .ok_or_else(|| EngineError::MissingWeight(HEAD_SLICE.into()))?;
+                    let part = b.to_host(&b.linear(&normed, slice, None, rows.len())?)?; // [seqs, rows]
+                    for (s, chunk) in part.chunks_exact(rows.len()).enumerate() {
+                        logits[s * c.vocab_size + rows.start..s * c.vocab_size + rows.end]
+                            .copy_from_slice(chunk);
+                    }
+                }
+                logits
+            }
+        };
+        Ok(logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Forward, then sample one token per sequence and apply the stop rules.
+    /// With `keep_logits`, also returns each sequence's raw logits.
+    pub fn step_with_logits(
+        &self,
+        seqs: &mut [&mut Sequence<B>],
+        keep_logits: bool,
+    ) -> Result<(Vec<StepToken>, Vec<Vec<f32>>)> {
+        self.step_from(seqs, &self.weights, keep_logits)
+    }
+
+    /// [`Self::step_with_logits`] with weights from `src`.
+    pub fn step_from(
+        &self,
+        seqs: &mut [&mut Sequence<B>],
+        src: &dyn WeightSource,
+        keep_logits: bool,
+    ) -> Result<(Vec<StepToken>, Vec<Vec<f32>>)> {
+        if let Some(s) = seqs.iter().find(|s| s.finished.is_some()) {
+            return Err(EngineError::InvalidRequest(format!(
+                "step on a finished sequence ({:?})",
+                s.finished
+            )));
+        }
+        let logits = self.pool.install(|| self.forward_from(seqs, src))?;
+        let max_pos = self.config().max_position_embeddings;
+        let eos = &self.config().eos_token_ids;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut kept = Vec::new();
+        for (s, mut l) in seqs.iter_mut().zip(logits) {
+            if keep_logits {
+                kept.push(l.clone());
+            }
+            let token = s.sampler.sample(&mut l, &s.tokens);
+            s.tokens.push(token);
+            let finished = if !s.params.ignore_eos && eos.contains(&token) {
+                Some(FinishReason::Eos)
+            } else if s.generated().len() >= s.params.max_new_tokens || s.tokens.len() > max_pos {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            s.finished = finished;
+            out.push(StepToken { token, finished });
+        }
+        Ok((out, kept))
+    }
+
+    pub fn step(&self, seqs: &mut [&mut Sequence<B>]) -> Result<Vec<StepToken>> {
+        Ok(self.step_with_logits(seqs, false)?.0)
+    }
+}
+
+#[cfg(test)]
+mod fault_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuBackend;
+    use zeroshard_offload::Architecture;
+
+    fn config(architecture: Architecture, num_heads: usize) -> ModelConfig {
+        let hidden = 4 * num_heads;
+        ModelConfig {
+            max_position_embeddings: 16,
+            tie_word_embeddings: true,
+            qkv_bias: true,
+            o_bias: true,
+            mlp_bias: true,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            ..ModelConfig::synthetic(architecture, hidden, 2, num_heads, num_heads, 4 * hidden, 50)
+        }
+    }
+
+    fn engine(c: ModelConfig) -> Engine<CpuBackend> {
+        let weights = HostWeights::random(&c, 7);
+        Engine::new(CpuBackend::new(), c, weights)
+    }
+
+    fn params(max_new_tokens: usize) -> GenerationParams {
+        GenerationParams { sampling: Default::default(), max_new_tokens, ignore_eos: true }
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + x.abs()))
+    }
+
+    /// Prefill in one pass, or token by token through the cache, or batched with
+    /// another sequence: the same logits (positions and ALiBi biases are absolute).
+    fn cache_and_batch_agree(c: ModelConfig) {
+        let e = engine(c);
+        let prompt = vec![3, 14, 15, 9, 26, 5];
+        let mut whole = e.new_sequence(prompt.clone(), params(4)).expect("seq");
+        let full = e.forward(&mut [&mut whole]).expect("forward").remove(0);
+
+        let mut stepwise = e.new_sequence(prompt[..1].to_vec(), params(4)).expect("seq");
+        let mut last = Vec::new();
+        for i in 1..=prompt.len() {
+            last = e.forward(&mut [&mut stepwise]).expect("forward").remove(0);
+            if i < prompt.len() {
+                stepwise.tokens.push(prompt[i]);
+            }
+        }
+        assert!(close(&full, &last), "{full:?}\n{last:?}");
+
+        let mut other = e.new_sequence(vec![1, 2], params(4)).expect("seq");
+        let mut again = e.new_sequence(prompt, params(4)).expect("seq");
+        let batched = e.forward(&mut [&mut other, &mut again]).expect("forward");
+        assert!(close(&full, &batched[1]));
+    }
+
+    #[test]
+    fn gpt2_cache_and_batch_agree() {
+        cache_and_batch_agree(config(Architecture::Gpt2, 4));
+    }
+
+    #[test]
+    fn bloom_cache_and_batch_agree() {
+        // 6 heads: ALiBi slopes beyond the power of two.
+        cache_and_batch_agree(config(Architecture::Bloom, 6));
+    }
+
+    #[test]
+    fn gpt2_stops_at_its_last_learned_position_and_refuses_past_it() {
+        let e = engine(config(Architecture::Gpt2, 4)); // 16 positions
+        let Err(too_long) = e.new_sequence(vec![1; 17], params(4)) else { panic!("17 tokens accepted") };
+        let too_long = too_long.to_string();
+        assert!(too_long.contains("17 tokens, more than the model's n_positions 16"), "{too_long}");
+        let mut s = e.new_sequence(vec![1; 14], params(10)).expect("seq");
+        while s.finished().is_none() {
+            e.step(&mut [&mut s]).expect("step");
+        }
+        // Positions 14 and 15 computed: the tokens they produced end the sequence.
+        assert_eq!((s.generated().len(), s.finished()), (3, Some(FinishReason::Length)));
+        // Forcing one more position is refused, not read past the table.
+        s.finished = None;
+        let err = e.forward(&mut [&mut s]).expect_err("position 16 refused").to_string();
+        assert!(err.contains("position 16 is past the model's 16 learned positions"), "{err}");
+    }
+
+    /// A source that hands out the whole model but the LM head in slices of
+    /// `rows` vocabulary rows (the last one shorter), as the cluster does.
+    struct Sliced {
+        whole: Arc<HostWeights>,
+        head_name: String,
+        vocab: usize,
+        hidden: usize,
+        rows: usize,
+    }
+
+    impl WeightSource for Sliced {
+        fn embedding(&self, ids: &[u32]) -> Result<(Arc<HostWeights>, Vec<u32>)> {
+            self.whole.embedding(ids)
+        }
+        fn layer(&self, l: usize) -> Result<Arc<HostWeights>> {
+            WeightSource::layer(&self.whole, l)
+        }
+        fn head(&self) -> Result<Arc<HostWeights>> {
+            self.whole.head()
+        }
+        fn head_slices(&self) -> usize {
+            self.vocab.div_ceil(self.rows)
+        }
+        fn head_slice(&self, i: usize) -> Result<(Arc<HostWeights>, std::ops::Range<usize>)> {
+            let rows = i * self.rows..((i + 1) * self.rows).min(self.vocab);
+            let table = self.whole.get(&self.head_name).expect("head");
+            let mut w = HostWeights::default();
+            let spec = crate::model::tensor_specs(&config(Architecture::Llama, 2))
+                .into_iter()
+                .next()
+                .map(|mut s| {
+                    s.name = HEAD_SLICE.into();
+                    s.shape = vec![rows.len(), self.hidden];
+                    s
+                })
+                .expect("a spec");
+            w.insert(&spec, table[rows.start * self.hidden..rows.end * self.hidden].to_vec());
+            Ok((Arc::new(w), rows))
+        }
+    }
+
+    #[test]
+    fn a_head_applied_in_vocabulary_slices_gives_the_same_logits() {
+        let c = config(Architecture::Llama, 2);
+        let (vocab, hidden) = (c.vocab_size, c.hidden_size);
+        let e = engine(c);
+        let head_name = "model.embed_tokens.weight".to_string(); // tied
+        for rows in [1, 7, 16, 50, 64] {
+            let src = Sliced { whole: e.weights.clone(), head_name: head_name.clone(), vocab, hidden, rows };
+            let mut a = e.new_sequence(vec![3, 1, 4, 1, 5], params(2)).expect("seq");
+            let mut b = e.new_sequence(vec![3, 1, 4, 1, 5], params(2)).expect("seq");
+            let mut c2 = e.new_sequence(vec![9, 2], params(2)).expect("seq");
+            let whole = e.forward(&mut [&mut a]).expect("whole");
+            let sliced = e.forward_from(&mut [&mut b, &mut c2], &src).expect("sliced");
+            assert_eq!(whole[0], sliced[0], "{rows} rows per slice");
+            assert_eq!(sliced[1].len(), vocab);
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! [`Security`]: a process's TLS credentials (or none), used for every server
+//! it runs and every channel it opens.
+//!
+//! - Servers accept connections through their own TLS acceptor, built from the
+//!   credentials of the moment: [`Security::reload`] (on SIGHUP or when a file
+//!   changes, see [`Security::spawn_reloader`]) swaps them for new connections;
+//!   connections already open, and the sequences running over them, go on.
+//! - Client certificates are asked for, verified against the cluster CA, but
+//!   optional at the handshake: each service's [`crate::auth::Guard`] decides.
+//! - Channels verify the server against the cluster CA and present this
+//!   process's certificate. An `https://` address without credentials, or an
+//!   `http://` one with them, is an error, never a silent downgrade.
+//!
+//! ```ignore
+//! let sec = Security::load(TlsPaths { ca, cert: Some(cert), key: Some(key) }, Some(Role::Worker))?;
+//! sec.spawn_reloader();
+//! sec.serve(router, listener, shutdown).await?;
+//! let ch = sec.endpoint("https://10.0.0.5:7001")?.connect().await?;
+//! ```
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Router;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::auth::{Identity, Role};
+
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often credential files are checked for changes.
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+/// Why credentials could not be loaded or an address cannot be dialled.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Address(String),
+}
+
+type Result<T> = std::result::Result<T, TlsError>;
+
+/// The files of a process's credentials: the cluster CA, and this process's
+/// certificate and key (a client may have none and use an API key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl TlsPaths {
+    fn files(&self) -> Vec<&Path> {
+        let mut v = vec![self.ca.as_path()];
+        v.extend(self.cert.as_deref());
+        v.extend(self.key.as_deref());
+        v
+    }
+}
+
+/// Credentials as loaded at one moment.
+struct Loaded {
+    /// `None` for a client without a certificate.
+    server: Option<Arc<rustls::ServerConfig>>,
+    client: ClientTlsConfig,
+    identity: Option<Identity>,
+    /// (modified time, length) of every file, to notice changes.
+    stamp: Vec<Option<(SystemTime, u64)>>,
+}
+
+struct Tls {
+    paths: TlsPaths,
+    expect: Option<Role>,
+    loaded: RwLock<Loaded>,
+}
+
+/// A process's transport security: TLS with these credentials, or plaintext
+/// (the default).
+#[derive(Clone, Default)]
+pub struct Security(Option<Arc<Tls>>);
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("Security(plaintext)"),
+            Some(t) => write!(f, "Security(tls, {:?})", t.paths),
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| TlsError::File { path: path.to_path_buf(), message: e.to_string() })
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    let bad = |message: String| TlsError::File { path: path.to_path_buf(), message };
+    let v: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
+    if v.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(v)
+}
+
+fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
+    let ca_pem = read(&paths.ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(&paths.ca, &ca_pem)? {
+        roots.add(c).map_err(|e| TlsError::File { path: paths.ca.clone(), message: e.to_string() })?;
+    }
+    let roots = Arc::new(roots);
+    let mut client = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem));
+    let (server, identity) = match (&paths.cert, &paths.key) {
+        (Some(cert_path), Some(key_path)) => {
+            let cert_pem = read(cert_path)?;
+            let key_pem = read(key_path)?;
+            let chain = certs(cert_path, &cert_pem)?;
+            let identity = Identity::from_cert(chain[0].as_ref());
+            match (expect, &identity) {
+                (Some(want), Some(id)) if id.role != want => {
+                    return Err(TlsError::File {
+                        path: cert_path.clone(),
+                        message: format!(
+                            "is the certificate of a {id}; this process needs a {want} certificate"
+                        ),
+                    })
+                }
+                (Some(want), None) => {
+                    return Err(TlsError::File {
+                        path: cert_path.clone(),
+                        message: format!(
+                            "carries no zeroshard role; issue one with `zeroshard certs issue --role {want}`"
+                        ),
+                    })
+                }
+                _ => {}
+            }
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::File {
+                path: key_path.clone(),
+                message: format!("not a PEM private key: {e}"),
+            })?;
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+            let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| TlsError::Config(e.to_string()))?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)
+                .map_err(|e| TlsError::File {
+                    path: cert_path.clone(),
+                    message: format!("does not go with {}: {e}", key_path.display()),
+                })?;
+            cfg.alpn_protocols = vec![b"h2".to_vec()];
+            client = client.identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
+            (Some(Arc::new(cfg)), identity)
+        }
+        (None, None) if expect.is_none() => (None, None),
+        (None, None) => {
+            return Err(TlsError::Config(format!(
+                "a {} needs --tls-cert and --tls-key",
+                expect.unwrap_or(Role::Client)
+            )))
+        }
+        _ => return Err(TlsError::Config("--tls-cert and --tls-key go together".into())),
+    };
+    let stamp = paths.files().into_iter().map(stamp).collect();
+    Ok(Loaded { server, client, identity, stamp })
+}
+
+impl Security {
+    /// No TLS.
+    pub fn plaintext() -> Self {
+        Self(None)
+    }
+
+    /// TLS with the credentials of `paths`; `expect` is the role this
+    /// process's certificate must carry (`None`: a client, certificate optional).
+    pub fn load(paths: TlsPaths, expect: Option<Role>) -> Result<Self> {
+        let loaded = load(&paths, expect)?;
+        Ok(Self(Some(Arc::new(Tls { paths, expect, loaded: RwLock::new(loaded) }))))
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// `https` or `http`: the scheme of this process's addresses.
+    pub fn scheme(&self) -> &'static str {
+        if self.is_tls() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The role and name of this process's certificate.
+    pub fn identity(&self) -> Option<Identity> {
+        let t = self.0.as_ref()?;
+        t.loaded.read().unwrap_or_else(|p| p.into_inner()).identity.clone()
+    }
+
+    pub fn paths(&self) -> Option<&TlsPaths> {
+        self.0.as_ref().map(|t| &t.paths)
+    }
+
+    /// Reads the credential files again when they changed (or `force`);
+    /// on error the credentials in use stay. Returns whether they were replaced.
+    pub fn reload(&self, force: bool) -> Result<bool> {
+        let Some(t) = &self.0 else { return Ok(false) };
+        let now: Vec<_> = t.paths.files().into_iter().map(stamp).collect();
+        if !force && t.loaded.read().unwrap_or_else(|p| p.into_inner()).stamp == now {
+            return Ok(false);
+        }
+        let fresh = load(&t.paths, t.expect)?;
+        *t.loaded.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(true)
+    }
+
+    /// Reloads the credentials on SIGHUP and when a file changes (checked every
+    /// 2 s), logging what happened. No-op without TLS.
+    pub fn spawn_reloader(&self) {
+        if !self.is_tls() {
+            return;
+        }
+        let sec = self.clone();
+        tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            loop {
+                let forced = tokio::select! {
+                    _ = tokio::time::sleep(RELOAD_POLL) => false,
+                    Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+                };
+                match sec.reload(forced) {
+                    Ok(true) => tracing::info!("TLS credentials reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!("TLS credentials not reloaded (the previous ones stay in use): {e}")
+                    }
+                }
+            }
+        });
+    }
+
+    fn server_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let t = self.0.as_ref()?;
+        t.loaded.read().unwrap_or_else(|p| p.into_inner()).server.clone()
+    }
+
+    /// An endpoint for a member or cluster address (`http(s)://host:port`),
+    /// with the bulk-transfer settings of [`zeroshard_proto::transport::endpoint`] and,
+    /// under TLS, this process's credentials.
+    pub fn endpoint(&self, uri: &str) -> Result<Endpoint> {
+        let addr = Address::parse(uri)?;
+        match (addr.tls, self.0.as_ref()) {
+            (true, None) => Err(TlsError::Address(format!(
+                "{uri} speaks TLS but no TLS credentials were given (--tls-ca, and --tls-cert/--tls-key for a member)"
+            ))),
+            (false, Some(_)) => Err(TlsError::Address(format!(
+                "{uri} is plaintext but this process runs TLS: use https:// (or grpcs://), or --insecure on every member"
+            ))),
+            (_, tls) => {
+                let ep = zeroshard_proto::transport::endpoint(&addr.uri()).map_err(|e| TlsError::Address(format!("{uri}: {e}")))?;
+                match tls {
+                    None => Ok(ep),
+                    Some(t) => {
+                        let cfg = t.loaded.read().unwrap_or_else(|p| p.into_inner()).client.clone();
+                        ep.tls_config(cfg).map_err(|e| TlsError::Address(format!("{uri}: {e}")))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves `router` on `listener` until `shutdown`, over TLS when configured.
+    pub async fn serve(
+        &self,
+        router: Router,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::result::Result<(), tonic::transport::Error> {
+        if self.server_config().is_none() {
+            return router
+                .serve_with_incoming_shutdown(zeroshard_proto::transport::incoming(listener), shutdown)
+                .await;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(64);
+        let sec = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = tx.closed() => break,
+                };
+                let (sock, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                let Some(cfg) = sec.server_config() else { break };
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => {
+                            let _ = tx.send(Ok(s)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake from {peer} failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake from {peer} timed out"),
+                    }
+                });
+            }
+        });
+        router.serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown).await
+    }
+}
+
+/// A member or cluster address: `http://`, `https://`, or as `up` prints
+/// them, `grpc://` (plaintext) and `grpcs://` (TLS), then `host:port` and
+/// nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Address {
+    pub tls: bool,
+    /// Host as written (brackets kept for IPv6).
+    pub host: String,
+    pub port: u16,
+}
+
+impl Address {
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            TlsError::Address(format!(
+                "`{s}` is not a member address ({why}): expected https://HOST:PORT or http://HOST:PORT"
+            ))
+        };
+        let (tls, rest) = if let Some(r) = s.strip_prefix("https://").or_else(|| s.strip_prefix("grpcs://")) {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("http://").or_else(|| s.strip_prefix("grpc://")) {
+            (false, r)
+        } else {
+            return Err(bad("no http:// or https:// scheme"));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port.parse().map_err(|_| bad("bad port"))?;
+        let host_ok = if let Some(h) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            h.parse::<std::net::Ipv6Addr>().is_ok()
+        } else {
+            !host.is_empty()
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        };
+        if !host_ok || port == 0 {
+            return Err(bad("bad host or port"));
+        }
+        Ok(Self { tls, host: host.to_string(), port })
+    }
+
+    /// `https://host:port` or `http://host:port`.
+    pub fn uri(&self) -> String {
+        format!("{}://{}:{}", if self.tls { "https" } else { "http" }, self.host, self.port)
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    pub fn is_loopback(&self) -> bool {
+        let h = self.host.trim_start_matches('[').trim_end_matches(']');
+        h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_strictly() {
+        let a = Address::parse("grpcs://127.0.0.1:50051").expect("valid");
+        assert!(a.tls && a.is_loopback());
+        assert_eq!(a.uri(), "https://127.0.0.1:50051");
+        assert_eq!(Address::parse("http://[::1]:7").expect("v6").authority(), "[::1]:7");
+        for bad in [
+            "not a url",
+            "ftp://x:1",
+            "http://x",
+            "http://:80",
+            "http://a b:1",
+            "https://h:0",
+            "http://h:1/p",
+        ] {
+            assert!(Address::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn scheme_mismatches_are_errors() {
+        let plain = Security::plaintext();
+        assert!(plain.endpoint("https://127.0.0.1:1").is_err());
+        assert!(plain.endpoint("http://127.0.0.1:1").is_ok());
+        let dir = tempfile::tempdir().expect("tmp");
+        let ca = crate::certs::Ca::generate().expect("ca");
+        ca.write(dir.path()).expect("write");
+        let leaf = ca.issue(Role::Worker, "w", &crate::certs::loopback_sans()).expect("leaf");
+        let (cert, key) = leaf.write(dir.path(), "w").expect("write");
+        let paths = TlsPaths { ca: dir.path().join("ca.pem"), cert: Some(cert.clone()), key: Some(key) };
+        let sec = Security::load(paths.clone(), Some(Role::Worker)).expect("loads");
+        assert_eq!(sec.identity().map(|i| i.name), Some("w".to_string()));
+        assert!(sec.endpoint("http://127.0.0.1:1").is_err());
+        assert!(sec.endpoint("https://127.0.0.1:1").is_ok());
+        let e = Security::load(paths, Some(Role::Coordinator)).expect_err("wrong role");
+        assert!(e.to_string().contains("needs a coordinator certificate"), "{e}");
+    }
+}

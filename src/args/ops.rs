@@ -1,0 +1,87 @@
+//! Flags of the operator commands: `launch` (under Slurm), `certs` and `cuda`.
+use std::path::PathBuf;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Subcommand};
+
+/// Launchers `launch` reads a task's place from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Launcher {
+    /// SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, SLURMD_NODENAME.
+    Slurm,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LaunchArgs {
+    /// The launcher whose environment describes this task.
+    #[arg(long, value_enum)]
+    pub from: Launcher,
+    /// The coordinator's port on the first host of the job.
+    #[arg(long, default_value_t = 50051, env = "ZEROSHARD_PORT")]
+    pub port: u16,
+    /// Rank 0 runs a worker too (with one task per GPU, its GPU would
+    /// otherwise idle).
+    #[arg(long, env = "ZEROSHARD_HEAD_WORKER", value_parser = BoolishValueParser::new())]
+    pub head_worker: bool,
+    /// Members' TLS: ca.pem, coordinator.pem/.key and worker.pem/.key (from
+    /// `zeroshard certs`, with every host's name as a SAN). Without it,
+    /// ZEROSHARD_INSECURE=1 must say that plaintext is meant.
+    #[arg(long, env = "ZEROSHARD_CERTS_DIR")]
+    pub certs_dir: Option<PathBuf>,
+    /// The host workers dial the coordinator at (default: the first host of
+    /// the job's node list).
+    #[arg(long, env = "ZEROSHARD_COORDINATOR_HOST")]
+    pub coordinator_host: Option<String>,
+    /// Print this task's role and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CertsCommand {
+    /// Create a cluster CA: DIR/ca.pem and DIR/ca.key (owner-only).
+    Init {
+        #[arg(long, env = "ZEROSHARD_CERTS_DIR")]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by DIR's CA: DIR/NAME.pem and DIR/NAME.key.
+    Issue {
+        #[arg(long, env = "ZEROSHARD_CERTS_DIR")]
+        dir: PathBuf,
+        /// coordinator, worker or client: what the holder may call.
+        #[arg(long)]
+        role: String,
+        /// The holder's name (a worker id stays bound to it).
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address others dial the holder by (repeatable;
+        /// members default to localhost, 127.0.0.1 and ::1).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CudaCommand {
+    /// One JSON line: the CUDA driver, NVRTC and cuBLAS versions found, the
+    /// devices, and why CUDA cannot be used when it cannot.
+    Info,
+    /// Compile every kernel with NVRTC for each architecture, to PTX and CUBIN;
+    /// fails on any error or warning.
+    Kernels(CudaKernelsArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CudaKernelsArgs {
+    /// Architectures, comma-separated (default: sm_80,sm_86,sm_89,sm_90, and
+    /// sm_100 where this NVRTC has it).
+    #[arg(long, value_delimiter = ',')]
+    pub arch: Option<Vec<String>>,
+    /// Write `<source>-compute_XY.ptx`, `<source>-sm_XY.cubin` and
+    /// `launch.tsv` (each kernel's block size) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Text appended to every source (tests break a kernel on purpose with it).
+    #[arg(long, hide = true)]
+    pub append_source: Option<String>,
+}

@@ -1,0 +1,95 @@
+//! Shared helpers of the integration tests: where the fixtures are, and how to
+//! run the real `zeroshard` binary.
+#![allow(dead_code)]
+
+pub(crate) mod cluster;
+pub(crate) mod etcd;
+pub(crate) mod fleet;
+pub(crate) mod model_dir;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The shared fixture folder: `$ZEROSHARD_SHARED`, else `../shared` beside the
+/// checkout. Panics with what is missing when it is absent.
+pub(crate) fn shared() -> PathBuf {
+    let dir = std::env::var_os("ZEROSHARD_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    assert!(
+        dir.join("models").is_dir() && dir.join("refs").is_dir(),
+        "fixtures missing: expected {0}/models and {0}/refs (set ZEROSHARD_SHARED to the shared folder)",
+        dir.display()
+    );
+    dir
+}
+
+pub(crate) fn model(name: &str) -> PathBuf {
+    let p = shared().join("models").join(name);
+    assert!(p.is_dir(), "fixture model missing: {}", p.display());
+    p
+}
+
+pub(crate) fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+pub(crate) fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zeroshard"))
+}
+
+/// Runs the binary with `args`; returns its output.
+pub(crate) fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("spawn zeroshard")
+}
+
+/// Runs the binary, requires success, parses each stdout line as JSON.
+pub(crate) fn run_json(args: &[&str]) -> Vec<Value> {
+    let out = run(args);
+    assert!(out.status.success(), "zeroshard {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .expect("utf-8 stdout")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// Runs the binary, requires failure; returns stderr.
+pub(crate) fn run_err(args: &[&str]) -> String {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "zeroshard {args:?} should fail, printed {stderr}");
+    stderr
+}
+
+/// Sequences running on every worker, from `status --json`.
+pub(crate) fn active_sequences(status: &Value) -> u64 {
+    status["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["active_sequences"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+pub(crate) fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+pub(crate) fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+pub(crate) fn floats_of(v: &Value) -> Vec<f32> {
+    v.as_array().expect("array of floats").iter().map(|x| x.as_f64().expect("float") as f32).collect()
+}
+
+/// The argv of a greedy request that runs to `max_new` tokens whatever it
+/// samples: `prompt_flag` is `--prompt` or `--prompt-ids`. The same flags serve
+/// `generate`, `query` and `launch`.
+pub(crate) fn greedy<'a>(prompt_flag: &'a str, prompt: &'a str, max_new: &'a str) -> [&'a str; 7] {
+    [prompt_flag, prompt, "--temperature", "0", "--ignore-eos", "--max-new-tokens", max_new]
+}

@@ -1,0 +1,185 @@
+//! Weights verified against the checkpoint, not the sender, through the real
+//! binary: a worker that serves corrupt bytes under valid CRC-32Cs is caught
+//! by the block digests, never used, and evicted; a worker whose local copy of
+//! the checkpoint is corrupt refuses to load, naming the tensor and block.
+
+use std::io::Read;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::etcd::{free_port, Etcd};
+use crate::common::fleet::Fleet;
+use crate::common::*;
+use serde_json::Value;
+
+fn stories() -> std::path::PathBuf {
+    model("stories260K")
+}
+
+/// Every stories260K reference case through `endpoint`, all at once (so they
+/// spread over the workers): greedy tokens and text exact.
+fn assert_refs(endpoint: &str, when: &str) {
+    let refs = read_json(&shared().join("refs/stories260K_greedy_sample.json"));
+    let cases = refs["cases"].as_array().expect("cases").clone();
+    let runs: Vec<_> = cases
+        .into_iter()
+        .map(|case| {
+            let endpoint = endpoint.to_string();
+            std::thread::spawn(move || {
+                let out = run_json(&[
+                    "query",
+                    "--endpoint",
+                    &endpoint,
+                    "--json",
+                    "--prompt",
+                    case["prompt"].as_str().expect("prompt"),
+                    "--temperature",
+                    "0",
+                    "--ignore-eos",
+                    "--max-new-tokens",
+                    "48",
+                ])
+                .remove(0);
+                (case, out)
+            })
+        })
+        .collect();
+    for run in runs {
+        let (case, out) = run.join().expect("query thread");
+        assert_eq!(ids_of(&out["token_ids"]), ids_of(&case["new_token_ids"]), "{when}: {}", case["name"]);
+        assert_eq!(out["text"], case["new_text"], "{when}: {}", case["name"]);
+    }
+}
+
+/// The status entry of fleet worker `index`.
+fn entry<'a>(fleet: &Fleet, s: &'a Value, index: usize) -> Option<&'a Value> {
+    s["workers"]
+        .as_array()?
+        .iter()
+        .find(|w| w["address"].as_str().and_then(|a| fleet.worker_index_by_port(a)) == Some(index))
+}
+
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
+)]
+#[test]
+fn a_holder_serving_corrupt_blocks_is_never_used_and_is_evicted() {
+    // Three workers, one range each (no replica): what the liar holds is
+    // refetched from the coordinator, which reads the checkpoint. Every tensor
+    // partitioned (stories260K's are all under one block: whole tensors,
+    // spread over the ranks), so the liar holds some whatever its rank.
+    let start = Instant::now();
+    let fleet = Fleet::start_each_with(
+        Etcd::start(),
+        stories(),
+        &["--persistence-threshold-bytes", "0"],
+        &[],
+        &[&[], &[], &["--fault-serve-corrupt"]],
+    );
+    assert_refs(&fleet.endpoint, "with a lying holder");
+    let s = fleet.wait_status(Duration::from_secs(30), "the liar evicted", |s| {
+        s["epoch"].as_u64() >= Some(2)
+            && s["ready"] == true
+            && entry(&fleet, s, 2)
+                .is_some_and(|w| w["rejected_blocks_total"].as_u64() > Some(0) && w["ready"] == false)
+    });
+    let liar = entry(&fleet, &s, 2).expect("the liar is still registered");
+    eprintln!(
+        "liar {} evicted: {} blocks rejected, epoch {}, {:.1} s after start",
+        liar["id"],
+        liar["rejected_blocks_total"],
+        s["epoch"],
+        start.elapsed().as_secs_f64()
+    );
+    for w in s["workers"].as_array().expect("workers") {
+        if w["id"] != liar["id"] {
+            assert_eq!(w["rejected_blocks_total"], 0, "honest holders: nothing rejected: {s}");
+            assert_eq!(w["ready"], true, "honest workers serve the new epoch: {s}");
+        }
+    }
+    // The new plan holds everything on the honest two: same tokens, and
+    // nothing more is rejected.
+    let rejected = liar["rejected_blocks_total"].as_u64();
+    assert_refs(&fleet.endpoint, "after the eviction");
+    let after = fleet.status();
+    assert_eq!(entry(&fleet, &after, 2).expect("liar")["rejected_blocks_total"].as_u64(), rejected);
+    assert_eq!(after["epoch"], s["epoch"], "no further re-plan");
+}
+
+/// A copy of stories260K in a temporary folder with one byte of
+/// `model.embed_tokens.weight` flipped (the high byte of an f32: the f16
+/// conversion changes too).
+fn corrupt_copy() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in std::fs::read_dir(stories()).expect("read stories260K") {
+        let f = f.expect("entry");
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).expect("copy");
+    }
+    let file = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&file).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let tensor = "model.embed_tokens.weight";
+    assert_eq!(header[tensor]["dtype"], "F32");
+    let offset = header[tensor]["data_offsets"][0].as_u64().expect("offset") as usize;
+    // Element 1000: bit 6 of byte 2 is the top mantissa bit. The value stays
+    // finite and within f16 (an exponent bit could make it overflow f16, which
+    // the load refuses before any digest is compared), and f16 keeps the change.
+    bytes[8 + n + offset + 1000 * 4 + 2] ^= 0x40;
+    std::fs::write(&file, bytes).expect("write");
+    (dir, tensor.to_string())
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_corrupted_local_copy_is_refused_at_load_naming_the_tensor() {
+    let (copy, tensor) = corrupt_copy();
+    let port = free_port();
+    // The coordinator reads (and digests) the good checkpoint; the worker maps its own copy.
+    let mut coord = bin()
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--workers", "1", "--model"])
+        .arg(stories())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn coordinator");
+    let mut worker = bin()
+        .args(["worker", "--coordinator", &format!("http://127.0.0.1:{port}"), "--model"])
+        .arg(copy.path())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn worker");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = coord.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            kill(&mut coord);
+            kill(&mut worker);
+            panic!("the coordinator did not fail within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    kill(&mut worker);
+    let mut coord_err = String::new();
+    coord.stderr.take().expect("stderr").read_to_string(&mut coord_err).expect("stderr");
+    let mut worker_err = String::new();
+    worker.stderr.take().expect("stderr").read_to_string(&mut worker_err).expect("stderr");
+    assert!(!status.success(), "{coord_err}");
+    let last = coord_err.trim_end().lines().last().unwrap_or_default().to_string();
+    eprintln!("coordinator: {last}");
+    let named = format!("tensor `{tensor}` block 0");
+    for part in [named.as_str(), "could not load", "differs from the coordinator's"] {
+        assert!(last.contains(part), "`{part}` not in: {last}");
+    }
+    assert!(worker_err.contains(&format!("`{tensor}`")), "the worker logs it: {worker_err}");
+}

@@ -1,0 +1,621 @@
+//! Security through the real binary: mutual TLS between members, roles per
+//! RPC, client keys, etcd over TLS with a user, certificate reload, and the
+//! attacks a stranger, a client or a rogue worker would try, each refused with
+//! its code while the cluster's outputs stay exactly the references.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use crate::common::cluster::{ready_line, Cluster};
+use crate::common::etcd::Etcd;
+use crate::common::*;
+use serde_json::Value;
+use tonic::Code;
+use zeroshard_proto::v1 as pb;
+use zeroshard_security::{Security, TlsPaths};
+
+/// A cluster CA made with `zeroshard certs`, in a temp dir.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = run(&["certs", "init", "--dir", dir.path().to_str().expect("utf-8")]);
+        assert!(out.status.success(), "certs init: {}", String::from_utf8_lossy(&out.stderr));
+        Self { dir }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.path().join(f).display().to_string()
+    }
+
+    fn ca(&self) -> String {
+        self.path("ca.pem")
+    }
+
+    fn issue(&self, role: &str, name: &str) {
+        let dir = self.dir.path().to_str().expect("utf-8");
+        let out = run(&["certs", "issue", "--dir", dir, "--role", role, "--name", name]);
+        assert!(out.status.success(), "certs issue: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `--tls-ca/--tls-cert/--tls-key` for `name`.
+    fn args(&self, name: &str) -> Vec<String> {
+        vec![
+            "--tls-ca".into(),
+            self.ca(),
+            "--tls-cert".into(),
+            self.path(&format!("{name}.pem")),
+            "--tls-key".into(),
+            self.path(&format!("{name}.key")),
+        ]
+    }
+
+    /// A gRPC caller holding `name`'s certificate (`None`: only the CA).
+    fn security(&self, name: Option<&str>) -> Security {
+        let paths = TlsPaths {
+            ca: PathBuf::from(self.ca()),
+            cert: name.map(|n| PathBuf::from(self.path(&format!("{n}.pem")))),
+            key: name.map(|n| PathBuf::from(self.path(&format!("{n}.key")))),
+        };
+        Security::load(paths, None).expect("credentials load")
+    }
+}
+
+/// Child processes killed on drop.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(args: &[String]) -> Child {
+    bin()
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn")
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// stories260K's first greedy reference case: (prompt, new token ids).
+fn reference() -> (String, Vec<u32>) {
+    let refs = read_json(&shared().join("refs/stories260K_greedy_sample.json"));
+    let case = &refs["cases"][0];
+    (case["prompt"].as_str().expect("prompt").to_string(), ids_of(&case["new_token_ids"]))
+}
+
+/// `query --json` of the reference prompt with `auth`; its new token ids.
+fn query_ids(endpoint: &str, auth: &[&str]) -> Vec<u32> {
+    let (prompt, want) = reference();
+    let mut args = vec!["query", "--endpoint", endpoint, "--json", "--prompt", &prompt];
+    args.extend(["--ignore-eos", "--max-new-tokens", "48", "--retry-for-secs", "5"]);
+    args.extend_from_slice(auth);
+    let out = run_json(&args).remove(0);
+    let got = ids_of(&out["token_ids"]);
+    assert_eq!(got, want, "query {auth:?}");
+    got
+}
+
+fn query_fails(endpoint: &str, auth: &[&str]) -> String {
+    let mut args = vec!["query", "--endpoint", endpoint, "--prompt", "Hi", "--retry-for-secs", "1"];
+    args.extend_from_slice(auth);
+    run_err(&args)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// The code a call made with `sec` to `uri` ends with (`Ok` → `Code::Ok`); a
+/// connection that cannot even be made (failed handshake) → `Unavailable`.
+async fn code_of<F, Fut, T>(sec: &Security, uri: &str, call: F) -> Code
+where
+    F: FnOnce(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let Ok(ep) = sec.endpoint(uri) else { return Code::InvalidArgument };
+    match ep.connect().await {
+        Ok(ch) => match call(ch).await {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        },
+        Err(_) => Code::Unavailable,
+    }
+}
+
+async fn register(sec: &Security, coord: &str, address: &str, worker_id: u64) -> Code {
+    let req = pb::RegisterWorkerRequest {
+        address: address.into(),
+        device: "cpu".into(),
+        memory_bytes: 0,
+        worker_id,
+    };
+    code_of(
+        sec,
+        coord,
+        |ch| async move { pb::control_client::ControlClient::new(ch).register_worker(req).await },
+    )
+    .await
+}
+
+async fn worker_calls(sec: &Security, worker: &str) -> Vec<(&'static str, Code)> {
+    use pb::worker_client::WorkerClient;
+    let bogus = pb::InstallPlanRequest { worker_id: 1, ..Default::default() };
+    let mut v = vec![];
+    v.push((
+        "InstallPlan",
+        code_of(sec, worker, |ch| async move { WorkerClient::new(ch).install_plan(bogus).await }).await,
+    ));
+    v.push((
+        "ActivatePlan",
+        code_of(sec, worker, |ch| async move {
+            WorkerClient::new(ch).activate_plan(pb::ActivatePlanRequest { epoch: 1000 }).await
+        })
+        .await,
+    ));
+    v.push((
+        "RunSequence",
+        code_of(sec, worker, |ch| async move {
+            WorkerClient::new(ch)
+                .run_sequence(pb::RunSequenceRequest { sequence_id: 7, epoch: 1, ..Default::default() })
+                .await
+        })
+        .await,
+    ));
+    v.push((
+        "Cancel",
+        code_of(sec, worker, |ch| async move {
+            WorkerClient::new(ch).cancel(pb::CancelRequest { sequence_id: 1 }).await
+        })
+        .await,
+    ));
+    v.push((
+        "Stats",
+        code_of(sec, worker, |ch| async move { WorkerClient::new(ch).stats(pb::StatsRequest {}).await })
+            .await,
+    ));
+    v
+}
+
+async fn fetch(sec: &Security, uri: &str) -> Code {
+    let req = pb::FetchRangesRequest {
+        epoch: 1,
+        ranges: vec![pb::TensorRange { tensor: "model.norm.weight".into(), start: 0, end: 8 }],
+        chunk_bytes: 0,
+    };
+    code_of(sec, uri, |ch| async move {
+        let mut s = pb::shards_client::ShardsClient::new(ch).fetch_ranges(req).await?.into_inner();
+        while s.message().await?.is_some() {}
+        Ok(())
+    })
+    .await
+}
+
+fn status_with(endpoint: &str, auth: &[&str]) -> Value {
+    let mut args = vec!["status", "--endpoint", endpoint, "--json"];
+    args.extend_from_slice(auth);
+    run_json(&args).remove(0)
+}
+
+/// A coordinator and two workers, each with its own certificate, clients with
+/// API keys: every attack of a stranger, a client and a rogue worker is refused
+/// with its code, and the cluster's answers stay the references throughout.
+#[test]
+fn attacks_on_a_secure_cluster_are_refused_and_outputs_stay_exact() {
+    let pki = Pki::new();
+    for (role, name) in [
+        ("coordinator", "coord"),
+        ("worker", "w-a"),
+        ("worker", "w-b"),
+        ("worker", "rogue"),
+        ("client", "alice"),
+    ] {
+        pki.issue(role, name);
+    }
+    let keys = pki.dir.path().join("keys");
+    std::fs::write(&keys, "# client keys\nkey-one\nkey-two\n").expect("keys");
+    let model = model("stories260K");
+    let mut coord_args: Vec<String> = ["coordinator", "--listen", "127.0.0.1:0", "--workers", "2", "--model"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    coord_args.push(model.display().to_string());
+    coord_args.extend(pki.args("coord"));
+    coord_args.extend(["--api-key-file".into(), keys.display().to_string()]);
+    let mut coord = spawn(&coord_args);
+    // Workers retry registering until the coordinator listens; its address
+    // comes from its ready line, so start it first on a port it picks.
+    let port_line = {
+        // The coordinator prints `coordinator on ADDR` to stderr only; find its
+        // port by asking the OS which socket it listens on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(p) = listening_port(coord.id()) {
+                break p;
+            }
+            assert!(std::time::Instant::now() < deadline, "coordinator never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let coord_uri = format!("https://127.0.0.1:{port_line}");
+    let mut workers = vec![];
+    for name in ["w-a", "w-b"] {
+        let mut a: Vec<String> = vec!["worker".into(), "--coordinator".into(), coord_uri.clone()];
+        a.extend(pki.args(name));
+        workers.push(spawn(&a));
+    }
+    let endpoint = ready_line(&mut coord).expect("coordinator ready");
+    let _procs = Procs(std::iter::once(coord).chain(workers).collect());
+    assert_eq!(endpoint, format!("grpcs://127.0.0.1:{port_line}"));
+    let ca = pki.ca();
+    let with_key = ["--tls-ca", ca.as_str(), "--api-key", "key-two"];
+    query_ids(&endpoint, &with_key);
+    let before = status_with(&endpoint, &with_key);
+    let worker_uris: Vec<String> = before["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["address"].as_str().expect("address").to_string())
+        .collect();
+    assert!(worker_uris.iter().all(|u| u.starts_with("https://")), "{before}");
+    let live_id = before["workers"][0]["id"].as_u64().expect("id");
+
+    // Clients: a key or a client certificate; nothing else.
+    let alice_cert = pki.path("alice.pem");
+    let alice_key = pki.path("alice.key");
+    query_ids(&endpoint, &["--tls-ca", &ca, "--tls-cert", &alice_cert, "--tls-key", &alice_key]);
+    let e = query_fails(&endpoint, &["--tls-ca", &ca]);
+    assert!(e.contains("Unauthenticated"), "{e}");
+    let e = query_fails(&endpoint, &["--tls-ca", &ca, "--api-key", "key-three"]);
+    assert!(e.contains("Unauthenticated") && e.contains("invalid API key"), "{e}");
+    let e = query_fails(&endpoint.replace("grpcs://", "grpc://"), &[]);
+    assert!(e.contains("does not speak plaintext gRPC") && e.lines().count() == 1, "{e}");
+    let w_cert = pki.path("w-a.pem");
+    let w_key = pki.path("w-a.key");
+    let e = query_fails(&endpoint, &["--tls-ca", &ca, "--tls-cert", &w_cert, "--tls-key", &w_key]);
+    assert!(e.contains("PermissionDenied"), "a worker certificate is no client's: {e}");
+
+    let stranger = pki.security(None);
+    let client = pki.security(Some("alice"));
+    let rogue = pki.security(Some("rogue"));
+    let peer = pki.security(Some("w-b"));
+    let coordinator = pki.security(Some("coord"));
+    rt().block_on(async {
+        let rogue_addr = "https://127.0.0.1:9";
+        // Control: workers only; a live id stays with the identity that took it.
+        assert_eq!(register(&stranger, &coord_uri, rogue_addr, 0).await, Code::Unauthenticated);
+        assert_eq!(register(&client, &coord_uri, rogue_addr, 0).await, Code::PermissionDenied);
+        assert_eq!(register(&rogue, &coord_uri, rogue_addr, live_id).await, Code::PermissionDenied);
+        for bad in ["not a url", "ftp://x:1", "http://127.0.0.1:9"] {
+            assert_eq!(register(&rogue, &coord_uri, bad, 0).await, Code::InvalidArgument, "{bad}");
+        }
+        let keep = |sec: Security| {
+            let uri = coord_uri.clone();
+            async move {
+                code_of(&sec, &uri, |ch| async move {
+                    pb::control_client::ControlClient::new(ch)
+                        .keep_alive(pb::KeepAliveRequest { worker_id: live_id })
+                        .await
+                })
+                .await
+            }
+        };
+        assert_eq!(keep(rogue.clone()).await, Code::PermissionDenied);
+        let leave = code_of(&rogue, &coord_uri, |ch| async move {
+            pb::control_client::ControlClient::new(ch)
+                .leave(pb::LeaveRequest { worker_id: live_id, reason: "evil".into() })
+                .await
+        })
+        .await;
+        assert_eq!(leave, Code::PermissionDenied);
+        // Plaintext towards a TLS member: no connection at all.
+        assert_ne!(
+            register(&Security::plaintext(), &coord_uri.replace("https", "http"), rogue_addr, 0).await,
+            Code::Ok
+        );
+        // Worker: the coordinator only.
+        for w in &worker_uris {
+            for (who, sec, want) in [
+                ("stranger", &stranger, Code::Unauthenticated),
+                ("client", &client, Code::PermissionDenied),
+                ("worker", &peer, Code::PermissionDenied),
+            ] {
+                for (rpc, code) in worker_calls(sec, w).await {
+                    assert_eq!(code, want, "{who} calling Worker.{rpc} on {w}");
+                }
+            }
+            // Shards: members only.
+            assert_eq!(fetch(&stranger, w).await, Code::Unauthenticated);
+            assert_eq!(fetch(&client, w).await, Code::PermissionDenied);
+            assert_eq!(fetch(&peer, w).await, Code::Ok, "a worker gathers from its peers");
+            assert_eq!(fetch(&coordinator, w).await, Code::Ok);
+        }
+        assert_eq!(fetch(&client, &coord_uri).await, Code::PermissionDenied);
+    });
+
+    // Nothing changed: same epoch, same members at the same addresses, exact answers.
+    let after = status_with(&endpoint, &with_key);
+    assert_eq!(after["epoch"], before["epoch"], "{after}");
+    assert_eq!(after["workers"].as_array().map(Vec::len), Some(2), "{after}");
+    for (a, b) in
+        after["workers"].as_array().expect("workers").iter().zip(before["workers"].as_array().expect("w"))
+    {
+        assert_eq!((&a["id"], &a["address"]), (&b["id"], &b["address"]));
+    }
+    query_ids(&endpoint, &with_key);
+}
+
+/// The port a process listens on (from /proc/net/tcp and its socket inodes).
+fn listening_port(pid: u32) -> Option<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    tcp.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // state 0A = LISTEN
+        if f.get(3) == Some(&"0A") && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)) {
+            u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// `up` runs mTLS by default; with `--api-key-file`, its bundle holds only the
+/// CA and clients need a key.
+#[test]
+fn up_is_secure_by_default_and_keys_gate_its_clients() {
+    let keys_dir = tempfile::tempdir().expect("tmp");
+    let keys = keys_dir.path().join("keys");
+    std::fs::write(&keys, "k-1\n").expect("keys");
+    let stories = model("stories260K").display().to_string();
+    let c = Cluster::up(&[
+        "--model",
+        &stories,
+        "--workers",
+        "2",
+        "--api-key-file",
+        keys.to_str().expect("utf-8"),
+    ]);
+    assert!(c.endpoint.starts_with("grpcs://"), "{}", c.endpoint);
+    query_ids(&c.endpoint, &["--api-key", "k-1"]);
+    let e = query_fails(&c.endpoint, &[]);
+    assert!(e.contains("Unauthenticated"), "{e}");
+    let s = status_with(&c.endpoint, &["--api-key-file", keys.to_str().expect("utf-8")]);
+    assert!(
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .all(|w| w["address"].as_str().is_some_and(|a| a.starts_with("https://"))),
+        "{s}"
+    );
+}
+
+/// The scheme says what is spoken: TLS towards a plaintext cluster, or
+/// plaintext towards a TLS one, is a one-line error.
+#[test]
+fn schemes_must_match_the_server() {
+    let stories = model("stories260K").display().to_string();
+    let plain = Cluster::up(&["--model", &stories, "--workers", "1", "--insecure"]);
+    assert!(plain.endpoint.starts_with("grpc://"), "{}", plain.endpoint);
+    query_ids(&plain.endpoint, &[]);
+    let tls = plain.endpoint.replace("grpc://", "grpcs://");
+    let e = query_fails(&tls, &[]);
+    assert!(e.contains("no credentials that `up` left for it"), "{e}");
+    let secure = Cluster::up(&["--model", &stories, "--workers", "1"]);
+    let bundle_ca = secure_bundle_ca(&secure.endpoint);
+    let e = query_fails(&tls, &["--tls-ca", &bundle_ca]);
+    assert!(e.contains("does not speak TLS") && e.trim().lines().count() == 1, "{e}");
+    let e = query_fails(&secure.endpoint.replace("grpcs://", "grpc://"), &[]);
+    assert!(e.contains("does not speak plaintext gRPC") && e.trim().lines().count() == 1, "{e}");
+    // https:// is grpcs://, and finds the same bundle.
+    query_ids(&secure.endpoint.replace("grpcs://", "https://"), &[]);
+}
+
+/// The CA of the bundle `up` left for `endpoint`.
+fn secure_bundle_ca(endpoint: &str) -> String {
+    let authority = endpoint.trim_start_matches("grpcs://");
+    let dir = zeroshard_coordinator::credentials::bundle_dir(authority).expect("state dir");
+    dir.join("ca.pem").display().to_string()
+}
+
+/// Plaintext is for loopback: a coordinator or worker asked to serve another
+/// address without certificates refuses, in one line, unless `--insecure`.
+#[test]
+fn plaintext_off_loopback_needs_insecure() {
+    let stories = model("stories260K").display().to_string();
+    let e = run_err(&["coordinator", "--model", &stories, "--workers", "1", "--listen", "0.0.0.0:0"]);
+    assert!(e.contains("not a loopback address") && e.contains("--insecure"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let e = run_err(&["worker", "--coordinator", "http://127.0.0.1:9", "--listen", "0.0.0.0:0"]);
+    assert!(e.contains("--insecure"), "{e}");
+    let help = String::from_utf8(run(&["coordinator", "--help"]).stdout).expect("utf-8");
+    assert!(help.contains("[default: 127.0.0.1:50051]"), "{help}");
+}
+
+/// The leaf certificate a TLS server at `addr` presents.
+async fn served_cert(ca: &Path, addr: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(c.expect("cert")).expect("root");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("certs")[0].as_ref().to_vec()
+}
+
+/// A coordinator's certificate re-issued and signalled (SIGHUP) is served to
+/// new connections at once, while a sequence streaming across the reload
+/// finishes exactly.
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
+)]
+#[test]
+fn certificates_reload_without_dropping_sequences() {
+    let pki = Pki::new();
+    for (role, name) in [("coordinator", "coord"), ("worker", "w"), ("client", "c")] {
+        pki.issue(role, name);
+    }
+    let model = model("stories260K");
+    let mut a: Vec<String> =
+        ["coordinator", "--listen", "127.0.0.1:0", "--workers", "1"].iter().map(|s| s.to_string()).collect();
+    a.extend(["--model".into(), model.display().to_string()]);
+    a.extend(pki.args("coord"));
+    let mut coord = spawn(&a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        if let Some(p) = listening_port(coord.id()) {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "coordinator never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut w: Vec<String> =
+        vec!["worker".into(), "--coordinator".into(), format!("https://127.0.0.1:{port}")];
+    w.extend(pki.args("w"));
+    w.extend(["--fault-step-delay-ms".into(), "40".into()]);
+    let worker = spawn(&w);
+    let endpoint = ready_line(&mut coord).expect("ready");
+    let coord_pid = coord.id();
+    let _procs = Procs(vec![coord, worker]);
+    let addr = format!("127.0.0.1:{port}");
+    let ca = PathBuf::from(pki.ca());
+    let old = rt().block_on(served_cert(&ca, &addr));
+
+    let (prompt, want) = reference();
+    let (cert, key) = (pki.path("c.pem"), pki.path("c.key"));
+    let ca_s = pki.ca();
+    let mut stream = bin()
+        .args(["query", "--endpoint", &endpoint, "--json", "--stream", "--prompt", &prompt])
+        .args(["--ignore-eos", "--max-new-tokens", "48"])
+        .args(["--tls-ca", &ca_s, "--tls-cert", &cert, "--tls-key", &key])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("query");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(stream.try_wait().expect("wait").is_none(), "the stream should still run (48 steps × 40 ms)");
+    // Re-issue the coordinator's certificate in place and signal it.
+    for f in ["coord.pem", "coord.key"] {
+        std::fs::remove_file(pki.dir.path().join(f)).expect("remove");
+    }
+    pki.issue("coordinator", "coord");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(coord_pid as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = rt().block_on(served_cert(&ca, &addr));
+        if now != old {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the new certificate was never served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = stream.wait_with_output().expect("query");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(ids_of(&v["token_ids"]), want, "the sequence running across the reload");
+    // New connections work with the new certificate.
+    query_ids(&endpoint, &["--tls-ca", &ca_s, "--tls-cert", &cert, "--tls-key", &key]);
+}
+
+/// etcd over TLS with a user and password: the whole fleet reaches it that
+/// way; without the password a coordinator cannot start.
+#[test]
+fn a_fleet_runs_on_etcd_over_tls_with_auth() {
+    let pki = Pki::new();
+    for (role, name) in [("coordinator", "coord"), ("worker", "w1"), ("worker", "w2"), ("worker", "etcd")] {
+        pki.issue(role, name);
+    }
+    let etcd = Etcd::start_tls(PathBuf::from(pki.path("etcd.pem")), PathBuf::from(pki.path("etcd.key")));
+    let url = etcd.client_url(0);
+    assert!(url.starts_with("https://"));
+    let password = "s3cret-pw";
+    rt().block_on(async {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(pki.ca()).expect("ca")));
+        let opts = etcd_client::ConnectOptions::new().with_tls(tls);
+        let mut c = etcd_client::Client::connect([url.clone()], Some(opts)).await.expect("etcd over TLS");
+        c.user_add("root", password, None).await.expect("user");
+        c.user_grant_role("root", "root").await.expect("grant");
+        c.auth_enable().await.expect("auth enable");
+    });
+    let pw = pki.dir.path().join("etcd-password");
+    std::fs::write(&pw, format!("{password}\n")).expect("password file");
+    let etcd_args = |with_user: bool| {
+        let mut v = vec![
+            "--etcd".to_string(),
+            url.clone(),
+            "--etcd-ca".into(),
+            pki.ca(),
+            "--cluster".into(),
+            "sec".into(),
+        ];
+        if with_user {
+            v.extend([
+                "--etcd-user".into(),
+                "root".into(),
+                "--etcd-password-file".into(),
+                pw.display().to_string(),
+            ]);
+        }
+        v
+    };
+    let stories = model("stories260K").display().to_string();
+    // Without the user, etcd refuses the coordinator.
+    let mut a: Vec<String> =
+        vec!["coordinator".into(), "--model".into(), stories.clone(), "--workers".into(), "2".into()];
+    a.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    a.extend(pki.args("coord"));
+    let mut no_user = a.clone();
+    no_user.extend(etcd_args(false));
+    let e = run_err(&strs(&no_user));
+    assert!(e.contains("etcd"), "{e}");
+    let mut with_user = a;
+    with_user.extend(etcd_args(true));
+    let mut coord = spawn(&with_user);
+    let mut procs = vec![];
+    for name in ["w1", "w2"] {
+        let mut w = vec!["worker".to_string()];
+        w.extend(etcd_args(true));
+        w.extend(pki.args(name));
+        procs.push(spawn(&w));
+    }
+    let endpoint = ready_line(&mut coord).expect("coordinator ready");
+    let _procs = Procs(std::iter::once(coord).chain(procs).collect());
+    pki.issue("client", "cli");
+    let (cert, key) = (pki.path("cli.pem"), pki.path("cli.key"));
+    query_ids(&endpoint, &["--tls-ca", &pki.ca(), "--tls-cert", &cert, "--tls-key", &key]);
+}
