@@ -98,7 +98,7 @@ impl WorkerEntry {
         Ok(Self {
             id: m.id,
             address: m.address.clone(),
-            client: WorkerHandle::new(security, &m.address)?,
+            client: WorkerHandle::new(security, m.id, &m.address)?,
             clock: Arc::new(StepClock::default()),
         })
     }
