@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use zeroshard_offload::request::GenerationParams;
 
-use super::state::{MAX_STOP_BYTES, MAX_STOP_STRINGS};
+use super::state::{MAX_STOP_BYTES, MAX_STOP_STRINGS, PROMPT_BYTES_PER_POSITION};
 use super::{Coordinator, DrainState};
 use crate::error::{CoordinatorError, Result};
 use crate::request::{Chunk, GenerateRequest, Prompt};
@@ -93,9 +93,13 @@ async fn validate(coord: &Coordinator, req: GenerateRequest, out: &Out) -> Resul
     Ok(Some(Validated { prompt, params, stop: req.stop }))
 }
 
-/// Refuses prompt text over the byte limit before any tokenization.
+/// Refuses prompt text over the byte limit before any tokenization: the
+/// limit is `--max-prompt-bytes`, or so many bytes per position of the
+/// model's context.
 fn check_prompt_bytes(coord: &Coordinator, what: &str, bytes: usize) -> Result<()> {
-    let limit = coord.max_prompt_bytes();
+    let c = &coord.0;
+    let limit =
+        c.cfg.limits.max_prompt_bytes.unwrap_or(c.config.max_position_embeddings * PROMPT_BYTES_PER_POSITION);
     if bytes > limit {
         return Err(invalid(format!(
             "{what} {bytes} bytes of text, more than the limit of {limit} (--max-prompt-bytes)"

@@ -27,6 +27,7 @@ mod http;
 mod metrics;
 mod openai;
 mod progress;
+mod queue;
 mod sequence;
 mod shards;
 mod state;

@@ -195,7 +195,7 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
         let mut changes = coord.0.changes.subscribe();
         let patience = if resume { deadline } else { arrived + NO_WORKER_PATIENCE };
         let (room, queued) = tokio::select! {
-            r = coord.admit(tokens, resume, patience) => r?,
+            r = coord.0.admission.admit(tokens, resume, patience) => r?,
             _ = out.closed() => return Ok(false),
         };
         if !resume {
