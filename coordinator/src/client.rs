@@ -1,4 +1,5 @@
-//! The client side of `Inference` (`zeroshard query`, `zeroshard status`).
+//! The client side of `Inference` (`zeroshard query`, `zeroshard status`,
+//! the benchmarks): domain requests in, domain answers and errors out.
 use std::time::Duration;
 
 use tonic::metadata::MetadataValue;
@@ -11,6 +12,7 @@ use zeroshard_security::{Address, TlsPaths};
 use crate::credentials::client_security;
 use crate::error::{CoordinatorError, Result};
 use crate::request::{GenerateOutput, GenerateRequest};
+use crate::status::ClusterStatus;
 
 /// How a client proves itself: TLS credentials (`None`: plaintext, or the
 /// bundle `up` left for the endpoint) and an API key.
@@ -121,14 +123,33 @@ fn unreachable_cause(e: &(dyn std::error::Error + 'static), host: &str) -> Optio
     dns.then(|| format!("no such host {host} ({innermost})"))
 }
 
-fn status_err(s: tonic::Status) -> CoordinatorError {
-    match s.code() {
-        tonic::Code::InvalidArgument => CoordinatorError::InvalidRequest(s.message().to_string()),
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-            CoordinatorError::Denied(format!("{:?}: {}", s.code(), s.message()))
-        }
-        code => CoordinatorError::Unavailable(format!("{code:?}: {}", s.message())),
+/// Runs `req` once on `client`: with `stream`, through `GenerateStream`,
+/// calling `on_chunk(token_ids, text)` for each chunk as it arrives.
+pub async fn generate(
+    client: &mut Client,
+    req: &GenerateRequest,
+    stream: bool,
+    mut on_chunk: impl FnMut(&[u32], &str),
+) -> Result<GenerateOutput> {
+    let msg = pb::GenerateRequest::from(req);
+    if !stream {
+        return Ok(client.generate(msg).await?.into_inner().into());
     }
+    let mut s = client.generate_stream(msg).await?.into_inner();
+    let mut out = pb::GenerateResponse::default();
+    while let Some(c) = s.message().await? {
+        on_chunk(&c.token_ids, &c.text);
+        if !c.prompt_token_ids.is_empty() {
+            out.prompt_token_ids = c.prompt_token_ids;
+        }
+        out.text.push_str(&c.text);
+        out.token_ids.extend(c.token_ids);
+        if c.finish_reason != 0 {
+            out.finish_reason = c.finish_reason;
+            out.timings = c.timings;
+        }
+    }
+    Ok(out.into())
 }
 
 /// Retries at an address where nothing answers (connection refused, no such
@@ -151,7 +172,6 @@ pub async fn query(
     retry_for: Duration,
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerateOutput> {
-    let msg = pb::GenerateRequest::from(req);
     let mut delay = Duration::from_millis(200);
     let started = std::time::Instant::now();
     // Bytes of text already handed to `on_text` by earlier attempts.
@@ -165,31 +185,20 @@ pub async fn query(
         let result = async {
             let mut client = connect(endpoint, auth).await?;
             reached = true;
-            if !stream {
-                return client.generate(msg.clone()).await.map(|r| r.into_inner().into()).map_err(status_err);
-            }
-            let mut s = client.generate_stream(msg.clone()).await.map_err(status_err)?.into_inner();
-            let mut out = pb::GenerateResponse::default();
-            while let Some(c) = s.message().await.map_err(status_err)? {
-                if !c.prompt_token_ids.is_empty() {
-                    out.prompt_token_ids = c.prompt_token_ids;
-                }
-                let before = out.text.len();
-                out.text.push_str(&c.text);
-                if out.text.len() > printed {
-                    let from = printed.max(before);
-                    if let Some(new) = out.text.get(from..) {
+            // Bytes of text this attempt has received.
+            let mut received = 0usize;
+            generate(&mut client, req, stream, |_, text| {
+                let before = received;
+                received += text.len();
+                if received > printed {
+                    let from = printed.max(before) - before;
+                    if let Some(new) = text.get(from..) {
                         on_text(new);
                     }
-                    printed = out.text.len();
+                    printed = received;
                 }
-                out.token_ids.extend(c.token_ids);
-                if c.finish_reason != 0 {
-                    out.finish_reason = c.finish_reason;
-                    out.timings = c.timings;
-                }
-            }
-            Ok(out.into())
+            })
+            .await
         }
         .await;
         let result = match result {
@@ -224,11 +233,11 @@ pub async fn query(
 }
 
 /// The cluster's status.
-pub async fn status(endpoint: &str, auth: &ClientAuth) -> Result<pb::ClusterStatusResponse> {
+pub async fn status(endpoint: &str, auth: &ClientAuth) -> Result<ClusterStatus> {
     let mut client = connect(endpoint, auth).await?;
     match client.cluster_status(pb::ClusterStatusRequest {}).await {
-        Ok(r) => Ok(r.into_inner()),
-        Err(s) => Err(wrong_scheme(endpoint).await.unwrap_or_else(|| status_err(s))),
+        Ok(r) => Ok(r.into_inner().into()),
+        Err(s) => Err(wrong_scheme(endpoint).await.unwrap_or_else(|| s.into())),
     }
 }
 

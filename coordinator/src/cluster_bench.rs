@@ -3,12 +3,12 @@
 //! ratio `step / max(compute, gather)`, and each worker's peak RSS.
 use std::time::Instant;
 
+use crate::error::{CoordinatorError, Result};
+use crate::request::{GenerateRequest, GenerationParams, Prompt, SamplingParams};
+use crate::status::WorkerStats;
+use crate::up::{LocalCluster, UpConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use zeroshard_proto::v1 as pb;
-
-use crate::error::{CoordinatorError, Result};
-use crate::up::{LocalCluster, UpConfig};
 
 /// One worker's figures over one batch size.
 #[derive(Clone, Debug)]
@@ -39,13 +39,21 @@ pub struct ClusterReport {
     pub owned: Vec<(u64, u64)>,
 }
 
-async fn stats(cluster: &LocalCluster) -> Vec<pb::WorkerStats> {
+/// A worker that does not answer `Stats` this fast shows zeros.
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn stats(cluster: &LocalCluster) -> Vec<WorkerStats> {
     let mut out = Vec::new();
     for w in cluster.coord.workers() {
-        let mut c = w.client.grpc();
-        out.push(c.stats(pb::StatsRequest {}).await.map(|r| r.into_inner()).unwrap_or_default());
+        out.push(w.client.stats(STATS_TIMEOUT).await.unwrap_or_default());
     }
     out
+}
+
+/// A greedy request of `max_new_tokens` that goes on past end-of-sequence.
+fn greedy(prompt: Prompt, max_new_tokens: usize) -> GenerateRequest {
+    let params = GenerationParams { sampling: SamplingParams::default(), max_new_tokens, ignore_eos: true };
+    GenerateRequest { prompt, params, stop: vec![] }
 }
 
 fn peak_rss(pid: u32) -> u64 {
@@ -99,20 +107,11 @@ async fn drive(
                 let auth = cluster.client.clone();
                 tokio::spawn(async move {
                     let mut client = crate::client::connect(&endpoint, &auth).await?;
-                    let req = pb::GenerateRequest {
-                        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: prompt })),
-                        sampling: Some(pb::SamplingParams {
-                            max_new_tokens: Some(new_tokens as u32),
-                            ignore_eos: true,
-                            ..Default::default()
-                        }),
-                        stop: vec![],
-                    };
-                    client
-                        .generate(req)
+                    let req = greedy(Prompt::Ids(prompt), new_tokens);
+                    crate::client::generate(&mut client, &req, false, |_, _| {})
                         .await
-                        .map(|r| r.into_inner().token_ids.len())
-                        .map_err(|s| CoordinatorError::Unavailable(s.message().to_string()))
+                        .map(|out| out.token_ids.len())
+                        .map_err(|e| CoordinatorError::Unavailable(e.to_string()))
                 })
             })
             .collect();
@@ -160,28 +159,19 @@ pub async fn grpc_request(
     max_tokens: u32,
     stream: bool,
 ) -> Result<std::time::Duration> {
-    let req = pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::Text(prompt.to_string())),
-        sampling: Some(pb::SamplingParams {
-            max_new_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        stop: vec![],
-    };
+    let req = greedy(Prompt::Text(prompt.to_string()), max_tokens as usize);
     let started = Instant::now();
-    let failed = |s: tonic::Status| CoordinatorError::Unavailable(format!("bench request: {}", s.message()));
-    if !stream {
-        client.generate(req).await.map_err(failed)?;
-        return Ok(started.elapsed());
-    }
-    let mut s = client.generate_stream(req).await.map_err(failed)?.into_inner();
+    let failed = |e: CoordinatorError| CoordinatorError::Unavailable(format!("bench request: {e}"));
     let mut first = None;
-    while let Some(c) = s.message().await.map_err(failed)? {
-        if first.is_none() && !c.token_ids.is_empty() {
+    crate::client::generate(client, &req, stream, |tokens, _| {
+        if first.is_none() && !tokens.is_empty() {
             first = Some(started.elapsed());
         }
+    })
+    .await
+    .map_err(failed)?;
+    if !stream {
+        return Ok(started.elapsed());
     }
     first.ok_or_else(|| CoordinatorError::Unavailable("bench request: no token came".into()))
 }

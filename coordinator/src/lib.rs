@@ -10,7 +10,8 @@
 //!   embedded in-process implementation `zeroshard up` uses).
 //! - [`tokenizer`] and [`text_stream`]: `tokenizer.json`, incremental
 //!   detokenization, stop strings.
-//! - [`request`]: a client's request and the answer, as `generate` and `query` share them.
+//! - [`request`]: a client's request and the answer, as `generate` and `query` share them;
+//!   [`status`]: the cluster as `status` and `/metrics` show it.
 //! - [`client`]: `query` and `status` against a running cluster;
 //!   [`credentials`]: the CA `up` makes and the client bundles it leaves.
 //! - [`up`] and [`launcher`]: a coordinator plus N local worker processes.
@@ -25,10 +26,11 @@ mod launcher;
 pub mod membership;
 pub mod request;
 pub mod server;
+pub mod status;
 pub mod text_stream;
 pub mod tokenizer;
 pub mod up;
 
-pub use error::{CoordinatorError, Result};
+pub use error::{CoordinatorError, ErrorKind, Result};
 /// The partition planner (a pure function; lives with the host-memory types).
 pub use zeroshard_offload::plan;

@@ -1,7 +1,9 @@
 //! A client's request as the coordinator handles it, and what it answers:
 //! [`GenerateRequest`] (a prompt as text or ids, generation parameters, stop
-//! strings) and [`GenerateOutput`] (tokens, text, finish reason, timings).
-//! `generate` on one node and `query` against a cluster share them.
+//! strings), the [`Chunk`]s a cluster streams back, and [`GenerateOutput`]
+//! (tokens, text, finish reason, timings). `generate` on one node and `query`
+//! against a cluster share them; inside the coordinator a request stays in
+//! these types from the front (gRPC or HTTP) to the worker call.
 use serde::Serialize;
 pub use zeroshard_offload::request::{FinishReason, GenerationParams, SamplingParams};
 
@@ -48,4 +50,21 @@ pub struct GenerateOutput {
     /// Next-token logits after the prompt, when asked for.
     #[serde(skip)]
     pub prompt_logits: Option<Vec<f32>>,
+}
+
+/// A piece of an answer as the cluster streams it: new tokens and their text.
+/// The first chunk carries the prompt's ids; the last one its [`End`].
+#[derive(Clone, Debug, Default)]
+pub struct Chunk {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub end: Option<End>,
+}
+
+/// How a generation ended: why, and its timings.
+#[derive(Clone, Debug)]
+pub struct End {
+    pub finish: FinishReason,
+    pub timings: Timings,
 }

@@ -5,8 +5,9 @@
 //! per holder, and names each holder that reaches [`EVICT_AFTER_BLOCKS`] to the
 //! supervisor, which bans it from planning and re-plans around it.
 //!
-//! The same poll reads what each worker admits (its KV-cache budget and cap
-//! on sequences) for the [admission](super::admission) queue.
+//! It polls because workers report these counts only when asked (`Stats`);
+//! what a worker admits is read by the supervisor when a plan activates, not
+//! here.
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -41,11 +42,8 @@ pub(super) async fn watch(coord: Coordinator, faulty: mpsc::UnboundedSender<Faul
         let workers = coord.workers();
         let polls = workers.iter().map(|w| async { (w.id, w.client.report(POLL_TIMEOUT).await) });
         let mut by_holder: BTreeMap<WorkerId, u64> = BTreeMap::new();
-        for (worker, report) in futures::future::join_all(polls).await {
+        for (_, report) in futures::future::join_all(polls).await {
             let Some(report) = report else { continue };
-            if let Some(c) = report.capacity {
-                coord.0.admission.set_capacity(worker, c);
-            }
             for (holder, n) in report.rejected_blocks {
                 *by_holder.entry(holder).or_default() += n;
             }

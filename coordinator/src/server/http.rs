@@ -1,9 +1,9 @@
 //! The OpenAI-compatible HTTP front (`--http-listen`): `POST /v1/completions`,
-//! `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, on the
-//! coordinator's runtime. A request
-//! takes the same path as a gRPC one ([`super::generate::run`]): the same
-//! limits, queue, resumption and drain; only the shapes differ. Errors use
-//! OpenAI's JSON error object with the matching HTTP status.
+//! `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`,
+//! on the coordinator's runtime. A request becomes the same domain request a
+//! gRPC one does and takes the same path ([`super::generate::start`]): the
+//! same limits, queue, resumption and drain; only the shapes differ. Errors
+//! use OpenAI's JSON error object with the HTTP status of the error's kind.
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,16 +16,14 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::Stream;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tonic::{Code, Status};
-use zeroshard_proto::v1 as pb;
 
+use super::openai::{ChatRequest, CompletionRequest};
 use super::{Coordinator, Readiness};
 use crate::error::{CoordinatorError, Result};
+use crate::request::{Chunk, End, FinishReason, GenerateRequest};
 
 /// What the front serves: the cluster and the name clients call its model by.
 struct Front {
@@ -97,25 +95,16 @@ fn invalid(message: impl Into<String>) -> Response {
     error(StatusCode::BAD_REQUEST, "invalid_request_error", message.into())
 }
 
-/// The HTTP status and OpenAI error type of a gRPC status from the request path.
-fn from_status(s: &Status) -> (StatusCode, &'static str) {
-    match s.code() {
-        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
-            (StatusCode::BAD_REQUEST, "invalid_request_error")
-        }
-        Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "authentication_error"),
-        Code::PermissionDenied => (StatusCode::FORBIDDEN, "permission_error"),
-        Code::NotFound => (StatusCode::NOT_FOUND, "not_found_error"),
-        Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
-        Code::Unavailable | Code::Aborted => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
-        Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
-    }
+/// The HTTP status and OpenAI error type of an error from the request path:
+/// those of its [kind](crate::ErrorKind::http_status).
+fn http_status(e: &CoordinatorError) -> (StatusCode, &'static str) {
+    let (code, kind) = e.kind().http_status();
+    (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), kind)
 }
 
-fn status_response(s: &Status) -> Response {
-    let (code, kind) = from_status(s);
-    error(code, kind, s.message().to_string())
+fn error_response(e: &CoordinatorError) -> Response {
+    let (code, kind) = http_status(e);
+    error(code, kind, e.to_string())
 }
 
 /// `Authorization: Bearer KEY` when the cluster has API keys.
@@ -169,234 +158,12 @@ async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response
     .into_response()
 }
 
-/// A string or a list of strings (`prompt`, `stop`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// A completions prompt: text, one text in a list, or token ids.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum PromptField {
-    Text(String),
-    Texts(Vec<String>),
-    Ids(Vec<u32>),
-    IdLists(Vec<Vec<u32>>),
-}
-
-#[derive(Deserialize, Default)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// The fields completions and chat completions share: sampling, limits,
-/// streaming. Others are refused where they would change the result, and
-/// ignored where they would not.
-#[derive(Deserialize)]
-struct Common {
-    model: String,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i64>,
-    seed: Option<u64>,
-    stop: Option<OneOrMany>,
-    repetition_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    presence_penalty: Option<f32>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    n: Option<u32>,
-    logprobs: Option<Value>,
-    /// vLLM's extension: keep going past end-of-sequence tokens.
-    #[serde(default)]
-    ignore_eos: bool,
-}
-
-/// `POST /v1/completions`.
-#[derive(Deserialize)]
-struct CompletionRequest {
-    #[serde(flatten)]
-    common: Common,
-    prompt: PromptField,
-    best_of: Option<u32>,
-    #[serde(default)]
-    echo: bool,
-}
-
-/// A chat message's content: text, or a list of parts of which only text
-/// parts are understood.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Value>),
-}
-
-#[derive(Deserialize)]
-struct Message {
-    role: String,
-    content: Option<Content>,
-}
-
-/// `POST /v1/chat/completions`.
-#[derive(Deserialize)]
-struct ChatRequest {
-    #[serde(flatten)]
-    common: Common,
-    messages: Vec<Message>,
-    tools: Option<Vec<Value>>,
-    response_format: Option<Value>,
-    top_logprobs: Option<u32>,
-}
-
-/// OpenAI's default for /v1/completions.
-const DEFAULT_COMPLETION_TOKENS: u32 = 16;
-
-/// Whether a JSON field asks for something (not absent, null, false or 0).
-fn asks(v: &Option<Value>) -> bool {
-    match v {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
-        Some(_) => true,
-    }
-}
-
-impl Common {
-    /// The request the cluster runs for `prompt`, or what is wrong with it.
-    /// `default_max` is used when the request names no token limit.
-    fn to_generate(
-        &self,
-        prompt: pb::generate_request::Prompt,
-        default_max: u32,
-    ) -> std::result::Result<pb::GenerateRequest, String> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err("`n` other than 1 is not supported".into());
-        }
-        if asks(&self.logprobs) {
-            return Err("`logprobs` is not supported".into());
-        }
-        for (name, v) in
-            [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
-        {
-            if v.is_some_and(|v| v != 0.0) {
-                return Err(format!(
-                    "`{name}` has no exact equivalent here: use `repetition_penalty` (transformers' multiplicative penalty)"
-                ));
-            }
-        }
-        let top_k = match self.top_k {
-            None | Some(-1) => None,
-            Some(k) if k >= 0 => Some(k as u32),
-            Some(k) => return Err(format!("`top_k` must be -1 (off) or at least 0, not {k}")),
-        };
-        let stop = match &self.stop {
-            None => vec![],
-            Some(OneOrMany::One(s)) => vec![s.clone()],
-            Some(OneOrMany::Many(v)) => v.clone(),
-        };
-        Ok(pb::GenerateRequest {
-            prompt: Some(prompt),
-            sampling: Some(pb::SamplingParams {
-                max_new_tokens: Some(self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max)),
-                // OpenAI's default temperature is 1.
-                temperature: Some(self.temperature.unwrap_or(1.0)),
-                top_k,
-                top_p: self.top_p,
-                seed: self.seed,
-                repetition_penalty: self.repetition_penalty,
-                ignore_eos: self.ignore_eos,
-            }),
-            stop,
-        })
-    }
-
-    fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
-    }
-}
-
-impl CompletionRequest {
-    fn to_generate(&self) -> std::result::Result<pb::GenerateRequest, String> {
-        if self.best_of.is_some_and(|n| n != 1) {
-            return Err("`best_of` other than 1 is not supported".into());
-        }
-        if self.echo {
-            return Err("`echo` is not supported".into());
-        }
-        let prompt = match &self.prompt {
-            PromptField::Text(t) => pb::generate_request::Prompt::Text(t.clone()),
-            PromptField::Texts(v) if v.len() == 1 => pb::generate_request::Prompt::Text(v[0].clone()),
-            PromptField::Ids(ids) => {
-                pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: ids.clone() })
-            }
-            PromptField::IdLists(v) if v.len() == 1 => {
-                pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids: v[0].clone() })
-            }
-            _ => return Err("`prompt` must be one prompt (a batch of prompts is not supported)".into()),
-        };
-        self.common.to_generate(prompt, DEFAULT_COMPLETION_TOKENS)
-    }
-}
-
-impl ChatRequest {
-    /// Without a token limit a chat answer may run to the end of the model's
-    /// context, as OpenAI's does (`default_max`: the model's positions).
-    fn to_generate(&self, default_max: u32) -> std::result::Result<pb::GenerateRequest, String> {
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err("`tools` are not supported".into());
-        }
-        if self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err("`top_logprobs` is not supported".into());
-        }
-        if let Some(f) = &self.response_format {
-            if f.get("type").and_then(Value::as_str) != Some("text") {
-                return Err("`response_format` other than {\"type\": \"text\"} is not supported".into());
-            }
-        }
-        if self.messages.is_empty() {
-            return Err("`messages` is empty".into());
-        }
-        let mut messages = Vec::with_capacity(self.messages.len());
-        for (i, m) in self.messages.iter().enumerate() {
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                            (Some("text"), Some(t)) => text.push_str(t),
-                            (kind, _) => {
-                                return Err(format!(
-                                    "messages[{i}]: content parts of type {} are not supported (text only)",
-                                    kind.unwrap_or("(none)")
-                                ))
-                            }
-                        }
-                    }
-                    text
-                }
-            };
-            messages.push(pb::ChatMessage { role: m.role.clone(), content });
-        }
-        self.common
-            .to_generate(pb::generate_request::Prompt::Chat(pb::ChatMessages { messages }), default_max)
-    }
-}
-
-fn finish_reason(r: i32) -> Option<&'static str> {
-    match pb::FinishReason::try_from(r).ok()? {
-        pb::FinishReason::Length => Some("length"),
-        pb::FinishReason::Eos | pb::FinishReason::Stop => Some("stop"),
-        _ => None,
-    }
+/// OpenAI's name of how an answer ended (`None`: it goes on).
+fn finish_reason(end: &Option<End>) -> Option<&'static str> {
+    end.as_ref().map(|e| match e.finish {
+        FinishReason::Length => "length",
+        FinishReason::Eos | FinishReason::Stop => "stop",
+    })
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -541,12 +308,11 @@ async fn chat_completions(State(front): State<Arc<Front>>, headers: HeaderMap, b
 async fn answer(
     front: &Front,
     shape: Shape,
-    generate: pb::GenerateRequest,
+    generate: GenerateRequest,
     stream: bool,
     include_usage: bool,
 ) -> Response {
-    let (tx, mut rx) = mpsc::channel(64);
-    tokio::spawn(super::generate::run(front.coord.clone(), generate, tx));
+    let mut rx = super::generate::start(&front.coord, Ok(generate));
     let serial = front.next_id.fetch_add(1, Ordering::Relaxed);
     let head = Head {
         id: format!("{}-{:x}{serial:06x}", shape.id_prefix(), front.created),
@@ -558,12 +324,12 @@ async fn answer(
         while let Some(chunk) = rx.recv().await {
             let c = match chunk {
                 Ok(c) => c,
-                Err(s) => return status_response(&s),
+                Err(e) => return error_response(&e),
             };
             prompt += c.prompt_token_ids.len();
             completion += c.token_ids.len();
             text.push_str(&c.text);
-            finish = finish.or(finish_reason(c.finish_reason));
+            finish = finish.or(finish_reason(&c.end));
         }
         let Some(finish) = finish else {
             return error(
@@ -578,7 +344,7 @@ async fn answer(
     // any token is a plain error response); after it, events.
     let first = match rx.recv().await {
         Some(Ok(c)) => c,
-        Some(Err(s)) => return status_response(&s),
+        Some(Err(e)) => return error_response(&e),
         None => {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -587,72 +353,102 @@ async fn answer(
             )
         }
     };
-    Sse::new(sse_events(shape, head, first, rx, include_usage)).into_response()
+    let events = Events {
+        shape,
+        head,
+        pending: Some(Ok(first)),
+        rx,
+        include_usage,
+        prompt: 0,
+        completion: 0,
+        sent_any: false,
+        phase: Phase::Chunks,
+    };
+    // The events are made from the request's chunks as the body is polled: no
+    // task or channel of their own. Dropping the body (the client left) drops
+    // `rx`, which cancels the sequence.
+    let events = futures::stream::unfold(events, |mut e| async move {
+        let event = e.next_event().await?;
+        Some((Ok::<_, Infallible>(event), e))
+    });
+    Sse::new(events).into_response()
+}
+
+/// Where a streamed answer is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Chunks,
+    Usage,
+    Done,
+    Over,
 }
 
 /// The events of a streamed answer: one per chunk of text, the last with its
-/// finish reason, the usage when asked, then `[DONE]`. Dropping the stream
-/// (the client left) drops `rx`, which cancels the sequence.
-fn sse_events(
+/// finish reason, the usage when asked, then `[DONE]`; an error ends them.
+struct Events {
     shape: Shape,
     head: Head,
-    first: pb::GenerateChunk,
-    mut rx: mpsc::Receiver<std::result::Result<pb::GenerateChunk, Status>>,
+    /// The first chunk, read before the stream began.
+    pending: Option<Result<Chunk>>,
+    rx: mpsc::Receiver<Result<Chunk>>,
     include_usage: bool,
-) -> impl Stream<Item = std::result::Result<Event, Infallible>> {
-    async_stream(move |tx| async move {
-        let (mut prompt, mut completion) = (0usize, 0usize);
-        let mut next = Some(Ok(first));
-        let mut sent_any = false;
-        while let Some(chunk) = next.take() {
-            match chunk {
-                Ok(c) => {
-                    prompt += c.prompt_token_ids.len();
-                    completion += c.token_ids.len();
-                    let finish = finish_reason(c.finish_reason);
-                    // The first chat event opens the assistant's message even
-                    // before any text.
-                    let opens = shape == Shape::Chat && !sent_any;
-                    if !c.text.is_empty() || finish.is_some() || opens {
-                        let data = shape.chunk(&head, &c.text, finish, !sent_any);
-                        sent_any = true;
-                        if tx.send(Event::default().data(data.to_string())).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Err(s) => {
-                    let (_, kind) = from_status(&s);
-                    let data =
-                        json!({"error": {"message": s.message(), "type": kind, "param": null, "code": null}});
-                    let _ = tx.send(Event::default().data(data.to_string())).await;
-                    return;
-                }
-            }
-            next = tokio::select! {
-                r = rx.recv() => r,
-                _ = tx.closed() => return,
-            };
-        }
-        if include_usage {
-            let data = shape.usage_chunk(&head, usage(prompt, completion));
-            if tx.send(Event::default().data(data.to_string())).await.is_err() {
-                return;
-            }
-        }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
-    })
+    prompt: usize,
+    completion: usize,
+    sent_any: bool,
+    phase: Phase,
 }
 
-/// A stream fed by a task: `body` sends into the channel; the stream ends when
-/// it returns. Dropping the stream closes the channel, so `body`'s sends fail
-/// and it returns (dropping what it holds).
-fn async_stream<F, Fut>(body: F) -> impl Stream<Item = std::result::Result<Event, Infallible>>
-where
-    F: FnOnce(mpsc::Sender<Event>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(body(tx));
-    tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+impl Events {
+    /// The next event; `None` when the answer is over.
+    async fn next_event(&mut self) -> Option<Event> {
+        loop {
+            match self.phase {
+                Phase::Chunks => {}
+                Phase::Usage => {
+                    self.phase = Phase::Done;
+                    if self.include_usage {
+                        let data = self.shape.usage_chunk(&self.head, usage(self.prompt, self.completion));
+                        return Some(Event::default().data(data.to_string()));
+                    }
+                    continue;
+                }
+                Phase::Done => {
+                    self.phase = Phase::Over;
+                    return Some(Event::default().data("[DONE]"));
+                }
+                Phase::Over => return None,
+            }
+            let chunk = match self.pending.take() {
+                Some(c) => c,
+                None => match self.rx.recv().await {
+                    Some(c) => c,
+                    None => {
+                        self.phase = Phase::Usage;
+                        continue;
+                    }
+                },
+            };
+            match chunk {
+                Ok(c) => {
+                    self.prompt += c.prompt_token_ids.len();
+                    self.completion += c.token_ids.len();
+                    let finish = finish_reason(&c.end);
+                    // The first chat event opens the assistant's message even
+                    // before any text.
+                    let opens = self.shape == Shape::Chat && !self.sent_any;
+                    if !c.text.is_empty() || finish.is_some() || opens {
+                        let data = self.shape.chunk(&self.head, &c.text, finish, !self.sent_any);
+                        self.sent_any = true;
+                        return Some(Event::default().data(data.to_string()));
+                    }
+                }
+                Err(e) => {
+                    self.phase = Phase::Over;
+                    let (_, kind) = http_status(&e);
+                    let data = json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": null}});
+                    return Some(Event::default().data(data.to_string()));
+                }
+            }
+        }
+    }
 }

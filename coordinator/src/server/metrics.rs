@@ -6,7 +6,7 @@
 //! run, through the `metrics` facade; the binary's recorder renders them.
 use std::fmt::Write;
 
-use zeroshard_proto::v1 as pb;
+use crate::status::{ClusterStatus, WorkerStatus};
 
 /// One metric family: HELP, TYPE, then its samples.
 struct Family<'a> {
@@ -36,8 +36,8 @@ impl Family<'_> {
         name: &str,
         kind: &str,
         help: &str,
-        s: &pb::ClusterStatusResponse,
-        f: fn(&pb::WorkerStatus) -> f64,
+        s: &ClusterStatus,
+        f: fn(&WorkerStatus) -> f64,
     ) {
         let samples: Vec<(Option<u64>, f64)> = s.workers.iter().map(|w| (Some(w.id), f(w))).collect();
         self.family(name, kind, help, &samples);
@@ -62,7 +62,7 @@ fn number(v: f64) -> String {
 }
 
 /// Each worker's figures, labelled `worker`: name, type, help, value.
-type PerWorker = (&'static str, &'static str, &'static str, fn(&pb::WorkerStatus) -> f64);
+type PerWorker = (&'static str, &'static str, &'static str, fn(&WorkerStatus) -> f64);
 const PER_WORKER: [PerWorker; 9] = [
     ("zeroshard_worker_active_sequences", "gauge", "Sequences generating on this worker.", |w| {
         f64::from(w.active_sequences)
@@ -105,7 +105,7 @@ const PER_WORKER: [PerWorker; 9] = [
 
 /// The cluster's gauges and counters for `model`, from `s` and the requests
 /// running now.
-pub(super) fn cluster_text(s: &pb::ClusterStatusResponse, model: &str, in_flight: usize) -> String {
+pub(super) fn cluster_text(s: &ClusterStatus, model: &str, in_flight: usize) -> String {
     let mut out = String::new();
     let mut f = Family { out: &mut out, model };
     f.one(
@@ -182,10 +182,10 @@ mod tests {
 
     #[test]
     fn families_carry_the_model_and_worker_labels_escaped() {
-        let s = pb::ClusterStatusResponse {
+        let s = ClusterStatus {
             epoch: 3,
             ready: true,
-            workers: vec![pb::WorkerStatus {
+            workers: vec![WorkerStatus {
                 id: 7,
                 steps_total: 42,
                 gather_bytes_per_s: 1.5e9,

@@ -1,8 +1,15 @@
 //! The coordinator service: workers join through membership (embedded:
 //! `Control`; or etcd), the supervisor plans the partition and installs it on
 //! every worker, re-planning when workers leave or join, and it serves clients
-//! (`Inference`, health) by routing each sequence to the least-loaded worker,
-//! and serves checkpoint ranges to `--pull` workers (`Shards`).
+//! (`Inference`, health, the OpenAI-compatible HTTP front) by routing each
+//! sequence to the least-loaded worker, and serves checkpoint ranges to
+//! `--pull` workers (`Shards`).
+//!
+//! Protobuf types and statuses stop at the edges: the gRPC services
+//! (`grpc`, `control`, `shards`) and the worker client (`worker_client`);
+//! between them a request is a [`GenerateRequest`](crate::request::GenerateRequest)
+//! and its answer [`Chunk`](crate::request::Chunk)s or a
+//! [`CoordinatorError`](crate::CoordinatorError).
 //!
 //! ```ignore
 //! let membership = EmbeddedMembership::new(config.lease_ttl);
@@ -15,71 +22,24 @@ mod control;
 mod deadline;
 mod faults;
 mod generate;
+mod grpc;
 mod http;
-mod inference;
 mod metrics;
+mod openai;
 mod progress;
+mod queue;
+mod sequence;
 mod shards;
 mod state;
+mod status;
 mod supervisor;
 mod worker_client;
 
-use std::future::Future;
-
 use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
-use zeroshard_proto::v1::control_server::ControlServer;
-use zeroshard_proto::v1::inference_server::InferenceServer;
-use zeroshard_proto::v1::shards_server::ShardsServer;
-use zeroshard_security::{Guard, Role};
 
+pub use grpc::serve;
 pub use http::{serve_http, HttpFront, RenderMetrics};
 pub use state::{ClusterConfig, Coordinator, DrainReport, DrainState, Readiness, RequestLimits, WorkerEntry};
-
-use crate::error::{CoordinatorError, Result};
-
-/// Serves the coordinator's services on `listener` until `shutdown`.
-pub async fn serve(
-    coord: Coordinator,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let mut ready = coord.readiness();
-    let watch_health = async move {
-        health.set_not_serving::<InferenceServer<inference::InferenceSvc>>().await;
-        loop {
-            if matches!(*ready.borrow(), Readiness::Ready) {
-                health.set_serving::<InferenceServer<inference::InferenceSvc>>().await;
-            }
-            if ready.changed().await.is_err() {
-                break;
-            }
-        }
-    };
-    tokio::spawn(watch_health);
-    let security = coord.0.cfg.security.clone();
-    let tls = security.is_tls();
-    let router = zeroshard_proto::transport::server()
-        .add_service(health_service)
-        .add_service(InterceptedService::new(
-            InferenceServer::new(inference::InferenceSvc(coord.clone())),
-            Guard::clients(tls, "Inference", coord.0.cfg.api_keys.clone()),
-        ))
-        .add_service(InterceptedService::new(
-            ControlServer::new(control::ControlSvc(coord.clone())),
-            Guard::members(tls, "Control", &[Role::Worker]),
-        ))
-        .add_service(InterceptedService::new(
-            ShardsServer::new(shards::CheckpointShards(coord)),
-            Guard::members(tls, "Shards", &[Role::Coordinator, Role::Worker]),
-        ));
-    security.spawn_reloader();
-    security
-        .serve(router, listener, shutdown)
-        .await
-        .map_err(|e| CoordinatorError::Unavailable(format!("coordinator server: {e}")))
-}
 
 /// Serves plaintext `grpc.health.v1` on `listener` (`--health-listen`):
 /// SERVING while the cluster is ready and the coordinator is not draining.

@@ -1,12 +1,18 @@
 //! A progress bar over the bytes workers load while an epoch is installed:
-//! polls each worker's `Stats.loading_bytes` and draws on stderr (only when
-//! stderr is a terminal; the per-worker log lines are printed either way).
+//! reads each worker's `Stats.loading_bytes` every [`DRAW_EVERY`] and draws
+//! on stderr (only when stderr is a terminal; the per-worker log lines are
+//! printed either way). It asks on a timer because a worker tells its
+//! progress only when asked (`InstallPlan` answers once, at the end); the
+//! supervisor tells it to stop.
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::oneshot;
 
 use super::state::WorkerEntry;
+
+/// How often the bar asks the workers and redraws.
+const DRAW_EVERY: Duration = Duration::from_millis(200);
 
 /// Draws until `stop` fires (or is dropped), then clears the bar.
 pub(super) async fn follow(
@@ -24,10 +30,13 @@ pub(super) async fn follow(
         bar.set_style(style);
     }
     bar.set_message(format!("epoch {epoch}: loading on {} workers", workers.len()));
+    let mut draw = tokio::time::interval(DRAW_EVERY);
+    draw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    draw.tick().await;
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = draw.tick() => {}
         }
         let polls = workers.iter().map(|w| {
             let c = w.client.clone();

@@ -17,7 +17,7 @@ use zeroshard_offload::{Checkpoint, ModelConfig};
 
 use zeroshard_security::{ApiKeys, Security};
 
-use super::admission::Admission;
+use super::admission::{Admission, Roster};
 use super::deadline::StepClock;
 use super::worker_client::WorkerHandle;
 use crate::chat::ChatTemplate;
@@ -98,7 +98,7 @@ impl WorkerEntry {
         Ok(Self {
             id: m.id,
             address: m.address.clone(),
-            client: WorkerHandle::new(security, &m.address)?,
+            client: WorkerHandle::new(security, m.id, &m.address)?,
             clock: Arc::new(StepClock::default()),
         })
     }
@@ -239,7 +239,7 @@ impl Coordinator {
         let first_seq = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
-        let admission = Admission::new(cfg.limits.max_queued_requests);
+        let admission = Admission::start(cfg.limits.max_queued_requests);
         let coord = Self(Arc::new(Inner {
             meta: specs.iter().map(TensorMeta::from).collect(),
             cfg,
@@ -374,10 +374,18 @@ impl Coordinator {
         self.0.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Tells sequences waiting to resume that something changed.
+    /// Tells sequences waiting to resume, and admission, that the members or
+    /// the plan changed.
     pub(super) fn bump(&self) {
         self.0.changes.send_modify(|n| *n += 1);
-        self.0.admission.wake_all();
+        let roster = {
+            let st = self.lock();
+            let workers = st.plan.as_ref().map_or_else(Vec::new, |plan| {
+                plan.workers().iter().filter_map(|id| st.members.get(id).cloned()).collect()
+            });
+            Roster { plan: st.plan.clone(), workers }
+        };
+        self.0.admission.set_roster(roster);
     }
 
     /// The current plan, or UNAVAILABLE saying why there is none.

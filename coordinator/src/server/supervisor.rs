@@ -21,7 +21,14 @@
 //!
 //! A new epoch is installed in two phases — every worker loads its new ranges
 //! (`InstallPlan`) while still computing under the old epoch, then every
-//! worker switches (`ActivatePlan`) — so running sequences continue.
+//! worker switches (`ActivatePlan`) — so running sequences continue. After a
+//! plan activates (and when a worker of it comes back) the supervisor reads
+//! what each worker admits and tells admission ([`Supervisor::learn_capacity`]).
+//!
+//! It wakes when told something (a membership event, a fault, a failure a
+//! request saw) or at a deadline of its own: the end of a churn's quiet
+//! time, the end of the wait for a stored plan's workers, the retry after a
+//! failed installation. Nothing is re-checked on a timer otherwise.
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,6 +48,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const QUIET: Duration = Duration::from_millis(300);
 /// ... but it acts at the latest this long after the first unsettled change.
 const MOST_DEFERRED: Duration = Duration::from_secs(5);
+/// After an installation failed (its workers evicted), the next reconcile.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 struct Supervisor {
     coord: Coordinator,
@@ -59,6 +68,11 @@ struct Supervisor {
     /// Unsettled membership: when the first and the last change not yet
     /// reconciled happened.
     churn: Option<(Instant, Instant)>,
+    /// Reconcile again at this time (an installation failed).
+    retry_at: Option<Instant>,
+    /// Workers that joined since the last reconcile: those of an active plan
+    /// (back after a short absence) have their capacity read again.
+    joined: Vec<WorkerId>,
 }
 
 pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver<WorkerId>) {
@@ -94,6 +108,8 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         degraded: BTreeSet::new(),
         banned: BTreeSet::new(),
         churn: None,
+        retry_at: None,
+        joined: Vec::new(),
     };
     let (faulty_tx, mut faulty) = mpsc::unbounded_channel();
     tokio::spawn(super::faults::watch(sup.coord.clone(), faulty_tx));
@@ -101,10 +117,14 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         sup.apply(MemberEvent::Joined(m));
     }
     loop {
+        // Each pass follows something it was told, or a deadline of its own.
         if sup.settled() {
             sup.churn = None;
+            sup.retry_at = None;
             sup.reconcile().await;
+            sup.relearn_capacity().await;
         }
+        let next = sup.next_look();
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(ev) => sup.apply(ev),
@@ -125,11 +145,19 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
                 while reports.try_recv().is_ok() {}
                 sup.probe_all().await;
             }
-            _ = tokio::time::sleep(sup.next_look()) => {}
+            _ = sleep_until(next) => {}
         }
         while let Ok(ev) = events.try_recv() {
             sup.apply(ev);
         }
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -139,16 +167,20 @@ impl Supervisor {
         self.churn.is_none_or(|(first, last)| last.elapsed() >= QUIET || first.elapsed() >= MOST_DEFERRED)
     }
 
-    /// How long to wait for events before looking again.
-    fn next_look(&self) -> Duration {
-        let idle = Duration::from_millis(500);
-        match self.churn {
-            None => idle,
-            Some((first, last)) => {
-                let due = (last + QUIET).min(first + MOST_DEFERRED);
-                due.saturating_duration_since(Instant::now()).min(idle)
-            }
-        }
+    /// Until when reconcile waits for the stored plan's workers (while there
+    /// is no plan yet and one is stored).
+    fn waiting_for_stored(&self) -> Option<Instant> {
+        let waiting = self.stored.is_some() && !self.served && !self.failed;
+        waiting.then_some(self.resume_until)
+    }
+
+    /// When to look again unasked: the end of the churn's quiet time, a
+    /// retry, or the end of the wait for a stored plan's workers; `None`:
+    /// only when told.
+    fn next_look(&self) -> Option<Instant> {
+        let churn = self.churn.map(|(first, last)| (last + QUIET).min(first + MOST_DEFERRED));
+        let stored = self.waiting_for_stored().filter(|t| *t > Instant::now());
+        [churn, self.retry_at, stored].into_iter().flatten().min()
     }
 
     /// Membership changed now.
@@ -170,6 +202,7 @@ impl Supervisor {
                     Ok(w) => {
                         tracing::info!("{} joined at {}", m.id, m.address);
                         st.members.insert(m.id, w);
+                        self.joined.push(m.id);
                     }
                     Err(e) => tracing::warn!("{} registered a bad address: {e}", m.id),
                 }
@@ -386,8 +419,27 @@ impl Supervisor {
         );
     }
 
-    /// Reads what each worker admits before the plan serves (the fault watch
-    /// keeps it current afterwards).
+    /// Workers of the active plan that joined again since the last look
+    /// (back after a short absence, the plan unchanged): their capacity is
+    /// read again, as at activation.
+    async fn relearn_capacity(&mut self) {
+        let joined = std::mem::take(&mut self.joined);
+        let workers: Vec<WorkerEntry> = {
+            let st = self.coord.lock();
+            let Some(plan) = &st.plan else { return };
+            joined
+                .iter()
+                .filter(|w| plan.rank(**w).is_some())
+                .filter_map(|w| st.members.get(w).cloned())
+                .collect()
+        };
+        if !workers.is_empty() {
+            self.learn_capacity(&workers).await;
+        }
+    }
+
+    /// Reads what each worker admits and tells admission (before the plan
+    /// serves, and when a worker of it comes back).
     async fn learn_capacity(&self, workers: &[WorkerEntry]) {
         let reports = workers.iter().map(|w| async move { (w.id, w.client.report(PROBE_TIMEOUT).await) });
         for (id, report) in futures::future::join_all(reports).await {
@@ -422,7 +474,7 @@ impl Supervisor {
         for w in workers {
             let _ = self.coord.0.membership.evict(*w).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.retry_at = Some(Instant::now() + RETRY_AFTER);
     }
 
     /// A request saw a worker fail: evict every worker that no longer answers

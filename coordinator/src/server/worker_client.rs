@@ -1,13 +1,16 @@
-//! [`WorkerHandle`]: the coordinator's client of one worker's `Worker` service,
-//! in domain terms, so that the supervisor and the shared state never name a
-//! protobuf type. The request loop (`generate.rs`) and the `Inference` service
-//! stream through [`WorkerHandle::grpc`] directly.
+//! [`WorkerHandle`]: the coordinator's client of one worker's `Worker`
+//! service, in domain terms, so that nothing else in the coordinator names a
+//! protobuf type or reads a status: the supervisor installs and activates
+//! plans and reads [`WorkerStats`]; the request loop (`generate.rs`) runs a
+//! sequence with [`WorkerHandle::run_sequence`] and reads [`Step`]s, or the
+//! [`Interrupted`] that says (from the worker's status) what to do next.
 use std::time::Duration;
 
 use tonic::transport::Channel;
 use zeroshard_offload::convert::digests_to_pb;
 use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::{Plan, WorkerId};
+use zeroshard_offload::request::{FinishReason, GenerationParams};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::worker_client::WorkerClient;
 use zeroshard_security::Security;
@@ -15,11 +18,72 @@ use zeroshard_security::Security;
 use super::admission::Capacity;
 use super::Coordinator;
 use crate::error::{CoordinatorError, Result};
+use crate::status::WorkerStats;
 
 /// A lazily connected client of one worker.
 #[derive(Clone)]
 pub struct WorkerHandle {
     client: WorkerClient<Channel>,
+    /// "worker-N at ADDRESS", for messages.
+    who: String,
+}
+
+/// One step of a sequence as the worker streamed it.
+pub(crate) struct Step {
+    pub token_ids: Vec<u32>,
+    /// Set on the sequence's last step.
+    pub finish: Option<FinishReason>,
+}
+
+/// The steps of one run of a sequence on a worker.
+pub(crate) struct Steps {
+    inner: tonic::Streaming<pb::SequenceStep>,
+    who: String,
+}
+
+impl Steps {
+    /// The next step; `Ok(None)` when the worker ended the stream.
+    pub(crate) async fn next(&mut self) -> std::result::Result<Option<Step>, Interrupted> {
+        match self.inner.message().await {
+            Ok(Some(s)) => Ok(Some(Step {
+                token_ids: s.token_ids,
+                finish: crate::convert::finish_reason(s.finish_reason),
+            })),
+            Ok(None) => Ok(None),
+            Err(s) => Err(Interrupted::from_status(&self.who, &s)),
+        }
+    }
+}
+
+/// Why a worker ended a run of a sequence, read from its status: each variant
+/// is a retry rule the request loop follows.
+pub(crate) enum Interrupted {
+    /// INVALID_ARGUMENT: the request's fault; it ends.
+    Invalid(String),
+    /// ABORTED: one of its steps failed, the worker lives: resume at once.
+    StepFailed(String),
+    /// RESOURCE_EXHAUSTED: no room after all (a sequence that ended is not
+    /// freed yet): back to the front of the queue.
+    Busy(String),
+    /// CANCELLED: the worker is draining and handed the sequence back:
+    /// continue elsewhere at once; not a failure.
+    Moved(String),
+    /// Anything else (unreachable, a stale epoch, a crash): the worker failed;
+    /// resume elsewhere once membership changes.
+    Failed(String),
+}
+
+impl Interrupted {
+    fn from_status(who: &str, s: &tonic::Status) -> Self {
+        let why = format!("{who}: {}", s.message());
+        match s.code() {
+            tonic::Code::InvalidArgument => Self::Invalid(s.message().to_string()),
+            tonic::Code::Aborted => Self::StepFailed(why),
+            tonic::Code::ResourceExhausted => Self::Busy(why),
+            tonic::Code::Cancelled => Self::Moved(why),
+            _ => Self::Failed(why),
+        }
+    }
 }
 
 /// Why a worker gave no progress.
@@ -69,37 +133,33 @@ pub(crate) fn model_info(coord: &Coordinator) -> pb::ModelInfo {
 
 impl WorkerHandle {
     /// A client of the worker at `address`; connects on first use.
-    pub(crate) fn new(security: &Security, address: &str) -> Result<Self> {
+    pub(crate) fn new(security: &Security, id: WorkerId, address: &str) -> Result<Self> {
         let ch = security
             .endpoint(address)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("worker address {address}: {e}")))?
             .connect_lazy();
-        Ok(Self { client: WorkerClient::new(ch) })
+        Ok(Self { client: WorkerClient::new(ch), who: format!("{id} at {address}") })
     }
 
-    /// The generated client, for the services that stream through it.
-    pub(crate) fn grpc(&self) -> WorkerClient<Channel> {
-        self.client.clone()
-    }
-
-    /// The worker's active epoch (0: none) and the bytes it has loaded for the
-    /// plan it is preparing.
-    pub(crate) async fn progress(&self, timeout: Duration) -> std::result::Result<(u64, u64), Unanswered> {
+    /// The worker's own figures (`Stats`).
+    pub(crate) async fn stats(&self, timeout: Duration) -> std::result::Result<WorkerStats, Unanswered> {
         let mut c = self.client.clone();
         match tokio::time::timeout(timeout, c.stats(pb::StatsRequest {})).await {
-            Ok(Ok(r)) => {
-                let s = r.into_inner();
-                Ok((s.epoch, s.loading_bytes))
-            }
+            Ok(Ok(r)) => Ok(r.into_inner().into()),
             Ok(Err(s)) => Err(Unanswered::Failed(s.message().to_string())),
             Err(_) => Err(Unanswered::Silent(timeout)),
         }
     }
 
+    /// The worker's active epoch (0: none) and the bytes it has loaded for the
+    /// plan it is preparing.
+    pub(crate) async fn progress(&self, timeout: Duration) -> std::result::Result<(u64, u64), Unanswered> {
+        self.stats(timeout).await.map(|s| (s.epoch, s.loading_bytes))
+    }
+
     /// What the fault watch reads; `None` when the worker does not answer within `timeout`.
     pub(crate) async fn report(&self, timeout: Duration) -> Option<WorkerReport> {
-        let mut c = self.client.clone();
-        let s = tokio::time::timeout(timeout, c.stats(pb::StatsRequest {})).await.ok()?.ok()?.into_inner();
+        let s = self.stats(timeout).await.ok()?;
         let capacity = (s.kv_bytes_per_token > 0).then_some(Capacity {
             kv_cache_bytes: s.kv_cache_bytes,
             kv_bytes_per_token: s.kv_bytes_per_token,
@@ -109,6 +169,31 @@ impl WorkerHandle {
             rejected_blocks: s.rejected_blocks_by_holder.into_iter().map(|(h, n)| (WorkerId(h), n)).collect(),
             capacity,
         })
+    }
+
+    /// Starts (or resumes) a sequence on the worker: `prompt` plus the tokens
+    /// `generated` before, under `epoch`. The steps come back through
+    /// [`Steps::next`]; dropping them cancels the sequence on the worker.
+    pub(crate) async fn run_sequence(
+        &self,
+        sequence_id: u64,
+        epoch: u64,
+        prompt: &[u32],
+        generated: &[u32],
+        params: &GenerationParams,
+    ) -> std::result::Result<Steps, Interrupted> {
+        let mut c = self.client.clone();
+        let req = pb::RunSequenceRequest {
+            sequence_id,
+            epoch,
+            prompt_token_ids: prompt.to_vec(),
+            generated_token_ids: generated.to_vec(),
+            sampling: Some(pb::SamplingParams::from(params)),
+        };
+        match c.run_sequence(req).await {
+            Ok(r) => Ok(Steps { inner: r.into_inner(), who: self.who.clone() }),
+            Err(s) => Err(Interrupted::from_status(&self.who, &s)),
+        }
     }
 
     /// Installs (prepares) `plan` for worker `id`; (owned bytes, load ms).
