@@ -28,7 +28,7 @@ impl ControlSvc {
         self.0.embedded().ok_or_else(|| {
             CoordinatorError::Precondition(format!(
                 "this coordinator's membership is {}: start workers with the same --etcd and --cluster",
-                self.0 .0.membership.describe()
+                self.0.membership().describe()
             ))
         })
     }
@@ -42,7 +42,7 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let caller = caller_of(&req);
         let r = req.into_inner();
-        let security = &self.0 .0.cfg.security;
+        let security = &self.0.cfg().security;
         let address = Address::parse(&r.address)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("RegisterWorker: {e}")))?;
         if address.tls != security.is_tls() {

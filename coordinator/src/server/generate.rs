@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use zeroshard_offload::request::GenerationParams;
 
-use super::state::{MAX_STOP_BYTES, MAX_STOP_STRINGS, PROMPT_BYTES_PER_POSITION};
+use super::config::{MAX_STOP_BYTES, MAX_STOP_STRINGS, PROMPT_BYTES_PER_POSITION};
 use super::{Coordinator, DrainState};
 use crate::error::{CoordinatorError, Result};
 use crate::request::{Chunk, GenerateRequest, Prompt};
@@ -44,7 +44,6 @@ fn invalid(m: impl Into<String>) -> CoordinatorError {
 /// on the blocking pool (one tokenization per core at a time). `None`: the
 /// client left meanwhile.
 async fn validate(coord: &Coordinator, req: GenerateRequest, out: &Out) -> Result<Option<Validated>> {
-    let inner = &coord.0;
     if req.stop.len() > MAX_STOP_STRINGS {
         return Err(invalid(format!(
             "{} stop strings, more than the {MAX_STOP_STRINGS} allowed",
@@ -57,7 +56,7 @@ async fn validate(coord: &Coordinator, req: GenerateRequest, out: &Out) -> Resul
             s.len()
         )));
     }
-    if !req.stop.is_empty() && inner.tokenizer.is_none() {
+    if !req.stop.is_empty() && coord.model().tokenizer.is_none() {
         return Err(invalid("stop strings need a tokenizer.json in the model folder"));
     }
     if req.stop.iter().any(String::is_empty) {
@@ -78,7 +77,7 @@ async fn validate(coord: &Coordinator, req: GenerateRequest, out: &Out) -> Resul
         Prompt::Chat(messages) => {
             let bytes = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
             check_prompt_bytes(coord, "the messages have", bytes)?;
-            let template = inner.chat_template.clone().ok_or_else(|| {
+            let template = coord.model().chat_template.clone().ok_or_else(|| {
                 invalid("the model has no chat template (chat_template.jinja or tokenizer_config.json): send a prompt instead of messages")
             })?;
             let encode =
@@ -89,7 +88,7 @@ async fn validate(coord: &Coordinator, req: GenerateRequest, out: &Out) -> Resul
             }
         }
     };
-    zeroshard_offload::request::validate_prompt(&inner.config, &prompt)?;
+    zeroshard_offload::request::validate_prompt(&coord.model().config, &prompt)?;
     Ok(Some(Validated { prompt, params, stop: req.stop }))
 }
 
@@ -97,9 +96,11 @@ async fn validate(coord: &Coordinator, req: GenerateRequest, out: &Out) -> Resul
 /// limit is `--max-prompt-bytes`, or so many bytes per position of the
 /// model's context.
 fn check_prompt_bytes(coord: &Coordinator, what: &str, bytes: usize) -> Result<()> {
-    let c = &coord.0;
-    let limit =
-        c.cfg.limits.max_prompt_bytes.unwrap_or(c.config.max_position_embeddings * PROMPT_BYTES_PER_POSITION);
+    let limit = coord
+        .cfg()
+        .limits
+        .max_prompt_bytes
+        .unwrap_or(coord.model().config.max_position_embeddings * PROMPT_BYTES_PER_POSITION);
     if bytes > limit {
         return Err(invalid(format!(
             "{what} {bytes} bytes of text, more than the limit of {limit} (--max-prompt-bytes)"
@@ -115,10 +116,12 @@ async fn tokenize(
     out: &Out,
     encode: impl FnOnce(&Tokenizer) -> Result<Vec<u32>> + Send + 'static,
 ) -> Result<Option<Vec<u32>>> {
-    let inner = &coord.0;
-    let tokenizer =
-        inner.tokenizer.clone().ok_or_else(|| invalid("the model has no tokenizer.json: send token_ids"))?;
-    let Ok(_permit) = inner.tokenizing.acquire().await else {
+    let tokenizer = coord
+        .model()
+        .tokenizer
+        .clone()
+        .ok_or_else(|| invalid("the model has no tokenizer.json: send token_ids"))?;
+    let Ok(_permit) = coord.requests().tokenizing.acquire().await else {
         return Err(CoordinatorError::Unavailable("the coordinator is stopping".into()));
     };
     if out.is_closed() {
@@ -154,14 +157,14 @@ async fn run(coord: Coordinator, req: Result<GenerateRequest>, out: Out) {
         let _ = out.send(Err(e)).await;
         return;
     }
-    coord.0.in_flight.send_modify(|n| *n += 1);
-    let _done = InFlight(&coord);
+    let _running = coord.request_started();
     let received = Instant::now();
     let cut = async {
         let _ = drain.wait_for(|d| *d == DrainState::Cut).await;
     };
     // One span per request: its events (resumptions, moves) carry its number.
-    let span = tracing::info_span!("request", n = coord.0.next_request.fetch_add(1, Ordering::Relaxed));
+    let span =
+        tracing::info_span!("request", n = coord.requests().next_request.fetch_add(1, Ordering::Relaxed));
     let result = tokio::select! {
         r = tracing::Instrument::instrument(run_inner(&coord, req, &out, received), span.clone()) => r,
         _ = cut => Err(CoordinatorError::Unavailable(
@@ -178,15 +181,6 @@ async fn run(coord: Coordinator, req: Result<GenerateRequest>, out: Out) {
     span.in_scope(|| tracing::debug!(outcome, seconds = received.elapsed().as_secs_f64(), "request ended"));
     if let Err(e) = result {
         let _ = out.send(Err(e)).await;
-    }
-}
-
-/// Counts a running request out when it ends, however it ends.
-struct InFlight<'c>(&'c Coordinator);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0 .0.in_flight.send_modify(|n| *n -= 1);
     }
 }
 

@@ -40,13 +40,13 @@ pub async fn serve(
         }
     };
     tokio::spawn(watch_health);
-    let security = coord.0.cfg.security.clone();
+    let security = coord.cfg().security.clone();
     let tls = security.is_tls();
     let router = zeroshard_proto::transport::server()
         .add_service(health_service)
         .add_service(InterceptedService::new(
             InferenceServer::new(InferenceSvc(coord.clone())),
-            Guard::clients(tls, "Inference", coord.0.cfg.api_keys.clone()),
+            Guard::clients(tls, "Inference", coord.cfg().api_keys.clone()),
         ))
         .add_service(InterceptedService::new(
             ControlServer::new(control::ControlSvc(coord.clone())),

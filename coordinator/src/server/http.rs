@@ -109,7 +109,7 @@ fn error_response(e: &CoordinatorError) -> Response {
 
 /// `Authorization: Bearer KEY` when the cluster has API keys.
 fn authorize(front: &Front, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
-    let Some(keys) = front.coord.0.cfg.api_keys.as_ref() else { return Ok(()) };
+    let Some(keys) = front.coord.cfg().api_keys.as_ref() else { return Ok(()) };
     let presented = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -141,7 +141,7 @@ async fn health(State(front): State<Arc<Front>>) -> Response {
 /// expect (counts and latencies only, no request content).
 async fn metrics_text(State(front): State<Arc<Front>>) -> Response {
     let status = front.coord.status().await;
-    let in_flight = *front.coord.0.in_flight.borrow();
+    let in_flight = front.coord.in_flight();
     let mut text = front.metrics.as_ref().map(|render| render()).unwrap_or_default();
     text.push_str(&super::metrics::cluster_text(&status, &front.model, in_flight));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
@@ -296,7 +296,7 @@ async fn chat_completions(State(front): State<Arc<Front>>, headers: HeaderMap, b
     if let Err(r) = check_model(&front, &req.common.model) {
         return r.into_response();
     }
-    let positions = u32::try_from(front.coord.0.config.max_position_embeddings).unwrap_or(u32::MAX);
+    let positions = u32::try_from(front.coord.model().config.max_position_embeddings).unwrap_or(u32::MAX);
     match req.to_generate(positions) {
         Ok(g) => answer(&front, Shape::Chat, g, req.common.stream, req.common.include_usage()).await,
         Err(m) => invalid(m),

@@ -18,12 +18,15 @@
 //! match coord.wait_ready().await { Readiness::Ready => println!("ready"), Readiness::Failed(e) => bail!(e), .. }
 //! ```
 mod admission;
+mod config;
 mod control;
 mod deadline;
+mod drain;
 mod faults;
 mod generate;
 mod grpc;
 mod http;
+mod install;
 mod metrics;
 mod openai;
 mod progress;
@@ -37,9 +40,11 @@ mod worker_client;
 
 use tokio::net::TcpListener;
 
+pub use config::{ClusterConfig, RequestLimits};
+pub use drain::{DrainReport, DrainState};
 pub use grpc::serve;
 pub use http::{serve_http, HttpFront, RenderMetrics};
-pub use state::{ClusterConfig, Coordinator, DrainReport, DrainState, Readiness, RequestLimits, WorkerEntry};
+pub use state::{Coordinator, Readiness, WorkerEntry};
 
 /// Serves plaintext `grpc.health.v1` on `listener` (`--health-listen`):
 /// SERVING while the cluster is ready and the coordinator is not draining.

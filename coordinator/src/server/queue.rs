@@ -221,7 +221,100 @@ impl Queue {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use zeroshard_offload::plan::{plan, PlanOptions, TensorMeta};
+    use zeroshard_security::Security;
+
     use super::*;
+    use crate::membership::Member;
+    use crate::server::admission::Admission;
+
+    const SOON: Duration = Duration::from_millis(100);
+
+    /// An admission task over workers `ids`, each with room for `max_active`
+    /// sequences of at most 100 tokens.
+    fn admission(ids: &[u64], max_active: u32) -> Admission {
+        let a = Admission::start(8);
+        let workers: Vec<WorkerId> = ids.iter().copied().map(WorkerId).collect();
+        let meta = [TensorMeta::new("w", vec![64, 64], Some(0))];
+        let options = PlanOptions { epoch: 1, ..PlanOptions::default() };
+        let plan = Arc::new(plan(&meta, &workers, &options).expect("a plan"));
+        let entries = workers
+            .iter()
+            .map(|&id| {
+                let m = Member {
+                    id,
+                    address: format!("http://127.0.0.1:{}", 1000 + id.0),
+                    device: "cpu".into(),
+                    memory_bytes: 0,
+                };
+                WorkerEntry::new(&m, &Security::plaintext()).expect("a worker entry")
+            })
+            .collect();
+        a.set_roster(Roster { plan: Some(plan), workers: entries });
+        for &id in &workers {
+            a.set_capacity(id, Capacity { kv_cache_bytes: 100, kv_bytes_per_token: 1, max_active });
+        }
+        a
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    #[tokio::test]
+    async fn a_released_room_admits_the_next_in_line_at_once() {
+        let a = admission(&[1], 1);
+        let (first, _) = a.admit(50, false, later()).await.expect("room");
+        let second = a.admit(50, false, later());
+        tokio::pin!(second);
+        assert!(tokio::time::timeout(SOON, &mut second).await.is_err(), "no room yet");
+        assert_eq!(a.counts().queued, 1);
+        drop(first);
+        let (room, _) = tokio::time::timeout(SOON, second).await.expect("told at once").expect("room");
+        assert_eq!(room.worker.id, WorkerId(1));
+        assert_eq!(a.counts().queued, 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_leaves_lets_the_next_one_in() {
+        let a = admission(&[1], 2);
+        let (_held, _) = a.admit(60, false, later()).await.expect("room");
+        {
+            // 60 more tokens do not fit beside 60: it waits, then leaves.
+            let big = a.admit(60, false, later());
+            tokio::pin!(big);
+            assert!(tokio::time::timeout(SOON, &mut big).await.is_err());
+        }
+        let small = tokio::time::timeout(SOON, a.admit(30, false, later())).await;
+        assert!(small.expect("not stuck behind a request that left").is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_avoided_worker_gets_sequences_only_when_no_other_has_room() {
+        let a = admission(&[1, 2], 1);
+        a.avoid(WorkerId(1));
+        let (r, _) = a.admit(10, false, later()).await.expect("room");
+        assert_eq!(r.worker.id, WorkerId(2));
+        let (r2, _) = a.admit(10, false, later()).await.expect("room");
+        assert_eq!(r2.worker.id, WorkerId(1), "the only one with room");
+    }
+
+    #[tokio::test]
+    async fn a_request_no_worker_could_hold_is_refused_at_once() {
+        let a = admission(&[1], 1);
+        let e = a.admit(101, false, later()).await.err().expect("refused");
+        assert_eq!(e.kind(), crate::ErrorKind::Invalid);
+    }
+
+    #[tokio::test]
+    async fn without_a_live_worker_a_request_waits_out_its_patience() {
+        let a = Admission::start(8);
+        a.set_roster(Roster::default());
+        let e = a.admit(10, false, Instant::now() + Duration::from_secs(1)).await.err().expect("refused");
+        assert_eq!(e.kind(), crate::ErrorKind::Unavailable);
+    }
 
     #[test]
     fn room_counts_sequences_and_bytes() {

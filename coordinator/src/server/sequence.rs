@@ -81,8 +81,8 @@ impl Run<'_> {
         changes: &mut watch::Receiver<u64>,
     ) -> Result<Attempt> {
         let (worker, plan) = (&room.worker, &room.plan);
-        let floor = coord.0.cfg.limits.step_deadline;
-        let id = coord.0.next_seq.fetch_add(1, Ordering::Relaxed);
+        let floor = coord.cfg().limits.step_deadline;
+        let id = coord.requests().next_seq.fetch_add(1, Ordering::Relaxed);
         let call = worker.client.run_sequence(id, plan.epoch(), &v.prompt, &self.produced, &v.params);
         let mut steps = match tokio::time::timeout(floor, call).await {
             Err(_) => return Ok(Attempt::Stalled(format!("{} did not answer within {floor:?}", worker.id))),
@@ -176,10 +176,10 @@ impl Run<'_> {
 /// Runs `v` to its end, resuming it wherever it can go on. `Ok(true)`: the
 /// sequence finished; `Ok(false)`: the client left first.
 pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: Instant) -> Result<bool> {
-    let tokens = kv_tokens(&coord.0.config, v.prompt.len(), v.params.max_new_tokens);
+    let tokens = kv_tokens(&coord.model().config, v.prompt.len(), v.params.max_new_tokens);
     let arrived = Instant::now();
     let mut run = Run {
-        text: TextStream::new(coord.0.tokenizer.as_deref(), &v.stop)?,
+        text: TextStream::new(coord.model().tokenizer.as_deref(), &v.stop)?,
         timings: Timings { prompt_tokens: v.prompt.len(), ..Default::default() },
         first: true,
         produced: Vec::new(),
@@ -192,10 +192,10 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
     let mut quick = 0;
     let mut resume = false;
     while run.finish.is_none() {
-        let mut changes = coord.0.changes.subscribe();
+        let mut changes = coord.changes();
         let patience = if resume { deadline } else { arrived + NO_WORKER_PATIENCE };
         let (room, queued) = tokio::select! {
-            r = coord.0.admission.admit(tokens, resume, patience) => r?,
+            r = coord.admission().admit(tokens, resume, patience) => r?,
             _ = out.closed() => return Ok(false),
         };
         if !resume {
@@ -220,18 +220,18 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
             }
             Attempt::Interrupted(Interrupted::Moved(why)) => {
                 tracing::info!("{why}; continuing after {} tokens elsewhere", run.produced.len());
-                coord.0.admission.avoid(id);
-                coord.0.sequences_moved.fetch_add(1, Ordering::Relaxed);
+                coord.admission().avoid(id);
+                coord.counters().sequences_moved.fetch_add(1, Ordering::Relaxed);
             }
             Attempt::Stalled(why) => {
                 tracing::warn!("{why}; resuming elsewhere after {} tokens", run.produced.len());
-                coord.0.admission.stall(id);
-                coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
+                coord.admission().stall(id);
+                coord.counters().sequences_resumed.fetch_add(1, Ordering::Relaxed);
             }
             Attempt::Interrupted(Interrupted::StepFailed(why)) if quick < QUICK_RESUMES => {
                 quick += 1;
                 tracing::warn!("a step failed on {id} ({why}); resuming after {} tokens", run.produced.len());
-                coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
+                coord.counters().sequences_resumed.fetch_add(1, Ordering::Relaxed);
             }
             Attempt::Interrupted(Interrupted::Failed(why) | Interrupted::StepFailed(why)) => {
                 quick = 0;
@@ -240,7 +240,7 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
                     run.produced.len()
                 );
                 coord.report_failure(id);
-                coord.0.sequences_resumed.fetch_add(1, Ordering::Relaxed);
+                coord.counters().sequences_resumed.fetch_add(1, Ordering::Relaxed);
                 wait_for_change(&mut changes, deadline, &why).await?;
             }
         }

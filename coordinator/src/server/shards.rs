@@ -36,7 +36,7 @@ impl zeroshard_proto::v1::shards_server::Shards for CheckpointShards {
             ))
             .into());
         }
-        let ckpt = &self.0 .0.ckpt;
+        let ckpt = &self.0.model().ckpt;
         for t in &r.ranges {
             let info = ckpt.info(&t.tensor).map_err(CoordinatorError::from)?;
             if t.start > t.end || t.end > info.numel() as u64 {
@@ -49,7 +49,7 @@ impl zeroshard_proto::v1::shards_server::Shards for CheckpointShards {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let coord = self.0.clone();
         tokio::task::spawn_blocking(move || {
-            let ckpt = &coord.0.ckpt;
+            let ckpt = &coord.model().ckpt;
             for (i, t) in r.ranges.iter().enumerate() {
                 let mut at = t.start;
                 while at < t.end {

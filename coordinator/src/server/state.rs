@@ -1,12 +1,19 @@
-//! [`Coordinator`]: the cluster's shared state behind a cloneable handle —
-//! the live workers, the plan of the current epoch, readiness. The
-//! [`supervisor`](super::supervisor) task is the only writer of members and
-//! plans; request handlers read them and report failures to it.
+//! [`Coordinator`]: the cluster's shared state behind a cloneable handle, in
+//! groups, each with one writer:
+//! - the configuration and the model's files ([`ModelFiles`]), read once at start;
+//! - the cluster — the live workers, the plan of the current epoch, readiness —
+//!   written by the [`supervisor`](super::supervisor) task only; request
+//!   handlers read it and report failures to it;
+//! - client requests ([`Requests`]: numbering, tokenization slots, how many
+//!   run, the drain) and what befell them ([`Counters`]);
+//! - the request queue, owned by the [admission](super::admission) task.
+//!
+//! The state itself is private to this file: everything else goes through the
+//! handle's methods.
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use zeroshard_offload::digest::BlockDigests;
@@ -15,64 +22,18 @@ use zeroshard_offload::plan::{Plan, TensorMeta, WorkerId};
 use zeroshard_offload::spec::checked_specs;
 use zeroshard_offload::{Checkpoint, ModelConfig};
 
-use zeroshard_security::{ApiKeys, Security};
+use zeroshard_security::Security;
 
 use super::admission::{Admission, Roster};
+use super::config::ClusterConfig;
 use super::deadline::StepClock;
+use super::drain::DrainState;
 use super::worker_client::WorkerHandle;
 use crate::chat::ChatTemplate;
 use crate::error::{CoordinatorError, Result};
 use crate::membership::embedded::EmbeddedMembership;
 use crate::membership::{Member, Membership};
 use crate::tokenizer::Tokenizer;
-
-/// How the coordinator runs a cluster.
-#[derive(Clone, Debug)]
-pub struct ClusterConfig {
-    pub model_dir: PathBuf,
-    /// Workers to wait for before the first plan.
-    pub workers: usize,
-    pub persistence_threshold_bytes: u64,
-    /// Tell workers to pull their ranges from this coordinator.
-    pub pull: bool,
-    /// Every range is held by this many workers (at most the number of workers).
-    pub replicas: u32,
-    /// A worker silent for this long is lost (embedded membership's lease).
-    pub lease_ttl: Duration,
-    /// TLS credentials of the coordinator's server and its channels to workers.
-    pub security: Security,
-    /// Keys a client may present instead of a client certificate.
-    pub api_keys: Option<Arc<ApiKeys>>,
-    /// What requests may ask, and how long a step may take.
-    pub limits: RequestLimits,
-    /// On shutdown, how long running requests may take to finish.
-    pub drain_timeout: Duration,
-}
-
-/// Bounds on what clients send, each checked before any work.
-#[derive(Clone, Debug)]
-pub struct RequestLimits {
-    /// Requests waiting for room, at most (`--max-queued-requests`).
-    pub max_queued_requests: usize,
-    /// Bytes of prompt text, at most (None: [`PROMPT_BYTES_PER_POSITION`]
-    /// per position of the model's context).
-    pub max_prompt_bytes: Option<usize>,
-    /// The floor of every step deadline (`--step-deadline-ms`).
-    pub step_deadline: Duration,
-}
-
-impl Default for RequestLimits {
-    fn default() -> Self {
-        Self { max_queued_requests: 256, max_prompt_bytes: None, step_deadline: Duration::from_secs(10) }
-    }
-}
-
-/// Default prompt-size bound: bytes of text per position of the model's
-/// context (tokens of real text average 3–5 bytes; 64 leaves room for any).
-pub(super) const PROMPT_BYTES_PER_POSITION: usize = 64;
-/// Stop strings per request, and bytes per stop string, at most.
-pub(super) const MAX_STOP_STRINGS: usize = 16;
-pub(super) const MAX_STOP_BYTES: usize = 1024;
 
 /// Where the cluster is on its way to serving.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,8 +74,8 @@ pub(super) struct State {
     pub planned_epoch: u64,
 }
 
-pub(super) struct Inner {
-    pub cfg: ClusterConfig,
+/// The model as read from its folder at start.
+pub(super) struct ModelFiles {
     pub config: ModelConfig,
     pub config_json: String,
     pub generation_config_json: String,
@@ -126,69 +87,61 @@ pub(super) struct Inner {
     /// set by the supervisor before it plans (computed, or reused from membership).
     pub digests: OnceLock<Arc<BlockDigests>>,
     pub meta: Vec<TensorMeta>,
+}
+
+/// Who is in the cluster and the plan they run: the supervisor writes them,
+/// everyone else reads them (through [`Coordinator`]'s methods) and reports
+/// failures.
+struct Cluster {
     /// The coordinator's own address, for `--pull` workers.
-    pub advertise: String,
-    pub membership: Arc<dyn Membership>,
+    advertise: String,
+    membership: Arc<dyn Membership>,
     /// Set when membership is embedded: `Control` registrations go here.
-    pub embedded: Option<EmbeddedMembership>,
-    pub state: Mutex<State>,
-    pub ready: watch::Sender<Readiness>,
+    embedded: Option<EmbeddedMembership>,
+    state: Mutex<State>,
+    ready: watch::Sender<Readiness>,
     /// Bumped on every change of members or plan; sequences waiting to resume watch it.
-    pub changes: watch::Sender<u64>,
+    changes: watch::Sender<u64>,
     /// Failures seen by request handlers: the supervisor probes the workers.
-    pub reports: mpsc::UnboundedSender<WorkerId>,
+    reports: mpsc::UnboundedSender<WorkerId>,
+}
+
+/// Client requests: their numbers, the tokenization slots, how many run, the drain.
+pub(super) struct Requests {
+    /// Sequence ids on the workers (unique across coordinator restarts).
     pub next_seq: AtomicU64,
     /// Client requests numbered in arrival order (their tracing span's `n`).
     pub next_request: AtomicU64,
-    /// The request queue and the room taken on every worker.
-    pub admission: Admission,
     /// Tokenizations running at once, at most (one per core).
     pub tokenizing: tokio::sync::Semaphore,
-    pub workers_lost: AtomicU64,
-    pub sequences_resumed: AtomicU64,
-    /// Sequences handed back by draining workers.
-    pub sequences_moved: AtomicU64,
     /// Serving, draining (new requests refused) or cut (running ones end).
     pub drain: watch::Sender<DrainState>,
     /// Client requests running now (admitted or not).
     pub in_flight: watch::Sender<usize>,
 }
 
-/// Where a coordinator is in its shutdown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DrainState {
-    Serving,
-    /// New requests are refused with UNAVAILABLE; running ones continue.
-    Draining,
-    /// The drain time ran out: running requests end with UNAVAILABLE.
-    Cut,
+/// What befell workers and sequences, for `ClusterStatus`.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub workers_lost: AtomicU64,
+    pub sequences_resumed: AtomicU64,
+    /// Sequences handed back by draining workers.
+    pub sequences_moved: AtomicU64,
 }
 
-/// What a drain did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DrainReport {
-    /// Requests running when the drain began.
-    pub running: usize,
-    /// Of them, still running when the drain time ran out (ended with UNAVAILABLE).
-    pub cut: usize,
-    pub elapsed: Duration,
-}
-
-impl std::fmt::Display for DrainReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "drained in {:.2} s: {} requests were running, {} cut off",
-            self.elapsed.as_secs_f64(),
-            self.running,
-            self.cut
-        )
-    }
+struct Inner {
+    cfg: ClusterConfig,
+    model: ModelFiles,
+    cluster: Cluster,
+    requests: Requests,
+    /// The request queue and the room taken on every worker (its own task).
+    admission: Admission,
+    counters: Counters,
 }
 
 /// A cloneable handle on the cluster state.
 #[derive(Clone)]
-pub struct Coordinator(pub(super) Arc<Inner>);
+pub struct Coordinator(Arc<Inner>);
 
 impl Coordinator {
     /// Reads the model folder (config, tokenizer, every checkpoint header, each
@@ -240,9 +193,8 @@ impl Coordinator {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         let admission = Admission::start(cfg.limits.max_queued_requests);
-        let coord = Self(Arc::new(Inner {
+        let model = ModelFiles {
             meta: specs.iter().map(TensorMeta::from).collect(),
-            cfg,
             config,
             config_json,
             generation_config_json,
@@ -250,6 +202,8 @@ impl Coordinator {
             chat_template,
             ckpt,
             digests: OnceLock::new(),
+        };
+        let cluster = Cluster {
             advertise,
             membership,
             embedded,
@@ -257,18 +211,18 @@ impl Coordinator {
             ready,
             changes: watch::channel(0).0,
             reports,
+        };
+        let requests = Requests {
             next_seq: AtomicU64::new(first_seq),
             next_request: AtomicU64::new(1),
-            admission,
             tokenizing: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             ),
-            workers_lost: AtomicU64::new(0),
-            sequences_resumed: AtomicU64::new(0),
-            sequences_moved: AtomicU64::new(0),
             drain: watch::channel(DrainState::Serving).0,
             in_flight: watch::channel(0).0,
-        }));
+        };
+        let coord =
+            Self(Arc::new(Inner { cfg, model, cluster, requests, admission, counters: Counters::default() }));
         tokio::spawn(super::supervisor::run(coord.clone(), reports_rx));
         Ok(coord)
     }
@@ -278,11 +232,11 @@ impl Coordinator {
     /// computed in one parallel pass over the files and stored there.
     pub(super) async fn load_digests(&self) -> Result<Arc<BlockDigests>> {
         let inner = &self.0;
-        if let Some(d) = inner.digests.get() {
+        if let Some(d) = inner.model.digests.get() {
             return Ok(d.clone());
         }
-        let identity = zeroshard_offload::digest::identity(&inner.ckpt)?;
-        let membership = &inner.membership;
+        let identity = zeroshard_offload::digest::identity(&inner.model.ckpt)?;
+        let membership = &inner.cluster.membership;
         let stored = match membership.load_digests(&identity).await {
             Ok(d) => d,
             Err(e) => {
@@ -298,10 +252,11 @@ impl Coordinator {
             None => {
                 let start = Instant::now();
                 let coord = self.clone();
-                let d =
-                    tokio::task::spawn_blocking(move || zeroshard_offload::digest::compute(&coord.0.ckpt))
-                        .await
-                        .map_err(|e| CoordinatorError::InvalidRequest(format!("digest task: {e}")))??;
+                let d = tokio::task::spawn_blocking(move || {
+                    zeroshard_offload::digest::compute(&coord.0.model.ckpt)
+                })
+                .await
+                .map_err(|e| CoordinatorError::InvalidRequest(format!("digest task: {e}")))??;
                 tracing::info!(
                     "digests of {} blocks computed in {:.2} s",
                     d.block_count(),
@@ -313,40 +268,11 @@ impl Coordinator {
                 Arc::new(d)
             }
         };
-        Ok(inner.digests.get_or_init(|| digests).clone())
+        Ok(inner.model.digests.get_or_init(|| digests).clone())
     }
 
     pub fn readiness(&self) -> watch::Receiver<Readiness> {
-        self.0.ready.subscribe()
-    }
-
-    /// Stops taking requests (each new one gets UNAVAILABLE at once, so a
-    /// client retries elsewhere) and waits up to `patience` for the running
-    /// ones to finish; those still running then end with UNAVAILABLE. The
-    /// services stay up meanwhile: workers keep their leases and gather.
-    pub async fn drain(&self, patience: Duration) -> DrainReport {
-        let started = Instant::now();
-        let running = *self.0.in_flight.borrow();
-        self.0.drain.send_replace(DrainState::Draining);
-        let mut in_flight = self.0.in_flight.subscribe();
-        let finished = tokio::time::timeout(patience, in_flight.wait_for(|n| *n == 0)).await.is_ok();
-        let cut = if finished { 0 } else { *self.0.in_flight.borrow() };
-        if !finished {
-            self.0.drain.send_replace(DrainState::Cut);
-            // The cut requests send their error and end within moments.
-            let _ = tokio::time::timeout(Duration::from_secs(2), in_flight.wait_for(|n| *n == 0)).await;
-        }
-        DrainReport { running, cut, elapsed: started.elapsed() }
-    }
-
-    /// How long a drain gives running requests (the cluster's configuration).
-    pub fn drain_timeout(&self) -> Duration {
-        self.0.cfg.drain_timeout
-    }
-
-    /// Where the coordinator is in its shutdown.
-    pub fn drain_state(&self) -> watch::Receiver<DrainState> {
-        self.0.drain.subscribe()
+        self.0.cluster.ready.subscribe()
     }
 
     /// Waits until the cluster is ready or has failed.
@@ -371,13 +297,13 @@ impl Coordinator {
     /// poisoned lock is seen only under the test harness, and every update of
     /// the state is a whole assignment: its data are taken as they are.
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0.cluster.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Tells sequences waiting to resume, and admission, that the members or
     /// the plan changed.
     pub(super) fn bump(&self) {
-        self.0.changes.send_modify(|n| *n += 1);
+        self.0.cluster.changes.send_modify(|n| *n += 1);
         let roster = {
             let st = self.lock();
             let workers = st.plan.as_ref().map_or_else(Vec::new, |plan| {
@@ -393,7 +319,7 @@ impl Coordinator {
         if let Some(p) = self.lock().plan.clone() {
             return Ok(p);
         }
-        Err(CoordinatorError::Unavailable(match self.0.ready.borrow().clone() {
+        Err(CoordinatorError::Unavailable(match self.0.cluster.ready.borrow().clone() {
             Readiness::Waiting { registered, expected } => {
                 format!("cluster not ready: {registered} of {expected} workers registered")
             }
@@ -415,16 +341,74 @@ impl Coordinator {
 
     /// A request handler saw `id` fail: the supervisor checks every worker.
     pub fn report_failure(&self, id: WorkerId) {
-        let _ = self.0.reports.send(id);
+        let _ = self.0.cluster.reports.send(id);
     }
 
     /// What `RegisterWorker` and `KeepAlive` act on; None under etcd.
     pub fn embedded(&self) -> Option<&EmbeddedMembership> {
-        self.0.embedded.as_ref()
+        self.0.cluster.embedded.as_ref()
     }
 
     /// Counters for `ClusterStatus`: workers lost, sequences resumed.
     pub fn failure_counts(&self) -> (u64, u64) {
-        (self.0.workers_lost.load(Ordering::Relaxed), self.0.sequences_resumed.load(Ordering::Relaxed))
+        let c = &self.0.counters;
+        (c.workers_lost.load(Ordering::Relaxed), c.sequences_resumed.load(Ordering::Relaxed))
+    }
+
+    /// How this coordinator runs the cluster.
+    pub(super) fn cfg(&self) -> &ClusterConfig {
+        &self.0.cfg
+    }
+
+    /// The model as read from its folder.
+    pub(super) fn model(&self) -> &ModelFiles {
+        &self.0.model
+    }
+
+    /// Client requests: numbers, tokenization slots, running count, drain.
+    pub(super) fn requests(&self) -> &Requests {
+        &self.0.requests
+    }
+
+    /// The admission task's handle.
+    pub(super) fn admission(&self) -> &Admission {
+        &self.0.admission
+    }
+
+    /// What befell workers and sequences.
+    pub(super) fn counters(&self) -> &Counters {
+        &self.0.counters
+    }
+
+    /// Who keeps the cluster's members (embedded or etcd).
+    pub(super) fn membership(&self) -> &Arc<dyn Membership> {
+        &self.0.cluster.membership
+    }
+
+    /// The coordinator's own address (for `--pull` workers and shard fetches).
+    pub(super) fn advertise(&self) -> &str {
+        &self.0.cluster.advertise
+    }
+
+    /// Where the cluster is on its way to serving (the supervisor's to say).
+    pub(super) fn set_readiness(&self, r: Readiness) {
+        self.0.cluster.ready.send_replace(r);
+    }
+
+    /// While waiting for workers: how many have registered.
+    pub(super) fn set_registered(&self, registered: usize) {
+        let expected = self.0.cfg.workers;
+        self.0.cluster.ready.send_if_modified(|r| match r {
+            Readiness::Waiting { .. } => {
+                *r = Readiness::Waiting { registered, expected };
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Changes of members or plan (each bumps the value).
+    pub(super) fn changes(&self) -> watch::Receiver<u64> {
+        self.0.cluster.changes.subscribe()
     }
 }

@@ -56,7 +56,7 @@ impl Coordinator {
             })
             .collect();
         let (workers_lost_total, sequences_resumed_total) = self.failure_counts();
-        let q = self.0.admission.counts();
+        let q = self.admission().counts();
         ClusterStatus {
             epoch,
             ready,
@@ -72,7 +72,7 @@ impl Coordinator {
             queue_ms_total: q.queue_ms_total,
             queue_ms_max: q.queue_ms_max,
             step_deadlines_missed_total: q.deadlines_missed,
-            sequences_moved_total: self.0.sequences_moved.load(Ordering::Relaxed),
+            sequences_moved_total: self.counters().sequences_moved.load(Ordering::Relaxed),
         }
     }
 }

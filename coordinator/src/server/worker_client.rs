@@ -123,11 +123,10 @@ pub(crate) struct WorkerReport {
 }
 
 pub(crate) fn model_info(coord: &Coordinator) -> pb::ModelInfo {
-    let inner = &coord.0;
     pb::ModelInfo {
-        model_dir: inner.cfg.model_dir.display().to_string(),
-        config_json: inner.config_json.clone(),
-        generation_config_json: inner.generation_config_json.clone(),
+        model_dir: coord.cfg().model_dir.display().to_string(),
+        config_json: coord.model().config_json.clone(),
+        generation_config_json: coord.model().generation_config_json.clone(),
     }
 }
 

@@ -1,0 +1,55 @@
+//! How a coordinator runs a cluster ([`ClusterConfig`]) and what clients may
+//! ask of it ([`RequestLimits`], and the fixed bounds on stop strings).
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use zeroshard_security::{ApiKeys, Security};
+
+/// How the coordinator runs a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub model_dir: PathBuf,
+    /// Workers to wait for before the first plan.
+    pub workers: usize,
+    pub persistence_threshold_bytes: u64,
+    /// Tell workers to pull their ranges from this coordinator.
+    pub pull: bool,
+    /// Every range is held by this many workers (at most the number of workers).
+    pub replicas: u32,
+    /// A worker silent for this long is lost (embedded membership's lease).
+    pub lease_ttl: Duration,
+    /// TLS credentials of the coordinator's server and its channels to workers.
+    pub security: Security,
+    /// Keys a client may present instead of a client certificate.
+    pub api_keys: Option<Arc<ApiKeys>>,
+    /// What requests may ask, and how long a step may take.
+    pub limits: RequestLimits,
+    /// On shutdown, how long running requests may take to finish.
+    pub drain_timeout: Duration,
+}
+
+/// Bounds on what clients send, each checked before any work.
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    /// Requests waiting for room, at most (`--max-queued-requests`).
+    pub max_queued_requests: usize,
+    /// Bytes of prompt text, at most (None: [`PROMPT_BYTES_PER_POSITION`]
+    /// per position of the model's context).
+    pub max_prompt_bytes: Option<usize>,
+    /// The floor of every step deadline (`--step-deadline-ms`).
+    pub step_deadline: Duration,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self { max_queued_requests: 256, max_prompt_bytes: None, step_deadline: Duration::from_secs(10) }
+    }
+}
+
+/// Default prompt-size bound: bytes of text per position of the model's
+/// context (tokens of real text average 3–5 bytes; 64 leaves room for any).
+pub(super) const PROMPT_BYTES_PER_POSITION: usize = 64;
+/// Stop strings per request, and bytes per stop string, at most.
+pub(super) const MAX_STOP_STRINGS: usize = 16;
+pub(super) const MAX_STOP_BYTES: usize = 1024;
