@@ -1,6 +1,7 @@
 //! The coordinator: plans the partition, keeps membership, serves clients.
-//! It never links the engine (`zeroshard-worker`) or CUDA: a coordinator host
-//! needs no GPU libraries.
+//! It never links the engine (`zeroshard-engine`), the cluster worker
+//! (`zeroshard-worker`) or CUDA: a coordinator host needs no GPU libraries
+//! (`scripts/check-edges.sh` fails the test command if it does).
 //!
 //! - [`server`]: the gRPC services (`Inference` for clients, `Control` for
 //!   workers of embedded membership, `Shards` for `--pull`), request

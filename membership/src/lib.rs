@@ -5,9 +5,10 @@
 //! the live members plus a stream of joins and departures, and a place to keep
 //! the current plan so that a restarted coordinator resumes the same cluster.
 //! Two implementations:
-//! - [`embedded::EmbeddedMembership`]: in this process (what `zeroshard up`
-//!   uses); workers register over the coordinator's `Control` service and renew
-//!   an in-memory lease with `KeepAlive`.
+//! - `EmbeddedMembership` (in the coordinator crate, `membership::embedded`):
+//!   in this process (what `zeroshard up` uses); workers register over the
+//!   coordinator's `Control` service and renew an in-memory lease with
+//!   `KeepAlive`.
 //! - [`etcd::EtcdMembership`]: workers register `/zeroshard/<cluster>/workers/<id>`
 //!   under an etcd lease; the coordinator watches the prefix and keeps the plan
 //!   at `/zeroshard/<cluster>/plan`.
