@@ -24,16 +24,6 @@ fn path(p: &std::path::Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
 }
 
-fn query(ep: &str, extra: &[&str]) -> Value {
-    let mut args = vec!["query", "--endpoint", ep, "--json"];
-    args.extend_from_slice(extra);
-    run_json(&args).remove(0)
-}
-
-fn status(ep: &str) -> Value {
-    run_json(&["status", "--endpoint", ep, "--json"]).remove(0)
-}
-
 /// Every ref through `up --workers n`: stories260K text prompts and each
 /// Llama-family fixture's id prompts, greedy tokens exact (and, for stories,
 /// the text).

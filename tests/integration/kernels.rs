@@ -10,15 +10,11 @@
 //! skips these tests and counts them as skipped).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use crate::common::*;
 use zeroshard_engine::cuda::versions::{CUBLAS_SYMBOLS, DRIVER_SYMBOLS, MIN_DRIVER, NVRTC_SYMBOLS};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// `scripts/cuda-wheels.sh`'s env file, read (installs the wheels when missing).
 fn wheels() -> BTreeMap<String, String> {

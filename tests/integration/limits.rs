@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::cluster::{children_of, Cluster};
 use crate::common::*;
-use serde_json::Value;
 use tonic::Code;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::inference_client::InferenceClient;
@@ -69,10 +68,6 @@ fn rss_mb(pid: u32) -> (f64, f64) {
             .map_or(0.0, |kb| kb / 1024.0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn status(endpoint: &str) -> Value {
-    run_json(&["status", "--endpoint", endpoint, "--json"]).remove(0)
 }
 
 /// Two 4 MB prompts at once are refused by their size, before any

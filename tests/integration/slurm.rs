@@ -6,18 +6,14 @@
 //! `scancel` leaves no zeroshard process behind. Once with mTLS and the
 //! coordinator's own membership, once plaintext with etcd as a job step.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::etcd::free_port;
-use crate::common::{bin, ids_of, model, read_json, run_json, shared};
+use crate::common::{bin, ids_of, model, read_json, repo, run_json, shared};
 use serde_json::Value;
 use tempfile::TempDir;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A one-node Slurm, stopped (by PID) on drop.
 struct Slurm {

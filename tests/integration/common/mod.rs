@@ -26,6 +26,11 @@ pub(crate) fn shared() -> PathBuf {
     dir
 }
 
+/// The repository (scripts, deploy files, the Python checks).
+pub(crate) fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 pub(crate) fn model(name: &str) -> PathBuf {
     let p = shared().join("models").join(name);
     assert!(p.is_dir(), "fixture model missing: {}", p.display());
@@ -92,4 +97,16 @@ pub(crate) fn floats_of(v: &Value) -> Vec<f32> {
 /// `generate`, `query` and `launch`.
 pub(crate) fn greedy<'a>(prompt_flag: &'a str, prompt: &'a str, max_new: &'a str) -> [&'a str; 7] {
     [prompt_flag, prompt, "--temperature", "0", "--ignore-eos", "--max-new-tokens", max_new]
+}
+
+/// `query --json` against a cluster with `extra` flags: the one JSON answer.
+pub(crate) fn query(endpoint: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["query", "--endpoint", endpoint, "--json"];
+    args.extend_from_slice(extra);
+    run_json(&args).remove(0)
+}
+
+/// `status --json` of a cluster.
+pub(crate) fn status(endpoint: &str) -> Value {
+    run_json(&["status", "--endpoint", endpoint, "--json"]).remove(0)
 }
