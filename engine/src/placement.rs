@@ -41,10 +41,10 @@ pub struct GpuPlacement {
 
 /// Sequences a cluster worker's device memory is sized for: its batches are
 /// not known ahead (the KV cache grows past this on demand, if memory allows).
-pub const CLUSTER_SEQS: usize = 16;
+pub(crate) const CLUSTER_SEQS: usize = 16;
 /// Tokens per sequence a cluster worker's KV cache is sized for (at most the
 /// model's context).
-pub const CLUSTER_TOKENS_PER_SEQ: usize = 1024;
+pub(crate) const CLUSTER_TOKENS_PER_SEQ: usize = 1024;
 
 impl GpuPlacement {
     /// A cluster worker's placement: `max_live_bytes` of resident layers at

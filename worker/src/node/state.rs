@@ -106,7 +106,7 @@ struct Setup {
 /// How many `RunSequence` streams are open. Each stream holds a
 /// [`StreamGuard`] and gives it up when tonic drops the stream, i.e. once its
 /// last message and status are sent (or the caller went away).
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub(crate) struct SequenceStreams(Arc<watch::Sender<usize>>);
 
 impl SequenceStreams {
