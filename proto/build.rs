@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "zeroshard/v1/worker.proto",
     "zeroshard/v1/shards.proto",
     "zeroshard/v1/control.proto",
+    "zeroshard/v1/group.proto",
 ];
 
 fn runs(protoc: &std::ffi::OsStr) -> bool {

@@ -8,7 +8,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use zeroshard_coordinator::membership::embedded::EmbeddedMembership;
 use zeroshard_coordinator::request::{GenerateRequest, Prompt};
-use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Readiness, RequestLimits};
+use zeroshard_coordinator::run::{self, Listeners};
+use zeroshard_coordinator::server::{self, ClusterConfig, Coordinator, Placement, RequestLimits};
 use zeroshard_coordinator::{client, up as up_mod};
 use zeroshard_membership::etcd::{EtcdMembership, EtcdRegistrar};
 use zeroshard_membership::Membership;
@@ -74,8 +75,14 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
     if l.max_prompt_bytes == Some(0) {
         bail!("--max-prompt-bytes must be at least 1");
     }
+    let placement = c.placement.kind.to_config();
+    if c.pull && placement == Placement::Tensor {
+        bail!(
+            "--placement tensor reads each worker's shard from the checkpoint: it does not work with --pull"
+        );
+    }
     Ok(ClusterConfig {
-        model_dir: c.model.clone(),
+        model_dir: c.model.model.clone(),
         workers,
         persistence_threshold_bytes: c.persistence_threshold_bytes,
         pull: c.pull,
@@ -89,6 +96,7 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
             step_deadline: Duration::from_millis(l.step_deadline_ms),
         },
         drain_timeout: Duration::from_secs(c.drain_timeout_secs),
+        placement,
     })
 }
 
@@ -113,9 +121,9 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     if a.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let served = served_name(&a.http, &a.cluster.model);
+    let served = served_name(&a.http, &a.cluster.model.model);
     telemetry::install(Some(&served))?;
-    a.cluster.model = hub::resolve(&a.cluster.model)?;
+    a.cluster.model.model = hub::resolve(&a.cluster.model.model)?;
     let mut worker_args = a.tuning.to_local_args(cuda, a.workers);
     if a.tuning.admission.kv_cache_bytes.is_none() && cuda.is_none() {
         // The workers share this host: half of its available memory, split between them.
@@ -153,9 +161,9 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
     let sec = security::member(&a.tls, Role::Coordinator, &a.listen)?;
     let api_keys = security::api_keys(a.api_key_file.as_deref())?;
     let etcd_credentials = security::etcd(&a.etcd)?;
-    let served = served_name(&a.http, &a.cluster.model);
+    let served = served_name(&a.http, &a.cluster.model.model);
     telemetry::install(Some(&served))?;
-    a.cluster.model = hub::resolve(&a.cluster.model)?;
+    a.cluster.model.model = hub::resolve(&a.cluster.model.model)?;
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
         let local = listener.local_addr()?;
@@ -163,7 +171,6 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
         let endpoint = format!("{}://{}", if sec.is_tls() { "grpcs" } else { "grpc" }, advertise.authority());
         let mut cfg = cluster_config(&a.cluster, a.workers, sec)?;
         cfg.api_keys = api_keys;
-        let drain_timeout = cfg.drain_timeout;
         let (membership, embedded): (Arc<dyn Membership>, _) = if a.etcd.etcd.is_empty() {
             let m = EmbeddedMembership::new(cfg.lease_ttl);
             (Arc::new(m.clone()), Some(m))
@@ -177,49 +184,35 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
         eprintln!("membership: {}", membership.describe());
         let http = http_front(a.http.http_listen.as_deref(), cfg.api_keys.is_some(), served)?;
         let coord = Coordinator::start(cfg, advertise.uri(), membership, embedded)?;
-        let (stop_http, http_stop) = watch::channel(false);
-        let mut http_addr = None;
-        if let Some((addr, name)) = http {
-            let l = bind_flag("--http-listen", &addr).await?;
-            http_addr = Some(l.local_addr()?);
-            let mut stopped = http_stop.clone();
-            let front = server::HttpFront { listener: l, model: name, metrics: Some(telemetry::render()) };
-            tokio::spawn(server::serve_http(coord.clone(), front, async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            }));
-        }
-        if let Some(at) = &a.health.health_listen {
-            server::spawn_health(&coord, bind_flag("--health-listen", at).await?);
-        }
-        let mut stop = stop_signal()?;
-        let (stop_server, mut server_stop) = watch::channel(false);
-        let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
-            let _ = server_stop.wait_for(|s| *s).await;
-        }));
-        eprintln!("coordinator on {local}, waiting for {} workers", a.workers);
-        tokio::select! {
-            r = coord.wait_ready() => match r {
-                Readiness::Ready => {
-                    println!("ready {endpoint}");
-                    if let Some(h) = http_addr {
-                        println!("http http://{h}");
-                    }
-                    if let Some(f) = &a.endpoint_file {
-                        write_atomically(f, &format!("{endpoint}\n"))?;
-                    }
-                }
-                Readiness::Failed(e) => bail!("{e}"),
-                other => bail!("not ready: {other:?}"),
+        let listeners = Listeners {
+            grpc: listener,
+            http: match http {
+                Some((addr, name)) => Some(server::HttpFront {
+                    listener: bind_flag("--http-listen", &addr).await?,
+                    model: name,
+                    metrics: Some(telemetry::render()),
+                }),
+                None => None,
             },
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        }
-        let _ = stop.wait_for(|s| *s).await;
-        eprintln!("draining: refusing new requests; running ones have {drain_timeout:?} to finish");
-        let d = coord.drain(drain_timeout).await;
-        eprintln!("{d}");
-        let _ = stop_http.send(true);
-        let _ = stop_server.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+            health: match &a.health.health_listen {
+                Some(at) => Some(bind_flag("--health-listen", at).await?),
+                None => None,
+            },
+        };
+        eprintln!("coordinator on {local}, waiting for {} workers", a.workers);
+        let endpoint_file = a.endpoint_file.clone();
+        run::run(coord, listeners, stop_signal()?, |serving| {
+            println!("ready {endpoint}");
+            if let Some(h) = serving.http_addr {
+                println!("http http://{h}");
+            }
+            if let Some(f) = &endpoint_file {
+                write_atomically(f, &format!("{endpoint}\n"))
+                    .map_err(|e| zeroshard_coordinator::CoordinatorError::Unavailable(format!("{e:#}")))?;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(())
     })
 }
@@ -502,6 +495,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             api_keys: None,
             limits: RequestLimits::default(),
             drain_timeout: Duration::from_secs(5),
+            placement: a.placement_choice.kind.to_config(),
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args: a.tuning.to_local_args(cuda, a.workers),

@@ -4,7 +4,6 @@
 //! worker too), every other rank a worker that registers with it. Every other
 //! setting comes from the `ZEROSHARD_*` variables the job exports, which the
 //! `coordinator` and `worker` subcommands read as they read their flags.
-use std::process::ExitStatus;
 
 use anyhow::{bail, Context, Result};
 
@@ -252,7 +251,9 @@ pub(crate) fn launch(a: LaunchArgs) -> Result<()> {
         let e = command(only).exec();
         bail!("running {} {}: {e}", exe.display(), only.name);
     }
-    let status = supervise(roles.iter().map(|r| (r.name, command(r))).collect())?;
+    let children = roles.iter().map(|r| (r.name, command(r))).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    let status = rt.block_on(zeroshard_coordinator::launcher::run_together(children))?;
     if !status.success() {
         std::process::exit(status.code().unwrap_or(1));
     }
@@ -261,67 +262,6 @@ pub(crate) fn launch(a: LaunchArgs) -> Result<()> {
 
 fn env_true(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "no" | "off" | "n" | "f"))
-}
-
-/// Runs `children` together: SIGTERM and SIGINT go to each of them; when one
-/// ends, the others are asked to stop too (a rank is its roles together).
-/// Returns the first one's exit status, or the first failure's.
-fn supervise(children: Vec<(&'static str, std::process::Command)>) -> Result<ExitStatus> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-    rt.block_on(async {
-        let mut running = Vec::new();
-        for (name, c) in children {
-            let mut c = tokio::process::Command::from(c);
-            // SAFETY: prctl is async-signal-safe; it only asks the kernel to
-            // SIGTERM the child if this process dies first.
-            unsafe {
-                c.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            running.push((name, c.spawn().with_context(|| format!("starting the {name}"))?, false));
-        }
-        // SIGTERM to each child; `all`: also those already asked (a second
-        // signal from the launcher, which ends them at once).
-        let stop = |running: &mut [(&str, tokio::process::Child, bool)], all: bool| {
-            for (_, child, asked) in running {
-                if let (Some(pid), true) = (child.id(), all || !*asked) {
-                    // SAFETY: kill(2) on our own child's pid.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-                    *asked = true;
-                }
-            }
-        };
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut first: Option<ExitStatus> = None;
-        while !running.is_empty() {
-            let event = {
-                let waits = running.iter_mut().map(|(_, c, _)| Box::pin(c.wait()));
-                tokio::select! {
-                    _ = term.recv() => None,
-                    _ = int.recv() => None,
-                    (done, i, _) = futures::future::select_all(waits) => Some((i, done)),
-                }
-            };
-            let Some((i, done)) = event else {
-                stop(&mut running, true);
-                continue;
-            };
-            let (name, _, _) = running.remove(i);
-            let status = done.with_context(|| format!("waiting for the {name}"))?;
-            eprintln!("launch: the {name} exited ({status})");
-            if first.is_none_or(|f| f.success() && !status.success()) {
-                first = Some(status);
-            }
-            stop(&mut running, false);
-        }
-        Ok(first.unwrap_or_default())
-    })
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         tokens_per_seq: prompts.iter().map(prompt_len).max().unwrap_or(1) + max_new,
         max_rows: prompts.iter().map(prompt_len).sum::<usize>().max(1),
     };
-    let model_dir = hub::resolve(&a.model)?;
+    let model_dir = hub::resolve(&a.model.model)?;
     a.placement.apply_threads();
     let model = LocalModel::load(&model_dir, a.placement.device, &gpu_options(&a.placement), work)?;
     let reqs: Vec<GenerateRequest> = prompts

@@ -77,7 +77,7 @@ pub async fn run(
         .await
         .map_err(|e| CoordinatorError::Unavailable(format!("bind: {e}")))?;
     let (_stop_tx, stop) = watch::channel(false);
-    let cluster = LocalCluster::start(up, listener, stop).await?;
+    let cluster = LocalCluster::start(up, listener, None, stop).await?;
     let result = drive(&cluster, vocab, batches, prompt_len, new_tokens).await;
     let peak = cluster.fleet.pids().into_iter().map(|p| p.map_or(0, peak_rss)).collect();
     let owned =

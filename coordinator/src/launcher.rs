@@ -1,6 +1,8 @@
-//! Supervising local worker processes (`zeroshard up`): spawn, wait for each to
-//! announce its address, forward their logs, and stop them all — SIGTERM, a
-//! grace period, then SIGKILL — so no child outlives the launcher.
+//! Supervising child processes, the one place this project does it. [`Fleet`]
+//! (`zeroshard up`): spawn local workers, wait for each to announce its
+//! address, forward their logs, and stop them all — SIGTERM, a grace period,
+//! then SIGKILL. [`run_together`] (`zeroshard launch`): a task's roles in the
+//! foreground, signals forwarded. Either way no child outlives the launcher.
 //!
 //! A worker's log lines are prefixed with its process id, and with its worker
 //! id once it has registered (`[worker pid 4242]`, then `[worker 2 pid 4242]`):
@@ -92,20 +94,7 @@ impl Fleet {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true);
-            // SAFETY: the closure runs in the forked child before exec and only
-            // calls async-signal-safe functions (prctl, getppid, _exit).
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The parent may already be gone between fork and prctl.
-                    if libc::getppid() == 1 {
-                        libc::_exit(1);
-                    }
-                    Ok(())
-                });
-            }
+            die_with_parent(&mut cmd);
             let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn { index, n, source })?;
             let label = Label { pid: child.id().unwrap_or_default(), id: Arc::default() };
             let last_line = Arc::new(Mutex::new(String::new()));
@@ -242,6 +231,79 @@ impl Fleet {
             }
         }
     }
+}
+
+/// Makes the child `cmd` starts die (SIGTERM) when this process does, even
+/// if it is killed outright (`PR_SET_PDEATHSIG`).
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may already be gone between fork and prctl.
+            if libc::getppid() == 1 {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs `children` (name, command) together and in the foreground: their
+/// output goes where this process's goes, SIGTERM and SIGINT go to each of
+/// them, and when one ends the others are asked to stop too (`launch`: a
+/// Slurm task is its roles together). Returns the first one's exit status,
+/// or the first failure's.
+pub async fn run_together(
+    children: Vec<(&'static str, std::process::Command)>,
+) -> std::io::Result<std::process::ExitStatus> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let with = |what: String| move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
+    let mut running = Vec::new();
+    for (name, c) in children {
+        let mut c = Command::from(c);
+        die_with_parent(&mut c);
+        running.push((name, c.spawn().map_err(with(format!("starting the {name}")))?, false));
+    }
+    // SIGTERM to each child; `all`: also those already asked (a second
+    // signal from the launcher, which ends them at once).
+    let stop = |running: &mut [(&str, Child, bool)], all: bool| {
+        for (_, child, asked) in running {
+            if let (Some(pid), true) = (child.id(), all || !*asked) {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                *asked = true;
+            }
+        }
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(with("SIGTERM handler".into()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(with("SIGINT handler".into()))?;
+    let mut first: Option<std::process::ExitStatus> = None;
+    while !running.is_empty() {
+        let event = {
+            let waits = running.iter_mut().map(|(_, c, _)| Box::pin(c.wait()));
+            tokio::select! {
+                _ = term.recv() => None,
+                _ = int.recv() => None,
+                (done, i, _) = futures::future::select_all(waits) => Some((i, done)),
+            }
+        };
+        let Some((i, done)) = event else {
+            stop(&mut running, true);
+            continue;
+        };
+        let (name, _, _) = running.remove(i);
+        let status = done.map_err(with(format!("waiting for the {name}")))?;
+        eprintln!("launch: the {name} exited ({status})");
+        if first.is_none_or(|f| f.success() && !status.success()) {
+            first = Some(status);
+        }
+        stop(&mut running, false);
+    }
+    Ok(first.unwrap_or_default())
 }
 
 #[cfg(test)]

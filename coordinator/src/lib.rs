@@ -15,6 +15,8 @@
 //!   [`status`]: the cluster as `status` and `/metrics` show it.
 //! - [`client`]: `query` and `status` against a running cluster;
 //!   [`credentials`]: the CA `up` makes and the client bundles it leaves.
+//! - [`run`]: a coordinator's lifecycle (serve, wait ready, drain, close),
+//!   for every command that runs one.
 //! - [`up`] and [`launcher`]: a coordinator plus N local worker processes.
 //! - [`cluster_bench`]: `bench --workers N`.
 pub mod chat;
@@ -23,9 +25,10 @@ pub mod cluster_bench;
 mod convert;
 pub mod credentials;
 mod error;
-mod launcher;
+pub mod launcher;
 pub mod membership;
 pub mod request;
+pub mod run;
 pub mod server;
 pub mod status;
 pub mod text_stream;

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use zeroshard_security::{Role, Security};
 
@@ -25,7 +24,8 @@ use crate::credentials::{find_bundle_in, UpCredentials};
 use crate::error::{CoordinatorError, Result};
 use crate::launcher::Fleet;
 use crate::membership::embedded::EmbeddedMembership;
-use crate::server::{self, ClusterConfig, Coordinator, Readiness};
+use crate::run::{Listeners, Serving};
+use crate::server::{self, ClusterConfig, Coordinator};
 
 /// What `up` starts.
 #[derive(Clone, Debug)]
@@ -53,16 +53,17 @@ pub struct LocalCluster {
     _credentials: Option<UpCredentials>,
     pub coord: Coordinator,
     pub fleet: Fleet,
-    server: JoinHandle<Result<()>>,
-    stop_server: watch::Sender<bool>,
+    serving: Serving,
 }
 
 impl LocalCluster {
-    /// Starts the coordinator on `listener` and the workers, and waits until the
-    /// cluster serves. On failure every worker is stopped before returning.
+    /// Starts the coordinator on `listener` (and the HTTP front, where given)
+    /// and the workers, and waits until the cluster serves. On failure every
+    /// worker is stopped before returning.
     pub async fn start(
         cfg: &UpConfig,
         listener: TcpListener,
+        http: Option<server::HttpFront>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<Self> {
         let addr =
@@ -85,11 +86,8 @@ impl LocalCluster {
         let membership = EmbeddedMembership::new(cfg.cluster.lease_ttl);
         let coord =
             Coordinator::start(cluster_cfg, url.clone(), Arc::new(membership.clone()), Some(membership))?;
-        let (stop_server, mut server_rx) = watch::channel(false);
-        let server = tokio::spawn(server::serve(coord.clone(), listener, async move {
-            let _ = server_rx.wait_for(|s| *s).await;
-        }));
-        let mut fleet = Fleet::spawn(&cfg.exe, n, |i| {
+        let serving = Serving::start(coord.clone(), Listeners { grpc: listener, http, health: None })?;
+        let mut fleet = match Fleet::spawn(&cfg.exe, n, |i| {
             let mut a = vec![
                 "worker".to_string(),
                 "--coordinator".into(),
@@ -100,29 +98,24 @@ impl LocalCluster {
             a.extend(credentials.as_ref().map(|c| c.worker_args(i)).unwrap_or_default());
             a.extend(cfg.worker_args.iter().cloned());
             a
-        })
-        .map_err(|e| CoordinatorError::Unavailable(e.to_string()))?;
+        }) {
+            Ok(f) => f,
+            Err(e) => {
+                serving.close().await;
+                return Err(CoordinatorError::Unavailable(e.to_string()));
+            }
+        };
         eprintln!("starting {n} workers for {}", cfg.cluster.model_dir.display());
         let outcome = tokio::select! {
-            r = coord.wait_ready() => match r {
-                Readiness::Ready => Ok(()),
-                Readiness::Failed(e) => Err(CoordinatorError::Unavailable(e)),
-                other => Err(CoordinatorError::Unavailable(format!("cluster not ready: {other:?}"))),
+            r = serving.wait_ready(&mut stop) => match r {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(CoordinatorError::Unavailable("stopped before ready".into())),
+                Err(e) => Err(e),
             },
             e = fleet.any_exit() => Err(CoordinatorError::Unavailable(e.to_string())),
-            _ = stop.wait_for(|s| *s) => Err(CoordinatorError::Unavailable("stopped before ready".into())),
         };
-        let cluster = Self {
-            addr,
-            endpoint,
-            client,
-            bundle,
-            _credentials: credentials,
-            coord,
-            fleet,
-            server,
-            stop_server,
-        };
+        let cluster =
+            Self { addr, endpoint, client, bundle, _credentials: credentials, coord, fleet, serving };
         match outcome {
             Ok(()) => Ok(cluster),
             Err(e) => {
@@ -132,17 +125,21 @@ impl LocalCluster {
         }
     }
 
+    /// The HTTP front's address, where there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.serving.http_addr
+    }
+
     /// Drains the coordinator (running requests finish, up to the cluster's
     /// drain time; new ones are refused), then stops the workers (SIGTERM,
-    /// grace, SIGKILL) and the coordinator.
+    /// grace, SIGKILL) and closes the coordinator's listeners.
     pub async fn stop(self) {
-        let d = self.coord.drain(self.coord.drain_timeout()).await;
+        let d = self.serving.drain().await;
         if d.running > 0 {
             eprintln!("{d}");
         }
         self.fleet.shutdown(Duration::from_secs(5)).await;
-        let _ = self.stop_server.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.server).await;
+        self.serving.close().await;
     }
 }
 
@@ -155,17 +152,9 @@ pub async fn run(
     http: Option<server::HttpFront>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let mut cluster = LocalCluster::start(&cfg, listener, stop.clone()).await?;
+    let mut cluster = LocalCluster::start(&cfg, listener, http, stop.clone()).await?;
     println!("ready {}", cluster.endpoint);
-    if let Some(front) = http {
-        let addr = front
-            .listener
-            .local_addr()
-            .map_err(|e| CoordinatorError::Unavailable(format!("--http-listen: {e}")))?;
-        let mut stopped = stop.clone();
-        tokio::spawn(server::serve_http(cluster.coord.clone(), front, async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }));
+    if let Some(addr) = cluster.http_addr() {
         println!("http http://{addr}");
     }
     match &cluster.bundle {

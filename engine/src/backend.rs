@@ -194,4 +194,8 @@ pub trait Backend: Send + Sync {
     fn select_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// Copies activations to host memory, row-major.
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Hands `x`'s values, row-major in host memory, to `f`, which changes them
+    /// in place (the tensor placement's sums across a group), and keeps the
+    /// result as `x` (a GPU copies them out and back).
+    fn on_host(&self, x: &mut Self::Tensor, f: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()>;
 }

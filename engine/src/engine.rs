@@ -23,6 +23,7 @@ use crate::error::{EngineError, Result};
 use crate::model::{tensor_specs, LayerWeights, Model, OuterWeights};
 use crate::sampling::Sampler;
 use crate::source::{WeightSource, HEAD_SLICE};
+use crate::tensor::{Collective, TensorShard};
 use crate::weights::HostWeights;
 pub use zeroshard_offload::request::{kv_tokens, validate_prompt, FinishReason, GenerationParams};
 
@@ -52,6 +53,11 @@ impl<B: Backend> Sequence<B> {
         self.finished
     }
 
+    /// What it generates with (its limit, its sampling, whether it stops at EOS).
+    pub fn params(&self) -> &GenerationParams {
+        &self.params
+    }
+
     /// Marks the sequence finished (e.g. a stop string matched).
     pub fn finish(&mut self, reason: FinishReason) {
         self.finished.get_or_insert(reason);
@@ -77,6 +83,8 @@ pub struct Engine<B: Backend> {
     /// matmul's fork/join stays on pool threads (calling in from outside a pool costs
     /// ~30% on decode).
     pool: Arc<rayon::ThreadPool>,
+    /// The tensor-parallel shard this engine computes (`None`: the whole model).
+    shard: Option<TensorShard>,
 }
 
 /// Compute threads asked for before the pool was built (0: rayon's default).
@@ -148,7 +156,51 @@ impl<B: Backend> Engine<B> {
     /// [`Self::new`] with weights already behind an `Arc`.
     pub fn with_shared_weights(backend: B, config: ModelConfig, weights: Arc<HostWeights>) -> Self {
         let pool = compute_pool();
-        Self { backend, names: PieceNames::new(&config), model: Model::new(config), weights, pool }
+        Self {
+            backend,
+            names: PieceNames::new(&config),
+            model: Model::new(config),
+            weights,
+            pool,
+            shard: None,
+        }
+    }
+
+    /// Member `shard` of a tensor-parallel group for the model `config`, with
+    /// that member's weights ([`TensorShard::weights`] or [`TensorShard::load`]).
+    /// It steps with [`Self::step_in_group`]; its [`config`](Self::config) is
+    /// the shard's (its heads, its MLP rows), its KV cache holds its heads only.
+    pub fn tensor_member(backend: B, config: &ModelConfig, shard: TensorShard, weights: HostWeights) -> Self {
+        let mut e = Self::new(backend, shard.config(config), weights);
+        e.shard = Some(shard);
+        e
+    }
+
+    /// Makes this engine compute `shard` of the model `config` from `weights`
+    /// (the shard's), or with `None` the whole model from the step's
+    /// [`WeightSource`]; the backend, and its device, stay. Sequences started
+    /// before do not fit the new shapes: the caller ends them first.
+    pub fn reshard(&mut self, config: &ModelConfig, shard: Option<(TensorShard, Arc<HostWeights>)>) {
+        let (c, weights, shard) = match shard {
+            Some((s, w)) => (s.config(config), w, Some(s)),
+            None => (config.clone(), Arc::new(HostWeights::default()), None),
+        };
+        self.names = PieceNames::new(&c);
+        self.model = Model::new(c);
+        self.weights = weights;
+        self.shard = shard;
+    }
+
+    /// The tensor-parallel shard this engine computes, if it computes one.
+    pub fn shard(&self) -> Option<&TensorShard> {
+        self.shard.as_ref()
+    }
+
+    /// Computes in `pool` instead of the process's compute pool (members of an
+    /// in-process group, which wait on each other, each need their own threads).
+    pub fn with_compute_pool(mut self, pool: Arc<rayon::ThreadPool>) -> Self {
+        self.pool = pool;
+        self
     }
 
     /// An engine that holds no weights: every step names its [`WeightSource`].
@@ -216,12 +268,28 @@ impl<B: Backend> Engine<B> {
         seqs: &mut [&mut Sequence<B>],
         src: &dyn WeightSource,
     ) -> Result<Vec<Vec<f32>>> {
+        if self.shard.is_some() {
+            return Err(EngineError::InvalidRequest(
+                "a tensor-parallel member steps with its group (step_in_group)".into(),
+            ));
+        }
+        self.forward_checked(seqs, src, None).map(|l| l.unwrap_or_default())
+    }
+
+    /// [`Self::forward_pieces`] over sequences whose earlier steps succeeded;
+    /// when it fails, every sequence in it is refused from then on.
+    fn forward_checked(
+        &self,
+        seqs: &mut [&mut Sequence<B>],
+        src: &dyn WeightSource,
+        group: Option<&dyn Collective>,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
         if seqs.iter().any(|s| s.failed) {
             return Err(EngineError::InvalidRequest(
                 "a step on this sequence failed before (its cache may hold part of that step)".into(),
             ));
         }
-        let logits = self.forward_pieces(seqs, src);
+        let logits = self.forward_pieces(seqs, src, group);
         if logits.is_err() {
             seqs.iter_mut().for_each(|s| s.failed = true);
         }
@@ -229,7 +297,24 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The forward of [`Self::forward_from`], over sequences that have not failed.
-    fn forward_pieces(&self, seqs: &mut [&mut Sequence<B>], src: &dyn WeightSource) -> Result<Vec<Vec<f32>>> {
+    /// In a tensor-parallel group (`group` and [`Self::shard`]): the embedding's
+    /// rows, each layer's two partial outputs summed across the group, and the
+    /// logits' vocabulary slices assembled on rank 0 (`None` on the others).
+    fn forward_pieces(
+        &self,
+        seqs: &mut [&mut Sequence<B>],
+        src: &dyn WeightSource,
+        group: Option<&dyn Collective>,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
+        let tensor = match (group, &self.shard) {
+            (Some(g), Some(shard)) => Some((g, shard)),
+            (None, None) => None,
+            _ => {
+                return Err(EngineError::InvalidRequest(
+                    "a tensor-parallel step needs its shard and group".into(),
+                ))
+            }
+        };
         let (b, c) = (&self.backend, self.model.config());
         let mut ids = Vec::new();
         let mut parts = Vec::with_capacity(seqs.len());
@@ -240,12 +325,32 @@ impl<B: Backend> Engine<B> {
         }
         let layout = BatchLayout::new(parts);
         let caches: Vec<&mut B::KvCache> = seqs.iter_mut().map(|s| &mut s.cache).collect();
-        let mut step = self.model.step::<B>(&layout, caches);
+        let mut step = self.model.step::<B>(&layout, caches, group);
         let mut x = {
-            let (w, local_ids) = src.embedding(&ids)?;
+            let (w, mut local_ids) = src.embedding(&ids)?;
+            let vocab = tensor.map(|(_, shard)| shard.vocab.clone());
+            if let Some(v) = &vocab {
+                // This member's rows of the table; an id it does not hold reads
+                // row 0 and is zeroed before the sum below.
+                for id in &mut local_ids {
+                    *id = if v.contains(&(*id as usize)) { *id - v.start as u32 } else { 0 };
+                }
+            }
             let staged = self.stage(&w, Piece::Embedding)?;
             let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
-            self.model.embed(b, &outer, &local_ids, &layout)? // [rows, hidden]
+            let mut x = self.model.embed(b, &outer, &local_ids, &layout)?; // [rows, hidden]
+            if let (Some((g, _)), Some(v)) = (tensor, vocab) {
+                let hidden = c.hidden_size;
+                b.on_host(&mut x, &mut |h| {
+                    for (row, id) in h.chunks_exact_mut(hidden).zip(&ids) {
+                        if !v.contains(&(*id as usize)) {
+                            row.fill(0.0);
+                        }
+                    }
+                    g.all_reduce_sum(h)
+                })?;
+            }
+            x
         };
         let depth = b.prefetch_depth();
         let mut ahead: VecDeque<B::Staged> = VecDeque::with_capacity(depth + 1);
@@ -269,6 +374,25 @@ impl<B: Backend> Engine<B> {
         let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
         let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows())?; // [seqs, hidden]
         let seqs_n = layout.seqs.len();
+        if let Some((g, shard)) = tensor {
+            // This member's vocabulary rows → `[seqs, rows]`, assembled on rank 0.
+            let part = b.to_host(&b.linear(&normed, outer.lm_head(), None, shard.vocab.len())?)?;
+            let Some(parts) = g.gather(part)? else { return Ok(None) };
+            let mut logits = vec![vec![0f32; c.vocab_size]; seqs_n];
+            for (r, (part, rows)) in parts.iter().zip(TensorShard::vocab_parts(c, g.degree())).enumerate() {
+                if part.len() != seqs_n * rows.len() {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "member {r} sent {} logits for {seqs_n} sequences × {} vocabulary rows",
+                        part.len(),
+                        rows.len()
+                    )));
+                }
+                for (s, chunk) in part.chunks_exact(rows.len()).enumerate() {
+                    logits[s][rows.clone()].copy_from_slice(chunk);
+                }
+            }
+            return Ok(Some(logits));
+        }
         let logits = match src.head_slices() {
             0 => b.to_host(&b.linear(&normed, outer.lm_head(), None, c.vocab_size)?)?, // [seqs, vocab]
             n => {
@@ -289,7 +413,7 @@ impl<B: Backend> Engine<B> {
                 logits
             }
         };
-        Ok(logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect())
+        Ok(Some(logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect()))
     }
 
     /// Forward, then sample one token per sequence and apply the stop rules.
@@ -316,8 +440,6 @@ impl<B: Backend> Engine<B> {
             )));
         }
         let logits = self.pool.install(|| self.forward_from(seqs, src))?;
-        let max_pos = self.config().max_position_embeddings;
-        let eos = &self.config().eos_token_ids;
         let mut out = Vec::with_capacity(seqs.len());
         let mut kept = Vec::new();
         for (s, mut l) in seqs.iter_mut().zip(logits) {
@@ -325,17 +447,64 @@ impl<B: Backend> Engine<B> {
                 kept.push(l.clone());
             }
             let token = s.sampler.sample(&mut l, &s.tokens);
-            s.tokens.push(token);
-            let finished = if !s.params.ignore_eos && eos.contains(&token) {
-                Some(FinishReason::Eos)
-            } else if s.generated().len() >= s.params.max_new_tokens || s.tokens.len() > max_pos {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            s.finished = finished;
-            out.push(StepToken { token, finished });
+            out.push(self.accept(s, token));
         }
+        Ok((out, kept))
+    }
+
+    /// Appends `token` to `s` and applies the stop rules.
+    fn accept(&self, s: &mut Sequence<B>, token: u32) -> StepToken {
+        let c = self.config();
+        s.tokens.push(token);
+        let finished = if !s.params.ignore_eos && c.eos_token_ids.contains(&token) {
+            Some(FinishReason::Eos)
+        } else if s.generated().len() >= s.params.max_new_tokens || s.tokens.len() > c.max_position_embeddings
+        {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        s.finished = finished;
+        StepToken { token, finished }
+    }
+
+    /// One step of a tensor-parallel member: every member of `group` calls it
+    /// with the same sequences (the same prompts and tokens, its own caches) in
+    /// the same order. Rank 0 samples from the assembled logits and every
+    /// member appends the tokens it chose; with `keep_logits` rank 0 also
+    /// returns each sequence's logits (the others return none).
+    pub fn step_in_group(
+        &self,
+        seqs: &mut [&mut Sequence<B>],
+        group: &dyn Collective,
+        keep_logits: bool,
+    ) -> Result<(Vec<StepToken>, Vec<Vec<f32>>)> {
+        if let Some(s) = seqs.iter().find(|s| s.finished.is_some()) {
+            return Err(EngineError::InvalidRequest(format!(
+                "step on a finished sequence ({:?})",
+                s.finished
+            )));
+        }
+        let logits = self.pool.install(|| self.forward_checked(seqs, &self.weights, Some(group)))?;
+        let mut kept = Vec::new();
+        let mut tokens = Vec::with_capacity(seqs.len());
+        if let Some(logits) = logits {
+            for (s, mut l) in seqs.iter_mut().zip(logits) {
+                if keep_logits {
+                    kept.push(l.clone());
+                }
+                tokens.push(s.sampler.sample(&mut l, &s.tokens));
+            }
+        }
+        group.broadcast_tokens(&mut tokens)?;
+        if tokens.len() != seqs.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "rank 0 chose {} tokens for a step of {} sequences",
+                tokens.len(),
+                seqs.len()
+            )));
+        }
+        let out = seqs.iter_mut().zip(tokens).map(|(s, t)| self.accept(s, t)).collect();
         Ok((out, kept))
     }
 

@@ -34,6 +34,10 @@ pub enum EngineError {
         #[source]
         source: BoxError,
     },
+    /// A tensor-parallel group's exchange failed (a member left, or went
+    /// silent): this step cannot complete until the group is formed again.
+    #[error("tensor-parallel group: {0}")]
+    Group(String),
     /// The device cannot be set up as asked (a CUDA library not on the path,
     /// a memory budget that does not fit); the message names what and the numbers.
     #[error("device setup: {0}")]

@@ -9,7 +9,8 @@
 //! injector for tests), [`cuda`] (cudarc, loaded at run time; [`cuda::probe`]
 //! first), [`source`] (where a step's weights come from: [`WeightSource`]),
 //! [`weights`] (weights in host memory), [`placement`] (sizing device memory),
-//! [`model`] (Llama, GPT-2, BLOOM computing a layer from borrowed weights).
+//! [`model`] (Llama, GPT-2, BLOOM computing a layer from borrowed weights),
+//! [`tensor`] (a tensor-parallel member's shard and the group it sums with).
 //! Private: `backend` (the op trait, re-exported), `sampling`, `pinned`.
 //!
 //! ```ignore
@@ -30,6 +31,7 @@ mod pinned;
 pub mod placement;
 mod sampling;
 pub mod source;
+pub mod tensor;
 pub mod weights;
 
 pub use backend::Backend;

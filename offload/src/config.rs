@@ -434,6 +434,36 @@ impl ModelConfig {
     }
 
     /// Elements of the q projection output (`num_heads * head_dim`).
+    /// Whether `degree` tensor-parallel workers can split this model (each
+    /// computes whole KV-head groups, a slice of the MLP and of the
+    /// vocabulary); the error is one line naming the numbers.
+    pub fn check_tensor_degree(&self, degree: usize) -> std::result::Result<(), String> {
+        if degree == 0 {
+            return Err("a tensor-parallel degree must be at least 1".into());
+        }
+        if !matches!(self.architecture, Architecture::Llama | Architecture::Mistral | Architecture::Qwen2) {
+            return Err(format!(
+                "the tensor placement splits Llama-family models (Llama, Mistral, Qwen2); this is {:?}: \
+                 use --placement gather",
+                self.architecture
+            ));
+        }
+        if self.num_kv_heads % degree != 0 {
+            return Err(format!(
+                "{degree} tensor-parallel workers do not divide the model's {} KV heads \
+                 (each worker computes whole KV-head groups): use a divisor of {}",
+                self.num_kv_heads, self.num_kv_heads
+            ));
+        }
+        if self.intermediate_size < degree || self.vocab_size < degree {
+            return Err(format!(
+                "{degree} tensor-parallel workers for an MLP of {} rows and a vocabulary of {}",
+                self.intermediate_size, self.vocab_size
+            ));
+        }
+        Ok(())
+    }
+
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }

@@ -94,6 +94,10 @@ pub struct PlanOptions {
     pub replicas: u32,
     /// Bytes per element in the host store (2: f16).
     pub elem_bytes: u32,
+    /// The tensor placement: workers in groups of this many (consecutive in
+    /// rank order, `replicas` groups), each computing its tensor-parallel shard
+    /// of every layer (see `zeroshard_engine::tensor`). 0: the gather placement.
+    pub tensor_degree: u32,
 }
 
 impl Default for PlanOptions {
@@ -103,6 +107,7 @@ impl Default for PlanOptions {
             persistence_threshold_bytes: DEFAULT_PERSISTENCE_THRESHOLD_BYTES,
             replicas: 1,
             elem_bytes: 2,
+            tensor_degree: 0,
         }
     }
 }
@@ -146,6 +151,7 @@ pub fn plan(meta: &[TensorMeta], workers: &[WorkerId], options: &PlanOptions) ->
     if options.replicas == 0 || options.replicas as usize > n_workers {
         return Err(PlanError::InvalidReplicas { replicas: options.replicas, workers: n_workers });
     }
+    check_groups(options, n_workers)?;
     if options.elem_bytes == 0 {
         return Err(PlanError::InvalidElemBytes);
     }
@@ -160,6 +166,19 @@ pub fn plan(meta: &[TensorMeta], workers: &[WorkerId], options: &PlanOptions) ->
         .map(|(i, t)| place(t, i as u64, workers, options))
         .collect::<Result<Vec<_>>>()?;
     Ok(Plan::from_parts_unchecked(options, workers.to_vec(), tensors))
+}
+
+/// Under the tensor placement, `replicas` groups of `tensor_degree` workers
+/// must be exactly the workers.
+fn check_groups(options: &PlanOptions, workers: usize) -> Result<()> {
+    let d = options.tensor_degree as usize;
+    if d != 0 && d * options.replicas as usize != workers {
+        return Err(PlanError::Invalid(format!(
+            "{} tensor-parallel groups of {d} workers are not the plan's {workers} workers",
+            options.replicas
+        )));
+    }
+    Ok(())
 }
 
 /// Errors for an empty or repeating worker list.

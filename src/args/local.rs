@@ -3,14 +3,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{PlacementArgs, PromptArgs, SamplingArgs, WorkerTuning};
+use super::{ModelArg, PlacementArgs, PromptArgs, SamplingArgs, WorkerTuning};
 
 #[derive(Args, Debug)]
 pub(crate) struct GenerateArgs {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a Hub id
-    /// org/name[@revision]: from the hub cache, downloaded unless HF_HUB_OFFLINE=1.
-    #[arg(long, env = "ZEROSHARD_MODEL")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
     #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]
@@ -55,6 +53,9 @@ pub(crate) struct BenchArgs {
     /// Cluster: tensors below this many bytes are replicated on every worker.
     #[arg(long, default_value_t = 65536)]
     pub persistence_threshold_bytes: u64,
+    /// Cluster: what moves between the workers.
+    #[command(flatten)]
+    pub placement_choice: super::PlacementChoice,
     #[command(flatten)]
     pub tuning: WorkerTuning,
     /// Cluster: plaintext between members instead of mTLS (to measure what TLS costs).

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::builder::BoolishValueParser;
 use clap::Args;
+
+use super::ModelArg;
 use zeroshard_engine::local::Device;
 
 /// A cluster member's TLS credentials (`zeroshard certs`). Without them a
@@ -29,10 +31,8 @@ pub(crate) struct MemberTlsArgs {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ClusterArgs {
-    /// Hugging Face model folder (read by the coordinator; workers map it too unless --pull),
-    /// or a Hub id org/name[@revision] (the hub cache; downloads unless HF_HUB_OFFLINE=1).
-    #[arg(long, env = "ZEROSHARD_MODEL")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArg,
     /// Tensors smaller than this many bytes (f16) are replicated on every worker.
     #[arg(long, default_value_t = 65536, env = "ZEROSHARD_PERSISTENCE_THRESHOLD_BYTES")]
     pub persistence_threshold_bytes: u64,
@@ -43,6 +43,8 @@ pub(crate) struct ClusterArgs {
     /// no reload (gathers fail over to the other holder).
     #[arg(long, default_value_t = 1, env = "ZEROSHARD_REPLICAS")]
     pub replicas: u32,
+    #[command(flatten)]
+    pub placement: PlacementChoice,
     /// A worker that misses its keep-alives for this long is lost (lease TTL;
     /// keep-alives go every third of it).
     #[arg(long, default_value_t = 5, env = "ZEROSHARD_LEASE_TTL_SECS")]
@@ -398,6 +400,36 @@ pub(crate) struct HttpArgs {
     /// the Hub id given to --model, else the folder's name).
     #[arg(long, env = "ZEROSHARD_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+}
+
+/// What moves between workers each step.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct PlacementChoice {
+    /// `gather`: every worker holds 1/N of each tensor and gathers each layer's
+    /// other ranges from its peers every step (weights move; good for large
+    /// batches on fast links). `tensor`: `--replicas` groups of workers, each
+    /// computing its tensor-parallel shard of every layer (whole KV-head
+    /// groups, ffn rows, vocabulary rows) and summing activations twice per
+    /// layer (activations move; good for interactive serving). Llama-family
+    /// models only, and a group size the KV heads divide; otherwise the epoch
+    /// is planned as gather and the log says why.
+    #[arg(long = "placement", value_enum, default_value = "gather", env = "ZEROSHARD_PLACEMENT")]
+    pub kind: PlacementKind,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PlacementKind {
+    Gather,
+    Tensor,
+}
+
+impl PlacementKind {
+    pub(crate) fn to_config(self) -> zeroshard_coordinator::server::Placement {
+        match self {
+            Self::Gather => zeroshard_coordinator::server::Placement::Gather,
+            Self::Tensor => zeroshard_coordinator::server::Placement::Tensor,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -59,3 +59,15 @@ pub(crate) enum Command {
     /// coordinator, the others workers; settings from ZEROSHARD_* variables.
     Launch(LaunchArgs),
 }
+
+/// The checkpoint a command loads, declared once for `generate`, `up` and
+/// `coordinator` (a worker's `--model` and `bench`'s are optional, with their
+/// own meaning).
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct ModelArg {
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a Hub id
+    /// org/name[@revision]: from the hub cache, downloaded unless HF_HUB_OFFLINE=1.
+    /// In a cluster the coordinator reads it; workers map it too unless --pull.
+    #[arg(long, env = "ZEROSHARD_MODEL")]
+    pub model: std::path::PathBuf,
+}

@@ -163,7 +163,8 @@ fn sample_plan(epoch: u64) -> StoredPlan {
         TensorMeta::new("model.layers.0.mlp.up_proj.weight", vec![64, 48], Some(0)),
         TensorMeta::new("model.norm.weight", vec![48], None),
     ];
-    let options = PlanOptions { epoch, persistence_threshold_bytes: 200, replicas: 1, elem_bytes: 2 };
+    let options =
+        PlanOptions { epoch, persistence_threshold_bytes: 200, replicas: 1, elem_bytes: 2, tensor_degree: 0 };
     let workers = [WorkerId(3), WorkerId(5)];
     StoredPlan {
         plan: plan(&meta, &workers, &options).expect("plan"),

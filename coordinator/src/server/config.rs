@@ -27,6 +27,30 @@ pub struct ClusterConfig {
     pub limits: RequestLimits,
     /// On shutdown, how long running requests may take to finish.
     pub drain_timeout: Duration,
+    /// What moves between workers: weights (gather) or activations (tensor).
+    pub placement: Placement,
+}
+
+/// Which placement the coordinator plans (see `DESIGN.md`, "Placements").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// Every worker gathers each layer's missing ranges from its holders.
+    #[default]
+    Gather,
+    /// `replicas` groups of workers, each computing its tensor-parallel shard
+    /// of every layer and exchanging activations. An epoch whose workers the
+    /// model cannot split so (a degree its KV heads do not divide, a GPT-2 or
+    /// BLOOM model) is planned as gather, and says so.
+    Tensor,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gather => "gather",
+            Self::Tensor => "tensor",
+        }
+    }
 }
 
 /// Bounds on what clients send, each checked before any work.

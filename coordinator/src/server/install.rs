@@ -9,10 +9,12 @@ use std::time::Instant;
 
 use zeroshard_offload::plan::{plan, Plan, PlanOptions, WorkerId};
 
+use super::config::Placement;
 use super::state::{Readiness, WorkerEntry};
 use super::supervisor::{Supervisor, PROBE_TIMEOUT, RETRY_AFTER};
 use super::worker_client::{model_info, Install};
 use crate::membership::StoredPlan;
+use zeroshard_offload::ModelConfig;
 
 impl Supervisor {
     /// Takes over the stored plan when every worker of it still holds its epoch.
@@ -53,10 +55,18 @@ impl Supervisor {
         if !self.served {
             coord.set_readiness(Readiness::Loading);
         }
+        let replicas = coord.cfg().replicas.min(live.len() as u32);
         let options = PlanOptions {
             epoch,
             persistence_threshold_bytes: coord.cfg().persistence_threshold_bytes,
-            replicas: coord.cfg().replicas.min(live.len() as u32),
+            replicas,
+            tensor_degree: tensor_degree(
+                coord.cfg().placement,
+                &coord.model().config,
+                live.len(),
+                replicas,
+                epoch,
+            ),
             ..PlanOptions::default()
         };
         let plan = match plan(&coord.model().meta, live, &options) {
@@ -203,5 +213,30 @@ impl Supervisor {
             let _ = self.coord.membership().evict(*w).await;
         }
         self.retry_at = Some(Instant::now() + RETRY_AFTER);
+    }
+}
+
+/// The tensor placement's group size for an epoch over `live` workers in
+/// `groups` groups, or 0 (gather) when asked for gather or when the model
+/// cannot be split so (logged with the reason).
+fn tensor_degree(placement: Placement, config: &ModelConfig, live: usize, groups: u32, epoch: u64) -> u32 {
+    if placement != Placement::Tensor {
+        return 0;
+    }
+    let groups = groups.max(1) as usize;
+    let fits = if live % groups != 0 {
+        Err(format!("{live} workers do not make {groups} equal groups (--replicas)"))
+    } else {
+        config.check_tensor_degree(live / groups)
+    };
+    match fits {
+        Ok(()) => {
+            tracing::info!("epoch {epoch}: tensor placement, {groups} group(s) of {}", live / groups);
+            (live / groups) as u32
+        }
+        Err(why) => {
+            tracing::warn!("epoch {epoch}: gather placement instead of tensor: {why}");
+            0
+        }
     }
 }

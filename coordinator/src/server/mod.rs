@@ -40,7 +40,7 @@ mod worker_client;
 
 use tokio::net::TcpListener;
 
-pub use config::{ClusterConfig, RequestLimits};
+pub use config::{ClusterConfig, Placement, RequestLimits};
 pub use drain::{DrainReport, DrainState};
 pub use grpc::serve;
 pub use http::{serve_http, HttpFront, RenderMetrics};

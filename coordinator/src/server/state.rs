@@ -307,7 +307,7 @@ impl Coordinator {
         let roster = {
             let st = self.lock();
             let workers = st.plan.as_ref().map_or_else(Vec::new, |plan| {
-                plan.workers().iter().filter_map(|id| st.members.get(id).cloned()).collect()
+                plan.routable().iter().filter_map(|id| st.members.get(id).cloned()).collect()
             });
             Roster { plan: st.plan.clone(), workers }
         };

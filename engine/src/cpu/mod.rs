@@ -243,6 +243,10 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         Ok(x.data.clone())
     }
+
+    fn on_host(&self, x: &mut CpuTensor, f: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()> {
+        f(&mut x.data)
+    }
 }
 
 #[cfg(test)]

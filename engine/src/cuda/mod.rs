@@ -336,4 +336,11 @@ impl Backend for CudaBackend {
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
         self.dev.to_host(x)
     }
+
+    fn on_host(&self, x: &mut CudaTensor, f: &mut dyn FnMut(&mut [f32]) -> Result<()>) -> Result<()> {
+        let mut host = self.dev.to_host(x)?;
+        f(&mut host)?;
+        *x = self.tensor_from_host(&host, x.rows, x.cols)?;
+        Ok(())
+    }
 }

@@ -98,14 +98,16 @@ pub(super) fn decoder_layer<B: Backend>(
         alibi_slopes: None,
     };
     let attn = b.attention(&q, &k, &v, &mut step.caches, layer, step.layout, shape)?; // [rows, heads * head_dim]
-    let attn_out = b.linear(&attn, w.o, w.o_bias, c.hidden_size)?; // [rows, hidden]
+    let mut attn_out = b.linear(&attn, w.o, w.o_bias, c.hidden_size)?; // [rows, hidden]
+    step.all_reduce(b, &mut attn_out)?; // the heads of every tensor-parallel member
     b.add_assign(&mut residual, &attn_out)?;
 
     let h = b.rms_norm(&residual, w.post_norm, c.rms_norm_eps)?; // [rows, hidden]
     let gate = b.linear(&h, w.gate, w.gate_bias, c.intermediate_size)?; // [rows, ffn]
     let up = b.linear(&h, w.up, w.up_bias, c.intermediate_size)?; // [rows, ffn]
     let act = b.silu_mul(&gate, &up)?; // [rows, ffn]
-    let mlp_out = b.linear(&act, w.down, w.down_bias, c.hidden_size)?; // [rows, hidden]
+    let mut mlp_out = b.linear(&act, w.down, w.down_bias, c.hidden_size)?; // [rows, hidden]
+    step.all_reduce(b, &mut mlp_out)?; // the ffn rows of every tensor-parallel member
     b.add_assign(&mut residual, &mlp_out)?;
     Ok(residual)
 }

@@ -41,6 +41,7 @@ use zeroshard_offload::{Architecture, ModelConfig, PositionEncoding};
 
 use crate::backend::{Backend, BatchLayout};
 use crate::error::{EngineError, Result};
+use crate::tensor::Collective;
 
 /// Borrowed weights of one decoder layer, per family.
 pub enum LayerWeights<'a, W: ?Sized> {
@@ -168,6 +169,20 @@ pub(crate) struct Step<'a, B: Backend> {
     /// families; empty otherwise).
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
+    /// The tensor-parallel group this member computes with (`None`: the whole
+    /// model in this process).
+    pub group: Option<&'a dyn Collective>,
+}
+
+impl<B: Backend> Step<'_, B> {
+    /// A layer's partial output summed across the tensor-parallel group (after
+    /// attention's o_proj and the MLP's down_proj); nothing without a group.
+    pub(crate) fn all_reduce(&self, b: &B, x: &mut B::Tensor) -> Result<()> {
+        match self.group {
+            Some(g) => b.on_host(x, &mut |h| g.all_reduce_sum(h)),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Model {
@@ -189,12 +204,13 @@ impl Model {
         &self,
         layout: &'a BatchLayout,
         caches: Vec<&'a mut B::KvCache>,
+        group: Option<&'a dyn Collective>,
     ) -> Step<'a, B> {
         let (cos, sin) = match &self.positions {
             Positions::Rope(rope) => rope.angles(&layout.positions()),
             Positions::Learned | Positions::Alibi(_) => (Vec::new(), Vec::new()),
         };
-        Step { layout, caches, cos, sin }
+        Step { layout, caches, cos, sin, group }
     }
 
     /// Token embeddings (plus learned positions, or the embedding norm) →

@@ -80,6 +80,7 @@ impl From<&Plan> for pb::PartitionPlan {
             elem_bytes: p.elem_bytes(),
             persistence_threshold_bytes: p.persistence_threshold_bytes(),
             tensors: p.tensors().iter().map(pb::TensorPlacement::from).collect(),
+            tensor_degree: p.tensor_degree().unwrap_or(0) as u32,
         }
     }
 }
@@ -94,6 +95,7 @@ impl TryFrom<pb::PartitionPlan> for Plan {
             persistence_threshold_bytes: p.persistence_threshold_bytes,
             replicas: p.replicas,
             elem_bytes: p.elem_bytes,
+            tensor_degree: p.tensor_degree,
         };
         let tensors = p.tensors.into_iter().map(TensorPlan::try_from).collect::<Result<Vec<_>, _>>()?;
         Plan::from_parts(&options, p.workers.into_iter().map(WorkerId).collect(), tensors)
@@ -161,7 +163,13 @@ mod tests {
             TensorMeta::new("model.embed_tokens.weight", vec![100, 48], None),
             TensorMeta::new("tiny", vec![2], Some(1)),
         ];
-        let options = PlanOptions { epoch: 42, persistence_threshold_bytes: 200, replicas, elem_bytes: 2 };
+        let options = PlanOptions {
+            epoch: 42,
+            persistence_threshold_bytes: 200,
+            replicas,
+            elem_bytes: 2,
+            tensor_degree: 0,
+        };
         plan(&meta, &[WorkerId(5), WorkerId(9), WorkerId(7)], &options).expect("plan")
     }
 

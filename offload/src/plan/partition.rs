@@ -78,6 +78,8 @@ pub struct Plan {
     replicas: u32,
     elem_bytes: u32,
     persistence_threshold_bytes: u64,
+    /// 0: the gather placement; else the tensor placement's group size.
+    tensor_degree: u32,
     /// Sorted by name, names unique.
     tensors: Vec<TensorPlan>,
 }
@@ -95,6 +97,7 @@ impl Plan {
             replicas: options.replicas,
             elem_bytes: options.elem_bytes,
             persistence_threshold_bytes: options.persistence_threshold_bytes,
+            tensor_degree: options.tensor_degree,
             tensors,
         }
     }
@@ -115,6 +118,7 @@ impl Plan {
         if options.elem_bytes == 0 {
             return Err(PlanError::InvalidElemBytes);
         }
+        super::check_groups(options, workers.len())?;
         tensors.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
         if let Some(w) = tensors.windows(2).find(|w| w[0].meta.name == w[1].meta.name) {
             return Err(PlanError::DuplicateTensor(w[0].meta.name.clone()));
@@ -154,6 +158,29 @@ impl Plan {
             persistence_threshold_bytes: self.persistence_threshold_bytes,
             replicas: self.replicas,
             elem_bytes: self.elem_bytes,
+            tensor_degree: self.tensor_degree,
+        }
+    }
+
+    /// The tensor placement's group size (`None`: the gather placement).
+    pub fn tensor_degree(&self) -> Option<usize> {
+        (self.tensor_degree > 0).then_some(self.tensor_degree as usize)
+    }
+
+    /// Under the tensor placement, `worker`'s group (its members in rank
+    /// order) and its rank in it.
+    pub fn tensor_group(&self, worker: WorkerId) -> Option<(&[WorkerId], usize)> {
+        let d = self.tensor_degree()?;
+        let r = self.rank(worker)?;
+        Some((&self.workers[r / d * d..(r / d + 1) * d], r % d))
+    }
+
+    /// The workers sequences are routed to: every worker under the gather
+    /// placement, each group's rank 0 under the tensor placement.
+    pub fn routable(&self) -> Vec<WorkerId> {
+        match self.tensor_degree() {
+            None => self.workers.clone(),
+            Some(d) => self.workers.iter().step_by(d).copied().collect(),
         }
     }
 

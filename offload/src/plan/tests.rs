@@ -14,7 +14,13 @@ fn t(name: &str, shape: &[u64]) -> TensorMeta {
 const P: u64 = (crate::digest::BLOCK_BYTES / 2) as u64;
 
 fn opts(threshold: u64, replicas: u32) -> PlanOptions {
-    PlanOptions { epoch: 3, persistence_threshold_bytes: threshold, replicas, elem_bytes: 2 }
+    PlanOptions {
+        epoch: 3,
+        persistence_threshold_bytes: threshold,
+        replicas,
+        elem_bytes: 2,
+        tensor_degree: 0,
+    }
 }
 
 /// SplitMix64: a small deterministic generator for the property loops.
@@ -373,6 +379,7 @@ fn property_every_element_owned_exactly_once_and_balanced() {
             persistence_threshold_bytes: [0, 64, 4096, 1 << 16][rng.below(4) as usize],
             replicas: 1,
             elem_bytes: 2,
+            tensor_degree: 0,
         };
         let p = plan(&meta, &workers, &options).expect("plan");
         check_plan(&meta, &workers, &options, &p);
@@ -429,4 +436,24 @@ fn coverage_survives_fewer_losses_than_replicas() {
     // Neighbours 1 and 2 both hold rank 0's range under R=2: losing both loses it.
     assert!(!two.covered_by(&[WorkerId(3), WorkerId(4)]));
     assert!(two.covered_by(&[WorkerId(1), WorkerId(3)]));
+}
+
+#[test]
+fn a_tensor_plan_groups_consecutive_workers_and_routes_to_each_rank_0() {
+    let meta = vec![t("w", &[8, 8])];
+    let workers: Vec<WorkerId> = [5, 3, 9, 7].into_iter().map(WorkerId).collect();
+    let options = PlanOptions { tensor_degree: 2, replicas: 2, ..opts(0, 2) };
+    let p = plan(&meta, &workers, &options).expect("plan");
+    assert_eq!(p.tensor_degree(), Some(2));
+    assert_eq!(p.tensor_group(WorkerId(9)), Some((&workers[2..4], 0)));
+    assert_eq!(p.tensor_group(WorkerId(3)), Some((&workers[0..2], 1)));
+    assert_eq!(p.routable(), vec![WorkerId(5), WorkerId(9)]);
+    let back = Plan::try_from(zeroshard_proto::v1::PartitionPlan::from(&p)).expect("wire");
+    assert_eq!(back.tensor_group(WorkerId(7)), Some((&workers[2..4], 1)));
+    // Groups must be exactly the workers.
+    let odd = PlanOptions { tensor_degree: 3, replicas: 1, ..opts(0, 1) };
+    let e = plan(&meta, &workers, &odd).expect_err("3 of 4").to_string();
+    assert!(e.contains("1 tensor-parallel groups of 3 workers are not the plan's 4 workers"), "{e}");
+    let gather = plan(&meta, &workers, &opts(0, 1)).expect("plan");
+    assert_eq!((gather.tensor_degree(), gather.routable().len()), (None, 4));
 }

@@ -21,7 +21,7 @@
 //! Draining ([`Command::Drain`]): every sequence is handed back at the next
 //! step boundary ([`WorkerError::Draining`]) and new ones are refused, so the
 //! coordinator continues them elsewhere from the tokens already sent.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
@@ -30,11 +30,15 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::watch;
 
+use super::group::{self, Followed, Joined, Leader, Member, Order};
 use super::Faults;
 use crate::error::WorkerError;
 use zeroshard_engine::engine::{kv_tokens, Engine, GenerationParams, Sequence, StepToken};
 use zeroshard_engine::source::WeightSource;
+use zeroshard_engine::tensor::TensorShard;
+use zeroshard_engine::weights::HostWeights;
 use zeroshard_engine::Backend;
+use zeroshard_offload::ModelConfig;
 
 /// What a running sequence hears from the loop: its next token, or the error
 /// that ended it (shared by every sequence of a failed step).
@@ -54,6 +58,17 @@ pub(crate) enum Command {
     Drain,
     /// Compute from these weights from the next step on.
     Source(Arc<dyn WeightSource>),
+    /// Compute this tensor-parallel shard of the model (its weights held here)
+    /// from now on, or with `None` the whole model from a [`Command::Source`]:
+    /// running sequences are handed back (their shapes change).
+    Tensor {
+        config: Box<ModelConfig>,
+        shard: Option<(TensorShard, Arc<HostWeights>)>,
+    },
+    /// Rank 0 of a group: step with these members.
+    Lead(Arc<Leader>),
+    /// Another member of a group: step as rank 0 orders.
+    Follow(Member),
 }
 
 /// Counters the loop keeps for `Stats`.
@@ -144,7 +159,7 @@ const MIB: f64 = (1u64 << 20) as f64;
 /// Runs until every command sender is gone, or until a fatal step error,
 /// which it publishes on `fatal`.
 pub(super) fn run<B: Backend>(
-    engine: Engine<B>,
+    mut engine: Engine<B>,
     rx: Receiver<Command>,
     stats: Arc<BatchStats>,
     cfg: LoopConfig,
@@ -156,6 +171,14 @@ pub(super) fn run<B: Backend>(
     stats.max_active.store(limits.max_active as u32, Ordering::Relaxed);
     let mut active: HashMap<u64, Active<B>> = HashMap::new();
     let mut source: Option<Arc<dyn WeightSource>> = None;
+    // The tensor placement: this worker's group as rank 0, the sequences its
+    // members know; or its link to rank 0 and the sequences it keeps for it.
+    let mut leader: Option<Arc<Leader>> = None;
+    let mut known: HashSet<u64> = HashSet::new();
+    let mut member: Option<Member> = None;
+    let mut kept: HashMap<u64, Sequence<B>> = HashMap::new();
+    // Commands taken while following rank 0, handled next.
+    let mut pending: VecDeque<Command> = VecDeque::new();
     let mut draining = false;
     let handed_back =
         || Arc::new(WorkerError::Draining("the worker is draining: sequence handed back".into()));
@@ -164,8 +187,33 @@ pub(super) fn run<B: Backend>(
         stats.kv_reserved.store(active.values().map(|a| a.reserved).sum(), Ordering::Relaxed);
     };
     loop {
+        if let Some(m) = &member {
+            if pending.is_empty() {
+                let followed = group::follow(&engine, m, &mut kept, &stats.steps, || match rx.try_recv() {
+                    Ok(c) => {
+                        pending.push_back(c);
+                        true
+                    }
+                    Err(_) => false,
+                });
+                match followed {
+                    Followed::Interrupted => {}
+                    Followed::Closed => {
+                        tracing::info!("rank 0 closed the tensor-parallel group of epoch {}", m.epoch);
+                        member = None;
+                        kept.clear();
+                    }
+                    Followed::Failed(e) => {
+                        tracing::error!("tensor-parallel group of epoch {}: {e}", m.epoch);
+                        member = None;
+                        kept.clear();
+                    }
+                }
+            }
+        }
+        let ready = if engine.shard().is_some() { leader.is_some() } else { source.is_some() };
         // Wait for work when idle; otherwise take what arrived and step.
-        let first = if active.is_empty() || source.is_none() {
+        let first = if pending.is_empty() && (active.is_empty() || !ready) {
             match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(c) => Some(c),
                 Err(RecvTimeoutError::Timeout) => None,
@@ -174,7 +222,8 @@ pub(super) fn run<B: Backend>(
         } else {
             None
         };
-        for cmd in first.into_iter().chain(rx.try_iter()) {
+        let taken: Vec<Command> = pending.drain(..).chain(first).chain(rx.try_iter()).collect();
+        for cmd in taken {
             match cmd {
                 Command::Run { tx, .. } if draining => {
                     let _ = tx.send(Err(handed_back()));
@@ -199,13 +248,37 @@ pub(super) fn run<B: Backend>(
                     }
                 }
                 Command::Source(s) => source = Some(s),
+                Command::Tensor { config, shard } => {
+                    let what = match &shard {
+                        Some((s, _)) => format!("tensor-parallel shard {} of {}", s.rank, s.degree),
+                        None => "the whole model (gather placement)".into(),
+                    };
+                    for (_, a) in active.drain() {
+                        let _ = a.tx.send(Err(Arc::new(WorkerError::Abandoned(format!(
+                            "this worker now computes {what}: sequence handed back"
+                        )))));
+                    }
+                    engine.reshard(&config, shard);
+                    stats.kv_bytes_per_token.store(engine.kv_bytes_per_token(), Ordering::Relaxed);
+                    (leader, member) = (None, None);
+                    known.clear();
+                    kept.clear();
+                    tracing::info!("computing {what}");
+                }
+                Command::Lead(l) => {
+                    known.clear();
+                    leader = Some(l);
+                }
+                Command::Follow(m) => {
+                    kept.clear();
+                    member = Some(m);
+                }
             }
         }
         // A closed stream means the client left: free its sequence.
         active.retain(|_, a| !a.tx.is_closed());
         publish(&active);
-        let Some(src) = source.as_ref() else { continue };
-        if active.is_empty() {
+        if !ready || active.is_empty() {
             continue;
         }
         if cfg.faults.hang_after_steps().is_some_and(|n| stats.steps.load(Ordering::Relaxed) >= n) {
@@ -225,7 +298,30 @@ pub(super) fn run<B: Backend>(
         }
         let started = std::time::Instant::now();
         let step = tracing::debug_span!("step", batch = ids.len()).entered();
-        let result = engine.step_from(&mut seqs, src.as_ref(), false);
+        let result = match (&leader, &source) {
+            (Some(group), _) if engine.shard().is_some() => {
+                let now: HashSet<u64> = ids.iter().copied().collect();
+                let order = Order {
+                    joined: ids
+                        .iter()
+                        .zip(&seqs)
+                        .filter(|(id, _)| !known.contains(id))
+                        .map(|(&id, s)| Joined {
+                            id,
+                            prompt: s.prompt().to_vec(),
+                            max_new_tokens: s.params().max_new_tokens,
+                            ignore_eos: s.params().ignore_eos,
+                        })
+                        .collect(),
+                    left: known.difference(&now).copied().collect(),
+                    step: ids.clone(),
+                };
+                known = now;
+                group.order(&order).and_then(|()| engine.step_in_group(&mut seqs, group.as_ref(), false))
+            }
+            (_, Some(src)) => engine.step_from(&mut seqs, src.as_ref(), false),
+            _ => unreachable!("a step runs only when ready"),
+        };
         drop(step);
         let took = started.elapsed();
         stats.step_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
@@ -242,6 +338,14 @@ pub(super) fn run<B: Backend>(
                 }
             }
             Err(e) => {
+                if let Some(l) = leader.take() {
+                    // The members may be anywhere in that step: this group is
+                    // done until a plan forms it again.
+                    tracing::error!(
+                        "tensor-parallel group of epoch {}: rank 0 stops stepping until the next plan",
+                        l.epoch
+                    );
+                }
                 let e = WorkerError::from(e);
                 let fatal_error = e.is_fatal();
                 tracing::error!(

@@ -11,6 +11,7 @@
 mod batcher;
 mod faults;
 mod gather;
+pub(crate) mod group;
 mod state;
 mod store;
 mod weights;

@@ -35,15 +35,37 @@ use crate::error::{Result, WorkerError};
 use crate::rpc::peer::PeerClient;
 use zeroshard_engine::engine::Engine;
 use zeroshard_engine::placement::{open_for_cluster, GpuPlacement};
+use zeroshard_engine::tensor::TensorShard;
+use zeroshard_engine::weights::HostWeights;
 use zeroshard_engine::Backend;
+use zeroshard_offload::plan::WorkerId;
 use zeroshard_offload::sync;
+use zeroshard_offload::ModelConfig;
 
 /// What one plan gave this worker.
 pub(super) struct Installed {
     pub epoch: u64,
+    /// The ranges it serves to peers (none under the tensor placement).
     pub slices: Arc<HostSlices>,
     pub owned: OwnedBytes,
-    pub weights: Arc<ClusterWeights>,
+    pub compute: Compute,
+}
+
+/// What a worker computes from under one plan.
+pub(super) enum Compute {
+    /// The gather placement: every layer gathered from its holders.
+    Gather(Arc<ClusterWeights>),
+    /// The tensor placement: its shard of every layer, held here.
+    Tensor(Arc<TensorInstall>),
+}
+
+/// A worker's part of a tensor-parallel group under one plan.
+pub(super) struct TensorInstall {
+    pub config: ModelConfig,
+    pub shard: TensorShard,
+    pub weights: Arc<HostWeights>,
+    /// The members' addresses in rank order (this worker's included).
+    pub members: Vec<String>,
 }
 
 /// The plans a worker holds (see the module docs).
@@ -160,6 +182,10 @@ pub(crate) struct Node {
     setup: tokio::sync::Mutex<Setup>,
     /// A fatal step error, once the batching loop hit one.
     fatal: watch::Receiver<Option<Arc<WorkerError>>>,
+    /// The active epoch (0: none yet): a group member's stream waits for it.
+    active_epoch: watch::Sender<u64>,
+    /// The model, once the first plan named it.
+    model_config: std::sync::OnceLock<ModelConfig>,
     pub stats: NodeStats,
 }
 
@@ -174,6 +200,8 @@ impl Node {
             commands: tx,
             setup: tokio::sync::Mutex::new(Setup { batcher: Some((rx, fatal_tx)), ..Setup::default() }),
             fatal,
+            active_epoch: watch::channel(0).0,
+            model_config: std::sync::OnceLock::new(),
             stats: NodeStats::default(),
         }
     }
@@ -260,6 +288,12 @@ impl Node {
                 "injected fault: this worker refuses to load (--fault-fail-load)".into(),
             ));
         }
+        let config = setup.model.as_ref().expect("set above").config.clone();
+        let _ = self.model_config.set(config.clone());
+        if let Some((members, rank)) = a.plan.tensor_group(a.worker) {
+            let members = members.to_vec();
+            return self.prepare_tensor(&a, &mut setup, config, &members, rank).await;
+        }
         let max_live_bytes = self.open_device(&mut setup, a.plan.owned_bytes(a.worker)?.total()).await?;
         let info = setup.model.as_ref().expect("set above");
         let start = Instant::now();
@@ -337,7 +371,8 @@ impl Node {
         ));
         stats.loads.fetch_add(1, Ordering::Relaxed);
         stats.loaded_bytes.fetch_add(owned.total(), Ordering::Relaxed);
-        sync::write(&self.epochs).prepared = Some(Installed { epoch, slices, owned, weights });
+        sync::write(&self.epochs).prepared =
+            Some(Installed { epoch, slices, owned, compute: Compute::Gather(weights) });
         tracing::info!(
             "worker {me}: epoch {epoch} prepared, {} bytes owned, loaded in {load_ms:.0} ms",
             owned.total()
@@ -345,9 +380,72 @@ impl Node {
         Ok((owned.total(), load_ms))
     }
 
+    /// Loads this worker's tensor-parallel shard (`rank` of `members`) for the
+    /// plan `a` and prepares it.
+    async fn prepare_tensor(
+        &self,
+        a: &Assignment,
+        setup: &mut Setup,
+        config: ModelConfig,
+        members: &[WorkerId],
+        rank: usize,
+    ) -> Result<(u64, f64)> {
+        let epoch = a.plan.epoch();
+        if a.pull_from.is_some() {
+            return Err(WorkerError::InvalidRequest(
+                "the tensor placement reads each shard from the checkpoint on every worker: \
+                 --pull is not supported with it"
+                    .into(),
+            ));
+        }
+        let shard = TensorShard::new(&config, rank, members.len())?;
+        let whole: u64 = a.plan.tensors().iter().map(|t| t.numel() * u64::from(a.plan.elem_bytes())).sum();
+        self.open_device(setup, whole / members.len() as u64).await?;
+        let dir =
+            self.cfg.model_dir.clone().unwrap_or_else(|| setup.model.as_ref().expect("known").dir.clone());
+        let start = Instant::now();
+        let (c, s) = (config.clone(), shard.clone());
+        let weights = tokio::task::spawn_blocking(move || {
+            let ckpt = Checkpoint::open(&dir)?;
+            Ok::<_, WorkerError>(s.load(&ckpt, &c)?)
+        })
+        .await
+        .map_err(|e| WorkerError::Task { what: "loader task", source: e.into() })??;
+        let load_ms = start.elapsed().as_secs_f64() * 1e3;
+        let bytes = weights.bytes() as u64;
+        let addresses: std::collections::HashMap<WorkerId, &String> =
+            a.peers.iter().map(|(w, s)| (*w, s)).collect();
+        let members = members
+            .iter()
+            .map(|w| {
+                addresses.get(w).map(|s| (*s).clone()).ok_or_else(|| {
+                    WorkerError::InvalidRequest(format!("the plan names {w} in a group but gives no address"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let stats = &self.stats;
+        stats.loads.fetch_add(1, Ordering::Relaxed);
+        stats.loaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let install = TensorInstall { config, shard: shard.clone(), weights: Arc::new(weights), members };
+        sync::write(&self.epochs).prepared = Some(Installed {
+            epoch,
+            slices: Arc::new(HostSlices::new(a.plan.elem_bytes() as usize)),
+            owned: OwnedBytes { partitioned: bytes, persistent: 0 },
+            compute: Compute::Tensor(Arc::new(install)),
+        });
+        tracing::info!(
+            "{}: epoch {epoch} prepared, tensor-parallel shard {rank} of {}: {bytes} bytes, \
+             loaded in {load_ms:.0} ms",
+            a.worker,
+            shard.degree
+        );
+        Ok((bytes, load_ms))
+    }
+
     /// Switches to the prepared `epoch` (idempotent when it is already active).
-    pub(crate) fn activate(&self, epoch: u64) -> Result<()> {
-        let weights = {
+    /// Under the tensor placement rank 0 then opens its group's streams.
+    pub(crate) fn activate(self: &Arc<Self>, epoch: u64) -> Result<()> {
+        let tensor = {
             let mut e = sync::write(&self.epochs);
             if e.active_epoch() == Some(epoch) {
                 return Ok(());
@@ -359,17 +457,78 @@ impl Node {
                 )));
             }
             let next = e.prepared.take().expect("checked above");
-            let weights = next.weights.clone();
-            let kept = weights.workers();
+            let was_tensor = matches!(e.active.as_ref().map(|i| &i.compute), Some(Compute::Tensor(_)));
+            let tensor = match &next.compute {
+                Compute::Gather(weights) => {
+                    if let (true, Some(config)) = (was_tensor, self.model_config.get()) {
+                        self.send(Command::Tensor { config: Box::new(config.clone()), shard: None });
+                    }
+                    self.send(Command::Source(weights.clone()));
+                    None
+                }
+                Compute::Tensor(t) => {
+                    self.send(Command::Tensor {
+                        config: Box::new(t.config.clone()),
+                        shard: Some((t.shard.clone(), t.weights.clone())),
+                    });
+                    Some(t.clone())
+                }
+            };
+            let kept = match &next.compute {
+                Compute::Gather(w) => w.workers(),
+                Compute::Tensor(_) => Default::default(),
+            };
             if let Some(old) = e.active.replace(next) {
-                old.weights.retire(&kept);
+                if let Compute::Gather(w) = &old.compute {
+                    w.retire(&kept);
+                }
                 e.previous = Some(old);
             }
-            weights
+            tensor
         };
-        self.send(Command::Source(weights));
+        self.active_epoch.send_replace(epoch);
+        if let Some(t) = tensor.filter(|t| t.shard.rank == 0) {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let members: Vec<(usize, String)> = t.members.iter().cloned().enumerate().skip(1).collect();
+                match crate::rpc::group::lead(&node.cfg.security, epoch, t.shard.degree, members).await {
+                    Ok(leader) => {
+                        tracing::info!("epoch {epoch}: tensor-parallel group of {} formed", t.shard.degree);
+                        node.send(Command::Lead(Arc::new(leader)));
+                    }
+                    Err(e) => tracing::error!("epoch {epoch}: forming the tensor-parallel group failed: {e}"),
+                }
+            });
+        }
         tracing::info!("worker {}: epoch {epoch} active", self.id());
         Ok(())
+    }
+
+    /// Waits (at most `patience`) until `epoch` is active here and this worker
+    /// computes shard `rank` of `degree` in it: a group member's stream from
+    /// rank 0 starts only then.
+    pub(crate) async fn await_group(
+        &self,
+        epoch: u64,
+        rank: usize,
+        degree: usize,
+        patience: Duration,
+    ) -> Result<()> {
+        let mut active = self.active_epoch.subscribe();
+        let _ = tokio::time::timeout(patience, active.wait_for(|e| *e >= epoch)).await;
+        let e = sync::read(&self.epochs);
+        match e.active.as_ref() {
+            Some(Installed { epoch: at, compute: Compute::Tensor(t), .. })
+                if *at == epoch && t.shard.rank == rank && t.shard.degree == degree =>
+            {
+                Ok(())
+            }
+            _ => Err(WorkerError::Epoch(format!(
+                "rank 0 of epoch {epoch} asked this worker to follow as member {rank} of {degree}; \
+                 it holds {}",
+                e.describe()
+            ))),
+        }
     }
 
     /// Opens this worker's device and starts the batching loop on it, the

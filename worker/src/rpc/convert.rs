@@ -35,9 +35,10 @@ pub(crate) fn status(e: &WorkerError) -> Status {
             Status::invalid_argument(msg)
         }
         E::Engine(EngineError::Device { fatal: false, .. }) => Status::aborted(msg),
-        E::Gather(_) | E::Rpc { .. } | E::Membership { .. } | E::Engine(EngineError::Device { .. }) => {
-            Status::unavailable(msg)
-        }
+        E::Gather(_)
+        | E::Rpc { .. }
+        | E::Membership { .. }
+        | E::Engine(EngineError::Device { .. } | EngineError::Group(_)) => Status::unavailable(msg),
         E::Offload(_) | E::Shard(_) | E::Io { .. } | E::Task { .. } => Status::internal(msg),
         E::Engine(
             EngineError::Offload(_)

@@ -4,10 +4,12 @@
 //!   which serves them and registers the worker;
 //! - [`convert`]: domain types ↔ messages, and the one `match` from
 //!   [`WorkerError`](crate::WorkerError) to a status code;
+//! - [`group`]: the tensor placement's streams (`TensorGroup`, both ends);
 //! - [`peer`]: the `Shards` client a gather (or a `--pull` load) reads through;
 //! - [`control`]: the registrar of embedded membership (the coordinator's
 //!   `Control` service).
 pub(crate) mod control;
 pub(crate) mod convert;
+pub(crate) mod group;
 pub(crate) mod peer;
 pub(crate) mod service;

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use zeroshard_offload::plan::Assignment;
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_server::{Shards, ShardsServer};
+use zeroshard_proto::v1::tensor_group_server::{TensorGroup, TensorGroupServer};
 use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
 use zeroshard_security::{Guard, Role};
 
@@ -124,6 +125,18 @@ impl Worker for Svc {
 }
 
 #[tonic::async_trait]
+impl TensorGroup for Svc {
+    type FollowStream = super::group::UpStream;
+
+    async fn follow(
+        &self,
+        req: Request<tonic::Streaming<pb::GroupDown>>,
+    ) -> std::result::Result<Response<Self::FollowStream>, Status> {
+        Ok(Response::new(super::group::follow(&self.0, req).await?))
+    }
+}
+
+#[tonic::async_trait]
 impl Shards for Svc {
     type FetchRangesStream = ChunkStream;
 
@@ -202,6 +215,12 @@ pub async fn run(
         .add_service(InterceptedService::new(
             WorkerServer::new(svc.clone()).max_decoding_message_size(PLAN_MESSAGE_BYTES),
             Guard::members(tls, "Worker", &[Role::Coordinator]),
+        ))
+        .add_service(InterceptedService::new(
+            TensorGroupServer::new(svc.clone())
+                .max_decoding_message_size(super::group::GROUP_MESSAGE_BYTES)
+                .max_encoding_message_size(super::group::GROUP_MESSAGE_BYTES),
+            Guard::members(tls, "TensorGroup", &[Role::Worker]),
         ))
         .add_service(InterceptedService::new(
             ShardsServer::new(svc).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),

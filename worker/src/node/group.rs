@@ -1,0 +1,295 @@
+//! The tensor placement on a worker: the [`Collective`] of a group whose
+//! members are processes joined by one long-lived stream from rank 0 to each
+//! other member (`TensorGroup.Follow`, see `rpc::group`).
+//!
+//! Rank 0 ([`Leader`]) runs the batching loop as under the gather placement:
+//! it admits the coordinator's sequences, and before every step it sends each
+//! member an [`Order`] (who joined, who left, the step's sequences in order).
+//! Every member then runs the same forward over its shard; at each sum the
+//! members send their partial output up, rank 0 adds them in rank order and
+//! sends the sum down; the logits' vocabulary rows go up, rank 0 samples, and
+//! the chosen tokens go down. A member ([`follow`]) keeps the same sequences
+//! (prompts, tokens, its heads' KV cache) without sampling.
+//!
+//! The batching thread blocks on these exchanges (they are the step), the
+//! stream tasks on the async runtime only move messages: std channels up,
+//! tokio channels down. A member silent for [`EXCHANGE_TIMEOUT`] fails the
+//! step ([`EngineError::Group`]); its sequences are resumed by the
+//! coordinator once the group is planned again.
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+use zeroshard_engine::engine::{Engine, GenerationParams, Sequence};
+use zeroshard_engine::tensor::{sum_in_order, Collective};
+use zeroshard_engine::{Backend, EngineError};
+use zeroshard_offload::sync::lock;
+
+/// Longest wait for a member's part of one exchange.
+pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Rank 0 → member.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Down {
+    Order(Order),
+    Sum(Vec<f32>),
+    Tokens(Vec<u32>),
+}
+
+/// Member → rank 0.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Up {
+    Partial(Vec<f32>),
+    Logits(Vec<f32>),
+}
+
+/// The next step, as rank 0 orders it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Order {
+    pub joined: Vec<Joined>,
+    pub left: Vec<u64>,
+    /// The step's sequences, in step order.
+    pub step: Vec<u64>,
+}
+
+/// A sequence a member starts keeping.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Joined {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub ignore_eos: bool,
+}
+
+fn group_error(what: impl Into<String>) -> EngineError {
+    EngineError::Group(what.into())
+}
+
+/// Rank 0's end of one member's stream.
+pub(crate) struct MemberLink {
+    pub rank: usize,
+    pub down: UnboundedSender<Down>,
+    /// What the member sent; `Err`: its stream broke (the message says how).
+    pub up: Mutex<Receiver<Result<Up, String>>>,
+}
+
+impl MemberLink {
+    fn send(&self, d: Down) -> zeroshard_engine::Result<()> {
+        self.down.send(d).map_err(|_| group_error(format!("member {} left the group", self.rank)))
+    }
+
+    fn recv(&self) -> zeroshard_engine::Result<Up> {
+        match lock(&self.up).recv_timeout(EXCHANGE_TIMEOUT) {
+            Ok(Ok(up)) => Ok(up),
+            Ok(Err(e)) => Err(group_error(format!("member {}: {e}", self.rank))),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(group_error(format!("member {} sent nothing for {EXCHANGE_TIMEOUT:?}", self.rank)))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(group_error(format!("member {} left the group", self.rank)))
+            }
+        }
+    }
+}
+
+/// Rank 0 of a group: the links to members 1.., in rank order.
+pub(crate) struct Leader {
+    pub epoch: u64,
+    pub members: Vec<MemberLink>,
+}
+
+impl Leader {
+    /// Sends every member the next step's order.
+    pub(crate) fn order(&self, o: &Order) -> zeroshard_engine::Result<()> {
+        self.members.iter().try_for_each(|m| m.send(Down::Order(o.clone())))
+    }
+}
+
+impl Collective for Leader {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn degree(&self) -> usize {
+        self.members.len() + 1
+    }
+
+    fn all_reduce_sum(&self, x: &mut [f32]) -> zeroshard_engine::Result<()> {
+        let mut parts = vec![x.to_vec()];
+        for m in &self.members {
+            match m.recv()? {
+                Up::Partial(p) if p.len() == x.len() => parts.push(p),
+                other => {
+                    return Err(group_error(format!(
+                        "member {} sent {} where a sum of {} values was due",
+                        m.rank,
+                        describe(&other),
+                        x.len()
+                    )))
+                }
+            }
+        }
+        let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+        sum_in_order(x, &refs);
+        self.members.iter().try_for_each(|m| m.send(Down::Sum(x.to_vec())))
+    }
+
+    fn gather(&self, part: Vec<f32>) -> zeroshard_engine::Result<Option<Vec<Vec<f32>>>> {
+        let mut parts = vec![part];
+        for m in &self.members {
+            match m.recv()? {
+                Up::Logits(l) => parts.push(l),
+                other => {
+                    return Err(group_error(format!(
+                        "member {} sent {} where logits were due",
+                        m.rank,
+                        describe(&other)
+                    )))
+                }
+            }
+        }
+        Ok(Some(parts))
+    }
+
+    fn broadcast_tokens(&self, tokens: &mut Vec<u32>) -> zeroshard_engine::Result<()> {
+        self.members.iter().try_for_each(|m| m.send(Down::Tokens(tokens.clone())))
+    }
+}
+
+fn describe(up: &Up) -> String {
+    match up {
+        Up::Partial(p) => format!("a partial sum of {} values", p.len()),
+        Up::Logits(l) => format!("{} logits", l.len()),
+    }
+}
+
+/// A member's end of its stream from rank 0.
+pub(crate) struct Member {
+    pub rank: usize,
+    pub degree: usize,
+    pub epoch: u64,
+    /// What rank 0 sent; closed when its stream ends.
+    pub down: Mutex<Receiver<Down>>,
+    pub up: UnboundedSender<Up>,
+}
+
+impl Member {
+    fn recv(&self, timeout: Duration) -> zeroshard_engine::Result<Down> {
+        match lock(&self.down).recv_timeout(timeout) {
+            Ok(d) => Ok(d),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(group_error(format!("rank 0 sent nothing for {timeout:?}")))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(group_error("rank 0 closed the group")),
+        }
+    }
+
+    fn send(&self, u: Up) -> zeroshard_engine::Result<()> {
+        self.up.send(u).map_err(|_| group_error("rank 0 closed the group"))
+    }
+}
+
+impl Collective for Member {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn degree(&self) -> usize {
+        self.degree
+    }
+
+    fn all_reduce_sum(&self, x: &mut [f32]) -> zeroshard_engine::Result<()> {
+        self.send(Up::Partial(x.to_vec()))?;
+        match self.recv(EXCHANGE_TIMEOUT)? {
+            Down::Sum(s) if s.len() == x.len() => {
+                x.copy_from_slice(&s);
+                Ok(())
+            }
+            other => {
+                Err(group_error(format!("rank 0 sent {other:?} where a sum of {} values was due", x.len())))
+            }
+        }
+    }
+
+    fn gather(&self, part: Vec<f32>) -> zeroshard_engine::Result<Option<Vec<Vec<f32>>>> {
+        self.send(Up::Logits(part))?;
+        Ok(None)
+    }
+
+    fn broadcast_tokens(&self, tokens: &mut Vec<u32>) -> zeroshard_engine::Result<()> {
+        match self.recv(EXCHANGE_TIMEOUT)? {
+            Down::Tokens(t) => {
+                *tokens = t;
+                Ok(())
+            }
+            other => Err(group_error(format!("rank 0 sent {other:?} where tokens were due"))),
+        }
+    }
+}
+
+/// How long an idle member waits for the next order before it looks at its
+/// own commands (a new plan, a drain).
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+/// Why [`follow`] returned.
+pub(crate) enum Followed {
+    /// Rank 0 closed the stream (a new epoch, or it left).
+    Closed,
+    /// The batching loop has a command to handle.
+    Interrupted,
+    /// A step failed: the group cannot go on for this epoch.
+    Failed(EngineError),
+}
+
+/// Runs a member's side of the group until rank 0 closes the stream, a step
+/// fails, or `interrupted()` says the loop has its own work (checked while idle).
+pub(crate) fn follow<B: Backend>(
+    engine: &Engine<B>,
+    member: &Member,
+    seqs: &mut HashMap<u64, Sequence<B>>,
+    steps: &std::sync::atomic::AtomicU64,
+    mut interrupted: impl FnMut() -> bool,
+) -> Followed {
+    loop {
+        let next = lock(&member.down).recv_timeout(IDLE_POLL);
+        let order = match next {
+            Ok(Down::Order(o)) => o,
+            Ok(other) => {
+                return Followed::Failed(group_error(format!("rank 0 sent {other:?} where an order was due")))
+            }
+            Err(RecvTimeoutError::Disconnected) => return Followed::Closed,
+            Err(RecvTimeoutError::Timeout) if interrupted() => return Followed::Interrupted,
+            Err(RecvTimeoutError::Timeout) => continue,
+        };
+        for id in &order.left {
+            seqs.remove(id);
+        }
+        for j in order.joined {
+            let params = GenerationParams {
+                sampling: Default::default(),
+                max_new_tokens: j.max_new_tokens,
+                ignore_eos: j.ignore_eos,
+            };
+            match engine.new_sequence(j.prompt, params) {
+                Ok(s) => {
+                    seqs.insert(j.id, s);
+                }
+                Err(e) => return Followed::Failed(e),
+            }
+        }
+        if let Some(id) = order.step.iter().find(|id| !seqs.contains_key(id)) {
+            return Followed::Failed(group_error(format!(
+                "rank 0 ordered a step of sequence {id}, unknown here"
+            )));
+        }
+        let mut by_id: HashMap<u64, &mut Sequence<B>> = seqs.iter_mut().map(|(k, v)| (*k, v)).collect();
+        let mut batch: Vec<&mut Sequence<B>> = order.step.iter().filter_map(|id| by_id.remove(id)).collect();
+        if let Err(e) = engine.step_in_group(&mut batch, member, false) {
+            return Followed::Failed(e);
+        }
+        steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        seqs.retain(|_, s| s.finished().is_none());
+    }
+}
