@@ -516,6 +516,12 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         a.prompt_len,
         a.new_tokens
     );
+    for b in &report.batches {
+        println!(
+            "batch {}: prefill {:.1} tok/s · decode {:.1} tok/s · {:.1} tok/s over the wall time",
+            b.batch, b.prefill_tokens_per_s, b.decode_tokens_per_s, b.tokens_per_s
+        );
+    }
     println!(
         "{:>5} {:>6} {:>6} {:>9} {:>11} {:>10} {:>12} {:>9} {:>8} {:>9}",
         "batch",

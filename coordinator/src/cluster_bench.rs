@@ -27,7 +27,15 @@ pub struct WorkerRow {
 #[derive(Clone, Debug)]
 pub struct BatchReport {
     pub batch: usize,
+    /// Every generated token over the wall time (prefill included).
     pub tokens_per_s: f64,
+    /// The batch's prompt tokens over the time until every request had its
+    /// first token (requests that arrive while a prefill runs join the next
+    /// step, so this can span two prefill steps).
+    pub prefill_tokens_per_s: f64,
+    /// Tokens that arrived after every request had its first one, over that
+    /// time: steady-state decode of the whole batch, as `bench` reports it.
+    pub decode_tokens_per_s: f64,
     pub workers: Vec<WorkerRow>,
 }
 
@@ -108,17 +116,33 @@ async fn drive(
                 tokio::spawn(async move {
                     let mut client = crate::client::connect(&endpoint, &auth).await?;
                     let req = greedy(Prompt::Ids(prompt), new_tokens);
-                    crate::client::generate(&mut client, &req, false, |_, _| {})
-                        .await
-                        .map(|out| out.token_ids.len())
-                        .map_err(|e| CoordinatorError::Unavailable(e.to_string()))
+                    let mut arrivals = Vec::new();
+                    crate::client::generate(&mut client, &req, true, |tokens, _| {
+                        if !tokens.is_empty() {
+                            arrivals.push((Instant::now(), tokens.len()));
+                        }
+                    })
+                    .await
+                    .map(|out| (out.timings, arrivals))
+                    .map_err(|e| CoordinatorError::Unavailable(e.to_string()))
                 })
             })
             .collect();
-        let mut tokens = 0;
+        let mut timings = Vec::with_capacity(batch);
         for t in tasks {
-            tokens += t.await.map_err(|e| CoordinatorError::Unavailable(e.to_string()))??;
+            timings.push(t.await.map_err(|e| CoordinatorError::Unavailable(e.to_string()))??);
         }
+        let tokens: usize = timings.iter().map(|(t, _)| t.generated_tokens).sum();
+        let prompt_tokens: usize = timings.iter().map(|(t, _)| t.prompt_tokens).sum();
+        // Every request has its first token at `all_first`; decode is measured after it.
+        let all_first = timings.iter().filter_map(|(_, a)| a.first().map(|f| f.0)).max().unwrap_or(start);
+        let last = timings.iter().filter_map(|(_, a)| a.last().map(|l| l.0)).max().unwrap_or(start);
+        let decoded: usize = timings
+            .iter()
+            .flat_map(|(_, a)| a.iter())
+            .filter(|(at, _)| *at > all_first)
+            .map(|(_, n)| n)
+            .sum();
         let wall = start.elapsed().as_secs_f64();
         let after = stats(cluster).await;
         let workers = before
@@ -145,7 +169,13 @@ async fn drive(
                 }
             })
             .collect();
-        reports.push(BatchReport { batch, tokens_per_s: tokens as f64 / wall, workers });
+        reports.push(BatchReport {
+            batch,
+            tokens_per_s: tokens as f64 / wall,
+            prefill_tokens_per_s: prompt_tokens as f64 / (all_first - start).as_secs_f64().max(1e-9),
+            decode_tokens_per_s: decoded as f64 / (last - all_first).as_secs_f64().max(1e-9),
+            workers,
+        });
     }
     Ok(reports)
 }

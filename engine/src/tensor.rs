@@ -514,3 +514,100 @@ mod tests {
         assert!(checked.len() >= 10, "{checked:?}");
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::tests_support::*;
+
+    /// `cargo test --profile ci -p zeroshard-engine --lib tensor::timing -- --ignored --nocapture`:
+    /// decode steps of the 270M shape split over in-process members (no network):
+    /// the cost of the split itself.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn in_process_split_decode() {
+        let c = zeroshard_offload::synthetic::synthetic_config(
+            "llama:hidden=1024,layers=16,heads=16,kv_heads=4,ffn=2816,vocab=32000",
+        )
+        .expect("shape");
+        let whole = crate::weights::HostWeights::random(&c, 1);
+        for batch in [1, 8] {
+            for degree in [1, 2] {
+                let threads = 2 / degree;
+                let prompts: Vec<Vec<u32>> =
+                    (0..batch).map(|b| (0..16).map(|i| (b * 31 + i * 7 + 3) as u32).collect()).collect();
+                let t = timed_group_decode(&c, &whole, degree, threads, &prompts, 17);
+                println!(
+                    "batch {batch} degree {degree} × {threads} threads: {:.1} ms per decode step",
+                    t * 1e3
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cpu::CpuBackend;
+    use crate::engine::{Engine, GenerationParams};
+
+    /// Seconds per decode step (after the prefill) of `degree` in-process
+    /// members with `threads` compute threads each.
+    pub(super) fn timed_group_decode(
+        c: &ModelConfig,
+        whole: &HostWeights,
+        degree: usize,
+        threads: usize,
+        prompts: &[Vec<u32>],
+        new: usize,
+    ) -> f64 {
+        let members: Vec<_> = LocalGroup::new(degree)
+            .into_iter()
+            .map(|g| {
+                let shard = TensorShard::new(c, g.rank(), degree).expect("shard");
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+                let e = Engine::tensor_member(
+                    CpuBackend::new(),
+                    c,
+                    shard.clone(),
+                    shard.weights(c, whole).expect("cut"),
+                )
+                .with_compute_pool(Arc::new(pool));
+                (g, e)
+            })
+            .collect();
+        std::thread::scope(|s| {
+            let runs: Vec<_> = members
+                .iter()
+                .map(|(g, e)| {
+                    s.spawn(move || {
+                        let params = GenerationParams {
+                            sampling: Default::default(),
+                            max_new_tokens: new,
+                            ignore_eos: true,
+                        };
+                        let mut seqs: Vec<_> = prompts
+                            .iter()
+                            .map(|p| e.new_sequence(p.clone(), params.clone()).expect("seq"))
+                            .collect();
+                        let mut started = None;
+                        let mut steps = 0;
+                        while seqs.iter().any(|s| s.finished().is_none()) {
+                            let mut refs: Vec<_> = seqs.iter_mut().collect();
+                            e.step_in_group(&mut refs, g, false).expect("step");
+                            if started.is_none() {
+                                started = Some(std::time::Instant::now());
+                            } else {
+                                steps += 1;
+                            }
+                        }
+                        started.map_or(0.0, |t| t.elapsed().as_secs_f64() / steps.max(1) as f64)
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().expect("member")).fold(0f64, f64::max)
+        })
+    }
+}

@@ -22,4 +22,4 @@ pub mod certs;
 pub mod tls;
 
 pub use auth::{ApiKeys, Caller, Guard, Identity, Role};
-pub use tls::{Address, Security, TlsError, TlsPaths};
+pub use tls::{Address, Security, Socket, TlsError, TlsPaths};

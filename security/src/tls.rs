@@ -73,6 +73,8 @@ struct Loaded {
     /// `None` for a client without a certificate.
     server: Option<Arc<rustls::ServerConfig>>,
     client: ClientTlsConfig,
+    /// The same credentials for a blocking socket ([`Security::connect_socket`]).
+    socket_client: Arc<rustls::ClientConfig>,
     identity: Option<Identity>,
     /// (modified time, length) of every file, to notice changes.
     stamp: Vec<Option<(SystemTime, u64)>>,
@@ -130,6 +132,11 @@ fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
     }
     let roots = Arc::new(roots);
     let mut client = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem));
+    let socket_builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots.clone());
+    let mut socket_client = None;
     let (server, identity) = match (&paths.cert, &paths.key) {
         (Some(cert_path), Some(key_path)) => {
             let cert_pem = read(cert_path)?;
@@ -175,6 +182,16 @@ fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
                 })?;
             cfg.alpn_protocols = vec![b"h2".to_vec()];
             client = client.identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
+            let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::File {
+                path: key_path.clone(),
+                message: format!("not a PEM private key: {e}"),
+            })?;
+            socket_client = Some(
+                socket_builder
+                    .clone()
+                    .with_client_auth_cert(certs(cert_path, &cert_pem)?, key)
+                    .map_err(|e| TlsError::Config(format!("client certificate: {e}")))?,
+            );
             (Some(Arc::new(cfg)), identity)
         }
         (None, None) if expect.is_none() => (None, None),
@@ -187,7 +204,8 @@ fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
         _ => return Err(TlsError::Config("--tls-cert and --tls-key go together".into())),
     };
     let stamp = paths.files().into_iter().map(stamp).collect();
-    Ok(Loaded { server, client, identity, stamp })
+    let socket_client = Arc::new(socket_client.unwrap_or_else(|| socket_builder.with_no_client_auth()));
+    Ok(Loaded { server, client, socket_client, identity, stamp })
 }
 
 impl Security {
@@ -294,6 +312,74 @@ impl Security {
         }
     }
 
+    /// A blocking byte stream to a member's socket at `host:port` (the tensor
+    /// placement's data plane): TLS verified against the cluster CA, with this
+    /// process's certificate, or plain TCP when this process runs plaintext.
+    /// `TCP_NODELAY`; reads time out after `read_timeout`.
+    pub fn connect_socket(&self, host: &str, port: u16, read_timeout: Duration) -> Result<Box<dyn Socket>> {
+        let failed = |e: &dyn std::fmt::Display| TlsError::Address(format!("{host}:{port}: {e}"));
+        let addr = format!("{}:{port}", host.trim_start_matches('[').trim_end_matches(']'));
+        let sock = std::net::TcpStream::connect(addr.as_str()).or_else(|_| {
+            std::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
+        });
+        let sock = sock.map_err(|e| failed(&e))?;
+        sock.set_nodelay(true).map_err(|e| failed(&e))?;
+        sock.set_read_timeout(Some(read_timeout)).map_err(|e| failed(&e))?;
+        let Some(t) = self.0.as_ref() else { return Ok(Box::new(sock)) };
+        let cfg = t.loaded.read().unwrap_or_else(|p| p.into_inner()).socket_client.clone();
+        let name = rustls_pki_types::ServerName::try_from(
+            host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        )
+        .map_err(|e| failed(&e))?;
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| failed(&e))?;
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        // Complete the handshake now, so a bad certificate fails here.
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).map_err(|e| failed(&e))?;
+        }
+        Ok(Box::new(tls))
+    }
+
+    /// Accepts one blocking connection on `listener` (the other end of
+    /// [`Self::connect_socket`]) within `patience`, and the identity its
+    /// certificate carries (`None` under plaintext, or without a certificate).
+    pub fn accept_socket(
+        &self,
+        listener: &std::net::TcpListener,
+        patience: Duration,
+        read_timeout: Duration,
+    ) -> Result<(Box<dyn Socket>, Option<Identity>)> {
+        let failed =
+            |e: &dyn std::fmt::Display| TlsError::Config(format!("accepting a member's socket: {e}"));
+        listener.set_nonblocking(true).map_err(|e| failed(&e))?;
+        let started = std::time::Instant::now();
+        let sock = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < patience => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(failed(&e)),
+            }
+        };
+        sock.set_nonblocking(false).map_err(|e| failed(&e))?;
+        sock.set_nodelay(true).map_err(|e| failed(&e))?;
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(|e| failed(&e))?;
+        let Some(cfg) = self.server_config() else { return Ok((Box::new(sock), None)) };
+        let conn = rustls::ServerConnection::new(cfg).map_err(|e| failed(&e))?;
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).map_err(|e| failed(&e))?;
+        }
+        tls.sock.set_read_timeout(Some(read_timeout)).map_err(|e| failed(&e))?;
+        let identity = tls
+            .conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| Identity::from_cert(c.as_ref()));
+        Ok((Box::new(tls), identity))
+    }
+
     /// Serves `router` on `listener` until `shutdown`, over TLS when configured.
     pub async fn serve(
         &self,
@@ -338,6 +424,30 @@ impl Security {
             }
         });
         router.serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown).await
+    }
+}
+
+/// A blocking byte stream between members ([`Security::connect_socket`]).
+pub trait Socket: std::io::Read + std::io::Write + Send {
+    /// Changes how long a read may wait.
+    fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl Socket for std::net::TcpStream {
+    fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, Some(timeout))
+    }
+}
+
+impl Socket for rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.sock.set_read_timeout(Some(timeout))
+    }
+}
+
+impl Socket for rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream> {
+    fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.sock.set_read_timeout(Some(timeout))
     }
 }
 

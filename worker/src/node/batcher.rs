@@ -189,7 +189,7 @@ pub(super) fn run<B: Backend>(
     loop {
         if let Some(m) = &member {
             if pending.is_empty() {
-                let followed = group::follow(&engine, m, &mut kept, &stats.steps, || match rx.try_recv() {
+                let followed = group::follow(&engine, m, &mut kept, &stats, || match rx.try_recv() {
                     Ok(c) => {
                         pending.push_back(c);
                         true

@@ -10,7 +10,7 @@
 //! ```
 mod batcher;
 mod faults;
-mod gather;
+pub(crate) mod gather;
 pub(crate) mod group;
 mod state;
 mod store;

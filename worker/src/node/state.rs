@@ -491,7 +491,15 @@ impl Node {
             let node = self.clone();
             tokio::spawn(async move {
                 let members: Vec<(usize, String)> = t.members.iter().cloned().enumerate().skip(1).collect();
-                match crate::rpc::group::lead(&node.cfg.security, epoch, t.shard.degree, members).await {
+                match crate::rpc::group::lead(
+                    &node.cfg.security,
+                    epoch,
+                    t.shard.degree,
+                    members,
+                    node.stats.gather.clone(),
+                )
+                .await
+                {
                     Ok(leader) => {
                         tracing::info!("epoch {epoch}: tensor-parallel group of {} formed", t.shard.degree);
                         node.send(Command::Lead(Arc::new(leader)));

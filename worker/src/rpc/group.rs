@@ -1,188 +1,255 @@
-//! The tensor placement's streams: a member's end (the `TensorGroup`
-//! service, [`follow`]) and rank 0's ([`lead`]). Both only move messages
-//! between the stream and the batching thread's channels (see
-//! `node::group`); the values are f32 as computed, so the group's sums are
-//! exact on the wire.
-use std::pin::Pin;
+//! The tensor placement's connections: the `TensorGroup.Follow` rendezvous
+//! (a member's end, [`follow`]; rank 0's, [`lead`]) and the socket it sets
+//! up, over which the batching threads exchange frames themselves ([`Wire`]).
+//!
+//! A frame is a tag byte, a little-endian u32 length and the payload: an
+//! order (a `GroupOrder` message), f32 values (little-endian, as computed:
+//! a sum is the same bits on every member), or u32 tokens.
+use std::io::{ErrorKind, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::Stream;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
-use tonic::{Request, Status, Streaming};
+use prost::Message;
+use tonic::Request;
 use zeroshard_proto::v1 as pb;
-use zeroshard_proto::v1::group_down::Body as DownBody;
-use zeroshard_proto::v1::group_up::Body as UpBody;
 use zeroshard_proto::v1::tensor_group_client::TensorGroupClient;
-use zeroshard_security::Security;
+use zeroshard_security::{Role, Security, Socket};
 
 use crate::error::{Result, WorkerError};
-use crate::node::group::{Down, Joined, Leader, Member, MemberLink, Order, Up};
+use crate::node::group::{Down, Joined, Leader, Member, MemberLink, Order, Up, EXCHANGE_TIMEOUT};
 use crate::node::{Command, Node};
+use zeroshard_engine::EngineError;
+use zeroshard_offload::sync::lock;
 
-/// Largest group message: a step's activations (`[rows, hidden]` f32; a
-/// prefill of many long prompts is large) or its logits.
-pub(crate) const GROUP_MESSAGE_BYTES: usize = 1 << 30;
+/// How long a member waits for its own activation of the epoch rank 0 names,
+/// and for rank 0's socket once it answered.
+const PATIENCE: Duration = Duration::from_secs(30);
 
-/// How long a member waits for its own activation of the epoch rank 0 names.
-const ACTIVATION_PATIENCE: Duration = Duration::from_secs(30);
+const ORDER: u8 = 1;
+const SUM: u8 = 2;
+const TOKENS: u8 = 3;
+const PARTIAL: u8 = 4;
+const LOGITS: u8 = 5;
 
-pub(crate) type UpStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::GroupUp, Status>> + Send>>;
+/// Largest frame: a step's activations (`[rows, hidden]` f32) or logits.
+const FRAME_BYTES: usize = 1 << 30;
 
-fn f32s(a: Option<pb::Activations>) -> std::result::Result<Vec<f32>, String> {
-    let b = a.map(|a| a.f32le).unwrap_or_default();
-    if b.len() % 4 != 0 {
-        return Err(format!("activations of {} bytes, not whole f32 values", b.len()));
+#[cfg(not(target_endian = "little"))]
+compile_error!("the group wire sends f32 values as this host stores them: little-endian hosts only");
+
+fn group_error(what: impl Into<String>) -> EngineError {
+    EngineError::Group(what.into())
+}
+
+/// One end of a group's socket, used by one batching thread.
+pub(crate) struct Wire {
+    socket: Mutex<Box<dyn Socket>>,
+    /// Who is at the other end, for errors.
+    peer: String,
+}
+
+impl Wire {
+    fn new(socket: Box<dyn Socket>, peer: String) -> Self {
+        Self { socket: Mutex::new(socket), peer }
     }
-    Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+
+    fn io(&self, e: std::io::Error) -> EngineError {
+        match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                group_error(format!("{} sent nothing for {EXCHANGE_TIMEOUT:?}", self.peer))
+            }
+            ErrorKind::UnexpectedEof => group_error(format!("{} closed the group", self.peer)),
+            _ => group_error(format!("{}: {e}", self.peer)),
+        }
+    }
+
+    fn write(&self, tag: u8, payload: &[u8]) -> zeroshard_engine::Result<()> {
+        let mut s = lock(&self.socket);
+        let mut head = [0u8; 5];
+        head[0] = tag;
+        head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut frame = Vec::with_capacity(5 + payload.len());
+        frame.extend_from_slice(&head);
+        frame.extend_from_slice(payload);
+        s.write_all(&frame).and_then(|()| s.flush()).map_err(|e| self.io(e))
+    }
+
+    /// The next frame; with `idle`, `Ok(None)` when none starts within it.
+    fn read(&self, idle: Option<Duration>) -> zeroshard_engine::Result<Option<(u8, Vec<u8>)>> {
+        let mut s = lock(&self.socket);
+        let mut head = [0u8; 5];
+        if let Some(t) = idle {
+            s.set_read_timeout(t).map_err(|e| self.io(e))?;
+            let first = s.read(&mut head[..1]);
+            s.set_read_timeout(EXCHANGE_TIMEOUT).map_err(|e| self.io(e))?;
+            match first {
+                Ok(0) => return Err(self.io(ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ok(None),
+                Err(e) => return Err(self.io(e)),
+            }
+            s.read_exact(&mut head[1..]).map_err(|e| self.io(e))?;
+        } else {
+            s.read_exact(&mut head).map_err(|e| self.io(e))?;
+        }
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > FRAME_BYTES {
+            return Err(group_error(format!("{} sent a frame of {len} bytes", self.peer)));
+        }
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).map_err(|e| self.io(e))?;
+        Ok(Some((head[0], payload)))
+    }
+
+    fn values(&self, payload: &[u8]) -> zeroshard_engine::Result<Vec<f32>> {
+        if payload.len() % 4 != 0 {
+            return Err(group_error(format!("{} sent {} bytes, not whole values", self.peer, payload.len())));
+        }
+        Ok(payload.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// Rank 0 → member.
+    pub(crate) fn send_down(&self, d: &Down) -> zeroshard_engine::Result<()> {
+        match d {
+            Down::Order(o) => self.write(ORDER, &order_message(o).encode_to_vec()),
+            Down::Sum(v) => self.write(SUM, bytemuck::cast_slice(v)),
+            Down::Tokens(t) => self.write(TOKENS, bytemuck::cast_slice(t)),
+        }
+    }
+
+    /// What rank 0 sent next (`idle`: see [`Self::read`]).
+    pub(crate) fn recv_down(&self, idle: Option<Duration>) -> zeroshard_engine::Result<Option<Down>> {
+        let Some((tag, payload)) = self.read(idle)? else { return Ok(None) };
+        Ok(Some(match tag {
+            ORDER => Down::Order(order(
+                pb::GroupOrder::decode(&payload[..])
+                    .map_err(|e| group_error(format!("{} sent an undecodable order: {e}", self.peer)))?,
+            )),
+            SUM => Down::Sum(self.values(&payload)?),
+            TOKENS => Down::Tokens(
+                payload.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            ),
+            other => {
+                return Err(group_error(format!("{} sent frame {other} where rank 0's were due", self.peer)))
+            }
+        }))
+    }
+
+    /// Member → rank 0.
+    pub(crate) fn send_up(&self, u: &Up) -> zeroshard_engine::Result<()> {
+        match u {
+            Up::Partial(v) => self.write(PARTIAL, bytemuck::cast_slice(v)),
+            Up::Logits(v) => self.write(LOGITS, bytemuck::cast_slice(v)),
+        }
+    }
+
+    /// What the member sent next.
+    pub(crate) fn recv_up(&self) -> zeroshard_engine::Result<Up> {
+        let (tag, payload) = self.read(None)?.expect("a read without idle returns a frame");
+        match tag {
+            PARTIAL => Ok(Up::Partial(self.values(&payload)?)),
+            LOGITS => Ok(Up::Logits(self.values(&payload)?)),
+            other => Err(group_error(format!("{} sent frame {other} where a member's were due", self.peer))),
+        }
+    }
 }
 
-fn activations(v: &[f32]) -> pb::Activations {
-    let mut b = Vec::with_capacity(v.len() * 4);
-    v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
-    pb::Activations { f32le: b.into() }
+fn order_message(o: &Order) -> pb::GroupOrder {
+    pb::GroupOrder {
+        joined: o
+            .joined
+            .iter()
+            .map(|j| pb::GroupSequence {
+                id: j.id,
+                prompt_token_ids: j.prompt.clone(),
+                max_new_tokens: j.max_new_tokens as u32,
+                ignore_eos: j.ignore_eos,
+            })
+            .collect(),
+        left: o.left.clone(),
+        step: o.step.clone(),
+    }
 }
 
-fn down_message(d: Down) -> pb::GroupDown {
-    let body = match d {
-        Down::Order(o) => DownBody::Order(pb::GroupOrder {
-            joined: o
-                .joined
-                .into_iter()
-                .map(|j| pb::GroupSequence {
-                    id: j.id,
-                    prompt_token_ids: j.prompt,
-                    max_new_tokens: j.max_new_tokens as u32,
-                    ignore_eos: j.ignore_eos,
-                })
-                .collect(),
-            left: o.left,
-            step: o.step,
-        }),
-        Down::Sum(v) => DownBody::Sum(activations(&v)),
-        Down::Tokens(t) => DownBody::Tokens(pb::TokenIds { ids: t }),
-    };
-    pb::GroupDown { body: Some(body) }
-}
-
-fn down(m: pb::GroupDown) -> std::result::Result<Down, String> {
-    Ok(match m.body {
-        Some(DownBody::Order(o)) => Down::Order(Order {
-            joined: o
-                .joined
-                .into_iter()
-                .map(|j| Joined {
-                    id: j.id,
-                    prompt: j.prompt_token_ids,
-                    max_new_tokens: j.max_new_tokens as usize,
-                    ignore_eos: j.ignore_eos,
-                })
-                .collect(),
-            left: o.left,
-            step: o.step,
-        }),
-        Some(DownBody::Sum(a)) => Down::Sum(f32s(Some(a))?),
-        Some(DownBody::Tokens(t)) => Down::Tokens(t.ids),
-        Some(DownBody::Hello(_)) => return Err("a second hello".into()),
-        None => return Err("an empty message".into()),
-    })
-}
-
-fn up_message(u: Up) -> pb::GroupUp {
-    let body = match u {
-        Up::Partial(v) => UpBody::Partial(activations(&v)),
-        Up::Logits(v) => UpBody::Logits(activations(&v)),
-    };
-    pb::GroupUp { body: Some(body) }
-}
-
-fn up(m: pb::GroupUp) -> std::result::Result<Up, String> {
-    match m.body {
-        Some(UpBody::Partial(a)) => Ok(Up::Partial(f32s(Some(a))?)),
-        Some(UpBody::Logits(a)) => Ok(Up::Logits(f32s(Some(a))?)),
-        None => Err("an empty message".into()),
+fn order(o: pb::GroupOrder) -> Order {
+    Order {
+        joined: o
+            .joined
+            .into_iter()
+            .map(|j| Joined {
+                id: j.id,
+                prompt: j.prompt_token_ids,
+                max_new_tokens: j.max_new_tokens as usize,
+                ignore_eos: j.ignore_eos,
+            })
+            .collect(),
+        left: o.left,
+        step: o.step,
     }
 }
 
 /// A member's end of `Follow`: checks the hello against the epoch this worker
-/// activated, then hands the stream to the batching loop.
-pub(crate) async fn follow(node: &Arc<Node>, req: Request<Streaming<pb::GroupDown>>) -> Result<UpStream> {
-    let mut inbound = req.into_inner();
-    let hello = match inbound.message().await {
-        Ok(Some(pb::GroupDown { body: Some(DownBody::Hello(h)) })) => h,
-        Ok(_) => return Err(WorkerError::InvalidRequest("a Follow stream starts with its hello".into())),
-        Err(s) => {
-            return Err(WorkerError::InvalidRequest(format!("the Follow stream broke: {}", s.message())))
-        }
-    };
+/// activated, opens a port on the address rank 0 called, and, once rank 0's
+/// socket is accepted (a worker's certificate under mTLS), hands it to the
+/// batching loop.
+pub(crate) async fn follow(node: &Arc<Node>, req: Request<pb::GroupHello>) -> Result<pb::GroupReady> {
+    let local = req.local_addr();
+    let hello = req.into_inner();
     let (rank, degree) = (hello.rank as usize, hello.degree as usize);
-    node.await_group(hello.epoch, rank, degree, ACTIVATION_PATIENCE).await?;
-    let (down_tx, down_rx) = std::sync::mpsc::channel();
-    let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        // Ends (closing the member's channel) when rank 0 closes or breaks the stream.
-        while let Ok(Some(m)) = inbound.message().await {
-            match down(m) {
-                Ok(d) => {
-                    if down_tx.send(d).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("tensor-parallel group: rank 0 sent {e}");
-                    break;
-                }
+    node.await_group(hello.epoch, rank, degree, PATIENCE).await?;
+    let ip = local.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let listener = std::net::TcpListener::bind((ip, 0))
+        .map_err(|source| WorkerError::Io { path: format!("a group port on {ip}").into(), source })?;
+    let port =
+        listener.local_addr().map_err(|source| WorkerError::Io { path: "group port".into(), source })?.port();
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || {
+        let security = node.cfg.security.clone();
+        match security.accept_socket(&listener, PATIENCE, EXCHANGE_TIMEOUT) {
+            Ok((_, Some(id))) if id.role != Role::Worker => {
+                tracing::error!("epoch {}: a {id} connected to the group port; only rank 0 may", hello.epoch)
             }
+            Ok((socket, _)) => node.send(Command::Follow(Member {
+                rank,
+                degree,
+                epoch: hello.epoch,
+                wire: Wire::new(socket, "rank 0".into()),
+                stats: node.stats.gather.clone(),
+            })),
+            Err(e) => tracing::error!("epoch {}: rank 0 did not connect: {e}", hello.epoch),
         }
     });
-    node.send(Command::Follow(Member {
-        rank,
-        degree,
-        epoch: hello.epoch,
-        down: Mutex::new(down_rx),
-        up: up_tx,
-    }));
-    Ok(Box::pin(UnboundedReceiverStream::new(up_rx).map(|u| Ok(up_message(u)))))
+    Ok(pb::GroupReady { port: u32::from(port) })
 }
 
-/// Rank 0's end: opens `Follow` to each other member (`(rank, address)`, in
-/// rank order) under `epoch`; returns once every member has accepted.
+/// Rank 0's end: asks each other member (`(rank, address)`, in rank order)
+/// to follow under `epoch` and connects to the port it opens.
 pub(crate) async fn lead(
     security: &Security,
     epoch: u64,
     degree: usize,
     members: Vec<(usize, String)>,
+    stats: Arc<crate::node::gather::GatherStats>,
 ) -> Result<Leader> {
     let mut links = Vec::with_capacity(members.len());
     for (rank, address) in members {
         let channel = super::peer::connect(security, &address).await?;
-        let mut client = TensorGroupClient::new(channel)
-            .max_decoding_message_size(GROUP_MESSAGE_BYTES)
-            .max_encoding_message_size(GROUP_MESSAGE_BYTES);
-        let (down_tx, down_rx) = tokio::sync::mpsc::unbounded_channel();
-        let hello = pb::GroupDown {
-            body: Some(DownBody::Hello(pb::GroupHello { epoch, rank: rank as u32, degree: degree as u32 })),
-        };
-        let outbound =
-            tokio_stream::once(hello).chain(UnboundedReceiverStream::new(down_rx).map(down_message));
-        let mut inbound =
-            client.follow(outbound).await.map_err(|s| WorkerError::rpc(address.clone(), s))?.into_inner();
-        let (up_tx, up_rx) = std::sync::mpsc::channel();
-        tokio::spawn(async move {
-            loop {
-                let next = match inbound.message().await {
-                    Ok(Some(m)) => up(m),
-                    Ok(None) => Err("the member closed its stream".to_string()),
-                    Err(s) => Err(format!("the stream broke: {}", s.message())),
-                };
-                let end = next.is_err();
-                if up_tx.send(next).is_err() || end {
-                    break;
-                }
-            }
-        });
-        links.push(MemberLink { rank, down: down_tx, up: Mutex::new(up_rx) });
+        let ready = TensorGroupClient::new(channel)
+            .follow(pb::GroupHello { epoch, rank: rank as u32, degree: degree as u32 })
+            .await
+            .map_err(|s| WorkerError::rpc(address.clone(), s))?
+            .into_inner();
+        let host = zeroshard_security::Address::parse(&address)
+            .map_err(|e| WorkerError::rpc(address.clone(), e))?
+            .host;
+        let port = u16::try_from(ready.port)
+            .map_err(|_| WorkerError::rpc(address.clone(), format!("group port {}", ready.port)))?;
+        let sec = security.clone();
+        let socket = tokio::task::spawn_blocking(move || sec.connect_socket(&host, port, EXCHANGE_TIMEOUT))
+            .await
+            .map_err(|e| WorkerError::Task { what: "connecting a group socket", source: e.into() })?
+            .map_err(|e| WorkerError::rpc(address.clone(), e))?;
+        links.push(MemberLink { rank, wire: Wire::new(socket, format!("member {rank} ({address})")) });
     }
-    Ok(Leader { epoch, members: links })
+    Ok(Leader { epoch, members: links, stats })
 }

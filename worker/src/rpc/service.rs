@@ -126,12 +126,10 @@ impl Worker for Svc {
 
 #[tonic::async_trait]
 impl TensorGroup for Svc {
-    type FollowStream = super::group::UpStream;
-
     async fn follow(
         &self,
-        req: Request<tonic::Streaming<pb::GroupDown>>,
-    ) -> std::result::Result<Response<Self::FollowStream>, Status> {
+        req: Request<pb::GroupHello>,
+    ) -> std::result::Result<Response<pb::GroupReady>, Status> {
         Ok(Response::new(super::group::follow(&self.0, req).await?))
     }
 }
@@ -217,9 +215,7 @@ pub async fn run(
             Guard::members(tls, "Worker", &[Role::Coordinator]),
         ))
         .add_service(InterceptedService::new(
-            TensorGroupServer::new(svc.clone())
-                .max_decoding_message_size(super::group::GROUP_MESSAGE_BYTES)
-                .max_encoding_message_size(super::group::GROUP_MESSAGE_BYTES),
+            TensorGroupServer::new(svc.clone()),
             Guard::members(tls, "TensorGroup", &[Role::Worker]),
         ))
         .add_service(InterceptedService::new(
