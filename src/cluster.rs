@@ -400,15 +400,21 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             "queue_ms_total": s.queue_ms_total, "queue_ms_max": s.queue_ms_max,
             "step_deadlines_missed_total": s.step_deadlines_missed_total,
             "sequences_moved_total": s.sequences_moved_total,
+            "placement": s.placement, "tensor_degree": s.tensor_degree,
             "workers": workers,
         });
         println!("{v}");
         return Ok(());
     }
     println!(
-        "model {} · epoch {} · replicas {} · {} · workers lost {} · sequences resumed {}",
+        "model {} · epoch {} · {} · replicas {} · {} · workers lost {} · sequences resumed {}",
         s.model,
         s.epoch,
+        match (s.placement.as_str(), s.tensor_degree) {
+            ("tensor", d) => format!("tensor placement, groups of {d}"),
+            ("", _) => "no plan yet".to_string(),
+            (p, _) => format!("{p} placement"),
+        },
         s.replicas,
         if s.ready { "ready" } else { "not ready" },
         s.workers_lost_total,

@@ -195,6 +195,8 @@ impl From<ClusterStatus> for pb::ClusterStatusResponse {
             queue_ms_max: s.queue_ms_max,
             step_deadlines_missed_total: s.step_deadlines_missed_total,
             sequences_moved_total: s.sequences_moved_total,
+            placement: s.placement,
+            tensor_degree: s.tensor_degree,
         }
     }
 }
@@ -217,6 +219,8 @@ impl From<pb::ClusterStatusResponse> for ClusterStatus {
             queue_ms_max: s.queue_ms_max,
             step_deadlines_missed_total: s.step_deadlines_missed_total,
             sequences_moved_total: s.sequences_moved_total,
+            placement: s.placement,
+            tensor_degree: s.tensor_degree,
         }
     }
 }

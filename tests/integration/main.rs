@@ -25,3 +25,4 @@ mod refs;
 mod sampling;
 mod security;
 mod slurm;
+mod tensor;

@@ -53,7 +53,13 @@ fn generated_with(extra: &[&str]) -> Value {
 }
 
 /// One HTTP/1.1 request on a fresh connection; (status, body).
-fn http(base: &str, method: &str, path: &str, body: Option<&str>, headers: &[&str]) -> (u16, String) {
+pub(crate) fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[&str],
+) -> (u16, String) {
     let addr = base.strip_prefix("http://").expect("http:// base");
     let mut s = TcpStream::connect(addr).expect("connect to the HTTP front");
     let body = body.unwrap_or("");

@@ -117,6 +117,12 @@ pub(super) fn cluster_text(s: &ClusterStatus, model: &str, in_flight: usize) -> 
     f.one("zeroshard_epoch", "gauge", "The active plan's epoch (0 before the first plan).", s.epoch as f64);
     f.one("zeroshard_workers", "gauge", "Workers registered now.", s.workers.len() as f64);
     f.one(
+        "zeroshard_tensor_parallel_degree",
+        "gauge",
+        "Workers in each tensor-parallel group of the active plan (0: the gather placement).",
+        f64::from(s.tensor_degree),
+    );
+    f.one(
         "zeroshard_workers_lost_total",
         "counter",
         "Workers lost since the coordinator started.",

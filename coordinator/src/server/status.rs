@@ -73,6 +73,11 @@ impl Coordinator {
             queue_ms_max: q.queue_ms_max,
             step_deadlines_missed_total: q.deadlines_missed,
             sequences_moved_total: self.counters().sequences_moved.load(Ordering::Relaxed),
+            placement: plan
+                .as_ref()
+                .map_or("", |p| if p.tensor_degree().is_some() { "tensor" } else { "gather" })
+                .to_string(),
+            tensor_degree: plan.as_ref().and_then(|p| p.tensor_degree()).unwrap_or(0) as u32,
         }
     }
 }
