@@ -513,8 +513,9 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     let report = report?;
+    let placement = a.placement_choice.kind.to_config().name();
     println!(
-        "model: {} · {} workers · max-live {} B · prefetch {} layers · prompt {} tokens, {} new tokens",
+        "model: {} · {} workers · placement {placement} · max-live {} B · prefetch {} layers · prompt {} tokens, {} new tokens",
         a.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
         a.workers,
         max_live_bytes,
@@ -528,34 +529,36 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             b.batch, b.prefill_tokens_per_s, b.decode_tokens_per_s, b.tokens_per_s
         );
     }
+    println!("per decode step (after every request had its first token), each worker:");
     println!(
-        "{:>5} {:>6} {:>6} {:>9} {:>11} {:>10} {:>12} {:>9} {:>8} {:>9}",
+        "{:>5} {:>6} {:>6} {:>9} {:>11} {:>9} {:>11} {:>10} {:>8} {:>9} {:>9}",
         "batch",
         "worker",
         "steps",
         "step ms",
         "compute ms",
-        "gather ms",
+        "wait ms",
         "gathered MB",
         "gather GB/s",
         "overlap",
-        "tok/s"
+        "sent KB",
+        "recv KB"
     );
     for b in &report.batches {
-        for (i, w) in b.workers.iter().enumerate() {
-            let tps = if i == 0 { format!("{:.1}", b.tokens_per_s) } else { String::new() };
+        for w in &b.workers {
             println!(
-                "{:>5} {:>6} {:>6} {:>9.2} {:>11.2} {:>10.2} {:>12.1} {:>11.2} {:>8.2} {:>9}",
+                "{:>5} {:>6} {:>6} {:>9.2} {:>11.2} {:>9.2} {:>11.1} {:>10.2} {:>8.2} {:>9.1} {:>9.1}",
                 b.batch,
                 w.worker,
                 w.steps,
                 w.step_ms,
                 w.compute_ms,
-                w.gather_ms,
+                w.step_ms - w.compute_ms,
                 w.gathered_mb_per_step,
                 w.gather_gbs,
                 w.overlap,
-                tps
+                w.group_sent_kb_per_step,
+                w.group_received_kb_per_step
             );
         }
     }
@@ -570,6 +573,40 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             *pers as f64 / 1e6,
             bound as f64 / 1e6,
             if *rss < bound { "below" } else { "ABOVE" }
+        );
+    }
+    if a.json {
+        let rows: Vec<serde_json::Value> = report
+            .batches
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "batch": b.batch,
+                    "prefill_tokens_per_s": b.prefill_tokens_per_s,
+                    "decode_tokens_per_s": b.decode_tokens_per_s,
+                    "tokens_per_s_wall": b.tokens_per_s,
+                    "workers": b.workers.iter().map(|w| serde_json::json!({
+                        "worker": w.worker,
+                        "decode_steps": w.steps,
+                        "decode_step_ms": w.step_ms,
+                        "wait_ms": w.step_ms - w.compute_ms,
+                        "gathered_bytes_per_step": w.gathered_mb_per_step * 1e6,
+                        "group_sent_bytes_per_step": w.group_sent_kb_per_step * 1e3,
+                        "group_received_bytes_per_step": w.group_received_kb_per_step * 1e3,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": a.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
+                "workers": a.workers,
+                "placement": placement,
+                "prompt_len": a.prompt_len,
+                "new_tokens": a.new_tokens,
+                "rows": rows,
+            })
         );
     }
     Ok(())

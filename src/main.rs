@@ -7,6 +7,7 @@ mod cuda;
 mod generate;
 mod hub;
 mod launch;
+mod plan;
 mod security;
 mod telemetry;
 
@@ -58,6 +59,7 @@ fn main() {
         Command::Status(a) => cluster::status(a),
         Command::Certs(c) => security::certs(c),
         Command::Launch(a) => launch::launch(a),
+        Command::Plan(a) => plan::run(a),
         Command::Cuda(c) => cuda::run(c),
     };
     // Spans still batched go out before the process ends.

@@ -1,6 +1,7 @@
 //! `zeroshard bench --workers N`: a local cluster under batched load, with
 //! per-worker step, compute and gather times, gather throughput, the overlap
 //! ratio `step / max(compute, gather)`, and each worker's peak RSS.
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{CoordinatorError, Result};
@@ -12,6 +13,8 @@ use tokio::sync::watch;
 
 /// One worker's figures over one batch size.
 #[derive(Clone, Debug)]
+/// One worker's decode steps (after every request of the batch had its
+/// first token).
 pub struct WorkerRow {
     pub worker: u64,
     pub steps: u64,
@@ -22,6 +25,9 @@ pub struct WorkerRow {
     pub gather_gbs: f64,
     /// `step / max(compute, gather)`; 1.0 is perfect overlap.
     pub overlap: f64,
+    /// The tensor placement: activation bytes sent to and received from the group.
+    pub group_sent_kb_per_step: f64,
+    pub group_received_kb_per_step: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -104,8 +110,10 @@ async fn drive(
     let endpoint = cluster.endpoint.clone();
     let mut reports = Vec::new();
     for &batch in batches {
-        let before = stats(cluster).await;
         let start = Instant::now();
+        // Counts requests that have their first token; at `batch` the workers'
+        // figures are read, so the rows below are of decode steps only.
+        let first = Arc::new((std::sync::atomic::AtomicUsize::new(0), tokio::sync::Notify::new()));
         let tasks: Vec<_> = (0..batch)
             .map(|b| {
                 let prompt: Vec<u32> = (0..prompt_len)
@@ -113,12 +121,17 @@ async fn drive(
                     .collect();
                 let endpoint = endpoint.clone();
                 let auth = cluster.client.clone();
+                let first = first.clone();
                 tokio::spawn(async move {
                     let mut client = crate::client::connect(&endpoint, &auth).await?;
                     let req = greedy(Prompt::Ids(prompt), new_tokens);
                     let mut arrivals = Vec::new();
                     crate::client::generate(&mut client, &req, true, |tokens, _| {
                         if !tokens.is_empty() {
+                            if arrivals.is_empty() {
+                                first.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                first.1.notify_one();
+                            }
                             arrivals.push((Instant::now(), tokens.len()));
                         }
                     })
@@ -128,6 +141,16 @@ async fn drive(
                 })
             })
             .collect();
+        while first.0.load(std::sync::atomic::Ordering::SeqCst) < batch {
+            tokio::select! {
+                _ = first.1.notified() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            }
+            if tasks.iter().all(|t| t.is_finished()) {
+                break;
+            }
+        }
+        let before = stats(cluster).await;
         let mut timings = Vec::with_capacity(batch);
         for t in tasks {
             timings.push(t.await.map_err(|e| CoordinatorError::Unavailable(e.to_string()))??);
@@ -164,6 +187,13 @@ async fn drive(
                     compute_ms,
                     gather_ms,
                     gathered_mb_per_step: bytes as f64 / steps as f64 / 1e6,
+                    group_sent_kb_per_step: (b.group_sent_bytes_total - a.group_sent_bytes_total) as f64
+                        / steps as f64
+                        / 1e3,
+                    group_received_kb_per_step: (b.group_received_bytes_total - a.group_received_bytes_total)
+                        as f64
+                        / steps as f64
+                        / 1e3,
                     gather_gbs: if busy_ns > 0 { bytes as f64 / busy_ns as f64 } else { 0.0 },
                     overlap: step_ms / compute_ms.max(gather_ms).max(1e-9),
                 }

@@ -155,6 +155,8 @@ impl From<pb::WorkerStats> for WorkerStats {
             kv_reserved_bytes: s.kv_reserved_bytes,
             kv_bytes_per_token: s.kv_bytes_per_token,
             max_active_sequences: s.max_active_sequences,
+            group_sent_bytes_total: s.group_sent_bytes_total,
+            group_received_bytes_total: s.group_received_bytes_total,
         }
     }
 }

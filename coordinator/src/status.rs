@@ -32,6 +32,9 @@ pub struct WorkerStats {
     /// KV-cache bytes one token takes (0 before its first plan).
     pub kv_bytes_per_token: u64,
     pub max_active_sequences: u32,
+    /// The tensor placement: bytes sent to and received from its group.
+    pub group_sent_bytes_total: u64,
+    pub group_received_bytes_total: u64,
 }
 
 /// One worker as `status` shows it.

@@ -484,7 +484,7 @@ mod tests {
             let want: Vec<Vec<u32>> = cases.iter().map(|p| ids(&p["new_token_ids"])).collect();
             let new = want.iter().map(Vec::len).min().expect("a case");
             let want: Vec<Vec<u32>> = want.into_iter().map(|w| w[..new].to_vec()).collect();
-            for degree in (1..=c.num_kv_heads).filter(|d| c.num_kv_heads % d == 0) {
+            for degree in (1..=c.num_kv_heads).filter(|d| c.num_kv_heads.is_multiple_of(*d)) {
                 let (got, _) = group_greedy(&c, &whole, degree, &prompts, new);
                 assert_eq!(got, want, "{name}, degree {degree}");
                 checked.push(format!("{name}×{degree}"));

@@ -448,7 +448,7 @@ impl ModelConfig {
                 self.architecture
             ));
         }
-        if self.num_kv_heads % degree != 0 {
+        if !self.num_kv_heads.is_multiple_of(degree) {
             return Err(format!(
                 "{degree} tensor-parallel workers do not divide the model's {} KV heads \
                  (each worker computes whole KV-head groups): use a divisor of {}",

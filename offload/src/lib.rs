@@ -36,6 +36,7 @@
 mod checkpoint;
 mod config;
 pub mod convert;
+pub mod cost;
 pub mod digest;
 mod dtype;
 mod error;

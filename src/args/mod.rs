@@ -55,6 +55,9 @@ pub(crate) enum Command {
     /// the NVRTC on the library path (`kernels`: no GPU needed).
     #[command(subcommand)]
     Cuda(CudaCommand),
+    /// Predict each placement for a model over N workers (bytes moved, memory
+    /// per worker, prefill and decode tok/s) and say which it would choose.
+    Plan(PlanArgs),
     /// Become this task's cluster member under a launcher (srun): rank 0 the
     /// coordinator, the others workers; settings from ZEROSHARD_* variables.
     Launch(LaunchArgs),

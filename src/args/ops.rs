@@ -85,3 +85,49 @@ pub(crate) struct CudaKernelsArgs {
     #[arg(long, hide = true)]
     pub append_source: Option<String>,
 }
+
+#[derive(Args, Debug)]
+pub(crate) struct PlanArgs {
+    /// Hugging Face model folder (only its config.json is read), or a Hub id.
+    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    pub model: Option<PathBuf>,
+    /// A model shape instead of a folder, as `bench --synthetic` takes it.
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// Workers the model is split over.
+    #[arg(long)]
+    pub workers: usize,
+    /// Each way, between two workers, Gbit/s (default: 10).
+    #[arg(long, default_value_t = 10.0)]
+    pub link_gbps: f64,
+    /// A message's round trip between two workers, µs (default: 50).
+    #[arg(long, default_value_t = 50.0)]
+    pub link_latency_us: f64,
+    /// The rate a gather assembles ranges at when below the link's, Gbit/s
+    /// (checks and copies; 4.8 measured with mTLS and digests on a 2-core
+    /// machine, `docs/benchmarks.md`).
+    #[arg(long, default_value_t = 4.8)]
+    pub gather_gbps: f64,
+    /// One worker's compute, as measured on this machine (default), or given:
+    /// multiply-add GFLOP/s at the f32 FMA peak, and GB/s it reads weights at.
+    #[arg(long, requires = "worker_read_gbs")]
+    pub worker_gflops: Option<f64>,
+    #[arg(long, requires = "worker_gflops")]
+    pub worker_read_gbs: Option<f64>,
+    /// All workers on this machine (they share its cores and memory
+    /// bandwidth: each gets 1/N of what is measured).
+    #[arg(long)]
+    pub colocated: bool,
+    /// Comma-separated decode batch sizes.
+    #[arg(long, default_value = "1,8,32")]
+    pub batch: String,
+    /// Prompt tokens of the predicted prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// The decode batch the choice is made for (a cluster's expected load).
+    #[arg(long, default_value_t = 8)]
+    pub choose_at: usize,
+    /// Print the predictions as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -224,7 +224,7 @@ fn tensor_degree(placement: Placement, config: &ModelConfig, live: usize, groups
         return 0;
     }
     let groups = groups.max(1) as usize;
-    let fits = if live % groups != 0 {
+    let fits = if !live.is_multiple_of(groups) {
         Err(format!("{live} workers do not make {groups} equal groups (--replicas)"))
     } else {
         config.check_tensor_degree(live / groups)

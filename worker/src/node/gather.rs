@@ -54,6 +54,9 @@ pub(crate) struct GatherStats {
     pub wait_nanos: AtomicU64,
     /// Fetches completed by a replica after the first holder failed.
     pub failovers: AtomicU64,
+    /// The tensor placement: bytes sent to and received from the group.
+    pub group_sent: AtomicU64,
+    pub group_received: AtomicU64,
     /// Blocks that failed their digest, by the holder that sent them.
     rejected_blocks: Mutex<BTreeMap<u64, u64>>,
     in_flight: std::sync::Mutex<(u32, Option<Instant>)>,

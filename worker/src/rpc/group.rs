@@ -6,6 +6,7 @@
 //! order (a `GroupOrder` message), f32 values (little-endian, as computed:
 //! a sum is the same bits on every member), or u32 tokens.
 use std::io::{ErrorKind, Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use zeroshard_proto::v1::tensor_group_client::TensorGroupClient;
 use zeroshard_security::{Role, Security, Socket};
 
 use crate::error::{Result, WorkerError};
+use crate::node::gather::GatherStats;
 use crate::node::group::{Down, Joined, Leader, Member, MemberLink, Order, Up, EXCHANGE_TIMEOUT};
 use crate::node::{Command, Node};
 use zeroshard_engine::EngineError;
@@ -46,11 +48,13 @@ pub(crate) struct Wire {
     socket: Mutex<Box<dyn Socket>>,
     /// Who is at the other end, for errors.
     peer: String,
+    /// Where the bytes it moves are counted.
+    stats: Arc<GatherStats>,
 }
 
 impl Wire {
-    fn new(socket: Box<dyn Socket>, peer: String) -> Self {
-        Self { socket: Mutex::new(socket), peer }
+    fn new(socket: Box<dyn Socket>, peer: String, stats: Arc<GatherStats>) -> Self {
+        Self { socket: Mutex::new(socket), peer, stats }
     }
 
     fn io(&self, e: std::io::Error) -> EngineError {
@@ -71,7 +75,9 @@ impl Wire {
         let mut frame = Vec::with_capacity(5 + payload.len());
         frame.extend_from_slice(&head);
         frame.extend_from_slice(payload);
-        s.write_all(&frame).and_then(|()| s.flush()).map_err(|e| self.io(e))
+        s.write_all(&frame).and_then(|()| s.flush()).map_err(|e| self.io(e))?;
+        self.stats.group_sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The next frame; with `idle`, `Ok(None)` when none starts within it.
@@ -98,11 +104,12 @@ impl Wire {
         }
         let mut payload = vec![0u8; len];
         s.read_exact(&mut payload).map_err(|e| self.io(e))?;
+        self.stats.group_received.fetch_add(5 + len as u64, Ordering::Relaxed);
         Ok(Some((head[0], payload)))
     }
 
     fn values(&self, payload: &[u8]) -> zeroshard_engine::Result<Vec<f32>> {
-        if payload.len() % 4 != 0 {
+        if !payload.len().is_multiple_of(4) {
             return Err(group_error(format!("{} sent {} bytes, not whole values", self.peer, payload.len())));
         }
         Ok(payload.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
@@ -213,7 +220,7 @@ pub(crate) async fn follow(node: &Arc<Node>, req: Request<pb::GroupHello>) -> Re
                 rank,
                 degree,
                 epoch: hello.epoch,
-                wire: Wire::new(socket, "rank 0".into()),
+                wire: Wire::new(socket, "rank 0".into(), node.stats.gather.clone()),
                 stats: node.stats.gather.clone(),
             })),
             Err(e) => tracing::error!("epoch {}: rank 0 did not connect: {e}", hello.epoch),
@@ -229,7 +236,7 @@ pub(crate) async fn lead(
     epoch: u64,
     degree: usize,
     members: Vec<(usize, String)>,
-    stats: Arc<crate::node::gather::GatherStats>,
+    stats: Arc<GatherStats>,
 ) -> Result<Leader> {
     let mut links = Vec::with_capacity(members.len());
     for (rank, address) in members {
@@ -249,7 +256,10 @@ pub(crate) async fn lead(
             .await
             .map_err(|e| WorkerError::Task { what: "connecting a group socket", source: e.into() })?
             .map_err(|e| WorkerError::rpc(address.clone(), e))?;
-        links.push(MemberLink { rank, wire: Wire::new(socket, format!("member {rank} ({address})")) });
+        links.push(MemberLink {
+            rank,
+            wire: Wire::new(socket, format!("member {rank} ({address})"), stats.clone()),
+        });
     }
     Ok(Leader { epoch, members: links, stats })
 }

@@ -120,6 +120,8 @@ impl Worker for Svc {
             kv_reserved_bytes: n.batch.kv_reserved.load(Ordering::Relaxed),
             kv_bytes_per_token: n.batch.kv_bytes_per_token.load(Ordering::Relaxed),
             max_active_sequences: n.batch.max_active.load(Ordering::Relaxed),
+            group_sent_bytes_total: n.gather.group_sent.load(Ordering::Relaxed),
+            group_received_bytes_total: n.gather.group_received.load(Ordering::Relaxed),
         }))
     }
 }
