@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine with only the Rust toolchain:
 # installs what is missing, checks formatting and lints, then runs every test
-# (release mode: the model math would crawl in debug).
+# in the `ci` profile: release code generation without link-time optimisation
+# (the model math would crawl in debug; thin LTO of each test binary was most
+# of the build). Figures come from `cargo build --release`, never from here.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh --quick    # skip fmt and clippy
@@ -50,7 +52,7 @@ if [ "$quick" = 0 ]; then
   echo "== cargo fmt --check"
   cargo fmt --all -- --check
   echo "== cargo clippy"
-  cargo clippy --release --workspace --all-targets --features zeroshard/fault-injection -- -D warnings
+  cargo clippy --profile ci --workspace --all-targets --features zeroshard/fault-injection -- -D warnings
 fi
 
 echo "== crate graph and gRPC edges"
@@ -76,10 +78,10 @@ if ! wheels_err=$(scripts/cuda-wheels.sh 2>&1 >/dev/null); then
 fi
 
 # The worker's fault-injection hooks are built in for the tests only (the
-# integration tests drive failures through them); the release binary checked at
+# integration tests drive failures through them); the binary checked at
 # the end is built without them.
-echo "== cargo test (release, with fault injection)"
-cargo test --release --workspace --features zeroshard/fault-injection -- "${skip[@]}" 2>&1 | tee target/test.log
+echo "== cargo test (ci profile, with fault injection)"
+cargo test --profile ci --workspace --features zeroshard/fault-injection -- "${skip[@]}" 2>&1 | tee target/test.log
 # One closing line that counts every test binary together.
 # Only cargo's own "test result:" lines count (log lines such as "worker 1 failed" must not).
 results=$(grep -E '^test result:' target/test.log || true)
@@ -93,9 +95,9 @@ ignored=$((ignored + nvrtc_skipped))
 echo "== GPU check dry run"
 bundle=$(mktemp -d)
 trap 'rm -rf "$bundle"' EXIT
-engine_tests=$(cargo test --release -p zeroshard-engine --lib --no-run --message-format=json 2>/dev/null \
+engine_tests=$(cargo test --profile ci -p zeroshard-engine --lib --no-run --message-format=json 2>/dev/null \
   | grep '"executable":"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
-ln -s "$(pwd)/target/release/zeroshard" "$bundle/zeroshard"
+ln -s "$(pwd)/target/ci/zeroshard" "$bundle/zeroshard"
 [ -n "$engine_tests" ] && ln -s "$engine_tests" "$bundle/engine-tests"
 ln -s "$ZEROSHARD_SHARED/models" "$bundle/models"
 ln -s "$ZEROSHARD_SHARED/refs" "$bundle/refs"
@@ -110,11 +112,13 @@ else
   failed=$((failed + 1))
   echo "gpu-check dry run FAILED (exit $dry_rc, or rows out of order): see target/gpu-check-dry.log"
 fi
-# The release binary a user builds carries no test hooks: rebuilt without the
-# feature, it names none of the fault flags or their variables.
-echo "== release binary without test hooks"
-cargo build --release -p zeroshard 2>&1 | tail -1
-hooks=$(grep -aci zeroshard_fault target/release/zeroshard || true)
+# The binary a user builds carries no test hooks: rebuilt without the feature
+# (same code as `--release`, in this script's profile: only the worker crate
+# and the binary are rebuilt, no second LTO link), it names none of the fault
+# flags or their variables.
+echo "== binary without test hooks"
+cargo build --profile ci -p zeroshard
+hooks=$(grep -aci zeroshard_fault target/ci/zeroshard || true)
 if [ "$hooks" = 0 ]; then
   passed=$((passed + 1))
   echo "release binary: no fault-injection hooks"
