@@ -478,7 +478,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
     let batches = args::parse_list(&a.batch).context("--batch")?;
     // A synthetic model is written to a temporary folder the workers map.
     let tmp = std::env::temp_dir().join(format!("zeroshard-bench-{}", std::process::id()));
-    let (dir, config) = match (&a.model, &a.synthetic) {
+    let (dir, config) = match (&a.source.model, &a.source.synthetic) {
         (Some(dir), None) => (dir.clone(), zeroshard_offload::ModelConfig::from_dir(dir)?),
         (None, Some(spec)) => {
             let config = synthetic::synthetic_config(spec)?;
@@ -509,14 +509,14 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
     };
     let report =
         runtime()?.block_on(cluster_bench::run(&up, config.vocab_size, &batches, a.prompt_len, a.new_tokens));
-    if a.synthetic.is_some() {
+    if a.source.synthetic.is_some() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     let report = report?;
     let placement = a.placement_choice.kind.to_config().name();
     println!(
         "model: {} · {} workers · placement {placement} · max-live {} B · prefetch {} layers · prompt {} tokens, {} new tokens",
-        a.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
+        a.source.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
         a.workers,
         max_live_bytes,
         a.tuning.placement.prefetch_layers,
@@ -600,7 +600,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "model": a.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
+                "model": a.source.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
                 "workers": a.workers,
                 "placement": placement,
                 "prompt_len": a.prompt_len,

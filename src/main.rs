@@ -194,8 +194,8 @@ fn keep_freed_buffers() {
 }
 
 fn run_bench(mut a: BenchArgs) -> Result<()> {
-    a.model = a.model.as_deref().map(hub::resolve).transpose()?;
-    if let (Some(dir), Some(spec)) = (&a.write_checkpoint, &a.synthetic) {
+    a.source.model = a.source.model.as_deref().map(hub::resolve).transpose()?;
+    if let (Some(dir), Some(spec)) = (&a.write_checkpoint, &a.source.synthetic) {
         let config = zeroshard_offload::synthetic::synthetic_config(spec)?;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--write-checkpoint: creating {}", dir.display()))?;
@@ -215,7 +215,7 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
         max_rows: max_batch * a.prompt_len.max(1),
     };
     let gpu = gpu_options(&a.tuning.placement);
-    let ((config, weights), label) = match (&a.model, &a.synthetic) {
+    let ((config, weights), label) = match (&a.source.model, &a.source.synthetic) {
         (Some(dir), None) => (local::load_weights(dir)?, dir.display().to_string()),
         (None, Some(spec)) => (bench::synthetic_model(spec)?, spec.clone()),
         _ => bail!("give exactly one of --model or --synthetic"),

@@ -14,7 +14,7 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     if a.link_gbps <= 0.0 || a.gather_gbps <= 0.0 || a.link_latency_us < 0.0 {
         bail!("--link-gbps and --gather-gbps must be positive, --link-latency-us not negative");
     }
-    let (config, label) = match (&a.model, &a.synthetic) {
+    let (config, label) = match (&a.source.model, &a.source.synthetic) {
         (Some(m), None) => {
             let dir = crate::hub::resolve(m)?;
             (

@@ -9,10 +9,10 @@ use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::inference_client::InferenceClient;
 use zeroshard_security::{Address, TlsPaths};
 
-use crate::credentials::client_security;
 use crate::error::{CoordinatorError, Result};
 use crate::request::{GenerateOutput, GenerateRequest};
 use crate::status::ClusterStatus;
+use zeroshard_security::bundle::client_security;
 
 /// How a client proves itself: TLS credentials (`None`: plaintext, or the
 /// bundle `up` left for the endpoint) and an API key.
@@ -52,7 +52,8 @@ pub async fn connect(endpoint: &str, auth: &ClientAuth) -> Result<Client> {
         )));
     }
     let addr = Address::parse(endpoint).map_err(|e| invalid(e.to_string()))?;
-    let security = client_security(&addr, auth.tls.clone())?;
+    let security = client_security(&addr, auth.tls.clone())
+        .map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))?;
     let bearer = match &auth.api_key {
         Some(k) => Some(
             format!("Bearer {k}")

@@ -14,7 +14,6 @@
 //! - [`request`]: a client's request and the answer, as `generate` and `query` share them;
 //!   [`status`]: the cluster as `status` and `/metrics` show it.
 //! - [`client`]: `query` and `status` against a running cluster;
-//!   [`credentials`]: the CA `up` makes and the client bundles it leaves.
 //! - [`run`]: a coordinator's lifecycle (serve, wait ready, drain, close),
 //!   for every command that runs one.
 //! - [`up`] and [`launcher`]: a coordinator plus N local worker processes.
@@ -23,7 +22,6 @@ pub mod chat;
 pub mod client;
 pub mod cluster_bench;
 mod convert;
-pub mod credentials;
 mod error;
 pub mod launcher;
 pub mod membership;

@@ -7,7 +7,7 @@
 //! Secure by default: `up` makes an ephemeral CA in a private temporary
 //! folder, gives the coordinator and every worker its own certificate (mTLS
 //! on every connection, loopback included), and leaves a client bundle that
-//! `query` and `status` find by endpoint ([`crate::credentials`]); all of it
+//! `query` and `status` find by endpoint ([`zeroshard_security::bundle`]); all of it
 //! is removed when `up` stops. `insecure` runs plaintext (`grpc://`).
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,12 +20,16 @@ use tokio::sync::watch;
 use zeroshard_security::{Role, Security};
 
 use crate::client::ClientAuth;
-use crate::credentials::{find_bundle_in, UpCredentials};
 use crate::error::{CoordinatorError, Result};
 use crate::launcher::Fleet;
 use crate::membership::embedded::EmbeddedMembership;
 use crate::run::{Listeners, Serving};
 use crate::server::{self, ClusterConfig, Coordinator};
+use zeroshard_security::bundle::{find_bundle_in, UpCredentials};
+
+fn unavailable(e: zeroshard_security::TlsError) -> CoordinatorError {
+    CoordinatorError::Unavailable(e.to_string())
+}
 
 /// What `up` starts.
 #[derive(Clone, Debug)]
@@ -72,10 +76,10 @@ impl LocalCluster {
         let mut cluster_cfg = cfg.cluster.clone();
         let mut credentials = None;
         if !cfg.insecure {
-            let mut c = UpCredentials::generate(n, cluster_cfg.api_keys.is_none())?;
+            let mut c = UpCredentials::generate(n, cluster_cfg.api_keys.is_none()).map_err(unavailable)?;
             cluster_cfg.security = Security::load(c.coordinator(), Some(Role::Coordinator))
                 .map_err(|e| CoordinatorError::Unavailable(format!("credentials: {e}")))?;
-            c.publish(&addr.to_string())?;
+            c.publish(&addr.to_string()).map_err(unavailable)?;
             credentials = Some(c);
         }
         let scheme = cluster_cfg.security.scheme();

@@ -26,13 +26,8 @@ pub(crate) struct GenerateArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// Hugging Face model folder to measure (or a Hub id org/name[@revision]).
-    #[arg(long, conflicts_with = "synthetic")]
-    pub model: Option<PathBuf>,
-    /// A random-weight model built in memory, e.g.
-    /// `llama:hidden=1024,layers=16,heads=16,kv_heads=4,ffn=2816,vocab=32000`.
-    #[arg(long)]
-    pub synthetic: Option<String>,
+    #[command(flatten)]
+    pub source: ModelOrShape,
     /// Write the `--synthetic` model as a checkpoint folder (config.json,
     /// model.safetensors) here and exit: the same weights `bench --synthetic` computes
     /// with, for another engine to load.
@@ -64,4 +59,16 @@ pub(crate) struct BenchArgs {
     /// Also print the figures as one JSON object (last line).
     #[arg(long)]
     pub json: bool,
+}
+
+/// A model folder, or only a shape (`bench`, `plan`): exactly one of them.
+#[derive(Args, Debug)]
+pub(crate) struct ModelOrShape {
+    /// Hugging Face model folder (or a Hub id org/name[@revision]).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub model: Option<PathBuf>,
+    /// A random-weight model of this shape instead, e.g.
+    /// `llama:hidden=1024,layers=16,heads=16,kv_heads=4,ffn=2816,vocab=32000`.
+    #[arg(long)]
+    pub synthetic: Option<String>,
 }

@@ -88,12 +88,9 @@ pub(crate) struct CudaKernelsArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct PlanArgs {
-    /// Hugging Face model folder (only its config.json is read), or a Hub id.
-    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
-    pub model: Option<PathBuf>,
-    /// A model shape instead of a folder, as `bench --synthetic` takes it.
-    #[arg(long)]
-    pub synthetic: Option<String>,
+    /// The model (only its config.json is read), or its shape.
+    #[command(flatten)]
+    pub source: super::ModelOrShape,
     /// Workers the model is split over.
     #[arg(long)]
     pub workers: usize,

@@ -433,7 +433,7 @@ fn schemes_must_match_the_server() {
 /// The CA of the bundle `up` left for `endpoint`.
 fn secure_bundle_ca(endpoint: &str) -> String {
     let authority = endpoint.trim_start_matches("grpcs://");
-    let dir = zeroshard_coordinator::credentials::bundle_dir(authority).expect("state dir");
+    let dir = zeroshard_security::bundle::bundle_dir(authority).expect("state dir");
     dir.join("ca.pem").display().to_string()
 }
 

@@ -263,4 +263,15 @@ mod tests {
         let no_pull = pb::InstallPlanRequest { pull_from: Some(String::new()), ..wire };
         assert_eq!(Assignment::try_from(no_pull).map(|a| a.pull_from), Ok(None));
     }
+
+    #[test]
+    fn a_tensor_plan_keeps_its_groups_over_the_wire() {
+        let meta = vec![TensorMeta { name: "w".into(), shape: vec![8, 8], layer: Some(0) }];
+        let workers: Vec<WorkerId> = [5, 3, 9, 7].into_iter().map(WorkerId).collect();
+        let options = PlanOptions { tensor_degree: 2, replicas: 2, ..PlanOptions::default() };
+        let p = crate::plan::plan(&meta, &workers, &options).expect("plan");
+        let back = Plan::try_from(pb::PartitionPlan::from(&p)).expect("wire");
+        assert_eq!(back.tensor_group(WorkerId(7)), Some((&workers[2..4], 1)));
+        assert_eq!(back.routable(), vec![WorkerId(5), WorkerId(9)]);
+    }
 }

@@ -15,13 +15,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use zeroshard_security::certs::{loopback_sans, Ca};
-use zeroshard_security::{Address, Role, Security, TlsPaths};
+use crate::certs::{loopback_sans, Ca};
+use crate::tls::TlsError;
 
-use crate::error::{CoordinatorError, Result};
+type Result<T> = std::result::Result<T, TlsError>;
+use crate::{Address, Role, Security, TlsPaths};
 
-fn setup(e: impl std::fmt::Display) -> CoordinatorError {
-    CoordinatorError::Unavailable(format!("credentials: {e}"))
+fn setup(e: impl std::fmt::Display) -> TlsError {
+    TlsError::Config(format!("credentials: {e}"))
 }
 
 /// Where client bundles are kept.
@@ -66,7 +67,7 @@ pub fn find_bundle_in(dir: &Path) -> Option<TlsPaths> {
 pub fn client_security(addr: &Address, given: Option<TlsPaths>) -> Result<Security> {
     let paths = match (addr.tls, given) {
         (false, Some(_)) => {
-            return Err(CoordinatorError::InvalidRequest(format!(
+            return Err(TlsError::Address(format!(
                 "--endpoint {} is plaintext but TLS credentials were given: use grpcs:// (https://)",
                 addr.uri()
             )))
@@ -74,7 +75,7 @@ pub fn client_security(addr: &Address, given: Option<TlsPaths>) -> Result<Securi
         (false, None) => return Ok(Security::plaintext()),
         (true, Some(p)) => p,
         (true, None) => find_bundle(&addr.authority()).ok_or_else(|| {
-            CoordinatorError::InvalidRequest(format!(
+            TlsError::Address(format!(
                 "--endpoint {} speaks TLS: give --tls-ca (and --tls-cert/--tls-key, or --api-key); \
                  no credentials that `up` left for it were found in {}",
                 addr.uri(),
@@ -83,7 +84,7 @@ pub fn client_security(addr: &Address, given: Option<TlsPaths>) -> Result<Securi
             ))
         })?,
     };
-    Security::load(paths, None).map_err(|e| CoordinatorError::InvalidRequest(e.to_string()))
+    Security::load(paths, None)
 }
 
 /// Creates `dir` (and parents) and makes it owner-only.
@@ -172,8 +173,7 @@ impl UpCredentials {
         }
         let _ = fs::remove_dir_all(&dir);
         private_dir(&dir)?;
-        zeroshard_security::certs::write_private(&dir.join("ca.pem"), self.ca.cert_pem().as_bytes())
-            .map_err(setup)?;
+        crate::certs::write_private(&dir.join("ca.pem"), self.ca.cert_pem().as_bytes()).map_err(setup)?;
         if self.client_cert {
             let pem = self.ca.issue(Role::Client, "up-client", &[]).map_err(setup)?;
             pem.write(&dir, "client").map_err(setup)?;
