@@ -433,12 +433,7 @@ impl<B: Backend> Engine<B> {
         src: &dyn WeightSource,
         keep_logits: bool,
     ) -> Result<(Vec<StepToken>, Vec<Vec<f32>>)> {
-        if let Some(s) = seqs.iter().find(|s| s.finished.is_some()) {
-            return Err(EngineError::InvalidRequest(format!(
-                "step on a finished sequence ({:?})",
-                s.finished
-            )));
-        }
+        refuse_finished(seqs)?;
         let logits = self.pool.install(|| self.forward_from(seqs, src))?;
         let mut out = Vec::with_capacity(seqs.len());
         let mut kept = Vec::new();
@@ -479,12 +474,7 @@ impl<B: Backend> Engine<B> {
         group: &dyn Collective,
         keep_logits: bool,
     ) -> Result<(Vec<StepToken>, Vec<Vec<f32>>)> {
-        if let Some(s) = seqs.iter().find(|s| s.finished.is_some()) {
-            return Err(EngineError::InvalidRequest(format!(
-                "step on a finished sequence ({:?})",
-                s.finished
-            )));
-        }
+        refuse_finished(seqs)?;
         let logits = self.pool.install(|| self.forward_checked(seqs, &self.weights, Some(group)))?;
         let mut kept = Vec::new();
         let mut tokens = Vec::with_capacity(seqs.len());
@@ -510,6 +500,16 @@ impl<B: Backend> Engine<B> {
 
     pub fn step(&self, seqs: &mut [&mut Sequence<B>]) -> Result<Vec<StepToken>> {
         Ok(self.step_with_logits(seqs, false)?.0)
+    }
+}
+
+/// A step over a finished sequence is the caller's mistake.
+fn refuse_finished<B: Backend>(seqs: &[&mut Sequence<B>]) -> Result<()> {
+    match seqs.iter().find(|s| s.finished.is_some()) {
+        Some(s) => {
+            Err(EngineError::InvalidRequest(format!("step on a finished sequence ({:?})", s.finished)))
+        }
+        None => Ok(()),
     }
 }
 

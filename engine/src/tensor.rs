@@ -316,21 +316,7 @@ mod tests {
         prompts: &[Vec<u32>],
         new: usize,
     ) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
-        let members: Vec<_> = LocalGroup::new(degree)
-            .into_iter()
-            .map(|g| {
-                let shard = TensorShard::new(c, g.rank(), degree).expect("shard");
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
-                let e = Engine::tensor_member(
-                    CpuBackend::new(),
-                    c,
-                    shard.clone(),
-                    shard.weights(c, whole).expect("cut"),
-                )
-                .with_compute_pool(Arc::new(pool));
-                (g, e)
-            })
-            .collect();
+        let members = super::tests_support::members(c, whole, degree, 1);
         std::thread::scope(|s| {
             let runs: Vec<_> = members
                 .iter()
@@ -553,6 +539,27 @@ mod tests_support {
     use crate::cpu::CpuBackend;
     use crate::engine::{Engine, GenerationParams};
 
+    /// `degree` in-process members of a group for `c` cut from `whole`, each
+    /// with its own pool of `threads` (they wait on each other inside a step).
+    pub(super) fn members(
+        c: &ModelConfig,
+        whole: &HostWeights,
+        degree: usize,
+        threads: usize,
+    ) -> Vec<(LocalGroup, Engine<CpuBackend>)> {
+        LocalGroup::new(degree)
+            .into_iter()
+            .map(|g| {
+                let shard = TensorShard::new(c, g.rank(), degree).expect("shard");
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+                let weights = shard.weights(c, whole).expect("cut");
+                let e = Engine::tensor_member(CpuBackend::new(), c, shard, weights)
+                    .with_compute_pool(Arc::new(pool));
+                (g, e)
+            })
+            .collect()
+    }
+
     /// Seconds per decode step (after the prefill) of `degree` in-process
     /// members with `threads` compute threads each.
     pub(super) fn timed_group_decode(
@@ -563,21 +570,7 @@ mod tests_support {
         prompts: &[Vec<u32>],
         new: usize,
     ) -> f64 {
-        let members: Vec<_> = LocalGroup::new(degree)
-            .into_iter()
-            .map(|g| {
-                let shard = TensorShard::new(c, g.rank(), degree).expect("shard");
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
-                let e = Engine::tensor_member(
-                    CpuBackend::new(),
-                    c,
-                    shard.clone(),
-                    shard.weights(c, whole).expect("cut"),
-                )
-                .with_compute_pool(Arc::new(pool));
-                (g, e)
-            })
-            .collect();
+        let members = members(c, whole, degree, threads);
         std::thread::scope(|s| {
             let runs: Vec<_> = members
                 .iter()
