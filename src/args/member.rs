@@ -40,7 +40,8 @@ pub(crate) struct ClusterArgs {
     #[arg(long, env = "ZEROSHARD_PULL", value_parser = BoolishValueParser::new())]
     pub pull: bool,
     /// Every range is held by this many workers: with 2, losing a worker causes
-    /// no reload (gathers fail over to the other holder).
+    /// no reload (gathers fail over to the other holder). With `--placement
+    /// tensor`: this many tensor-parallel groups.
     #[arg(long, default_value_t = 1, env = "ZEROSHARD_REPLICAS")]
     pub replicas: u32,
     #[command(flatten)]

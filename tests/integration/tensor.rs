@@ -191,3 +191,41 @@ fn a_member_killed_mid_stream_changes_nothing_the_client_sees() {
     assert!(s["sequences_resumed_total"].as_u64() >= Some(1), "{s}");
     assert_eq!(queried(&fleet.endpoint, PROMPTS[0], "40"), want[..40]);
 }
+
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
+)]
+#[test]
+fn with_two_groups_a_lost_worker_leaves_three_that_run_gathered_and_exact() {
+    let stories = dir("stories260K");
+    let want = generated(&stories, PROMPTS[1], "200");
+    let fleet = Fleet::start(
+        Etcd::start(),
+        model("stories260K"),
+        4,
+        &["--placement", "tensor", "--replicas", "2"],
+        &["--fault-step-delay-ms", "15"],
+    );
+    let s = fleet.status();
+    assert_eq!((s["placement"].as_str(), s["tensor_degree"].as_u64()), (Some("tensor"), Some(2)), "{s}");
+    let endpoint = fleet.endpoint.clone();
+    let fleet = std::sync::Mutex::new(fleet);
+    let got = std::thread::scope(|s| {
+        let q = s.spawn(|| queried(&endpoint, PROMPTS[1], "200"));
+        std::thread::sleep(Duration::from_millis(800));
+        let mut f = fleet.lock().expect("fleet");
+        let i = member_not_leading(&f);
+        f.kill_worker(i);
+        drop(f);
+        q.join().expect("query")
+    });
+    assert_eq!(got, want, "the disturbed stream differs from an undisturbed run");
+    let fleet = fleet.into_inner().expect("fleet");
+    // Three survivors make no two equal groups: the next epoch is gathered.
+    let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on 3 workers", |s| {
+        s["epoch"] == 2 && s["ready"] == true && s["workers"].as_array().map(Vec::len) == Some(3)
+    });
+    assert_eq!((s["placement"].as_str(), s["tensor_degree"].as_u64()), (Some("gather"), Some(0)), "{s}");
+    assert_eq!(queried(&fleet.endpoint, PROMPTS[1], "40"), want[..40]);
+}

@@ -269,7 +269,9 @@ impl Supervisor {
         if joined {
             self.replan(&live).await;
         } else if !lost.is_empty() && !live.is_empty() {
-            if plan.covered_by(&live) {
+            // A tensor-parallel group that lost a member cannot step: always
+            // re-plan (gather replicas cover a loss without one).
+            if plan.tensor_degree().is_none() && plan.covered_by(&live) {
                 for w in lost {
                     if self.degraded.insert(w) {
                         tracing::warn!(
