@@ -186,9 +186,22 @@ impl TensorShard {
     /// This member's weights, read from a checkpoint one tensor at a time
     /// (checked against `c` first, as [`HostWeights::load`] does).
     pub fn load(&self, ckpt: &Checkpoint, c: &ModelConfig) -> Result<HostWeights> {
+        self.load_checked(ckpt, c, |_, _| Ok(()))
+    }
+
+    /// [`Self::load`], handing each whole tensor as stored (f16) to `check`
+    /// before it is cut (a worker verifies the checkpoint's block digests).
+    pub fn load_checked(
+        &self,
+        ckpt: &Checkpoint,
+        c: &ModelConfig,
+        check: impl Fn(&str, &[f16]) -> Result<()>,
+    ) -> Result<HostWeights> {
         let mut store = HostWeights::default();
         for spec in zeroshard_offload::spec::checked_specs(c, ckpt)? {
-            let whole = spec.to_compute_layout(ckpt.read_f16(&spec.name, 0..spec.numel())?);
+            let stored = ckpt.read_f16(&spec.name, 0..spec.numel())?;
+            check(&spec.name, &stored)?;
+            let whole = spec.to_compute_layout(stored);
             self.insert(c, &mut store, &spec, whole);
         }
         Ok(store)

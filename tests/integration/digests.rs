@@ -138,12 +138,24 @@ fn kill(child: &mut Child) {
 
 #[test]
 fn a_corrupted_local_copy_is_refused_at_load_naming_the_tensor() {
+    corrupted_copy_refused(&[]);
+}
+
+#[test]
+fn a_corrupted_local_copy_is_refused_under_the_tensor_placement_too() {
+    corrupted_copy_refused(&["--placement", "tensor"]);
+}
+
+/// A coordinator (with `placement` flags) and one worker whose checkpoint copy
+/// is corrupt: the coordinator exits naming the tensor and its block.
+fn corrupted_copy_refused(placement: &[&str]) {
     let (copy, tensor) = corrupt_copy();
     let port = free_port();
     // The coordinator reads (and digests) the good checkpoint; the worker maps its own copy.
     let mut coord = bin()
         .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--workers", "1", "--model"])
         .arg(stories())
+        .args(placement)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

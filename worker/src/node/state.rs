@@ -404,10 +404,21 @@ impl Node {
         let dir =
             self.cfg.model_dir.clone().unwrap_or_else(|| setup.model.as_ref().expect("known").dir.clone());
         let start = Instant::now();
-        let (c, s) = (config.clone(), shard.clone());
+        let (c, s, digests) = (config.clone(), shard.clone(), a.digests.clone());
         let weights = tokio::task::spawn_blocking(move || {
             let ckpt = Checkpoint::open(&dir)?;
-            Ok::<_, WorkerError>(s.load(&ckpt, &c)?)
+            // Every block of every tensor read is checked against the
+            // coordinator's digests, as a gather-placement load checks its ranges.
+            let checked = s.load_checked(&ckpt, &c, |name, data| {
+                store::check(&digests, name, 0, bytemuck::cast_slice(data)).map_err(|source| {
+                    tracing::error!("refusing the checkpoint at {}: {source}", dir.display());
+                    zeroshard_engine::EngineError::Weights(Box::new(WorkerError::CorruptCopy {
+                        path: dir.clone(),
+                        source,
+                    }))
+                })
+            });
+            Ok::<_, WorkerError>(checked?)
         })
         .await
         .map_err(|e| WorkerError::Task { what: "loader task", source: e.into() })??;

@@ -82,7 +82,7 @@ pub(super) fn read_ranges(
 
 /// Ok when every block of `bytes` (tensor `tensor` from element `first`, a
 /// block boundary) matches its digest; else the first that does not.
-fn check(
+pub(super) fn check(
     digests: &BlockDigests,
     tensor: &str,
     first: u64,
