@@ -8,9 +8,9 @@
 //!   `KeepAlive`, `Leave`.
 //! - `Shards` (worker ↔ worker, coordinator → worker): `FetchRanges`, 1 MiB chunks,
 //!   each with a CRC-32C of its payload.
-//! - `TensorGroup` (worker ↔ worker, the tensor placement): `Follow`, one
-//!   long-lived stream from a group's rank 0 to each other member carrying
-//!   step orders, activations and chosen tokens.
+//! - `TensorGroup` (worker → worker, the tensor placement): `Follow`, the
+//!   rendezvous after which rank 0 and each member exchange step orders,
+//!   activations and chosen tokens over one socket (framed by the worker).
 //!
 //! [`transport`] holds the HTTP/2 settings both ends use for bulk streams,
 //! [`CHUNK_BYTES`] the payload of one `ShardChunk`, [`health`] the plaintext

@@ -4,7 +4,8 @@
 //!   which serves them and registers the worker;
 //! - [`convert`]: domain types ↔ messages, and the one `match` from
 //!   [`WorkerError`](crate::WorkerError) to a status code;
-//! - [`group`]: the tensor placement's streams (`TensorGroup`, both ends);
+//! - [`group`]: the tensor placement's connections (`TensorGroup.Follow`, both
+//!   ends) and the frames its sockets carry;
 //! - [`peer`]: the `Shards` client a gather (or a `--pull` load) reads through;
 //! - [`control`]: the registrar of embedded membership (the coordinator's
 //!   `Control` service).
