@@ -229,3 +229,62 @@ fn with_two_groups_a_lost_worker_leaves_three_that_run_gathered_and_exact() {
     assert_eq!((s["placement"].as_str(), s["tensor_degree"].as_u64()), (Some("gather"), Some(0)), "{s}");
     assert_eq!(queried(&fleet.endpoint, PROMPTS[1], "40"), want[..40]);
 }
+
+/// The worker that leads the group (it holds the running sequence).
+fn leading(fleet: &Fleet) -> usize {
+    let s = fleet.wait_status(Duration::from_secs(10), "a busy worker", |s| {
+        s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["active_sequences"].as_u64() > Some(0)))
+    });
+    let busy = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["active_sequences"].as_u64() > Some(0))
+        .expect("a member with sequences")
+        .clone();
+    fleet.worker_index_by_port(busy["address"].as_str().expect("address")).expect("its process")
+}
+
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
+)]
+#[test]
+fn a_sigtermed_member_of_a_group_drains_and_the_stream_stays_exact() {
+    let stories = dir("stories260K");
+    let want = generated(&stories, PROMPTS[0], "200");
+    // SIGTERM to rank 0 (it hands its sequence back), then to the other member
+    // (its group breaks when it leaves).
+    for lead in [true, false] {
+        let fleet = Fleet::start(
+            Etcd::start(),
+            model("stories260K"),
+            2,
+            &["--placement", "tensor"],
+            &["--fault-step-delay-ms", "15"],
+        );
+        let endpoint = fleet.endpoint.clone();
+        let fleet = std::sync::Mutex::new(fleet);
+        let mut victim = None;
+        let got = std::thread::scope(|s| {
+            let q = s.spawn(|| queried(&endpoint, PROMPTS[0], "200"));
+            std::thread::sleep(Duration::from_millis(800));
+            let f = fleet.lock().expect("fleet");
+            let i = if lead { leading(&f) } else { member_not_leading(&f) };
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(f.worker_pid(i).expect("live") as i32, libc::SIGTERM) };
+            victim = Some(i);
+            drop(f);
+            q.join().expect("query")
+        });
+        assert_eq!(got, want, "rank 0 drained: {lead}");
+        let mut fleet = fleet.into_inner().expect("fleet");
+        let status =
+            fleet.wait_worker_exit(victim.expect("drained"), Duration::from_secs(40)).expect("it exits");
+        assert!(status.success(), "a drained member exits 0 (rank 0: {lead}): {status}");
+        let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on the survivor", |s| {
+            s["epoch"] == 2 && s["ready"] == true && s["workers"].as_array().map(Vec::len) == Some(1)
+        });
+        assert_eq!(s["placement"], "tensor", "{s}");
+    }
+}
