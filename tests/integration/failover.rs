@@ -107,17 +107,7 @@ fn ids(workers: &Value) -> Vec<u64> {
 
 /// The worker process running the stream (the one status shows busy).
 fn busy_worker(fleet: &Fleet) -> usize {
-    let s = fleet.wait_status(Duration::from_secs(10), "a busy worker", |s| {
-        s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["active_sequences"].as_u64() > Some(0)))
-    });
-    let w = s["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .find(|w| w["active_sequences"].as_u64() > Some(0))
-        .expect("busy")
-        .clone();
-    fleet.worker_index_by_port(w["address"].as_str().expect("address")).expect("its process")
+    fleet.worker_by_activity(true)
 }
 
 /// A fleet of `workers` (steps slowed to ~16 ms) streaming `LONG` greedy

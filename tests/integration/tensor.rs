@@ -140,19 +140,28 @@ fn tensor_needs_the_checkpoint_on_every_worker() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
-/// The worker that is not rank 0 of the group (it holds no sequence).
-fn member_not_leading(fleet: &Fleet) -> usize {
-    let s = fleet.wait_status(Duration::from_secs(10), "a busy worker", |s| {
-        s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["active_sequences"].as_u64() > Some(0)))
+/// A fleet of `workers` under `--placement tensor` (plus `coordinator_args`),
+/// steps slowed to ~15 ms so a 200-token greedy stream of `prompt` is still
+/// running when `during` acts on the fleet; returns the fleet and the tokens.
+fn disturbed(
+    workers: usize,
+    coordinator_args: &[&str],
+    prompt: &str,
+    during: impl FnOnce(&mut Fleet),
+) -> (Fleet, Vec<u32>) {
+    let mut args = vec!["--placement", "tensor"];
+    args.extend_from_slice(coordinator_args);
+    let fleet =
+        Fleet::start(Etcd::start(), model("stories260K"), workers, &args, &["--fault-step-delay-ms", "15"]);
+    let endpoint = fleet.endpoint.clone();
+    let fleet = std::sync::Mutex::new(fleet);
+    let got = std::thread::scope(|s| {
+        let q = s.spawn(|| queried(&endpoint, prompt, "200"));
+        std::thread::sleep(Duration::from_millis(800));
+        during(&mut fleet.lock().expect("fleet"));
+        q.join().expect("query")
     });
-    let idle = s["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .find(|w| w["active_sequences"].as_u64() == Some(0))
-        .expect("a member without sequences")
-        .clone();
-    fleet.worker_index_by_port(idle["address"].as_str().expect("address")).expect("its process")
+    (fleet.into_inner().expect("fleet"), got)
 }
 
 #[cfg_attr(
@@ -163,27 +172,9 @@ fn member_not_leading(fleet: &Fleet) -> usize {
 fn a_member_killed_mid_stream_changes_nothing_the_client_sees() {
     let stories = dir("stories260K");
     let want = generated(&stories, PROMPTS[0], "200");
-    // Steps slowed to ~15 ms, so the stream is still running when the member dies.
-    let fleet = Fleet::start(
-        Etcd::start(),
-        model("stories260K"),
-        2,
-        &["--placement", "tensor"],
-        &["--fault-step-delay-ms", "15"],
-    );
-    let endpoint = fleet.endpoint.clone();
-    let fleet = std::sync::Mutex::new(fleet);
-    let got = std::thread::scope(|s| {
-        let q = s.spawn(|| queried(&endpoint, PROMPTS[0], "200"));
-        std::thread::sleep(Duration::from_millis(800));
-        let mut f = fleet.lock().expect("fleet");
-        let i = member_not_leading(&f);
-        f.kill_worker(i);
-        drop(f);
-        q.join().expect("query")
-    });
+    // The member that is not rank 0 (it holds no sequence) dies.
+    let (fleet, got) = disturbed(2, &[], PROMPTS[0], |f| f.kill_worker(f.worker_by_activity(false)));
     assert_eq!(got, want, "the disturbed stream differs from an undisturbed run");
-    let fleet = fleet.into_inner().expect("fleet");
     let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on the survivor", |s| {
         s["epoch"] == 2 && s["ready"] == true && s["workers"].as_array().map(Vec::len) == Some(1)
     });
@@ -200,49 +191,18 @@ fn a_member_killed_mid_stream_changes_nothing_the_client_sees() {
 fn with_two_groups_a_lost_worker_leaves_three_that_run_gathered_and_exact() {
     let stories = dir("stories260K");
     let want = generated(&stories, PROMPTS[1], "200");
-    let fleet = Fleet::start(
-        Etcd::start(),
-        model("stories260K"),
-        4,
-        &["--placement", "tensor", "--replicas", "2"],
-        &["--fault-step-delay-ms", "15"],
-    );
-    let s = fleet.status();
-    assert_eq!((s["placement"].as_str(), s["tensor_degree"].as_u64()), (Some("tensor"), Some(2)), "{s}");
-    let endpoint = fleet.endpoint.clone();
-    let fleet = std::sync::Mutex::new(fleet);
-    let got = std::thread::scope(|s| {
-        let q = s.spawn(|| queried(&endpoint, PROMPTS[1], "200"));
-        std::thread::sleep(Duration::from_millis(800));
-        let mut f = fleet.lock().expect("fleet");
-        let i = member_not_leading(&f);
-        f.kill_worker(i);
-        drop(f);
-        q.join().expect("query")
+    let (fleet, got) = disturbed(4, &["--replicas", "2"], PROMPTS[1], |f| {
+        let s = f.status();
+        assert_eq!((s["placement"].as_str(), s["tensor_degree"].as_u64()), (Some("tensor"), Some(2)), "{s}");
+        f.kill_worker(f.worker_by_activity(false));
     });
     assert_eq!(got, want, "the disturbed stream differs from an undisturbed run");
-    let fleet = fleet.into_inner().expect("fleet");
     // Three survivors make no two equal groups: the next epoch is gathered.
     let s = fleet.wait_status(Duration::from_secs(30), "epoch 2 on 3 workers", |s| {
         s["epoch"] == 2 && s["ready"] == true && s["workers"].as_array().map(Vec::len) == Some(3)
     });
     assert_eq!((s["placement"].as_str(), s["tensor_degree"].as_u64()), (Some("gather"), Some(0)), "{s}");
     assert_eq!(queried(&fleet.endpoint, PROMPTS[1], "40"), want[..40]);
-}
-
-/// The worker that leads the group (it holds the running sequence).
-fn leading(fleet: &Fleet) -> usize {
-    let s = fleet.wait_status(Duration::from_secs(10), "a busy worker", |s| {
-        s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["active_sequences"].as_u64() > Some(0)))
-    });
-    let busy = s["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .find(|w| w["active_sequences"].as_u64() > Some(0))
-        .expect("a member with sequences")
-        .clone();
-    fleet.worker_index_by_port(busy["address"].as_str().expect("address")).expect("its process")
 }
 
 #[cfg_attr(
@@ -256,29 +216,14 @@ fn a_sigtermed_member_of_a_group_drains_and_the_stream_stays_exact() {
     // SIGTERM to rank 0 (it hands its sequence back), then to the other member
     // (its group breaks when it leaves).
     for lead in [true, false] {
-        let fleet = Fleet::start(
-            Etcd::start(),
-            model("stories260K"),
-            2,
-            &["--placement", "tensor"],
-            &["--fault-step-delay-ms", "15"],
-        );
-        let endpoint = fleet.endpoint.clone();
-        let fleet = std::sync::Mutex::new(fleet);
         let mut victim = None;
-        let got = std::thread::scope(|s| {
-            let q = s.spawn(|| queried(&endpoint, PROMPTS[0], "200"));
-            std::thread::sleep(Duration::from_millis(800));
-            let f = fleet.lock().expect("fleet");
-            let i = if lead { leading(&f) } else { member_not_leading(&f) };
+        let (mut fleet, got) = disturbed(2, &[], PROMPTS[0], |f| {
+            let i = f.worker_by_activity(lead);
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(f.worker_pid(i).expect("live") as i32, libc::SIGTERM) };
             victim = Some(i);
-            drop(f);
-            q.join().expect("query")
         });
         assert_eq!(got, want, "rank 0 drained: {lead}");
-        let mut fleet = fleet.into_inner().expect("fleet");
         let status =
             fleet.wait_worker_exit(victim.expect("drained"), Duration::from_secs(40)).expect("it exits");
         assert!(status.success(), "a drained member exits 0 (rank 0: {lead}): {status}");

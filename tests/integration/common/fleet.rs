@@ -240,6 +240,24 @@ impl Fleet {
         }
     }
 
+    /// The index of a worker process with running sequences (`busy`), or of
+    /// one without, once status shows some worker running one.
+    pub(crate) fn worker_by_activity(&self, busy: bool) -> usize {
+        let s = self.wait_status(Duration::from_secs(10), "a busy worker", |s| {
+            s["workers"]
+                .as_array()
+                .is_some_and(|ws| ws.iter().any(|w| w["active_sequences"].as_u64() > Some(0)))
+        });
+        let w = s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .find(|w| (w["active_sequences"].as_u64() > Some(0)) == busy)
+            .unwrap_or_else(|| panic!("a worker {} sequences: {s}", if busy { "with" } else { "without" }))
+            .clone();
+        self.worker_index_by_port(w["address"].as_str().expect("address")).expect("its process")
+    }
+
     /// The index of a worker process whose address status lists with `active_sequences > 0`.
     pub(crate) fn worker_index_by_port(&self, address: &str) -> Option<usize> {
         let port = address.rsplit(':').next()?.to_string();
