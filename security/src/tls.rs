@@ -318,19 +318,15 @@ impl Security {
     /// `TCP_NODELAY`; reads time out after `read_timeout`.
     pub fn connect_socket(&self, host: &str, port: u16, read_timeout: Duration) -> Result<Box<dyn Socket>> {
         let failed = |e: &dyn std::fmt::Display| TlsError::Address(format!("{host}:{port}: {e}"));
-        let addr = format!("{}:{port}", host.trim_start_matches('[').trim_end_matches(']'));
-        let sock = std::net::TcpStream::connect(addr.as_str()).or_else(|_| {
-            std::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
-        });
-        let sock = sock.map_err(|e| failed(&e))?;
+        // A host as written in an address keeps IPv6 brackets; the socket and
+        // the certificate name want it without.
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let sock = std::net::TcpStream::connect((bare, port)).map_err(|e| failed(&e))?;
         sock.set_nodelay(true).map_err(|e| failed(&e))?;
         sock.set_read_timeout(Some(read_timeout)).map_err(|e| failed(&e))?;
         let Some(t) = self.0.as_ref() else { return Ok(Box::new(sock)) };
         let cfg = t.loaded.read().unwrap_or_else(|p| p.into_inner()).socket_client.clone();
-        let name = rustls_pki_types::ServerName::try_from(
-            host.trim_start_matches('[').trim_end_matches(']').to_string(),
-        )
-        .map_err(|e| failed(&e))?;
+        let name = rustls_pki_types::ServerName::try_from(bare.to_string()).map_err(|e| failed(&e))?;
         let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| failed(&e))?;
         let mut tls = rustls::StreamOwned::new(conn, sock);
         // Complete the handshake now, so a bad certificate fails here.
