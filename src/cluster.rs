@@ -401,6 +401,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             "step_deadlines_missed_total": s.step_deadlines_missed_total,
             "sequences_moved_total": s.sequences_moved_total,
             "placement": s.placement, "tensor_degree": s.tensor_degree,
+            "placement_reason": s.placement_reason,
             "workers": workers,
         });
         println!("{v}");
@@ -420,6 +421,9 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         s.workers_lost_total,
         s.sequences_resumed_total
     );
+    if !s.placement_reason.is_empty() {
+        println!("placement: {}", s.placement_reason);
+    }
     let mean_queue_ms = s.queue_ms_total / (s.requests_admitted_total.max(1) as f64);
     println!(
         "queue {}/{} · admitted {} · refused (queue full) {} · queued {:.1} ms on average, {:.1} ms at most · \
@@ -513,7 +517,8 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     let report = report?;
-    let placement = a.placement_choice.kind.to_config().name();
+    let placement = &report.placement;
+    eprintln!("placement: {placement} ({})", report.placement_reason);
     println!(
         "model: {} · {} workers · placement {placement} · max-live {} B · prefetch {} layers · prompt {} tokens, {} new tokens",
         a.source.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
@@ -603,6 +608,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
                 "model": a.source.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
                 "workers": a.workers,
                 "placement": placement,
+                "placement_reason": report.placement_reason,
                 "prompt_len": a.prompt_len,
                 "new_tokens": a.new_tokens,
                 "rows": rows,

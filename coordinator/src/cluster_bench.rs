@@ -51,6 +51,9 @@ pub struct ClusterReport {
     /// Peak resident set (VmHWM) of each worker process, bytes.
     pub peak_rss: Vec<u64>,
     pub owned: Vec<(u64, u64)>,
+    /// The placement the cluster planned (`gather`, `tensor`) and why.
+    pub placement: String,
+    pub placement_reason: String,
 }
 
 /// A worker that does not answer `Stats` this fast shows zeros.
@@ -92,12 +95,20 @@ pub async fn run(
         .map_err(|e| CoordinatorError::Unavailable(format!("bind: {e}")))?;
     let (_stop_tx, stop) = watch::channel(false);
     let cluster = LocalCluster::start(up, listener, None, stop).await?;
+    let status = crate::client::status(&cluster.endpoint, &cluster.client).await;
     let result = drive(&cluster, vocab, batches, prompt_len, new_tokens).await;
     let peak = cluster.fleet.pids().into_iter().map(|p| p.map_or(0, peak_rss)).collect();
     let owned =
         stats(&cluster).await.iter().map(|s| (s.owned_partitioned_bytes, s.owned_persistent_bytes)).collect();
     cluster.stop().await;
-    Ok(ClusterReport { batches: result?, peak_rss: peak, owned })
+    let status = status?;
+    Ok(ClusterReport {
+        batches: result?,
+        peak_rss: peak,
+        owned,
+        placement: status.placement,
+        placement_reason: status.placement_reason,
+    })
 }
 
 async fn drive(

@@ -157,6 +157,9 @@ impl From<pb::WorkerStats> for WorkerStats {
             max_active_sequences: s.max_active_sequences,
             group_sent_bytes_total: s.group_sent_bytes_total,
             group_received_bytes_total: s.group_received_bytes_total,
+            calibrated_gflops: s.calibrated_gflops,
+            calibrated_read_gbs: s.calibrated_read_gbs,
+            host_id: s.host_id,
         }
     }
 }
@@ -199,6 +202,7 @@ impl From<ClusterStatus> for pb::ClusterStatusResponse {
             sequences_moved_total: s.sequences_moved_total,
             placement: s.placement,
             tensor_degree: s.tensor_degree,
+            placement_reason: s.placement_reason,
         }
     }
 }
@@ -223,6 +227,7 @@ impl From<pb::ClusterStatusResponse> for ClusterStatus {
             sequences_moved_total: s.sequences_moved_total,
             placement: s.placement,
             tensor_degree: s.tensor_degree,
+            placement_reason: s.placement_reason,
         }
     }
 }

@@ -35,6 +35,11 @@ pub struct WorkerStats {
     /// The tensor placement: bytes sent to and received from its group.
     pub group_sent_bytes_total: u64,
     pub group_received_bytes_total: u64,
+    /// What its compute threads measured at start (0: not measured, a CUDA worker).
+    pub calibrated_gflops: f64,
+    pub calibrated_read_gbs: f64,
+    /// Its machine (the kernel's boot id): workers with the same one share cores.
+    pub host_id: String,
 }
 
 /// One worker as `status` shows it.
@@ -83,4 +88,7 @@ pub struct ClusterStatus {
     pub placement: String,
     /// Under `tensor`, the workers of each group (0 otherwise).
     pub tensor_degree: u32,
+    /// Why that placement: `--placement auto`'s choice and the figures behind
+    /// it, a fallback's reason, or the flag.
+    pub placement_reason: String,
 }

@@ -73,27 +73,50 @@ pub struct Bandwidth {
     pub read_gbs: f64,
 }
 
-/// Measures [`Bandwidth`] (best of a few runs).
+/// Measures [`Bandwidth`] over 256 MiB buffers (best of 4 runs).
 pub fn measure_bandwidth() -> Bandwidth {
+    measure_bandwidth_over(256 << 20, 4)
+}
+
+/// Measures [`Bandwidth`] over `bytes`-byte buffers (best of `runs`).
+fn measure_bandwidth_over(bytes: usize, runs: usize) -> Bandwidth {
     use rayon::prelude::*;
-    const BYTES: usize = 256 << 20;
-    let src = vec![1u64; BYTES / 8];
-    let mut dst = vec![0u64; BYTES / 8];
+    let src = vec![1u64; bytes / 8];
+    let mut dst = vec![0u64; bytes / 8];
     let mut memcpy_gbs: f64 = 0.0;
     let mut read_gbs: f64 = 0.0;
-    for _ in 0..4 {
+    for _ in 0..runs {
         let t = Instant::now();
         dst.copy_from_slice(&src);
-        memcpy_gbs = memcpy_gbs.max(BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+        memcpy_gbs = memcpy_gbs.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
         let t = Instant::now();
         let sum: u64 = src
             .par_chunks(1 << 16)
             .map(|c| c.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
             .reduce(|| 0, u64::wrapping_add);
-        read_gbs = read_gbs.max(BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+        read_gbs = read_gbs.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
         std::hint::black_box((sum, &dst));
     }
     Bandwidth { memcpy_gbs, read_gbs }
+}
+
+/// What one process computes at, from a short probe (~0.1 s): the FMA peak
+/// of its compute threads and the rate they read memory at. A worker runs it
+/// once at start and reports it; `--placement auto` predicts from it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Calibration {
+    /// Multiply-add GFLOP/s at the f32 FMA peak, every compute thread.
+    pub peak_gflops: f64,
+    /// GB/s every compute thread reads memory at (a 64 MiB buffer: past the
+    /// last-level caches of the machines this runs on).
+    pub read_gbs: f64,
+}
+
+/// Runs the [`Calibration`] probe in the calling rayon pool.
+pub fn calibrate() -> Calibration {
+    let peak_gflops = crate::cpu::matmul::peak_gflops(15);
+    let read_gbs = measure_bandwidth_over(64 << 20, 3).read_gbs;
+    Calibration { peak_gflops, read_gbs }
 }
 
 /// One row of the bench table.

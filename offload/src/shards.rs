@@ -65,6 +65,26 @@ pub struct Chunk {
     pub crc32c: u32,
 }
 
+/// The largest link probe (`Shards.Probe`), bytes.
+pub const MAX_PROBE_BYTES: u64 = 64 << 20;
+
+/// `bytes` of filler as chunks like a fetch's (at most [`CHUNK_BYTES`] each,
+/// checksummed): what `Shards.Probe` streams for a link measurement. `None`
+/// above [`MAX_PROBE_BYTES`].
+pub fn probe_chunks(bytes: u64) -> Option<impl Iterator<Item = Chunk> + Send + 'static> {
+    if bytes > MAX_PROBE_BYTES {
+        return None;
+    }
+    let filler = Bytes::from(vec![0x5au8; CHUNK_BYTES]);
+    let crc = checksum(&filler);
+    Some((0..bytes.div_ceil(CHUNK_BYTES as u64)).map(move |i| {
+        let offset = i * CHUNK_BYTES as u64;
+        let data = filler.slice(..(bytes - offset).min(CHUNK_BYTES as u64) as usize);
+        let crc32c = if data.len() == CHUNK_BYTES { crc } else { checksum(&data) };
+        Chunk { range_index: 0, offset, data, crc32c }
+    }))
+}
+
 /// The checksum of a chunk's payload: CRC-32C (Castagnoli), hardware-accelerated
 /// (SSE 4.2 / ARMv8 CRC) by the pure-Rust `crc32c` crate.
 pub fn checksum(data: &[u8]) -> u32 {
@@ -111,6 +131,21 @@ mod tests {
         // RFC 3720 B.4 test vector: 32 bytes of zeros.
         assert_eq!(checksum(&[0u8; 32]), 0x8a91_36aa);
         assert_eq!(checksum(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn a_probe_is_checksummed_chunks_of_the_bytes_asked_for_up_to_the_largest() {
+        let bytes = 2 * CHUNK_BYTES as u64 + 123;
+        let chunks: Vec<Chunk> = probe_chunks(bytes).expect("allowed").collect();
+        assert_eq!(chunks.iter().map(|c| c.data.len()).collect::<Vec<_>>(), [CHUNK_BYTES, CHUNK_BYTES, 123]);
+        assert_eq!(
+            chunks.iter().map(|c| c.offset).collect::<Vec<_>>(),
+            [0, CHUNK_BYTES as u64, 2 * CHUNK_BYTES as u64]
+        );
+        assert!(chunks.iter().all(|c| checksum(&c.data) == c.crc32c));
+        assert_eq!(probe_chunks(0).expect("allowed").count(), 0);
+        assert!(probe_chunks(MAX_PROBE_BYTES).is_some());
+        assert!(probe_chunks(MAX_PROBE_BYTES + 1).is_none());
     }
 
     /// `cargo test -p zeroshard-worker --release -- --ignored checksum_throughput --nocapture`

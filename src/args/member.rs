@@ -406,29 +406,36 @@ pub(crate) struct HttpArgs {
 /// What moves between workers each step.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct PlacementChoice {
-    /// `gather`: every worker holds 1/N of each tensor and gathers each layer's
-    /// other ranges from its peers every step (weights move; good for large
-    /// batches on fast links). `tensor`: `--replicas` groups of workers, each
-    /// computing its tensor-parallel shard of every layer (whole KV-head
-    /// groups, ffn rows, vocabulary rows) and summing activations twice per
-    /// layer (activations move; good for interactive serving). Llama-family
-    /// models only, and a group size the KV heads divide; otherwise the epoch
-    /// is planned as gather and the log says why.
-    #[arg(long = "placement", value_enum, default_value = "gather", env = "ZEROSHARD_PLACEMENT")]
+    /// `auto`: each epoch, the placement predicted to decode fastest at the
+    /// batch the workers admit (--max-active-sequences), from each worker's
+    /// compute (calibrated at start) and the link measured between workers;
+    /// `status` says which and why. `gather`: every worker holds 1/N of each
+    /// tensor and gathers each layer's other ranges from its peers every step
+    /// (weights move; good for large batches on fast links). `tensor`:
+    /// `--replicas` groups of workers, each computing its tensor-parallel
+    /// shard of every layer (whole KV-head groups, ffn rows, vocabulary rows)
+    /// and summing activations twice per layer (activations move; good for
+    /// interactive serving). Tensor takes Llama-family models and a group
+    /// size the KV heads divide; otherwise the epoch is planned as gather and
+    /// `status` says why.
+    #[arg(long = "placement", value_enum, default_value = "auto", env = "ZEROSHARD_PLACEMENT")]
     pub kind: PlacementKind,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PlacementKind {
+    Auto,
     Gather,
     Tensor,
 }
 
 impl PlacementKind {
     pub(crate) fn to_config(self) -> zeroshard_coordinator::server::Placement {
+        use zeroshard_coordinator::server::Placement;
         match self {
-            Self::Gather => zeroshard_coordinator::server::Placement::Gather,
-            Self::Tensor => zeroshard_coordinator::server::Placement::Tensor,
+            Self::Auto => Placement::Auto,
+            Self::Gather => Placement::Gather,
+            Self::Tensor => Placement::Tensor,
         }
     }
 }
@@ -479,6 +486,30 @@ mod tests {
             w.tuning,
             WorkerTuning { placement: PlacementArgs { device: Device::Cpu, ..plain.placement }, ..plain }
         );
+    }
+
+    #[test]
+    fn up_and_coordinator_choose_the_placement_unless_told() {
+        if std::env::var_os("ZEROSHARD_PLACEMENT").is_some() {
+            eprintln!(
+                "skipped: ZEROSHARD_PLACEMENT is set in this environment, so the default does not apply"
+            );
+            return;
+        }
+        let Command::Up(u) =
+            Cli::try_parse_from(["zeroshard", "up", "--model", "m"]).expect("parses").command
+        else {
+            panic!("not the up command")
+        };
+        assert_eq!(u.cluster.placement.kind, PlacementKind::Auto);
+        let Command::Up(u) =
+            Cli::try_parse_from(["zeroshard", "up", "--model", "m", "--placement", "gather"])
+                .expect("parses")
+                .command
+        else {
+            panic!("not the up command")
+        };
+        assert_eq!(u.cluster.placement.kind, PlacementKind::Gather);
     }
 
     #[test]

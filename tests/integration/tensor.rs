@@ -32,8 +32,20 @@ fn queried(endpoint: &str, prompt: &str, max_new: &str) -> Vec<u32> {
 /// Starts `up --placement tensor` with `workers` (and `extra`), checks what
 /// status says of the placement, and compares every prompt with `generate`.
 fn exact(model_dir: &str, workers: usize, extra: &[&str], placement: &str, degree: u64) -> Cluster {
+    exact_under("tensor", model_dir, workers, extra, placement, degree)
+}
+
+/// [`exact`] under `--placement flag`.
+fn exact_under(
+    flag: &str,
+    model_dir: &str,
+    workers: usize,
+    extra: &[&str],
+    placement: &str,
+    degree: u64,
+) -> Cluster {
     let n = workers.to_string();
-    let mut args = vec!["--model", model_dir, "--workers", &n, "--placement", "tensor"];
+    let mut args = vec!["--model", model_dir, "--workers", &n, "--placement", flag];
     args.extend_from_slice(extra);
     let c = Cluster::up(&args);
     let s = status(&c.endpoint);
@@ -118,6 +130,44 @@ fn the_http_front_of_a_tensor_group_gives_the_same_text() {
         metrics.lines().any(|l| l.starts_with("zeroshard_tensor_parallel_degree{") && l.ends_with(" 2")),
         "{metrics}"
     );
+    c.stop();
+}
+
+/// `--placement auto`: on a model whose weights are ~1000× a step's
+/// activations, two workers on this machine run tensor, and status gives the
+/// predictions and the measured figures behind it; on a GPT-2 model (tensor
+/// refused) they run gather and say why. Both exact.
+#[test]
+fn auto_picks_tensor_where_activations_are_cheaper_and_says_why() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ckpt = tmp.path().join("m");
+    let spec = "llama:hidden=512,layers=4,heads=8,kv_heads=4,ffn=1536,vocab=8192";
+    let out = run(&["bench", "--synthetic", spec, "--write-checkpoint", ckpt.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ckpt = ckpt.to_str().expect("utf-8");
+    let c = Cluster::up(&["--model", ckpt, "--workers", "2", "--placement", "auto"]);
+    let s = status(&c.endpoint);
+    assert_eq!((s["placement"].as_str(), s["tensor_degree"].as_u64()), (Some("tensor"), Some(2)), "{s}");
+    let why = s["placement_reason"].as_str().expect("a reason");
+    for part in [
+        "auto: tensor decodes",
+        "against gather",
+        "predicted gather b1",
+        "GFLOP/s",
+        "Gb/s checked",
+        "round trip",
+    ] {
+        assert!(why.contains(part), "{part:?} missing from {why:?}");
+    }
+    let ids = "1,300,4000,25,7,8100,512";
+    let mut gen = vec!["generate", "--model", ckpt, "--json"];
+    gen.extend(greedy("--prompt-ids", ids, "24"));
+    let want = ids_of(&run_json(&gen)[0]["token_ids"]);
+    assert_eq!(ids_of(&query(&c.endpoint, &greedy("--prompt-ids", ids, "24"))["token_ids"]), want);
+    c.stop();
+    let c = exact_under("auto", &dir("fixtures/gpt2"), 2, &[], "gather", 0);
+    let why = status(&c.endpoint)["placement_reason"].as_str().expect("a reason").to_string();
+    assert!(why.starts_with("auto: gather, tensor is refused:"), "{why}");
     c.stop();
 }
 

@@ -42,6 +42,10 @@ pub enum Placement {
     /// model cannot split so (a degree its KV heads do not divide, a GPT-2 or
     /// BLOOM model) is planned as gather, and says so.
     Tensor,
+    /// Each epoch the one the cost model predicts decodes fastest at the
+    /// batch the workers admit, from each worker's calibration and the link
+    /// measured between workers (`zeroshard plan` shows the same model).
+    Auto,
 }
 
 impl Placement {
@@ -49,6 +53,7 @@ impl Placement {
         match self {
             Self::Gather => "gather",
             Self::Tensor => "tensor",
+            Self::Auto => "auto",
         }
     }
 }

@@ -9,12 +9,10 @@ use std::time::Instant;
 
 use zeroshard_offload::plan::{plan, Plan, PlanOptions, WorkerId};
 
-use super::config::Placement;
 use super::state::{Readiness, WorkerEntry};
 use super::supervisor::{Supervisor, PROBE_TIMEOUT, RETRY_AFTER};
 use super::worker_client::{model_info, Install};
 use crate::membership::StoredPlan;
-use zeroshard_offload::ModelConfig;
 
 impl Supervisor {
     /// Takes over the stored plan when every worker of it still holds its epoch.
@@ -35,7 +33,7 @@ impl Supervisor {
             return false;
         }
         self.learn_capacity(&workers).await;
-        self.activate(Arc::new(stored.plan.clone()));
+        self.activate(Arc::new(stored.plan.clone()), format!("resumed epoch {epoch} from the stored plan"));
         tracing::info!(
             "resumed epoch {epoch} on {} workers from the stored plan; nothing reloaded",
             workers.len()
@@ -56,17 +54,12 @@ impl Supervisor {
             coord.set_readiness(Readiness::Loading);
         }
         let replicas = coord.cfg().replicas.min(live.len() as u32);
+        let placement = self.choose_placement(live, replicas, epoch).await;
         let options = PlanOptions {
             epoch,
             persistence_threshold_bytes: coord.cfg().persistence_threshold_bytes,
             replicas,
-            tensor_degree: tensor_degree(
-                coord.cfg().placement,
-                &coord.model().config,
-                live.len(),
-                replicas,
-                epoch,
-            ),
+            tensor_degree: placement.tensor_degree,
             ..PlanOptions::default()
         };
         let plan = match plan(&coord.model().meta, live, &options) {
@@ -149,7 +142,7 @@ impl Supervisor {
         }
         self.stored = None;
         self.learn_capacity(&workers).await;
-        self.activate(plan);
+        self.activate(plan, placement.reason);
         tracing::info!(
             "epoch {epoch} active on {} workers in {:.2} s",
             workers.len(),
@@ -187,11 +180,12 @@ impl Supervisor {
         }
     }
 
-    fn activate(&mut self, plan: Arc<Plan>) {
+    fn activate(&mut self, plan: Arc<Plan>, placement_reason: String) {
         {
             let mut st = self.coord.lock();
             st.planned_epoch = st.planned_epoch.max(plan.epoch());
             st.plan = Some(plan);
+            st.placement_reason = placement_reason;
         }
         self.degraded.clear();
         self.served = true;
@@ -213,30 +207,5 @@ impl Supervisor {
             let _ = self.coord.membership().evict(*w).await;
         }
         self.retry_at = Some(Instant::now() + RETRY_AFTER);
-    }
-}
-
-/// The tensor placement's group size for an epoch over `live` workers in
-/// `groups` groups, or 0 (gather) when asked for gather or when the model
-/// cannot be split so (logged with the reason).
-fn tensor_degree(placement: Placement, config: &ModelConfig, live: usize, groups: u32, epoch: u64) -> u32 {
-    if placement != Placement::Tensor {
-        return 0;
-    }
-    let groups = groups.max(1) as usize;
-    let fits = if !live.is_multiple_of(groups) {
-        Err(format!("{live} workers do not make {groups} equal groups (--replicas)"))
-    } else {
-        config.check_tensor_degree(live / groups)
-    };
-    match fits {
-        Ok(()) => {
-            tracing::info!("epoch {epoch}: tensor placement, {groups} group(s) of {}", live / groups);
-            (live / groups) as u32
-        }
-        Err(why) => {
-            tracing::warn!("epoch {epoch}: gather placement instead of tensor: {why}");
-            0
-        }
     }
 }

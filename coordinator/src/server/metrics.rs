@@ -122,6 +122,19 @@ pub(super) fn cluster_text(s: &ClusterStatus, model: &str, in_flight: usize) -> 
         "Workers in each tensor-parallel group of the active plan (0: the gather placement).",
         f64::from(s.tensor_degree),
     );
+    if !s.placement.is_empty() {
+        let _ = writeln!(
+            f.out,
+            "# HELP zeroshard_placement 1 for the active plan's placement (gather or tensor)."
+        );
+        let _ = writeln!(f.out, "# TYPE zeroshard_placement gauge");
+        let _ = writeln!(
+            f.out,
+            "zeroshard_placement{{model=\"{}\",placement=\"{}\"}} 1",
+            escape(f.model),
+            escape(&s.placement)
+        );
+    }
     f.one(
         "zeroshard_workers_lost_total",
         "counter",

@@ -72,6 +72,8 @@ pub(super) struct State {
     pub plan: Option<Arc<Plan>>,
     /// The highest epoch planned so far (being installed, or active).
     pub planned_epoch: u64,
+    /// Why the active plan has its placement (`status` shows it).
+    pub placement_reason: String,
 }
 
 /// The model as read from its folder at start.

@@ -19,6 +19,7 @@ impl Coordinator {
         let ready = plan.is_some();
         let epoch = plan.as_ref().map_or(0, |p| p.epoch());
         let replicas = plan.as_ref().map_or(0, |p| p.replicas());
+        let placement_reason = if ready { self.lock().placement_reason.clone() } else { String::new() };
         let stats = self.workers().into_iter().map(|w| async move {
             let s = w.client.stats(STATS_TIMEOUT).await.ok();
             (w, s)
@@ -78,6 +79,7 @@ impl Coordinator {
                 .map_or("", |p| if p.tensor_degree().is_some() { "tensor" } else { "gather" })
                 .to_string(),
             tensor_degree: plan.as_ref().and_then(|p| p.tensor_degree()).unwrap_or(0) as u32,
+            placement_reason,
         }
     }
 }

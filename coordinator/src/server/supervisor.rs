@@ -72,6 +72,8 @@ pub(super) struct Supervisor {
     /// Workers that joined since the last reconcile: those of an active plan
     /// (back after a short absence) have their capacity read again.
     pub(super) joined: Vec<WorkerId>,
+    /// Links between workers measured for `--placement auto`.
+    pub(super) links: super::choose::Links,
 }
 
 pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver<WorkerId>) {
@@ -106,6 +108,7 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         churn: None,
         retry_at: None,
         joined: Vec::new(),
+        links: Default::default(),
     };
     let (faulty_tx, mut faulty) = mpsc::unbounded_channel();
     tokio::spawn(super::faults::watch(sup.coord.clone(), faulty_tx));

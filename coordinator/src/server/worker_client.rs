@@ -150,6 +150,26 @@ impl WorkerHandle {
         }
     }
 
+    /// Has the worker measure its link to the worker at `peer_address`
+    /// (`Worker.MeasureLink`): the fastest round trip (seconds) and bulk rate
+    /// (bytes/s, checked as a gather checks).
+    pub(crate) async fn measure_link(
+        &self,
+        peer_address: &str,
+        timeout: Duration,
+    ) -> std::result::Result<(f64, f64), Unanswered> {
+        let mut c = self.client.clone();
+        let req = pb::MeasureLinkRequest { peer_address: peer_address.to_string(), probe_bytes: 0 };
+        match tokio::time::timeout(timeout, c.measure_link(req)).await {
+            Ok(Ok(r)) => {
+                let m = r.into_inner();
+                Ok((m.round_trip_us * 1e-6, m.bytes_per_s))
+            }
+            Ok(Err(s)) => Err(Unanswered::Failed(s.message().to_string())),
+            Err(_) => Err(Unanswered::Silent(timeout)),
+        }
+    }
+
     /// The worker's active epoch (0: none) and the bytes it has loaded for the
     /// plan it is preparing.
     pub(crate) async fn progress(&self, timeout: Duration) -> std::result::Result<(u64, u64), Unanswered> {

@@ -33,6 +33,7 @@ use super::weights::{ClusterWeights, Prefetch};
 use super::{store, NodeConfig, PlannedModel};
 use crate::error::{Result, WorkerError};
 use crate::rpc::peer::PeerClient;
+use zeroshard_engine::bench::Calibration;
 use zeroshard_engine::engine::Engine;
 use zeroshard_engine::placement::{open_for_cluster, GpuPlacement};
 use zeroshard_engine::tensor::TensorShard;
@@ -186,6 +187,8 @@ pub(crate) struct Node {
     active_epoch: watch::Sender<u64>,
     /// The model, once the first plan named it.
     model_config: std::sync::OnceLock<ModelConfig>,
+    /// What the compute threads measured at start (a CPU worker's).
+    calibration: std::sync::OnceLock<Calibration>,
     pub stats: NodeStats,
 }
 
@@ -202,8 +205,19 @@ impl Node {
             fatal,
             active_epoch: watch::channel(0).0,
             model_config: std::sync::OnceLock::new(),
+            calibration: std::sync::OnceLock::new(),
             stats: NodeStats::default(),
         }
+    }
+
+    /// Records what the compute threads measured (once; later calls change nothing).
+    pub(crate) fn set_calibration(&self, c: Calibration) {
+        let _ = self.calibration.set(c);
+    }
+
+    /// What the compute threads measured at start; `None` on a CUDA worker.
+    pub(crate) fn calibration(&self) -> Option<Calibration> {
+        self.calibration.get().copied()
     }
 
     pub(crate) fn send(&self, c: Command) {
@@ -634,6 +648,15 @@ fn spawn_batcher<B: Backend + 'static>(
 const DEFAULT_KV_FLOOR: u64 = 64 << 20;
 
 /// Host memory available now (`MemAvailable` of /proc/meminfo), 0 when unknown.
+/// Which machine this process runs on: the kernel's boot id (the same in
+/// every container of one host), else its host name, else empty.
+pub(crate) fn host_id() -> String {
+    ["/proc/sys/kernel/random/boot_id", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
+        .unwrap_or_default()
+}
+
 pub fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()

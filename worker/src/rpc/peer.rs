@@ -127,3 +127,66 @@ pub(crate) async fn connect(security: &Security, uri: &str) -> Result<Channel> {
 fn connect_lazy(security: &Security, uri: &str) -> Result<Channel> {
     Ok(security.endpoint(uri).map_err(|e| WorkerError::rpc(uri, e))?.connect_lazy())
 }
+
+/// A link as [`measure_link`] found it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LinkMeasure {
+    /// The fastest empty round trip.
+    pub round_trip_s: f64,
+    /// The fastest bulk probe, received and checked, bytes per second.
+    pub bytes_per_s: f64,
+}
+
+/// Empty round trips, and bulk probes, one measurement takes (the fastest of each counts).
+const ROUND_TRIPS: usize = 8;
+const BULK_PROBES: usize = 2;
+/// Longest wait for one probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Measures the link to the worker at `uri` over a connection like the ones
+/// gathers use: the fastest of [`ROUND_TRIPS`] empty `Probe`s, then of
+/// [`BULK_PROBES`] probes of `bulk_bytes`, each chunk checked as a gathered
+/// one is (CRC-32C) and hashed as its blocks are (BLAKE3), so the rate is the
+/// one a gather can assemble at.
+pub(crate) async fn measure_link(security: &Security, uri: &str, bulk_bytes: u64) -> Result<LinkMeasure> {
+    let fail = |why: String| WorkerError::rpc(uri, why);
+    let mut client = tokio::time::timeout(PROBE_TIMEOUT, PeerClient::connect(security, uri))
+        .await
+        .map_err(|_| fail(format!("no connection within {PROBE_TIMEOUT:?}")))??
+        .client;
+    let mut probe = async |bytes: u64| -> Result<Duration> {
+        let start = std::time::Instant::now();
+        let run = async {
+            let mut stream = client.probe(pb::ProbeRequest { bytes }).await?.into_inner();
+            let mut received = 0u64;
+            while let Some(c) = stream.message().await? {
+                if zeroshard_offload::shards::checksum(&c.data) != c.crc32c {
+                    return Err(tonic::Status::data_loss("a probe chunk failed its CRC-32C"));
+                }
+                std::hint::black_box(blake3::hash(&c.data));
+                received += c.data.len() as u64;
+            }
+            if received != bytes {
+                return Err(tonic::Status::data_loss(format!("the probe sent {received} bytes of {bytes}")));
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, run).await {
+            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Err(status)) => Err(fail(status.message().to_string())),
+            Err(_) => Err(fail(format!("a probe of {bytes} bytes took over {PROBE_TIMEOUT:?}"))),
+        }
+    };
+    let mut round_trip = Duration::MAX;
+    for _ in 0..ROUND_TRIPS {
+        round_trip = round_trip.min(probe(0).await?);
+    }
+    let mut bulk = Duration::MAX;
+    for _ in 0..BULK_PROBES {
+        bulk = bulk.min(probe(bulk_bytes).await?);
+    }
+    Ok(LinkMeasure {
+        round_trip_s: round_trip.as_secs_f64(),
+        bytes_per_s: bulk_bytes as f64 / bulk.as_secs_f64().max(1e-9),
+    })
+}

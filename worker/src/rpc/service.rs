@@ -19,7 +19,7 @@ use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
 use zeroshard_security::{Guard, Role};
 
 use zeroshard_offload::convert::{fetch_ranges, generation_params};
-use zeroshard_offload::shards::{checksum, CHUNK_BYTES};
+use zeroshard_offload::shards::{checksum, probe_chunks, CHUNK_BYTES, MAX_PROBE_BYTES};
 
 use super::convert;
 use crate::error::{Result, WorkerError};
@@ -119,12 +119,41 @@ impl Worker for Svc {
             kv_cache_bytes: n.batch.kv_cache_bytes.load(Ordering::Relaxed),
             kv_reserved_bytes: n.batch.kv_reserved.load(Ordering::Relaxed),
             kv_bytes_per_token: n.batch.kv_bytes_per_token.load(Ordering::Relaxed),
-            max_active_sequences: n.batch.max_active.load(Ordering::Relaxed),
+            // Before the first plan, the configured limit.
+            max_active_sequences: match n.batch.max_active.load(Ordering::Relaxed) {
+                0 => self.0.cfg.max_active_sequences as u32,
+                n => n,
+            },
             group_sent_bytes_total: n.gather.group_sent.load(Ordering::Relaxed),
             group_received_bytes_total: n.gather.group_received.load(Ordering::Relaxed),
+            calibrated_gflops: self.0.calibration().map_or(0.0, |c| c.peak_gflops),
+            calibrated_read_gbs: self.0.calibration().map_or(0.0, |c| c.read_gbs),
+            host_id: crate::node::host_id(),
+        }))
+    }
+
+    async fn measure_link(
+        &self,
+        req: Request<pb::MeasureLinkRequest>,
+    ) -> std::result::Result<Response<pb::LinkMeasurement>, Status> {
+        let r = req.into_inner();
+        let bytes = if r.probe_bytes == 0 { DEFAULT_PROBE_BYTES } else { r.probe_bytes };
+        if bytes > MAX_PROBE_BYTES {
+            return Err(WorkerError::InvalidRequest(format!(
+                "probe_bytes {bytes} is above the largest probe, {MAX_PROBE_BYTES}"
+            ))
+            .into());
+        }
+        let m = super::peer::measure_link(&self.0.cfg.security, &r.peer_address, bytes).await?;
+        Ok(Response::new(pb::LinkMeasurement {
+            round_trip_us: m.round_trip_s * 1e6,
+            bytes_per_s: m.bytes_per_s,
         }))
     }
 }
+
+/// A bulk link probe's bytes unless the coordinator asks for another size.
+const DEFAULT_PROBE_BYTES: u64 = 8 << 20;
 
 #[tonic::async_trait]
 impl TensorGroup for Svc {
@@ -180,6 +209,21 @@ impl Shards for Svc {
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
+
+    type ProbeStream = ChunkStream;
+
+    async fn probe(
+        &self,
+        req: Request<pb::ProbeRequest>,
+    ) -> std::result::Result<Response<ChunkStream>, Status> {
+        let bytes = req.into_inner().bytes;
+        let chunks = probe_chunks(bytes).ok_or_else(|| {
+            WorkerError::InvalidRequest(format!(
+                "a probe of {bytes} bytes is above the largest, {MAX_PROBE_BYTES}"
+            ))
+        })?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks.map(|c| Ok(pb::ShardChunk::from(c)))))))
+    }
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains (see [`drain`]): prints `listening
@@ -205,6 +249,16 @@ pub async fn run(
         zeroshard_proto::health::spawn(l, health);
     }
     let node = Arc::new(Node::new(cfg.clone()));
+    if cfg.cuda.is_none() {
+        // For `--placement auto`: what this worker's compute threads do (~0.1 s).
+        let c = tokio::task::spawn_blocking(|| {
+            zeroshard_engine::engine::compute_pool().install(zeroshard_engine::bench::calibrate)
+        })
+        .await
+        .map_err(|e| WorkerError::Task { what: "calibration", source: e.into() })?;
+        tracing::info!("compute: {:.0} GFLOP/s peak, reads {:.1} GB/s", c.peak_gflops, c.read_gbs);
+        node.set_calibration(c);
+    }
     let svc = Svc(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
