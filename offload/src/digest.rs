@@ -12,6 +12,7 @@
 //! - [`BlockDigests`]: per tensor, its host byte length and one 32-byte digest per block.
 //! - [`compute`]: one parallel pass over the checkpoint (rayon, block by block).
 //! - [`covering`]: the block-aligned element range that contains a range.
+//! - [`StreamCheck`]: blocks checked as a fetch's chunks arrive, on a thread of its own.
 //!
 //! ```ignore
 //! let digests = digest::compute(&ckpt)?;
@@ -21,6 +22,10 @@
 //!     digests.verify(tensor, range.start * 2 / BLOCK_BYTES as u64 + k as u64, block)?;
 //! }
 //! ```
+mod stream;
+
+pub use stream::{RangeVerdict, StreamCheck};
+
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::UNIX_EPOCH;

@@ -69,7 +69,6 @@ fn a_holder_serving_corrupt_blocks_is_never_used_and_is_evicted() {
     // refetched from the coordinator, which reads the checkpoint. Every tensor
     // partitioned (stories260K's are all under one block: whole tensors,
     // spread over the ranks), so the liar holds some whatever its rank.
-    let start = Instant::now();
     let fleet = Fleet::start_each_with(
         Etcd::start(),
         stories(),
@@ -77,14 +76,54 @@ fn a_holder_serving_corrupt_blocks_is_never_used_and_is_evicted() {
         &[],
         &[&[], &[], &["--fault-serve-corrupt"]],
     );
-    assert_refs(&fleet.endpoint, "with a lying holder");
+    liar_evicted(&fleet, &|endpoint, when| assert_refs(endpoint, when));
+}
+
+/// The same with fetches of several MiB, whose blocks are checked as they
+/// arrive on a thread of their own (a synthetic Llama of 5 MB per layer;
+/// exactness against `generate`).
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
+)]
+#[test]
+fn blocks_checked_as_they_arrive_catch_a_lying_holder_too() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let ckpt = tmp.path().join("m");
+    let spec = "llama:hidden=512,layers=2,heads=8,kv_heads=4,ffn=2048,vocab=4096";
+    let out = run(&["bench", "--synthetic", spec, "--write-checkpoint", ckpt.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = ckpt.to_str().expect("utf-8").to_string();
+    let ids = "1,300,2000,25,7,4000,512";
+    let mut gen = vec!["generate", "--model", &dir, "--json"];
+    gen.extend(greedy("--prompt-ids", ids, "16"));
+    let want = ids_of(&run_json(&gen)[0]["token_ids"]);
+    let fleet = Fleet::start_each_with(
+        Etcd::start(),
+        ckpt.clone(),
+        &["--persistence-threshold-bytes", "0"],
+        &[],
+        &[&[], &[], &["--fault-serve-corrupt"]],
+    );
+    liar_evicted(&fleet, &|endpoint, when| {
+        let got = ids_of(&query(endpoint, &greedy("--prompt-ids", ids, "16"))["token_ids"]);
+        assert_eq!(got, want, "{when}");
+    });
+}
+
+/// Fleet worker 2 serves corrupt blocks: `exact` holds with it serving, it is
+/// evicted (blocks rejected, not ready) while the honest two reject nothing,
+/// and `exact` holds on the epoch without it, which stays.
+fn liar_evicted(fleet: &Fleet, exact: &dyn Fn(&str, &str)) {
+    let start = Instant::now();
+    exact(&fleet.endpoint, "with a lying holder");
     let s = fleet.wait_status(Duration::from_secs(30), "the liar evicted", |s| {
         s["epoch"].as_u64() >= Some(2)
             && s["ready"] == true
-            && entry(&fleet, s, 2)
+            && entry(fleet, s, 2)
                 .is_some_and(|w| w["rejected_blocks_total"].as_u64() > Some(0) && w["ready"] == false)
     });
-    let liar = entry(&fleet, &s, 2).expect("the liar is still registered");
+    let liar = entry(fleet, &s, 2).expect("the liar is still registered");
     eprintln!(
         "liar {} evicted: {} blocks rejected, epoch {}, {:.1} s after start",
         liar["id"],
@@ -101,9 +140,9 @@ fn a_holder_serving_corrupt_blocks_is_never_used_and_is_evicted() {
     // The new plan holds everything on the honest two: same tokens, and
     // nothing more is rejected.
     let rejected = liar["rejected_blocks_total"].as_u64();
-    assert_refs(&fleet.endpoint, "after the eviction");
+    exact(&fleet.endpoint, "after the eviction");
     let after = fleet.status();
-    assert_eq!(entry(&fleet, &after, 2).expect("liar")["rejected_blocks_total"].as_u64(), rejected);
+    assert_eq!(entry(fleet, &after, 2).expect("liar")["rejected_blocks_total"].as_u64(), rejected);
     assert_eq!(after["epoch"], s["epoch"], "no further re-plan");
 }
 

@@ -1,4 +1,5 @@
 use std::path::Path;
+use std::sync::Arc;
 
 use super::*;
 
@@ -128,4 +129,43 @@ fn identity_changes_when_a_file_changes() {
     write_f32(dir.path(), &[("small", vec![1.0, 2.0, 3.0, 4.0])]);
     let after = identity(&Checkpoint::open(dir.path()).expect("open")).expect("identity");
     assert_ne!(before, after);
+}
+
+#[test]
+fn streamed_chunks_of_any_size_are_checked_block_by_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ckpt = sample(dir.path());
+    let d = Arc::new(compute(&ckpt).expect("digests"));
+    let host: Vec<u8> =
+        bytemuck::cast_slice::<f16, u8>(&ckpt.read_f16("big", 0..700_000).expect("read")).to_vec();
+    let mut bad = host.clone();
+    bad[BLOCK_BYTES + 17] ^= 0x01;
+    // Ranges: all of "big" intact (in 300 kB chunks that straddle the block
+    // boundary), all of it with a flipped byte in block 1, its second block
+    // alone, and one range fed out of order.
+    let ranges = vec![
+        ("big".to_string(), 0, host.len() as u64),
+        ("big".to_string(), 0, host.len() as u64),
+        ("big".to_string(), BLOCK_BYTES as u64, (host.len() - BLOCK_BYTES) as u64),
+        ("big".to_string(), 0, host.len() as u64),
+    ];
+    let check = StreamCheck::start(d.clone(), ranges).expect("starts");
+    for (i, c) in host.chunks(300_000).enumerate() {
+        check.feed(0, (i * 300_000) as u64, bytes::Bytes::copy_from_slice(c));
+        check.feed(1, (i * 300_000) as u64, bytes::Bytes::copy_from_slice(&bad[i * 300_000..][..c.len()]));
+    }
+    check.feed(2, 0, bytes::Bytes::copy_from_slice(&host[BLOCK_BYTES..]));
+    check.feed(3, 0, bytes::Bytes::copy_from_slice(&host[..1000]));
+    check.feed(3, 500, bytes::Bytes::copy_from_slice(&host[500..]));
+    let v = check.finish().expect("finishes");
+    assert_eq!(v[0], RangeVerdict { bad: vec![], unchecked: false });
+    assert_eq!(v[1], RangeVerdict { bad: vec![1], unchecked: false });
+    assert_eq!(v[2], RangeVerdict { bad: vec![], unchecked: false });
+    assert!(v[3].unchecked, "{:?}", v[3]);
+    // Not all bytes fed: unchecked, not passed.
+    let check = StreamCheck::start(d.clone(), vec![("big".into(), 0, host.len() as u64)]).expect("starts");
+    check.feed(0, 0, bytes::Bytes::copy_from_slice(&host[..BLOCK_BYTES]));
+    assert_eq!(check.finish().expect("finishes"), vec![RangeVerdict { bad: vec![], unchecked: true }]);
+    // A range that does not start on a block boundary is refused at once.
+    assert!(StreamCheck::start(d, vec![("big".into(), 10, 100)]).is_err());
 }

@@ -63,8 +63,10 @@ impl<'a> Assembler<'a> {
             .collect()
     }
 
-    /// Verifies `chunk` and writes it into its destination.
-    pub fn accept(&mut self, chunk: &Chunk) -> Result<()> {
+    /// Verifies `chunk` and writes it into its destination; returns which
+    /// range it belongs to (an index into the ranges given to [`new`](Self::new))
+    /// and the byte of that range it starts at.
+    pub fn accept(&mut self, chunk: &Chunk) -> Result<(usize, u64)> {
         let unexpected =
             |reason: String| ShardError::UnexpectedChunk { range_index: chunk.range_index, reason };
         let &(t, base) = self
@@ -98,7 +100,7 @@ impl<'a> Assembler<'a> {
         }
         target.dest[at as usize..end as usize].copy_from_slice(&chunk.data);
         target.received = end;
-        Ok(())
+        Ok((t, at))
     }
 
     /// After an error or a broken stream: the request for everything still

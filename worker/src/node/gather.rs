@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use half::f16;
-use zeroshard_offload::digest::{covering, BlockDigests, BLOCK_BYTES};
+use zeroshard_offload::digest::{covering, BlockDigests, DigestError, StreamCheck, BLOCK_BYTES};
 use zeroshard_offload::plan::{Plan, WorkerId};
 
 use zeroshard_offload::shards::{Assembler, HostSlices, TensorRange};
@@ -38,6 +38,8 @@ const ABANDON_GRACE: Duration = Duration::from_millis(250);
 
 /// A holder that failed is tried last for this long.
 const DOWN_FOR: Duration = Duration::from_secs(10);
+/// A fetch this large has its blocks checked as they arrive ([`StreamCheck`]).
+const STREAM_CHECK_BYTES: usize = 2 << 20;
 
 /// Running totals of what gathers moved from peers.
 #[derive(Debug, Default)]
@@ -302,9 +304,10 @@ impl Gatherer {
             let last = i + 1 >= holders.len();
             let policy =
                 FetchPolicy { attempts: if last { FETCH_ATTEMPTS } else { 1 }, timeout: self.fetch_timeout };
+            let check = self.stream_check(&pending)?;
             let mut asm = Assembler::new(pending, 2)?;
             let fetched = tokio::select! {
-                r = client.fetch_into(&source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks, policy) => r,
+                r = client.fetch_into(&source, self.plan.epoch(), &mut asm, &self.stats.rejected_chunks, policy, check.as_ref()) => r,
                 // A holder that left by draining still answers: its fetch gets a moment to finish.
                 _ = async { let _ = departed.wait_for(gone).await; tokio::time::sleep(ABANDON_GRACE).await } => {
                     abandoned = true;
@@ -322,7 +325,7 @@ impl Gatherer {
                 errors.push(e);
                 continue;
             }
-            let (bad, rejected) = self.failed_blocks(pending)?;
+            let (bad, rejected) = self.failed_blocks(pending, check)?;
             if rejected == 0 {
                 if i > 0 {
                     self.stats.failovers.fetch_add(1, Ordering::Relaxed);
@@ -346,20 +349,48 @@ impl Gatherer {
         Err(WorkerError::Gather(errors.join("; ")))
     }
 
-    /// Checks every block of `received`; returns the blocks that failed (as
-    /// ranges to fetch again, with their destinations) and how many.
+    /// For a fetch of at least [`STREAM_CHECK_BYTES`]: its blocks hashed as
+    /// they arrive, on a thread of the check's own (smaller fetches are
+    /// hashed once complete: a thread would cost more than it overlaps).
+    fn stream_check(&self, pending: &[(TensorRange, &mut [u8])]) -> Result<Option<StreamCheck>> {
+        let bytes: usize = pending.iter().map(|(_, d)| d.len()).sum();
+        if bytes < STREAM_CHECK_BYTES {
+            return Ok(None);
+        }
+        let ranges =
+            pending.iter().map(|(r, d)| (r.tensor.clone(), r.elements.start * 2, d.len() as u64)).collect();
+        StreamCheck::start(self.digests.clone(), ranges)
+            .map(Some)
+            .map_err(|e| WorkerError::Gather(format!("checking a fetch against its digests: {e}")))
+    }
+
+    /// Checks every block of `received` (what `check` did not, when given);
+    /// returns the blocks that failed (as ranges to fetch again, with their
+    /// destinations) and how many.
     #[allow(clippy::type_complexity)]
     fn failed_blocks<'a>(
         &self,
         received: Vec<(TensorRange, &'a mut [u8])>,
+        check: Option<StreamCheck>,
     ) -> Result<(Vec<(TensorRange, &'a mut [u8])>, u64)> {
         let per_block = (BLOCK_BYTES / 2) as u64;
+        let failed = |tensor: &str, e: DigestError| {
+            WorkerError::Gather(format!("checking `{tensor}` against its digests: {e}"))
+        };
+        let mut verdicts = match check {
+            Some(c) => c.finish().map_err(|e| failed("a fetch", e))?.into_iter().map(Some).collect(),
+            None => Vec::new(),
+        };
+        verdicts.resize_with(received.len(), || None);
         let mut again = Vec::new();
-        for (range, dest) in received {
-            let bad =
-                self.digests.bad_blocks(&range.tensor, range.elements.start * 2, dest).map_err(|e| {
-                    WorkerError::Gather(format!("checking `{}` against its digests: {e}", range.tensor))
-                })?;
+        for ((range, dest), verdict) in received.into_iter().zip(verdicts) {
+            let bad = match verdict {
+                Some(v) if !v.unchecked => v.bad,
+                _ => self
+                    .digests
+                    .bad_blocks(&range.tensor, range.elements.start * 2, dest)
+                    .map_err(|e| failed(&range.tensor, e))?,
+            };
             if bad.is_empty() {
                 continue;
             }

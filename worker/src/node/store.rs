@@ -150,7 +150,7 @@ async fn pull(
     let mut asm = Assembler::new(dests, ELEM_BYTES)?;
     let rejected = std::sync::atomic::AtomicU64::new(0);
     let policy = FetchPolicy { attempts: super::gather::FETCH_ATTEMPTS, timeout: PULL_TIMEOUT };
-    client.fetch_into("pull", epoch, &mut asm, &rejected, policy).await.map_err(WorkerError::Gather)?;
+    client.fetch_into("pull", epoch, &mut asm, &rejected, policy, None).await.map_err(WorkerError::Gather)?;
     Ok(asm.finish()?)
 }
 

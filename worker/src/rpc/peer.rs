@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tonic::transport::Channel;
+use zeroshard_offload::digest::StreamCheck;
 use zeroshard_offload::shards::{Assembler, Chunk};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::shards_client::ShardsClient;
@@ -51,7 +52,8 @@ impl PeerClient {
     /// chunk (counted in `rejected`) or a broken stream restarts the fetch from what
     /// is still missing; it gives up after `policy.attempts` tries in a row without
     /// progress, or at once on a stale epoch. A source silent
-    /// for `policy.timeout` counts as a broken stream. Errors name `source`.
+    /// for `policy.timeout` counts as a broken stream. Errors name `source`. Each
+    /// accepted chunk also goes to `check`, when given.
     pub(crate) async fn fetch_into(
         &mut self,
         source: &str,
@@ -59,6 +61,7 @@ impl PeerClient {
         asm: &mut Assembler<'_>,
         rejected: &AtomicU64,
         policy: FetchPolicy,
+        check: Option<&StreamCheck>,
     ) -> std::result::Result<(), String> {
         let mut last_error = String::new();
         let mut failures = 0;
@@ -89,11 +92,19 @@ impl PeerClient {
                 };
                 match next {
                     Ok(Some(c)) => {
-                        if let Err(e) = asm.accept(&Chunk::from(c)) {
-                            rejected.fetch_add(1, Ordering::Relaxed);
-                            metrics::counter!("zeroshard_rejected_chunks_total").increment(1);
-                            tracing::warn!("chunk from {source} rejected, refetching: {e}");
-                            break Some(e.to_string());
+                        let chunk = Chunk::from(c);
+                        match asm.accept(&chunk) {
+                            Ok((range, at)) => {
+                                if let Some(check) = check {
+                                    check.feed(range, at, chunk.data);
+                                }
+                            }
+                            Err(e) => {
+                                rejected.fetch_add(1, Ordering::Relaxed);
+                                metrics::counter!("zeroshard_rejected_chunks_total").increment(1);
+                                tracing::warn!("chunk from {source} rejected, refetching: {e}");
+                                break Some(e.to_string());
+                            }
                         }
                     }
                     Ok(None) => break None,
