@@ -124,19 +124,14 @@ impl PeerClient {
 }
 
 /// A channel to `uri`, connected now, with the bulk-transfer HTTP/2 settings
-/// and `security`'s credentials.
+/// and `security`'s credentials ([`Security::bulk_channel`]).
 pub(crate) async fn connect(security: &Security, uri: &str) -> Result<Channel> {
-    security
-        .endpoint(uri)
-        .map_err(|e| WorkerError::rpc(uri, e))?
-        .connect()
-        .await
-        .map_err(|e| WorkerError::rpc(uri, e))
+    security.bulk_channel(uri).await.map_err(|e| WorkerError::rpc(uri, e))
 }
 
 /// A channel to `uri` that connects on first use.
 fn connect_lazy(security: &Security, uri: &str) -> Result<Channel> {
-    Ok(security.endpoint(uri).map_err(|e| WorkerError::rpc(uri, e))?.connect_lazy())
+    security.bulk_channel_lazy(uri).map_err(|e| WorkerError::rpc(uri, e))
 }
 
 /// A link as [`measure_link`] found it.
