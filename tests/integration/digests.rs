@@ -88,19 +88,13 @@ fn a_holder_serving_corrupt_blocks_is_never_used_and_is_evicted() {
 )]
 #[test]
 fn blocks_checked_as_they_arrive_catch_a_lying_holder_too() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let ckpt = tmp.path().join("m");
-    let spec = "llama:hidden=512,layers=2,heads=8,kv_heads=4,ffn=2048,vocab=4096";
-    let out = run(&["bench", "--synthetic", spec, "--write-checkpoint", ckpt.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let dir = ckpt.to_str().expect("utf-8").to_string();
+    let (_tmp, dir) =
+        synthetic_checkpoint("llama:hidden=512,layers=2,heads=8,kv_heads=4,ffn=2048,vocab=4096");
     let ids = "1,300,2000,25,7,4000,512";
-    let mut gen = vec!["generate", "--model", &dir, "--json"];
-    gen.extend(greedy("--prompt-ids", ids, "16"));
-    let want = ids_of(&run_json(&gen)[0]["token_ids"]);
+    let want = generated_from_ids(&dir, ids, "16");
     let fleet = Fleet::start_each_with(
         Etcd::start(),
-        ckpt.clone(),
+        dir.into(),
         &["--persistence-threshold-bytes", "0"],
         &[],
         &[&[], &[], &["--fault-serve-corrupt"]],

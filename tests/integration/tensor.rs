@@ -139,12 +139,9 @@ fn the_http_front_of_a_tensor_group_gives_the_same_text() {
 /// refused) they run gather and say why. Both exact.
 #[test]
 fn auto_picks_tensor_where_activations_are_cheaper_and_says_why() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let ckpt = tmp.path().join("m");
-    let spec = "llama:hidden=512,layers=4,heads=8,kv_heads=4,ffn=1536,vocab=8192";
-    let out = run(&["bench", "--synthetic", spec, "--write-checkpoint", ckpt.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let ckpt = ckpt.to_str().expect("utf-8");
+    let (_tmp, ckpt) =
+        synthetic_checkpoint("llama:hidden=512,layers=4,heads=8,kv_heads=4,ffn=1536,vocab=8192");
+    let ckpt = ckpt.as_str();
     let c = Cluster::up(&["--model", ckpt, "--workers", "2", "--placement", "auto"]);
     let s = status(&c.endpoint);
     assert_eq!((s["placement"].as_str(), s["tensor_degree"].as_u64()), (Some("tensor"), Some(2)), "{s}");
@@ -160,9 +157,7 @@ fn auto_picks_tensor_where_activations_are_cheaper_and_says_why() {
         assert!(why.contains(part), "{part:?} missing from {why:?}");
     }
     let ids = "1,300,4000,25,7,8100,512";
-    let mut gen = vec!["generate", "--model", ckpt, "--json"];
-    gen.extend(greedy("--prompt-ids", ids, "24"));
-    let want = ids_of(&run_json(&gen)[0]["token_ids"]);
+    let want = generated_from_ids(ckpt, ids, "24");
     assert_eq!(ids_of(&query(&c.endpoint, &greedy("--prompt-ids", ids, "24"))["token_ids"]), want);
     c.stop();
     let c = exact_under("auto", &dir("fixtures/gpt2"), 2, &[], "gather", 0);

@@ -106,6 +106,23 @@ pub(crate) fn greedy<'a>(prompt_flag: &'a str, prompt: &'a str, max_new: &'a str
     [prompt_flag, prompt, "--temperature", "0", "--ignore-eos", "--max-new-tokens", max_new]
 }
 
+/// A random-weight Llama of `spec` (`bench --write-checkpoint`) in a
+/// temporary folder (kept while the first value lives), and that folder.
+pub(crate) fn synthetic_checkpoint(spec: &str) -> (tempfile::TempDir, String) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("m").to_str().expect("utf-8").to_string();
+    let out = run(&["bench", "--synthetic", spec, "--write-checkpoint", &dir]);
+    assert!(out.status.success(), "writing {spec}: {}", String::from_utf8_lossy(&out.stderr));
+    (tmp, dir)
+}
+
+/// `generate`'s greedy token ids for `ids` (comma-separated), `max_new` of them.
+pub(crate) fn generated_from_ids(model_dir: &str, ids: &str, max_new: &str) -> Vec<u32> {
+    let mut args = vec!["generate", "--model", model_dir, "--json"];
+    args.extend(greedy("--prompt-ids", ids, max_new));
+    ids_of(&run_json(&args)[0]["token_ids"])
+}
+
 /// `query --json` against a cluster with `extra` flags: the one JSON answer.
 pub(crate) fn query(endpoint: &str, extra: &[&str]) -> Value {
     let mut args = vec!["query", "--endpoint", endpoint, "--json"];

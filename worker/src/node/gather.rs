@@ -33,8 +33,10 @@ use zeroshard_offload::sync;
 pub(super) const FETCH_ATTEMPTS: usize = 4;
 
 /// A fetch from a holder the next epoch left out still gets this long to
-/// finish (a draining holder answers; a stopped one does not).
-const ABANDON_GRACE: Duration = Duration::from_millis(250);
+/// finish (a draining holder answers; a stopped one does not). 250 ms was
+/// too short on 2 busy cores: a sequence moved off a draining worker failed
+/// its next step there and was counted as resumed after a failure.
+const ABANDON_GRACE: Duration = Duration::from_secs(1);
 
 /// A holder that failed is tried last for this long.
 const DOWN_FOR: Duration = Duration::from_secs(10);
