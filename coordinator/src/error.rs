@@ -76,7 +76,9 @@ impl CoordinatorError {
             | E::Tokenizer(_)
             | E::Chat(_)
             | E::Offload(OffloadError::InvalidRequest(_))
-            | E::Shard(ShardError::InvalidRange { .. }) => ErrorKind::Invalid,
+            | E::Shard(ShardError::InvalidRange { .. } | ShardError::ProbeTooLarge { .. }) => {
+                ErrorKind::Invalid
+            }
             E::Offload(OffloadError::MissingTensor { .. }) | E::Shard(ShardError::NotHeld { .. }) => {
                 ErrorKind::NotFound
             }

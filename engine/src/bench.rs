@@ -75,29 +75,32 @@ pub struct Bandwidth {
 
 /// Measures [`Bandwidth`] over 256 MiB buffers (best of 4 runs).
 pub fn measure_bandwidth() -> Bandwidth {
-    measure_bandwidth_over(256 << 20, 4)
-}
-
-/// Measures [`Bandwidth`] over `bytes`-byte buffers (best of `runs`).
-fn measure_bandwidth_over(bytes: usize, runs: usize) -> Bandwidth {
-    use rayon::prelude::*;
-    let src = vec![1u64; bytes / 8];
-    let mut dst = vec![0u64; bytes / 8];
+    const BYTES: usize = 256 << 20;
+    let src = vec![1u64; BYTES / 8];
+    let mut dst = vec![0u64; BYTES / 8];
     let mut memcpy_gbs: f64 = 0.0;
     let mut read_gbs: f64 = 0.0;
-    for _ in 0..runs {
+    for _ in 0..4 {
         let t = Instant::now();
         dst.copy_from_slice(&src);
-        memcpy_gbs = memcpy_gbs.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
-        let t = Instant::now();
-        let sum: u64 = src
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
-            .reduce(|| 0, u64::wrapping_add);
-        read_gbs = read_gbs.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
-        std::hint::black_box((sum, &dst));
+        memcpy_gbs = memcpy_gbs.max(BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+        read_gbs = read_gbs.max(read_rate(&src));
+        std::hint::black_box(&dst);
     }
     Bandwidth { memcpy_gbs, read_gbs }
+}
+
+/// GB/s every thread of the calling rayon pool reads `src` at, one pass.
+fn read_rate(src: &[u64]) -> f64 {
+    use rayon::prelude::*;
+    let t = Instant::now();
+    let sum: u64 = src
+        .par_chunks(1 << 16)
+        .map(|c| c.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+        .reduce(|| 0, u64::wrapping_add);
+    let gbs = std::mem::size_of_val(src) as f64 / t.elapsed().as_secs_f64() / 1e9;
+    std::hint::black_box(sum);
+    gbs
 }
 
 /// What one process computes at, from a short probe (~0.1 s): the FMA peak
@@ -115,7 +118,8 @@ pub struct Calibration {
 /// Runs the [`Calibration`] probe in the calling rayon pool.
 pub fn calibrate() -> Calibration {
     let peak_gflops = crate::cpu::matmul::peak_gflops(15);
-    let read_gbs = measure_bandwidth_over(64 << 20, 3).read_gbs;
+    let src = vec![1u64; (64 << 20) / 8];
+    let read_gbs = (0..3).map(|_| read_rate(&src)).fold(0.0, f64::max);
     Calibration { peak_gflops, read_gbs }
 }
 

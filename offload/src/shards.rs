@@ -68,16 +68,22 @@ pub struct Chunk {
 /// The largest link probe (`Shards.Probe`), bytes.
 pub const MAX_PROBE_BYTES: u64 = 64 << 20;
 
-/// `bytes` of filler as chunks like a fetch's (at most [`CHUNK_BYTES`] each,
-/// checksummed): what `Shards.Probe` streams for a link measurement. `None`
-/// above [`MAX_PROBE_BYTES`].
-pub fn probe_chunks(bytes: u64) -> Option<impl Iterator<Item = Chunk> + Send + 'static> {
+/// Ok when a link probe of `bytes` is allowed (at most [`MAX_PROBE_BYTES`]).
+pub fn check_probe(bytes: u64) -> Result<()> {
     if bytes > MAX_PROBE_BYTES {
-        return None;
+        return Err(ShardError::ProbeTooLarge { bytes });
     }
+    Ok(())
+}
+
+/// `bytes` of filler as chunks like a fetch's (at most [`CHUNK_BYTES`] each,
+/// checksummed): what `Shards.Probe` streams for a link measurement; refused
+/// above [`MAX_PROBE_BYTES`] ([`check_probe`]).
+pub fn probe_chunks(bytes: u64) -> Result<impl Iterator<Item = Chunk> + Send + 'static> {
+    check_probe(bytes)?;
     let filler = Bytes::from(vec![0x5au8; CHUNK_BYTES]);
     let crc = checksum(&filler);
-    Some((0..bytes.div_ceil(CHUNK_BYTES as u64)).map(move |i| {
+    Ok((0..bytes.div_ceil(CHUNK_BYTES as u64)).map(move |i| {
         let offset = i * CHUNK_BYTES as u64;
         let data = filler.slice(..(bytes - offset).min(CHUNK_BYTES as u64) as usize);
         let crc32c = if data.len() == CHUNK_BYTES { crc } else { checksum(&data) };
@@ -118,6 +124,9 @@ pub enum ShardError {
     /// The stream ended before every range was complete.
     #[error("transfer incomplete: `{tensor}` has {received} of {expected} bytes")]
     Incomplete { tensor: String, received: u64, expected: u64 },
+    /// A link probe larger than [`MAX_PROBE_BYTES`].
+    #[error("a probe of {bytes} bytes is above the largest, {MAX_PROBE_BYTES}")]
+    ProbeTooLarge { bytes: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, ShardError>;
@@ -144,8 +153,11 @@ mod tests {
         );
         assert!(chunks.iter().all(|c| checksum(&c.data) == c.crc32c));
         assert_eq!(probe_chunks(0).expect("allowed").count(), 0);
-        assert!(probe_chunks(MAX_PROBE_BYTES).is_some());
-        assert!(probe_chunks(MAX_PROBE_BYTES + 1).is_none());
+        assert!(probe_chunks(MAX_PROBE_BYTES).is_ok());
+        assert_eq!(
+            probe_chunks(MAX_PROBE_BYTES + 1).err(),
+            Some(ShardError::ProbeTooLarge { bytes: MAX_PROBE_BYTES + 1 })
+        );
     }
 
     /// `cargo test -p zeroshard-worker --release -- --ignored checksum_throughput --nocapture`

@@ -12,6 +12,7 @@ use zeroshard_offload::plan::WorkerId;
 use zeroshard_offload::ModelConfig;
 
 use super::config::Placement;
+use super::state::WorkerEntry;
 use super::supervisor::{Supervisor, PROBE_TIMEOUT};
 use crate::status::WorkerStats;
 
@@ -100,55 +101,27 @@ impl Supervisor {
                 }
             }
         }
-        // Each worker's link to the next (one pair for two workers).
-        let mut link: Option<Link> = None;
+        // Two workers have one link; more, a ring of them. The slowest
+        // link paces every exchange.
         let n = workers.len();
-        // Two workers have one link; more, a ring of them.
-        let pairs = if n == 2 {
-            1
-        } else if n > 2 {
-            n
-        } else {
-            0
+        let pairs = match n {
+            0 | 1 => 0,
+            2 => 1,
+            n => n,
         };
-        {
-            for (i, w) in workers.iter().enumerate().take(pairs) {
-                let peer = &workers[(i + 1) % n];
-                let measured = match self.links.get(&(w.id, peer.id)) {
-                    Some(l) => *l,
-                    None => match w.client.measure_link(&peer.address, MEASURE_TIMEOUT).await {
-                        Ok((round_trip_s, bytes_per_s)) => {
-                            let l = Link { round_trip_s, bytes_per_s };
-                            tracing::info!(
-                                "link {} → {}: {:.2} Gb/s checked, {:.0} µs round trip",
-                                w.id,
-                                peer.id,
-                                bytes_per_s * 8.0 / 1e9,
-                                round_trip_s * 1e6
-                            );
-                            self.links.insert((w.id, peer.id), l);
-                            l
-                        }
-                        Err(e) => {
-                            return Chosen {
-                                tensor_degree: 0,
-                                reason: format!(
-                                    "auto: gather, the link {} → {} was not measured: {e}",
-                                    w.id, peer.id
-                                ),
-                            };
-                        }
-                    },
-                };
-                // The slowest link paces every exchange.
-                link = Some(match link {
-                    None => measured,
-                    Some(l) => Link {
-                        round_trip_s: l.round_trip_s.max(measured.round_trip_s),
-                        bytes_per_s: l.bytes_per_s.min(measured.bytes_per_s),
-                    },
-                });
-            }
+        let mut link: Option<Link> = None;
+        for (i, w) in workers.iter().enumerate().take(pairs) {
+            let measured = match self.link(w, &workers[(i + 1) % n]).await {
+                Ok(l) => l,
+                Err(reason) => return Chosen { tensor_degree: 0, reason },
+            };
+            link = Some(match link {
+                None => measured,
+                Some(l) => Link {
+                    round_trip_s: l.round_trip_s.max(measured.round_trip_s),
+                    bytes_per_s: l.bytes_per_s.min(measured.bytes_per_s),
+                },
+            });
         }
         let batch = reported.iter().map(|s| s.max_active_sequences as usize).min().unwrap_or(1).max(1);
         let (hw, facts) = hardware(&reported, link);
@@ -170,6 +143,26 @@ impl Supervisor {
                 rates.join(", ")
             ),
         }
+    }
+
+    /// The link `from` → `to`, measured once and kept; else why auto falls back to gather.
+    async fn link(&mut self, from: &WorkerEntry, to: &WorkerEntry) -> Result<Link, String> {
+        if let Some(l) = self.links.get(&(from.id, to.id)) {
+            return Ok(*l);
+        }
+        let l =
+            from.client.measure_link(&to.address, MEASURE_TIMEOUT).await.map_err(|e| {
+                format!("auto: gather, the link {} → {} was not measured: {e}", from.id, to.id)
+            })?;
+        tracing::info!(
+            "link {} → {}: {:.2} Gb/s checked, {:.0} µs round trip",
+            from.id,
+            to.id,
+            l.bytes_per_s * 8.0 / 1e9,
+            l.round_trip_s * 1e6
+        );
+        self.links.insert((from.id, to.id), l);
+        Ok(l)
     }
 }
 

@@ -4,7 +4,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
-use zeroshard_offload::shards::{checksum, probe_chunks, ShardError, CHUNK_BYTES, MAX_PROBE_BYTES};
+use zeroshard_offload::shards::{checksum, probe_chunks, ShardError, CHUNK_BYTES};
 use zeroshard_proto::v1 as pb;
 
 use super::Coordinator;
@@ -21,12 +21,7 @@ impl zeroshard_proto::v1::shards_server::Shards for CheckpointShards {
 
     /// The same link probe a worker serves (a `--pull` worker's link to the coordinator).
     async fn probe(&self, req: Request<pb::ProbeRequest>) -> Result<Response<ChunkStream>, Status> {
-        let bytes = req.into_inner().bytes;
-        let chunks = probe_chunks(bytes).ok_or_else(|| {
-            CoordinatorError::InvalidRequest(format!(
-                "a probe of {bytes} bytes is above the largest, {MAX_PROBE_BYTES}"
-            ))
-        })?;
+        let chunks = probe_chunks(req.into_inner().bytes).map_err(CoordinatorError::from)?;
         Ok(Response::new(Box::pin(futures::stream::iter(chunks.map(|c| Ok(pb::ShardChunk::from(c)))))))
     }
 

@@ -16,6 +16,7 @@ use zeroshard_proto::v1::worker_client::WorkerClient;
 use zeroshard_security::Security;
 
 use super::admission::Capacity;
+use super::choose::Link;
 use super::Coordinator;
 use crate::error::{CoordinatorError, Result};
 use crate::status::WorkerStats;
@@ -151,19 +152,18 @@ impl WorkerHandle {
     }
 
     /// Has the worker measure its link to the worker at `peer_address`
-    /// (`Worker.MeasureLink`): the fastest round trip (seconds) and bulk rate
-    /// (bytes/s, checked as a gather checks).
-    pub(crate) async fn measure_link(
+    /// (`Worker.MeasureLink`).
+    pub(super) async fn measure_link(
         &self,
         peer_address: &str,
         timeout: Duration,
-    ) -> std::result::Result<(f64, f64), Unanswered> {
+    ) -> std::result::Result<Link, Unanswered> {
         let mut c = self.client.clone();
         let req = pb::MeasureLinkRequest { peer_address: peer_address.to_string(), probe_bytes: 0 };
         match tokio::time::timeout(timeout, c.measure_link(req)).await {
             Ok(Ok(r)) => {
                 let m = r.into_inner();
-                Ok((m.round_trip_us * 1e-6, m.bytes_per_s))
+                Ok(Link { round_trip_s: m.round_trip_us * 1e-6, bytes_per_s: m.bytes_per_s })
             }
             Ok(Err(s)) => Err(Unanswered::Failed(s.message().to_string())),
             Err(_) => Err(Unanswered::Silent(timeout)),

@@ -26,7 +26,6 @@ use zeroshard_offload::ModelConfig;
 pub(crate) use batcher::{Command, SeqEvent};
 pub use faults::Faults;
 pub use state::available_memory;
-pub(crate) use state::host_id;
 pub(crate) use state::Node;
 pub use zeroshard_membership::{Announce, Registrar};
 

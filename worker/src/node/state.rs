@@ -189,6 +189,8 @@ pub(crate) struct Node {
     model_config: std::sync::OnceLock<ModelConfig>,
     /// What the compute threads measured at start (a CPU worker's).
     calibration: std::sync::OnceLock<Calibration>,
+    /// Which machine this worker runs on ([`host_id`]), read once.
+    pub host_id: String,
     pub stats: NodeStats,
 }
 
@@ -206,6 +208,7 @@ impl Node {
             active_epoch: watch::channel(0).0,
             model_config: std::sync::OnceLock::new(),
             calibration: std::sync::OnceLock::new(),
+            host_id: host_id(),
             stats: NodeStats::default(),
         }
     }
@@ -647,16 +650,16 @@ fn spawn_batcher<B: Backend + 'static>(
 /// few sequences; the operator sets `--kv-cache-bytes` to go lower).
 const DEFAULT_KV_FLOOR: u64 = 64 << 20;
 
-/// Host memory available now (`MemAvailable` of /proc/meminfo), 0 when unknown.
 /// Which machine this process runs on: the kernel's boot id (the same in
 /// every container of one host), else its host name, else empty.
-pub(crate) fn host_id() -> String {
+fn host_id() -> String {
     ["/proc/sys/kernel/random/boot_id", "/etc/hostname"]
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
         .unwrap_or_default()
 }
 
+/// Host memory available now (`MemAvailable` of /proc/meminfo), 0 when unknown.
 pub fn available_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()

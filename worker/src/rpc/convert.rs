@@ -24,7 +24,9 @@ pub(crate) fn status(e: &WorkerError) -> Status {
     match e {
         E::InvalidRequest(_) | E::Offload(OffloadError::InvalidRequest(_)) => Status::invalid_argument(msg),
         E::Shard(ShardError::NotHeld { .. }) => Status::not_found(msg),
-        E::Shard(ShardError::InvalidRange { .. }) => Status::invalid_argument(msg),
+        E::Shard(ShardError::InvalidRange { .. } | ShardError::ProbeTooLarge { .. }) => {
+            Status::invalid_argument(msg)
+        }
         E::Plan(_) => Status::invalid_argument(msg),
         E::Epoch(_) => Status::failed_precondition(msg),
         E::Overloaded(_) => Status::resource_exhausted(msg),

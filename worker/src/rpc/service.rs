@@ -19,7 +19,7 @@ use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
 use zeroshard_security::{Guard, Role};
 
 use zeroshard_offload::convert::{fetch_ranges, generation_params};
-use zeroshard_offload::shards::{checksum, probe_chunks, CHUNK_BYTES, MAX_PROBE_BYTES};
+use zeroshard_offload::shards::{check_probe, checksum, probe_chunks, CHUNK_BYTES};
 
 use super::convert;
 use crate::error::{Result, WorkerError};
@@ -128,7 +128,7 @@ impl Worker for Svc {
             group_received_bytes_total: n.gather.group_received.load(Ordering::Relaxed),
             calibrated_gflops: self.0.calibration().map_or(0.0, |c| c.peak_gflops),
             calibrated_read_gbs: self.0.calibration().map_or(0.0, |c| c.read_gbs),
-            host_id: crate::node::host_id(),
+            host_id: self.0.host_id.clone(),
         }))
     }
 
@@ -138,12 +138,7 @@ impl Worker for Svc {
     ) -> std::result::Result<Response<pb::LinkMeasurement>, Status> {
         let r = req.into_inner();
         let bytes = if r.probe_bytes == 0 { DEFAULT_PROBE_BYTES } else { r.probe_bytes };
-        if bytes > MAX_PROBE_BYTES {
-            return Err(WorkerError::InvalidRequest(format!(
-                "probe_bytes {bytes} is above the largest probe, {MAX_PROBE_BYTES}"
-            ))
-            .into());
-        }
+        check_probe(bytes).map_err(WorkerError::from)?;
         let m = super::peer::measure_link(&self.0.cfg.security, &r.peer_address, bytes).await?;
         Ok(Response::new(pb::LinkMeasurement {
             round_trip_us: m.round_trip_s * 1e6,
@@ -216,12 +211,7 @@ impl Shards for Svc {
         &self,
         req: Request<pb::ProbeRequest>,
     ) -> std::result::Result<Response<ChunkStream>, Status> {
-        let bytes = req.into_inner().bytes;
-        let chunks = probe_chunks(bytes).ok_or_else(|| {
-            WorkerError::InvalidRequest(format!(
-                "a probe of {bytes} bytes is above the largest, {MAX_PROBE_BYTES}"
-            ))
-        })?;
+        let chunks = probe_chunks(req.into_inner().bytes).map_err(WorkerError::from)?;
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks.map(|c| Ok(pb::ShardChunk::from(c)))))))
     }
 }
