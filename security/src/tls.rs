@@ -501,23 +501,50 @@ impl Security {
 pub trait Socket: std::io::Read + std::io::Write + Send {
     /// Changes how long a read may wait.
     fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+    /// Whether a read would find bytes (or the end) now, without waiting:
+    /// lets a caller that expects an answer within microseconds poll for it
+    /// instead of sleeping in the kernel and paying a wake-up.
+    fn readable(&mut self) -> std::io::Result<bool>;
+}
+
+/// Whether `fd` has bytes to read, or its end, now.
+fn fd_readable(fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, a zero timeout.
+    match unsafe { libc::poll(&mut p, 1, 0) } {
+        n if n < 0 => Err(std::io::Error::last_os_error()),
+        0 => Ok(false),
+        _ => Ok(p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0),
+    }
 }
 
 impl Socket for std::net::TcpStream {
     fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
         std::net::TcpStream::set_read_timeout(self, Some(timeout))
     }
-}
 
-impl Socket for rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
-        self.sock.set_read_timeout(Some(timeout))
+    fn readable(&mut self) -> std::io::Result<bool> {
+        fd_readable(std::os::fd::AsRawFd::as_raw_fd(self))
     }
 }
 
-impl Socket for rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream> {
+impl<C, D> Socket for rustls::StreamOwned<C, std::net::TcpStream>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>> + Send,
+    D: rustls::SideData,
+{
     fn set_read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
         self.sock.set_read_timeout(Some(timeout))
+    }
+
+    fn readable(&mut self) -> std::io::Result<bool> {
+        let state = self
+            .conn
+            .process_new_packets()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        Ok(state.plaintext_bytes_to_read() > 0
+            || state.peer_has_closed()
+            || fd_readable(std::os::fd::AsRawFd::as_raw_fd(&self.sock))?)
     }
 }
 
@@ -597,6 +624,59 @@ mod tests {
             "http://h:1/p",
         ] {
             assert!(Address::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    /// Both ends of one blocking socket under `sec` on loopback.
+    fn socket_pair(sec: &Security) -> (Box<dyn Socket>, Box<dyn Socket>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepting = {
+            let sec = sec.clone();
+            std::thread::spawn(move || {
+                sec.accept_socket(&listener, Duration::from_secs(10), Duration::from_secs(10))
+            })
+        };
+        let client = sec.connect_socket("127.0.0.1", port, Duration::from_secs(10)).expect("connects");
+        let (server, _) = accepting.join().expect("accept thread").expect("accepts");
+        (client, server)
+    }
+
+    /// Polls `s` until a read would not wait, for at most 5 s.
+    fn becomes_readable(s: &mut dyn Socket) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < until {
+            if s.readable().expect("poll") {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn sockets_say_when_a_read_would_not_wait() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ca = crate::certs::Ca::generate().expect("ca");
+        ca.write(dir.path()).expect("write");
+        let leaf = ca.issue(Role::Worker, "w", &crate::certs::loopback_sans()).expect("leaf");
+        let (cert, key) = leaf.write(dir.path(), "w").expect("write");
+        let paths = TlsPaths { ca: dir.path().join("ca.pem"), cert: Some(cert), key: Some(key) };
+        for sec in [Security::plaintext(), Security::load(paths, Some(Role::Worker)).expect("loads")] {
+            let (mut client, mut server) = socket_pair(&sec);
+            assert!(!server.readable().expect("poll"), "nothing was sent yet");
+            let send = |from: &mut Box<dyn Socket>, to: &mut Box<dyn Socket>| {
+                from.write_all(&[7u8; 3000]).and_then(|()| from.flush()).expect("write");
+                assert!(becomes_readable(to.as_mut()), "3000 bytes sent, never readable");
+                let mut got = [0u8; 3000];
+                to.read_exact(&mut got).expect("read");
+                assert_eq!(got, [7u8; 3000]);
+            };
+            send(&mut client, &mut server);
+            send(&mut server, &mut client);
+            assert!(!server.readable().expect("poll"), "everything sent was read");
+            drop(client);
+            assert!(becomes_readable(server.as_mut()), "the peer's close is something to read");
         }
     }
 

@@ -7,14 +7,16 @@
 //! member an [`Order`] (who joined, who left, the step's sequences in order).
 //! Every member then runs the same forward over its shard; at each sum the
 //! members send their partial output up, rank 0 adds them in rank order and
-//! sends the sum down; the logits' vocabulary rows go up, rank 0 samples, and
+//! sends the sum down (a pair with a small sum swaps parts instead, and each
+//! adds them in rank order: [`pairs`]); the logits' vocabulary rows go up, rank 0 samples, and
 //! the chosen tokens go down. A member ([`follow`]) keeps the same sequences
 //! (prompts, tokens, its heads' KV cache) without sampling.
 //!
 //! The batching threads read and write the sockets themselves: a layer waits
 //! on each exchange, so no task or channel sits in between (measured: a
 //! stream through the async runtime cost ~0.4 ms per exchange on loopback,
-//! ~13 ms of every 270M-shape decode step). A member silent for
+//! ~13 ms of every 270M-shape decode step), and a read within a step polls
+//! the socket briefly before it sleeps (see `rpc::group`). A member silent for
 //! [`EXCHANGE_TIMEOUT`] fails the step ([`EngineError::Group`]); its sequences
 //! are resumed by the coordinator once the group is planned again.
 use std::collections::HashMap;
@@ -28,11 +30,25 @@ use zeroshard_engine::{Backend, EngineError};
 /// Longest wait for a member's part of one exchange.
 pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Largest sum a pair exchanges both ways at once (see [`pairs`]); larger
+/// ones go through rank 0. Each end writes its whole part before it reads
+/// the other's, so both parts must fit in the socket's buffers together.
+pub(crate) const PAIR_BYTES: usize = 32 << 10;
+
+/// Whether a group of `degree` sums `values` by swapping the two parts
+/// (every member adds them in rank order itself: one trip instead of rank
+/// 0's two, and no member waits for another's addition).
+pub(crate) fn pairs(degree: usize, values: usize) -> bool {
+    degree == 2 && values * 4 <= PAIR_BYTES
+}
+
 /// Rank 0 → member.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Down {
     Order(Order),
     Sum(Vec<f32>),
+    /// Rank 0's own part of a pair's sum ([`pairs`]).
+    Partial(Vec<f32>),
     Tokens(Vec<u32>),
 }
 
@@ -107,6 +123,10 @@ impl Collective for Leader {
     }
 
     fn all_reduce_sum(&self, x: &mut [f32]) -> zeroshard_engine::Result<()> {
+        let pair = pairs(self.degree(), x.len());
+        if pair {
+            self.members[0].wire.send_down(&Down::Partial(x.to_vec()))?;
+        }
         let mut parts = vec![x.to_vec()];
         for m in &self.members {
             match self.recv(m)? {
@@ -123,6 +143,9 @@ impl Collective for Leader {
         }
         let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
         sum_in_order(x, &refs);
+        if pair {
+            return Ok(());
+        }
         let d = Down::Sum(x.to_vec());
         self.members.iter().try_for_each(|m| m.wire.send_down(&d))
     }
@@ -188,8 +211,13 @@ impl Collective for Member {
     fn all_reduce_sum(&self, x: &mut [f32]) -> zeroshard_engine::Result<()> {
         self.wire.send_up(&Up::Partial(x.to_vec()))?;
         match self.recv()? {
-            Down::Sum(s) if s.len() == x.len() => {
+            Down::Sum(s) if s.len() == x.len() && !pairs(self.degree, x.len()) => {
                 x.copy_from_slice(&s);
+                Ok(())
+            }
+            Down::Partial(p) if p.len() == x.len() && pairs(self.degree, x.len()) => {
+                let mine = x.to_vec();
+                sum_in_order(x, &[&p, &mine]);
                 Ok(())
             }
             other => {
@@ -279,5 +307,87 @@ pub(crate) fn follow<B: Backend>(
         stats.step_nanos.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
         stats.steps.fetch_add(1, Relaxed);
         seqs.retain(|_, s| s.finished().is_none());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeroshard_security::Security;
+
+    /// Rank 0 and rank 1 of a pair over a plaintext loopback socket.
+    fn pair() -> (Leader, Member) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let sec = Security::plaintext();
+        let member_end = std::thread::spawn(move || {
+            Security::plaintext().accept_socket(&listener, Duration::from_secs(10), EXCHANGE_TIMEOUT)
+        });
+        let leader_end = sec.connect_socket("127.0.0.1", port, EXCHANGE_TIMEOUT).expect("connects");
+        let (member_end, _) = member_end.join().expect("thread").expect("accepts");
+        let stats = std::sync::Arc::new(super::super::gather::GatherStats::default());
+        let leader = Leader {
+            epoch: 1,
+            members: vec![MemberLink {
+                rank: 1,
+                wire: Wire::new(leader_end, "member 1".into(), stats.clone()),
+            }],
+            stats: stats.clone(),
+        };
+        let member = Member {
+            rank: 1,
+            degree: 2,
+            epoch: 1,
+            wire: Wire::new(member_end, "rank 0".into(), stats.clone()),
+            stats,
+        };
+        (leader, member)
+    }
+
+    /// Values whose sum depends on the order they are added in.
+    fn part(n: usize, rank: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i * 7919 + rank * 104_729) % 1000) as f32 * 1e-3 + if i % 3 == rank { 1e7 } else { -1e-7 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pair_sums_in_rank_order_whether_it_swaps_parts_or_goes_through_rank_0() {
+        let (leader, member) = pair();
+        let swapped = PAIR_BYTES / 4;
+        let sizes = [1, 1024, swapped, swapped + 1, 128 * 1024];
+        assert!(pairs(2, swapped) && !pairs(2, swapped + 1) && !pairs(4, 1), "the sizes straddle the bound");
+        let follower = std::thread::spawn(move || {
+            sizes
+                .iter()
+                .map(|&n| {
+                    let mut x = part(n, 1);
+                    member.all_reduce_sum(&mut x).map(|()| x)
+                })
+                .collect::<Vec<_>>()
+        });
+        for &n in &sizes {
+            let mut x = part(n, 0);
+            leader.all_reduce_sum(&mut x).expect("rank 0 sums");
+            let mut want = vec![0.0; n];
+            sum_in_order(&mut want, &[&part(n, 0), &part(n, 1)]);
+            assert_eq!(
+                bytemuck::cast_slice::<f32, u32>(&x),
+                bytemuck::cast_slice::<f32, u32>(&want),
+                "rank 0, {n} values"
+            );
+        }
+        for (got, &n) in follower.join().expect("member thread").into_iter().zip(&sizes) {
+            let mut want = vec![0.0; n];
+            sum_in_order(&mut want, &[&part(n, 0), &part(n, 1)]);
+            let got = got.expect("member sums");
+            assert_eq!(
+                bytemuck::cast_slice::<f32, u32>(&got),
+                bytemuck::cast_slice::<f32, u32>(&want),
+                "member, {n} values"
+            );
+        }
     }
 }

@@ -32,6 +32,16 @@ const SUM: u8 = 2;
 const TOKENS: u8 = 3;
 const PARTIAL: u8 = 4;
 const LOGITS: u8 = 5;
+const PARTIAL_DOWN: u8 = 6;
+
+/// How long a read within a step polls for the other end's frame before it
+/// sleeps in the kernel: exchanges answer within tens to hundreds of
+/// microseconds, and a wake-up from sleep costs about as much again (more in
+/// a virtual machine), on every one of a step's 2 × layers sums. Measured on
+/// a 2-core VM, 270M shape, 2 workers: decode at batch 8 went from 0.74–0.81
+/// to 0.91–0.95 of one process (3 interleaved rounds). The poll yields the
+/// core on every turn, so other threads of the machine still run.
+const SPIN: Duration = Duration::from_micros(1000);
 
 /// Largest frame: a step's activations (`[rows, hidden]` f32) or logits.
 const FRAME_BYTES: usize = 1 << 30;
@@ -53,7 +63,7 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
-    fn new(socket: Box<dyn Socket>, peer: String, stats: Arc<GatherStats>) -> Self {
+    pub(crate) fn new(socket: Box<dyn Socket>, peer: String, stats: Arc<GatherStats>) -> Self {
         Self { socket: Mutex::new(socket), peer, stats }
     }
 
@@ -96,6 +106,10 @@ impl Wire {
             }
             s.read_exact(&mut head[1..]).map_err(|e| self.io(e))?;
         } else {
+            let until = std::time::Instant::now() + SPIN;
+            while !s.readable().map_err(|e| self.io(e))? && std::time::Instant::now() < until {
+                std::thread::yield_now();
+            }
             s.read_exact(&mut head).map_err(|e| self.io(e))?;
         }
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -120,6 +134,7 @@ impl Wire {
         match d {
             Down::Order(o) => self.write(ORDER, &order_message(o).encode_to_vec()),
             Down::Sum(v) => self.write(SUM, bytemuck::cast_slice(v)),
+            Down::Partial(v) => self.write(PARTIAL_DOWN, bytemuck::cast_slice(v)),
             Down::Tokens(t) => self.write(TOKENS, bytemuck::cast_slice(t)),
         }
     }
@@ -133,6 +148,7 @@ impl Wire {
                     .map_err(|e| group_error(format!("{} sent an undecodable order: {e}", self.peer)))?,
             )),
             SUM => Down::Sum(self.values(&payload)?),
+            PARTIAL_DOWN => Down::Partial(self.values(&payload)?),
             TOKENS => Down::Tokens(
                 payload.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             ),
