@@ -185,8 +185,12 @@ async fn worker_calls(sec: &Security, worker: &str) -> Vec<(&'static str, Code)>
     ));
     v.push((
         "Stats",
-        code_of(sec, worker, |ch| async move { WorkerClient::new(ch).stats(pb::StatsRequest {}).await })
-            .await,
+        code_of(
+            sec,
+            worker,
+            |ch| async move { WorkerClient::new(ch).stats(pb::StatsRequest::default()).await },
+        )
+        .await,
     ));
     v
 }

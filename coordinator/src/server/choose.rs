@@ -13,20 +13,26 @@ use zeroshard_offload::ModelConfig;
 
 use super::config::Placement;
 use super::state::WorkerEntry;
-use super::supervisor::{Supervisor, PROBE_TIMEOUT};
+use super::supervisor::Supervisor;
 use crate::status::WorkerStats;
 
 /// Longest one link measurement may take (a few ms on a LAN).
 const MEASURE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a worker's `Stats` may take when it calibrates first (~0.1 s of
+/// compute, after the step in progress).
+const CALIBRATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The prompt length the prefill predictions in the log are for.
 const PROMPT: usize = 128;
 
-/// A link between two workers as measured: the fastest round trip, seconds,
-/// and the bulk rate with a gather's checks, bytes per second.
+/// A link between two workers as measured: the fastest gRPC round trip,
+/// seconds, the bulk rate with a gather's checks, bytes per second, and the
+/// median round trip of a small frame over a tensor group's kind of socket,
+/// seconds (0: not measured).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Link {
     pub round_trip_s: f64,
     pub bytes_per_s: f64,
+    pub exchange_s: f64,
 }
 
 /// The links measured so far, by (measuring worker, peer).
@@ -78,7 +84,12 @@ impl Supervisor {
             let st = self.coord.lock();
             live.iter().filter_map(|w| st.members.get(w).cloned()).collect()
         };
-        let stats = futures::future::join_all(workers.iter().map(|w| w.client.stats(PROBE_TIMEOUT))).await;
+        // Every worker measures its compute now, all at once: workers sharing
+        // a machine each get the share they compute at when all of them run
+        // (at start they measured while the others were still loading).
+        let stats =
+            futures::future::join_all(workers.iter().map(|w| w.client.calibrated_stats(CALIBRATE_TIMEOUT)))
+                .await;
         let mut reported = Vec::new();
         for (w, s) in workers.iter().zip(stats) {
             match s {
@@ -120,6 +131,7 @@ impl Supervisor {
                 Some(l) => Link {
                     round_trip_s: l.round_trip_s.max(measured.round_trip_s),
                     bytes_per_s: l.bytes_per_s.min(measured.bytes_per_s),
+                    exchange_s: l.exchange_s.max(measured.exchange_s),
                 },
             });
         }
@@ -155,11 +167,12 @@ impl Supervisor {
                 format!("auto: gather, the link {} → {} was not measured: {e}", from.id, to.id)
             })?;
         tracing::info!(
-            "link {} → {}: {:.2} Gb/s checked, {:.0} µs round trip",
+            "link {} → {}: {:.2} Gb/s checked, {:.0} µs gRPC round trip, {:.0} µs exchange",
             from.id,
             to.id,
             l.bytes_per_s * 8.0 / 1e9,
-            l.round_trip_s * 1e6
+            l.round_trip_s * 1e6,
+            l.exchange_s * 1e6
         );
         self.links.insert((from.id, to.id), l);
         Ok(l)
@@ -185,21 +198,23 @@ fn hardware(reported: &[WorkerStats], link: Option<Link>) -> (Hardware, String) 
     hosts.dedup();
     let shared = hosts.len() < reported.len();
     // One worker: nothing moves; any link will do.
-    let link = link.unwrap_or(Link { round_trip_s: 0.0, bytes_per_s: f64::INFINITY });
+    let link = link.unwrap_or(Link { round_trip_s: 0.0, bytes_per_s: f64::INFINITY, exchange_s: 0.0 });
+    // A sum waits for a frame over the group's socket, not a gRPC call.
+    let exchange = if link.exchange_s > 0.0 { link.exchange_s } else { link.round_trip_s };
     let hw = Hardware {
         peak_flops: peak * 1e9,
         read_bytes_per_s: read * 1e9,
         link_bytes_per_s: link.bytes_per_s,
-        round_trip_s: link.round_trip_s,
+        round_trip_s: exchange,
         // Measured with a gather's checks: the rate a gather assembles at.
         gather_bytes_per_s: link.bytes_per_s,
         shared_cores: shared,
     };
     let facts = format!(
-        "{peak:.0} GFLOP/s and {read:.1} GB/s per worker{}, link {:.2} Gb/s checked and {:.0} µs round trip",
+        "{peak:.0} GFLOP/s and {read:.1} GB/s per worker{}, link {:.2} Gb/s checked and {:.0} µs exchange round trip",
         if shared { " (sharing a machine)" } else { "" },
         link.bytes_per_s * 8.0 / 1e9,
-        link.round_trip_s * 1e6
+        exchange * 1e6
     );
     (hw, facts)
 }
@@ -220,13 +235,16 @@ mod tests {
 
     #[test]
     fn the_slowest_worker_and_a_shared_machine_set_the_hardware() {
-        let link = Link { round_trip_s: 120e-6, bytes_per_s: 1e9 };
+        let link = Link { round_trip_s: 300e-6, bytes_per_s: 1e9, exchange_s: 120e-6 };
         let (hw, facts) = hardware(&[stats(90.0, 10.0, "a"), stats(60.0, 12.0, "a")], Some(link));
         assert_eq!((hw.peak_flops, hw.read_bytes_per_s), (60e9, 10e9));
         assert!(hw.shared_cores);
         assert_eq!((hw.link_bytes_per_s, hw.gather_bytes_per_s, hw.round_trip_s), (1e9, 1e9, 120e-6));
         assert!(facts.contains("60 GFLOP/s and 10.0 GB/s per worker (sharing a machine)"), "{facts}");
-        assert!(facts.contains("link 8.00 Gb/s checked and 120 µs"), "{facts}");
+        assert!(facts.contains("link 8.00 Gb/s checked and 120 µs exchange"), "{facts}");
+        // Without an exchange measured, the gRPC round trip stands in.
+        let (hw, _) = hardware(&[stats(90.0, 10.0, "a")], Some(Link { exchange_s: 0.0, ..link }));
+        assert_eq!(hw.round_trip_s, 300e-6);
         let (hw, _) = hardware(&[stats(90.0, 10.0, "a"), stats(90.0, 10.0, "b")], Some(link));
         assert!(!hw.shared_cores);
     }

@@ -143,8 +143,25 @@ impl WorkerHandle {
 
     /// The worker's own figures (`Stats`).
     pub(crate) async fn stats(&self, timeout: Duration) -> std::result::Result<WorkerStats, Unanswered> {
+        self.stats_request(pb::StatsRequest { calibrate: false }, timeout).await
+    }
+
+    /// The worker's figures after it measured its compute again (`Stats`
+    /// with `calibrate`).
+    pub(super) async fn calibrated_stats(
+        &self,
+        timeout: Duration,
+    ) -> std::result::Result<WorkerStats, Unanswered> {
+        self.stats_request(pb::StatsRequest { calibrate: true }, timeout).await
+    }
+
+    async fn stats_request(
+        &self,
+        req: pb::StatsRequest,
+        timeout: Duration,
+    ) -> std::result::Result<WorkerStats, Unanswered> {
         let mut c = self.client.clone();
-        match tokio::time::timeout(timeout, c.stats(pb::StatsRequest {})).await {
+        match tokio::time::timeout(timeout, c.stats(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner().into()),
             Ok(Err(s)) => Err(Unanswered::Failed(s.message().to_string())),
             Err(_) => Err(Unanswered::Silent(timeout)),
@@ -163,7 +180,11 @@ impl WorkerHandle {
         match tokio::time::timeout(timeout, c.measure_link(req)).await {
             Ok(Ok(r)) => {
                 let m = r.into_inner();
-                Ok(Link { round_trip_s: m.round_trip_us * 1e-6, bytes_per_s: m.bytes_per_s })
+                Ok(Link {
+                    round_trip_s: m.round_trip_us * 1e-6,
+                    bytes_per_s: m.bytes_per_s,
+                    exchange_s: m.exchange_round_trip_us * 1e-6,
+                })
             }
             Ok(Err(s)) => Err(Unanswered::Failed(s.message().to_string())),
             Err(_) => Err(Unanswered::Silent(timeout)),

@@ -187,8 +187,8 @@ pub(crate) struct Node {
     active_epoch: watch::Sender<u64>,
     /// The model, once the first plan named it.
     model_config: std::sync::OnceLock<ModelConfig>,
-    /// What the compute threads measured at start (a CPU worker's).
-    calibration: std::sync::OnceLock<Calibration>,
+    /// What the compute threads measured last (a CPU worker's).
+    calibration: std::sync::Mutex<Option<Calibration>>,
     /// Which machine this worker runs on ([`host_id`]), read once.
     pub host_id: String,
     pub stats: NodeStats,
@@ -207,20 +207,31 @@ impl Node {
             fatal,
             active_epoch: watch::channel(0).0,
             model_config: std::sync::OnceLock::new(),
-            calibration: std::sync::OnceLock::new(),
+            calibration: std::sync::Mutex::new(None),
             host_id: host_id(),
             stats: NodeStats::default(),
         }
     }
 
-    /// Records what the compute threads measured (once; later calls change nothing).
-    pub(crate) fn set_calibration(&self, c: Calibration) {
-        let _ = self.calibration.set(c);
+    /// Measures what this worker's compute threads do now (~0.1 s of them)
+    /// and keeps it; a CUDA worker measures nothing.
+    pub(crate) async fn calibrate(&self) -> Result<()> {
+        if self.cfg.cuda.is_some() {
+            return Ok(());
+        }
+        let c = tokio::task::spawn_blocking(|| {
+            zeroshard_engine::engine::compute_pool().install(zeroshard_engine::bench::calibrate)
+        })
+        .await
+        .map_err(|e| WorkerError::Task { what: "calibration", source: e.into() })?;
+        tracing::info!("compute: {:.0} GFLOP/s peak, reads {:.1} GB/s", c.peak_gflops, c.read_gbs);
+        *zeroshard_offload::sync::lock(&self.calibration) = Some(c);
+        Ok(())
     }
 
-    /// What the compute threads measured at start; `None` on a CUDA worker.
+    /// What the compute threads measured last; `None` on a CUDA worker.
     pub(crate) fn calibration(&self) -> Option<Calibration> {
-        self.calibration.get().copied()
+        *zeroshard_offload::sync::lock(&self.calibration)
     }
 
     pub(crate) fn send(&self, c: Command) {

@@ -33,6 +33,17 @@ const TOKENS: u8 = 3;
 const PARTIAL: u8 = 4;
 const LOGITS: u8 = 5;
 const PARTIAL_DOWN: u8 = 6;
+const ECHO: u8 = 7;
+
+/// Most frames, and largest frame, one `Echo` sends back.
+const ECHO_ROUNDS: u32 = 64;
+const ECHO_BYTES: usize = 1 << 20;
+/// How long an echo waits for its socket, and then for each frame.
+const ECHO_PATIENCE: Duration = Duration::from_secs(10);
+/// Round trips a link measurement times over an echo socket, and the bytes
+/// each carries (one token's sum in a 1024-wide model).
+const EXCHANGE_ROUNDS: u32 = 16;
+const EXCHANGE_FRAME: usize = 4096;
 
 /// How long a read within a step polls for the other end's frame before it
 /// sleeps in the kernel: exchanges answer within tens to hundreds of
@@ -60,11 +71,48 @@ pub(crate) struct Wire {
     peer: String,
     /// Where the bytes it moves are counted.
     stats: Arc<GatherStats>,
+    /// The largest frame it accepts.
+    max_frame: usize,
 }
 
 impl Wire {
     pub(crate) fn new(socket: Box<dyn Socket>, peer: String, stats: Arc<GatherStats>) -> Self {
-        Self { socket: Mutex::new(socket), peer, stats }
+        Self { socket: Mutex::new(socket), peer, stats, max_frame: FRAME_BYTES }
+    }
+
+    /// A socket of a link measurement: small frames only, bytes not counted
+    /// as the group's.
+    fn for_echo(socket: Box<dyn Socket>, peer: String) -> Self {
+        Self { max_frame: ECHO_BYTES, ..Self::new(socket, peer, Arc::default()) }
+    }
+
+    /// Sends back each of up to `rounds` frames, until the other end closes.
+    fn echo(&self, rounds: u32) -> zeroshard_engine::Result<()> {
+        for _ in 0..rounds {
+            match self.read(None) {
+                Ok(Some((ECHO, payload))) => self.write(ECHO, &payload)?,
+                Ok(_) => return Err(group_error(format!("{} sent a frame that is not an echo", self.peer))),
+                Err(EngineError::Group(e)) if e.ends_with("closed the group") => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The median round trip of `rounds` frames of `bytes` through an echo.
+    fn time_echoes(&self, rounds: u32, bytes: usize) -> zeroshard_engine::Result<Duration> {
+        let frame = vec![0u8; bytes];
+        let mut took = Vec::with_capacity(rounds as usize);
+        for _ in 0..rounds {
+            let t = std::time::Instant::now();
+            self.write(ECHO, &frame)?;
+            match self.read(None)? {
+                Some((ECHO, p)) if p.len() == bytes => took.push(t.elapsed()),
+                _ => return Err(group_error(format!("{} echoed something else", self.peer))),
+            }
+        }
+        took.sort_unstable();
+        Ok(took.get(took.len() / 2).copied().unwrap_or_default())
     }
 
     fn io(&self, e: std::io::Error) -> EngineError {
@@ -113,7 +161,7 @@ impl Wire {
             s.read_exact(&mut head).map_err(|e| self.io(e))?;
         }
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len > FRAME_BYTES {
+        if len > self.max_frame {
             return Err(group_error(format!("{} sent a frame of {len} bytes", self.peer)));
         }
         let mut payload = vec![0u8; len];
@@ -220,11 +268,7 @@ pub(crate) async fn follow(node: &Arc<Node>, req: Request<pb::GroupHello>) -> Re
     let hello = req.into_inner();
     let (rank, degree) = (hello.rank as usize, hello.degree as usize);
     node.await_group(hello.epoch, rank, degree, PATIENCE).await?;
-    let ip = local.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-    let listener = std::net::TcpListener::bind((ip, 0))
-        .map_err(|source| WorkerError::Io { path: format!("a group port on {ip}").into(), source })?;
-    let port =
-        listener.local_addr().map_err(|source| WorkerError::Io { path: "group port".into(), source })?.port();
+    let (listener, port) = open_port(local)?;
     let node = node.clone();
     tokio::task::spawn_blocking(move || {
         let security = node.cfg.security.clone();
@@ -245,6 +289,73 @@ pub(crate) async fn follow(node: &Arc<Node>, req: Request<pb::GroupHello>) -> Re
     Ok(pb::GroupReady { port: u32::from(port) })
 }
 
+/// A port for one socket on the address a call came to.
+fn open_port(local: Option<std::net::SocketAddr>) -> Result<(std::net::TcpListener, u16)> {
+    let ip = local.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+    let listener = std::net::TcpListener::bind((ip, 0))
+        .map_err(|source| WorkerError::Io { path: format!("a group port on {ip}").into(), source })?;
+    let port =
+        listener.local_addr().map_err(|source| WorkerError::Io { path: "group port".into(), source })?.port();
+    Ok((listener, port))
+}
+
+/// The socket to `port` on the host of the member at `address`.
+async fn connect_port(
+    security: &Security,
+    address: &str,
+    port: u32,
+    timeout: Duration,
+) -> Result<Box<dyn Socket>> {
+    let host = zeroshard_security::Address::parse(address).map_err(|e| WorkerError::rpc(address, e))?.host;
+    let port = u16::try_from(port).map_err(|_| WorkerError::rpc(address, format!("group port {port}")))?;
+    let sec = security.clone();
+    tokio::task::spawn_blocking(move || sec.connect_socket(&host, port, timeout))
+        .await
+        .map_err(|e| WorkerError::Task { what: "connecting a group socket", source: e.into() })?
+        .map_err(|e| WorkerError::rpc(address, e))
+}
+
+/// A member's end of `Echo`: opens a port as for `Follow` and echoes what
+/// the worker that connects (a worker's certificate under mTLS) sends.
+pub(crate) async fn echo(node: &Arc<Node>, req: Request<pb::EchoRequest>) -> Result<pb::GroupReady> {
+    let (listener, port) = open_port(req.local_addr())?;
+    let rounds = req.into_inner().rounds.min(ECHO_ROUNDS);
+    let security = node.cfg.security.clone();
+    tokio::task::spawn_blocking(move || {
+        match security.accept_socket(&listener, ECHO_PATIENCE, ECHO_PATIENCE) {
+            Ok((_, Some(id))) if id.role != Role::Worker => {
+                tracing::warn!("a {id} connected to a link measurement's port; only workers may")
+            }
+            Ok((socket, _)) => {
+                if let Err(e) = Wire::for_echo(socket, "a link measurement".into()).echo(rounds) {
+                    tracing::debug!("echo: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("echo: nobody connected: {e}"),
+        }
+    });
+    Ok(pb::GroupReady { port: u32::from(port) })
+}
+
+/// The median round trip of a small frame to the worker at `address` over
+/// a socket like a group's (`Echo`): what one exchange of a sum waits.
+pub(crate) async fn measure_exchange(security: &Security, address: &str) -> Result<Duration> {
+    let channel = super::peer::connect(security, address).await?;
+    let ready = TensorGroupClient::new(channel)
+        .echo(pb::EchoRequest { rounds: EXCHANGE_ROUNDS })
+        .await
+        .map_err(|s| WorkerError::rpc(address, s))?
+        .into_inner();
+    let socket = connect_port(security, address, ready.port, ECHO_PATIENCE).await?;
+    let peer = format!("the echo of {address}");
+    tokio::task::spawn_blocking(move || {
+        Wire::for_echo(socket, peer).time_echoes(EXCHANGE_ROUNDS, EXCHANGE_FRAME)
+    })
+    .await
+    .map_err(|e| WorkerError::Task { what: "timing echoes", source: e.into() })?
+    .map_err(|e| WorkerError::rpc(address, e.to_string()))
+}
+
 /// Rank 0's end: asks each other member (`(rank, address)`, in rank order)
 /// to follow under `epoch` and connects to the port it opens.
 pub(crate) async fn lead(
@@ -262,20 +373,47 @@ pub(crate) async fn lead(
             .await
             .map_err(|s| WorkerError::rpc(address.clone(), s))?
             .into_inner();
-        let host = zeroshard_security::Address::parse(&address)
-            .map_err(|e| WorkerError::rpc(address.clone(), e))?
-            .host;
-        let port = u16::try_from(ready.port)
-            .map_err(|_| WorkerError::rpc(address.clone(), format!("group port {}", ready.port)))?;
-        let sec = security.clone();
-        let socket = tokio::task::spawn_blocking(move || sec.connect_socket(&host, port, EXCHANGE_TIMEOUT))
-            .await
-            .map_err(|e| WorkerError::Task { what: "connecting a group socket", source: e.into() })?
-            .map_err(|e| WorkerError::rpc(address.clone(), e))?;
+        let socket = connect_port(security, &address, ready.port, EXCHANGE_TIMEOUT).await?;
         links.push(MemberLink {
             rank,
             wire: Wire::new(socket, format!("member {rank} ({address})"), stats.clone()),
         });
     }
     Ok(Leader { epoch, members: links, stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ends of a plaintext loopback socket, as echo wires.
+    fn wires() -> (Wire, Wire) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepting = std::thread::spawn(move || {
+            Security::plaintext().accept_socket(&listener, ECHO_PATIENCE, ECHO_PATIENCE)
+        });
+        let near = Security::plaintext().connect_socket("127.0.0.1", port, ECHO_PATIENCE).expect("connects");
+        let (far, _) = accepting.join().expect("thread").expect("accepts");
+        // Each wire is named for the end it talks to.
+        (Wire::for_echo(near, "far".into()), Wire::for_echo(far, "near".into()))
+    }
+
+    #[test]
+    fn an_echo_answers_its_rounds_then_closes_and_refuses_big_frames() {
+        let (near, far) = wires();
+        let echoing = std::thread::spawn(move || far.echo(3));
+        let rtt = near.time_echoes(3, EXCHANGE_FRAME).expect("three round trips");
+        assert!(rtt > Duration::ZERO && rtt < ECHO_PATIENCE, "{rtt:?}");
+        echoing.join().expect("thread").expect("echoed");
+        let after = near.time_echoes(1, 8).expect_err("the echo closed after its rounds");
+        assert!(after.to_string().contains("far closed"), "{after}");
+
+        let (near, far) = wires();
+        let echoing = std::thread::spawn(move || far.echo(3));
+        // The echo reads the length and stops: the write may or may not finish.
+        let _ = near.write(ECHO, &vec![0u8; ECHO_BYTES + 1]);
+        let refused = echoing.join().expect("thread").expect_err("a frame over the bound");
+        assert!(refused.to_string().contains(&format!("{} bytes", ECHO_BYTES + 1)), "{refused}");
+    }
 }

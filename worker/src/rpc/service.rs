@@ -93,8 +93,11 @@ impl Worker for Svc {
 
     async fn stats(
         &self,
-        _: Request<pb::StatsRequest>,
+        req: Request<pb::StatsRequest>,
     ) -> std::result::Result<Response<pb::WorkerStats>, Status> {
+        if req.into_inner().calibrate {
+            self.0.calibrate().await?;
+        }
         let (epoch, owned) = self.0.active();
         let n = &self.0.stats;
         Ok(Response::new(pb::WorkerStats {
@@ -140,9 +143,11 @@ impl Worker for Svc {
         let bytes = if r.probe_bytes == 0 { DEFAULT_PROBE_BYTES } else { r.probe_bytes };
         check_probe(bytes).map_err(WorkerError::from)?;
         let m = super::peer::measure_link(&self.0.cfg.security, &r.peer_address, bytes).await?;
+        let exchange = super::group::measure_exchange(&self.0.cfg.security, &r.peer_address).await?;
         Ok(Response::new(pb::LinkMeasurement {
             round_trip_us: m.round_trip_s * 1e6,
             bytes_per_s: m.bytes_per_s,
+            exchange_round_trip_us: exchange.as_secs_f64() * 1e6,
         }))
     }
 }
@@ -157,6 +162,13 @@ impl TensorGroup for Svc {
         req: Request<pb::GroupHello>,
     ) -> std::result::Result<Response<pb::GroupReady>, Status> {
         Ok(Response::new(super::group::follow(&self.0, req).await?))
+    }
+
+    async fn echo(
+        &self,
+        req: Request<pb::EchoRequest>,
+    ) -> std::result::Result<Response<pb::GroupReady>, Status> {
+        Ok(Response::new(super::group::echo(&self.0, req).await?))
     }
 }
 
@@ -239,16 +251,8 @@ pub async fn run(
         zeroshard_proto::health::spawn(l, health);
     }
     let node = Arc::new(Node::new(cfg.clone()));
-    if cfg.cuda.is_none() {
-        // For `--placement auto`: what this worker's compute threads do (~0.1 s).
-        let c = tokio::task::spawn_blocking(|| {
-            zeroshard_engine::engine::compute_pool().install(zeroshard_engine::bench::calibrate)
-        })
-        .await
-        .map_err(|e| WorkerError::Task { what: "calibration", source: e.into() })?;
-        tracing::info!("compute: {:.0} GFLOP/s peak, reads {:.1} GB/s", c.peak_gflops, c.read_gbs);
-        node.set_calibration(c);
-    }
+    // For `--placement auto` (which measures again when it plans).
+    node.calibrate().await?;
     let svc = Svc(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
