@@ -4,14 +4,17 @@
 //! prints it and says which placement it would choose.
 //!
 //! The model of one worker computing `rows` tokens of `seqs` sequences over
-//! `w` bytes of weights: `w / read + (rows · layer FLOPs + seqs · head FLOPs) /
-//! (peak · efficiency)` (reading the weights once, then the products at the
-//! share of the FMA peak the kernels reach: [`KERNEL_EFFICIENCY`]; the head
-//! runs on each sequence's last position only).
+//! `w` bytes of weights: reading them, `w / read`, and the products, `(rows ·
+//! layer FLOPs + seqs · head FLOPs) / (peak · efficiency)` (at the share of the
+//! FMA peak the kernels reach: [`KERNEL_EFFICIENCY`]; the head runs on each
+//! sequence's last position only), overlapping in part: the longer of the two
+//! plus [`UNHIDDEN`] of the shorter.
 //!
 //! - **gather**: a worker computes the whole model for its share of the
 //!   batch, after gathering the other workers' ranges of every layer (moved
-//!   while the previous layer computes): a step takes the longer of the two.
+//!   while the previous layer computes): a step takes the longer of the two,
+//!   or on workers sharing a machine's cores their sum, with the gather rate
+//!   shared by the workers gathering at once.
 //! - **tensor**: every worker computes its 1/N of every layer for the whole
 //!   batch; per layer two sums (and one for the embedding) each cost a round
 //!   trip plus `rows · hidden` f32 values from and to each other member at
@@ -24,6 +27,15 @@ use crate::config::ModelConfig;
 /// The share of the FMA peak the matrix kernels reach at batch ≥ 8 and in
 /// prefill (measured: 0.51–0.63 on AVX2 and AVX-512, `docs/benchmarks.md`).
 pub const KERNEL_EFFICIENCY: f64 = 0.6;
+
+/// The share of the shorter of reading and multiplying that the longer does
+/// not hide: a kernel streams a matrix while it multiplies, but not at both
+/// peaks at once. Fitted on the 270M shape on a 2-core AVX2 machine
+/// (`docs/benchmarks.md`, issue 29): one process and 2 tensor workers, decode
+/// batch 1 and 8 and prefill 128, all within 25% at 0.5; adding both (1.0)
+/// put memory-bound batch 1 of 2 workers 40% low, the longer alone (0.0) batch
+/// 8 over 30% high.
+pub const UNHIDDEN: f64 = 0.5;
 
 /// What one worker and the link between workers can do.
 #[derive(Clone, Copy, Debug)]
@@ -41,7 +53,8 @@ pub struct Hardware {
     pub gather_bytes_per_s: f64,
     /// The workers share one machine's cores: a gather's decrypting, hashing
     /// and copying takes the cores the products need, so the two add up
-    /// instead of overlapping.
+    /// instead of overlapping, and workers gathering at once share the rate
+    /// (measured: 0.78 GB/s for one, 0.36–0.41 each for two).
     pub shared_cores: bool,
 }
 
@@ -105,7 +118,9 @@ fn shape(c: &ModelConfig) -> Shape {
 /// placement) for `rows` tokens of `seqs` sequences.
 fn compute_s(hw: &Hardware, s: &Shape, share: f64, rows: f64, seqs: f64) -> f64 {
     let flops = share * (rows * s.layer_flops + seqs * s.head_flops);
-    share * s.weight_bytes / hw.read_bytes_per_s + flops / (hw.peak_flops * KERNEL_EFFICIENCY)
+    let read = share * s.weight_bytes / hw.read_bytes_per_s;
+    let multiply = flops / (hw.peak_flops * KERNEL_EFFICIENCY);
+    read.max(multiply) + UNHIDDEN * read.min(multiply)
 }
 
 /// Predictions for `workers` workers (one group for the tensor placement),
@@ -124,8 +139,10 @@ pub fn predict(
     // step (of the embedding table only the rows of the step's ids).
     let moved = (s.weight_bytes - s.embed_bytes) * others / n;
     let gather_rate = hw.link_bytes_per_s.min(hw.gather_bytes_per_s);
-    let gather_step = |rows: f64, seqs: f64| {
-        let fetch = if others > 0.0 { moved / gather_rate } else { 0.0 };
+    // `gathering`: workers with sequences in the step, each gathering.
+    let gather_step = |rows: f64, seqs: f64, gathering: f64| {
+        let shared = if hw.shared_cores { gathering } else { 1.0 };
+        let fetch = if others > 0.0 { moved / gather_rate * shared } else { 0.0 };
         let compute = compute_s(hw, &s, 1.0, rows, seqs);
         if hw.shared_cores {
             fetch + compute
@@ -139,13 +156,13 @@ pub fn predict(
         decode_step_bytes: moved,
         prefill_token_bytes: moved / prompt.max(1) as f64,
         memory_per_worker: s.weight_bytes / n,
-        prefill_tokens_per_s: prompt as f64 / gather_step(prompt as f64, 1.0),
+        prefill_tokens_per_s: prompt as f64 / gather_step(prompt as f64, 1.0, 1.0),
         decode_tokens_per_s: batches
             .iter()
             .map(|&b| {
                 // Each worker steps its share of the batch, all at once.
                 let share = (b as f64 / n).ceil();
-                (b, b as f64 / gather_step(share, share))
+                (b, b as f64 / gather_step(share, share, (b as f64).min(n)))
             })
             .collect(),
     };
@@ -250,6 +267,20 @@ mod tests {
         let one = predict(&c270m(), 1, &hw(), &[1], 128);
         assert_eq!(one[0].decode_step_bytes, 0.0);
         assert!((one[0].decode_tokens_per_s[0].1 - one[1].decode_tokens_per_s[0].1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn reading_and_multiplying_overlap_in_part() {
+        let (hw, s) = (hw(), shape(&c270m()));
+        for (rows, seqs) in [(1.0, 1.0), (8.0, 8.0), (128.0, 1.0)] {
+            let read = s.weight_bytes / hw.read_bytes_per_s;
+            let multiply = (rows * s.layer_flops + seqs * s.head_flops) / (hw.peak_flops * KERNEL_EFFICIENCY);
+            let t = compute_s(&hw, &s, 1.0, rows, seqs);
+            assert!(
+                t > read.max(multiply) && t < read + multiply,
+                "{rows} rows: {t} against {read} and {multiply}"
+            );
+        }
     }
 
     #[test]

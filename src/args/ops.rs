@@ -101,9 +101,9 @@ pub(crate) struct PlanArgs {
     #[arg(long, default_value_t = 50.0)]
     pub link_latency_us: f64,
     /// The rate a gather assembles ranges at when below the link's, Gbit/s
-    /// (checks and copies; 4.8 measured with mTLS and digests on a 2-core
-    /// machine, `docs/benchmarks.md`).
-    #[arg(long, default_value_t = 4.8)]
+    /// (checks and copies; 6.2 measured with mTLS and digests on a 2-core
+    /// machine, one worker gathering, `docs/benchmarks.md`).
+    #[arg(long, default_value_t = 6.2)]
     pub gather_gbps: f64,
     /// One worker's compute, as measured on this machine (default), or given:
     /// multiply-add GFLOP/s at the f32 FMA peak, and GB/s it reads weights at.
