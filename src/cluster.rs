@@ -68,6 +68,9 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
     if c.lease_ttl_secs == 0 {
         bail!("--lease-ttl-secs must be at least 1");
     }
+    if c.install_timeout_secs == 0 {
+        bail!("--install-timeout-secs must be at least 1");
+    }
     let l = &c.limits;
     if l.step_deadline_ms == 0 {
         bail!("--step-deadline-ms must be at least 1");
@@ -97,6 +100,7 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
         },
         drain_timeout: Duration::from_secs(c.drain_timeout_secs),
         placement,
+        install_timeout: Duration::from_secs(c.install_timeout_secs),
     })
 }
 
@@ -400,6 +404,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             "queue_ms_total": s.queue_ms_total, "queue_ms_max": s.queue_ms_max,
             "step_deadlines_missed_total": s.step_deadlines_missed_total,
             "sequences_moved_total": s.sequences_moved_total,
+            "install_deadlines_missed_total": s.install_deadlines_missed_total,
             "placement": s.placement, "tensor_degree": s.tensor_degree,
             "placement_reason": s.placement_reason,
             "workers": workers,
@@ -427,14 +432,15 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
     let mean_queue_ms = s.queue_ms_total / (s.requests_admitted_total.max(1) as f64);
     println!(
         "queue {}/{} · admitted {} · refused (queue full) {} · queued {:.1} ms on average, {:.1} ms at most · \
-         step deadlines missed {}",
+         step deadlines missed {} · install deadlines missed {}",
         s.queued_requests,
         s.max_queued_requests,
         s.requests_admitted_total,
         s.requests_rejected_total,
         mean_queue_ms,
         s.queue_ms_max,
-        s.step_deadlines_missed_total
+        s.step_deadlines_missed_total,
+        s.install_deadlines_missed_total
     );
     println!(
         "{:>4} {:<24} {:>14} {:>12} {:>12} {:>9} {:>17} {:>10} {:>6} {:>8} {:>9} {:>10} {:>15}",
@@ -506,6 +512,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             limits: RequestLimits::default(),
             drain_timeout: Duration::from_secs(5),
             placement: a.placement_choice.kind.to_config(),
+            install_timeout: Duration::from_secs(30),
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args: a.tuning.to_local_args(cuda, a.workers),

@@ -84,6 +84,7 @@ pub struct ClusterStatus {
     pub queue_ms_max: f64,
     pub step_deadlines_missed_total: u64,
     pub sequences_moved_total: u64,
+    pub install_deadlines_missed_total: u64,
     /// The active plan's placement (`gather`, `tensor`; empty before the first plan).
     pub placement: String,
     /// Under `tensor`, the workers of each group (0 otherwise).

@@ -50,6 +50,11 @@ pub(crate) struct ClusterArgs {
     /// keep-alives go every third of it).
     #[arg(long, default_value_t = 5, env = "ZEROSHARD_LEASE_TTL_SECS")]
     pub lease_ttl_secs: u64,
+    /// A worker that has not installed a new plan within this many seconds,
+    /// plus 1 s per 50 MB of ranges it loads, is evicted and the epoch is
+    /// planned without it (requests go on under the current epoch meanwhile).
+    #[arg(long, default_value_t = 30, env = "ZEROSHARD_INSTALL_TIMEOUT_SECS")]
+    pub install_timeout_secs: u64,
     #[command(flatten)]
     pub limits: RequestLimitArgs,
     /// On SIGTERM: refuse new requests (UNAVAILABLE, so clients retry
@@ -350,6 +355,9 @@ pub(crate) struct FaultArgs {
     /// Test hook: refuse to load any plan.
     #[arg(long = "fault-fail-load", hide = true, env = "ZEROSHARD_FAULT_FAIL_LOAD", value_parser = BoolishValueParser::new())]
     pub fail_load: bool,
+    /// Test hook: never answer a plan installation (keeping the lease).
+    #[arg(long = "fault-stall-install", hide = true, env = "ZEROSHARD_FAULT_STALL_INSTALL", value_parser = BoolishValueParser::new())]
+    pub stall_install: bool,
     /// Test hook (CPU backend): `linear` call number N (counted from 0 over
     /// the worker's life) fails, as a device error in the middle of a step would.
     #[arg(long = "fault-backend-error-after", hide = true, env = "ZEROSHARD_FAULT_BACKEND_ERROR_AFTER")]
@@ -378,6 +386,7 @@ impl FaultArgs {
             corrupt_every: self.corrupt_every,
             serve_corrupt: self.serve_corrupt,
             fail_load: self.fail_load,
+            stall_install: self.stall_install,
             step_fault: self.backend_error_after.map(|after_calls| zeroshard_engine::cpu::StepFault {
                 after_calls,
                 fatal: self.backend_error_fatal,

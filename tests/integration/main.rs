@@ -20,6 +20,7 @@ mod failover;
 mod hub;
 mod kernels;
 mod limits;
+mod liveness;
 mod openai;
 mod refs;
 mod sampling;

@@ -29,6 +29,21 @@ pub struct ClusterConfig {
     pub drain_timeout: Duration,
     /// What moves between workers: weights (gather) or activations (tensor).
     pub placement: Placement,
+    /// The least time a worker gets to install a plan; it gets 1 s more per
+    /// [`INSTALL_BYTES_PER_S`] of ranges it loads (see [`Self::install_deadline`]).
+    pub install_timeout: Duration,
+}
+
+/// The slowest load rate an install deadline allows for: a worker loading
+/// `b` bytes gets `install_timeout + b / INSTALL_BYTES_PER_S` (a slow disk or a
+/// slow pull; 70 GB over 8 workers: 30 s + 3 min).
+pub(super) const INSTALL_BYTES_PER_S: u64 = 50_000_000;
+
+impl ClusterConfig {
+    /// How long a worker that loads `bytes` may take to install a plan.
+    pub fn install_deadline(&self, bytes: u64) -> Duration {
+        self.install_timeout + Duration::from_secs_f64(bytes as f64 / INSTALL_BYTES_PER_S as f64)
+    }
 }
 
 /// Which placement the coordinator plans (see `DESIGN.md`, "Placements").

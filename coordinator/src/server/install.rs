@@ -1,9 +1,12 @@
 //! Installing a plan, the supervisor's part that talks to every worker: take
 //! over the stored plan when its workers still hold it, or plan the next epoch
 //! and install it in two phases (`InstallPlan` everywhere, then
-//! `ActivatePlan` everywhere); read what each worker admits for admission;
-//! and, when an installation fails, end the start or evict the workers that
-//! failed.
+//! `ActivatePlan` everywhere), each call with a deadline (an install's grows
+//! with the bytes the worker loads: `ClusterConfig::install_deadline`), while
+//! still following membership and faults; read what each worker admits for
+//! admission; and, when an installation fails, end the start or evict the
+//! workers that failed (a worker that misses its deadline among them).
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,8 +14,11 @@ use zeroshard_offload::plan::{plan, Plan, PlanOptions, WorkerId};
 
 use super::state::{Readiness, WorkerEntry};
 use super::supervisor::{Supervisor, PROBE_TIMEOUT, RETRY_AFTER};
-use super::worker_client::{model_info, Install};
-use crate::membership::StoredPlan;
+use super::worker_client::{model_info, Install, Unanswered};
+use crate::membership::{MemberEvent, StoredPlan};
+
+/// How long a worker may take to switch to an installed epoch.
+const ACTIVATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Supervisor {
     /// Takes over the stored plan when every worker of it still holds its epoch.
@@ -86,14 +92,26 @@ impl Supervisor {
                 coordinator_shards: coord.advertise().to_string(),
             };
             let plan = plan.clone();
-            async move { (w, w.client.install(w.id, &plan, how).await) }
+            let deadline = coord.cfg().install_deadline(plan.owned_bytes(w.id).map_or(0, |o| o.total()));
+            async move { (w, w.client.install(w.id, &plan, how, deadline).await) }
         });
         let total: u64 = live.iter().filter_map(|w| plan.owned_bytes(*w).ok()).map(|o| o.total()).sum();
         let (stop_bar, bar_stopped) = tokio::sync::oneshot::channel();
         let bar = tokio::spawn(super::progress::follow(workers.clone(), total, epoch, bar_stopped));
-        let results = futures::future::join_all(installs).await;
+        let installing: Vec<WorkerId> = workers.iter().map(|w| w.id).collect();
+        let results = self.following(futures::future::join_all(installs), &installing).await;
         let _ = stop_bar.send(());
         let _ = bar.await;
+        let results = match results {
+            Ok(r) => r,
+            Err(why) => {
+                // The installs are dropped (their calls cancelled); the churn
+                // or the retry plans the next epoch without that worker.
+                tracing::warn!("epoch {epoch}: installation abandoned: {why}");
+                self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                return;
+            }
+        };
         let mut failed = Vec::new();
         for (w, r) in results {
             match r {
@@ -105,8 +123,18 @@ impl Supervisor {
                     owned_bytes as f64 / (load_ms / 1e3).max(1e-9) / 1e9
                 ),
                 Ok(_) => {}
-                Err(why) => {
+                Err(Unanswered::Failed(why)) => {
                     failed.push((w.id, format!("{} at {} could not load its ranges: {why}", w.id, w.address)))
+                }
+                Err(Unanswered::Silent(after)) => {
+                    coord.counters().install_deadlines_missed.fetch_add(1, Ordering::Relaxed);
+                    failed.push((
+                        w.id,
+                        format!(
+                            "{} at {} did not install epoch {epoch} within its deadline ({after:?})",
+                            w.id, w.address
+                        ),
+                    ))
                 }
             }
         }
@@ -117,7 +145,7 @@ impl Supervisor {
         }
         let activations = workers.iter().map(|w| {
             let client = w.client.clone();
-            async move { (w.id, client.activate(epoch).await) }
+            async move { (w.id, client.activate(epoch, ACTIVATE_TIMEOUT).await) }
         });
         let failed: Vec<WorkerId> = futures::future::join_all(activations)
             .await
@@ -148,6 +176,40 @@ impl Supervisor {
             workers.len(),
             start.elapsed().as_secs_f64()
         );
+    }
+
+    /// Runs `work` (the installs of an epoch over `installing`) while still
+    /// following membership and the fault watch: a worker of `installing`
+    /// that leaves (its lease expired) or is banned meanwhile abandons the
+    /// installation (`Err`, why); other changes are recorded for the next
+    /// reconcile.
+    async fn following<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+        installing: &[WorkerId],
+    ) -> Result<T, String> {
+        tokio::pin!(work);
+        loop {
+            let gone = tokio::select! {
+                done = &mut work => return Ok(done),
+                Some(ev) = self.events.recv() => {
+                    let gone = match &ev {
+                        MemberEvent::Left(id) if installing.contains(id) => Some(format!("{id} left the cluster")),
+                        _ => None,
+                    };
+                    self.apply(ev);
+                    gone
+                }
+                Some(f) = self.faulty.recv() => {
+                    let id = f.id;
+                    self.ban(f);
+                    installing.contains(&id).then(|| format!("{id} was banned"))
+                }
+            };
+            if let Some(why) = gone {
+                return Err(why);
+            }
+        }
     }
 
     /// Workers of the active plan that joined again since the last look

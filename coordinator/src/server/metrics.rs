@@ -154,6 +154,12 @@ pub(super) fn cluster_text(s: &ClusterStatus, model: &str, in_flight: usize) -> 
         s.sequences_moved_total as f64,
     );
     f.one(
+        "zeroshard_install_deadlines_missed_total",
+        "counter",
+        "Workers that did not install a plan within their install deadline (evicted).",
+        s.install_deadlines_missed_total as f64,
+    );
+    f.one(
         "zeroshard_step_deadlines_missed_total",
         "counter",
         "Sequences moved off a worker that held them past the step deadline.",

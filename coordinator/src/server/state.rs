@@ -129,6 +129,8 @@ pub(super) struct Counters {
     pub sequences_resumed: AtomicU64,
     /// Sequences handed back by draining workers.
     pub sequences_moved: AtomicU64,
+    /// Workers that missed an install deadline.
+    pub install_deadlines_missed: AtomicU64,
 }
 
 struct Inner {

@@ -74,6 +74,7 @@ impl Coordinator {
             queue_ms_max: q.queue_ms_max,
             step_deadlines_missed_total: q.deadlines_missed,
             sequences_moved_total: self.counters().sequences_moved.load(Ordering::Relaxed),
+            install_deadlines_missed_total: self.counters().install_deadlines_missed.load(Ordering::Relaxed),
             placement: plan
                 .as_ref()
                 .map_or("", |p| if p.tensor_degree().is_some() { "tensor" } else { "gather" })

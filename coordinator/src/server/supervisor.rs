@@ -74,11 +74,23 @@ pub(super) struct Supervisor {
     pub(super) joined: Vec<WorkerId>,
     /// Links between workers measured for `--placement auto`.
     pub(super) links: super::choose::Links,
+    /// Membership's changes, and the workers the fault watch names: followed
+    /// between reconciles and while an epoch installs.
+    pub(super) events: mpsc::UnboundedReceiver<MemberEvent>,
+    pub(super) faulty: mpsc::UnboundedReceiver<super::faults::Faulty>,
+}
+
+/// What woke the supervisor.
+enum Woke {
+    Event(Option<MemberEvent>),
+    Fault(super::faults::Faulty),
+    Report,
+    Time,
 }
 
 pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver<WorkerId>) {
     let membership = coord.membership().clone();
-    let MemberWatch { members, mut events } = match membership.watch().await {
+    let MemberWatch { members, events } = match membership.watch().await {
         Ok(w) => w,
         Err(e) => {
             coord.set_readiness(Readiness::Failed(format!("membership {}: {e}", membership.describe())));
@@ -109,8 +121,11 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         retry_at: None,
         joined: Vec::new(),
         links: Default::default(),
+        events,
+        faulty: mpsc::unbounded_channel().1,
     };
-    let (faulty_tx, mut faulty) = mpsc::unbounded_channel();
+    let (faulty_tx, faulty) = mpsc::unbounded_channel();
+    sup.faulty = faulty;
     tokio::spawn(super::faults::watch(sup.coord.clone(), faulty_tx));
     for m in members {
         sup.apply(MemberEvent::Joined(m));
@@ -124,29 +139,26 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
             sup.relearn_capacity().await;
         }
         let next = sup.next_look();
-        tokio::select! {
-            ev = events.recv() => match ev {
-                Some(ev) => sup.apply(ev),
-                None => {
-                    tracing::error!("membership {} stopped reporting", membership.describe());
-                    return;
-                }
-            },
-            Some(f) = faulty.recv() => {
-                tracing::error!(
-                    "{} served {} block(s) that failed the checkpoint's digest: evicting it (banned from planning)",
-                    f.id,
-                    f.blocks
-                );
-                sup.banned.insert(f.id);
+        let woke = tokio::select! {
+            ev = sup.events.recv() => Woke::Event(ev),
+            Some(f) = sup.faulty.recv() => Woke::Fault(f),
+            Some(_) = reports.recv() => Woke::Report,
+            _ = sleep_until(next) => Woke::Time,
+        };
+        match woke {
+            Woke::Event(Some(ev)) => sup.apply(ev),
+            Woke::Event(None) => {
+                tracing::error!("membership {} stopped reporting", membership.describe());
+                return;
             }
-            Some(_) = reports.recv() => {
+            Woke::Fault(f) => sup.ban(f),
+            Woke::Report => {
                 while reports.try_recv().is_ok() {}
                 sup.probe_all().await;
             }
-            _ = sleep_until(next) => {}
+            Woke::Time => {}
         }
-        while let Ok(ev) = events.try_recv() {
+        while let Ok(ev) = sup.events.try_recv() {
             sup.apply(ev);
         }
     }
@@ -161,6 +173,16 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Supervisor {
+    /// A worker served blocks failing the checkpoint's digests: banned from planning.
+    pub(super) fn ban(&mut self, f: super::faults::Faulty) {
+        tracing::error!(
+            "{} served {} block(s) that failed the checkpoint's digest: evicting it (banned from planning)",
+            f.id,
+            f.blocks
+        );
+        self.banned.insert(f.id);
+    }
+
     /// Whether membership has been still long enough to act on (see the module docs).
     fn settled(&self) -> bool {
         self.churn.is_none_or(|(first, last)| last.elapsed() >= QUIET || first.elapsed() >= MOST_DEFERRED)
@@ -192,7 +214,7 @@ impl Supervisor {
         self.churn = Some(self.churn.map_or((now, now), |(first, _)| (first, now)));
     }
 
-    fn apply(&mut self, ev: MemberEvent) {
+    pub(super) fn apply(&mut self, ev: MemberEvent) {
         let coord = self.coord.clone();
         let coord = &coord;
         match ev {

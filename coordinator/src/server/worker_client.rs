@@ -236,13 +236,15 @@ impl WorkerHandle {
         }
     }
 
-    /// Installs (prepares) `plan` for worker `id`; (owned bytes, load ms).
+    /// Installs (prepares) `plan` for worker `id` within `deadline`; (owned
+    /// bytes, load ms).
     pub(crate) async fn install(
         &self,
         id: WorkerId,
         plan: &Plan,
         how: Install<'_>,
-    ) -> std::result::Result<(u64, f64), String> {
+        deadline: Duration,
+    ) -> std::result::Result<(u64, f64), Unanswered> {
         let req = pb::InstallPlanRequest {
             plan: Some(pb::PartitionPlan::from(plan)),
             worker_id: id.0,
@@ -257,21 +259,23 @@ impl WorkerHandle {
             coordinator_shards: Some(how.coordinator_shards),
         };
         let mut c = self.client.clone();
-        c.install_plan(req)
-            .await
-            .map(|r| {
+        match tokio::time::timeout(deadline, c.install_plan(req)).await {
+            Ok(Ok(r)) => {
                 let r = r.into_inner();
-                (r.owned_bytes, r.load_ms)
-            })
-            .map_err(|s| s.message().to_string())
+                Ok((r.owned_bytes, r.load_ms))
+            }
+            Ok(Err(s)) => Err(Unanswered::Failed(s.message().to_string())),
+            Err(_) => Err(Unanswered::Silent(deadline)),
+        }
     }
 
-    /// Switches the worker to the prepared `epoch`.
-    pub(crate) async fn activate(&self, epoch: u64) -> std::result::Result<(), String> {
+    /// Switches the worker to the prepared `epoch` within `deadline`.
+    pub(crate) async fn activate(&self, epoch: u64, deadline: Duration) -> std::result::Result<(), String> {
         let mut c = self.client.clone();
-        c.activate_plan(pb::ActivatePlanRequest { epoch })
-            .await
-            .map(|_| ())
-            .map_err(|s| s.message().to_string())
+        match tokio::time::timeout(deadline, c.activate_plan(pb::ActivatePlanRequest { epoch })).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(s.message().to_string()),
+            Err(_) => Err(format!("no answer within {deadline:?}")),
+        }
     }
 }

@@ -28,6 +28,10 @@ pub struct Faults {
     /// Fail every plan installation.
     #[cfg(feature = "fault-injection")]
     pub fail_load: bool,
+    /// Never answer a plan installation (the worker keeps its lease and
+    /// answers everything else): a member that stalls an epoch.
+    #[cfg(feature = "fault-injection")]
+    pub stall_install: bool,
     /// A backend error injected into the CPU backend's `linear` (see [`StepFault`]).
     #[cfg(feature = "fault-injection")]
     pub step_fault: Option<StepFault>,
@@ -52,6 +56,9 @@ impl Faults {
     pub(crate) fn fail_load(&self) -> bool {
         self.fail_load
     }
+    pub(crate) fn stall_install(&self) -> bool {
+        self.stall_install
+    }
     pub(crate) fn step_fault(&self) -> Option<StepFault> {
         self.step_fault
     }
@@ -72,6 +79,9 @@ impl Faults {
         false
     }
     pub(crate) fn fail_load(&self) -> bool {
+        false
+    }
+    pub(crate) fn stall_install(&self) -> bool {
         false
     }
     pub(crate) fn step_fault(&self) -> Option<StepFault> {

@@ -311,6 +311,9 @@ impl Node {
                     WorkerError::InvalidRequest("the first plan must name the model".into())
                 })?);
         }
+        if self.cfg.faults.stall_install() {
+            std::future::pending::<()>().await; // the injected stall: never answers
+        }
         if self.cfg.faults.fail_load() {
             return Err(WorkerError::InvalidRequest(
                 "injected fault: this worker refuses to load (--fault-fail-load)".into(),
