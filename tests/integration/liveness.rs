@@ -24,6 +24,18 @@ fn expected() -> Vec<u32> {
     ids_of(&run_json(&args)[0]["token_ids"])
 }
 
+/// A fleet of two workers on stories260K whose coordinator gives each
+/// install `install_timeout_secs`.
+fn two_workers(install_timeout_secs: &str) -> Fleet {
+    Fleet::start_each_with(
+        Etcd::start(),
+        model("stories260K"),
+        &["--install-timeout-secs", install_timeout_secs],
+        &[],
+        &[&[], &[]],
+    )
+}
+
 /// An active epoch after `epoch` on `n` workers, all of which hold it.
 fn active_after(s: &Value, epoch: u64, n: usize) -> bool {
     s["epoch"].as_u64() > Some(epoch)
@@ -38,13 +50,7 @@ fn active_after(s: &Value, epoch: u64, n: usize) -> bool {
 #[test]
 fn a_stopped_member_does_not_hold_up_the_next_epoch() {
     let want = expected();
-    let mut fleet = Fleet::start_each_with(
-        Etcd::start(),
-        model("stories260K"),
-        &["--install-timeout-secs", "600"],
-        &[],
-        &[&[], &[]],
-    );
+    let mut fleet = two_workers("600");
     assert_eq!(ask(&fleet), want, "before the stop");
     let first = fleet.status()["epoch"].as_u64().expect("epoch");
     let pid = fleet.worker_pid(1).expect("live") as i32;
@@ -75,13 +81,7 @@ fn a_stopped_member_does_not_hold_up_the_next_epoch() {
 #[test]
 fn a_member_that_never_installs_misses_its_deadline_and_is_evicted() {
     let want = expected();
-    let mut fleet = Fleet::start_each_with(
-        Etcd::start(),
-        model("stories260K"),
-        &["--install-timeout-secs", "2"],
-        &[],
-        &[&[], &[]],
-    );
+    let mut fleet = two_workers("2");
     let first = fleet.status()["epoch"].as_u64().expect("epoch");
     let joined = Instant::now();
     fleet.add_worker_with(&["--fault-stall-install"]);
