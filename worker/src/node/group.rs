@@ -313,18 +313,10 @@ pub(crate) fn follow<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zeroshard_security::Security;
 
     /// Rank 0 and rank 1 of a pair over a plaintext loopback socket.
     fn pair() -> (Leader, Member) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let sec = Security::plaintext();
-        let member_end = std::thread::spawn(move || {
-            Security::plaintext().accept_socket(&listener, Duration::from_secs(10), EXCHANGE_TIMEOUT)
-        });
-        let leader_end = sec.connect_socket("127.0.0.1", port, EXCHANGE_TIMEOUT).expect("connects");
-        let (member_end, _) = member_end.join().expect("thread").expect("accepts");
+        let (leader_end, member_end) = crate::rpc::group::loopback_sockets(EXCHANGE_TIMEOUT);
         let stats = std::sync::Arc::new(super::super::gather::GatherStats::default());
         let leader = Leader {
             epoch: 1,

@@ -382,19 +382,26 @@ pub(crate) async fn lead(
     Ok(Leader { epoch, members: links, stats })
 }
 
+/// Both ends of a plaintext loopback socket (connecting, accepting), reads
+/// timing out after `read_timeout`.
+#[cfg(test)]
+pub(crate) fn loopback_sockets(read_timeout: Duration) -> (Box<dyn Socket>, Box<dyn Socket>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepting =
+        std::thread::spawn(move || Security::plaintext().accept_socket(&listener, PATIENCE, read_timeout));
+    let near = Security::plaintext().connect_socket("127.0.0.1", port, read_timeout).expect("connects");
+    let (far, _) = accepting.join().expect("thread").expect("accepts");
+    (near, far)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Both ends of a plaintext loopback socket, as echo wires.
     fn wires() -> (Wire, Wire) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let accepting = std::thread::spawn(move || {
-            Security::plaintext().accept_socket(&listener, ECHO_PATIENCE, ECHO_PATIENCE)
-        });
-        let near = Security::plaintext().connect_socket("127.0.0.1", port, ECHO_PATIENCE).expect("connects");
-        let (far, _) = accepting.join().expect("thread").expect("accepts");
+        let (near, far) = loopback_sockets(ECHO_PATIENCE);
         // Each wire is named for the end it talks to.
         (Wire::for_echo(near, "far".into()), Wire::for_echo(far, "near".into()))
     }

@@ -251,8 +251,6 @@ pub async fn run(
         zeroshard_proto::health::spawn(l, health);
     }
     let node = Arc::new(Node::new(cfg.clone()));
-    // For `--placement auto` (which measures again when it plans).
-    node.calibrate().await?;
     let svc = Svc(node.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
