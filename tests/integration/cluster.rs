@@ -556,8 +556,21 @@ fn up_keeps_serving_after_a_worker_dies() {
     let want = query(&c.endpoint, &["--prompt", "Once upon a time", "--max-new-tokens", "30"]);
     let workers = common::cluster::children_of(c.pid());
     assert_eq!(workers.len(), 3, "three worker processes");
+    // A worker that holds partitioned ranges: the survivors no longer cover
+    // the plan (one that holds none is only a degraded epoch, no re-plan).
+    let before = status(&c.endpoint);
+    let holder = before["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["owned_partitioned_bytes"].as_u64() > Some(0))
+        .unwrap_or_else(|| panic!("no worker holds partitioned ranges: {before}"));
+    let port = holder["address"].as_str().and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| p.parse().ok());
+    let victim = port
+        .and_then(|p| common::cluster::listener_among(&workers, p))
+        .unwrap_or_else(|| panic!("which process serves {holder}?"));
     // SAFETY: kill(2) on a worker process of our child.
-    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
     let got = query(&c.endpoint, &["--prompt", "Once upon a time", "--max-new-tokens", "30"]);
     assert_eq!(got["token_ids"], want["token_ids"]);
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -113,6 +113,26 @@ pub(crate) fn ready_lines(child: &mut Child) -> Option<(String, mpsc::Receiver<S
     rx.recv_timeout(Duration::from_secs(120)).ok().map(|ep| (ep, after))
 }
 
+/// The pid among `pids` that listens on TCP `port` (the socket's inode in
+/// `/proc/net/tcp{,6}`, then the process holding that inode).
+pub(crate) fn listener_among(pids: &[u32], port: u16) -> Option<u32> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(table).ok()?;
+        text.lines().skip(1).find_map(|row| {
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let f: Vec<&str> = row.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            (local_port == port && f.get(3) == Some(&"0A")).then(|| f.get(9).map(|s| s.to_string()))?
+        })
+    })?;
+    let want = format!("socket:[{inode}]");
+    pids.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == want))
+        })
+    })
+}
+
 /// Pids of live processes whose parent is `parent`.
 pub(crate) fn children_of(parent: u32) -> Vec<u32> {
     let mut out = Vec::new();
