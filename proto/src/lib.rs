@@ -35,6 +35,15 @@ pub mod v1 {
     tonic::include_proto!("zeroshard.v1");
 }
 
+/// The metadata key an ABORTED step carries when the worker ended it only
+/// because its plan epoch was replaced under it (a gather from a holder that
+/// left, or a new role for the worker): value [`EPOCH_REPLACED`]. The
+/// coordinator continues such a sequence at once, on any worker, and counts it
+/// as moved, not as a failure.
+pub const INTERRUPTED_KEY: &str = "zeroshard-interrupted";
+/// See [`INTERRUPTED_KEY`].
+pub const EPOCH_REPLACED: &str = "epoch-replaced";
+
 /// Default payload size of a `ShardChunk` (1 MiB).
 pub const CHUNK_BYTES: usize = 1 << 20;
 

@@ -228,12 +228,19 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
                 coord.admission().stall(id);
                 coord.counters().sequences_resumed.fetch_add(1, Ordering::Relaxed);
             }
+            Attempt::Interrupted(Interrupted::Replaced(why)) if quick < QUICK_RESUMES => {
+                quick += 1;
+                tracing::info!("{why}; continuing after {} tokens", run.produced.len());
+                coord.counters().sequences_moved.fetch_add(1, Ordering::Relaxed);
+            }
             Attempt::Interrupted(Interrupted::StepFailed(why)) if quick < QUICK_RESUMES => {
                 quick += 1;
                 tracing::warn!("a step failed on {id} ({why}); resuming after {} tokens", run.produced.len());
                 coord.counters().sequences_resumed.fetch_add(1, Ordering::Relaxed);
             }
-            Attempt::Interrupted(Interrupted::Failed(why) | Interrupted::StepFailed(why)) => {
+            Attempt::Interrupted(
+                Interrupted::Failed(why) | Interrupted::StepFailed(why) | Interrupted::Replaced(why),
+            ) => {
                 quick = 0;
                 tracing::warn!(
                     "sequence on {id} failed ({why}); resuming after {} tokens",

@@ -63,6 +63,10 @@ pub(crate) enum Interrupted {
     Invalid(String),
     /// ABORTED: one of its steps failed, the worker lives: resume at once.
     StepFailed(String),
+    /// ABORTED marked [`zeroshard_proto::EPOCH_REPLACED`]: the plan changed
+    /// under the step (a holder it gathered from left, or the worker took a
+    /// new role): continue at once, on any worker; not a failure.
+    Replaced(String),
     /// RESOURCE_EXHAUSTED: no room after all (a sequence that ended is not
     /// freed yet): back to the front of the queue.
     Busy(String),
@@ -79,6 +83,13 @@ impl Interrupted {
         let why = format!("{who}: {}", s.message());
         match s.code() {
             tonic::Code::InvalidArgument => Self::Invalid(s.message().to_string()),
+            tonic::Code::Aborted
+                if s.metadata()
+                    .get(zeroshard_proto::INTERRUPTED_KEY)
+                    .is_some_and(|v| v == zeroshard_proto::EPOCH_REPLACED) =>
+            {
+                Self::Replaced(why)
+            }
             tonic::Code::Aborted => Self::StepFailed(why),
             tonic::Code::ResourceExhausted => Self::Busy(why),
             tonic::Code::Cancelled => Self::Moved(why),
@@ -277,5 +288,32 @@ impl WorkerHandle {
             Ok(Err(s)) => Err(s.message().to_string()),
             Err(_) => Err(format!("no answer within {deadline:?}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Interrupted;
+
+    fn read(s: tonic::Status) -> Interrupted {
+        Interrupted::from_status("worker 2", &s)
+    }
+
+    #[test]
+    fn an_abort_marked_epoch_replaced_is_a_move_and_any_other_a_failed_step() {
+        let mut replaced = tonic::Status::aborted("gather abandoned: worker 3 left");
+        replaced.metadata_mut().insert(
+            zeroshard_proto::INTERRUPTED_KEY,
+            tonic::metadata::MetadataValue::from_static(zeroshard_proto::EPOCH_REPLACED),
+        );
+        assert!(matches!(read(replaced), Interrupted::Replaced(w) if w.contains("worker 3 left")));
+        assert!(matches!(read(tonic::Status::aborted("device hiccup")), Interrupted::StepFailed(_)));
+        let mut other = tonic::Status::aborted("x");
+        other
+            .metadata_mut()
+            .insert(zeroshard_proto::INTERRUPTED_KEY, tonic::metadata::MetadataValue::from_static("other"));
+        assert!(matches!(read(other), Interrupted::StepFailed(_)));
+        assert!(matches!(read(tonic::Status::cancelled("draining")), Interrupted::Moved(_)));
+        assert!(matches!(read(tonic::Status::unavailable("gone")), Interrupted::Failed(_)));
     }
 }

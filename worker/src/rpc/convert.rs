@@ -14,7 +14,8 @@ use zeroshard_engine::EngineError;
 
 /// The status a caller gets for `e`: its fault (INVALID_ARGUMENT, NOT_FOUND,
 /// FAILED_PRECONDITION), a step that failed on a device still in use (ABORTED:
-/// the coordinator resumes the sequence at once), no room now
+/// the coordinator resumes the sequence at once; one ended only because the
+/// epoch was replaced also carries [`zeroshard_proto::INTERRUPTED_KEY`]), no room now
 /// (RESOURCE_EXHAUSTED: the coordinator queues it again), a sequence handed
 /// back by a draining worker (CANCELLED: continued elsewhere at once), a member that cannot serve
 /// now (UNAVAILABLE: resumed once membership changes), or this worker's (INTERNAL).
@@ -30,7 +31,14 @@ pub(crate) fn status(e: &WorkerError) -> Status {
         E::Plan(_) => Status::invalid_argument(msg),
         E::Epoch(_) => Status::failed_precondition(msg),
         E::Overloaded(_) => Status::resource_exhausted(msg),
-        E::Abandoned(_) => Status::aborted(msg),
+        E::Abandoned(_) => {
+            let mut s = Status::aborted(msg);
+            s.metadata_mut().insert(
+                zeroshard_proto::INTERRUPTED_KEY,
+                tonic::metadata::MetadataValue::from_static(zeroshard_proto::EPOCH_REPLACED),
+            );
+            s
+        }
         E::Draining(_) => Status::cancelled(msg),
         E::CorruptCopy { .. } => Status::data_loss(msg),
         E::Engine(EngineError::InvalidRequest(_) | EngineError::Offload(OffloadError::InvalidRequest(_))) => {
@@ -95,4 +103,22 @@ fn model_config(m: &pb::ModelInfo) -> Result<ModelConfig> {
 /// The model a plan names, with its config parsed from the texts it carries.
 pub(crate) fn planned_model(m: &pb::ModelInfo) -> Result<PlannedModel> {
     Ok(PlannedModel { config: model_config(m)?, dir: PathBuf::from(&m.model_dir) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_abandoned_step_is_marked_epoch_replaced() {
+        let s = status(&WorkerError::Abandoned("worker 3 left the cluster".into()));
+        assert_eq!(s.code(), tonic::Code::Aborted);
+        assert_eq!(
+            s.metadata().get(zeroshard_proto::INTERRUPTED_KEY).and_then(|v| v.to_str().ok()),
+            Some(zeroshard_proto::EPOCH_REPLACED)
+        );
+        let s = status(&WorkerError::Gather("worker 3 unreachable".into()));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.metadata().get(zeroshard_proto::INTERRUPTED_KEY).is_none());
+    }
 }
