@@ -63,7 +63,7 @@ pub async fn connect(endpoint: &str, auth: &ClientAuth) -> Result<Client> {
         None => None,
     };
     let ch = security
-        .endpoint(&addr.uri())
+        .dial(&addr.uri())
         .map_err(|e| invalid(e.to_string()))?
         .connect()
         .await

@@ -19,12 +19,13 @@
 //! ```ignore
 //! let paths = TlsPaths { ca: dir.join("ca.pem"), cert: Some(dir.join("worker.pem")), key: Some(dir.join("worker.key")) };
 //! let sec = Security::load(paths, Some(Role::Worker))?;
-//! let endpoint = sec.endpoint(&Address::parse("grpcs://10.0.0.1:50051")?.uri())?;
+//! let channel = sec.dial(&Address::parse("grpcs://10.0.0.1:50051")?.uri())?.connect().await?;
 //! ```
 pub mod auth;
 pub mod bundle;
 pub mod certs;
 pub mod tls;
+pub mod verify;
 
 pub use auth::{ApiKeys, Caller, Guard, Identity, Role};
 pub use tls::{Address, Security, Socket, TlsError, TlsPaths};

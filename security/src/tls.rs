@@ -7,15 +7,16 @@
 //!   connections already open, and the sequences running over them, go on.
 //! - Client certificates are asked for, verified against the cluster CA, but
 //!   optional at the handshake: each service's [`crate::auth::Guard`] decides.
-//! - Channels verify the server against the cluster CA and present this
-//!   process's certificate. An `https://` address without credentials, or an
+//! - Channels verify the server against the cluster CA, check that its
+//!   certificate's role is one this process talks to ([`crate::verify`]), and
+//!   present this process's certificate. An `https://` address without credentials, or an
 //!   `http://` one with them, is an error, never a silent downgrade.
 //!
 //! ```ignore
 //! let sec = Security::load(TlsPaths { ca, cert: Some(cert), key: Some(key) }, Some(Role::Worker))?;
 //! sec.spawn_reloader();
 //! sec.serve(router, listener, shutdown).await?;
-//! let ch = sec.endpoint("https://10.0.0.5:7001")?.connect().await?;
+//! let ch = sec.dial("https://10.0.0.5:7001")?.connect().await?;
 //! ```
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Router;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::auth::{Identity, Role};
 
@@ -72,8 +73,8 @@ impl TlsPaths {
 struct Loaded {
     /// `None` for a client without a certificate.
     server: Option<Arc<rustls::ServerConfig>>,
-    client: ClientTlsConfig,
-    /// The same credentials for a blocking socket ([`Security::connect_socket`]).
+    /// What every channel and socket this process opens presents, and how it
+    /// verifies the server (the cluster CA, then [`crate::verify::ServerRoles`]).
     socket_client: Arc<rustls::ClientConfig>,
     identity: Option<Identity>,
     /// (modified time, length) of every file, to notice changes.
@@ -83,6 +84,8 @@ struct Loaded {
 struct Tls {
     paths: TlsPaths,
     expect: Option<Role>,
+    /// The server roles its channels accept.
+    talks_to: &'static [Role],
     loaded: RwLock<Loaded>,
 }
 
@@ -146,18 +149,20 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
     Ok(v)
 }
 
-fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
+fn load(paths: &TlsPaths, expect: Option<Role>, talks_to: &'static [Role]) -> Result<Loaded> {
     let ca_pem = read(&paths.ca)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(&paths.ca, &ca_pem)? {
         roots.add(c).map_err(|e| TlsError::File { path: paths.ca.clone(), message: e.to_string() })?;
     }
     let roots = Arc::new(roots);
-    let mut client = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem));
+    let server_roles =
+        crate::verify::ServerRoles::new(roots.clone(), provider(), talks_to).map_err(TlsError::Config)?;
     let socket_builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots.clone());
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(server_roles));
     let mut socket_client = None;
     let (server, identity) = match (&paths.cert, &paths.key) {
         (Some(cert_path), Some(key_path)) => {
@@ -204,7 +209,6 @@ fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
                 })?;
             cfg.alpn_protocols = vec![b"h2".to_vec()];
             cfg.ignore_client_order = true;
-            client = client.identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
             let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::File {
                 path: key_path.clone(),
                 message: format!("not a PEM private key: {e}"),
@@ -228,7 +232,7 @@ fn load(paths: &TlsPaths, expect: Option<Role>) -> Result<Loaded> {
     };
     let stamp = paths.files().into_iter().map(stamp).collect();
     let socket_client = Arc::new(socket_client.unwrap_or_else(|| socket_builder.with_no_client_auth()));
-    Ok(Loaded { server, client, socket_client, identity, stamp })
+    Ok(Loaded { server, socket_client, identity, stamp })
 }
 
 impl Security {
@@ -240,8 +244,15 @@ impl Security {
     /// TLS with the credentials of `paths`; `expect` is the role this
     /// process's certificate must carry (`None`: a client, certificate optional).
     pub fn load(paths: TlsPaths, expect: Option<Role>) -> Result<Self> {
-        let loaded = load(&paths, expect)?;
-        Ok(Self(Some(Arc::new(Tls { paths, expect, loaded: RwLock::new(loaded) }))))
+        Self::load_talking_to(paths, expect, crate::verify::server_roles(expect))
+    }
+
+    /// [`Self::load`], talking to servers of the roles `talks_to` instead of
+    /// those of [`crate::verify::server_roles`] (what a test posing as a
+    /// hostile client does, to reach the servers' own checks).
+    pub fn load_talking_to(paths: TlsPaths, expect: Option<Role>, talks_to: &'static [Role]) -> Result<Self> {
+        let loaded = load(&paths, expect, talks_to)?;
+        Ok(Self(Some(Arc::new(Tls { paths, expect, talks_to, loaded: RwLock::new(loaded) }))))
     }
 
     pub fn is_tls(&self) -> bool {
@@ -275,7 +286,7 @@ impl Security {
         if !force && t.loaded.read().unwrap_or_else(|p| p.into_inner()).stamp == now {
             return Ok(false);
         }
-        let fresh = load(&t.paths, t.expect)?;
+        let fresh = load(&t.paths, t.expect, t.talks_to)?;
         *t.loaded.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(true)
     }
@@ -310,58 +321,31 @@ impl Security {
         t.loaded.read().unwrap_or_else(|p| p.into_inner()).server.clone()
     }
 
-    /// An endpoint for a member or cluster address (`http(s)://host:port`),
-    /// with the bulk-transfer settings of [`zeroshard_proto::transport::endpoint`] and,
-    /// under TLS, this process's credentials.
-    pub fn endpoint(&self, uri: &str) -> Result<Endpoint> {
+    /// A channel to a member or cluster address (`http(s)://host:port`), with
+    /// the bulk-transfer settings of [`zeroshard_proto::transport::endpoint`]
+    /// and, under TLS, this process's credentials; the server must hold a
+    /// certificate of the cluster CA of a role this process talks to
+    /// ([`crate::verify::server_roles`]). Under TLS the records are read
+    /// through a [`BULK_READ_BUFFER`]-byte buffer: rustls asks the socket for
+    /// at most 4 KiB at a time, which unbuffered is a system call per 4 KiB
+    /// (~50,000 a step for a 200 MB gather).
+    pub fn dial(&self, uri: &str) -> Result<Dial> {
         let addr = Address::parse(uri)?;
-        match (addr.tls, self.0.as_ref()) {
-            (true, None) => Err(TlsError::Address(format!(
-                "{uri} speaks TLS but no TLS credentials were given (--tls-ca, and --tls-cert/--tls-key for a member)"
-            ))),
-            (false, Some(_)) => Err(TlsError::Address(format!(
-                "{uri} is plaintext but this process runs TLS: use https:// (or grpcs://), or --insecure on every member"
-            ))),
-            (_, tls) => {
-                let ep = zeroshard_proto::transport::endpoint(&addr.uri()).map_err(|e| TlsError::Address(format!("{uri}: {e}")))?;
-                match tls {
-                    None => Ok(ep),
-                    Some(t) => {
-                        let cfg = t.loaded.read().unwrap_or_else(|p| p.into_inner()).client.clone();
-                        ep.tls_config(cfg).map_err(|e| TlsError::Address(format!("{uri}: {e}")))
-                    }
-                }
+        let Some(t) = self.0.as_ref() else {
+            if addr.tls {
+                return Err(TlsError::Address(format!(
+                    "{uri} speaks TLS but no TLS credentials were given (--tls-ca, and --tls-cert/--tls-key for a member)"
+                )));
             }
+            let ep = zeroshard_proto::transport::endpoint(&addr.uri())
+                .map_err(|e| TlsError::Address(format!("{uri}: {e}")))?;
+            return Ok(Dial { ep, connector: None });
+        };
+        if !addr.tls {
+            return Err(TlsError::Address(format!(
+                "{uri} is plaintext but this process runs TLS: use https:// (or grpcs://), or --insecure on every member"
+            )));
         }
-    }
-
-    /// A channel to a member for bulk transfers (gathers, `--pull` loads),
-    /// connected now. Under TLS the records are read through a
-    /// [`BULK_READ_BUFFER`]-byte buffer: rustls asks the socket for at most
-    /// 4 KiB at a time, which unbuffered is a system call per 4 KiB (~50,000
-    /// a step for a 200 MB gather). The same credentials and checks as
-    /// [`Self::endpoint`]'s channels.
-    pub async fn bulk_channel(&self, uri: &str) -> Result<tonic::transport::Channel> {
-        let failed = |e: tonic::transport::Error| TlsError::Address(format!("{uri}: {e}"));
-        match self.bulk_endpoint(uri)? {
-            (ep, None) => ep.connect().await.map_err(failed),
-            (ep, Some(c)) => ep.connect_with_connector(c).await.map_err(failed),
-        }
-    }
-
-    /// [`Self::bulk_channel`], connecting on first use.
-    pub fn bulk_channel_lazy(&self, uri: &str) -> Result<tonic::transport::Channel> {
-        Ok(match self.bulk_endpoint(uri)? {
-            (ep, None) => ep.connect_lazy(),
-            (ep, Some(c)) => ep.connect_with_connector_lazy(c),
-        })
-    }
-
-    /// The endpoint of a bulk channel to `uri`, and under TLS the connector
-    /// that speaks it over a read buffer (the endpoint is then plain `http`).
-    fn bulk_endpoint(&self, uri: &str) -> Result<(Endpoint, Option<BulkConnector>)> {
-        let ep = self.endpoint(uri)?;
-        let Some(t) = self.0.as_ref() else { return Ok((ep, None)) };
         let mut cfg = (*t.loaded.read().unwrap_or_else(|p| p.into_inner()).socket_client).clone();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
@@ -380,10 +364,19 @@ impl Security {
                 ))
             }
         });
-        let addr = Address::parse(uri)?;
-        let plain = zeroshard_proto::transport::endpoint(&format!("http://{}", addr.authority()))
+        let ep = zeroshard_proto::transport::endpoint(&format!("http://{}", addr.authority()))
             .map_err(|e| TlsError::Address(format!("{uri}: {e}")))?;
-        Ok((plain, Some(tower::util::BoxCloneSyncService::new(connect))))
+        Ok(Dial { ep, connector: Some(tower::util::BoxCloneSyncService::new(connect)) })
+    }
+
+    /// [`Self::dial`], connected now.
+    pub async fn bulk_channel(&self, uri: &str) -> Result<Channel> {
+        self.dial(uri)?.connect().await.map_err(|e| TlsError::Address(format!("{uri}: {}", error_chain(&e))))
+    }
+
+    /// [`Self::dial`], connecting on first use.
+    pub fn bulk_channel_lazy(&self, uri: &str) -> Result<Channel> {
+        Ok(self.dial(uri)?.connect_lazy())
     }
 
     /// A blocking byte stream to a member's socket at `host:port` (the tensor
@@ -495,6 +488,44 @@ impl Security {
         });
         router.serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown).await
     }
+}
+
+/// A channel not connected yet ([`Security::dial`]).
+pub struct Dial {
+    ep: Endpoint,
+    /// Under TLS: the endpoint is plain `http` and this speaks TLS under it.
+    connector: Option<BulkConnector>,
+}
+
+impl Dial {
+    pub async fn connect(self) -> std::result::Result<Channel, tonic::transport::Error> {
+        match self.connector {
+            None => self.ep.connect().await,
+            Some(c) => self.ep.connect_with_connector(c).await,
+        }
+    }
+
+    pub fn connect_lazy(self) -> Channel {
+        match self.connector {
+            None => self.ep.connect_lazy(),
+            Some(c) => self.ep.connect_with_connector_lazy(c),
+        }
+    }
+}
+
+/// `e` and its sources, joined by `: ` (a refused server role is a source
+/// three levels down).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut chain = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !chain.contains(&s_text) {
+            chain = format!("{chain}: {s_text}");
+        }
+        source = s.source();
+    }
+    chain
 }
 
 /// A blocking byte stream between members ([`Security::connect_socket`]).
@@ -681,10 +712,53 @@ mod tests {
     }
 
     #[test]
+    fn every_client_side_checks_the_servers_role() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ca = crate::certs::Ca::generate().expect("ca");
+        ca.write(dir.path()).expect("write");
+        let load = |role: Role, name: &str, expect: Option<Role>| {
+            let leaf = ca.issue(role, name, &crate::certs::loopback_sans()).expect("leaf");
+            let (cert, key) = leaf.write(dir.path(), name).expect("write");
+            let paths = TlsPaths { ca: dir.path().join("ca.pem"), cert: Some(cert), key: Some(key) };
+            Security::load(paths, expect).expect("loads")
+        };
+        let coordinator = load(Role::Coordinator, "c", Some(Role::Coordinator));
+        let worker = load(Role::Worker, "w", Some(Role::Worker));
+        let peer = load(Role::Worker, "w2", Some(Role::Worker));
+        let client = load(Role::Client, "alice", None);
+        let bare = Security::load(TlsPaths { ca: dir.path().join("ca.pem"), cert: None, key: None }, None)
+            .expect("loads");
+        // Whether `from` completes a handshake with a server holding `to`'s certificate.
+        let talk = |from: &Security, to: &Security| -> std::result::Result<(), String> {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let server = to.clone();
+            let accepting = std::thread::spawn(move || {
+                let _ = server.accept_socket(&listener, Duration::from_secs(10), Duration::from_secs(10));
+            });
+            let r = from.connect_socket("127.0.0.1", port, Duration::from_secs(10)).map(drop);
+            accepting.join().expect("accept thread");
+            r.map_err(|e| e.to_string())
+        };
+        for c in [&client, &bare] {
+            let e = talk(c, &worker).expect_err("a client talked to a worker as if it were the coordinator");
+            assert!(e.contains("holds the certificate of a worker `w`, not of a coordinator"), "{e}");
+            talk(c, &coordinator).expect("a client talks to the coordinator");
+        }
+        talk(&coordinator, &worker).expect("the coordinator talks to workers");
+        let e = talk(&coordinator, &coordinator).expect_err("the coordinator talks only to workers");
+        assert!(e.contains("not of a worker"), "{e}");
+        talk(&worker, &peer).expect("a worker talks to its peers");
+        talk(&worker, &coordinator).expect("a worker talks to the coordinator");
+        let e = talk(&worker, &client).expect_err("a client certificate serves nothing");
+        assert!(e.contains("certificate"), "{e}");
+    }
+
+    #[test]
     fn scheme_mismatches_are_errors() {
         let plain = Security::plaintext();
-        assert!(plain.endpoint("https://127.0.0.1:1").is_err());
-        assert!(plain.endpoint("http://127.0.0.1:1").is_ok());
+        assert!(plain.dial("https://127.0.0.1:1").is_err());
+        assert!(plain.dial("http://127.0.0.1:1").is_ok());
         let dir = tempfile::tempdir().expect("tmp");
         let ca = crate::certs::Ca::generate().expect("ca");
         ca.write(dir.path()).expect("write");
@@ -693,8 +767,8 @@ mod tests {
         let paths = TlsPaths { ca: dir.path().join("ca.pem"), cert: Some(cert.clone()), key: Some(key) };
         let sec = Security::load(paths.clone(), Some(Role::Worker)).expect("loads");
         assert_eq!(sec.identity().map(|i| i.name), Some("w".to_string()));
-        assert!(sec.endpoint("http://127.0.0.1:1").is_err());
-        assert!(sec.endpoint("https://127.0.0.1:1").is_ok());
+        assert!(sec.dial("http://127.0.0.1:1").is_err());
+        assert!(sec.dial("https://127.0.0.1:1").is_ok());
         let e = Security::load(paths, Some(Role::Coordinator)).expect_err("wrong role");
         assert!(e.to_string().contains("needs a coordinator certificate"), "{e}");
     }

@@ -55,13 +55,28 @@ impl Pki {
     }
 
     /// A gRPC caller holding `name`'s certificate (`None`: only the CA).
-    fn security(&self, name: Option<&str>) -> Security {
-        let paths = TlsPaths {
+    fn paths(&self, name: Option<&str>) -> TlsPaths {
+        TlsPaths {
             ca: PathBuf::from(self.ca()),
             cert: name.map(|n| PathBuf::from(self.path(&format!("{n}.pem")))),
             key: name.map(|n| PathBuf::from(self.path(&format!("{n}.key")))),
-        };
-        Security::load(paths, None).expect("credentials load")
+        }
+    }
+
+    /// The credentials of `name` as its own process loads them (a member:
+    /// its role; talking only to the server roles that role talks to).
+    fn security(&self, name: Option<&str>) -> Security {
+        let any = Security::load(self.paths(name), None).expect("credentials load");
+        let member = any.identity().map(|i| i.role).filter(|r| *r != zeroshard_security::Role::Client);
+        Security::load(self.paths(name), member).expect("credentials load")
+    }
+
+    /// The credentials of `name` in a client that skips the server-role
+    /// check (a hostile one: what the servers' own guards must stop).
+    fn hostile(&self, name: Option<&str>) -> Security {
+        use zeroshard_security::Role;
+        Security::load_talking_to(self.paths(name), None, &[Role::Coordinator, Role::Worker])
+            .expect("credentials load")
     }
 }
 
@@ -127,7 +142,7 @@ where
     F: FnOnce(tonic::transport::Channel) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let Ok(ep) = sec.endpoint(uri) else { return Code::InvalidArgument };
+    let Ok(ep) = sec.dial(uri) else { return Code::InvalidArgument };
     match ep.connect().await {
         Ok(ch) => match call(ch).await {
             Ok(_) => Code::Ok,
@@ -293,8 +308,22 @@ fn attacks_on_a_secure_cluster_are_refused_and_outputs_stay_exact() {
     let e = query_fails(&endpoint, &["--tls-ca", &ca, "--tls-cert", &w_cert, "--tls-key", &w_key]);
     assert!(e.contains("PermissionDenied"), "a worker certificate is no client's: {e}");
 
-    let stranger = pki.security(None);
-    let client = pki.security(Some("alice"));
+    // The CLI refuses a worker posing as the coordinator: no prompt, no key sent.
+    let worker_endpoint = worker_uris[0].replace("https://", "grpcs://");
+    let e =
+        query_fails(&worker_endpoint, &["--tls-ca", &ca, "--tls-cert", &alice_cert, "--tls-key", &alice_key]);
+    assert!(
+        e.contains("holds the certificate of a worker `w-")
+            && e.contains("not of a coordinator")
+            && e.lines().count() == 1,
+        "{e}"
+    );
+    let e = query_fails(&worker_endpoint, &["--tls-ca", &ca, "--api-key", "key-two"]);
+    assert!(e.contains("not of a coordinator"), "{e}");
+
+    let honest_client = pki.security(Some("alice"));
+    let stranger = pki.hostile(None);
+    let client = pki.hostile(Some("alice"));
     let rogue = pki.security(Some("rogue"));
     let peer = pki.security(Some("w-b"));
     let coordinator = pki.security(Some("coord"));
@@ -333,6 +362,11 @@ fn attacks_on_a_secure_cluster_are_refused_and_outputs_stay_exact() {
         );
         // Worker: the coordinator only.
         for w in &worker_uris {
+            assert_eq!(
+                fetch(&honest_client, w).await,
+                Code::Unavailable,
+                "an honest client talks to no worker"
+            );
             for (who, sec, want) in [
                 ("stranger", &stranger, Code::Unauthenticated),
                 ("client", &client, Code::PermissionDenied),

@@ -146,7 +146,7 @@ impl WorkerHandle {
     /// A client of the worker at `address`; connects on first use.
     pub(crate) fn new(security: &Security, id: WorkerId, address: &str) -> Result<Self> {
         let ch = security
-            .endpoint(address)
+            .dial(address)
             .map_err(|e| CoordinatorError::InvalidRequest(format!("worker address {address}: {e}")))?
             .connect_lazy();
         Ok(Self { client: WorkerClient::new(ch), who: format!("{id} at {address}") })
