@@ -138,6 +138,10 @@ pub(crate) struct Setup {
     /// Workers on the CPU without ZEROSHARD_KV_CACHE_BYTES: this host's
     /// available memory, of which the node's tasks share half for KV caches.
     pub cpu_memory: Option<u64>,
+    /// The certificate name workers of this host use in the certs folder:
+    /// the host's own (`HOST.pem`: one identity per node) when there is one,
+    /// else the shared `worker` (one identity for every worker).
+    pub worker_cert: String,
 }
 
 /// The processes `task` runs.
@@ -170,7 +174,7 @@ pub(crate) fn roles(task: &Task, s: &Setup) -> Vec<Role> {
             let share = (mem / 2 / task.tasks_per_node.max(1) as u64).max(64 << 20);
             args.push(format!("--kv-cache-bytes={share}"));
         }
-        args.extend(tls("worker"));
+        args.extend(tls(&s.worker_cert));
         Role { name: "worker", args }
     };
     let workers = task.tasks - 1 + usize::from(s.head_worker);
@@ -203,10 +207,20 @@ pub(crate) fn launch(a: LaunchArgs) -> Result<()> {
              for plaintext on a trusted job network"
         );
     }
+    let own = |d: &std::path::Path| d.join(format!("{}.pem", task.host)).is_file();
+    let worker_cert = match &a.certs_dir {
+        Some(d) if own(d) => task.host.clone(),
+        _ => "worker".to_string(),
+    };
     if let Some(d) = &a.certs_dir {
-        for f in ["ca.pem", "coordinator.pem", "coordinator.key", "worker.pem", "worker.key"] {
+        let cert = format!("{worker_cert}.pem");
+        let key = format!("{worker_cert}.key");
+        for f in ["ca.pem", "coordinator.pem", "coordinator.key", cert.as_str(), key.as_str()] {
             if !d.join(f).is_file() {
-                bail!("--certs-dir {}: {f} is missing", d.display());
+                bail!(
+                    "--certs-dir {}: {f} is missing (workers use HOST.pem/.key, one per node, else the shared worker.pem/.key)",
+                    d.display()
+                );
             }
         }
     }
@@ -227,6 +241,7 @@ pub(crate) fn launch(a: LaunchArgs) -> Result<()> {
         visible_gpus,
         device,
         cpu_memory,
+        worker_cert,
     };
     let roles = roles(&task, &setup);
     eprintln!(
@@ -352,6 +367,7 @@ mod tests {
             visible_gpus: 4,
             device: None,
             cpu_memory: None,
+            worker_cert: "worker".into(),
         };
         let r0 = roles(&task(0, 0, "gpu03"), &s);
         let names: Vec<_> = r0.iter().map(|r| r.name).collect();
@@ -368,8 +384,12 @@ mod tests {
         // One GPU per task (--gpus-per-task=1), or an explicit device: left alone.
         let one = Setup { visible_gpus: 1, ..s.clone() };
         assert!(!roles(&task(1, 1, "gpu03"), &one)[0].args.iter().any(|a| a.starts_with("--device")));
-        let cpu = Setup { device: Some("cpu".into()), ..s };
+        let cpu = Setup { device: Some("cpu".into()), ..s.clone() };
         assert!(!roles(&task(1, 1, "gpu03"), &cpu)[0].args.iter().any(|a| a.starts_with("--device")));
+        // A node with a certificate of its own uses it.
+        let own = Setup { worker_cert: "gpu04".into(), ..s };
+        let w = &roles(&task(1, 0, "gpu04"), &own)[0].args;
+        assert!(w.contains(&"--tls-cert=/c/gpu04.pem".to_string()), "{w:?}");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use zeroshard_coordinator::client::ClientAuth;
 use zeroshard_membership::etcd::EtcdCredentials;
-use zeroshard_security::certs::{loopback_sans, Ca};
-use zeroshard_security::{ApiKeys, Role, Security, TlsPaths};
+use zeroshard_security::certs::{loopback_sans, Ca, Pem};
+use zeroshard_security::{ApiKeys, Credential, Role, Security, TlsPaths};
 
 use crate::args::{CertsCommand, ClientTlsArgs, EtcdArgs, MemberTlsArgs};
 
@@ -83,7 +83,11 @@ pub(crate) fn etcd(a: &EtcdArgs) -> Result<EtcdCredentials> {
     })
 }
 
-/// `zeroshard certs init|issue`.
+fn load_ca(dir: &Path) -> Result<Ca> {
+    Ca::load(dir).with_context(|| format!("--dir {} (run `zeroshard certs init` first)", dir.display()))
+}
+
+/// `zeroshard certs init|issue|renew|show`.
 pub(crate) fn certs(c: CertsCommand) -> Result<()> {
     match c {
         CertsCommand::Init { dir } => {
@@ -91,13 +95,22 @@ pub(crate) fn certs(c: CertsCommand) -> Result<()> {
             let (cert, key) = Ca::generate()?.write(&dir)?;
             println!("{}\n{}", cert.display(), key.display());
         }
-        CertsCommand::Issue { dir, role, name, san } => {
+        CertsCommand::Issue { dir, role, name, san, force } => {
             let role: Role = role.parse().map_err(|e: String| anyhow!("--role: {e}"))?;
             let sans = if san.is_empty() && role != Role::Client { loopback_sans() } else { san };
-            let ca = Ca::load(&dir)
-                .with_context(|| format!("--dir {} (run `zeroshard certs init` first)", dir.display()))?;
-            let (cert, key) = ca.issue(role, &name, &sans)?.write(&dir, &name)?;
+            let leaf = load_ca(&dir)?.issue(role, &name, &sans)?;
+            let (cert, key) = if force { leaf.replace(&dir, &name)? } else { leaf.write(&dir, &name)? };
             println!("{}\n{}", cert.display(), key.display());
+        }
+        CertsCommand::Renew { dir, name, san } => {
+            let ca = load_ca(&dir)?;
+            let old = Pem::read(&dir, &name).with_context(|| format!("--name {name}: nothing to renew"))?;
+            let (cert, key) = ca.renew(&old, &san)?.replace(&dir, &name)?;
+            println!("{}\n{}", cert.display(), key.display());
+        }
+        CertsCommand::Show { file } => {
+            let c = Credential::of_pem_file(&file).map_err(|e| anyhow!(e))?;
+            println!("{}\t{}\t{}", c.identity.role, c.identity.name, c.key);
         }
     }
     Ok(())

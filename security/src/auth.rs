@@ -99,6 +99,77 @@ impl Identity {
     }
 }
 
+/// What a member's identity is bound to: the SHA-256 of its certificate's
+/// public key (SubjectPublicKeyInfo, DER). A renewed certificate keeps it
+/// (`certs renew` re-signs the same key); another certificate with the same
+/// name does not. Written `sha256:<64 hex>`, as
+/// `openssl x509 -in C.pem -pubkey -noout | openssl pkey -pubin -outform der | sha256sum` prints it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(pub [u8; 32]);
+
+impl KeyId {
+    /// The key of a DER certificate.
+    pub fn of_cert(der: &[u8]) -> Option<Self> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw);
+        Some(Self(digest.as_ref().try_into().ok()?))
+    }
+
+    /// `sha256:<64 hex>`, or the 64 hex digits alone.
+    pub fn parse(s: &str) -> Option<Self> {
+        let hex = s.trim().strip_prefix("sha256:").unwrap_or(s.trim());
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sha256:")?;
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// A member as its certificate proves it: role and name, and the key the
+/// name is bound to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Credential {
+    pub identity: Identity,
+    pub key: KeyId,
+}
+
+impl Credential {
+    pub fn of_cert(der: &[u8]) -> Option<Self> {
+        Some(Self { identity: Identity::from_cert(der)?, key: KeyId::of_cert(der)? })
+    }
+
+    /// The credential of the first certificate in a PEM file.
+    pub fn of_pem_file(path: &Path) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_file(path)
+            .map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
+        Self::of_cert(der.as_ref()).ok_or_else(|| format!("{}: carries no zeroshard role", path.display()))
+    }
+}
+
+impl std::fmt::Display for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (key {})", self.identity, self.key)
+    }
+}
+
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} `{}`", self.role, self.name)
@@ -109,7 +180,7 @@ impl std::fmt::Display for Identity {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
     /// A verified certificate of an allowed role.
-    Member(Identity),
+    Member(Credential),
     /// A client holding API key number `n` (0-based, file order).
     ApiKey(usize),
     /// No TLS on this server: nobody is authenticated.
@@ -119,8 +190,13 @@ pub enum Caller {
 impl Caller {
     /// The caller's certificate name, when it presented one.
     pub fn identity(&self) -> Option<&Identity> {
+        self.credential().map(|c| &c.identity)
+    }
+
+    /// The caller's certificate, when it presented one.
+    pub fn credential(&self) -> Option<&Credential> {
         match self {
-            Caller::Member(id) => Some(id),
+            Caller::Member(c) => Some(c),
             _ => None,
         }
     }
@@ -204,10 +280,10 @@ impl Guard {
 
     /// Who `req` comes from, or why it is refused.
     pub fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let presented = req.peer_certs().and_then(|c| c.first().map(|d| Identity::from_cert(d.as_ref())));
+        let presented = req.peer_certs().and_then(|c| c.first().map(|d| Credential::of_cert(d.as_ref())));
         let refused = match &presented {
-            Some(Some(id)) if self.allow.contains(&id.role) => return Ok(Caller::Member(id.clone())),
-            Some(Some(id)) => Some(format!(
+            Some(Some(c)) if self.allow.contains(&c.identity.role) => return Ok(Caller::Member(c.clone())),
+            Some(Some(Credential { identity: id, .. })) => Some(format!(
                 "{}: a {id} certificate may not call it (it takes {})",
                 self.service,
                 self.allowed()
@@ -311,5 +387,27 @@ mod tests {
         assert_eq!(Identity::from_cert(der.as_ref()), Identity::new(Role::Worker, "w1"));
         let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).expect("pem");
         assert_eq!(Identity::from_cert(ca_der.as_ref()), None);
+    }
+
+    #[test]
+    fn a_renewed_certificate_keeps_its_key_and_a_reissued_one_does_not() {
+        let ca = crate::certs::Ca::generate().expect("ca");
+        let key_of = |pem: &str| {
+            let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+            KeyId::of_cert(der.as_ref()).expect("key")
+        };
+        let first = ca.issue(Role::Worker, "w1", &crate::certs::loopback_sans()).expect("leaf");
+        let renewed = ca.renew(&first, &[]).expect("renewed");
+        let again = ca.issue(Role::Worker, "w1", &crate::certs::loopback_sans()).expect("leaf");
+        assert_ne!(first.cert, renewed.cert, "a renewal is a new certificate");
+        assert_eq!(renewed.key, first.key);
+        assert_eq!(key_of(&renewed.cert), key_of(&first.cert));
+        assert_ne!(key_of(&again.cert), key_of(&first.cert), "same name, another key: another identity");
+        let k = key_of(&first.cert);
+        assert_eq!(KeyId::parse(&k.to_string()), Some(k));
+        assert_eq!(KeyId::parse(k.to_string().trim_start_matches("sha256:")), Some(k));
+        assert_eq!(KeyId::parse("sha256:12"), None);
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(renewed.cert.as_bytes()).expect("pem");
+        assert_eq!(Identity::from_cert(der.as_ref()), Identity::new(Role::Worker, "w1"));
     }
 }

@@ -37,8 +37,13 @@ pub enum CertError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error("{path} exists; refusing to overwrite it")]
+    #[error(
+        "{path} exists; refusing to overwrite it (`certs renew` re-signs its key, keeping the \
+         holder's identity; `certs issue --force` makes a new key: a new identity)"
+    )]
     Exists { path: PathBuf },
+    #[error("{0}")]
+    NotRenewable(String),
     #[error("invalid name `{0}`: use letters, digits, '-', '_' and '.'")]
     InvalidName(String),
     #[error("invalid --san `{0}`: not a DNS name or IP address")]
@@ -58,8 +63,7 @@ impl Pem {
     /// Writes `<dir>/<name>.pem` and `<dir>/<name>.key` (owner-only), refusing
     /// to overwrite; returns both paths.
     pub fn write(&self, dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
-        let cert = dir.join(format!("{name}.pem"));
-        let key = dir.join(format!("{name}.key"));
+        let (cert, key) = Self::paths(dir, name);
         for p in [&cert, &key] {
             if p.exists() {
                 return Err(CertError::Exists { path: p.clone() });
@@ -68,6 +72,32 @@ impl Pem {
         write_private(&key, self.key.as_bytes())?;
         write_private(&cert, self.cert.as_bytes())?;
         Ok((cert, key))
+    }
+
+    /// Replaces `<dir>/<name>.pem` and `.key` (each written beside, then
+    /// renamed over the old one: a member reloading meanwhile reads the old
+    /// file or the new, never half of one); key first, so a reload that sees
+    /// the new certificate finds its key.
+    pub fn replace(&self, dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let (cert, key) = Self::paths(dir, name);
+        for (path, bytes) in [(&key, &self.key), (&cert, &self.cert)] {
+            let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+            let _ = fs::remove_file(&tmp);
+            write_private(&tmp, bytes.as_bytes())?;
+            fs::rename(&tmp, path).map_err(|source| CertError::Io { path: path.clone(), source })?;
+        }
+        Ok((cert, key))
+    }
+
+    /// The certificate and key `write` made in `dir` for `name`.
+    pub fn read(dir: &Path, name: &str) -> Result<Self> {
+        let (cert, key) = Self::paths(dir, name);
+        let read = |path: PathBuf| fs::read_to_string(&path).map_err(|source| CertError::Io { path, source });
+        Ok(Self { cert: read(cert)?, key: read(key)? })
+    }
+
+    fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")))
     }
 }
 
@@ -125,6 +155,25 @@ impl Ca {
     /// A leaf for `role` named `name`, valid for the DNS names and IP
     /// addresses `sans` (a member's server needs the names peers dial it by).
     pub fn issue(&self, role: Role, name: &str, sans: &[String]) -> Result<Pem> {
+        self.sign(role, name, sans, KeyPair::generate()?)
+    }
+
+    /// `old` signed again for another [`LEAF_VALIDITY_DAYS`]: the same key,
+    /// role and name (so the same identity, [`crate::auth::KeyId`]), and
+    /// `sans`, or the old certificate's when none are given.
+    pub fn renew(&self, old: &Pem, sans: &[String]) -> Result<Pem> {
+        use rustls_pki_types::pem::PemObject;
+        let not = |why: &str| CertError::NotRenewable(why.to_string());
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(old.cert.as_bytes())
+            .map_err(|e| not(&format!("not a PEM certificate: {e}")))?;
+        let id = Identity::from_cert(der.as_ref())
+            .ok_or_else(|| not("the certificate carries no zeroshard role"))?;
+        let sans = if sans.is_empty() { dns_and_ip_sans(der.as_ref()) } else { sans.to_vec() };
+        let key = KeyPair::from_pem(&old.key)?;
+        self.sign(id.role, &id.name, &sans, key)
+    }
+
+    fn sign(&self, role: Role, name: &str, sans: &[String], key: KeyPair) -> Result<Pem> {
         let id = Identity::new(role, name).ok_or_else(|| CertError::InvalidName(name.to_string()))?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         for s in sans {
@@ -150,10 +199,29 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
-        let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Pem { cert: cert.pem(), key: key.serialize_pem() })
     }
+}
+
+/// The DNS names and IP addresses a DER certificate is valid for.
+fn dns_and_ip_sans(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else { return Vec::new() };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// The SANs a member on this machine needs when no `--san` is given.

@@ -27,5 +27,5 @@ pub mod certs;
 pub mod tls;
 pub mod verify;
 
-pub use auth::{ApiKeys, Caller, Guard, Identity, Role};
+pub use auth::{ApiKeys, Caller, Credential, Guard, Identity, KeyId, Role};
 pub use tls::{Address, Security, Socket, TlsError, TlsPaths};

@@ -51,13 +51,37 @@ pub(crate) enum CertsCommand {
         /// coordinator, worker or client: what the holder may call.
         #[arg(long)]
         role: String,
-        /// The holder's name (a worker id stays bound to it).
+        /// The holder's name (one per machine: each certificate's key is an
+        /// identity of its own).
         #[arg(long)]
         name: String,
         /// A DNS name or IP address others dial the holder by (repeatable;
         /// members default to localhost, 127.0.0.1 and ::1).
         #[arg(long)]
         san: Vec<String>,
+        /// Replace DIR/NAME.pem and .key if they exist, with a NEW key: a new
+        /// identity, which the ids the old one registered are not handed to
+        /// (to extend a certificate, `certs renew`).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-sign DIR/NAME.pem with its own key for another year, in place
+    /// (the identity stays: members it registered keep their ids); members
+    /// reload it on SIGHUP or within 2 s.
+    Renew {
+        #[arg(long, env = "ZEROSHARD_CERTS_DIR")]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Replace the certificate's DNS names and IP addresses (default: keep them).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Print a certificate's identity: its role, name and key
+    /// (`sha256:…`, what bans and `--deny-certs` name).
+    Show {
+        /// A PEM certificate file.
+        file: PathBuf,
     },
 }
 

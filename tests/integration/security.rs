@@ -321,6 +321,27 @@ fn attacks_on_a_secure_cluster_are_refused_and_outputs_stay_exact() {
     let e = query_fails(&worker_endpoint, &["--tls-ca", &ca, "--api-key", "key-two"]);
     assert!(e.contains("not of a coordinator"), "{e}");
 
+    // Certificates named like the two workers, from the same CA.
+    let twins: Vec<Security> = ["w-a", "w-b"]
+        .iter()
+        .map(|name| {
+            // The same name as the worker's, issued in another folder by the same CA.
+            let other = pki.dir.path().join(format!("twin-{name}"));
+            std::fs::create_dir(&other).expect("dir");
+            for f in ["ca.pem", "ca.key"] {
+                std::fs::copy(pki.dir.path().join(f), other.join(f)).expect("copy");
+            }
+            let o = other.to_str().expect("utf-8");
+            let out = run(&["certs", "issue", "--dir", o, "--role", "worker", "--name", name]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let paths = TlsPaths {
+                ca: PathBuf::from(pki.ca()),
+                cert: Some(other.join(format!("{name}.pem"))),
+                key: Some(other.join(format!("{name}.key"))),
+            };
+            Security::load(paths, Some(zeroshard_security::Role::Worker)).expect("loads")
+        })
+        .collect();
     let honest_client = pki.security(Some("alice"));
     let stranger = pki.hostile(None);
     let client = pki.hostile(Some("alice"));
@@ -333,6 +354,13 @@ fn attacks_on_a_secure_cluster_are_refused_and_outputs_stay_exact() {
         assert_eq!(register(&stranger, &coord_uri, rogue_addr, 0).await, Code::Unauthenticated);
         assert_eq!(register(&client, &coord_uri, rogue_addr, 0).await, Code::PermissionDenied);
         assert_eq!(register(&rogue, &coord_uri, rogue_addr, live_id).await, Code::PermissionDenied);
+        // Nor a live member's address; nor a second certificate with a live
+        // member's name (another key: another identity).
+        assert_eq!(register(&rogue, &coord_uri, &worker_uris[0], 0).await, Code::PermissionDenied);
+        for twin in &twins {
+            assert_eq!(register(twin, &coord_uri, rogue_addr, live_id).await, Code::PermissionDenied);
+            assert_eq!(register(twin, &coord_uri, &worker_uris[0], 0).await, Code::PermissionDenied);
+        }
         for bad in ["not a url", "ftp://x:1", "http://127.0.0.1:9"] {
             assert_eq!(register(&rogue, &coord_uri, bad, 0).await, Code::InvalidArgument, "{bad}");
         }
@@ -545,6 +573,8 @@ fn certificates_reload_without_dropping_sequences() {
     w.extend(pki.args("w"));
     w.extend(["--fault-step-delay-ms".into(), "40".into()]);
     let worker = spawn(&w);
+    let worker_pid = worker.id();
+    let coord_uri = format!("https://127.0.0.1:{port}");
     let endpoint = ready_line(&mut coord).expect("ready");
     let coord_pid = coord.id();
     let _procs = Procs(vec![coord, worker]);
@@ -565,11 +595,21 @@ fn certificates_reload_without_dropping_sequences() {
         .expect("query");
     std::thread::sleep(Duration::from_millis(500));
     assert!(stream.try_wait().expect("wait").is_none(), "the stream should still run (48 steps × 40 ms)");
-    // Re-issue the coordinator's certificate in place and signal it.
-    for f in ["coord.pem", "coord.key"] {
-        std::fs::remove_file(pki.dir.path().join(f)).expect("remove");
-    }
-    pki.issue("coordinator", "coord");
+    // The rotation recipe: `certs issue` will not overwrite; `certs renew`
+    // re-signs in place; then SIGHUP.
+    let dir = pki.dir.path().to_str().expect("utf-8").to_string();
+    let out = run(&["certs", "issue", "--dir", &dir, "--role", "coordinator", "--name", "coord"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("certs renew") && e.lines().count() == 1, "{e}");
+    let show = |f: &str| {
+        let out = run(&["certs", "show", &pki.path(f)]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (coord_before, w_before) = (show("coord.pem"), show("w.pem"));
+    let out = run(&["certs", "renew", "--dir", &dir, "--name", "coord"]);
+    assert!(out.status.success(), "certs renew: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(show("coord.pem"), coord_before, "a renewal keeps the identity (role, name, key)");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(coord_pid as i32, libc::SIGHUP) };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -586,6 +626,39 @@ fn certificates_reload_without_dropping_sequences() {
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(ids_of(&v["token_ids"]), want, "the sequence running across the reload");
     // New connections work with the new certificate.
+    query_ids(&endpoint, &["--tls-ca", &ca_s, "--tls-cert", &cert, "--tls-key", &key]);
+
+    // A worker renewed the same way keeps its identity: its id stays its own
+    // (it may register it again, at its address); a certificate re-issued
+    // with --force under the same name is another identity and may not.
+    let s = status_with(&endpoint, &["--tls-ca", &ca_s, "--tls-cert", &cert, "--tls-key", &key]);
+    let (id, w_addr) = (
+        s["workers"][0]["id"].as_u64().expect("id"),
+        s["workers"][0]["address"].as_str().expect("address").to_string(),
+    );
+    let w_served = rt().block_on(served_cert(&ca, w_addr.trim_start_matches("https://")));
+    let out = run(&["certs", "renew", "--dir", &dir, "--name", "w"]);
+    assert!(out.status.success(), "certs renew: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(show("w.pem"), w_before);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(worker_pid as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rt().block_on(served_cert(&ca, w_addr.trim_start_matches("https://"))) == w_served {
+        assert!(std::time::Instant::now() < deadline, "the worker never served its renewed certificate");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rt().block_on(register(&pki.security(Some("w")), &coord_uri, &w_addr, id)), Code::Ok);
+    let out = run(&["certs", "issue", "--dir", &dir, "--role", "worker", "--name", "w", "--force"]);
+    assert!(out.status.success(), "certs issue --force: {}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(show("w.pem"), w_before, "--force makes a new key");
+    assert_eq!(
+        rt().block_on(register(&pki.security(Some("w")), &coord_uri, &w_addr, id)),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        rt().block_on(register(&pki.security(Some("w")), &coord_uri, &w_addr, 0)),
+        Code::PermissionDenied
+    );
     query_ids(&endpoint, &["--tls-ca", &ca_s, "--tls-cert", &cert, "--tls-key", &key]);
 }
 
@@ -656,4 +729,82 @@ fn a_fleet_runs_on_etcd_over_tls_with_auth() {
     pki.issue("client", "cli");
     let (cert, key) = (pki.path("cli.pem"), pki.path("cli.key"));
     query_ids(&endpoint, &["--tls-ca", &pki.ca(), "--tls-cert", &cert, "--tls-key", &key]);
+}
+
+/// A worker banned for serving bad blocks (every tensor partitioned, so the
+/// others gather from it) cannot come back: its certificate's key registers
+/// no new id, while another worker's certificate still registers.
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
+)]
+#[test]
+fn a_banned_certificate_registers_nothing_again() {
+    let pki = Pki::new();
+    for (role, name) in [("coordinator", "coord"), ("worker", "w-a"), ("worker", "w-b"), ("worker", "liar")] {
+        pki.issue(role, name);
+    }
+    let keys = pki.dir.path().join("keys");
+    std::fs::write(&keys, "key-one\n").expect("keys");
+    let mut a: Vec<String> =
+        ["coordinator", "--listen", "127.0.0.1:0", "--workers", "3"].iter().map(|s| s.to_string()).collect();
+    a.extend(["--model".into(), model("stories260K").display().to_string()]);
+    a.extend(["--persistence-threshold-bytes".into(), "0".into()]);
+    a.extend(["--api-key-file".into(), keys.display().to_string()]);
+    a.extend(pki.args("coord"));
+    let mut coord = spawn(&a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        if let Some(p) = listening_port(coord.id()) {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "coordinator never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let coord_uri = format!("https://127.0.0.1:{port}");
+    let mut procs = vec![];
+    for (name, extra) in [("w-a", None), ("w-b", None), ("liar", Some("--fault-serve-corrupt"))] {
+        let mut w: Vec<String> = vec!["worker".into(), "--coordinator".into(), coord_uri.clone()];
+        w.extend(pki.args(name));
+        w.extend(extra.map(String::from));
+        procs.push(spawn(&w));
+    }
+    let endpoint = ready_line(&mut coord).expect("ready");
+    procs.push(coord);
+    let _procs = Procs(procs);
+    let ca = pki.ca();
+    let auth = ["--tls-ca", ca.as_str(), "--api-key", "key-one"];
+    // Queries at once until the liar is caught (least-loaded routing puts
+    // them on different workers, which gather from it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let caught = loop {
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| query_ids(&endpoint, &auth));
+            }
+        });
+        let st = status_with(&endpoint, &auth);
+        let liars: Vec<u64> = st["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter(|w| w["rejected_blocks_total"].as_u64() > Some(0))
+            .filter_map(|w| w["id"].as_u64())
+            .collect();
+        if st["epoch"].as_u64() >= Some(2) && !liars.is_empty() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "the liar was never banned: {st}");
+    };
+    rt().block_on(async {
+        let liar = pki.security(Some("liar"));
+        // A new id, at a new address: refused for the key, whatever it asks.
+        assert_eq!(
+            register(&liar, &coord_uri, "https://127.0.0.1:9", 0).await,
+            Code::PermissionDenied,
+            "{caught}"
+        );
+        let honest = pki.security(Some("w-a"));
+        assert_eq!(register(&honest, &coord_uri, "https://127.0.0.1:9", 0).await, Code::Ok);
+    });
 }

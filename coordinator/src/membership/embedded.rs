@@ -11,13 +11,44 @@ use zeroshard_offload::plan::WorkerId;
 
 use super::{Member, MemberEvent, MemberWatch, Membership, StoredPlan};
 use zeroshard_membership::Result;
+use zeroshard_security::{Credential, KeyId};
+
+/// Why a registration was refused; each names who asked and who holds what
+/// was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The id is bound to another key.
+    IdTaken { id: WorkerId, holder: Credential },
+    /// A live member registered by another key serves at that address.
+    AddressTaken { address: String, id: WorkerId, holder: Credential },
+    /// The key is banned.
+    Banned { why: String },
+}
+
+impl Refusal {
+    /// The refusal in words, `by` being who asked.
+    pub fn describe(&self, by: Option<&Credential>) -> String {
+        let by = by.map_or_else(|| "an anonymous caller".to_string(), ToString::to_string);
+        match self {
+            Self::IdTaken { id, holder } => format!("{id} belongs to {holder}; {by} may not take it"),
+            Self::AddressTaken { address, id, holder } => {
+                format!("{address} is the address of {id}, registered by {holder}; {by} may not take it")
+            }
+            Self::Banned { why } => {
+                format!("{by} is banned: {why} (a coordinator restart lifts it)")
+            }
+        }
+    }
+}
 
 struct State {
     /// Live members and when their lease runs out.
     members: BTreeMap<WorkerId, (Member, Instant)>,
-    /// The certificate name that registered each id (under TLS): an id stays
-    /// bound to it, live or not, for the coordinator's life.
-    owners: BTreeMap<WorkerId, String>,
+    /// The certificate that registered each id (under TLS): an id stays bound
+    /// to its key, live or not, for the coordinator's life.
+    owners: BTreeMap<WorkerId, Credential>,
+    /// Keys that may not register again, and why (for the coordinator's life).
+    banned: BTreeMap<KeyId, String>,
     next_id: u64,
     plan: Option<StoredPlan>,
     subscribers: Vec<mpsc::UnboundedSender<MemberEvent>>,
@@ -43,6 +74,7 @@ impl EmbeddedMembership {
             state: Arc::new(Mutex::new(State {
                 members: BTreeMap::new(),
                 owners: BTreeMap::new(),
+                banned: BTreeMap::new(),
                 next_id: 1,
                 plan: None,
                 subscribers: Vec::new(),
@@ -77,24 +109,33 @@ impl EmbeddedMembership {
     }
 
     /// Registers a worker (again, when `prior` is its old id) and returns its
-    /// id. `owner` is the registering certificate's name (`None` without TLS):
-    /// an id registered by one owner cannot be taken by another (`Err` with the
-    /// owner it belongs to).
+    /// id. `owner` is the registering certificate (`None` without TLS): an id
+    /// registered by one key cannot be taken by another, nor a live member's
+    /// address, and a banned key registers nothing.
     pub fn register(
         &self,
         address: String,
         device: String,
         memory_bytes: u64,
         prior: Option<WorkerId>,
-        owner: Option<&str>,
-    ) -> std::result::Result<WorkerId, String> {
+        owner: Option<&Credential>,
+    ) -> std::result::Result<WorkerId, Refusal> {
         let mut st = self.lock();
+        let key = owner.map(|o| o.key);
+        if let Some(why) = key.and_then(|k| st.banned.get(&k)) {
+            return Err(Refusal::Banned { why: why.clone() });
+        }
+        let foreign = |bound: &Credential| Some(bound.key) != key;
+        if let Some((id, holder)) = st.members.iter().find_map(|(id, (m, _))| {
+            let holder = st.owners.get(id).filter(|h| m.address == address && foreign(h))?;
+            Some((*id, holder.clone()))
+        }) {
+            return Err(Refusal::AddressTaken { address, id, holder });
+        }
         let id = match prior {
             Some(id) if id.0 < st.next_id => {
-                if let Some(bound) = st.owners.get(&id) {
-                    if Some(bound.as_str()) != owner {
-                        return Err(bound.clone());
-                    }
+                if let Some(holder) = st.owners.get(&id).filter(|h| foreign(h)) {
+                    return Err(Refusal::IdTaken { id, holder: holder.clone() });
                 }
                 id
             }
@@ -105,7 +146,7 @@ impl EmbeddedMembership {
             }
         };
         if let Some(o) = owner {
-            st.owners.insert(id, o.to_string());
+            st.owners.insert(id, o.clone());
         }
         let member = Member { id, address, device, memory_bytes };
         let deadline = Instant::now() + self.ttl;
@@ -117,10 +158,21 @@ impl EmbeddedMembership {
         Ok(id)
     }
 
-    /// Whether `owner` may act for `id` (renew, leave): the id is bound to it,
+    /// Whether `key` may act for `id` (renew, leave): the id is bound to it,
     /// or to nobody (registered without TLS).
-    pub fn owned_by(&self, id: WorkerId, owner: Option<&str>) -> bool {
-        self.lock().owners.get(&id).is_none_or(|bound| Some(bound.as_str()) == owner)
+    pub fn owned_by(&self, id: WorkerId, key: Option<KeyId>) -> bool {
+        self.lock().owners.get(&id).is_none_or(|bound| Some(bound.key) == key)
+    }
+
+    /// The certificate that registered `id`.
+    pub fn owner(&self, id: WorkerId) -> Option<Credential> {
+        self.lock().owners.get(&id).cloned()
+    }
+
+    /// Refuses every later registration by `key` (the running ones stay until
+    /// they leave or are evicted).
+    pub fn ban(&self, key: KeyId, why: String) {
+        self.lock().banned.insert(key, why);
     }
 
     /// Renews `id`'s lease; false when it is not a member (expired or evicted).
@@ -192,18 +244,50 @@ mod tests {
         assert!(m.watch().await.expect("watch").members.is_empty());
     }
 
+    fn cred(name: &str, key: u8) -> Credential {
+        let identity =
+            zeroshard_security::Identity::new(zeroshard_security::Role::Worker, name).expect("name");
+        Credential { identity, key: KeyId([key; 32]) }
+    }
+
     #[tokio::test]
-    async fn an_id_stays_bound_to_the_identity_that_registered_it() {
+    async fn an_id_and_a_live_address_stay_bound_to_the_key_that_registered_them() {
         let m = EmbeddedMembership::new(Duration::from_secs(5));
-        let a = m.register("https://a:1".into(), "cpu".into(), 0, None, Some("w-a")).expect("registers");
-        assert_eq!(
-            m.register("https://rogue:1".into(), "cpu".into(), 0, Some(a), Some("w-b")),
-            Err("w-a".into())
-        );
-        assert_eq!(m.register("https://rogue:1".into(), "cpu".into(), 0, Some(a), None), Err("w-a".into()));
-        assert!(m.owned_by(a, Some("w-a")) && !m.owned_by(a, Some("w-b")));
+        let (w_a, same_name, w_b) = (cred("w-a", 1), cred("w-a", 2), cred("w-b", 3));
+        let a = m.register("https://a:1".into(), "cpu".into(), 0, None, Some(&w_a)).expect("registers");
+        // Another key, even under the same name, takes neither the id nor the address.
+        for other in [&same_name, &w_b] {
+            let e =
+                m.register("https://rogue:1".into(), "cpu".into(), 0, Some(a), Some(other)).expect_err("id");
+            assert_eq!(e, Refusal::IdTaken { id: a, holder: w_a.clone() });
+            let words = e.describe(Some(other));
+            assert!(
+                words.contains(&w_a.key.to_string()) && words.contains(&other.key.to_string()),
+                "{words}"
+            );
+            let e =
+                m.register("https://a:1".into(), "cpu".into(), 0, None, Some(other)).expect_err("address");
+            assert_eq!(
+                e,
+                Refusal::AddressTaken { address: "https://a:1".into(), id: a, holder: w_a.clone() }
+            );
+        }
+        let e = m.register("https://rogue:1".into(), "cpu".into(), 0, Some(a), None).expect_err("anonymous");
+        assert!(matches!(e, Refusal::IdTaken { .. }));
+        assert!(m.owned_by(a, Some(w_a.key)) && !m.owned_by(a, Some(same_name.key)));
         assert_eq!(m.watch().await.expect("watch").members[0].address, "https://a:1");
-        assert_eq!(m.register("https://a:2".into(), "cpu".into(), 0, Some(a), Some("w-a")), Ok(a));
+        // The key itself may move its id, and register more ids.
+        assert_eq!(m.register("https://a:2".into(), "cpu".into(), 0, Some(a), Some(&w_a)), Ok(a));
+        let b = m.register("https://b:1".into(), "cpu".into(), 0, None, Some(&w_b)).expect("registers");
+        assert_ne!(a, b);
+        // A banned key registers nothing, under any id; the others are unaffected.
+        m.ban(w_b.key, "served 3 blocks that failed the digest".into());
+        for prior in [Some(b), None] {
+            let e = m.register("https://b:1".into(), "cpu".into(), 0, prior, Some(&w_b)).expect_err("banned");
+            assert!(matches!(&e, Refusal::Banned { why } if why.contains("digest")), "{e:?}");
+        }
+        assert_eq!(m.register("https://a:2".into(), "cpu".into(), 0, Some(a), Some(&w_a)), Ok(a));
+        assert_eq!(m.owner(b), Some(w_b));
     }
 
     #[tokio::test]

@@ -16,11 +16,13 @@ pub(super) struct ControlSvc(pub Coordinator);
 /// PERMISSION_DENIED unless `caller` registered `id` (or it was registered
 /// without TLS).
 fn check_owner(m: &EmbeddedMembership, id: WorkerId, caller: &Caller) -> Result<(), Status> {
-    let owner = caller.identity().map(|i| i.name.as_str());
-    if m.owned_by(id, owner) {
+    let key = caller.credential().map(|c| c.key);
+    if m.owned_by(id, key) {
         return Ok(());
     }
-    Err(Status::permission_denied(format!("{id} was registered by another identity")))
+    let holder = m.owner(id).map_or_else(|| "another identity".into(), |h| h.to_string());
+    let by = caller.credential().map_or_else(|| "an anonymous caller".into(), |c| c.to_string());
+    Err(Status::permission_denied(format!("{id} was registered by {holder}; {by} may not act for it")))
 }
 
 impl ControlSvc {
@@ -55,13 +57,11 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
         }
         let m = self.embedded()?;
         let prior = (r.worker_id != 0).then_some(WorkerId(r.worker_id));
-        let owner = caller.identity().map(|i| i.name.as_str());
-        let id = m.register(address.uri(), r.device, r.memory_bytes, prior, owner).map_err(|bound| {
-            Status::permission_denied(format!(
-                "RegisterWorker: worker id {} belongs to worker `{bound}`; {} may not take it",
-                r.worker_id,
-                owner.map_or_else(|| "an anonymous caller".to_string(), |o| format!("worker `{o}`"))
-            ))
+        let owner = caller.credential();
+        let id = m.register(address.uri(), r.device, r.memory_bytes, prior, owner).map_err(|refusal| {
+            let why = format!("RegisterWorker: {}", refusal.describe(owner));
+            tracing::warn!("refused: {why}");
+            Status::permission_denied(why)
         })?;
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: id.0,

@@ -173,13 +173,20 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Supervisor {
-    /// A worker served blocks failing the checkpoint's digests: banned from planning.
+    /// A worker served blocks failing the checkpoint's digests: banned from
+    /// planning, and its certificate's key from registering again (under
+    /// embedded membership, which sees the key register; under etcd the ban
+    /// holds for the id).
     pub(super) fn ban(&mut self, f: super::faults::Faulty) {
-        tracing::error!(
-            "{} served {} block(s) that failed the checkpoint's digest: evicting it (banned from planning)",
-            f.id,
-            f.blocks
-        );
+        let why = format!("{} served {} block(s) that failed the checkpoint's digest", f.id, f.blocks);
+        let owner = self.coord.embedded().and_then(|m| m.owner(f.id).map(|o| (m, o)));
+        match owner {
+            Some((m, o)) => {
+                tracing::error!("{why}: evicting it; {o} is banned from registering again");
+                m.ban(o.key, why);
+            }
+            None => tracing::error!("{why}: evicting it (banned from planning)"),
+        }
         self.banned.insert(f.id);
     }
 
