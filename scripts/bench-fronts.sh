@@ -18,7 +18,8 @@ trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -f "$
 "$bin" up --model "$model" --workers 2 --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 ${UP_FLAGS:-} >"$out" 2>/dev/null &
 pid=$!
 for _ in $(seq 1 600); do
-  grep -q '^http ' "$out" && break
+  grep -q '^credentials ' "$out" && break
+  case " ${UP_FLAGS:-} " in *" --insecure "*) grep -q '^http ' "$out" && break ;; esac
   kill -0 "$pid" 2>/dev/null || { echo "bench-fronts.sh: up exited" >&2; exit 1; }
   sleep 0.1
 done
@@ -26,4 +27,8 @@ endpoint=$(awk '/^ready /{print $2; exit}' "$out")
 http=$(awk '/^http /{print $2; exit}' "$out")
 [ -n "$endpoint" ] && [ -n "$http" ] || { echo "bench-fronts.sh: no ready/http line from up" >&2; exit 1; }
 echo "cluster: $endpoint, HTTP front $http, model $(basename "$model"), 2 workers"
-"$bin" bench-fronts --endpoint "$endpoint" --http "$http" --model "$(basename "$model")" "$@"
+# The HTTP front's key `up` made, in the client bundle (none with --insecure).
+bundle=$(awk '/^credentials /{print $2; exit}' "$out")
+key=()
+[ -n "$bundle" ] && [ -f "$bundle/api-key" ] && key=(--api-key-file "$bundle/api-key")
+"$bin" bench-fronts --endpoint "$endpoint" --http "$http" --model "$(basename "$model")" "${key[@]}" "$@"

@@ -139,13 +139,37 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     }
     let mut cluster = cluster_config(&a.cluster, a.workers, Security::plaintext())?;
     cluster.api_keys = security::api_keys(a.api_key_file.as_deref())?;
+    let http = http_front(a.http.http_listen.as_deref(), cluster.api_keys.is_some(), served)?;
+    if a.http_open && a.http.http_listen.is_none() {
+        bail!("--http-open needs --http-listen");
+    }
+    if a.http_open && a.api_key_file.is_some() {
+        bail!("--http-open and --api-key-file contradict each other: the front would take the keys anyway");
+    }
+    // The HTTP front is secure by default too: a key of its own, in the
+    // client bundle (under --insecure there is no bundle to leave it in).
+    let http_key = match &http {
+        Some((addr, _)) if cluster.api_keys.is_none() && (a.http_open || a.insecure) => {
+            eprintln!(
+                "warning: {}: the HTTP front on {addr} takes requests from every local user, without an API key",
+                if a.http_open { "--http-open" } else { "--insecure" }
+            );
+            None
+        }
+        Some(_) if cluster.api_keys.is_none() => {
+            let key = zeroshard_security::bundle::new_api_key()?;
+            cluster.api_keys = Some(std::sync::Arc::new(zeroshard_security::ApiKeys::parse(&key)));
+            Some(key)
+        }
+        _ => None,
+    };
     let cfg = up_mod::UpConfig {
         cluster,
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args,
         insecure: a.insecure,
+        http_key,
     };
-    let http = http_front(a.http.http_listen.as_deref(), cfg.cluster.api_keys.is_some(), served)?;
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
         let http = match http {
@@ -187,6 +211,12 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
         };
         eprintln!("membership: {}", membership.describe());
         let http = http_front(a.http.http_listen.as_deref(), cfg.api_keys.is_some(), served)?;
+        if let (Some((addr, _)), None) = (&http, &cfg.api_keys) {
+            eprintln!(
+                "warning: the HTTP front on {addr} takes requests from every local user: \
+                 give --api-key-file to require a key"
+            );
+        }
         let coord = Coordinator::start(cfg, advertise.uri(), membership, embedded)?;
         let listeners = Listeners {
             grpc: listener,
@@ -517,6 +547,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args: a.tuning.to_local_args(cuda, a.workers),
         insecure: a.insecure,
+        http_key: None,
     };
     let report =
         runtime()?.block_on(cluster_bench::run(&up, config.vocab_size, &batches, a.prompt_len, a.new_tokens));

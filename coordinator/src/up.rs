@@ -41,6 +41,9 @@ pub struct UpConfig {
     pub worker_args: Vec<String>,
     /// Plaintext everywhere instead of mTLS with an ephemeral CA.
     pub insecure: bool,
+    /// The HTTP front's key `up` made (also in `cluster.api_keys`), left in
+    /// the client bundle beside the client certificate.
+    pub http_key: Option<String>,
 }
 
 /// A running local cluster: the coordinator served from this process and its
@@ -76,7 +79,11 @@ impl LocalCluster {
         let mut cluster_cfg = cfg.cluster.clone();
         let mut credentials = None;
         if !cfg.insecure {
-            let mut c = UpCredentials::generate(n, cluster_cfg.api_keys.is_none()).map_err(unavailable)?;
+            // Operators' keys replace the client certificate; up's own HTTP key does not.
+            let client_cert = cluster_cfg.api_keys.is_none() || cfg.http_key.is_some();
+            let mut c = UpCredentials::generate(n, client_cert)
+                .map_err(unavailable)?
+                .with_api_key(cfg.http_key.clone());
             cluster_cfg.security = Security::load(c.coordinator(), Some(Role::Coordinator))
                 .map_err(|e| CoordinatorError::Unavailable(format!("credentials: {e}")))?;
             c.publish(&addr.to_string()).map_err(unavailable)?;
@@ -162,6 +169,11 @@ pub async fn run(
         println!("http http://{addr}");
     }
     match &cluster.bundle {
+        Some(b) if cfg.http_key.is_some() => println!(
+            "credentials {} (query and status find them by endpoint; HTTP clients send the key in {})",
+            b.display(),
+            b.join(zeroshard_security::bundle::API_KEY_FILE).display()
+        ),
         Some(b) => println!("credentials {} (query and status find them by endpoint)", b.display()),
         None => eprintln!("warning: --insecure: plaintext, no authentication between members"),
     }

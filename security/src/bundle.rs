@@ -101,10 +101,29 @@ pub struct UpCredentials {
     ca: Ca,
     workers: usize,
     client_cert: bool,
+    /// Written to the bundle as `api-key` (the HTTP front's key).
+    api_key: Option<String>,
     bundle: Option<PathBuf>,
 }
 
+/// A new random API key: `zs-` and 64 hex digits (256 bits from the OS).
+pub fn new_api_key() -> Result<String> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| setup("the OS gave no random bytes"))?;
+    Ok(format!("zs-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>()))
+}
+
+/// The bundle's file with the HTTP front's API key, when `up` made one.
+pub const API_KEY_FILE: &str = "api-key";
+
 impl UpCredentials {
+    /// Also leave `key` in the bundle, as [`API_KEY_FILE`] (owner-only).
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key;
+        self
+    }
+
     /// A new CA, a coordinator certificate, `workers` worker certificates
     /// (all for this machine's loopback names) and, when `client_cert`, a
     /// client certificate for the bundle.
@@ -122,7 +141,7 @@ impl UpCredentials {
             let name = format!("worker-{i}");
             ca.issue(Role::Worker, &name, &sans).map_err(setup)?.write(dir.path(), &name).map_err(setup)?;
         }
-        Ok(Self { dir, ca, workers, client_cert, bundle: None })
+        Ok(Self { dir, ca, workers, client_cert, api_key: None, bundle: None })
     }
 
     fn paths(&self, name: &str) -> TlsPaths {
@@ -177,6 +196,10 @@ impl UpCredentials {
         if self.client_cert {
             let pem = self.ca.issue(Role::Client, "up-client", &[]).map_err(setup)?;
             pem.write(&dir, "client").map_err(setup)?;
+        }
+        if let Some(key) = &self.api_key {
+            crate::certs::write_private(&dir.join(API_KEY_FILE), format!("{key}\n").as_bytes())
+                .map_err(setup)?;
         }
         self.bundle = Some(dir.clone());
         Ok(dir)

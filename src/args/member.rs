@@ -261,8 +261,14 @@ pub(crate) struct UpArgs {
     pub insecure: bool,
     /// Client API keys, one per line: clients present one instead of the
     /// client certificate (the bundle `up` leaves then holds only the CA).
+    /// Without it, --http-listen makes a key of its own: the file `api-key` in
+    /// the client bundle folder (the `credentials` line names it).
     #[arg(long, env = "ZEROSHARD_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Serve --http-listen (on loopback only) without any API key: every
+    /// local user may call it (logs a warning).
+    #[arg(long, env = "ZEROSHARD_HTTP_OPEN", value_parser = BoolishValueParser::new())]
+    pub http_open: bool,
 }
 
 #[derive(Args, Debug)]

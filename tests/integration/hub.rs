@@ -146,11 +146,12 @@ fn up_from_the_hub_cache_serves_the_folder_tokens() {
     assert!(served.ends_with(&format!("models--acme--stories/snapshots/{HASH}")), "{status}");
     // HTTP clients name the model by its Hub id.
     let base = c.http();
+    let auth = c.http_auth();
     let addr = base.strip_prefix("http://").expect("http://");
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     std::io::Write::write_all(
         &mut s,
-        format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .expect("send");
     let mut body = String::new();

@@ -63,8 +63,11 @@ pub(crate) fn http(
     let addr = base.strip_prefix("http://").expect("http:// base");
     let mut s = TcpStream::connect(addr).expect("connect to the HTTP front");
     let body = body.unwrap_or("");
+    // JSON unless the caller says otherwise.
+    let typed = headers.iter().any(|h| h.to_ascii_lowercase().starts_with("content-type:"));
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{}Content-Length: {}\r\n",
+        if typed { "" } else { "Content-Type: application/json\r\n" },
         body.len()
     );
     for h in headers {
@@ -100,9 +103,16 @@ fn the_openai_client_gets_what_generate_gives() {
     let want_text = want["text"].as_str().expect("text").to_string();
     let mut c = Cluster::up(&["--model", &stories(), "--workers", "2", "--http-listen", "127.0.0.1:0"]);
     let base = c.http();
+    let auth = c.http_auth();
     let out = Command::new(python())
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/openai_check.py"))
-        .args([&base, "stories260K", PROMPT, &TOKENS.to_string()])
+        .args([
+            &base,
+            "stories260K",
+            PROMPT,
+            &TOKENS.to_string(),
+            auth.trim_start_matches("Authorization: Bearer "),
+        ])
         .output()
         .expect("run the openai client");
     assert!(out.status.success(), "openai_check.py failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -136,19 +146,35 @@ fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
     let want = generated();
     let mut c = Cluster::up(&["--model", &stories(), "--workers", "2", "--http-listen", "127.0.0.1:0"]);
     let base = c.http();
-    let (code, body) = http(&base, "GET", "/health", None, &[]);
+    let auth = c.http_auth();
+    let (code, body) = http(&base, "GET", "/health", None, &[&auth]);
     assert_eq!(code, 200, "{body}");
     let req = format!(
         r#"{{"model":"stories260K","prompt":"{PROMPT}","max_tokens":{TOKENS},"temperature":0,"ignore_eos":true}}"#
     );
-    let (code, body) = http(&base, "POST", "/v1/completions", Some(&req), &[]);
+    let (code, body) = http(&base, "POST", "/v1/completions", Some(&req), &[&auth]);
     assert_eq!(code, 200, "{body}");
     let v = json_body(&body);
     assert_eq!(v["object"], "text_completion");
+    // Secure by default: `up` made the key; without it, or with a body not
+    // declared JSON (a browser's cross-site form post), nothing runs.
+    let (code, body) = http(&base, "POST", "/v1/completions", Some(&req), &[]);
+    assert_eq!(
+        (code, json_body(&body)["error"]["type"].as_str()),
+        (401, Some("authentication_error")),
+        "{body}"
+    );
+    let (code, body) =
+        http(&base, "POST", "/v1/completions", Some(&req), &[&auth, "Content-Type: text/plain"]);
+    assert_eq!(code, 415, "{body}");
+    assert!(
+        json_body(&body)["error"]["message"].as_str().is_some_and(|m| m.contains("application/json")),
+        "{body}"
+    );
     assert_eq!(v["choices"][0]["text"], want["text"]);
     // Streamed: server-sent events, one `data:` per chunk, then `data: [DONE]`.
     let sreq = req.replace("\"temperature\":0", "\"temperature\":0,\"stream\":true");
-    let (code, body) = http(&base, "POST", "/v1/completions", Some(&sreq), &[]);
+    let (code, body) = http(&base, "POST", "/v1/completions", Some(&sreq), &[&auth]);
     assert_eq!(code, 200, "{body}");
     let mut text = String::new();
     let mut done = false;
@@ -163,12 +189,12 @@ fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
     assert!(done, "no [DONE]: {body}");
     assert_eq!(text, want["text"].as_str().expect("text"));
     // Bad JSON, a batch of prompts, no such route: 400, 400, 404, in OpenAI's shape.
-    let (code, body) = http(&base, "POST", "/v1/completions", Some("{not json"), &[]);
+    let (code, body) = http(&base, "POST", "/v1/completions", Some("{not json"), &[&auth]);
     assert_eq!(code, 400, "{body}");
     assert!(json_body(&body)["error"]["message"].is_string(), "{body}");
     let batch = r#"{"model":"stories260K","prompt":["a","b"],"max_tokens":2}"#;
-    assert_eq!(http(&base, "POST", "/v1/completions", Some(batch), &[]).0, 400);
-    assert_eq!(http(&base, "GET", "/v1/nothing", None, &[]).0, 404);
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(batch), &[&auth]).0, 400);
+    assert_eq!(http(&base, "GET", "/v1/nothing", None, &[&auth]).0, 404);
 
     // A long stream whose client leaves after the first events: its sequence
     // is cancelled on the worker.
@@ -177,7 +203,7 @@ fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
     let mut s = TcpStream::connect(addr).expect("connect");
     write!(
         s,
-        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
         long.len()
     )
     .expect("send");
@@ -222,6 +248,29 @@ fn an_api_key_is_required_when_the_cluster_has_keys() {
     assert_eq!(code, 200, "{body}");
 }
 
+/// `--http-open` opts out of `up`'s key (loopback only).
+#[test]
+fn an_open_http_front_takes_requests_without_a_key() {
+    let mut c = Cluster::up(&[
+        "--model",
+        &stories(),
+        "--workers",
+        "1",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--http-open",
+    ]);
+    let base = c.http();
+    let (code, body) = http(&base, "GET", "/v1/models", None, &[]);
+    assert_eq!(code, 200, "{body}");
+    let (code, err) = Cluster::up_fails_with(
+        common::bin(),
+        &["--model", &stories(), "--workers", "1", "--http-listen", "0.0.0.0:0", "--http-open"],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--api-key-file"), "{err}");
+}
+
 #[test]
 fn an_http_front_off_loopback_needs_api_keys() {
     let (code, err) = Cluster::up_fails_with(
@@ -263,10 +312,11 @@ fn chat_matches_transformers_template_and_generate_chat_through_every_front() {
 
     let mut c = Cluster::up(&["--model", &path, "--workers", "2", "--http-listen", "127.0.0.1:0"]);
     let base = c.http();
+    let auth = c.http_auth();
     let name = dir.path().file_name().expect("name").to_str().expect("utf-8").to_string();
     let out = Command::new(python())
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/chat_check.py"))
-        .args([&base, &name, &path, CHAT, &n])
+        .args([&base, &name, &path, CHAT, &n, auth.trim_start_matches("Authorization: Bearer ")])
         .output()
         .expect("run the openai client");
     assert!(out.status.success(), "chat_check.py failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -306,7 +356,7 @@ fn chat_matches_transformers_template_and_generate_chat_through_every_front() {
     let req = format!(
         r#"{{"model":"{name}","messages":{CHAT},"max_tokens":{TOKENS},"temperature":0,"ignore_eos":true}}"#
     );
-    let (code, body) = http(&base, "POST", "/v1/chat/completions", Some(&req), &[]);
+    let (code, body) = http(&base, "POST", "/v1/chat/completions", Some(&req), &[&auth]);
     assert_eq!(code, 200, "{body}");
     let v = json_body(&body);
     assert_eq!(v["object"], "chat.completion");
@@ -321,8 +371,9 @@ fn chat_without_a_template_is_a_clear_error_everywhere() {
     assert!(err.contains("no chat template") && err.lines().count() == 1, "{err}");
     let mut c = Cluster::up(&["--model", &stories, "--workers", "1", "--http-listen", "127.0.0.1:0"]);
     let base = c.http();
+    let auth = c.http_auth();
     let req = r#"{"model":"stories260K","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
-    let (code, body) = http(&base, "POST", "/v1/chat/completions", Some(req), &[]);
+    let (code, body) = http(&base, "POST", "/v1/chat/completions", Some(req), &[&auth]);
     assert_eq!(code, 400, "{body}");
     let v = json_body(&body);
     assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -362,6 +413,7 @@ fn sample(m: &Value, name: &str, labels: &[(&str, &str)]) -> f64 {
 fn metrics_parse_and_move_with_requests() {
     let mut c = Cluster::up(&["--model", &stories(), "--workers", "2", "--http-listen", "127.0.0.1:0"]);
     let base = c.http();
+    let auth = c.http_auth();
     let url = format!("{base}/metrics");
     let before = scrape(&url);
     assert!(before["content_type"].as_str().is_some_and(|t| t.starts_with("text/plain")), "{before}");
@@ -382,9 +434,9 @@ fn metrics_parse_and_move_with_requests() {
     let req = format!(
         r#"{{"model":"stories260K","prompt":"{PROMPT}","max_tokens":{TOKENS},"temperature":0,"ignore_eos":true}}"#
     );
-    assert_eq!(http(&base, "POST", "/v1/completions", Some(&req), &[]).0, 200);
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(&req), &[&auth]).0, 200);
     let sreq = req.replace("\"temperature\":0", "\"temperature\":0,\"stream\":true");
-    assert_eq!(http(&base, "POST", "/v1/completions", Some(&sreq), &[]).0, 200);
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(&sreq), &[&auth]).0, 200);
     let n = TOKENS.to_string();
     run_json(&[
         "query",
@@ -398,7 +450,7 @@ fn metrics_parse_and_move_with_requests() {
         "--json",
     ]);
     let bad = r#"{"model":"stories260K","prompt":"x","max_tokens":1,"temperature":-1}"#;
-    assert_eq!(http(&base, "POST", "/v1/completions", Some(bad), &[]).0, 400);
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(bad), &[&auth]).0, 400);
 
     let after = scrape(&url);
     eprintln!("metrics after 4 requests: {} samples", after["samples"].as_array().map_or(0, Vec::len));

@@ -116,11 +116,12 @@ fn the_http_front_of_a_tensor_group_gives_the_same_text() {
         "127.0.0.1:0",
     ]);
     let base = c.http();
+    let auth = c.http_auth();
     let req = format!(
         r#"{{"model":"stories260K","prompt":"{}","max_tokens":40,"temperature":0,"ignore_eos":true}}"#,
         PROMPTS[0]
     );
-    let (code, body) = crate::openai::http(&base, "POST", "/v1/completions", Some(&req), &[]);
+    let (code, body) = crate::openai::http(&base, "POST", "/v1/completions", Some(&req), &[&auth]);
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["choices"][0]["text"], want["text"]);

@@ -20,7 +20,8 @@ out["reference_text"] = tok.apply_chat_template(messages, add_generation_prompt=
 ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 out["reference_ids"] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+key = sys.argv[6] if len(sys.argv) > 6 else "unused"
+client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
 greedy = dict(model=model, messages=messages, max_tokens=n, temperature=0, extra_body={"ignore_eos": True})
 r = client.chat.completions.create(**greedy)
 out["text"] = r.choices[0].message.content

@@ -128,6 +128,24 @@ fn authorize(front: &Front, headers: &HeaderMap) -> std::result::Result<(), ApiE
     }
 }
 
+/// A request body must be declared JSON: a browser's cross-site "simple"
+/// POST (form or text/plain, sent without a preflight) never reaches a model.
+fn json_declared(headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+    let declared = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = declared.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        return Ok(());
+    }
+    Err(ApiError(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request_error",
+        format!(
+            "the body must be sent as `Content-Type: application/json`{}",
+            if declared.is_empty() { String::new() } else { format!(", not `{declared}`") }
+        ),
+    ))
+}
+
 async fn health(State(front): State<Arc<Front>>) -> Response {
     match *front.coord.readiness().borrow() {
         Readiness::Ready if *front.coord.drain_state().borrow() == super::DrainState::Serving => {
@@ -269,7 +287,7 @@ fn check_model(front: &Front, model: &str) -> std::result::Result<(), ApiError> 
 }
 
 async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&front, &headers) {
+    if let Err(r) = authorize(&front, &headers).and_then(|()| json_declared(&headers)) {
         return r.into_response();
     }
     let req: CompletionRequest = match parse_body(&body, "completions") {
@@ -286,7 +304,7 @@ async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
 }
 
 async fn chat_completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&front, &headers) {
+    if let Err(r) = authorize(&front, &headers).and_then(|()| json_declared(&headers)) {
         return r.into_response();
     }
     let req: ChatRequest = match parse_body(&body, "chat completions") {

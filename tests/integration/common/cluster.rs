@@ -54,6 +54,30 @@ impl Cluster {
         }
     }
 
+    /// The `Authorization` header line with the HTTP front's key `up` made
+    /// (the file `api-key` in the folder its `credentials` line names, read
+    /// after [`Self::http`]).
+    pub(crate) fn http_auth(&mut self) -> String {
+        let lines = self.after.as_ref().expect("stdout lines");
+        loop {
+            let line =
+                lines.recv_timeout(Duration::from_secs(10)).expect("a `credentials` line after `ready`");
+            if let Some(rest) = line.strip_prefix("credentials ") {
+                let dir = rest.split(" (").next().expect("a folder");
+                let file = std::path::Path::new(dir).join("api-key");
+                let mode = std::os::unix::fs::PermissionsExt::mode(
+                    &std::fs::metadata(&file)
+                        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+                        .permissions(),
+                );
+                assert_eq!(mode & 0o077, 0, "{} is readable by others: {mode:o}", file.display());
+                let key =
+                    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                return format!("Authorization: Bearer {}", key.trim());
+            }
+        }
+    }
+
     /// `up` that is expected to fail: returns (exit code, stderr).
     pub(crate) fn up_fails_with(mut cmd: std::process::Command, args: &[&str]) -> (Option<i32>, String) {
         let out = cmd
