@@ -731,25 +731,17 @@ fn a_fleet_runs_on_etcd_over_tls_with_auth() {
     query_ids(&endpoint, &["--tls-ca", &pki.ca(), "--tls-cert", &cert, "--tls-key", &key]);
 }
 
-/// A worker banned for serving bad blocks (every tensor partitioned, so the
-/// others gather from it) cannot come back: its certificate's key registers
-/// no new id, while another worker's certificate still registers.
-#[cfg_attr(
-    not(feature = "fault-injection"),
-    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
-)]
-#[test]
-fn a_banned_certificate_registers_nothing_again() {
-    let pki = Pki::new();
-    for (role, name) in [("coordinator", "coord"), ("worker", "w-a"), ("worker", "w-b"), ("worker", "liar")] {
-        pki.issue(role, name);
-    }
+/// A coordinator (embedded membership, the API key `key-one`) and one worker
+/// per `(name, extra args)`, each with its own certificate (issued here; the
+/// coordinator's `coord` must be): the processes, the client endpoint and the
+/// coordinator's address for members.
+fn secure_cluster(pki: &Pki, coord_extra: &[&str], workers: &[(&str, &[&str])]) -> (Procs, String, String) {
     let keys = pki.dir.path().join("keys");
     std::fs::write(&keys, "key-one\n").expect("keys");
-    let mut a: Vec<String> =
-        ["coordinator", "--listen", "127.0.0.1:0", "--workers", "3"].iter().map(|s| s.to_string()).collect();
+    let mut a: Vec<String> = vec!["coordinator".into(), "--listen".into(), "127.0.0.1:0".into()];
+    a.extend(["--workers".into(), workers.len().to_string()]);
     a.extend(["--model".into(), model("stories260K").display().to_string()]);
-    a.extend(["--persistence-threshold-bytes".into(), "0".into()]);
+    a.extend(coord_extra.iter().map(|s| s.to_string()));
     a.extend(["--api-key-file".into(), keys.display().to_string()]);
     a.extend(pki.args("coord"));
     let mut coord = spawn(&a);
@@ -763,15 +755,34 @@ fn a_banned_certificate_registers_nothing_again() {
     };
     let coord_uri = format!("https://127.0.0.1:{port}");
     let mut procs = vec![];
-    for (name, extra) in [("w-a", None), ("w-b", None), ("liar", Some("--fault-serve-corrupt"))] {
+    for (name, extra) in workers {
+        pki.issue("worker", name);
         let mut w: Vec<String> = vec!["worker".into(), "--coordinator".into(), coord_uri.clone()];
         w.extend(pki.args(name));
-        w.extend(extra.map(String::from));
+        w.extend(extra.iter().map(|s| s.to_string()));
         procs.push(spawn(&w));
     }
     let endpoint = ready_line(&mut coord).expect("ready");
     procs.push(coord);
-    let _procs = Procs(procs);
+    (Procs(procs), endpoint, coord_uri)
+}
+
+/// A worker banned for serving bad blocks (every tensor partitioned, so the
+/// others gather from it) cannot come back: its certificate's key registers
+/// no new id, while another worker's certificate still registers.
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
+)]
+#[test]
+fn a_banned_certificate_registers_nothing_again() {
+    let pki = Pki::new();
+    pki.issue("coordinator", "coord");
+    let (_procs, endpoint, coord_uri) = secure_cluster(
+        &pki,
+        &["--persistence-threshold-bytes", "0"],
+        &[("w-a", &[]), ("w-b", &[]), ("liar", &["--fault-serve-corrupt"])],
+    );
     let ca = pki.ca();
     let auth = ["--tls-ca", ca.as_str(), "--api-key", "key-one"];
     // Queries at once until the liar is caught (least-loaded routing puts
@@ -807,4 +818,49 @@ fn a_banned_certificate_registers_nothing_again() {
         let honest = pki.security(Some("w-a"));
         assert_eq!(register(&honest, &coord_uri, "https://127.0.0.1:9", 0).await, Code::Ok);
     });
+}
+
+/// A worker certificate registering dead addresses as fast as it can: the
+/// first burst registers, the rest is refused (RESOURCE_EXHAUSTED); none of
+/// them answers a probe at its address, so none is planned: no new epoch,
+/// nothing reloaded, answers exact.
+#[test]
+fn registrations_at_dead_addresses_are_never_planned_and_are_slowed() {
+    let pki = Pki::new();
+    pki.issue("coordinator", "coord");
+    pki.issue("worker", "rogue");
+    let (_procs, endpoint, coord_uri) = secure_cluster(&pki, &[], &[("w-a", &[]), ("w-b", &[])]);
+    let ca = pki.ca();
+    let auth = ["--tls-ca", ca.as_str(), "--api-key", "key-one"];
+    let want = query_ids(&endpoint, &auth);
+    let before = status_with(&endpoint, &auth);
+    let rogue = pki.security(Some("rogue"));
+    let codes: Vec<Code> = rt().block_on(async {
+        let mut v = vec![];
+        for _ in 0..50 {
+            // A port nothing listens on (a bound, then closed, listener's).
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+            v.push(register(&rogue, &coord_uri, &format!("https://127.0.0.1:{port}"), 0).await);
+        }
+        v
+    });
+    let ok = codes.iter().filter(|c| **c == Code::Ok).count();
+    let slowed = codes.iter().filter(|c| **c == Code::ResourceExhausted).count();
+    assert!((30..=34).contains(&ok) && ok + slowed == 50, "{ok} registered, {slowed} slowed: {codes:?}");
+    // Past the debounce, a probe of each, and a retry.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = status_with(&endpoint, &auth);
+    assert_eq!(after["epoch"], before["epoch"], "a dead registration was planned: {after}");
+    let loads = |s: &Value| -> Vec<(Value, Value)> {
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter(|w| w["loads_total"].as_u64() > Some(0))
+            .map(|w| (w["id"].clone(), w["loads_total"].clone()))
+            .collect()
+    };
+    assert_eq!(loads(&after), loads(&before), "the real workers reloaded: {after}");
+    assert_eq!(query_ids(&endpoint, &auth), want);
 }

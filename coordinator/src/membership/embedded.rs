@@ -23,7 +23,16 @@ pub enum Refusal {
     AddressTaken { address: String, id: WorkerId, holder: Credential },
     /// The key is banned.
     Banned { why: String },
+    /// The key registered more than [`REGISTRATION_BURST`] times, faster
+    /// than [`REGISTRATIONS_PER_S`].
+    TooOften,
 }
+
+/// Registrations one key may make at once (a fleet starting whose workers
+/// share one certificate)...
+pub const REGISTRATION_BURST: f64 = 32.0;
+/// ... and then per second.
+pub const REGISTRATIONS_PER_S: f64 = 1.0;
 
 impl Refusal {
     /// The refusal in words, `by` being who asked.
@@ -37,6 +46,10 @@ impl Refusal {
             Self::Banned { why } => {
                 format!("{by} is banned: {why} (a coordinator restart lifts it)")
             }
+            Self::TooOften => format!(
+                "{by} registers too often (more than {REGISTRATION_BURST} at once, then \
+                 {REGISTRATIONS_PER_S} a second): try again later"
+            ),
         }
     }
 }
@@ -49,6 +62,8 @@ struct State {
     owners: BTreeMap<WorkerId, Credential>,
     /// Keys that may not register again, and why (for the coordinator's life).
     banned: BTreeMap<KeyId, String>,
+    /// Each key's registration allowance: tokens left, and when it was counted.
+    allowance: BTreeMap<KeyId, (f64, Instant)>,
     next_id: u64,
     plan: Option<StoredPlan>,
     subscribers: Vec<mpsc::UnboundedSender<MemberEvent>>,
@@ -75,6 +90,7 @@ impl EmbeddedMembership {
                 members: BTreeMap::new(),
                 owners: BTreeMap::new(),
                 banned: BTreeMap::new(),
+                allowance: BTreeMap::new(),
                 next_id: 1,
                 plan: None,
                 subscribers: Vec::new(),
@@ -124,6 +140,17 @@ impl EmbeddedMembership {
         let key = owner.map(|o| o.key);
         if let Some(why) = key.and_then(|k| st.banned.get(&k)) {
             return Err(Refusal::Banned { why: why.clone() });
+        }
+        if let Some(k) = key {
+            let now = Instant::now();
+            let (tokens, at) = st.allowance.entry(k).or_insert((REGISTRATION_BURST, now));
+            *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * REGISTRATIONS_PER_S)
+                .min(REGISTRATION_BURST);
+            *at = now;
+            if *tokens < 1.0 {
+                return Err(Refusal::TooOften);
+            }
+            *tokens -= 1.0;
         }
         let foreign = |bound: &Credential| Some(bound.key) != key;
         if let Some((id, holder)) = st.members.iter().find_map(|(id, (m, _))| {
@@ -288,6 +315,27 @@ mod tests {
         }
         assert_eq!(m.register("https://a:2".into(), "cpu".into(), 0, Some(a), Some(&w_a)), Ok(a));
         assert_eq!(m.owner(b), Some(w_b));
+    }
+
+    #[tokio::test]
+    async fn a_key_that_registers_in_a_flood_is_slowed_and_the_others_are_not() {
+        let m = EmbeddedMembership::new(Duration::from_secs(5));
+        let (rogue, honest) = (cred("rogue", 7), cred("w-a", 1));
+        let mut taken = 0;
+        for i in 0..100 {
+            match m.register(format!("https://10.0.0.1:{}", 1000 + i), "cpu".into(), 0, None, Some(&rogue)) {
+                Ok(_) => taken += 1,
+                Err(e) => assert_eq!(e, Refusal::TooOften),
+            }
+        }
+        assert_eq!(taken, REGISTRATION_BURST as usize, "the burst, then nothing within the same instant");
+        assert!(m.register("https://a:1".into(), "cpu".into(), 0, None, Some(&honest)).is_ok());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(m.register("https://10.0.0.1:2000".into(), "cpu".into(), 0, None, Some(&rogue)).is_ok());
+        assert_eq!(
+            m.register("https://10.0.0.1:2001".into(), "cpu".into(), 0, None, Some(&rogue)),
+            Err(Refusal::TooOften)
+        );
     }
 
     #[tokio::test]

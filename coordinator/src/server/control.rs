@@ -8,7 +8,7 @@ use zeroshard_security::{Address, Caller};
 
 use super::Coordinator;
 use crate::error::CoordinatorError;
-use crate::membership::embedded::EmbeddedMembership;
+use crate::membership::embedded::{EmbeddedMembership, Refusal};
 use crate::membership::Membership;
 
 pub(super) struct ControlSvc(pub Coordinator);
@@ -61,7 +61,10 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
         let id = m.register(address.uri(), r.device, r.memory_bytes, prior, owner).map_err(|refusal| {
             let why = format!("RegisterWorker: {}", refusal.describe(owner));
             tracing::warn!("refused: {why}");
-            Status::permission_denied(why)
+            match refusal {
+                Refusal::TooOften => Status::resource_exhausted(why),
+                _ => Status::permission_denied(why),
+            }
         })?;
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: id.0,

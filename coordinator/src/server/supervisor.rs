@@ -10,6 +10,10 @@
 //!   the survivors;
 //! - a worker joined: plan the next epoch over everyone.
 //!
+//! A registered member counts only once it has answered a probe at the
+//! address it registered ([`Supervisor::answering`]): a registration at an
+//! address nobody serves is never planned.
+//!
 //! - a worker that served blocks failing the checkpoint's digests (reported by
 //!   [`faults`](super::faults)): banned by id from planning for good, and the
 //!   next epoch planned without it (it stays registered, and gets no sequences).
@@ -49,6 +53,8 @@ const QUIET: Duration = Duration::from_millis(300);
 const MOST_DEFERRED: Duration = Duration::from_secs(5);
 /// After an installation failed (its workers evicted), the next reconcile.
 pub(super) const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// A member that did not answer at its address is probed again this much later.
+const UNANSWERED_RETRY: Duration = Duration::from_secs(2);
 
 pub(super) struct Supervisor {
     pub(super) coord: Coordinator,
@@ -72,6 +78,11 @@ pub(super) struct Supervisor {
     /// Workers that joined since the last reconcile: those of an active plan
     /// (back after a short absence) have their capacity read again.
     pub(super) joined: Vec<WorkerId>,
+    /// Members that answered a probe at the address they registered (only
+    /// those are planned); forgotten when they leave or move.
+    pub(super) answered: BTreeSet<WorkerId>,
+    /// Members already reported as not answering (reported once).
+    pub(super) silent: BTreeSet<WorkerId>,
     /// Links between workers measured for `--placement auto`.
     pub(super) links: super::choose::Links,
     /// Membership's changes, and the workers the fault watch names: followed
@@ -120,6 +131,8 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         churn: None,
         retry_at: None,
         joined: Vec::new(),
+        answered: BTreeSet::new(),
+        silent: BTreeSet::new(),
         links: Default::default(),
         events,
         faulty: mpsc::unbounded_channel().1,
@@ -235,6 +248,8 @@ impl Supervisor {
                         tracing::info!("{} joined at {}", m.id, m.address);
                         st.members.insert(m.id, w);
                         self.joined.push(m.id);
+                        self.answered.remove(&m.id);
+                        self.silent.remove(&m.id);
                     }
                     Err(e) => tracing::warn!("{} registered a bad address: {e}", m.id),
                 }
@@ -244,6 +259,8 @@ impl Supervisor {
                 if st.members.remove(&id).is_none() {
                     return;
                 }
+                self.answered.remove(&id);
+                self.silent.remove(&id);
                 let in_plan = st.plan.as_ref().is_some_and(|p| p.rank(id).is_some());
                 drop(st);
                 if in_plan {
@@ -268,11 +285,12 @@ impl Supervisor {
         if self.failed {
             return;
         }
-        let (live, plan) = {
+        let (registered, plan) = {
             let st = self.coord.lock();
             let live = st.members.keys().copied().filter(|w| !self.banned.contains(w)).collect::<Vec<_>>();
             (live, st.plan.clone())
         };
+        let live = self.answering(registered).await;
         let Some(plan) = plan else {
             if let Some(stored) = self.stored.clone() {
                 let all_back = stored.plan.workers().iter().all(|w| live.contains(w));
@@ -316,6 +334,40 @@ impl Supervisor {
                 self.replan(&live).await;
             }
         }
+    }
+
+    /// The members of `registered` that answered a probe (`Stats`) at the
+    /// address they registered, probing those not heard from yet: a
+    /// registration at an address nobody serves (or a server that is not a
+    /// worker of this cluster) is never planned, so it costs no installation.
+    /// Those that do not answer are probed again [`UNANSWERED_RETRY`] later.
+    async fn answering(&mut self, registered: Vec<WorkerId>) -> Vec<WorkerId> {
+        let workers: Vec<_> = self
+            .coord
+            .workers()
+            .into_iter()
+            .filter(|w| registered.contains(&w.id) && !self.answered.contains(&w.id))
+            .collect();
+        let probes = workers.iter().map(|w| {
+            let c = w.client.clone();
+            async move { (w.id, w.address.clone(), c.progress(PROBE_TIMEOUT).await) }
+        });
+        for (id, address, r) in futures::future::join_all(probes).await {
+            match r {
+                Ok(_) => {
+                    self.answered.insert(id);
+                }
+                Err(e) => {
+                    if self.silent.insert(id) {
+                        tracing::warn!(
+                            "{id} registered {address} but does not answer there ({e}): not planned until it does"
+                        );
+                    }
+                    self.retry_at = Some(Instant::now() + UNANSWERED_RETRY);
+                }
+            }
+        }
+        registered.into_iter().filter(|w| self.answered.contains(w)).collect()
     }
 
     /// A request saw a worker fail: evict every worker that no longer answers
