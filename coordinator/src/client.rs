@@ -161,7 +161,7 @@ const QUICK_RETRIES: u32 = 2;
 /// Runs one request; with `stream`, calls `on_text` with each piece of text as
 /// it arrives. UNAVAILABLE is retried with backoff for up to `retry_for` (a
 /// coordinator restarting, workers re-planning); an address where nothing
-/// answers only [`QUICK_RETRIES`] times, unless the request reached it before. A
+/// answers only `QUICK_RETRIES` times, unless the request reached it before. A
 /// stream that broke after some text is sent again and its first bytes, which
 /// were printed already, are skipped (generation is deterministic for a given
 /// seed, so the retry produces the same text).

@@ -30,7 +30,7 @@ pub struct ClusterConfig {
     /// What moves between workers: weights (gather) or activations (tensor).
     pub placement: Placement,
     /// The least time a worker gets to install a plan; it gets 1 s more per
-    /// [`INSTALL_BYTES_PER_S`] of ranges it loads (see [`Self::install_deadline`]).
+    /// `INSTALL_BYTES_PER_S` of ranges it loads (see [`Self::install_deadline`]).
     pub install_timeout: Duration,
 }
 
@@ -78,7 +78,7 @@ impl Placement {
 pub struct RequestLimits {
     /// Requests waiting for room, at most (`--max-queued-requests`).
     pub max_queued_requests: usize,
-    /// Bytes of prompt text, at most (None: [`PROMPT_BYTES_PER_POSITION`]
+    /// Bytes of prompt text, at most (None: `PROMPT_BYTES_PER_POSITION`
     /// per position of the model's context).
     pub max_prompt_bytes: Option<usize>,
     /// The floor of every step deadline (`--step-deadline-ms`).
