@@ -22,7 +22,8 @@ pub(crate) fn is_loopback(listen: &str) -> bool {
 pub(crate) fn member(t: &MemberTlsArgs, role: Role, listen: &str) -> Result<Security> {
     if let Some(ca) = &t.tls_ca {
         let paths = TlsPaths { ca: ca.clone(), cert: t.tls_cert.clone(), key: t.tls_key.clone() };
-        return Security::load(paths, Some(role)).map_err(|e| anyhow!("--tls-cert: {e}"));
+        return Security::load_denying(paths, Some(role), t.deny_certs.clone())
+            .map_err(|e| anyhow!("--tls-cert/--deny-certs: {e}"));
     }
     if t.insecure {
         tracing::warn!(

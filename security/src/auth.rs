@@ -260,17 +260,26 @@ pub struct Guard {
     allow: &'static [Role],
     /// Clients may present one of these instead of a certificate.
     keys: Option<Arc<ApiKeys>>,
+    /// Whose revocation list a member's key is checked against on every call.
+    revocations: Option<crate::Security>,
 }
 
 impl Guard {
     /// A service only members of `allow` may call.
     pub fn members(tls: bool, service: &'static str, allow: &'static [Role]) -> Self {
-        Self { service, tls, allow, keys: None }
+        Self { service, tls, allow, keys: None, revocations: None }
+    }
+
+    /// Refuses every call of a member whose key `security`'s revocation list
+    /// holds (`--deny-certs`), on connections opened before it was revoked too.
+    pub fn revoking(mut self, security: &crate::Security) -> Self {
+        self.revocations = Some(security.clone());
+        self
     }
 
     /// The client API: a client certificate, or one of `keys` when given.
     pub fn clients(tls: bool, service: &'static str, keys: Option<Arc<ApiKeys>>) -> Self {
-        Self { service, tls, allow: &[Role::Client], keys: keys.filter(|k| !k.is_empty()) }
+        Self { service, tls, allow: &[Role::Client], keys: keys.filter(|k| !k.is_empty()), revocations: None }
     }
 
     fn allowed(&self) -> String {
@@ -282,6 +291,12 @@ impl Guard {
     pub fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let presented = req.peer_certs().and_then(|c| c.first().map(|d| Credential::of_cert(d.as_ref())));
         let refused = match &presented {
+            Some(Some(c)) if self.revocations.as_ref().is_some_and(|s| s.is_revoked(&c.key)) => {
+                return Err(Status::permission_denied(format!(
+                    "{}: {c} is revoked (--deny-certs)",
+                    self.service
+                )))
+            }
             Some(Some(c)) if self.allow.contains(&c.identity.role) => return Ok(Caller::Member(c.clone())),
             Some(Some(Credential { identity: id, .. })) => Some(format!(
                 "{}: a {id} certificate may not call it (it takes {})",

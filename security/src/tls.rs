@@ -18,6 +18,7 @@
 //! sec.serve(router, listener, shutdown).await?;
 //! let ch = sec.dial("https://10.0.0.5:7001")?.connect().await?;
 //! ```
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -31,7 +32,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Router;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::auth::{Identity, Role};
+use crate::auth::{Identity, KeyId, Role};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,6 +78,8 @@ struct Loaded {
     /// verifies the server (the cluster CA, then [`crate::verify::ServerRoles`]).
     socket_client: Arc<rustls::ClientConfig>,
     identity: Option<Identity>,
+    /// Keys refused at every handshake and call (`--deny-certs`).
+    denied: Arc<BTreeSet<KeyId>>,
     /// (modified time, length) of every file, to notice changes.
     stamp: Vec<Option<(SystemTime, u64)>>,
 }
@@ -86,6 +89,8 @@ struct Tls {
     expect: Option<Role>,
     /// The server roles its channels accept.
     talks_to: &'static [Role],
+    /// The revocation list (`--deny-certs`), reloaded with the credentials.
+    deny: Option<PathBuf>,
     loaded: RwLock<Loaded>,
 }
 
@@ -149,15 +154,47 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
     Ok(v)
 }
 
-fn load(paths: &TlsPaths, expect: Option<Role>, talks_to: &'static [Role]) -> Result<Loaded> {
+/// The keys a `--deny-certs` file lists: one `sha256:<64 hex>` (or the 64
+/// hex digits) per line, as `zeroshard certs show` prints it; blank lines and
+/// `#` comments skipped.
+fn read_deny_list(path: &Path) -> Result<Arc<BTreeSet<KeyId>>> {
+    let text = String::from_utf8(read(path)?)
+        .map_err(|_| TlsError::File { path: path.to_path_buf(), message: "not UTF-8 text".into() })?;
+    let mut keys = BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        // `certs show` prints `role\tname\tkey`: the key is the last field.
+        let line = line.split('#').next().unwrap_or("").trim();
+        let Some(field) = line.split_whitespace().last() else { continue };
+        let key = KeyId::parse(field).ok_or_else(|| TlsError::File {
+            path: path.to_path_buf(),
+            message: format!(
+                "line {}: `{field}` is not a key (sha256:<64 hex digits>, as `zeroshard certs show` prints)",
+                i + 1
+            ),
+        })?;
+        keys.insert(key);
+    }
+    Ok(Arc::new(keys))
+}
+
+fn load(
+    paths: &TlsPaths,
+    expect: Option<Role>,
+    talks_to: &'static [Role],
+    deny: Option<&Path>,
+) -> Result<Loaded> {
+    let denied = match deny {
+        Some(p) => read_deny_list(p)?,
+        None => Arc::default(),
+    };
     let ca_pem = read(&paths.ca)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in certs(&paths.ca, &ca_pem)? {
         roots.add(c).map_err(|e| TlsError::File { path: paths.ca.clone(), message: e.to_string() })?;
     }
     let roots = Arc::new(roots);
-    let server_roles =
-        crate::verify::ServerRoles::new(roots.clone(), provider(), talks_to).map_err(TlsError::Config)?;
+    let server_roles = crate::verify::ServerRoles::new(roots.clone(), provider(), talks_to, denied.clone())
+        .map_err(TlsError::Config)?;
     let socket_builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -193,11 +230,12 @@ fn load(paths: &TlsPaths, expect: Option<Role>, talks_to: &'static [Role]) -> Re
                 path: key_path.clone(),
                 message: format!("not a PEM private key: {e}"),
             })?;
-            let verifier =
+            let chain_verifier =
                 rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
                     .allow_unauthenticated()
                     .build()
                     .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+            let verifier = Arc::new(crate::verify::Revoking::new(chain_verifier, denied.clone()));
             let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| TlsError::Config(e.to_string()))?
@@ -230,9 +268,9 @@ fn load(paths: &TlsPaths, expect: Option<Role>, talks_to: &'static [Role]) -> Re
         }
         _ => return Err(TlsError::Config("--tls-cert and --tls-key go together".into())),
     };
-    let stamp = paths.files().into_iter().map(stamp).collect();
+    let stamp = paths.files().into_iter().chain(deny).map(stamp).collect();
     let socket_client = Arc::new(socket_client.unwrap_or_else(|| socket_builder.with_no_client_auth()));
-    Ok(Loaded { server, socket_client, identity, stamp })
+    Ok(Loaded { server, socket_client, identity, denied, stamp })
 }
 
 impl Security {
@@ -251,8 +289,32 @@ impl Security {
     /// those of [`crate::verify::server_roles`] (what a test posing as a
     /// hostile client does, to reach the servers' own checks).
     pub fn load_talking_to(paths: TlsPaths, expect: Option<Role>, talks_to: &'static [Role]) -> Result<Self> {
-        let loaded = load(&paths, expect, talks_to)?;
-        Ok(Self(Some(Arc::new(Tls { paths, expect, talks_to, loaded: RwLock::new(loaded) }))))
+        Self::build(paths, expect, talks_to, None)
+    }
+
+    /// [`Self::load`] with a revocation list (`--deny-certs`): a certificate
+    /// whose key it lists fails the handshake, as a client or a server, and
+    /// every call on a connection it opened before is refused
+    /// ([`crate::Guard::revoking`]). Reloaded with the credentials.
+    pub fn load_denying(paths: TlsPaths, expect: Option<Role>, deny: Option<PathBuf>) -> Result<Self> {
+        Self::build(paths, expect, crate::verify::server_roles(expect), deny)
+    }
+
+    fn build(
+        paths: TlsPaths,
+        expect: Option<Role>,
+        talks_to: &'static [Role],
+        deny: Option<PathBuf>,
+    ) -> Result<Self> {
+        let loaded = load(&paths, expect, talks_to, deny.as_deref())?;
+        Ok(Self(Some(Arc::new(Tls { paths, expect, talks_to, deny, loaded: RwLock::new(loaded) }))))
+    }
+
+    /// Whether `key` is on the revocation list now.
+    pub fn is_revoked(&self, key: &KeyId) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|t| t.loaded.read().unwrap_or_else(|p| p.into_inner()).denied.contains(key))
     }
 
     pub fn is_tls(&self) -> bool {
@@ -282,11 +344,11 @@ impl Security {
     /// on error the credentials in use stay. Returns whether they were replaced.
     pub fn reload(&self, force: bool) -> Result<bool> {
         let Some(t) = &self.0 else { return Ok(false) };
-        let now: Vec<_> = t.paths.files().into_iter().map(stamp).collect();
+        let now: Vec<_> = t.paths.files().into_iter().chain(t.deny.as_deref()).map(stamp).collect();
         if !force && t.loaded.read().unwrap_or_else(|p| p.into_inner()).stamp == now {
             return Ok(false);
         }
-        let fresh = load(&t.paths, t.expect, t.talks_to)?;
+        let fresh = load(&t.paths, t.expect, t.talks_to, t.deny.as_deref())?;
         *t.loaded.write().unwrap_or_else(|p| p.into_inner()) = fresh;
         Ok(true)
     }
@@ -711,6 +773,66 @@ mod tests {
         }
     }
 
+    /// Whether `from` completes a handshake with a server holding `to`'s
+    /// certificate: the client's error, or the server's when only it refused.
+    fn handshake(from: &Security, to: &Security) -> std::result::Result<(), String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = to.clone();
+        let accepting = std::thread::spawn(move || {
+            server.accept_socket(&listener, Duration::from_secs(10), Duration::from_secs(10)).map(drop)
+        });
+        let r = from.connect_socket("127.0.0.1", port, Duration::from_secs(10)).map(drop);
+        let served = accepting.join().expect("accept thread");
+        r.map_err(|e| e.to_string())?;
+        served.map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_revoked_key_fails_every_handshake_once_the_list_is_reloaded() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ca = crate::certs::Ca::generate().expect("ca");
+        ca.write(dir.path()).expect("write");
+        let paths = |role: Role, name: &str| {
+            let leaf = ca.issue(role, name, &crate::certs::loopback_sans()).expect("leaf");
+            let (cert, key) = leaf.write(dir.path(), name).expect("write");
+            TlsPaths { ca: dir.path().join("ca.pem"), cert: Some(cert), key: Some(key) }
+        };
+        let deny = dir.path().join("deny");
+        std::fs::write(&deny, "# revoked keys\n").expect("write");
+        let coordinator = Security::load_denying(
+            paths(Role::Coordinator, "c"),
+            Some(Role::Coordinator),
+            Some(deny.clone()),
+        )
+        .expect("loads");
+        let rogue_paths = paths(Role::Worker, "rogue");
+        let rogue = Security::load(rogue_paths.clone(), Some(Role::Worker)).expect("loads");
+        let honest = Security::load(paths(Role::Worker, "w"), Some(Role::Worker)).expect("loads");
+        let worker_side =
+            Security::load_denying(paths(Role::Worker, "w2"), Some(Role::Worker), Some(deny.clone()))
+                .expect("loads");
+        handshake(&rogue, &coordinator).expect("not revoked yet");
+        let key =
+            crate::Credential::of_pem_file(rogue_paths.cert.as_deref().expect("cert")).expect("key").key;
+        // The line `certs show` prints.
+        std::fs::write(&deny, format!("# revoked keys\nworker\trogue\t{key}  # lost laptop\n"))
+            .expect("write");
+        assert!(coordinator.reload(true).expect("reloads"));
+        assert!(worker_side.reload(true).expect("reloads"));
+        assert!(coordinator.is_revoked(&key));
+        let e = handshake(&rogue, &coordinator).expect_err("a revoked client");
+        assert!(e.contains("revoked") || e.contains("alert"), "{e}");
+        let e = handshake(&worker_side, &rogue).expect_err("a revoked server");
+        assert!(e.contains("worker `rogue`") && e.contains("is revoked (--deny-certs)"), "{e}");
+        handshake(&honest, &coordinator).expect("others are unaffected");
+        // A bad list is refused whole, naming the line; the one in use stays.
+        std::fs::write(&deny, format!("{key}\nnot-a-key\n")).expect("write");
+        let e = coordinator.reload(true).expect_err("bad line");
+        assert!(e.to_string().contains("line 2") && e.to_string().contains("not-a-key"), "{e}");
+        assert!(coordinator.is_revoked(&key));
+    }
+
     #[test]
     fn every_client_side_checks_the_servers_role() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -728,18 +850,7 @@ mod tests {
         let client = load(Role::Client, "alice", None);
         let bare = Security::load(TlsPaths { ca: dir.path().join("ca.pem"), cert: None, key: None }, None)
             .expect("loads");
-        // Whether `from` completes a handshake with a server holding `to`'s certificate.
-        let talk = |from: &Security, to: &Security| -> std::result::Result<(), String> {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            let port = listener.local_addr().expect("addr").port();
-            let server = to.clone();
-            let accepting = std::thread::spawn(move || {
-                let _ = server.accept_socket(&listener, Duration::from_secs(10), Duration::from_secs(10));
-            });
-            let r = from.connect_socket("127.0.0.1", port, Duration::from_secs(10)).map(drop);
-            accepting.join().expect("accept thread");
-            r.map_err(|e| e.to_string())
-        };
+        let talk = handshake;
         for c in [&client, &bare] {
             let e = talk(c, &worker).expect_err("a client talked to a worker as if it were the coordinator");
             assert!(e.contains("holds the certificate of a worker `w`, not of a coordinator"), "{e}");

@@ -23,6 +23,12 @@ pub(crate) struct MemberTlsArgs {
     /// This member's private key (PEM).
     #[arg(long, env = "ZEROSHARD_TLS_KEY", requires = "tls_ca")]
     pub tls_key: Option<PathBuf>,
+    /// Revoked certificates: one key per line (`sha256:…`, as `zeroshard certs
+    /// show` prints it; `#` comments). A listed key fails every handshake with
+    /// this member and every call on a connection it opened before. Reloaded
+    /// with the certificates (SIGHUP, or within 2 s of a change).
+    #[arg(long, env = "ZEROSHARD_DENY_CERTS", requires = "tls_ca")]
+    pub deny_certs: Option<PathBuf>,
     /// Serve plaintext, with no authentication of members, even on a
     /// non-loopback address (logs a warning).
     #[arg(long, env = "ZEROSHARD_INSECURE", conflicts_with = "tls_ca", value_parser = BoolishValueParser::new())]

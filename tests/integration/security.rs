@@ -236,50 +236,11 @@ fn status_with(endpoint: &str, auth: &[&str]) -> Value {
 #[test]
 fn attacks_on_a_secure_cluster_are_refused_and_outputs_stay_exact() {
     let pki = Pki::new();
-    for (role, name) in [
-        ("coordinator", "coord"),
-        ("worker", "w-a"),
-        ("worker", "w-b"),
-        ("worker", "rogue"),
-        ("client", "alice"),
-    ] {
+    for (role, name) in [("coordinator", "coord"), ("worker", "rogue"), ("client", "alice")] {
         pki.issue(role, name);
     }
-    let keys = pki.dir.path().join("keys");
-    std::fs::write(&keys, "# client keys\nkey-one\nkey-two\n").expect("keys");
-    let model = model("stories260K");
-    let mut coord_args: Vec<String> = ["coordinator", "--listen", "127.0.0.1:0", "--workers", "2", "--model"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    coord_args.push(model.display().to_string());
-    coord_args.extend(pki.args("coord"));
-    coord_args.extend(["--api-key-file".into(), keys.display().to_string()]);
-    let mut coord = spawn(&coord_args);
-    // Workers retry registering until the coordinator listens; its address
-    // comes from its ready line, so start it first on a port it picks.
-    let port_line = {
-        // The coordinator prints `coordinator on ADDR` to stderr only; find its
-        // port by asking the OS which socket it listens on.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(p) = listening_port(coord.id()) {
-                break p;
-            }
-            assert!(std::time::Instant::now() < deadline, "coordinator never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    let coord_uri = format!("https://127.0.0.1:{port_line}");
-    let mut workers = vec![];
-    for name in ["w-a", "w-b"] {
-        let mut a: Vec<String> = vec!["worker".into(), "--coordinator".into(), coord_uri.clone()];
-        a.extend(pki.args(name));
-        workers.push(spawn(&a));
-    }
-    let endpoint = ready_line(&mut coord).expect("coordinator ready");
-    let _procs = Procs(std::iter::once(coord).chain(workers).collect());
-    assert_eq!(endpoint, format!("grpcs://127.0.0.1:{port_line}"));
+    let (_procs, endpoint, coord_uri) = secure_cluster(&pki, &[], &[("w-a", &[]), ("w-b", &[])]);
+    assert_eq!(endpoint, coord_uri.replace("https://", "grpcs://"));
     let ca = pki.ca();
     let with_key = ["--tls-ca", ca.as_str(), "--api-key", "key-two"];
     query_ids(&endpoint, &with_key);
@@ -551,34 +512,12 @@ async fn served_cert(ca: &Path, addr: &str) -> Vec<u8> {
 #[test]
 fn certificates_reload_without_dropping_sequences() {
     let pki = Pki::new();
-    for (role, name) in [("coordinator", "coord"), ("worker", "w"), ("client", "c")] {
+    for (role, name) in [("coordinator", "coord"), ("client", "c")] {
         pki.issue(role, name);
     }
-    let model = model("stories260K");
-    let mut a: Vec<String> =
-        ["coordinator", "--listen", "127.0.0.1:0", "--workers", "1"].iter().map(|s| s.to_string()).collect();
-    a.extend(["--model".into(), model.display().to_string()]);
-    a.extend(pki.args("coord"));
-    let mut coord = spawn(&a);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let port = loop {
-        if let Some(p) = listening_port(coord.id()) {
-            break p;
-        }
-        assert!(std::time::Instant::now() < deadline, "coordinator never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut w: Vec<String> =
-        vec!["worker".into(), "--coordinator".into(), format!("https://127.0.0.1:{port}")];
-    w.extend(pki.args("w"));
-    w.extend(["--fault-step-delay-ms".into(), "40".into()]);
-    let worker = spawn(&w);
-    let worker_pid = worker.id();
-    let coord_uri = format!("https://127.0.0.1:{port}");
-    let endpoint = ready_line(&mut coord).expect("ready");
-    let coord_pid = coord.id();
-    let _procs = Procs(vec![coord, worker]);
-    let addr = format!("127.0.0.1:{port}");
+    let (procs, endpoint, coord_uri) = secure_cluster(&pki, &[], &[("w", &["--fault-step-delay-ms", "40"])]);
+    let (worker_pid, coord_pid) = (procs.0[0].id(), procs.0[1].id());
+    let addr = coord_uri.trim_start_matches("https://").to_string();
     let ca = PathBuf::from(pki.ca());
     let old = rt().block_on(served_cert(&ca, &addr));
 
@@ -731,13 +670,13 @@ fn a_fleet_runs_on_etcd_over_tls_with_auth() {
     query_ids(&endpoint, &["--tls-ca", &pki.ca(), "--tls-cert", &cert, "--tls-key", &key]);
 }
 
-/// A coordinator (embedded membership, the API key `key-one`) and one worker
+/// A coordinator (embedded membership, the API keys `key-one` and `key-two`) and one worker
 /// per `(name, extra args)`, each with its own certificate (issued here; the
 /// coordinator's `coord` must be): the processes, the client endpoint and the
 /// coordinator's address for members.
 fn secure_cluster(pki: &Pki, coord_extra: &[&str], workers: &[(&str, &[&str])]) -> (Procs, String, String) {
     let keys = pki.dir.path().join("keys");
-    std::fs::write(&keys, "key-one\n").expect("keys");
+    std::fs::write(&keys, "# client keys\nkey-one\nkey-two\n").expect("keys");
     let mut a: Vec<String> = vec!["coordinator".into(), "--listen".into(), "127.0.0.1:0".into()];
     a.extend(["--workers".into(), workers.len().to_string()]);
     a.extend(["--model".into(), model("stories260K").display().to_string()]);
@@ -862,5 +801,61 @@ fn registrations_at_dead_addresses_are_never_planned_and_are_slowed() {
             .collect()
     };
     assert_eq!(loads(&after), loads(&before), "the real workers reloaded: {after}");
+    assert_eq!(query_ids(&endpoint, &auth), want);
+}
+
+/// `--deny-certs`: a key added to the list (as `certs show` prints it) is
+/// refused within the reload poll on the connection it already has open
+/// (PERMISSION_DENIED on its next call) and at every new handshake; the
+/// cluster goes on serving.
+#[test]
+fn a_revoked_certificate_is_refused_on_open_connections_and_new_ones() {
+    use pb::control_client::ControlClient;
+    let pki = Pki::new();
+    pki.issue("coordinator", "coord");
+    pki.issue("worker", "rogue");
+    let deny = pki.dir.path().join("deny");
+    std::fs::write(&deny, "# revoked keys\n").expect("deny list");
+    let deny_s = deny.display().to_string();
+    let (_procs, endpoint, coord_uri) =
+        secure_cluster(&pki, &["--deny-certs", &deny_s], &[("w-a", &[]), ("w-b", &[])]);
+    let ca = pki.ca();
+    let auth = ["--tls-ca", ca.as_str(), "--api-key", "key-one"];
+    let want = query_ids(&endpoint, &auth);
+    let rogue = pki.security(Some("rogue"));
+    rt().block_on(async {
+        let ch = rogue.dial(&coord_uri).expect("dial").connect().await.expect("connects");
+        let mut open = ControlClient::new(ch);
+        let req = pb::RegisterWorkerRequest {
+            address: "https://127.0.0.1:9".into(),
+            device: "cpu".into(),
+            memory_bytes: 0,
+            worker_id: 0,
+        };
+        let id = open.register_worker(req).await.expect("registers").into_inner().worker_id;
+        let out = run(&["certs", "show", &pki.path("rogue.pem")]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        std::fs::write(&deny, format!("# revoked keys\n{line}")).expect("deny list");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let refused = loop {
+            match open.keep_alive(pb::KeepAliveRequest { worker_id: id }).await {
+                Ok(_) => {
+                    assert!(std::time::Instant::now() < deadline, "the revocation was never applied");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => break s,
+            }
+        };
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(
+            refused.message().contains("worker `rogue`") && refused.message().contains("revoked"),
+            "{refused:?}"
+        );
+        // A new connection does not get past the handshake: no call is answered
+        // (TLS 1.3: the client learns it when the server drops the connection).
+        let fresh = register(&rogue, &coord_uri, "https://127.0.0.1:9", 0).await;
+        assert!(matches!(fresh, Code::Unavailable | Code::Cancelled | Code::Unknown), "{fresh:?}");
+    });
     assert_eq!(query_ids(&endpoint, &auth), want);
 }

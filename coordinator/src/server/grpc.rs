@@ -46,15 +46,15 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(InterceptedService::new(
             InferenceServer::new(InferenceSvc(coord.clone())),
-            Guard::clients(tls, "Inference", coord.cfg().api_keys.clone()),
+            Guard::clients(tls, "Inference", coord.cfg().api_keys.clone()).revoking(&security),
         ))
         .add_service(InterceptedService::new(
             ControlServer::new(control::ControlSvc(coord.clone())),
-            Guard::members(tls, "Control", &[Role::Worker]),
+            Guard::members(tls, "Control", &[Role::Worker]).revoking(&security),
         ))
         .add_service(InterceptedService::new(
             ShardsServer::new(shards::CheckpointShards(coord)),
-            Guard::members(tls, "Shards", &[Role::Coordinator, Role::Worker]),
+            Guard::members(tls, "Shards", &[Role::Coordinator, Role::Worker]).revoking(&security),
         ));
     security.spawn_reloader();
     security

@@ -260,15 +260,15 @@ pub async fn run(
     let router = zeroshard_proto::transport::server()
         .add_service(InterceptedService::new(
             WorkerServer::new(svc.clone()).max_decoding_message_size(PLAN_MESSAGE_BYTES),
-            Guard::members(tls, "Worker", &[Role::Coordinator]),
+            Guard::members(tls, "Worker", &[Role::Coordinator]).revoking(&security),
         ))
         .add_service(InterceptedService::new(
             TensorGroupServer::new(svc.clone()),
-            Guard::members(tls, "TensorGroup", &[Role::Worker]),
+            Guard::members(tls, "TensorGroup", &[Role::Worker]).revoking(&security),
         ))
         .add_service(InterceptedService::new(
             ShardsServer::new(svc).max_decoding_message_size(zeroshard_proto::transport::MAX_MESSAGE_BYTES),
-            Guard::members(tls, "Shards", &[Role::Coordinator, Role::Worker]),
+            Guard::members(tls, "Shards", &[Role::Coordinator, Role::Worker]).revoking(&security),
         ));
     security.spawn_reloader();
     let mut server = tokio::spawn(async move { security.serve(router, listener, stop).await });
