@@ -82,15 +82,7 @@ fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
 /// The error chain on one line, outermost first; a cause whose text an outer
 /// message already carries (many errors print their source) is not repeated.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = e.to_string();
-    for cause in e.chain().skip(1) {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-    }
-    line
+    zeroshard_security::tls::error_chain(e.as_ref())
 }
 
 pub(crate) fn sampling(a: &args::SamplingArgs) -> GenerationParams {

@@ -77,12 +77,7 @@ fn connect_error(endpoint: &str, addr: &Address, e: &tonic::transport::Error) ->
     if let Some(cause) = unreachable_cause(e, &addr.host) {
         return CoordinatorError::Unreachable(format!("cannot reach {endpoint}: {cause}"));
     }
-    let mut chain = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        chain = format!("{chain}: {s}");
-        source = s.source();
-    }
+    let chain = zeroshard_security::tls::error_chain(e);
     let lower = chain.to_lowercase();
     if addr.tls && (lower.contains("corrupt message") || lower.contains("invalidcontenttype")) {
         return CoordinatorError::InvalidRequest(format!(

@@ -575,8 +575,10 @@ impl Dial {
     }
 }
 
-/// `e` and its sources, joined by `: ` (a refused server role is a source
-/// three levels down).
+/// `e` and its sources on one line, joined by `: `, outermost first; a source
+/// whose text an outer message already carries is not repeated (a refused
+/// server role is a source three levels down). The CLI's one-line errors and
+/// the client's connection errors are written with it.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut chain = e.to_string();
     let mut source = e.source();
