@@ -21,11 +21,17 @@ use zeroshard_offload::ModelConfig;
 use crate::backend::{Backend, BatchLayout, Piece};
 use crate::error::{EngineError, Result};
 use crate::model::{tensor_specs, LayerWeights, Model, OuterWeights};
-use crate::sampling::Sampler;
+use crate::sampling::{self, Sampler};
 use crate::source::{WeightSource, HEAD_SLICE};
 use crate::tensor::{Collective, TensorShard};
 use crate::weights::HostWeights;
-pub use zeroshard_offload::request::{kv_tokens, validate_prompt, FinishReason, GenerationParams};
+pub use zeroshard_offload::request::{
+    kv_tokens, validate_prompt, FinishReason, GenerationParams, ScoreRequest, TokenScore,
+};
+
+/// Rows of logits the head computes at once: a scored prompt of thousands of
+/// tokens makes its `[rows, vocab]` logits a chunk at a time.
+const HEAD_ROWS: usize = 256;
 
 /// One sequence: its tokens, cache, sampler and state.
 pub struct Sequence<B: Backend> {
@@ -37,6 +43,10 @@ pub struct Sequence<B: Backend> {
     finished: Option<FinishReason>,
     /// A forward over this sequence failed: its cache may hold part of that step.
     failed: bool,
+    /// Positions its first forward scores (see [`Sequence::scoring`]), and
+    /// the scores that forward made, until a step hands them out.
+    score: Option<ScoreRequest>,
+    scores: Vec<TokenScore>,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -62,6 +72,14 @@ impl<B: Backend> Sequence<B> {
     pub fn finish(&mut self, reason: FinishReason) {
         self.finished.get_or_insert(reason);
     }
+
+    /// Scores the positions `req.from..` of the sequence's first forward (the
+    /// prompt's), which the step that makes them hands out in
+    /// [`StepToken::scores`]; the sequence samples and stops as before.
+    pub fn scoring(mut self, req: ScoreRequest) -> Self {
+        self.score = Some(req);
+        self
+    }
 }
 
 /// What a step produced for one sequence.
@@ -70,6 +88,9 @@ pub struct StepToken {
     pub token: u32,
     /// Set when this token ended the sequence.
     pub finished: Option<FinishReason>,
+    /// A scored sequence's scores, on the step of its first forward (empty
+    /// otherwise, and on the members of a tensor-parallel group but rank 0).
+    pub scores: Vec<TokenScore>,
 }
 
 /// A model, its weights in host memory and a backend to run them.
@@ -244,6 +265,8 @@ impl<B: Backend> Engine<B> {
             finished: if params.max_new_tokens == 0 { Some(FinishReason::Length) } else { None },
             params,
             failed: false,
+            score: None,
+            scores: Vec::new(),
         })
     }
 
@@ -372,48 +395,95 @@ impl<B: Backend> Engine<B> {
         let w = src.head()?;
         let staged = self.stage(&w, Piece::Head)?;
         let outer = OuterWeights::from_lookup(c, |n| b.weight(&staged, n))?;
-        let normed = self.model.head_norm(b, &outer, &x, &layout.last_rows())?; // [seqs, hidden]
-        let seqs_n = layout.seqs.len();
+        // The head's rows: every sequence's last; a scored one's from its `from` on.
+        let mut rows = Vec::new(); // rows of `x`
+        let mut owners = Vec::new(); // (sequence, position) of each
+        for (i, (slot, s)) in layout.seqs.iter().zip(seqs.iter()).enumerate() {
+            let last = slot.past + slot.len - 1;
+            let first = match &s.score {
+                Some(r) if r.from >= slot.past => r.from.min(last),
+                _ => last,
+            };
+            for pos in first..=last {
+                rows.push(slot.start + pos - slot.past);
+                owners.push((i, pos));
+            }
+        }
+        let mut logits = vec![Vec::new(); seqs.len()];
+        let mut assembled = true;
+        for (chunk, who) in rows.chunks(HEAD_ROWS).zip(owners.chunks(HEAD_ROWS)) {
+            let normed = self.model.head_norm(b, &outer, &x, chunk)?; // [chunk, hidden]
+            let Some(part) = self.head(&normed, &outer, src, tensor, chunk.len())? else {
+                assembled = false; // a member of a group: rank 0 has the logits
+                continue;
+            };
+            for (row, &(i, pos)) in part.chunks_exact(c.vocab_size).zip(who) {
+                let s = &mut *seqs[i];
+                if let Some(req) = &s.score {
+                    let next = s.tokens.get(pos + 1).copied();
+                    let scored = sampling::score(row, &s.tokens[..=pos], next, &s.params.sampling, req);
+                    s.scores.push(scored);
+                }
+                if pos + 1 == s.tokens.len() {
+                    logits[i] = row.to_vec();
+                }
+            }
+        }
+        seqs.iter_mut().for_each(|s| s.score = None);
+        Ok(assembled.then_some(logits))
+    }
+
+    /// The logits `[rows, vocab]` of `normed`'s rows (`[rows, hidden]`): from
+    /// the whole head, its vocabulary slices one at a time, or in a
+    /// tensor-parallel group this member's vocabulary rows assembled on rank 0
+    /// (`None` on the others).
+    fn head(
+        &self,
+        normed: &B::Tensor,
+        outer: &OuterWeights<'_, B::Weight>,
+        src: &dyn WeightSource,
+        tensor: Option<(&dyn Collective, &TensorShard)>,
+        rows_n: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let (b, c) = (&self.backend, self.model.config());
         if let Some((g, shard)) = tensor {
-            // This member's vocabulary rows → `[seqs, rows]`, assembled on rank 0.
-            let part = b.to_host(&b.linear(&normed, outer.lm_head(), None, shard.vocab.len())?)?;
+            // This member's vocabulary rows → `[rows, part]`, assembled on rank 0.
+            let part = b.to_host(&b.linear(normed, outer.lm_head(), None, shard.vocab.len())?)?;
             let Some(parts) = g.gather(part)? else { return Ok(None) };
-            let mut logits = vec![vec![0f32; c.vocab_size]; seqs_n];
-            for (r, (part, rows)) in parts.iter().zip(TensorShard::vocab_parts(c, g.degree())).enumerate() {
-                if part.len() != seqs_n * rows.len() {
+            let mut logits = vec![0f32; rows_n * c.vocab_size];
+            for (r, (part, cols)) in parts.iter().zip(TensorShard::vocab_parts(c, g.degree())).enumerate() {
+                if part.len() != rows_n * cols.len() {
                     return Err(EngineError::InvalidRequest(format!(
-                        "member {r} sent {} logits for {seqs_n} sequences × {} vocabulary rows",
+                        "member {r} sent {} logits for {rows_n} rows × {} vocabulary rows",
                         part.len(),
-                        rows.len()
+                        cols.len()
                     )));
                 }
-                for (s, chunk) in part.chunks_exact(rows.len()).enumerate() {
-                    logits[s][rows.clone()].copy_from_slice(chunk);
+                for (row, chunk) in logits.chunks_exact_mut(c.vocab_size).zip(part.chunks_exact(cols.len())) {
+                    row[cols.clone()].copy_from_slice(chunk);
                 }
             }
             return Ok(Some(logits));
         }
-        let logits = match src.head_slices() {
-            0 => b.to_host(&b.linear(&normed, outer.lm_head(), None, c.vocab_size)?)?, // [seqs, vocab]
+        Ok(Some(match src.head_slices() {
+            0 => b.to_host(&b.linear(normed, outer.lm_head(), None, c.vocab_size)?)?, // [rows, vocab]
             n => {
-                // The head in vocabulary slices: each `[seqs, rows]` lands in its columns.
-                let mut logits = vec![0f32; seqs_n * c.vocab_size];
+                // The head in vocabulary slices: each `[rows, part]` lands in its columns.
+                let mut logits = vec![0f32; rows_n * c.vocab_size];
                 for i in 0..n {
-                    let (w, rows) = src.head_slice(i)?;
+                    let (w, cols) = src.head_slice(i)?;
                     let staged = self.stage(&w, Piece::HeadSlice(i))?;
                     let slice = b
                         .weight(&staged, HEAD_SLICE)?
                         .ok_or_else(|| EngineError::MissingWeight(HEAD_SLICE.into()))?;
-                    let part = b.to_host(&b.linear(&normed, slice, None, rows.len())?)?; // [seqs, rows]
-                    for (s, chunk) in part.chunks_exact(rows.len()).enumerate() {
-                        logits[s * c.vocab_size + rows.start..s * c.vocab_size + rows.end]
-                            .copy_from_slice(chunk);
+                    let part = b.to_host(&b.linear(normed, slice, None, cols.len())?)?; // [rows, part]
+                    for (row, chunk) in logits.chunks_exact_mut(c.vocab_size).zip(part.chunks_exact(cols.len())) {
+                        row[cols.clone()].copy_from_slice(chunk);
                     }
                 }
                 logits
             }
-        };
-        Ok(Some(logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect()))
+        }))
     }
 
     /// Forward, then sample one token per sequence and apply the stop rules.
@@ -451,6 +521,7 @@ impl<B: Backend> Engine<B> {
     fn accept(&self, s: &mut Sequence<B>, token: u32) -> StepToken {
         let c = self.config();
         s.tokens.push(token);
+        let scores = std::mem::take(&mut s.scores);
         let finished = if !s.params.ignore_eos && c.eos_token_ids.contains(&token) {
             Some(FinishReason::Eos)
         } else if s.generated().len() >= s.params.max_new_tokens || s.tokens.len() > c.max_position_embeddings
@@ -460,7 +531,7 @@ impl<B: Backend> Engine<B> {
             None
         };
         s.finished = finished;
-        StepToken { token, finished }
+        StepToken { token, finished, scores }
     }
 
     /// One step of a tensor-parallel member: every member of `group` calls it
@@ -571,6 +642,62 @@ mod tests {
         let mut again = e.new_sequence(prompt, params(4)).expect("seq");
         let batched = e.forward(&mut [&mut other, &mut again]).expect("forward");
         assert!(close(&full, &batched[1]));
+    }
+
+    /// A scored prefill over prompt + generated rates each generated token as
+    /// its decode step saw it; batched with another sequence, neither changes.
+    fn a_scored_prefill_rates_each_token_as_its_decode_step_did(c: ModelConfig) {
+        let e = engine(c);
+        let prompt = vec![3, 14, 15, 9];
+        let mut decode = e.new_sequence(prompt.clone(), params(6)).expect("seq");
+        let mut seen = Vec::new();
+        while decode.finished().is_none() {
+            let (_, mut logits) = e.step_with_logits(&mut [&mut decode], true).expect("step");
+            seen.push(logits.remove(0));
+        }
+        let generated = decode.generated().to_vec();
+        let req = ScoreRequest { from: prompt.len() - 1, top: 3, tolerance: 0.01 };
+        let whole: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
+        let mut scored = e.new_sequence(whole.clone(), params(1)).expect("seq").scoring(req.clone());
+        let mut other = e.new_sequence(vec![7, 8], params(1)).expect("seq");
+        let alone = e.forward(&mut [&mut e.new_sequence(vec![7, 8], params(1)).expect("seq")]).expect("fwd");
+        let steps = e.step_with_logits(&mut [&mut other, &mut scored], true).expect("step");
+        assert!(close(&steps.1[0], &alone[0]), "a scored neighbour changed another sequence's logits");
+        assert!(steps.0[0].scores.is_empty());
+        let scores = &steps.0[1].scores;
+        assert_eq!(scores.len(), generated.len() + 1, "{scores:?}");
+        for (j, (sc, logits)) in scores.iter().zip(&seen).enumerate() {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+            assert_eq!(sc.token, Some(generated[j]));
+            assert!(sc.kept, "token {j} was the decode's greedy choice: {sc:?}");
+            assert!((sc.logprob - (logits[generated[j] as usize] - lse)).abs() < 1e-3, "{sc:?}");
+            assert_eq!(sc.top.len(), 3);
+            assert_eq!(sc.top[0].0, generated[j]);
+        }
+        assert_eq!(scores[generated.len()].token, None);
+        assert!(!scores[generated.len()].kept);
+        // The least likely token in place of the third: rated out of the greedy set.
+        let worst = seen[2].iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).expect("logits").0 as u32;
+        let mut altered = whole;
+        altered[prompt.len() + 2] = worst;
+        let mut scored = e.new_sequence(altered, params(1)).expect("seq").scoring(req);
+        let scores = e.step(&mut [&mut scored]).expect("step").remove(0).scores;
+        assert!(scores[..2].iter().all(|s| s.kept));
+        assert!(!scores[2].kept, "{:?}", scores[2]);
+    }
+
+    #[test]
+    fn llama_scored_prefills_agree_with_decode() {
+        a_scored_prefill_rates_each_token_as_its_decode_step_did(ModelConfig {
+            tie_word_embeddings: false,
+            ..config(Architecture::Llama, 4)
+        });
+    }
+
+    #[test]
+    fn bloom_scored_prefills_agree_with_decode() {
+        a_scored_prefill_rates_each_token_as_its_decode_step_did(config(Architecture::Bloom, 4));
     }
 
     #[test]

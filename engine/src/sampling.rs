@@ -25,6 +25,7 @@
 //! `exp`, which only matters for a draw landing exactly on a boundary).
 
 pub(crate) use zeroshard_offload::request::SamplingParams;
+use zeroshard_offload::request::{ScoreRequest, TokenScore};
 
 /// A token still in the running.
 #[derive(Clone, Copy, Debug)]
@@ -100,19 +101,7 @@ impl Sampler {
     /// `RepetitionPenaltyLogitsProcessor`: every distinct token of `history`
     /// gets `logit < 0 ? logit * p : logit / p`, once however often it occurs.
     fn apply_repetition_penalty(&mut self, logits: &mut [f32], history: &[u32]) {
-        let penalty = self.params.repetition_penalty;
-        if penalty == 1.0 || history.is_empty() {
-            return;
-        }
-        self.seen.clear();
-        self.seen.extend_from_slice(history);
-        self.seen.sort_unstable();
-        self.seen.dedup();
-        for &id in &self.seen {
-            if let Some(logit) = logits.get_mut(id as usize) {
-                *logit = if *logit < 0.0 { *logit * penalty } else { *logit / penalty };
-            }
-        }
+        repetition_penalty(logits, history, self.params.repetition_penalty, &mut self.seen);
     }
 
     /// Fills `candidates` with every token whose scaled logit can carry
@@ -128,6 +117,104 @@ impl Sampler {
             }
         }
     }
+}
+
+/// `RepetitionPenaltyLogitsProcessor` (see [`Sampler::sample`]); `seen` is scratch.
+fn repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32, seen: &mut Vec<u32>) {
+    if penalty == 1.0 || history.is_empty() {
+        return;
+    }
+    seen.clear();
+    seen.extend_from_slice(history);
+    seen.sort_unstable();
+    seen.dedup();
+    for &id in seen.iter() {
+        if let Some(logit) = logits.get_mut(id as usize) {
+            *logit = if *logit < 0.0 { *logit * penalty } else { *logit / penalty };
+        }
+    }
+}
+
+/// Rates `next` at one position: `logits` are the position's raw logits,
+/// `history` the tokens up to and including the position (for the repetition
+/// penalty), `params` the sequence's sampling. See [`TokenScore`] for what is
+/// returned; `kept` errs on the side of the token by `req.tolerance` (a
+/// fraction of the largest penalized logit magnitude), so float noise between
+/// two machines or a prefill and a decode never fails an honest token.
+pub(crate) fn score(
+    logits: &[f32],
+    history: &[u32],
+    next: Option<u32>,
+    params: &SamplingParams,
+    req: &ScoreRequest,
+) -> TokenScore {
+    // The raw distribution: log-softmax in f64.
+    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let lse = if max.is_finite() {
+        let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| (f64::from(l) - f64::from(max)).exp()).sum();
+        f64::from(max) + sum.ln()
+    } else {
+        f64::NAN
+    };
+    let logprob = |id: u32| (f64::from(logits[id as usize]) - lse) as f32;
+    let n = req.top.min(ScoreRequest::MAX_TOP).min(logits.len());
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (id, &l) in logits.iter().enumerate() {
+            if l.is_nan() || l == f32::NEG_INFINITY || top.len() == n && l <= logits[top[n - 1].0 as usize] {
+                continue;
+            }
+            let at = top.partition_point(|&(t, _)| logits[t as usize] >= l);
+            top.insert(at, (id as u32, 0.0));
+            top.truncate(n);
+        }
+        top.iter_mut().for_each(|(id, lp)| *lp = logprob(*id));
+    }
+    let Some(token) = next.filter(|&t| (t as usize) < logits.len()) else {
+        return TokenScore { token: next, logprob: f32::NAN, top, kept: false };
+    };
+    TokenScore { token: Some(token), logprob: logprob(token), top, kept: kept(logits, history, token, params, req) }
+}
+
+/// Whether the sampler could have chosen `token` (see [`score`]).
+fn kept(logits: &[f32], history: &[u32], token: u32, params: &SamplingParams, req: &ScoreRequest) -> bool {
+    let mut l = logits.to_vec();
+    repetition_penalty(&mut l, history, params.repetition_penalty, &mut Vec::new());
+    let own = l[token as usize];
+    if own.is_nan() || own == f32::NEG_INFINITY {
+        return false;
+    }
+    let finite = l.iter().filter(|x| x.is_finite());
+    let scale = finite.clone().fold(0f32, |m, x| m.max(x.abs()));
+    let slack = req.tolerance * scale.max(1.0);
+    if params.is_greedy() {
+        let best = l.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        return own >= best - slack;
+    }
+    // Temperature, then top-k (the k-th best scaled logit, less the slack),
+    // then top-p over the top-k set: the token stays when the mass strictly
+    // better than it (by more than the slack) is below top_p.
+    let t = params.temperature;
+    let (own, slack) = (own / t, slack / t);
+    let mut scaled: Vec<f32> = l.iter().map(|x| x / t).filter(|x| !x.is_nan() && *x != f32::NEG_INFINITY).collect();
+    scaled.sort_unstable_by(|a, b| b.total_cmp(a));
+    if params.top_k > 0 && params.top_k < scaled.len() {
+        let kth = scaled[params.top_k - 1];
+        if own < kth - slack {
+            return false;
+        }
+        let kept = scaled.partition_point(|x| *x >= kth);
+        scaled.truncate(kept);
+    }
+    if params.top_p >= 1.0 {
+        return true;
+    }
+    let best = f64::from(scaled[0]);
+    let weights: Vec<f64> = scaled.iter().map(|&x| (f64::from(x) - best).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let better: f64 =
+        scaled.iter().zip(&weights).filter(|(x, _)| **x > own + slack).map(|(_, w)| w).sum::<f64>() / total;
+    better < f64::from(params.top_p)
 }
 
 /// Index of the largest logit, the lowest index on ties; NaN never wins.
@@ -442,6 +529,47 @@ mod tests {
     }
     /// Cross-checked against an independent Python transcription of the pipeline.
     const PINNED_IDS: [u32; 12] = [4, 39, 31, 39, 4, 39, 20, 8, 27, 28, 27, 8];
+
+    fn scored(logits: &[f32], token: u32, params: SamplingParams, tolerance: f32) -> TokenScore {
+        score(logits, &[], Some(token), &params, &ScoreRequest { from: 0, top: 2, tolerance })
+    }
+
+    #[test]
+    fn a_score_lists_log_probabilities_and_the_best_tokens() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let s = scored(&logits, 2, SamplingParams::default(), 0.0);
+        let lse = (1f64.exp() + 3f64.exp() + 2f64.exp()).ln();
+        assert!((f64::from(s.logprob) - (2.0 - lse)).abs() < 1e-6);
+        assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert!(!s.kept, "greedy chose 1");
+        assert!(scored(&logits, 1, SamplingParams::default(), 0.0).kept);
+        let beyond = score(&logits, &[], None, &SamplingParams::default(), &ScoreRequest { from: 0, top: 9, tolerance: 0.0 });
+        assert_eq!((beyond.token, beyond.kept, beyond.top.len()), (None, false, 3), "NaN and -inf are not listed");
+    }
+
+    #[test]
+    fn kept_follows_the_sampler_with_a_tolerance_for_float_noise() {
+        let greedy = SamplingParams::default();
+        // A near-tie: 0.999 vs 1.0 is noise at 1% of the largest logit, not at 0.
+        assert!(scored(&[1.0, 0.999], 1, greedy.clone(), 0.01).kept);
+        assert!(!scored(&[1.0, 0.999], 1, greedy.clone(), 0.0).kept);
+        // The repetition penalty is applied before judging: 2.0 / 4 < 1.0.
+        let penalized = SamplingParams { repetition_penalty: 4.0, ..greedy };
+        let s = score(&[2.0, 1.0], &[0], Some(1), &penalized, &ScoreRequest { from: 0, top: 0, tolerance: 0.0 });
+        assert!(s.kept);
+        // top-k 2 keeps the two best; temperature sampling keeps anything finite.
+        let logits = [5.0f32, 4.0, 3.0, 0.0, f32::NEG_INFINITY];
+        assert!(scored(&logits, 1, sampling(1.0, 2, 1.0, 0), 0.0).kept);
+        assert!(!scored(&logits, 2, sampling(1.0, 2, 1.0, 0), 0.0).kept);
+        assert!(scored(&logits, 3, sampling(1.0, 0, 1.0, 0), 0.0).kept);
+        assert!(!scored(&logits, 4, sampling(1.0, 0, 1.0, 0), 0.0).kept, "-inf is never drawn");
+        // top-p 0.5: token 0 alone holds ~0.66 of the mass, so only it stays;
+        // top-p 0.9 keeps token 1 too (0.66 < 0.9 is the mass before it).
+        assert!(scored(&logits, 0, sampling(1.0, 0, 0.5, 0), 0.0).kept);
+        assert!(!scored(&logits, 1, sampling(1.0, 0, 0.5, 0), 0.0).kept);
+        assert!(scored(&logits, 1, sampling(1.0, 0, 0.9, 0), 0.0).kept);
+        assert!(!scored(&logits, 2, sampling(1.0, 0, 0.9, 0), 0.0).kept, "0.66 + 0.24 >= 0.9 before it");
+    }
 
     #[test]
     fn top_k_one_is_greedy() {

@@ -410,6 +410,40 @@ mod tests {
     }
 
     #[test]
+    fn a_group_scores_a_sequence_as_one_process_does() {
+        use crate::engine::ScoreRequest;
+        let c = ModelConfig::synthetic(Architecture::Llama, 32, 2, 8, 4, 90, 61);
+        let whole = HostWeights::random(&c, 5);
+        let tokens: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8];
+        let req = ScoreRequest { from: 2, top: 2, tolerance: 0.01 };
+        let e = Engine::new(CpuBackend::new(), c.clone(), HostWeights::random(&c, 5));
+        let mut one = e.new_sequence(tokens.clone(), params(1)).expect("seq").scoring(req.clone());
+        let want = e.step(&mut [&mut one]).expect("step").remove(0).scores;
+        assert_eq!(want.len(), tokens.len() - 2);
+        let members = super::tests_support::members(&c, &whole, 2, 1);
+        let got: Vec<_> = std::thread::scope(|s| {
+            let runs: Vec<_> = members
+                .iter()
+                .map(|(g, e)| {
+                    let (tokens, req) = (tokens.clone(), req.clone());
+                    s.spawn(move || {
+                        let mut seq = e.new_sequence(tokens, params(1)).expect("seq").scoring(req);
+                        e.step_in_group(&mut [&mut seq], g, false).expect("step").0.remove(0).scores
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().expect("member")).collect()
+        });
+        assert!(got[1].is_empty(), "only rank 0 holds the assembled logits");
+        assert_eq!(got[0].len(), want.len());
+        for (g, w) in got[0].iter().zip(&want) {
+            assert_eq!((g.token, g.kept), (w.token, w.kept));
+            assert_eq!(g.top.iter().map(|t| t.0).collect::<Vec<_>>(), w.top.iter().map(|t| t.0).collect::<Vec<_>>());
+            assert!(g.logprob.is_nan() && w.logprob.is_nan() || (g.logprob - w.logprob).abs() < 1e-3);
+        }
+    }
+
+    #[test]
     fn a_degree_the_kv_heads_do_not_divide_or_a_fused_model_is_refused_in_one_line() {
         let c = ModelConfig::synthetic(Architecture::Llama, 32, 2, 8, 4, 90, 61);
         let e = check_degree(&c, 3).expect_err("3 of 4 KV heads").to_string();

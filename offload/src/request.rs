@@ -88,6 +88,44 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
 }
 
+/// What a scored sequence returns besides its next token: for every position
+/// from `from` on, how the model rates the token that follows there (an
+/// output audit re-checks finished sequences this way; log-probabilities are
+/// the same numbers).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoreRequest {
+    /// The first position whose logits are scored (they rate the token at
+    /// `from + 1`). Scores cover the sequence's first forward only.
+    pub from: usize,
+    /// How many of the most likely tokens to list per position (at most
+    /// [`ScoreRequest::MAX_TOP`]).
+    pub top: usize,
+    /// Float noise allowed when judging whether a token is one the sampler
+    /// could have chosen: a fraction of the position's largest logit magnitude
+    /// (after the repetition penalty). 0.01 is the references' tolerance.
+    pub tolerance: f32,
+}
+
+impl ScoreRequest {
+    pub const MAX_TOP: usize = 20;
+}
+
+/// How the model rates the token at one position (see [`ScoreRequest`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenScore {
+    /// The token that followed (`None` past the sequence's last token).
+    pub token: Option<u32>,
+    /// Its log-probability under the model's raw distribution (log-softmax of
+    /// the logits; NaN without a token).
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+    /// Whether the sequence's sampling could have chosen the token (greedy:
+    /// it is the argmax within the tolerance; sampled: it survives top-k and
+    /// top-p within the tolerance). False without a token.
+    pub kept: bool,
+}
+
 /// Tokens a sequence's KV cache holds at most: its prompt and every new token
 /// but the last (which is sampled, never fed back), within the model's
 /// positions. Admission reserves this much for a sequence from its start.
