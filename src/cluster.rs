@@ -71,6 +71,9 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
     if c.install_timeout_secs == 0 {
         bail!("--install-timeout-secs must be at least 1");
     }
+    if !(0.0..=1.0).contains(&c.audit_fraction) {
+        bail!("--audit-fraction must be between 0 and 1, got {}", c.audit_fraction);
+    }
     let l = &c.limits;
     if l.step_deadline_ms == 0 {
         bail!("--step-deadline-ms must be at least 1");
@@ -101,6 +104,7 @@ fn cluster_config(c: &ClusterArgs, workers: usize, security: Security) -> Result
         drain_timeout: Duration::from_secs(c.drain_timeout_secs),
         placement,
         install_timeout: Duration::from_secs(c.install_timeout_secs),
+        audit_fraction: c.audit_fraction,
     })
 }
 
@@ -435,6 +439,8 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             "step_deadlines_missed_total": s.step_deadlines_missed_total,
             "sequences_moved_total": s.sequences_moved_total,
             "install_deadlines_missed_total": s.install_deadlines_missed_total,
+            "audits_passed_total": s.audits_passed_total, "audits_failed_total": s.audits_failed_total,
+            "audits_skipped_total": s.audits_skipped_total, "audit_bans_total": s.audit_bans_total,
             "placement": s.placement, "tensor_degree": s.tensor_degree,
             "placement_reason": s.placement_reason,
             "workers": workers,
@@ -471,6 +477,10 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         s.queue_ms_max,
         s.step_deadlines_missed_total,
         s.install_deadlines_missed_total
+    );
+    println!(
+        "audits passed {} · failed {} · skipped {} · workers banned for failed audits {}",
+        s.audits_passed_total, s.audits_failed_total, s.audits_skipped_total, s.audit_bans_total
     );
     println!(
         "{:>4} {:<24} {:>14} {:>12} {:>12} {:>9} {:>17} {:>10} {:>6} {:>8} {:>9} {:>10} {:>15}",
@@ -543,6 +553,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             drain_timeout: Duration::from_secs(5),
             placement: a.placement_choice.kind.to_config(),
             install_timeout: Duration::from_secs(30),
+            audit_fraction: 0.0,
         },
         exe: std::env::current_exe().context("locating the zeroshard binary")?,
         worker_args: a.tuning.to_local_args(cuda, a.workers),

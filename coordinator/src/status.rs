@@ -85,6 +85,11 @@ pub struct ClusterStatus {
     pub step_deadlines_missed_total: u64,
     pub sequences_moved_total: u64,
     pub install_deadlines_missed_total: u64,
+    /// Output audits: passed, failed, skipped; workers banned for failing them.
+    pub audits_passed_total: u64,
+    pub audits_failed_total: u64,
+    pub audits_skipped_total: u64,
+    pub audit_bans_total: u64,
     /// The active plan's placement (`gather`, `tensor`; empty before the first plan).
     pub placement: String,
     /// Under `tensor`, the workers of each group (0 otherwise).

@@ -80,6 +80,11 @@ impl<B: Backend> Sequence<B> {
         self.score = Some(req);
         self
     }
+
+    /// The first position its next forward scores, if it is scored.
+    pub fn score_from(&self) -> Option<usize> {
+        self.score.as_ref().map(|r| r.from)
+    }
 }
 
 /// What a step produced for one sequence.
@@ -477,7 +482,9 @@ impl<B: Backend> Engine<B> {
                         .weight(&staged, HEAD_SLICE)?
                         .ok_or_else(|| EngineError::MissingWeight(HEAD_SLICE.into()))?;
                     let part = b.to_host(&b.linear(normed, slice, None, cols.len())?)?; // [rows, part]
-                    for (row, chunk) in logits.chunks_exact_mut(c.vocab_size).zip(part.chunks_exact(cols.len())) {
+                    for (row, chunk) in
+                        logits.chunks_exact_mut(c.vocab_size).zip(part.chunks_exact(cols.len()))
+                    {
                         row[cols.clone()].copy_from_slice(chunk);
                     }
                 }

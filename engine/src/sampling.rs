@@ -151,7 +151,8 @@ pub(crate) fn score(
     // The raw distribution: log-softmax in f64.
     let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
     let lse = if max.is_finite() {
-        let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| (f64::from(l) - f64::from(max)).exp()).sum();
+        let sum: f64 =
+            logits.iter().filter(|l| !l.is_nan()).map(|&l| (f64::from(l) - f64::from(max)).exp()).sum();
         f64::from(max) + sum.ln()
     } else {
         f64::NAN
@@ -173,7 +174,12 @@ pub(crate) fn score(
     let Some(token) = next.filter(|&t| (t as usize) < logits.len()) else {
         return TokenScore { token: next, logprob: f32::NAN, top, kept: false };
     };
-    TokenScore { token: Some(token), logprob: logprob(token), top, kept: kept(logits, history, token, params, req) }
+    TokenScore {
+        token: Some(token),
+        logprob: logprob(token),
+        top,
+        kept: kept(logits, history, token, params, req),
+    }
 }
 
 /// Whether the sampler could have chosen `token` (see [`score`]).
@@ -196,7 +202,8 @@ fn kept(logits: &[f32], history: &[u32], token: u32, params: &SamplingParams, re
     // better than it (by more than the slack) is below top_p.
     let t = params.temperature;
     let (own, slack) = (own / t, slack / t);
-    let mut scaled: Vec<f32> = l.iter().map(|x| x / t).filter(|x| !x.is_nan() && *x != f32::NEG_INFINITY).collect();
+    let mut scaled: Vec<f32> =
+        l.iter().map(|x| x / t).filter(|x| !x.is_nan() && *x != f32::NEG_INFINITY).collect();
     scaled.sort_unstable_by(|a, b| b.total_cmp(a));
     if params.top_k > 0 && params.top_k < scaled.len() {
         let kth = scaled[params.top_k - 1];
@@ -543,8 +550,18 @@ mod tests {
         assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
         assert!(!s.kept, "greedy chose 1");
         assert!(scored(&logits, 1, SamplingParams::default(), 0.0).kept);
-        let beyond = score(&logits, &[], None, &SamplingParams::default(), &ScoreRequest { from: 0, top: 9, tolerance: 0.0 });
-        assert_eq!((beyond.token, beyond.kept, beyond.top.len()), (None, false, 3), "NaN and -inf are not listed");
+        let beyond = score(
+            &logits,
+            &[],
+            None,
+            &SamplingParams::default(),
+            &ScoreRequest { from: 0, top: 9, tolerance: 0.0 },
+        );
+        assert_eq!(
+            (beyond.token, beyond.kept, beyond.top.len()),
+            (None, false, 3),
+            "NaN and -inf are not listed"
+        );
     }
 
     #[test]
@@ -555,7 +572,8 @@ mod tests {
         assert!(!scored(&[1.0, 0.999], 1, greedy.clone(), 0.0).kept);
         // The repetition penalty is applied before judging: 2.0 / 4 < 1.0.
         let penalized = SamplingParams { repetition_penalty: 4.0, ..greedy };
-        let s = score(&[2.0, 1.0], &[0], Some(1), &penalized, &ScoreRequest { from: 0, top: 0, tolerance: 0.0 });
+        let s =
+            score(&[2.0, 1.0], &[0], Some(1), &penalized, &ScoreRequest { from: 0, top: 0, tolerance: 0.0 });
         assert!(s.kept);
         // top-k 2 keeps the two best; temperature sampling keeps anything finite.
         let logits = [5.0f32, 4.0, 3.0, 0.0, f32::NEG_INFINITY];

@@ -438,7 +438,10 @@ mod tests {
         assert_eq!(got[0].len(), want.len());
         for (g, w) in got[0].iter().zip(&want) {
             assert_eq!((g.token, g.kept), (w.token, w.kept));
-            assert_eq!(g.top.iter().map(|t| t.0).collect::<Vec<_>>(), w.top.iter().map(|t| t.0).collect::<Vec<_>>());
+            assert_eq!(
+                g.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                w.top.iter().map(|t| t.0).collect::<Vec<_>>()
+            );
             assert!(g.logprob.is_nan() && w.logprob.is_nan() || (g.logprob - w.logprob).abs() < 1e-3);
         }
     }

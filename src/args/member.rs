@@ -61,6 +61,12 @@ pub(crate) struct ClusterArgs {
     /// planned without it (requests go on under the current epoch meanwhile).
     #[arg(long, default_value_t = 30, env = "ZEROSHARD_INSTALL_TIMEOUT_SECS")]
     pub install_timeout_secs: u64,
+    /// The fraction of finished sequences re-checked on another worker (or
+    /// tensor-parallel group) with one prefill over prompt + generated tokens:
+    /// a member whose tokens the model would not have chosen is banned by its
+    /// certificate's key and planned around. 0 turns audits off.
+    #[arg(long, default_value_t = 0.02, env = "ZEROSHARD_AUDIT_FRACTION")]
+    pub audit_fraction: f64,
     #[command(flatten)]
     pub limits: RequestLimitArgs,
     /// On SIGTERM: refuse new requests (UNAVAILABLE, so clients retry
@@ -389,6 +395,10 @@ pub(crate) struct FaultArgs {
     /// answering every RPC (a stuck worker).
     #[arg(long = "fault-hang-after-steps", hide = true, env = "ZEROSHARD_FAULT_HANG_AFTER_STEPS")]
     pub hang_after_steps: Option<u64>,
+    /// Test hook: send another token than the one computed for every Nth
+    /// generated token of each sequence (a member lying about its outputs).
+    #[arg(long = "fault-alter-every", default_value_t = 0, hide = true, env = "ZEROSHARD_FAULT_ALTER_EVERY")]
+    pub alter_every: u64,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -405,6 +415,7 @@ impl FaultArgs {
             }),
             step_delay: std::time::Duration::from_millis(self.step_delay_ms),
             hang_after_steps: self.hang_after_steps,
+            alter_every: self.alter_every,
         }
     }
 }

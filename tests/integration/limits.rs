@@ -281,14 +281,19 @@ fn a_bad_sequence_fails_alone_and_the_batch_goes_on() {
             .expect("connect to the worker");
         let bad = [
             // Its generated tokens already reach max_new_tokens.
-            (vec![1, 403], vec![5; 10], 10, "nothing to generate"),
+            (vec![1, 403], vec![5; 10], 10, "nothing to generate", None),
             // A token outside the 512-token vocabulary.
-            (vec![1, 100_000], vec![], 10, "outside the vocabulary"),
+            (vec![1, 100_000], vec![], 10, "outside the vocabulary", None),
+            // Scoring from past the prompt's end.
+            (vec![1, 403], vec![], 1, "scoring from position 5", Some(5)),
         ];
-        for (prompt_ids, generated, max_new, why) in bad {
+        for (prompt_ids, generated, max_new, why, score_from) in bad {
             let call = worker
                 .run_sequence(pb::RunSequenceRequest {
-                    sequence_id: 7_000_000 + max_new as u64 + generated.len() as u64,
+                    sequence_id: 7_000_000
+                        + max_new as u64
+                        + generated.len() as u64
+                        + prompt_ids.len() as u64 * 100,
                     epoch,
                     prompt_token_ids: prompt_ids,
                     generated_token_ids: generated,
@@ -296,6 +301,8 @@ fn a_bad_sequence_fails_alone_and_the_batch_goes_on() {
                         max_new_tokens: Some(max_new),
                         ..Default::default()
                     }),
+                    score: score_from
+                        .map(|from_position| pb::ScoreRequest { from_position, ..Default::default() }),
                 })
                 .await;
             let e = match call {

@@ -759,6 +759,106 @@ fn a_banned_certificate_registers_nothing_again() {
     });
 }
 
+/// Honest workers pass every audit, greedy and sampled, under the gather
+/// placement (the tensor placement's groups: `tensor::`).
+#[test]
+fn honest_workers_pass_every_audit() {
+    let c = Cluster::up(&[
+        "--model",
+        model("stories260K").to_str().expect("utf-8"),
+        "--workers",
+        "3",
+        "--audit-fraction",
+        "1",
+    ]);
+    assert_audits_pass(&c.endpoint);
+}
+
+/// A worker that computes honestly but sends every 10th token altered passes
+/// every other check (its blocks match the digests, it answers on time): the
+/// output audits catch it within a handful of its sequences, ban its
+/// certificate's key and plan around it; answers are exact from then on and
+/// no honest worker fails an audit.
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
+)]
+#[test]
+fn a_worker_that_alters_its_tokens_is_caught_by_the_audits_and_banned() {
+    let pki = Pki::new();
+    pki.issue("coordinator", "coord");
+    let (_procs, endpoint, coord_uri) = secure_cluster(
+        &pki,
+        &["--audit-fraction", "1"],
+        &[("w-a", &[]), ("w-b", &[]), ("liar", &["--fault-alter-every", "10"])],
+    );
+    let ca = pki.ca();
+    let auth = ["--tls-ca", ca.as_str(), "--api-key", "key-one"];
+    let (prompt, want) = reference();
+    let ask = || {
+        let mut args = vec!["query", "--endpoint", &endpoint, "--json", "--prompt", &prompt];
+        args.extend(["--ignore-eos", "--max-new-tokens", "48", "--retry-for-secs", "5"]);
+        args.extend_from_slice(&auth);
+        ids_of(&run_json(&args).remove(0)["token_ids"])
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let (mut asked, mut wrong) = (0, 0);
+    let banned = loop {
+        let answers: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..3).map(|_| s.spawn(ask)).collect();
+            runs.into_iter().map(|r| r.join().expect("query")).collect()
+        });
+        asked += answers.len();
+        wrong += answers.iter().filter(|a| **a != want).count();
+        let st = status_with(&endpoint, &auth);
+        if st["audit_bans_total"].as_u64() >= Some(1)
+            && st["epoch"].as_u64() >= Some(2)
+            && st["ready"] == true
+        {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the liar was never banned after {asked} queries: {st}"
+        );
+    };
+    eprintln!("banned after {asked} queries, {wrong} of them answered wrong by the liar: {banned}");
+    assert!(wrong >= 1, "the liar answered nothing: the test proves nothing");
+    assert!(wrong <= 6, "{wrong} wrong answers before the ban: not within a handful");
+    assert_eq!(banned["audit_bans_total"], 1, "{banned}");
+    let planned = banned["workers"].as_array().expect("workers").iter().filter(|w| w["ready"] == true).count();
+    assert_eq!(planned, 2, "the liar is planned around (registered, not ready): {banned}");
+    // From now on every answer is exact and every audit passes.
+    let failed = banned["audits_failed_total"].as_u64().expect("failed audits");
+    assert!(failed >= 1, "{banned}");
+    for _ in 0..4 {
+        assert_eq!(ask(), want);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let st = status_with(&endpoint, &auth);
+        let passed = st["audits_passed_total"].as_u64().unwrap_or(0);
+        if passed >= banned["audits_passed_total"].as_u64().unwrap_or(0) + 4 {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "audits after the ban never passed: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        after["audits_failed_total"].as_u64(),
+        Some(failed),
+        "an honest worker failed an audit: {after}"
+    );
+    assert_eq!(after["audit_bans_total"], 1, "{after}");
+    rt().block_on(async {
+        // Its key registers nothing again; an honest key still does.
+        let liar = pki.security(Some("liar"));
+        assert_eq!(register(&liar, &coord_uri, "https://127.0.0.1:9", 0).await, Code::PermissionDenied);
+        let honest = pki.security(Some("w-a"));
+        assert_eq!(register(&honest, &coord_uri, "https://127.0.0.1:9", 0).await, Code::Ok);
+    });
+}
+
 /// A worker certificate registering dead addresses as fast as it can: the
 /// first burst registers, the rest is refused (RESOURCE_EXHAUSTED); none of
 /// them answers a probe at its address, so none is planned: no new epoch,

@@ -72,7 +72,9 @@ fn tensor_groups_answer_with_generates_greedy_tokens() {
         exact(&stories, workers, &[], "tensor", workers as u64).stop();
     }
     // Two groups of two: requests at once go to both, each exact.
-    let c = exact(&stories, 4, &["--replicas", "2"], "tensor", 2);
+    let c = exact(&stories, 4, &["--replicas", "2", "--audit-fraction", "1"], "tensor", 2);
+    // Each group audits the other's sequences, scored by both of its members.
+    assert_audits_pass(&c.endpoint);
     let endpoint = c.endpoint.clone();
     let want: Vec<Vec<u32>> = PROMPTS.iter().map(|p| generated(&stories, p, "64")).collect();
     let runs: Vec<_> = PROMPTS

@@ -32,6 +32,8 @@ pub struct ClusterConfig {
     /// The least time a worker gets to install a plan; it gets 1 s more per
     /// `INSTALL_BYTES_PER_S` of ranges it loads (see [`Self::install_deadline`]).
     pub install_timeout: Duration,
+    /// The fraction of finished sequences audited on another worker (0: none).
+    pub audit_fraction: f64,
 }
 
 /// The slowest load rate an install deadline allows for: a worker loading

@@ -25,10 +25,11 @@ const POLL_EVERY: Duration = Duration::from_millis(500);
 /// A worker that does not answer this fast is skipped this round.
 const POLL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A holder to evict, and the blocks of it that failed.
+/// A worker to ban, and what it did (the digest watch names holders whose
+/// blocks failed; the output audits, workers whose tokens failed).
 pub(super) struct Faulty {
     pub id: WorkerId,
-    pub blocks: u64,
+    pub why: String,
 }
 
 /// Polls until the supervisor is gone; names each faulty holder once.
@@ -49,9 +50,11 @@ pub(super) async fn watch(coord: Coordinator, faulty: mpsc::UnboundedSender<Faul
             }
         }
         for (id, blocks) in by_holder {
-            if blocks >= EVICT_AFTER_BLOCKS && named.insert(id) && faulty.send(Faulty { id, blocks }).is_err()
-            {
-                return;
+            if blocks >= EVICT_AFTER_BLOCKS && named.insert(id) {
+                let why = format!("{id} served {blocks} block(s) that failed the checkpoint's digest");
+                if faulty.send(Faulty { id, why }).is_err() {
+                    return;
+                }
             }
         }
     }

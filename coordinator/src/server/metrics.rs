@@ -159,6 +159,28 @@ pub(super) fn cluster_text(s: &ClusterStatus, model: &str, in_flight: usize) -> 
         "Workers that did not install a plan within their install deadline (evicted).",
         s.install_deadlines_missed_total as f64,
     );
+    for (name, help, n) in [
+        ("zeroshard_audits_passed_total", "whose every token held", s.audits_passed_total),
+        (
+            "zeroshard_audits_failed_total",
+            "with tokens the model would not have chosen",
+            s.audits_failed_total,
+        ),
+        (
+            "zeroshard_audits_skipped_total",
+            "that found no other worker to audit them",
+            s.audits_skipped_total,
+        ),
+    ] {
+        let help = format!("Finished sequences re-checked on another worker (--audit-fraction) {help}.");
+        f.one(name, "counter", &help, n as f64);
+    }
+    f.one(
+        "zeroshard_audit_bans_total",
+        "counter",
+        "Workers banned because audits found tokens the model would not have chosen.",
+        s.audit_bans_total as f64,
+    );
     f.one(
         "zeroshard_step_deadlines_missed_total",
         "counter",

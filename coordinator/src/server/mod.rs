@@ -18,6 +18,7 @@
 //! match coord.wait_ready().await { Readiness::Ready => println!("ready"), Readiness::Failed(e) => bail!(e), .. }
 //! ```
 mod admission;
+mod audit;
 mod choose;
 mod config;
 mod control;

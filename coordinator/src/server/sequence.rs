@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use zeroshard_offload::request::{kv_tokens, FinishReason};
 
 use super::admission::Reservation;
+use super::audit::Producer;
 use super::generate::{Out, Validated};
 use super::worker_client::Interrupted;
 use super::Coordinator;
@@ -49,6 +50,8 @@ struct Run<'t> {
     first: bool,
     /// Every token produced so far (a resume sends them with the prompt).
     produced: Vec<u32>,
+    /// Which worker produced which of them (for the output audit).
+    by: Vec<Producer>,
     finish: Option<FinishReason>,
     /// When the sequence left the queue (prefill and decode times start here).
     start: Instant,
@@ -183,6 +186,7 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
         timings: Timings { prompt_tokens: v.prompt.len(), ..Default::default() },
         first: true,
         produced: Vec::new(),
+        by: Vec::new(),
         finish: if v.params.max_new_tokens == 0 { Some(FinishReason::Length) } else { None },
         start: arrived,
         received,
@@ -204,7 +208,12 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
         }
         resume = true;
         let id = room.worker.id;
-        let outcome = run.attempt(coord, &v, &room, out, &mut changes).await?;
+        let before = run.produced.len();
+        let outcome = run.attempt(coord, &v, &room, out, &mut changes).await;
+        if run.produced.len() > before {
+            run.by.push(Producer { worker: id, tokens: before..run.produced.len() });
+        }
+        let outcome = outcome?;
         drop(room);
         match outcome {
             Attempt::Done => break,
@@ -255,7 +264,10 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
             return Ok(false);
         }
     }
-    let Run { mut text, mut timings, first, produced, finish, start, .. } = run;
+    let Run { mut text, mut timings, first, produced, by, finish, start, .. } = run;
+    if finish.is_some() {
+        super::audit::consider(coord, &v.prompt, &v.params, &produced, &by);
+    }
     let generated = produced.len();
     let tail = text.finish()?;
     let total_ms = start.elapsed().as_secs_f64() * 1e3;

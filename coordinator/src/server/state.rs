@@ -10,6 +10,8 @@
 //!
 //! The state itself is private to this file: everything else goes through the
 //! handle's methods.
+use super::audit::Audits;
+use super::faults::Faulty;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -106,6 +108,8 @@ struct Cluster {
     changes: watch::Sender<u64>,
     /// Failures seen by request handlers: the supervisor probes the workers.
     reports: mpsc::UnboundedSender<WorkerId>,
+    /// Workers caught serving bad blocks or bad tokens: the supervisor bans them.
+    faulty: mpsc::UnboundedSender<Faulty>,
 }
 
 /// Client requests: their numbers, the tokenization slots, how many run, the drain.
@@ -141,6 +145,7 @@ struct Inner {
     /// The request queue and the room taken on every worker (its own task).
     admission: Admission,
     counters: Counters,
+    audits: Audits,
 }
 
 /// A cloneable handle on the cluster state.
@@ -191,6 +196,7 @@ impl Coordinator {
         let chat_template = ChatTemplate::from_model_dir(dir)?.map(Arc::new);
         let (ready, _) = watch::channel(Readiness::Waiting { registered: 0, expected: cfg.workers });
         let (reports, reports_rx) = mpsc::unbounded_channel();
+        let (faulty, faulty_rx) = mpsc::unbounded_channel();
         // Sequence ids unique across coordinator restarts: workers may still
         // hold sequences of a previous coordinator for a moment.
         let first_seq = std::time::SystemTime::now()
@@ -215,6 +221,7 @@ impl Coordinator {
             ready,
             changes: watch::channel(0).0,
             reports,
+            faulty,
         };
         let requests = Requests {
             next_seq: AtomicU64::new(first_seq),
@@ -225,9 +232,16 @@ impl Coordinator {
             drain: watch::channel(DrainState::Serving).0,
             in_flight: watch::channel(0).0,
         };
-        let coord =
-            Self(Arc::new(Inner { cfg, model, cluster, requests, admission, counters: Counters::default() }));
-        tokio::spawn(super::supervisor::run(coord.clone(), reports_rx));
+        let coord = Self(Arc::new(Inner {
+            cfg,
+            model,
+            cluster,
+            requests,
+            admission,
+            counters: Counters::default(),
+            audits: Audits::default(),
+        }));
+        tokio::spawn(super::supervisor::run(coord.clone(), reports_rx, faulty_rx));
         Ok(coord)
     }
 
@@ -346,6 +360,21 @@ impl Coordinator {
     /// A request handler saw `id` fail: the supervisor checks every worker.
     pub fn report_failure(&self, id: WorkerId) {
         let _ = self.0.cluster.reports.send(id);
+    }
+
+    /// `f.id` was caught lying: the supervisor bans it and plans around it.
+    pub(super) fn report_faulty(&self, f: Faulty) {
+        let _ = self.0.cluster.faulty.send(f);
+    }
+
+    /// Where the fault watch names faulty workers.
+    pub(super) fn faulty_sender(&self) -> mpsc::UnboundedSender<Faulty> {
+        self.0.cluster.faulty.clone()
+    }
+
+    /// The output audits' counters and verdicts.
+    pub(super) fn audits(&self) -> &Audits {
+        &self.0.audits
     }
 
     /// What `RegisterWorker` and `KeepAlive` act on; None under etcd.

@@ -75,6 +75,10 @@ impl Coordinator {
             step_deadlines_missed_total: q.deadlines_missed,
             sequences_moved_total: self.counters().sequences_moved.load(Ordering::Relaxed),
             install_deadlines_missed_total: self.counters().install_deadlines_missed.load(Ordering::Relaxed),
+            audits_passed_total: self.audits().passed.load(Ordering::Relaxed),
+            audits_failed_total: self.audits().failed.load(Ordering::Relaxed),
+            audits_skipped_total: self.audits().skipped.load(Ordering::Relaxed),
+            audit_bans_total: self.audits().banned.load(Ordering::Relaxed),
             placement: plan
                 .as_ref()
                 .map_or("", |p| if p.tensor_degree().is_some() { "tensor" } else { "gather" })

@@ -99,7 +99,11 @@ enum Woke {
     Time,
 }
 
-pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver<WorkerId>) {
+pub(super) async fn run(
+    coord: Coordinator,
+    mut reports: mpsc::UnboundedReceiver<WorkerId>,
+    faulty: mpsc::UnboundedReceiver<super::faults::Faulty>,
+) {
     let membership = coord.membership().clone();
     let MemberWatch { members, events } = match membership.watch().await {
         Ok(w) => w,
@@ -135,11 +139,9 @@ pub(super) async fn run(coord: Coordinator, mut reports: mpsc::UnboundedReceiver
         silent: BTreeSet::new(),
         links: Default::default(),
         events,
-        faulty: mpsc::unbounded_channel().1,
+        faulty,
     };
-    let (faulty_tx, faulty) = mpsc::unbounded_channel();
-    sup.faulty = faulty;
-    tokio::spawn(super::faults::watch(sup.coord.clone(), faulty_tx));
+    tokio::spawn(super::faults::watch(sup.coord.clone(), sup.coord.faulty_sender()));
     for m in members {
         sup.apply(MemberEvent::Joined(m));
     }
@@ -191,7 +193,10 @@ impl Supervisor {
     /// embedded membership, which sees the key register; under etcd the ban
     /// holds for the id).
     pub(super) fn ban(&mut self, f: super::faults::Faulty) {
-        let why = format!("{} served {} block(s) that failed the checkpoint's digest", f.id, f.blocks);
+        if !self.banned.insert(f.id) {
+            return;
+        }
+        let why = f.why;
         let owner = self.coord.embedded().and_then(|m| m.owner(f.id).map(|o| (m, o)));
         match owner {
             Some((m, o)) => {
@@ -200,7 +205,6 @@ impl Supervisor {
             }
             None => tracing::error!("{why}: evicting it (banned from planning)"),
         }
-        self.banned.insert(f.id);
     }
 
     /// Whether membership has been still long enough to act on (see the module docs).

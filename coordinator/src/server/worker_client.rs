@@ -10,7 +10,7 @@ use tonic::transport::Channel;
 use zeroshard_offload::convert::digests_to_pb;
 use zeroshard_offload::digest::BlockDigests;
 use zeroshard_offload::plan::{Plan, WorkerId};
-use zeroshard_offload::request::{FinishReason, GenerationParams};
+use zeroshard_offload::request::{FinishReason, GenerationParams, ScoreRequest, TokenScore};
 use zeroshard_proto::v1 as pb;
 use zeroshard_proto::v1::worker_client::WorkerClient;
 use zeroshard_security::Security;
@@ -79,6 +79,18 @@ pub(crate) enum Interrupted {
 }
 
 impl Interrupted {
+    /// What the worker said.
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Self::Invalid(m)
+            | Self::StepFailed(m)
+            | Self::Replaced(m)
+            | Self::Busy(m)
+            | Self::Moved(m)
+            | Self::Failed(m) => m,
+        }
+    }
+
     fn from_status(who: &str, s: &tonic::Status) -> Self {
         let why = format!("{who}: {}", s.message());
         match s.code() {
@@ -240,9 +252,46 @@ impl WorkerHandle {
             prompt_token_ids: prompt.to_vec(),
             generated_token_ids: generated.to_vec(),
             sampling: Some(pb::SamplingParams::from(params)),
+            score: None,
         };
         match c.run_sequence(req).await {
             Ok(r) => Ok(Steps { inner: r.into_inner(), who: self.who.clone() }),
+            Err(s) => Err(Interrupted::from_status(&self.who, &s)),
+        }
+    }
+
+    /// Scores `tokens` (a prompt and what was generated after it) from
+    /// position `req.from` on with one prefill on the worker, under `epoch`
+    /// and the sequence's sampling `params` (see [`ScoreRequest`]).
+    pub(crate) async fn score(
+        &self,
+        sequence_id: u64,
+        epoch: u64,
+        tokens: &[u32],
+        params: &GenerationParams,
+        req: &ScoreRequest,
+    ) -> std::result::Result<Vec<TokenScore>, Interrupted> {
+        let mut c = self.client.clone();
+        let sampling = pb::SamplingParams {
+            max_new_tokens: Some(1),
+            ignore_eos: true,
+            ..pb::SamplingParams::from(params)
+        };
+        let req = pb::RunSequenceRequest {
+            sequence_id,
+            epoch,
+            prompt_token_ids: tokens.to_vec(),
+            generated_token_ids: vec![],
+            sampling: Some(sampling),
+            score: Some(pb::ScoreRequest::from(req)),
+        };
+        let first = match c.run_sequence(req).await {
+            Ok(r) => r.into_inner().message().await,
+            Err(s) => return Err(Interrupted::from_status(&self.who, &s)),
+        };
+        match first {
+            Ok(Some(step)) => Ok(step.scores.into_iter().map(TokenScore::from).collect()),
+            Ok(None) => Err(Interrupted::Failed(format!("{} ended the scored sequence early", self.who))),
             Err(s) => Err(Interrupted::from_status(&self.who, &s)),
         }
     }

@@ -1,7 +1,7 @@
 //! Generation parameters on the wire.
 use zeroshard_proto::v1 as pb;
 
-use crate::request::{FinishReason, GenerationParams, SamplingParams};
+use crate::request::{FinishReason, GenerationParams, SamplingParams, ScoreRequest, TokenScore};
 
 /// Sampling parameters from the wire, with the CLI's defaults for unset fields
 /// (greedy, 128 new tokens). Validated later, with the prompt.
@@ -41,6 +41,45 @@ impl From<FinishReason> for pb::FinishReason {
             FinishReason::Length => Self::Length,
             FinishReason::Eos => Self::Eos,
             FinishReason::Stop => Self::Stop,
+        }
+    }
+}
+
+impl From<pb::ScoreRequest> for ScoreRequest {
+    fn from(r: pb::ScoreRequest) -> Self {
+        Self {
+            from: r.from_position as usize,
+            top: (r.top as usize).min(Self::MAX_TOP),
+            tolerance: r.tolerance,
+        }
+    }
+}
+
+impl From<&ScoreRequest> for pb::ScoreRequest {
+    fn from(r: &ScoreRequest) -> Self {
+        Self { from_position: r.from as u32, top: r.top as u32, tolerance: r.tolerance }
+    }
+}
+
+impl From<&TokenScore> for pb::TokenScore {
+    fn from(s: &TokenScore) -> Self {
+        Self {
+            token_id: s.token,
+            logprob: s.logprob,
+            top_token_ids: s.top.iter().map(|t| t.0).collect(),
+            top_logprobs: s.top.iter().map(|t| t.1).collect(),
+            kept: s.kept,
+        }
+    }
+}
+
+impl From<pb::TokenScore> for TokenScore {
+    fn from(s: pb::TokenScore) -> Self {
+        Self {
+            token: s.token_id,
+            logprob: s.logprob,
+            top: s.top_token_ids.into_iter().zip(s.top_logprobs).collect(),
+            kept: s.kept,
         }
     }
 }

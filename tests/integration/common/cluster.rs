@@ -94,8 +94,22 @@ impl Cluster {
         self.child.id()
     }
 
+    /// No audit of this cluster failed (every sequence of the suite's
+    /// clusters is audited: see [`bin`]); clusters whose `status` needs more
+    /// than the endpoint (keys, certificates) are not asked.
+    fn assert_no_failed_audit(&self) {
+        let out = super::run(&["status", "--endpoint", &self.endpoint, "--json"]);
+        let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return };
+        assert_eq!(
+            s["audits_failed_total"].as_u64(),
+            Some(0),
+            "an honest worker failed an output audit: {s}"
+        );
+    }
+
     /// SIGTERM, and wait for a clean exit.
     pub(crate) fn stop(mut self) -> std::process::ExitStatus {
+        self.assert_no_failed_audit();
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().expect("wait up");
@@ -106,6 +120,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.assert_no_failed_audit();
+        }
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();

@@ -47,9 +47,14 @@ pub(crate) fn read_json(path: &Path) -> Value {
 /// the machine's measured speed and load, and tests of gather's behaviour
 /// (gathered bytes, fail-over between holders) must not change with it. The
 /// tests of `auto` pass `--placement auto`.
+///
+/// Every finished sequence is audited (`--audit-fraction 1`, overridden by the
+/// flag), and a cluster that `up` started checks on drop that no audit
+/// failed: honest workers never fail one anywhere in the suite.
 pub(crate) fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_zeroshard"));
     c.env("ZEROSHARD_PLACEMENT", "gather");
+    c.env("ZEROSHARD_AUDIT_FRACTION", "1");
     c
 }
 
@@ -128,6 +133,60 @@ pub(crate) fn query(endpoint: &str, extra: &[&str]) -> Value {
     let mut args = vec!["query", "--endpoint", endpoint, "--json"];
     args.extend_from_slice(extra);
     run_json(&args).remove(0)
+}
+
+/// Asks `endpoint` greedy and sampled requests (top-k, top-p, a repetition
+/// penalty, several seeds) under `--audit-fraction 1`, then waits for every
+/// one of them to be audited: all pass, none fails, nobody is banned.
+pub(crate) fn assert_audits_pass(endpoint: &str) {
+    let before = status(endpoint);
+    let count = |s: &Value, k: &str| s[k].as_u64().unwrap_or(0);
+    let mut asked = 0;
+    std::thread::scope(|s| {
+        let mut runs = Vec::new();
+        for (i, prompt) in ["Once upon a time", "The little dog", "Lily went to the park"].iter().enumerate()
+        {
+            let seed = i.to_string();
+            runs.push(s.spawn(move || query(endpoint, &greedy("--prompt", prompt, "40"))));
+            runs.push(s.spawn(move || {
+                let sampled = [
+                    "--prompt",
+                    prompt,
+                    "--max-new-tokens",
+                    "40",
+                    "--temperature",
+                    "0.9",
+                    "--top-k",
+                    "12",
+                    "--top-p",
+                    "0.9",
+                    "--repetition-penalty",
+                    "1.3",
+                    "--seed",
+                    &seed,
+                ];
+                query(endpoint, &sampled)
+            }));
+        }
+        asked = runs.len() as u64;
+        for r in runs {
+            r.join().expect("query thread");
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = status(endpoint);
+        let done = count(&s, "audits_passed_total") + count(&s, "audits_failed_total")
+            - count(&before, "audits_passed_total")
+            - count(&before, "audits_failed_total");
+        if done >= asked || std::time::Instant::now() > deadline {
+            assert_eq!(count(&s, "audits_failed_total"), count(&before, "audits_failed_total"), "{s}");
+            assert_eq!(count(&s, "audit_bans_total"), 0, "{s}");
+            assert!(done >= asked, "{done} of {asked} sequences audited within 30 s: {s}");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// `status --json` of a cluster.

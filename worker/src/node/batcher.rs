@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use super::group::{self, Followed, Joined, Leader, Member, Order};
 use super::Faults;
 use crate::error::WorkerError;
-use zeroshard_engine::engine::{kv_tokens, Engine, GenerationParams, Sequence, StepToken};
+use zeroshard_engine::engine::{kv_tokens, Engine, GenerationParams, ScoreRequest, Sequence, StepToken};
 use zeroshard_engine::source::WeightSource;
 use zeroshard_engine::tensor::TensorShard;
 use zeroshard_engine::weights::HostWeights;
@@ -51,6 +51,8 @@ pub(crate) enum Command {
         id: u64,
         prompt: Vec<u32>,
         params: GenerationParams,
+        /// Score its prompt from this position on (an output audit).
+        score: Option<ScoreRequest>,
         tx: UnboundedSender<SeqEvent>,
     },
     Cancel(u64),
@@ -117,7 +119,15 @@ fn admit<B: Backend>(
     active: &HashMap<u64, Active<B>>,
     prompt: Vec<u32>,
     params: GenerationParams,
+    score: Option<ScoreRequest>,
 ) -> Result<(Sequence<B>, u64), WorkerError> {
+    if let Some(r) = score.as_ref().filter(|r| r.from >= prompt.len()) {
+        return Err(WorkerError::InvalidRequest(format!(
+            "scoring from position {} of a prompt of {} tokens",
+            r.from,
+            prompt.len()
+        )));
+    }
     if params.max_new_tokens == 0 {
         return Err(WorkerError::InvalidRequest(
             "nothing to generate: the sequence has produced its max_new_tokens already".into(),
@@ -151,7 +161,14 @@ fn admit<B: Backend>(
             limits.kv_cache_bytes as f64 / MIB
         )));
     }
-    Ok((engine.new_sequence(prompt, params)?, need))
+    let seq = engine.new_sequence(prompt, params)?;
+    Ok((
+        match score {
+            Some(r) => seq.scoring(r),
+            None => seq,
+        },
+        need,
+    ))
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -228,8 +245,8 @@ pub(super) fn run<B: Backend>(
                 Command::Run { tx, .. } if draining => {
                     let _ = tx.send(Err(handed_back()));
                 }
-                Command::Run { id, prompt, params, tx } => {
-                    match admit(&engine, &limits, &active, prompt, params) {
+                Command::Run { id, prompt, params, score, tx } => {
+                    match admit(&engine, &limits, &active, prompt, params, score) {
                         Ok((seq, reserved)) => {
                             active.insert(id, Active { seq, tx, reserved });
                         }
@@ -311,6 +328,7 @@ pub(super) fn run<B: Backend>(
                             prompt: s.prompt().to_vec(),
                             max_new_tokens: s.params().max_new_tokens,
                             ignore_eos: s.params().ignore_eos,
+                            score_from: s.score_from(),
                         })
                         .collect(),
                     left: known.difference(&now).copied().collect(),
@@ -330,7 +348,10 @@ pub(super) fn run<B: Backend>(
         metrics::histogram!("zeroshard_step_batch_size").record(ids.len() as f64);
         match result {
             Ok((tokens, _)) => {
-                for ((id, t), tx) in ids.iter().zip(tokens).zip(txs) {
+                for ((id, mut t), tx) in ids.iter().zip(tokens).zip(txs) {
+                    if active.get(id).is_some_and(|a| cfg.faults.alter_token(a.seq.generated().len())) {
+                        t.token = (t.token + 1) % engine.config().vocab_size as u32;
+                    }
                     let finished = t.finished.is_some();
                     if tx.send(Ok(t)).is_err() || finished {
                         active.remove(id);

@@ -1,6 +1,6 @@
 //! Test hooks: faults a worker injects into itself so the integration tests can
 //! drive the cluster's failure paths (a lying holder, a refused load, a device
-//! error mid-step, a stuck or slow batching loop).
+//! error mid-step, a stuck or slow batching loop, altered outputs).
 //!
 //! They exist only with the `fault-injection` cargo feature, which the test
 //! command enables. Without it [`Faults`] has no fields and every question it
@@ -42,6 +42,10 @@ pub struct Faults {
     /// its lease and answers every RPC): a stuck worker.
     #[cfg(feature = "fault-injection")]
     pub hang_after_steps: Option<u64>,
+    /// Send a different token than the one computed for every Nth generated
+    /// token of a sequence (0 = never): a member that lies about its outputs.
+    #[cfg(feature = "fault-injection")]
+    pub alter_every: u64,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -68,6 +72,10 @@ impl Faults {
     pub(crate) fn hang_after_steps(&self) -> Option<u64> {
         self.hang_after_steps
     }
+    /// Whether the `n`th generated token (counted from 1) is sent altered.
+    pub(crate) fn alter_token(&self, n: usize) -> bool {
+        self.alter_every > 0 && (n as u64).is_multiple_of(self.alter_every)
+    }
 }
 
 #[cfg(not(feature = "fault-injection"))]
@@ -92,5 +100,8 @@ impl Faults {
     }
     pub(crate) fn hang_after_steps(&self) -> Option<u64> {
         None
+    }
+    pub(crate) fn alter_token(&self, _n: usize) -> bool {
+        false
     }
 }

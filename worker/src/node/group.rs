@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::rpc::group::Wire;
-use zeroshard_engine::engine::{Engine, GenerationParams, Sequence};
+use zeroshard_engine::engine::{Engine, GenerationParams, ScoreRequest, Sequence};
 use zeroshard_engine::tensor::{sum_in_order, Collective};
 use zeroshard_engine::{Backend, EngineError};
 
@@ -75,6 +75,9 @@ pub(crate) struct Joined {
     pub prompt: Vec<u32>,
     pub max_new_tokens: usize,
     pub ignore_eos: bool,
+    /// A scored sequence's first scored position (see `Sequence::scoring`):
+    /// every member computes those rows of the head.
+    pub score_from: Option<usize>,
 }
 
 fn group_error(what: impl Into<String>) -> EngineError {
@@ -285,7 +288,11 @@ pub(crate) fn follow<B: Backend>(
                 max_new_tokens: j.max_new_tokens,
                 ignore_eos: j.ignore_eos,
             };
-            match engine.new_sequence(j.prompt, params) {
+            let scored = |s: Sequence<B>| match j.score_from {
+                Some(from) => s.scoring(ScoreRequest { from, top: 0, tolerance: 0.0 }),
+                None => s,
+            };
+            match engine.new_sequence(j.prompt, params).map(scored) {
                 Ok(s) => {
                     seqs.insert(j.id, s);
                 }

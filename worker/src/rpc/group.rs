@@ -235,6 +235,7 @@ fn order_message(o: &Order) -> pb::GroupOrder {
                 prompt_token_ids: j.prompt.clone(),
                 max_new_tokens: j.max_new_tokens as u32,
                 ignore_eos: j.ignore_eos,
+                score_from: j.score_from.map(|f| f as u32),
             })
             .collect(),
         left: o.left.clone(),
@@ -252,6 +253,7 @@ fn order(o: pb::GroupOrder) -> Order {
                 prompt: j.prompt_token_ids,
                 max_new_tokens: j.max_new_tokens as usize,
                 ignore_eos: j.ignore_eos,
+                score_from: j.score_from.map(|f| f as usize),
             })
             .collect(),
         left: o.left,

@@ -19,6 +19,7 @@ use zeroshard_proto::v1::worker_server::{Worker, WorkerServer};
 use zeroshard_security::{Guard, Role};
 
 use zeroshard_offload::convert::{fetch_ranges, generation_params};
+use zeroshard_offload::request::ScoreRequest;
 use zeroshard_offload::shards::{check_probe, checksum, probe_chunks, CHUNK_BYTES};
 
 use super::convert;
@@ -73,7 +74,8 @@ impl Worker for Svc {
         params.sampling.resume_draws = r.generated_token_ids.len() as u64;
         prompt.extend(r.generated_token_ids);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.0.send(Command::Run { id: r.sequence_id, prompt, params, tx });
+        let score = r.score.map(ScoreRequest::from);
+        self.0.send(Command::Run { id: r.sequence_id, prompt, params, score, tx });
         // Counted open until tonic drops the stream (its status sent): a drain
         // waits for the hand-backs it caused to go out.
         let open = self.0.stats.sequence_streams.open();
