@@ -426,6 +426,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
                     "rejected_blocks_total": w.rejected_blocks_total,
                     "kv_cache_bytes": w.kv_cache_bytes, "kv_reserved_bytes": w.kv_reserved_bytes,
                     "max_active_sequences": w.max_active_sequences,
+                    "audits_failed_total": w.audits_failed_total,
                 })
             })
             .collect();

@@ -177,10 +177,12 @@ macro_rules! same_fields {
 
 same_fields!(WorkerStatus => pb::WorkerStatus { id, address, owned_partitioned_bytes, owned_persistent_bytes,
     resident_bytes, active_sequences, gather_bytes_per_s, ready, rejected_chunks_total, steps_total, loads_total,
-    failovers_total, rejected_blocks_total, kv_cache_bytes, kv_reserved_bytes, max_active_sequences });
+    failovers_total, rejected_blocks_total, kv_cache_bytes, kv_reserved_bytes, max_active_sequences,
+    audits_failed_total });
 same_fields!(pb::WorkerStatus => WorkerStatus { id, address, owned_partitioned_bytes, owned_persistent_bytes,
     resident_bytes, active_sequences, gather_bytes_per_s, ready, rejected_chunks_total, steps_total, loads_total,
-    failovers_total, rejected_blocks_total, kv_cache_bytes, kv_reserved_bytes, max_active_sequences });
+    failovers_total, rejected_blocks_total, kv_cache_bytes, kv_reserved_bytes, max_active_sequences,
+    audits_failed_total });
 
 impl From<ClusterStatus> for pb::ClusterStatusResponse {
     fn from(s: ClusterStatus) -> Self {

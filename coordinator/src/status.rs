@@ -63,6 +63,8 @@ pub struct WorkerStatus {
     pub kv_cache_bytes: u64,
     pub kv_reserved_bytes: u64,
     pub max_active_sequences: u32,
+    /// Output audits that failed its tokens.
+    pub audits_failed_total: u64,
 }
 
 /// The cluster as `status` shows it.

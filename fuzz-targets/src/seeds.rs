@@ -199,6 +199,11 @@ fn write_seed_corpus() {
             prompt_token_ids: vec![1, 403, 407],
             sampling: *sampling,
             generated_token_ids: vec![261, 378],
+            score: name.starts_with('g').then_some(pb::ScoreRequest {
+                from_position: 2,
+                top: 5,
+                tolerance: 0.01,
+            }),
         };
         let mut b = vec![1];
         b.extend(r.encode_to_vec());

@@ -69,6 +69,10 @@ impl Keys {
         format!("/zeroshard/{}/plan", self.cluster)
     }
 
+    fn bans(&self) -> String {
+        format!("/zeroshard/{}/bans", self.cluster)
+    }
+
     fn digests(&self) -> String {
         format!("/zeroshard/{}/digests", self.cluster)
     }

@@ -74,6 +74,13 @@ pub struct StoredPlan {
     pub pull: bool,
 }
 
+/// A worker banned from planning (bad blocks, failed audits), and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ban {
+    pub id: u64,
+    pub why: String,
+}
+
 /// Where the coordinator learns of workers and keeps the plan.
 #[async_trait::async_trait]
 pub trait Membership: Send + Sync + 'static {
@@ -94,6 +101,16 @@ pub trait Membership: Send + Sync + 'static {
     }
     /// Stores the block digests of the checkpoint `identity` (replacing any).
     async fn store_digests(&self, _identity: &str, _digests: &BlockDigests) -> Result<()> {
+        Ok(())
+    }
+    /// Workers banned from planning and why, as stored last ([`Self::store_bans`]).
+    /// Stores that keep none (embedded membership lives and dies with the
+    /// coordinator): none.
+    async fn load_bans(&self) -> Result<Vec<Ban>> {
+        Ok(Vec::new())
+    }
+    /// Replaces the stored bans, so that a restarted coordinator keeps them.
+    async fn store_bans(&self, _bans: &[Ban]) -> Result<()> {
         Ok(())
     }
     /// Removes a worker the coordinator found dead (its lease is revoked, so a

@@ -64,12 +64,12 @@ fn entry<'a>(fleet: &Fleet, s: &'a Value, index: usize) -> Option<&'a Value> {
     ignore = "injects faults: needs --features fault-injection (scripts/test.sh)"
 )]
 #[test]
-fn a_holder_serving_corrupt_blocks_is_never_used_and_is_evicted() {
+fn a_holder_serving_corrupt_blocks_is_never_used_and_is_evicted_for_good() {
     // Three workers, one range each (no replica): what the liar holds is
     // refetched from the coordinator, which reads the checkpoint. Every tensor
     // partitioned (stories260K's are all under one block: whole tensors,
     // spread over the ranks), so the liar holds some whatever its rank.
-    let fleet = Fleet::start_each_with(
+    let mut fleet = Fleet::start_each_with(
         Etcd::start(),
         stories(),
         &["--persistence-threshold-bytes", "0"],
@@ -77,6 +77,23 @@ fn a_holder_serving_corrupt_blocks_is_never_used_and_is_evicted() {
         &[&[], &[], &["--fault-serve-corrupt"]],
     );
     liar_evicted(&fleet, &|endpoint, when| assert_refs(endpoint, when));
+    // The ban is stored beside the plan in etcd: a restarted coordinator
+    // keeps it, adopts the stored plan and plans nothing with the liar
+    // (without it, the liar would be a live member outside the plan: a new
+    // epoch at once).
+    let before = fleet.status();
+    let liar = entry(&fleet, &before, 2).expect("the liar")["id"].clone();
+    let bans: Value =
+        serde_json::from_slice(&fleet.stored("bans").expect("bans stored in etcd")).expect("JSON");
+    assert_eq!(bans[0]["id"], liar, "{bans}");
+    assert!(bans[0]["why"].as_str().is_some_and(|w| w.contains("failed the checkpoint's digest")), "{bans}");
+    fleet.kill_coordinator();
+    fleet.start_coordinator();
+    std::thread::sleep(Duration::from_secs(3));
+    let s = fleet.wait_status(Duration::from_secs(30), "ready again", |s| s["ready"] == true);
+    assert_eq!(s["epoch"], before["epoch"], "the restarted coordinator planned again: {s}");
+    assert_eq!(entry(&fleet, &s, 2).map(|w| w["ready"].clone()), Some(Value::Bool(false)), "{s}");
+    assert_refs(&fleet.endpoint, "after the coordinator restarted");
 }
 
 /// The same with fetches of several MiB, whose blocks are checked as they

@@ -826,11 +826,13 @@ fn a_worker_that_alters_its_tokens_is_caught_by_the_audits_and_banned() {
     assert!(wrong >= 1, "the liar answered nothing: the test proves nothing");
     assert!(wrong <= 6, "{wrong} wrong answers before the ban: not within a handful");
     assert_eq!(banned["audit_bans_total"], 1, "{banned}");
-    let planned = banned["workers"].as_array().expect("workers").iter().filter(|w| w["ready"] == true).count();
+    let planned =
+        banned["workers"].as_array().expect("workers").iter().filter(|w| w["ready"] == true).count();
     assert_eq!(planned, 2, "the liar is planned around (registered, not ready): {banned}");
-    // From now on every answer is exact and every audit passes.
-    let failed = banned["audits_failed_total"].as_u64().expect("failed audits");
-    assert!(failed >= 1, "{banned}");
+    // From now on every answer is exact and every audit passes; only the
+    // liar ever failed one (late audits of its earlier sequences may still
+    // come in after the ban).
+    assert!(banned["audits_failed_total"].as_u64() >= Some(1), "{banned}");
     for _ in 0..4 {
         assert_eq!(ask(), want);
     }
@@ -844,11 +846,10 @@ fn a_worker_that_alters_its_tokens_is_caught_by_the_audits_and_banned() {
         assert!(std::time::Instant::now() < deadline, "audits after the ban never passed: {st}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(
-        after["audits_failed_total"].as_u64(),
-        Some(failed),
-        "an honest worker failed an audit: {after}"
-    );
+    for w in after["workers"].as_array().expect("workers") {
+        let failed = w["audits_failed_total"].as_u64().expect("per-worker audits");
+        assert_eq!(failed > 0, w["ready"] == false, "only the liar failed audits: {after}");
+    }
     assert_eq!(after["audit_bans_total"], 1, "{after}");
     rt().block_on(async {
         // Its key registers nothing again; an honest key still does.

@@ -66,6 +66,8 @@ pub(crate) struct Audits {
     /// For each worker whose tokens failed: the auditors that said so, and
     /// how many times.
     failures: Mutex<BTreeMap<WorkerId, (BTreeSet<WorkerId>, usize)>>,
+    /// Workers banned for failed audits (each counted once).
+    banned_workers: Mutex<BTreeSet<WorkerId>>,
 }
 
 /// A finished sequence to audit.
@@ -186,6 +188,11 @@ async fn audit(coord: &Coordinator, s: &Sample) {
 }
 
 impl Audits {
+    /// Audits that failed `worker`'s tokens.
+    pub(super) fn failed_of(&self, worker: WorkerId) -> u64 {
+        zeroshard_offload::sync::lock(&self.failures).get(&worker).map_or(0, |f| f.1 as u64)
+    }
+
     /// Records that `auditor` failed `worker`'s tokens; true when that bans it
     /// (see the module docs).
     fn record(&self, worker: WorkerId, auditor: WorkerId, only_one: bool) -> bool {
@@ -202,6 +209,9 @@ fn ban(coord: &Coordinator, worker: WorkerId, auditor: WorkerId) {
     let Ok(plan) = coord.plan() else { return };
     let members = group(&plan, worker);
     for m in &members {
+        if !zeroshard_offload::sync::lock(&coord.audits().banned_workers).insert(*m) {
+            continue; // an audit of an earlier sequence of it, finished later
+        }
         coord.audits().banned.fetch_add(1, Ordering::Relaxed);
         let why = if members.len() > 1 {
             format!(

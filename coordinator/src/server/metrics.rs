@@ -63,10 +63,16 @@ fn number(v: f64) -> String {
 
 /// Each worker's figures, labelled `worker`: name, type, help, value.
 type PerWorker = (&'static str, &'static str, &'static str, fn(&WorkerStatus) -> f64);
-const PER_WORKER: [PerWorker; 9] = [
+const PER_WORKER: [PerWorker; 10] = [
     ("zeroshard_worker_active_sequences", "gauge", "Sequences generating on this worker.", |w| {
         f64::from(w.active_sequences)
     }),
+    (
+        "zeroshard_worker_audits_failed_total",
+        "counter",
+        "Output audits that found tokens of this worker the model would not have chosen.",
+        |w| w.audits_failed_total as f64,
+    ),
     (
         "zeroshard_worker_gather_bytes_per_second",
         "gauge",

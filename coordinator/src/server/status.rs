@@ -53,6 +53,7 @@ impl Coordinator {
                     kv_cache_bytes: s.kv_cache_bytes,
                     kv_reserved_bytes: s.kv_reserved_bytes,
                     max_active_sequences: s.max_active_sequences,
+                    audits_failed_total: self.audits().failed_of(w.id),
                 }
             })
             .collect();

@@ -15,8 +15,11 @@
 //! address nobody serves is never planned.
 //!
 //! - a worker that served blocks failing the checkpoint's digests (reported by
-//!   [`faults`](super::faults)): banned by id from planning for good, and the
+//!   [`faults`](super::faults)) or tokens failing output audits
+//!   ([`audit`](super::audit)): banned by id from planning for good, and the
 //!   next epoch planned without it (it stays registered, and gets no sequences).
+//!   Bans are stored in membership (etcd: beside the plan), so a restarted
+//!   coordinator keeps them.
 //!
 //! Membership churn is debounced: a burst of joins and departures is
 //! reconciled once, [`QUIET`] after the last of them (or [`MOST_DEFERRED`]
@@ -33,7 +36,7 @@
 //! request saw) or at a deadline of its own: the end of a churn's quiet
 //! time, the end of the wait for a stored plan's workers, the retry after a
 //! failed installation. Nothing is re-checked on a timer otherwise.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -42,7 +45,7 @@ use zeroshard_offload::plan::WorkerId;
 
 use super::state::{Coordinator, Readiness, WorkerEntry};
 use super::worker_client::Unanswered;
-use crate::membership::{MemberEvent, MemberWatch, StoredPlan};
+use crate::membership::{Ban, MemberEvent, MemberWatch, StoredPlan};
 
 /// A worker that does not answer `Stats` this fast is left to its lease.
 pub(super) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -69,7 +72,8 @@ pub(super) struct Supervisor {
     /// Lost workers already reported as covered by replicas.
     pub(super) degraded: BTreeSet<WorkerId>,
     /// Workers that served corrupt blocks: never planned again.
-    pub(super) banned: BTreeSet<WorkerId>,
+    /// Banned from planning, and why (stored with the plan under etcd).
+    pub(super) banned: BTreeMap<WorkerId, String>,
     /// Unsettled membership: when the first and the last change not yet
     /// reconciled happened.
     pub(super) churn: Option<(Instant, Instant)>,
@@ -123,6 +127,18 @@ pub(super) async fn run(
             None
         }
     };
+    let banned = match membership.load_bans().await {
+        Ok(bans) => {
+            for b in &bans {
+                tracing::warn!("worker {} stays banned from planning: {}", b.id, b.why);
+            }
+            bans.into_iter().map(|b| (WorkerId(b.id), b.why)).collect()
+        }
+        Err(e) => {
+            tracing::warn!("reading the stored bans: {e}; none kept");
+            BTreeMap::new()
+        }
+    };
     let ttl = coord.cfg().lease_ttl;
     let mut sup = Supervisor {
         coord,
@@ -131,7 +147,7 @@ pub(super) async fn run(
         served: false,
         failed: false,
         degraded: BTreeSet::new(),
-        banned: BTreeSet::new(),
+        banned,
         churn: None,
         retry_at: None,
         joined: Vec::new(),
@@ -193,10 +209,18 @@ impl Supervisor {
     /// embedded membership, which sees the key register; under etcd the ban
     /// holds for the id).
     pub(super) fn ban(&mut self, f: super::faults::Faulty) {
-        if !self.banned.insert(f.id) {
+        if self.banned.contains_key(&f.id) {
             return;
         }
         let why = f.why;
+        self.banned.insert(f.id, why.clone());
+        let bans: Vec<Ban> = self.banned.iter().map(|(id, why)| Ban { id: id.0, why: why.clone() }).collect();
+        let membership = self.coord.membership().clone();
+        tokio::spawn(async move {
+            if let Err(e) = membership.store_bans(&bans).await {
+                tracing::error!("storing the bans in membership {}: {e}", membership.describe());
+            }
+        });
         let owner = self.coord.embedded().and_then(|m| m.owner(f.id).map(|o| (m, o)));
         match owner {
             Some((m, o)) => {
@@ -291,7 +315,8 @@ impl Supervisor {
         }
         let (registered, plan) = {
             let st = self.coord.lock();
-            let live = st.members.keys().copied().filter(|w| !self.banned.contains(w)).collect::<Vec<_>>();
+            let live =
+                st.members.keys().copied().filter(|w| !self.banned.contains_key(w)).collect::<Vec<_>>();
             (live, st.plan.clone())
         };
         let live = self.answering(registered).await;
@@ -315,7 +340,7 @@ impl Supervisor {
             return;
         };
         let joined = live.iter().any(|w| plan.rank(*w).is_none());
-        let banned = plan.workers().iter().any(|w| self.banned.contains(w));
+        let banned = plan.workers().iter().any(|w| self.banned.contains_key(w));
         if banned && !live.is_empty() {
             return self.replan(&live).await;
         }

@@ -8,7 +8,7 @@ use zeroshard_offload::plan::WorkerId;
 use super::watcher::{snapshot, Watcher};
 use super::{ttl_secs, EtcdCredentials, Store};
 use crate::error::{MembershipError, Result};
-use crate::{MemberWatch, Membership, StoredPlan};
+use crate::{Ban, MemberWatch, Membership, StoredPlan};
 
 /// Workers from `/zeroshard/<cluster>/workers/`, the plan at
 /// `/zeroshard/<cluster>/plan`.
@@ -80,6 +80,35 @@ impl Membership for EtcdMembership {
         let (key, value) = (self.store.keys.plan(), crate::convert::encode_plan(plan));
         self.store
             .request("storing the plan", |mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn load_bans(&self) -> Result<Vec<Ban>> {
+        let key = self.store.keys.bans();
+        let got = self
+            .store
+            .request("reading the bans", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        let Some(kv) = got.kvs().first() else { return Ok(Vec::new()) };
+        serde_json::from_slice(kv.value()).map_err(|e| MembershipError::BadValue {
+            key,
+            endpoints: self.store.endpoints.clone(),
+            reason: format!("not a list of bans: {e}"),
+        })
+    }
+
+    async fn store_bans(&self, bans: &[Ban]) -> Result<()> {
+        let key = self.store.keys.bans();
+        let value = serde_json::to_vec(bans).unwrap_or_default();
+        self.store
+            .request("storing the bans", |mut c| {
                 let (key, value) = (key.clone(), value.clone());
                 async move { c.put(key, value, None).await }
             })

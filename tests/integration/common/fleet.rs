@@ -222,6 +222,18 @@ impl Fleet {
         }
     }
 
+    /// The value stored under `/zeroshard/CLUSTER/<key>` in the fleet's etcd.
+    pub(crate) fn stored(&self, key: &str) -> Option<Vec<u8>> {
+        let key = format!("/zeroshard/{}/{key}", self.cluster);
+        let urls = self.etcd.client_urls();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect(urls, None).await.expect("etcd");
+            let got = c.get(key, None).await.expect("etcd get");
+            got.kvs().first().map(|kv| kv.value().to_vec())
+        })
+    }
+
     /// `status --json`.
     pub(crate) fn status(&self) -> Value {
         run_json(&["status", "--endpoint", &self.endpoint, "--json"]).remove(0)
