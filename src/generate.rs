@@ -122,6 +122,9 @@ impl LocalModel {
             for ((i, t), l) in
                 idx.into_iter().zip(tokens).zip(logits.into_iter().map(Some).chain(std::iter::repeat(None)))
             {
+                if let Some(why) = t.fault {
+                    anyhow::bail!("sequence {i}: {why}");
+                }
                 let a = &mut all[i];
                 if !a.prefilled {
                     a.prefilled = true;

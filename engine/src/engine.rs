@@ -96,6 +96,10 @@ pub struct StepToken {
     /// A scored sequence's scores, on the step of its first forward (empty
     /// otherwise, and on the members of a tensor-parallel group but rank 0).
     pub scores: Vec<TokenScore>,
+    /// Set when this step's logits for the sequence were not all finite (NaN
+    /// or ±inf: a model or config that overflows): nothing was sampled
+    /// (`token` means nothing), and the sequence refuses later steps.
+    pub fault: Option<String>,
 }
 
 /// A model, its weights in host memory and a backend to run them.
@@ -518,8 +522,14 @@ impl<B: Backend> Engine<B> {
             if keep_logits {
                 kept.push(l.clone());
             }
-            let token = s.sampler.sample(&mut l, &s.tokens);
-            out.push(self.accept(s, token));
+            let fault = non_finite(&l, s.generated().len());
+            let token = if fault.is_some() { 0 } else { s.sampler.sample(&mut l, &s.tokens) };
+            let mut t = self.accept(s, token);
+            if fault.is_some() {
+                s.failed = true;
+                t.fault = fault;
+            }
+            out.push(t);
         }
         Ok((out, kept))
     }
@@ -538,7 +548,7 @@ impl<B: Backend> Engine<B> {
             None
         };
         s.finished = finished;
-        StepToken { token, finished, scores }
+        StepToken { token, finished, scores, fault: None }
     }
 
     /// One step of a tensor-parallel member: every member of `group` calls it
@@ -556,12 +566,14 @@ impl<B: Backend> Engine<B> {
         let logits = self.pool.install(|| self.forward_checked(seqs, &self.weights, Some(group)))?;
         let mut kept = Vec::new();
         let mut tokens = Vec::with_capacity(seqs.len());
+        let mut faults = vec![None; seqs.len()];
         if let Some(logits) = logits {
-            for (s, mut l) in seqs.iter_mut().zip(logits) {
+            for ((s, mut l), fault) in seqs.iter_mut().zip(logits).zip(&mut faults) {
                 if keep_logits {
                     kept.push(l.clone());
                 }
-                tokens.push(s.sampler.sample(&mut l, &s.tokens));
+                *fault = non_finite(&l, s.generated().len());
+                tokens.push(if fault.is_some() { 0 } else { s.sampler.sample(&mut l, &s.tokens) });
             }
         }
         group.broadcast_tokens(&mut tokens)?;
@@ -572,13 +584,39 @@ impl<B: Backend> Engine<B> {
                 seqs.len()
             )));
         }
-        let out = seqs.iter_mut().zip(tokens).map(|(s, t)| self.accept(s, t)).collect();
+        let out = seqs
+            .iter_mut()
+            .zip(tokens)
+            .zip(faults)
+            .map(|((s, t), fault)| {
+                let mut t = self.accept(s, t);
+                if fault.is_some() {
+                    s.failed = true;
+                    t.fault = fault;
+                }
+                t
+            })
+            .collect();
         Ok((out, kept))
     }
 
     pub fn step(&self, seqs: &mut [&mut Sequence<B>]) -> Result<Vec<StepToken>> {
         Ok(self.step_with_logits(seqs, false)?.0)
     }
+}
+
+/// Why `logits` (of the step producing generated token `n`) cannot be
+/// sampled: the count of NaN and infinite values, if any.
+fn non_finite(logits: &[f32], n: usize) -> Option<String> {
+    let nan = logits.iter().filter(|l| l.is_nan()).count();
+    let inf = logits.iter().filter(|l| l.is_infinite()).count();
+    (nan + inf > 0).then(|| {
+        format!(
+            "the model's logits for generated token {n} are not finite ({nan} NaN, {inf} infinite of {}): \
+             nothing can be sampled from them (a model or config whose numbers overflow)",
+            logits.len()
+        )
+    })
 }
 
 /// A step over a finished sequence is the caller's mistake.
@@ -692,6 +730,25 @@ mod tests {
         let scores = e.step(&mut [&mut scored]).expect("step").remove(0).scores;
         assert!(scores[..2].iter().all(|s| s.kept));
         assert!(!scores[2].kept, "{:?}", scores[2]);
+    }
+
+    /// A config the parser would refuse (`rope_theta` 1e-300: every rotary
+    /// frequency overflows) makes every logit NaN: the step samples nothing
+    /// for the sequence, says why, and refuses it from then on.
+    #[test]
+    fn non_finite_logits_fail_the_sequence_and_are_never_sampled() {
+        let mut c = config(Architecture::Llama, 4);
+        c.rope.theta = 1e-300;
+        let weights = HostWeights::random(&c, 7);
+        let e = Engine::new(CpuBackend::new(), c, weights);
+        let mut s = e.new_sequence(vec![3, 14, 15], params(4)).expect("seq");
+        let t = e.step(&mut [&mut s]).expect("the step itself runs").remove(0);
+        let why = t.fault.expect("non-finite logits are a fault");
+        assert!(why.contains("not finite") && why.contains("generated token 0"), "{why}");
+        assert!(e.step(&mut [&mut s]).is_err(), "a faulted sequence is refused");
+        assert_eq!(non_finite(&[0.0, 1.0], 3), None);
+        assert!(non_finite(&[0.0, f32::NEG_INFINITY, f32::NAN], 3)
+            .is_some_and(|w| w.contains("1 NaN, 1 infinite of 3")));
     }
 
     #[test]

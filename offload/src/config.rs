@@ -578,13 +578,29 @@ fn parse_rope(cx: &Ctx, raw: &RawConfig) -> Result<RopeConfig> {
         .and_then(Value::as_f64)
         .or(raw.rope_theta)
         .unwrap_or(10000.0);
-    if !(theta.is_finite() && theta > 0.0) {
-        return Err(cx.err("rope_theta", format!("{theta} must be finite and > 0")));
+    if !(theta.is_finite() && (1.0..=bounds::MAX_ROPE_THETA).contains(&theta)) {
+        return Err(cx.err(
+            "rope_theta",
+            format!(
+                "{theta} must be a finite number in [1, {:e}] (real models use 1e4 to 1e7; below 1 the \
+                 rotary frequencies overflow)",
+                bounds::MAX_ROPE_THETA
+            ),
+        ));
     }
     let Some(p) = params else {
         return Ok(RopeConfig { theta, scaling: RopeScaling::None });
     };
-    let rope_type = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let named = p.get("rope_type").or_else(|| p.get("type"));
+    if named.is_none() && p.keys().any(|k| k != "rope_theta" && k != "partial_rotary_factor") {
+        // A scaling with no type would be silently ignored: refuse it.
+        let keys: Vec<&str> = p.keys().map(String::as_str).collect();
+        return Err(cx.err(
+            prefix,
+            format!("has {keys:?} but no \"rope_type\" (or \"type\"): which scaling is meant is unknown"),
+        ));
+    }
+    let rope_type = named.and_then(Value::as_str).unwrap_or("default");
     let scaling = match rope_type {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear { factor: cx.f64_of(&p, prefix, "factor")? },

@@ -52,10 +52,16 @@ impl SamplingParams {
     }
 
     /// True when the next token is the argmax: temperature 0 or top_k 1.
-    /// (A temperature that is not a positive number is treated as 0.)
+    /// A temperature below [`Self::GREEDY_BELOW`] (or not a number) is treated
+    /// as 0: dividing logits by it overflows f32, which would spread the
+    /// probability evenly over the overflowed tokens instead of sharpening it.
     pub fn is_greedy(&self) -> bool {
-        self.temperature.is_nan() || self.temperature <= 0.0 || self.top_k == 1
+        self.temperature.is_nan() || self.temperature < Self::GREEDY_BELOW || self.top_k == 1
     }
+
+    /// Temperatures below this are greedy (see [`Self::is_greedy`]): a logit
+    /// of 30 over 1e-5 is 3e6, still finite and already an argmax in effect.
+    pub const GREEDY_BELOW: f32 = 1e-5;
 }
 
 /// Why a sequence stopped.
@@ -162,6 +168,14 @@ mod tests {
 
     fn sampling(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
         SamplingParams { temperature, top_k, top_p, seed, repetition_penalty: 1.0, resume_draws: 0 }
+    }
+
+    #[test]
+    fn temperatures_too_small_to_divide_by_are_greedy() {
+        assert!(SamplingParams { temperature: 1e-45, ..Default::default() }.is_greedy());
+        assert!(SamplingParams { temperature: 9e-6, ..Default::default() }.is_greedy());
+        assert!(!SamplingParams { temperature: 1e-5, ..Default::default() }.is_greedy());
+        assert!((30.0f32 / SamplingParams::GREEDY_BELOW).is_finite());
     }
 
     #[test]

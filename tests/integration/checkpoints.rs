@@ -45,7 +45,7 @@ fn a_billion_layers_is_refused_in_a_few_megabytes() {
 fn out_of_range_config_values_are_refused() {
     let dir = copy_model();
     let original = read_json(&dir.path().join("config.json"));
-    let cases: [(&str, Value, &str); 9] = [
+    let cases: [(&str, Value, &str); 12] = [
         ("rms_norm_eps", json!(-1), "-1 must be a finite number in (0, 1]"),
         ("rms_norm_eps", json!(0), "must be a finite number in (0, 1]"),
         ("eos_token_id", json!(1_000_000_000), "1000000000 is not below the vocabulary size 512"),
@@ -54,11 +54,16 @@ fn out_of_range_config_values_are_refused() {
         ("pad_token_id", json!(4096), "4096 is not below"),
         ("vocab_size", json!(1u64 << 40), "is over the limit"),
         ("hidden_size", json!(1u64 << 40), "is over the limit"),
-        ("rope_theta", json!(-10000.0), "must be finite and > 0"),
+        ("rope_theta", json!(-10000.0), "must be a finite number in [1, 1e9]"),
+        // Every rotary frequency would overflow: NaN logits, once sampled as token 0.
+        ("rope_theta", json!(1e-300), "must be a finite number in [1, 1e9]"),
+        ("rope_theta", json!(1e-60), "must be a finite number in [1, 1e9]"),
+        // A scaling with no type was silently ignored.
+        ("rope_scaling", json!({"factor": 2.0}), "no \"rope_type\""),
     ];
     for (key, value, needle) in cases {
         std::fs::write(dir.path().join("config.json"), original.to_string()).expect("reset");
-        if key == "rope_theta" {
+        if key.starts_with("rope_") {
             patch_json(dir.path(), "config.json", "rope_parameters", Value::Null);
         }
         patch_json(dir.path(), "config.json", key, value);

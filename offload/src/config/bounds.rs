@@ -56,6 +56,11 @@ impl Ctx<'_> {
 /// RoPE scaling values that the frequency formulas can use: factors finite and
 /// ≥ 1 (transformers' own rule), `low_freq_factor < high_freq_factor` (the
 /// smooth band divides by their difference), an original context of whole
+/// The largest `rope_theta` accepted: real models use 1e4 (Llama 2) to 1e7
+/// (long-context Qwen); 1e9 leaves room without letting the frequencies
+/// underflow to nothing.
+pub(super) const MAX_ROPE_THETA: f64 = 1e9;
+
 /// positions.
 pub(super) fn check_rope_scaling(cx: &Ctx, prefix: &str, scaling: &RopeScaling) -> Result<()> {
     let key = |k: &str| format!("{prefix}.{k}");

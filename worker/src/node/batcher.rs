@@ -352,6 +352,12 @@ pub(super) fn run<B: Backend>(
                     if active.get(id).is_some_and(|a| cfg.faults.alter_token(a.seq.generated().len())) {
                         t.token = (t.token + 1) % engine.config().vocab_size as u32;
                     }
+                    if let Some(why) = t.fault.take() {
+                        tracing::error!("sequence {id}: {why}");
+                        let _ = tx.send(Err(Arc::new(WorkerError::InvalidRequest(why))));
+                        active.remove(id);
+                        continue;
+                    }
                     let finished = t.finished.is_some();
                     if tx.send(Ok(t)).is_err() || finished {
                         active.remove(id);

@@ -69,7 +69,7 @@ impl From<WorkerError> for Status {
 /// One event of a running sequence as the stream sends it.
 pub(crate) fn sequence_step(ev: SeqEvent) -> std::result::Result<pb::SequenceStep, Status> {
     match ev {
-        Ok(StepToken { token, finished, scores }) => Ok(pb::SequenceStep {
+        Ok(StepToken { token, finished, scores, .. }) => Ok(pb::SequenceStep {
             token_ids: vec![token],
             finish_reason: finished.map_or(pb::FinishReason::Unspecified, pb::FinishReason::from) as i32,
             scores: scores.iter().map(pb::TokenScore::from).collect(),
