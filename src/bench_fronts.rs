@@ -144,14 +144,14 @@ pub(crate) fn run(a: BenchFrontsArgs, auth: ClientAuth) -> Result<()> {
                 grpc.ttft.push(grpc_request(&mut g, &a.prompt, a.stream_tokens, true).await?);
                 http.ttft.push(h.request(&a.model, &a.prompt, a.stream_tokens, true).await?);
             }
-            eprintln!(
+            zeroshard_offload::errln!(
                 "round {}: gRPC {:.0} req/s, HTTP {:.0} req/s",
                 round + 1,
                 grpc.requests_per_s.last().copied().unwrap_or(0.0),
                 http.requests_per_s.last().copied().unwrap_or(0.0)
             );
         }
-        println!(
+        zeroshard_offload::outln!(
             "{} requests of 1 token from {} clients, {} rounds; time to first token over {} streamed requests of {} tokens per front",
             a.requests,
             a.concurrency,
@@ -159,10 +159,10 @@ pub(crate) fn run(a: BenchFrontsArgs, auth: ClientAuth) -> Result<()> {
             a.ttft_samples * a.rounds,
             a.stream_tokens
         );
-        println!("| front | short requests/s (median of rounds) | TTFT p50 ms | TTFT p90 ms |");
-        println!("|---|---|---|---|");
+        zeroshard_offload::outln!("| front | short requests/s (median of rounds) | TTFT p50 ms | TTFT p90 ms |");
+        zeroshard_offload::outln!("|---|---|---|---|");
         for (name, f) in [("gRPC", &grpc), ("HTTP (OpenAI)", &http)] {
-            println!(
+            zeroshard_offload::outln!(
                 "| {name} | {:.0} | {:.2} | {:.2} |",
                 median(f.requests_per_s.clone()),
                 quantile(&f.ttft, 0.5),
@@ -170,7 +170,7 @@ pub(crate) fn run(a: BenchFrontsArgs, auth: ClientAuth) -> Result<()> {
             );
         }
         let ratio = median(http.requests_per_s.clone()) / median(grpc.requests_per_s.clone());
-        println!("HTTP/gRPC short-request throughput: {ratio:.2}");
+        zeroshard_offload::outln!("HTTP/gRPC short-request throughput: {ratio:.2}");
         Ok(())
     })
 }

@@ -50,7 +50,7 @@ fn stop_signal() -> Result<watch::Receiver<bool>> {
             }
             match first {
                 Some(t) if t.elapsed() >= SAME_STOP => {
-                    eprintln!("second stop signal: exiting now");
+                    zeroshard_offload::errln!("second stop signal: exiting now");
                     std::process::exit(143);
                 }
                 Some(_) => {}
@@ -154,7 +154,7 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     // client bundle (under --insecure there is no bundle to leave it in).
     let http_key = match &http {
         Some((addr, _)) if cluster.api_keys.is_none() && (a.http_open || a.insecure) => {
-            eprintln!(
+            zeroshard_offload::errln!(
                 "warning: {}: the HTTP front on {addr} takes requests from every local user, without an API key",
                 if a.http_open { "--http-open" } else { "--insecure" }
             );
@@ -213,10 +213,10 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
                     .with_context(|| format!("--etcd {}", a.etcd.etcd.join(",")))?;
             (Arc::new(m), None)
         };
-        eprintln!("membership: {}", membership.describe());
+        zeroshard_offload::errln!("membership: {}", membership.describe());
         let http = http_front(a.http.http_listen.as_deref(), cfg.api_keys.is_some(), served)?;
         if let (Some((addr, _)), None) = (&http, &cfg.api_keys) {
-            eprintln!(
+            zeroshard_offload::errln!(
                 "warning: the HTTP front on {addr} takes requests from every local user: \
                  give --api-key-file to require a key"
             );
@@ -237,12 +237,12 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
                 None => None,
             },
         };
-        eprintln!("coordinator on {local}, waiting for {} workers", a.workers);
+        zeroshard_offload::errln!("coordinator on {local}, waiting for {} workers", a.workers);
         let endpoint_file = a.endpoint_file.clone();
         run::run(coord, listeners, stop_signal()?, |serving| {
-            println!("ready {endpoint}");
+            zeroshard_offload::outln!("ready {endpoint}");
             if let Some(h) = serving.http_addr {
-                println!("http http://{h}");
+                zeroshard_offload::outln!("http http://{h}");
             }
             if let Some(f) = &endpoint_file {
                 write_atomically(f, &format!("{endpoint}\n"))
@@ -446,10 +446,10 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             "placement_reason": s.placement_reason,
             "workers": workers,
         });
-        println!("{v}");
+        zeroshard_offload::outln!("{v}");
         return Ok(());
     }
-    println!(
+    zeroshard_offload::outln!(
         "model {} · epoch {} · {} · replicas {} · {} · workers lost {} · sequences resumed {}",
         s.model,
         s.epoch,
@@ -464,10 +464,10 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         s.sequences_resumed_total
     );
     if !s.placement_reason.is_empty() {
-        println!("placement: {}", s.placement_reason);
+        zeroshard_offload::outln!("placement: {}", s.placement_reason);
     }
     let mean_queue_ms = s.queue_ms_total / (s.requests_admitted_total.max(1) as f64);
-    println!(
+    zeroshard_offload::outln!(
         "queue {}/{} · admitted {} · refused (queue full) {} · queued {:.1} ms on average, {:.1} ms at most · \
          step deadlines missed {} · install deadlines missed {}",
         s.queued_requests,
@@ -479,11 +479,14 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         s.step_deadlines_missed_total,
         s.install_deadlines_missed_total
     );
-    println!(
+    zeroshard_offload::outln!(
         "audits passed {} · failed {} · skipped {} · workers banned for failed audits {}",
-        s.audits_passed_total, s.audits_failed_total, s.audits_skipped_total, s.audit_bans_total
+        s.audits_passed_total,
+        s.audits_failed_total,
+        s.audits_skipped_total,
+        s.audit_bans_total
     );
-    println!(
+    zeroshard_offload::outln!(
         "{:>4} {:<24} {:>14} {:>12} {:>12} {:>9} {:>17} {:>10} {:>6} {:>8} {:>9} {:>10} {:>15}",
         "id",
         "address",
@@ -500,7 +503,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
         "rejected blocks"
     );
     for w in &s.workers {
-        println!(
+        zeroshard_offload::outln!(
             "{:>4} {:<24} {:>14.3} {:>12.3} {:>12.3} {:>9} {:>17} {:>11.2} {:>6} {:>8} {:>9} {:>10} {:>15}",
             w.id,
             w.address,
@@ -535,7 +538,11 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
             let config = synthetic::synthetic_config(spec)?;
             std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             let bytes = synthetic::write_synthetic_checkpoint(&config, &tmp)?;
-            eprintln!("wrote a {:.1} MB synthetic checkpoint to {}", bytes as f64 / 1e6, tmp.display());
+            zeroshard_offload::errln!(
+                "wrote a {:.1} MB synthetic checkpoint to {}",
+                bytes as f64 / 1e6,
+                tmp.display()
+            );
             (tmp.clone(), config)
         }
         _ => bail!("give exactly one of --model or --synthetic"),
@@ -568,8 +575,8 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
     }
     let report = report?;
     let placement = &report.placement;
-    eprintln!("placement: {placement} ({})", report.placement_reason);
-    println!(
+    zeroshard_offload::errln!("placement: {placement} ({})", report.placement_reason);
+    zeroshard_offload::outln!(
         "model: {} · {} workers · placement {placement} · max-live {} B · prefetch {} layers · prompt {} tokens, {} new tokens",
         a.source.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),
         a.workers,
@@ -579,13 +586,16 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
         a.new_tokens
     );
     for b in &report.batches {
-        println!(
+        zeroshard_offload::outln!(
             "batch {}: prefill {:.1} tok/s · decode {:.1} tok/s · {:.1} tok/s over the wall time",
-            b.batch, b.prefill_tokens_per_s, b.decode_tokens_per_s, b.tokens_per_s
+            b.batch,
+            b.prefill_tokens_per_s,
+            b.decode_tokens_per_s,
+            b.tokens_per_s
         );
     }
-    println!("per decode step (after every request had its first token), each worker:");
-    println!(
+    zeroshard_offload::outln!("per decode step (after every request had its first token), each worker:");
+    zeroshard_offload::outln!(
         "{:>5} {:>6} {:>6} {:>9} {:>11} {:>9} {:>11} {:>10} {:>8} {:>9} {:>9}",
         "batch",
         "worker",
@@ -601,7 +611,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
     );
     for b in &report.batches {
         for w in &b.workers {
-            println!(
+            zeroshard_offload::outln!(
                 "{:>5} {:>6} {:>6} {:>9.2} {:>11.2} {:>9.2} {:>11.1} {:>10.2} {:>8.2} {:>9.1} {:>9.1}",
                 b.batch,
                 w.worker,
@@ -620,7 +630,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
     let model_bytes: u64 = report.owned.iter().map(|o| o.0).sum();
     for (i, (rss, (part, pers))) in report.peak_rss.iter().zip(&report.owned).enumerate() {
         let bound = model_bytes / a.workers as u64 + pers + max_live_bytes + (128 << 20);
-        println!(
+        zeroshard_offload::outln!(
             "worker {}: peak RSS {:.1} MB · owns {:.1} MB partitioned + {:.1} MB persistent · bound model/N + persistent + max-live + 128 MiB = {:.1} MB ({})",
             i + 1,
             *rss as f64 / 1e6,
@@ -652,7 +662,7 @@ pub(crate) fn bench(a: BenchArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!(
+        zeroshard_offload::outln!(
             "{}",
             serde_json::json!({
                 "model": a.source.synthetic.clone().unwrap_or_else(|| dir.display().to_string()),

@@ -38,7 +38,7 @@ fn info() -> Result<()> {
         "usable": !devices.is_empty(),
         "problem": report.problem,
     });
-    println!("{out}");
+    zeroshard_offload::outln!("{out}");
     Ok(())
 }
 
@@ -87,13 +87,13 @@ fn compile_kernels(a: CudaKernelsArgs) -> Result<()> {
                 }
             }
         }
-        println!(
+        zeroshard_offload::outln!(
             "NVRTC {version} sm_{cc}: {} sources, PTX {ptx_bytes} bytes, CUBIN {cubin_bytes} bytes",
             SOURCES.len()
         );
     }
     for f in &failures {
-        eprintln!("{f}");
+        zeroshard_offload::errln!("{f}");
     }
     if let Some(first) = failures.first() {
         bail!(
@@ -102,7 +102,10 @@ fn compile_kernels(a: CudaKernelsArgs) -> Result<()> {
             2 * SOURCES.len() * archs.len()
         );
     }
-    println!("NVRTC {version}: every kernel compiled for {} architecture(s) without a warning", archs.len());
+    zeroshard_offload::outln!(
+        "NVRTC {version}: every kernel compiled for {} architecture(s) without a warning",
+        archs.len()
+    );
     Ok(())
 }
 

@@ -244,7 +244,7 @@ pub(crate) fn launch(a: LaunchArgs) -> Result<()> {
         worker_cert,
     };
     let roles = roles(&task, &setup);
-    eprintln!(
+    zeroshard_offload::errln!(
         "launch: task {} of {} on {} (coordinator on {}): {}",
         task.rank,
         task.tasks,

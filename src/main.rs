@@ -41,7 +41,7 @@ fn main() {
     let traces = match telemetry::init_logs(default_level, ansi, cli.otlp_endpoint.as_deref(), service) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            zeroshard_offload::errln!("error: {}", one_line(&e));
             std::process::exit(1);
         }
     };
@@ -68,7 +68,7 @@ fn main() {
     }
     if let Err(e) = result {
         // One line: what failed and where (the error chain, outermost first).
-        eprintln!("error: {}", one_line(&e));
+        zeroshard_offload::errln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
 }
@@ -192,7 +192,11 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--write-checkpoint: creating {}", dir.display()))?;
         let bytes = zeroshard_offload::synthetic::write_synthetic_checkpoint(&config, dir)?;
-        println!("wrote a {:.1} MB checkpoint of {spec} to {}", bytes as f64 / 1e6, dir.display());
+        zeroshard_offload::outln!(
+            "wrote a {:.1} MB checkpoint of {spec} to {}",
+            bytes as f64 / 1e6,
+            dir.display()
+        );
         return Ok(());
     }
     if a.workers > 0 {
@@ -215,8 +219,8 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
     let placed = local::place(config, weights, a.tuning.placement.device, &gpu, work)?;
     let engine = &placed.engine;
     let weight_bytes = engine.weight_bytes();
-    println!("model: {label}");
-    println!(
+    zeroshard_offload::outln!("model: {label}");
+    zeroshard_offload::outln!(
         "weights: {:.1} MB f16 · backend: {} · prompt {} tokens, {} decode steps",
         weight_bytes as f64 / 1e6,
         engine.backend_name(),
@@ -227,12 +231,12 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
         AnyEngine::Cpu(_) => {
             let pool = zeroshard_engine::engine::compute_pool();
             let bw = pool.install(bench::measure_bandwidth);
-            println!(
+            zeroshard_offload::outln!(
                 "memory bandwidth: memcpy {:.1} GB/s (1 thread) · read {:.1} GB/s (all threads; the bound below)",
                 bw.memcpy_gbs, bw.read_gbs
             );
             let peak = pool.install(|| zeroshard_engine::cpu::matmul::peak_gflops(200));
-            println!(
+            zeroshard_offload::outln!(
                 "arithmetic peak: {peak:.1} GFLOP/s f32 FMA (all threads; the FLOP bound below) · {:.3} GFLOP per token in products",
                 bench::matmul_flops_per_token(engine.config()) / 1e9
             );
@@ -242,9 +246,9 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
             let (dtod, htod) = e.backend().copy_bandwidth()?;
             let (dtod, htod) = (dtod / 1e9, htod / 1e9);
             if let Some(s) = &placed.gpu_summary {
-                println!("placement: {s}");
+                zeroshard_offload::outln!("placement: {s}");
             }
-            println!(
+            zeroshard_offload::outln!(
                 "device copy bandwidth {dtod:.0} GB/s (read + write; the bound below) · pinned host→device {htod:.1} GB/s"
             );
             let bw = bench::Bandwidth { memcpy_gbs: dtod, read_gbs: dtod };
@@ -255,7 +259,7 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
         AnyEngine::Cpu(e) => bench_rows(e, &batches, &a, bw, streamed, peak)?,
         AnyEngine::Cuda(e) => bench_rows(e, &batches, &a, bw, streamed, peak)?,
     };
-    println!(
+    zeroshard_offload::outln!(
         "{:>5} {:>14} {:>13} {:>10} {:>13} {:>12} {:>16} {:>15}",
         "batch",
         "prefill tok/s",
@@ -268,7 +272,7 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
     );
     let of_peak = |r: f64| if peak > 0.0 { format!("{r:.2}") } else { "-".into() };
     for r in &rows {
-        println!(
+        zeroshard_offload::outln!(
             "{:>5} {:>14.0} {:>13.1} {:>10.3} {:>13.2} {:>12.2} {:>16} {:>15}",
             r.batch,
             r.prefill_tokens_per_s,
@@ -282,7 +286,7 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
     }
     if streamed.bytes_per_step > 0 {
         let bound = rows.first().map_or(0.0, |r| r.streamed_bound_ms);
-        println!(
+        zeroshard_offload::outln!(
             "streamed: {:.1} MB host→device per step; pinned-copy bound {bound:.3} ms per step; \
              step time over it: {}",
             streamed.bytes_per_step as f64 / 1e6,
@@ -304,7 +308,7 @@ fn run_bench(mut a: BenchArgs) -> Result<()> {
             "placement": placed.gpu_summary,
             "rows": rows,
         });
-        println!("{summary}");
+        zeroshard_offload::outln!("{summary}");
     }
     Ok(())
 }

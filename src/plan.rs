@@ -65,7 +65,7 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!(
+        zeroshard_offload::outln!(
             "{}",
             serde_json::json!({"model": label, "workers": a.workers, "choice": choice, "reason": why,
                 "worker_gflops": gflops, "worker_read_gbs": read_gbs, "link_gbps": a.link_gbps,
@@ -73,7 +73,7 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
+    zeroshard_offload::outln!(
         "model: {label} · {} workers · each {gflops:.0} GFLOP/s peak, reads {read_gbs:.1} GB/s ({}) · link {} Gb/s, {} µs round trip",
         a.workers,
         if measured { if a.colocated { "this machine's, shared" } else { "measured on this machine" } } else { "given" },
@@ -88,10 +88,10 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     for b in &batches {
         print!(" {:>12}", format!("decode b{b}"));
     }
-    println!();
+    zeroshard_offload::outln!();
     for p in &predictions {
         if let Some(r) = &p.refused {
-            println!("{:<9} refused: {r}", p.placement);
+            zeroshard_offload::outln!("{:<9} refused: {r}", p.placement);
             continue;
         }
         print!(
@@ -105,8 +105,8 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         for (_, r) in &p.decode_tokens_per_s {
             print!(" {r:>12.1}");
         }
-        println!();
+        zeroshard_offload::outln!();
     }
-    println!("choice: {choice}: {why}");
+    zeroshard_offload::outln!("choice: {choice}: {why}");
     Ok(())
 }

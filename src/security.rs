@@ -94,24 +94,24 @@ pub(crate) fn certs(c: CertsCommand) -> Result<()> {
         CertsCommand::Init { dir } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("--dir {}", dir.display()))?;
             let (cert, key) = Ca::generate()?.write(&dir)?;
-            println!("{}\n{}", cert.display(), key.display());
+            zeroshard_offload::outln!("{}\n{}", cert.display(), key.display());
         }
         CertsCommand::Issue { dir, role, name, san, force } => {
             let role: Role = role.parse().map_err(|e: String| anyhow!("--role: {e}"))?;
             let sans = if san.is_empty() && role != Role::Client { loopback_sans() } else { san };
             let leaf = load_ca(&dir)?.issue(role, &name, &sans)?;
             let (cert, key) = if force { leaf.replace(&dir, &name)? } else { leaf.write(&dir, &name)? };
-            println!("{}\n{}", cert.display(), key.display());
+            zeroshard_offload::outln!("{}\n{}", cert.display(), key.display());
         }
         CertsCommand::Renew { dir, name, san } => {
             let ca = load_ca(&dir)?;
             let old = Pem::read(&dir, &name).with_context(|| format!("--name {name}: nothing to renew"))?;
             let (cert, key) = ca.renew(&old, &san)?.replace(&dir, &name)?;
-            println!("{}\n{}", cert.display(), key.display());
+            zeroshard_offload::outln!("{}\n{}", cert.display(), key.display());
         }
         CertsCommand::Show { file } => {
             let c = Credential::of_pem_file(&file).map_err(|e| anyhow!(e))?;
-            println!("{}\t{}\t{}", c.identity.role, c.identity.name, c.key);
+            zeroshard_offload::outln!("{}\t{}\t{}", c.identity.role, c.identity.name, c.key);
         }
     }
     Ok(())

@@ -122,7 +122,7 @@ impl Fleet {
                 tokio::spawn(async move {
                     let mut lines = BufReader::new(err).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        eprintln!("[{label}] {line}");
+                        zeroshard_offload::errln!("[{label}] {line}");
                         if let Ok(mut l) = last.lock() {
                             *l = line;
                         }
@@ -297,7 +297,7 @@ pub async fn run_together(
         };
         let (name, _, _) = running.remove(i);
         let status = done.map_err(with(format!("waiting for the {name}")))?;
-        eprintln!("launch: the {name} exited ({status})");
+        zeroshard_offload::errln!("launch: the {name} exited ({status})");
         if first.is_none_or(|f| f.success() && !status.success()) {
             first = Some(status);
         }

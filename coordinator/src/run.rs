@@ -118,14 +118,14 @@ pub async fn run(
     if ready {
         on_ready(&serving)?;
         let _ = stop.wait_for(|s| *s).await;
-        eprintln!(
+        zeroshard_offload::errln!(
             "draining: refusing new requests; running ones have {:?} to finish",
             serving.coord.drain_timeout()
         );
     }
     let d = serving.shutdown().await;
     if ready {
-        eprintln!("{d}");
+        zeroshard_offload::errln!("{d}");
     }
     Ok(())
 }

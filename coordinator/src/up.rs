@@ -116,7 +116,7 @@ impl LocalCluster {
                 return Err(CoordinatorError::Unavailable(e.to_string()));
             }
         };
-        eprintln!("starting {n} workers for {}", cfg.cluster.model_dir.display());
+        zeroshard_offload::errln!("starting {n} workers for {}", cfg.cluster.model_dir.display());
         let outcome = tokio::select! {
             r = serving.wait_ready(&mut stop) => match r {
                 Ok(true) => Ok(()),
@@ -147,7 +147,7 @@ impl LocalCluster {
     pub async fn stop(self) {
         let d = self.serving.drain().await;
         if d.running > 0 {
-            eprintln!("{d}");
+            zeroshard_offload::errln!("{d}");
         }
         self.fleet.shutdown(Duration::from_secs(5)).await;
         self.serving.close().await;
@@ -164,23 +164,27 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut cluster = LocalCluster::start(&cfg, listener, http, stop.clone()).await?;
-    println!("ready {}", cluster.endpoint);
+    zeroshard_offload::outln!("ready {}", cluster.endpoint);
     if let Some(addr) = cluster.http_addr() {
-        println!("http http://{addr}");
+        zeroshard_offload::outln!("http http://{addr}");
     }
     match &cluster.bundle {
-        Some(b) if cfg.http_key.is_some() => println!(
+        Some(b) if cfg.http_key.is_some() => zeroshard_offload::outln!(
             "credentials {} (query and status find them by endpoint; HTTP clients send the key in {})",
             b.display(),
             b.join(zeroshard_security::bundle::API_KEY_FILE).display()
         ),
-        Some(b) => println!("credentials {} (query and status find them by endpoint)", b.display()),
-        None => eprintln!("warning: --insecure: plaintext, no authentication between members"),
+        Some(b) => {
+            zeroshard_offload::outln!("credentials {} (query and status find them by endpoint)", b.display())
+        }
+        None => {
+            zeroshard_offload::errln!("warning: --insecure: plaintext, no authentication between members")
+        }
     }
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            e = cluster.fleet.next_exit() => eprintln!("{e}; the cluster continues without it"),
+            e = cluster.fleet.next_exit() => zeroshard_offload::errln!("{e}; the cluster continues without it"),
         }
     }
     cluster.stop().await;

@@ -42,6 +42,7 @@ mod dtype;
 mod error;
 pub mod gpu_budget;
 pub mod model_file;
+pub mod out;
 pub mod plan;
 pub mod request;
 pub mod shards;

@@ -523,7 +523,7 @@ mod tests {
     #[test]
     fn up_and_coordinator_choose_the_placement_unless_told() {
         if std::env::var_os("ZEROSHARD_PLACEMENT").is_some() {
-            eprintln!(
+            zeroshard_offload::errln!(
                 "skipped: ZEROSHARD_PLACEMENT is set in this environment, so the default does not apply"
             );
             return;

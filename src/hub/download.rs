@@ -86,7 +86,11 @@ pub(super) fn fetch(id: &HubId, env: &HubEnv) -> Result<PathBuf> {
     }
     let todo: Vec<&String> = names.iter().filter(|n| !snapshot.join(n).exists()).collect();
     if !todo.is_empty() {
-        eprintln!("downloading {} files of {id} (commit {sha}) into {}", todo.len(), env.cache.display());
+        zeroshard_offload::errln!(
+            "downloading {} files of {id} (commit {sha}) into {}",
+            todo.len(),
+            env.cache.display()
+        );
     }
     for name in todo {
         get(name)?;

@@ -625,3 +625,28 @@ fn a_worker_that_leaves_is_replanned_around_at_once() {
     let got = query(&c.endpoint, &["--prompt", "Once upon a time"]);
     assert_eq!(got["token_ids"], want[0]["token_ids"]);
 }
+
+/// `up` whose log reader goes away (its stderr a pipe closed at once, as
+/// `up … 2>&1 | head` or a restarting log shipper leave it): every line it
+/// writes there fails with EPIPE, and it serves on, exact, and stops cleanly.
+#[test]
+fn up_outlives_the_reader_of_its_logs() {
+    let stories = path(&model("stories260K"));
+    let mut child = bin()
+        .args(["up", "--listen", "127.0.0.1:0", "--model", &stories, "--workers", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn up");
+    drop(child.stderr.take()); // the reader is gone before the first line
+    let endpoint = common::cluster::ready_line(&mut child).expect("ready despite a closed stderr");
+    let want = generated_from_ids(&stories, "1,403,407", "24");
+    for _ in 0..3 {
+        assert_eq!(ids_of(&query(&endpoint, &greedy("--prompt-ids", "1,403,407", "24"))["token_ids"]), want);
+    }
+    assert!(child.try_wait().expect("try_wait").is_none(), "up died with its log reader");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "up stopped with {status}");
+}

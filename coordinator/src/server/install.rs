@@ -115,7 +115,7 @@ impl Supervisor {
         let mut failed = Vec::new();
         for (w, r) in results {
             match r {
-                Ok((owned_bytes, load_ms)) if load_ms > 0.0 => eprintln!(
+                Ok((owned_bytes, load_ms)) if load_ms > 0.0 => zeroshard_offload::errln!(
                     "{}: loaded {:.1} MB in {:.2} s ({:.2} GB/s) for epoch {epoch}",
                     w.id,
                     owned_bytes as f64 / 1e6,

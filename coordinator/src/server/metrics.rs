@@ -194,6 +194,12 @@ pub(super) fn cluster_text(s: &ClusterStatus, model: &str, in_flight: usize) -> 
         s.step_deadlines_missed_total as f64,
     );
     f.one(
+        "zeroshard_output_lines_dropped_total",
+        "counter",
+        "Lines for stdout or stderr this process dropped because nothing read them (EPIPE).",
+        zeroshard_offload::out::dropped() as f64,
+    );
+    f.one(
         "zeroshard_queue_length",
         "gauge",
         "Requests waiting for room on a worker.",

@@ -15,7 +15,7 @@
 //! let membership = EmbeddedMembership::new(config.lease_ttl);
 //! let coord = Coordinator::start(config, advertise, Arc::new(membership.clone()), Some(membership))?;
 //! tokio::spawn(server::serve(coord.clone(), listener, shutdown));
-//! match coord.wait_ready().await { Readiness::Ready => println!("ready"), Readiness::Failed(e) => bail!(e), .. }
+//! match coord.wait_ready().await { Readiness::Ready => zeroshard_offload::outln!("ready"), Readiness::Failed(e) => bail!(e), .. }
 //! ```
 mod admission;
 mod audit;

@@ -274,7 +274,7 @@ pub async fn run(
         ));
     security.spawn_reloader();
     let mut server = tokio::spawn(async move { security.serve(router, listener, stop).await });
-    println!("listening {advertise}");
+    zeroshard_offload::outln!("listening {advertise}");
 
     let described = registrar.describe();
     let announce = Announce {
@@ -289,7 +289,7 @@ pub async fn run(
         .map_err(|e| WorkerError::Membership { endpoint: described.clone(), source: e.into() })?;
     node.set_id(id);
     // For a launcher (`up`), which names this process by it from now on.
-    println!("registered as worker {id}");
+    zeroshard_offload::outln!("registered as worker {id}");
     tracing::info!("worker {id} registered with {described}");
     healthy.send_replace(true);
 
