@@ -24,6 +24,28 @@ use zeroshard_engine::Backend;
 
 use args::{BenchArgs, Cli, Command, GenerateArgs};
 
+/// Servers hold a socket per client and per peer: raise the soft limit on
+/// open files (often 1024) to the hard one, and say the figure (`up`'s
+/// workers inherit it). 1,100 idle connections against 1024 left every
+/// front refusing with "Too many open files".
+fn raise_open_files() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    let (ok, before) = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let before = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        (libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0, before)
+    };
+    if ok && before != lim.rlim_max {
+        tracing::info!("open files: raised the limit from {before} to {}", lim.rlim_max);
+    } else if !ok {
+        tracing::warn!("open files: the limit stays {before} (raising it to {} failed)", lim.rlim_max);
+    }
+}
+
 fn main() {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -47,6 +69,9 @@ fn main() {
     };
     if matches!(cli.command, Command::Generate(_) | Command::Bench(_) | Command::Worker(_)) {
         keep_freed_buffers();
+    }
+    if matches!(cli.command, Command::Up(_) | Command::Coordinator(_) | Command::Worker(_)) {
+        raise_open_files();
     }
     let result = match cli.command {
         Command::Generate(a) => generate(a),

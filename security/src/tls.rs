@@ -520,16 +520,19 @@ impl Security {
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(64);
         let sec = self.clone();
         tokio::spawn(async move {
+            let mut backoff = AcceptBackoff::default();
             loop {
                 let accepted = tokio::select! {
                     a = listener.accept() => a,
                     _ = tx.closed() => break,
                 };
                 let (sock, peer) = match accepted {
-                    Ok(a) => a,
+                    Ok(a) => {
+                        backoff.reset();
+                        a
+                    }
                     Err(e) => {
-                        tracing::warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(backoff.failed(&e)).await;
                         continue;
                     }
                 };
@@ -549,6 +552,34 @@ impl Security {
             }
         });
         router.serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown).await
+    }
+}
+
+/// What a failing `accept` (out of file descriptors, most often) does: wait
+/// longer each time in a row (10 ms doubling to 1 s), and log the first
+/// failure and then at most one line every 10 s with how many there were.
+#[derive(Default)]
+pub struct AcceptBackoff {
+    wait: Duration,
+    failed: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl AcceptBackoff {
+    /// An accept failed with `e`: how long to wait before the next.
+    pub fn failed(&mut self, e: &std::io::Error) -> Duration {
+        self.failed += 1;
+        if self.logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            tracing::warn!("accept: {e} ({} failures in a row; backing off)", self.failed);
+            self.logged = Some(std::time::Instant::now());
+        }
+        self.wait = (self.wait * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        self.wait
+    }
+
+    /// An accept succeeded.
+    pub fn reset(&mut self) {
+        *self = Self::default();
     }
 }
 
