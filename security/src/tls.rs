@@ -735,6 +735,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failing_accept_backs_off_to_a_second_and_starts_again_after_a_success() {
+        let mut b = AcceptBackoff::default();
+        let e = std::io::Error::from_raw_os_error(libc_emfile());
+        let waits: Vec<Duration> = (0..10).map(|_| b.failed(&e)).collect();
+        assert_eq!(waits[0], Duration::from_millis(10));
+        assert_eq!(waits[1], Duration::from_millis(20));
+        assert_eq!(waits[9], Duration::from_secs(1), "{waits:?}");
+        b.reset();
+        assert_eq!(b.failed(&e), Duration::from_millis(10));
+    }
+
+    /// EMFILE ("Too many open files") on Linux.
+    fn libc_emfile() -> i32 {
+        24
+    }
+
+    #[test]
     fn addresses_parse_strictly() {
         let a = Address::parse("grpcs://127.0.0.1:50051").expect("valid");
         assert!(a.tls && a.is_loopback());
