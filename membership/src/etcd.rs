@@ -239,6 +239,27 @@ impl Store {
         })
     }
 
+    /// The value stored at `key`, if any (`what` names the read in errors).
+    async fn value(&self, key: &str, what: &str) -> Result<Option<Vec<u8>>> {
+        let got = self
+            .request(what, |mut c| {
+                let key = key.to_string();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(got.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Replaces the value at `key` (`what` names the write in errors).
+    async fn put(&self, key: &str, value: Vec<u8>, what: &str) -> Result<()> {
+        self.request(what, |mut c| {
+            let (key, value) = (key.to_string(), value.clone());
+            async move { c.put(key, value, None).await }
+        })
+        .await?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("etcd {} cluster {}", self.endpoints, self.keys.cluster)
     }

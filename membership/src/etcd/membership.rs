@@ -57,47 +57,26 @@ impl Membership for EtcdMembership {
 
     async fn load_plan(&self) -> Result<Option<StoredPlan>> {
         let key = self.store.keys.plan();
-        let got = self
-            .store
-            .request("reading the plan", |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
-        let Some(kv) = got.kvs().first() else { return Ok(None) };
+        let Some(value) = self.store.value(&key, "reading the plan").await? else { return Ok(None) };
         let bad = |reason: String| MembershipError::BadValue {
             key: key.clone(),
             endpoints: self.store.endpoints.clone(),
             reason,
         };
-        Ok(Some(crate::convert::decode_plan(kv.value()).map_err(|e| match e {
+        Ok(Some(crate::convert::decode_plan(&value).map_err(|e| match e {
             MembershipError::Invalid(reason) => bad(reason),
             other => other,
         })?))
     }
 
     async fn store_plan(&self, plan: &StoredPlan) -> Result<()> {
-        let (key, value) = (self.store.keys.plan(), crate::convert::encode_plan(plan));
-        self.store
-            .request("storing the plan", |mut c| {
-                let (key, value) = (key.clone(), value.clone());
-                async move { c.put(key, value, None).await }
-            })
-            .await?;
-        Ok(())
+        self.store.put(&self.store.keys.plan(), crate::convert::encode_plan(plan), "storing the plan").await
     }
 
     async fn load_bans(&self) -> Result<Vec<Ban>> {
         let key = self.store.keys.bans();
-        let got = self
-            .store
-            .request("reading the bans", |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
-        let Some(kv) = got.kvs().first() else { return Ok(Vec::new()) };
-        serde_json::from_slice(kv.value()).map_err(|e| MembershipError::BadValue {
+        let Some(value) = self.store.value(&key, "reading the bans").await? else { return Ok(Vec::new()) };
+        serde_json::from_slice(&value).map_err(|e| MembershipError::BadValue {
             key,
             endpoints: self.store.endpoints.clone(),
             reason: format!("not a list of bans: {e}"),
@@ -105,43 +84,28 @@ impl Membership for EtcdMembership {
     }
 
     async fn store_bans(&self, bans: &[Ban]) -> Result<()> {
-        let key = self.store.keys.bans();
         let value = serde_json::to_vec(bans).unwrap_or_default();
-        self.store
-            .request("storing the bans", |mut c| {
-                let (key, value) = (key.clone(), value.clone());
-                async move { c.put(key, value, None).await }
-            })
-            .await?;
-        Ok(())
+        self.store.put(&self.store.keys.bans(), value, "storing the bans").await
     }
 
     async fn load_digests(&self, identity: &str) -> Result<Option<BlockDigests>> {
         let key = self.store.keys.digests();
-        let get = |key: String, what: &'static str| {
-            self.store.request(what, move |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-        };
         let bad = |key: &str, reason: String| MembershipError::BadValue {
             key: key.to_string(),
             endpoints: self.store.endpoints.clone(),
             reason,
         };
-        let got = get(key.clone(), "reading the digests").await?;
-        let Some(kv) = got.kvs().first() else { return Ok(None) };
+        let Some(head) = self.store.value(&key, "reading the digests").await? else { return Ok(None) };
         let Some(parts) =
-            crate::convert::digest_parts(kv.value(), identity).map_err(|e| bad(&key, e.to_string()))?
+            crate::convert::digest_parts(&head, identity).map_err(|e| bad(&key, e.to_string()))?
         else {
             return Ok(None);
         };
         let mut values = Vec::with_capacity(parts as usize);
         for i in 0..parts {
-            let key = self.store.keys.digest_part(i);
-            let got = get(key.clone(), "reading the digests").await?;
-            let Some(kv) = got.kvs().first() else { return Ok(None) };
-            values.push(kv.value().to_vec());
+            let part = self.store.keys.digest_part(i);
+            let Some(v) = self.store.value(&part, "reading the digests").await? else { return Ok(None) };
+            values.push(v);
         }
         crate::convert::decode_digests(&values, identity).map_err(|e| bad(&key, e.to_string()))
     }
@@ -151,22 +115,9 @@ impl Membership for EtcdMembership {
         // The parts first: a header names only parts that are there (each part
         // also names its checkpoint, so a torn write is never taken for another's).
         for (i, value) in parts.into_iter().enumerate() {
-            let key = self.store.keys.digest_part(i as u32);
-            self.store
-                .request("storing the digests", |mut c| {
-                    let (key, value) = (key.clone(), value.clone());
-                    async move { c.put(key, value, None).await }
-                })
-                .await?;
+            self.store.put(&self.store.keys.digest_part(i as u32), value, "storing the digests").await?;
         }
-        let key = self.store.keys.digests();
-        self.store
-            .request("storing the digests", |mut c| {
-                let (key, value) = (key.clone(), head.clone());
-                async move { c.put(key, value, None).await }
-            })
-            .await?;
-        Ok(())
+        self.store.put(&self.store.keys.digests(), head, "storing the digests").await
     }
 
     async fn evict(&self, id: WorkerId) -> Result<()> {
