@@ -76,7 +76,9 @@ pub(crate) fn http(
     }
     req.push_str("\r\n");
     req.push_str(body);
-    s.write_all(req.as_bytes()).expect("send");
+    // A server that refuses early (413) may close before the whole body is
+    // sent: its answer is read all the same.
+    let _ = s.write_all(req.as_bytes());
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
     let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -195,6 +197,14 @@ fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
     let batch = r#"{"model":"stories260K","prompt":["a","b"],"max_tokens":2}"#;
     assert_eq!(http(&base, "POST", "/v1/completions", Some(batch), &[&auth]).0, 400);
     assert_eq!(http(&base, "GET", "/v1/nothing", None, &[&auth]).0, 404);
+    // Refusals below the handlers are OpenAI's error JSON too: a method the
+    // route does not take (405), a body over 2 MiB (413).
+    let (code, body) = http(&base, "GET", "/v1/completions", None, &[&auth]);
+    assert_eq!((code, json_body(&body)["error"]["type"].as_str()), (405, Some("invalid_request_error")), "{body}");
+    let huge = format!(r#"{{"model":"stories260K","prompt":"{}"}}"#, "a".repeat(3 << 20));
+    let (code, body) = http(&base, "POST", "/v1/completions", Some(&huge), &[&auth]);
+    assert_eq!(code, 413, "{body}");
+    assert!(json_body(&body)["error"]["message"].as_str().is_some_and(|m| m.contains("2097152 bytes")), "{body}");
 
     // A long stream whose client leaves after the first events: its sequence
     // is cancelled on the worker.
@@ -451,6 +461,9 @@ fn metrics_parse_and_move_with_requests() {
     ]);
     let bad = r#"{"model":"stories260K","prompt":"x","max_tokens":1,"temperature":-1}"#;
     assert_eq!(http(&base, "POST", "/v1/completions", Some(bad), &[&auth]).0, 400);
+    // Refused before it is a request (no outcome): counted by its status.
+    let unknown = r#"{"model":"no-such-model","prompt":"x","max_tokens":1}"#;
+    assert_eq!(http(&base, "POST", "/v1/completions", Some(unknown), &[&auth]).0, 404);
 
     let after = scrape(&url);
     eprintln!("metrics after 4 requests: {} samples", after["samples"].as_array().map_or(0, Vec::len));
@@ -466,6 +479,9 @@ fn metrics_parse_and_move_with_requests() {
     assert!(moved("zeroshard_worker_steps_total", &model) >= f64::from(TOKENS), "{after}");
     assert!(sample(&after, "zeroshard_worker_gather_bytes_per_second", &model) > 0.0, "{after}");
     assert_eq!(after["families"]["zeroshard_time_to_first_token_seconds"], "histogram");
+    let status = |code: &'static str| moved("zeroshard_http_responses_total", &[("status", code)]);
+    assert_eq!((status("400"), status("404")), (1.0, 1.0), "{after}");
+    assert!(status("200") >= 2.0, "{after}");
 }
 
 #[test]

@@ -64,6 +64,8 @@ pub async fn serve_http(
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", "no such route".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::map_response(answered))
         .with_state(front);
     // Each streamed event goes out at once: without TCP_NODELAY a small SSE
     // write waits for the client's delayed ACK (~40 ms a token).
@@ -74,6 +76,44 @@ pub async fn serve_http(
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| CoordinatorError::Unavailable(format!("HTTP front: {e}")))
+}
+
+/// Request bodies larger than this are refused (413) before they are parsed.
+const BODY_LIMIT: usize = 2 << 20;
+
+/// Every answer of the front: counted by status
+/// (`zeroshard_http_responses_total{status}`: refusals that never become a
+/// request — an unknown model, malformed JSON — included), and errors in
+/// OpenAI's shape ([`as_openai_error`]).
+async fn answered(res: Response) -> Response {
+    metrics::counter!("zeroshard_http_responses_total", "status" => res.status().as_u16().to_string()).increment(1);
+    as_openai_error(res)
+}
+
+/// Refusals made below the handlers — a body over [`BODY_LIMIT`] (413), a
+/// method a route does not take (405) — come as plain text from the
+/// framework: they get OpenAI's error JSON like every other error, with the
+/// same status (and the `Allow` header of a 405).
+fn as_openai_error(res: Response) -> Response {
+    let status = res.status();
+    let json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!("the request body is over the limit of {BODY_LIMIT} bytes"),
+        StatusCode::METHOD_NOT_ALLOWED => "this route does not take that method".into(),
+        s => s.canonical_reason().unwrap_or("error").to_lowercase(),
+    };
+    let allow = res.headers().get(axum::http::header::ALLOW).cloned();
+    let mut answer = error(status, "invalid_request_error", message);
+    if let Some(a) = allow {
+        answer.headers_mut().insert(axum::http::header::ALLOW, a);
+    }
+    answer
 }
 
 /// An error answer: HTTP status, OpenAI error type, message.
