@@ -200,11 +200,18 @@ fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
     // Refusals below the handlers are OpenAI's error JSON too: a method the
     // route does not take (405), a body over 2 MiB (413).
     let (code, body) = http(&base, "GET", "/v1/completions", None, &[&auth]);
-    assert_eq!((code, json_body(&body)["error"]["type"].as_str()), (405, Some("invalid_request_error")), "{body}");
+    assert_eq!(
+        (code, json_body(&body)["error"]["type"].as_str()),
+        (405, Some("invalid_request_error")),
+        "{body}"
+    );
     let huge = format!(r#"{{"model":"stories260K","prompt":"{}"}}"#, "a".repeat(3 << 20));
     let (code, body) = http(&base, "POST", "/v1/completions", Some(&huge), &[&auth]);
     assert_eq!(code, 413, "{body}");
-    assert!(json_body(&body)["error"]["message"].as_str().is_some_and(|m| m.contains("2097152 bytes")), "{body}");
+    assert!(
+        json_body(&body)["error"]["message"].as_str().is_some_and(|m| m.contains("2097152 bytes")),
+        "{body}"
+    );
 
     // A long stream whose client leaves after the first events: its sequence
     // is cancelled on the worker.

@@ -86,7 +86,8 @@ const BODY_LIMIT: usize = 2 << 20;
 /// request — an unknown model, malformed JSON — included), and errors in
 /// OpenAI's shape ([`as_openai_error`]).
 async fn answered(res: Response) -> Response {
-    metrics::counter!("zeroshard_http_responses_total", "status" => res.status().as_u16().to_string()).increment(1);
+    metrics::counter!("zeroshard_http_responses_total", "status" => res.status().as_u16().to_string())
+        .increment(1);
     as_openai_error(res)
 }
 
