@@ -81,20 +81,20 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
         a.link_latency_us
     );
     let mb = |b: f64| b / 1e6;
-    print!(
+    let mut head = format!(
         "{:<9} {:>16} {:>16} {:>13} {:>14}",
         "placement", "MB/decode step", "KB/prefill tok", "GB/worker", "prefill tok/s"
     );
     for b in &batches {
-        print!(" {:>12}", format!("decode b{b}"));
+        head.push_str(&format!(" {:>12}", format!("decode b{b}")));
     }
-    zeroshard_offload::outln!();
+    zeroshard_offload::outln!("{head}");
     for p in &predictions {
         if let Some(r) = &p.refused {
             zeroshard_offload::outln!("{:<9} refused: {r}", p.placement);
             continue;
         }
-        print!(
+        let mut row = format!(
             "{:<9} {:>16.3} {:>16.1} {:>13.2} {:>14.1}",
             p.placement,
             mb(p.decode_step_bytes),
@@ -103,9 +103,9 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
             p.prefill_tokens_per_s
         );
         for (_, r) in &p.decode_tokens_per_s {
-            print!(" {r:>12.1}");
+            row.push_str(&format!(" {r:>12.1}"));
         }
-        zeroshard_offload::outln!();
+        zeroshard_offload::outln!("{row}");
     }
     zeroshard_offload::outln!("choice: {choice}: {why}");
     Ok(())
