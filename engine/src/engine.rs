@@ -522,20 +522,15 @@ impl<B: Backend> Engine<B> {
             if keep_logits {
                 kept.push(l.clone());
             }
-            let fault = non_finite(&l, s.generated().len());
-            let token = if fault.is_some() { 0 } else { s.sampler.sample(&mut l, &s.tokens) };
-            let mut t = self.accept(s, token);
-            if fault.is_some() {
-                s.failed = true;
-                t.fault = fault;
-            }
-            out.push(t);
+            let (token, fault) = choose(s, &mut l);
+            out.push(self.accept(s, token, fault));
         }
         Ok((out, kept))
     }
 
-    /// Appends `token` to `s` and applies the stop rules.
-    fn accept(&self, s: &mut Sequence<B>, token: u32) -> StepToken {
+    /// Appends `token` to `s` and applies the stop rules; with a `fault` (see
+    /// [`choose`]) the sequence refuses later steps.
+    fn accept(&self, s: &mut Sequence<B>, token: u32, fault: Option<String>) -> StepToken {
         let c = self.config();
         s.tokens.push(token);
         let scores = std::mem::take(&mut s.scores);
@@ -548,7 +543,8 @@ impl<B: Backend> Engine<B> {
             None
         };
         s.finished = finished;
-        StepToken { token, finished, scores, fault: None }
+        s.failed |= fault.is_some();
+        StepToken { token, finished, scores, fault }
     }
 
     /// One step of a tensor-parallel member: every member of `group` calls it
@@ -572,8 +568,9 @@ impl<B: Backend> Engine<B> {
                 if keep_logits {
                     kept.push(l.clone());
                 }
-                *fault = non_finite(&l, s.generated().len());
-                tokens.push(if fault.is_some() { 0 } else { s.sampler.sample(&mut l, &s.tokens) });
+                let (token, why) = choose(s, &mut l);
+                tokens.push(token);
+                *fault = why;
             }
         }
         group.broadcast_tokens(&mut tokens)?;
@@ -584,19 +581,8 @@ impl<B: Backend> Engine<B> {
                 seqs.len()
             )));
         }
-        let out = seqs
-            .iter_mut()
-            .zip(tokens)
-            .zip(faults)
-            .map(|((s, t), fault)| {
-                let mut t = self.accept(s, t);
-                if fault.is_some() {
-                    s.failed = true;
-                    t.fault = fault;
-                }
-                t
-            })
-            .collect();
+        let out =
+            seqs.iter_mut().zip(tokens).zip(faults).map(|((s, t), fault)| self.accept(s, t, fault)).collect();
         Ok((out, kept))
     }
 
@@ -605,11 +591,21 @@ impl<B: Backend> Engine<B> {
     }
 }
 
+/// The token `s` samples from its raw `logits`, or (token 0 and) why it
+/// cannot: logits that are not all finite are never sampled.
+fn choose<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32]) -> (u32, Option<String>) {
+    match non_finite(logits, s.generated().len()) {
+        Some(why) => (0, Some(why)),
+        None => (s.sampler.sample(logits, &s.tokens), None),
+    }
+}
+
 /// Why `logits` (of the step producing generated token `n`) cannot be
 /// sampled: the count of NaN and infinite values, if any.
 fn non_finite(logits: &[f32], n: usize) -> Option<String> {
-    let nan = logits.iter().filter(|l| l.is_nan()).count();
-    let inf = logits.iter().filter(|l| l.is_infinite()).count();
+    let (nan, inf) = logits
+        .iter()
+        .fold((0, 0), |(nan, inf), l| (nan + usize::from(l.is_nan()), inf + usize::from(l.is_infinite())));
     (nan + inf > 0).then(|| {
         format!(
             "the model's logits for generated token {n} are not finite ({nan} NaN, {inf} infinite of {}): \

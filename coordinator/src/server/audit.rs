@@ -35,7 +35,7 @@ use std::time::Duration;
 use zeroshard_offload::plan::{Plan, WorkerId};
 use zeroshard_offload::request::{GenerationParams, ScoreRequest};
 
-use super::faults::Faulty;
+use super::faults::{Cause, Faulty};
 use super::state::WorkerEntry;
 use super::Coordinator;
 
@@ -62,12 +62,12 @@ pub(crate) struct Audits {
     pub passed: AtomicU64,
     pub failed: AtomicU64,
     pub skipped: AtomicU64,
+    /// Workers banned for failed audits, counted by the supervisor when it
+    /// bans one (once per worker).
     pub banned: AtomicU64,
     /// For each worker whose tokens failed: the auditors that said so, and
     /// how many times.
     failures: Mutex<BTreeMap<WorkerId, (BTreeSet<WorkerId>, usize)>>,
-    /// Workers banned for failed audits (each counted once).
-    banned_workers: Mutex<BTreeSet<WorkerId>>,
 }
 
 /// A finished sequence to audit.
@@ -83,8 +83,13 @@ enum Verdict {
     Passed,
     /// Tokens (indices into the generated ones) that failed, by producer.
     Failed(BTreeMap<WorkerId, Vec<usize>>),
-    /// No audit happened (no other worker, or it did not answer): why.
+    /// The auditor gave no usable answer: why.
     Skipped(String),
+}
+
+/// A random number (std's per-process random hash keys, freshly drawn).
+fn random() -> u64 {
+    RandomState::new().build_hasher().finish()
 }
 
 /// Audits the finished sequence with probability `--audit-fraction`, in the
@@ -100,8 +105,7 @@ pub(super) fn consider(
     if fraction <= 0.0 || produced.is_empty() || by.is_empty() {
         return;
     }
-    let draw = RandomState::new().build_hasher().finish() as f64 / u64::MAX as f64;
-    if draw >= fraction {
+    if random() as f64 / u64::MAX as f64 >= fraction {
         return;
     }
     let sample = Sample {
@@ -136,15 +140,17 @@ async fn audit(coord: &Coordinator, s: &Sample) {
     let counters = coord.audits();
     let mut asked = Vec::new();
     loop {
-        let (auditor, verdict) = one(coord, s, &asked).await;
-        let Some(auditor) = auditor else {
-            if asked.is_empty() {
-                counters.skipped.fetch_add(1, Ordering::Relaxed);
-                if let Verdict::Skipped(why) = verdict {
+        let (auditor, verdict) = match one(coord, s, &asked).await {
+            Ok(found) => found,
+            Err(why) => {
+                // No auditor: the sequence is not audited (a confirmation
+                // that finds none leaves the first verdict as it is).
+                if asked.is_empty() {
+                    counters.skipped.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("audit skipped: {why}");
                 }
+                return;
             }
-            return;
         };
         asked.push(auditor);
         match verdict {
@@ -209,10 +215,6 @@ fn ban(coord: &Coordinator, worker: WorkerId, auditor: WorkerId) {
     let Ok(plan) = coord.plan() else { return };
     let members = group(&plan, worker);
     for m in &members {
-        if !zeroshard_offload::sync::lock(&coord.audits().banned_workers).insert(*m) {
-            continue; // an audit of an earlier sequence of it, finished later
-        }
-        coord.audits().banned.fetch_add(1, Ordering::Relaxed);
         let why = if members.len() > 1 {
             format!(
                 "{m} is a member of the tensor-parallel group of {worker}, whose tokens failed output audits \
@@ -221,26 +223,23 @@ fn ban(coord: &Coordinator, worker: WorkerId, auditor: WorkerId) {
         } else {
             format!("{m} returned tokens that failed output audits (last by {auditor})")
         };
-        coord.report_faulty(Faulty { id: *m, why });
+        coord.report_faulty(Faulty { id: *m, why, cause: Cause::Audits });
     }
 }
 
 /// Audits `s` on one auditor not in `exclude` (nor a producer): who it was,
-/// and what it found.
-async fn one(coord: &Coordinator, s: &Sample, exclude: &[WorkerId]) -> (Option<WorkerId>, Verdict) {
-    let plan = match coord.plan() {
-        Ok(p) => p,
-        Err(e) => return (None, Verdict::Skipped(e.to_string())),
-    };
+/// and what it found; or why there is none.
+async fn one(coord: &Coordinator, s: &Sample, exclude: &[WorkerId]) -> Result<(WorkerId, Verdict), String> {
+    let plan = coord.plan().map_err(|e| e.to_string())?;
     let choices = auditors(coord, &plan, s, exclude);
     if choices.is_empty() {
-        let why =
-            "no live worker outside the producers' groups (a cluster of one worker or one group has no \
-                   independent path)";
-        return (None, Verdict::Skipped(why.into()));
+        return Err(
+            "no live worker outside the producers' groups (a cluster of one worker or one group has \
+                    no independent path)"
+                .into(),
+        );
     }
-    let pick = RandomState::new().build_hasher().finish() as usize % choices.len();
-    let auditor = &choices[pick];
+    let auditor = &choices[random() as usize % choices.len()];
     // The tokens fed back to the model: prompt + generated, within its positions.
     let max = coord.model().config.max_position_embeddings;
     let mut tokens = s.prompt.clone();
@@ -251,20 +250,20 @@ async fn one(coord: &Coordinator, s: &Sample, exclude: &[WorkerId]) -> (Option<W
     let call = auditor.client.score(id, plan.epoch(), &tokens, &s.params, &req);
     let scores = match tokio::time::timeout(AUDIT_TIMEOUT, call).await {
         Ok(Ok(scores)) => scores,
-        Ok(Err(i)) => return (Some(auditor.id), Verdict::Skipped(i.message().to_string())),
-        Err(_) => return (Some(auditor.id), Verdict::Skipped(format!("no answer within {AUDIT_TIMEOUT:?}"))),
+        Ok(Err(i)) => return Ok((auditor.id, Verdict::Skipped(i.message().to_string()))),
+        Err(_) => return Ok((auditor.id, Verdict::Skipped(format!("no answer within {AUDIT_TIMEOUT:?}")))),
     };
     let checked = tokens.len() - s.prompt.len();
     if scores.len() < checked {
         let why = format!("{} scores for {checked} generated tokens", scores.len());
-        return (Some(auditor.id), Verdict::Skipped(why));
+        return Ok((auditor.id, Verdict::Skipped(why)));
     }
     let mut failed: BTreeMap<WorkerId, Vec<usize>> = BTreeMap::new();
     for (j, (score, &token)) in scores.iter().zip(&s.produced[..checked]).enumerate() {
         if score.token != Some(token) {
             let why =
                 format!("the auditor scored token {:?} at generated token {j}, not {token}", score.token);
-            return (Some(auditor.id), Verdict::Skipped(why));
+            return Ok((auditor.id, Verdict::Skipped(why)));
         }
         if !score.kept {
             let producer = s.by.iter().find(|p| p.tokens.contains(&j)).map_or(s.by[0].worker, |p| p.worker);
@@ -272,7 +271,7 @@ async fn one(coord: &Coordinator, s: &Sample, exclude: &[WorkerId]) -> (Option<W
         }
     }
     let verdict = if failed.is_empty() { Verdict::Passed } else { Verdict::Failed(failed) };
-    (Some(auditor.id), verdict)
+    Ok((auditor.id, verdict))
 }
 
 #[cfg(test)]

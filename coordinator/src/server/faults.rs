@@ -30,6 +30,16 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(1);
 pub(super) struct Faulty {
     pub id: WorkerId,
     pub why: String,
+    pub cause: Cause,
+}
+
+/// What a faulty worker was caught at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Cause {
+    /// Serving blocks that failed the checkpoint's digests.
+    Blocks,
+    /// Returning tokens that failed output audits.
+    Audits,
 }
 
 /// Polls until the supervisor is gone; names each faulty holder once.
@@ -52,7 +62,7 @@ pub(super) async fn watch(coord: Coordinator, faulty: mpsc::UnboundedSender<Faul
         for (id, blocks) in by_holder {
             if blocks >= EVICT_AFTER_BLOCKS && named.insert(id) {
                 let why = format!("{id} served {blocks} block(s) that failed the checkpoint's digest");
-                if faulty.send(Faulty { id, why }).is_err() {
+                if faulty.send(Faulty { id, why, cause: Cause::Blocks }).is_err() {
                     return;
                 }
             }

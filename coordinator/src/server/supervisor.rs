@@ -210,7 +210,10 @@ impl Supervisor {
     /// holds for the id).
     pub(super) fn ban(&mut self, f: super::faults::Faulty) {
         if self.banned.contains_key(&f.id) {
-            return;
+            return; // already banned (a late audit of an earlier sequence of it)
+        }
+        if f.cause == super::faults::Cause::Audits {
+            self.coord.audits().banned.fetch_add(1, Ordering::Relaxed);
         }
         let why = f.why;
         self.banned.insert(f.id, why.clone());
