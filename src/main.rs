@@ -16,6 +16,7 @@ use std::io::{IsTerminal, Write};
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches};
 use generate::LocalModel;
+use zeroshard_coordinator::chat;
 use zeroshard_coordinator::request::{GenerateRequest, GenerationParams, Prompt, SamplingParams};
 use zeroshard_engine::bench;
 use zeroshard_engine::engine::Engine;
@@ -47,6 +48,13 @@ fn raise_open_files() {
 }
 
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == chat::sandbox::CHILD_ARG) {
+        std::process::exit(chat::sandbox::serve());
+    }
+    // Chat templates come from model folders: render them in capped children.
+    if let Ok(program) = std::env::current_exe() {
+        chat::render_in_children_of(program);
+    }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Long-running roles log their progress; one-shot commands only warnings.

@@ -76,8 +76,8 @@ impl Tokenizer {
         let name =
             path.file_name().and_then(|n| n.to_str()).ok_or_else(|| load_err("not a file name".into()))?;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let bytes =
-            model_file::read(dir, name, model_file::JSON_LIMIT_BYTES).map_err(|e| load_err(e.to_string()))?;
+        let bytes = model_file::read_limited(dir, name, model_file::TOKENIZER_LIMIT_BYTES)
+            .map_err(|e| load_err(e.to_string()))?;
         Self::from_bytes(path, &bytes)
     }
 

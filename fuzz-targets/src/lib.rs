@@ -12,17 +12,21 @@
 //! - [`request`]: a `GenerateRequest` / `RunSequenceRequest` decoded by prost,
 //!   converted and validated as the coordinator and the worker do;
 //! - [`detokenizer`]: token ids and stop strings through the incremental decoder,
-//!   the stop matcher and `TextStream`, with the stories260K tokenizer.
+//!   the stop matcher and `TextStream`, with the stories260K tokenizer;
+//! - [`chat_template`]: `tokenizer_config.json` parsing and the chat template
+//!   renderer (fuel and output bounds) over a conversation.
 //!
 //! ```no_run
 //! zeroshard_fuzz_targets::run("config", br#"{"architectures": ["LlamaForCausalLM"]}"#);
 //! ```
+mod chat_template;
 mod config;
 mod detokenizer;
 mod fixtures;
 mod request;
 mod safetensors;
 
+pub use chat_template::chat_template;
 pub use config::config;
 pub use detokenizer::detokenizer;
 pub use request::request;
@@ -32,8 +36,13 @@ pub use safetensors::safetensors;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its corpus folder and cargo-fuzz binary.
-pub const TARGETS: [(&str, Target); 4] =
-    [("safetensors", safetensors), ("config", config), ("request", request), ("detokenizer", detokenizer)];
+pub const TARGETS: [(&str, Target); 5] = [
+    ("safetensors", safetensors),
+    ("config", config),
+    ("request", request),
+    ("detokenizer", detokenizer),
+    ("chat_template", chat_template),
+];
 
 /// Runs target `name` on `data`; panics on an unknown name.
 pub fn run(name: &str, data: &[u8]) {

@@ -246,4 +246,31 @@ fn write_seed_corpus() {
     for (name, b) in cases {
         put("detokenizer", name, &b);
     }
+
+    // chat_template: tokenizer_config.json (+ NUL + messages).
+    let zephyr = "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}";
+    let conversation = br#"[{"role":"system","content":"Be brief."},{"role":"user","content":"Once upon"},{"role":"assistant","content":"a time"},{"role":"user","content":"go on"}]"#;
+    let with = |config: Value, messages: &[u8]| {
+        [serde_json::to_vec(&config).expect("json"), vec![0], messages.to_vec()].concat()
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("zephyr", serde_json::to_vec(&json!({"chat_template": zephyr, "eos_token": "</s>"})).expect("json")),
+        ("zephyr-conversation", with(json!({"chat_template": zephyr, "eos_token": {"content": "</s>", "lstrip": false}}), conversation)),
+        ("named-templates", serde_json::to_vec(&json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"}], "bos_token": "<s>"})).expect("json")),
+        ("named-no-default", serde_json::to_vec(&json!({"chat_template": [{"name": "tool_use", "template": "T"}]})).expect("json")),
+        ("no-template", serde_json::to_vec(&json!({"bos_token": "<s>", "added_tokens_decoder": {"0": {"content": "<unk>"}}})).expect("json")),
+        ("raise-exception", with(json!({"chat_template": "{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}ok"}), conversation)),
+        ("namespace-loop", with(json!({"chat_template": "{% set ns = namespace(text='') %}{% for m in messages %}{% set ns.text = ns.text ~ m.role ~ ': ' ~ m.content ~ '\n' %}{% endfor %}{{ ns.text|trim }}"}), conversation)),
+        ("python-methods", serde_json::to_vec(&json!({"chat_template": "{{ messages[0].content.strip().upper().replace('H', 'J') }}{{ strftime_now('%Y') }}"})).expect("json")),
+        ("output-over-the-limit", serde_json::to_vec(&json!({"chat_template": "{% for i in range(3000) %}{{ 'x' * 4000 }}{% endfor %}"})).expect("json")),
+        ("runaway-loop", serde_json::to_vec(&json!({"chat_template": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"})).expect("json")),
+        ("syntax-error", serde_json::to_vec(&json!({"chat_template": "{% for m in messages %}{{ m.content "})).expect("json")),
+        ("not-json", b"{\"chat_template\": ".to_vec()),
+        ("template-not-text", serde_json::to_vec(&json!({"chat_template": 7})).expect("json")),
+        ("bad-messages", with(json!({"chat_template": zephyr}), b"[{\"role\": 1}]")),
+        ("empty-conversation", with(json!({"chat_template": zephyr}), b"[]")),
+    ];
+    for (name, b) in cases {
+        put("chat_template", name, &b);
+    }
 }

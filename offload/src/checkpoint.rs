@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use half::f16;
 use memmap2::Mmap;
 
-pub use self::header::{parse_header, parse_index, MAX_HEADER_BYTES};
+pub use self::header::{parse_header, parse_index, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE};
 use crate::dtype::DType;
 use crate::error::{io_err, OffloadError, Result};
 use crate::model_file;
@@ -90,7 +90,7 @@ impl Checkpoint {
         let file_names: Vec<String> = if model_file::exists(dir, SINGLE) {
             vec![SINGLE.to_string()]
         } else if model_file::exists(dir, INDEX) {
-            let bytes = model_file::read(dir, INDEX, model_file::JSON_LIMIT_BYTES)?;
+            let bytes = model_file::read(dir, INDEX)?;
             parse_index(&dir.join(INDEX), &bytes)?
         } else {
             return Err(OffloadError::Io {

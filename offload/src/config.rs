@@ -362,12 +362,9 @@ impl ModelConfig {
                 return Err(OffloadError::Gguf { dir: dir.to_path_buf(), file });
             }
         }
-        let config = model_file::read(dir, CONFIG, model_file::JSON_LIMIT_BYTES)?;
-        let generation = if model_file::exists(dir, GENERATION) {
-            Some(model_file::read(dir, GENERATION, model_file::JSON_LIMIT_BYTES)?)
-        } else {
-            None
-        };
+        let config = model_file::read(dir, CONFIG)?;
+        let generation =
+            if model_file::exists(dir, GENERATION) { Some(model_file::read(dir, GENERATION)?) } else { None };
         let gen_path = dir.join(GENERATION);
         Self::from_bytes(&dir.join(CONFIG), &config, generation.as_deref().map(|g| (gen_path.as_path(), g)))
     }

@@ -51,7 +51,9 @@ pub mod staging;
 pub mod sync;
 pub mod synthetic;
 
-pub use checkpoint::{parse_header, parse_index, Checkpoint, TensorInfo, MAX_HEADER_BYTES};
+pub use checkpoint::{
+    parse_header, parse_index, Checkpoint, TensorInfo, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE,
+};
 pub use config::{
     Activation, Architecture, ModelConfig, Norm, PositionEncoding, RopeConfig, RopeScaling,
     BLOOM_MAX_POSITIONS, MAX_HEADS, MAX_HEAD_DIM, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS, MAX_POSITIONS,

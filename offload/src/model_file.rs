@@ -12,12 +12,13 @@
 //! - it resolves inside the model folder, or inside the `blobs/` folder of a
 //!   Hugging Face hub cache whose `snapshots/<rev>/` the model folder is (the hub
 //!   stores every file of a snapshot as a symlink to `../../blobs/<hash>`);
-//! - [`read`] refuses files larger than its limit before allocating for them.
+//! - [`read`] refuses files larger than their limit ([`limit_bytes`]) before
+//!   allocating for them.
 //!
 //! ```no_run
 //! # fn main() -> zeroshard_offload::Result<()> {
 //! let dir = std::path::Path::new("models/stories260K");
-//! let bytes = zeroshard_offload::model_file::read(dir, "config.json", zeroshard_offload::model_file::JSON_LIMIT_BYTES)?;
+//! let bytes = zeroshard_offload::model_file::read(dir, "config.json")?;
 //! # Ok(()) }
 //! ```
 use std::fs::{File, Metadata};
@@ -27,9 +28,33 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{io_err, OffloadError, Result};
 
-/// Largest JSON file read from a model folder (tokenizers of large vocabularies
-/// are tens of MB; configs and indexes are kB).
-pub const JSON_LIMIT_BYTES: u64 = 256 << 20;
+/// The largest `config.json` / `generation_config.json`: real ones are 1–60 kB
+/// (a classifier's `id2label` of thousands of labels stays in the hundreds of kB).
+pub const CONFIG_LIMIT_BYTES: u64 = 1 << 20;
+/// The largest `tokenizer.json`: the largest real vocabularies (256k tokens with
+/// their merges) are ~35 MB; parsing costs ~8× the file.
+pub const TOKENIZER_LIMIT_BYTES: u64 = 64 << 20;
+/// The largest `tokenizer_config.json`: real ones are 1–200 kB (thousands of
+/// added tokens and a chat template); it is parsed for a few fields only.
+pub const TOKENIZER_CONFIG_LIMIT_BYTES: u64 = 4 << 20;
+/// The largest `chat_template.jinja`: real templates are 1–20 kB.
+pub const TEMPLATE_LIMIT_BYTES: u64 = 1 << 20;
+/// The largest `model.safetensors.index.json`: ~90 bytes per tensor, so the
+/// largest real checkpoints (~92k tensors) need ~9 MB; only the distinct shard
+/// names are kept while parsing.
+pub const INDEX_LIMIT_BYTES: u64 = 32 << 20;
+
+/// How many bytes [`read`] accepts for the model-folder file `name` (one of
+/// the limits above; another name gets the config limit).
+pub fn limit_bytes(name: &str) -> u64 {
+    match Path::new(name).file_name().and_then(|n| n.to_str()).unwrap_or(name) {
+        "tokenizer.json" => TOKENIZER_LIMIT_BYTES,
+        "tokenizer_config.json" => TOKENIZER_CONFIG_LIMIT_BYTES,
+        "chat_template.jinja" => TEMPLATE_LIMIT_BYTES,
+        "model.safetensors.index.json" => INDEX_LIMIT_BYTES,
+        _ => CONFIG_LIMIT_BYTES,
+    }
+}
 
 /// Does `dir/name` exist at all (a dangling symlink or a FIFO counts: they are
 /// refused by [`open`], not taken for an absent file)?
@@ -73,13 +98,18 @@ pub fn open(dir: &Path, name: &str) -> Result<(PathBuf, File, u64)> {
 }
 
 /// The bytes of `dir/name`, checked as by [`open`], refused when larger than
-/// `limit_bytes`.
-pub fn read(dir: &Path, name: &str, limit_bytes: u64) -> Result<Vec<u8>> {
+/// its [`limit_bytes`].
+pub fn read(dir: &Path, name: &str) -> Result<Vec<u8>> {
+    read_limited(dir, name, limit_bytes(name))
+}
+
+/// [`read`] with the limit given (a file whose name does not say what it is).
+pub fn read_limited(dir: &Path, name: &str, limit_bytes: u64) -> Result<Vec<u8>> {
     let (path, file, len) = open(dir, name)?;
     if len > limit_bytes {
         return Err(OffloadError::Format {
             path,
-            message: format!("is {len} bytes, more than the {limit_bytes} bytes allowed for this file"),
+            message: format!("is {len} bytes, more than the {limit_bytes} bytes a model folder's file of this kind may have"),
         });
     }
     let mut bytes = Vec::with_capacity(len as usize);
@@ -154,8 +184,8 @@ mod tests {
         // Inside the folder, through a symlink: fine.
         std::fs::write(dir.path().join("real.json"), b"{}").expect("write");
         symlink("real.json", dir.path().join("link.json")).expect("symlink");
-        assert_eq!(read(dir.path(), "link.json", 16).expect("read"), b"{}");
-        let e = read(dir.path(), "real.json", 1).expect_err("too big").to_string();
+        assert_eq!(read_limited(dir.path(), "link.json", 16).expect("read"), b"{}");
+        let e = read_limited(dir.path(), "real.json", 1).expect_err("too big").to_string();
         assert!(e.contains("2 bytes, more than the 1 bytes"), "{e}");
     }
 
@@ -168,6 +198,6 @@ mod tests {
         std::fs::create_dir_all(&snap).expect("mkdir");
         std::fs::write(blobs.join("f00d"), b"{}").expect("write");
         symlink("../../blobs/f00d", snap.join("config.json")).expect("symlink");
-        assert_eq!(read(&snap, "config.json", 16).expect("hub layout"), b"{}");
+        assert_eq!(read_limited(&snap, "config.json", 16).expect("hub layout"), b"{}");
     }
 }

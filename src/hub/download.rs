@@ -71,11 +71,7 @@ pub(super) fn fetch(id: &HubId, env: &HubEnv) -> Result<PathBuf> {
         names.push(SINGLE.into());
     } else if remote.contains(INDEX) {
         get(INDEX)?;
-        let index = zeroshard_offload::model_file::read(
-            &snapshot,
-            INDEX,
-            zeroshard_offload::model_file::JSON_LIMIT_BYTES,
-        )?;
+        let index = zeroshard_offload::model_file::read(&snapshot, INDEX)?;
         let shards = zeroshard_offload::parse_index(&snapshot.join(INDEX), &index)?;
         if let Some(absent) = shards.iter().find(|s| !remote.contains(s.as_str())) {
             bail!("commit {sha}: {INDEX} names {absent}, which the repository does not have");

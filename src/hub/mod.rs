@@ -272,7 +272,7 @@ fn missing_files(dir: &Path) -> Vec<String> {
         return missing;
     }
     // An index that does not parse is the loader's to report, naming the file.
-    let shards = model_file::read(dir, INDEX, model_file::JSON_LIMIT_BYTES)
+    let shards = model_file::read(dir, INDEX)
         .and_then(|bytes| zeroshard_offload::parse_index(&dir.join(INDEX), &bytes))
         .unwrap_or_default();
     missing.extend(shards.into_iter().filter(|n| absent(n)));

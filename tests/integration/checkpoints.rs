@@ -246,3 +246,85 @@ fn base_model_tensor_names_load_for_gpt2_and_bloom() {
         }
     }
 }
+
+/// Peak RSS a refused model-folder bomb may reach (issue 31: under ~100 MB).
+const MAX_BOMB_RSS_KB: i64 = 100 << 10;
+
+/// `len` bytes at `dir/name`, sparse: the size is what a bomb claims, the disk
+/// and the test pay nothing for it.
+fn sparse(dir: &Path, name: &str, len: u64) {
+    let f = std::fs::File::create(dir.join(name)).expect("create");
+    f.set_len(len).expect("set_len");
+}
+
+#[test]
+fn model_folder_bombs_are_refused_in_one_line_under_100_mb() {
+    let mut figures = Vec::new();
+    let mut check = |what: &str, dir: &Path, extra: &[&str], needles: &[&str]| {
+        let done = expect_error(dir, extra, needles);
+        figures.push(format!("{what}: peak RSS {} kB: {}", done.max_rss_kb, done.stderr.trim()));
+        assert!(done.max_rss_kb < MAX_BOMB_RSS_KB, "{what}: peak RSS {} kB", done.max_rss_kb);
+    };
+    // Files past their kind's limit are refused before they are read.
+    for (name, len, limit, extra) in [
+        ("config.json", 64 << 20, "1048576", &[][..]),
+        ("config.json", 250 << 20, "1048576", &[]),
+        ("tokenizer.json", 200 << 20, "67108864", &[]),
+        ("tokenizer_config.json", 64 << 20, "4194304", &["--chat", "hi"]),
+    ] {
+        let dir = copy_model();
+        sparse(dir.path(), name, len);
+        check(&format!("{} MB {name}", len >> 20), dir.path(), extra, &[name, &format!("the {limit} bytes")]);
+    }
+    // A real (not sparse) config just past its limit, of the many small
+    // values that cost a JSON tree the most.
+    let dir = copy_model();
+    let config = std::fs::read_to_string(dir.path().join("config.json")).expect("config");
+    let zeros = format!("{{\"padding\":[{}0],", "0,".repeat(600_000));
+    std::fs::write(dir.path().join("config.json"), config.replacen('{', &zeros, 1)).expect("write");
+    check("1.2 MB config.json of zeros", dir.path(), &[], &["config.json", "the 1048576 bytes"]);
+    // An index past its limit (the single file gone, so the index is read).
+    let dir = copy_model();
+    std::fs::remove_file(dir.path().join("model.safetensors")).expect("rm");
+    sparse(dir.path(), "model.safetensors.index.json", 40 << 20);
+    check("40 MB index", dir.path(), &[], &["model.safetensors.index.json", "the 33554432 bytes"]);
+    // A 92 MB safetensors header: refused on its length, before it is parsed.
+    let dir = copy_model();
+    let path = dir.path().join("model.safetensors");
+    let mut f = std::fs::File::create(&path).expect("create");
+    std::io::Write::write_all(&mut f, &(92_000_000u64).to_le_bytes()).expect("write");
+    f.set_len(8 + 92_000_000 + 4096).expect("set_len");
+    check("92 MB safetensors header", dir.path(), &[], &["model.safetensors", "-byte limit"]);
+    // A header within the byte limit declaring more empty tensors than allowed.
+    let dir = copy_model();
+    {
+        use std::io::Write;
+        let entry = |i: usize| format!("\"t{i}\":{{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}}");
+        let n = 270_000;
+        let len = 2 + (0..n).map(|i| entry(i).len()).sum::<usize>() + (n - 1);
+        let file = std::fs::File::create(dir.path().join("model.safetensors")).expect("create");
+        let mut w = std::io::BufWriter::new(file);
+        w.write_all(&(len as u64).to_le_bytes()).expect("write");
+        w.write_all(b"{").expect("write");
+        for i in 0..n {
+            w.write_all(if i == 0 { b"" } else { b"," }).expect("write");
+            w.write_all(entry(i).as_bytes()).expect("write");
+        }
+        w.write_all(b"}").expect("write");
+    }
+    check("270k empty tensors", dir.path(), &[], &["model.safetensors", "more than 262144 tensors"]);
+    // A chat template that doubles a string forty times (fuel: ~200
+    // instructions; memory: 2^44 bytes) ends its capped renderer, not the run.
+    let dir = copy_model();
+    std::fs::write(dir.path().join("chat_template.jinja"), DOUBLING_TEMPLATE).expect("write");
+    check("doubling chat template", dir.path(), &["--chat", "bomb"], &["chat template", "MiB of memory"]);
+    for f in figures {
+        println!("{f}");
+    }
+}
+
+/// A chat template that doubles a 16-byte string forty times when the first
+/// message says "bomb", and renders the conversation otherwise.
+pub(crate) const DOUBLING_TEMPLATE: &str = "{% if messages[0].content == 'bomb' %}\
+{% set ns = namespace(s='xxxxxxxxxxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}\
+{% endif %}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>";

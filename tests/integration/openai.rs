@@ -404,6 +404,40 @@ fn chat_without_a_template_is_a_clear_error_everywhere() {
     assert!(err.contains("--chat"), "{err}");
 }
 
+/// A template that would take 2^44 bytes fails its own request with one line;
+/// the coordinator's renderer starts again and the next chat is served.
+#[test]
+fn a_chat_template_bomb_fails_its_request_not_the_coordinator() {
+    let dir = common::model_dir::copy_model();
+    std::fs::write(dir.path().join("chat_template.jinja"), crate::checkpoints::DOUBLING_TEMPLATE)
+        .expect("template");
+    let path = dir.path().to_str().expect("utf-8").to_string();
+    let name = dir.path().file_name().expect("name").to_str().expect("utf-8").to_string();
+    let mut c = Cluster::up(&["--model", &path, "--workers", "1", "--http-listen", "127.0.0.1:0"]);
+    let base = c.http();
+    let auth = c.http_auth();
+    let chat = |content: &str| {
+        let req = format!(
+            r#"{{"model":"{name}","messages":[{{"role":"user","content":"{content}"}}],"max_tokens":4,"temperature":0}}"#
+        );
+        http(&base, "POST", "/v1/chat/completions", Some(&req), &[&auth])
+    };
+    for round in 0..3 {
+        let start = std::time::Instant::now();
+        let (code, body) = chat("bomb");
+        assert_eq!(code, 400, "round {round}: {body}");
+        let message = json_body(&body)["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.contains("chat template") && message.contains("MiB of memory"), "{body}");
+        println!("bomb refused in {:?}: {message}", start.elapsed());
+        let (code, body) = chat("hello");
+        assert_eq!(code, 200, "round {round}, after the bomb: {body}");
+        assert_eq!(json_body(&body)["usage"]["completion_tokens"], 4, "{body}");
+    }
+    let (code, err) = fails(&["query", "--endpoint", &c.endpoint, "--chat", "bomb"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("MiB of memory"), "{err}");
+}
+
 /// `/metrics` parsed by prometheus_client: (families by type, samples).
 fn scrape(url: &str) -> Value {
     let out = Command::new(python())

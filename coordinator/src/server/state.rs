@@ -177,7 +177,7 @@ impl Coordinator {
         // The texts workers parse again: read as every model file is (regular,
         // inside the folder, bounded); `from_dir` checked their contents.
         let read = |name: &str| -> Result<String> {
-            let bytes = model_file::read(dir, name, model_file::JSON_LIMIT_BYTES)?;
+            let bytes = model_file::read(dir, name)?;
             String::from_utf8(bytes).map_err(|_| {
                 CoordinatorError::InvalidRequest(format!("{}: not UTF-8", dir.join(name).display()))
             })

@@ -3,9 +3,11 @@
 //! ([`parse_index`]). Neither trusts a number it reads: lengths are checked
 //! against the bytes present before anything is allocated for them, sizes are
 //! computed with checked arithmetic, and tensors may not share bytes.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeSet;
+use std::fmt;
 use std::path::Path;
 
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::TensorInfo;
@@ -13,8 +15,13 @@ use crate::dtype::DType;
 use crate::error::{OffloadError, Result};
 use crate::model_file;
 
-/// The largest safetensors header read (the `safetensors` crate's own limit).
-pub const MAX_HEADER_BYTES: usize = 100_000_000;
+/// The largest safetensors header read: ~110 bytes per tensor, so 16 MiB holds
+/// ~150k tensors in one file, more than the largest real checkpoints have in
+/// all their shards together (~92k).
+pub const MAX_HEADER_BYTES: usize = 16 << 20;
+/// The most tensors one safetensors file may declare (see [`MAX_HEADER_BYTES`]);
+/// each costs ~100 bytes of memory once parsed.
+pub const MAX_TENSORS_PER_FILE: usize = 1 << 18;
 
 #[derive(Deserialize)]
 struct RawEntry {
@@ -23,9 +30,90 @@ struct RawEntry {
     data_offsets: [usize; 2],
 }
 
-#[derive(Deserialize)]
-struct RawIndex {
-    weight_map: HashMap<String, String>,
+/// The header's entries in file order, `__metadata__` skipped, parsed one at a
+/// time (no intermediate JSON tree: the peak is the entries themselves),
+/// refused past [`MAX_TENSORS_PER_FILE`].
+struct Entries;
+
+impl<'de> DeserializeSeed<'de> for Entries {
+    type Value = Vec<(String, RawEntry)>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Entries {
+    type Value = Vec<(String, RawEntry)>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object of tensor entries")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            if out.len() == MAX_TENSORS_PER_FILE {
+                return Err(serde::de::Error::custom(format!(
+                    "more than {MAX_TENSORS_PER_FILE} tensors in one file"
+                )));
+            }
+            let entry = map.next_value::<RawEntry>().map_err(|e| {
+                serde::de::Error::custom(format!("tensor `{name}`: malformed header entry: {e}"))
+            })?;
+            out.push((name, entry));
+        }
+        Ok(out)
+    }
+}
+
+/// The distinct values of an index's `weight_map` (the tensor names, the keys,
+/// are not kept); other fields are skipped.
+struct ShardNames;
+
+impl<'de> Visitor<'de> for ShardNames {
+    type Value = BTreeSet<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object with a `weight_map` of tensor name to file name")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        let mut names = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "weight_map" && names.is_none() {
+                names = Some(map.next_value_seed(WeightMap)?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        names.ok_or_else(|| serde::de::Error::missing_field("weight_map"))
+    }
+}
+
+struct WeightMap;
+
+impl<'de> DeserializeSeed<'de> for WeightMap {
+    type Value = BTreeSet<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for WeightMap {
+    type Value = BTreeSet<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object of tensor name to file name")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        let mut names = BTreeSet::new();
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            let file = map.next_value::<std::borrow::Cow<'de, str>>()?;
+            if !names.contains(file.as_ref()) {
+                names.insert(file.into_owned());
+            }
+        }
+        Ok(names)
+    }
 }
 
 /// Parses and validates one safetensors file's header: `u64` little-endian
@@ -49,17 +137,20 @@ pub fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<Tensor
     if header_len as usize > MAX_HEADER_BYTES {
         return Err(fmt(format!("header length {header_len} is over the {MAX_HEADER_BYTES}-byte limit")));
     }
-    let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|e| fmt(format!("invalid safetensors header JSON: {e}")))?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes[8..data_start]);
+    let mut header = Entries
+        .deserialize(&mut de)
+        .and_then(|h| de.end().map(|()| h))
+        .map_err(|e| fmt(format!("invalid safetensors header: {e}")))?;
+    // Names sort as the map of the file format does; a repeated name is refused.
+    header.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(pair) = header.windows(2).find(|p| p[0].0 == p[1].0) {
+        return Err(fmt(format!("tensor `{}` is declared twice", pair[0].0)));
+    }
     let data_len = bytes.len() - data_start;
     let mut out = Vec::with_capacity(header.len());
     let mut ranges = Vec::with_capacity(header.len());
-    for (name, value) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let raw: RawEntry = serde_json::from_value(value)
-            .map_err(|e| fmt(format!("tensor `{name}`: malformed header entry: {e}")))?;
+    for (name, raw) in header {
         let dtype = DType::from_safetensors(&raw.dtype).ok_or_else(|| OffloadError::UnsupportedDType {
             path: path.to_path_buf(),
             tensor: name.clone(),
@@ -105,11 +196,13 @@ pub fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<Tensor
 /// The shard file names a `model.safetensors.index.json` lists, sorted and
 /// deduplicated; each must be a plain file name inside the model folder.
 pub fn parse_index(path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
-    let raw: RawIndex = serde_json::from_slice(bytes)
-        .map_err(|e| OffloadError::Json { path: path.to_path_buf(), message: e.to_string() })?;
-    let mut names: Vec<String> = raw.weight_map.into_values().collect();
-    names.sort();
-    names.dedup();
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let names: Vec<String> = de
+        .deserialize_map(ShardNames)
+        .and_then(|n| de.end().map(|()| n))
+        .map_err(|e| OffloadError::Json { path: path.to_path_buf(), message: e.to_string() })?
+        .into_iter()
+        .collect();
     if let Some(bad) = names.iter().find(|n| !model_file::is_plain_name(n)) {
         return Err(OffloadError::Format {
             path: path.to_path_buf(),
@@ -185,5 +278,44 @@ mod tests {
         }
         let idx = br#"{"weight_map": {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}}"#;
         assert_eq!(parse_index(p, idx).expect("index"), ["a.safetensors", "b.safetensors"]);
+    }
+
+    #[test]
+    fn bounds_the_tensor_count_and_refuses_repeated_names() {
+        // One past the limit of empty tensors, written as a real bomb would be.
+        let mut h = String::from("{");
+        for i in 0..=MAX_TENSORS_PER_FILE {
+            h.push_str(&format!("\"t{i}\":{{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}},"));
+        }
+        h.pop();
+        h.push('}');
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h.as_bytes());
+        assert!(err(&b).contains(&format!("more than {MAX_TENSORS_PER_FILE} tensors")));
+        let twice = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        let mut b = (twice.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(twice);
+        b.resize(b.len() + 8, 0);
+        assert!(err(&b).contains("`w` is declared twice"));
+        // A header longer than the limit is refused before it is parsed.
+        let mut b = ((MAX_HEADER_BYTES + 1) as u64).to_le_bytes().to_vec();
+        b.resize(8 + MAX_HEADER_BYTES + 1, b' ');
+        assert!(err(&b).contains("-byte limit"));
+        // Trailing bytes after the object are not a header.
+        let h = json!({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).to_string() + "x";
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(h.as_bytes());
+        b.resize(b.len() + 4, 0);
+        assert!(err(&b).contains("invalid safetensors header"));
+    }
+
+    #[test]
+    fn an_index_without_a_weight_map_is_refused() {
+        let p = Path::new("model.safetensors.index.json");
+        let e = parse_index(p, br#"{"metadata": {"total_size": 1}}"#).expect_err("no map").to_string();
+        assert!(e.contains("weight_map"), "{e}");
+        let names =
+            parse_index(p, br#"{"metadata": {"a": [1, {"b": 2}]}, "weight_map": {"x": "a.safetensors"}}"#);
+        assert_eq!(names.expect("extra fields skipped"), ["a.safetensors"]);
     }
 }
