@@ -1,17 +1,26 @@
-//! Memory-mapped safetensors checkpoints (single file or sharded with an index).
+//! Safetensors checkpoints (single file or sharded with an index).
 //!
-//! [`Checkpoint::open`] maps every file and validates every header
+//! [`Checkpoint::open`] opens every file and validates every header
 //! ([`header`]); [`Checkpoint::read_f16_into`] is the one primitive every load
 //! goes through (the local engine, a worker's slices, the coordinator's digest
 //! pass and its shard service), and refuses NaN and infinite weights there.
+//!
+//! Files are read with `pread`, never mapped: a checkpoint rewritten in place
+//! under a running cluster (`cp new.safetensors model.safetensors` truncates
+//! the file the coordinator serves from) must fail the reads that meet it with
+//! an error naming the file, where a mapping would kill the process with
+//! SIGBUS. Each file's identity (device, inode, size, modification time) is
+//! taken at open and checked around every read, so bytes of a different
+//! checkpoint are never mixed with the validated header's offsets.
 mod header;
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::ops::Range;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use half::f16;
-use memmap2::Mmap;
 
 pub use self::header::{parse_header, parse_index, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE};
 use crate::dtype::DType;
@@ -37,11 +46,81 @@ impl TensorInfo {
     }
 }
 
-/// An opened checkpoint: every file mapped, every header validated.
+/// An opened checkpoint: every file open, every header validated.
 pub struct Checkpoint {
     dir: PathBuf,
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<CheckpointFile>,
     tensors: BTreeMap<String, TensorInfo>,
+}
+
+/// One file of a checkpoint, with what identified it when it was opened.
+struct CheckpointFile {
+    path: PathBuf,
+    file: File,
+    identity: Identity,
+}
+
+/// What tells a file apart from the same name rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Identity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+}
+
+impl CheckpointFile {
+    /// Refuses to go on when the file is no longer what was opened: the open
+    /// handle's size or modification time changed (rewritten in place), or the
+    /// name now leads to another file (replaced).
+    fn check(&self) -> Result<()> {
+        let changed = |now: String| OffloadError::Changed { path: self.path.clone(), what: now };
+        let now = Identity::of(&self.file.metadata().map_err(io_err(&self.path))?);
+        if now != self.identity {
+            return Err(changed(describe_change(&self.identity, &now)));
+        }
+        match std::fs::metadata(&self.path) {
+            Ok(meta) if Identity::of(&meta) == self.identity => Ok(()),
+            Ok(meta) => Err(changed(format!("it was replaced ({})", describe_change(&self.identity, &Identity::of(&meta))))),
+            Err(e) => Err(changed(format!("it is gone ({e})"))),
+        }
+    }
+
+    /// `buf.len()` bytes at `offset`; a file shorter than at open is a change.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => OffloadError::Changed {
+                path: self.path.clone(),
+                what: format!(
+                    "it ends before byte {} of the {} it had when opened",
+                    offset + buf.len() as u64,
+                    self.identity.len
+                ),
+            },
+            _ => OffloadError::Io { path: self.path.clone(), source: e },
+        })
+    }
+}
+
+fn describe_change(was: &Identity, now: &Identity) -> String {
+    if was.dev != now.dev || was.ino != now.ino {
+        "another file now has its name".into()
+    } else if was.len != now.len {
+        format!("its size went from {} to {} bytes", was.len, now.len)
+    } else {
+        "it was modified".into()
+    }
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -104,11 +183,15 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(file_names.len());
         let mut tensors = BTreeMap::new();
         for (file_idx, name) in file_names.iter().enumerate() {
-            let (path, file, _) = model_file::open(dir, name)?;
-            // SAFETY: the mapping is read-only and checkpoint files are not modified
-            // while a worker serves them (the same contract as safetensors/candle).
-            let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(&path))?;
-            for info in parse_header(&path, &mmap, file_idx)? {
+            let (path, file, len) = model_file::open(dir, name)?;
+            let identity = Identity::of(&file.metadata().map_err(io_err(&path))?);
+            let opened = CheckpointFile { path: path.clone(), file, identity };
+            let mut prefix = vec![0u8; len.min(8) as usize];
+            opened.read_at(&mut prefix, 0)?;
+            let data_start = header::data_start(&path, &prefix, len)?;
+            let mut json = vec![0u8; data_start - 8];
+            opened.read_at(&mut json, 8)?;
+            for info in header::parse_entries(&path, &json, data_start, len as usize, file_idx)? {
                 if let Some(prev) = tensors.insert(info.name.clone(), info) {
                     return Err(OffloadError::Format {
                         path: path.clone(),
@@ -116,7 +199,7 @@ impl Checkpoint {
                     });
                 }
             }
-            files.push((path, mmap));
+            files.push(opened);
         }
         Ok(Self { dir: dir.to_path_buf(), files, tensors: with_base_prefix(tensors) })
     }
@@ -127,7 +210,7 @@ impl Checkpoint {
 
     /// The checkpoint's files, in the order tensors index them.
     pub fn file_paths(&self) -> impl Iterator<Item = &Path> {
-        self.files.iter().map(|(p, _)| p.as_path())
+        self.files.iter().map(|f| f.path.as_path())
     }
 
     /// All tensors, sorted by name.
@@ -151,7 +234,7 @@ impl Checkpoint {
         let info = self.info(name)?;
         if info.shape != expected {
             return Err(OffloadError::Shape {
-                path: self.files[info.file].0.clone(),
+                path: self.files[info.file].path.clone(),
                 tensor: name.to_string(),
                 expected: expected.to_vec(),
                 found: info.shape.clone(),
@@ -161,7 +244,8 @@ impl Checkpoint {
     }
 
     /// Reads elements `range` (flat, row-major) of tensor `name` into `out`,
-    /// converted to f16. Only those bytes of the mapping are touched.
+    /// converted to f16. Only those bytes of the file are read; a file that
+    /// changed since [`Self::open`] is an error naming it.
     pub fn read_f16_into(&self, name: &str, range: Range<usize>, out: &mut [f16]) -> Result<()> {
         let info = self.info(name)?;
         let len = info.numel();
@@ -174,33 +258,39 @@ impl Checkpoint {
             });
         }
         assert_eq!(out.len(), range.len(), "output buffer must hold the requested range");
+        let file = &self.files[info.file];
+        file.check()?;
         let size = info.dtype.size_bytes();
-        let start = info.offset + range.start * size;
-        let map = &self.files[info.file].1;
-        let bytes = &map[start..start + range.len() * size];
-        // Converted and scanned block by block, while each block is in cache.
+        let start = (info.offset + range.start * size) as u64;
+        // Read a chunk at a time, converted and scanned block by block while
+        // each block is in cache; f16 is read straight into `out`.
         const BLOCK: usize = 16 << 10;
-        for (b, (o, src)) in out.chunks_mut(BLOCK).zip(bytes.chunks(BLOCK * size)).enumerate() {
-            info.dtype.convert_to_f16(src, o);
+        const CHUNK: usize = 16 * BLOCK;
+        let mut staging = Vec::new();
+        for (c, o) in out.chunks_mut(CHUNK).enumerate() {
+            let at = start + (c * CHUNK * size) as u64;
+            let src: &[u8] = if info.dtype == DType::F16 {
+                file.read_at(bytemuck::cast_slice_mut(o), at)?;
+                bytemuck::cast_slice(o)
+            } else {
+                staging.resize(o.len() * size, 0);
+                file.read_at(&mut staging, at)?;
+                for (dst, src) in o.chunks_mut(BLOCK).zip(staging.chunks(BLOCK * size)) {
+                    info.dtype.convert_to_f16(src, dst);
+                }
+                &staging
+            };
             if let Some(i) = first_non_finite(o) {
                 return Err(OffloadError::NonFinite {
-                    path: self.files[info.file].0.clone(),
+                    path: file.path.clone(),
                     tensor: name.to_string(),
-                    index: range.start + b * BLOCK + i,
+                    index: range.start + c * CHUNK + i,
                     value: info.dtype.describe(&src[i * size..(i + 1) * size]),
                 });
             }
         }
-        // The bytes now live, converted, in `out`: let the kernel drop the file
-        // pages from this process, so loading 1/N of a model does not leave the
-        // mapped 1/N resident on top of the copy (a worker's RSS stays ≈ its share).
-        // SAFETY: the mapping is private and read-only and no reference into it
-        // outlives this call; a later read of these pages faults them back in
-        // from the unchanged file.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, range.len() * size)
-        };
-        Ok(())
+        // A change during the reads may have mixed old and new bytes.
+        file.check()
     }
 
     /// [`Self::read_f16_into`] into a new vector.
@@ -291,6 +381,38 @@ mod tests {
         write_st(&p, &[("w", "F32", vec![3], f32_bytes(&[1.0; 4]))]);
         let err = Checkpoint::open(dir.path()).expect_err("error").to_string();
         assert!(err.contains("needs 12"), "{err}");
+    }
+
+    #[test]
+    fn a_file_changed_after_open_fails_its_reads_naming_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("model.safetensors");
+        let vals: Vec<f32> = (0..200_000).map(|i| i as f32 / 1000.0).collect();
+        write_st(&p, &[("w", "F32", vec![200_000], f32_bytes(&vals)), ("h", "F16", vec![4], vec![0; 8])]);
+        let ckpt = Checkpoint::open(dir.path()).expect("open");
+        assert_eq!(ckpt.read_f16("w", 0..10).expect("read")[3], f16::from_f32(0.003));
+        // `cp other model.safetensors` truncates the same inode, then writes.
+        let f = std::fs::OpenOptions::new().write(true).open(&p).expect("open for writing");
+        f.set_len(100).expect("truncate");
+        for (name, range) in [("w", 150_000..200_000), ("w", 0..10), ("h", 0..4)] {
+            let e = ckpt.read_f16(name, range).expect_err("a shrunk file must fail, not SIGBUS").to_string();
+            assert!(e.contains("model.safetensors changed while in use") && e.contains("size went from"), "{e}");
+        }
+        // Written back to the same size: the modification time still tells.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_st(&p, &[("w", "F32", vec![200_000], f32_bytes(&vals)), ("h", "F16", vec![4], vec![0; 8])]);
+        let e = ckpt.read_f16("w", 0..10).expect_err("rewritten").to_string();
+        assert!(e.contains("it was modified"), "{e}");
+        // Replaced by rename (the right way): the old handle still reads the old
+        // bytes, but the name now leads elsewhere, so this checkpoint says so.
+        let q = dir.path().join("new.safetensors");
+        write_st(&q, &[("w", "F32", vec![200_000], f32_bytes(&vals)), ("h", "F16", vec![4], vec![0; 8])]);
+        let fresh = Checkpoint::open(dir.path()).expect("reopen");
+        std::fs::rename(&q, &p).expect("rename");
+        let e = fresh.read_f16("w", 0..10).expect_err("replaced").to_string();
+        assert!(e.contains("another file now has its name"), "{e}");
+        // Opening again reads the new file.
+        assert_eq!(Checkpoint::open(dir.path()).expect("open").read_f16("w", 0..10).expect("read").len(), 10);
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum OffloadError {
     NonFinite { path: PathBuf, tensor: String, index: usize, value: String },
     #[error("tensor `{tensor}`: element range {start}..{end} is outside its {len} elements")]
     Range { tensor: String, start: usize, end: usize, len: usize },
+    /// A checkpoint file that is no longer what was opened and validated.
+    #[error("{path} changed while in use: {what}; restart with the new checkpoint (a checkpoint is replaced by writing new files and renaming them, never rewritten in place)")]
+    Changed { path: PathBuf, what: String },
     /// The device staging ring was used beyond its depth or slot size.
     #[error("staging: {0}")]
     Staging(String),

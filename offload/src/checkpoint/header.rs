@@ -122,22 +122,42 @@ impl<'de> Visitor<'de> for WeightMap {
 /// another tensor. `path` is only used in messages; `file` is stored in each
 /// [`TensorInfo`].
 pub fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<TensorInfo>> {
+    let prefix = bytes.get(..8).unwrap_or(bytes);
+    let data_start = data_start(path, prefix, bytes.len() as u64)?;
+    parse_entries(path, &bytes[8..data_start], data_start, bytes.len(), file)
+}
+
+/// Where the data of a safetensors file of `file_len` bytes starts, from its
+/// first 8 bytes (`prefix`): checked against the file's size and
+/// [`MAX_HEADER_BYTES`] before anything is read or allocated for the header.
+pub(crate) fn data_start(path: &Path, prefix: &[u8], file_len: u64) -> Result<usize> {
     let fmt = |message: String| OffloadError::Format { path: path.to_path_buf(), message };
-    if bytes.len() < 8 {
-        return Err(fmt(format!("file is {} bytes, too short for a safetensors header", bytes.len())));
-    }
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-    let data_start = usize::try_from(header_len)
-        .ok()
-        .and_then(|n| n.checked_add(8))
-        .filter(|end| *end <= bytes.len())
-        .ok_or_else(|| {
-            fmt(format!("header length {header_len} exceeds the file size {} (truncated file?)", bytes.len()))
-        })?;
+    let Ok(prefix) = <[u8; 8]>::try_from(prefix) else {
+        return Err(fmt(format!("file is {file_len} bytes, too short for a safetensors header")));
+    };
+    let header_len = u64::from_le_bytes(prefix);
+    let data_start = header_len
+        .checked_add(8)
+        .filter(|end| *end <= file_len)
+        .and_then(|end| usize::try_from(end).ok())
+        .ok_or_else(|| fmt(format!("header length {header_len} exceeds the file size {file_len} (truncated file?)")))?;
     if header_len as usize > MAX_HEADER_BYTES {
         return Err(fmt(format!("header length {header_len} is over the {MAX_HEADER_BYTES}-byte limit")));
     }
-    let mut de = serde_json::Deserializer::from_slice(&bytes[8..data_start]);
+    Ok(data_start)
+}
+
+/// The tensors of a header `json` whose data starts at byte `data_start` of a
+/// file of `file_len` bytes (see [`parse_header`]).
+pub(crate) fn parse_entries(
+    path: &Path,
+    json: &[u8],
+    data_start: usize,
+    file_len: usize,
+    file: usize,
+) -> Result<Vec<TensorInfo>> {
+    let fmt = |message: String| OffloadError::Format { path: path.to_path_buf(), message };
+    let mut de = serde_json::Deserializer::from_slice(json);
     let mut header = Entries
         .deserialize(&mut de)
         .and_then(|h| de.end().map(|()| h))
@@ -147,7 +167,7 @@ pub fn parse_header(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<Tensor
     if let Some(pair) = header.windows(2).find(|p| p[0].0 == p[1].0) {
         return Err(fmt(format!("tensor `{}` is declared twice", pair[0].0)));
     }
-    let data_len = bytes.len() - data_start;
+    let data_len = file_len - data_start;
     let mut out = Vec::with_capacity(header.len());
     let mut ranges = Vec::with_capacity(header.len());
     for (name, raw) in header {
