@@ -444,6 +444,7 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
             "audits_skipped_total": s.audits_skipped_total, "audit_bans_total": s.audit_bans_total,
             "placement": s.placement, "tensor_degree": s.tensor_degree,
             "placement_reason": s.placement_reason,
+            "not_ready_reason": s.not_ready_reason,
             "workers": workers,
         });
         zeroshard_offload::outln!("{v}");
@@ -465,6 +466,9 @@ pub(crate) fn status(a: StatusArgs) -> Result<()> {
     );
     if !s.placement_reason.is_empty() {
         zeroshard_offload::outln!("placement: {}", s.placement_reason);
+    }
+    if !s.not_ready_reason.is_empty() {
+        zeroshard_offload::outln!("not ready: {}", s.not_ready_reason);
     }
     let mean_queue_ms = s.queue_ms_total / (s.requests_admitted_total.max(1) as f64);
     zeroshard_offload::outln!(

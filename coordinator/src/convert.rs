@@ -210,6 +210,7 @@ impl From<ClusterStatus> for pb::ClusterStatusResponse {
             placement: s.placement,
             tensor_degree: s.tensor_degree,
             placement_reason: s.placement_reason,
+            not_ready_reason: s.not_ready_reason,
         }
     }
 }
@@ -240,6 +241,7 @@ impl From<pb::ClusterStatusResponse> for ClusterStatus {
             placement: s.placement,
             tensor_degree: s.tensor_degree,
             placement_reason: s.placement_reason,
+            not_ready_reason: s.not_ready_reason,
         }
     }
 }
@@ -260,6 +262,8 @@ impl From<tonic::Status> for CoordinatorError {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
                 CoordinatorError::Denied(format!("{:?}: {}", s.code(), s.message()))
             }
+            // The cluster cannot serve until its operator acts: retrying does not help.
+            tonic::Code::FailedPrecondition => CoordinatorError::Halted(s.message().to_string()),
             code => CoordinatorError::Unavailable(format!("{code:?}: {}", s.message())),
         }
     }

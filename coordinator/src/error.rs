@@ -42,6 +42,10 @@ pub enum CoordinatorError {
     /// The caller lacks the credential or the role for the call.
     #[error("{0}")]
     Denied(String),
+    /// The cluster cannot serve until its operator acts (the checkpoint
+    /// changed under it: restart): retrying does not help.
+    #[error("{0}")]
+    Halted(String),
 }
 
 pub type Result<T> = std::result::Result<T, CoordinatorError>;
@@ -63,6 +67,8 @@ pub enum ErrorKind {
     Overloaded,
     /// The cluster cannot serve now: try again (elsewhere).
     Unavailable,
+    /// The cluster cannot serve until its operator acts: do not retry.
+    Halted,
     /// The coordinator's own failure.
     Internal,
 }
@@ -86,6 +92,7 @@ impl CoordinatorError {
             E::Denied(_) => ErrorKind::Denied,
             E::Overloaded(_) => ErrorKind::Overloaded,
             E::Unavailable(_) | E::Unreachable(_) | E::Membership(_) => ErrorKind::Unavailable,
+            E::Halted(_) => ErrorKind::Halted,
             E::Offload(_) | E::Plan(_) | E::Shard(_) => ErrorKind::Internal,
         }
     }
@@ -97,7 +104,7 @@ impl ErrorKind {
         match self {
             Self::Invalid => tonic::Code::InvalidArgument,
             Self::NotFound => tonic::Code::NotFound,
-            Self::Precondition => tonic::Code::FailedPrecondition,
+            Self::Precondition | Self::Halted => tonic::Code::FailedPrecondition,
             Self::Denied => tonic::Code::PermissionDenied,
             Self::Overloaded => tonic::Code::ResourceExhausted,
             Self::Unavailable => tonic::Code::Unavailable,
@@ -112,7 +119,7 @@ impl ErrorKind {
             Self::NotFound => (404, "not_found_error"),
             Self::Denied => (403, "permission_error"),
             Self::Overloaded => (429, "rate_limit_error"),
-            Self::Unavailable => (503, "service_unavailable"),
+            Self::Unavailable | Self::Halted => (503, "service_unavailable"),
             Self::Internal => (500, "server_error"),
         }
     }
@@ -123,7 +130,7 @@ impl ErrorKind {
         match self {
             Self::Invalid | Self::Precondition => "invalid",
             Self::Overloaded => "rejected",
-            Self::Unavailable => "unavailable",
+            Self::Unavailable | Self::Halted => "unavailable",
             Self::NotFound | Self::Denied | Self::Internal => "error",
         }
     }

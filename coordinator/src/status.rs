@@ -99,4 +99,6 @@ pub struct ClusterStatus {
     /// Why that placement: `--placement auto`'s choice and the figures behind
     /// it, a fallback's reason, or the flag.
     pub placement_reason: String,
+    /// Why the cluster is not ready (empty when it is).
+    pub not_ready_reason: String,
 }

@@ -92,7 +92,10 @@ impl CheckpointFile {
         }
         match std::fs::metadata(&self.path) {
             Ok(meta) if Identity::of(&meta) == self.identity => Ok(()),
-            Ok(meta) => Err(changed(format!("it was replaced ({})", describe_change(&self.identity, &Identity::of(&meta))))),
+            Ok(meta) => Err(changed(format!(
+                "it was replaced ({})",
+                describe_change(&self.identity, &Identity::of(&meta))
+            ))),
             Err(e) => Err(changed(format!("it is gone ({e})"))),
         }
     }
@@ -206,6 +209,12 @@ impl Checkpoint {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether every file is still what was opened (see the module docs): an
+    /// error names the first that changed.
+    pub fn verify(&self) -> Result<()> {
+        self.files.iter().try_for_each(CheckpointFile::check)
     }
 
     /// The checkpoint's files, in the order tensors index them.
@@ -396,7 +405,10 @@ mod tests {
         f.set_len(100).expect("truncate");
         for (name, range) in [("w", 150_000..200_000), ("w", 0..10), ("h", 0..4)] {
             let e = ckpt.read_f16(name, range).expect_err("a shrunk file must fail, not SIGBUS").to_string();
-            assert!(e.contains("model.safetensors changed while in use") && e.contains("size went from"), "{e}");
+            assert!(
+                e.contains("model.safetensors changed while in use") && e.contains("size went from"),
+                "{e}"
+            );
         }
         // Written back to the same size: the modification time still tells.
         std::thread::sleep(std::time::Duration::from_millis(20));

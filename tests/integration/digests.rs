@@ -256,3 +256,58 @@ fn corrupted_copy_refused(placement: &[&str]) {
     }
     assert!(worker_err.contains(&format!("`{tensor}`")), "the worker logs it: {worker_err}");
 }
+
+/// A worker whose copy cannot load, joining a cluster that serves: it is
+/// refused, evicted, and not planned again for a while that doubles at each
+/// failure (2 s, 4 s, 8 s, …), where it used to be re-admitted and reloaded
+/// about once a second; the cluster serves exact answers all along.
+#[test]
+fn a_worker_that_cannot_load_is_held_out_not_readmitted_in_a_loop() {
+    let (copy, tensor) = corrupt_copy();
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let logs = tempfile::tempdir().expect("tempdir");
+    let log = |name: &str| std::fs::File::create(logs.path().join(name)).expect("log file");
+    let mut coord = bin()
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--workers", "1", "--model"])
+        .arg(stories())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(log("coordinator"))
+        .spawn()
+        .expect("spawn coordinator");
+    let mut good = bin()
+        .args(["worker", "--coordinator", &endpoint, "--model"])
+        .arg(stories())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker");
+    let ready = crate::common::cluster::ready_line(&mut coord).expect("the coordinator's ready line");
+    let mut bad = bin()
+        .args(["worker", "--coordinator", &endpoint, "--model"])
+        .arg(copy.path())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(log("bad-worker"))
+        .spawn()
+        .expect("spawn worker");
+    let watched = Duration::from_secs(12);
+    let start = Instant::now();
+    while start.elapsed() < watched {
+        assert_refs(&ready, "while a worker that cannot load keeps registering");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    kill(&mut bad);
+    kill(&mut good);
+    kill(&mut coord);
+    let read = |name: &str| std::fs::read_to_string(logs.path().join(name)).expect("log");
+    let (coord_log, bad_log) = (read("coordinator"), read("bad-worker"));
+    let refusals = bad_log.lines().filter(|l| l.contains(&format!("`{tensor}`"))).count();
+    let held: Vec<&str> = coord_log.lines().filter(|l| l.contains("not planned again for")).collect();
+    eprintln!("in {watched:?}: {refusals} refused loads; coordinator: {held:#?}");
+    assert!((2..=4).contains(&refusals), "{refusals} loads in {watched:?}:\n{bad_log}");
+    assert!(held.iter().any(|l| l.contains("not planned again for 2 s (failure 1 in a row)")), "{coord_log}");
+    assert!(held.iter().any(|l| l.contains("not planned again for 4 s (failure 2 in a row)")), "{coord_log}");
+}

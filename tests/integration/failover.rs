@@ -747,3 +747,71 @@ fn a_coordinator_drain_cuts_streams_that_outlast_it() {
     eprintln!("coordinator drain of 1 s: the stream was cut {:.2} s after SIGTERM", cut_after.as_secs_f64());
     assert!(status.success(), "{status}");
 }
+
+/// Issue 31 item 2: the checkpoint rewritten in place under a serving cluster
+/// (`cp other.safetensors model.safetensors`), then a worker killed. Without
+/// `--pull` the survivor would load from the new bytes, with it the
+/// coordinator would read them for the survivor: neither crashes, no worker
+/// is re-admitted in a loop, `status` says why nothing can be served, and a
+/// request fails at once saying so.
+#[test]
+fn a_checkpoint_rewritten_under_the_cluster_is_detected_never_a_crash() {
+    let other = std::fs::read(model("stories260K-f16").join("model.safetensors")).expect("the f16 fixture");
+    for pull in [false, true] {
+        let dir = common::model_dir::copy_model();
+        let http = format!("127.0.0.1:{}", crate::common::etcd::free_port());
+        let mut coordinator = vec!["--http-listen", http.as_str()];
+        if pull {
+            coordinator.push("--pull");
+        }
+        let workers: &[&str] = if pull { &["--pull"] } else { &[] };
+        let workers = [workers, &["--fault-step-delay-ms", STEP_DELAY]].concat();
+        let mut fleet = Fleet::start(Etcd::start(), dir.path().to_path_buf(), 2, &coordinator, &workers);
+        let base = format!("http://{http}");
+        assert_eq!(crate::openai::http(&base, "GET", "/health", None, &[]).0, 200);
+        let want = expected(PROMPT, 8);
+        let q = query(&fleet.endpoint, &["--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0"]);
+        assert_eq!(ids_of(&q["token_ids"]), want.iter().map(|&i| i as u32).collect::<Vec<_>>());
+
+        // A long stream runs while the file is rewritten and its worker killed.
+        let endpoint = fleet.endpoint.clone();
+        let long = LONG.to_string();
+        let streaming = std::thread::spawn(move || {
+            let started = Instant::now();
+            let out = run(&["query", "--endpoint", &endpoint, "--prompt", PROMPT, "--max-new-tokens", &long]);
+            (out, started.elapsed())
+        });
+        let busy = busy_worker(&fleet);
+        std::fs::write(dir.path().join("model.safetensors"), &other).expect("rewrite in place");
+        fleet.kill_worker(busy);
+        let (out, took) = streaming.join().expect("the streaming query");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("changed while in use"), "{err}");
+        assert!(took < Duration::from_secs(LONG as u64 * 15 / 1000 + 10), "the stream waited {took:?}");
+        let s = fleet.wait_status(Duration::from_secs(30), "the reason it cannot serve", |s| {
+            s["not_ready_reason"].as_str().is_some_and(|r| r.contains("changed while in use"))
+        });
+        let reason = s["not_ready_reason"].as_str().unwrap_or_default().to_string();
+        eprintln!("pull {pull}: {reason}");
+        assert_eq!(s["ready"], false, "{s}");
+        assert!(reason.contains("model.safetensors") && reason.contains("restart"), "{reason}");
+        let (code, body) = crate::openai::http(&base, "GET", "/health", None, &[]);
+        assert_eq!(code, 503, "{body}");
+        let health: Value = serde_json::from_str(&body).expect("health JSON");
+        assert_eq!(health["until_restart"], true, "{body}");
+        assert!(health["reason"].as_str().is_some_and(|r| r.contains("changed while in use")), "{body}");
+
+        let start = Instant::now();
+        let err =
+            run_err(&["query", "--endpoint", &fleet.endpoint, "--prompt", PROMPT, "--max-new-tokens", "4"]);
+        assert!(err.contains("changed while in use"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5), "the request waited {:?}", start.elapsed());
+
+        // No re-admission loop: the survivor is not made to load again and again.
+        let lost = s["workers_lost_total"].as_u64().unwrap_or(0);
+        std::thread::sleep(Duration::from_secs(6));
+        let later = fleet.status();
+        assert!(later["workers_lost_total"].as_u64().unwrap_or(0) <= lost + 1, "{s}\n{later}");
+        assert_eq!(fleet.wait_coordinator_exit(Duration::from_millis(10)), None, "the coordinator died");
+    }
+}

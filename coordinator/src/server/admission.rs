@@ -57,6 +57,8 @@ pub(super) struct Roster {
     pub plan: Option<Arc<Plan>>,
     /// Live workers of the plan, in id order.
     pub workers: Vec<WorkerEntry>,
+    /// Why nothing can be served now: every waiter is refused with it.
+    pub unservable: Option<super::state::Unservable>,
 }
 
 /// What the admission task is told.

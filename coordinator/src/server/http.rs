@@ -188,6 +188,10 @@ fn json_declared(headers: &HeaderMap) -> std::result::Result<(), ApiError> {
 }
 
 async fn health(State(front): State<Arc<Front>>) -> Response {
+    if let Some(u) = front.coord.unservable() {
+        let body = json!({"status": "cannot serve", "reason": u.why, "until_restart": u.until_restart});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     match *front.coord.readiness().borrow() {
         Readiness::Ready if *front.coord.drain_state().borrow() == super::DrainState::Serving => {
             (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()

@@ -50,6 +50,9 @@ impl Supervisor {
     /// Plans the next epoch over `live` and installs it (two phases).
     pub(super) async fn replan(&mut self, live: &[WorkerId]) {
         let coord = self.coord.clone();
+        if let Err(e) = coord.model().ckpt.verify() {
+            return self.checkpoint_changed(e.to_string(), live);
+        }
         let epoch = {
             let mut st = coord.lock();
             let last = st.planned_epoch.max(self.stored.as_ref().map_or(0, |s| s.plan.epoch()));
@@ -169,6 +172,9 @@ impl Supervisor {
             tracing::warn!("storing epoch {epoch} in {}: {e}", coord.membership().describe());
         }
         self.stored = None;
+        for w in &workers {
+            self.held_out.remove(&w.id);
+        }
         self.learn_capacity(&workers).await;
         self.activate(plan, placement.reason);
         tracing::info!(
@@ -252,7 +258,31 @@ impl Supervisor {
         self.degraded.clear();
         self.served = true;
         self.coord.set_readiness(Readiness::Ready);
+        self.coord.set_unservable(None);
         self.coord.bump();
+    }
+
+    /// The checkpoint changed under the coordinator: no epoch can load from
+    /// it again (the workers' copies would fail their digests, and `--pull`
+    /// reads fail). The active plan goes on while every worker of it lives;
+    /// otherwise nothing can be served until a restart, and requests are told
+    /// so at once. Said once; nothing is installed.
+    fn checkpoint_changed(&mut self, why: String, live: &[WorkerId]) {
+        if !self.served {
+            self.failed = true;
+            self.coord.set_readiness(Readiness::Failed(why));
+            return;
+        }
+        if self.checkpoint_changed.is_none() {
+            tracing::error!("{why}: no new epoch can load");
+        }
+        self.checkpoint_changed = Some(why.clone());
+        let plan = self.coord.lock().plan.clone();
+        let intact = plan
+            .is_some_and(|p| p.workers().iter().all(|w| live.contains(w) && !self.banned.contains_key(w)));
+        if !intact {
+            self.coord.set_unservable(Some(super::state::Unservable { why, until_restart: true }));
+        }
     }
 
     /// An installation failed: before the cluster ever served this ends it (the
@@ -264,8 +294,14 @@ impl Supervisor {
             self.coord.set_readiness(Readiness::Failed(msg));
             return;
         }
-        tracing::warn!("{msg}; evicting {workers:?}");
         for w in workers {
+            let failures = self.held_out.get(w).map_or(0, |h| h.failures) + 1;
+            let held = super::supervisor::HeldOut::after(failures, msg.clone());
+            tracing::warn!(
+                "{msg}; evicting {w}, not planned again for {} s (failure {failures} in a row)",
+                held.hold.as_secs()
+            );
+            self.held_out.insert(*w, held);
             let _ = self.coord.membership().evict(*w).await;
         }
         self.retry_at = Some(Instant::now() + RETRY_AFTER);

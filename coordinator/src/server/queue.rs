@@ -168,7 +168,11 @@ impl Queue {
     fn serve(&mut self, now: Instant) {
         self.stalled.retain(|_, until| *until > now);
         self.waiting.retain(|w| !w.reply.is_closed());
-        if self.roster.plan.is_none() || self.roster.workers.is_empty() {
+        if let Some(u) = &self.roster.unservable {
+            for w in self.waiting.drain(..) {
+                let _ = w.reply.send(Err(u.error()));
+            }
+        } else if self.roster.plan.is_none() || self.roster.workers.is_empty() {
             // No live worker: those past their patience are refused.
             let (late, waiting): (VecDeque<Waiter>, VecDeque<Waiter>) =
                 self.waiting.drain(..).partition(|w| now > w.patience);
@@ -252,7 +256,7 @@ mod tests {
                 WorkerEntry::new(&m, &Security::plaintext()).expect("a worker entry")
             })
             .collect();
-        a.set_roster(Roster { plan: Some(plan), workers: entries });
+        a.set_roster(Roster { plan: Some(plan), workers: entries, unservable: None });
         for &id in &workers {
             a.set_capacity(id, Capacity { kv_cache_bytes: 100, kv_bytes_per_token: 1, max_active });
         }
@@ -314,6 +318,28 @@ mod tests {
         a.set_roster(Roster::default());
         let e = a.admit(10, false, Instant::now() + Duration::from_secs(1)).await.err().expect("refused");
         assert_eq!(e.kind(), crate::ErrorKind::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn when_the_cluster_cannot_serve_waiters_are_told_why_at_once() {
+        let a = admission(&[1], 1);
+        let (held, _) = a.admit(100, false, later()).await.expect("room");
+        let waiting = a.admit(100, true, later());
+        tokio::pin!(waiting);
+        assert!(tokio::time::timeout(SOON, &mut waiting).await.is_err(), "no room yet");
+        let why =
+            super::super::state::Unservable { why: "the checkpoint changed".into(), until_restart: true };
+        a.set_roster(Roster { plan: None, workers: Vec::new(), unservable: Some(why) });
+        let e = tokio::time::timeout(SOON, waiting).await.expect("told at once").err().expect("refused");
+        assert_eq!(e.kind(), crate::ErrorKind::Halted);
+        assert!(e.to_string().contains("cannot serve: the checkpoint changed"), "{e}");
+        let e = tokio::time::timeout(SOON, a.admit(10, false, later()))
+            .await
+            .expect("at once")
+            .err()
+            .expect("no");
+        assert!(e.to_string().contains("the checkpoint changed"), "{e}");
+        drop(held);
     }
 
     #[test]

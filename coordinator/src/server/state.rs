@@ -76,6 +76,30 @@ pub(super) struct State {
     pub planned_epoch: u64,
     /// Why the active plan has its placement (`status` shows it).
     pub placement_reason: String,
+    /// Why no request can be served now although the cluster started (the
+    /// checkpoint changed under it, no worker can load): requests fail at
+    /// once with it, `/health` and `status` show it.
+    pub unservable: Option<Unservable>,
+}
+
+/// Why the cluster cannot serve, and whether waiting helps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unservable {
+    pub why: String,
+    /// Only a restart helps (else a worker may be tried again later).
+    pub until_restart: bool,
+}
+
+impl Unservable {
+    /// The error requests get.
+    pub fn error(&self) -> CoordinatorError {
+        let why = format!("cluster cannot serve: {}", self.why);
+        if self.until_restart {
+            CoordinatorError::Halted(why)
+        } else {
+            CoordinatorError::Unavailable(why)
+        }
+    }
 }
 
 /// The model as read from its folder at start.
@@ -327,15 +351,41 @@ impl Coordinator {
             let workers = st.plan.as_ref().map_or_else(Vec::new, |plan| {
                 plan.routable().iter().filter_map(|id| st.members.get(id).cloned()).collect()
             });
-            Roster { plan: st.plan.clone(), workers }
+            Roster { plan: st.plan.clone(), workers, unservable: st.unservable.clone() }
         };
         self.0.admission.set_roster(roster);
     }
 
-    /// The current plan, or UNAVAILABLE saying why there is none.
+    /// Why nothing can be served now, when that is so (see `State::unservable`).
+    pub fn unservable(&self) -> Option<Unservable> {
+        self.lock().unservable.clone()
+    }
+
+    /// Says why nothing can be served (`None`: it can again); waiting
+    /// requests are told at once.
+    pub(super) fn set_unservable(&self, why: Option<Unservable>) {
+        let changed = {
+            let mut st = self.lock();
+            let changed = st.unservable != why;
+            st.unservable = why;
+            changed
+        };
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// The current plan, or UNAVAILABLE saying why there is none (or why it
+    /// cannot serve).
     pub fn plan(&self) -> Result<Arc<Plan>> {
-        if let Some(p) = self.lock().plan.clone() {
-            return Ok(p);
+        {
+            let st = self.lock();
+            if let Some(u) = &st.unservable {
+                return Err(u.error());
+            }
+            if let Some(p) = st.plan.clone() {
+                return Ok(p);
+            }
         }
         Err(CoordinatorError::Unavailable(match self.0.cluster.ready.borrow().clone() {
             Readiness::Waiting { registered, expected } => {

@@ -15,7 +15,9 @@ impl Coordinator {
     /// with a 1 s timeout each; a worker that does not answer shows zeros) and
     /// the coordinator's counters.
     pub(super) async fn status(&self) -> ClusterStatus {
-        let plan = self.plan().ok();
+        let plan = self.plan();
+        let not_ready_reason = plan.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+        let plan = plan.ok();
         let ready = plan.is_some();
         let epoch = plan.as_ref().map_or(0, |p| p.epoch());
         let replicas = plan.as_ref().map_or(0, |p| p.replicas());
@@ -86,6 +88,7 @@ impl Coordinator {
                 .to_string(),
             tensor_degree: plan.as_ref().and_then(|p| p.tensor_degree()).unwrap_or(0) as u32,
             placement_reason,
+            not_ready_reason,
         }
     }
 }

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use zeroshard_offload::plan::WorkerId;
 
-use super::state::{Coordinator, Readiness, WorkerEntry};
+use super::state::{Coordinator, Readiness, Unservable, WorkerEntry};
 use super::worker_client::Unanswered;
 use crate::membership::{Ban, MemberEvent, MemberWatch, StoredPlan};
 
@@ -58,6 +58,27 @@ const MOST_DEFERRED: Duration = Duration::from_secs(5);
 pub(super) const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// A member that did not answer at its address is probed again this much later.
 const UNANSWERED_RETRY: Duration = Duration::from_secs(2);
+/// A worker that failed to load its ranges is left out of planning this long,
+/// doubled at each further failure up to [`HOLD_OUT_MOST`]: it re-registers at
+/// once, and planning it again at once would only repeat the failure.
+const HOLD_OUT_FIRST: Duration = Duration::from_secs(2);
+const HOLD_OUT_MOST: Duration = Duration::from_secs(300);
+
+/// A worker left out of planning after its loads failed.
+pub(super) struct HeldOut {
+    pub hold: Duration,
+    pub until: Instant,
+    pub failures: u32,
+    pub why: String,
+}
+
+impl HeldOut {
+    /// The hold after `failures` failures in a row.
+    pub(super) fn after(failures: u32, why: String) -> Self {
+        let hold = HOLD_OUT_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(HOLD_OUT_MOST);
+        Self { hold, until: Instant::now() + hold, failures, why }
+    }
+}
 
 pub(super) struct Supervisor {
     pub(super) coord: Coordinator,
@@ -87,6 +108,11 @@ pub(super) struct Supervisor {
     pub(super) answered: BTreeSet<WorkerId>,
     /// Members already reported as not answering (reported once).
     pub(super) silent: BTreeSet<WorkerId>,
+    /// Workers whose loads failed, left out of planning for a while.
+    pub(super) held_out: BTreeMap<WorkerId, HeldOut>,
+    /// The checkpoint changed under this coordinator (why): no epoch can load
+    /// until it is restarted.
+    pub(super) checkpoint_changed: Option<String>,
     /// Links between workers measured for `--placement auto`.
     pub(super) links: super::choose::Links,
     /// Membership's changes, and the workers the fault watch names: followed
@@ -153,6 +179,8 @@ pub(super) async fn run(
         joined: Vec::new(),
         answered: BTreeSet::new(),
         silent: BTreeSet::new(),
+        held_out: BTreeMap::new(),
+        checkpoint_changed: None,
         links: Default::default(),
         events,
         faulty,
@@ -256,7 +284,8 @@ impl Supervisor {
         let now = Instant::now();
         let retry = self.retry_at.filter(|t| *t > now);
         let stored = self.waiting_for_stored().filter(|t| *t > now);
-        [churn, retry, stored].into_iter().flatten().min()
+        let held = self.held_out.values().map(|h| h.until).filter(|t| *t > now).min();
+        [churn, retry, stored, held].into_iter().flatten().min()
     }
 
     /// Membership changed now.
@@ -322,7 +351,28 @@ impl Supervisor {
                 st.members.keys().copied().filter(|w| !self.banned.contains_key(w)).collect::<Vec<_>>();
             (live, st.plan.clone())
         };
-        let live = self.answering(registered).await;
+        let answering = self.answering(registered).await;
+        let now = Instant::now();
+        let (held, live): (Vec<WorkerId>, Vec<WorkerId>) =
+            answering.into_iter().partition(|w| self.held_out.get(w).is_some_and(|h| h.until > now));
+        if live.is_empty() && self.served && self.checkpoint_changed.is_none() {
+            // Every worker that could serve failed its loads: say so (requests
+            // fail at once) until one is tried again.
+            if let Some(h) = held.iter().filter_map(|w| self.held_out.get(w)).min_by_key(|h| h.until) {
+                let lacking =
+                    plan.as_ref().is_none_or(|p| p.workers().iter().any(|w| !self.coord.is_member(*w)));
+                if lacking {
+                    self.coord.set_unservable(Some(Unservable {
+                        why: format!(
+                            "no worker can load the model ({}); the next try is in {} s",
+                            h.why,
+                            h.until.saturating_duration_since(now).as_secs().max(1)
+                        ),
+                        until_restart: false,
+                    }));
+                }
+            }
+        }
         let Some(plan) = plan else {
             if let Some(stored) = self.stored.clone() {
                 let all_back = stored.plan.workers().iter().all(|w| live.contains(w));
@@ -419,5 +469,19 @@ impl Supervisor {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_that_keeps_failing_is_held_out_twice_as_long_each_time_up_to_five_minutes() {
+        let holds: Vec<u64> = [1, 2, 3, 4, 8, 9, 10, 40, u32::MAX]
+            .into_iter()
+            .map(|n| HeldOut::after(n, String::new()).hold.as_secs())
+            .collect();
+        assert_eq!(holds, [2, 4, 8, 16, 256, 300, 300, 300, 300]);
     }
 }

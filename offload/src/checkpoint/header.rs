@@ -140,7 +140,9 @@ pub(crate) fn data_start(path: &Path, prefix: &[u8], file_len: u64) -> Result<us
         .checked_add(8)
         .filter(|end| *end <= file_len)
         .and_then(|end| usize::try_from(end).ok())
-        .ok_or_else(|| fmt(format!("header length {header_len} exceeds the file size {file_len} (truncated file?)")))?;
+        .ok_or_else(|| {
+            fmt(format!("header length {header_len} exceeds the file size {file_len} (truncated file?)"))
+        })?;
     if header_len as usize > MAX_HEADER_BYTES {
         return Err(fmt(format!("header length {header_len} is over the {MAX_HEADER_BYTES}-byte limit")));
     }
