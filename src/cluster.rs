@@ -143,7 +143,7 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     }
     let mut cluster = cluster_config(&a.cluster, a.workers, Security::plaintext())?;
     cluster.api_keys = security::api_keys(a.api_key_file.as_deref())?;
-    let http = http_front(a.http.http_listen.as_deref(), cluster.api_keys.is_some(), served)?;
+    let http = http_front(&a.http, cluster.api_keys.is_some(), served)?;
     if a.http_open && a.http.http_listen.is_none() {
         bail!("--http-open needs --http-listen");
     }
@@ -153,7 +153,7 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     // The HTTP front is secure by default too: a key of its own, in the
     // client bundle (under --insecure there is no bundle to leave it in).
     let http_key = match &http {
-        Some((addr, _)) if cluster.api_keys.is_none() && (a.http_open || a.insecure) => {
+        Some((addr, _, _)) if cluster.api_keys.is_none() && (a.http_open || a.insecure) => {
             zeroshard_offload::errln!(
                 "warning: {}: the HTTP front on {addr} takes requests from every local user, without an API key",
                 if a.http_open { "--http-open" } else { "--insecure" }
@@ -177,10 +177,11 @@ pub(crate) fn up(mut a: UpArgs) -> Result<()> {
     runtime()?.block_on(async {
         let listener = bind(&a.listen).await?;
         let http = match http {
-            Some((addr, name)) => Some(server::HttpFront {
+            Some((addr, name, max_connections)) => Some(server::HttpFront {
                 listener: bind_flag("--http-listen", &addr).await?,
                 model: name,
                 metrics: Some(telemetry::render()),
+                max_connections,
             }),
             None => None,
         };
@@ -214,8 +215,8 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
             (Arc::new(m), None)
         };
         zeroshard_offload::errln!("membership: {}", membership.describe());
-        let http = http_front(a.http.http_listen.as_deref(), cfg.api_keys.is_some(), served)?;
-        if let (Some((addr, _)), None) = (&http, &cfg.api_keys) {
+        let http = http_front(&a.http, cfg.api_keys.is_some(), served)?;
+        if let (Some((addr, _, _)), None) = (&http, &cfg.api_keys) {
             zeroshard_offload::errln!(
                 "warning: the HTTP front on {addr} takes requests from every local user: \
                  give --api-key-file to require a key"
@@ -225,10 +226,11 @@ pub(crate) fn coordinator(mut a: CoordinatorArgs) -> Result<()> {
         let listeners = Listeners {
             grpc: listener,
             http: match http {
-                Some((addr, name)) => Some(server::HttpFront {
+                Some((addr, name, max_connections)) => Some(server::HttpFront {
                     listener: bind_flag("--http-listen", &addr).await?,
                     model: name,
                     metrics: Some(telemetry::render()),
+                    max_connections,
                 }),
                 None => None,
             },
@@ -292,15 +294,37 @@ fn served_name(http: &args::HttpArgs, model: &std::path::Path) -> String {
 
 /// The HTTP front's address and the model id it serves, refused off
 /// loopback without API keys.
-fn http_front(listen: Option<&str>, has_keys: bool, name: String) -> Result<Option<(String, String)>> {
-    let Some(addr) = listen else { return Ok(None) };
+/// Where the HTTP front listens, its model name and its connection bound
+/// (`--max-http-connections`, else a quarter of the open-file limit, at most
+/// 4096: the rest stays for gRPC, workers and the checkpoint).
+fn http_front(
+    http: &args::HttpArgs,
+    has_keys: bool,
+    name: String,
+) -> Result<Option<(String, String, usize)>> {
+    let Some(addr) = http.http_listen.as_deref() else { return Ok(None) };
+    let max = match http.max_http_connections {
+        Some(0) => bail!("--max-http-connections must be at least 1"),
+        Some(n) => n,
+        None => (open_files_limit() / 4).clamp(16, 4096),
+    };
     if !has_keys && !security::is_loopback(addr) {
         bail!(
             "--http-listen {addr} is not a loopback address: give --api-key-file (HTTP clients send \
              `Authorization: Bearer KEY`), or serve it on loopback behind a TLS proxy"
         );
     }
-    Ok(Some((addr.to_string(), name)))
+    Ok(Some((addr.to_string(), name, max)))
+}
+
+/// This process's open-file limit (after `main` raised it).
+fn open_files_limit() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit on this process with a valid struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
 }
 
 /// Writes `text` to `path` through a temporary file beside it and a rename,

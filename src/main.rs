@@ -42,7 +42,9 @@ fn raise_open_files() {
     };
     if ok && before != lim.rlim_max {
         tracing::info!("open files: raised the limit from {before} to {}", lim.rlim_max);
-    } else if !ok {
+    } else if ok {
+        tracing::debug!("open files: the limit is {before} (the hard limit)");
+    } else {
         tracing::warn!("open files: the limit stays {before} (raising it to {} failed)", lim.rlim_max);
     }
 }

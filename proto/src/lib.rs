@@ -61,8 +61,18 @@ pub mod transport {
     /// Largest message a client decodes: a chunk plus headroom.
     pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
+    /// Streams one client may have open on one connection (a worker's peers
+    /// fetch a few dozen ranges at once at most).
+    pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+    /// A server tuned as above, with its connections bounded: at most
+    /// [`MAX_STREAMS_PER_CONNECTION`] streams each, and a connection whose
+    /// peer stops answering HTTP/2 pings (30 s apart, 10 s to answer) closed.
     pub fn server() -> Server {
         Server::builder()
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_frame_size(FRAME)
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONN_WINDOW))

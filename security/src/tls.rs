@@ -36,6 +36,9 @@ use crate::auth::{Identity, KeyId, Role};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once on a server; a new connection past it
+/// ends the oldest.
+const MAX_HANDSHAKES: usize = 256;
 /// How often credential files are checked for changes.
 const RELOAD_POLL: Duration = Duration::from_secs(2);
 
@@ -521,6 +524,9 @@ impl Security {
         let sec = self.clone();
         tokio::spawn(async move {
             let mut backoff = AcceptBackoff::default();
+            // Handshakes in progress, oldest first: past MAX_HANDSHAKES a new
+            // connection ends the oldest (half-open ones cannot hold the port).
+            let mut pending: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
             loop {
                 let accepted = tokio::select! {
                     a = listener.accept() => a,
@@ -540,7 +546,13 @@ impl Security {
                 let Some(cfg) = sec.server_config() else { break };
                 let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
                 let tx = tx.clone();
-                tokio::spawn(async move {
+                pending.retain(|h| !h.is_finished());
+                if pending.len() >= MAX_HANDSHAKES {
+                    if let Some(oldest) = pending.pop_front() {
+                        oldest.abort();
+                    }
+                }
+                let handshake = tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                         Ok(Ok(s)) => {
                             let _ = tx.send(Ok(s)).await;
@@ -549,6 +561,7 @@ impl Security {
                         Err(_) => tracing::debug!("TLS handshake from {peer} timed out"),
                     }
                 });
+                pending.push_back(handshake.abort_handle());
             }
         });
         router.serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown).await

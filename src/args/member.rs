@@ -433,6 +433,12 @@ pub(crate) struct HttpArgs {
     /// the Hub id given to --model, else the folder's name).
     #[arg(long, env = "ZEROSHARD_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// The most HTTP connections open at once (default: a quarter of the
+    /// open-file limit, at most 4096). Past it a new connection closes the
+    /// oldest one that has not sent a request yet; a request head must arrive
+    /// within 10 s, a body within 30 s.
+    #[arg(long, env = "ZEROSHARD_MAX_HTTP_CONNECTIONS")]
+    pub max_http_connections: Option<usize>,
 }
 
 /// What moves between workers each step.

@@ -445,3 +445,109 @@ fn a_storm_of_short_lived_registrations_yields_few_replans() {
         .block_on(async { client(&c.endpoint).await.generate(request(ids(&[1, 403, 407]), 8)).await });
     assert_eq!(got.expect("served after the storm").into_inner().token_ids, want);
 }
+
+/// Raises this test process's open-file limit to at least `needed` (soft up
+/// to hard); false when the hard limit is lower.
+fn raise_own_open_files(needed: u64) -> bool {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_max < needed {
+            return false;
+        }
+        if lim.rlim_cur < needed {
+            lim.rlim_cur = lim.rlim_max;
+            return libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0;
+        }
+    }
+    true
+}
+
+/// Issue 31 item 3: 1,100 connections that each send half a request head and
+/// wait, against `up` held to 1,024 open files (soft and hard: it cannot raise
+/// them). gRPC `query` and `status` and a real HTTP request sent after them are
+/// served at once, and every half-open connection is closed within the
+/// header timeout (10 s; most at once, to make room).
+#[test]
+fn a_flood_of_half_open_http_connections_leaves_both_fronts_served() {
+    use std::io::{Read, Write};
+    const FLOOD: usize = 1_100;
+    if !raise_own_open_files(FLOOD as u64 + 200) {
+        eprintln!("SKIPPED: this test process may not open {} files (hard limit)", FLOOD + 200);
+        return;
+    }
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -n 1024 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_zeroshard"))
+        .env("ZEROSHARD_PLACEMENT", "gather")
+        .env("ZEROSHARD_AUDIT_FRACTION", "1");
+    let mut c =
+        Cluster::up_with(cmd, &["--model", &stories(), "--workers", "2", "--http-listen", "127.0.0.1:0"]);
+    let base = c.http();
+    let auth = c.http_auth();
+    let addr = base.strip_prefix("http://").expect("http://").to_string();
+    // A body that never arrives is answered 408 after 30 s.
+    let slow_body = {
+        let (addr, auth) = (addr.clone(), auth.clone());
+        std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+            write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\"")
+                .expect("send");
+            let sent = Instant::now();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            (out, sent.elapsed())
+        })
+    };
+    let started = Instant::now();
+    let mut flood: Vec<std::net::TcpStream> = (0..FLOOD)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+            s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: flood\r\nContent-Ty").expect("half a head");
+            s
+        })
+        .collect();
+    let opened = started.elapsed();
+
+    let t = Instant::now();
+    let q =
+        query(&c.endpoint, &["--prompt", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0"]);
+    assert_eq!(q["token_ids"].as_array().map(Vec::len), Some(8), "{q}");
+    let s = status(&c.endpoint);
+    assert_eq!(s["ready"], true, "{s}");
+    let grpc = t.elapsed();
+    let t = Instant::now();
+    let req = r#"{"model":"stories260K","prompt":"Once upon a time","max_tokens":8,"temperature":0}"#;
+    let (code, body) = crate::openai::http(&base, "POST", "/v1/completions", Some(req), &[&auth]);
+    assert_eq!(code, 200, "{body}");
+    let served = t.elapsed();
+
+    // Every flood connection is closed by the server: at once when evicted
+    // for a newer one, else at the header timeout.
+    let deadline = started + Duration::from_secs(20);
+    let mut closed = 0;
+    for s in &mut flood {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        s.set_read_timeout(Some(left)).expect("timeout");
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(_) => closed += 1, // EOF (or a refusal) from the server
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Err(_) => {}
+        }
+    }
+    let all_closed = started.elapsed();
+    eprintln!(
+        "{FLOOD} half-open connections opened in {opened:?}; query + status answered in {grpc:?}, \
+         a completion in {served:?}; {closed} closed by the server within {all_closed:?}"
+    );
+    assert_eq!(closed, FLOOD, "connections left open after {all_closed:?}");
+    drop(flood);
+    // And the front still serves.
+    let (code, body) = crate::openai::http(&base, "POST", "/v1/completions", Some(req), &[&auth]);
+    assert_eq!(code, 200, "{body}");
+    let (answer, after) = slow_body.join().expect("the slow body");
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("did not arrive within 30 s"), "{answer}");
+    assert!(after >= Duration::from_secs(29) && after < Duration::from_secs(40), "{after:?}");
+}

@@ -212,6 +212,16 @@ fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
         json_body(&body)["error"]["message"].as_str().is_some_and(|m| m.contains("2097152 bytes")),
         "{body}"
     );
+    // Past 100 header fields: 431, in the same shape.
+    let pads: Vec<String> = (0..120).map(|i| format!("X-Pad-{i}: {i}")).collect();
+    let mut headers: Vec<&str> = pads.iter().map(String::as_str).collect();
+    headers.push(&auth);
+    let (code, body) = http(&base, "GET", "/v1/models", None, &headers);
+    assert_eq!(
+        (code, json_body(&body)["error"]["type"].as_str()),
+        (431, Some("invalid_request_error")),
+        "{body}"
+    );
 
     // A long stream whose client leaves after the first events: its sequence
     // is cancelled on the worker.

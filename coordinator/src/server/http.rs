@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -46,6 +46,8 @@ pub struct HttpFront {
     pub listener: TcpListener,
     pub model: String,
     pub metrics: Option<RenderMetrics>,
+    /// The most connections open at once (`--max-http-connections`).
+    pub max_connections: usize,
 }
 
 /// Serves the HTTP front until `shutdown`.
@@ -54,7 +56,7 @@ pub async fn serve_http(
     front: HttpFront,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let HttpFront { listener, model, metrics } = front;
+    let HttpFront { listener, model, metrics, max_connections } = front;
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let front = Arc::new(Front { coord, model, created, next_id: AtomicU64::new(1), metrics });
     let app = Router::new()
@@ -65,21 +67,60 @@ pub async fn serve_http(
         .route("/metrics", get(metrics_text))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found_error", "no such route".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(bounded))
         .layer(axum::middleware::map_response(answered))
         .with_state(front);
-    // Each streamed event goes out at once: without TCP_NODELAY a small SSE
-    // write waits for the client's delayed ACK (~40 ms a token).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| CoordinatorError::Unavailable(format!("HTTP front: {e}")))
+    super::connections::serve(listener, app, max_connections, shutdown).await;
+    Ok(())
 }
 
 /// Request bodies larger than this are refused (413) before they are parsed.
 const BODY_LIMIT: usize = 2 << 20;
+/// How long a request body may take to arrive once its head has.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a request may cost before a handler sees it: header fields past
+/// [`super::connections::MAX_HEADERS`] or their bytes past
+/// [`super::connections::MAX_HEADER_BYTES`] (431), a body that takes longer
+/// than [`BODY_TIMEOUT`] (408) or is larger than [`BODY_LIMIT`] (413). The
+/// body is read here, so the handlers' extractors never wait on the client.
+async fn bounded(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use super::connections::{MAX_HEADERS, MAX_HEADER_BYTES};
+    let fields = req.headers().len();
+    let bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if fields > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "the request has {fields} header fields of {bytes} bytes; at most {MAX_HEADERS} fields of {MAX_HEADER_BYTES} bytes are taken"
+            ),
+        );
+    }
+    if req.method() != axum::http::Method::POST {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, BODY_LIMIT)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if format!("{e:#}").contains("length limit") => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("the request body is larger than {BODY_LIMIT} bytes"),
+            )
+        }
+        Ok(Err(e)) => return invalid(format!("the request body could not be read: {e}")),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+            )
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(body))).await
+}
 
 /// Every answer of the front: counted by status
 /// (`zeroshard_http_responses_total{status}`: refusals that never become a

@@ -21,6 +21,7 @@ mod admission;
 mod audit;
 mod choose;
 mod config;
+mod connections;
 mod control;
 mod deadline;
 mod drain;
