@@ -51,6 +51,7 @@ fn stop_signal() -> Result<watch::Receiver<bool>> {
             match first {
                 Some(t) if t.elapsed() >= SAME_STOP => {
                     zeroshard_offload::errln!("second stop signal: exiting now");
+                    zeroshard_security::bundle::remove_now();
                     std::process::exit(143);
                 }
                 Some(_) => {}

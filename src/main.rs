@@ -53,6 +53,12 @@ fn main() {
     if std::env::args_os().nth(1).is_some_and(|a| a == chat::sandbox::CHILD_ARG) {
         std::process::exit(chat::sandbox::serve());
     }
+    // A panic aborts (no destructors run): the private keys `up` wrote go first.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        zeroshard_security::bundle::remove_now();
+        report(info);
+    }));
     // Chat templates come from model folders: render them in capped children.
     if let Ok(program) = std::env::current_exe() {
         chat::render_in_children_of(program);

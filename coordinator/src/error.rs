@@ -128,10 +128,11 @@ impl ErrorKind {
     /// failed so (besides `ok` and `cancelled`): one per HTTP status class.
     pub fn outcome(self) -> &'static str {
         match self {
-            Self::Invalid | Self::Precondition => "invalid",
+            Self::Invalid | Self::Precondition | Self::NotFound => "invalid",
+            Self::Denied => "denied",
             Self::Overloaded => "rejected",
             Self::Unavailable | Self::Halted => "unavailable",
-            Self::NotFound | Self::Denied | Self::Internal => "error",
+            Self::Internal => "error",
         }
     }
 }

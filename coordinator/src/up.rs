@@ -187,6 +187,9 @@ pub async fn run(
             e = cluster.fleet.next_exit() => zeroshard_offload::errln!("{e}; the cluster continues without it"),
         }
     }
+    let started = std::time::Instant::now();
+    zeroshard_offload::errln!("stopping: draining the coordinator and the workers");
     cluster.stop().await;
+    zeroshard_offload::errln!("stopped in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

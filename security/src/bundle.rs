@@ -6,14 +6,23 @@
 //! keys instead. `<state>` is `$ZEROSHARD_STATE_DIR`, else
 //! `$XDG_STATE_HOME/zeroshard`, else `~/.local/state/zeroshard`.
 //!
+//! Private keys `up` writes (its members' and the bundle's) live only as
+//! long as the process: each folder is removed when its [`UpCredentials`]
+//! drops, by [`remove_now`] on the exits that skip destructors (a second stop
+//! signal, a panic), and, for a process that was killed, by the next
+//! [`UpCredentials::generate`] on this machine ([`clean_stale`]: folders whose
+//! `owner` file names a process that is gone). The CA's own key never
+//! touches the disk: members get only `ca.pem`.
+//!
 //! ```ignore
 //! let creds = UpCredentials::generate(3, true)?;          // CA + coordinator + 3 workers + client
 //! let bundle = creds.publish("127.0.0.1:50051")?;         // what `query` will find
 //! let sec = client_security(&Address::parse("grpcs://127.0.0.1:50051")?, None)?;
 //! ```
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::certs::{loopback_sans, Ca};
 use crate::tls::TlsError;
@@ -23,6 +32,77 @@ use crate::{Address, Role, Security, TlsPaths};
 
 fn setup(e: impl std::fmt::Display) -> TlsError {
     TlsError::Config(format!("credentials: {e}"))
+}
+
+/// Folders of private keys this process wrote and has not removed yet.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// The name of the file in each such folder that holds the writer's pid.
+const OWNER_FILE: &str = "owner";
+/// The prefix of `up`'s temporary credential folders.
+const TEMP_PREFIX: &str = "zeroshard-ca-";
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Marks `dir` as this process's (an `owner` file with the pid) and to be
+/// removed on every exit.
+fn own(dir: &Path) -> Result<()> {
+    crate::certs::write_private(&dir.join(OWNER_FILE), std::process::id().to_string().as_bytes())
+        .map_err(setup)?;
+    live().push(dir.to_path_buf());
+    Ok(())
+}
+
+fn disown(dir: &Path) {
+    live().retain(|d| d != dir);
+}
+
+/// Removes every folder of private keys this process wrote: for the exits
+/// that run no destructors (`std::process::exit`, a panic that aborts).
+pub fn remove_now() {
+    for d in std::mem::take(&mut *live()) {
+        let _ = fs::remove_dir_all(d);
+    }
+}
+
+/// Removes credential folders of processes that are gone (killed before
+/// they could clean up): `up`'s temporary folders and client bundles whose
+/// `owner` file names a pid that no longer runs, owned by this user. Returns
+/// how many it removed.
+pub fn clean_stale() -> usize {
+    let mut roots: Vec<(PathBuf, Option<&str>)> = vec![(std::env::temp_dir(), Some(TEMP_PREFIX))];
+    if let Some(s) = state_dir() {
+        roots.push((s.join("clusters"), None));
+    }
+    let uid = unsafe { libc::geteuid() };
+    let mut removed = 0;
+    for (root, prefix) in roots {
+        let Ok(entries) = fs::read_dir(&root) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if prefix.is_some_and(|p| !name.to_string_lossy().starts_with(p)) {
+                continue;
+            }
+            let path = e.path();
+            let mine = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() && m.uid() == uid);
+            let owner =
+                fs::read_to_string(path.join(OWNER_FILE)).ok().and_then(|s| s.trim().parse::<i32>().ok());
+            if let (true, Some(pid)) = (mine, owner) {
+                if pid > 0 && !alive(pid) && fs::remove_dir_all(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    removed
+}
+
+/// Whether process `pid` exists (signal 0; EPERM means it does, as another user's).
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 /// Where client bundles are kept.
@@ -128,10 +208,16 @@ impl UpCredentials {
     /// (all for this machine's loopback names) and, when `client_cert`, a
     /// client certificate for the bundle.
     pub fn generate(workers: usize, client_cert: bool) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("zeroshard-ca-").tempdir().map_err(setup)?;
+        let stale = clean_stale();
+        if stale > 0 {
+            tracing::info!("removed {stale} credential folders left by processes that are gone");
+        }
+        let dir = tempfile::Builder::new().prefix(TEMP_PREFIX).tempdir().map_err(setup)?;
         private_dir(dir.path())?;
+        own(dir.path())?;
         let ca = Ca::generate().map_err(setup)?;
-        ca.write(dir.path()).map_err(setup)?;
+        // The CA's key stays in memory: members need only its certificate.
+        crate::certs::write_private(&dir.path().join("ca.pem"), ca.cert_pem().as_bytes()).map_err(setup)?;
         let sans = loopback_sans();
         ca.issue(Role::Coordinator, "coordinator", &sans)
             .map_err(setup)?
@@ -192,6 +278,7 @@ impl UpCredentials {
         }
         let _ = fs::remove_dir_all(&dir);
         private_dir(&dir)?;
+        own(&dir)?;
         crate::certs::write_private(&dir.join("ca.pem"), self.ca.cert_pem().as_bytes()).map_err(setup)?;
         if self.client_cert {
             let pem = self.ca.issue(Role::Client, "up-client", &[]).map_err(setup)?;
@@ -209,7 +296,9 @@ impl UpCredentials {
 impl Drop for UpCredentials {
     fn drop(&mut self) {
         if let Some(b) = self.bundle.take() {
-            let _ = fs::remove_dir_all(b);
+            let _ = fs::remove_dir_all(&b);
+            disown(&b);
         }
+        disown(self.dir.path());
     }
 }

@@ -650,3 +650,83 @@ fn up_outlives_the_reader_of_its_logs() {
     let status = child.wait().expect("wait");
     assert!(status.success(), "up stopped with {status}");
 }
+
+/// The `credentials DIR` line `up` prints after its ready line.
+fn credentials_line(lines: &std::sync::mpsc::Receiver<String>) -> std::path::PathBuf {
+    loop {
+        let line = lines.recv_timeout(Duration::from_secs(10)).expect("a `credentials` line after `ready`");
+        if let Some(rest) = line.strip_prefix("credentials ") {
+            return std::path::PathBuf::from(rest.split(" (").next().expect("a folder"));
+        }
+    }
+}
+
+/// The folder of the `--tls-ca` a child of `up` was given (`up`'s temporary
+/// credentials).
+fn members_credentials(up: u32) -> std::path::PathBuf {
+    for pid in common::cluster::children_of(up) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> =
+            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if let Some(i) = args.iter().position(|a| a == "--tls-ca") {
+            let ca = std::path::PathBuf::from(&args[i + 1]);
+            return ca.parent().expect("a folder").to_path_buf();
+        }
+    }
+    panic!("no child of up {up} was given --tls-ca");
+}
+
+/// Issue 31 item 1: the private keys `up` writes go away on every exit it can
+/// run, the CA's key never touches the disk, and a start removes what a
+/// killed `up` left behind.
+#[test]
+fn up_leaves_no_keys_behind_and_cleans_up_after_a_killed_one() {
+    let stories = path(&model("stories260K"));
+    let start = || {
+        let mut child = bin()
+            .args(["up", "--listen", "127.0.0.1:0", "--model", &stories, "--workers", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn up");
+        let (endpoint, lines) = common::cluster::ready_lines(&mut child).expect("ready");
+        let bundle = credentials_line(&lines);
+        let members = members_credentials(child.id());
+        (child, endpoint, bundle, members)
+    };
+    let signal = |child: &std::process::Child, sig: i32| {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+    };
+
+    // A second stop signal exits at once (143), skipping destructors.
+    let (mut child, endpoint, bundle, members) = start();
+    assert!(bundle.join("client.key").exists() && members.join("worker-0.key").exists());
+    assert!(members.join("ca.pem").exists() && !members.join("ca.key").exists(), "the CA key is on disk");
+    assert!(query(&endpoint, &greedy("--prompt-ids", "1,403,407", "4"))["token_ids"].is_array());
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&child, libc::SIGTERM);
+    let status = child.wait().expect("wait");
+    assert!(
+        !bundle.exists() && !members.exists(),
+        "{status}: {} or {} left",
+        bundle.display(),
+        members.display()
+    );
+
+    // A killed `up` (SIGKILL runs nothing) leaves both; the next start removes them.
+    let (mut child, _, bundle, members) = start();
+    let workers = common::cluster::children_of(child.id());
+    signal(&child, libc::SIGKILL);
+    let _ = child.wait();
+    for pid in workers {
+        // SAFETY: kill(2) on the workers of the killed `up` (they may outlive it).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    assert!(bundle.exists() && members.exists(), "SIGKILL cannot clean up");
+    let (mut next, _, _, _) = start();
+    assert!(!bundle.exists() && !members.exists(), "stale credentials survived the next start");
+    signal(&next, libc::SIGTERM);
+    assert!(next.wait().expect("wait").success());
+}

@@ -512,9 +512,10 @@ fn metrics_parse_and_move_with_requests() {
     ]);
     let bad = r#"{"model":"stories260K","prompt":"x","max_tokens":1,"temperature":-1}"#;
     assert_eq!(http(&base, "POST", "/v1/completions", Some(bad), &[&auth]).0, 400);
-    // Refused before it is a request (no outcome): counted by its status.
+    // Refused before it is a request: counted too, by its status.
     let unknown = r#"{"model":"no-such-model","prompt":"x","max_tokens":1}"#;
     assert_eq!(http(&base, "POST", "/v1/completions", Some(unknown), &[&auth]).0, 404);
+    assert_eq!(http(&base, "POST", "/v1/completions", Some("{not json"), &[&auth]).0, 400);
 
     let after = scrape(&url);
     eprintln!("metrics after 4 requests: {} samples", after["samples"].as_array().map_or(0, Vec::len));
@@ -522,7 +523,7 @@ fn metrics_parse_and_move_with_requests() {
         |name: &str, labels: &[(&str, &str)]| sample(&after, name, labels) - sample(&before, name, labels);
     let ok = [("model", "stories260K"), ("outcome", "ok")];
     assert_eq!(moved("zeroshard_requests_total", &ok), 3.0, "{after}");
-    assert_eq!(moved("zeroshard_requests_total", &[("outcome", "invalid")]), 1.0, "{after}");
+    assert_eq!(moved("zeroshard_requests_total", &[("outcome", "invalid")]), 3.0, "{after}");
     assert_eq!(moved("zeroshard_generated_tokens_total", &model), 3.0 * f64::from(TOKENS));
     assert_eq!(moved("zeroshard_time_to_first_token_seconds_count", &model), 3.0);
     assert_eq!(moved("zeroshard_inter_token_latency_seconds_count", &model), 3.0 * f64::from(TOKENS - 1));
@@ -531,7 +532,7 @@ fn metrics_parse_and_move_with_requests() {
     assert!(sample(&after, "zeroshard_worker_gather_bytes_per_second", &model) > 0.0, "{after}");
     assert_eq!(after["families"]["zeroshard_time_to_first_token_seconds"], "histogram");
     let status = |code: &'static str| moved("zeroshard_http_responses_total", &[("status", code)]);
-    assert_eq!((status("400"), status("404")), (1.0, 1.0), "{after}");
+    assert_eq!((status("400"), status("404")), (2.0, 1.0), "{after}");
     assert!(status("200") >= 2.0, "{after}");
 }
 

@@ -98,12 +98,29 @@ impl EmbeddedMembership {
             ttl,
         };
         let weak = Arc::downgrade(&m.state);
+        let mut last = Instant::now();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(ttl / 4).await;
                 let Some(state) = weak.upgrade() else { return };
                 let mut st = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let now = Instant::now();
+                // Overslept by more than half a lease: this process was paused
+                // (SIGSTOP, a frozen VM), and the keep-alives sent meanwhile
+                // were never read. Leases resume where they were instead of
+                // all expiring at once: a worker that is really gone expires
+                // within a TTL of the resumption.
+                let paused = now.saturating_duration_since(last).saturating_sub(ttl / 4);
+                last = now;
+                if paused > ttl / 2 {
+                    tracing::warn!(
+                        "this coordinator was paused for {paused:.1?}: every lease resumes where it was"
+                    );
+                    for (_, d) in st.members.values_mut() {
+                        *d += paused;
+                    }
+                    continue;
+                }
                 let expired: Vec<WorkerId> =
                     st.members.iter().filter(|(_, (_, d))| *d < now).map(|(id, _)| *id).collect();
                 for id in expired {
@@ -269,6 +286,24 @@ mod tests {
         assert_eq!(w.events.recv().await, Some(MemberEvent::Left(b)));
         assert!(t.elapsed() >= Duration::from_millis(100));
         assert!(m.watch().await.expect("watch").members.is_empty());
+    }
+
+    /// A coordinator that was paused (its runtime blocked here, as by
+    /// SIGSTOP) does not expire the leases it could not renew meanwhile; a
+    /// worker that stays silent after the pause still expires.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pause_of_the_coordinator_expires_no_lease() {
+        let ttl = Duration::from_millis(400);
+        let m = EmbeddedMembership::new(ttl);
+        let a = m.register("http://a".into(), "cpu".into(), 0, None, None).expect("registers");
+        let mut w = m.watch().await.expect("watch");
+        std::thread::sleep(ttl * 3); // nothing runs: the process is "stopped"
+        tokio::time::sleep(ttl / 2).await;
+        assert!(m.keep_alive(a), "the lease expired during the pause");
+        // Silent from now on: it expires within a TTL or so.
+        let t = Instant::now();
+        assert_eq!(w.events.recv().await, Some(MemberEvent::Left(a)));
+        assert!(t.elapsed() < ttl * 2, "{:?}", t.elapsed());
     }
 
     fn cred(name: &str, key: u8) -> Credential {

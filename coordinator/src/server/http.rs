@@ -374,36 +374,51 @@ fn check_model(front: &Front, model: &str) -> std::result::Result<(), ApiError> 
 
 async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = authorize(&front, &headers).and_then(|()| json_declared(&headers)) {
-        return r.into_response();
+        return refused(r.into_response());
     }
     let req: CompletionRequest = match parse_body(&body, "completions") {
         Ok(r) => r,
-        Err(r) => return r.into_response(),
+        Err(r) => return refused(r.into_response()),
     };
     if let Err(r) = check_model(&front, &req.common.model) {
-        return r.into_response();
+        return refused(r.into_response());
     }
     match req.to_generate() {
         Ok(g) => answer(&front, Shape::Completion, g, req.common.stream, req.common.include_usage()).await,
-        Err(m) => invalid(m),
+        Err(m) => refused(invalid(m)),
     }
+}
+
+/// A completion refused before it became a request (a bad key, body, model
+/// or field): counted in `zeroshard_requests_total` by its status, as
+/// requests refused later are by their error's kind.
+fn refused(res: Response) -> Response {
+    let outcome = match res.status().as_u16() {
+        401 | 403 => "denied",
+        429 => "rejected",
+        400..=499 => "invalid",
+        503 => "unavailable",
+        _ => "error",
+    };
+    metrics::counter!("zeroshard_requests_total", "outcome" => outcome).increment(1);
+    res
 }
 
 async fn chat_completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(r) = authorize(&front, &headers).and_then(|()| json_declared(&headers)) {
-        return r.into_response();
+        return refused(r.into_response());
     }
     let req: ChatRequest = match parse_body(&body, "chat completions") {
         Ok(r) => r,
-        Err(r) => return r.into_response(),
+        Err(r) => return refused(r.into_response()),
     };
     if let Err(r) = check_model(&front, &req.common.model) {
-        return r.into_response();
+        return refused(r.into_response());
     }
     let positions = u32::try_from(front.coord.model().config.max_position_embeddings).unwrap_or(u32::MAX);
     match req.to_generate(positions) {
         Ok(g) => answer(&front, Shape::Chat, g, req.common.stream, req.common.include_usage()).await,
-        Err(m) => invalid(m),
+        Err(m) => refused(invalid(m)),
     }
 }
 
