@@ -787,6 +787,7 @@ fn a_checkpoint_rewritten_under_the_cluster_is_detected_never_a_crash() {
         let (out, took) = streaming.join().expect("the streaming query");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("changed while in use"), "{err}");
+        eprintln!("pull {pull}: the disturbed stream ended with the error after {took:?}");
         assert!(took < Duration::from_secs(LONG as u64 * 15 / 1000 + 10), "the stream waited {took:?}");
         let s = fleet.wait_status(Duration::from_secs(30), "the reason it cannot serve", |s| {
             s["not_ready_reason"].as_str().is_some_and(|r| r.contains("changed while in use"))
@@ -805,6 +806,7 @@ fn a_checkpoint_rewritten_under_the_cluster_is_detected_never_a_crash() {
         let err =
             run_err(&["query", "--endpoint", &fleet.endpoint, "--prompt", PROMPT, "--max-new-tokens", "4"]);
         assert!(err.contains("changed while in use"), "{err}");
+        eprintln!("pull {pull}: a new request refused in {:?}", start.elapsed());
         assert!(start.elapsed() < Duration::from_secs(5), "the request waited {:?}", start.elapsed());
 
         // No re-admission loop: the survivor is not made to load again and again.

@@ -286,10 +286,37 @@ fn an_open_http_front_takes_requests_without_a_key() {
         "--http-listen",
         "127.0.0.1:0",
         "--http-open",
+        "--max-queued-requests",
+        "0",
     ]);
     let base = c.http();
     let (code, body) = http(&base, "GET", "/v1/models", None, &[]);
     assert_eq!(code, 200, "{body}");
+    // The model's context, as vLLM lists it.
+    let positions =
+        common::read_json(&model("stories260K").join("config.json"))["max_position_embeddings"].clone();
+    assert_eq!(json_body(&body)["data"][0]["max_model_len"], positions, "{body}");
+    // No queue at all: every completion is refused at once, 429 with Retry-After.
+    let req = r#"{"model":"stories260K","prompt":"Once upon a time","max_tokens":2}"#;
+    let addr = base.strip_prefix("http://").expect("base");
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{req}",
+        req.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"), "{answer}");
+    // Fields that would change the result and are not implemented are refused by name.
+    for (field, value) in [("suffix", r#""the end""#), ("logit_bias", r#"{"403": 100}"#)] {
+        let req = format!(r#"{{"model":"stories260K","prompt":"x","max_tokens":1,"{field}":{value}}}"#);
+        let (code, body) = http(&base, "POST", "/v1/completions", Some(&req), &[]);
+        assert_eq!(code, 400, "{body}");
+        assert!(json_body(&body)["error"]["message"].as_str().is_some_and(|m| m.contains(field)), "{body}");
+    }
     let (code, err) = Cluster::up_fails_with(
         common::bin(),
         &["--model", &stories(), "--workers", "1", "--http-listen", "0.0.0.0:0", "--http-open"],

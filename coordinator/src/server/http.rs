@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -129,7 +130,12 @@ async fn bounded(req: axum::extract::Request, next: axum::middleware::Next) -> R
 async fn answered(res: Response) -> Response {
     metrics::counter!("zeroshard_http_responses_total", "status" => res.status().as_u16().to_string())
         .increment(1);
-    as_openai_error(res)
+    let mut res = as_openai_error(res);
+    // A full queue: when to try again (clients' retry loops read it).
+    if res.status() == StatusCode::TOO_MANY_REQUESTS && !res.headers().contains_key(RETRY_AFTER) {
+        res.headers_mut().insert(RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+    }
+    res
 }
 
 /// Refusals made below the handlers — a body over [`BODY_LIMIT`] (413), a
@@ -257,7 +263,13 @@ async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response
     }
     Json(json!({
         "object": "list",
-        "data": [{"id": front.model, "object": "model", "created": front.created, "owned_by": "zeroshard"}],
+        "data": [{
+            "id": front.model,
+            "object": "model",
+            "created": front.created,
+            "owned_by": "zeroshard",
+            "max_model_len": front.coord.model().config.max_position_embeddings,
+        }],
     }))
     .into_response()
 }

@@ -53,6 +53,7 @@ pub(super) struct Common {
     stream_options: Option<StreamOptions>,
     n: Option<u32>,
     logprobs: Option<Value>,
+    logit_bias: Option<serde_json::Map<String, Value>>,
     /// vLLM's extension: keep going past end-of-sequence tokens.
     #[serde(default)]
     ignore_eos: bool,
@@ -67,6 +68,7 @@ pub(super) struct CompletionRequest {
     best_of: Option<u32>,
     #[serde(default)]
     echo: bool,
+    suffix: Option<String>,
 }
 
 /// A chat message's content: text, or a list of parts of which only text
@@ -117,6 +119,9 @@ impl Common {
         if asks(&self.logprobs) {
             return Err("`logprobs` is not supported".into());
         }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err("`logit_bias` is not supported".into());
+        }
         for (name, v) in
             [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
         {
@@ -163,6 +168,9 @@ impl CompletionRequest {
         }
         if self.echo {
             return Err("`echo` is not supported".into());
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err("`suffix` (insertion) is not supported".into());
         }
         let prompt = match &self.prompt {
             PromptField::Text(t) => Prompt::Text(t.clone()),
