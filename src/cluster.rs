@@ -307,7 +307,11 @@ fn http_front(
     let max = match http.max_http_connections {
         Some(0) => bail!("--max-http-connections must be at least 1"),
         Some(n) => n,
-        None => (open_files_limit() / 4).clamp(16, 4096),
+        None => {
+            let soft =
+                crate::open_files().map_or(1024, |l| usize::try_from(l.rlim_cur).unwrap_or(usize::MAX));
+            (soft / 4).clamp(16, 4096)
+        }
     };
     if !has_keys && !security::is_loopback(addr) {
         bail!(
@@ -316,16 +320,6 @@ fn http_front(
         );
     }
     Ok(Some((addr.to_string(), name, max)))
-}
-
-/// This process's open-file limit (after `main` raised it).
-fn open_files_limit() -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit on this process with a valid struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
 }
 
 /// Writes `text` to `path` through a temporary file beside it and a rename,

@@ -25,21 +25,23 @@ use zeroshard_engine::Backend;
 
 use args::{BenchArgs, Cli, Command, GenerateArgs};
 
+/// This process's open-file limits (soft and hard).
+pub(crate) fn open_files() -> Option<libc::rlimit> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit on this process with a valid struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+}
+
 /// Servers hold a socket per client and per peer: raise the soft limit on
 /// open files (often 1024) to the hard one, and say the figure (`up`'s
 /// workers inherit it). 1,100 idle connections against 1024 left every
 /// front refusing with "Too many open files".
 fn raise_open_files() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
-    let (ok, before) = unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        let before = lim.rlim_cur;
-        lim.rlim_cur = lim.rlim_max;
-        (libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0, before)
-    };
+    let Some(mut lim) = open_files() else { return };
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit on this process with a valid struct.
+    let ok = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0;
     if ok && before != lim.rlim_max {
         tracing::info!("open files: raised the limit from {before} to {}", lim.rlim_max);
     } else if ok {

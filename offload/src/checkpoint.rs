@@ -222,6 +222,12 @@ impl Checkpoint {
         self.files.iter().map(|f| f.path.as_path())
     }
 
+    /// Each file's path, size and modification time (ns since the epoch) as
+    /// it was opened: the bytes every read is checked against.
+    pub fn file_stamps(&self) -> impl Iterator<Item = (&Path, u64, i128)> {
+        self.files.iter().map(|f| (f.path.as_path(), f.identity.len, f.identity.mtime_ns))
+    }
+
     /// All tensors, sorted by name.
     pub fn tensors(&self) -> impl Iterator<Item = &TensorInfo> {
         self.tensors.values()

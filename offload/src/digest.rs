@@ -28,7 +28,6 @@ pub use stream::{RangeVerdict, StreamCheck};
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::time::UNIX_EPOCH;
 
 use half::f16;
 use rayon::prelude::*;
@@ -243,16 +242,20 @@ pub fn compute(ckpt: &Checkpoint) -> Result<BlockDigests> {
 }
 
 /// What identifies a checkpoint's contents cheaply: each file's name, size and
-/// modification time. Stored digests are reused only under the same identity.
-pub fn identity(ckpt: &Checkpoint) -> Result<String> {
-    let mut parts = Vec::new();
-    for path in ckpt.file_paths() {
-        let meta = std::fs::metadata(path).map_err(crate::error::io_err(path))?;
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
-        let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        parts.push(format!("{name}:{}:{}.{:09}", meta.len(), mtime.as_secs(), mtime.subsec_nanos()));
-    }
-    Ok(parts.join(","))
+/// modification time, as the checkpoint opened it (the identity its reads are
+/// checked against). Stored digests are reused only under the same identity.
+pub fn identity(ckpt: &Checkpoint) -> String {
+    const NS: i128 = 1_000_000_000;
+    let parts: Vec<String> = ckpt
+        .file_stamps()
+        .map(|(path, len, mtime_ns)| {
+            let name = path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            // Before the epoch (never on real files) reads as the epoch.
+            let mtime_ns = mtime_ns.max(0);
+            format!("{name}:{len}:{}.{:09}", mtime_ns / NS, mtime_ns % NS)
+        })
+        .collect();
+    parts.join(",")
 }
 
 #[cfg(test)]

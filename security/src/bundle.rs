@@ -76,6 +76,7 @@ pub fn clean_stale() -> usize {
     if let Some(s) = state_dir() {
         roots.push((s.join("clusters"), None));
     }
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
     let uid = unsafe { libc::geteuid() };
     let mut removed = 0;
     for (root, prefix) in roots {

@@ -148,13 +148,16 @@ fn ended(mut running: Running, e: &std::io::Error) -> String {
     let status = running.process.wait();
     match status.as_ref().ok().and_then(|s| s.signal()) {
         Some(libc::SIGXCPU) => format!("stopped after {CPU_LIMIT_SECONDS} s of CPU (the renderer's limit)"),
-        Some(libc::SIGKILL) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
-            format!("the renderer failed: {e}")
-        }
-        _ => format!(
+        // An allocation refused by the address-space limit aborts; a stack
+        // that cannot grow faults.
+        Some(libc::SIGABRT | libc::SIGSEGV) => format!(
             "stopped: it needed more than {} MiB of memory (the renderer's limit)",
             MEMORY_LIMIT_BYTES >> 20
         ),
+        _ => match status {
+            Ok(s) => format!("the renderer ended ({s}): {e}"),
+            Err(w) => format!("the renderer failed: {e} ({w})"),
+        },
     }
 }
 

@@ -120,19 +120,19 @@ pub(super) async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = sock.set_nodelay(true);
-        let id = {
-            let mut o = lock(&open);
-            if o.conns.len() >= max && !o.evict_one() {
-                metrics::counter!("zeroshard_http_connections_refused_total").increment(1);
-                if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    tracing::warn!("HTTP front: {max} connections open, every one with a request: closing new ones (--max-http-connections)");
-                    refused_logged = Some(Instant::now());
-                }
-                continue; // `sock` is dropped: closed
+        // Room is made, the connection numbered and registered under one lock
+        // (registered before its task can end and remove itself).
+        let mut o = lock(&open);
+        if o.conns.len() >= max && !o.evict_one() {
+            metrics::counter!("zeroshard_http_connections_refused_total").increment(1);
+            if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!("HTTP front: {max} connections open, every one with a request: closing new ones (--max-http-connections)");
+                refused_logged = Some(Instant::now());
             }
-            o.next += 1;
-            o.next
-        };
+            continue; // `sock` is dropped: closed
+        }
+        o.next += 1;
+        let id = o.next;
         let requested = Arc::new(AtomicBool::new(false));
         let service = {
             let (app, requested) = (app.clone(), requested.clone());
@@ -145,8 +145,6 @@ pub(super) async fn serve(
             })
         };
         let (builder, open_conns, mut stop) = (builder.clone(), open.clone(), stop_rx.clone());
-        // Registered before the task can end (and remove itself): under the lock.
-        let mut o = lock(&open);
         let task = tokio::spawn(async move {
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(sock), service);
             tokio::pin!(conn);

@@ -273,10 +273,10 @@ impl Supervisor {
             self.coord.set_readiness(Readiness::Failed(why));
             return;
         }
-        if self.checkpoint_changed.is_none() {
+        if !self.checkpoint_changed {
             tracing::error!("{why}: no new epoch can load");
         }
-        self.checkpoint_changed = Some(why.clone());
+        self.checkpoint_changed = true;
         let plan = self.coord.lock().plan.clone();
         let intact = plan
             .is_some_and(|p| p.workers().iter().all(|w| live.contains(w) && !self.banned.contains_key(w)));
@@ -299,7 +299,7 @@ impl Supervisor {
             let held = super::supervisor::HeldOut::after(failures, msg.clone());
             tracing::warn!(
                 "{msg}; evicting {w}, not planned again for {} s (failure {failures} in a row)",
-                held.hold.as_secs()
+                super::supervisor::HeldOut::hold(failures).as_secs()
             );
             self.held_out.insert(*w, held);
             let _ = self.coord.membership().evict(*w).await;

@@ -66,17 +66,20 @@ const HOLD_OUT_MOST: Duration = Duration::from_secs(300);
 
 /// A worker left out of planning after its loads failed.
 pub(super) struct HeldOut {
-    pub hold: Duration,
     pub until: Instant,
     pub failures: u32,
     pub why: String,
 }
 
 impl HeldOut {
-    /// The hold after `failures` failures in a row.
+    /// How long a worker is held out after `failures` failures in a row.
+    pub(super) fn hold(failures: u32) -> Duration {
+        HOLD_OUT_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(HOLD_OUT_MOST)
+    }
+
+    /// Held out from now, after `failures` failures in a row.
     pub(super) fn after(failures: u32, why: String) -> Self {
-        let hold = HOLD_OUT_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(HOLD_OUT_MOST);
-        Self { hold, until: Instant::now() + hold, failures, why }
+        Self { until: Instant::now() + Self::hold(failures), failures, why }
     }
 }
 
@@ -110,9 +113,9 @@ pub(super) struct Supervisor {
     pub(super) silent: BTreeSet<WorkerId>,
     /// Workers whose loads failed, left out of planning for a while.
     pub(super) held_out: BTreeMap<WorkerId, HeldOut>,
-    /// The checkpoint changed under this coordinator (why): no epoch can load
-    /// until it is restarted.
-    pub(super) checkpoint_changed: Option<String>,
+    /// The checkpoint changed under this coordinator: no epoch can load
+    /// until it is restarted (`State::unservable` says why).
+    pub(super) checkpoint_changed: bool,
     /// Links between workers measured for `--placement auto`.
     pub(super) links: super::choose::Links,
     /// Membership's changes, and the workers the fault watch names: followed
@@ -180,7 +183,7 @@ pub(super) async fn run(
         answered: BTreeSet::new(),
         silent: BTreeSet::new(),
         held_out: BTreeMap::new(),
-        checkpoint_changed: None,
+        checkpoint_changed: false,
         links: Default::default(),
         events,
         faulty,
@@ -355,7 +358,7 @@ impl Supervisor {
         let now = Instant::now();
         let (held, live): (Vec<WorkerId>, Vec<WorkerId>) =
             answering.into_iter().partition(|w| self.held_out.get(w).is_some_and(|h| h.until > now));
-        if live.is_empty() && self.served && self.checkpoint_changed.is_none() {
+        if live.is_empty() && self.served && !self.checkpoint_changed {
             // Every worker that could serve failed its loads: say so (requests
             // fail at once) until one is tried again.
             if let Some(h) = held.iter().filter_map(|w| self.held_out.get(w)).min_by_key(|h| h.until) {
@@ -478,10 +481,8 @@ mod tests {
 
     #[test]
     fn a_worker_that_keeps_failing_is_held_out_twice_as_long_each_time_up_to_five_minutes() {
-        let holds: Vec<u64> = [1, 2, 3, 4, 8, 9, 10, 40, u32::MAX]
-            .into_iter()
-            .map(|n| HeldOut::after(n, String::new()).hold.as_secs())
-            .collect();
+        let holds: Vec<u64> =
+            [1, 2, 3, 4, 8, 9, 10, 40, u32::MAX].into_iter().map(|n| HeldOut::hold(n).as_secs()).collect();
         assert_eq!(holds, [2, 4, 8, 16, 256, 300, 300, 300, 300]);
     }
 }
