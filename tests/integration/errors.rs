@@ -202,15 +202,9 @@ fn an_endpoint_without_a_scheme_is_refused_at_once() {
     }
 }
 
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 #[test]
 fn a_closed_port_is_connection_refused_within_a_second_or_two() {
-    let endpoint = format!("grpc://127.0.0.1:{}", closed_port());
+    let endpoint = format!("grpc://127.0.0.1:{}", crate::common::etcd::free_port());
     let start = Instant::now();
     let err = run_err(&["query", "--endpoint", &endpoint, "--prompt", "Hi", "--retry-for-secs", "30"]);
     let took = start.elapsed();
@@ -242,7 +236,7 @@ fn an_unknown_host_is_named() {
 #[test]
 fn logs_to_a_pipe_carry_no_colour() {
     // A query retrying a closed port logs a warning per try, here to a pipe.
-    let endpoint = format!("grpc://127.0.0.1:{}", closed_port());
+    let endpoint = format!("grpc://127.0.0.1:{}", crate::common::etcd::free_port());
     let out = bin()
         .args(["query", "--endpoint", &endpoint, "--prompt", "Hi"])
         .env_remove("NO_COLOR")

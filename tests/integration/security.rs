@@ -878,9 +878,8 @@ fn registrations_at_dead_addresses_are_never_planned_and_are_slowed() {
     let codes: Vec<Code> = rt().block_on(async {
         let mut v = vec![];
         for _ in 0..50 {
-            // A port nothing listens on (a bound, then closed, listener's).
-            let port =
-                std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+            // A port nothing listens on.
+            let port = crate::common::etcd::free_port();
             v.push(register(&rogue, &coord_uri, &format!("https://127.0.0.1:{port}"), 0).await);
         }
         v

@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -209,9 +210,26 @@ fn etcd_binary() -> PathBuf {
     })
 }
 
-/// A loopback port nothing listens on (free when asked).
+/// A loopback port nothing listens on, whose next port is free too (etcd's
+/// peer port). Drawn below the kernel's ephemeral range (32768 and up), so an
+/// outgoing connection cannot take it between this check and the bind, and
+/// never twice in one test run: a port bound with `:0` could be handed to the
+/// next connection any process opens, which is how a job's etcd once found
+/// its peer port taken.
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN / 2)) as u16 * 2;
+    let _ = NEXT.compare_exchange(0, start + 2, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN / 2 {
+        let port = FIRST + NEXT.fetch_add(2, Ordering::SeqCst) % SPAN;
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 1) {
+            return port;
+        }
+    }
+    panic!("no free loopback port pair in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// One `GET /health`; true when the member answers `"health":"true"`.
