@@ -194,7 +194,8 @@ check "User" "$want" "$user"
 check "Env HF_HOME" "HF_HOME=/data/hf" \
   "$(inspect '{{range .Config.Env}}{{println .}}{{end}}' | grep '^HF_HOME=' || echo none)"
 check "Volumes" '{"/data/hf":{}}' "$(inspect '{{json .Config.Volumes}}')"
-check "ExposedPorts" '{"50051/tcp":{},"8081/tcp":{}}' "$(inspect '{{json .Config.ExposedPorts}}')"
+check "ExposedPorts" '{"50051/tcp":{},"50061/tcp":{},"8000/tcp":{},"8081/tcp":{},"9090/tcp":{}}' \
+  "$(inspect '{{json .Config.ExposedPorts}}')"
 check "Label image.title" zeroshard "$(inspect '{{index .Config.Labels "org.opencontainers.image.title"}}')"
 check "Label image.version" "${version#zeroshard }" \
   "$(inspect '{{index .Config.Labels "org.opencontainers.image.version"}}')"
@@ -244,6 +245,11 @@ check "zeroshard --help lists worker" yes \
 # The probes' port (EXPOSE 8081) is served by --health-listen.
 check "worker --help has --health-listen" yes \
   "$(run_in_image worker --help 2>&1 | grep -q -- '--health-listen' && echo yes || echo no)"
+# /metrics (EXPOSE 8000, 9090): the coordinator's HTTP front, a worker's own listener.
+check "coordinator --help has --http-listen" yes \
+  "$(run_in_image coordinator --help 2>&1 | grep -q -- '--http-listen' && echo yes || echo no)"
+check "worker --help has --metrics-listen" yes \
+  "$(run_in_image worker --help 2>&1 | grep -q -- '--metrics-listen' && echo yes || echo no)"
 # The Slurm entry point reads its role from the launcher (dry run, no network).
 image_env=(SLURM_PROCID=1 SLURM_NTASKS=2 'SLURM_JOB_NODELIST=n[1-2]' SLURMD_NODENAME=n2 ZEROSHARD_INSECURE=1)
 check "launch --from slurm (rank 1, dry run)" worker \

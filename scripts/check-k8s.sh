@@ -2,8 +2,11 @@
 # Checks the Kubernetes manifests of deploy/k8s offline (no cluster needed):
 # renders every overlay with Kustomize, validates each object against the
 # Kubernetes schemas (kubernetes-validate --strict, for the oldest supported
-# and the newest known Kubernetes), checks that the objects fit together and
-# fit zeroshard (deploy/k8s/check-rendered.py), and lints the YAML.
+# and the newest known Kubernetes; the Prometheus Operator's monitors, which
+# it has no schema for, are checked by check-rendered.py alone), checks that
+# the objects fit together and fit zeroshard (deploy/k8s/check-rendered.py),
+# checks the Grafana dashboard's queries against the metrics the Rust sources
+# record (deploy/grafana/check-dashboard.py), and lints the YAML.
 #
 #   scripts/check-k8s.sh        # from any directory
 #
@@ -11,7 +14,7 @@
 # Kustomize v2.0.3 is the oldest the manifests are written for: apt-get install
 # when there is no kubectl, else the package is unpacked into the cache so as
 # not to replace the kubectl there, which renders every overlay a second time),
-# and kubernetes-validate + yamllint into a virtualenv in the cache
+# and kubernetes-validate + yamllint + promql-parser into a virtualenv in the cache
 # (${XDG_CACHE_HOME:-~/.cache}/zeroshard/k8s-venv), reused by later runs.
 set -euo pipefail
 
@@ -20,7 +23,7 @@ k8s="$repo/deploy/k8s"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/zeroshard"
 venv="$cache/k8s-venv"
 # Pinned, so that a run checks what the last one did; raise them together.
-python_packages=(kubernetes-validate==1.37.0 yamllint==1.38.0)
+python_packages=(kubernetes-validate==1.37.0 yamllint==1.38.0 promql-parser==0.11.0)
 # The oldest Kubernetes the manifests are for: gRPC probes are GA in 1.27.
 min_kubernetes=1.27.0
 
@@ -105,15 +108,18 @@ latest_kubernetes="$("$py" -c 'import kubernetes_validate.utils as u; print(u.la
 mm() { echo "${1%.*}"; }
 
 # validate FILE: every object valid for both versions, strictly; any warning
-# (a kind without a schema passes with only a warning) is a failure.
+# (a kind without a schema passes with only a warning) is a failure. The
+# Prometheus Operator's objects (monitoring.coreos.com) have no schema there:
+# they are left out here, and check-rendered.py checks them.
 validate() {
-  local out objects
-  objects="$(grep -c '^kind:' "$1" || true)"
+  local out objects core="$1.core"
+  "$py" "$k8s/check-rendered.py" --core "$1" >"$core" || return 1
+  objects="$(grep -c '^kind:' "$core" || true)"
   if [ "$objects" = 0 ]; then
     echo "no objects rendered" >&2
     return 1
   fi
-  if ! out="$("$venv/bin/kubernetes-validate" --strict -k "$min_kubernetes" -k "$latest_kubernetes" "$1" 2>&1)"; then
+  if ! out="$("$venv/bin/kubernetes-validate" --strict -k "$min_kubernetes" -k "$latest_kubernetes" "$core" 2>&1)"; then
     echo "$out" | grep -v '^INFO' >&2
     return 1
   fi
@@ -170,7 +176,9 @@ fi
 echo "== deploy/k8s: kustomize via kubectl ${versions[*]}; kubernetes-validate --strict" \
   "$(mm "$min_kubernetes") and $(mm "$latest_kubernetes")"
 failed=0
-cpu_ok=0
+# The overlays whose rendering check-rendered.py --self-test breaks: the cpu
+# one, and the one with monitors. Each gets its status once it ran.
+declare -A self_test=([cpu]=0 [prometheus-operator]=0)
 overlays=()
 for dir in "$k8s"/overlays/*/; do
   [ -f "$dir/kustomization.yaml" ] && overlays+=("$(basename "$dir")")
@@ -209,20 +217,41 @@ for overlay in "${overlays[@]}" examples; do
   fi
   label="overlay $overlay"
   [ "$overlay" = examples ] && label="examples"
-  [ "$overlay" = cpu ] && cpu_ok="$ok"
+  [ -n "${self_test[$overlay]+set}" ] && self_test[$overlay]="$ok"
   if [ "$ok" = 1 ]; then
     same=""
     [ "${#files[@]}" -gt 1 ] && same=", the same objects from both kubectls"
+    monitors="$(grep -c '^apiVersion: monitoring.coreos.com/' "${files[0]}" || true)"
+    [ "$monitors" -gt 0 ] && same="$same; $monitors of them Prometheus Operator monitors, checked by check-rendered.py alone"
     echo "$label: $objects objects, valid for Kubernetes $(mm "$min_kubernetes") and $(mm "$latest_kubernetes")$same"
   else
     failed=1
   fi
 done
 
-# The zeroshard checks must catch what they are for (on the cpu rendering,
-# once it passed them).
-if [ "$cpu_ok" = 1 ] && ! "$py" "$k8s/check-rendered.py" --self-test "$tmp/cpu.0.yaml"; then
-  echo "self-check: check-rendered.py missed a deliberate breakage (above)" >&2
+# The zeroshard checks must catch what they are for (on the renderings that
+# passed them).
+for overlay in "${!self_test[@]}"; do
+  if [ "${self_test[$overlay]}" = 1 ] \
+      && ! "$py" "$k8s/check-rendered.py" --self-test "$overlay" "$tmp/$overlay.0.yaml"; then
+    echo "self-check: check-rendered.py missed a deliberate breakage of overlay $overlay (above)" >&2
+    failed=1
+  fi
+done
+
+# ---------------------------------------------------------------- grafana
+# Every query of the dashboard parses and selects only zeroshard_* series the
+# Rust sources record; the check must catch deliberate breakages of it.
+dashboard="$repo/deploy/grafana/zeroshard.json"
+if counts="$("$py" "$repo/deploy/grafana/check-dashboard.py" "$dashboard" "$repo")"; then
+  if "$py" "$repo/deploy/grafana/check-dashboard.py" --self-test "$dashboard" "$repo"; then
+    echo "deploy/grafana/zeroshard.json: $counts, every series a zeroshard metric the sources record"
+  else
+    echo "self-check: check-dashboard.py missed a deliberate breakage (above)" >&2
+    failed=1
+  fi
+else
+  echo "deploy/grafana/zeroshard.json: the problems above" >&2
   failed=1
 fi
 
@@ -233,4 +262,4 @@ if ! "$venv/bin/yamllint" --strict -c "$k8s/.yamllint" "$k8s"; then
 fi
 
 [ "$failed" = 0 ] || die "FAILED"
-echo "check-k8s: all overlays valid; yamllint clean"
+echo "check-k8s: all overlays valid; dashboard checked; yamllint clean"

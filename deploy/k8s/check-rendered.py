@@ -5,7 +5,8 @@ Python (PyYAML).
 
     check-rendered.py OVERLAY RENDERED.yaml [OTHER_RENDERING.yaml]
     check-rendered.py --same RENDERED.yaml OTHER_RENDERING.yaml
-    check-rendered.py --self-test RENDERED.yaml
+    check-rendered.py --self-test OVERLAY RENDERED.yaml
+    check-rendered.py --core RENDERED.yaml
 
 Prints the number of objects on stdout; exits 1 with one line per problem on
 stderr. With a second rendering (the same overlay by another Kustomize), the
@@ -13,6 +14,9 @@ two must hold the same objects once generated names lose their hash suffix
 (--same: only that).
 --self-test breaks a rendering in several ways and fails unless each breakage
 is caught, so that these checks cannot silently pass everything.
+--core prints the documents the Kubernetes schemas know: all but the
+Prometheus Operator's (monitoring.coreos.com), which no schema of
+kubernetes-validate covers and these checks check instead.
 """
 import copy
 import json
@@ -30,13 +34,42 @@ HEALTH_PORT = 8081
 PRESTOP_S, DRAIN_S = 5, 30
 
 # Per overlay: the device, GPUs per worker, whether the in-cluster etcd is
-# part of it, and whether workers pull their ranges.
+# part of it, whether workers pull their ranges, and whether it holds the
+# Prometheus Operator's monitors (which need its CRDs in the cluster).
 EXPECT = {
-    "cpu": {"device": "cpu", "gpus": 0, "etcd": True, "pull": False},
-    "gpu": {"device": "cuda", "gpus": 1, "etcd": True, "pull": False},
-    "external-etcd": {"device": "auto", "gpus": 0, "etcd": False, "pull": False},
-    "pull": {"device": "cpu", "gpus": 0, "etcd": True, "pull": True},
+    "cpu": {"device": "cpu", "gpus": 0, "etcd": True, "pull": False, "monitors": False},
+    "gpu": {"device": "cuda", "gpus": 1, "etcd": True, "pull": False, "monitors": False},
+    "external-etcd": {"device": "auto", "gpus": 0, "etcd": False, "pull": False, "monitors": False},
+    "pull": {"device": "cpu", "gpus": 0, "etcd": True, "pull": True, "monitors": False},
+    "prometheus-operator": {"device": "cpu", "gpus": 0, "etcd": True, "pull": False, "monitors": True},
 }
+
+# Each role's listeners: the container port's name and the variable of the
+# flag that binds it. /metrics is served by the coordinator's HTTP front and
+# by a worker's --metrics-listen; the coordinator has no --metrics-listen.
+LISTENERS = {
+    "coordinator": {"grpc": "ZEROSHARD_LISTEN", "http": "ZEROSHARD_HTTP_LISTEN",
+                    "health": "ZEROSHARD_HEALTH_LISTEN"},
+    "worker": {"grpc": "ZEROSHARD_WORKER_LISTEN", "metrics": "ZEROSHARD_METRICS_LISTEN",
+               "health": "ZEROSHARD_HEALTH_LISTEN"},
+}
+METRICS_PORT = {"coordinator": "http", "worker": "metrics"}
+METRICS_PATH = "/metrics"
+
+# The Prometheus Operator's objects: API group, and the fields (of its v1
+# CRDs) that these checks know; any other field is reported, as
+# kubernetes-validate --strict reports one of a built-in kind.
+MONITORING = "monitoring.coreos.com/"
+MONITOR_ENDPOINTS = {"ServiceMonitor": "endpoints", "PodMonitor": "podMetricsEndpoints"}
+MONITOR_SPEC_FIELDS = {
+    "ServiceMonitor": {"selector", "endpoints", "namespaceSelector", "jobLabel", "targetLabels",
+                       "podTargetLabels", "sampleLimit", "targetLimit", "labelLimit", "attachMetadata"},
+    "PodMonitor": {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels",
+                   "sampleLimit", "targetLimit", "labelLimit", "attachMetadata"},
+}
+MONITOR_ENDPOINT_FIELDS = {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
+                           "honorTimestamps", "relabelings", "metricRelabelings", "params"}
+DURATION = re.compile(r"^([0-9]+)(ms|s|m|h)$")
 
 GENERATED_SUFFIX = re.compile(r"^(.*)-[a-z0-9]{10}$")
 
@@ -59,6 +92,23 @@ def matches(selector, labels):
 
 def env_of(container):
     return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def seconds(duration):
+    m = DURATION.match(duration)
+    return int(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def listen_port(address):
+    """The port of a listen address (HOST:PORT, [V6]:PORT), as an int or None."""
+    port = (address or "").rsplit(":", 1)[-1]
+    return int(port) if port.isdigit() else None
+
+
+def named_ports(template):
+    """name -> containerPort over the pod's containers."""
+    return {q["name"]: q["containerPort"] for c in template["spec"]["containers"]
+            for q in c.get("ports", []) if "name" in q}
 
 
 def problems(objs, overlay):
@@ -274,6 +324,8 @@ def problems(objs, overlay):
     if not wpdb or wpdb[0]["spec"].get("maxUnavailable") != 1:
         out.append("workers: need a PodDisruptionBudget with maxUnavailable 1")
 
+    out += metrics_problems(objs, zs, templates, services)
+
     exp = EXPECT.get(overlay)
     if exp:
         if device != exp["device"]:
@@ -284,6 +336,147 @@ def problems(objs, overlay):
             out.append(f"overlay {overlay}: in-cluster etcd {'present' if etcd else 'absent'}, expected otherwise")
         if pull != exp["pull"]:
             out.append(f"overlay {overlay}: ZEROSHARD_PULL={pull}, expected {exp['pull']}")
+        monitors = any(o["apiVersion"].startswith(MONITORING) for o in objs)
+        if monitors != exp["monitors"]:
+            out.append(f"overlay {overlay}: Prometheus Operator monitors {'present' if monitors else 'absent'}, "
+                       "expected otherwise (they need its CRDs in the cluster)")
+    return out
+
+
+def metrics_problems(objs, zs, templates, services):
+    """Listeners, scrape annotations and Prometheus Operator monitors, as lines."""
+    out = []
+    # Each named port of a zeroshard container is what its listener binds,
+    # and /metrics is served where the annotations say.
+    for role, (w, t) in zs.items():
+        c = t["spec"]["containers"][0]
+        where = f"{w['kind']} {w['metadata']['name']} ({role})"
+        env = env_of(c)
+        ports = named_ports(t)
+        for port_name, var in LISTENERS[role].items():
+            bound = listen_port(env.get(var))
+            if port_name in ports and bound != ports[port_name]:
+                out.append(f"{where}: port {port_name} is {ports[port_name]} but {var}={env.get(var)!r}")
+            if bound is not None and port_name not in ports:
+                out.append(f"{where}: {var}={env.get(var)} but no container port named {port_name}")
+        if role == "coordinator" and "ZEROSHARD_METRICS_LISTEN" in env:
+            out.append(f"{where}: ZEROSHARD_METRICS_LISTEN is a worker's flag; the coordinator's /metrics "
+                       "is on its HTTP front")
+        metrics = METRICS_PORT[role]
+        if metrics not in ports:
+            out.append(f"{where}: no container port named {metrics}, where it serves {METRICS_PATH}")
+        ann = t["metadata"].get("annotations", {})
+        if ann.get("prometheus.io/scrape") != "true":
+            out.append(f"{where}: no prometheus.io/scrape: \"true\" annotation on its pods")
+    for w, t in templates:
+        ann = t["metadata"].get("annotations", {})
+        if ann.get("prometheus.io/scrape") != "true":
+            continue
+        where = f"{w['kind']} {w['metadata']['name']}"
+        declared = {q["containerPort"] for c in t["spec"]["containers"] for q in c.get("ports", [])}
+        port = ann.get("prometheus.io/port", "")
+        if not port.isdigit() or int(port) not in declared:
+            out.append(f"{where}: prometheus.io/port {port!r} is not a port its pods declare")
+        if ann.get("prometheus.io/path", "/metrics") != METRICS_PATH:
+            out.append(f"{where}: prometheus.io/path {ann.get('prometheus.io/path')!r} is not {METRICS_PATH}")
+        role = t["metadata"]["labels"].get("app.kubernetes.io/component")
+        if role in zs and zs[role][1] is t and port.isdigit() \
+                and int(port) != named_ports(t).get(METRICS_PORT[role]):
+            out.append(f"{where}: prometheus.io/port {port} is not its {METRICS_PORT[role]} port, "
+                       f"where {role}s serve {METRICS_PATH}")
+
+    # The Prometheus Operator's monitors: known fields, selectors that pick
+    # zeroshard's pods (ServiceMonitor: Services by their labels, then the
+    # Services' pods), ports that are those pods' /metrics, and each pod
+    # scraped at most once.
+    scraped = {}
+    for o in objs:
+        if not o["apiVersion"].startswith(MONITORING):
+            continue
+        kind, where = o["kind"], f"{o['kind']} {o['metadata']['name']}"
+        if o["apiVersion"] != MONITORING + "v1" or kind not in MONITOR_ENDPOINTS:
+            out.append(f"{where}: {o['apiVersion']} {kind} is not a ServiceMonitor or PodMonitor of "
+                       f"{MONITORING}v1")
+            continue
+        unknown = set(o) - {"apiVersion", "kind", "metadata", "spec"}
+        unknown |= set(o["metadata"]) - {"name", "labels", "annotations"}
+        spec = o.get("spec", {})
+        unknown |= set(spec) - MONITOR_SPEC_FIELDS[kind]
+        endpoints = spec.get(MONITOR_ENDPOINTS[kind]) or []
+        for e in endpoints:
+            unknown |= set(e) - MONITOR_ENDPOINT_FIELDS
+        if unknown:
+            out.append(f"{where}: unknown fields {sorted(unknown)}")
+        if not endpoints:
+            out.append(f"{where}: no {MONITOR_ENDPOINTS[kind]}")
+        sel = spec.get("selector", {})
+        if set(sel) != {"matchLabels"}:
+            out.append(f"{where}: selector must be matchLabels alone (these checks match no expressions)")
+        sel = sel.get("matchLabels", {})
+        if kind == "ServiceMonitor":
+            picked_services = [svc for svc in services.values() if matches(sel, svc["metadata"].get("labels", {}))]
+            if not picked_services:
+                out.append(f"{where}: selector {sel} picks no Service (by the Services' labels)")
+        else:
+            picked_pods = [(w, t) for w, t in templates if matches(sel, t["metadata"].get("labels", {}))]
+            if not picked_pods:
+                out.append(f"{where}: selector {sel} picks no pod")
+        for e in endpoints:
+            port_name = e.get("port")
+            if not isinstance(port_name, str) or not port_name:
+                out.append(f"{where}: an endpoint without a port name: {e}")
+                continue
+            if e.get("path", "/metrics") != METRICS_PATH:
+                out.append(f"{where}: port {port_name} path {e.get('path')!r} is not {METRICS_PATH}")
+            if e.get("scheme", "http") != "http":
+                out.append(f"{where}: port {port_name} scheme {e['scheme']!r}: /metrics is plain HTTP")
+            for d in ("interval", "scrapeTimeout"):
+                if d in e and not DURATION.match(str(e[d])):
+                    out.append(f"{where}: {d} {e[d]!r} is not a duration such as 15s")
+            if DURATION.match(str(e.get("interval", ""))) and DURATION.match(str(e.get("scrapeTimeout", ""))) \
+                    and seconds(e["scrapeTimeout"]) > seconds(e["interval"]):
+                out.append(f"{where}: scrapeTimeout {e['scrapeTimeout']} is longer than interval {e['interval']}")
+            # (workload, pod template, the container port the scrape reaches)
+            targets = []
+            if kind == "ServiceMonitor":
+                with_port = [svc for svc in picked_services
+                             if any(p.get("name") == port_name for p in svc["spec"].get("ports", []))]
+                if picked_services and not with_port:
+                    out.append(f"{where}: no Service it picks has a port named {port_name}")
+                for svc in with_port:
+                    p = next(p for p in svc["spec"]["ports"] if p.get("name") == port_name)
+                    tp = p.get("targetPort", p["port"])
+                    for w, t in templates:
+                        if matches(svc["spec"].get("selector"), t["metadata"].get("labels", {})):
+                            ports = named_ports(t)
+                            targets.append((w, t, ports.get(tp) if isinstance(tp, str) else tp,
+                                            f"Service {svc['metadata']['name']} port {port_name}"))
+            else:
+                for w, t in picked_pods:
+                    ports = named_ports(t)
+                    if port_name not in ports:
+                        out.append(f"{where}: {w['kind']} {w['metadata']['name']} has no container port "
+                                   f"named {port_name}")
+                    else:
+                        targets.append((w, t, ports[port_name], f"port {port_name}"))
+            for w, t, port, via in targets:
+                role = t["metadata"]["labels"].get("app.kubernetes.io/component")
+                wname = f"{w['kind']} {w['metadata']['name']}"
+                if role not in zs or zs[role][1] is not t:
+                    out.append(f"{where}: scrapes {wname}, which is no zeroshard pod")
+                    continue
+                if port != named_ports(t).get(METRICS_PORT[role]):
+                    out.append(f"{where}: {via} reaches port {port} of {wname}, not its "
+                               f"{METRICS_PORT[role]} port where {role}s serve {METRICS_PATH}")
+                    continue
+                scraped.setdefault(role, []).append(f"{where} ({via})")
+    for role, by in scraped.items():
+        if len(by) > 1:
+            out.append(f"{role}: scraped more than once, by {by} (duplicate series)")
+    if any(o["apiVersion"].startswith(MONITORING) for o in objs):
+        for role in zs:
+            if role not in scraped:
+                out.append(f"{role}: no monitor scrapes its {METRICS_PATH}")
     return out
 
 
@@ -311,8 +504,8 @@ def normalized(objs):
     return sorted(json.dumps(o, sort_keys=True) for o in objs)
 
 
-def self_test(objs):
-    """Breaks the rendering in ways the checks must catch."""
+def self_test(objs, overlay):
+    """Breaks the rendering of `overlay` in ways the checks must catch."""
     def worker(o):
         return o["kind"] == "StatefulSet" and o["metadata"]["name"] == "zeroshard-worker"
 
@@ -324,6 +517,15 @@ def self_test(objs):
             if e["name"] == name:
                 e["value"] = value
 
+    def monitor(o, kind):
+        return o["kind"] == kind and o["apiVersion"].startswith(MONITORING)
+
+    def endpoint(o):
+        return o["spec"][MONITOR_ENDPOINTS[o["kind"]]][0]
+
+    def rename(d, old, new):
+        d[new] = d.pop(old)
+
     breakages = {
         "worker count": lambda o: worker(o) and o["spec"].update(replicas=o["spec"]["replicas"] + 1),
         "liveness probe": lambda o: worker(o) and container(o).pop("livenessProbe"),
@@ -332,8 +534,22 @@ def self_test(objs):
         "GPU limit": lambda o: worker(o) and container(o)["resources"]["limits"].update({"nvidia.com/gpu": 1}),
         "TLS path": lambda o: worker(o) and set_env(container(o), "ZEROSHARD_TLS_KEY", "/etc/other/worker.key"),
         "advertised address": lambda o: worker(o) and set_env(container(o), "ZEROSHARD_WORKER_ADVERTISE", "0.0.0.0:50061"),
+        "metrics listener": lambda o: worker(o) and set_env(container(o), "ZEROSHARD_METRICS_LISTEN", "0.0.0.0:9091"),
+        "scrape annotation": lambda o: worker(o) and o["spec"]["template"]["metadata"]["annotations"].update(
+            {"prometheus.io/port": "8081"}),
     }
-    base = problems(objs, "cpu")
+    if any(o["apiVersion"].startswith(MONITORING) for o in objs):
+        breakages.update({
+            "ServiceMonitor port": lambda o: monitor(o, "ServiceMonitor") and endpoint(o).update(port="grpc"),
+            "PodMonitor selector": lambda o: monitor(o, "PodMonitor") and o["spec"]["selector"]["matchLabels"].update(
+                {"app.kubernetes.io/component": "workers"}),
+            "monitor path": lambda o: monitor(o, "PodMonitor") and endpoint(o).update(path="/metric"),
+            "monitor field": lambda o: monitor(o, "PodMonitor") and rename(
+                o["spec"], "podMetricsEndpoints", "podMetricEndpoints"),
+            "second scrape": lambda o: o["kind"] == "Service" and o["metadata"]["name"] == "zeroshard-coordinator-peer"
+            and o["spec"]["ports"].append({"name": "http", "port": 8000, "targetPort": "http"}),
+        })
+    base = problems(objs, overlay)
     if base:
         return [f"self-test: the unbroken rendering already fails: {base[0]}"]
     failed = []
@@ -341,7 +557,7 @@ def self_test(objs):
         broken = copy.deepcopy(objs)
         for o in broken:
             breakage(o)
-        if not problems(broken, "cpu"):
+        if not problems(broken, overlay):
             failed.append(f"self-test: breaking the {what} went unnoticed")
     return failed
 
@@ -357,8 +573,14 @@ def differences(a_objs, b_objs):
 
 
 def main(argv):
-    if len(argv) == 3 and argv[1] == "--self-test":
-        errs = self_test(load(argv[2]))
+    if len(argv) == 3 and argv[1] == "--core":
+        with open(argv[2]) as f:
+            docs = re.split(r"(?m)^---\n", f.read())
+        kept = [d for d in docs if not (yaml.safe_load(d) or {}).get("apiVersion", "").startswith(MONITORING)]
+        sys.stdout.write("---\n".join(kept))
+        return 0
+    if len(argv) == 4 and argv[1] == "--self-test":
+        errs = self_test(load(argv[3]), argv[2])
     elif len(argv) == 4 and argv[1] == "--same":
         errs = differences(load(argv[2]), load(argv[3]))
     elif len(argv) in (3, 4):
