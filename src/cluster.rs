@@ -398,7 +398,7 @@ pub(crate) fn query(a: QueryArgs) -> Result<()> {
         (None, None, Some(chat)) => Prompt::Chat(args::parse_chat(&chat)?),
         _ => bail!("query takes one --prompt, --prompt-ids or --chat"),
     };
-    let req = GenerateRequest { prompt, params: crate::sampling(&a.sampling), stop: a.sampling.stop.clone() };
+    let req = GenerateRequest::new(prompt, crate::sampling(&a.sampling)?, a.sampling.stop.clone());
     let stream_text = a.stream && !a.json;
     let auth = security::client(&a.auth)?;
     let out = runtime()?.block_on(client::query(
@@ -423,6 +423,7 @@ pub(crate) fn query(a: QueryArgs) -> Result<()> {
     } else {
         writeln!(o, "{}", out.text)?;
     }
+    crate::note_context_end(&out, a.sampling.max_new_tokens, None);
     Ok(())
 }
 

@@ -99,8 +99,8 @@ impl LocalModel {
             let prompt = self.encode(&req.prompt)?;
             all.push(Active {
                 timings: Timings { prompt_tokens: prompt.len(), ..Timings::default() },
+                stream: TextStream::new(self.tokenizer.as_ref(), &prompt, &req.stop)?,
                 seq: engine.new_sequence(prompt, req.params.clone())?,
-                stream: TextStream::new(self.tokenizer.as_ref(), &req.stop)?,
                 logits: None,
                 prefilled: false,
             });

@@ -17,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, FromArgMatches};
 use generate::LocalModel;
 use zeroshard_coordinator::chat;
-use zeroshard_coordinator::request::{GenerateRequest, GenerationParams, Prompt, SamplingParams};
+use zeroshard_coordinator::request::{
+    FinishReason, GenerateOutput, GenerateRequest, GenerationParams, Prompt, SamplingParams,
+};
 use zeroshard_engine::bench;
 use zeroshard_engine::engine::Engine;
 use zeroshard_engine::local::{self, AnyEngine, GpuOptions, Workload};
@@ -128,19 +130,28 @@ fn one_line(e: &anyhow::Error) -> String {
     zeroshard_security::tls::error_chain(e.as_ref())
 }
 
-pub(crate) fn sampling(a: &args::SamplingArgs) -> GenerationParams {
-    GenerationParams {
+/// The sampling flags as a request's parameters, checked here so that a bad
+/// value is named by its flag (`--top-p`), not by its field.
+pub(crate) fn sampling(a: &args::SamplingArgs) -> Result<GenerationParams> {
+    let params = GenerationParams {
         sampling: SamplingParams {
             temperature: a.temperature,
             top_k: a.top_k,
             top_p: a.top_p,
             seed: a.seed,
             repetition_penalty: a.repetition_penalty,
-            resume_draws: 0,
+            ..SamplingParams::default()
         },
         max_new_tokens: a.max_new_tokens,
         ignore_eos: a.ignore_eos,
+    };
+    if let Err(why) = params.sampling.validate() {
+        let flagged = ["temperature", "top_p", "repetition_penalty"]
+            .into_iter()
+            .fold(why, |m, field| m.replacen(field, &format!("--{}", field.replace('_', "-")), 1));
+        bail!("{flagged}");
     }
+    Ok(params)
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
@@ -167,13 +178,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let model_dir = hub::resolve(&a.model.model)?;
     a.placement.apply_threads();
     let model = LocalModel::load(&model_dir, a.placement.device, &gpu_options(&a.placement), work)?;
+    let params = sampling(&a.sampling)?;
     let reqs: Vec<GenerateRequest> = prompts
         .into_iter()
-        .map(|prompt| GenerateRequest {
-            prompt,
-            params: sampling(&a.sampling),
-            stop: a.sampling.stop.clone(),
-        })
+        .map(|prompt| GenerateRequest::new(prompt, params.clone(), a.sampling.stop.clone()))
         .collect();
     let mut stdout = std::io::stdout().lock();
     // A single prompt streams its text; several are printed once done.
@@ -192,16 +200,36 @@ fn generate(a: GenerateArgs) -> Result<()> {
         };
         std::fs::write(path, json).with_context(|| format!("writing --logits-out {}", path.display()))?;
     }
-    for out in &outs {
+    for (i, out) in outs.iter().enumerate() {
         if a.json {
             writeln!(stdout, "{}", serde_json::to_string(out)?)?;
         } else if stream {
             writeln!(stdout)?;
         } else {
+            // Several answers: each under a line naming its prompt.
+            if outs.len() > 1 {
+                writeln!(stdout, "== {} of {}", i + 1, outs.len())?;
+            }
             writeln!(stdout, "{}", out.text)?;
         }
+        note_context_end(out, a.sampling.max_new_tokens, (outs.len() > 1).then_some(i));
     }
     Ok(())
+}
+
+/// Says on stderr when an answer ended short of `--max-new-tokens` because
+/// the prompt and the answer filled the model's context (the answer's
+/// `finish_reason` is `length` either way). `which`: its prompt, of several.
+pub(crate) fn note_context_end(out: &GenerateOutput, max_new_tokens: usize, which: Option<usize>) {
+    let generated = out.token_ids.len();
+    if out.finish_reason == FinishReason::Length.as_str() && generated < max_new_tokens {
+        let which = which.map_or(String::new(), |i| format!(" {}", i + 1));
+        zeroshard_offload::errln!(
+            "zeroshard: answer{which} stopped at the model's context after {generated} new tokens \
+             (its prompt has {}), short of --max-new-tokens {max_new_tokens}",
+            out.prompt_token_ids.len()
+        );
+    }
 }
 
 /// The placement flags as the one-process engine takes them.

@@ -70,7 +70,7 @@ async fn stats(cluster: &LocalCluster) -> Vec<WorkerStats> {
 /// A greedy request of `max_new_tokens` that goes on past end-of-sequence.
 fn greedy(prompt: Prompt, max_new_tokens: usize) -> GenerateRequest {
     let params = GenerationParams { sampling: SamplingParams::default(), max_new_tokens, ignore_eos: true };
-    GenerateRequest { prompt, params, stop: vec![] }
+    GenerateRequest::new(prompt, params, vec![])
 }
 
 fn peak_rss(pid: u32) -> u64 {

@@ -48,7 +48,7 @@ impl TryFrom<pb::GenerateRequest> for GenerateRequest {
                 chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect(),
             ),
         };
-        Ok(Self { prompt, params: generation_params(r.sampling), stop: r.stop })
+        Ok(Self::new(prompt, generation_params(r.sampling), r.stop))
     }
 }
 

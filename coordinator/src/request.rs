@@ -5,7 +5,7 @@
 //! against a cluster share them; inside the coordinator a request stays in
 //! these types from the front (gRPC or HTTP) to the worker call.
 use serde::Serialize;
-pub use zeroshard_offload::request::{FinishReason, GenerationParams, SamplingParams};
+pub use zeroshard_offload::request::{FinishReason, GenerationParams, SamplingParams, TokenScore};
 
 /// What to generate from.
 #[derive(Clone, Debug)]
@@ -23,6 +23,38 @@ pub struct GenerateRequest {
     pub params: GenerationParams,
     /// Generation stops when the text contains one of these; it is not returned.
     pub stop: Vec<String>,
+    /// Rate the tokens (and with `prompt` the prompt's) as they come.
+    pub logprobs: Option<Logprobs>,
+    /// How `max_new_tokens` meets the model's context.
+    pub past_context: PastContext,
+}
+
+impl GenerateRequest {
+    /// A request with no log-probabilities that stops at the context's end.
+    pub fn new(prompt: Prompt, params: GenerationParams, stop: Vec<String>) -> Self {
+        Self { prompt, params, stop, logprobs: None, past_context: PastContext::Stop }
+    }
+}
+
+/// What a request whose prompt + `max_new_tokens` exceeds the model's
+/// context gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PastContext {
+    /// Generation stops at the context's last position (finish `length`).
+    Stop,
+    /// Refused before any work, naming both numbers (OpenAI's rule for a
+    /// `max_tokens` the client set).
+    Refuse,
+}
+
+/// The log-probabilities a client asks for: each token's under the model's
+/// raw distribution, with the `top` most likely alternatives (at most
+/// [`ScoreRequest::MAX_TOP`](zeroshard_offload::request::ScoreRequest::MAX_TOP)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Logprobs {
+    pub top: usize,
+    /// The prompt's tokens too (OpenAI's `echo`): the first has none.
+    pub prompt: bool,
 }
 
 /// Wall-clock figures of one generation.
@@ -60,6 +92,10 @@ pub struct Chunk {
     pub text: String,
     pub prompt_token_ids: Vec<u32>,
     pub end: Option<End>,
+    /// With [`GenerateRequest::logprobs`]: one score per token of
+    /// `token_ids`, after (on the first chunk, and with `prompt`) one for
+    /// each prompt token but the first.
+    pub scores: Vec<TokenScore>,
 }
 
 /// How a generation ended: why, and its timings.

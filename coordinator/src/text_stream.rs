@@ -21,14 +21,19 @@ pub struct TextDelta {
 }
 
 impl<'t> TextStream<'t> {
-    pub fn new(tokenizer: Option<&'t Tokenizer>, stop: &[String]) -> Result<Self> {
+    /// A stream of the text that follows `prompt`: decoded in the prompt's
+    /// context, so the completion keeps the space in front of its first
+    /// word and prompt text + completion text is the text of all the tokens
+    /// (a SentencePiece decoder drops that space from a sequence's first
+    /// token). The prompt is decoded once, here.
+    pub fn new(tokenizer: Option<&'t Tokenizer>, prompt: &[u32], stop: &[String]) -> Result<Self> {
         if tokenizer.is_none() && !stop.is_empty() {
             return Err(CoordinatorError::InvalidRequest(
                 "stop strings need a tokenizer.json in the model folder".into(),
             ));
         }
         Ok(Self {
-            decoder: tokenizer.map(Tokenizer::decoder),
+            decoder: tokenizer.map(|t| t.decoder_with_context(prompt)).transpose()?,
             stops: StopMatcher::new(stop.to_vec()),
             stopped: false,
             text: String::new(),

@@ -33,6 +33,10 @@ use std::path::{Path, PathBuf};
 
 use zeroshard_offload::model_file;
 
+/// Tokens of context [`Tokenizer::piece`] decodes a token after: enough for
+/// a SentencePiece decoder to keep the space in front of a word.
+pub const PIECE_CONTEXT: usize = 4;
+
 /// What went wrong; every message names the tokenizer file.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -146,6 +150,21 @@ impl Tokenizer {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| TokenizerError::Decode { path: self.path.clone(), reason: one_line(&*e) })
+    }
+
+    /// The text `id` adds after the tokens `before` (of which only the last
+    /// [`PIECE_CONTEXT`] are decoded): how a log-probability listing shows
+    /// it, the space in front of a word included. Special tokens add
+    /// nothing; a token whose text changes what came before (part of a
+    /// character) shows as its own decoding.
+    pub fn piece(&self, before: &[u32], id: u32) -> String {
+        let context = &before[before.len().saturating_sub(PIECE_CONTEXT)..];
+        let mut with = context.to_vec();
+        with.push(id);
+        match (self.decode(context, true), self.decode(&with, true)) {
+            (Ok(a), Ok(b)) if b.starts_with(&a) => b[a.len()..].to_string(),
+            _ => self.decode(&[id], true).unwrap_or_default(),
+        }
     }
 
     /// Number of tokens, added tokens included.

@@ -428,8 +428,10 @@ impl<B: Backend> Engine<B> {
             };
             for (row, &(i, pos)) in part.chunks_exact(c.vocab_size).zip(who) {
                 let s = &mut *seqs[i];
-                if let Some(req) = &s.score {
-                    let next = s.tokens.get(pos + 1).copied();
+                let next = s.tokens.get(pos + 1).copied();
+                // A sequence that rates what it samples scores its last row
+                // once the step has sampled (see `score_sampled`).
+                if let Some(req) = s.score.as_ref().filter(|r| next.is_some() || !r.sampled) {
                     let scored = sampling::score(row, &s.tokens[..=pos], next, &s.params.sampling, req);
                     s.scores.push(scored);
                 }
@@ -438,7 +440,8 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        seqs.iter_mut().for_each(|s| s.score = None);
+        // The first forward's scores are made; only what is sampled is rated later.
+        seqs.iter_mut().filter(|s| !s.score.as_ref().is_some_and(|r| r.sampled)).for_each(|s| s.score = None);
         Ok(assembled.then_some(logits))
     }
 
@@ -522,7 +525,7 @@ impl<B: Backend> Engine<B> {
             if keep_logits {
                 kept.push(l.clone());
             }
-            let (token, fault) = choose(s, &mut l);
+            let (token, fault) = choose_scored(s, &mut l);
             out.push(self.accept(s, token, fault));
         }
         Ok((out, kept))
@@ -568,7 +571,7 @@ impl<B: Backend> Engine<B> {
                 if keep_logits {
                     kept.push(l.clone());
                 }
-                let (token, why) = choose(s, &mut l);
+                let (token, why) = choose_scored(s, &mut l);
                 tokens.push(token);
                 *fault = why;
             }
@@ -598,6 +601,21 @@ fn choose<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32]) -> (u32, Option<S
         Some(why) => (0, Some(why)),
         None => (s.sampler.sample(logits, &s.tokens), None),
     }
+}
+
+/// [`choose`], and for a sequence that rates what it samples
+/// ([`ScoreRequest::sampled`]) the score of the token chosen, from the raw
+/// logits (before the sampler's penalty and temperature).
+fn choose_scored<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32]) -> (u32, Option<String>) {
+    let Some(req) = s.score.clone().filter(|r| r.sampled) else {
+        return choose(s, logits);
+    };
+    let raw = logits.to_vec();
+    let (token, fault) = choose(s, logits);
+    if fault.is_none() {
+        s.scores.push(sampling::score(&raw, &s.tokens, Some(token), &s.params.sampling, &req));
+    }
+    (token, fault)
 }
 
 /// Why `logits` (of the step producing generated token `n`) cannot be
@@ -697,7 +715,7 @@ mod tests {
             seen.push(logits.remove(0));
         }
         let generated = decode.generated().to_vec();
-        let req = ScoreRequest { from: prompt.len() - 1, top: 3, tolerance: 0.01 };
+        let req = ScoreRequest { from: prompt.len() - 1, top: 3, tolerance: 0.01, sampled: false };
         let whole: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
         let mut scored = e.new_sequence(whole.clone(), params(1)).expect("seq").scoring(req.clone());
         let mut other = e.new_sequence(vec![7, 8], params(1)).expect("seq");
@@ -718,6 +736,26 @@ mod tests {
         }
         assert_eq!(scores[generated.len()].token, None);
         assert!(!scores[generated.len()].kept);
+        // Rated as it samples: the prompt's positions with the first step, then
+        // one score per step, each with its sampled token, as the prefill rated them.
+        let live = ScoreRequest { from: 0, sampled: true, ..req.clone() };
+        let mut seq = e.new_sequence(prompt.clone(), params(6)).expect("seq").scoring(live);
+        let mut rated = Vec::new();
+        while seq.finished().is_none() {
+            let step = e.step(&mut [&mut seq]).expect("step").remove(0);
+            assert_eq!(step.scores.last().and_then(|s| s.token), Some(step.token), "{:?}", step.scores);
+            rated.extend(step.scores);
+        }
+        assert_eq!(seq.generated(), &generated[..]);
+        assert_eq!(rated.len(), prompt.len() - 1 + generated.len(), "{rated:?}");
+        for (j, (live, pre)) in rated[prompt.len() - 1..].iter().zip(scores).enumerate() {
+            assert_eq!((live.token, live.kept), (Some(generated[j]), true), "{live:?}");
+            assert!((live.logprob - pre.logprob).abs() < 1e-3, "{live:?} {pre:?}");
+            assert_eq!(
+                live.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                pre.top.iter().map(|t| t.0).collect::<Vec<_>>()
+            );
+        }
         // The least likely token in place of the third: rated out of the greedy set.
         let worst = seen[2].iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).expect("logits").0 as u32;
         let mut altered = whole;

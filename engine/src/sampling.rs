@@ -1,7 +1,8 @@
 //! Token sampling: turns the logits of one position into the next token id.
 //!
 //! The pipeline is the one Hugging Face transformers' `generate()` runs, in the
-//! same order: repetition penalty (`RepetitionPenaltyLogitsProcessor`), then
+//! same order: repetition penalty (`RepetitionPenaltyLogitsProcessor`), the
+//! logit bias (OpenAI's `logit_bias`, `SequenceBiasLogitsProcessor`), then
 //! greedy argmax, or temperature → top-k → top-p (`TemperatureLogitsWarper`,
 //! `TopKLogitsWarper`, `TopPLogitsWarper`) → softmax → one random draw.
 //!
@@ -63,12 +64,12 @@ impl Sampler {
 
     /// Picks the next token from raw logits `[vocab]`; `history` = prompt +
     /// generated ids so far (for the repetition penalty). Modifies `logits` in
-    /// place (the penalty is applied to them).
+    /// place (the penalty and the logit bias are applied to them).
     ///
     /// Panics if `logits` is empty.
     pub(crate) fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         assert!(!logits.is_empty(), "sample() needs a non-empty logits row");
-        self.apply_repetition_penalty(logits, history);
+        self.params.adjust(logits, history, &mut self.seen);
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -98,12 +99,6 @@ impl Sampler {
         draw(&self.candidates, u)
     }
 
-    /// `RepetitionPenaltyLogitsProcessor`: every distinct token of `history`
-    /// gets `logit < 0 ? logit * p : logit / p`, once however often it occurs.
-    fn apply_repetition_penalty(&mut self, logits: &mut [f32], history: &[u32]) {
-        repetition_penalty(logits, history, self.params.repetition_penalty, &mut self.seen);
-    }
-
     /// Fills `candidates` with every token whose scaled logit can carry
     /// probability (not NaN, not -inf), in id order.
     fn collect_candidates(&mut self, logits: &[f32]) {
@@ -115,22 +110,6 @@ impl Sampler {
             if !scaled.is_nan() && scaled != f32::NEG_INFINITY {
                 self.candidates.push(Candidate { id: id as u32, logit: scaled, weight: 0.0 });
             }
-        }
-    }
-}
-
-/// `RepetitionPenaltyLogitsProcessor` (see [`Sampler::sample`]); `seen` is scratch.
-fn repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32, seen: &mut Vec<u32>) {
-    if penalty == 1.0 || history.is_empty() {
-        return;
-    }
-    seen.clear();
-    seen.extend_from_slice(history);
-    seen.sort_unstable();
-    seen.dedup();
-    for &id in seen.iter() {
-        if let Some(logit) = logits.get_mut(id as usize) {
-            *logit = if *logit < 0.0 { *logit * penalty } else { *logit / penalty };
         }
     }
 }
@@ -185,7 +164,7 @@ pub(crate) fn score(
 /// Whether the sampler could have chosen `token` (see [`score`]).
 fn kept(logits: &[f32], history: &[u32], token: u32, params: &SamplingParams, req: &ScoreRequest) -> bool {
     let mut l = logits.to_vec();
-    repetition_penalty(&mut l, history, params.repetition_penalty, &mut Vec::new());
+    params.adjust(&mut l, history, &mut Vec::new());
     let own = l[token as usize];
     if own.is_nan() || own == f32::NEG_INFINITY {
         return false;
@@ -386,7 +365,7 @@ mod tests {
     }
 
     fn sampling(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed, repetition_penalty: 1.0, resume_draws: 0 }
+        SamplingParams { temperature, top_k, top_p, seed, ..Default::default() }
     }
 
     fn random_logits(rng: &mut Xoshiro256StarStar, n: usize) -> Vec<f32> {
@@ -496,6 +475,32 @@ mod tests {
         assert_eq!(tail, all[5..]);
     }
 
+    /// A bias is added after the penalty and before everything else: -100 on
+    /// the argmax hands greedy decoding the runner-up, +100 on the worst token
+    /// makes it the choice, and `kept` judges with the same numbers.
+    #[test]
+    fn logit_bias_moves_the_choice_and_the_judgement() {
+        let logits = [1.0f32, 3.0, 2.0, -4.0];
+        let biased = |bias: Vec<(u32, f32)>| SamplingParams { logit_bias: bias, ..Default::default() };
+        assert_eq!(Sampler::new(biased(vec![])).sample(&mut logits.to_vec(), &[]), 1);
+        assert_eq!(Sampler::new(biased(vec![(1, -100.0)])).sample(&mut logits.to_vec(), &[]), 2);
+        assert_eq!(Sampler::new(biased(vec![(3, 100.0)])).sample(&mut logits.to_vec(), &[]), 3);
+        // With the repetition penalty first: 3 / 4 + 0.5 < 2.
+        let both = SamplingParams { repetition_penalty: 4.0, ..biased(vec![(1, 0.5)]) };
+        assert_eq!(Sampler::new(both.clone()).sample(&mut logits.to_vec(), &[1]), 2);
+        let req = ScoreRequest { from: 0, top: 0, tolerance: 0.0, sampled: false };
+        assert!(score(&logits, &[1], Some(2), &both, &req).kept);
+        assert!(!score(&logits, &[1], Some(1), &both, &req).kept);
+        // The log-probability stays the raw distribution's.
+        let raw = score(&logits, &[], Some(3), &SamplingParams::default(), &req).logprob;
+        assert_eq!(score(&logits, &[], Some(3), &biased(vec![(3, 100.0)]), &req).logprob, raw);
+        // Out of range: refused by name.
+        for b in [100.5, f32::NAN, f32::INFINITY] {
+            let e = biased(vec![(7, b)]).validate().expect_err("out of range");
+            assert!(e.contains("logit_bias of token 7"), "{e}");
+        }
+    }
+
     #[test]
     fn rng_matches_reference_implementation() {
         // splitmix64 from 0: the first outputs of the reference C code.
@@ -538,7 +543,7 @@ mod tests {
     const PINNED_IDS: [u32; 12] = [4, 39, 31, 39, 4, 39, 20, 8, 27, 28, 27, 8];
 
     fn scored(logits: &[f32], token: u32, params: SamplingParams, tolerance: f32) -> TokenScore {
-        score(logits, &[], Some(token), &params, &ScoreRequest { from: 0, top: 2, tolerance })
+        score(logits, &[], Some(token), &params, &ScoreRequest { from: 0, top: 2, tolerance, sampled: false })
     }
 
     #[test]
@@ -555,7 +560,7 @@ mod tests {
             &[],
             None,
             &SamplingParams::default(),
-            &ScoreRequest { from: 0, top: 9, tolerance: 0.0 },
+            &ScoreRequest { from: 0, top: 9, tolerance: 0.0, sampled: false },
         );
         assert_eq!(
             (beyond.token, beyond.kept, beyond.top.len()),
@@ -572,8 +577,13 @@ mod tests {
         assert!(!scored(&[1.0, 0.999], 1, greedy.clone(), 0.0).kept);
         // The repetition penalty is applied before judging: 2.0 / 4 < 1.0.
         let penalized = SamplingParams { repetition_penalty: 4.0, ..greedy };
-        let s =
-            score(&[2.0, 1.0], &[0], Some(1), &penalized, &ScoreRequest { from: 0, top: 0, tolerance: 0.0 });
+        let s = score(
+            &[2.0, 1.0],
+            &[0],
+            Some(1),
+            &penalized,
+            &ScoreRequest { from: 0, top: 0, tolerance: 0.0, sampled: false },
+        );
         assert!(s.kept);
         // top-k 2 keeps the two best; temperature sampling keeps anything finite.
         let logits = [5.0f32, 4.0, 3.0, 0.0, f32::NEG_INFINITY];

@@ -415,7 +415,7 @@ mod tests {
         let c = ModelConfig::synthetic(Architecture::Llama, 32, 2, 8, 4, 90, 61);
         let whole = HostWeights::random(&c, 5);
         let tokens: Vec<u32> = vec![3, 14, 15, 9, 26, 5, 35, 8];
-        let req = ScoreRequest { from: 2, top: 2, tolerance: 0.01 };
+        let req = ScoreRequest { from: 2, top: 2, tolerance: 0.01, sampled: true };
         let e = Engine::new(CpuBackend::new(), c.clone(), HostWeights::random(&c, 5));
         let mut one = e.new_sequence(tokens.clone(), params(1)).expect("seq").scoring(req.clone());
         let want = e.step(&mut [&mut one]).expect("step").remove(0).scores;

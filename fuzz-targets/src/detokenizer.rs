@@ -57,7 +57,7 @@ pub fn detokenizer(data: &[u8]) {
             }
         })
         .collect();
-    let mut stream = TextStream::new(Some(tok), &stops).expect("a tokenizer is given");
+    let mut stream = TextStream::new(Some(tok), &[], &stops).expect("a tokenizer is given");
     let mut out = String::new();
     let mut stopped = false;
     for &id in generated {

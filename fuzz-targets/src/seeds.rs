@@ -159,6 +159,7 @@ fn write_seed_corpus() {
         seed: Some(7),
         repetition_penalty: r,
         ignore_eos: false,
+        logit_bias: Default::default(),
     };
     let samplings = [
         ("greedy", None),
@@ -173,7 +174,7 @@ fn write_seed_corpus() {
     for (name, sampling) in &samplings {
         let text = pb::GenerateRequest {
             prompt: Some(pb::generate_request::Prompt::Text("Once upon a time".into())),
-            sampling: *sampling,
+            sampling: sampling.clone(),
             stop: vec!["The end".into()],
         };
         let mut b = vec![0];
@@ -185,7 +186,7 @@ fn write_seed_corpus() {
     {
         let r = pb::GenerateRequest {
             prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds { ids })),
-            sampling: samplings[2].1,
+            sampling: samplings[2].1.clone(),
             stop: vec![],
         };
         let mut b = vec![2];
@@ -197,12 +198,13 @@ fn write_seed_corpus() {
             sequence_id: 42,
             epoch: 1,
             prompt_token_ids: vec![1, 403, 407],
-            sampling: *sampling,
+            sampling: sampling.clone(),
             generated_token_ids: vec![261, 378],
             score: name.starts_with('g').then_some(pb::ScoreRequest {
                 from_position: 2,
                 top: 5,
                 tolerance: 0.01,
+                sampled: false,
             }),
         };
         let mut b = vec![1];

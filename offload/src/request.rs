@@ -25,11 +25,23 @@ pub struct SamplingParams {
     /// resumed on another worker skips that many draws and so continues the
     /// same random stream (each sampled token takes one draw).
     pub resume_draws: u64,
+    /// Added to these tokens' logits before sampling, after the repetition
+    /// penalty (OpenAI's `logit_bias`), in token order; each within
+    /// ±[`Self::MAX_LOGIT_BIAS`].
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, repetition_penalty: 1.0, resume_draws: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            repetition_penalty: 1.0,
+            resume_draws: 0,
+            logit_bias: Vec::new(),
+        }
     }
 }
 
@@ -48,7 +60,40 @@ impl SamplingParams {
                 self.repetition_penalty
             ));
         }
+        if let Some((id, b)) =
+            self.logit_bias.iter().find(|(_, b)| b.is_nan() || b.abs() > Self::MAX_LOGIT_BIAS)
+        {
+            return Err(format!(
+                "logit_bias of token {id} must be within ±{}, got {b}",
+                Self::MAX_LOGIT_BIAS
+            ));
+        }
+        if self.logit_bias.len() > Self::MAX_LOGIT_BIASES {
+            return Err(format!(
+                "logit_bias names {} tokens, more than the {} allowed",
+                self.logit_bias.len(),
+                Self::MAX_LOGIT_BIASES
+            ));
+        }
         Ok(())
+    }
+
+    /// The largest bias [`Self::logit_bias`] may add or take (OpenAI's).
+    pub const MAX_LOGIT_BIAS: f32 = 100.0;
+
+    /// The most tokens [`Self::logit_bias`] may name.
+    pub const MAX_LOGIT_BIASES: usize = 1024;
+
+    /// The logits the sampler draws from, before its temperature: `logits`
+    /// with the repetition penalty over `history` and the logit bias.
+    /// `seen` is scratch.
+    pub fn adjust(&self, logits: &mut [f32], history: &[u32], seen: &mut Vec<u32>) {
+        repetition_penalty(logits, history, self.repetition_penalty, seen);
+        for &(id, bias) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
     }
 
     /// True when the next token is the argmax: temperature 0 or top_k 1.
@@ -62,6 +107,24 @@ impl SamplingParams {
     /// Temperatures below this are greedy (see [`Self::is_greedy`]): a logit
     /// of 30 over 1e-5 is 3e6, still finite and already an argmax in effect.
     pub const GREEDY_BELOW: f32 = 1e-5;
+}
+
+/// transformers' `RepetitionPenaltyLogitsProcessor`: every distinct token of
+/// `history` gets `logit < 0 ? logit * p : logit / p`, once however often it
+/// occurs. `seen` is scratch.
+fn repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32, seen: &mut Vec<u32>) {
+    if penalty == 1.0 || history.is_empty() {
+        return;
+    }
+    seen.clear();
+    seen.extend_from_slice(history);
+    seen.sort_unstable();
+    seen.dedup();
+    for &id in seen.iter() {
+        if let Some(logit) = logits.get_mut(id as usize) {
+            *logit = if *logit < 0.0 { *logit * penalty } else { *logit / penalty };
+        }
+    }
 }
 
 /// Why a sequence stopped.
@@ -101,7 +164,7 @@ pub struct GenerationParams {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScoreRequest {
     /// The first position whose logits are scored (they rate the token at
-    /// `from + 1`). Scores cover the sequence's first forward only.
+    /// `from + 1`). These scores cover the sequence's first forward.
     pub from: usize,
     /// How many of the most likely tokens to list per position (at most
     /// [`ScoreRequest::MAX_TOP`]).
@@ -110,6 +173,11 @@ pub struct ScoreRequest {
     /// could have chosen: a fraction of the position's largest logit magnitude
     /// (after the repetition penalty). 0.01 is the references' tolerance.
     pub tolerance: f32,
+    /// Also rate each token the sequence samples, in the step that samples
+    /// it (a client asking for its completion's log-probabilities). The
+    /// position that samples is then scored with its sampled token, never
+    /// without one.
+    pub sampled: bool,
 }
 
 impl ScoreRequest {
@@ -167,7 +235,7 @@ mod tests {
     use super::*;
 
     fn sampling(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed, repetition_penalty: 1.0, resume_draws: 0 }
+        SamplingParams { temperature, top_k, top_p, seed, ..Default::default() }
     }
 
     #[test]

@@ -141,12 +141,13 @@ fn an_empty_prompt_without_bos_is_refused_after_tokenization() {
 fn negative_sampling_values_reach_their_check() {
     let dir = model("stories260K");
     // `--flag -1`, not only `--flag=-1`: clap must not take -1 for a flag.
-    expect_error(&dir, &["--temperature", "-1"], &["temperature must be finite and >= 0, got -1"]);
-    expect_error(&dir, &["--top-p", "-0.5"], &["top_p must be in (0, 1], got -0.5"]);
+    // Named by the flag the user typed, not the field behind it.
+    expect_error(&dir, &["--temperature", "-1"], &["--temperature must be finite and >= 0, got -1"]);
+    expect_error(&dir, &["--top-p", "-0.5"], &["--top-p must be in (0, 1], got -0.5"]);
     expect_error(
         &dir,
         &["--repetition-penalty", "-2"],
-        &["repetition_penalty must be finite and > 0, got -2"],
+        &["--repetition-penalty must be finite and > 0, got -2"],
     );
     let err = run_err(&["generate", "--model", dir.to_str().expect("p"), "--prompt", "Hi", "--top-k", "-1"]);
     assert!(err.contains("invalid value '-1' for '--top-k"), "{err}");

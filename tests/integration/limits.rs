@@ -388,6 +388,18 @@ fn malformed_messages_are_invalid_argument() {
             assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
             assert!(e.message().contains("malformed message"), "{what}: {}", e.message());
         }
+        // Values the server checks itself, named by field.
+        let mut bad_top_p = request(ids(&[1, 403, 407]), 8);
+        bad_top_p.sampling.as_mut().expect("sampling").top_p = Some(0.0);
+        let mut bad_bias = request(ids(&[1, 403, 407]), 8);
+        bad_bias.sampling.as_mut().expect("sampling").logit_bias.insert(9999, 1.0);
+        let mut big_bias = request(ids(&[1, 403, 407]), 8);
+        big_bias.sampling.as_mut().expect("sampling").logit_bias.insert(5, 101.0);
+        for (r, needle) in [(bad_top_p, "top_p"), (bad_bias, "token 9999"), (big_bias, "±100")] {
+            let e = client(&c.endpoint).await.generate(r).await.expect_err("refused");
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains(needle), "{needle}: {}", e.message());
+        }
         let ok = client(&c.endpoint).await.generate(request(ids(&[1, 403, 407]), 8)).await.expect("served");
         assert_eq!(ok.into_inner().token_ids, expected(&[vec![1, 403, 407]], 8).remove(0));
     });

@@ -12,6 +12,7 @@ mod common;
 
 mod checkpoints;
 mod cluster;
+mod completions;
 mod device;
 mod digests;
 mod errors;

@@ -51,14 +51,10 @@ fn repetition_penalty_changes_greedy_output() {
 fn bad_sampling_parameters_are_refused() {
     let dir = model("stories260K");
     let dir = dir.to_str().expect("path");
-    for (flag, value, needle) in [
-        ("--top-p", "0", "top_p"),
-        ("--temperature", "-1", "temperature"),
-        ("--repetition-penalty", "0", "repetition_penalty"),
-    ] {
+    for (flag, value) in [("--top-p", "0"), ("--temperature", "-1"), ("--repetition-penalty", "0")] {
         let arg = format!("{flag}={value}");
         let err = run_err(&["generate", "--model", dir, "--prompt", "Hi", &arg]);
-        assert!(err.contains(needle), "{flag} {value}: {err}");
+        assert!(err.contains(&format!("{flag} must be")), "{flag} {value}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
 }

@@ -245,7 +245,7 @@ async fn one(coord: &Coordinator, s: &Sample, exclude: &[WorkerId]) -> Result<(W
     let mut tokens = s.prompt.clone();
     tokens.extend_from_slice(&s.produced);
     tokens.truncate(max);
-    let req = ScoreRequest { from: s.prompt.len() - 1, top: 0, tolerance: TOLERANCE };
+    let req = ScoreRequest { from: s.prompt.len() - 1, top: 0, tolerance: TOLERANCE, sampled: false };
     let id = coord.requests().next_seq.fetch_add(1, Ordering::Relaxed);
     let call = auditor.client.score(id, plan.epoch(), &tokens, &s.params, &req);
     let scores = match tokio::time::timeout(AUDIT_TIMEOUT, call).await {

@@ -17,7 +17,7 @@ use zeroshard_offload::request::GenerationParams;
 use super::config::{MAX_STOP_BYTES, MAX_STOP_STRINGS, PROMPT_BYTES_PER_POSITION};
 use super::{Coordinator, DrainState};
 use crate::error::{CoordinatorError, Result};
-use crate::request::{Chunk, GenerateRequest, Prompt};
+use crate::request::{Chunk, GenerateRequest, Logprobs, PastContext, Prompt};
 use crate::tokenizer::Tokenizer;
 
 /// Where a request's chunks go: the front that took it. The request runs in
@@ -34,6 +34,10 @@ pub(super) struct Validated {
     pub prompt: Vec<u32>,
     pub params: GenerationParams,
     pub stop: Vec<String>,
+    pub logprobs: Option<Logprobs>,
+    /// Only the prompt is rated (OpenAI's `echo` with `max_tokens` 0): the
+    /// sequence runs one step whose token is not returned.
+    pub score_only: bool,
 }
 
 fn invalid(m: impl Into<String>) -> CoordinatorError {
@@ -62,7 +66,7 @@ async fn validate(coord: &Coordinator, req: GenerateRequest, out: &Out) -> Resul
     if req.stop.iter().any(String::is_empty) {
         return Err(invalid("a stop string is empty"));
     }
-    let params = req.params;
+    let mut params = req.params;
     params.sampling.validate().map_err(invalid)?;
     let prompt = match req.prompt {
         Prompt::Ids(ids) => ids,
@@ -88,8 +92,30 @@ async fn validate(coord: &Coordinator, req: GenerateRequest, out: &Out) -> Resul
             }
         }
     };
-    zeroshard_offload::request::validate_prompt(&coord.model().config, &prompt)?;
-    Ok(Some(Validated { prompt, params, stop: req.stop }))
+    let config = &coord.model().config;
+    zeroshard_offload::request::validate_prompt(config, &prompt)?;
+    if let Some((id, _)) = params.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= config.vocab_size)
+    {
+        return Err(invalid(format!(
+            "logit_bias names token {id}, outside the vocabulary (vocab_size {})",
+            config.vocab_size
+        )));
+    }
+    let context = config.max_position_embeddings;
+    if req.past_context == PastContext::Refuse && prompt.len() + params.max_new_tokens > context {
+        return Err(invalid(format!(
+            "the prompt has {} tokens and {} more were asked for (max_tokens): {} in all, more than the \
+             model's context of {context} tokens",
+            prompt.len(),
+            params.max_new_tokens,
+            prompt.len() + params.max_new_tokens
+        )));
+    }
+    let score_only = params.max_new_tokens == 0 && req.logprobs.is_some_and(|l| l.prompt);
+    if score_only {
+        params.max_new_tokens = 1;
+    }
+    Ok(Some(Validated { prompt, params, stop: req.stop, logprobs: req.logprobs, score_only }))
 }
 
 /// Refuses prompt text over the byte limit before any tokenization: the

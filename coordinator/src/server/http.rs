@@ -4,7 +4,6 @@
 //! gRPC one does and takes the same path ([`super::generate::start`]): the
 //! same limits, queue, resumption and drain; only the shapes differ. Errors
 //! use OpenAI's JSON error object with the HTTP status of the error's kind.
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,18 +12,16 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
-use super::openai::{ChatRequest, CompletionRequest};
+use super::answer::{Head, Shape};
+use super::openai::{ChatRequest, CompletionRequest, Job};
 use super::{Coordinator, Readiness};
 use crate::error::{CoordinatorError, Result};
-use crate::request::{Chunk, End, FinishReason, GenerateRequest};
 
 /// What the front serves: the cluster and the name clients call its model by.
 struct Front {
@@ -174,7 +171,7 @@ impl IntoResponse for ApiError {
 }
 
 /// OpenAI's error object.
-fn error(status: StatusCode, kind: &str, message: String) -> Response {
+pub(super) fn error(status: StatusCode, kind: &str, message: String) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
     (status, Json(body)).into_response()
 }
@@ -185,12 +182,12 @@ fn invalid(message: impl Into<String>) -> Response {
 
 /// The HTTP status and OpenAI error type of an error from the request path:
 /// those of its [kind](crate::ErrorKind::http_status).
-fn http_status(e: &CoordinatorError) -> (StatusCode, &'static str) {
+pub(super) fn http_status(e: &CoordinatorError) -> (StatusCode, &'static str) {
     let (code, kind) = e.kind().http_status();
     (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), kind)
 }
 
-fn error_response(e: &CoordinatorError) -> Response {
+pub(super) fn error_response(e: &CoordinatorError) -> Response {
     let (code, kind) = http_status(e);
     error(code, kind, e.to_string())
 }
@@ -274,93 +271,6 @@ async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response
     .into_response()
 }
 
-/// OpenAI's name of how an answer ended (`None`: it goes on).
-fn finish_reason(end: &Option<End>) -> Option<&'static str> {
-    end.as_ref().map(|e| match e.finish {
-        FinishReason::Length => "length",
-        FinishReason::Eos | FinishReason::Stop => "stop",
-    })
-}
-
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
-}
-
-/// The two response shapes: text completions and chat completions.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    Completion,
-    Chat,
-}
-
-impl Shape {
-    fn id_prefix(self) -> &'static str {
-        match self {
-            Shape::Completion => "cmpl",
-            Shape::Chat => "chatcmpl",
-        }
-    }
-
-    /// The whole answer.
-    fn response(self, head: &Head, text: String, finish: &str, usage: Value) -> Value {
-        let (object, choice) = match self {
-            Shape::Completion => (
-                "text_completion",
-                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
-            ),
-            Shape::Chat => (
-                "chat.completion",
-                json!({"index": 0, "message": {"role": "assistant", "content": text},
-                       "finish_reason": finish, "logprobs": null}),
-            ),
-        };
-        json!({"id": head.id, "object": object, "created": head.created, "model": head.model,
-               "choices": [choice], "usage": usage})
-    }
-
-    /// One streamed event: a delta of text, its finish reason on the last.
-    /// The first chat chunk also carries the role.
-    fn chunk(self, head: &Head, text: &str, finish: Option<&str>, first: bool) -> Value {
-        let (object, choice) = match self {
-            Shape::Completion => (
-                "text_completion",
-                json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
-            ),
-            Shape::Chat => {
-                let delta = if first {
-                    json!({"role": "assistant", "content": text})
-                } else if text.is_empty() && finish.is_some() {
-                    json!({})
-                } else {
-                    json!({"content": text})
-                };
-                (
-                    "chat.completion.chunk",
-                    json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}),
-                )
-            }
-        };
-        json!({"id": head.id, "object": object, "created": head.created, "model": head.model, "choices": [choice]})
-    }
-
-    /// The usage event of a stream (`stream_options.include_usage`).
-    fn usage_chunk(self, head: &Head, usage: Value) -> Value {
-        let object = match self {
-            Shape::Completion => "text_completion",
-            Shape::Chat => "chat.completion.chunk",
-        };
-        json!({"id": head.id, "object": object, "created": head.created, "model": head.model,
-               "choices": [], "usage": usage})
-    }
-}
-
-/// What every message of one answer repeats.
-struct Head {
-    id: String,
-    created: u64,
-    model: String,
-}
-
 /// Reads a JSON body as `T`, or the 400 saying why not.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> std::result::Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
@@ -395,8 +305,10 @@ async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
     if let Err(r) = check_model(&front, &req.common.model) {
         return refused(r.into_response());
     }
-    match req.to_generate() {
-        Ok(g) => answer(&front, Shape::Completion, g, req.common.stream, req.common.include_usage()).await,
+    match req.to_job() {
+        Ok(job) => {
+            answer(&front, Shape::Completion, job, req.common.stream, req.common.include_usage()).await
+        }
         Err(m) => refused(invalid(m)),
     }
 }
@@ -428,158 +340,19 @@ async fn chat_completions(State(front): State<Arc<Front>>, headers: HeaderMap, b
         return refused(r.into_response());
     }
     let positions = u32::try_from(front.coord.model().config.max_position_embeddings).unwrap_or(u32::MAX);
-    match req.to_generate(positions) {
-        Ok(g) => answer(&front, Shape::Chat, g, req.common.stream, req.common.include_usage()).await,
+    match req.to_job(positions) {
+        Ok(job) => answer(&front, Shape::Chat, job, req.common.stream, req.common.include_usage()).await,
         Err(m) => refused(invalid(m)),
     }
 }
 
-/// Runs `generate` through the cluster and answers in `shape`: one JSON
-/// object, or server-sent events.
-async fn answer(
-    front: &Front,
-    shape: Shape,
-    generate: GenerateRequest,
-    stream: bool,
-    include_usage: bool,
-) -> Response {
-    let mut rx = super::generate::start(&front.coord, Ok(generate));
+/// Answers `job` in `shape` under a fresh id.
+async fn answer(front: &Front, shape: Shape, job: Job, stream: bool, usage: bool) -> Response {
     let serial = front.next_id.fetch_add(1, Ordering::Relaxed);
     let head = Head {
         id: format!("{}-{:x}{serial:06x}", shape.id_prefix(), front.created),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         model: front.model.clone(),
     };
-    if !stream {
-        let (mut text, mut prompt, mut completion, mut finish) = (String::new(), 0, 0, None);
-        while let Some(chunk) = rx.recv().await {
-            let c = match chunk {
-                Ok(c) => c,
-                Err(e) => return error_response(&e),
-            };
-            prompt += c.prompt_token_ids.len();
-            completion += c.token_ids.len();
-            text.push_str(&c.text);
-            finish = finish.or(finish_reason(&c.end));
-        }
-        let Some(finish) = finish else {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                "the sequence ended without a finish reason".into(),
-            );
-        };
-        return Json(shape.response(&head, text, finish, usage(prompt, completion))).into_response();
-    }
-    // Streaming: the first message decides the HTTP status (an error before
-    // any token is a plain error response); after it, events.
-    let first = match rx.recv().await {
-        Some(Ok(c)) => c,
-        Some(Err(e)) => return error_response(&e),
-        None => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                "the sequence ended at once".into(),
-            )
-        }
-    };
-    let events = Events {
-        shape,
-        head,
-        pending: Some(Ok(first)),
-        rx,
-        include_usage,
-        prompt: 0,
-        completion: 0,
-        sent_any: false,
-        phase: Phase::Chunks,
-    };
-    // The events are made from the request's chunks as the body is polled: no
-    // task or channel of their own. Dropping the body (the client left) drops
-    // `rx`, which cancels the sequence.
-    let events = futures::stream::unfold(events, |mut e| async move {
-        let event = e.next_event().await?;
-        Some((Ok::<_, Infallible>(event), e))
-    });
-    Sse::new(events).into_response()
-}
-
-/// Where a streamed answer is.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Chunks,
-    Usage,
-    Done,
-    Over,
-}
-
-/// The events of a streamed answer: one per chunk of text, the last with its
-/// finish reason, the usage when asked, then `[DONE]`; an error ends them.
-struct Events {
-    shape: Shape,
-    head: Head,
-    /// The first chunk, read before the stream began.
-    pending: Option<Result<Chunk>>,
-    rx: mpsc::Receiver<Result<Chunk>>,
-    include_usage: bool,
-    prompt: usize,
-    completion: usize,
-    sent_any: bool,
-    phase: Phase,
-}
-
-impl Events {
-    /// The next event; `None` when the answer is over.
-    async fn next_event(&mut self) -> Option<Event> {
-        loop {
-            match self.phase {
-                Phase::Chunks => {}
-                Phase::Usage => {
-                    self.phase = Phase::Done;
-                    if self.include_usage {
-                        let data = self.shape.usage_chunk(&self.head, usage(self.prompt, self.completion));
-                        return Some(Event::default().data(data.to_string()));
-                    }
-                    continue;
-                }
-                Phase::Done => {
-                    self.phase = Phase::Over;
-                    return Some(Event::default().data("[DONE]"));
-                }
-                Phase::Over => return None,
-            }
-            let chunk = match self.pending.take() {
-                Some(c) => c,
-                None => match self.rx.recv().await {
-                    Some(c) => c,
-                    None => {
-                        self.phase = Phase::Usage;
-                        continue;
-                    }
-                },
-            };
-            match chunk {
-                Ok(c) => {
-                    self.prompt += c.prompt_token_ids.len();
-                    self.completion += c.token_ids.len();
-                    let finish = finish_reason(&c.end);
-                    // The first chat event opens the assistant's message even
-                    // before any text.
-                    let opens = self.shape == Shape::Chat && !self.sent_any;
-                    if !c.text.is_empty() || finish.is_some() || opens {
-                        let data = self.shape.chunk(&self.head, &c.text, finish, !self.sent_any);
-                        self.sent_any = true;
-                        return Some(Event::default().data(data.to_string()));
-                    }
-                }
-                Err(e) => {
-                    self.phase = Phase::Over;
-                    let (_, kind) = http_status(&e);
-                    let data = json!({"error": {"message": e.to_string(), "type": kind, "param": null, "code": null}});
-                    return Some(Event::default().data(data.to_string()));
-                }
-            }
-        }
-    }
+    super::answer::answer(&front.coord, shape, head, job, stream, usage).await
 }

@@ -18,6 +18,7 @@
 //! match coord.wait_ready().await { Readiness::Ready => zeroshard_offload::outln!("ready"), Readiness::Failed(e) => bail!(e), .. }
 //! ```
 mod admission;
+mod answer;
 mod audit;
 mod choose;
 mod config;

@@ -1,12 +1,28 @@
 //! OpenAI's request bodies (`/v1/completions`, `/v1/chat/completions`) and
-//! what the HTTP front makes of them: the domain [`GenerateRequest`], or the
+//! what the HTTP front makes of them: a [`Job`] (the domain
+//! [`GenerateRequest`]s, one per prompt, and what the answer shows), or the
 //! message saying which field it cannot serve. Fields that would change the
 //! result are refused; those that would not are ignored.
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::chat::ChatMessage;
-use crate::request::{GenerateRequest, GenerationParams, Prompt, SamplingParams};
+use crate::request::{GenerateRequest, GenerationParams, Logprobs, PastContext, Prompt, SamplingParams};
+use zeroshard_offload::request::ScoreRequest;
+
+/// The most prompts one completions request may carry (each is admitted as
+/// its own request, under the same limits).
+pub(super) const MAX_PROMPTS: usize = 256;
+
+/// What one HTTP request runs and how its answer looks.
+pub(super) struct Job {
+    /// One per prompt, in the order of the answer's choices.
+    pub requests: Vec<GenerateRequest>,
+    /// The prompt's text goes before each choice's text (`echo`).
+    pub echo: bool,
+    /// Each token's log-probability and this many alternatives are shown.
+    pub logprobs: Option<usize>,
+}
 
 /// A string or a list of strings (`prompt`, `stop`).
 #[derive(Deserialize)]
@@ -94,33 +110,25 @@ pub(super) struct ChatRequest {
     messages: Vec<Message>,
     tools: Option<Vec<Value>>,
     response_format: Option<Value>,
-    top_logprobs: Option<u32>,
+    top_logprobs: Option<Value>,
 }
 
 /// OpenAI's default for /v1/completions.
 const DEFAULT_COMPLETION_TOKENS: u32 = 16;
 
-/// Whether a JSON field asks for something (not absent, null, false or 0).
-fn asks(v: &Option<Value>) -> bool {
-    match v {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
-        Some(_) => true,
-    }
-}
-
 impl Common {
-    /// The request the cluster runs for `prompt`, or what is wrong with it.
-    /// `default_max` is used when the request names no token limit.
-    fn to_generate(&self, prompt: Prompt, default_max: u32) -> std::result::Result<GenerateRequest, String> {
+    /// The request the cluster runs for each of `prompts`, or what is wrong
+    /// with them. `default_max` is used when the request names no token
+    /// limit (the answer may then stop at the context's end; a limit the
+    /// client set that does not fit is refused).
+    fn to_generate(
+        &self,
+        prompts: Vec<Prompt>,
+        default_max: u32,
+        logprobs: Option<Logprobs>,
+    ) -> std::result::Result<Vec<GenerateRequest>, String> {
         if self.n.is_some_and(|n| n != 1) {
             return Err("`n` other than 1 is not supported".into());
-        }
-        if asks(&self.logprobs) {
-            return Err("`logprobs` is not supported".into());
-        }
-        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-            return Err("`logit_bias` is not supported".into());
         }
         for (name, v) in
             [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
@@ -150,10 +158,43 @@ impl Common {
             seed: self.seed.unwrap_or(off.seed),
             repetition_penalty: self.repetition_penalty.unwrap_or(off.repetition_penalty),
             resume_draws: 0,
+            logit_bias: self.logit_bias()?,
         };
-        let max_new_tokens = self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max) as usize;
+        let limit = self.max_completion_tokens.or(self.max_tokens);
+        let max_new_tokens = limit.unwrap_or(default_max) as usize;
         let params = GenerationParams { sampling, max_new_tokens, ignore_eos: self.ignore_eos };
-        Ok(GenerateRequest { prompt, params, stop })
+        let past_context = if limit.is_some() { PastContext::Refuse } else { PastContext::Stop };
+        Ok(prompts
+            .into_iter()
+            .map(|prompt| GenerateRequest {
+                logprobs,
+                past_context,
+                ..GenerateRequest::new(prompt, params.clone(), stop.clone())
+            })
+            .collect())
+    }
+
+    /// `logit_bias` (`{"token id": bias}`) in token order, each bias clamped
+    /// to ±100 as OpenAI does.
+    fn logit_bias(&self) -> std::result::Result<Vec<(u32, f32)>, String> {
+        let max = SamplingParams::MAX_LOGIT_BIAS;
+        let mut out = Vec::new();
+        for (key, v) in self.logit_bias.iter().flatten() {
+            let id: u32 =
+                key.parse().map_err(|_| format!("`logit_bias` keys must be token ids, not {key:?}"))?;
+            let bias = v
+                .as_f64()
+                .filter(|b| b.is_finite())
+                .ok_or_else(|| format!("`logit_bias` of token {id} must be a number, not {v}"))?;
+            out.push((id, (bias as f32).clamp(-max, max)));
+        }
+        out.sort_unstable_by_key(|b| b.0);
+        Ok(out)
+    }
+
+    /// The token limit the client set, if any.
+    fn limit(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.max_tokens)
     }
 
     pub(super) fn include_usage(&self) -> bool {
@@ -161,37 +202,71 @@ impl Common {
     }
 }
 
+/// A `top`-style count of alternatives: an integer from 0 to
+/// [`ScoreRequest::MAX_TOP`].
+fn top_count(name: &str, v: &Value) -> std::result::Result<usize, String> {
+    v.as_u64()
+        .filter(|&n| n as usize <= ScoreRequest::MAX_TOP)
+        .map(|n| n as usize)
+        .ok_or_else(|| format!("`{name}` must be an integer from 0 to {}, not {v}", ScoreRequest::MAX_TOP))
+}
+
 impl CompletionRequest {
-    pub(super) fn to_generate(&self) -> std::result::Result<GenerateRequest, String> {
+    pub(super) fn to_job(&self) -> std::result::Result<Job, String> {
         if self.best_of.is_some_and(|n| n != 1) {
             return Err("`best_of` other than 1 is not supported".into());
-        }
-        if self.echo {
-            return Err("`echo` is not supported".into());
         }
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err("`suffix` (insertion) is not supported".into());
         }
-        let prompt = match &self.prompt {
-            PromptField::Text(t) => Prompt::Text(t.clone()),
-            PromptField::Texts(v) if v.len() == 1 => Prompt::Text(v[0].clone()),
-            PromptField::Ids(ids) => Prompt::Ids(ids.clone()),
-            PromptField::IdLists(v) if v.len() == 1 => Prompt::Ids(v[0].clone()),
-            _ => return Err("`prompt` must be one prompt (a batch of prompts is not supported)".into()),
+        let logprobs = match &self.common.logprobs {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(top_count("logprobs", v)?),
         };
-        self.common.to_generate(prompt, DEFAULT_COMPLETION_TOKENS)
+        if self.common.limit() == Some(0) && !self.echo {
+            return Err("`max_tokens` 0 generates nothing: it needs `echo` (to rate the prompt)".into());
+        }
+        let prompts = match &self.prompt {
+            PromptField::Text(t) => vec![Prompt::Text(t.clone())],
+            PromptField::Texts(v) => v.iter().cloned().map(Prompt::Text).collect(),
+            PromptField::Ids(ids) => vec![Prompt::Ids(ids.clone())],
+            PromptField::IdLists(v) => v.iter().cloned().map(Prompt::Ids).collect(),
+        };
+        if prompts.is_empty() {
+            return Err("`prompt` is an empty list".into());
+        }
+        if prompts.len() > MAX_PROMPTS {
+            return Err(format!(
+                "`prompt` has {} prompts, more than the {MAX_PROMPTS} one request may carry",
+                prompts.len()
+            ));
+        }
+        let rated = logprobs.map(|top| Logprobs { top, prompt: self.echo });
+        let requests = self.common.to_generate(prompts, DEFAULT_COMPLETION_TOKENS, rated)?;
+        Ok(Job { requests, echo: self.echo, logprobs })
     }
 }
 
 impl ChatRequest {
     /// Without a token limit a chat answer may run to the end of the model's
     /// context, as OpenAI's does (`default_max`: the model's positions).
-    pub(super) fn to_generate(&self, default_max: u32) -> std::result::Result<GenerateRequest, String> {
+    pub(super) fn to_job(&self, default_max: u32) -> std::result::Result<Job, String> {
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err("`tools` are not supported".into());
         }
-        if self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err("`top_logprobs` is not supported".into());
+        let logprobs = match (&self.common.logprobs, &self.top_logprobs) {
+            (None | Some(Value::Null) | Some(Value::Bool(false)), None | Some(Value::Null)) => None,
+            (Some(Value::Bool(true)), top) => Some(match top {
+                None | Some(Value::Null) => 0,
+                Some(v) => top_count("top_logprobs", v)?,
+            }),
+            (None | Some(Value::Null) | Some(Value::Bool(false)), Some(_)) => {
+                return Err("`top_logprobs` needs `logprobs`: true".into())
+            }
+            (Some(v), _) => return Err(format!("`logprobs` must be true or false, not {v}")),
+        };
+        if self.common.limit() == Some(0) {
+            return Err("`max_tokens` must be at least 1".into());
         }
         if let Some(f) = &self.response_format {
             if f.get("type").and_then(Value::as_str) != Some("text") {
@@ -224,6 +299,8 @@ impl ChatRequest {
             };
             messages.push(ChatMessage { role: m.role.clone(), content });
         }
-        self.common.to_generate(Prompt::Chat(messages), default_max)
+        let rated = logprobs.map(|top| Logprobs { top, prompt: false });
+        let requests = self.common.to_generate(vec![Prompt::Chat(messages)], default_max, rated)?;
+        Ok(Job { requests, echo: false, logprobs })
     }
 }

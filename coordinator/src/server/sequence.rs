@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use zeroshard_offload::request::{kv_tokens, FinishReason};
+use zeroshard_offload::request::{kv_tokens, FinishReason, ScoreRequest};
 
 use super::admission::Reservation;
 use super::audit::Producer;
@@ -86,7 +86,22 @@ impl Run<'_> {
         let (worker, plan) = (&room.worker, &room.plan);
         let floor = coord.cfg().limits.step_deadline;
         let id = coord.requests().next_seq.fetch_add(1, Ordering::Relaxed);
-        let call = worker.client.run_sequence(id, plan.epoch(), &v.prompt, &self.produced, &v.params);
+        // Rated tokens: the prompt's with the first chunk (if asked), then
+        // each token as it is sampled; a resume rates only what it samples.
+        let score = v.logprobs.map(|l| ScoreRequest {
+            from: if l.prompt && self.first { 0 } else { v.prompt.len() + self.produced.len() - 1 },
+            top: l.top,
+            tolerance: 0.0,
+            sampled: true,
+        });
+        let call = worker.client.run_sequence(
+            id,
+            plan.epoch(),
+            &v.prompt,
+            &self.produced,
+            &v.params,
+            score.as_ref(),
+        );
         let mut steps = match tokio::time::timeout(floor, call).await {
             Err(_) => return Ok(Attempt::Stalled(format!("{} did not answer within {floor:?}", worker.id))),
             Ok(Ok(s)) => s,
@@ -131,6 +146,16 @@ impl Run<'_> {
             if self.first {
                 self.timings.prefill_ms = self.start.elapsed().as_secs_f64() * 1e3;
             }
+            let mut scores = step.scores;
+            if v.score_only {
+                // The prompt's scores are the answer; the token sampled after it is not.
+                scores.truncate(v.prompt.len() - 1);
+                self.finish = Some(FinishReason::Length);
+                let chunk = Chunk { prompt_token_ids: v.prompt.clone(), scores, ..Chunk::default() };
+                self.first = false;
+                let _ = out.send(Ok(chunk)).await;
+                return Ok(Attempt::Done);
+            }
             let mut delta = String::new();
             for &t in &step.token_ids {
                 self.produced.push(t);
@@ -146,6 +171,7 @@ impl Run<'_> {
                 text: delta,
                 prompt_token_ids: if self.first { v.prompt.clone() } else { vec![] },
                 end: None,
+                scores,
             };
             self.first = false;
             self.record(chunk.token_ids.len());
@@ -182,7 +208,7 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
     let tokens = kv_tokens(&coord.model().config, v.prompt.len(), v.params.max_new_tokens);
     let arrived = Instant::now();
     let mut run = Run {
-        text: TextStream::new(coord.model().tokenizer.as_deref(), &v.stop)?,
+        text: TextStream::new(coord.model().tokenizer.as_deref(), &v.prompt, &v.stop)?,
         timings: Timings { prompt_tokens: v.prompt.len(), ..Default::default() },
         first: true,
         produced: Vec::new(),
@@ -282,6 +308,7 @@ pub(super) async fn run(coord: &Coordinator, v: Validated, out: &Out, received: 
         text: tail,
         prompt_token_ids: if first { v.prompt } else { vec![] },
         end: Some(End { finish: finish.unwrap_or(FinishReason::Length), timings }),
+        scores: vec![],
     };
     let _ = out.send(Ok(last)).await;
     Ok(finish.is_some())

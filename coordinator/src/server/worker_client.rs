@@ -34,6 +34,8 @@ pub(crate) struct Step {
     pub token_ids: Vec<u32>,
     /// Set on the sequence's last step.
     pub finish: Option<FinishReason>,
+    /// A scored sequence's scores (see [`ScoreRequest`]).
+    pub scores: Vec<TokenScore>,
 }
 
 /// The steps of one run of a sequence on a worker.
@@ -49,6 +51,7 @@ impl Steps {
             Ok(Some(s)) => Ok(Some(Step {
                 token_ids: s.token_ids,
                 finish: crate::convert::finish_reason(s.finish_reason),
+                scores: s.scores.into_iter().map(TokenScore::from).collect(),
             })),
             Ok(None) => Ok(None),
             Err(s) => Err(Interrupted::from_status(&self.who, &s)),
@@ -244,6 +247,7 @@ impl WorkerHandle {
         prompt: &[u32],
         generated: &[u32],
         params: &GenerationParams,
+        score: Option<&ScoreRequest>,
     ) -> std::result::Result<Steps, Interrupted> {
         let mut c = self.client.clone();
         let req = pb::RunSequenceRequest {
@@ -252,7 +256,7 @@ impl WorkerHandle {
             prompt_token_ids: prompt.to_vec(),
             generated_token_ids: generated.to_vec(),
             sampling: Some(pb::SamplingParams::from(params)),
-            score: None,
+            score: score.map(pb::ScoreRequest::from),
         };
         match c.run_sequence(req).await {
             Ok(r) => Ok(Steps { inner: r.into_inner(), who: self.who.clone() }),

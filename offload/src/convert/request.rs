@@ -15,6 +15,11 @@ pub fn generation_params(p: Option<pb::SamplingParams>) -> GenerationParams {
             seed: p.seed.unwrap_or(0),
             repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
             resume_draws: 0,
+            logit_bias: {
+                let mut bias: Vec<(u32, f32)> = p.logit_bias.into_iter().collect();
+                bias.sort_unstable_by_key(|b| b.0);
+                bias
+            },
         },
         max_new_tokens: p.max_new_tokens.unwrap_or(128) as usize,
         ignore_eos: p.ignore_eos,
@@ -31,6 +36,7 @@ impl From<&GenerationParams> for pb::SamplingParams {
             seed: Some(p.sampling.seed),
             repetition_penalty: Some(p.sampling.repetition_penalty),
             ignore_eos: p.ignore_eos,
+            logit_bias: p.sampling.logit_bias.iter().copied().collect(),
         }
     }
 }
@@ -51,13 +57,14 @@ impl From<pb::ScoreRequest> for ScoreRequest {
             from: r.from_position as usize,
             top: (r.top as usize).min(Self::MAX_TOP),
             tolerance: r.tolerance,
+            sampled: r.sampled,
         }
     }
 }
 
 impl From<&ScoreRequest> for pb::ScoreRequest {
     fn from(r: &ScoreRequest) -> Self {
-        Self { from_position: r.from as u32, top: r.top as u32, tolerance: r.tolerance }
+        Self { from_position: r.from as u32, top: r.top as u32, tolerance: r.tolerance, sampled: r.sampled }
     }
 }
 

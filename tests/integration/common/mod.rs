@@ -96,6 +96,17 @@ pub(crate) fn ids_of(v: &Value) -> Vec<u32> {
     v.as_array().expect("array of ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
+/// The text a reference case's new tokens add after its prompt's text:
+/// `full_text` less the prompt. A completion is decoded in its prompt's
+/// context, so it keeps the space in front of its first word; the case's
+/// `new_text` is the new tokens decoded alone, which drops it ("park." where
+/// the whole text has " park.").
+pub(crate) fn completion_text(case: &Value) -> &str {
+    let (full, prompt) =
+        (case["full_text"].as_str().expect("full_text"), case["prompt"].as_str().expect("prompt"));
+    full.strip_prefix(prompt).unwrap_or_else(|| panic!("{full:?} does not start with its prompt {prompt:?}"))
+}
+
 pub(crate) fn ids_arg(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }

@@ -289,7 +289,7 @@ pub(crate) fn follow<B: Backend>(
                 ignore_eos: j.ignore_eos,
             };
             let scored = |s: Sequence<B>| match j.score_from {
-                Some(from) => s.scoring(ScoreRequest { from, top: 0, tolerance: 0.0 }),
+                Some(from) => s.scoring(ScoreRequest { from, top: 0, tolerance: 0.0, sampled: false }),
                 None => s,
             };
             match engine.new_sequence(j.prompt, params).map(scored) {
