@@ -195,11 +195,23 @@ impl Tokenizer {
     /// front of the first generated word, which a SentencePiece decoder strips
     /// from the first token of a sequence. The deltas are what
     /// `decode(context + generated, false)` adds after the context's text; a
-    /// context ending in an incomplete character or byte-fallback run has that
-    /// tail emitted as part of the output, once it is resolved.
+    /// context ending in an incomplete character has that character emitted
+    /// as part of the output, once it is resolved.
     pub fn decoder_with_context(&self, context: &[u32]) -> Result<IncrementalDecoder<'_>, TokenizerError> {
         let mut decoder = self.decoder();
         decoder.ids.extend_from_slice(context);
+        // A context whose text is whole (no character left incomplete) is
+        // final as it is, even where it ends in a byte-fallback run (a
+        // chat template's "\n"): its text was the client's and is not
+        // repeated. Should the next tokens extend that run, the text is held
+        // back until the run decodes as an extension of it again.
+        let whole = self.decode(context, false)?;
+        if !whole.ends_with(REPLACEMENT) {
+            decoder.read_offset = context.len();
+            decoder.stable_end = context.len();
+            decoder.prefix_text = whole;
+            return Ok(decoder);
+        }
         decoder.stable_end = context.iter().rposition(|&id| self.ends_byte_run(id)).map_or(0, |i| i + 1);
         // The context's text up to the read offset must be final: step back
         // over a tail that still decodes to an incomplete character.
@@ -666,7 +678,8 @@ mod tests {
     #[test]
     fn context_ending_mid_character_emits_the_character() {
         let tokenizer = stories();
-        let ids = tokenizer.encode("a 🦀 crab").expect("encode");
+        // A crab and newlines: characters spelled in byte-fallback tokens.
+        let ids = tokenizer.encode("a 🦀 crab\nsaid\n\n hi").expect("encode");
         for split in 1..ids.len() {
             let mut decoder = tokenizer.decoder_with_context(&ids[..split]).expect("decoder");
             let mut out = String::new();
@@ -677,6 +690,11 @@ mod tests {
             let full = tokenizer.decode(&ids, false).expect("decode");
             assert!(full.ends_with(&out), "split {split}: {out:?} vs {full:?}");
             assert!(!out.contains(REPLACEMENT), "split {split}: {out:?}");
+            // A context with whole characters: its text + the output is the whole text.
+            let before = tokenizer.decode(&ids[..split], false).expect("decode");
+            if !before.ends_with(REPLACEMENT) {
+                assert_eq!(before + &out, full, "split {split}");
+            }
         }
     }
 

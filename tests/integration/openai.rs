@@ -416,6 +416,28 @@ fn chat_matches_transformers_template_and_generate_chat_through_every_front() {
     let v = json_body(&body);
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["content"], want_text.as_str());
+    // Chat log-probabilities as OpenAI defines them: one entry per token, its
+    // text and bytes, the greedy token first among its alternatives.
+    let req = format!(
+        r#"{{"model":"{name}","messages":{CHAT},"max_tokens":5,"temperature":0,"logprobs":true,"top_logprobs":2}}"#
+    );
+    let (code, body) = http(&base, "POST", "/v1/chat/completions", Some(&req), &[&auth]);
+    assert_eq!(code, 200, "{body}");
+    let v = json_body(&body);
+    let content = v["choices"][0]["logprobs"]["content"].as_array().expect("logprobs.content");
+    assert_eq!(content.len(), 5, "{v}");
+    let mut text = String::new();
+    for t in content {
+        let token = t["token"].as_str().expect("token");
+        text.push_str(token);
+        assert_eq!(t["bytes"], serde_json::json!(token.as_bytes()), "{t}");
+        assert!(t["logprob"].as_f64().is_some_and(|l| l <= 0.0), "{t}");
+        assert_eq!(t["top_logprobs"].as_array().map(Vec::len), Some(2), "{t}");
+        assert_eq!(t["top_logprobs"][0]["logprob"], t["logprob"], "{t}");
+    }
+    assert!(want_text.starts_with(&text), "{text:?} does not begin {want_text:?}");
+    let bad = req.replace(r#""logprobs":true"#, r#""logprobs":false"#);
+    assert_eq!(http(&base, "POST", "/v1/chat/completions", Some(&bad), &[&auth]).0, 400);
 }
 
 #[test]
