@@ -155,17 +155,53 @@ pub fn client_security(addr: &Address, given: Option<TlsPaths>) -> Result<Securi
         }
         (false, None) => return Ok(Security::plaintext()),
         (true, Some(p)) => p,
-        (true, None) => find_bundle(&addr.authority()).ok_or_else(|| {
-            TlsError::Address(format!(
-                "--endpoint {} speaks TLS: give --tls-ca (and --tls-cert/--tls-key, or --api-key); \
-                 no credentials that `up` left for it were found in {}",
-                addr.uri(),
-                bundle_dir(&addr.authority())
-                    .map_or_else(|| "(no state folder)".into(), |d| d.display().to_string())
-            ))
-        })?,
+        (true, None) => match find_bundle_for(addr) {
+            Some(p) => p,
+            // Nothing there at all says more than missing credentials would.
+            None if !answers(addr) => {
+                return Err(TlsError::Address(format!(
+                    "cannot reach grpcs://{}: nothing answers there (no cluster listens on that port)",
+                    addr.authority()
+                )))
+            }
+            None => {
+                return Err(TlsError::Address(format!(
+                    "--endpoint grpcs://{} speaks TLS: give --tls-ca (and --tls-cert/--tls-key, or \
+                     --api-key); no credentials that `up` left for it were found in {}",
+                    addr.authority(),
+                    bundle_dir(&addr.authority())
+                        .map_or_else(|| "(no state folder)".into(), |d| d.display().to_string())
+                )))
+            }
+        },
     };
     Security::load(paths, None)
+}
+
+/// The certificate of `up`'s worker `i` (from 0): `worker-1` for the first,
+/// as `up` numbers its workers.
+fn worker_name(i: usize) -> String {
+    format!("worker-{}", i + 1)
+}
+
+/// Whether something accepts TCP connections at `addr` (within a second).
+fn answers(addr: &Address) -> bool {
+    use std::net::ToSocketAddrs;
+    let host = addr.host.trim_start_matches('[').trim_end_matches(']');
+    (host, addr.port).to_socket_addrs().is_ok_and(|mut all| {
+        all.any(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok())
+    })
+}
+
+/// The bundle `up` left for `addr`: under the name as written, else under
+/// each address the host resolves to (`up` names bundles by the address it
+/// listens on: `localhost:PORT` finds `127.0.0.1_PORT`).
+fn find_bundle_for(addr: &Address) -> Option<TlsPaths> {
+    use std::net::ToSocketAddrs;
+    find_bundle(&addr.authority()).or_else(|| {
+        let host = addr.host.trim_start_matches('[').trim_end_matches(']');
+        (host, addr.port).to_socket_addrs().ok()?.find_map(|a| find_bundle(&a.to_string()))
+    })
 }
 
 /// Creates `dir` (and parents) and makes it owner-only.
@@ -225,7 +261,7 @@ impl UpCredentials {
             .write(dir.path(), "coordinator")
             .map_err(setup)?;
         for i in 0..workers {
-            let name = format!("worker-{i}");
+            let name = worker_name(i);
             ca.issue(Role::Worker, &name, &sans).map_err(setup)?.write(dir.path(), &name).map_err(setup)?;
         }
         Ok(Self { dir, ca, workers, client_cert, api_key: None, bundle: None })
@@ -252,7 +288,7 @@ impl UpCredentials {
     /// Worker `i`'s credentials (`i < workers`).
     pub fn worker(&self, i: usize) -> TlsPaths {
         debug_assert!(i < self.workers);
-        self.paths(&format!("worker-{i}"))
+        self.paths(&worker_name(i))
     }
 
     /// The arguments that give worker `i` its credentials.

@@ -10,8 +10,8 @@
 //! ```ignore
 //! let ca = Ca::generate()?;
 //! ca.write(dir)?;                                   // ca.pem, ca.key (0600)
-//! let leaf = Ca::load(dir)?.issue(Role::Worker, "worker-0", &["10.0.0.7".into()])?;
-//! leaf.write(dir, "worker-0")?;                     // worker-0.pem, worker-0.key
+//! let leaf = Ca::load(dir)?.issue(Role::Worker, "worker-1", &["10.0.0.7".into()])?;
+//! leaf.write(dir, "worker-1")?;                     // worker-1.pem, worker-1.key
 //! ```
 use std::fs;
 use std::io::Write;

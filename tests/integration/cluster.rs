@@ -703,7 +703,7 @@ fn up_leaves_no_keys_behind_and_cleans_up_after_a_killed_one() {
 
     // A second stop signal exits at once (143), skipping destructors.
     let (mut child, endpoint, bundle, members) = start();
-    assert!(bundle.join("client.key").exists() && members.join("worker-0.key").exists());
+    assert!(bundle.join("client.key").exists() && members.join("worker-1.key").exists());
     assert!(members.join("ca.pem").exists() && !members.join("ca.key").exists(), "the CA key is on disk");
     assert!(query(&endpoint, &greedy("--prompt-ids", "1,403,407", "4"))["token_ids"].is_array());
     signal(&child, libc::SIGTERM);

@@ -453,8 +453,15 @@ fn schemes_must_match_the_server() {
     assert!(e.contains("does not speak TLS") && e.trim().lines().count() == 1, "{e}");
     let e = query_fails(&secure.endpoint.replace("grpcs://", "grpc://"), &[]);
     assert!(e.contains("does not speak plaintext gRPC") && e.trim().lines().count() == 1, "{e}");
-    // https:// is grpcs://, and finds the same bundle.
+    // https:// is grpcs://, and finds the same bundle; so does localhost,
+    // which resolves to the address `up` named the bundle by.
     query_ids(&secure.endpoint.replace("grpcs://", "https://"), &[]);
+    query_ids(&secure.endpoint.replace("127.0.0.1", "localhost"), &[]);
+    // Where nothing listens, that is what the one line says, scheme as written.
+    let nothing = format!("grpcs://127.0.0.1:{}", crate::common::etcd::free_port());
+    let e = query_fails(&nothing, &[]);
+    assert!(e.contains(&format!("cannot reach {nothing}: nothing answers there")), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
 
 /// The CA of the bundle `up` left for `endpoint`.

@@ -90,7 +90,8 @@ impl zeroshard_proto::v1::control_server::Control for ControlSvc {
         let r = req.into_inner();
         let m = self.embedded()?;
         check_owner(m, WorkerId(r.worker_id), &caller)?;
-        tracing::warn!("worker {} leaves: {}", r.worker_id, r.reason);
+        // A member that says it leaves is doing what it was told.
+        tracing::info!("worker {} leaves: {}", r.worker_id, r.reason);
         m.evict(WorkerId(r.worker_id)).await.map_err(CoordinatorError::from)?;
         Ok(Response::new(pb::LeaveResponse {}))
     }

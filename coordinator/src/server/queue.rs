@@ -28,7 +28,8 @@ fn fits(c: Option<&Capacity>, u: Used, tokens: usize) -> bool {
     c.is_none_or(|c| u.seqs < c.max_active && u.bytes + c.bytes_for(tokens) <= c.kv_cache_bytes)
 }
 
-const MIB: f64 = (1u64 << 20) as f64;
+/// KV-cache figures are in MB (10^6 bytes), as `status` shows them.
+const MB: f64 = 1e6;
 
 struct Queue {
     /// Requests waiting, in the order they will be served.
@@ -143,10 +144,10 @@ impl Queue {
         match caps.iter().map(|c| c.kv_cache_bytes).max() {
             Some(most) if caps.iter().all(|c| c.bytes_for(tokens) > c.kv_cache_bytes) => {
                 Err(CoordinatorError::InvalidRequest(format!(
-                    "the request needs {:.1} MiB of KV cache ({tokens} tokens of prompt + max_new_tokens), \
-                     more than any worker's budget ({:.1} MiB, --kv-cache-bytes)",
-                    caps[0].bytes_for(tokens) as f64 / MIB,
-                    most as f64 / MIB
+                    "the request needs {:.1} MB of KV cache ({tokens} tokens of prompt + max_new_tokens), \
+                     more than any worker's budget ({:.1} MB, --kv-cache-bytes)",
+                    caps[0].bytes_for(tokens) as f64 / MB,
+                    most as f64 / MB
                 )))
             }
             _ => Ok(()),

@@ -45,6 +45,7 @@ use zeroshard_offload::plan::WorkerId;
 
 use super::state::{Coordinator, Readiness, Unservable, WorkerEntry};
 use super::worker_client::Unanswered;
+use super::DrainState;
 use crate::membership::{Ban, MemberEvent, MemberWatch, StoredPlan};
 
 /// A worker that does not answer `Stats` this fast is left to its lease.
@@ -329,10 +330,13 @@ impl Supervisor {
                 if in_plan {
                     coord.counters().workers_lost.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::warn!(
-                    "{id} left the cluster{}",
-                    if in_plan { " (it held ranges of the plan)" } else { "" }
-                );
+                let held = if in_plan { " (it held ranges of the plan)" } else { "" };
+                // While the coordinator itself stops, its workers leaving is the plan.
+                if *coord.drain_state().borrow() == DrainState::Serving {
+                    tracing::warn!("{id} left the cluster{held}");
+                } else {
+                    tracing::info!("{id} left the cluster{held}");
+                }
             }
         }
         coord.bump();

@@ -137,12 +137,12 @@ fn admit<B: Backend>(
         kv_tokens(engine.config(), prompt.len(), params.max_new_tokens) as u64 * engine.kv_bytes_per_token();
     if need > limits.kv_cache_bytes {
         return Err(WorkerError::InvalidRequest(format!(
-            "the sequence needs {:.1} MiB of KV cache ({} prompt + {} new tokens), more than this \
-             worker's whole budget of {:.1} MiB (--kv-cache-bytes)",
-            need as f64 / MIB,
+            "the sequence needs {:.1} MB of KV cache ({} prompt + {} new tokens), more than this \
+             worker's whole budget of {:.1} MB (--kv-cache-bytes)",
+            need as f64 / MB,
             prompt.len(),
             params.max_new_tokens,
-            limits.kv_cache_bytes as f64 / MIB
+            limits.kv_cache_bytes as f64 / MB
         )));
     }
     if active.len() >= limits.max_active {
@@ -155,10 +155,10 @@ fn admit<B: Backend>(
     let reserved: u64 = active.values().map(|a| a.reserved).sum();
     if reserved + need > limits.kv_cache_bytes {
         return Err(WorkerError::Overloaded(format!(
-            "the sequence needs {:.1} MiB of KV cache, {:.1} of {:.1} MiB are free (--kv-cache-bytes)",
-            need as f64 / MIB,
-            (limits.kv_cache_bytes - reserved) as f64 / MIB,
-            limits.kv_cache_bytes as f64 / MIB
+            "the sequence needs {:.1} MB of KV cache, {:.1} of {:.1} MB are free (--kv-cache-bytes)",
+            need as f64 / MB,
+            (limits.kv_cache_bytes - reserved) as f64 / MB,
+            limits.kv_cache_bytes as f64 / MB
         )));
     }
     let seq = engine.new_sequence(prompt, params)?;
@@ -171,7 +171,8 @@ fn admit<B: Backend>(
     ))
 }
 
-const MIB: f64 = (1u64 << 20) as f64;
+/// KV-cache figures are in MB (10^6 bytes), as `status` shows them.
+const MB: f64 = 1e6;
 
 /// Runs until every command sender is gone, or until a fatal step error,
 /// which it publishes on `fatal`.
@@ -217,6 +218,15 @@ pub(super) fn run<B: Backend>(
                     Followed::Interrupted => {}
                     Followed::Closed => {
                         tracing::info!("rank 0 closed the tensor-parallel group of epoch {}", m.epoch);
+                        member = None;
+                        kept.clear();
+                    }
+                    // Stopping, the group ending under this member is expected.
+                    Followed::Failed(e) if draining => {
+                        tracing::info!(
+                            "tensor-parallel group of epoch {} ended while draining: {e}",
+                            m.epoch
+                        );
                         member = None;
                         kept.clear();
                     }

@@ -610,8 +610,8 @@ impl Node {
                 });
                 let engine = Engine::without_weights(self.cfg.cpu_backend(), config);
                 tracing::info!(
-                    "KV-cache budget {:.1} MiB ({} tokens), at most {} sequences",
-                    kv_cache_bytes as f64 / (1u64 << 20) as f64,
+                    "KV-cache budget {:.1} MB ({} tokens), at most {} sequences",
+                    kv_cache_bytes as f64 / 1e6,
                     kv_cache_bytes / engine.kv_bytes_per_token().max(1),
                     self.cfg.max_active_sequences
                 );
