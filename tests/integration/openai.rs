@@ -122,6 +122,11 @@ fn the_openai_client_gets_what_generate_gives() {
     eprintln!("openai {}: {got}", got["openai_version"]);
     assert_eq!(got["models"], serde_json::json!(["stories260K"]));
     assert_eq!(got["text"], want_text.as_str(), "non-streamed completion");
+    assert_eq!(got["batch_texts"], serde_json::json!([want_text, want_text]), "a list of prompts");
+    assert_eq!(got["logprob_top_sizes"], serde_json::json!([2, 2, 2, 2]), "{got}");
+    let pieces: Vec<&str> =
+        got["logprob_tokens"].as_array().expect("tokens").iter().filter_map(Value::as_str).collect();
+    assert!(want_text.starts_with(&pieces.concat()), "{pieces:?} do not begin {want_text:?}");
     assert_eq!(got["finish_reason"], "length");
     assert_eq!(got["usage"]["completion_tokens"], TOKENS);
     assert_eq!(

@@ -32,6 +32,14 @@ out["stream_chunks"] = len(parts)
 out["stream_finish_reason"] = finish
 out["stream_usage"] = usage
 
+# A list of prompts (LangChain's batch()): one choice per prompt, by index.
+batch = client.completions.create(**{**greedy, "prompt": [prompt, prompt]})
+out["batch_texts"] = [c.text for c in sorted(batch.choices, key=lambda c: c.index)]
+# Log-probabilities as the SDK types them.
+rated = client.completions.create(**{**greedy, "max_tokens": 4, "logprobs": 2})
+out["logprob_tokens"] = rated.choices[0].logprobs.tokens
+out["logprob_top_sizes"] = [len(t) for t in rated.choices[0].logprobs.top_logprobs]
+
 stopped = client.completions.create(**{**greedy, "stop": [" the"]})
 out["stop_text"] = stopped.choices[0].text
 out["stop_finish_reason"] = stopped.choices[0].finish_reason
