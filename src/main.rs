@@ -53,6 +53,10 @@ fn raise_open_files() {
     }
 }
 
+/// What `up` logs without `-v`: warnings, and the placement each epoch runs
+/// (with the numbers it chose by).
+const UP_QUIET: &str = "warn,zeroshard_coordinator::server::choose=info";
+
 fn main() {
     if std::env::args_os().nth(1).is_some_and(|a| a == chat::sandbox::CHILD_ARG) {
         std::process::exit(chat::sandbox::serve());
@@ -69,24 +73,36 @@ fn main() {
     }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    // Long-running roles log their progress; one-shot commands only warnings.
-    let default_level = match cli.command {
-        Command::Up(_) | Command::Coordinator(_) | Command::Worker(_) => "info",
+    // Fleet roles log their progress; `up` (a person at a terminal) and
+    // one-shot commands only warnings, and `up` the placement it chose.
+    let up = matches!(cli.command, Command::Up(_));
+    let default_level = match (&cli.command, cli.verbose) {
+        (_, 2..) => "debug",
+        (Command::Up(_), 0) => UP_QUIET,
+        (Command::Coordinator(_) | Command::Worker(_), _) | (_, 1) => "info",
         _ => "warn",
     };
+    let rust_log = std::env::var_os("RUST_LOG").is_some();
     let service = match cli.command {
         Command::Up(_) | Command::Coordinator(_) => "zeroshard-coordinator",
         Command::Worker(_) => "zeroshard-worker",
         _ => "zeroshard",
     };
     let ansi = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
-    let traces = match telemetry::init_logs(default_level, ansi, cli.otlp_endpoint.as_deref(), service) {
-        Ok(t) => t,
-        Err(e) => {
-            zeroshard_offload::errln!("error: {}", one_line(&e));
-            std::process::exit(1);
-        }
-    };
+    let targets = cli.verbose > 0 || rust_log;
+    let traces =
+        match telemetry::init_logs(default_level, ansi, targets, cli.otlp_endpoint.as_deref(), service) {
+            Ok(t) => t,
+            Err(e) => {
+                zeroshard_offload::errln!("error: {}", one_line(&e));
+                std::process::exit(1);
+            }
+        };
+    if up && !rust_log {
+        // The workers `up` starts log as it does. Still one thread here.
+        let level = ["warn", "info", "debug"][usize::from(cli.verbose.min(2))];
+        std::env::set_var("RUST_LOG", level);
+    }
     if matches!(cli.command, Command::Generate(_) | Command::Bench(_) | Command::Worker(_)) {
         keep_freed_buffers();
     }

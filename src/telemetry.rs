@@ -16,12 +16,13 @@ use zeroshard_coordinator::server::RenderMetrics;
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Logs to stderr (filtered by `RUST_LOG`, else `default_level`; coloured when
-/// `ansi`) and, with `otlp`, spans exported over OTLP/HTTP as `service`: the
+/// `ansi`; each line naming its module with `targets`) and, with `otlp`, spans exported over OTLP/HTTP as `service`: the
 /// coordinator's and up's at info (a span per request), a worker's at debug
 /// (a span per step). Returns the exporter's provider, to flush at exit.
 pub(crate) fn init_logs(
     default_level: &str,
     ansi: bool,
+    targets: bool,
     otlp: Option<&str>,
     service: &'static str,
 ) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
@@ -31,8 +32,11 @@ pub(crate) fn init_logs(
     use tracing_subscriber::{EnvFilter, Layer};
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
-    let logs =
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter);
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(targets)
+        .with_filter(filter);
     let Some(endpoint) = otlp.filter(|e| !e.is_empty()) else {
         tracing_subscriber::registry().with(logs).init();
         return Ok(None);

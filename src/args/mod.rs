@@ -27,6 +27,12 @@ pub(crate) struct Cli {
     /// `up` inherit OTEL_EXPORTER_OTLP_ENDPOINT.
     #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// More log lines, with the module each comes from: `-v` every step of
+    /// startup and membership (INFO; `up` and its workers otherwise log
+    /// warnings and the placement it chose), `-vv` debug. RUST_LOG, when set,
+    /// decides instead.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
 
 #[derive(Subcommand, Debug)]

@@ -331,7 +331,7 @@ fn up_stderr(args: &[&str]) -> String {
 
 #[test]
 fn up_names_each_worker_by_its_id_and_logs_no_colour_to_a_pipe() {
-    let stderr = up_stderr(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    let stderr = up_stderr(&["--model", &path(&model("stories260K")), "--workers", "2", "-v"]);
     assert!(!stderr.contains("\x1b["), "ANSI escapes in piped logs: {stderr:?}");
     // pid → the id the worker says it registered as (`worker N registered with …`).
     let mut ids = std::collections::HashMap::new();
@@ -367,6 +367,20 @@ fn up_names_each_worker_by_its_id_and_logs_no_colour_to_a_pipe() {
     }
 }
 
+/// Without `-v` (and RUST_LOG), `up` says what it does in a few lines of its
+/// own: no worker's INFO lines, no module paths; the placement it chose is
+/// one of them.
+#[test]
+fn up_is_quiet_unless_asked() {
+    let stderr = up_stderr(&["--model", &path(&model("stories260K")), "--workers", "2"]);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() <= 14, "{} lines: {stderr}", lines.len());
+    assert!(!stderr.contains("zeroshard_"), "module paths: {stderr}");
+    assert!(!stderr.contains("[worker"), "worker lines: {stderr}");
+    assert!(stderr.contains("placement"), "the placement it chose: {stderr}");
+    assert!(stderr.contains("stopped in"), "{stderr}");
+}
+
 /// `… worker N registered with …` (the worker's own log line) → N.
 fn registered_as(line: &str) -> Option<u64> {
     let (head, _) = line.split_once(" registered with ")?;
@@ -379,12 +393,31 @@ fn registered_as(line: &str) -> Option<u64> {
 fn plain_status_shows_steps_refetched_chunks_and_failovers() {
     let c = Cluster::up(&["--model", &path(&model("stories260K")), "--workers", "2"]);
     query(&c.endpoint, &["--prompt", "Hi", "--max-new-tokens", "8"]);
-    let out = run(&["status", "--endpoint", &c.endpoint]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).expect("utf-8");
+    // The query's output audit (every one in the tests) steps another worker
+    // after the answer: read the table between two equal JSON statuses.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (text, json) = loop {
+        let before = status(&c.endpoint);
+        let out = run(&["status", "--endpoint", &c.endpoint]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let after = status(&c.endpoint);
+        let counts = |s: &Value| -> Vec<Value> {
+            let keys = ["steps_total", "rejected_chunks_total", "failovers_total"];
+            s["workers"]
+                .as_array()
+                .expect("workers")
+                .iter()
+                .flat_map(|w| keys.map(|k| w[k].clone()))
+                .collect()
+        };
+        if counts(&before) == counts(&after) {
+            break (String::from_utf8(out.stdout).expect("utf-8"), after);
+        }
+        assert!(Instant::now() < deadline, "the workers' figures never settled: {after}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let lines: Vec<&str> = text.lines().collect();
     let header = lines.iter().position(|l| l.trim_start().starts_with("id ")).expect("the table's header");
-    let json = status(&c.endpoint);
     let workers = json["workers"].as_array().expect("workers");
     let rows = &lines[header + 1..];
     assert_eq!(rows.len(), workers.len(), "{text}");
