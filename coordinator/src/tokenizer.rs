@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 
 use zeroshard_offload::model_file;
 
-/// Tokens of context [`Tokenizer::piece`] decodes a token after: enough for
+/// Tokens of context [`Tokenizer::pieces`] decodes a token after: enough for
 /// a SentencePiece decoder to keep the space in front of a word.
 pub const PIECE_CONTEXT: usize = 4;
 
@@ -152,19 +152,26 @@ impl Tokenizer {
             .map_err(|e| TokenizerError::Decode { path: self.path.clone(), reason: one_line(&*e) })
     }
 
-    /// The text `id` adds after the tokens `before` (of which only the last
-    /// [`PIECE_CONTEXT`] are decoded): how a log-probability listing shows
-    /// it, the space in front of a word included. Special tokens add
-    /// nothing; a token whose text changes what came before (part of a
-    /// character) shows as its own decoding.
-    pub fn piece(&self, before: &[u32], id: u32) -> String {
+    /// The text each of `ids` would add after the tokens `before` (of which
+    /// only the last [`PIECE_CONTEXT`] are decoded, once for all of them):
+    /// how a log-probability listing shows a token and its alternatives,
+    /// the space in front of a word included. Special tokens add nothing; a
+    /// token whose text changes what came before (part of a character)
+    /// shows as its own decoding.
+    pub fn pieces(&self, before: &[u32], ids: impl IntoIterator<Item = u32>) -> Vec<String> {
         let context = &before[before.len().saturating_sub(PIECE_CONTEXT)..];
+        let prefix = self.decode(context, true);
         let mut with = context.to_vec();
-        with.push(id);
-        match (self.decode(context, true), self.decode(&with, true)) {
-            (Ok(a), Ok(b)) if b.starts_with(&a) => b[a.len()..].to_string(),
-            _ => self.decode(&[id], true).unwrap_or_default(),
-        }
+        ids.into_iter()
+            .map(|id| {
+                with.truncate(context.len());
+                with.push(id);
+                match (&prefix, self.decode(&with, true)) {
+                    (Ok(a), Ok(b)) if b.starts_with(a.as_str()) => b[a.len()..].to_string(),
+                    _ => self.decode(&[id], true).unwrap_or_default(),
+                }
+            })
+            .collect()
     }
 
     /// Number of tokens, added tokens included.

@@ -430,7 +430,7 @@ impl<B: Backend> Engine<B> {
                 let s = &mut *seqs[i];
                 let next = s.tokens.get(pos + 1).copied();
                 // A sequence that rates what it samples scores its last row
-                // once the step has sampled (see `score_sampled`).
+                // once the step has sampled (see `choose_scored`).
                 if let Some(req) = s.score.as_ref().filter(|r| next.is_some() || !r.sampled) {
                     let scored = sampling::score(row, &s.tokens[..=pos], next, &s.params.sampling, req);
                     s.scores.push(scored);

@@ -184,24 +184,25 @@ fn worker_name(i: usize) -> String {
     format!("worker-{}", i + 1)
 }
 
-/// Whether something accepts TCP connections at `addr` (within a second).
-fn answers(addr: &Address) -> bool {
+/// The socket addresses `addr`'s host resolves to (none when it does not).
+fn resolved(addr: &Address) -> Vec<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
     let host = addr.host.trim_start_matches('[').trim_end_matches(']');
-    (host, addr.port).to_socket_addrs().is_ok_and(|mut all| {
-        all.any(|a| std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok())
-    })
+    (host, addr.port).to_socket_addrs().map(Iterator::collect).unwrap_or_default()
+}
+
+/// Whether something accepts TCP connections at `addr` (within a second).
+fn answers(addr: &Address) -> bool {
+    resolved(addr)
+        .iter()
+        .any(|a| std::net::TcpStream::connect_timeout(a, std::time::Duration::from_secs(1)).is_ok())
 }
 
 /// The bundle `up` left for `addr`: under the name as written, else under
 /// each address the host resolves to (`up` names bundles by the address it
 /// listens on: `localhost:PORT` finds `127.0.0.1_PORT`).
 fn find_bundle_for(addr: &Address) -> Option<TlsPaths> {
-    use std::net::ToSocketAddrs;
-    find_bundle(&addr.authority()).or_else(|| {
-        let host = addr.host.trim_start_matches('[').trim_end_matches(']');
-        (host, addr.port).to_socket_addrs().ok()?.find_map(|a| find_bundle(&a.to_string()))
-    })
+    find_bundle(&addr.authority()).or_else(|| resolved(addr).iter().find_map(|a| find_bundle(&a.to_string())))
 }
 
 /// Creates `dir` (and parents) and makes it owner-only.

@@ -60,6 +60,17 @@ pub(crate) fn http(
     body: Option<&str>,
     headers: &[&str],
 ) -> (u16, String) {
+    let mut s = send(base, method, path, body, headers);
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Sends one HTTP/1.1 request (JSON unless `headers` give a Content-Type)
+/// on a fresh connection, which it returns for the answer to be read.
+fn send(base: &str, method: &str, path: &str, body: Option<&str>, headers: &[&str]) -> TcpStream {
     let addr = base.strip_prefix("http://").expect("http:// base");
     let mut s = TcpStream::connect(addr).expect("connect to the HTTP front");
     let body = body.unwrap_or("");
@@ -79,11 +90,7 @@ pub(crate) fn http(
     // A server that refuses early (413) may close before the whole body is
     // sent: its answer is read all the same.
     let _ = s.write_all(req.as_bytes());
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    s
 }
 
 /// Runs the binary, which must fail: (exit code, stderr).
@@ -231,14 +238,7 @@ fn raw_http_gets_the_same_and_a_client_that_leaves_frees_its_sequence() {
     // A long stream whose client leaves after the first events: its sequence
     // is cancelled on the worker.
     let long = r#"{"model":"stories260K","prompt":"Once upon a time","max_tokens":480,"temperature":0,"ignore_eos":true,"stream":true}"#;
-    let addr = base.strip_prefix("http://").expect("base");
-    let mut s = TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
-        long.len()
-    )
-    .expect("send");
+    let mut s = send(&base, "POST", "/v1/completions", Some(long), &[&auth]);
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf).expect("the first events");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("200"), "{}", String::from_utf8_lossy(&buf[..n]));
@@ -303,14 +303,7 @@ fn an_open_http_front_takes_requests_without_a_key() {
     assert_eq!(json_body(&body)["data"][0]["max_model_len"], positions, "{body}");
     // No queue at all: every completion is refused at once, 429 with Retry-After.
     let req = r#"{"model":"stories260K","prompt":"Once upon a time","max_tokens":2}"#;
-    let addr = base.strip_prefix("http://").expect("base");
-    let mut s = TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{req}",
-        req.len()
-    )
-    .expect("send");
+    let mut s = send(&base, "POST", "/v1/completions", Some(req), &[]);
     let mut answer = String::new();
     s.read_to_string(&mut answer).expect("read");
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");

@@ -153,11 +153,11 @@ struct Showing {
 }
 
 impl Showing {
-    /// The text `id` adds after `before`.
-    fn piece(&self, before: &[u32], id: u32) -> String {
+    /// The text each of `ids` would add after `before`.
+    fn pieces(&self, before: &[u32], ids: impl IntoIterator<Item = u32>) -> Vec<String> {
         match &self.tokenizer {
-            Some(t) => t.piece(before, id),
-            None => format!("token_id:{id}"),
+            Some(t) => t.pieces(before, ids),
+            None => ids.into_iter().map(|id| format!("token_id:{id}")).collect(),
         }
     }
 }
@@ -218,10 +218,12 @@ impl Choice {
         }
         let mut rated = Vec::with_capacity(shown.len());
         for (id, score) in shown {
-            let piece = show.piece(&self.ids, id);
-            let top = score.map_or_else(Vec::new, |s| {
-                s.top.iter().map(|&(alt, lp)| (show.piece(&self.ids, alt), lp)).collect()
-            });
+            // The token first, then its alternatives, after the same context.
+            let alternatives = score.map_or(&[][..], |s| &s.top[..]);
+            let mut pieces =
+                show.pieces(&self.ids, std::iter::once(id).chain(alternatives.iter().map(|t| t.0)));
+            let top = pieces.split_off(1).into_iter().zip(alternatives.iter().map(|t| t.1)).collect();
+            let piece = pieces.pop().unwrap_or_default();
             let offset = self.offset;
             self.offset += piece.len();
             self.ids.push(id);

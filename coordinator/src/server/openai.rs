@@ -160,7 +160,7 @@ impl Common {
             resume_draws: 0,
             logit_bias: self.logit_bias()?,
         };
-        let limit = self.max_completion_tokens.or(self.max_tokens);
+        let limit = self.limit();
         let max_new_tokens = limit.unwrap_or(default_max) as usize;
         let params = GenerationParams { sampling, max_new_tokens, ignore_eos: self.ignore_eos };
         let past_context = if limit.is_some() { PastContext::Refuse } else { PastContext::Stop };
